@@ -39,10 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(_lazy_task=task)
             # Options are added lazily in main() for the chosen task only.
 
-    bench = sub.add_parser("benchmark", help="speed and memory against the reference implementations")
-    from mvitv2 import benchmark as bench_mod
-
-    bench_mod.add_arguments(bench)
+    sub.add_parser("benchmark", help="speed and memory against the reference implementations")
     return parser
 
 
@@ -57,15 +54,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         module.add_arguments(task_parser, command)
         args = task_parser.parse_args(argv[2:])
         return int(module.run(command, args) or 0)
+    if argv[:1] == ["benchmark"]:
+        from mvitv2 import benchmark as bench_mod
+
+        bench_parser = argparse.ArgumentParser(prog="mvitv2 benchmark")
+        bench_mod.add_arguments(bench_parser)
+        return int(bench_mod.run(bench_parser.parse_args(argv[1:])) or 0)
     args = parser.parse_args(argv)
     if args.command == "info":
         from mvitv2.tasks import info as info_mod
 
         return int(info_mod.run(args) or 0)
-    if args.command == "benchmark":
-        from mvitv2 import benchmark as bench_mod
-
-        return int(bench_mod.run(args) or 0)
     parser.print_help()
     return 2
 
