@@ -139,7 +139,18 @@ def test_hybrid_window_blocks_follow_detectron2():
     specs = block_specs(get_config("mvitv2_tiny", window_size=(56, 28, 14, 7)))
     # (window on the block's input grid, KV stride) per block; depths 1-2-5-2.
     got = [(s.window, s.stride_kv[1]) for s in specs]
-    assert got == [(56, 4), (56, 2), (0, 4), (28, 1), (14, 1), (14, 1), (14, 1), (0, 2), (14, 1), (0, 1)]
+    assert got == [
+        (56, 4),
+        (56, 2),
+        (0, 4),
+        (28, 1),
+        (14, 1),
+        (14, 1),
+        (14, 1),
+        (0, 2),
+        (14, 1),
+        (0, 1),
+    ]
 
 
 def test_video_features_and_any_clip_length():

@@ -14,7 +14,11 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-TASKS = {"image": "mvitv2.tasks.image", "detect": "mvitv2.tasks.detect", "video": "mvitv2.tasks.video"}
+TASKS = {
+    "image": "mvitv2.tasks.image",
+    "detect": "mvitv2.tasks.detect",
+    "video": "mvitv2.tasks.video",
+}
 TASK_COMMANDS = ("train", "eval", "predict", "export")
 
 

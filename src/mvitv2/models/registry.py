@@ -46,15 +46,26 @@ MODEL_CONFIGS: dict[str, MViTConfig] = {
         depths=(2, 3, 16, 3), num_frames=32, drop_path_rate=0.3, **_VIDEO
     ),
     "mvitv2_large_40x3": MViTConfig(
-        depths=(2, 6, 36, 4), embed_dim=144, num_heads=2, num_frames=40, img_size=312,
-        drop_path_rate=0.75, **_VIDEO,
-    ),  # fmt: skip
+        depths=(2, 6, 36, 4),
+        embed_dim=144,
+        num_heads=2,
+        num_frames=40,
+        img_size=312,
+        drop_path_rate=0.75,
+        **_VIDEO,
+    ),
     # MViTv1-B (torchvision's mvit_v1_b): abs pos, no rel-pos, no residual pooling.
     "mvitv1_base_16x4": MViTConfig(
-        depths=(1, 2, 11, 2), num_frames=16, expand_attn=False, pool_q_every_block=False,
-        use_abs_pos=True, use_rel_pos=False, residual_pooling=False, drop_path_rate=0.2,
+        depths=(1, 2, 11, 2),
+        num_frames=16,
+        expand_attn=False,
+        pool_q_every_block=False,
+        use_abs_pos=True,
+        use_rel_pos=False,
+        residual_pooling=False,
+        drop_path_rate=0.2,
         **_VIDEO,
-    ),  # fmt: skip
+    ),
 }
 
 
