@@ -2,11 +2,30 @@
 
 Shapes use ``B`` batch, ``nH`` heads, ``C`` head width, ``N`` tokens, and token grids
 ``thw = (T, H, W)`` (``T = 1`` for images). The rel-pos code is written with plain
-``matmul``/``reshape``/``pad`` (no einsum, no in-place slice writes) so that it exports to ONNX
-and compiles without graph breaks.
+``matmul``/``reshape``/``pad``/``cat`` (no einsum, no in-place slice writes) so that it exports to
+ONNX and compiles without graph breaks.
+
+Three exact ways to compute the attention (see :func:`set_attention_impl`):
+
+* ``"reference"``: the explicit score matrix ``(q*scale) @ k^T + rel``, softmax, ``@ v``, with
+  the straightforward pooling layout (what every released implementation does);
+* ``"bias"``: fused ``scaled_dot_product_attention`` with the rel-pos term as a float mask;
+* ``"folded"``: fused SDPA with the rel-pos term folded into the dot product, no bias tensor:
+  ``[q, a_h/s, a_w/s, a_t/s] . [k, onehot(h), onehot(w), onehot(t)]`` with
+  ``a_h[i] = q_i . R_h[h(i), :]`` (``s`` the softmax scale; ``v`` zero-padded to the same width
+  because the fused CPU/GPU kernels need equal head dims);
+* ``"chunked"``: the folded q/k with two explicit GEMMs and a softmax, over query chunks (bounded
+  memory); faster than fused SDPA where that kernel is slow (bf16 on CPUs without AMX).
+
+``"bias"`` and ``"folded"`` also use a faster pooling layout: Q/K/V stay token-major
+(channels-last) from the qkv projection to the attention kernel, all heads (and K with V, or Q, K
+and V when their strides agree) go through one depthwise conv call, and no head transpose is copied.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +34,77 @@ from torch import Tensor, nn
 from mvitv2.models.config import BlockSpec, MViTConfig
 
 Grid = tuple[int, int, int]
+
+#: Valid names for :func:`set_attention_impl`.
+ATTENTION_IMPLS = ("auto", "reference", "bias", "folded", "chunked")
+
+_IMPL = "auto"
+
+# What "auto" picks, per (device type, compute dtype), from `benchmarks/attention_paths.py` runs
+# (docs/benchmarks.md). Anything not listed uses the fallback.
+_AUTO_TABLE: dict[tuple[str, torch.dtype], str] = {
+    ("cpu", torch.float32): "bias",
+    ("cpu", torch.bfloat16): "chunked",
+    ("cuda", torch.float32): "bias",
+    ("cuda", torch.bfloat16): "bias",
+    ("cuda", torch.float16): "bias",
+}
+_AUTO_FALLBACK = "bias"
+
+
+def _check_impl(name: str) -> str:
+    if name not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {name!r}; valid: {ATTENTION_IMPLS}")
+    return name
+
+
+def set_attention_impl(name: str) -> str:
+    """Select the attention path globally; returns the previous setting.
+
+    Args:
+        name: ``"auto"`` (default: per device and dtype, the fastest measured path),
+            ``"reference"`` (explicit score matrix, the exact reference), ``"bias"`` (fused SDPA,
+            rel-pos as an additive mask), ``"folded"`` (fused SDPA, rel-pos folded into q/k) or
+            ``"chunked"`` (folded q/k with explicit matmuls over query chunks).
+
+    A module's own ``attn_impl`` attribute (None by default) overrides this global setting.
+    """
+    global _IMPL
+    previous, _IMPL = _IMPL, _check_impl(name)
+    return previous
+
+
+def get_attention_impl() -> str:
+    """The global attention path setting (see :func:`set_attention_impl`)."""
+    return _IMPL
+
+
+@contextlib.contextmanager
+def attention_impl(name: str) -> Iterator[None]:
+    """Context manager: use attention path ``name`` inside the ``with`` block."""
+    previous = set_attention_impl(name)
+    try:
+        yield
+    finally:
+        set_attention_impl(previous)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype active for ``device_type``, or None (meta tensors have no autocast)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def resolve_attention_impl(name: str, x: Tensor) -> str:
+    """Turn ``"auto"`` into a concrete path for input ``x`` (its device, and autocast dtype)."""
+    if name != "auto":
+        return name
+    dev = x.device.type
+    dtype = _autocast_dtype(dev) or x.dtype
+    return _AUTO_TABLE.get((dev, dtype), _AUTO_FALLBACK)
 
 
 def rel_pos_index(q_size: int, k_size: int, device: torch.device | None = None) -> Tensor:
@@ -77,6 +167,170 @@ def rel_pos_bias(
     elif kt != 1:
         bias = bias.expand(*bias.shape[:5], kt, kh, kw)
     return bias.reshape(B, nH, qt * qh * qw, kt * kh * kw)
+
+
+def rel_pos_terms(
+    q: Tensor,
+    q_thw: Grid,
+    k_thw: Grid,
+    rel_pos_h: Tensor,
+    rel_pos_w: Tensor,
+    rel_pos_t: Tensor | None = None,
+    factor: float = 1.0,
+) -> Tensor:
+    """Per-query rel-pos coefficients ``[a_h, a_w(, a_t)]``, the folded form of the rel-pos term.
+
+    Args:
+        q: unscaled queries ``(B, nH, qt*qh*qw, C)``, spatial tokens only.
+        q_thw, k_thw, rel_pos_h, rel_pos_w, rel_pos_t: as in :func:`rel_pos_bias`.
+        factor: multiplies the result (``1/scale`` folds the softmax scale in for free: it is
+            applied to the small gathered tables, not to the coefficients).
+
+    Returns:
+        ``(B, nH, Nq, kh + kw (+ kt))`` with ``a_h[i, y] = q_i . R_h[h(i), y]`` etc., so that
+        ``rel_pos_bias(...)[i, j] == factor**-1 * (a[i] . rel_pos_onehots(k_thw)[j])``.
+    """
+    B, nH, _, C = q.shape
+    qt, qh, qw = q_thw
+    kt, kh, kw = k_thw
+    r = q.reshape(B, nH, qt, qh, qw, C)
+    rh = get_rel_pos(qh, kh, rel_pos_h) * factor
+    rw = get_rel_pos(qw, kw, rel_pos_w) * factor
+    a_h = r @ rh.transpose(1, 2)  # (B, nH, qt, qh, qw, kh)
+    a_w = (r.transpose(3, 4) @ rw.transpose(1, 2)).transpose(3, 4)  # (B, nH, qt, qh, qw, kw)
+    parts = [a_h, a_w]
+    if rel_pos_t is not None:
+        rt = (get_rel_pos(qt, kt, rel_pos_t) * factor).transpose(1, 2)  # (qt, C, kt)
+        a_t = (r.reshape(B, nH, qt, qh * qw, C) @ rt).reshape(B, nH, qt, qh, qw, kt)
+        parts.append(a_t)
+    return torch.cat(parts, dim=-1).reshape(B, nH, qt * qh * qw, -1)
+
+
+def rel_pos_onehots(
+    k_thw: Grid,
+    temporal: bool,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Key-side one-hots ``(kt*kh*kw, kh + kw (+ kt))`` matching :func:`rel_pos_terms`."""
+    kt, kh, kw = k_thw
+    eye_h = torch.eye(kh, device=device, dtype=dtype)[None, :, None].expand(kt, kh, kw, kh)
+    eye_w = torch.eye(kw, device=device, dtype=dtype)[None, None].expand(kt, kh, kw, kw)
+    parts = [eye_h, eye_w]
+    if temporal:
+        parts.append(
+            torch.eye(kt, device=device, dtype=dtype)[:, None, None].expand(kt, kh, kw, kt)
+        )
+    return torch.cat(parts, dim=-1).reshape(kt * kh * kw, -1)
+
+
+class RelPos:
+    """The rel-pos tables of one attention and the grids they are used on (a plain container)."""
+
+    def __init__(
+        self, h: Tensor, w: Tensor, t: Tensor | None, q_thw: Grid, k_thw: Grid, num_prefix: int
+    ) -> None:
+        self.h, self.w, self.t = h, w, t
+        self.q_thw, self.k_thw = q_thw, k_thw
+        self.num_prefix = num_prefix
+
+
+def attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | None = None
+) -> Tensor:
+    """Explicit attention: ``softmax((q*scale) @ k^T + rel) @ v`` on ``(B, nH, N, C)`` tensors.
+
+    The score matrix is materialised, as in every released MViTv2 implementation; this is the
+    exact reference the fused paths are tested against.
+    """
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if rel is not None:
+        p = rel.num_prefix
+        bias = rel_pos_bias(q[:, :, p:], rel.q_thw, rel.k_thw, rel.h, rel.w, rel.t)
+        if p:  # no rel-pos on rows/columns of the cls token
+            bias = F.pad(bias, (p, 0, p, 0))
+        attn = attn + bias
+    return attn.softmax(dim=-1) @ v
+
+
+def attention_bias(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | None = None
+) -> Tensor:
+    """Fused SDPA with the rel-pos term passed as a float ``attn_mask``."""
+    bias = None
+    if rel is not None:
+        p = rel.num_prefix
+        bias = rel_pos_bias(q[:, :, p:], rel.q_thw, rel.k_thw, rel.h, rel.w, rel.t)
+        if p:
+            bias = F.pad(bias, (p, 0, p, 0))
+        bias = bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+def _fold(q: Tensor, k: Tensor, rel: RelPos, factor: float) -> tuple[Tensor, Tensor]:
+    """``q' = [q, a * factor]``, ``k' = [k, onehots]`` with no rel term on prefix rows/columns."""
+    p = rel.num_prefix
+    B, nH = q.shape[:2]
+    a = rel_pos_terms(q[:, :, p:], rel.q_thw, rel.k_thw, rel.h, rel.w, rel.t, factor).to(q.dtype)
+    onehot = rel_pos_onehots(rel.k_thw, rel.t is not None, q.device, k.dtype)
+    if p:  # the cls query gets zero coefficients, the cls key zero one-hots
+        a = F.pad(a, (0, 0, p, 0))
+        onehot = F.pad(onehot, (0, 0, p, 0))
+    return torch.cat((q, a), dim=-1), torch.cat((k, onehot.expand(B, nH, -1, -1)), dim=-1)
+
+
+def attention_folded(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | None = None
+) -> Tensor:
+    """Fused SDPA with the rel-pos term folded into the dot product (no bias tensor).
+
+    ``q' = [q, a/scale]``, ``k' = [k, onehots]`` (zero coefficients for the cls query, zero
+    one-hots for the cls key), ``v`` zero-padded to the same width; the output keeps ``C``.
+    """
+    if rel is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    C = q.shape[-1]
+    q2, k2 = _fold(q, k, rel, 1.0 / scale)
+    v2 = F.pad(v, (0, q2.shape[-1] - C))
+    return F.scaled_dot_product_attention(q2, k2, v2, scale=scale)[..., :C]
+
+
+#: Score elements per query chunk of :func:`attention_chunked` when no gradient is needed.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def attention_chunked(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | None = None
+) -> Tensor:
+    """Folded rel-pos with explicit matmuls: ``softmax([q*s, a] @ [k, onehots]^T) @ v``.
+
+    No bias tensor and no padded ``v``; for kernels where the fused SDPA is slower than two
+    GEMMs (bf16 on CPUs without AMX, where CPU flash attention computes in fp32). Without
+    gradients the queries go in chunks so that the score matrix stays at most
+    :data:`CHUNK_ELEMENTS` elements.
+    """
+    if rel is None:
+        q2, k2 = q * scale, k
+    else:
+        q2, k2 = _fold(q * scale, k, rel, 1.0 / scale)  # a from the unscaled q
+    k2t = k2.transpose(-2, -1)
+    B, nH, N = q.shape[:3]
+    M = k.shape[-2]
+    rows = N
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        rows = max(CHUNK_ELEMENTS // max(B * nH * M, 1), 64)
+    if rows >= N:
+        return (q2 @ k2t).softmax(dim=-1) @ v
+    outs = [(qc @ k2t).softmax(dim=-1) @ v for qc in q2.split(rows, dim=2)]
+    return torch.cat(outs, dim=2)
+
+
+ATTENTION_FUNCTIONS = {
+    "reference": attention_reference,
+    "bias": attention_bias,
+    "folded": attention_folded,
+    "chunked": attention_chunked,
+}
 
 
 def pool_tokens(
@@ -150,15 +404,93 @@ def _pool_conv(spatial_only: bool, dim: int, kernel: Grid, stride: Grid) -> nn.M
     )
 
 
+def _channels_last_pool(
+    x: Tensor, thw: Grid, weight: Tensor, conv: nn.Module, num_prefix: int
+) -> tuple[Tensor, Grid]:
+    """Depthwise conv over the grid tokens of ``x`` ``(B, N, ch)`` without leaving token-major
+    layout: the ``(B, T, H, W, ch)`` view is a channels-last conv input, and the conv output
+    (channels-last too) views back as tokens. Prefix tokens skip the conv.
+
+    ``weight`` is ``(ch, 1, *kernel)``; stride and padding come from ``conv``.
+    """
+    B, _, ch = x.shape
+    T, H, W = thw
+    grid = x[:, num_prefix:] if num_prefix else x
+    if weight.dim() == 4:  # 2-D conv on a T = 1 grid
+        y = F.conv2d(
+            grid.reshape(B, H, W, ch).permute(0, 3, 1, 2), weight, None, conv.stride,
+            conv.padding, 1, ch,
+        )  # fmt: skip
+        new_thw = (1, y.shape[2], y.shape[3])
+        y = y.permute(0, 2, 3, 1)
+    else:
+        y = F.conv3d(
+            grid.reshape(B, T, H, W, ch).permute(0, 4, 1, 2, 3), weight, None, conv.stride,
+            conv.padding, 1, ch,
+        )  # fmt: skip
+        new_thw = (y.shape[2], y.shape[3], y.shape[4])
+        y = y.permute(0, 2, 3, 4, 1)
+    y = y.reshape(B, -1, ch)
+    if num_prefix:
+        y = torch.cat((x[:, :num_prefix], y), dim=1)
+    return y, new_thw
+
+
+def _head_norm(x: Tensor, norms: list[nn.LayerNorm], num_heads: int) -> Tensor:
+    """LayerNorm over the head width of ``(B, N, G*nH*C)`` tokens, norm ``g`` on group ``g``.
+
+    Returns ``(B, N, G, nH, C)``. With several groups (K and V, or Q, K and V pooled together),
+    one affine-free LayerNorm plus one ``addcmul`` replaces G strided LayerNorm calls.
+    """
+    B, N, _ = x.shape
+    G = len(norms)
+    # normalized_shape from the module, not x.shape: a traced shape is not a constant for ONNX.
+    shape = norms[0].normalized_shape
+    x = x.reshape(B, N, G, num_heads, shape[0])
+    eps = norms[0].eps
+    if G == 1:
+        return F.layer_norm(x, shape, norms[0].weight, norms[0].bias, eps)
+    weight = torch.stack([n.weight for n in norms])[:, None]  # (G, 1, C)
+    bias = torch.stack([n.bias for n in norms])[:, None]
+    x = F.layer_norm(x, shape, None, None, eps)
+    return torch.addcmul(bias.to(x.dtype), x, weight.to(x.dtype))
+
+
+def _windows(x: Tensor, hw: tuple[int, int], window: int) -> tuple[Tensor, tuple[int, int]]:
+    """``(B, H*W, *rest)`` tokens -> zero-padded windows ``(B*nW, window**2, *rest)``."""
+    B, _ = x.shape[:2]
+    rest = x.shape[2:]
+    H, W = hw
+    x = x.reshape(B, H, W, -1)
+    pad_h, pad_w = (-H) % window, (-W) % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.reshape(B, Hp // window, window, Wp // window, window, -1).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, window * window, *rest), (Hp, Wp)
+
+
+def _unwindows(x: Tensor, window: int, padded_hw: tuple[int, int], hw: tuple[int, int]) -> Tensor:
+    """Inverse of :func:`_windows`: ``(B*nW, window**2, *rest)`` -> ``(B, H*W, *rest)``."""
+    Hp, Wp = padded_hw
+    H, W = hw
+    rest = x.shape[2:]
+    x = x.reshape(-1, Hp // window, Wp // window, window, window, rest.numel())
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, Hp, Wp, rest.numel())[:, :H, :W]
+    return x.reshape(x.shape[0], H * W, *rest)
+
+
 class MultiScaleAttention(nn.Module):
     """Pooling attention: Q/K/V pooled by depthwise convs, decomposed rel-pos, residual pooling.
 
     Built from a :class:`BlockSpec` (widths, heads, strides, window) and the model config
-    (cls token, rel-pos and residual-pooling switches).
+    (cls token, rel-pos and residual-pooling switches). ``attn_impl`` (None: the global
+    :func:`set_attention_impl` setting) selects the attention path for this module.
     """
 
     def __init__(self, spec: BlockSpec, cfg: MViTConfig) -> None:
         super().__init__()
+        self.attn_impl: str | None = None
         self.num_heads = spec.num_heads
         self.dim_out = spec.attn_dim
         head_dim = spec.attn_dim // spec.num_heads
@@ -195,27 +527,27 @@ class MultiScaleAttention(nn.Module):
             if cfg.temporal:
                 self.rel_pos_t = nn.Parameter(torch.zeros(lengths[0], head_dim))
 
+    def _rel(self, q_thw: Grid, k_thw: Grid, num_prefix: int) -> RelPos | None:
+        if self.rel_pos_h is None:
+            return None
+        return RelPos(self.rel_pos_h, self.rel_pos_w, self.rel_pos_t, q_thw, k_thw, num_prefix)
+
+    def forward(self, x: Tensor, thw: Grid) -> tuple[Tensor, Grid]:
+        """x: ``(B, N, C_in)`` tokens on grid ``thw``. Returns ``(B, N', C_out)`` and its grid."""
+        impl = resolve_attention_impl(self.attn_impl or _IMPL, x)
+        if impl == "reference":
+            return self._forward_reference(x, thw)
+        return self._forward_fused(x, thw, ATTENTION_FUNCTIONS[impl])
+
+    # ------------------------------------------------------------------ reference path
     def _pool(self, x: Tensor, thw: Grid, pool: nn.Module | None, norm: nn.Module | None):
         if pool is None:
             return x, thw
         x, thw = pool_tokens(x, thw, pool, self.num_prefix, self.spatial_only)
         return norm(x), thw
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, q_thw: Grid, k_thw: Grid) -> Tensor:
-        """Scaled dot-product attention of ``(B, nH, N, C)`` tensors plus the rel-pos term."""
-        bias = None
-        if self.rel_pos_h is not None:
-            p = self.num_prefix
-            bias = rel_pos_bias(
-                q[:, :, p:], q_thw, k_thw, self.rel_pos_h, self.rel_pos_w, self.rel_pos_t
-            )
-            if p:  # no rel-pos on rows/columns of the cls token
-                bias = F.pad(bias, (p, 0, p, 0))
-            bias = bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-
-    def forward(self, x: Tensor, thw: Grid) -> tuple[Tensor, Grid]:
-        """x: ``(B, N, C_in)`` tokens on grid ``thw``. Returns ``(B, N', C_out)`` and its grid."""
+    def _forward_reference(self, x: Tensor, thw: Grid) -> tuple[Tensor, Grid]:
+        """Head-major layout, one pooling call per tensor, explicit attention matrix."""
         B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         q, q_thw = self._pool(q, thw, self.pool_q, self.norm_q)
@@ -228,10 +560,11 @@ class MultiScaleAttention(nn.Module):
             qw, padded = window_partition(q, q_thw[1:], q_win)
             kw, _ = window_partition(k, k_thw[1:], kv_win)
             vw, _ = window_partition(v, k_thw[1:], kv_win)
-            out = self._attend(qw, kw, vw, (1, q_win, q_win), (1, kv_win, kv_win))
+            rel = self._rel((1, q_win, q_win), (1, kv_win, kv_win), 0)
+            out = attention_reference(qw, kw, vw, self.scale, rel)
             out = window_unpartition(out, q_win, padded, q_thw[1:])
         else:
-            out = self._attend(q, k, v, q_thw, k_thw)
+            out = attention_reference(q, k, v, self.scale, self._rel(q_thw, k_thw, self.num_prefix))
 
         if self.residual_pooling:
             if self.num_prefix and not self.residual_pooling_cls:
@@ -241,3 +574,73 @@ class MultiScaleAttention(nn.Module):
                 out = out + q
         out = out.transpose(1, 2).reshape(B, -1, self.dim_out)
         return self.proj(out), q_thw
+
+    # ------------------------------------------------------------------ fused path
+    def _pool_group(
+        self, x: Tensor, thw: Grid, pools: list[nn.Module], norms: list[nn.LayerNorm]
+    ) -> tuple[Tensor, Grid]:
+        """Pool and norm ``(B, N, G*D)`` tokens (G of Q/K/V side by side) in one conv call.
+
+        Returns ``(B, N', G, nH, C)`` and the pooled grid. The per-head conv weight (shared by
+        the heads) is repeated over heads so that the conv runs on token-major memory directly.
+        """
+        nH = self.num_heads
+        weight = torch.cat([pl.weight.repeat(nH, *[1] * (pl.weight.dim() - 1)) for pl in pools])
+        x, thw = _channels_last_pool(x, thw, weight.to(x.dtype), pools[0], self.num_prefix)
+        return _head_norm(x, norms, nH), thw
+
+    def _qkv_pooled(self, x: Tensor, thw: Grid) -> tuple[Tensor, Tensor, Grid, Grid]:
+        """Q ``(B, Nq, nH, C)`` and K, V stacked ``(B, Nk, 2, nH, C)``, pooled and normed
+        (possibly strided views of one buffer)."""
+        D = self.dim_out
+        if self.pool_q is not None and self.stride_q == self.stride_kv:
+            qkv, q_thw = self._pool_group(
+                self.qkv(x), thw, [self.pool_q, self.pool_k, self.pool_v],
+                [self.norm_q, self.norm_k, self.norm_v],
+            )  # fmt: skip
+            return qkv[:, :, 0], qkv[:, :, 1:], q_thw, q_thw
+        # Different strides: two GEMMs on row slices of the qkv weight give dense Q and KV.
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(x, w[:D], None if b is None else b[:D])
+        kv = F.linear(x, w[D:], None if b is None else b[D:])
+        kv, k_thw = self._pool_group(
+            kv, thw, [self.pool_k, self.pool_v], [self.norm_k, self.norm_v]
+        )
+        if self.pool_q is not None:
+            q, q_thw = self._pool_group(q, thw, [self.pool_q], [self.norm_q])
+            q = q[:, :, 0]
+        else:
+            q, q_thw = q.reshape(q.shape[0], q.shape[1], self.num_heads, -1), thw
+        return q, kv, q_thw, k_thw
+
+    def _forward_fused(self, x: Tensor, thw: Grid, attend) -> tuple[Tensor, Grid]:
+        """Token-major layout end to end; ``attend`` is a fused attention function."""
+        B = x.shape[0]
+        q, kv, q_thw, k_thw = self._qkv_pooled(x, thw)
+        # Under autocast the fused kernels get one dtype (LayerNorm may have left fp32 tensors).
+        dtype = _autocast_dtype(x.device.type)
+        if dtype is not None:
+            q, kv = q.to(dtype), kv.to(dtype)
+        if self.window:
+            q_win = self.window // self.stride_q[1]
+            kv_win = self.window // self.stride_kv[1]
+            qw, padded = _windows(q, q_thw[1:], q_win)
+            kw, vw = _windows(kv, k_thw[1:], kv_win)[0].unbind(2)
+            rel = self._rel((1, q_win, q_win), (1, kv_win, kv_win), 0)
+            out = attend(
+                qw.transpose(1, 2), kw.transpose(1, 2), vw.transpose(1, 2), self.scale, rel
+            )
+            out = _unwindows(out.transpose(1, 2), q_win, padded, q_thw[1:])  # (B, N, nH, C)
+        else:
+            k, v = kv.unbind(2)
+            rel = self._rel(q_thw, k_thw, self.num_prefix)
+            out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, rel)
+            out = out.transpose(1, 2)  # (B, N, nH, C)
+
+        if self.residual_pooling:
+            if self.num_prefix and not self.residual_pooling_cls:
+                p = self.num_prefix
+                out = torch.cat((out[:, :p], out[:, p:] + q[:, p:]), dim=1)
+            else:
+                out = out + q
+        return self.proj(out.reshape(B, -1, self.dim_out)), q_thw

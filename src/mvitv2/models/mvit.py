@@ -135,7 +135,9 @@ class MViT(nn.Module):
         self.pos_embed = self.pos_embed_spatial = self.pos_embed_temporal = None
         self.pos_embed_class = None
         if cfg.use_abs_pos and cfg.temporal:  # separable space/time (SlowFast, torchvision)
-            self.pos_embed_spatial = nn.Parameter(torch.zeros(1, self.pos_grid[1] * self.pos_grid[2], dim))
+            self.pos_embed_spatial = nn.Parameter(
+                torch.zeros(1, self.pos_grid[1] * self.pos_grid[2], dim)
+            )
             self.pos_embed_temporal = nn.Parameter(torch.zeros(1, t, dim))
             if cfg.use_cls_token:
                 self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, dim))
@@ -176,9 +178,9 @@ class MViT(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return 0 if self.head is None or isinstance(self.head.projection, nn.Identity) else (
-            self.head.projection.out_features
-        )
+        if self.head is None or isinstance(self.head.projection, nn.Identity):
+            return 0
+        return self.head.projection.out_features
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay (besides all 1-D parameters)."""

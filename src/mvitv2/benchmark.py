@@ -1,0 +1,452 @@
+"""``mvitv2 benchmark``: speed and memory of ours against the reference implementations.
+
+Each case builds both models in one process with the same weights (timm's MViTv2 for images,
+torchvision's ``mvit_v2_s`` for video, our own unfused reference path for the detection
+backbone), checks that their outputs agree, then times them in alternating runs (the order
+rotates every round) and reports medians. Reported per model:
+
+* time per call (ms, median of ``--repeats`` calls) and items (images or clips) per second;
+* GFLOP/s = 2 x MACs (:func:`mvitv2.utils.flops.count_macs`; 3x the forward for a training
+  step) / time, and that as a percentage of the matmul peak measured in the same run
+  (a square GEMM in fp32 and in bf16);
+* peak memory: the high-water mark of live tensor bytes during one call, from
+  ``torch.profiler`` memory events (CPU; parameters and optimizer state allocated before the call
+  are not counted, allocator caching is not counted) or ``torch.cuda.max_memory_allocated``.
+
+timm and torchvision are needed only here (timm is a dev dependency) and only their model
+classes are used, to be compared against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mvitv2
+from mvitv2.models.attention import attention_impl
+from mvitv2.utils.flops import count_macs
+
+CASES = ("image_fp32", "image_bf16", "video_bf16", "train", "detect")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``mvitv2 benchmark``."""
+    parser.add_argument(
+        "--cases", nargs="+", choices=CASES, default=list(CASES), help="cases to run (default: all)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: tiny models and inputs, 2 repeats"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per model (5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch", type=int, default=None, help="override every case's batch size")
+    parser.add_argument(
+        "--json", default="benchmark.json", help="where to write the results ('' = do not write)"
+    )
+
+
+# --------------------------------------------------------------------------- weight mapping
+def timm_to_ours(state: dict[str, torch.Tensor], depths: tuple[int, ...]) -> dict:
+    """timm MViTv2 state dict -> ours (``stages.{s}.blocks.{j}`` -> ``blocks.{i}``)."""
+    starts = [sum(depths[:s]) for s in range(len(depths))]
+    out = {}
+    for k, v in state.items():
+        m = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)", k)
+        if m:
+            rest = m[3].replace("shortcut_proj_attn", "proj").replace("shortcut_proj_mlp", "proj")
+            k = f"blocks.{starts[int(m[1])] + int(m[2])}.{rest}"
+        out[k.replace("head.fc.", "head.projection.")] = v
+    return out
+
+
+_TV_RULES = [
+    (r"^conv_proj\.", "patch_embed.proj."),
+    (r"\.attn\.pool_([qkv])\.pool\.", r".attn.pool_\1."),
+    (r"\.attn\.pool_([qkv])\.norm_act\.0\.", r".attn.norm_\1."),
+    (r"\.attn\.project\.0\.", ".attn.proj."),
+    (r"\.mlp\.0\.", ".mlp.fc1."),
+    (r"\.mlp\.3\.", ".mlp.fc2."),
+    (r"^(blocks\.\d+)\.project\.", r"\1.proj."),
+    (r"^head\.1\.", "head.projection."),
+]
+
+
+def torchvision_to_ours(state: dict[str, torch.Tensor]) -> dict:
+    """torchvision video MViT state dict -> ours."""
+    out = {}
+    for k, v in state.items():
+        if k == "pos_encoding.class_token":
+            out["cls_token"] = v.reshape(1, 1, -1)
+            continue
+        for pattern, repl in _TV_RULES:
+            k = re.sub(pattern, repl, k)
+        out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------- measurement
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def alternate(
+    fns: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, called in turns (order rotated every round)."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    _sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            _sync(device)
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def peak_memory(fn: Callable[[], object], device: str) -> int:
+    """High-water mark of live tensor bytes allocated during ``fn()`` (see module docstring)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 5) -> float:
+    """Best GFLOP/s of an ``n x n`` by ``n x n`` matmul in ``dtype``."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+@dataclass
+class Row:
+    """One model in one case."""
+
+    case: str
+    model: str
+    ms: float
+    items_per_s: float
+    gflops: float
+    pct_peak: float
+    peak_mb: float
+    times_ms: list[float] = field(default_factory=list)
+    speedup: float = 1.0  # baseline time / this time
+    memory_ratio: float = 1.0  # this peak / baseline peak
+    max_abs_diff: float | None = None  # output difference to the baseline (same weights)
+
+
+# --------------------------------------------------------------------------- models
+def _tiny_image_kw() -> dict:
+    return dict(depths=(1, 1, 1, 1), embed_dim=32, img_size=64)
+
+
+def _timm_image(quick: bool, drop_path: float = 0.0) -> nn.Module:
+    try:
+        from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+    except ImportError as e:  # timm is a dev dependency
+        raise SystemExit("mvitv2 benchmark: the image cases need timm (uv sync --dev)") from e
+    if quick:
+        cfg, size = MultiScaleVitCfg(depths=(1, 1, 1, 1), embed_dim=32, num_heads=1), (64, 64)
+    else:
+        cfg, size = MultiScaleVitCfg(depths=(1, 2, 5, 2), embed_dim=96, num_heads=1), (224, 224)
+    return MultiScaleVit(cfg, img_size=size, drop_path_rate=drop_path)
+
+
+def _image_pair(quick: bool) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
+    ref = _timm_image(quick)
+    kw = _tiny_image_kw() if quick else {}
+    ours = mvitv2.create_model("mvitv2_tiny", drop_path_rate=0.0, **kw)
+    ours.load_state_dict(timm_to_ours(ref.state_dict(), ours.cfg.depths))
+    return ours, ref, (3, 64, 64) if quick else (3, 224, 224)
+
+
+def _video_pair(quick: bool) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
+    from torchvision.models.video import mvit as tvm
+
+    if quick:
+        ours = mvitv2.create_model(
+            "mvitv2_small_16x4", depths=(1, 1, 1, 1), embed_dim=32, img_size=64, num_frames=4
+        )
+        from mvitv2.models.config import block_specs
+
+        setting = [
+            tvm.MSBlockConfig(
+                s.num_heads,
+                s.dim,
+                s.dim_out,
+                [3, 3, 3],
+                [3, 3, 3],
+                list(s.stride_q),
+                list(s.stride_kv),
+            )  # fmt: skip
+            for s in block_specs(ours.cfg)
+        ]
+        ref = tvm._mvit(
+            setting, 0.0, None, False, spatial_size=(64, 64), temporal_size=4,
+            residual_pool=True, residual_with_cls_embed=False, rel_pos_embed=True,
+            proj_after_attn=True, num_classes=400,
+        )  # fmt: skip
+        shape = (3, 4, 64, 64)
+    else:
+        ours = mvitv2.create_model("mvitv2_small_16x4")
+        ref = tvm.mvit_v2_s()
+        shape = (3, 16, 224, 224)
+    ours.load_state_dict(torchvision_to_ours(ref.state_dict()))
+    return ours, ref, shape
+
+
+# --------------------------------------------------------------------------- cases
+def _rows(
+    case: str,
+    times: dict[str, list[float]],
+    mem: dict[str, int],
+    macs: float,
+    items: int,
+    peak_gflops: float,
+    baseline: str,
+    diff: float | None,
+) -> list[Row]:
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        gf = 2 * macs / med / 1e9
+        rows.append(
+            Row(
+                case=case,
+                model=name,
+                ms=med * 1e3,
+                items_per_s=items / med,
+                gflops=gf,
+                pct_peak=100 * gf / peak_gflops,
+                peak_mb=mem[name] / 2**20,
+                times_ms=[t * 1e3 for t in ts],
+                speedup=statistics.median(times[baseline]) / med,
+                memory_ratio=mem[name] / max(mem[baseline], 1),
+                max_abs_diff=None if name == baseline else diff,
+            )  # fmt: skip
+        )
+    return rows
+
+
+def _inference_case(
+    case: str,
+    ours: nn.Module,
+    ref: nn.Module,
+    ref_name: str,
+    x: torch.Tensor,
+    bf16: bool,
+    peaks: dict,
+    repeats: int,
+    device: str,
+) -> list[Row]:
+    ours, ref = ours.eval().to(device), ref.eval().to(device)
+    dev = torch.device(device).type
+
+    def call(model):
+        def f():
+            with torch.inference_mode(), torch.autocast(dev, torch.bfloat16, enabled=bf16):
+                return model(x)
+
+        return f
+
+    fns = {"ours": call(ours), ref_name: call(ref)}
+    diff = (fns["ours"]().float() - fns[ref_name]().float()).abs().max().item()
+    times = alternate(fns, repeats, device)
+    mem = {n: peak_memory(f, device) for n, f in fns.items()}
+    macs = _macs(ours, tuple(x.shape))
+    peak = peaks["bf16" if bf16 else "fp32"]
+    return _rows(case, times, mem, macs, x.shape[0], peak, ref_name, diff)
+
+
+def _macs(model: nn.Module, shape: tuple[int, ...]) -> float:
+    """Nominal MACs, counted on the reference attention path (no folded extra width)."""
+    with attention_impl("reference"):
+        return float(count_macs(model, shape))
+
+
+def _train_case(quick: bool, batch: int, peaks: dict, repeats: int, device: str) -> list[Row]:
+    ours, ref, shape = _image_pair(quick)
+    x = torch.randn(batch, *shape, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    fns, grads = {}, {}
+    for name, model in (("ours", ours), ("timm", ref)):
+        model.train().to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        # Gradients of the first step on identical weights, to show both compute the same thing.
+        F.cross_entropy(model(x), y).backward()
+        grads[name] = {k: p.grad for k, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        fns[name] = step
+    mapped = timm_to_ours(grads["timm"], ours.cfg.depths)
+    diff = max((g - mapped[k]).abs().max().item() for k, g in grads["ours"].items())
+    times = alternate(fns, repeats, device)
+    mem = {n: peak_memory(f, device) for n, f in fns.items()}
+    macs = 3 * _macs(ours.eval(), (batch, *shape))  # forward + backward ~ 3 forwards
+    ours.train()
+    return _rows("train", times, mem, macs, batch, peaks["fp32"], "timm", diff)
+
+
+def _detect_case(quick: bool, batch: int, peaks: dict, repeats: int, device: str) -> list[Row]:
+    if quick:
+        model = mvitv2.create_model(
+            "mvitv2_tiny", features_only=True, window_size=(8, 4, 2, 1), **_tiny_image_kw()
+        )
+        shape = (3, 128, 128)
+    else:
+        model = mvitv2.create_model("mvitv2_tiny", features_only=True, window_size=(56, 28, 14, 7))
+        shape = (3, 1024, 1024)
+    model = model.eval().to(device)
+    x = torch.randn(batch, *shape, device=device)
+
+    def call(impl):
+        def f():
+            with torch.inference_mode(), attention_impl(impl):
+                return model(x)
+
+        return f
+
+    fns = {"ours": call("auto"), "unfused": call("reference")}
+    a, b = fns["ours"](), fns["unfused"]()
+    diff = max((p - q).abs().max().item() for p, q in zip(a, b))
+    del a, b
+    times = alternate(fns, repeats, device)
+    mem = {n: peak_memory(f, device) for n, f in fns.items()}
+    macs = _macs(model, (batch, *shape))
+    return _rows("detect", times, mem, macs, batch, peaks["fp32"], "unfused", diff)
+
+
+# --------------------------------------------------------------------------- driver
+def _table(rows: list[Row]) -> str:
+    head = (
+        f"{'case':<11} {'model':<12} {'ms':>9} {'items/s':>8} {'GFLOP/s':>8} {'%peak':>6} "
+        f"{'peak MB':>8} {'speedup':>8} {'mem x':>6} {'max|diff|':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        diff = "" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}"
+        lines.append(
+            f"{r.case:<11} {r.model:<12} {r.ms:>9.1f} {r.items_per_s:>8.2f} {r.gflops:>8.1f} "
+            f"{r.pct_peak:>6.1f} {r.peak_mb:>8.1f} {r.speedup:>7.2f}x {r.memory_ratio:>6.2f} "
+            f"{diff:>9}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the selected cases, print the table, write the JSON; returns an exit code."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    quick = args.quick
+    repeats = args.repeats or (2 if quick else 5)
+    torch.manual_seed(0)
+    n = 256 if quick else 2048
+    peaks = {
+        "fp32": matmul_peak(torch.float32, device, n),
+        "bf16": matmul_peak(torch.bfloat16, device, n),
+    }
+    print(
+        f"matmul peak ({n}x{n}): fp32 {peaks['fp32']:.0f} GFLOP/s, "
+        f"bf16 {peaks['bf16']:.0f} GFLOP/s; threads {torch.get_num_threads()}",
+        flush=True,
+    )
+    rows: list[Row] = []
+    for case in args.cases:
+        t0 = time.perf_counter()
+        if case in ("image_fp32", "image_bf16"):
+            ours, ref, shape = _image_pair(quick)
+            batch = args.batch or (2 if quick else 8)
+            x = torch.randn(batch, *shape, device=device)
+            bf16 = case == "image_bf16"
+            new = _inference_case(case, ours, ref, "timm", x, bf16, peaks, repeats, device)
+        elif case == "video_bf16":
+            ours, ref, shape = _video_pair(quick)
+            x = torch.randn(args.batch or 1, *shape, device=device)
+            new = _inference_case(case, ours, ref, "torchvision", x, True, peaks, repeats, device)
+        elif case == "train":
+            new = _train_case(quick, args.batch or (2 if quick else 16), peaks, repeats, device)
+        else:
+            new = _detect_case(quick, args.batch or 1, peaks, repeats, device)
+        rows += new
+        print(f"{_table(new)}\n[{case}: {time.perf_counter() - t0:.0f} s]\n", flush=True)
+    table = _table(rows)
+    print(table)
+    if args.json:
+        result = {
+            "command": "mvitv2 benchmark " + " ".join(_argv(args)),
+            "machine": {
+                "platform": platform.platform(),
+                "processor": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "device": device,
+            },
+            "matmul_peak_gflops": peaks,
+            "rows": [asdict(r) for r in rows],
+        }
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    out = ["--cases", *args.cases]
+    for name in ("repeats", "threads", "batch"):
+        if getattr(args, name):
+            out += [f"--{name}", str(getattr(args, name))]
+    if args.quick:
+        out.append("--quick")
+    if args.device != "cpu":
+        out += ["--device", args.device]
+    return out

@@ -1,0 +1,254 @@
+"""Image classification data: ImageNet-style folders, the embedded digits default, transforms.
+
+Folder layout: ``ROOT/train/<class>/*.png|jpg|...`` and ``ROOT/val/<class>/*``; classes are the
+sorted sub-folder names of ``train``. Unreadable images raise
+:class:`~mvitv2.engine.data.BadSample` so the loader skips and counts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode, v2
+
+from mvitv2.data.common import (
+    build_cached,
+    default_data_dir,
+    load_digits_arrays,
+    render_digit,
+    split_digit_indices,
+)
+from mvitv2.engine.data import BadSample
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class ImageDataConfig:
+    """Preprocessing and augmentation (the ``data`` section of a recipe).
+
+    Args:
+        img_size: training and evaluation crop side (divisible by 32).
+        crop_pct: evaluation resizes the short side to ``img_size / crop_pct`` then centre-crops.
+        interpolation: ``bicubic``, ``bilinear`` or ``nearest``.
+        scale: RandomResizedCrop area range.
+        ratio: RandomResizedCrop aspect range.
+        hflip: horizontal flip probability (0 for digits and text).
+        randaug_n: RandAugment ops per image (0: off).
+        randaug_m: RandAugment magnitude (0..30).
+        randaug_mstd: std of the per-op magnitude noise (timm's ``mstd``).
+        reprob: random erasing probability (per-pixel normal noise, like timm's ``pixel`` mode).
+        mean, std: normalisation.
+    """
+
+    img_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    randaug_n: int = 6
+    randaug_m: int = 9
+    randaug_mstd: float = 0.5
+    reprob: float = 0.25
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ImageDataConfig:
+        """From a recipe's ``data`` mapping; unknown keys raise ``KeyError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise KeyError(f"unknown data option(s) {unknown}; valid: {sorted(names)}")
+        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        out = cls(**fixed)
+        if out.img_size % 32:
+            raise ValueError(f"data.img_size must be divisible by 32, got {out.img_size}")
+        if out.interpolation not in ("bicubic", "bilinear", "nearest"):
+            raise ValueError(f"data.interpolation: unknown {out.interpolation!r}")
+        return out
+
+    @property
+    def interp(self) -> InterpolationMode:
+        return InterpolationMode(self.interpolation)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+
+class RandAugment(v2.RandAugment):
+    """torchvision's RandAugment with timm's per-op magnitude noise (``mstd``).
+
+    Args:
+        num_ops: ops per image.
+        magnitude: mean magnitude bin.
+        magnitude_std: std of the Gaussian noise on the magnitude, resampled for every op.
+        **kwargs: passed to ``v2.RandAugment``.
+    """
+
+    def __init__(self, num_ops: int, magnitude: int, magnitude_std: float = 0.0, **kwargs) -> None:
+        super().__init__(num_ops=1, magnitude=magnitude, **kwargs)
+        self.ops, self.mean_magnitude, self.magnitude_std = num_ops, magnitude, magnitude_std
+
+    def forward(self, *inputs: Any) -> Any:
+        for _ in range(self.ops):
+            if self.magnitude_std > 0:
+                m = torch.normal(float(self.mean_magnitude), self.magnitude_std, ())
+                self.magnitude = int(m.clamp(0, self.num_magnitude_bins - 1).round())
+            inputs = super().forward(*inputs)
+            inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        return inputs if len(inputs) > 1 else inputs[0]
+
+
+def build_transform(dc: ImageDataConfig, train: bool) -> v2.Compose:
+    """PIL image -> normalised float tensor (3, img_size, img_size).
+
+    Train: RandomResizedCrop, flip, RandAugment, normalise, random erasing. Eval (the official
+    protocol): resize the short side to ``img_size / crop_pct``, centre crop ``img_size``.
+    """
+    size, interp = dc.img_size, dc.interp
+    if train:
+        # Geometry and RandAugment on the PIL image: PIL has bicubic for every op, tensors do not.
+        ops: list[Any] = [
+            v2.RandomResizedCrop(
+                size, scale=dc.scale, ratio=dc.ratio, interpolation=interp, antialias=True
+            ),
+        ]
+        if dc.hflip > 0:
+            ops.append(v2.RandomHorizontalFlip(dc.hflip))
+        if dc.randaug_n > 0:
+            ops.append(
+                RandAugment(dc.randaug_n, dc.randaug_m, dc.randaug_mstd, interpolation=interp)
+            )
+        ops += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(dc.mean, dc.std)]
+        if dc.reprob > 0:
+            ops.append(v2.RandomErasing(p=dc.reprob, value="random"))
+        return v2.Compose(ops)
+    resize = int(size / dc.crop_pct)
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize(resize, interpolation=interp, antialias=True),
+        v2.CenterCrop(size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(dc.mean, dc.std),
+    ])  # fmt: skip
+
+
+def find_classes(split_dir: Path) -> list[str]:
+    """Sorted class folder names of ``split_dir``; clear errors for a missing or empty folder."""
+    if not split_dir.is_dir():
+        raise FileNotFoundError(
+            f"{split_dir} does not exist; expected an ImageNet-style folder: "
+            f"{split_dir.parent}/train/<class>/*.jpg and {split_dir.parent}/val/<class>/*.jpg"
+        )
+    classes = sorted(
+        p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
+    if not classes:
+        raise FileNotFoundError(f"{split_dir} has no class sub-folders (<class>/*.jpg)")
+    return classes
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An RGB PIL image; :class:`BadSample` if the file cannot be decoded."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises many types for broken files
+        raise BadSample(str(path), f"cannot read image ({type(e).__name__}: {e})") from e
+
+
+class ImageFolder(Dataset):
+    """``ROOT/<split>/<class>/<image>`` samples as ``(image_tensor, label)``.
+
+    Args:
+        root: dataset root (holding ``train/`` and ``val/``).
+        split: ``train`` or ``val``.
+        transform: applied to the RGB PIL image.
+        classes: class names defining the label ids (default: this split's sorted folders);
+            pass the training classes for ``val`` so ids agree.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        transform: Any = None,
+        classes: Sequence[str] | None = None,
+    ) -> None:
+        self.root, self.split, self.transform = Path(root), split, transform
+        split_dir = self.root / split
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data folder {self.root} does not exist")
+        found = find_classes(split_dir)
+        self.classes = list(classes) if classes is not None else found
+        index = {c: i for i, c in enumerate(self.classes)}
+        extra = sorted(set(found) - set(index))
+        if extra:
+            raise ValueError(f"{split_dir} has classes not in training: {extra[:10]}")
+        self.samples: list[tuple[str, int]] = []
+        for c in found:
+            files = sorted(
+                p for p in (split_dir / c).iterdir() if p.suffix.lower() in IMG_EXTENSIONS
+            )
+            if not files:
+                raise ValueError(
+                    f"class folder {split_dir / c} has no images ({', '.join(IMG_EXTENSIONS)})"
+                )
+            self.samples += [(str(p), index[c]) for p in files]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        image = load_image(path)
+        return (self.transform(image) if self.transform else image), label
+
+
+def digits_folder(root: str | Path | None = None, size: int = 32) -> Path:
+    """The embedded default: scikit-learn's 1,797 real 8x8 digit scans as an image folder.
+
+    Upscaled to ``size`` px grey PNGs, stratified fixed split (75% train / 25% val, seed 0),
+    written once (atomically) and reused.
+
+    Args:
+        root: cache folder (default ``$MVITV2_DATA`` or ``~/.cache/mvitv2/data``).
+        size: image side in pixels.
+
+    Returns:
+        the dataset root with ``train/<digit>/`` and ``val/<digit>/``.
+    """
+    dest = Path(root or default_data_dir()) / f"digits-{size}"
+    params = {
+        "kind": "sklearn-digits-folder",
+        "size": size,
+        "val_fraction": 0.25,
+        "seed": 0,
+        "v": 1,
+    }
+
+    def build(tmp: Path) -> None:
+        images, labels = load_digits_arrays()
+        train, val = split_digit_indices(labels, val_fraction=0.25, seed=0)
+        for split, idx in (("train", train), ("val", val)):
+            for i in idx:
+                d = tmp / split / str(int(labels[i]))
+                d.mkdir(parents=True, exist_ok=True)
+                pixels = (render_digit(images[i], size, size) * 255).round().astype(np.uint8)
+                Image.fromarray(pixels, mode="L").save(d / f"{i:04d}.png")
+
+    return build_cached(dest, params, build)

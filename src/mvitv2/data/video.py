@@ -1,0 +1,650 @@
+"""Video classification data: seeking PyAV decoder, clip samplers, a Kinetics/SSv2-style list-file
+dataset, and clip-consistent transforms.
+
+Layout conventions: decoded frames are uint8 (T, H, W, 3); transforms take a ``tv_tensors.Video``
+(T, C, H, W) so torchvision.transforms.v2 draws ONE set of random parameters for all frames; the
+dataset returns float clips (C, T, H, W), the layout of the video models.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import torch
+from av.video.reformatter import VideoReformatter
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from mvitv2.data.common import SkipCounter
+
+__all__ = [
+    "KINETICS_MEAN",
+    "KINETICS_STD",
+    "VideoClipDataset",
+    "VideoDecodeError",
+    "VideoReader",
+    "VideoSample",
+    "VideoTransform",
+    "clip_indices",
+    "read_class_names",
+    "read_video_list",
+    "segment_indices",
+    "uniform_crop",
+    "video_collate",
+]
+
+KINETICS_MEAN = (0.45, 0.45, 0.45)
+KINETICS_STD = (0.225, 0.225, 0.225)
+
+
+_DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
+
+
+class VideoDecodeError(RuntimeError):
+    """A video file cannot be opened or decoded (``reason="corrupt"``) or has no frames
+    (``reason="empty"``)."""
+
+    def __init__(self, message: str, reason: str = "corrupt") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+class VideoReader:
+    """Random access to the frames of one video file with PyAV, seeking instead of decoding
+    the whole file.
+
+    Use as a context manager. Frame ``i`` is the frame whose presentation time is ``i / fps``
+    after the stream start. :meth:`get_frames` seeks to the keyframe at or before the first wanted
+    frame, decodes forward until the wanted frames are collected, and seeks again across gaps
+    longer than ``seek_gap`` frames.
+
+    Args:
+        path: the video file.
+        seek_gap: re-seek when the next wanted frame is more than this many frames ahead.
+        threads: decoder threads (0 = FFmpeg's choice; 1 keeps DataLoader workers single-threaded).
+    Raises:
+        VideoDecodeError: the file cannot be opened or has no video stream.
+    """
+
+    def __init__(self, path: str | Path, *, seek_gap: int = 32, threads: int = 1) -> None:
+        self.path = Path(path)
+        self.seek_gap = seek_gap
+        self.truncated = False  # set when the file ends before frames its header promised
+        self.frames_decoded = 0  # frames the decoder produced, wanted or not (seeking saves these)
+        self._max_seen, self._last_frame = -1, None
+        # One reformatter per reader keeps its swscale context: converting each frame with
+        # frame.to_ndarray() builds a new context every time, which is 5x slower on small frames.
+        self._rgb = VideoReformatter()
+        if self.path.is_file() and self.path.stat().st_size == 0:
+            raise VideoDecodeError(f"{self.path}: zero-length file", "empty")
+        try:
+            self._container = av.open(str(self.path))
+        except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+            raise VideoDecodeError(f"{self.path}: cannot open video ({e})") from None
+        if not self._container.streams.video:
+            self._container.close()
+            raise VideoDecodeError(f"{self.path}: no video stream", "empty")
+        s = self._container.streams.video[0]
+        if threads:
+            s.thread_count = threads
+        self._stream = s
+        self.time_base = s.time_base or Fraction(1, 1_000_000)
+        rate = s.average_rate or s.guessed_rate or s.base_rate
+        self.fps = float(rate) if rate else 30.0
+        self.start_pts = s.start_time or 0
+        n = s.frames
+        if not n and s.duration:
+            n = int(round(float(s.duration * self.time_base) * self.fps))
+        if not n and self._container.duration:
+            n = int(round(self._container.duration / av.time_base * self.fps))
+        self.num_frames = int(n or 0)
+        if self.num_frames <= 0:
+            # Unknown length (e.g. a raw stream): count by decoding once; small files only.
+            try:
+                self.num_frames = len(self._decode_range(0, None, tolerant=True))
+            except _DECODE_ERRORS:
+                self.num_frames = 0
+        if self.num_frames <= 0:
+            self.close()
+            raise VideoDecodeError(f"{self.path}: video stream has no frames", "empty")
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the underlying container."""
+        self._container.close()
+
+    def _to_rgb(self, frame: av.VideoFrame) -> np.ndarray:
+        return self._rgb.reformat(frame, format="rgb24").to_ndarray()
+
+    def _index(self, frame: av.VideoFrame) -> int:
+        pts = frame.pts if frame.pts is not None else frame.dts
+        return int(round(float((pts - self.start_pts) * self.time_base) * self.fps))
+
+    def _decode_range(
+        self, first: int, last: int | None, wanted: set[int] | None = None, tolerant: bool = False
+    ) -> dict[int, np.ndarray]:
+        """Frames with index in [first, last] (all frames if last is None), optionally only
+        those in ``wanted``, after seeking to the keyframe at or before ``first``. With
+        ``tolerant``, a decode error ends the range quietly (truncated or damaged file)."""
+        out: dict[int, np.ndarray] = {}
+        c, s = self._container, self._stream
+        target = self.start_pts + (int(first / self.fps / self.time_base) if first > 0 else 0)
+        c.seek(target, stream=s, backward=True, any_frame=False)
+        try:
+            for frame in c.decode(s):
+                self.frames_decoded += 1
+                i = self._index(frame)
+                if i > self._max_seen:
+                    self._max_seen, self._last_frame = i, frame
+                if i < first:
+                    continue
+                if last is not None and i > last:
+                    break
+                if wanted is None or i in wanted:
+                    out[i] = self._to_rgb(frame)
+                if wanted is not None and len(out) == len(wanted):
+                    break
+        except _DECODE_ERRORS:
+            if not tolerant:
+                raise
+        return out
+
+    def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
+        """Decode the frames at ``indices`` (any order, repeats allowed).
+
+        Indices must lie in ``[0, num_frames)``; samplers pad short videos before calling.
+        Fast path: one seek per group of nearby indices. If that fails or misses frames, the
+        file is decoded from its start up to the last wanted frame, stopping quietly at a
+        decode error; when the file ends before a wanted frame, ``self.truncated`` is set and
+        ``self.num_frames`` lowered to the frames that do decode. Missing frames repeat the
+        nearest earlier decoded frame.
+
+        Returns:
+            uint8 tensor (len(indices), H, W, 3).
+        Raises:
+            VideoDecodeError: no wanted frame can be decoded at all.
+        """
+        wanted = sorted(set(int(i) for i in indices))
+        if not wanted:
+            raise ValueError("no frame indices requested")
+        if wanted[0] < 0 or wanted[-1] >= self.num_frames:
+            raise IndexError(f"{self.path}: frame indices must be in [0, {self.num_frames})")
+        groups: list[list[int]] = [[wanted[0]]]
+        for i in wanted[1:]:
+            if i - groups[-1][-1] > self.seek_gap:
+                groups.append([i])
+            else:
+                groups[-1].append(i)
+        frames: dict[int, np.ndarray] = {}
+        try:
+            for g in groups:
+                frames.update(self._decode_range(g[0], g[-1], set(g)))
+            complete = len(frames) == len(wanted)
+        except _DECODE_ERRORS:
+            complete = False
+        if not complete:
+            self._max_seen, self._last_frame = -1, None
+            try:
+                frames = self._decode_range(0, wanted[-1], set(wanted), tolerant=True)
+            except _DECODE_ERRORS as e:  # e.g. the seek itself fails
+                raise VideoDecodeError(f"{self.path}: decoding failed ({e})") from None
+            if self._max_seen < wanted[-1]:
+                self.truncated = True
+                self.num_frames = self._max_seen + 1
+            if not frames and self._last_frame is not None:
+                frames = {self._max_seen: self._to_rgb(self._last_frame)}
+        if not frames:
+            raise VideoDecodeError(f"{self.path}: no decodable frame")
+        have = sorted(frames)
+        for i in wanted:
+            if i not in frames:
+                frames[i] = frames[max((k for k in have if k <= i), default=have[0])]
+        return torch.from_numpy(np.stack([frames[int(i)] for i in indices]))
+
+
+# --------------------------------------------------------------------------------------------
+# Samplers
+
+
+def _pad(indices: np.ndarray, num_video_frames: int, pad: str) -> list[int]:
+    if pad == "last":
+        return np.minimum(indices, num_video_frames - 1).tolist()
+    if pad == "loop":
+        return (indices % num_video_frames).tolist()
+    raise ValueError(f"unknown pad mode {pad!r}; expected 'last' or 'loop'")
+
+
+def clip_indices(
+    num_video_frames: int,
+    num_frames: int,
+    sampling_rate: int,
+    *,
+    clip_idx: int | None = None,
+    num_clips: int = 1,
+    pad: str = "last",
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """Frame indices of one dense clip: ``num_frames`` frames, ``sampling_rate`` apart.
+
+    Args:
+        num_video_frames: frames in the video.
+        num_frames: frames in the clip.
+        sampling_rate: step between sampled frames.
+        clip_idx: None draws the start uniformly (training); ``k`` in ``[0, num_clips)`` takes the
+            k-th of ``num_clips`` uniformly spaced clips (testing; one clip = the centre one).
+        num_clips: number of test clips K.
+        pad: how a video shorter than the clip span is padded: ``"last"`` repeats the last frame,
+            ``"loop"`` starts again from the first.
+        generator: torch generator for the random start (default: the global one).
+    Returns:
+        ``num_frames`` indices in ``[0, num_video_frames)``.
+    """
+    span = (num_frames - 1) * sampling_rate + 1
+    slack = max(num_video_frames - span, 0)
+    if clip_idx is None:
+        start = int(torch.randint(slack + 1, (1,), generator=generator))
+    elif num_clips == 1:
+        start = slack // 2
+    else:
+        if not 0 <= clip_idx < num_clips:
+            raise ValueError(f"clip_idx {clip_idx} not in [0, {num_clips})")
+        start = int(round(slack * clip_idx / (num_clips - 1)))
+    idx = start + np.arange(num_frames) * sampling_rate
+    return _pad(idx, num_video_frames, pad)
+
+
+def segment_indices(
+    num_video_frames: int,
+    num_frames: int,
+    *,
+    train: bool,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """SSv2-style segment sampling: split the video into ``num_frames`` equal segments and take
+    one frame from each (a random one when ``train``, the middle one otherwise).
+
+    Videos with fewer frames than segments repeat frames, which pads them.
+    """
+    bounds = np.linspace(0, num_video_frames, num_frames + 1)
+    if train:
+        u = torch.rand(num_frames, generator=generator, dtype=torch.float64).numpy()
+    else:
+        u = np.full(num_frames, 0.5)
+    idx = np.floor(bounds[:-1] + u * (bounds[1:] - bounds[:-1])).astype(np.int64)
+    return np.clip(idx, 0, num_video_frames - 1).tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# List files
+
+
+@dataclass(frozen=True)
+class VideoSample:
+    """One entry of a list file: the video path (resolved against the video root) and label."""
+
+    path: Path
+    label: int
+
+
+def read_video_list(
+    list_file: str | Path, video_root: str | Path | None = None
+) -> list[VideoSample]:
+    """Read a Kinetics-style list file.
+
+    Each non-empty line is ``path label`` (whitespace-separated; the path may contain spaces, the
+    label is the last field) or, in a ``.csv`` file, ``path,label``; a CSV header line such as
+    ``path,label`` is skipped. Lines starting with ``#`` are comments.
+
+    Args:
+        list_file: the list file.
+        video_root: directory relative paths are resolved against (default: the list's folder).
+    Raises:
+        FileNotFoundError: no such list file.
+        ValueError: a malformed line, with file name and line number.
+    """
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise FileNotFoundError(f"video list file not found: {list_file}")
+    root = Path(video_root) if video_root is not None else list_file.parent
+    is_csv = list_file.suffix.lower() == ".csv"
+    samples = []
+    with list_file.open(newline="") as f:
+        lines = csv.reader(f) if is_csv else (line.rsplit(None, 1) for line in f)
+        for lineno, fields in enumerate(lines, start=1):
+            fields = [x.strip() for x in fields]
+            while fields and not fields[-1]:
+                fields.pop()  # trailing separators
+            if not fields or fields[0].startswith("#"):
+                continue
+            if len(fields) != 2 or not fields[0]:
+                raise ValueError(
+                    f"{list_file}:{lineno}: expected '<path> <label>'"
+                    f"{' or <path>,<label>' if is_csv else ''}, got {','.join(fields)!r}"
+                )
+            path, label = fields
+            try:
+                y = int(label)
+            except ValueError:
+                if lineno == 1 and is_csv:
+                    continue  # header
+                raise ValueError(
+                    f"{list_file}:{lineno}: label {label!r} is not an integer"
+                ) from None
+            if y < 0:
+                raise ValueError(f"{list_file}:{lineno}: negative label {y}")
+            p = Path(path)
+            samples.append(VideoSample(p if p.is_absolute() else root / p, y))
+    if not samples:
+        raise ValueError(f"{list_file}: no samples")
+    return samples
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names, one per line (line i = label i); blank lines are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class names file not found: {path}")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+
+
+def uniform_crop(video: torch.Tensor, size: int, spatial_idx: int) -> torch.Tensor:
+    """Square crop of side ``size`` at the start (0), centre (1) or end (2) of the longer side
+    (the "3 spatial crops" of multi-view testing; left/centre/right for landscape video).
+
+    Args:
+        video: (..., H, W) tensor or tv_tensor, already resized so that min(H, W) >= size.
+        size: crop side.
+        spatial_idx: 0, 1 or 2.
+    """
+    h, w = video.shape[-2:]
+    if min(h, w) < size:
+        raise ValueError(f"cannot take a {size} crop from a {h}x{w} video; resize it first")
+    top, left = (h - size) // 2, (w - size) // 2
+    if spatial_idx not in (0, 1, 2):
+        raise ValueError(f"spatial_idx must be 0, 1 or 2, got {spatial_idx}")
+    if h > w:
+        top = {0: 0, 1: top, 2: h - size}[spatial_idx]
+    else:
+        left = {0: 0, 1: left, 2: w - size}[spatial_idx]
+    return F.crop(video, top, left, size, size)
+
+
+class VideoTransform:
+    """Per-clip augmentation / preprocessing; every frame of a clip gets the same parameters.
+
+    Call with a uint8 clip (T, C, H, W) (plain tensor or ``tv_tensors.Video``) and, at test time
+    with 3 crops, the spatial crop index; returns a float32 clip (C, T, crop, crop), normalised.
+
+    Training: ``crop="rrc"`` random resized crop (``rrc_scale``, ``rrc_ratio``) or
+    ``crop="short_side"`` random short side in ``short_side_range`` then random crop; optional
+    horizontal flip, RandAugment and random erasing (one box for the whole clip).
+    Testing: resize the short side to ``test_short_side``, then centre crop (``spatial_idx`` None
+    or 1) or the left/centre/right crop (``spatial_idx`` 0/1/2).
+
+    Args:
+        train: training augmentation if True, deterministic test preprocessing otherwise.
+        crop_size: output side.
+        crop: ``"rrc"`` or ``"short_side"`` (training only).
+        rrc_scale, rrc_ratio: area fraction and aspect ranges of the random resized crop.
+        short_side_range: inclusive range of the random short side for ``"short_side"``.
+        hflip: allow horizontal flips (set False for SSv2, where left/right is in the label).
+        randaug: ``(num_ops, magnitude)`` for RandAugment, or None (Kinetics recipe: (4, 7)).
+        erase_prob: probability of random erasing after normalisation (recipe: 0.25).
+        mean, std: per-channel normalisation (Kinetics: 0.45 / 0.225).
+        test_short_side: short side before the test crop (default ``crop_size * 256 / 224``).
+    """
+
+    def __init__(
+        self,
+        train: bool,
+        *,
+        crop_size: int = 224,
+        crop: str = "rrc",
+        rrc_scale: tuple[float, float] = (0.08, 1.0),
+        rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        short_side_range: tuple[int, int] = (256, 320),
+        hflip: bool = True,
+        randaug: tuple[int, int] | None = None,
+        erase_prob: float = 0.0,
+        mean: Sequence[float] = KINETICS_MEAN,
+        std: Sequence[float] = KINETICS_STD,
+        test_short_side: int | None = None,
+    ) -> None:
+        self.train = train
+        self.crop_size = crop_size
+        self.test_short_side = test_short_side or round(crop_size * 256 / 224)
+        if train:
+            ops: list[Any] = []
+            if crop == "rrc":
+                ops.append(v2.RandomResizedCrop(crop_size, scale=rrc_scale, ratio=rrc_ratio))
+            elif crop == "short_side":
+                lo, hi = short_side_range
+                ops += [
+                    v2.RandomShortestSize(list(range(lo, hi + 1))),
+                    v2.RandomCrop(crop_size, pad_if_needed=True),
+                ]
+            else:
+                raise ValueError(f"unknown crop {crop!r}; expected 'rrc' or 'short_side'")
+            if hflip:
+                ops.append(v2.RandomHorizontalFlip())
+            if randaug is not None:
+                ops.append(v2.RandAugment(num_ops=randaug[0], magnitude=randaug[1]))
+            self._augment = v2.Compose(ops)
+        self._to_float = v2.Compose(
+            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        )
+        self._erase = v2.RandomErasing(p=erase_prob, value=0) if train and erase_prob > 0 else None
+
+    def __call__(self, video: torch.Tensor, spatial_idx: int | None = None) -> torch.Tensor:
+        x = tv_tensors.Video(video)
+        if self.train:
+            x = self._augment(x)
+        else:
+            x = F.resize(x, self.test_short_side, antialias=True)
+            x = uniform_crop(x, self.crop_size, 1 if spatial_idx is None else spatial_idx)
+        x = self._to_float(x)
+        if self._erase is not None:
+            x = self._erase(x)
+        return x.as_subclass(torch.Tensor).permute(1, 0, 2, 3).contiguous()
+
+
+def _default_transform(video: torch.Tensor, spatial_idx: int | None = None) -> torch.Tensor:
+    return video.permute(1, 0, 2, 3).float().div_(255)
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset
+
+
+class VideoClipDataset(torch.utils.data.Dataset):
+    """Clips from a list of videos (Kinetics / SSv2 layout).
+
+    Items are ``(clip, label, video_index)``. ``clip`` is float (C, T, H, W) from ``transform``;
+    with ``num_repeats > 1`` (repeated augmentation, training) or ``stack_views=True`` (testing)
+    it is (V, C, T, H, W): V augmented copies of one decoded clip, or all K x S test views.
+    :func:`video_collate` flattens those into the batch.
+
+    Training (``train=True``): one random clip per video per item. Testing: the dataset has
+    ``len(videos) * num_clips * num_crops`` items, one per (video, temporal clip, spatial crop),
+    unless ``stack_views``; average the softmax of all items with the same ``video_index``.
+
+    Unreadable videos (missing, corrupt, truncated header, zero frames) never raise: the item is
+    replaced by another video (random in training, the next one in testing) and the file is
+    counted in ``self.skipped`` (``.as_dict()``: ``bad_missing``, ``bad_corrupt``, ``bad_empty``
+    = distinct files; ``padded`` = clips of videos shorter than the clip span; ``truncated`` =
+    clips of files that ended before their header said). Counts include DataLoader workers.
+
+    Args:
+        list_file: Kinetics-style list (see :func:`read_video_list`).
+        video_root: directory relative paths are resolved against (default: the list's folder).
+        train: training sampling (random clip) or test sampling (uniform clips).
+        num_frames: frames per clip T.
+        sampling_rate: step between frames of a dense clip (ignored for segment sampling).
+        sampling: ``"clip"`` (dense clip, Kinetics) or ``"segment"`` (one frame per segment, SSv2).
+        num_clips: temporal clips K per video at test time (segment sampling: use 1).
+        num_crops: spatial crops per clip at test time (1 = centre, 3 = left/centre/right).
+        transform: callable ``(clip_uint8_TCHW, spatial_idx) -> (C, T, H, W)``, e.g. a
+            :class:`VideoTransform`; default converts to float in [0, 1] without resizing.
+        num_repeats: augmented copies per decoded clip in training (repeated augmentation).
+        stack_views: at test time return all views of a video in one item.
+        pad: ``"last"`` or ``"loop"`` for videos shorter than a clip.
+        max_retries: replacement attempts before giving up (then a RuntimeError).
+        decoder_threads: FFmpeg threads per decoder.
+    """
+
+    SKIP_KEYS = ("missing", "corrupt", "empty", "padded", "truncated", "replaced")
+
+    def __init__(
+        self,
+        list_file: str | Path,
+        video_root: str | Path | None = None,
+        *,
+        train: bool = True,
+        num_frames: int = 16,
+        sampling_rate: int = 4,
+        sampling: str = "clip",
+        num_clips: int = 1,
+        num_crops: int = 1,
+        transform: Callable[..., torch.Tensor] | None = None,
+        num_repeats: int = 1,
+        stack_views: bool = False,
+        pad: str = "last",
+        max_retries: int = 20,
+        decoder_threads: int = 1,
+    ) -> None:
+        if sampling not in ("clip", "segment"):
+            raise ValueError(f"unknown sampling {sampling!r}; expected 'clip' or 'segment'")
+        if num_crops not in (1, 3):
+            raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
+        if pad not in ("last", "loop"):
+            raise ValueError(f"unknown pad mode {pad!r}; expected 'last' or 'loop'")
+        self.samples = read_video_list(list_file, video_root)
+        self.train = train
+        self.num_frames, self.sampling_rate, self.sampling = num_frames, sampling_rate, sampling
+        self.num_clips = 1 if train else num_clips
+        self.num_crops = 1 if train else num_crops
+        self.transform = transform or _default_transform
+        self.num_repeats = num_repeats if train else 1
+        self.stack_views = stack_views and not train
+        self.pad, self.max_retries, self.decoder_threads = pad, max_retries, decoder_threads
+        self.skipped = SkipCounter(self.SKIP_KEYS, len(self.samples))
+
+    @property
+    def num_classes(self) -> int:
+        """1 + the largest label in the list file."""
+        return 1 + max(s.label for s in self.samples)
+
+    @property
+    def views_per_video(self) -> int:
+        """Test views (temporal clips x spatial crops) per video."""
+        return self.num_clips * self.num_crops
+
+    def __len__(self) -> int:
+        if self.train or self.stack_views:
+            return len(self.samples)
+        return len(self.samples) * self.views_per_video
+
+    def _indices(self, n: int, clip_idx: int | None) -> list[int]:
+        if self.sampling == "segment":
+            return segment_indices(n, self.num_frames, train=clip_idx is None)
+        return clip_indices(
+            n, self.num_frames, self.sampling_rate, clip_idx=clip_idx,
+            num_clips=self.num_clips, pad=self.pad,
+        )  # fmt: skip
+
+    def _decode(self, video: int, clip_ids: Sequence[int | None]) -> list[torch.Tensor]:
+        """uint8 (T, C, H, W) clips of ``video`` for each temporal clip id; raises on bad files."""
+        path = self.samples[video].path
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        with VideoReader(path, threads=self.decoder_threads) as r:
+            span = (self.num_frames - 1) * self.sampling_rate + 1
+            if self.sampling == "clip" and r.num_frames < span:
+                self.skipped.add("padded", len(clip_ids))
+            n = r.num_frames
+            flat = [i for c in clip_ids for i in self._indices(n, c)]
+            frames = r.get_frames(flat)
+            if r.truncated:
+                self.skipped.add("truncated")
+                if r.num_frames < n:  # sample again within the frames that really decode
+                    flat = [i for c in clip_ids for i in self._indices(r.num_frames, c)]
+                    frames = r.get_frames(flat)
+        return list(frames.permute(0, 3, 1, 2).split(self.num_frames))
+
+    def _load(self, video: int, view: int | None) -> torch.Tensor:
+        if self.train:
+            (clip,) = self._decode(video, [None])
+            views = [self.transform(clip) for _ in range(self.num_repeats)]
+            return views[0] if self.num_repeats == 1 else torch.stack(views)
+        if view is None:  # all views of the video
+            clips = self._decode(video, list(range(self.num_clips)))
+            crops = range(self.num_crops) if self.num_crops == 3 else [None]
+            return torch.stack([self.transform(c, s) for c in clips for s in crops])
+        k, s = divmod(view, self.num_crops)
+        (clip,) = self._decode(video, [k])
+        return self.transform(clip, s if self.num_crops == 3 else None)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        if self.train or self.stack_views:
+            video, view = index, None
+        else:
+            video, view = divmod(index, self.views_per_video)
+        n = len(self.samples)
+        last_error = "all were already marked unreadable"
+        for attempt in range(self.max_retries + 1):
+            if not self.skipped.is_flagged(video):
+                try:
+                    clip = self._load(video, view)
+                    return clip, self.samples[video].label, video
+                except FileNotFoundError:
+                    self.skipped.flag(video, "missing")
+                    last_error = f"{self.samples[video].path}: no such file"
+                except VideoDecodeError as e:
+                    self.skipped.flag(video, e.reason)
+                    last_error = str(e)
+            if attempt < self.max_retries:
+                self.skipped.add("replaced")
+            # Training: any other video. Testing: the next one, so runs are reproducible.
+            video = int(torch.randint(n, (1,))) if self.train else (video + 1) % n
+        raise RuntimeError(
+            f"{self.max_retries + 1} unreadable video(s) in a row (last: {last_error}; "
+            f"skipped so far: {self.skipped.as_dict()}); check the video root and files"
+        )
+
+
+def video_collate(
+    batch: Sequence[tuple[torch.Tensor, int, int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Collate ``(clip, label, video_index)`` items into ``(clips, labels, video_indices)``.
+
+    Items with several views (V, C, T, H, W) are flattened: each view becomes one batch entry
+    carrying its video's label and index, so clips is always (B', C, T, H, W).
+    """
+    clips, labels, vids = [], [], []
+    for clip, label, vid in batch:
+        v = clip if clip.dim() == 5 else clip[None]
+        clips.append(v)
+        labels += [label] * len(v)
+        vids += [vid] * len(v)
+    return torch.cat(clips), torch.tensor(labels), torch.tensor(vids)

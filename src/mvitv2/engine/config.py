@@ -1,0 +1,263 @@
+"""Training configuration: one frozen dataclass, loaded from a YAML recipe plus ``key=value`` overrides.
+
+The engine reads the top-level fields; ``model_args`` goes to :func:`mvitv2.create_model` and
+``data`` is free-form, interpreted (and validated) by the task. Overrides use dotted keys for
+those two dicts (``data.img_size=64``, ``model_args.depths=[1,1,1,1]``); values are parsed as YAML
+(``3``, ``1e-3``, ``true``, ``[1, 2]``, ``null``).
+
+A config never changes after it is built: :meth:`TrainConfig.replace` returns a new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs besides the data location.
+
+    Args:
+        model: a registered variant name (:func:`mvitv2.list_models`).
+        model_args: overrides for ``create_model`` (``depths``, ``embed_dim``, ``img_size``,
+            ``drop_path_rate``, ...). ``num_classes`` comes from the data.
+        pretrained: False, True or a weights tag for ``create_model(pretrained=...)``.
+        finetune: path of a checkpoint whose weights initialise the model (head re-initialised
+            when the number of classes differs, position tables resized); optimizer state is not
+            loaded.
+        data: task-specific data and augmentation options (see the task's documentation).
+        epochs: training epochs.
+        batch_size: images per process per forward (micro-batch).
+        accum_steps: micro-batches per optimizer step (gradient accumulation).
+        base_lr: learning rate for a global batch of ``lr_ref_batch``; the used lr is
+            ``base_lr * batch_size * world_size * accum_steps / lr_ref_batch``.
+        lr_ref_batch: reference batch of ``base_lr`` (256 for the paper's "2.5e-4 per 256").
+        min_lr: lr at the end of the cosine decay (absolute, not scaled).
+        warmup_lr: lr at step 0 (absolute).
+        warmup_epochs: linear warmup length in epochs (fractions allowed), applied per step.
+        weight_decay: AdamW decay of >= 2-D weights (0 on 1-D params and ``no_weight_decay()``).
+        betas: AdamW betas.
+        clip_grad: max global grad norm (None or 0: no clipping).
+        label_smoothing: label smoothing of the classification targets.
+        mixup: mixup alpha (0: off).
+        cutmix: cutmix alpha (0: off).
+        mix_prob: probability to apply mixup or cutmix to a batch.
+        switch_prob: probability of cutmix instead of mixup when both are on.
+        amp: ``none``, ``bf16`` or ``fp16`` (fp16 uses a GradScaler).
+        grad_checkpointing: activation checkpointing (``model.set_grad_checkpointing``).
+        compile: run the training forward through ``torch.compile``.
+        ema_decay: EMA of the weights with this decay per step (0: off).
+        seed: seed of data order, augmentation and initialisation.
+        workers: data loader worker processes per training process.
+        threads: intra-op CPU threads per process (0: torch's default). On a small shared CPU, 1
+            thread for compute plus data workers on the other cores avoids spin-wait slowdowns.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        output: parent folder of run folders.
+        name: run folder name under ``output`` (empty: a timestamp).
+        eval_every: evaluate every N epochs (the last epoch is always evaluated; 0: only then).
+        ckpt_every_steps: also checkpoint every N optimizer steps (0: only at epoch ends).
+        log_every: TensorBoard scalars every N optimizer steps.
+        max_nonfinite_consecutive: stop after this many non-finite steps in a row.
+        max_nonfinite_total: stop after this many non-finite steps in total.
+        tensorboard: write TensorBoard event files.
+        strict_data: fail on the first unreadable sample instead of skipping and counting it.
+        progress: show a progress bar (rank 0).
+    """
+
+    model: str = "mvitv2_tiny"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool | str = False
+    finetune: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 300
+    batch_size: int = 64
+    accum_steps: int = 1
+    base_lr: float = 2.5e-4
+    lr_ref_batch: int = 256
+    min_lr: float = 1e-6
+    warmup_lr: float = 1e-8
+    warmup_epochs: float = 70.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = 1.0
+    label_smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
+    amp: str = "none"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    ema_decay: float = 0.0
+    seed: int = 0
+    workers: int = 4
+    threads: int = 0
+    device: str = "auto"
+    output: str = "runs"
+    name: str = ""
+    eval_every: int = 1
+    ckpt_every_steps: int = 0
+    log_every: int = 20
+    max_nonfinite_consecutive: int = 20
+    max_nonfinite_total: int = 200
+    tensorboard: bool = True
+    strict_data: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (
+                self.amp in ("none", "bf16", "fp16"),
+                f"amp must be none, bf16 or fp16, got {self.amp!r}",
+            ),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.accum_steps >= 1, "accum_steps must be >= 1"),
+            (self.base_lr > 0 and math.isfinite(self.base_lr), "base_lr must be > 0"),
+            (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"invalid training config: {msg}")
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """A config from a mapping of field names (unknown names raise ``KeyError``)."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise KeyError(f"unknown config key(s) {unknown}; valid keys: {sorted(names)}")
+        kwargs = {k: _coerce(names[k], v) for k, v in values.items()}
+        return cls(**kwargs)
+
+    @classmethod
+    def load(
+        cls, recipe: str | os.PathLike | None = None, overrides: Iterable[str] = ()
+    ) -> TrainConfig:
+        """Defaults, then the YAML ``recipe`` (if any), then ``key=value`` ``overrides``.
+
+        Args:
+            recipe: path of a YAML mapping of config keys.
+            overrides: strings ``key=value``; ``data.x=v`` / ``model_args.x=v`` set one entry.
+        """
+        values: dict[str, Any] = {}
+        if recipe is not None:
+            path = Path(recipe)
+            if not path.is_file():
+                raise FileNotFoundError(f"recipe {path} does not exist")
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(
+                    f"recipe {path}: expected a YAML mapping, got {type(loaded).__name__}"
+                )
+            values.update(loaded)
+        return cls.from_dict(apply_overrides(values, overrides))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied (validated like :meth:`from_dict`)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def with_overrides(self, overrides: Iterable[str]) -> TrainConfig:
+        """A copy with ``key=value`` strings applied."""
+        return type(self).from_dict(apply_overrides(self.to_dict(), overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python types only (lists, dicts, numbers, strings): YAML and checkpoint safe."""
+        return _plain(dataclasses.asdict(self))
+
+    # ------------------------------------------------------------------ derived
+    def global_batch(self, world_size: int) -> int:
+        """Images per optimizer step over all processes."""
+        return self.batch_size * self.accum_steps * world_size
+
+    def lr(self, world_size: int) -> float:
+        """Peak learning rate after linear scaling with the global batch."""
+        return self.base_lr * self.global_batch(world_size) / self.lr_ref_batch
+
+
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def parse_value(text: str) -> Any:
+    """A ``key=value`` value: YAML scalars/lists, plus numbers YAML 1.1 misses (``1e-3``)."""
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str) and _FLOAT.match(value):
+        return float(value)
+    return value
+
+
+def apply_overrides(values: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """A copy of ``values`` with each ``key=value`` (dotted keys go into nested dicts) applied."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        head, _, rest = key.strip().partition(".")
+        if rest:
+            sub = out.get(head)
+            sub = dict(sub) if isinstance(sub, dict) else {}
+            sub[rest] = parse_value(text)
+            out[head] = sub
+        else:
+            out[head] = parse_value(text)
+    return out
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Check/convert one value against a field's default type."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    name = f.name
+    if isinstance(default, dict):
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise TypeError(f"config {name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"config {name}: expected a list, got {value!r}")
+        return tuple(value)
+    if value is None:
+        return None
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise TypeError(f"config {name}: expected true/false, got {value!r}")
+        return value
+    if name in ("pretrained",):
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"config {name}: expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"config {name}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        if isinstance(value, dict | list | bool):
+            raise TypeError(f"config {name}: expected a string, got {value!r}")
+        return str(value)  # e.g. name=2024
+    return value
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj

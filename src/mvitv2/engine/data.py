@@ -1,0 +1,191 @@
+"""Reproducible, sharded, fault-tolerant data loading shared by every task.
+
+* :class:`EpochSampler` shuffles with a generator seeded by ``(seed, epoch)`` (the same global
+  order for any number of processes), gives rank ``r`` the indices ``r::world_size`` so that the
+  union of the ranks' k-th batches is the k-th batch of a 1-process run with the same global batch,
+  and can start mid-epoch (resume).
+* :class:`SeededDataset` runs each sample's random augmentation under a seed derived from
+  ``(seed, epoch, index)``, so augmentation does not depend on worker count, process count or
+  where a run was resumed.
+* A dataset signals an unreadable sample by raising :class:`BadSample`; the wrapper counts it and
+  (training) substitutes the next sample or (evaluation) drops it, or re-raises in strict mode.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from mvitv2.data.common import SkipCounter
+
+
+class BadSample(Exception):
+    """Raised by a dataset for a sample that cannot be read (corrupt file, failed decode).
+
+    Args:
+        path: the file at fault.
+        reason: what went wrong.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields ``(index, sample_seed)`` for this rank; the order depends only on seed and epoch.
+
+    Args:
+        length: dataset size.
+        rank, world_size: this process's shard.
+        shuffle: random order per epoch (training) or the natural order (evaluation).
+        seed: base seed.
+        pad: repeat samples so every rank gets the same count (training; DDP needs equal steps).
+    """
+
+    def __init__(
+        self, length: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0,
+        pad: bool = True,
+    ) -> None:  # fmt: skip
+        self.length, self.rank, self.world_size = length, rank, world_size
+        self.shuffle, self.seed, self.pad = shuffle, seed, pad
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's order and skip its first ``start`` samples of this rank (resume)."""
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.length, generator=g).tolist()
+        else:
+            order = list(range(self.length))
+        if self.pad and self.world_size > 1:
+            total = math.ceil(self.length / self.world_size) * self.world_size
+            order += order[: total - len(order)]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for i in self._indices()[self.start :]:
+            yield i, sample_seed(self.seed, self.epoch, i)
+
+    def __len__(self) -> int:
+        return max(0, len(self._indices()) - self.start)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample's augmentation."""
+    return (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (
+        1 << 63
+    )
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset indexed by ``(index, seed)`` pairs from :class:`EpochSampler`.
+
+    Args:
+        dataset: the task's dataset; may raise :class:`BadSample`.
+        substitute: on a bad sample use the next index (training, keeps batch sizes equal across
+            processes); otherwise return None, dropped by :func:`collate_skip_none` (evaluation).
+        strict: re-raise :class:`BadSample` instead.
+    """
+
+    def __init__(self, dataset: Dataset, substitute: bool, strict: bool = False) -> None:
+        self.dataset, self.substitute, self.strict = dataset, substitute, strict
+        # Shared memory: the main process sees what the workers met.
+        self.counter = SkipCounter(["unreadable"], num_items=len(self))
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    @property
+    def bad_samples(self) -> int:
+        """Distinct unreadable samples met so far (all workers of this process)."""
+        return len(self.counter.flagged())
+
+    def __getitem__(self, key: tuple[int, int] | int) -> Any:
+        index, seed = key if isinstance(key, tuple) else (key, sample_seed(0, 0, key))
+        n = len(self)
+        for attempt in range(min(n, 16)):
+            i = (index + attempt) % n
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    return self.dataset[i]
+            except BadSample as e:
+                if self.strict:
+                    raise RuntimeError(f"unreadable sample (strict data): {e}") from e
+                self.counter.add("unreadable")
+                self.counter.flag(i, "unreadable")
+                if e.path not in self._warned:
+                    self._warned.add(e.path)
+                    warnings.warn(f"skipping unreadable sample {e}", stacklevel=2)
+                if not self.substitute:
+                    return None
+        raise RuntimeError(
+            f"16 unreadable samples in a row from index {index}; is the data broken?"
+        )
+
+
+def collate_skip_none(collate: Callable[[list], Any] | None = None) -> Callable[[list], Any]:
+    """A collate function that drops None samples (skipped ones) before ``collate``."""
+    inner = collate or default_collate
+
+    def fn(batch: Sequence[Any]) -> Any:
+        kept = [b for b in batch if b is not None]
+        return inner(kept) if kept else None
+
+    return fn
+
+
+def build_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    train: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    workers: int = 0,
+    collate_fn: Callable[[list], Any] | None = None,
+    strict: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A loader over ``dataset`` wrapped in :class:`SeededDataset` with an :class:`EpochSampler`.
+
+    Args:
+        dataset: the task's dataset (may raise :class:`BadSample`).
+        batch_size: per-process batch.
+        train: shuffle, pad shards to equal length, drop the last partial batch, substitute bad
+            samples; otherwise the natural order, no padding, bad samples dropped.
+        rank, world_size: this process's shard.
+        seed: base seed of the order and augmentation.
+        workers: worker processes.
+        collate_fn: the task's collate (default: ``default_collate``).
+        strict: fail on a bad sample.
+        pin_memory: pin batches (CUDA).
+
+    The loader's ``sampler`` is the :class:`EpochSampler` (call ``set_epoch``) and its
+    ``dataset`` the :class:`SeededDataset` (``bad_samples``).
+    """
+    wrapped = SeededDataset(dataset, substitute=train, strict=strict)
+    sampler = EpochSampler(len(wrapped), rank, world_size, shuffle=train, seed=seed, pad=train)
+    return DataLoader(
+        wrapped,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_fn if train else collate_skip_none(collate_fn),
+        drop_last=train,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        # Own generator: creating an iterator must not consume the global RNG (exact resume).
+        generator=torch.Generator().manual_seed(seed),
+    )

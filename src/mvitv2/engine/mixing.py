@@ -1,0 +1,61 @@
+"""Mixup / CutMix on batches with label smoothing, as soft targets (images and videos).
+
+Built on ``torchvision.transforms.v2.MixUp`` / ``CutMix`` (which also accept 5-D video batches);
+label smoothing is applied to the one-hot targets before mixing, as in timm's ``Mixup``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.transforms import v2
+
+
+class MixCriterion:
+    """Turns ``(inputs, labels)`` into mixed inputs and soft targets, and scores logits against them.
+
+    Args:
+        num_classes: classifier outputs.
+        mixup: mixup alpha (0: off).
+        cutmix: cutmix alpha (0: off).
+        prob: probability of mixing a batch.
+        switch_prob: probability of cutmix rather than mixup when both are on.
+        label_smoothing: smoothing of the one-hot targets.
+    """
+
+    def __init__(
+        self, num_classes: int, mixup: float = 0.0, cutmix: float = 0.0, prob: float = 1.0,
+        switch_prob: float = 0.5, label_smoothing: float = 0.0,
+    ) -> None:  # fmt: skip
+        self.num_classes, self.prob, self.label_smoothing = num_classes, prob, label_smoothing
+        ops, weights = [], []
+        if mixup > 0:
+            ops.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+            weights.append(1.0 - switch_prob if cutmix > 0 else 1.0)
+        if cutmix > 0:
+            ops.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+            weights.append(switch_prob if mixup > 0 else 1.0)
+        self.mix = v2.RandomChoice(ops, p=weights) if ops else None
+
+    @property
+    def active(self) -> bool:
+        return self.mix is not None and self.prob > 0
+
+    def soft_targets(self, labels: Tensor) -> Tensor:
+        """One-hot with label smoothing: ``1 - s + s/K`` on the label, ``s/K`` elsewhere."""
+        off = self.label_smoothing / self.num_classes
+        t = torch.full((labels.shape[0], self.num_classes), off, device=labels.device)
+        return t.scatter_(1, labels.long().unsqueeze(1), 1.0 - self.label_smoothing + off)
+
+    def __call__(self, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Mixed inputs (same shape) and soft targets ``(B, num_classes)``."""
+        targets = self.soft_targets(labels)
+        if self.active and (self.prob >= 1 or torch.rand(()) < self.prob):
+            inputs, targets = self.mix(inputs, targets)
+        return inputs, targets
+
+    @staticmethod
+    def loss(logits: Tensor, targets: Tensor) -> Tensor:
+        """Soft-target cross-entropy, averaged over the batch (computed in float32)."""
+        return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()

@@ -1,0 +1,106 @@
+"""AdamW with the paper's parameter groups and a per-step warmup + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mvitv2.engine.config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed weights, and exempt ones (1-D params + ``model.no_weight_decay()``).
+
+    Args:
+        model: the (unwrapped) model; ``no_weight_decay()`` is optional and returns parameter
+            names (rel-pos tables, cls token, position embeddings for MViT).
+        weight_decay: decay of the first group.
+
+    Returns:
+        groups for ``torch.optim.AdamW``; each has a ``name`` ("decay"/"no_decay") and the list of
+        parameter names under ``param_names``. Frozen parameters are left out.
+    """
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay, decay_names, no_decay_names = [], [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name in skip:
+            no_decay.append(p)
+            no_decay_names.append(name)
+        else:
+            decay.append(p)
+            decay_names.append(name)
+    return [
+        {
+            "params": decay,
+            "weight_decay": weight_decay,
+            "name": "decay",
+            "param_names": decay_names,
+        },
+        {
+            "params": no_decay,
+            "weight_decay": 0.0,
+            "name": "no_decay",
+            "param_names": no_decay_names,
+        },
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, world_size: int) -> torch.optim.AdamW:
+    """AdamW at the linearly scaled peak lr (:meth:`TrainConfig.lr`) with :func:`param_groups`."""
+    groups = param_groups(model, cfg.weight_decay)
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr(world_size), betas=tuple(cfg.betas))
+
+
+class WarmupCosine:
+    """lr multiplier at an optimizer step: linear warmup from ``warmup_lr``, cosine to ``min_lr``.
+
+    Args:
+        peak_lr: lr reached at the end of warmup.
+        warmup_steps: steps of the linear warmup (0: none).
+        total_steps: steps of the whole run; the cosine ends there at ``min_lr``.
+        warmup_lr: lr at step 0.
+        min_lr: lr at ``total_steps``.
+    """
+
+    def __init__(
+        self, peak_lr: float, warmup_steps: int, total_steps: int, warmup_lr: float, min_lr: float
+    ) -> None:
+        self.peak_lr, self.warmup_steps, self.total_steps = peak_lr, warmup_steps, total_steps
+        self.warmup_lr, self.min_lr = warmup_lr, min_lr
+
+    def lr(self, step: int) -> float:
+        """Absolute learning rate at ``step`` (0-based count of optimizer steps done)."""
+        if step < self.warmup_steps:
+            return self.warmup_lr + (self.peak_lr - self.warmup_lr) * step / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        t = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr + (self.peak_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    def __call__(self, step: int) -> float:
+        return self.lr(step) / self.peak_lr
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, world_size: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step :class:`WarmupCosine` as a ``LambdaLR`` (call ``step()`` after each optimizer step).
+
+    Args:
+        optimizer: built by :func:`build_optimizer` (its lr is the peak lr).
+        cfg: gives epochs, warmup_epochs, warmup_lr and min_lr.
+        steps_per_epoch: optimizer steps per epoch.
+        world_size: processes, for the peak lr.
+    """
+    fn = WarmupCosine(
+        peak_lr=cfg.lr(world_size),
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        total_steps=cfg.epochs * steps_per_epoch,
+        warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

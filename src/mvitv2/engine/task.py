@@ -1,0 +1,69 @@
+"""The interface between the generic :class:`~mvitv2.engine.trainer.Trainer` and a task.
+
+A task (image classification, detection, video) says how to build its model and data, how to get
+a loss from a batch, and how to evaluate. The trainer owns everything else: devices, DDP,
+precision, optimizer, schedule, checkpoints, logging, resume.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from mvitv2.engine.config import TrainConfig
+from mvitv2.engine.distributed import DistInfo
+
+
+class Task(ABC):
+    """What a task must provide. Subclasses keep their state (class names, ...) on ``self``.
+
+    Args:
+        cfg: the run's config; task-specific options live in ``cfg.data``.
+    """
+
+    #: metric of :meth:`evaluate` that selects ``best.pt`` (higher is better).
+    primary_metric: str = "top1"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def build_datasets(self) -> tuple[Dataset, Dataset | None]:
+        """Train and validation datasets (validation may be None). Called before :meth:`build_model`
+        so the model can be sized from the data (number of classes). Samples may raise
+        :class:`mvitv2.engine.data.BadSample` to be skipped and counted."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The model to train, on CPU, in float32 (the trainer moves and wraps it)."""
+
+    def collate_fn(self) -> Callable[[list], Any] | None:
+        """Batch collation (None: ``default_collate``)."""
+        return None
+
+    @abstractmethod
+    def training_loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        """Loss of one (device-resident) batch and extra scalars to log (may be empty).
+
+        Called under autocast; ``model`` may be DDP/compiled: only call it, do not inspect it.
+        """
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, loader: DataLoader, dist: DistInfo) -> dict[str, float]:
+        """Metrics over the whole validation set. ``loader`` yields this process's shard (device
+        not applied: move batches with :func:`mvitv2.engine.trainer.to_device`); combine shards
+        with ``dist.all_reduce_sum`` / ``dist.all_gather_object`` so every process returns the
+        same numbers. Batches may be None (all samples skipped)."""
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Plain values stored with every checkpoint (class names, preprocessing, ...)."""
+        return {}
+
+    def batch_size(self, batch: Any) -> int:
+        """Number of samples in a batch (for images/s)."""
+        first = batch[0] if isinstance(batch, list | tuple) else batch
+        return len(first)

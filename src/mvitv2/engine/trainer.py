@@ -1,0 +1,419 @@
+"""The generic training loop shared by the image, detection and video tasks.
+
+Usage::
+
+    trainer = Trainer(MyTask(cfg), cfg, resume="auto")
+    metrics = trainer.fit()
+
+What it does: DDP over torchrun processes, bf16/fp16 autocast (GradScaler for fp16), gradient
+accumulation, grad-norm clipping, activation checkpointing, optional ``torch.compile`` and EMA,
+the warmup + cosine schedule per step, skip-and-count of non-finite steps (stops after saving when
+there are too many), evaluation every ``eval_every`` epochs, an atomic ``last.pt`` every epoch
+(and every ``ckpt_every_steps``), ``best.pt`` on the task's primary metric, and a resume that
+continues exactly where the interrupted run was (data order, augmentation, RNG, step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from mvitv2.engine.checkpoint import (
+    BEST,
+    LAST,
+    capture_rng,
+    find_resume,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from mvitv2.engine.config import TrainConfig
+from mvitv2.engine.data import build_loader
+from mvitv2.engine.distributed import DistInfo, cleanup_distributed, init_distributed
+from mvitv2.engine.ema import build_ema
+from mvitv2.engine.logging import RunLogger
+from mvitv2.engine.optim import build_optimizer, build_scheduler
+from mvitv2.engine.task import Task
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (too many non-finite steps); ``last.pt`` was saved first."""
+
+
+def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """``obj`` with every tensor (in nested lists, tuples and dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_device(v, device, non_blocking) for v in obj)
+    return obj
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def load_finetune_weights(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """Initialise ``model`` from a checkpoint for fine-tuning.
+
+    Tensors whose shape differs are adapted when they are relative-position tables (``rel_pos``,
+    resized along the offset axis for another resolution) and otherwise left at their fresh
+    initialisation (e.g. a classifier for another number of classes).
+
+    Args:
+        model: the freshly built model.
+        path: a checkpoint written by the trainer (``model`` key) or a plain state dict file.
+
+    Returns:
+        ``{"resized": [...], "reinitialised": [...], "missing": [...], "unexpected": [...]}``.
+    """
+    ckpt = load_checkpoint(path)
+    state = ckpt.get("model", ckpt)
+    own = model.state_dict()
+    report: dict[str, list[str]] = {"resized": [], "reinitialised": []}
+    kept = {}
+    for k, v in state.items():
+        if k not in own or own[k].shape == v.shape:
+            kept[k] = v
+        elif "rel_pos" in k and v.ndim == 2 and own[k].ndim == 2 and v.shape[1] == own[k].shape[1]:
+            kept[k] = (
+                torch.nn.functional.interpolate(
+                    v.t()[None].float(), size=own[k].shape[0], mode="linear", align_corners=False
+                )[0]
+                .t()
+                .to(v.dtype)
+            )
+            report["resized"].append(k)
+        else:
+            report["reinitialised"].append(k)
+    result = model.load_state_dict(kept, strict=False)
+    missing = [k for k in result.missing_keys if k not in report["reinitialised"]]
+    report["missing"], report["unexpected"] = missing, list(result.unexpected_keys)
+    return report
+
+
+class Trainer:
+    """Runs one training job for a :class:`Task`.
+
+    Args:
+        task: builds model and data, computes losses and metrics.
+        cfg: the run's configuration.
+        resume: None (fresh run), a checkpoint path (or run folder), or ``auto`` (the latest
+            ``last.pt`` under ``cfg.output``; a fresh run if there is none).
+    """
+
+    def __init__(self, task: Task, cfg: TrainConfig, resume: str | None = None) -> None:
+        self.task, self.cfg = task, cfg
+        self.dist: DistInfo = init_distributed(cfg.device)
+        d = self.dist
+        device = d.device
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        train_ds, val_ds = task.build_datasets()
+        model = task.build_model()
+        if cfg.finetune:
+            report = load_finetune_weights(model, cfg.finetune)
+            self._finetune_report = report
+        if cfg.grad_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ValueError(
+                    "grad_checkpointing=true but the model has no set_grad_checkpointing"
+                )
+            model.set_grad_checkpointing(True)
+        self.model = model.to(device)
+        self.ema = build_ema(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+        self.train_loader = build_loader(
+            train_ds, batch_size=cfg.batch_size, train=True, rank=d.rank, world_size=d.world_size,
+            seed=cfg.seed, workers=cfg.workers, collate_fn=task.collate_fn(),
+            strict=cfg.strict_data, pin_memory=device.type == "cuda",
+        )  # fmt: skip
+        self.val_loader = None
+        if val_ds is not None:
+            self.val_loader = build_loader(
+                val_ds, batch_size=cfg.batch_size, train=False, rank=d.rank,
+                world_size=d.world_size, seed=cfg.seed, workers=cfg.workers,
+                collate_fn=task.collate_fn(), strict=cfg.strict_data,
+                pin_memory=device.type == "cuda",
+            )  # fmt: skip
+        self.steps_per_epoch = len(self.train_loader) // cfg.accum_steps
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set ({len(train_ds)} samples over {d.world_size} process(es)) is "
+                f"smaller than one step of batch_size={cfg.batch_size} x accum_steps="
+                f"{cfg.accum_steps}; lower batch_size"
+            )
+        self.optimizer = build_optimizer(self.model, cfg, d.world_size)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch, d.world_size)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+
+        # Progress (what a checkpoint restores).
+        self.epoch = 0  # epoch in progress (or next to start)
+        self.step_in_epoch = 0  # optimizer steps done in self.epoch
+        self.global_step = 0
+        self.counters = {"nonfinite_total": 0, "nonfinite_consecutive": 0}
+        self.best: float | None = None
+        self.metrics: dict[str, float] = {}
+        self._rng_to_restore = None
+
+        # Rank 0 decides (and fails) for everyone, so no rank waits forever on a missing file.
+        found: Path | Exception | None = None
+        if d.is_main:
+            try:
+                found = find_resume(resume, cfg.output, cfg.name)
+            except Exception as e:
+                found = e
+        found = d.broadcast_object(found)
+        if isinstance(found, Exception):
+            raise found
+        ckpt_path, changed = found, []
+        if ckpt_path is not None:
+            self.run_dir = Path(ckpt_path).parent
+            state = load_checkpoint(ckpt_path, map_location=device)
+            self._load_state(state)
+            ignore = {"output", "name", "progress", "tensorboard", "workers", "epochs"}
+            old = state.get("config", {})
+            changed = sorted(
+                k for k, v in cfg.to_dict().items() if k not in ignore and old.get(k) != v
+            )
+        else:
+            name = cfg.name or time.strftime("%Y%m%d-%H%M%S")
+            self.run_dir = Path(cfg.output) / d.broadcast_object(name)
+        if d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        d.barrier()
+        self.log = RunLogger(self.run_dir, d.is_main, cfg.tensorboard, cfg.progress)
+        if ckpt_path is not None:
+            self.log.info(
+                f"resumed from {ckpt_path} at epoch {self.epoch + 1}, step {self.global_step}"
+            )
+            if changed:
+                self.log.info(f"warning: the config differs from the checkpoint's in {changed}")
+        if cfg.finetune:
+            rep = self._finetune_report
+            self.log.info(
+                f"fine-tuning from {cfg.finetune}: re-initialised {rep['reinitialised'] or 'nothing'}, "
+                f"resized {len(rep['resized'])} rel-pos tables, missing {rep['missing'] or 'none'}"
+            )
+
+        self.train_model: nn.Module = self.model
+        if d.distributed:
+            ids = [device.index] if device.type == "cuda" else None
+            self.train_model = DDP(self.model, device_ids=ids)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue (tensors and plain values only)."""
+        rngs = self.dist.all_gather_object(capture_rng())
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "step": self.global_step,
+            "rng": rngs,
+            "config": self.cfg.to_dict(),
+            "meta": self.task.checkpoint_meta(),
+            "counters": dict(self.counters),
+            "metrics": dict(self.metrics),
+            "best": self.best,
+            "world_size": self.dist.world_size,
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step = int(state["step"])
+        self.counters.update(state.get("counters", {}))
+        self.metrics = dict(state.get("metrics", {}))
+        self.best = state.get("best")
+        rngs = state.get("rng") or []
+        if state.get("world_size") == self.dist.world_size and len(rngs) > self.dist.rank:
+            self._rng_to_restore = rngs[self.dist.rank]
+
+    def save(self, best: bool = False) -> None:
+        """Write ``last.pt`` (and ``best.pt``) in the run folder, on rank 0, atomically."""
+        state = self.state_dict()  # collective (RNG gather): every rank calls it
+        if self.dist.is_main:
+            save_checkpoint(state, self.run_dir / LAST)
+            if best:
+                save_checkpoint(state, self.run_dir / BEST)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, float]:
+        """Train until ``cfg.epochs``; returns the last evaluation metrics plus ``wall_s``."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        try:
+            while self.epoch < cfg.epochs:
+                epoch = self.epoch
+                if self.step_in_epoch == 0:
+                    seed_everything(cfg.seed + 7919 * (epoch + 1) + 104729 * self.dist.rank)
+                elif self._rng_to_restore is not None:
+                    restore_rng(self._rng_to_restore)
+                self._rng_to_restore = None
+                train_stats = self._train_epoch(epoch)
+                self.epoch, self.step_in_epoch = epoch + 1, 0
+                record = {"epoch": epoch + 1, "step": self.global_step, **train_stats}
+                last = self.epoch == cfg.epochs
+                is_best = False
+                if self.val_loader is not None and (
+                    last or (cfg.eval_every > 0 and self.epoch % cfg.eval_every == 0)
+                ):
+                    self.metrics = self.evaluate()
+                    record.update({f"val_{k}": v for k, v in self.metrics.items()})
+                    score = self.metrics.get(self.task.primary_metric)
+                    if score is not None and (self.best is None or score > self.best):
+                        self.best, is_best = score, True
+                record["time_s"] = round(time.perf_counter() - t0, 2)
+                self.save(best=is_best)
+                self.log.epoch_metrics(record)
+                self.log.scalars("epoch", record, self.epoch)
+        finally:
+            self.log.close()
+        self.dist.barrier()
+        return {**self.metrics, "wall_s": time.perf_counter() - t0}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The task's metrics on the validation set (EMA metrics too, prefixed ``ema_``)."""
+        if self.val_loader is None:
+            return {}
+        self.model.eval()
+        with self._autocast():
+            metrics = self.task.evaluate(self.model, self.val_loader, self.dist)
+            if self.ema is not None:
+                ema_metrics = self.task.evaluate(self.ema.module, self.val_loader, self.dist)
+                metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+        bad = self.dist.all_reduce_sum(torch.tensor([self.val_loader.dataset.bad_samples]))
+        if bad.item():
+            metrics["skipped_samples"] = int(bad.item())
+        return metrics
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, d, device = self.cfg, self.dist, self.dist.device
+        accum, start = cfg.accum_steps, self.step_in_epoch
+        self.train_loader.sampler.set_epoch(epoch, start * accum * cfg.batch_size)
+        self.model.train()
+        self.log.start_epoch(epoch, cfg.epochs, self.steps_per_epoch, start)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        loss_sum, loss_n, bad_before = 0.0, 0, self.train_loader.dataset.bad_samples
+        batches = iter(self.train_loader)
+        for _ in range(start, self.steps_per_epoch):
+            step_loss, images, finite, extra = 0.0, 0, True, {}
+            for micro in range(accum):
+                batch = to_device(next(batches), device, non_blocking=True)
+                images += self.task.batch_size(batch)
+                sync = micro == accum - 1
+                no_sync = self.train_model.no_sync if isinstance(self.train_model, DDP) else None
+                with no_sync() if (no_sync and not sync) else contextlib.nullcontext():
+                    with self._autocast():
+                        loss, extra = self.task.training_loss(self.train_model, batch)
+                    ok = d.all_true(torch.isfinite(loss.detach()).all())
+                    if ok:
+                        self.scaler.scale(loss / accum).backward()
+                        step_loss += float(loss.detach()) / accum
+                    finite = finite and ok
+            if finite:
+                self.scaler.unscale_(self.optimizer)
+                max_norm = cfg.clip_grad if cfg.clip_grad else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                # With fp16 the scaler skips overflowing steps itself (normal, not counted).
+                if cfg.amp != "fp16" and not torch.isfinite(grad_norm):
+                    finite = False
+                else:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.global_step += 1
+            self.step_in_epoch += 1
+            if finite:
+                self.counters["nonfinite_consecutive"] = 0
+                if self.ema is not None:
+                    self.ema.update_parameters(self.model)
+                loss_sum, loss_n = loss_sum + step_loss, loss_n + 1
+            else:
+                self._count_nonfinite()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.log.step(self.global_step, step_loss, lr, images, extra)
+            if self.global_step % max(1, cfg.log_every) == 0:
+                self.log.scalars("train", {"loss": step_loss, "lr": lr, **extra}, self.global_step)
+            if (
+                cfg.ckpt_every_steps
+                and self.global_step % cfg.ckpt_every_steps == 0
+                and self.step_in_epoch < self.steps_per_epoch
+            ):
+                self.save()
+        self.log.end_epoch()
+        stats = d.all_reduce_mean(
+            {"train_loss": loss_sum / max(1, loss_n), "images_per_s": self.log.images_per_s}
+        )
+        stats["images_per_s"] *= d.world_size
+        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        stats["nonfinite_total"] = self.counters["nonfinite_total"]
+        bad = self.train_loader.dataset.bad_samples - bad_before
+        bad = int(d.all_reduce_sum(torch.tensor([bad])).item())
+        if bad:
+            stats["skipped_samples"] = bad
+        return stats
+
+    def _count_nonfinite(self) -> None:
+        c, cfg = self.counters, self.cfg
+        c["nonfinite_total"] += 1
+        c["nonfinite_consecutive"] += 1
+        self.log.info(
+            f"step {self.global_step}: non-finite loss or gradient, step skipped "
+            f"({c['nonfinite_consecutive']} in a row, {c['nonfinite_total']} in total)"
+        )
+        too_many = (
+            c["nonfinite_consecutive"] >= cfg.max_nonfinite_consecutive
+            or c["nonfinite_total"] >= cfg.max_nonfinite_total
+        )
+        if too_many:
+            self.save()
+            self.log.close()
+            raise TrainingStopped(
+                f"stopping: {c['nonfinite_consecutive']} non-finite steps in a row, "
+                f"{c['nonfinite_total']} in total (limits: max_nonfinite_consecutive="
+                f"{cfg.max_nonfinite_consecutive}, max_nonfinite_total={cfg.max_nonfinite_total}); "
+                f"state saved to {self.run_dir / LAST}. Lower base_lr, enable clip_grad or use "
+                f"amp=bf16, then resume with --resume {self.run_dir / LAST}"
+            )
+
+    def close(self) -> None:
+        """Leave the process group."""
+        cleanup_distributed()

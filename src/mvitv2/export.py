@@ -1,0 +1,407 @@
+"""Export trained models to ONNX and ``torch.export`` programs, with a JSON sidecar of metadata.
+
+Every exported file ``model.onnx`` / ``model.pt2`` gets ``model.onnx.json`` / ``model.pt2.json``
+beside it: task, model name, class names, input name/shape/layout and the evaluation
+preprocessing (input size, resize, interpolation, mean/std; video: frames, sampling rate, clips).
+The exported graph takes the *normalised* input; the batch dimension is dynamic by default.
+
+What is exported per task:
+
+* ``image``: the classifier, ``(B, 3, H, W)`` -> logits ``(B, num_classes)``.
+* ``video``: the classifier, ``(B, 3, T, H, W)`` -> logits.
+* ``detect``: the backbone and FPN, ``(B, 3, H, W)`` -> P2..P6 maps (``(B, 256, H/s, W/s)``,
+  s = 4..64); the RPN, RoI heads and mask paste-back stay in Python (torchvision detection code).
+
+ONNX uses the ``torch.export``-based exporter (``dynamo=True``) at opset 18, which onnxruntime
+runs from 1.14 on. ONNX support is the optional extra ``mvitv2[export]`` (onnx, onnxscript,
+onnxruntime for ``--verify``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mvitv2.predict import CheckpointError, CheckpointInfo, build_model, read_checkpoint
+
+FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
+DEFAULT_OPSET = 18
+_EXTRA_HINT = "install the export extra: pip install 'mvitv2[export]'"
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """Where the metadata of an exported file lives: ``<path>.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar metadata of an exported model file."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise FileNotFoundError(f"no metadata {side} beside exported model {path}")
+    return json.loads(side.read_text())
+
+
+def _write_sidecar(
+    path: Path,
+    fmt: str,
+    task: str,
+    example_input: Tensor,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_batch: bool,
+    metadata: dict[str, Any] | None,
+    **extra: Any,
+) -> Path:
+    from mvitv2 import __version__
+
+    shape: list[Any] = list(example_input.shape)
+    if dynamic_batch:
+        shape[0] = "batch"
+    layout = "NCTHW" if example_input.ndim == 5 else "NCHW"
+    meta = {
+        "format": fmt,
+        "task": task,
+        "inputs": [{"name": input_names[0], "shape": shape, "layout": layout, "dtype": "float32"}],
+        "outputs": list(output_names),
+        **(metadata or {}),
+        **extra,
+        "mvitv2_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    side = sidecar_path(path)
+    side.write_text(json.dumps(meta, indent=2) + "\n")
+    return side
+
+
+def _batch_example(example_input: Tensor, dynamic_batch: bool) -> Tensor:
+    # torch.export specialises a size-1 dimension to the constant 1, so trace with batch 2.
+    if dynamic_batch and example_input.shape[0] == 1:
+        return example_input.expand(2, *example_input.shape[1:]).contiguous()
+    return example_input
+
+
+def _dynamic_shapes(dynamic_batch: bool) -> tuple[dict[int, Any]] | None:
+    if not dynamic_batch:
+        return None
+    return ({0: torch.export.Dim("batch", min=1, max=4096)},)
+
+
+def export_program(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    task: str,
+    example_input: Tensor,
+    dynamic_batch: bool = True,
+    metadata: dict[str, Any] | None = None,
+    input_names: Sequence[str] = ("input",),
+    output_names: Sequence[str] = ("logits",),
+) -> Path:
+    """Export ``model`` with ``torch.export`` and save it with ``torch.export.save`` (``.pt2``).
+
+    Args:
+        model: the network in eval mode, taking one tensor.
+        path: output file; its metadata goes to ``<path>.json``.
+        task: ``image``, ``video`` or ``detect`` (recorded in the metadata).
+        example_input: an input of the deployed shape (the batch size may differ at run time when
+            ``dynamic_batch``; every other dimension is fixed).
+        dynamic_batch: make dimension 0 dynamic.
+        metadata: extra sidecar entries (class names, preprocessing, model name, ...).
+        input_names, output_names: names recorded in the metadata.
+
+    Load it back with :func:`load_program`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = _batch_example(example_input, dynamic_batch)
+    with torch.no_grad():
+        program = torch.export.export(
+            model.eval(), (example,), dynamic_shapes=_dynamic_shapes(dynamic_batch)
+        )
+    torch.export.save(program, path)
+    _write_sidecar(
+        path, "torch-export", task, example_input, input_names, output_names, dynamic_batch,
+        metadata,
+    )  # fmt: skip
+    return path
+
+
+def load_program(path: str | os.PathLike) -> nn.Module:
+    """A saved ``.pt2`` program as a callable module (``torch.export.load(path).module()``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported program {path} does not exist")
+    return torch.export.load(path).module()
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    task: str,
+    example_input: Tensor,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    metadata: dict[str, Any] | None = None,
+    input_names: Sequence[str] = ("input",),
+    output_names: Sequence[str] = ("logits",),
+) -> Path:
+    """Export ``model`` to ONNX (one file; weights over 2 GB go to ``<path>.data``).
+
+    Args:
+        model: the network in eval mode, taking one tensor.
+        path: output ``.onnx`` file; its metadata goes to ``<path>.json``.
+        task: ``image``, ``video`` or ``detect`` (recorded in the metadata).
+        example_input: an input of the deployed shape (only the batch may vary when
+            ``dynamic_batch``).
+        opset: ONNX opset (18 runs on onnxruntime >= 1.14).
+        dynamic_batch: make dimension 0 of the input and of every output dynamic.
+        metadata: extra sidecar entries (class names, preprocessing, model name, ...).
+        input_names, output_names: graph input/output names.
+    """
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs onnx and onnxscript ({_EXTRA_HINT}): {e}") from e
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = _batch_example(example_input, dynamic_batch)
+    num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    with torch.no_grad():
+        torch.onnx.export(
+            model.eval(),
+            (example,),
+            path,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=_dynamic_shapes(dynamic_batch),
+            external_data=num_bytes > 1.8 * 2**30,  # protobuf's 2 GB limit
+            verbose=False,
+        )
+    _write_sidecar(
+        path, "onnx", task, example_input, input_names, output_names, dynamic_batch, metadata,
+        opset=opset,
+    )  # fmt: skip
+    return path
+
+
+def onnx_session(path: str | os.PathLike):
+    """An onnxruntime CPU session for an exported model."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError(f"running ONNX models needs onnxruntime ({_EXTRA_HINT})") from e
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _as_tuple(out: Any) -> tuple[Tensor, ...]:
+    if isinstance(out, Tensor):
+        return (out,)
+    if isinstance(out, dict):
+        return tuple(out.values())
+    return tuple(out)
+
+
+@torch.no_grad()
+def verify_export(
+    path: str | os.PathLike,
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    batch_sizes: Sequence[int] = (1, 3),
+    atol: float = 1e-4,
+) -> float:
+    """Run an exported file (``.onnx`` in onnxruntime, ``.pt2`` through ``torch.export.load``)
+    on random inputs at each batch size and compare with ``model``.
+
+    Returns the largest absolute difference over all outputs; raises ``AssertionError`` naming
+    the batch size and output when it exceeds ``atol``.
+    """
+    path = Path(path)
+    if path.suffix == ".onnx":
+        session = onnx_session(path)
+        name = session.get_inputs()[0].name
+
+        def run(x: Tensor) -> tuple[Tensor, ...]:
+            return tuple(torch.from_numpy(o) for o in session.run(None, {name: x.numpy()}))
+    else:
+        program = load_program(path)
+
+        def run(x: Tensor) -> tuple[Tensor, ...]:
+            return _as_tuple(program(x))
+
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for b in batch_sizes:
+        x = torch.randn(b, *example_input.shape[1:], generator=gen)
+        expected = _as_tuple(model.eval()(x))
+        got = run(x)
+        if len(got) != len(expected):
+            raise AssertionError(f"{path}: {len(got)} outputs, PyTorch gives {len(expected)}")
+        for i, (g, e) in enumerate(zip(got, expected)):
+            if g.shape != e.shape:
+                raise AssertionError(
+                    f"{path}: output {i} at batch {b} has shape {tuple(g.shape)}, "
+                    f"PyTorch {tuple(e.shape)}"
+                )
+            diff = float((g.float() - e.float()).abs().max())
+            worst = max(worst, diff)
+            if diff > atol:
+                raise AssertionError(
+                    f"{path}: output {i} at batch {b} differs from PyTorch by {diff:.2e} > {atol}"
+                )
+    return worst
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class DetectorFeatures(nn.Module):
+    """A detector's backbone + FPN as a module returning a tuple of maps (P2..P6)."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.backbone = detector.backbone
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.backbone(x).values())
+
+
+def _round_up(v: int, m: int) -> int:
+    return -(-int(v) // m) * m
+
+
+def deployable(
+    info: CheckpointInfo, model: nn.Module, input_size: Sequence[int] | None = None, batch: int = 1
+) -> tuple[nn.Module, Tensor, list[str], list[str]]:
+    """The module to export for a checkpoint, an example input and input/output names.
+
+    Args:
+        info: a :class:`~mvitv2.predict.CheckpointInfo`.
+        model: ``build_model(info)``.
+        input_size: ``(H, W)`` to export at; default: the checkpoint's evaluation size
+            (detection: ``min_size`` rounded up to a multiple of 32, square).
+        batch: batch size of the example input.
+    """
+    pre = info.preprocessing
+    if info.task == "detect":
+        side = _round_up(pre["min_size"], 32)
+        h, w = input_size or (side, side)
+        if h % 32 or w % 32:
+            raise ValueError(f"detection export size must be multiples of 32, got {(h, w)}")
+        names = [f"p{i}" for i in range(2, 2 + len(model.backbone.strides))]
+        return DetectorFeatures(model).eval(), torch.randn(batch, 3, h, w), ["images"], names
+    h, w = input_size or pre["input_size"]
+    if info.task == "video":
+        example = torch.randn(batch, 3, pre["num_frames"], h, w)
+        return model, example, ["videos"], ["logits"]
+    return model, torch.randn(batch, 3, h, w), ["images"], ["logits"]
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    format: str = "onnx",
+    task: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    input_size: Sequence[int] | None = None,
+    verify: bool = False,
+) -> Path:
+    """Export a training checkpoint (see the module docstring for what each task exports).
+
+    Args:
+        checkpoint: the engine's checkpoint file.
+        output: output file; default: the checkpoint path with ``.onnx`` / ``.pt2``.
+        format: ``onnx`` or ``torch-export``.
+        task: expected task; a checkpoint of another task raises :class:`CheckpointError`.
+        opset: ONNX opset.
+        dynamic_batch: dynamic batch dimension.
+        input_size: ``(H, W)`` to export at (default: the checkpoint's evaluation size).
+        verify: compare the exported model with PyTorch at batch 1 and 3 (1e-4).
+    """
+    if format not in FORMATS:
+        raise ValueError(
+            f"unsupported export format {format!r}; choose one of {', '.join(FORMATS)}"
+        )
+    info = read_checkpoint(checkpoint, task=task)
+    model = build_model(info)
+    module, example, in_names, out_names = deployable(info, model, input_size)
+    output = Path(output) if output else Path(checkpoint).with_suffix(FORMATS[format])
+    metadata = {
+        "model_name": info.model_name,
+        "model_kwargs": info.model_kwargs,
+        "class_names": info.class_names,
+        "preprocessing": info.preprocessing,
+    }
+    if info.task == "detect":
+        metadata["exported_part"] = "backbone+fpn"
+    kwargs = dict(
+        task=info.task, example_input=example, dynamic_batch=dynamic_batch, metadata=metadata,
+        input_names=in_names, output_names=out_names,
+    )  # fmt: skip
+    if format == "onnx":
+        path = export_onnx(module, output, opset=opset, **kwargs)
+    else:
+        path = export_program(module, output, **kwargs)
+    if verify:
+        verify_export(path, module, example, batch_sizes=(1, 3) if dynamic_batch else (1,))
+    return path
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``mvitv2 export <task>``."""
+    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.pt)")
+    parser.add_argument(
+        "--format", default="onnx", choices=sorted(FORMATS), help="output format (default: onnx)"
+    )
+    parser.add_argument(
+        "--output", default=None, help="output file (default: the checkpoint with .onnx/.pt2)"
+    )
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    parser.add_argument(
+        "--static-batch", action="store_true", help="fix the batch size to 1 (default: dynamic)"
+    )
+    parser.add_argument(
+        "--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+        help="input height and width (default: the checkpoint's evaluation size)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--verify", action="store_true", help="compare with PyTorch at batch 1 and 3 after export"
+    )
+
+
+def run_export(task: str, args: argparse.Namespace) -> int:
+    """``mvitv2 export <task>``: export ``args.checkpoint``; prints the files written."""
+    try:
+        path = export_checkpoint(
+            args.checkpoint,
+            args.output,
+            format=args.format,
+            task=task,
+            opset=args.opset,
+            dynamic_batch=not args.static_batch,
+            input_size=args.input_size,
+            verify=args.verify,
+        )
+    except (CheckpointError, FileNotFoundError, ImportError, ValueError) as e:
+        print(f"mvitv2 export {task}: error: {e}", file=sys.stderr)
+        return 2
+    except AssertionError as e:  # --verify found a mismatch
+        print(f"mvitv2 export {task}: verification failed: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} and {sidecar_path(path)}" + (" (verified)" if args.verify else ""))
+    return 0

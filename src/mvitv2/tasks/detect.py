@@ -1,0 +1,590 @@
+"""Detection and instance segmentation: ``mvitv2 train|eval|predict detect``.
+
+* ``mvitv2 train detect [--data DIR] [--config RECIPE] [--model NAME] [key=value ...]``: with no
+  ``--data`` the embedded digit scenes (a real COCO dataset generated from scikit-learn's digits)
+  and the ``digit_scenes`` recipe; with ``--data`` a COCO folder (``annotations/instances_
+  {train,val}2017.json`` + ``train2017/``, ``val2017/``) and by default ``coco_maskrcnn_mvitv2_t``.
+  DDP (``torchrun``), ``--resume``, checkpoints and logging come from the engine. Prints the
+  annotation problems the reader repaired or dropped, and the final box / mask AP.
+* ``mvitv2 eval detect --checkpoint CKPT [--data DIR | --images DIR --annotations JSON]``: COCO box
+  and mask AP through COCOeval; writes the detections as a COCO results JSON.
+* ``mvitv2 predict detect IMAGES... --checkpoint CKPT [--output-dir DIR]``: writes one PNG per
+  image with masks, boxes and ``label score`` drawn.
+
+The model is :func:`mvitv2.detection.create_detector` (``cfg.model`` a detector name,
+``cfg.model_args`` its overrides, ``cfg.pretrained`` an image checkpoint or weights tag for the
+backbone). ``cfg.data`` holds :class:`DetectionDataConfig` options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from mvitv2.data.detection import (
+    CocoDetection,
+    coco_evaluate,
+    detection_collate,
+    detection_eval_transforms,
+    detection_train_transforms,
+    predictions_to_coco,
+)
+from mvitv2.detection import create_detector, list_detectors
+from mvitv2.engine.config import TrainConfig
+from mvitv2.engine.distributed import DistInfo, init_distributed
+from mvitv2.engine.task import Task
+from mvitv2.engine.trainer import Trainer, TrainingStopped, to_device
+
+__all__ = [
+    "DetectionDataConfig",
+    "DetectionTask",
+    "add_arguments",
+    "create_detector",
+    "evaluate_detector",
+    "list_detectors",
+    "run",
+]
+
+RECIPES_DIR = Path(__file__).resolve().parents[3] / "recipes"
+DIGIT_SCENES = "digit_scenes"  # data root value meaning "the embedded digit scenes"
+
+
+@dataclass(frozen=True)
+class DetectionDataConfig:
+    """The ``data:`` section of a detection recipe.
+
+    Args:
+        train_images, train_json, val_images, val_json: explicit split locations (override what
+            ``--data`` resolves to).
+        aug: training augmentation, ``multiscale`` (short side from ``min_sizes``, long side
+            <= ``max_size``), ``lsj`` (large-scale jitter, crop/pad to ``lsj_size``) or ``none``.
+        min_sizes, max_size: multi-scale sizes. lsj_size, lsj_scale: large-scale jitter.
+        hflip_prob: horizontal flip probability (0 for digits: a mirrored digit is no digit).
+        remove_empty: leave images without objects out of training (detectron2 default).
+        masks: load instance masks (needed by the mask head).
+        digit_scenes: options of :func:`mvitv2.data.digit_scenes.make_digit_scenes` for the
+            embedded data (``num_train``, ``num_val``, ``image_size``, ``digit_size``, ...).
+        eval_max_images: evaluate on the first N validation images only (None: all).
+    """
+
+    train_images: str | None = None
+    train_json: str | None = None
+    val_images: str | None = None
+    val_json: str | None = None
+    aug: str = "multiscale"
+    min_sizes: tuple[int, ...] = tuple(range(480, 801, 32))
+    max_size: int = 1333
+    lsj_size: int = 1024
+    lsj_scale: tuple[float, float] = (0.1, 2.0)
+    hflip_prob: float = 0.5
+    remove_empty: bool = True
+    masks: bool = True
+    digit_scenes: dict[str, Any] = field(default_factory=dict)
+    eval_max_images: int | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DetectionDataConfig:
+        """Build from a recipe's ``data`` mapping; unknown keys raise ``KeyError``.
+
+        Dotted keys (``digit_scenes.num_train``, from ``data.digit_scenes.num_train=500`` on the
+        command line) set one entry of a nested mapping.
+        """
+        values = dict(values)
+        for key in [k for k in values if "." in k]:
+            head, _, rest = key.partition(".")
+            values[head] = {**dict(values.get(head) or {}), rest: values.pop(key)}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise KeyError(f"unknown detection data option(s) {unknown}; valid: {sorted(names)}")
+        v = {k: tuple(x) if isinstance(x, list) else x for k, x in values.items()}
+        return cls(**v)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            k: list(x) if isinstance(x, tuple) else x for k, x in dataclasses.asdict(self).items()
+        }
+
+
+def resolve_splits(
+    data_root: str | Path | None, dc: DetectionDataConfig
+) -> dict[str, tuple[Path, Path]]:
+    """``{"train": (images, json), "val": (images, json)}`` for a data root.
+
+    ``None`` or ``"digit_scenes"`` generates (once, cached) the embedded digit scenes. A folder is
+    read as COCO 2017 (``annotations/instances_train2017.json``, ``train2017/``, ...) or, failing
+    that, as ``annotations/instances_{train,val}.json`` with ``train/`` and ``val/``. Explicit
+    ``train_images``/``train_json``/... options take precedence.
+    """
+    splits: dict[str, tuple[Path, Path]] = {}
+    if data_root in (None, DIGIT_SCENES):
+        from mvitv2.data.digit_scenes import make_digit_scenes
+
+        ds = make_digit_scenes(**dc.digit_scenes)
+        splits = {"train": ds.split("train"), "val": ds.split("val")}
+    else:
+        root = Path(data_root)
+        for split in ("train", "val"):
+            for suffix in ("2017", ""):
+                ann = root / "annotations" / f"instances_{split}{suffix}.json"
+                if ann.is_file():
+                    splits[split] = (root / f"{split}{suffix}", ann)
+                    break
+    explicit = {
+        "train": (dc.train_images, dc.train_json),
+        "val": (dc.val_images, dc.val_json),
+    }
+    for split, (images, ann) in explicit.items():
+        if images or ann:
+            if not (images and ann):
+                raise ValueError(f"data.{split}_images and data.{split}_json go together")
+            splits[split] = (Path(images), Path(ann))
+    if "train" not in splits and "val" not in splits:
+        raise FileNotFoundError(
+            f"no COCO annotations under {data_root}: expected annotations/instances_train2017.json"
+            " (or instances_train.json), or set data.train_images/data.train_json"
+        )
+    return splits
+
+
+def _plain_target(t: dict[str, Any]) -> dict[str, Any]:
+    # tv_tensors -> plain tensors: the R-CNN code does arithmetic that should not re-wrap.
+    return {k: v.as_subclass(Tensor) if isinstance(v, Tensor) else v for k, v in t.items()}
+
+
+def collate(batch: list[tuple[Any, Any]]) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """``(images, targets)`` lists of plain tensors (images differ in size)."""
+    images, targets = detection_collate(batch)
+    return [im.as_subclass(Tensor) for im in images], [_plain_target(t) for t in targets]
+
+
+def _rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def report_data(name: str, ds: CocoDetection) -> str:
+    """One line: images/instances used and every annotation problem the reader counted."""
+    s = ds.stats
+    problems = {
+        k: v
+        for k, v in s.as_dict().items()
+        if k not in ("images", "images_used", "annotations", "instances")
+    }
+    counts = ", ".join(f"{k} {v}" for k, v in problems.items())
+    unreadable = len(ds.skipped.flagged())
+    return (
+        f"{name}: {ds.ann_file} -> {s.images_used}/{s.images} images, "
+        f"{s.instances}/{s.annotations} instances kept; {counts}, unreadable_images {unreadable}"
+    )
+
+
+class DetectionTask(Task):
+    """The detection task for :class:`~mvitv2.engine.trainer.Trainer`.
+
+    Args:
+        cfg: the run config; ``cfg.model`` a detector name, ``cfg.model_args`` its overrides.
+        data_root: a COCO folder, or None for the embedded digit scenes.
+    """
+
+    primary_metric = "bbox_AP"
+
+    def __init__(self, cfg: TrainConfig, data_root: str | Path | None = None) -> None:
+        super().__init__(cfg)
+        self.data_cfg = DetectionDataConfig.from_dict(cfg.data)
+        self.data_root = str(data_root) if data_root else DIGIT_SCENES
+        self.train_ds: CocoDetection | None = None
+        self.val_ds: CocoDetection | None = None
+        self.class_names: list[str] = []
+        self.label_to_cat_id: dict[int, int] = {}
+        #: where :meth:`evaluate` writes the COCO results JSON (None: not written).
+        self.results_path: Path | None = None
+        self.last_results: list[dict[str, Any]] = []
+
+    def build_datasets(self) -> tuple[CocoDetection, CocoDetection | None]:
+        dc = self.data_cfg
+        splits = resolve_splits(self.data_root, dc)
+        if "train" not in splits:
+            raise FileNotFoundError(f"no training split found under {self.data_root}")
+        aug = detection_train_transforms(
+            mode=dc.aug, min_sizes=dc.min_sizes, max_size=dc.max_size, lsj_size=dc.lsj_size,
+            lsj_scale=dc.lsj_scale, hflip_prob=dc.hflip_prob,
+        )  # fmt: skip
+        images, ann = splits["train"]
+        self.train_ds = CocoDetection(
+            images, ann, aug, masks=dc.masks, remove_images_without_annotations=dc.remove_empty
+        )
+        self.class_names = list(self.train_ds.class_names)
+        self.label_to_cat_id = dict(self.train_ds.label_to_cat_id)
+        if _rank0():
+            print(report_data("train data", self.train_ds), flush=True)
+        if "val" in splits:
+            self.val_ds = build_eval_dataset(*splits["val"], masks=dc.masks)
+            if self.val_ds.class_names != self.class_names:
+                raise ValueError(
+                    f"{splits['val'][1]}: categories differ from the training set's "
+                    f"({self.val_ds.class_names} vs {self.class_names})"
+                )
+            if dc.eval_max_images:
+                self.val_ds.records = self.val_ds.records[: dc.eval_max_images]
+            if _rank0():
+                print(report_data("val data", self.val_ds), flush=True)
+        return self.train_ds, self.val_ds
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg, len(self.class_names))
+
+    def collate_fn(self):  # noqa: ANN201 - the engine's signature
+        return collate
+
+    def training_loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        images, targets = batch
+        losses = model(images, targets)
+        total = sum(losses.values())
+        return total, {k: float(v.detach()) for k, v in losses.items()}
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, dist: DistInfo) -> dict[str, float]:
+        assert self.val_ds is not None, "build_datasets() first"
+        metrics, results = evaluate_detector(
+            model, loader, dist, self.val_ds, with_masks=self.data_cfg.masks
+        )
+        self.last_results = results
+        if self.results_path is not None and dist.is_main:
+            self.results_path.write_text(json.dumps(results))
+        return metrics
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        from mvitv2.predict import default_preprocessing
+
+        return {
+            "task": "detect",
+            "class_names": list(self.class_names),
+            "label_to_cat_id": {int(k): int(v) for k, v in self.label_to_cat_id.items()},
+            "model_name": self.cfg.model,
+            "model_kwargs": dict(self.cfg.model_args),
+            "preprocessing": default_preprocessing("detect", self.cfg.model, self.cfg.model_args),
+            "data_root": self.data_root,
+            "data": self.data_cfg.to_dict(),
+        }
+
+
+def build_eval_dataset(images: str | Path, ann: str | Path, *, masks: bool = True) -> CocoDetection:
+    """A dataset for evaluation: every image (negatives included), no resizing (the model
+    resizes to its test size and maps predictions back to the original image)."""
+    return CocoDetection(
+        images, ann, detection_eval_transforms(min_size=None), masks=masks,
+        remove_images_without_annotations=False,
+    )  # fmt: skip
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """``create_detector(cfg.model, ...)`` with the recipe's overrides; ``cfg.pretrained`` (an
+    image checkpoint path/URL, a weights tag, or True for the backbone's default weights)
+    initialises the backbone."""
+    weights = cfg.pretrained if cfg.pretrained else None
+    return create_detector(
+        cfg.model, num_classes=num_classes, backbone_weights=weights, **cfg.model_args
+    )
+
+
+@torch.no_grad()
+def evaluate_detector(
+    model: nn.Module,
+    loader: DataLoader,
+    dist: DistInfo,
+    dataset: CocoDetection,
+    *,
+    with_masks: bool = True,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """COCO box (and mask) AP of ``model`` over the shards of all processes.
+
+    Args:
+        model: a detector (eval mode is set here).
+        loader: yields ``(images, targets)`` from ``dataset`` (or None for all-skipped batches).
+        dist: for gathering the shards' detections.
+        dataset: the evaluated dataset (its ``coco`` ground truth and category mapping).
+        with_masks: also compute mask AP.
+
+    Returns:
+        ``({"bbox_AP", "bbox_AP50", ..., "segm_AP", ..., "images"}, coco_results)``; the same
+        metrics on every process, the results list complete on rank 0.
+    """
+    model.eval()
+    results: list[dict[str, Any]] = []
+    image_ids: list[int] = []
+    for batch in loader:
+        if batch is None:
+            continue
+        images, targets = to_device(batch, dist.device, non_blocking=True)
+        outputs = model(images)
+        ids = [int(t["image_id"]) for t in targets]
+        outputs = [{k: v.float().cpu() for k, v in o.items()} for o in outputs]
+        if not with_masks:
+            for o in outputs:
+                o.pop("masks", None)
+        results += predictions_to_coco(outputs, ids, dataset.label_to_cat_id)
+        image_ids += ids
+    gathered = dist.all_gather_object((results, image_ids))
+    metrics: dict[str, float] = {}
+    if dist.is_main:
+        results = [r for res, _ in gathered for r in res]
+        image_ids = sorted({i for _, ids in gathered for i in ids})
+        iou_types = ("bbox", "segm") if with_masks else ("bbox",)
+        ap = coco_evaluate(dataset.coco, results, iou_types, image_ids=image_ids)
+        metrics = {f"{t}_{k}": v for t, table in ap.items() for k, v in table.items()}
+        metrics["images"] = len(image_ids)
+    metrics = dist.broadcast_object(metrics)
+    return metrics, results
+
+
+def resolve_recipe(recipe: str) -> Path:
+    """A recipe file path, or a name under ``recipes/`` (``digit_scenes``, ``coco_...``)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    named = RECIPES_DIR / (recipe if recipe.endswith(".yaml") else f"{recipe}.yaml")
+    if named.is_file():
+        return named
+    shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    raise FileNotFoundError(f"recipe {recipe!r} not found (a YAML file or one of {shipped})")
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained detector (eval mode) and the checkpoint's ``meta`` from a training checkpoint."""
+    from mvitv2.engine.checkpoint import load_checkpoint
+    from mvitv2.predict import build_model as build_from_info
+    from mvitv2.predict import read_checkpoint
+
+    info = read_checkpoint(path, task="detect")
+    model = build_from_info(info)
+    meta = dict(load_checkpoint(path).get("meta") or {})
+    meta.setdefault("class_names", info.class_names)
+    return model, meta
+
+
+def format_ap(metrics: dict[str, float]) -> str:
+    """``box AP 0.612 (AP50 ..., AP75 ...)  mask AP ...`` from :func:`evaluate_detector` metrics."""
+    parts = []
+    for key, name in (("bbox", "box"), ("segm", "mask")):
+        if f"{key}_AP" in metrics:
+            parts.append(
+                f"{name} AP {metrics[f'{key}_AP']:.3f} (AP50 {metrics[f'{key}_AP50']:.3f}, "
+                f"AP75 {metrics[f'{key}_AP75']:.3f})"
+            )
+    return "  ".join(parts)
+
+
+# ---------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Options of ``mvitv2 <command> detect``."""
+    parser.add_argument(
+        "--threads", type=int, default=0,
+        help="CPU threads for torch (0: torch's default); 1 is much faster on a CPU shared with "
+        "other jobs, where a descheduled OpenMP thread stalls every op",
+    )  # fmt: skip
+    if command == "train":
+        parser.add_argument(
+            "--data",
+            help="COCO folder (annotations/instances_{train,val}2017.json, train2017/, val2017/); default: embedded digit scenes",
+        )
+        parser.add_argument(
+            "--model", help=f"detector name (overrides the recipe): {', '.join(list_detectors())}"
+        )
+        parser.add_argument(
+            "--config",
+            help="recipe YAML or shipped name (default: digit_scenes, or coco_maskrcnn_mvitv2_t with --data)",
+        )
+        parser.add_argument("--resume", help="checkpoint path, run folder or 'auto'")
+        parser.add_argument("--output", help="parent folder of run folders (config key 'output')")
+        parser.add_argument(
+            "--strict-data",
+            action="store_true",
+            help="fail on the first unreadable image instead of skipping it",
+        )
+        parser.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="config overrides, e.g. epochs=2 model_args.fpn_channels=64 data.aug=lsj",
+        )
+    elif command == "eval":
+        parser.add_argument(
+            "--checkpoint", required=True, help="checkpoint from `mvitv2 train detect`"
+        )
+        parser.add_argument(
+            "--data", help="COCO folder (default: the data the checkpoint was trained on)"
+        )
+        parser.add_argument("--images", help="image folder (with --annotations; overrides --data)")
+        parser.add_argument("--annotations", help="COCO instances JSON of --images")
+        parser.add_argument(
+            "--output",
+            help="COCO results JSON to write (default: coco_results.json next to the checkpoint)",
+        )
+        parser.add_argument("--batch-size", type=int, default=4)
+        parser.add_argument("--workers", type=int, default=2)
+        parser.add_argument("--no-masks", action="store_true", help="box AP only")
+        parser.add_argument("--strict-data", action="store_true", help="fail on unreadable images")
+    elif command == "predict":
+        parser.add_argument("files", nargs="+", help="image files")
+        parser.add_argument(
+            "--checkpoint", required=True, help="checkpoint from `mvitv2 train detect`"
+        )
+        parser.add_argument(
+            "--output-dir", default="predictions", help="folder for the annotated PNGs"
+        )
+        parser.add_argument(
+            "--score-thresh", type=float, default=0.5, help="draw detections scoring at least this"
+        )
+        parser.add_argument(
+            "--mask-thresh", type=float, default=0.5, help="mask probability threshold"
+        )
+    elif command == "export":
+        from mvitv2.export import add_export_arguments
+
+        add_export_arguments(parser)
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    """Entry point of ``mvitv2 <command> detect``; returns the exit status."""
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    if command == "train":
+        return _train(args)
+    if command == "eval":
+        return _eval(args)
+    if command == "predict":
+        return _predict(args)
+    if command == "export":
+        from mvitv2.export import run_export
+
+        return run_export("detect", args)
+    raise NotImplementedError(f"`mvitv2 {command} detect` is not provided by the detection task")
+
+
+def _train(args: argparse.Namespace) -> int:
+    recipe = resolve_recipe(
+        args.config or ("coco_maskrcnn_mvitv2_t" if args.data else DIGIT_SCENES)
+    )
+    extra = list(args.overrides)
+    if args.model:
+        extra.append(f"model={args.model}")
+    if args.output:
+        extra.append(f"output={args.output}")
+    if args.strict_data:
+        extra.append("strict_data=true")
+    cfg = TrainConfig.load(recipe, extra)
+    t0 = time.perf_counter()
+    task = DetectionTask(cfg, args.data)
+    trainer = Trainer(task, cfg, resume=args.resume)
+    task.results_path = trainer.run_dir / "coco_results_val.json"
+    try:
+        metrics = trainer.fit()
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        trainer.close()
+    if trainer.dist.is_main:
+        wall = time.perf_counter() - t0
+        assert task.train_ds is not None
+        print(report_data("train data", task.train_ds))
+        if task.val_ds is not None:
+            print(f"val ({metrics.get('images', 0)} images): {format_ap(metrics)}")
+            print(f"detections: {task.results_path}")
+        print(f"wall time {wall:.1f} s  checkpoint {trainer.run_dir / 'last.pt'}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mvitv2.engine.data import build_loader
+
+    model, meta = model_from_checkpoint(args.checkpoint)
+    dist = init_distributed()
+    if args.images or args.annotations:
+        if not (args.images and args.annotations):
+            raise SystemExit("error: --images and --annotations go together")
+        images, ann = Path(args.images), Path(args.annotations)
+    else:
+        dc = DetectionDataConfig.from_dict(meta.get("data") or {})
+        root = args.data or meta.get("data_root", DIGIT_SCENES)
+        splits = resolve_splits(root, dc)
+        if "val" not in splits:
+            raise SystemExit(f"error: no validation split found for {root}")
+        images, ann = splits["val"]
+    with_masks = not args.no_masks
+    ds = build_eval_dataset(images, ann, masks=with_masks)
+    if [str(c) for c in ds.class_names] != [str(c) for c in meta["class_names"]]:
+        print(
+            f"warning: {ann} categories {ds.class_names} differ from the checkpoint's "
+            f"{meta['class_names']}; labels are mapped by position",
+            file=sys.stderr,
+        )
+    loader = build_loader(
+        ds, batch_size=args.batch_size, train=False, rank=dist.rank, world_size=dist.world_size,
+        workers=args.workers, collate_fn=collate, strict=args.strict_data,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    metrics, results = evaluate_detector(
+        model.to(dist.device), loader, dist, ds, with_masks=with_masks
+    )
+    if dist.is_main:
+        out = (
+            Path(args.output)
+            if args.output
+            else Path(args.checkpoint).with_name("coco_results.json")
+        )
+        out.write_text(json.dumps(results))
+        print(report_data("data", ds))
+        print(
+            f"{args.checkpoint}: {format_ap(metrics)} on {metrics['images']} images of {images}"
+            f"  [{time.perf_counter() - t0:.1f} s]"
+        )
+        print(f"detections ({len(results)}) written to {out}")
+        print(json.dumps(metrics))
+    return 0
+
+
+@torch.no_grad()
+def _predict(args: argparse.Namespace) -> int:
+    from torchvision.io import write_png
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    from mvitv2.engine.data import BadSample
+    from mvitv2.predict import Predictor, load_image
+
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, task="detect", score_thresh=args.score_thresh, mask_thresh=args.mask_thresh
+    )
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    status = 0
+    for f in args.files:
+        try:
+            image = load_image(f)  # uint8 (3, H, W)
+        except BadSample as e:
+            print(f"{f}: error: {e}", file=sys.stderr)
+            status = 1
+            continue
+        det = predictor(image)
+        drawn = image
+        if "masks" in det and len(det["masks"]):
+            drawn = draw_segmentation_masks(drawn, det["masks"], alpha=0.5)
+        captions = [f"{n} {s:.2f}" for n, s in zip(det["label_names"], det["scores"].tolist())]
+        if len(det["boxes"]):
+            drawn = draw_bounding_boxes(
+                drawn, det["boxes"], labels=captions, colors="yellow", width=1
+            )
+        target = out_dir / f"{Path(f).stem}_pred.png"
+        write_png(drawn, str(target))
+        shown = ", ".join(captions) or "nothing"
+        print(f"{f}: {shown} -> {target}")
+    return status

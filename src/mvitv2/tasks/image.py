@@ -1,0 +1,285 @@
+"""Image classification: ``mvitv2 train|eval|predict image``.
+
+* ``mvitv2 train image [--data DIR] [--model NAME] [--config RECIPE] [key=value ...]``: with no
+  ``--data`` the embedded digits (scikit-learn's real 8x8 scans, upscaled) and the ``digits``
+  recipe; with ``--data`` an ImageNet-style folder and (by default) the paper's ``in1k_tiny``
+  recipe. ``--resume PATH|auto`` continues a run. Works under ``torchrun``.
+* ``mvitv2 eval image --checkpoint CKPT [--data DIR]``: top-1 / top-5 on ``DIR/val`` (default:
+  the data the checkpoint was trained on), with the checkpoint's preprocessing.
+* ``mvitv2 predict image FILES... --checkpoint CKPT [--topk 5]``: top-k classes with probabilities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from mvitv2.data.image import (
+    ImageDataConfig,
+    ImageFolder,
+    build_transform,
+    digits_folder,
+)
+from mvitv2.engine.checkpoint import load_checkpoint
+from mvitv2.engine.config import TrainConfig
+from mvitv2.engine.data import BadSample, build_loader
+from mvitv2.engine.distributed import DistInfo, init_distributed
+from mvitv2.engine.metrics import evaluate_classifier
+from mvitv2.engine.mixing import MixCriterion
+from mvitv2.engine.task import Task
+from mvitv2.engine.trainer import Trainer, TrainingStopped
+
+RECIPES_DIR = Path(__file__).resolve().parents[3] / "recipes"
+DIGITS = "digits"  # data_root value meaning "the embedded digits"
+
+
+def resolve_recipe(recipe: str) -> Path:
+    """A recipe file path, or a name under ``recipes/`` (``digits``, ``in1k_tiny``, ...)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    named = RECIPES_DIR / (recipe if recipe.endswith(".yaml") else f"{recipe}.yaml")
+    if named.is_file():
+        return named
+    shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    raise FileNotFoundError(f"recipe {recipe!r} not found (a YAML file or one of {shipped})")
+
+
+class ImageClassification(Task):
+    """The image classification task for :class:`~mvitv2.engine.trainer.Trainer`.
+
+    Args:
+        cfg: the run config; ``cfg.data`` holds :class:`ImageDataConfig` options.
+        data_root: an ImageNet-style folder, or None for the embedded digits.
+    """
+
+    primary_metric = "top1"
+
+    def __init__(self, cfg: TrainConfig, data_root: str | Path | None = None) -> None:
+        super().__init__(cfg)
+        self.data_cfg = ImageDataConfig.from_dict(cfg.data)
+        self.data_root = str(data_root) if data_root else DIGITS
+        self.classes: list[str] = []
+        self.mix: MixCriterion | None = None
+
+    def resolve_root(self) -> Path:
+        if self.data_root == DIGITS:
+            return digits_folder(size=max(32, self.data_cfg.img_size))
+        return Path(self.data_root)
+
+    def build_datasets(self) -> tuple[ImageFolder, ImageFolder]:
+        root = self.resolve_root()
+        train = ImageFolder(root, "train", build_transform(self.data_cfg, train=True))
+        val = ImageFolder(root, "val", build_transform(self.data_cfg, train=False), train.classes)
+        self.classes = train.classes
+        c = self.cfg
+        self.mix = MixCriterion(
+            len(self.classes), mixup=c.mixup, cutmix=c.cutmix, prob=c.mix_prob,
+            switch_prob=c.switch_prob, label_smoothing=c.label_smoothing,
+        )  # fmt: skip
+        return train, val
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg, len(self.classes), self.data_cfg.img_size)
+
+    def training_loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        images, labels = batch
+        assert self.mix is not None, "build_datasets() first"
+        images, targets = self.mix(images, labels)
+        return MixCriterion.loss(model(images), targets), {}
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, dist: DistInfo) -> dict[str, float]:
+        return evaluate_classifier(model, loader, dist)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {
+            "task": "image",
+            "classes": list(self.classes),
+            "data_root": self.data_root,
+            "data": self.data_cfg.to_dict(),
+        }
+
+
+def build_model(cfg: TrainConfig, num_classes: int, img_size: int) -> nn.Module:
+    """``create_model(cfg.model, ...)`` with the recipe's overrides; ``img_size`` unless overridden."""
+    from mvitv2 import create_model
+
+    kwargs = {"img_size": img_size, **cfg.model_args}
+    return create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], ema: bool = False) -> tuple[nn.Module, list[str]]:
+    """The trained classifier (eval mode) and its class names from a checkpoint of this task.
+
+    Args:
+        ckpt: a dict from :func:`mvitv2.engine.checkpoint.load_checkpoint`.
+        ema: load the EMA weights (the checkpoint must have them).
+    """
+    meta = ckpt.get("meta") or {}
+    if meta.get("task") != "image" or "config" not in ckpt:
+        raise ValueError("not an image classification checkpoint written by `mvitv2 train image`")
+    cfg = TrainConfig.from_dict(ckpt["config"]).replace(pretrained=False, finetune=None)
+    classes = list(meta["classes"])
+    model = build_model(cfg, len(classes), int(meta["data"]["img_size"]))
+    if ema:
+        if "ema" not in ckpt:
+            raise ValueError("--ema: this checkpoint has no EMA weights (trained with ema_decay=0)")
+        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
+    else:
+        state = ckpt["model"]
+    model.load_state_dict(state)
+    return model.eval(), classes
+
+
+# ---------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Options of ``mvitv2 <command> image``."""
+    if command == "train":
+        parser.add_argument(
+            "--data",
+            help="ImageNet-style folder (train/<class>/*, val/<class>/*); default: embedded digits",
+        )
+        parser.add_argument("--model", help="model name (overrides the recipe)")
+        parser.add_argument(
+            "--config",
+            help="recipe YAML or shipped name (default: digits, or in1k_tiny with --data)",
+        )
+        parser.add_argument("--resume", help="checkpoint path, run folder or 'auto'")
+        parser.add_argument("--output", help="parent folder of run folders (config key 'output')")
+        parser.add_argument(
+            "--strict-data",
+            action="store_true",
+            help="fail on the first unreadable image instead of skipping it",
+        )
+        parser.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="config overrides, e.g. epochs=10 data.img_size=64",
+        )
+    elif command == "eval":
+        parser.add_argument(
+            "--checkpoint", required=True, help="checkpoint from `mvitv2 train image`"
+        )
+        parser.add_argument(
+            "--data", help="dataset folder (default: the one the checkpoint was trained on)"
+        )
+        parser.add_argument("--batch-size", type=int, default=64)
+        parser.add_argument("--workers", type=int, default=2)
+        parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+        parser.add_argument("--strict-data", action="store_true", help="fail on unreadable images")
+    elif command == "predict":
+        parser.add_argument("files", nargs="+", help="image files")
+        parser.add_argument(
+            "--checkpoint", required=True, help="checkpoint from `mvitv2 train image`"
+        )
+        parser.add_argument("--topk", type=int, default=5, help="classes to print per image")
+        parser.add_argument("--ema", action="store_true", help="use the EMA weights")
+    elif command == "export":
+        from mvitv2.export import add_export_arguments
+
+        add_export_arguments(parser)
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    """Entry point of ``mvitv2 <command> image``; returns the exit status."""
+    if command == "train":
+        return _train(args)
+    if command == "eval":
+        return _eval(args)
+    if command == "predict":
+        return _predict(args)
+    if command == "export":
+        from mvitv2.export import run_export
+
+        return run_export("image", args)
+    raise NotImplementedError(
+        f"`mvitv2 {command} image` is not part of the image task module (export: see issue 6)"
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    recipe = resolve_recipe(args.config or ("in1k_tiny" if args.data else "digits"))
+    extra = list(args.overrides)
+    if args.model:
+        extra.append(f"model={args.model}")
+    if args.output:
+        extra.append(f"output={args.output}")
+    if args.strict_data:
+        extra.append("strict_data=true")
+    cfg = TrainConfig.load(recipe, extra)
+    t0 = time.perf_counter()
+    trainer = Trainer(ImageClassification(cfg, args.data), cfg, resume=args.resume)
+    try:
+        metrics = trainer.fit()
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        trainer.close()
+    if trainer.dist.is_main:
+        wall = time.perf_counter() - t0
+        print(
+            f"val top-1 {metrics.get('top1', float('nan')):.2f}%  top-5 "
+            f"{metrics.get('top5', float('nan')):.2f}%  wall time {wall:.1f} s  "
+            f"checkpoint {trainer.run_dir / 'last.pt'}"
+        )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    ckpt = load_checkpoint(args.checkpoint)
+    model, classes = model_from_checkpoint(ckpt, ema=args.ema)
+    meta = ckpt["meta"]
+    dc = ImageDataConfig.from_dict(meta["data"])
+    root = args.data or meta.get("data_root", DIGITS)
+    root = digits_folder(size=max(32, dc.img_size)) if root == DIGITS else Path(root)
+    dist = init_distributed()
+    val = ImageFolder(root, "val", build_transform(dc, train=False), classes)
+    loader = build_loader(
+        val, batch_size=args.batch_size, train=False, rank=dist.rank, world_size=dist.world_size,
+        workers=args.workers, strict=args.strict_data,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    metrics = evaluate_classifier(model.to(dist.device), loader, dist)
+    skipped = int(dist.all_reduce_sum(torch.tensor([loader.dataset.bad_samples])).item())
+    if dist.is_main:
+        print(
+            f"{args.checkpoint}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+            f"loss {metrics['loss']:.4f}  on {metrics['count']} images of {root / 'val'}"
+            + (f" ({skipped} unreadable skipped)" if skipped else "")
+            + f"  [{time.perf_counter() - t0:.1f} s]"
+        )
+        print(json.dumps({**metrics, "skipped": skipped}))
+    return 0
+
+
+@torch.no_grad()
+def _predict(args: argparse.Namespace) -> int:
+    from mvitv2.predict import CheckpointError, Predictor
+
+    try:
+        predictor = Predictor.from_checkpoint(
+            args.checkpoint, task="image", topk=args.topk, ema=args.ema
+        )
+    except CheckpointError as e:
+        print(f"mvitv2 predict image: error: {e}", file=sys.stderr)
+        return 2
+    status = 0
+    for f in args.files:
+        try:
+            top = predictor(f)
+        except BadSample as e:
+            print(f"{f}: error: {e}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"{f}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in top))
+    return status

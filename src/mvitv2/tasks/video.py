@@ -1,0 +1,702 @@
+"""Video classification: ``mvitv2 train|eval|predict|export video``.
+
+A thin layer over the engine (:class:`~mvitv2.engine.trainer.Trainer`) and the video data layer
+(:mod:`mvitv2.data.video`):
+
+* ``mvitv2 train video [--data ROOT --train-list F --val-list F] [--model NAME] [--config RECIPE]
+  [--init CKPT] [key=value ...]``: with no ``--data`` the embedded moving digits (real MP4 files,
+  label = digit x direction of motion) and the ``moving_digits`` recipe; with ``--data`` a
+  Kinetics-style video root and list files and (by default) the ``k400_small`` recipe.
+  ``--init`` / ``data.init_from`` initialises the model from any checkpoint
+  :func:`mvitv2.load_checkpoint` reads (official image checkpoints are inflated to video,
+  SlowFast ``.pyth``, torchvision, timm, a previous run). Works under ``torchrun``.
+* ``mvitv2 eval video --checkpoint CKPT``: multi-view testing, K uniform temporal clips x 1 or 3
+  spatial crops per video, softmax averaged over the views, top-1 / top-5 per video.
+* ``mvitv2 predict video FILES --checkpoint CKPT``: top-k classes per file
+  (:class:`mvitv2.Predictor`).
+* ``mvitv2 export video --checkpoint CKPT``: ONNX / ``torch.export`` (:mod:`mvitv2.export`).
+
+The recipe's ``data`` section is a :class:`VideoDataConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from mvitv2.data.video import (
+    KINETICS_MEAN,
+    KINETICS_STD,
+    VideoClipDataset,
+    VideoTransform,
+    read_class_names,
+    video_collate,
+)
+from mvitv2.engine.config import TrainConfig
+from mvitv2.engine.data import build_loader
+from mvitv2.engine.distributed import DistInfo, init_distributed
+from mvitv2.engine.mixing import MixCriterion
+from mvitv2.engine.task import Task
+from mvitv2.engine.trainer import Trainer, TrainingStopped
+from mvitv2.tasks.image import resolve_recipe
+
+#: recipes shipped for this task (under ``recipes/``).
+RECIPE_NAMES = ("moving_digits", "k400_small", "k400_base", "k400_large", "ssv2_small", "ssv2_base")
+_LIST_NAMES = {"train": ("train.csv", "train.txt"), "val": ("val.csv", "val.txt", "test.csv")}
+
+
+@dataclass(frozen=True)
+class VideoDataConfig:
+    """The ``data`` section of a video recipe: sampling, augmentation, testing, initialisation.
+
+    Args:
+        num_frames: frames per clip T (the model's ``num_frames`` follows it).
+        sampling_rate: step between the frames of a dense clip (Kinetics: 4 for 16x4, 3 for 32x3).
+        sampling: ``clip`` (dense clip: random in training, K uniform clips in testing) or
+            ``segment`` (SSv2: one frame from each of T equal segments).
+        crop_size: network input side (the model's ``img_size`` follows it; multiple of 4 and of
+            the model's total stride for the rel-pos tables to match).
+        train_crop: ``rrc`` (random resized crop, Kinetics recipe) or ``short_side`` (random short
+            side in ``short_side_range`` then a random crop, SlowFast's SSv2 recipe).
+        rrc_scale, rrc_ratio: area and aspect ranges of the random resized crop.
+        short_side_range: inclusive range of the random short side for ``short_side``.
+        hflip: random horizontal flips (False for SSv2: left/right is in the label).
+        randaug_n, randaug_m: RandAugment ops and magnitude (``randaug_n=0``: off).
+        reprob: random erasing probability (one box for all frames).
+        num_repeats: repeated augmentation: augmented copies of each decoded clip per step.
+        test_clips: uniform temporal clips K per video at test time (segment sampling: 1).
+        test_crops: spatial crops per clip at test time: 1 (centre) or 3 (left/centre/right).
+        test_short_side: short side before the test crop (None: ``crop_size * 256 / 224``).
+        mean, std: normalisation of [0, 1] RGB.
+        pad: ``last`` or ``loop``: how videos shorter than a clip are padded.
+        train_list, val_list: list files (``path label`` lines or ``path,label`` CSV); relative
+            paths resolve against ``video_root``. CLI ``--train-list`` / ``--val-list``.
+        video_root: folder the list paths are relative to (CLI ``--data``).
+        classes_file: class names, one per line (default: the labels as strings).
+        num_classes: classifier outputs (default: 1 + the largest label in the lists).
+        init_from: checkpoint to initialise the model from (any format
+            :func:`mvitv2.load_checkpoint` reads; image checkpoints are inflated); the classifier is
+            re-initialised when its class count differs.
+        init_inflation: ``centre`` (paper: centre frame, zeros elsewhere) or ``repeat``
+            (SlowFast: copied over time / T) for image checkpoints.
+        digits_*: generation options of the embedded moving digits
+            (:func:`mvitv2.data.moving_digits.make_moving_digits`): clips per class and split,
+            frames and side of each video, digit height range, speed range (pixels per frame),
+            directions and seed.
+    """
+
+    num_frames: int = 16
+    sampling_rate: int = 4
+    sampling: str = "clip"
+    crop_size: int = 224
+    train_crop: str = "rrc"
+    rrc_scale: tuple[float, float] = (0.08, 1.0)
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    short_side_range: tuple[int, int] = (256, 320)
+    hflip: bool = True
+    randaug_n: int = 4
+    randaug_m: int = 7
+    reprob: float = 0.25
+    num_repeats: int = 2
+    test_clips: int = 5
+    test_crops: int = 1
+    test_short_side: int | None = None
+    mean: tuple[float, float, float] = KINETICS_MEAN
+    std: tuple[float, float, float] = KINETICS_STD
+    pad: str = "last"
+    train_list: str | None = None
+    val_list: str | None = None
+    video_root: str | None = None
+    classes_file: str | None = None
+    num_classes: int | None = None
+    init_from: str | None = None
+    init_inflation: str = "centre"
+    digits_train_per_class: int = 40
+    digits_val_per_class: int = 10
+    digits_frames: int = 32
+    digits_size: int = 64
+    digits_digit_size: tuple[int, int] = (24, 36)
+    digits_speed: tuple[int, int] = (1, 3)
+    digits_directions: tuple[str, ...] = ("up", "down", "left", "right")
+    digits_seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> VideoDataConfig:
+        """From a recipe's ``data`` mapping; unknown keys raise ``KeyError``, bad values ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise KeyError(f"unknown video data option(s) {unknown}; valid: {sorted(names)}")
+        out = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        checks = [
+            (out.sampling in ("clip", "segment"), f"sampling must be clip or segment, got {out.sampling!r}"),
+            (out.train_crop in ("rrc", "short_side"), f"train_crop must be rrc or short_side, got {out.train_crop!r}"),
+            (out.test_crops in (1, 3), f"test_crops must be 1 or 3, got {out.test_crops}"),
+            (out.test_clips >= 1 and out.num_repeats >= 1, "test_clips and num_repeats must be >= 1"),
+            (out.num_frames >= 1 and out.sampling_rate >= 1, "num_frames and sampling_rate must be >= 1"),
+            (out.crop_size % 4 == 0, f"crop_size must be a multiple of 4, got {out.crop_size}"),
+            (out.init_inflation in ("centre", "center", "repeat"), "init_inflation must be centre or repeat"),
+        ]  # fmt: skip
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"invalid video data config: {msg}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types (lists for tuples): YAML and checkpoint safe."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+    @property
+    def views(self) -> int:
+        """Test views per video (clips x crops)."""
+        return self.test_clips * self.test_crops
+
+    def transform(self, train: bool) -> VideoTransform:
+        """The clip transform of this config (training augmentation or test preprocessing)."""
+        return VideoTransform(
+            train,
+            crop_size=self.crop_size,
+            crop=self.train_crop,
+            rrc_scale=self.rrc_scale,
+            rrc_ratio=self.rrc_ratio,
+            short_side_range=self.short_side_range,
+            hflip=self.hflip,
+            randaug=(self.randaug_n, self.randaug_m) if self.randaug_n > 0 else None,
+            erase_prob=self.reprob,
+            mean=self.mean,
+            std=self.std,
+            test_short_side=self.test_short_side,
+        )
+
+    def dataset(
+        self,
+        list_file: str | Path,
+        video_root: str | Path | None,
+        train: bool,
+        strict: bool = False,
+    ) -> VideoClipDataset:
+        """A :class:`VideoClipDataset` with this config's sampling and transform.
+
+        Args:
+            list_file: the list file.
+            video_root: folder relative list paths resolve against (None: the list's folder).
+            train: random clips with augmentation (and repeats) or the test views.
+            strict: fail on the first unreadable video instead of replacing and counting it.
+        """
+        return VideoClipDataset(
+            list_file, video_root, train=train, num_frames=self.num_frames,
+            sampling_rate=self.sampling_rate, sampling=self.sampling,
+            num_clips=self.test_clips, num_crops=self.test_crops, transform=self.transform(train),
+            num_repeats=self.num_repeats, pad=self.pad, max_retries=0 if strict else 20,
+        )  # fmt: skip
+
+    def preprocessing(self) -> dict[str, Any]:
+        """Evaluation preprocessing stored with checkpoints (keys of :mod:`mvitv2.predict`)."""
+        short = self.test_short_side or round(self.crop_size * 256 / 224)
+        return {
+            "input_size": [self.crop_size, self.crop_size],
+            "resize_size": short,
+            "interpolation": "bilinear",
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "num_frames": self.num_frames,
+            "sampling_rate": self.sampling_rate,
+            "sampling": self.sampling,
+            "num_clips": self.test_clips,
+            "num_crops": self.test_crops,
+        }
+
+
+def moving_digits_lists(dc: VideoDataConfig) -> tuple[Path, Path, Path]:
+    """Generate (once, cached) the embedded moving digits; returns (train list, val list, classes)."""
+    from mvitv2.data.common import default_data_dir
+    from mvitv2.data.moving_digits import make_moving_digits
+
+    params = {
+        "num_train_per_class": dc.digits_train_per_class,
+        "num_val_per_class": dc.digits_val_per_class,
+        "directions": list(dc.digits_directions),
+        "num_frames": dc.digits_frames,
+        "size": dc.digits_size,
+        "digit_size": list(dc.digits_digit_size),
+        "speed": list(dc.digits_speed),
+        "seed": dc.digits_seed,
+    }
+    # One folder per parameter set: runs with other options never rebuild (and delete) the
+    # videos another run is reading.
+    tag = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    md = make_moving_digits(default_data_dir(f"moving_digits-{tag}"), **params)
+    return md.train_list, md.val_list, md.classes_file
+
+
+def find_list(root: Path, split: str) -> Path:
+    """``ROOT/train.csv`` / ``train.txt`` (or ``val.*``): the list file of a split in a video root."""
+    for name in _LIST_NAMES[split]:
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(
+        f"no {split} list in {root} (looked for {', '.join(_LIST_NAMES[split])}); "
+        f"pass --{split}-list FILE"
+    )
+
+
+class VideoClassification(Task):
+    """The video classification task for :class:`~mvitv2.engine.trainer.Trainer`.
+
+    Args:
+        cfg: the run config; ``cfg.data`` holds :class:`VideoDataConfig` options. When
+            ``data.train_list`` is unset and ``data.video_root`` is unset, the embedded moving
+            digits are generated and used.
+    """
+
+    primary_metric = "top1"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.data_cfg = VideoDataConfig.from_dict(cfg.data)
+        self.classes: list[str] = []
+        self.mix: MixCriterion | None = None
+        self.train_ds: VideoClipDataset | None = None
+        self.val_ds: VideoClipDataset | None = None
+        self.init_report: Any = None
+
+    def resolve_lists(self) -> tuple[Path, Path | None, str | None, Path | None]:
+        """(train list, val list or None, video root, classes file or None) of this run."""
+        dc = self.data_cfg
+        if dc.train_list is None and dc.video_root is None:
+            train, val, classes = moving_digits_lists(dc)
+            return train, val, None, classes
+        root = Path(dc.video_root) if dc.video_root else None
+        train = Path(dc.train_list) if dc.train_list else find_list(root, "train")  # type: ignore[arg-type]
+        if dc.val_list:
+            val: Path | None = Path(dc.val_list)
+        else:
+            try:
+                val = find_list(root or train.parent, "val")
+            except FileNotFoundError:
+                val = None  # train without validation
+        classes = Path(dc.classes_file) if dc.classes_file else None
+        return train, val, dc.video_root, classes
+
+    def build_datasets(self) -> tuple[VideoClipDataset, VideoClipDataset | None]:
+        train_list, val_list, root, classes_file = self.resolve_lists()
+        strict = self.cfg.strict_data
+        self.train_ds = self.data_cfg.dataset(train_list, root, train=True, strict=strict)
+        self.val_ds = (
+            self.data_cfg.dataset(val_list, root, train=False, strict=strict) if val_list else None
+        )
+        self.classes = class_names(self.data_cfg, classes_file, self.train_ds, self.val_ds)
+        c = self.cfg
+        self.mix = MixCriterion(
+            len(self.classes), mixup=c.mixup, cutmix=c.cutmix, prob=c.mix_prob,
+            switch_prob=c.switch_prob, label_smoothing=c.label_smoothing,
+        )  # fmt: skip
+        return self.train_ds, self.val_ds
+
+    def build_model(self) -> nn.Module:
+        model = build_model(self.cfg, len(self.classes))
+        if self.data_cfg.init_from:
+            self.init_report = init_weights(
+                model, self.data_cfg.init_from, self.data_cfg.init_inflation
+            )
+        return model
+
+    def collate_fn(self):
+        return video_collate
+
+    def training_loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        clips, labels, _ = batch
+        assert self.mix is not None, "build_datasets() first"
+        clips, targets = self.mix(clips, labels)
+        return MixCriterion.loss(model(clips), targets), {}
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, dist: DistInfo) -> dict[str, float]:
+        assert self.val_ds is not None
+        metrics = evaluate_views(model, loader, dist, self.val_ds)
+        bad = self.skipped()
+        if bad:
+            metrics.update({f"videos_{k}": v for k, v in bad.items()})
+        return metrics
+
+    def skipped(self) -> dict[str, int]:
+        """Unreadable / padded / truncated video counts of the train and val sets (this process)."""
+        out: dict[str, int] = {}
+        for ds in (self.train_ds, self.val_ds):
+            for k, v in (ds.skipped.as_dict() if ds is not None else {}).items():
+                out[k] = out.get(k, 0) + v
+        return {k: v for k, v in out.items() if v}
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {
+            "task": "video",
+            "class_names": list(self.classes),
+            "model_name": self.cfg.model,
+            "model_kwargs": model_kwargs(self.cfg),
+            "preprocessing": self.data_cfg.preprocessing(),
+            "data": self.data_cfg.to_dict(),
+        }
+
+
+def class_names(
+    dc: VideoDataConfig,
+    classes_file: Path | None,
+    train: VideoClipDataset,
+    val: VideoClipDataset | None,
+) -> list[str]:
+    """Class names: the classes file, else the labels ``"0".."K-1"`` (K from the lists or
+    ``dc.num_classes``). Raises ``ValueError`` when a list's label is out of range."""
+    largest = max(train.num_classes, val.num_classes if val is not None else 0)
+    names = read_class_names(classes_file) if classes_file else None
+    n = dc.num_classes or (len(names) if names else largest)
+    if names is not None and len(names) != n:
+        raise ValueError(f"{classes_file}: {len(names)} class names, but num_classes={n}")
+    if largest > n:
+        raise ValueError(
+            f"the list files use label {largest - 1}, but there are only {n} classes "
+            f"(num_classes / classes file)"
+        )
+    return names or [str(i) for i in range(n)]
+
+
+def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """``create_model`` overrides of a run: clip size from ``data`` unless ``model_args`` sets it."""
+    dc = VideoDataConfig.from_dict(cfg.data)
+    return {"img_size": dc.crop_size, "num_frames": dc.num_frames, **cfg.model_args}
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """``create_model(cfg.model, ...)`` for a video run (see :func:`model_kwargs`)."""
+    from mvitv2 import create_model, get_config
+
+    if not get_config(cfg.model).temporal:
+        raise ValueError(
+            f"{cfg.model} is an image model; video runs need a video variant "
+            f"(mvitv2_small_16x4, mvitv2_base_32x3, mvitv2_large_40x3, mvitv1_base_16x4)"
+        )
+    return create_model(
+        cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **model_kwargs(cfg)
+    )
+
+
+def init_weights(model: nn.Module, source: str, inflation: str = "centre") -> Any:
+    """Initialise ``model`` from a checkpoint of any supported format (:func:`mvitv2.load_checkpoint`).
+
+    Image checkpoints are inflated to the video model (``inflation``), rel-pos tables resized, and
+    a classifier with another class count re-initialised. An mvitv2 training checkpoint
+    (``last.pt``/``best.pt`` of a run) is read through its ``model`` weights. Anything else that
+    does not fit raises :class:`mvitv2.weights.CheckpointMismatchError` listing it.
+
+    Returns:
+        The :class:`mvitv2.weights.LoadReport`.
+    """
+    from mvitv2.weights import load_checkpoint
+
+    src: Any = source
+    path = Path(source)
+    if path.suffix == ".pt" and path.is_file():
+        from mvitv2.engine.checkpoint import load_checkpoint as read_run
+
+        ckpt = read_run(path)
+        if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:
+            src = ckpt["model"]  # a run's checkpoint: only the weights
+    return load_checkpoint(model, src, strict=True, inflation=inflation)
+
+
+@torch.no_grad()
+def evaluate_views(
+    model: nn.Module, loader: DataLoader, dist: DistInfo, dataset: VideoClipDataset
+) -> dict[str, float]:
+    """Multi-view accuracy: the softmax of every view of a video is averaged, then scored.
+
+    Args:
+        model: a video classifier returning logits.
+        loader: yields ``(clips, labels, video_indices)`` (one item per view, see
+            :class:`~mvitv2.data.video.VideoClipDataset`), or None for an all-skipped batch.
+        dist: combines the shards of all processes.
+        dataset: the test dataset (its ``samples`` give the label of every video).
+
+    Returns:
+        ``top1``, ``top5`` (%), ``loss`` (cross-entropy of the averaged softmax), ``count``
+        (videos scored) and ``views`` (average views per video). Videos with no view (every
+        attempt unreadable) are not scored.
+    """
+    model.eval()
+    labels = torch.tensor([s.label for s in dataset.samples])
+    num_classes = None
+    probs: Tensor | None = None
+    counts = torch.zeros(len(labels), dtype=torch.float64)
+    for batch in loader:
+        if batch is None:
+            continue
+        clips, _, vids = batch
+        p = model(clips.to(dist.device, non_blocking=True)).float().softmax(-1).cpu().double()
+        if probs is None:
+            num_classes = p.shape[1]
+            probs = torch.zeros(len(labels), num_classes, dtype=torch.float64)
+        probs.index_add_(0, vids, p)
+        counts.index_add_(0, vids, torch.ones(len(vids), dtype=torch.float64))
+    # Every rank must join the reductions, even one that saw no batch.
+    width = dist.all_gather_object(num_classes)
+    num_classes = next((w for w in width if w is not None), 1)
+    if probs is None:
+        probs = torch.zeros(len(labels), num_classes, dtype=torch.float64)
+    probs = dist.all_reduce_sum(probs).cpu()
+    counts = dist.all_reduce_sum(counts).cpu()
+    seen = counts > 0
+    if not seen.any():
+        return {"top1": 0.0, "top5": 0.0, "loss": float("nan"), "count": 0, "views": 0.0}
+    avg = probs[seen] / counts[seen, None]
+    y = labels[seen]
+    top = avg.topk(min(5, num_classes), dim=1).indices
+    hit = top == y[:, None]
+    nll = -avg.gather(1, y[:, None]).clamp_min(1e-12).log().mean()
+    n = int(seen.sum())
+    return {
+        "top1": 100 * hit[:, 0].double().mean().item(),
+        "top5": 100 * hit.any(1).double().mean().item(),
+        "loss": nll.item(),
+        "count": n,
+        "views": counts[seen].mean().item(),
+    }
+
+
+# ---------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Options of ``mvitv2 <command> video``."""
+    data_help = "video root the list paths are relative to (default: embedded moving digits)"
+    if command == "train":
+        parser.add_argument("--data", help=data_help)
+        parser.add_argument(
+            "--train-list", help="training list file (default: ROOT/train.csv or train.txt)"
+        )
+        parser.add_argument(
+            "--val-list", help="validation list file (default: ROOT/val.csv or val.txt)"
+        )
+        parser.add_argument("--classes", help="class names file, one per line")
+        parser.add_argument("--model", help="video model name (overrides the recipe)")
+        parser.add_argument(
+            "--config",
+            help="recipe YAML or shipped name (default: moving_digits, or k400_small with --data)",
+        )
+        parser.add_argument(
+            "--init",
+            help="initialise from this checkpoint (image: inflated; SlowFast, torchvision, timm, a run)",
+        )
+        parser.add_argument("--resume", help="checkpoint path, run folder or 'auto'")
+        parser.add_argument("--output", help="parent folder of run folders (config key 'output')")
+        parser.add_argument(
+            "--strict-data",
+            action="store_true",
+            help="fail on the first unreadable video instead of skipping it",
+        )
+        parser.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="config overrides, e.g. epochs=10 data.num_frames=8 init_from=PATH",
+        )
+    elif command == "eval":
+        parser.add_argument(
+            "--checkpoint", required=True, help="checkpoint from `mvitv2 train video`"
+        )
+        parser.add_argument(
+            "--data", help="video root (default: the one the checkpoint was trained on)"
+        )
+        parser.add_argument(
+            "--val-list", help="list file to evaluate (default: the checkpoint's validation list)"
+        )
+        parser.add_argument(
+            "--clips", type=int, help="temporal clips per video (default: the recipe's test_clips)"
+        )
+        parser.add_argument(
+            "--crops",
+            type=int,
+            choices=(1, 3),
+            help="spatial crops per clip (default: the recipe's test_crops)",
+        )
+        parser.add_argument("--batch-size", type=int, default=16, help="views per forward")
+        parser.add_argument("--workers", type=int, default=2)
+        parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+        parser.add_argument("--strict-data", action="store_true", help="fail on unreadable videos")
+    elif command == "predict":
+        parser.add_argument("files", nargs="+", help="video files")
+        parser.add_argument(
+            "--checkpoint", required=True, help="checkpoint from `mvitv2 train video`"
+        )
+        parser.add_argument("--topk", type=int, default=5, help="classes to print per video")
+        parser.add_argument(
+            "--clips",
+            type=int,
+            help="temporal clips averaged per video (default: the recipe's test_clips)",
+        )
+        parser.add_argument("--json", action="store_true", help="one JSON line per file")
+    elif command == "export":
+        try:
+            from mvitv2.export import add_export_arguments
+        except ImportError:  # export support not installed in this tree
+            parser.add_argument("rest", nargs="*")
+        else:
+            add_export_arguments(parser)
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    """Entry point of ``mvitv2 <command> video``; returns the exit status."""
+    handlers = {"train": _train, "eval": _eval, "predict": _predict, "export": _export}
+    if command not in handlers:
+        raise NotImplementedError(f"`mvitv2 {command} video` does not exist")
+    try:
+        return handlers[command](args)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"mvitv2 {command} video: error: {e}", file=sys.stderr)
+        return 2
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The run config of ``mvitv2 train video`` from its arguments (recipe, flags, overrides)."""
+    uses_data = bool(args.data or args.train_list)
+    recipe = resolve_recipe(args.config or ("k400_small" if uses_data else "moving_digits"))
+    extra = []
+    for item in args.overrides:
+        # ``init_from`` is a task option (data.init_from); accept the short spelling.
+        extra.append("data." + item if item.startswith("init_from=") else item)
+    flags = {
+        "model": args.model, "output": args.output, "data.video_root": args.data,
+        "data.train_list": args.train_list, "data.val_list": args.val_list,
+        "data.classes_file": args.classes, "data.init_from": args.init,
+    }  # fmt: skip
+    extra += [f"{k}={v}" for k, v in flags.items() if v]
+    if args.strict_data:
+        extra.append("strict_data=true")
+    return TrainConfig.load(recipe, extra)
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = train_config(args)
+    t0 = time.perf_counter()
+    task = VideoClassification(cfg)
+    trainer = Trainer(task, cfg, resume=args.resume)
+    if task.init_report is not None:
+        trainer.log.info(f"initialised from {task.init_report}")
+    try:
+        metrics = trainer.fit()
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        trainer.close()
+    if trainer.dist.is_main:
+        wall = time.perf_counter() - t0
+        dc = task.data_cfg
+        bad = task.skipped()
+        print(
+            f"val top-1 {metrics.get('top1', float('nan')):.2f}%  top-5 "
+            f"{metrics.get('top5', float('nan')):.2f}%  ({dc.test_clips} clip(s) x "
+            f"{dc.test_crops} crop(s) per video)  wall time {wall:.1f} s  checkpoint "
+            f"{trainer.run_dir / 'last.pt'}" + (f"  videos skipped/padded: {bad}" if bad else "")
+        )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mvitv2.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    meta = ckpt.get("meta") or {}
+    if meta.get("task") != "video" or "config" not in ckpt:
+        raise ValueError(
+            f"{args.checkpoint} is not a video checkpoint written by `mvitv2 train video`"
+        )
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    data = dict(cfg.data)
+    if args.clips:
+        data["test_clips"] = args.clips
+    if args.crops:
+        data["test_crops"] = args.crops
+    dc = VideoDataConfig.from_dict(data)
+    if args.val_list or args.data:
+        val_list = Path(args.val_list) if args.val_list else find_list(Path(args.data), "val")
+        root = args.data
+    elif dc.train_list is None and dc.video_root is None:
+        _, val_list, _ = moving_digits_lists(dc)
+        root = None
+    else:
+        val_list = Path(dc.val_list) if dc.val_list else find_list(Path(dc.video_root), "val")
+        root = dc.video_root
+    classes = list(meta["class_names"])
+    model = build_model(cfg.replace(pretrained=False), len(classes))
+    state = ckpt["model"]
+    if args.ema:
+        if "ema" not in ckpt:
+            raise ValueError("--ema: this checkpoint has no EMA weights (trained with ema_decay=0)")
+        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
+    model.load_state_dict(state)
+    dist = init_distributed()
+    ds = dc.dataset(val_list, root, train=False, strict=args.strict_data)
+    if ds.num_classes > len(classes):
+        raise ValueError(
+            f"{val_list}: label {ds.num_classes - 1} but the model has {len(classes)} classes"
+        )
+    loader = build_loader(
+        ds, batch_size=args.batch_size, train=False, rank=dist.rank, world_size=dist.world_size,
+        workers=args.workers, collate_fn=video_collate, strict=args.strict_data,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    metrics = evaluate_views(model.to(dist.device), loader, dist, ds)
+    bad = {k: v for k, v in ds.skipped.as_dict().items() if v}
+    if dist.is_main:
+        print(
+            f"{args.checkpoint}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+            f"on {metrics['count']} videos of {val_list}, {dc.test_clips} clip(s) x "
+            f"{dc.test_crops} crop(s)"
+            + (f"  (videos skipped/padded: {bad})" if bad else "")
+            + f"  [{time.perf_counter() - t0:.1f} s]"
+        )
+        print(json.dumps({**metrics, **bad}))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from mvitv2.predict import CheckpointError, Predictor
+
+    try:
+        predictor = Predictor.from_checkpoint(args.checkpoint, task="video", topk=args.topk)
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
+    if args.clips:
+        predictor.preprocessing["num_clips"] = args.clips
+    status = 0
+    for f in args.files:
+        try:
+            top = predictor(f)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"{f}: error: {e}", file=sys.stderr)
+            status = 1
+            continue
+        if args.json:
+            print(json.dumps({"file": f, "topk": [[c, p] for c, p in top]}))
+        else:
+            print(f"{f}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in top))
+    return status
+
+
+def _export(args: argparse.Namespace) -> int:
+    try:
+        from mvitv2.export import run_export
+    except ImportError as e:
+        print(f"mvitv2 export video: not available in this installation ({e})", file=sys.stderr)
+        return 2
+    return run_export("video", args)

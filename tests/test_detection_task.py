@@ -1,0 +1,169 @@
+"""`mvitv2 train|eval|predict detect` end to end on tiny digit scenes, bad annotations, backbone init."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mvitv2 import cli
+from mvitv2.detection import create_detector
+
+# A tiny detector on 64-px scenes: a few seconds per step on 2 CPU cores.
+MODEL_ARGS = {
+    "depths": [1, 1, 1, 1],
+    "embed_dim": 16,
+    "img_size": 64,
+    "window_size": None,
+    "fpn_channels": 32,
+    "box_fc_dim": 64,
+    "mask_head_dim": 32,
+    "mask_head_convs": 1,
+    "min_size": 64,
+    "max_size": 64,
+    "anchor_sizes": [8, 16, 32, 64, 128],
+    "rpn_post_nms_top_n_train": 64,
+    "rpn_post_nms_top_n_test": 32,
+    "box_batch_size_per_image": 32,
+}
+
+
+def _overrides() -> list[str]:
+    out = [f"model_args.{k}={json.dumps(v)}" for k, v in MODEL_ARGS.items()]
+    return out + [
+        "data.digit_scenes.num_train=8",
+        "data.digit_scenes.num_val=3",
+        "data.digit_scenes.image_size=64",
+        "data.digit_scenes.digit_size=[16,28]",
+        "epochs=1",
+        "batch_size=4",
+        "workers=0",
+        "tensorboard=false",
+        "progress=false",
+        "name=tiny",
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step training run on the embedded digit scenes; returns its run folder."""
+    base = tmp_path_factory.mktemp("detect")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MVITV2_DATA", str(base / "data"))
+    try:
+        assert cli.main(["train", "detect", "--output", str(base / "runs"), *_overrides()]) == 0
+    finally:
+        mp.undo()
+    return base
+
+
+def test_train_writes_checkpoint_and_results(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    run = trained / "runs" / "tiny"
+    assert (run / "last.pt").is_file()
+    results = json.loads((run / "coco_results_val.json").read_text())
+    assert isinstance(results, list)
+    for r in results:
+        assert {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(r)
+        assert 1 <= r["category_id"] <= 10
+
+
+def test_eval_and_predict(trained: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    monkeypatch.setenv("MVITV2_DATA", str(trained / "data"))
+    ckpt = trained / "runs" / "tiny" / "last.pt"
+    out_json = trained / "eval.json"
+    assert (
+        cli.main(
+            [
+                "eval",
+                "detect",
+                "--checkpoint",
+                str(ckpt),
+                "--output",
+                str(out_json),
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    metrics = json.loads(printed.strip().splitlines()[-1])
+    assert {"bbox_AP", "segm_AP", "images"} <= set(metrics) and metrics["images"] == 3
+    assert 0.0 <= metrics["bbox_AP"] <= 1.0
+    assert isinstance(json.loads(out_json.read_text()), list)
+
+    image = next((trained / "data" / "digit_scenes" / "val").glob("*.png"))
+    out_dir = trained / "pred"
+    args = [
+        "predict",
+        "detect",
+        str(image),
+        str(trained / "missing.png"),
+        "--checkpoint",
+        str(ckpt),
+    ]
+    status = cli.main([*args, "--output-dir", str(out_dir), "--score-thresh", "0.0"])
+    assert status == 1  # the missing file is reported, the real one still drawn
+    drawn = out_dir / f"{image.stem}_pred.png"
+    assert Image.open(drawn).size == Image.open(image).size
+    assert "missing.png: error" in capsys.readouterr().err
+
+
+def test_eval_counts_bad_annotations(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    """Degenerate / outside boxes and missing files are dropped and reported, not fatal."""
+    root = trained / "data" / "digit_scenes"
+    data = json.loads((root / "annotations" / "instances_val.json").read_text())
+    first = data["annotations"][0]
+    data["annotations"] += [
+        {**first, "id": 10_001, "bbox": [5, 5, 0, 10]},  # zero width
+        {**first, "id": 10_002, "bbox": [500, 500, 10, 10]},  # outside the image
+    ]
+    data["images"].append({"id": 999, "file_name": "nope.png", "height": 64, "width": 64})
+    bad = trained / "bad.json"
+    bad.write_text(json.dumps(data))
+    ckpt = trained / "runs" / "tiny" / "last.pt"
+    args = ["eval", "detect", "--checkpoint", str(ckpt), "--images", str(root / "val")]
+    assert (
+        cli.main(
+            [
+                *args,
+                "--annotations",
+                str(bad),
+                "--workers",
+                "0",
+                "--output",
+                str(trained / "b.json"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "degenerate_boxes 1" in out and "outside_boxes 1" in out and "missing_images 1" in out
+
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="malformed JSON"):
+        cli.main([*args, "--annotations", str(bad), "--workers", "0"])
+
+
+def test_backbone_initialised_from_image_checkpoint(tmp_path: Path) -> None:
+    """A classification checkpoint initialises the detector's backbone (head/norm skipped)."""
+    from mvitv2 import create_model
+
+    arch = {"depths": (1, 1, 1, 1), "embed_dim": 16, "img_size": 64}
+    classifier = create_model("mvitv2_tiny", num_classes=7, **arch)
+    path = tmp_path / "cls.pt"
+    torch.save(classifier.state_dict(), path)
+    small = {k: v for k, v in MODEL_ARGS.items() if k not in arch}
+    det = create_detector(
+        "maskrcnn_mvitv2_tiny", num_classes=3, backbone_weights=str(path), **arch, **small
+    )
+    body = det.backbone.body.state_dict()
+    src = classifier.state_dict()
+    shared = [k for k in body if k in src]
+    assert (
+        len(shared) == len(src) - 4
+    )  # all but head.projection.{weight,bias} and norm.{weight,bias}
+    assert all(torch.equal(body[k], src[k]) for k in shared)

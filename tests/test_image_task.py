@@ -1,0 +1,166 @@
+"""Image classification end to end: the default digits run, eval, predict, folders, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from mvitv2.cli import main
+from mvitv2.data.image import ImageDataConfig, ImageFolder, build_transform, digits_folder
+from mvitv2.engine import build_loader, load_checkpoint, load_finetune_weights
+from mvitv2.tasks.image import model_from_checkpoint
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A shortened default run (`mvitv2 train image` on the embedded digits, 4 epochs)."""
+    out = tmp_path_factory.mktemp("runs")
+    threads = torch.get_num_threads()
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            status = main(
+                ["train", "image", f"--output={out}", "name=d", "epochs=4", "progress=false"]
+            )
+    finally:
+        torch.set_num_threads(threads)  # the recipe pins 1 compute thread
+    assert status == 0
+    return out / "d", buf.getvalue()
+
+
+def test_default_digits_run_learns_and_reports_accuracy_and_time(digits_run):
+    run_dir, stdout = digits_run
+    m = re.search(r"val top-1 ([\d.]+)%  top-5 ([\d.]+)%  wall time ([\d.]+) s", stdout)
+    assert m, stdout
+    assert float(m.group(1)) >= 85.0  # the full 15-epoch default reaches >= 97%
+    records = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["val_top1"] == pytest.approx(float(m.group(1)), abs=0.01)
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert all(r["images_per_s"] > 0 and r["lr"] > 0 for r in records)
+    assert any((run_dir / "tb").iterdir())  # TensorBoard events
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    assert ckpt["meta"]["classes"] == [str(d) for d in range(10)] and ckpt["epoch"] == 4
+    assert {"optimizer", "scheduler", "scaler", "rng", "config"} <= set(ckpt)
+
+
+def test_eval_command_reproduces_the_training_metrics(digits_run, capsys):
+    run_dir, _ = digits_run
+    assert main(["eval", "image", "--checkpoint", str(run_dir / "last.pt"), "--workers=0"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    trained = load_checkpoint(run_dir / "last.pt")["metrics"]
+    assert result["top1"] == pytest.approx(trained["top1"]) and result["count"] == 450
+    assert result["top5"] >= result["top1"]
+
+
+def test_predict_prints_topk_classes_with_probabilities(digits_run, capsys):
+    run_dir, _ = digits_run
+    val = digits_folder() / "val"
+    files = [str(sorted((val / d).iterdir())[0]) for d in ("3", "7")]
+    status = main(
+        ["predict", "image", *files, "--checkpoint", str(run_dir / "best.pt"), "--topk", "3"]
+    )
+    assert status == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for f, line in zip(files, lines):
+        assert line.startswith(f + ": ")
+        pairs = re.findall(r"(\d) ([\d.]+)%", line)
+        assert len(pairs) == 3 and len({c for c, _ in pairs}) == 3
+        probs = [float(p) for _, p in pairs]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 100.05
+    model, classes = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"))
+    assert classes == [str(d) for d in range(10)] and not model.training
+
+
+# ---------------------------------------------------------------------- folders
+def _folder(root: Path, spec: dict[str, dict[str, int]]) -> Path:
+    for split, classes in spec.items():
+        for c, n in classes.items():
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (40, 36), (i * 20, 80, 160)).save(d / f"{i}.png")
+    return root
+
+
+def test_folder_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolder(tmp_path / "nothing", "train")
+    (tmp_path / "a").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"a/train does not exist.*train/<class>"):
+        ImageFolder(tmp_path / "a", "train")
+    root = _folder(tmp_path / "b", {"train": {"cat": 2, "dog": 0}})
+    with pytest.raises(ValueError, match=r"b/train/dog has no images"):
+        ImageFolder(root, "train")
+    root = _folder(tmp_path / "c", {"train": {"cat": 2}, "val": {"cow": 1}})
+    with pytest.raises(ValueError, match=r"classes not in training: \['cow'\]"):
+        ImageFolder(root, "val", classes=ImageFolder(root, "train").classes)
+
+
+def test_corrupt_images_are_skipped_and_counted_or_fail_fast(tmp_path):
+    root = _folder(tmp_path, {"train": {"a": 4, "b": 4}, "val": {"a": 3, "b": 3}})
+    (root / "train" / "b" / "2.png").write_bytes(b"\x89PNG not really")
+    (root / "val" / "a" / "1.png").write_bytes(b"")
+    dc = ImageDataConfig.from_dict({"img_size": 32, "randaug_n": 2})
+    train = ImageFolder(root, "train", build_transform(dc, train=True))
+    val = ImageFolder(root, "val", build_transform(dc, train=False), train.classes)
+
+    loader = build_loader(train, batch_size=4, train=True)
+    with pytest.warns(UserWarning, match=r"train/b/2.png"):
+        shapes = [tuple(x.shape) for x, _ in loader]
+    assert shapes == [(4, 3, 32, 32)] * 2 and loader.dataset.bad_samples == 1
+    loader = build_loader(val, batch_size=8, train=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (x, y), = list(loader)  # fmt: skip
+    assert len(y) == 5 and loader.dataset.bad_samples == 1
+    strict = build_loader(val, batch_size=8, train=False, strict=True)
+    with pytest.raises(RuntimeError, match=r"val/a/1.png"):
+        list(strict)
+
+
+def test_eval_transform_follows_the_official_protocol():
+    img = Image.effect_mandelbrot((300, 240), (-2, -1.2, 1, 1.2), 64).convert("RGB")
+    dc = ImageDataConfig()  # 224, crop_pct 0.875, bicubic
+    got = build_transform(dc, train=False)(img)
+    ref = TF.center_crop(
+        TF.resize(TF.pil_to_tensor(img), [256], InterpolationMode.BICUBIC, antialias=True), [224]
+    )
+    ref = TF.normalize(ref.float() / 255, dc.mean, dc.std)
+    assert got.shape == (3, 224, 224) and torch.allclose(got, ref, atol=1e-5)
+    torch.manual_seed(0)
+    aug = build_transform(ImageDataConfig.from_dict({"img_size": 64}), train=True)(img)
+    assert aug.shape == (3, 64, 64)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        ImageDataConfig.from_dict({"img_size": 50})
+    with pytest.raises(KeyError, match="img_siz"):
+        ImageDataConfig.from_dict({"img_siz": 64})
+
+
+def test_finetune_loads_weights_at_another_resolution_and_class_count(digits_run):
+    from mvitv2 import create_model
+
+    run_dir, _ = digits_run
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    args = ckpt["config"]["model_args"]
+    model = create_model("mvitv2_tiny", num_classes=5, **{**args, "img_size": 64})
+    report = load_finetune_weights(model, run_dir / "last.pt")
+    assert report["reinitialised"] == ["head.projection.weight", "head.projection.bias"]
+    assert report["resized"] and all("rel_pos" in k for k in report["resized"])
+    assert not report["missing"] and not report["unexpected"]
+    state = model.state_dict()
+    assert torch.equal(state["patch_embed.proj.weight"], ckpt["model"]["patch_embed.proj.weight"])
+    x = torch.randn(2, 3, 64, 64)
+    assert model.eval()(x).shape == (2, 5)
