@@ -14,6 +14,7 @@ from mvitv2.detection import (
     list_detectors,
 )
 from mvitv2.detection.flops import detector_complexity
+from mvitv2.engine.cli import RECIPES_DIR
 
 SIZES = ("tiny", "small", "base", "large", "huge")
 # A detector small enough for a CPU test: 1 block per stage, narrow FPN and heads.
@@ -145,13 +146,12 @@ def test_train_step_and_inference(name: str) -> None:
 
 def test_shipped_recipes_build() -> None:
     """Every detection recipe parses and names a detector with valid options."""
-    from pathlib import Path
 
     from mvitv2.engine.config import TrainConfig
     from mvitv2.tasks.detect import DetectionDataConfig
 
-    recipes = sorted(Path(__file__).parents[1].glob("recipes/coco_*.yaml"))
-    recipes.append(Path(__file__).parents[1] / "recipes" / "digit_scenes.yaml")
+    recipes = sorted(RECIPES_DIR.glob("coco_*.yaml"))
+    recipes.append(RECIPES_DIR / "digit_scenes.yaml")
     assert len(recipes) >= 3
     for path in recipes:
         cfg = TrainConfig.load(path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,8 +26,9 @@ from mvitv2.engine import (
     save_checkpoint,
 )
 from mvitv2.engine.checkpoint import capture_rng, restore_rng
+from mvitv2.engine.cli import RECIPES_DIR
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = RECIPES_DIR
 
 
 # ---------------------------------------------------------------------- config
@@ -235,3 +235,26 @@ def test_mixed_precision_and_grad_checkpointing_train(tmp_path, amp):
     assert trainer.model.checkpointing and trainer.scaler.is_enabled() == (amp == "fp16")
     metrics = trainer.fit()
     assert metrics["top1"] > 60 and trainer.counters["nonfinite_total"] == 0
+
+
+def test_step_schedule_and_sgd_follow_the_recipe():
+    from mvitv2.engine.optim import build_optimizer, build_scheduler
+
+    model = torch.nn.Linear(4, 2)
+    cfg = TrainConfig(
+        epochs=10, batch_size=8, base_lr=0.1, lr_ref_batch=8, warmup_epochs=1, warmup_lr=0.0,
+        lr_schedule="step", lr_steps=(6, 9), lr_gamma=0.1, optimizer="sgd", momentum=0.8,
+    )  # fmt: skip
+    opt = build_optimizer(model, cfg, world_size=1)
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.8
+    sched = build_scheduler(opt, cfg, steps_per_epoch=10, world_size=1)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.05)  # linear warmup
+    assert lrs[10] == pytest.approx(0.1) and lrs[59] == pytest.approx(0.1)
+    assert lrs[60] == pytest.approx(0.01) and lrs[90] == pytest.approx(0.001)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="poly")

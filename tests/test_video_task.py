@@ -12,9 +12,9 @@ from torch import nn
 
 import mvitv2
 from mvitv2.cli import main
+from mvitv2.engine.cli import resolve_recipe
 from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.distributed import DistInfo
-from mvitv2.tasks.image import resolve_recipe
 from mvitv2.tasks.video import (
     RECIPE_NAMES,
     VideoDataConfig,

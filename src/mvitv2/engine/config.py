@@ -42,9 +42,15 @@ class TrainConfig:
             ``base_lr * batch_size * world_size * accum_steps / lr_ref_batch``.
         lr_ref_batch: reference batch of ``base_lr`` (256 for the paper's "2.5e-4 per 256").
         min_lr: lr at the end of the cosine decay (absolute, not scaled).
+        lr_schedule: ``cosine`` (warmup then cosine to ``min_lr``) or ``step`` (warmup then the
+            peak lr multiplied by ``lr_gamma`` at each epoch in ``lr_steps``, detectron2-style).
+        lr_steps: epochs (fractions allowed) where the ``step`` schedule decays.
+        lr_gamma: decay factor of the ``step`` schedule.
         warmup_lr: lr at step 0 (absolute).
         warmup_epochs: linear warmup length in epochs (fractions allowed), applied per step.
         weight_decay: AdamW decay of >= 2-D weights (0 on 1-D params and ``no_weight_decay()``).
+        optimizer: ``adamw`` or ``sgd`` (SGD with Nesterov-free ``momentum``; SSv2 recipes).
+        momentum: SGD momentum.
         betas: AdamW betas.
         clip_grad: max global grad norm (None or 0: no clipping).
         label_smoothing: label smoothing of the classification targets.
@@ -84,9 +90,14 @@ class TrainConfig:
     base_lr: float = 2.5e-4
     lr_ref_batch: int = 256
     min_lr: float = 1e-6
+    lr_schedule: str = "cosine"
+    lr_steps: tuple[float, ...] = ()
+    lr_gamma: float = 0.1
     warmup_lr: float = 1e-8
     warmup_epochs: float = 70.0
     weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float | None = 1.0
     label_smoothing: float = 0.1
@@ -120,6 +131,14 @@ class TrainConfig:
                 f"amp must be none, bf16 or fp16, got {self.amp!r}",
             ),
             (self.epochs >= 1, "epochs must be >= 1"),
+            (
+                self.optimizer in ("adamw", "sgd"),
+                f"optimizer must be adamw or sgd, got {self.optimizer!r}",
+            ),
+            (
+                self.lr_schedule in ("cosine", "step"),
+                f"lr_schedule must be cosine or step, got {self.lr_schedule!r}",
+            ),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.accum_steps >= 1, "accum_steps must be >= 1"),
             (self.base_lr > 0 and math.isfinite(self.base_lr), "base_lr must be > 0"),

@@ -1,4 +1,4 @@
-"""AdamW with the paper's parameter groups and a per-step warmup + cosine schedule."""
+"""AdamW (or SGD) with the paper's parameter groups and a per-step warmup + cosine or step schedule."""
 
 from __future__ import annotations
 
@@ -49,10 +49,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, world_size: int) -> torch.optim.AdamW:
-    """AdamW at the linearly scaled peak lr (:meth:`TrainConfig.lr`) with :func:`param_groups`."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, world_size: int) -> torch.optim.Optimizer:
+    """AdamW (or SGD, ``cfg.optimizer``) at the linearly scaled peak lr (:meth:`TrainConfig.lr`)
+    with :func:`param_groups`."""
     groups = param_groups(model, cfg.weight_decay)
     groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr(world_size), momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.lr(world_size), betas=tuple(cfg.betas))
 
 
@@ -85,10 +88,35 @@ class WarmupCosine:
         return self.lr(step) / self.peak_lr
 
 
+class WarmupStep(WarmupCosine):
+    """Linear warmup as :class:`WarmupCosine`, then the peak lr times ``gamma`` per milestone.
+
+    Args:
+        milestones: optimizer steps at which the lr is multiplied by ``gamma``.
+    """
+
+    def __init__(
+        self,
+        peak_lr: float,
+        warmup_steps: int,
+        milestones: list[int],
+        warmup_lr: float,
+        gamma: float,
+    ) -> None:
+        super().__init__(peak_lr, warmup_steps, warmup_steps, warmup_lr, peak_lr)
+        self.milestones, self.gamma = sorted(milestones), gamma
+
+    def lr(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return super().lr(step)
+        return self.peak_lr * self.gamma ** sum(step >= m for m in self.milestones)
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, world_size: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step :class:`WarmupCosine` as a ``LambdaLR`` (call ``step()`` after each optimizer step).
+    """Per-step :class:`WarmupCosine` or :class:`WarmupStep` (``cfg.lr_schedule``) as a
+    ``LambdaLR`` (call ``step()`` after each optimizer step).
 
     Args:
         optimizer: built by :func:`build_optimizer` (its lr is the peak lr).
@@ -96,9 +124,19 @@ def build_scheduler(
         steps_per_epoch: optimizer steps per epoch.
         world_size: processes, for the peak lr.
     """
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.lr_schedule == "step":
+        step_fn = WarmupStep(
+            peak_lr=cfg.lr(world_size),
+            warmup_steps=warmup_steps,
+            milestones=[round(e * steps_per_epoch) for e in cfg.lr_steps],
+            warmup_lr=cfg.warmup_lr,
+            gamma=cfg.lr_gamma,
+        )
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, step_fn)
     fn = WarmupCosine(
         peak_lr=cfg.lr(world_size),
-        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        warmup_steps=warmup_steps,
         total_steps=cfg.epochs * steps_per_epoch,
         warmup_lr=cfg.warmup_lr,
         min_lr=cfg.min_lr,

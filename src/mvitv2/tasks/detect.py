@@ -40,10 +40,11 @@ from mvitv2.data.detection import (
     predictions_to_coco,
 )
 from mvitv2.detection import create_detector, list_detectors
+from mvitv2.engine.cli import add_train_arguments, fit, train_config
 from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.distributed import DistInfo, init_distributed
 from mvitv2.engine.task import Task
-from mvitv2.engine.trainer import Trainer, TrainingStopped, to_device
+from mvitv2.engine.trainer import Trainer, to_device
 
 __all__ = [
     "DetectionDataConfig",
@@ -55,7 +56,6 @@ __all__ = [
     "run",
 ]
 
-RECIPES_DIR = Path(__file__).resolve().parents[3] / "recipes"
 DIGIT_SCENES = "digit_scenes"  # data root value meaning "the embedded digit scenes"
 
 
@@ -346,18 +346,6 @@ def evaluate_detector(
     return metrics, results
 
 
-def resolve_recipe(recipe: str) -> Path:
-    """A recipe file path, or a name under ``recipes/`` (``digit_scenes``, ``coco_...``)."""
-    path = Path(recipe)
-    if path.is_file():
-        return path
-    named = RECIPES_DIR / (recipe if recipe.endswith(".yaml") else f"{recipe}.yaml")
-    if named.is_file():
-        return named
-    shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
-    raise FileNotFoundError(f"recipe {recipe!r} not found (a YAML file or one of {shipped})")
-
-
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The trained detector (eval mode) and the checkpoint's ``meta`` from a training checkpoint."""
     from mvitv2.engine.checkpoint import load_checkpoint
@@ -392,29 +380,14 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         "other jobs, where a descheduled OpenMP thread stalls every op",
     )  # fmt: skip
     if command == "train":
-        parser.add_argument(
-            "--data",
-            help="COCO folder (annotations/instances_{train,val}2017.json, train2017/, val2017/); default: embedded digit scenes",
-        )
-        parser.add_argument(
-            "--model", help=f"detector name (overrides the recipe): {', '.join(list_detectors())}"
-        )
-        parser.add_argument(
-            "--config",
-            help="recipe YAML or shipped name (default: digit_scenes, or coco_maskrcnn_mvitv2_t with --data)",
-        )
-        parser.add_argument("--resume", help="checkpoint path, run folder or 'auto'")
-        parser.add_argument("--output", help="parent folder of run folders (config key 'output')")
-        parser.add_argument(
-            "--strict-data",
-            action="store_true",
-            help="fail on the first unreadable image instead of skipping it",
-        )
-        parser.add_argument(
-            "overrides",
-            nargs="*",
-            metavar="key=value",
-            help="config overrides, e.g. epochs=2 model_args.fpn_channels=64 data.aug=lsj",
+        add_train_arguments(
+            parser,
+            data_help="COCO folder (annotations/instances_{train,val}2017.json, train2017/, "
+            "val2017/); default: embedded digit scenes",
+            config_help="recipe YAML or shipped name (default: digit_scenes, or "
+            "coco_maskrcnn_mvitv2_t with --data)",
+            model_help=f"detector name (overrides the recipe): {', '.join(list_detectors())}",
+            overrides_example="epochs=2 model_args.fpn_channels=64 data.aug=lsj",
         )
     elif command == "eval":
         parser.add_argument(
@@ -471,28 +444,14 @@ def run(command: str, args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    recipe = resolve_recipe(
-        args.config or ("coco_maskrcnn_mvitv2_t" if args.data else DIGIT_SCENES)
-    )
-    extra = list(args.overrides)
-    if args.model:
-        extra.append(f"model={args.model}")
-    if args.output:
-        extra.append(f"output={args.output}")
-    if args.strict_data:
-        extra.append("strict_data=true")
-    cfg = TrainConfig.load(recipe, extra)
+    cfg = train_config(args, "coco_maskrcnn_mvitv2_t" if args.data else DIGIT_SCENES)
     t0 = time.perf_counter()
     task = DetectionTask(cfg, args.data)
     trainer = Trainer(task, cfg, resume=args.resume)
     task.results_path = trainer.run_dir / "coco_results_val.json"
-    try:
-        metrics = trainer.fit()
-    except TrainingStopped as e:
-        print(f"error: {e}", file=sys.stderr)
+    metrics = fit(trainer)
+    if metrics is None:
         return 3
-    finally:
-        trainer.close()
     if trainer.dist.is_main:
         wall = time.perf_counter() - t0
         assert task.train_ds is not None

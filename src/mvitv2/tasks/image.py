@@ -29,28 +29,16 @@ from mvitv2.data.image import (
     digits_folder,
 )
 from mvitv2.engine.checkpoint import load_checkpoint
+from mvitv2.engine.cli import add_train_arguments, fit, train_config
 from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.data import BadSample, build_loader
 from mvitv2.engine.distributed import DistInfo, init_distributed
 from mvitv2.engine.metrics import evaluate_classifier
 from mvitv2.engine.mixing import MixCriterion
 from mvitv2.engine.task import Task
-from mvitv2.engine.trainer import Trainer, TrainingStopped
+from mvitv2.engine.trainer import Trainer
 
-RECIPES_DIR = Path(__file__).resolve().parents[3] / "recipes"
 DIGITS = "digits"  # data_root value meaning "the embedded digits"
-
-
-def resolve_recipe(recipe: str) -> Path:
-    """A recipe file path, or a name under ``recipes/`` (``digits``, ``in1k_tiny``, ...)."""
-    path = Path(recipe)
-    if path.is_file():
-        return path
-    named = RECIPES_DIR / (recipe if recipe.endswith(".yaml") else f"{recipe}.yaml")
-    if named.is_file():
-        return named
-    shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
-    raise FileNotFoundError(f"recipe {recipe!r} not found (a YAML file or one of {shipped})")
 
 
 class ImageClassification(Task):
@@ -143,27 +131,10 @@ def model_from_checkpoint(ckpt: dict[str, Any], ema: bool = False) -> tuple[nn.M
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Options of ``mvitv2 <command> image``."""
     if command == "train":
-        parser.add_argument(
-            "--data",
-            help="ImageNet-style folder (train/<class>/*, val/<class>/*); default: embedded digits",
-        )
-        parser.add_argument("--model", help="model name (overrides the recipe)")
-        parser.add_argument(
-            "--config",
-            help="recipe YAML or shipped name (default: digits, or in1k_tiny with --data)",
-        )
-        parser.add_argument("--resume", help="checkpoint path, run folder or 'auto'")
-        parser.add_argument("--output", help="parent folder of run folders (config key 'output')")
-        parser.add_argument(
-            "--strict-data",
-            action="store_true",
-            help="fail on the first unreadable image instead of skipping it",
-        )
-        parser.add_argument(
-            "overrides",
-            nargs="*",
-            metavar="key=value",
-            help="config overrides, e.g. epochs=10 data.img_size=64",
+        add_train_arguments(
+            parser,
+            data_help="ImageNet-style folder (train/<class>/*, val/<class>/*); default: embedded digits",
+            config_help="recipe YAML or shipped name (default: digits, or in1k_tiny with --data)",
         )
     elif command == "eval":
         parser.add_argument(
@@ -207,24 +178,12 @@ def run(command: str, args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    recipe = resolve_recipe(args.config or ("in1k_tiny" if args.data else "digits"))
-    extra = list(args.overrides)
-    if args.model:
-        extra.append(f"model={args.model}")
-    if args.output:
-        extra.append(f"output={args.output}")
-    if args.strict_data:
-        extra.append("strict_data=true")
-    cfg = TrainConfig.load(recipe, extra)
+    cfg = train_config(args, "in1k_tiny" if args.data else "digits")
     t0 = time.perf_counter()
     trainer = Trainer(ImageClassification(cfg, args.data), cfg, resume=args.resume)
-    try:
-        metrics = trainer.fit()
-    except TrainingStopped as e:
-        print(f"error: {e}", file=sys.stderr)
+    metrics = fit(trainer)
+    if metrics is None:
         return 3
-    finally:
-        trainer.close()
     if trainer.dist.is_main:
         wall = time.perf_counter() - t0
         print(

@@ -44,13 +44,14 @@ from mvitv2.data.video import (
     read_class_names,
     video_collate,
 )
+from mvitv2.engine.cli import add_train_arguments, fit
+from mvitv2.engine.cli import train_config as engine_train_config
 from mvitv2.engine.config import TrainConfig
-from mvitv2.engine.data import build_loader
+from mvitv2.engine.data import BadSample, build_loader
 from mvitv2.engine.distributed import DistInfo, init_distributed
 from mvitv2.engine.mixing import MixCriterion
 from mvitv2.engine.task import Task
-from mvitv2.engine.trainer import Trainer, TrainingStopped
-from mvitv2.tasks.image import resolve_recipe
+from mvitv2.engine.trainer import Trainer
 
 #: recipes shipped for this task (under ``recipes/``).
 RECIPE_NAMES = ("moving_digits", "k400_small", "k400_base", "k400_large", "ssv2_small", "ssv2_base")
@@ -479,7 +480,13 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Options of ``mvitv2 <command> video``."""
     data_help = "video root the list paths are relative to (default: embedded moving digits)"
     if command == "train":
-        parser.add_argument("--data", help=data_help)
+        add_train_arguments(
+            parser,
+            data_help=data_help,
+            config_help="recipe YAML or shipped name (default: moving_digits, or k400_small with --data)",
+            model_help="video model name (overrides the recipe)",
+            overrides_example="epochs=10 data.num_frames=8 init_from=PATH",
+        )
         parser.add_argument(
             "--train-list", help="training list file (default: ROOT/train.csv or train.txt)"
         )
@@ -487,27 +494,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             "--val-list", help="validation list file (default: ROOT/val.csv or val.txt)"
         )
         parser.add_argument("--classes", help="class names file, one per line")
-        parser.add_argument("--model", help="video model name (overrides the recipe)")
-        parser.add_argument(
-            "--config",
-            help="recipe YAML or shipped name (default: moving_digits, or k400_small with --data)",
-        )
         parser.add_argument(
             "--init",
             help="initialise from this checkpoint (image: inflated; SlowFast, torchvision, timm, a run)",
-        )
-        parser.add_argument("--resume", help="checkpoint path, run folder or 'auto'")
-        parser.add_argument("--output", help="parent folder of run folders (config key 'output')")
-        parser.add_argument(
-            "--strict-data",
-            action="store_true",
-            help="fail on the first unreadable video instead of skipping it",
-        )
-        parser.add_argument(
-            "overrides",
-            nargs="*",
-            metavar="key=value",
-            help="config overrides, e.g. epochs=10 data.num_frames=8 init_from=PATH",
         )
     elif command == "eval":
         parser.add_argument(
@@ -568,20 +557,18 @@ def run(command: str, args: argparse.Namespace) -> int:
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The run config of ``mvitv2 train video`` from its arguments (recipe, flags, overrides)."""
     uses_data = bool(args.data or args.train_list)
-    recipe = resolve_recipe(args.config or ("k400_small" if uses_data else "moving_digits"))
-    extra = []
-    for item in args.overrides:
-        # ``init_from`` is a task option (data.init_from); accept the short spelling.
-        extra.append("data." + item if item.startswith("init_from=") else item)
+    # ``init_from`` is a task option (data.init_from); accept the short spelling.
+    overrides = ["data." + o if o.startswith("init_from=") else o for o in args.overrides]
     flags = {
-        "model": args.model, "output": args.output, "data.video_root": args.data,
-        "data.train_list": args.train_list, "data.val_list": args.val_list,
-        "data.classes_file": args.classes, "data.init_from": args.init,
+        "data.video_root": args.data, "data.train_list": args.train_list,
+        "data.val_list": args.val_list, "data.classes_file": args.classes,
+        "data.init_from": args.init,
     }  # fmt: skip
-    extra += [f"{k}={v}" for k, v in flags.items() if v]
-    if args.strict_data:
-        extra.append("strict_data=true")
-    return TrainConfig.load(recipe, extra)
+    return engine_train_config(
+        argparse.Namespace(**{**vars(args), "overrides": overrides}),
+        "k400_small" if uses_data else "moving_digits",
+        [f"{k}={v}" for k, v in flags.items() if v],
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -591,13 +578,9 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(task, cfg, resume=args.resume)
     if task.init_report is not None:
         trainer.log.info(f"initialised from {task.init_report}")
-    try:
-        metrics = trainer.fit()
-    except TrainingStopped as e:
-        print(f"error: {e}", file=sys.stderr)
+    metrics = fit(trainer)
+    if metrics is None:
         return 3
-    finally:
-        trainer.close()
     if trainer.dist.is_main:
         wall = time.perf_counter() - t0
         dc = task.data_cfg
@@ -682,7 +665,7 @@ def _predict(args: argparse.Namespace) -> int:
     for f in args.files:
         try:
             top = predictor(f)
-        except (FileNotFoundError, ValueError) as e:
+        except (BadSample, FileNotFoundError, ValueError) as e:  # one bad file: go on
             print(f"{f}: error: {e}", file=sys.stderr)
             status = 1
             continue
