@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from torch import nn
 import mvitv2
 from mvitv2.models.attention import attention_impl
 from mvitv2.utils.flops import count_macs
+from mvitv2.weights import convert_state_dict
 
 CASES = ("image_fp32", "image_bf16", "video_bf16", "train", "detect")
 
@@ -55,45 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", default="benchmark.json", help="where to write the results ('' = do not write)"
     )
-
-
-# --------------------------------------------------------------------------- weight mapping
-def timm_to_ours(state: dict[str, torch.Tensor], depths: tuple[int, ...]) -> dict:
-    """timm MViTv2 state dict -> ours (``stages.{s}.blocks.{j}`` -> ``blocks.{i}``)."""
-    starts = [sum(depths[:s]) for s in range(len(depths))]
-    out = {}
-    for k, v in state.items():
-        m = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)", k)
-        if m:
-            rest = m[3].replace("shortcut_proj_attn", "proj").replace("shortcut_proj_mlp", "proj")
-            k = f"blocks.{starts[int(m[1])] + int(m[2])}.{rest}"
-        out[k.replace("head.fc.", "head.projection.")] = v
-    return out
-
-
-_TV_RULES = [
-    (r"^conv_proj\.", "patch_embed.proj."),
-    (r"\.attn\.pool_([qkv])\.pool\.", r".attn.pool_\1."),
-    (r"\.attn\.pool_([qkv])\.norm_act\.0\.", r".attn.norm_\1."),
-    (r"\.attn\.project\.0\.", ".attn.proj."),
-    (r"\.mlp\.0\.", ".mlp.fc1."),
-    (r"\.mlp\.3\.", ".mlp.fc2."),
-    (r"^(blocks\.\d+)\.project\.", r"\1.proj."),
-    (r"^head\.1\.", "head.projection."),
-]
-
-
-def torchvision_to_ours(state: dict[str, torch.Tensor]) -> dict:
-    """torchvision video MViT state dict -> ours."""
-    out = {}
-    for k, v in state.items():
-        if k == "pos_encoding.class_token":
-            out["cls_token"] = v.reshape(1, 1, -1)
-            continue
-        for pattern, repl in _TV_RULES:
-            k = re.sub(pattern, repl, k)
-        out[k] = v
-    return out
 
 
 # --------------------------------------------------------------------------- measurement
@@ -197,7 +158,7 @@ def _image_pair(quick: bool) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
     ref = _timm_image(quick)
     kw = _tiny_image_kw() if quick else {}
     ours = mvitv2.create_model("mvitv2_tiny", drop_path_rate=0.0, **kw)
-    ours.load_state_dict(timm_to_ours(ref.state_dict(), ours.cfg.depths))
+    ours.load_state_dict(convert_state_dict(ref.state_dict()))
     return ours, ref, (3, 64, 64) if quick else (3, 224, 224)
 
 
@@ -232,7 +193,7 @@ def _video_pair(quick: bool) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
         ours = mvitv2.create_model("mvitv2_small_16x4")
         ref = tvm.mvit_v2_s()
         shape = (3, 16, 224, 224)
-    ours.load_state_dict(torchvision_to_ours(ref.state_dict()))
+    ours.load_state_dict(convert_state_dict(ref.state_dict()))
     return ours, ref, shape
 
 
@@ -326,7 +287,7 @@ def _train_case(quick: bool, batch: int, peaks: dict, repeats: int, device: str)
         grads[name] = {k: p.grad for k, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
         fns[name] = step
-    mapped = timm_to_ours(grads["timm"], ours.cfg.depths)
+    mapped = convert_state_dict(grads["timm"])
     diff = max((g - mapped[k]).abs().max().item() for k, g in grads["ours"].items())
     times = alternate(fns, repeats, device)
     mem = {n: peak_memory(f, device) for n, f in fns.items()}
