@@ -393,3 +393,11 @@ def test_default_data_dir_env(monkeypatch, tmp_path, digits):
     shutil.copytree(digits.root, tmp_path / "moving_digits")
     got = make_moving_digits(**SMALL)  # found in the default place: reused, not rebuilt
     assert got.root == tmp_path / "moving_digits" and got.train_list.is_file()
+
+
+def test_space_separated_csv_list_as_slowfast_writes_it(tmp_path):
+    from mvitv2.data.video import read_video_list
+
+    (tmp_path / "train.csv").write_text("a/x.mp4 3\nb/y.mp4 0\n")
+    samples = read_video_list(tmp_path / "train.csv", tmp_path)
+    assert [(s.path.name, s.label) for s in samples] == [("x.mp4", 3), ("y.mp4", 0)]

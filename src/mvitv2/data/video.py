@@ -309,7 +309,8 @@ def read_video_list(
     """Read a Kinetics-style list file.
 
     Each non-empty line is ``path label`` (whitespace-separated; the path may contain spaces, the
-    label is the last field) or, in a ``.csv`` file, ``path,label``; a CSV header line such as
+    label is the last field) or, in a ``.csv`` file, ``path,label`` (space-separated lines are
+    accepted there too, as in SlowFast's Kinetics files); a CSV header line such as
     ``path,label`` is skipped. Lines starting with ``#`` are comments.
 
     Args:
@@ -329,6 +330,8 @@ def read_video_list(
         lines = csv.reader(f) if is_csv else (line.rsplit(None, 1) for line in f)
         for lineno, fields in enumerate(lines, start=1):
             fields = [x.strip() for x in fields]
+            if is_csv and len(fields) == 1:  # SlowFast's Kinetics .csv files are space-separated
+                fields = fields[0].rsplit(None, 1)
             while fields and not fields[-1]:
                 fields.pop()  # trailing separators
             if not fields or fields[0].startswith("#"):
