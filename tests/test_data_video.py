@@ -37,8 +37,8 @@ SMALL = {
     "digits": (3, 7),
     "num_frames": 16,
     "size": 32,
-    "digit_size": (14, 20),
-    "speed": (1, 2),
+    "digit_size": (12, 16),
+    "speed": (1, 1),
     "seed": 0,
 }
 DIRS = ("up", "down", "left", "right")
@@ -86,20 +86,25 @@ def test_moving_digits_deterministic_and_cached(digits, tmp_path):
 
 def test_opposite_directions_are_exact_time_reversals(tmp_path):
     """The core of "time is needed": for every clip moving in direction d there is an equally
-    likely clip moving in -d (same digit, start = the first clip's end; starts are uniform on the
-    torus) whose frames are the same frames in reverse order. Any model that ignores frame order -
+    likely clip moving in -d (same digit, start = the first clip's end: the start ranges of d and -d
+    are each other's end points) whose frames are the same frames in reverse order. Any model that ignores frame order -
     a single (repeated) frame, an average of frames, a bag of frames - sees the same input for
     both and so cannot beat 50% between d and -d."""
     rng = np.random.default_rng(1)
-    size, t = 32, 16
+    size, t = 32, 8
     for name in DIRS:
         dx, dy = DIRECTIONS[name]
-        p = sample_clip_params(rng, int(rng.integers(0, 1797)), size=size, digit_size=(14, 20))
+        kw = {"size": size, "digit_size": (12, 16), "speed": (2, 2), "num_frames": t}
+        p = sample_clip_params(rng, int(rng.integers(0, 1797)), direction=name, **kw)
         clip = render_clip(**p, direction=name, num_frames=t)
-        end = (
-            (p["start"][0] + (t - 1) * p["speed"] * dx) % size,
-            (p["start"][1] + (t - 1) * p["speed"] * dy) % size,
-        )
+        end = (p["start"][0] + (t - 1) * p["speed"] * dx, p["start"][1] + (t - 1) * p["speed"] * dy)
+        # The digit stays whole in every frame (no wrap-around), so the end lies in the range of
+        # starts that the sampler draws for -d: [path, size - extent] along a moving axis.
+        rows, cols = np.nonzero(p["alpha"])
+        path = (t - 1) * p["speed"]
+        for pos, step, extent in ((end[0], dx, cols.max() + 1), (end[1], dy, rows.max() + 1)):
+            lo, hi = (path, size - extent) if step > 0 else (0, size - extent - path)
+            assert lo <= pos <= hi if step else 0 <= pos <= size - extent
         twin = render_clip(**{**p, "start": end}, direction=(-dx, -dy), num_frames=t)
         assert np.array_equal(twin, clip[::-1])
         assert not np.array_equal(twin, clip)  # yet the clips (and their labels) differ
@@ -110,7 +115,7 @@ def test_opposite_directions_are_exact_time_reversals(tmp_path):
         with VideoReader(tmp_path / "a.mp4") as ra, VideoReader(tmp_path / "b.mp4") as rb:
             a = ra.get_frames(range(t)).float()
             b = rb.get_frames(range(t)).float()
-        assert (a.mean(0) - b.mean(0)).abs().mean() < 2.0  # time-averaged clips: same
+        assert (a.mean(0) - b.mean(0)).abs().mean() < 4.0  # time-averaged clips: same
         assert (a - b.flip(0)).abs().mean() < 4.0  # reversed: same up to codec noise
         assert (a - b).abs().mean() > 10.0  # in order: different
 

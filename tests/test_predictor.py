@@ -197,6 +197,30 @@ def test_video_arrays_files_and_clip_averaging(video_ckpt: Path, tmp_path: Path)
     assert _probs(from_file) == pytest.approx(_probs(from_decoded), abs=1e-5)
 
 
+def test_video_segment_sampling_and_three_crops_follow_the_checkpoint(tmp_path: Path):
+    """An SSv2-style checkpoint (``sampling: segment``, ``test_crops: 3``) is served the way it
+    was evaluated: one frame from the middle of each of T equal segments, and 3 spatial crops."""
+    from mvitv2.data.video import segment_indices
+
+    args = {**TINY, "img_size": 64, "num_frames": 4}
+    model = mvitv2.create_model("mvitv2_small_16x4", num_classes=4, **args)
+    data = {"crop_size": 64, "num_frames": 4, "sampling": "segment", "test_crops": 3}
+    meta = {"task": "video", "class_names": VIDEO_CLASSES, "data": data}
+    pred = Predictor.from_checkpoint(
+        _save(tmp_path / "ssv2.pt", model, "mvitv2_small_16x4", args, meta)
+    )
+    assert pred.preprocessing["sampling"] == "segment"
+    # Each frame is one flat grey level = its index, so the sampled indices can be read back.
+    frames = np.repeat(np.arange(40, dtype=np.uint8)[:, None, None, None] * 5, 3, -1)
+    frames = np.ascontiguousarray(np.broadcast_to(frames, (40, 72, 96, 3)))
+    views = pred.preprocess_video(frames)
+    assert views.shape == (3, 3, 4, 64, 64)  # 1 segment clip x 3 crops
+    std = torch.tensor(pred.preprocessing["std"])[:, None]
+    mean = torch.tensor(pred.preprocessing["mean"])[:, None]
+    levels = (views[0].flatten(2).mean(-1) * std + mean) * 255 / 5  # (3, T)
+    assert levels[0].round().tolist() == [float(i) for i in segment_indices(40, 4, train=False)]
+
+
 # ----------------------------------------------------------------------------- detection
 def test_detection_outputs(detect_ckpt: Path):
     pred = Predictor.from_checkpoint(detect_ckpt)

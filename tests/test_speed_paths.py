@@ -1,6 +1,6 @@
 """The fast attention paths give the reference path's outputs, and the model compiles whole.
 
-Every path ("bias", "folded", "chunked") is compared with "reference" (explicit score matrix,
+Every path ("bias", "folded", "chunked", "memeff") is compared with "reference" (explicit score matrix,
 head-major pooling) on the same weights: image, cls token (both residual-pooling variants),
 video (temporal rel-pos), MViTv1 (no rel-pos), and window attention with padded windows.
 Rel-pos tables and norms get large random values so that a wrong or missing rel-pos term, or a
@@ -28,7 +28,7 @@ from mvitv2.models.attention import (
     set_attention_impl,
 )
 
-FAST = ("bias", "folded", "chunked")
+FAST = ("bias", "folded", "chunked", "memeff")
 SMALL = dict(num_classes=7, depths=(1, 1, 2, 1), embed_dim=32, img_size=64)
 
 CASES = {
@@ -110,6 +110,134 @@ def test_paths_match_in_training_mode_gradients():
         assert torch.allclose(grads[impl], ref, rtol=1e-4, atol=1e-5 * ref.abs().max()), impl
 
 
+def _grads(model, x, impl):
+    model.zero_grad()
+    with attention_impl(impl):
+        out = _flat(model(x))
+        (out * torch.linspace(-1, 1, out.numel())).sum().backward()
+    return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("case", ["cls", "video", "window", "no_expand_two_heads"])
+def test_memeff_gradients_match_reference(case, monkeypatch):
+    """The custom-autograd attention (and the custom LayerNorm/MLP/max-pool functions used with
+    gradients) give the reference path's outputs and parameter gradients within 1e-5 relative;
+    also with many query chunks (chunk boundaries inside the cls row and the grid)."""
+    name, kw, shape = CASES[case]
+    model = _model(name, kw)  # eval: no stochastic depth, but gradients are on
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    ref_out, ref = _grads(model, x, "reference")
+    for chunk in (attn_mod.MEMEFF_CHUNK_ELEMENTS, 200):
+        monkeypatch.setattr(attn_mod, "MEMEFF_CHUNK_ELEMENTS", chunk)
+        out, grads = _grads(model, x, "memeff")
+        err = ((out - ref_out).abs().max() / ref_out.abs().max()).item()
+        assert err < 1e-5, f"{case}: output relative error {err:.2e}"
+        gerr = ((grads - ref).abs().max() / ref.abs().max()).item()
+        assert gerr < 1e-5, f"{case}/chunk {chunk}: gradient relative error {gerr:.2e}"
+
+
+def test_memeff_rel_pos_table_and_input_gradients():
+    """Direct check of the attention function: gradients of q, k, v and of the rel-pos tables
+    (through the gathered tables) equal the explicit reference's, with a cls prefix and a
+    temporal term."""
+    g = torch.Generator().manual_seed(4)
+    q_thw, k_thw, C = (4, 6, 5), (2, 3, 5), 8
+    q = torch.randn(2, 2, 1 + 120, C, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 1 + 30, C, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 1 + 30, C, generator=g, requires_grad=True)
+    tables = [torch.randn(n, C, generator=g, requires_grad=True) for n in (11, 9, 7)]
+    rel = attn_mod.RelPos(*tables[:2], tables[2], q_thw, k_thw, num_prefix=1)
+    weight = torch.randn(2, 2, 121, C, generator=g)
+    inputs = [q, k, v, *tables]
+    results = []
+    for fn in (attn_mod.attention_reference, attn_mod.attention_memeff):
+        out = fn(q, k, v, C**-0.5, rel)
+        results.append([out, *torch.autograd.grad((out * weight).sum(), inputs)])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.allclose(b, a, rtol=0, atol=1e-5 * a.abs().max().item()), i
+
+
+def test_auto_uses_memeff_for_cpu_fp32_training():
+    x = torch.zeros(1, requires_grad=True)
+    assert resolve_attention_impl("auto", x) == "memeff"
+    with torch.no_grad():
+        assert resolve_attention_impl("auto", x) == "bias"
+    assert resolve_attention_impl("auto", x.detach()) == "bias"
+
+
+def test_custom_mlp_and_max_pool_are_exact():
+    """Recompute-GELU MLP, token-chunked MLP at inference and the indices-only max pool give
+    bit-for-bit the values and gradients of the plain modules."""
+    from mvitv2.models import mvit
+
+    torch.manual_seed(0)
+    mlp = mvit.Mlp(16, 64, 24)
+    x = torch.randn(2, 50, 16, requires_grad=True)
+    out = mlp(x)
+    plain = mlp.fc2(mlp.act(mlp.fc1(x)))
+    assert torch.equal(out, plain)
+    w = torch.randn_like(out)
+    got = torch.autograd.grad((out * w).sum(), [x, *mlp.parameters()])
+    want = torch.autograd.grad((plain * w).sum(), [x, *mlp.parameters()])
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        full = mlp(x)
+        old = mvit.MLP_CHUNK_ELEMENTS
+        try:
+            mvit.MLP_CHUNK_ELEMENTS = 64 * 7  # 7 tokens per chunk, uneven split
+            assert torch.allclose(mlp(x), full, rtol=1e-6, atol=1e-7)
+        finally:
+            mvit.MLP_CHUNK_ELEMENTS = old
+    for pool, shape in (
+        (torch.nn.MaxPool2d(3, 2, 1), (2, 5, 9, 8)),
+        (torch.nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)), (1, 4, 3, 8, 7)),
+    ):
+        x = torch.randn(shape, requires_grad=True)
+        y = attn_mod.max_pool(x, pool)
+        assert torch.equal(y, pool(x))
+        w = torch.randn_like(y)
+        (a,) = torch.autograd.grad((y * w).sum(), x)
+        (b,) = torch.autograd.grad((pool(x) * w).sum(), x)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "shape, stride", [((2, 3, 4, 4, 12), (1, 2, 2)), ((2, 4, 3, 5, 8), (2, 1, 1))]
+)
+def test_depthwise_conv3d_by_2d_matches_conv3d(shape, stride):
+    """The training-time decomposition of the video pooling conv (sum of 2-D convs over the
+    temporal taps) gives Conv3d's output and gradients."""
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    C = shape[-1]
+    w = torch.randn(C, 1, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    ours = attn_mod._depthwise_conv3d_by_2d(x, w, stride, (1, 1, 1))
+    ref = F.conv3d(x.permute(0, 4, 1, 2, 3), w, None, stride, 1, 1, C).permute(0, 2, 3, 4, 1)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ours, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_inference_chunking_gives_the_same_result(monkeypatch):
+    """Large-input inference splits (Q/K/V projected one at a time, windows in groups for the
+    bias path, token-chunked MLP) do not change the output."""
+    from mvitv2.models import mvit
+
+    name, kw, shape = CASES["window"]
+    model = _model(name, kw)
+    x = torch.randn(shape)
+    whole = _run(model, x, "bias")
+    monkeypatch.setattr(attn_mod, "SPLIT_ELEMENTS", 1000)
+    monkeypatch.setattr(attn_mod, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(mvit, "MLP_CHUNK_ELEMENTS", 5000)
+    assert torch.allclose(_run(model, x, "bias"), whole, rtol=0, atol=1e-6 * whole.abs().max())
+
+
 def test_chunked_queries_give_the_same_result(monkeypatch):
     name, kw, shape = CASES["video"]
     model = _model(name, kw)
@@ -177,12 +305,20 @@ torch.manual_seed(0)
 m = mvitv2.create_model("mvitv2_base_cls", num_classes=5, depths=(1, 1, 1, 1), embed_dim=16,
                         img_size=64).eval()
 x = torch.randn(1, 3, 64, 64)
-for impl in ("bias", "chunked"):
+for impl in ("bias", "chunked", "memeff"):
     with mvitv2.models.attention.attention_impl(impl), torch.no_grad():
         ref = m(x)
         out = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
     assert torch.allclose(out, ref, atol=1e-5), (impl, (out - ref).abs().max())
     torch._dynamo.reset()
+# With gradients: the custom-autograd attention traces whole too (forward and backward).
+x.requires_grad_(True)
+with mvitv2.models.attention.attention_impl("memeff"):
+    ref = torch.autograd.grad(m(x).square().sum(), x)[0]
+    out = torch.autograd.grad(
+        torch.compile(m, fullgraph=True, backend="aot_eager")(x).square().sum(), x
+    )[0]
+assert torch.allclose(out, ref, atol=1e-6), (out - ref).abs().max()
 print("ok")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

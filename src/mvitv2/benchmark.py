@@ -53,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch", type=int, default=None, help="override every case's batch size")
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="inference cases: also time our model under torch.compile (inductor, frozen weights)"
+        " and the reference under torch.compile, as extra rows",
+    )
+    parser.add_argument(
         "--json", default="benchmark.json", help="where to write the results ('' = do not write)"
     )
 
@@ -240,24 +246,47 @@ def _inference_case(
     peaks: dict,
     repeats: int,
     device: str,
+    compile: bool = False,
 ) -> list[Row]:
     ours, ref = ours.eval().to(device), ref.eval().to(device)
     dev = torch.device(device).type
 
-    def call(model):
+    def call(model, grad_mode=torch.inference_mode):
         def f():
-            with torch.inference_mode(), torch.autocast(dev, torch.bfloat16, enabled=bf16):
+            with grad_mode(), torch.autocast(dev, torch.bfloat16, enabled=bf16):
                 return model(x)
 
         return f
 
     fns = {"ours": call(ours), ref_name: call(ref)}
+    if compile:
+        # no_grad, not inference_mode: inductor freezes weights only under no_grad.
+        compiled = {"ours+compile": ours, f"{ref_name}+compile": ref}
+        fns.update(_compiled(compiled, lambda m: call(m, torch.no_grad)))
     diff = (fns["ours"]().float() - fns[ref_name]().float()).abs().max().item()
     times = alternate(fns, repeats, device)
     mem = {n: peak_memory(f, device) for n, f in fns.items()}
     macs = _macs(ours, tuple(x.shape))
     peak = peaks["bf16" if bf16 else "fp32"]
     return _rows(case, times, mem, macs, x.shape[0], peak, ref_name, diff)
+
+
+def _compiled(
+    models: dict[str, nn.Module], call: Callable[[nn.Module], Callable[[], object]]
+) -> dict[str, Callable[[], object]]:
+    """``torch.compile`` each model (inductor; weights frozen as constants, which lets it prepack
+    GEMM weights and fuse bias/activations) and run it once to compile; prints the compile time."""
+    import torch._inductor.config as inductor_config
+
+    fns = {}
+    for name, model in models.items():
+        t0 = time.perf_counter()
+        fn = call(torch.compile(model))
+        with inductor_config.patch(freezing=True):
+            fn()
+        print(f"[{name}: compiled in {time.perf_counter() - t0:.0f} s]", flush=True)
+        fns[name] = fn
+    return fns
 
 
 def _macs(model: nn.Module, shape: tuple[int, ...]) -> float:
@@ -368,11 +397,15 @@ def run(args: argparse.Namespace) -> int:
             batch = args.batch or (2 if quick else 8)
             x = torch.randn(batch, *shape, device=device)
             bf16 = case == "image_bf16"
-            new = _inference_case(case, ours, ref, "timm", x, bf16, peaks, repeats, device)
+            new = _inference_case(
+                case, ours, ref, "timm", x, bf16, peaks, repeats, device, args.compile
+            )
         elif case == "video_bf16":
             ours, ref, shape = _video_pair(quick)
             x = torch.randn(args.batch or 1, *shape, device=device)
-            new = _inference_case(case, ours, ref, "torchvision", x, True, peaks, repeats, device)
+            new = _inference_case(
+                case, ours, ref, "torchvision", x, True, peaks, repeats, device, args.compile
+            )
         elif case == "train":
             new = _train_case(quick, args.batch or (2 if quick else 16), peaks, repeats, device)
         else:
@@ -408,6 +441,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
             out += [f"--{name}", str(getattr(args, name))]
     if args.quick:
         out.append("--quick")
+    if args.compile:
+        out.append("--compile")
     if args.device != "cpu":
         out += ["--device", args.device]
     return out

@@ -68,8 +68,9 @@ def default_preprocessing(
     Keys (image and video): ``input_size`` ``[H, W]`` of the network input, ``resize_size``
     (short side before the centre crop), ``interpolation``, ``mean``, ``std`` (of ``[0, 1]`` RGB);
     image adds ``crop_pct``; video adds ``num_frames``, ``sampling_rate`` (frame step inside a
-    clip), ``num_clips`` (uniform clips averaged per video) and ``num_crops`` (1: centre crop,
-    3: left/centre/right). Detection: ``mean``, ``std``, ``min_size``, ``max_size``,
+    clip), ``num_clips`` (uniform clips averaged per video), ``num_crops`` (1: centre crop,
+    3: left/centre/right) and ``sampling`` (``clip``, or ``segment``: one frame from each of
+    ``num_frames`` equal segments, SSv2). Detection: ``mean``, ``std``, ``min_size``, ``max_size``,
     ``size_divisible`` (the detector resizes and normalises inside the model; its inputs are
     ``[0, 1]`` RGB images of any size).
     """
@@ -116,6 +117,7 @@ def default_preprocessing(
         "sampling_rate": int(data.get("sampling_rate", 4)),
         "num_clips": int(data.get("num_clips", data.get("test_clips", 5))),
         "num_crops": int(data.get("num_crops", data.get("test_crops", 1))),
+        "sampling": str(data.get("sampling", "clip")),
     }
 
 

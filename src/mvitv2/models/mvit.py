@@ -15,12 +15,59 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from mvitv2.models.attention import Grid, MultiScaleAttention, pool_tokens
+from mvitv2.models.attention import (
+    Grid,
+    MultiScaleAttention,
+    _autocast_dtype,
+    _tracing,
+    pool_tokens,
+)
 from mvitv2.models.config import BlockSpec, MViTConfig, block_specs
 
 
+class _MlpRecomputeGelu(torch.autograd.Function):
+    """``fc2(gelu(fc1(x)))`` that saves only ``x`` and ``fc1(x)`` for backward and recomputes
+    the GELU there (cheap), instead of also keeping the GELU output: one ``(N, hidden)``
+    activation less per block during training, same gradients as autograd's."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):  # noqa: D102
+        h = F.linear(x, w1, b1)
+        ctx.save_for_backward(x, h, w1, w2)
+        return F.linear(F.gelu(h), w2, b2)
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: D102
+        x, h, w1, w2 = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        h2 = h.reshape(-1, h.shape[-1])
+        need = ctx.needs_input_grad
+        dx = dw1 = db1 = dw2 = db2 = None
+        if need[3]:
+            dw2 = dy2.t() @ F.gelu(h2)
+        if need[4]:
+            db2 = dy2.sum(0)
+        dh = torch.ops.aten.gelu_backward(dy2 @ w2, h2)
+        if need[1]:
+            dw1 = dh.t() @ x.reshape(-1, x.shape[-1])
+        if need[2]:
+            db1 = dh.sum(0)
+        if need[0]:
+            dx = (dh @ w1).view(x.shape)
+        return dx, dw1, db1, dw2, db2
+
+
+#: Hidden-activation elements per token chunk of the MLP at inference.
+MLP_CHUNK_ELEMENTS = 1 << 22
+
+
 class Mlp(nn.Module):
-    """Linear -> GELU -> Linear."""
+    """Linear -> GELU -> Linear.
+
+    Training (fp32, no autocast) recomputes the GELU in backward instead of saving its output;
+    inference runs large inputs in token chunks so that the ``(N, hidden)`` activation never
+    exists at full size. Both are exact (the same ops on the same values).
+    """
 
     def __init__(self, dim: int, hidden: int, dim_out: int) -> None:
         super().__init__()
@@ -29,7 +76,22 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        if _tracing():  # compile/export: the plain graph
+            return self.fc2(self.act(self.fc1(x)))
+        if torch.is_grad_enabled():
+            if self.act.approximate == "none" and _autocast_dtype(x.device.type) is None:
+                fc1, fc2 = self.fc1, self.fc2
+                return _MlpRecomputeGelu.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+            return self.fc2(self.act(self.fc1(x)))
+        hidden = self.fc1.out_features
+        rows = max(MLP_CHUNK_ELEMENTS // hidden, 1)
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] <= rows:
+            return self.fc2(self.act(self.fc1(x)))
+        out = flat.new_empty(flat.shape[0], self.fc2.out_features)
+        for r0 in range(0, flat.shape[0], rows):
+            out[r0 : r0 + rows] = self.fc2(self.act(self.fc1(flat[r0 : r0 + rows])))
+        return out.view(*x.shape[:-1], -1)
 
 
 class MultiScaleBlock(nn.Module):

@@ -126,10 +126,10 @@ class VideoDataConfig:
     init_inflation: str = "centre"
     digits_train_per_class: int = 40
     digits_val_per_class: int = 10
-    digits_frames: int = 32
-    digits_size: int = 64
-    digits_digit_size: tuple[int, int] = (24, 36)
-    digits_speed: tuple[int, int] = (1, 3)
+    digits_frames: int = 8
+    digits_size: int = 32
+    digits_digit_size: tuple[int, int] = (14, 18)
+    digits_speed: tuple[int, int] = (1, 2)
     digits_directions: tuple[str, ...] = ("up", "down", "left", "right")
     digits_seed: int = 0
 
