@@ -238,6 +238,25 @@ def test_inference_chunking_gives_the_same_result(monkeypatch):
     assert torch.allclose(_run(model, x, "bias"), whole, rtol=0, atol=1e-6 * whole.abs().max())
 
 
+@pytest.mark.parametrize("case", ["window", "video"])
+def test_bias_path_query_row_chunks_give_the_same_result(case, monkeypatch):
+    """Inference on a large grid builds the rel-pos bias one query-row chunk at a time (global
+    blocks of the detection backbone, video); the output does not change."""
+    name, kw, shape = CASES[case]
+    model = _model(name, dict(kw, use_cls_token=False))
+    x = torch.randn(shape)
+    whole = _run(model, x, "bias")
+    reference = _run(model, x, "reference")
+    monkeypatch.setattr(attn_mod, "CHUNK_ELEMENTS", 2000)
+    calls = []
+    rows = attn_mod._attention_bias_rows
+    monkeypatch.setattr(attn_mod, "_attention_bias_rows", lambda *a: calls.append(1) or rows(*a))
+    chunked = _run(model, x, "bias")
+    assert calls  # the row-chunked path ran
+    assert torch.allclose(chunked, whole, rtol=0, atol=1e-6 * whole.abs().max())
+    assert torch.allclose(chunked, reference, rtol=0, atol=1e-5 * reference.abs().max())
+
+
 def test_chunked_queries_give_the_same_result(monkeypatch):
     name, kw, shape = CASES["video"]
     model = _model(name, kw)

@@ -20,6 +20,7 @@ classes are used, to be compared against.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mvitv2
+from mvitv2.models import mvit as mvit_mod
 from mvitv2.models.attention import attention_impl
 from mvitv2.utils.flops import count_macs
 from mvitv2.weights import convert_state_dict
@@ -325,6 +327,17 @@ def _train_case(quick: bool, batch: int, peaks: dict, repeats: int, device: str)
     return _rows("train", times, mem, macs, batch, peaks["fp32"], "timm", diff)
 
 
+@contextlib.contextmanager
+def _mlp_chunk(elements: int | None):
+    """Set the MLP's inference token chunk (hidden elements; None: no chunking) for a block."""
+    saved = mvit_mod.MLP_CHUNK_ELEMENTS
+    mvit_mod.MLP_CHUNK_ELEMENTS = elements if elements is not None else 1 << 62
+    try:
+        yield
+    finally:
+        mvit_mod.MLP_CHUNK_ELEMENTS = saved
+
+
 def _detect_case(quick: bool, batch: int, peaks: dict, repeats: int, device: str) -> list[Row]:
     if quick:
         model = mvitv2.create_model(
@@ -337,14 +350,16 @@ def _detect_case(quick: bool, batch: int, peaks: dict, repeats: int, device: str
     model = model.eval().to(device)
     x = torch.randn(batch, *shape, device=device)
 
-    def call(impl):
+    def call(impl, mlp_chunk):
         def f():
-            with torch.inference_mode(), attention_impl(impl):
+            # The unfused baseline is what detectron2 runs: explicit attention matrices and the
+            # MLP over all tokens at once (no token chunking).
+            with torch.inference_mode(), attention_impl(impl), _mlp_chunk(mlp_chunk):
                 return model(x)
 
         return f
 
-    fns = {"ours": call("auto"), "unfused": call("reference")}
+    fns = {"ours": call("auto", mvit_mod.MLP_CHUNK_ELEMENTS), "unfused": call("reference", None)}
     a, b = fns["ours"](), fns["unfused"]()
     diff = max((p - q).abs().max().item() for p, q in zip(a, b))
     del a, b

@@ -292,7 +292,10 @@ def attention_bias(
     """
     B, nH, Nq = q.shape[:3]
     if rel is not None and not torch.is_grad_enabled() and not _tracing():
-        n = max(CHUNK_ELEMENTS // max(nH * Nq * k.shape[2], 1), 1)
+        per_item = nH * Nq * k.shape[2]
+        if per_item > CHUNK_ELEMENTS and rel.num_prefix == 0:
+            return _attention_bias_rows(q, k, v, scale, rel)
+        n = max(CHUNK_ELEMENTS // max(per_item, 1), 1)
         if n < B:
             parts = [
                 _attention_bias(q[i : i + n], k[i : i + n], v[i : i + n], scale, rel)
@@ -300,6 +303,29 @@ def attention_bias(
             ]
             return torch.cat(parts)
     return _attention_bias(q, k, v, scale, rel)
+
+
+def _attention_bias_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos) -> Tensor:
+    """:func:`attention_bias` over query-row chunks (inference, no prefix tokens): each chunk's
+    bias is built from the per-query coefficients of :func:`rel_pos_terms` (the same sums as
+    :func:`rel_pos_bias`), so the ``(Nq, Nk)`` bias never exists whole."""
+    B, nH, Nq = q.shape[:3]
+    kt, kh, kw = rel.k_thw
+    a = rel_pos_terms(q, rel.q_thw, rel.k_thw, rel.h, rel.w, rel.t)
+    rows = max(CHUNK_ELEMENTS // (B * nH * k.shape[2]), 1)
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    for r0 in range(0, Nq, rows):
+        ac = a[:, :, r0 : r0 + rows]
+        bias = (ac[..., :kh, None] + ac[..., None, kh : kh + kw])[..., None, :, :]
+        if rel.t is not None:
+            bias = bias + ac[..., kh + kw :, None, None]
+        elif kt != 1:
+            bias = bias.expand(*bias.shape[:3], kt, kh, kw)
+        bias = bias.reshape(B, nH, -1, kt * kh * kw).to(q.dtype)
+        out[:, :, r0 : r0 + rows] = F.scaled_dot_product_attention(
+            q[:, :, r0 : r0 + rows], k, v, attn_mask=bias, scale=scale
+        )
+    return out
 
 
 def _attention_bias(q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | None) -> Tensor:
