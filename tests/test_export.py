@@ -77,6 +77,33 @@ def test_detector_backbone_fpn_onnx_parity(ckpts: dict[str, Path], tmp_path: Pat
     _onnx_matches_torch(path, features, (3, 96, 128))
 
 
+def test_whole_detector_onnx_matches_pytorch(ckpts: dict[str, Path], tmp_path: Path, capsys):
+    """``--whole-detector``: image in, detections out, in onnxruntime; the same boxes, labels,
+    scores and masks as the PyTorch detector, also on an image of another size."""
+    out = tmp_path / "whole.onnx"
+    argv = ["export", "detect", "--checkpoint", str(ckpts["detect"]), "--output", str(out)]
+    assert cli.main([*argv, "--whole-detector", "--input-size", "96", "128", "--verify"]) == 0
+    assert "(verified)" in capsys.readouterr().out
+    assert read_metadata(out)["exported_part"] == "whole detector"
+    model = build_model(read_checkpoint(ckpts["detect"])).eval()
+    torch.manual_seed(1)
+    image = torch.rand(3, 112, 144)
+    with torch.no_grad():
+        ref = model([image])[0]
+    assert len(ref["boxes"]) > 0  # random weights still detect: the comparison is not vacuous
+    got = dict(
+        zip(
+            ("boxes", "labels", "scores", "masks"),
+            onnx_session(out).run(None, {"image": image.numpy()}),
+        )
+    )
+    for name, value in got.items():
+        np.testing.assert_allclose(value, ref[name].numpy(), atol=1e-3, err_msg=name)
+    # torch.export cannot capture the NMS: a clear error, not a crash
+    assert cli.main([*argv, "--whole-detector", "--format", "torch-export"]) == 2
+    assert "ONNX only" in capsys.readouterr().err
+
+
 def test_cli_torch_export_program_roundtrip(ckpts: dict[str, Path], tmp_path: Path, capsys):
     out = tmp_path / "prog" / "video.pt2"
     argv = ["export", "video", "--checkpoint", str(ckpts["video"]), "--format", "torch-export"]

@@ -11,6 +11,10 @@ What is exported per task:
 * ``video``: the classifier, ``(B, 3, T, H, W)`` -> logits.
 * ``detect``: the backbone and FPN, ``(B, 3, H, W)`` -> P2..P6 maps (``(B, 256, H/s, W/s)``,
   s = 4..64); the RPN, RoI heads and mask paste-back stay in Python (torchvision detection code).
+  With ``whole_detector=True`` (``--whole-detector``, ONNX only) the whole detector instead: one
+  ``(3, H, W)`` RGB image in ``[0, 1]`` (the graph resizes and normalises it) -> ``boxes (N, 4)``,
+  ``labels (N,)``, ``scores (N,)``, ``masks (N, 1, H, W)``. It uses the TorchScript-based
+  exporter, because ``torch.export`` cannot capture the data-dependent NMS.
 
 ONNX uses the ``torch.export``-based exporter (``dynamo=True``) at opset 18, which onnxruntime
 runs from 1.14 on. ONNX support is the optional extra ``mvitv2[export]`` (onnx, onnxscript,
@@ -67,7 +71,7 @@ def _write_sidecar(
     shape: list[Any] = list(example_input.shape)
     if dynamic_batch:
         shape[0] = "batch"
-    layout = "NCTHW" if example_input.ndim == 5 else "NCHW"
+    layout = {5: "NCTHW", 4: "NCHW", 3: "CHW"}[example_input.ndim]
     meta = {
         "format": fmt,
         "task": task,
@@ -198,6 +202,60 @@ def export_onnx(
     return path
 
 
+def export_detector_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    image_size: Sequence[int],
+    opset: int = 17,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Export a whole detector (resize, backbone, RPN, RoI heads, NMS, mask paste) to ONNX.
+
+    Args:
+        model: a detector from :func:`mvitv2.create_detector` (eval mode is set here).
+        path: output ``.onnx`` file; its metadata goes to ``<path>.json``.
+        image_size: ``(H, W)`` of the example image the graph is traced with (other sizes run,
+            the resize inside the graph follows them).
+        opset: ONNX opset of the TorchScript-based exporter.
+        metadata: extra sidecar entries.
+    """
+    try:
+        import onnx  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs onnx ({_EXTRA_HINT}): {e}") from e
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.rand(3, *image_size)
+    names = ["boxes", "labels", "scores", "masks"]
+    with torch.no_grad():
+        torch.onnx.export(
+            model.eval(), ([example],), path, input_names=["image"], output_names=names,
+            opset_version=opset, dynamo=False,
+            dynamic_axes={"image": {1: "height", 2: "width"}, **{n: {0: "detections"} for n in names}},
+        )  # fmt: skip
+    _write_sidecar(
+        path, "onnx", "detect", example, ["image"], names, False,
+        {**(metadata or {}), "exported_part": "whole detector", "input_range": "[0, 1] RGB"},
+        opset=opset,
+    )  # fmt: skip
+    return path
+
+
+def verify_detector_export(path: str | os.PathLike, model: nn.Module, image: Tensor) -> None:
+    """Assert that the ONNX detector finds the same detections as ``model`` on ``image``."""
+    with torch.no_grad():
+        ref = model.eval()([image])[0]
+    got = onnx_session(path).run(None, {"image": image.numpy()})
+    for name, value in zip(("boxes", "labels", "scores", "masks"), got):
+        want = ref[name].numpy()
+        if value.shape != want.shape:
+            raise AssertionError(f"{name}: shape {value.shape} != PyTorch's {want.shape}")
+        err = float(abs(value.astype("float64") - want).max()) if want.size else 0.0
+        if err > 1e-3 * max(1.0, float(abs(want).max()) if want.size else 1.0):
+            raise AssertionError(f"{name}: max |diff| {err:.2e}")
+
+
 def onnx_session(path: str | os.PathLike):
     """An onnxruntime CPU session for an exported model."""
     try:
@@ -319,6 +377,7 @@ def export_checkpoint(
     dynamic_batch: bool = True,
     input_size: Sequence[int] | None = None,
     verify: bool = False,
+    whole_detector: bool = False,
 ) -> Path:
     """Export a training checkpoint (see the module docstring for what each task exports).
 
@@ -330,7 +389,9 @@ def export_checkpoint(
         opset: ONNX opset.
         dynamic_batch: dynamic batch dimension.
         input_size: ``(H, W)`` to export at (default: the checkpoint's evaluation size).
-        verify: compare the exported model with PyTorch at batch 1 and 3 (1e-4).
+        verify: compare the exported model with PyTorch at batch 1 and 3 (1e-4); a whole
+            detector: its detections on one random image.
+        whole_detector: detection only: export the whole detector (ONNX), not backbone + FPN.
     """
     if format not in FORMATS:
         raise ValueError(
@@ -338,7 +399,6 @@ def export_checkpoint(
         )
     info = read_checkpoint(checkpoint, task=task)
     model = build_model(info)
-    module, example, in_names, out_names = deployable(info, model, input_size)
     output = Path(output) if output else Path(checkpoint).with_suffix(FORMATS[format])
     metadata = {
         "model_name": info.model_name,
@@ -346,6 +406,16 @@ def export_checkpoint(
         "class_names": info.class_names,
         "preprocessing": info.preprocessing,
     }
+    if whole_detector:
+        if info.task != "detect" or format != "onnx":
+            raise ValueError("--whole-detector exports detection checkpoints to ONNX only")
+        side = _round_up(info.preprocessing["min_size"], 32)
+        size = input_size or (side, side)
+        path = export_detector_onnx(model, output, image_size=size, metadata=metadata)
+        if verify:
+            verify_detector_export(path, model, torch.rand(3, *size))
+        return path
+    module, example, in_names, out_names = deployable(info, model, input_size)
     if info.task == "detect":
         metadata["exported_part"] = "backbone+fpn"
     kwargs = dict(
@@ -382,6 +452,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verify", action="store_true", help="compare with PyTorch at batch 1 and 3 after export"
     )
+    parser.add_argument(
+        "--whole-detector",
+        action="store_true",
+        help="detect, ONNX: export the whole detector (image in, boxes/labels/scores/masks out) "
+        "instead of backbone + FPN",
+    )
 
 
 def run_export(task: str, args: argparse.Namespace) -> int:
@@ -396,6 +472,7 @@ def run_export(task: str, args: argparse.Namespace) -> int:
             dynamic_batch=not args.static_batch,
             input_size=args.input_size,
             verify=args.verify,
+            whole_detector=args.whole_detector,
         )
     except (CheckpointError, FileNotFoundError, ImportError, ValueError) as e:
         print(f"mvitv2 export {task}: error: {e}", file=sys.stderr)
