@@ -131,10 +131,16 @@ class MultiScaleBlock(nn.Module):
             shortcut, _ = pool_tokens(
                 shortcut, thw, self.pool_skip, self.num_prefix, self.spatial_only
             )
-        x = shortcut + self.drop_path(y)
+        if torch.is_grad_enabled() or _tracing():
+            x = shortcut + self.drop_path(y)
+            xn = self.norm2(x)
+            shortcut = self.proj(xn) if self.proj is not None and not self.proj_after_attn else x
+            return shortcut + self.drop_path(self.mlp(xn)), new_thw
+        # Inference: add the residuals into the fresh branch outputs (no new activation buffers).
+        x = self.drop_path(y).add_(shortcut)
         xn = self.norm2(x)
         shortcut = self.proj(xn) if self.proj is not None and not self.proj_after_attn else x
-        return shortcut + self.drop_path(self.mlp(xn)), new_thw
+        return self.drop_path(self.mlp(xn)).add_(shortcut), new_thw
 
 
 class PatchEmbed(nn.Module):
