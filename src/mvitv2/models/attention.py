@@ -179,18 +179,40 @@ def rel_pos_bias(
     B, nH, _, C = q.shape
     qt, qh, qw = q_thw
     kt, kh, kw = k_thw
-    r = q.reshape(B, nH, qt, qh, qw, C)
-    # Batched over the query row (qh) / column (qw) / time (qt) the table slice depends on.
-    rel_h = r @ get_rel_pos(qh, kh, rel_pos_h).transpose(1, 2)  # (B, nH, qt, qh, qw, kh)
-    rel_w = (r.transpose(3, 4) @ get_rel_pos(qw, kw, rel_pos_w).transpose(1, 2)).transpose(3, 4)
-    bias = (rel_h[..., :, None] + rel_w[..., None, :])[..., None, :, :]  # (..., 1, kh, kw)
-    if rel_pos_t is not None:
-        rt = get_rel_pos(qt, kt, rel_pos_t).transpose(1, 2)  # (qt, C, kt)
-        rel_t = (r.reshape(B, nH, qt, qh * qw, C) @ rt).reshape(B, nH, qt, qh, qw, kt)
-        bias = bias + rel_t[..., None, None]
-    elif kt != 1:
-        bias = bias.expand(*bias.shape[:5], kt, kh, kw)
+    rh, rw = get_rel_pos(qh, kh, rel_pos_h), get_rel_pos(qw, kw, rel_pos_w)
+    rt = None if rel_pos_t is None else get_rel_pos(qt, kt, rel_pos_t)
+    bias = _bias_from_coeffs(*_rel_coeffs(q.reshape(B, nH, qt, qh, qw, C), rh, rw, rt), k_thw)
     return bias.reshape(B, nH, qt * qh * qw, kt * kh * kw)
+
+
+def _rel_coeffs(
+    r: Tensor, rh: Tensor, rw: Tensor, rt: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-axis rel-pos coefficients of the query grid ``r`` ``(B, nH, qt, qh, qw, C)`` with
+    gathered tables ``rh (qh, kh, C)``, ``rw (qw, kw, C)``, ``rt (qt, kt, C)`` (or None).
+
+    Returns ``(a_h, a_w, a_t)`` (``a_t`` None without ``rt``), each ``(B, nH, qt, qh, qw, k)`` with ``a_h[..., y, x, j] =
+    r[..., y, x, :] . rh[y, j]`` etc.: matmuls batched over the axis the table slice depends on.
+    """
+    B, nH, qt, qh, qw, C = r.shape
+    a_h = r @ rh.transpose(1, 2)
+    a_w = (r.transpose(3, 4) @ rw.transpose(1, 2)).transpose(3, 4)
+    if rt is None:
+        return a_h, a_w, None
+    a_t = (r.reshape(B, nH, qt, qh * qw, C) @ rt.transpose(1, 2)).view(*a_h.shape[:5], -1)
+    return a_h, a_w, a_t
+
+
+def _bias_from_coeffs(a_h: Tensor, a_w: Tensor, a_t: Tensor | None, k_thw: Grid) -> Tensor:
+    """The rel-pos bias ``(..., kt*kh*kw)`` of per-query coefficients ``a_h (..., kh)``,
+    ``a_w (..., kw)``, ``a_t (..., kt)`` (None: no temporal term), broadcast over the key grid."""
+    kt, kh, kw = k_thw
+    bias = (a_h[..., :, None] + a_w[..., None, :])[..., None, :, :]  # (..., 1, kh, kw)
+    if a_t is not None:
+        bias = bias + a_t[..., None, None]
+    elif kt != 1:
+        bias = bias.expand(*bias.shape[:-3], kt, kh, kw)
+    return bias.flatten(-3)
 
 
 def rel_pos_terms(
@@ -217,16 +239,17 @@ def rel_pos_terms(
     B, nH, _, C = q.shape
     qt, qh, qw = q_thw
     kt, kh, kw = k_thw
-    r = q.reshape(B, nH, qt, qh, qw, C)
     rh = get_rel_pos(qh, kh, rel_pos_h) * factor
     rw = get_rel_pos(qw, kw, rel_pos_w) * factor
-    a_h = r @ rh.transpose(1, 2)  # (B, nH, qt, qh, qw, kh)
-    a_w = (r.transpose(3, 4) @ rw.transpose(1, 2)).transpose(3, 4)  # (B, nH, qt, qh, qw, kw)
-    parts = [a_h, a_w]
-    if rel_pos_t is not None:
-        rt = (get_rel_pos(qt, kt, rel_pos_t) * factor).transpose(1, 2)  # (qt, C, kt)
-        a_t = (r.reshape(B, nH, qt, qh * qw, C) @ rt).reshape(B, nH, qt, qh, qw, kt)
-        parts.append(a_t)
+    rt = None if rel_pos_t is None else get_rel_pos(qt, kt, rel_pos_t) * factor
+    return _rel_terms_from_gathered(q.reshape(B, nH, qt, qh, qw, C), rh, rw, rt)
+
+
+def _rel_terms_from_gathered(r: Tensor, rh: Tensor, rw: Tensor, rt: Tensor | None) -> Tensor:
+    """:func:`rel_pos_terms` of the query grid ``r`` ``(B, nH, qt, qh, qw, C)`` with already
+    gathered tables (see :func:`_rel_coeffs`); returns ``(B, nH, qt*qh*qw, kh + kw (+ kt))``."""
+    B, nH, qt, qh, qw, _ = r.shape
+    parts = [a for a in _rel_coeffs(r, rh, rw, rt) if a is not None]
     return torch.cat(parts, dim=-1).reshape(B, nH, qt * qh * qw, -1)
 
 
@@ -310,20 +333,16 @@ def _attention_bias_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, rel: Rel
     bias is built from the per-query coefficients of :func:`rel_pos_terms` (the same sums as
     :func:`rel_pos_bias`), so the ``(Nq, Nk)`` bias never exists whole."""
     B, nH, Nq = q.shape[:3]
-    kt, kh, kw = rel.k_thw
+    _, kh, kw = rel.k_thw
     a = rel_pos_terms(q, rel.q_thw, rel.k_thw, rel.h, rel.w, rel.t)
     rows = max(CHUNK_ELEMENTS // (B * nH * k.shape[2]), 1)
     out = q.new_empty(*q.shape[:3], v.shape[-1])
     for r0 in range(0, Nq, rows):
         ac = a[:, :, r0 : r0 + rows]
-        bias = (ac[..., :kh, None] + ac[..., None, kh : kh + kw])[..., None, :, :]
-        if rel.t is not None:
-            bias = bias + ac[..., kh + kw :, None, None]
-        elif kt != 1:
-            bias = bias.expand(*bias.shape[:3], kt, kh, kw)
-        bias = bias.reshape(B, nH, -1, kt * kh * kw).to(q.dtype)
+        a_t = ac[..., kh + kw :] if rel.t is not None else None
+        bias = _bias_from_coeffs(ac[..., :kh], ac[..., kh : kh + kw], a_t, rel.k_thw)
         out[:, :, r0 : r0 + rows] = F.scaled_dot_product_attention(
-            q[:, :, r0 : r0 + rows], k, v, attn_mask=bias, scale=scale
+            q[:, :, r0 : r0 + rows], k, v, attn_mask=bias.to(q.dtype), scale=scale
         )
     return out
 
@@ -431,21 +450,6 @@ def _memeff_scores(
 def _bh(x: Tensor) -> Tensor:
     """``(B, nH, N, C)`` -> ``(B*nH, N, C)`` (a copy only when the layout needs one)."""
     return x.reshape(-1, x.shape[-2], x.shape[-1])
-
-
-def _rel_terms_from_gathered(r: Tensor, rh: Tensor, rw: Tensor, rt: Tensor | None) -> Tensor:
-    """:func:`rel_pos_terms` from already gathered tables ``rh (qh, kh, C)``, ``rw (qw, kw, C)``,
-    ``rt (qt, kt, C)``; ``r`` is the query grid ``(B, nH, qt, qh, qw, C)``. Returns
-    ``(B, nH, qt*qh*qw, kh + kw (+ kt))``."""
-    B, nH, qt, qh, qw, C = r.shape
-    a_h = r @ rh.transpose(1, 2)
-    a_w = (r.transpose(3, 4) @ rw.transpose(1, 2)).transpose(3, 4)
-    parts = [a_h, a_w]
-    if rt is not None:
-        parts.append(
-            (r.reshape(B, nH, qt, qh * qw, C) @ rt.transpose(1, 2)).view(*a_h.shape[:5], -1)
-        )
-    return torch.cat(parts, dim=-1).reshape(B, nH, qt * qh * qw, -1)
 
 
 class _MemEffAttention(torch.autograd.Function):
