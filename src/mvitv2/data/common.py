@@ -3,14 +3,15 @@ of generated datasets, and skip counters that DataLoader workers can update."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -23,6 +24,33 @@ __all__ = [
     "render_digit",
     "split_digit_indices",
 ]
+
+
+_Config = TypeVar("_Config")
+
+
+def config_from_dict(cls: type[_Config], values: Mapping[str, Any], what: str) -> _Config:
+    """Build the dataclass ``cls`` from a recipe's mapping (lists become tuples).
+
+    Args:
+        cls: a dataclass type.
+        values: option name -> value.
+        what: how the options are named in the error, e.g. ``"video data"``.
+    Raises:
+        KeyError: naming the unknown keys and the valid ones.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise KeyError(f"unknown {what} option(s) {unknown}; valid: {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config as plain types (lists for tuples): YAML and checkpoint safe."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    }
 
 
 def default_data_dir(name: str | None = None) -> Path:

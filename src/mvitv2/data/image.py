@@ -7,7 +7,6 @@ sorted sub-folder names of ``train``. Unreadable images raise
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from torchvision.transforms import InterpolationMode, v2
 
 from mvitv2.data.common import (
     build_cached,
+    config_from_dict,
+    config_to_dict,
     default_data_dir,
     load_digits_arrays,
     render_digit,
@@ -67,12 +68,7 @@ class ImageDataConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ImageDataConfig:
         """From a recipe's ``data`` mapping; unknown keys raise ``KeyError``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise KeyError(f"unknown data option(s) {unknown}; valid: {sorted(names)}")
-        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        out = cls(**fixed)
+        out = config_from_dict(cls, values, "data")
         if out.img_size % 32:
             raise ValueError(f"data.img_size must be divisible by 32, got {out.img_size}")
         if out.interpolation not in ("bicubic", "bilinear", "nearest"):
@@ -84,9 +80,7 @@ class ImageDataConfig:
         return InterpolationMode(self.interpolation)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }
+        return config_to_dict(self)
 
 
 class RandAugment(v2.RandAugment):

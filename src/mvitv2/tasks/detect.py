@@ -19,7 +19,6 @@ backbone). ``cfg.data`` holds :class:`DetectionDataConfig` options.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from mvitv2.data.common import config_from_dict, config_to_dict
 from mvitv2.data.detection import (
     CocoDetection,
     coco_evaluate,
@@ -103,17 +103,10 @@ class DetectionDataConfig:
         for key in [k for k in values if "." in k]:
             head, _, rest = key.partition(".")
             values[head] = {**dict(values.get(head) or {}), rest: values.pop(key)}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise KeyError(f"unknown detection data option(s) {unknown}; valid: {sorted(names)}")
-        v = {k: tuple(x) if isinstance(x, list) else x for k, x in values.items()}
-        return cls(**v)
+        return config_from_dict(cls, values, "detection data")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            k: list(x) if isinstance(x, tuple) else x for k, x in dataclasses.asdict(self).items()
-        }
+        return config_to_dict(self)
 
 
 def resolve_splits(

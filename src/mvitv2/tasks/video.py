@@ -22,7 +22,6 @@ The recipe's ``data`` section is a :class:`VideoDataConfig`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import sys
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from mvitv2.data.common import config_from_dict, config_to_dict
 from mvitv2.data.video import (
     KINETICS_MEAN,
     KINETICS_STD,
@@ -136,11 +136,7 @@ class VideoDataConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> VideoDataConfig:
         """From a recipe's ``data`` mapping; unknown keys raise ``KeyError``, bad values ``ValueError``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise KeyError(f"unknown video data option(s) {unknown}; valid: {sorted(names)}")
-        out = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        out = config_from_dict(cls, values, "video data")
         checks = [
             (out.sampling in ("clip", "segment"), f"sampling must be clip or segment, got {out.sampling!r}"),
             (out.train_crop in ("rrc", "short_side"), f"train_crop must be rrc or short_side, got {out.train_crop!r}"),
@@ -157,9 +153,7 @@ class VideoDataConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types (lists for tuples): YAML and checkpoint safe."""
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }
+        return config_to_dict(self)
 
     @property
     def views(self) -> int:
