@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +78,26 @@ def fit(trainer: Trainer) -> dict[str, Any] | None:
         return None
     finally:
         trainer.close()
+
+
+def dispatch(
+    task: str,
+    command: str,
+    args: argparse.Namespace,
+    handlers: Mapping[str, Callable[[argparse.Namespace], int]],
+) -> int:
+    """Run ``mvitv2 <command> <task>`` with its handler; returns the exit status."""
+    if command not in handlers:
+        raise NotImplementedError(f"`mvitv2 {command} {task}` does not exist")
+    return handlers[command](args)
+
+
+def export_handler(task: str) -> Callable[[argparse.Namespace], int]:
+    """The ``mvitv2 export <task>`` handler (the export module is imported only when used)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from mvitv2.export import run_export
+
+        return run_export(task, args)
+
+    return run

@@ -40,7 +40,7 @@ from mvitv2.data.detection import (
     predictions_to_coco,
 )
 from mvitv2.detection import create_detector, list_detectors
-from mvitv2.engine.cli import add_train_arguments, fit, train_config
+from mvitv2.engine.cli import add_train_arguments, dispatch, export_handler, fit, train_config
 from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.distributed import DistInfo, init_distributed
 from mvitv2.engine.task import Task
@@ -423,17 +423,10 @@ def run(command: str, args: argparse.Namespace) -> int:
     """Entry point of ``mvitv2 <command> detect``; returns the exit status."""
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    if command == "train":
-        return _train(args)
-    if command == "eval":
-        return _eval(args)
-    if command == "predict":
-        return _predict(args)
-    if command == "export":
-        from mvitv2.export import run_export
-
-        return run_export("detect", args)
-    raise NotImplementedError(f"`mvitv2 {command} detect` is not provided by the detection task")
+    handlers = {
+        "train": _train, "eval": _eval, "predict": _predict, "export": export_handler("detect")
+    }  # fmt: skip
+    return dispatch("detect", command, args, handlers)
 
 
 def _train(args: argparse.Namespace) -> int:

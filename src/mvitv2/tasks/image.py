@@ -29,7 +29,7 @@ from mvitv2.data.image import (
     digits_folder,
 )
 from mvitv2.engine.checkpoint import load_checkpoint
-from mvitv2.engine.cli import add_train_arguments, fit, train_config
+from mvitv2.engine.cli import add_train_arguments, dispatch, export_handler, fit, train_config
 from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.data import BadSample, build_loader
 from mvitv2.engine.distributed import DistInfo, init_distributed
@@ -162,19 +162,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def run(command: str, args: argparse.Namespace) -> int:
     """Entry point of ``mvitv2 <command> image``; returns the exit status."""
-    if command == "train":
-        return _train(args)
-    if command == "eval":
-        return _eval(args)
-    if command == "predict":
-        return _predict(args)
-    if command == "export":
-        from mvitv2.export import run_export
-
-        return run_export("image", args)
-    raise NotImplementedError(
-        f"`mvitv2 {command} image` is not part of the image task module (export: see issue 6)"
-    )
+    handlers = {
+        "train": _train, "eval": _eval, "predict": _predict, "export": export_handler("image")
+    }  # fmt: skip
+    return dispatch("image", command, args, handlers)
 
 
 def _train(args: argparse.Namespace) -> int:

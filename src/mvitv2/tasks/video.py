@@ -44,7 +44,7 @@ from mvitv2.data.video import (
     read_class_names,
     video_collate,
 )
-from mvitv2.engine.cli import add_train_arguments, fit
+from mvitv2.engine.cli import add_train_arguments, dispatch, fit
 from mvitv2.engine.cli import train_config as engine_train_config
 from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.data import BadSample, build_loader
@@ -539,10 +539,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def run(command: str, args: argparse.Namespace) -> int:
     """Entry point of ``mvitv2 <command> video``; returns the exit status."""
     handlers = {"train": _train, "eval": _eval, "predict": _predict, "export": _export}
-    if command not in handlers:
-        raise NotImplementedError(f"`mvitv2 {command} video` does not exist")
     try:
-        return handlers[command](args)
+        return dispatch("video", command, args, handlers)
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"mvitv2 {command} video: error: {e}", file=sys.stderr)
         return 2
