@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mvitv2
+from mvitv2.models import gemm
 from mvitv2.models import mvit as mvit_mod
 from mvitv2.models.attention import attention_impl
 from mvitv2.utils.flops import count_macs
@@ -114,17 +115,24 @@ def peak_memory(fn: Callable[[], object], device: str) -> int:
 
 
 def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 5) -> float:
-    """Best GFLOP/s of an ``n x n`` by ``n x n`` matmul in ``dtype``."""
+    """Best GFLOP/s of an ``n x n`` by ``n x n`` matmul in ``dtype``: PyTorch's ``a @ b`` and,
+    for fp32 on CPU, also oneDNN (:mod:`mvitv2.models.gemm`), whichever is faster."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    a @ b
+    products = [lambda: a @ b]
+    if device == "cpu" and dtype == torch.float32:
+        with gemm.gemm_backend("onednn"):
+            if gemm.uses_onednn(a):
+                products.append(lambda: gemm.linear(a, b.t()))
     best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
+    for product in products:
+        product()
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            product()
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 
 
@@ -350,16 +358,24 @@ def _detect_case(quick: bool, batch: int, peaks: dict, repeats: int, device: str
     model = model.eval().to(device)
     x = torch.randn(batch, *shape, device=device)
 
-    def call(impl, mlp_chunk):
+    def call(impl, mlp_chunk, backend):
         def f():
-            # The unfused baseline is what detectron2 runs: explicit attention matrices and the
-            # MLP over all tokens at once (no token chunking).
-            with torch.inference_mode(), attention_impl(impl), _mlp_chunk(mlp_chunk):
+            # The unfused baseline is what detectron2 runs: explicit attention matrices, the
+            # MLP over all tokens at once (no token chunking) and PyTorch's own GEMMs.
+            with (
+                torch.inference_mode(),
+                attention_impl(impl),
+                _mlp_chunk(mlp_chunk),
+                gemm.gemm_backend(backend),
+            ):
                 return model(x)
 
         return f
 
-    fns = {"ours": call("auto", mvit_mod.MLP_CHUNK_ELEMENTS), "unfused": call("reference", None)}
+    fns = {
+        "ours": call("auto", mvit_mod.MLP_CHUNK_ELEMENTS, gemm.get_gemm_backend()),
+        "unfused": call("reference", None, "aten"),
+    }
     a, b = fns["ours"](), fns["unfused"]()
     diff = max((p - q).abs().max().item() for p, q in zip(a, b))
     del a, b
@@ -399,9 +415,11 @@ def run(args: argparse.Namespace) -> int:
         "fp32": matmul_peak(torch.float32, device, n),
         "bf16": matmul_peak(torch.bfloat16, device, n),
     }
+    onednn = gemm.uses_onednn(torch.empty(0, device=device))
     print(
         f"matmul peak ({n}x{n}): fp32 {peaks['fp32']:.0f} GFLOP/s, "
-        f"bf16 {peaks['bf16']:.0f} GFLOP/s; threads {torch.get_num_threads()}",
+        f"bf16 {peaks['bf16']:.0f} GFLOP/s; threads {torch.get_num_threads()}; "
+        f"our fp32 GEMMs: {'oneDNN' if onednn else 'PyTorch'} (backend {gemm.get_gemm_backend()})",
         flush=True,
     )
     rows: list[Row] = []
@@ -441,6 +459,7 @@ def run(args: argparse.Namespace) -> int:
                 "device": device,
             },
             "matmul_peak_gflops": peaks,
+            "our_fp32_gemm": "onednn" if onednn else "aten",
             "rows": [asdict(r) for r in rows],
         }
         with open(args.json, "w") as f:

@@ -14,18 +14,10 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from mvitv2.detection.cascade import CascadeRoIHeads
 from mvitv2.detection.model import MViTDetector
-from mvitv2.utils.flops import count_params
-
-
-def _macs(fn, *args) -> tuple[int, object]:  # noqa: ANN001
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        out = fn(*args)
-    return counter.get_total_flops() // 2, out
+from mvitv2.utils.flops import count_params, macs_of
 
 
 def detector_complexity(
@@ -57,13 +49,13 @@ def detector_complexity(
     was_training = model.training
     model.eval()
     try:
-        out["macs_backbone"], maps = _macs(model.backbone.body, x)
+        out["macs_backbone"], maps = macs_of(model.backbone.body, x)
         from collections import OrderedDict
 
         from mvitv2.detection.backbone import FEATURE_NAMES
 
-        out["macs_fpn"], feats = _macs(model.backbone.fpn, OrderedDict(zip(FEATURE_NAMES, maps)))
-        out["macs_rpn"], _ = _macs(model.rpn.head, list(feats.values()))
+        out["macs_fpn"], feats = macs_of(model.backbone.fpn, OrderedDict(zip(FEATURE_NAMES, maps)))
+        out["macs_rpn"], _ = macs_of(model.rpn.head, list(feats.values()))
         c = model.backbone.out_channels
         rois = torch.empty(num_proposals, c, 7, 7, device=device)
         heads = model.roi_heads
@@ -73,11 +65,11 @@ def detector_complexity(
             )
         else:
             stages = [(heads.box_head, heads.box_predictor)]
-        out["macs_box"] = sum(_macs(lambda r, h=hd, p=pr: p(h(r)), rois)[0] for hd, pr in stages)
+        out["macs_box"] = sum(macs_of(lambda r, h=hd, p=pr: p(h(r)), rois)[0] for hd, pr in stages)
         out["macs_mask"] = 0
         if heads.has_mask():
             masks_in = torch.empty(num_detections, c, 14, 14, device=device)
-            out["macs_mask"], _ = _macs(
+            out["macs_mask"], _ = macs_of(
                 lambda r: heads.mask_predictor(heads.mask_head(r)), masks_in
             )
     finally:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mvitv2.models.config import BlockSpec, MViTConfig
+from mvitv2.models.gemm import Linear, autocast_dtype, linear, tracing
 
 Grid = tuple[int, int, int]
 
@@ -110,22 +111,13 @@ def attention_impl(name: str) -> Iterator[None]:
         set_attention_impl(previous)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype active for ``device_type``, or None (meta tensors have no autocast)."""
-    if not torch.amp.is_autocast_available(device_type):
-        return None
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
 def resolve_attention_impl(name: str, x: Tensor) -> str:
     """Turn ``"auto"`` into a concrete path for input ``x`` (its device, autocast dtype, and
     whether a gradient will flow through it)."""
     if name != "auto":
         return name
     dev = x.device.type
-    dtype = _autocast_dtype(dev) or x.dtype
+    dtype = autocast_dtype(dev) or x.dtype
     if torch.is_grad_enabled() and x.requires_grad and (dev, dtype) in _AUTO_TRAIN_TABLE:
         return _AUTO_TRAIN_TABLE[dev, dtype]
     return _AUTO_TABLE.get((dev, dtype), _AUTO_FALLBACK)
@@ -314,7 +306,7 @@ def attention_bias(
     :data:`CHUNK_ELEMENTS` goes through in groups, so that the bias stays bounded.
     """
     B, nH, Nq = q.shape[:3]
-    if rel is not None and not torch.is_grad_enabled() and not _tracing():
+    if rel is not None and not torch.is_grad_enabled() and not tracing():
         per_item = nH * Nq * k.shape[2]
         if per_item > CHUNK_ELEMENTS and rel.num_prefix == 0:
             return _attention_bias_rows(q, k, v, scale, rel)
@@ -640,7 +632,7 @@ def max_pool(x: Tensor, pool: nn.Module) -> Tensor:
     :class:`_MaxPoolIndices` (same values and gradients, less memory kept for backward)."""
     if (
         not torch.is_grad_enabled()
-        or _tracing()
+        or tracing()
         or pool.dilation not in (1, (1, 1), (1, 1, 1))
         or pool.ceil_mode
     ):
@@ -738,7 +730,7 @@ def _channels_last_pool(
         )  # fmt: skip
         new_thw = (1, y.shape[2], y.shape[3])
         y = y.permute(0, 2, 3, 1)
-    elif H * W < 196 and torch.is_grad_enabled() and not _tracing():
+    elif H * W < 196 and torch.is_grad_enabled() and not tracing():
         y = _depthwise_conv3d_by_2d(grid.reshape(B, T, H, W, ch), weight, conv.stride, conv.padding)
         new_thw = (y.shape[1], y.shape[2], y.shape[3])
     else:
@@ -752,11 +744,6 @@ def _channels_last_pool(
     if num_prefix:
         y = torch.cat((x[:, :num_prefix], y), dim=1)
     return y, new_thw
-
-
-def _tracing() -> bool:
-    """True while compiling, exporting or tracing (keep to out-of-place standard ops there)."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def _head_norm(x: Tensor, norms: list[nn.LayerNorm], num_heads: int) -> Tensor:
@@ -775,7 +762,7 @@ def _head_norm(x: Tensor, norms: list[nn.LayerNorm], num_heads: int) -> Tensor:
         return F.layer_norm(x, shape, norms[0].weight, norms[0].bias, eps)
     weight = torch.stack([n.weight for n in norms])[:, None]  # (G, 1, C)
     bias = torch.stack([n.bias for n in norms])[:, None]
-    if _autocast_dtype(x.device.type) is None and not _tracing():
+    if autocast_dtype(x.device.type) is None and not tracing():
         if torch.is_grad_enabled():
             return _GroupLayerNorm.apply(x, weight, bias, eps)
         # Inference: affine in place, no second full-size tensor.
@@ -863,8 +850,8 @@ class MultiScaleAttention(nn.Module):
         self.stride_q = spec.stride_q
         self.stride_kv = spec.stride_kv
 
-        self.qkv = nn.Linear(spec.dim, 3 * spec.attn_dim, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(spec.attn_dim, spec.attn_dim)
+        self.qkv = Linear(spec.dim, 3 * spec.attn_dim, bias=cfg.qkv_bias)
+        self.proj = Linear(spec.attn_dim, spec.attn_dim)
         norm = nn.LayerNorm
         kernel = tuple(cfg.pool_kernel)
         self.pool_q = self.norm_q = None
@@ -954,7 +941,7 @@ class MultiScaleAttention(nn.Module):
         soon as the conv has read it.
         """
         nH = self.num_heads
-        y = F.linear(x, weight, bias)
+        y = linear(x, weight, bias)
         w = torch.cat([pl.weight.repeat(nH, *[1] * (pl.weight.dim() - 1)) for pl in pools])
         y, thw = _channels_last_pool(y, thw, w.to(y.dtype), pools[0], self.num_prefix)
         return _head_norm(y, norms, nH), thw
@@ -964,7 +951,7 @@ class MultiScaleAttention(nn.Module):
         (possibly strided views of one buffer)."""
         D = self.dim_out
         w, b = self.qkv.weight, self.qkv.bias
-        big = not torch.is_grad_enabled() and not _tracing()
+        big = not torch.is_grad_enabled() and not tracing()
         if big and x.shape[0] * x.shape[1] * D > SPLIT_ELEMENTS:
             return self._qkv_pooled_split(x, thw)
         if self.pool_q is not None and self.stride_q == self.stride_kv:
@@ -983,7 +970,7 @@ class MultiScaleAttention(nn.Module):
             q, q_thw = self._pool_group(x, w[:D], bq, thw, [self.pool_q], [self.norm_q])
             q = q[:, :, 0]
         else:
-            q = F.linear(x, w[:D], bq)
+            q = linear(x, w[:D], bq)
             q, q_thw = q.reshape(q.shape[0], q.shape[1], self.num_heads, -1), thw
         return q, kv, q_thw, k_thw
 
@@ -1005,7 +992,7 @@ class MultiScaleAttention(nn.Module):
             q, q_thw = part(0, self.pool_q, self.norm_q)
             q = q[:, :, 0]
         else:
-            q = F.linear(x, w[:D], None if b is None else b[:D])
+            q = linear(x, w[:D], None if b is None else b[:D])
             q, q_thw = q.reshape(q.shape[0], q.shape[1], self.num_heads, -1), thw
         return q, kv, q_thw, k_thw
 
@@ -1014,7 +1001,7 @@ class MultiScaleAttention(nn.Module):
         B = x.shape[0]
         q, kv, q_thw, k_thw = self._qkv_pooled(x, thw)
         # Under autocast the fused kernels get one dtype (LayerNorm may have left fp32 tensors).
-        dtype = _autocast_dtype(x.device.type)
+        dtype = autocast_dtype(x.device.type)
         if dtype is not None:
             q, kv = q.to(dtype), kv.to(dtype)
         if self.window:

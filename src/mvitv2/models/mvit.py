@@ -15,45 +15,51 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from mvitv2.models.attention import (
-    Grid,
-    MultiScaleAttention,
-    _autocast_dtype,
-    _tracing,
-    pool_tokens,
-)
+from mvitv2.models.attention import Grid, MultiScaleAttention, pool_tokens
 from mvitv2.models.config import BlockSpec, MViTConfig, block_specs
+from mvitv2.models.gemm import (
+    Linear,
+    autocast_dtype,
+    grad_input,
+    grad_weight,
+    linear,
+    tracing,
+    uses_onednn,
+)
 
 
 class _MlpRecomputeGelu(torch.autograd.Function):
     """``fc2(gelu(fc1(x)))`` that saves only ``x`` and ``fc1(x)`` for backward and recomputes
     the GELU there (cheap), instead of also keeping the GELU output: one ``(N, hidden)``
-    activation less per block during training, same gradients as autograd's."""
+    activation less per block during training, same gradients as autograd's. The GEMMs run on
+    the backend of :mod:`mvitv2.models.gemm`."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):  # noqa: D102
-        h = F.linear(x, w1, b1)
+        ctx.onednn = uses_onednn(x)
+        h = linear(x, w1, b1)
         ctx.save_for_backward(x, h, w1, w2)
-        return F.linear(F.gelu(h), w2, b2)
+        return linear(F.gelu(h), w2, b2)
 
     @staticmethod
     def backward(ctx, dy):  # noqa: D102
         x, h, w1, w2 = ctx.saved_tensors
+        onednn = ctx.onednn
         dy2 = dy.reshape(-1, dy.shape[-1])
         h2 = h.reshape(-1, h.shape[-1])
         need = ctx.needs_input_grad
         dx = dw1 = db1 = dw2 = db2 = None
         if need[3]:
-            dw2 = dy2.t() @ F.gelu(h2)
+            dw2 = grad_weight(dy2, F.gelu(h2), onednn)
         if need[4]:
             db2 = dy2.sum(0)
-        dh = torch.ops.aten.gelu_backward(dy2 @ w2, h2)
+        dh = torch.ops.aten.gelu_backward(grad_input(dy2, w2, onednn), h2)
         if need[1]:
-            dw1 = dh.t() @ x.reshape(-1, x.shape[-1])
+            dw1 = grad_weight(dh, x.reshape(-1, x.shape[-1]), onednn)
         if need[2]:
             db1 = dh.sum(0)
         if need[0]:
-            dx = (dh @ w1).view(x.shape)
+            dx = grad_input(dh, w1, onednn).view(x.shape)
         return dx, dw1, db1, dw2, db2
 
 
@@ -71,15 +77,15 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, dim_out: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim_out)
+        self.fc2 = Linear(hidden, dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        if _tracing():  # compile/export: the plain graph
+        if tracing():  # compile/export: the plain graph
             return self.fc2(self.act(self.fc1(x)))
         if torch.is_grad_enabled():
-            if self.act.approximate == "none" and _autocast_dtype(x.device.type) is None:
+            if self.act.approximate == "none" and autocast_dtype(x.device.type) is None:
                 fc1, fc2 = self.fc1, self.fc2
                 return _MlpRecomputeGelu.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
             return self.fc2(self.act(self.fc1(x)))
@@ -87,11 +93,18 @@ class Mlp(nn.Module):
         rows = max(MLP_CHUNK_ELEMENTS // hidden, 1)
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] <= rows:
-            return self.fc2(self.act(self.fc1(x)))
+            return self._inference(x)
         out = flat.new_empty(flat.shape[0], self.fc2.out_features)
         for r0 in range(0, flat.shape[0], rows):
-            out[r0 : r0 + rows] = self.fc2(self.act(self.fc1(flat[r0 : r0 + rows])))
+            out[r0 : r0 + rows] = self._inference(flat[r0 : r0 + rows])
         return out.view(*x.shape[:-1], -1)
+
+    def _inference(self, x: Tensor) -> Tensor:
+        if self.act.approximate == "none":  # exact GELU: fused into fc1's GEMM where possible
+            h = linear(x, self.fc1.weight, self.fc1.bias, gelu=True)
+        else:
+            h = self.act(self.fc1(x))
+        return self.fc2(h)
 
 
 class MultiScaleBlock(nn.Module):
@@ -110,7 +123,7 @@ class MultiScaleBlock(nn.Module):
         self.attn = MultiScaleAttention(spec, cfg)
         self.norm2 = nn.LayerNorm(spec.attn_dim, eps=eps)
         self.mlp = Mlp(spec.attn_dim, int(spec.attn_dim * cfg.mlp_ratio), spec.dim_out)
-        self.proj = nn.Linear(spec.dim, spec.dim_out) if spec.dim != spec.dim_out else None
+        self.proj = Linear(spec.dim, spec.dim_out) if spec.dim != spec.dim_out else None
         self.proj_after_attn = spec.attn_dim == spec.dim_out
         self.pool_skip = None
         if math.prod(spec.stride_q) > 1:
@@ -131,7 +144,7 @@ class MultiScaleBlock(nn.Module):
             shortcut, _ = pool_tokens(
                 shortcut, thw, self.pool_skip, self.num_prefix, self.spatial_only
             )
-        if torch.is_grad_enabled() or _tracing():
+        if torch.is_grad_enabled() or tracing():
             x = shortcut + self.drop_path(y)
             xn = self.norm2(x)
             shortcut = self.proj(xn) if self.proj is not None and not self.proj_after_attn else x
@@ -171,7 +184,7 @@ class ClassifierHead(nn.Module):
     def __init__(self, dim: int, num_classes: int, drop: float) -> None:
         super().__init__()
         self.dropout = nn.Dropout(drop)
-        self.projection = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.projection = Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.projection(self.dropout(x))

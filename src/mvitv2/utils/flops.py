@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from mvitv2.models.gemm import gemm_backend
+
+T = TypeVar("T")
 
 
 def count_params(model: nn.Module) -> int:
@@ -14,15 +19,21 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Multiply-accumulates of one forward pass on a meta tensor of ``input_shape``.
+def macs_of(fn: Callable[..., T], *args: object) -> tuple[int, T]:
+    """Multiply-accumulates of ``fn(*args)`` (no grad) and its result.
 
     ``torch.utils.flop_counter`` counts 2 FLOPs per MAC; papers and timm quote MACs as "FLOPs",
-    so this returns half its total. The model may live on the meta device.
+    so this returns half its total. Our linear layers run PyTorch's own GEMMs here (the counter
+    does not see oneDNN's).
     """
-    device = next(model.parameters()).device
-    x = torch.empty(*input_shape, device=device)
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() // 2
+    with counter, torch.no_grad(), gemm_backend("aten"):
+        out = fn(*args)
+    return counter.get_total_flops() // 2, out
+
+
+def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one forward pass on an empty tensor of ``input_shape`` (see
+    :func:`macs_of`). The model may live on the meta device."""
+    device = next(model.parameters()).device
+    return macs_of(model, torch.empty(*input_shape, device=device))[0]

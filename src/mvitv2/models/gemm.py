@@ -1,0 +1,213 @@
+"""Linear layers on the fastest exact fp32 GEMM kernel of the device.
+
+PyTorch runs fp32 CPU GEMMs (``F.linear``, ``mm``, ``bmm``, SDPA's inner products) through MKL.
+On AMD CPUs MKL takes a generic AVX2 path, while oneDNN, which PyTorch also ships, runs its
+AVX-512 kernels: on the benchmark machine (AMD EPYC, 2 cores) oneDNN reaches ~400 GFLOP/s where
+MKL gives ~175 on the MViTv2 linear shapes. Both are plain fp32 GEMMs (no reduced-precision
+accumulation); they differ only in summation order.
+
+The backend is chosen per process by measurement (:func:`set_gemm_backend`): ``"auto"`` times one
+GEMM each way on the first fp32 CPU call and keeps the faster. oneDNN is used only in eager fp32
+CPU code without autocast; under autocast, on CUDA, and while compiling, exporting or tracing, the
+standard ``F.linear`` runs (autocast's bf16 GEMMs already go to oneDNN).
+
+Training uses the same kernels through :class:`_OneDNNLinear` (custom autograd: the input and
+weight gradients are oneDNN GEMMs too, each in the orientation that its kernel runs fastest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: Valid names for :func:`set_gemm_backend`.
+GEMM_BACKENDS = ("auto", "aten", "onednn")
+
+_BACKEND = os.environ.get("MVITV2_GEMM", "auto")
+
+
+def _check_backend(name: str) -> str:
+    if name not in GEMM_BACKENDS:
+        raise ValueError(f"unknown GEMM backend {name!r}; valid: {GEMM_BACKENDS}")
+    return name
+
+
+_check_backend(_BACKEND)
+
+
+def set_gemm_backend(name: str) -> str:
+    """Select the fp32 CPU GEMM backend of our linear layers; returns the previous setting.
+
+    Args:
+        name: ``"auto"`` (default; also the ``MVITV2_GEMM`` environment variable): measure both
+            once per process and use the faster; ``"aten"``: PyTorch's own ``F.linear`` (MKL on
+            CPU), as every other MViTv2 implementation; ``"onednn"``: oneDNN whenever it applies.
+    """
+    global _BACKEND
+    previous, _BACKEND = _BACKEND, _check_backend(name)
+    return previous
+
+
+def get_gemm_backend() -> str:
+    """The GEMM backend setting (see :func:`set_gemm_backend`)."""
+    return _BACKEND
+
+
+@contextlib.contextmanager
+def gemm_backend(name: str) -> Iterator[None]:
+    """Context manager: use GEMM backend ``name`` inside the ``with`` block."""
+    previous = set_gemm_backend(name)
+    try:
+        yield
+    finally:
+        set_gemm_backend(previous)
+
+
+def tracing() -> bool:
+    """True while compiling, exporting or tracing (keep to out-of-place standard ops there)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype active for ``device_type``, or None (meta tensors have no autocast)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _onednn_linear_op():
+    """oneDNN's linear (``y = x @ w.T + b``, optional fused activation), or None if absent."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@functools.cache
+def _onednn_measured_faster() -> bool:
+    """Time one linear-shaped GEMM (``6272 x 384 @ 384 x 1536``, 7.4 GFLOP) each way, best of 3.
+
+    Called once per process, on the first fp32 CPU call with the ``"auto"`` backend; ~0.1 s.
+    """
+    op = _onednn_linear_op()
+    if op is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6272, 384, generator=gen)
+    w = torch.randn(1536, 384, generator=gen)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.no_grad():
+        t_onednn = best(lambda: op(x, w, None, "none", [], ""))
+        t_aten = best(lambda: F.linear(x, w))
+    return t_onednn < 0.9 * t_aten
+
+
+def uses_onednn(x: Tensor) -> bool:
+    """Whether our linear layers send ``x`` to oneDNN right now (fp32 CPU, eager, no autocast)."""
+    if _BACKEND == "aten" or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if tracing() or autocast_dtype("cpu") is not None or _onednn_linear_op() is None:
+        return False
+    return _BACKEND == "onednn" or _onednn_measured_faster()
+
+
+# ---------------------------------------------------------------------- raw oneDNN products
+def _nt(a: Tensor, b: Tensor, bias: Tensor | None = None, gelu: bool = False) -> Tensor:
+    """``a @ b.T (+ bias)``, optionally followed by the exact (erf) GELU, on oneDNN.
+
+    a: ``(..., K)``; b: ``(N, K)``, any strides; returns ``(..., N)``.
+    """
+    if bias is not None:
+        bias = bias.contiguous()  # oneDNN reads a strided bias as if it were dense
+    if gelu:
+        return _onednn_linear_op()(a, b, bias, "gelu", [], "none")
+    return _onednn_linear_op()(a, b, bias, "none", [], "")
+
+
+def grad_input(dy: Tensor, weight: Tensor, onednn: bool) -> Tensor:
+    """``dy @ weight``: the input gradient of a linear layer. dy ``(M, N)``, weight ``(N, K)``."""
+    return _nt(dy, weight.t()) if onednn else dy @ weight
+
+
+def grad_weight(dy: Tensor, x: Tensor, onednn: bool) -> Tensor:
+    """``dy.T @ x``: the weight gradient of a linear layer. dy ``(M, N)``, x ``(M, K)``.
+
+    oneDNN runs this product fastest with the wider of ``N``, ``K`` as its output columns.
+    """
+    if not onednn:
+        return dy.t() @ x
+    if dy.shape[1] >= x.shape[1]:
+        return _nt(x.t(), dy.t()).t().contiguous()
+    return _nt(dy.t(), x.t())
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``x @ weight.T + bias`` with forward and both gradients on oneDNN (same saved tensors as
+    autograd's linear: the input and the weight)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # noqa: D102
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _nt(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: D102
+        x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy2 = _rows(dy)
+        dx = dw = db = None
+        if need[0]:
+            dx = grad_input(dy2, weight, True).view(x.shape)
+        if need[1]:
+            dw = grad_weight(dy2, _rows(x), True)
+        if need[2] and ctx.has_bias:
+            db = dy2.sum(0)
+        return dx, dw, db
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, gelu: bool = False) -> Tensor:
+    """``F.linear(x, weight, bias)`` (then the exact GELU if ``gelu``) on the faster backend.
+
+    x: ``(..., K)``; weight: ``(N, K)``; bias: ``(N,)`` or None. Returns ``(..., N)``.
+    """
+    if not uses_onednn(x):
+        y = F.linear(x, weight, bias)
+        return F.gelu(y) if gelu else y
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        y = _OneDNNLinear.apply(x, weight, bias)
+        return F.gelu(y) if gelu else y
+    return _nt(x, weight, bias, gelu)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) that runs on :func:`linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return linear(x, self.weight, self.bias)

@@ -1,0 +1,133 @@
+"""Our linear layers give PyTorch's results on either GEMM backend (oneDNN or PyTorch's own),
+in forward and backward, and fall back to ``F.linear`` wherever oneDNN does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mvitv2
+from mvitv2.models import gemm
+from mvitv2.models.gemm import gemm_backend, linear, set_gemm_backend, uses_onednn
+from mvitv2.utils.flops import count_macs
+
+needs_onednn = pytest.mark.skipif(
+    gemm._onednn_linear_op() is None, reason="this PyTorch build has no oneDNN linear"
+)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
+    return bool((a - b).abs().max() <= tol * max(b.abs().max().item(), 1.0))
+
+
+@needs_onednn
+@pytest.mark.parametrize("gelu", [False, True])
+def test_forward_matches_f_linear_with_strided_operands(gelu):
+    """Non-contiguous input, a row-slice of a weight, a strided bias (oneDNN reads a strided
+    bias as dense unless we copy it), no bias, fused GELU."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 20, 24).transpose(0, 1)  # (20, 6, 24), not contiguous
+    w = torch.randn(40, 24)[5:35]
+    b = torch.randn(60)[::2]
+    with torch.no_grad(), gemm_backend("onednn"):
+        assert uses_onednn(x)
+        for bias in (b, None):
+            want = F.linear(x, w, bias)
+            want = F.gelu(want) if gelu else want
+            got = linear(x, w, bias, gelu=gelu)
+            assert got.shape == want.shape
+            assert _close(got, want)
+
+
+@needs_onednn
+@pytest.mark.parametrize("out_features", [96, 8])  # both orientations of the weight gradient
+def test_gradients_match_autograd(out_features):
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 32, requires_grad=True)
+    w = torch.randn(out_features, 32, requires_grad=True)
+    b = torch.randn(out_features, requires_grad=True)
+    dy = torch.randn(3, 50, out_features)
+    want = torch.autograd.grad((F.linear(x, w, b) * dy).sum(), (x, w, b))
+    with gemm_backend("onednn"):
+        y = linear(x, w, b)
+        assert y.grad_fn is not None and "OneDNN" in type(y.grad_fn).__name__
+        got = torch.autograd.grad((y * dy).sum(), (x, w, b))
+    for g, h in zip(got, want):
+        assert g.shape == h.shape
+        assert _close(g, h)
+    # Only the weight needs a gradient (frozen input), no bias.
+    with gemm_backend("onednn"):
+        (gw,) = torch.autograd.grad((linear(x.detach(), w) * dy).sum(), (w,))
+    assert _close(gw, want[1])
+
+
+@needs_onednn
+def test_model_forward_and_training_step_agree_across_backends():
+    torch.manual_seed(0)
+    model = mvitv2.create_model(
+        "mvitv2_tiny",
+        num_classes=5,
+        depths=(1, 1, 2, 1),
+        embed_dim=32,
+        img_size=64,
+        drop_path_rate=0.0,
+    )
+    x = torch.randn(2, 3, 64, 64)
+    results = {}
+    for backend in ("aten", "onednn"):
+        model.zero_grad()
+        with gemm_backend(backend):
+            out = model(x)
+            out.square().sum().backward()
+            with torch.inference_mode():
+                inf = model.eval()(x)
+            model.train()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results[backend] = (out.detach(), inf, grads)
+    (a_out, a_inf, a_grads), (b_out, b_inf, b_grads) = results["aten"], results["onednn"]
+    assert _close(b_out, a_out) and _close(b_inf, a_inf)
+    assert len(a_grads) == len(b_grads)
+    for g, h in zip(b_grads, a_grads):
+        assert _close(g, h, 1e-4)
+
+
+def test_falls_back_to_f_linear_where_onednn_does_not_apply():
+    x = torch.randn(4, 8)
+    with gemm_backend("onednn"):
+        assert not uses_onednn(x.double())
+        assert not uses_onednn(x.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not uses_onednn(x)
+            assert linear(x, torch.randn(3, 8)).dtype == torch.bfloat16  # autocast's F.linear
+    with gemm_backend("aten"):
+        assert not uses_onednn(x)
+        y = linear(x.requires_grad_(), torch.randn(3, 8))
+        assert "Addmm" in type(y.grad_fn).__name__ or "Mm" in type(y.grad_fn).__name__
+
+
+def test_backend_setting_api():
+    assert gemm.get_gemm_backend() in gemm.GEMM_BACKENDS
+    with pytest.raises(ValueError, match="unknown GEMM backend"):
+        set_gemm_backend("mkl")
+    previous = set_gemm_backend("aten")
+    try:
+        assert gemm.get_gemm_backend() == "aten"
+        with gemm_backend("onednn"):
+            assert gemm.get_gemm_backend() == "onednn"
+        assert gemm.get_gemm_backend() == "aten"
+    finally:
+        set_gemm_backend(previous)
+
+
+@needs_onednn
+def test_flop_count_does_not_depend_on_the_backend():
+    """The FLOP counter does not see oneDNN's GEMMs; counting must still give the full count."""
+    model = mvitv2.create_model("mvitv2_tiny", depths=(1, 1, 1, 1), embed_dim=32, img_size=64)
+    with gemm_backend("onednn"):
+        a = count_macs(model, (1, 3, 64, 64))
+    with gemm_backend("aten"):
+        b = count_macs(model, (1, 3, 64, 64))
+    with torch.device("meta"):
+        meta = mvitv2.create_model("mvitv2_tiny", depths=(1, 1, 1, 1), embed_dim=32, img_size=64)
+    assert a == b == count_macs(meta, (1, 3, 64, 64)) > 0
