@@ -131,3 +131,42 @@ def test_flop_count_does_not_depend_on_the_backend():
     with torch.device("meta"):
         meta = mvitv2.create_model("mvitv2_tiny", depths=(1, 1, 1, 1), embed_dim=32, img_size=64)
     assert a == b == count_macs(meta, (1, 3, 64, 64)) > 0
+
+
+@needs_onednn
+def test_widely_spaced_operands_are_made_dense():
+    """A weight whose rows are spaced wider than their length runs ~100x slower on oneDNN (and a
+    transposed one with padded rows is not a layout we hand it); both must be copied dense."""
+    from mvitv2.models.gemm import _dense
+
+    wide = torch.randn(96, 192)[:, :96]
+    assert not wide.is_contiguous() and _dense(wide).is_contiguous()
+    assert _dense(wide.t()).is_contiguous()
+    dense = torch.randn(96, 64)
+    assert _dense(dense) is dense and _dense(dense.t()).data_ptr() == dense.data_ptr()
+    x = torch.randn(30, 96)
+    with torch.no_grad(), gemm_backend("onednn"):
+        assert _close(linear(x, wide), x @ wide.t())
+        assert _close(linear(x[:, :48], wide[:, :48]), x[:, :48] @ wide[:, :48].t())
+
+
+def test_convert_linears_keeps_parameters_and_outputs():
+    head = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3, False)
+    )
+    params = list(head.parameters())
+    x = torch.randn(5, 3, 4)
+    want = head(x)
+    state = head.state_dict()
+    gemm.convert_linears(head)
+    assert [type(m).__name__ for m in head] == ["Flatten", "Linear", "ReLU", "Linear"]
+    assert all(isinstance(m, gemm.Linear) for m in (head[1], head[3]))
+    assert all(a is b for a, b in zip(head.parameters(), params))
+    assert head.state_dict().keys() == state.keys()
+    assert _close(head(x), want)
+
+
+def test_detector_heads_use_our_linears():
+    detector = mvitv2.create_detector("maskrcnn_mvitv2_tiny", num_classes=3, depths=(1, 1, 1, 1))
+    linears = [m for m in detector.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, gemm.Linear) for m in linears)

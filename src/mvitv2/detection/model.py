@@ -26,6 +26,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from mvitv2.detection.backbone import FEATURE_NAMES, MViTFPN, norm_layer
 from mvitv2.detection.cascade import AgnosticBoxPredictor, CascadeRoIHeads
 from mvitv2.models.config import MViTConfig
+from mvitv2.models.gemm import convert_linears
 from mvitv2.models.registry import create_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -320,7 +321,8 @@ class MViTDetector(GeneralizedRCNN):
         transform = _Transform(
             cfg.train_min_size, cfg.min_size, cfg.max_size, cfg.image_mean, cfg.image_std
         )
-        super().__init__(backbone, rpn, roi_heads, transform)
+        # torchvision's box heads and predictors: their linears on our GEMM backend too.
+        super().__init__(backbone, rpn, convert_linears(roi_heads), transform)
         self.config = cfg
         self.num_classes = num_classes
 

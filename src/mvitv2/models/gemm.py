@@ -132,11 +132,22 @@ def uses_onednn(x: Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------- raw oneDNN products
+def _dense(t: Tensor) -> Tensor:
+    """``t`` if it is contiguous or (2-D) the transpose of a contiguous tensor, else a
+    contiguous copy: oneDNN is fast on those two layouts and can be 100x slower on a matrix
+    whose rows are spaced wider than their length (e.g. one head's slice of a token-major
+    tensor)."""
+    if t.is_contiguous() or (t.dim() == 2 and t.t().is_contiguous()):
+        return t
+    return t.contiguous()
+
+
 def _nt(a: Tensor, b: Tensor, bias: Tensor | None = None, gelu: bool = False) -> Tensor:
     """``a @ b.T (+ bias)``, optionally followed by the exact (erf) GELU, on oneDNN.
 
     a: ``(..., K)``; b: ``(N, K)``, any strides; returns ``(..., N)``.
     """
+    a, b = _dense(a), _dense(b)
     if bias is not None:
         bias = bias.contiguous()  # oneDNN reads a strided bias as if it were dense
     if gelu:
@@ -211,3 +222,19 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         return linear(x, self.weight, self.bias)
+
+
+def convert_linears(module: nn.Module) -> nn.Module:
+    """Swap every plain ``nn.Linear`` inside ``module`` (e.g. torchvision's detection heads) for
+    :class:`Linear`, keeping the same parameter objects (state dict and optimizer unchanged).
+    Returns ``module``."""
+    for name, child in module.named_children():
+        if type(child) is nn.Linear:
+            new = Linear(
+                child.in_features, child.out_features, child.bias is not None, device="meta"
+            )
+            new.weight, new.bias = child.weight, child.bias
+            setattr(module, name, new)
+        else:
+            convert_linears(child)
+    return module
