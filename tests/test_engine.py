@@ -31,6 +31,16 @@ from mvitv2.engine.cli import RECIPES_DIR
 RECIPES = RECIPES_DIR
 
 
+def lr_trace(opt: torch.optim.Optimizer, sched, steps: int) -> list[float]:
+    """The learning rate before each of ``steps`` optimizer + scheduler steps, and after the last."""
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return [*lrs, opt.param_groups[0]["lr"]]
+
+
 # ---------------------------------------------------------------------- config
 def test_config_recipe_overrides_and_validation(tmp_path):
     recipe = tmp_path / "r.yaml"
@@ -86,12 +96,7 @@ def test_warmup_then_cosine_per_step():
     )  # fmt: skip
     opt = build_optimizer(ToyModel(), cfg, world_size=1)
     sched = build_scheduler(opt, cfg, steps_per_epoch=5, world_size=1)
-    lrs = []
-    for _ in range(50):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    lrs.append(opt.param_groups[0]["lr"])
+    lrs = lr_trace(opt, sched, 50)
     assert math.isclose(lrs[0], 1e-6) and math.isclose(lrs[10], 0.1)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # warmup rises every step
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine only falls
@@ -248,11 +253,7 @@ def test_step_schedule_and_sgd_follow_the_recipe():
     opt = build_optimizer(model, cfg, world_size=1)
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.8
     sched = build_scheduler(opt, cfg, steps_per_epoch=10, world_size=1)
-    lrs = []
-    for _ in range(100):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = lr_trace(opt, sched, 100)
     assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.05)  # linear warmup
     assert lrs[10] == pytest.approx(0.1) and lrs[59] == pytest.approx(0.1)
     assert lrs[60] == pytest.approx(0.01) and lrs[90] == pytest.approx(0.001)

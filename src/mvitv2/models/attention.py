@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +45,14 @@ from torch import Tensor, nn
 
 from mvitv2.models.config import BlockSpec, MViTConfig
 from mvitv2.models.gemm import Linear, autocast_dtype, linear, tracing
+from mvitv2.utils.choice import Choice
 
 Grid = tuple[int, int, int]
 
 #: Valid names for :func:`set_attention_impl`.
 ATTENTION_IMPLS = ("auto", "reference", "bias", "folded", "chunked", "memeff")
 
-_IMPL = "auto"
+_IMPL = Choice("attention implementation", ATTENTION_IMPLS, "auto")
 
 # What "auto" picks, per (device type, compute dtype), from `benchmarks/attention_paths.py` runs
 # (docs/benchmarks.md). Anything not listed uses the fallback.
@@ -72,12 +73,6 @@ _AUTO_TRAIN_TABLE: dict[tuple[str, torch.dtype], str] = {
 }
 
 
-def _check_impl(name: str) -> str:
-    if name not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention implementation {name!r}; valid: {ATTENTION_IMPLS}")
-    return name
-
-
 def set_attention_impl(name: str) -> str:
     """Select the attention path globally; returns the previous setting.
 
@@ -91,24 +86,17 @@ def set_attention_impl(name: str) -> str:
 
     A module's own ``attn_impl`` attribute (None by default) overrides this global setting.
     """
-    global _IMPL
-    previous, _IMPL = _IMPL, _check_impl(name)
-    return previous
+    return _IMPL.set(name)
 
 
 def get_attention_impl() -> str:
     """The global attention path setting (see :func:`set_attention_impl`)."""
-    return _IMPL
+    return _IMPL.value
 
 
-@contextlib.contextmanager
-def attention_impl(name: str) -> Iterator[None]:
+def attention_impl(name: str) -> contextlib.AbstractContextManager[None]:
     """Context manager: use attention path ``name`` inside the ``with`` block."""
-    previous = set_attention_impl(name)
-    try:
-        yield
-    finally:
-        set_attention_impl(previous)
+    return _IMPL.using(name)
 
 
 def resolve_attention_impl(name: str, x: Tensor) -> str:
@@ -881,7 +869,7 @@ class MultiScaleAttention(nn.Module):
 
     def forward(self, x: Tensor, thw: Grid) -> tuple[Tensor, Grid]:
         """x: ``(B, N, C_in)`` tokens on grid ``thw``. Returns ``(B, N', C_out)`` and its grid."""
-        impl = resolve_attention_impl(self.attn_impl or _IMPL, x)
+        impl = resolve_attention_impl(self.attn_impl or _IMPL.value, x)
         if impl == "reference":
             return self._forward_reference(x, thw)
         return self._forward_fused(x, thw, ATTENTION_FUNCTIONS[impl])

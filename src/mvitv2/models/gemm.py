@@ -21,25 +21,17 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mvitv2.utils.choice import Choice
+
 #: Valid names for :func:`set_gemm_backend`.
 GEMM_BACKENDS = ("auto", "aten", "onednn")
 
-_BACKEND = os.environ.get("MVITV2_GEMM", "auto")
-
-
-def _check_backend(name: str) -> str:
-    if name not in GEMM_BACKENDS:
-        raise ValueError(f"unknown GEMM backend {name!r}; valid: {GEMM_BACKENDS}")
-    return name
-
-
-_check_backend(_BACKEND)
+_BACKEND = Choice("GEMM backend", GEMM_BACKENDS, os.environ.get("MVITV2_GEMM", "auto"))
 
 
 def set_gemm_backend(name: str) -> str:
@@ -50,24 +42,17 @@ def set_gemm_backend(name: str) -> str:
             once per process and use the faster; ``"aten"``: PyTorch's own ``F.linear`` (MKL on
             CPU), as every other MViTv2 implementation; ``"onednn"``: oneDNN whenever it applies.
     """
-    global _BACKEND
-    previous, _BACKEND = _BACKEND, _check_backend(name)
-    return previous
+    return _BACKEND.set(name)
 
 
 def get_gemm_backend() -> str:
     """The GEMM backend setting (see :func:`set_gemm_backend`)."""
-    return _BACKEND
+    return _BACKEND.value
 
 
-@contextlib.contextmanager
-def gemm_backend(name: str) -> Iterator[None]:
+def gemm_backend(name: str) -> contextlib.AbstractContextManager[None]:
     """Context manager: use GEMM backend ``name`` inside the ``with`` block."""
-    previous = set_gemm_backend(name)
-    try:
-        yield
-    finally:
-        set_gemm_backend(previous)
+    return _BACKEND.using(name)
 
 
 def tracing() -> bool:
@@ -124,11 +109,12 @@ def _onednn_measured_faster() -> bool:
 
 def uses_onednn(x: Tensor) -> bool:
     """Whether our linear layers send ``x`` to oneDNN right now (fp32 CPU, eager, no autocast)."""
-    if _BACKEND == "aten" or x.device.type != "cpu" or x.dtype != torch.float32:
+    backend = _BACKEND.value
+    if backend == "aten" or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     if tracing() or autocast_dtype("cpu") is not None or _onednn_linear_op() is None:
         return False
-    return _BACKEND == "onednn" or _onednn_measured_faster()
+    return backend == "onednn" or _onednn_measured_faster()
 
 
 # ---------------------------------------------------------------------- raw oneDNN products
