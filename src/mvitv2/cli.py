@@ -14,6 +14,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from mvitv2.errors import UserError
+
 TASKS = {
     "image": "mvitv2.tasks.image",
     "detect": "mvitv2.tasks.detect",
@@ -57,7 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = _task_module(task)
         module.add_arguments(task_parser, command)
         args = task_parser.parse_args(argv[2:])
-        return int(module.run(command, args) or 0)
+        try:
+            return int(module.run(command, args) or 0)
+        except UserError as e:
+            print(f"mvitv2 {command} {task}: error: {e}", file=sys.stderr)
+            return 2
     if argv[:1] == ["benchmark"]:
         from mvitv2 import benchmark as bench_mod
 
