@@ -44,10 +44,12 @@ class ToyData(Dataset):
 
 
 class ToyModel(nn.Module):
-    def __init__(self, dropout: float = 0.0) -> None:
+    def __init__(self, dropout: float = 0.0, hidden: int = 16, batchnorm: bool = False) -> None:
         super().__init__()
-        self.fc1, self.drop, self.fc2 = nn.Linear(8, 16), nn.Dropout(dropout), nn.Linear(16, 3)
-        self.scale = nn.Parameter(torch.ones(16))  # 1-D: must get no weight decay
+        self.fc1, self.drop = nn.Linear(8, hidden), nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, 3)
+        self.bn = nn.BatchNorm1d(hidden) if batchnorm else nn.Identity()
+        self.scale = nn.Parameter(torch.ones(hidden))  # 1-D: must get no weight decay
         self.table = nn.Parameter(torch.zeros(4, 4))  # named by no_weight_decay()
         self.checkpointing = False
 
@@ -58,12 +60,13 @@ class ToyModel(nn.Module):
         self.checkpointing = enable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.nn.functional.gelu(self.fc1(x)) * self.scale + self.table.sum()
+        h = torch.nn.functional.gelu(self.bn(self.fc1(x))) * self.scale + self.table.sum()
         return self.fc2(self.drop(h))
 
 
 class ToyTask(Task):
-    """``cfg.data``: n_train, n_val, noise, dropout, nan_index, bad_index, sleep."""
+    """``cfg.data``: n_train, n_val, noise, dropout, hidden, batchnorm, nan_index, bad_index,
+    sleep."""
 
     def build_datasets(self):
         d = self.cfg.data
@@ -86,7 +89,8 @@ class ToyTask(Task):
         return train, val
 
     def build_model(self):
-        return ToyModel(self.cfg.data.get("dropout", 0.0))
+        d = self.cfg.data
+        return ToyModel(d.get("dropout", 0.0), d.get("hidden", 16), d.get("batchnorm", False))
 
     def training_loss(self, model, batch):
         if self.cfg.data.get("sleep"):

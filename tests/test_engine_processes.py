@@ -61,7 +61,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_weights(tmp_path):
     saved = load_checkpoint(tmp_path / "killed" / "last.pt")
     assert saved["epoch"] < 4, "the run finished before it was killed"
 
-    _run(str(tmp_path), "killed", *extra, "--resume", "auto")
+    _run(str(tmp_path), "killed", *extra, "data.sleep=0.05", "--resume", "auto")  # same experiment
     full, resumed = (
         _weights(tmp_path / "full" / "last.pt"),
         _weights(tmp_path / "killed" / "last.pt"),
@@ -73,7 +73,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_weights(tmp_path):
 
 
 def test_torchrun_two_cpu_processes_train_the_same_model_as_one(tmp_path):
-    common = ["epochs=2", "data.noise=0.3", "base_lr=0.05", "lr_ref_batch=16"]
+    common = ["epochs=2", "data.noise=0.3", "base_lr=0.05", "lr_ref_batch=16", "data.n_val=31"]
     _run_here(str(tmp_path), "one", "batch_size=16", *common)
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
@@ -90,4 +90,4 @@ def test_torchrun_two_cpu_processes_train_the_same_model_as_one(tmp_path):
     for k, v in one["model"].items():
         assert torch.allclose(v, two["model"][k], atol=1e-5), k
     assert abs(one["metrics"]["top1"] - two["metrics"]["top1"]) < 1e-6
-    assert two["metrics"]["count"] == 30  # each val sample counted once over the 2 shards
+    assert two["metrics"]["count"] == 31  # each val sample counted once over the 2 shards

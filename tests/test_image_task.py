@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from mvitv2.cli import main
 from mvitv2.data.image import ImageDataConfig, ImageFolder, build_transform, digits_folder
-from mvitv2.engine import build_loader, load_checkpoint, load_finetune_weights
+from mvitv2.engine import build_loader, load_checkpoint
+from mvitv2.engine.cli import RECIPES_DIR
 from mvitv2.tasks.image import model_from_checkpoint
 
 
@@ -52,7 +52,7 @@ def test_default_digits_run_learns_and_reports_accuracy_and_time(digits_run):
     assert any((run_dir / "tb").iterdir())  # TensorBoard events
     ckpt = load_checkpoint(run_dir / "last.pt")
     assert ckpt["meta"]["classes"] == [str(d) for d in range(10)] and ckpt["epoch"] == 4
-    assert {"optimizer", "scheduler", "scaler", "rng", "config"} <= set(ckpt)
+    assert {"optimizer", "scaler", "rng", "config", "counters"} <= set(ckpt)
 
 
 def test_eval_command_reproduces_the_training_metrics(digits_run, capsys):
@@ -118,14 +118,14 @@ def test_corrupt_images_are_skipped_and_counted_or_fail_fast(tmp_path):
     val = ImageFolder(root, "val", build_transform(dc, train=False), train.classes)
 
     loader = build_loader(train, batch_size=4, train=True)
-    with pytest.warns(UserWarning, match=r"train/b/2.png"):
-        shapes = [tuple(x.shape) for x, _ in loader]
+    shapes = [tuple(x.shape) for x, _ in loader]
     assert shapes == [(4, 3, 32, 32)] * 2 and loader.dataset.bad_samples == 1
+    ((path, reason),) = loader.dataset.take_new_bad()
+    assert path.endswith("train/b/2.png") and reason.startswith("cannot read image")
     loader = build_loader(val, batch_size=8, train=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        (x, y), = list(loader)  # fmt: skip
+    (x, y), = list(loader)  # fmt: skip
     assert len(y) == 5 and loader.dataset.bad_samples == 1
+    assert loader.dataset.take_new_bad()[0][0].endswith("val/a/1.png")
     strict = build_loader(val, batch_size=8, train=False, strict=True)
     with pytest.raises(RuntimeError, match=r"val/a/1.png"):
         list(strict)
@@ -135,10 +135,11 @@ def test_eval_transform_follows_the_official_protocol():
     img = Image.effect_mandelbrot((300, 240), (-2, -1.2, 1, 1.2), 64).convert("RGB")
     dc = ImageDataConfig()  # 224, crop_pct 0.875, bicubic
     got = build_transform(dc, train=False)(img)
+    # Short side 240 -> 224 / 0.875 = 256 (bicubic), centre crop 224, ImageNet mean/std in RGB.
     ref = TF.center_crop(
         TF.resize(TF.pil_to_tensor(img), [256], InterpolationMode.BICUBIC, antialias=True), [224]
     )
-    ref = TF.normalize(ref.float() / 255, dc.mean, dc.std)
+    ref = TF.normalize(ref.float() / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     assert got.shape == (3, 224, 224) and torch.allclose(got, ref, atol=1e-5)
     torch.manual_seed(0)
     aug = build_transform(ImageDataConfig.from_dict({"img_size": 64}), train=True)(img)
@@ -149,18 +150,80 @@ def test_eval_transform_follows_the_official_protocol():
         ImageDataConfig.from_dict({"img_siz": 64})
 
 
-def test_finetune_loads_weights_at_another_resolution_and_class_count(digits_run):
+def test_normalisation_and_crop_by_hand():
+    # Left 3/8 red (255, 0, 0), the rest (0, 128, 255): 400 x 320 -> 320 x 256 -> crop x 48..272.
+    img = Image.new("RGB", (400, 320), (0, 128, 255))
+    img.paste((255, 0, 0), (0, 0, 150, 320))
+    got = build_transform(ImageDataConfig(), train=False)(img)
+    red = [(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (0 - 0.406) / 0.225]
+    blue = [(0 - 0.485) / 0.229, (128 / 255 - 0.456) / 0.224, (1 - 0.406) / 0.225]
+    # The edge is at x = 150 * 256 / 320 - 48 = 72 of the crop; away from it the colours are flat.
+    assert torch.allclose(got[:, :, :68], torch.tensor(red)[:, None, None], atol=1e-6)
+    assert torch.allclose(got[:, :, 76:], torch.tensor(blue)[:, None, None], atol=1e-6)
+    assert not torch.allclose(got[:, :, 72], got[:, :, 71])
+
+
+# ---------------------------------------------------------------------- shipped recipes
+IMAGE_RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem.startswith("in1k_"))
+IMAGE_RECIPES += ["finetune", "digits"]
+TINY = [
+    "model_args.depths=[1,1,1,1]", "model_args.embed_dim=8", "model_args.num_heads=1",
+    "data.img_size=32", "batch_size=2", "epochs=1", "workers=0", "progress=false",
+    "tensorboard=false", "name=run", "threads=1",
+]  # fmt: skip
+
+
+def _tiny_official_checkpoint(path: Path, model: str, num_classes: int) -> Path:
+    """The official layout written by hand: ``model_state``, 5-D (T = 1) image conv kernels."""
     from mvitv2 import create_model
 
-    run_dir, _ = digits_run
-    ckpt = load_checkpoint(run_dir / "last.pt")
-    args = ckpt["config"]["model_args"]
-    model = create_model("mvitv2_tiny", num_classes=5, **{**args, "img_size": 64})
-    report = load_finetune_weights(model, run_dir / "last.pt")
-    assert report["reinitialised"] == ["head.projection.weight", "head.projection.bias"]
-    assert report["resized"] and all("rel_pos" in k for k in report["resized"])
-    assert not report["missing"] and not report["unexpected"]
-    state = model.state_dict()
-    assert torch.equal(state["patch_embed.proj.weight"], ckpt["model"]["patch_embed.proj.weight"])
-    x = torch.randn(2, 3, 64, 64)
-    assert model.eval()(x).shape == (2, 5)
+    net = create_model(model, depths=[1, 1, 1, 1], embed_dim=8, num_heads=1, img_size=32,
+                       num_classes=num_classes)  # fmt: skip
+    state = {
+        k: v[:, :, None] if k.endswith(("proj.weight", "pool_q.weight", "pool_k.weight",
+                                         "pool_v.weight")) and v.ndim == 4 else v
+        for k, v in net.state_dict().items()
+    }  # fmt: skip
+    torch.save({"model_state": state, "cfg": "yaml text"}, path)
+    return path
+
+
+@pytest.mark.parametrize("recipe", IMAGE_RECIPES)
+def test_every_shipped_image_recipe_trains_a_step(recipe, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from mvitv2.engine import Trainer
+
+    values = yaml.safe_load((RECIPES_DIR / f"{recipe}.yaml").read_text())
+    root = _folder(tmp_path / "data", {"train": {"a": 4, "b": 4}, "val": {"a": 1, "b": 1}})
+    extra = [f"output={tmp_path / 'runs'}"]
+    if recipe == "finetune":
+        extra.append(
+            f"finetune={_tiny_official_checkpoint(tmp_path / 'src.pyth', values['model'], 5)}"
+        )
+    trainers = []
+    fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self: trainers.append(self) or fit(self))
+    threads = torch.get_num_threads()
+    try:
+        status = main(["train", "image", "--data", str(root), "--config", recipe, *TINY, *extra])
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 0
+    (trainer,) = trainers
+    steps = 8 // (2 * values.get("accum_steps", 1))  # the recipe's gradient accumulation
+    assert trainer.cfg.model == values["model"] and trainer.global_step == steps
+    record = json.loads((trainer.run_dir / "metrics.jsonl").read_text())
+    assert record["train_loss"] > 0 and record["val_count"] == 2
+    # Stochastic depth from the recipe: linspace(0, rate, depth) over the blocks.
+    rate = values["model_args"]["drop_path_rate"]
+    got = [float(getattr(b.drop_path, "p", 0.0)) for b in trainer.model.blocks]
+    assert got == pytest.approx(torch.linspace(0, rate, 4, dtype=torch.float64).tolist(), abs=1e-12)
+    err = capsys.readouterr().err
+    if values["warmup_epochs"] >= 1:  # epochs=1 ends within the warmup: its fraction is kept
+        assert trainer.cfg.warmup_epochs == pytest.approx(
+            values["warmup_epochs"] / values["epochs"]
+        )
+        assert "note: epochs=1 ends within the recipe's" in err
+    if recipe == "finetune":
+        assert "head reset" in err and "5 classes" in err

@@ -4,12 +4,12 @@ data loading, mixing, EMA, logging and the :class:`Trainer` loop driving a :clas
 from mvitv2.engine.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.data import BadSample, EpochSampler, SeededDataset, build_loader
-from mvitv2.engine.distributed import DistInfo, init_distributed
+from mvitv2.engine.distributed import DistInfo, init_distributed, sync_batchnorm
 from mvitv2.engine.metrics import evaluate_classifier
 from mvitv2.engine.mixing import MixCriterion
 from mvitv2.engine.optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
 from mvitv2.engine.task import Task
-from mvitv2.engine.trainer import Trainer, TrainingStopped, load_finetune_weights, to_device
+from mvitv2.engine.trainer import Trainer, TrainingStopped, to_device
 
 __all__ = [
     "BadSample",
@@ -29,8 +29,8 @@ __all__ = [
     "find_resume",
     "init_distributed",
     "load_checkpoint",
-    "load_finetune_weights",
     "param_groups",
     "save_checkpoint",
+    "sync_batchnorm",
     "to_device",
 ]

@@ -12,11 +12,15 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -46,37 +50,157 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read a checkpoint with ``weights_only=True``; a clear error when missing or unreadable."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise UserFileNotFoundError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated or not a torch file
         raise RuntimeError(f"checkpoint {path} could not be read: {e}") from e
 
 
-def find_resume(resume: str | None, run_parent: str | os.PathLike, name: str = "") -> Path | None:
+#: Config keys that may differ between an interrupted run and the command that resumes it: they
+#: change where and how fast the run goes, not what it computes (``epochs`` extends or shortens
+#: the schedule, which is rebuilt from the resuming config).
+RESUME_MAY_CHANGE = frozenset(
+    [
+        "epochs",
+        "output",
+        "name",
+        "workers",
+        "threads",
+        "device",
+        "progress",
+        "tensorboard",
+        "log_every",
+        "eval_every",
+        "ckpt_every_steps",
+        "strict_data",
+        "max_nonfinite_consecutive",
+        "max_nonfinite_total",
+        "compile",
+        "grad_checkpointing",
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ResumeChoice:
+    """The checkpoint a run continues from.
+
+    Args:
+        path: the checkpoint file.
+        differences: config / task keys where it differs from the resuming run (empty for
+            ``--resume auto``, which only picks runs of the same experiment).
+    """
+
+    path: Path
+    differences: list[str]
+
+
+def experiment_differences(
+    saved_config: Mapping[str, Any],
+    saved_meta: Mapping[str, Any],
+    config: Mapping[str, Any],
+    meta: Mapping[str, Any],
+) -> list[str]:
+    """Keys where a checkpoint's experiment differs from this run's.
+
+    Args:
+        saved_config, saved_meta: the checkpoint's ``config`` and ``meta`` (task metadata:
+            classes, data root, ...).
+        config, meta: this run's ``TrainConfig.to_dict()`` and ``Task.checkpoint_meta()``.
+
+    Returns:
+        sorted names, dotted one level into mappings (``base_lr``, ``data.img_size``,
+        ``meta.classes``); keys of :data:`RESUME_MAY_CHANGE` are ignored.
+    """
+
+    def diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str) -> list[str]:
+        out = []
+        for k in sorted(set(a) | set(b)):
+            x, y = a.get(k), b.get(k)
+            if isinstance(x, Mapping) and isinstance(y, Mapping):
+                out += [f"{prefix}{k}.{s}" for s in sorted(set(x) | set(y)) if x.get(s) != y.get(s)]
+            elif x != y:
+                out.append(f"{prefix}{k}")
+        return out
+
+    keep = {k: v for k, v in config.items() if k not in RESUME_MAY_CHANGE}
+    saved = {k: v for k, v in saved_config.items() if k not in RESUME_MAY_CHANGE}
+    return diff(saved, keep, "") + diff(saved_meta, meta, "meta.")
+
+
+def _differences_of(path: Path, config: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
+    try:  # mmap: reads the small config and meta, not the weights
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated or not a torch file: not this experiment's
+        return [f"unreadable checkpoint ({type(e).__name__})"]
+    return experiment_differences(state.get("config") or {}, state.get("meta") or {}, config, meta)
+
+
+def find_resume(
+    resume: str | None,
+    run_parent: str | os.PathLike,
+    name: str = "",
+    config: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> ResumeChoice | None:
     """The checkpoint to resume from.
 
     Args:
-        resume: None (start fresh), a checkpoint path, or ``auto``: ``<run_parent>/<name>/last.pt``
-            when ``name`` is set, else the newest ``<run_parent>/*/last.pt``; None if there is none.
+        resume: None (start fresh), a checkpoint path or run folder (resumed even when its
+            experiment differs; the differences are returned), or ``auto``: the newest
+            ``<run_parent>/*/last.pt`` of the same experiment (``<run_parent>/<name>/last.pt``
+            when ``name`` is set); None when there is no run to resume.
         run_parent: the config's ``output`` folder.
         name: the config's run ``name``.
+        config: this run's ``TrainConfig.to_dict()``.
+        meta: this run's ``Task.checkpoint_meta()``.
+
+    Raises:
+        UserFileNotFoundError: ``resume`` names no checkpoint.
+        UserValueError: ``auto`` found runs, none of them of this experiment (the message names
+            the newest and its differences, and how to resume it anyway or start fresh).
     """
     if not resume:
         return None
+    config, meta = config or {}, meta or {}
     if resume != "auto":
         path = Path(resume)
         if path.is_dir():
             path = path / LAST
         if not path.is_file():
-            raise FileNotFoundError(f"--resume {resume}: no checkpoint at {path}")
-        return path
+            raise UserFileNotFoundError(
+                f"--resume {resume}: no checkpoint at {path} (pass a last.pt/best.pt file, a run "
+                "folder holding last.pt, or 'auto')"
+            )
+        return ResumeChoice(path, _differences_of(path, config, meta))
     parent = Path(run_parent)
     if name:
-        path = parent / name / LAST
-        return path if path.is_file() else None
-    found = sorted(parent.glob(f"*/{LAST}"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+        candidates = [parent / name / LAST] if (parent / name / LAST).is_file() else []
+    else:
+        candidates = sorted(parent.glob(f"*/{LAST}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    newest: tuple[Path, list[str]] | None = None
+    for path in candidates:
+        differences = _differences_of(path, config, meta)
+        if not differences:
+            return ResumeChoice(path, [])
+        newest = newest or (path, differences)
+    if newest is None:
+        return None
+    path, differences = newest
+    shown = ", ".join(differences[:8]) + (
+        f" and {len(differences) - 8} more" if len(differences) > 8 else ""
+    )
+    where = (
+        f"the run {path.parent}"
+        if name
+        else f"no run of this experiment in {parent}; the newest, {path.parent},"
+    )
+    raise UserValueError(
+        f"--resume auto: {where} is another experiment (its config differs in {shown}); resume "
+        f"it anyway with --resume {path}, or start a fresh run"
+        + (" with another name=" if name else " without --resume")
+    )
 
 
 def capture_rng() -> dict[str, Any]:

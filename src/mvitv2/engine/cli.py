@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mvitv2.engine.config import TrainConfig
+import yaml
+
+from mvitv2.engine.config import TrainConfig, short_run_warmup
 from mvitv2.engine.trainer import Trainer, TrainingStopped
+from mvitv2.errors import UserFileNotFoundError
 
 #: the recipes shipped with the package (``mvitv2/recipes/*.yaml``).
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -24,7 +28,7 @@ def resolve_recipe(recipe: str) -> Path:
     if named.is_file():
         return named
     shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"recipe {recipe!r} not found (a YAML file or one of {shipped})")
+    raise UserFileNotFoundError(f"recipe {recipe!r} not found (a YAML file or one of {shipped})")
 
 
 def add_train_arguments(
@@ -58,7 +62,11 @@ def train_config(
     args: argparse.Namespace, default_recipe: str, extra: Sequence[str] = ()
 ) -> TrainConfig:
     """The run's config: recipe (``--config`` or the default), ``key=value`` overrides, then
-    the task's ``extra`` overrides and the common flags (flags win)."""
+    the task's ``extra`` overrides and the common flags (flags win).
+
+    An ``epochs=`` that ends the run within the recipe's warmup also scales the warmup
+    (:func:`~mvitv2.engine.config.short_run_warmup`), said in one line on stderr.
+    """
     overrides = [*args.overrides, *extra]
     if args.model:
         overrides.append(f"model={args.model}")
@@ -66,7 +74,14 @@ def train_config(
         overrides.append(f"output={args.output}")
     if args.strict_data:
         overrides.append("strict_data=true")
-    return TrainConfig.load(resolve_recipe(args.config or default_recipe), overrides)
+    recipe = resolve_recipe(args.config or default_recipe)
+    cfg = TrainConfig.load(recipe, overrides)  # validates the recipe and overrides first
+    warmup, message = short_run_warmup(yaml.safe_load(recipe.read_text()) or {}, overrides)
+    if warmup is None:
+        return cfg
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per torchrun process
+        print(f"note: {message}", file=sys.stderr)
+    return cfg.with_overrides([warmup])
 
 
 def fit(trainer: Trainer) -> dict[str, Any] | None:

@@ -21,6 +21,14 @@ from typing import Any
 
 import yaml
 
+from mvitv2.errors import UserFileNotFoundError, UserValueError
+
+
+class UnknownKeyError(UserValueError, KeyError):
+    """A config or data option name that does not exist (also a ``KeyError`` for callers)."""
+
+    __str__ = Exception.__str__  # KeyError would quote the message
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -148,16 +156,17 @@ class TrainConfig:
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(f"invalid training config: {msg}")
+                raise UserValueError(f"invalid training config: {msg}")
 
     # ------------------------------------------------------------------ building
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """A config from a mapping of field names (unknown names raise ``KeyError``)."""
+        """A config from a mapping of field names (unknown names raise :class:`UnknownKeyError`,
+        values of the wrong type or range :class:`~mvitv2.errors.UserValueError`)."""
         names = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(names))
         if unknown:
-            raise KeyError(f"unknown config key(s) {unknown}; valid keys: {sorted(names)}")
+            raise UnknownKeyError(f"unknown config key(s) {unknown}; valid keys: {sorted(names)}")
         kwargs = {k: _coerce(names[k], v) for k, v in values.items()}
         return cls(**kwargs)
 
@@ -175,10 +184,10 @@ class TrainConfig:
         if recipe is not None:
             path = Path(recipe)
             if not path.is_file():
-                raise FileNotFoundError(f"recipe {path} does not exist")
+                raise UserFileNotFoundError(f"recipe {path} does not exist")
             loaded = yaml.safe_load(path.read_text()) or {}
             if not isinstance(loaded, dict):
-                raise ValueError(
+                raise UserValueError(
                     f"recipe {path}: expected a YAML mapping, got {type(loaded).__name__}"
                 )
             values.update(loaded)
@@ -223,7 +232,7 @@ def apply_overrides(values: Mapping[str, Any], overrides: Iterable[str]) -> dict
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise UserValueError(f"override {item!r} is not of the form key=value")
         head, _, rest = key.strip().partition(".")
         if rest:
             sub = out.get(head)
@@ -235,6 +244,43 @@ def apply_overrides(values: Mapping[str, Any], overrides: Iterable[str]) -> dict
     return out
 
 
+def short_run_warmup(
+    recipe: Mapping[str, Any], overrides: Iterable[str]
+) -> tuple[str | None, str | None]:
+    """Keep a recipe trainable when ``epochs=`` shortens it to within its warmup.
+
+    A paper recipe run for a few epochs (``epochs=2`` with ``warmup_epochs: 70``) would spend the
+    whole run in the linear warmup and never reach its learning rate. When ``overrides`` set
+    ``epochs`` to at most the recipe's ``warmup_epochs`` (and below its ``epochs``) without
+    setting ``warmup_epochs``, the warmup keeps the recipe's fraction of the run.
+
+    Args:
+        recipe: the recipe's values (missing keys take the :class:`TrainConfig` defaults).
+        overrides: the ``key=value`` strings of the command line.
+
+    Returns:
+        ``(override, message)``: a ``warmup_epochs=...`` override and one line saying what was
+        changed and how to choose otherwise; ``(None, None)`` when nothing needs changing.
+    """
+    given = apply_overrides({}, overrides)
+    if "epochs" not in given or "warmup_epochs" in given:
+        return None, None
+    defaults = TrainConfig()
+    epochs = _coerce(_FIELDS["epochs"], given["epochs"])
+    recipe_epochs = _coerce(_FIELDS["epochs"], recipe.get("epochs", defaults.epochs))
+    warmup = _coerce(_FIELDS["warmup_epochs"], recipe.get("warmup_epochs", defaults.warmup_epochs))
+    if not (0 < epochs <= warmup and epochs < recipe_epochs):
+        return None, None
+    fitted = warmup * epochs / recipe_epochs
+    message = (
+        f"epochs={epochs} ends within the recipe's {warmup:g}-epoch warmup (of {recipe_epochs} "
+        f"epochs), where the lr would never reach its peak: warmup_epochs set to {fitted:.4g} "
+        f"(the recipe's {100 * warmup / recipe_epochs:.3g}% of the run); pass warmup_epochs=N to "
+        f"choose another"
+    )
+    return f"warmup_epochs={fitted!r}", message
+
+
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
     """Check/convert one value against a field's default type."""
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -243,17 +289,17 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise TypeError(f"config {name}: expected a mapping, got {value!r}")
+            raise UserValueError(f"config {name}: expected a mapping, got {value!r}")
         return dict(value)
     if isinstance(default, tuple):
         if not isinstance(value, list | tuple):
-            raise TypeError(f"config {name}: expected a list, got {value!r}")
+            raise UserValueError(f"config {name}: expected a list, got {value!r}")
         return tuple(value)
     if value is None:
         return None
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise TypeError(f"config {name}: expected true/false, got {value!r}")
+            raise UserValueError(f"config {name}: expected true/false, got {value!r}")
         return value
     if name in ("pretrained",):
         return value
@@ -261,17 +307,20 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"config {name}: expected an integer, got {value!r}")
+            raise UserValueError(f"config {name}: expected an integer, got {value!r}")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TypeError(f"config {name}: expected a number, got {value!r}")
+            raise UserValueError(f"config {name}: expected a number, got {value!r}")
         return float(value)
     if isinstance(default, str) and not isinstance(value, str):
         if isinstance(value, dict | list | bool):
-            raise TypeError(f"config {name}: expected a string, got {value!r}")
+            raise UserValueError(f"config {name}: expected a string, got {value!r}")
         return str(value)  # e.g. name=2024
     return value
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def _plain(obj: Any) -> Any:

@@ -9,15 +9,18 @@
   where a run was resumed.
 * A dataset signals an unreadable sample by raising :class:`BadSample`; the wrapper counts it and
   (training) substitutes the next sample or (evaluation) drops it, or re-raises in strict mode.
+  :meth:`SeededDataset.take_new_bad` names each such sample once (path and reason) in the main
+  process, also those met by DataLoader workers.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
+import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
@@ -100,7 +103,9 @@ class SeededDataset(Dataset):
         self.dataset, self.substitute, self.strict = dataset, substitute, strict
         # Shared memory: the main process sees what the workers met.
         self.counter = SkipCounter(["unreadable"], num_items=len(self))
-        self._warned: set[str] = set()
+        self._errors: dict[int, BadSample] = {}  # met in this process (workers keep their own)
+        self._named: set[int] = set()
+        self._events_seen = 0
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -109,6 +114,12 @@ class SeededDataset(Dataset):
     def bad_samples(self) -> int:
         """Distinct unreadable samples met so far (all workers of this process)."""
         return len(self.counter.flagged())
+
+    @property
+    def skipped(self) -> int:
+        """Samples skipped so far (all workers of this process; a bad sample met in two epochs
+        counts twice)."""
+        return self.counter["unreadable"]
 
     def __getitem__(self, key: tuple[int, int] | int) -> Any:
         index, seed = key if isinstance(key, tuple) else (key, sample_seed(0, 0, key))
@@ -122,16 +133,49 @@ class SeededDataset(Dataset):
             except BadSample as e:
                 if self.strict:
                     raise RuntimeError(f"unreadable sample (strict data): {e}") from e
-                self.counter.add("unreadable")
+                self._errors.setdefault(i, e)
                 self.counter.flag(i, "unreadable")
-                if e.path not in self._warned:
-                    self._warned.add(e.path)
-                    warnings.warn(f"skipping unreadable sample {e}", stacklevel=2)
+                self.counter.add("unreadable")
                 if not self.substitute:
                     return None
         raise RuntimeError(
             f"16 unreadable samples in a row from index {index}; is the data broken?"
         )
+
+    def take_new_bad(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of every unreadable sample not named by an earlier call.
+
+        Call it in the main process (cheap when nothing new was skipped). A sample skipped inside
+        a DataLoader worker is read once more here to recover its path and reason (the RNG
+        states are kept, so this does not change the run).
+        """
+        events = self.skipped
+        if events == self._events_seen:
+            return []
+        self._events_seen = events
+        out = []
+        for i in self.counter.flagged():
+            if i not in self._named:
+                self._named.add(i)
+                e = self._errors.get(i) or self._reread(i)
+                out.append(
+                    (e.path, e.reason)
+                    if e is not None
+                    else (f"sample {i}", "unreadable in a data worker, readable when read again")
+                )
+        return out
+
+    def _reread(self, i: int) -> BadSample | None:
+        py, npy = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                self.dataset[i]
+        except BadSample as e:
+            return e
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+        return None
 
 
 def collate_skip_none(collate: Callable[[list], Any] | None = None) -> Callable[[list], Any]:

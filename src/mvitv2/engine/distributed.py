@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,32 @@ def init_distributed(device: str = "auto") -> DistInfo:
             backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None
         )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def sync_batchnorm(model: nn.Module, info: DistInfo) -> tuple[nn.Module, str | None]:
+    """BatchNorm layers as ``SyncBatchNorm`` when training on several GPUs, as detectron2 does for
+    the Cascade heads: the batch statistics then cover the global batch, not one process's images.
+
+    torch's ``SyncBatchNorm`` has no CPU kernels, so on CPU (gloo) the layers stay per-process.
+
+    Args:
+        model: the model before DDP wrapping (weights and running statistics are kept).
+        info: the process group this run uses.
+
+    Returns:
+        ``(model, note)``: the (converted) model and a line saying what was done, or None when
+        not distributed or the model has no BatchNorm.
+    """
+    count = sum(isinstance(m, _BATCH_NORMS) for m in model.modules())
+    if not info.distributed or count == 0:
+        return model, None
+    if info.device.type == "cpu":
+        return model, (
+            f"{count} BatchNorm layer(s) keep per-process batch statistics: torch's SyncBatchNorm "
+            "has no CPU kernels"
+        )
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, f"{count} BatchNorm layer(s) converted to SyncBatchNorm (global batch statistics)"
 
 
 def cleanup_distributed() -> None:

@@ -113,7 +113,11 @@ class WarmupStep(WarmupCosine):
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, world_size: int
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    steps_per_epoch: int,
+    world_size: int,
+    start_step: int = 0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step :class:`WarmupCosine` or :class:`WarmupStep` (``cfg.lr_schedule``) as a
     ``LambdaLR`` (call ``step()`` after each optimizer step).
@@ -123,22 +127,29 @@ def build_scheduler(
         cfg: gives epochs, warmup_epochs, warmup_lr and min_lr.
         steps_per_epoch: optimizer steps per epoch.
         world_size: processes, for the peak lr.
+        start_step: optimizer steps already done (resume): the schedule is always the current
+            config's, only its position comes from the interrupted run.
     """
+    peak = cfg.lr(world_size)
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    fn: WarmupCosine
     if cfg.lr_schedule == "step":
-        step_fn = WarmupStep(
-            peak_lr=cfg.lr(world_size),
+        fn = WarmupStep(
+            peak_lr=peak,
             warmup_steps=warmup_steps,
             milestones=[round(e * steps_per_epoch) for e in cfg.lr_steps],
             warmup_lr=cfg.warmup_lr,
             gamma=cfg.lr_gamma,
         )
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, step_fn)
-    fn = WarmupCosine(
-        peak_lr=cfg.lr(world_size),
-        warmup_steps=warmup_steps,
-        total_steps=cfg.epochs * steps_per_epoch,
-        warmup_lr=cfg.warmup_lr,
-        min_lr=cfg.min_lr,
-    )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    else:
+        fn = WarmupCosine(
+            peak_lr=peak,
+            warmup_steps=warmup_steps,
+            total_steps=cfg.epochs * steps_per_epoch,
+            warmup_lr=cfg.warmup_lr,
+            min_lr=cfg.min_lr,
+        )
+    for group in optimizer.param_groups:
+        group["initial_lr"] = peak  # what LambdaLR multiplies; read when start_step > 0
+    # LambdaLR takes one step at construction: from last_epoch = start_step - 1 to start_step.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn, last_epoch=start_step - 1)

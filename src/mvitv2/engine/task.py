@@ -41,6 +41,25 @@ class Task(ABC):
     def build_model(self) -> nn.Module:
         """The model to train, on CPU, in float32 (the trainer moves and wraps it)."""
 
+    def init_weights(self, model: nn.Module, source: str) -> Any:
+        """Initialise the freshly built ``model`` from the checkpoint file ``source`` (the
+        config's ``finetune``); the optimizer starts fresh.
+
+        The default is the strict, format-aware :func:`mvitv2.load_checkpoint`: official /
+        SlowFast ``.pyth``, timm, torchvision, detectron2, safetensors and mvitv2 training
+        checkpoints; the classifier reset for another class count, rel-pos and absolute position
+        tables resized for another input size; anything else that does not fit raises
+        :class:`mvitv2.weights.CheckpointMismatchError` naming the tensors. Override it for a
+        model that is not a plain MViT (a detector initialises its backbone, a video model may
+        inflate image kernels).
+
+        Returns:
+            a report of what was loaded; its ``str()`` is logged.
+        """
+        from mvitv2.weights import load_checkpoint
+
+        return load_checkpoint(model, source, strict=True)
+
     def collate_fn(self) -> Callable[[list], Any] | None:
         """Batch collation (None: ``default_collate``)."""
         return None

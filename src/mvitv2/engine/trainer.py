@@ -27,10 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
 
 from mvitv2.engine.checkpoint import (
     BEST,
     LAST,
+    ResumeChoice,
     capture_rng,
     find_resume,
     load_checkpoint,
@@ -39,11 +41,18 @@ from mvitv2.engine.checkpoint import (
 )
 from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.data import build_loader
-from mvitv2.engine.distributed import DistInfo, cleanup_distributed, init_distributed
+from mvitv2.engine.distributed import (
+    DistInfo,
+    cleanup_distributed,
+    init_distributed,
+    sync_batchnorm,
+)
 from mvitv2.engine.ema import build_ema
 from mvitv2.engine.logging import RunLogger
 from mvitv2.engine.optim import build_optimizer, build_scheduler
 from mvitv2.engine.task import Task
+from mvitv2.errors import UserValueError
+from mvitv2.weights import CheckpointError
 
 
 class TrainingStopped(RuntimeError):
@@ -68,45 +77,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_finetune_weights(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
-    """Initialise ``model`` from a checkpoint for fine-tuning.
-
-    Tensors whose shape differs are adapted when they are relative-position tables (``rel_pos``,
-    resized along the offset axis for another resolution) and otherwise left at their fresh
-    initialisation (e.g. a classifier for another number of classes).
-
-    Args:
-        model: the freshly built model.
-        path: a checkpoint written by the trainer (``model`` key) or a plain state dict file.
-
-    Returns:
-        ``{"resized": [...], "reinitialised": [...], "missing": [...], "unexpected": [...]}``.
-    """
-    ckpt = load_checkpoint(path)
-    state = ckpt.get("model", ckpt)
-    own = model.state_dict()
-    report: dict[str, list[str]] = {"resized": [], "reinitialised": []}
-    kept = {}
-    for k, v in state.items():
-        if k not in own or own[k].shape == v.shape:
-            kept[k] = v
-        elif "rel_pos" in k and v.ndim == 2 and own[k].ndim == 2 and v.shape[1] == own[k].shape[1]:
-            kept[k] = (
-                torch.nn.functional.interpolate(
-                    v.t()[None].float(), size=own[k].shape[0], mode="linear", align_corners=False
-                )[0]
-                .t()
-                .to(v.dtype)
-            )
-            report["resized"].append(k)
-        else:
-            report["reinitialised"].append(k)
-    result = model.load_state_dict(kept, strict=False)
-    missing = [k for k in result.missing_keys if k not in report["reinitialised"]]
-    report["missing"], report["unexpected"] = missing, list(result.unexpected_keys)
-    return report
-
-
 class Trainer:
     """Runs one training job for a :class:`Task`.
 
@@ -127,17 +97,18 @@ class Trainer:
         seed_everything(cfg.seed)
         train_ds, val_ds = task.build_datasets()
         model = task.build_model()
+        notes: list[str] = []  # said once the logger exists
         if cfg.finetune:
-            report = load_finetune_weights(model, cfg.finetune)
-            self._finetune_report = report
+            notes.append(f"fine-tuning from {self._init_weights(model, cfg.finetune)}")
         if cfg.grad_checkpointing:
             if not hasattr(model, "set_grad_checkpointing"):
-                raise ValueError(
+                raise UserValueError(
                     "grad_checkpointing=true but the model has no set_grad_checkpointing"
                 )
             model.set_grad_checkpointing(True)
+        model, bn_note = sync_batchnorm(model, d)
+        notes += [bn_note] if bn_note else []
         self.model = model.to(device)
-        self.ema = build_ema(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
         self.train_loader = build_loader(
             train_ds, batch_size=cfg.batch_size, train=True, rank=d.rank, world_size=d.world_size,
@@ -154,13 +125,18 @@ class Trainer:
             )  # fmt: skip
         self.steps_per_epoch = len(self.train_loader) // cfg.accum_steps
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise UserValueError(
                 f"the training set ({len(train_ds)} samples over {d.world_size} process(es)) is "
                 f"smaller than one step of batch_size={cfg.batch_size} x accum_steps="
                 f"{cfg.accum_steps}; lower batch_size"
             )
+        if cfg.warmup_epochs >= cfg.epochs:
+            notes.append(
+                f"warning: warmup_epochs={cfg.warmup_epochs:g} >= epochs={cfg.epochs}: the lr "
+                f"rises for the whole run and never reaches its peak {cfg.lr(d.world_size):.3g}; "
+                f"set warmup_epochs below epochs"
+            )
         self.optimizer = build_optimizer(self.model, cfg, d.world_size)
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch, d.world_size)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
@@ -168,50 +144,43 @@ class Trainer:
         self.epoch = 0  # epoch in progress (or next to start)
         self.step_in_epoch = 0  # optimizer steps done in self.epoch
         self.global_step = 0
-        self.counters = {"nonfinite_total": 0, "nonfinite_consecutive": 0}
+        self.counters = {"nonfinite_total": 0, "nonfinite_consecutive": 0, "skipped_total": 0}
         self.best: float | None = None
         self.metrics: dict[str, float] = {}
         self._rng_to_restore = None
+        self._bad_pending: list[tuple[str, str]] = []  # unreadable samples not yet logged
+        self._bad_named: set[str] = set()
 
         # Rank 0 decides (and fails) for everyone, so no rank waits forever on a missing file.
-        found: Path | Exception | None = None
+        found: ResumeChoice | Exception | None = None
         if d.is_main:
             try:
-                found = find_resume(resume, cfg.output, cfg.name)
+                found = find_resume(
+                    resume, cfg.output, cfg.name, cfg.to_dict(), task.checkpoint_meta()
+                )
             except Exception as e:
                 found = e
         found = d.broadcast_object(found)
         if isinstance(found, Exception):
             raise found
-        ckpt_path, changed = found, []
-        if ckpt_path is not None:
-            self.run_dir = Path(ckpt_path).parent
-            state = load_checkpoint(ckpt_path, map_location=device)
-            self._load_state(state)
-            ignore = {"output", "name", "progress", "tensorboard", "workers", "epochs"}
-            old = state.get("config", {})
-            changed = sorted(
-                k for k, v in cfg.to_dict().items() if k not in ignore and old.get(k) != v
-            )
+        self.ema = None
+        if found is not None:
+            self.run_dir = found.path.parent
+            notes += self._load_state(found, load_checkpoint(found.path, map_location=device))
         else:
             name = cfg.name or time.strftime("%Y%m%d-%H%M%S")
             self.run_dir = Path(cfg.output) / d.broadcast_object(name)
+        if self.ema is None and cfg.ema_decay > 0:
+            self.ema = build_ema(self.model, cfg.ema_decay)
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg, self.steps_per_epoch, d.world_size, start_step=self.global_step
+        )
         if d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         d.barrier()
         self.log = RunLogger(self.run_dir, d.is_main, cfg.tensorboard, cfg.progress)
-        if ckpt_path is not None:
-            self.log.info(
-                f"resumed from {ckpt_path} at epoch {self.epoch + 1}, step {self.global_step}"
-            )
-            if changed:
-                self.log.info(f"warning: the config differs from the checkpoint's in {changed}")
-        if cfg.finetune:
-            rep = self._finetune_report
-            self.log.info(
-                f"fine-tuning from {cfg.finetune}: re-initialised {rep['reinitialised'] or 'nothing'}, "
-                f"resized {len(rep['resized'])} rel-pos tables, missing {rep['missing'] or 'none'}"
-            )
+        for note in notes:
+            self.log.info(note)
 
         self.train_model: nn.Module = self.model
         if d.distributed:
@@ -220,6 +189,14 @@ class Trainer:
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
 
+    def _init_weights(self, model: nn.Module, source: str) -> Any:
+        """The task's :meth:`~mvitv2.engine.task.Task.init_weights`; a checkpoint that cannot be
+        read or does not fit is the user's mistake (one message naming the tensors)."""
+        try:
+            return self.task.init_weights(model, source)
+        except CheckpointError as e:
+            raise UserValueError(f"finetune={source}: {e}") from e
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue (tensors and plain values only)."""
@@ -227,7 +204,6 @@ class Trainer:
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
@@ -244,21 +220,63 @@ class Trainer:
             state["ema"] = self.ema.state_dict()
         return state
 
-    def _load_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+    def _load_state(self, found: ResumeChoice, state: dict[str, Any]) -> list[str]:
+        """Continue from a checkpoint; returns the lines that say what was (not) restored."""
+        cfg, d = self.cfg, self.dist
+        lines = []
+        if found.differences:
+            lines.append(
+                f"warning: resuming {found.path}, whose config differs in {found.differences}"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise UserValueError(
+                f"--resume {found.path}: its weights do not fit this run's model (the config "
+                f"differs in {found.differences}): {str(e).splitlines()[0]}"
+            ) from e
+        # Moments from the checkpoint; lr, weight decay and betas from this run's config.
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and "ema" in state:
-            self.ema.load_state_dict(state["ema"])
-        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
-        self.global_step = int(state["step"])
+        for group, h in zip(self.optimizer.param_groups, hyper):
+            group.update(h)
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        if cfg.ema_decay > 0:
+            self.ema = build_ema(self.model, cfg.ema_decay)
+            if "ema" in state:
+                self.ema.load_state_dict(state["ema"])
         self.counters.update(state.get("counters", {}))
         self.metrics = dict(state.get("metrics", {}))
         self.best = state.get("best")
+
+        # Position: the samples of the epoch already trained on, in this run's global batches.
+        saved_world = int(state.get("world_size", d.world_size))
+        saved_cfg = state.get("config") or {}
+        per_step = (
+            saved_world
+            * int(saved_cfg.get("batch_size", cfg.batch_size))
+            * int(saved_cfg.get("accum_steps", cfg.accum_steps))
+        )
+        seen = int(state["step_in_epoch"]) * per_step
+        self.epoch, self.step_in_epoch = int(state["epoch"]), seen // cfg.global_batch(d.world_size)
+        self.global_step = self.epoch * self.steps_per_epoch + self.step_in_epoch
+
+        restored = "weights, optimizer, grad scaler, EMA, lr schedule position, data position"
         rngs = state.get("rng") or []
-        if state.get("world_size") == self.dist.world_size and len(rngs) > self.dist.rank:
-            self._rng_to_restore = rngs[self.dist.rank]
+        where = f"from {found.path} at epoch {self.epoch + 1}, step {self.global_step}"
+        if saved_world == d.world_size and len(rngs) > d.rank:
+            self._rng_to_restore = rngs[d.rank]
+            lines.append(f"resumed {where}: {restored} and RNG state restored")
+        else:
+            lines.append(
+                f"resumed {where} on {d.world_size} process(es), trained on {saved_world}: "
+                f"{restored} restored; the RNG state (dropout, drop path, mixup) is per process "
+                f"and not restored, so the rest of the run is not bit-identical to an uninterrupted one"
+            )
+        if self.epoch >= cfg.epochs:
+            lines.append(f"the run already completed its {cfg.epochs} epochs; nothing to train")
+        return lines
 
     def save(self, best: bool = False) -> None:
         """Write ``last.pt`` (and ``best.pt``) in the run folder, on rank 0, atomically."""
@@ -275,10 +293,11 @@ class Trainer:
         try:
             while self.epoch < cfg.epochs:
                 epoch = self.epoch
-                if self.step_in_epoch == 0:
-                    seed_everything(cfg.seed + 7919 * (epoch + 1) + 104729 * self.dist.rank)
-                elif self._rng_to_restore is not None:
+                epoch_seed = cfg.seed + 7919 * (epoch + 1) + 104729 * self.dist.rank
+                if self._rng_to_restore is not None:
                     restore_rng(self._rng_to_restore)
+                else:  # epoch start, or a mid-epoch resume whose RNG state cannot be restored
+                    seed_everything(epoch_seed + 15485863 * self.step_in_epoch)
                 self._rng_to_restore = None
                 train_stats = self._train_epoch(epoch)
                 self.epoch, self.step_in_epoch = epoch + 1, 0
@@ -307,16 +326,40 @@ class Trainer:
         """The task's metrics on the validation set (EMA metrics too, prefixed ``ema_``)."""
         if self.val_loader is None:
             return {}
+        skipped_before = self.val_loader.dataset.skipped
         self.model.eval()
         with self._autocast():
             metrics = self.task.evaluate(self.model, self.val_loader, self.dist)
             if self.ema is not None:
                 ema_metrics = self.task.evaluate(self.ema.module, self.val_loader, self.dist)
                 metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
-        bad = self.dist.all_reduce_sum(torch.tensor([self.val_loader.dataset.bad_samples]))
-        if bad.item():
-            metrics["skipped_samples"] = int(bad.item())
+        skipped = self._skipped_since(self.val_loader, skipped_before)
+        if skipped:
+            metrics["skipped_samples"] = skipped
         return metrics
+
+    def _skipped_since(self, loader: DataLoader, before: int) -> int:
+        """Samples of ``loader`` skipped over all processes since its count was ``before``;
+        names the new ones (collective: every rank calls it)."""
+        self._name_bad_samples(loader, gather=True)
+        local = torch.tensor([loader.dataset.skipped - before])
+        return int(self.dist.all_reduce_sum(local).item())
+
+    def _name_bad_samples(self, loader: DataLoader, gather: bool = False) -> None:
+        """Log each newly skipped sample once, with its path and reason, on rank 0: its own at
+        once, the other ranks' at the next ``gather`` (a collective, at epoch ends)."""
+        self._bad_pending += loader.dataset.take_new_bad()
+        if gather:
+            found = [b for part in self.dist.all_gather_object(self._bad_pending) for b in part]
+        elif self.dist.is_main:
+            found = self._bad_pending
+        else:
+            return
+        self._bad_pending = []
+        for path, reason in found:
+            if path not in self._bad_named:
+                self._bad_named.add(path)
+                self.log.info(f"skipped unreadable sample {path}: {reason}")
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -330,7 +373,7 @@ class Trainer:
         self.model.train()
         self.log.start_epoch(epoch, cfg.epochs, self.steps_per_epoch, start)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        loss_sum, loss_n, bad_before = 0.0, 0, self.train_loader.dataset.bad_samples
+        loss_sum, loss_n, skipped_before = 0.0, 0, self.train_loader.dataset.skipped
         batches = iter(self.train_loader)
         for _ in range(start, self.steps_per_epoch):
             step_loss, images, finite, extra = 0.0, 0, True, {}
@@ -368,6 +411,7 @@ class Trainer:
                 loss_sum, loss_n = loss_sum + step_loss, loss_n + 1
             else:
                 self._count_nonfinite()
+            self._name_bad_samples(self.train_loader)
             lr = self.optimizer.param_groups[0]["lr"]
             self.log.step(self.global_step, step_loss, lr, images, extra)
             if self.global_step % max(1, cfg.log_every) == 0:
@@ -385,10 +429,10 @@ class Trainer:
         stats["images_per_s"] *= d.world_size
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         stats["nonfinite_total"] = self.counters["nonfinite_total"]
-        bad = self.train_loader.dataset.bad_samples - bad_before
-        bad = int(d.all_reduce_sum(torch.tensor([bad])).item())
-        if bad:
-            stats["skipped_samples"] = bad
+        skipped = self._skipped_since(self.train_loader, skipped_before)
+        self.counters["skipped_total"] += skipped
+        stats["skipped_samples"] = skipped  # this epoch's (all processes)
+        stats["skipped_samples_total"] = self.counters["skipped_total"]  # the run's
         return stats
 
     def _count_nonfinite(self) -> None:

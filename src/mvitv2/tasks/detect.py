@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -236,6 +237,10 @@ class DetectionTask(Task):
     def build_model(self) -> nn.Module:
         return build_model(self.cfg, len(self.class_names))
 
+    def init_weights(self, model: nn.Module, source: str) -> Any:
+        """``finetune=``: see :func:`init_detector`."""
+        return init_detector(model, source)
+
     def collate_fn(self):  # noqa: ANN201 - the engine's signature
         return collate
 
@@ -287,6 +292,55 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     return create_detector(
         cfg.model, num_classes=num_classes, backbone_weights=weights, **cfg.model_args
     )
+
+
+_CLASS_SPECIFIC = re.compile(r"box_predictors?\.(\d+\.)?(cls_score|bbox_pred)\.|mask_fcn_logits\.")
+
+
+def init_detector(model: nn.Module, source: str | Path) -> Any:
+    """Initialise a detector for fine-tuning (the config's ``finetune``).
+
+    A checkpoint of a detection run (``mvitv2 train detect``) initialises the whole detector; its
+    class-specific predictor layers are reset when the class count differs. Any other checkpoint
+    (an image classifier, an official ``.pyth``, ...) initialises the backbone
+    (:func:`~mvitv2.detection.model.load_backbone_weights`). Both are strict: anything else that
+    does not fit raises :class:`~mvitv2.weights.CheckpointMismatchError` naming the tensors.
+
+    Returns:
+        the :class:`~mvitv2.weights.LoadReport`.
+    """
+    from mvitv2.detection.model import load_backbone_weights
+    from mvitv2.engine.checkpoint import load_checkpoint as read_run
+    from mvitv2.weights import CheckpointMismatchError, LoadReport
+
+    path = Path(source)
+    run = read_run(path) if path.suffix == ".pt" and path.is_file() else {}
+    if (run.get("meta") or {}).get("task") != "detect":
+        return load_backbone_weights(model, str(source))
+    report = LoadReport(source=str(source), format="mvitv2 detection run")
+    own, saved = model.state_dict(), run["model"]
+    fitting = {}
+    for key, value in saved.items():
+        if key not in own:
+            report.unexpected.append(key)
+        elif value.shape == own[key].shape:
+            fitting[key] = value
+        elif _CLASS_SPECIFIC.search(key):
+            report.initialized[key] = (
+                f"head reset: {value.shape[0]} outputs, model {own[key].shape[0]}"
+            )
+        else:
+            report.shape_conflicts.append((key, tuple(value.shape), tuple(own[key].shape)))
+    report.missing = [k for k in own if k not in saved]
+    if not report.ok:
+        raise CheckpointMismatchError(
+            f"checkpoint {source} does not fit the detector:\n{report.problems()}", report
+        )
+    model.load_state_dict(fitting, strict=False)
+    report.loaded = sorted(fitting)
+    if report.initialized:
+        report.notes.append("head reset: another class count; the class-specific layers are new")
+    return report
 
 
 @torch.no_grad()

@@ -200,8 +200,11 @@ def _eval(args: argparse.Namespace) -> int:
     )  # fmt: skip
     t0 = time.perf_counter()
     metrics = evaluate_classifier(model.to(dist.device), loader, dist)
-    skipped = int(dist.all_reduce_sum(torch.tensor([loader.dataset.bad_samples])).item())
+    skipped = int(dist.all_reduce_sum(torch.tensor([loader.dataset.skipped])).item())
+    bad = [b for part in dist.all_gather_object(loader.dataset.take_new_bad()) for b in part]
     if dist.is_main:
+        for path, reason in bad:
+            print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
         print(
             f"{args.checkpoint}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
             f"loss {metrics['loss']:.4f}  on {metrics['count']} images of {root / 'val'}"

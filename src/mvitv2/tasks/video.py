@@ -310,6 +310,10 @@ class VideoClassification(Task):
             )
         return model
 
+    def init_weights(self, model: nn.Module, source: str) -> Any:
+        """``finetune=``: :func:`init_weights` with the recipe's ``data.init_inflation``."""
+        return init_weights(model, source, self.data_cfg.init_inflation)
+
     def collate_fn(self):
         return video_collate
 
