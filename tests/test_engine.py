@@ -371,15 +371,16 @@ def _finished_run(tmp_path, name: str, *extra: str) -> Path:
 
 
 def test_resume_auto_only_resumes_the_same_experiment(tmp_path, capsys):
-    ours = _finished_run(tmp_path, "ours")
+    ours = _finished_run(tmp_path, "ours", "warmup_epochs=0.5")
     time.sleep(0.01)
     other = _finished_run(tmp_path, "other", "base_lr=0.01", "data.hidden=32")
     # No name: the newest run is another experiment's; the older one of ours is resumed.
-    cfg = toy_config(str(tmp_path), "", "epochs=2")
+    cfg = toy_config(str(tmp_path), "", "epochs=2", "warmup_epochs=0.5")
     trainer = Trainer(ToyTask(cfg), cfg, resume="auto")
     assert trainer.run_dir == ours.parent and trainer.global_step == 6
-    # epochs may change: the schedule is the resuming config's (cosine over 12 steps, at its peak).
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05, rel=1e-12)
+    # epochs may change: the schedule is the resuming config's (3 warmup steps, cosine to 12).
+    want = cosine_reference(6, 0.05, 1e-8, 0.001, 3, 12)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12)
     assert "RNG state restored" in capsys.readouterr().err
     # Only another experiment there: one line naming it and both ways forward.
     cfg = toy_config(str(tmp_path), "", "base_lr=0.02")
@@ -393,7 +394,7 @@ def test_resume_auto_only_resumes_the_same_experiment(tmp_path, capsys):
     with pytest.raises(UserError, match=r"differs in base_lr\); resume it anyway"):
         Trainer(ToyTask(cfg), cfg, resume="auto")
     # An explicit path is resumed with a warning, unless its weights cannot fit.
-    cfg = toy_config(str(tmp_path), "x", "base_lr=0.02")
+    cfg = toy_config(str(tmp_path), "x", "base_lr=0.02", "warmup_epochs=0.5")
     Trainer(ToyTask(cfg), cfg, resume=str(ours))
     assert "config differs in ['base_lr']" in capsys.readouterr().err
     cfg = toy_config(str(tmp_path), "x")
