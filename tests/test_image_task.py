@@ -64,6 +64,21 @@ def test_eval_command_reproduces_the_training_metrics(digits_run, capsys):
     assert result["top5"] >= result["top1"]
 
 
+def test_eval_command_names_each_unreadable_image(digits_run, tmp_path, capsys):
+    run_dir, _ = digits_run
+    good = sorted((digits_folder() / "val" / "3").iterdir())[0]
+    (tmp_path / "val" / "3").mkdir(parents=True)
+    (tmp_path / "val" / "3" / "good.png").write_bytes(good.read_bytes())
+    (tmp_path / "val" / "3" / "broken.png").write_bytes(b"not a png")
+    args = ["--checkpoint", str(run_dir / "last.pt"), "--data", str(tmp_path), "--workers=1"]
+    assert main(["eval", "image", *args]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("skipped unreadable image") == 1  # read in a worker, named here
+    assert f"{tmp_path / 'val' / '3' / 'broken.png'}: cannot read image" in err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["count"] == 1 and result["skipped"] == 1
+
+
 def test_predict_prints_topk_classes_with_probabilities(digits_run, capsys):
     run_dir, _ = digits_run
     val = digits_folder() / "val"

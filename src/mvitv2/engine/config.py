@@ -39,9 +39,11 @@ class TrainConfig:
         model_args: overrides for ``create_model`` (``depths``, ``embed_dim``, ``img_size``,
             ``drop_path_rate``, ...). ``num_classes`` comes from the data.
         pretrained: False, True or a weights tag for ``create_model(pretrained=...)``.
-        finetune: path of a checkpoint whose weights initialise the model (head re-initialised
-            when the number of classes differs, position tables resized); optimizer state is not
-            loaded.
+        finetune: path of a checkpoint whose weights initialise the model, in any format
+            :func:`mvitv2.load_checkpoint` reads (official ``.pyth``, timm, torchvision,
+            detectron2, safetensors, mvitv2 runs), through the task's ``init_weights``: strict
+            (a checkpoint that does not fit fails, naming the tensors), the head reset for
+            another class count, position tables resized; the optimizer starts fresh.
         data: task-specific data and augmentation options (see the task's documentation).
         epochs: training epochs.
         batch_size: images per process per forward (micro-batch).

@@ -10,7 +10,9 @@ accumulation, grad-norm clipping, activation checkpointing, optional ``torch.com
 the warmup + cosine schedule per step, skip-and-count of non-finite steps (stops after saving when
 there are too many), evaluation every ``eval_every`` epochs, an atomic ``last.pt`` every epoch
 (and every ``ckpt_every_steps``), ``best.pt`` on the task's primary metric, and a resume that
-continues exactly where the interrupted run was (data order, augmentation, RNG, step).
+continues exactly where the interrupted run was (data order, augmentation, RNG, step; the lr
+schedule is the resuming config's, so ``epochs`` may change). Under multi-GPU DDP BatchNorm layers
+become SyncBatchNorm; unreadable samples are skipped, counted per epoch and named once.
 """
 
 from __future__ import annotations
@@ -83,8 +85,10 @@ class Trainer:
     Args:
         task: builds model and data, computes losses and metrics.
         cfg: the run's configuration.
-        resume: None (fresh run), a checkpoint path (or run folder), or ``auto`` (the latest
-            ``last.pt`` under ``cfg.output``; a fresh run if there is none).
+        resume: None (fresh run), a checkpoint path (or run folder), or ``auto``: the newest
+            ``last.pt`` under ``cfg.output`` of the same experiment (config and task metadata
+            equal apart from :data:`~mvitv2.engine.checkpoint.RESUME_MAY_CHANGE`); a fresh run if
+            there is none, an error naming the run when only other experiments' runs are there.
     """
 
     def __init__(self, task: Task, cfg: TrainConfig, resume: str | None = None) -> None:
