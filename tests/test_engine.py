@@ -326,33 +326,49 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path):
         assert torch.allclose(p, q, atol=1e-5), n
 
 
-def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
-    """A crash after a mid-epoch checkpoint, then --resume auto: bit-identical final weights,
-    EMA and fp16 grad-scaler state."""
-    # The scale grows every 2 good steps, so a scaler that is not restored ends elsewhere.
-    monkeypatch.setattr(torch.amp, "GradScaler", partial(torch.amp.GradScaler, growth_interval=2))
-    extra = ["data.dropout=0.2", "mixup=0.4", "ckpt_every_steps=4", "ema_decay=0.9", "amp=fp16"]
-    full = Trainer(ToyTask(c := toy_config(str(tmp_path / "full"), "r", *extra)), c)
-    full.fit()
+RESUMED = ["data.dropout=0.2", "mixup=0.4", "ckpt_every_steps=4", "ema_decay=0.9", "amp=fp16"]
 
-    cfg = toy_config(str(tmp_path / "crash"), "r", *extra)
+
+def _growing_scaler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scale grows every 2 good steps, so a scaler that is not restored ends elsewhere."""
+    monkeypatch.setattr(torch.amp, "GradScaler", partial(torch.amp.GradScaler, growth_interval=2))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Trainer:
+    with pytest.MonkeyPatch.context() as mp:
+        _growing_scaler(mp)
+        trainer = Trainer(
+            ToyTask(c := toy_config(str(tmp_path_factory.mktemp("full")), "r", *RESUMED)), c
+        )
+        trainer.fit()
+    return trainer
+
+
+@pytest.mark.parametrize("crash_step", [10, 7])  # mid-epoch (after the step-8 save), epoch start
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, uninterrupted, crash_step):
+    """A crash, then --resume auto: bit-identical final weights, EMA and fp16 grad-scaler state."""
+    _growing_scaler(monkeypatch)
+    full = uninterrupted
+    cfg = toy_config(str(tmp_path / "crash"), "r", *RESUMED)
     task = ToyTask(cfg)
     calls = {"n": 0}
     real = task.training_loss
 
-    def dying(model, batch):  # "power cut" during step 10 (epoch 2, after the step-8 save)
+    def dying(model, batch):  # "power cut" during this step
         calls["n"] += 1
-        if calls["n"] == 10:
+        if calls["n"] == crash_step:
             raise SystemExit("killed")
         return real(model, batch)
 
     monkeypatch.setattr(task, "training_loss", dying)
     with pytest.raises(SystemExit):
         Trainer(task, cfg).fit()
-    assert load_checkpoint(tmp_path / "crash" / "r" / "last.pt")["step_in_epoch"] == 2
+    saved = load_checkpoint(tmp_path / "crash" / "r" / "last.pt")
+    assert (saved["epoch"], saved["step_in_epoch"]) == ((1, 2) if crash_step == 10 else (1, 0))
 
     resumed = Trainer(ToyTask(cfg), cfg, resume="auto")
-    assert resumed.global_step == 8
+    assert resumed.global_step == {10: 8, 7: 6}[crash_step]
     resumed.fit()
     for (n, p), q in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(p, q), n

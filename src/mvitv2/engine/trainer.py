@@ -298,9 +298,11 @@ class Trainer:
             while self.epoch < cfg.epochs:
                 epoch = self.epoch
                 epoch_seed = cfg.seed + 7919 * (epoch + 1) + 104729 * self.dist.rank
-                if self._rng_to_restore is not None:
+                if self.step_in_epoch == 0:
+                    seed_everything(epoch_seed)
+                elif self._rng_to_restore is not None:
                     restore_rng(self._rng_to_restore)
-                else:  # epoch start, or a mid-epoch resume whose RNG state cannot be restored
+                else:  # a mid-epoch resume whose RNG state cannot be restored
                     seed_everything(epoch_seed + 15485863 * self.step_in_epoch)
                 self._rng_to_restore = None
                 train_stats = self._train_epoch(epoch)
