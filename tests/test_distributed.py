@@ -26,21 +26,40 @@ from mvitv2.engine.distributed import cleanup_distributed, init_distributed
 
 # Tiny detection and video runs; odd numbers of validation images / views.
 DETECT = [
-    "model=maskrcnn_mvitv2_tiny", "model_args.depths=[1,1,1,1]", "model_args.embed_dim=16",
-    "model_args.img_size=64", "model_args.window_size=null", "model_args.fpn_channels=16",
-    "model_args.min_size=64", "model_args.max_size=64", "model_args.box_fc_dim=32",
-    "model_args.mask_head_dim=16", "model_args.mask_head_convs=1",
-    "data.digit_scenes.num_train=1", "data.digit_scenes.num_val=5",
-    "data.digit_scenes.image_size=64", "data.digit_scenes.digit_size=[16,28]",
-]  # fmt: skip
+    "model=maskrcnn_mvitv2_tiny",
+    "model_args.depths=[1,1,1,1]",
+    "model_args.embed_dim=16",
+    "model_args.img_size=64",
+    "model_args.window_size=null",
+    "model_args.fpn_channels=16",
+    "model_args.min_size=64",
+    "model_args.max_size=64",
+    "model_args.box_fc_dim=32",
+    "model_args.mask_head_dim=16",
+    "model_args.mask_head_convs=1",
+    "data.digit_scenes.num_train=1",
+    "data.digit_scenes.num_val=5",
+    "data.digit_scenes.image_size=64",
+    "data.digit_scenes.digit_size=[16,28]",
+]
 VIDEO = [
-    "model=mvitv2_small_16x4", "model_args.depths=[1,1]", "model_args.embed_dim=16",
-    "data.digits_train_per_class=1", "data.digits_val_per_class=1", "data.digits_frames=8",
-    "data.digits_size=16", "data.digits_digit_size=[6,8]", "data.digits_speed=[1,1]",
+    "model=mvitv2_small_16x4",
+    "model_args.depths=[1,1]",
+    "model_args.embed_dim=16",
+    "data.digits_train_per_class=1",
+    "data.digits_val_per_class=1",
+    "data.digits_frames=8",
+    "data.digits_size=16",
+    "data.digits_digit_size=[6,8]",
+    "data.digits_speed=[1,1]",
     "data.digits_directions=[left]",
-    "data.num_frames=4", "data.sampling_rate=1", "data.crop_size=16", "data.test_short_side=16",
-    "data.test_clips=3", "data.test_crops=1",
-]  # fmt: skip
+    "data.num_frames=4",
+    "data.sampling_rate=1",
+    "data.crop_size=16",
+    "data.test_short_side=16",
+    "data.test_clips=3",
+    "data.test_crops=1",
+]
 VIDEOS = 7  # 7 videos x 3 clips = 21 views
 
 
@@ -56,8 +75,14 @@ def _evaluate_all(dist: DistInfo) -> dict[str, Any]:
     from mvitv2.tasks.video import VideoClassification, evaluate_views
 
     def loader(ds, collate=None):
-        return build_loader(ds, batch_size=2, train=False, rank=dist.rank,
-                            world_size=dist.world_size, collate_fn=collate)  # fmt: skip
+        return build_loader(
+            ds,
+            batch_size=2,
+            train=False,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            collate_fn=collate,
+        )
 
     out: dict[str, Any] = {}
     torch.manual_seed(0)
@@ -84,9 +109,13 @@ def _evaluate_all(dist: DistInfo) -> dict[str, Any]:
 
 def _worker(rank: int, world: int, port: int, out: str, data: str) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), MVITV2_DATA=data,
-    )  # fmt: skip
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MVITV2_DATA=data,
+    )
     torch.set_num_threads(1)
     dist = init_distributed("cpu")
     try:
@@ -105,8 +134,10 @@ def _free_port() -> int:
 @pytest.mark.parametrize("world", [2, 3, 4])
 @pytest.mark.parametrize("length", [1, 7, 30, 31])
 def test_eval_shards_hold_every_sample_exactly_once(world, length):
-    shards = [[i for i, _ in EpochSampler(length, r, world, shuffle=False, pad=False)]
-              for r in range(world)]  # fmt: skip
+    shards = [
+        [i for i, _ in EpochSampler(length, r, world, shuffle=False, pad=False)]
+        for r in range(world)
+    ]
     assert sorted(i for s in shards for i in s) == list(range(length))
 
 
@@ -147,10 +178,19 @@ def test_batchnorm_becomes_syncbatchnorm_on_gpus_keeping_weights_and_statistics(
 
     torch.manual_seed(0)
     model = create_detector(
-        "cascade_maskrcnn_mvitv2_tiny", num_classes=3, depths=[1, 1, 1, 1], embed_dim=8,
-        img_size=64, window_size=None, fpn_channels=8, box_conv_dim=8, box_fc_dim=16,
-        mask_head_dim=8, min_size=64, max_size=64,
-    )  # fmt: skip
+        "cascade_maskrcnn_mvitv2_tiny",
+        num_classes=3,
+        depths=[1, 1, 1, 1],
+        embed_dim=8,
+        img_size=64,
+        window_size=None,
+        fpn_channels=8,
+        box_conv_dim=8,
+        box_fc_dim=16,
+        mask_head_dim=8,
+        min_size=64,
+        max_size=64,
+    )
     norms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(norms) == 3 * 4 + 4  # the Cascade box heads (4 convs x 3 stages) and mask head
     for _, m in model.named_modules():  # non-trivial running statistics to carry over

@@ -32,9 +32,10 @@ from mvitv2.engine import (
     param_groups,
     save_checkpoint,
 )
-from mvitv2.engine.checkpoint import capture_rng, restore_rng
+from mvitv2.engine.checkpoint import capture_rng, experiment_differences, restore_rng
 from mvitv2.engine.cli import RECIPES_DIR
 from mvitv2.engine.config import short_run_warmup
+from mvitv2.engine.optim import WarmupStep
 from mvitv2.errors import UserError
 
 RECIPES = RECIPES_DIR
@@ -92,33 +93,52 @@ def test_param_groups_exempt_1d_and_named_params():
     assert groups["no_decay"] == {"fc1.bias", "fc2.bias", "scale", "table"}
     opt = build_optimizer(ToyModel(), toy_config("x", "y", "weight_decay=0.3"), world_size=1)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0]
+    frozen = ToyModel()
+    frozen.fc1.weight.requires_grad_(False)  # frozen parameters are left out, the rest stay
+    groups = {g["name"]: set(g["param_names"]) for g in param_groups(frozen, 0.05)}
+    assert groups == {
+        "decay": {"fc2.weight"},
+        "no_decay": {"fc1.bias", "fc2.bias", "scale", "table"},
+    }
 
 
 def test_mvit_weight_decay_spares_norms_biases_tokens_and_position_tables():
     from mvitv2 import create_model
 
     model = create_model(
-        "mvitv2_tiny", depths=[1, 2, 1, 1], embed_dim=8, img_size=32, num_classes=3,
-        use_cls_token=True, use_abs_pos=True,
-    )  # fmt: skip
+        "mvitv2_tiny",
+        depths=[1, 2, 1, 1],
+        embed_dim=8,
+        img_size=32,
+        num_classes=3,
+        use_cls_token=True,
+        use_abs_pos=True,
+    )
     # The rule, written independently of the optimizer code: LayerNorm parameters, biases, the
     # class token, the absolute position embedding and the rel-pos tables are not decayed.
     norm_params = {
-        f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, torch.nn.LayerNorm)
+        f"{m}.{p}"
+        for m, mod in model.named_modules()
+        if isinstance(mod, torch.nn.LayerNorm)
         for p, _ in mod.named_parameters()
-    }  # fmt: skip
+    }
     names = dict(model.named_parameters())
     exempt = {
-        n for n in names
-        if n in norm_params or n.endswith(".bias") or n in ("cls_token", "pos_embed")
+        n
+        for n in names
+        if n in norm_params
+        or n.endswith(".bias")
+        or n in ("cls_token", "pos_embed")
         or n.split(".")[-1] in ("rel_pos_h", "rel_pos_w")
-    }  # fmt: skip
+    }
     assert {"cls_token", "pos_embed", "blocks.0.attn.rel_pos_h", "norm.weight"} <= exempt
     assert all(names[n].ndim >= 2 for n in set(names) - exempt)  # every decayed one is a weight
     assert {n for n in names if names[n].ndim >= 2} - exempt >= {
-        "patch_embed.proj.weight", "blocks.1.attn.pool_q.weight", "blocks.1.proj.weight",
+        "patch_embed.proj.weight",
+        "blocks.1.attn.pool_q.weight",
+        "blocks.1.proj.weight",
         "head.projection.weight",
-    }  # fmt: skip
+    }
 
     cfg = TrainConfig.load(None, ["weight_decay=0.07", "betas=[0.8, 0.95]", "base_lr=1e-3"])
     opt = build_optimizer(model, cfg, world_size=2)
@@ -153,9 +173,17 @@ def cosine_reference(step: int, peak: float, warm_lr: float, low: float, warm: i
 
 def test_warmup_then_cosine_per_step_follows_the_formula():
     cfg = TrainConfig.load(
-        None, ["epochs=10", "warmup_epochs=1.4", "base_lr=0.1", "lr_ref_batch=64", "batch_size=64",
-               "warmup_lr=1e-6", "min_lr=1e-4"],
-    )  # fmt: skip
+        None,
+        [
+            "epochs=10",
+            "warmup_epochs=1.4",
+            "base_lr=0.1",
+            "lr_ref_batch=64",
+            "batch_size=64",
+            "warmup_lr=1e-6",
+            "min_lr=1e-4",
+        ],
+    )
     opt = build_optimizer(ToyModel(), cfg, world_size=1)
     sched = build_scheduler(opt, cfg, steps_per_epoch=5, world_size=1)
     lrs = lr_trace(opt, sched, 50)  # warmup: 1.4 epochs x 5 = 7 steps
@@ -163,6 +191,7 @@ def test_warmup_then_cosine_per_step_follows_the_formula():
         assert lr == pytest.approx(cosine_reference(step, 0.1, 1e-6, 1e-4, 7, 50), rel=1e-12), step
     assert WarmupCosine(1.0, 0, 10, 0.0, 0.0).lr(0) == 1.0  # no warmup: start at the peak
     assert WarmupCosine(1.0, 2, 10, 0.0, 0.5).lr(14) == 0.5  # past the end: stays at min_lr
+    assert WarmupCosine(1.0, 2, 3, 0.0, 0.5).lr(3) == 0.5  # one cosine step: straight to min_lr
     # Resuming at a step gives the lr of that step (the schedule of the resuming config).
     opt = build_optimizer(ToyModel(), cfg, world_size=1)
     build_scheduler(opt, cfg, steps_per_epoch=5, world_size=1, start_step=23)
@@ -189,9 +218,12 @@ def test_a_short_run_of_a_paper_recipe_keeps_the_warmup_fraction(capsys):
 
     def args(*overrides):
         return argparse.Namespace(
-            overrides=list(overrides), model=None, output=None, strict_data=False,
+            overrides=list(overrides),
+            model=None,
+            output=None,
+            strict_data=False,
             config="in1k_tiny",
-        )  # fmt: skip
+        )
 
     cfg = train_config(args("epochs=2"), "digits")
     assert cfg.warmup_epochs == pytest.approx(70 / 300 * 2) and cfg.epochs == 2
@@ -240,6 +272,40 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     restore_rng(load_checkpoint(tmp_path / "c.pt")["rng"])
     again = (random.random(), np.random.rand(), torch.rand(2))
     assert first[0] == again[0] and first[1] == again[1] and torch.equal(first[2], again[2])
+
+
+def test_an_experiment_is_its_config_and_task_metadata_apart_from_run_settings():
+    base = TrainConfig().to_dict()
+    run_settings = {
+        "epochs": 10,
+        "output": "elsewhere",
+        "name": "again",
+        "workers": 1,
+        "threads": 2,
+        "device": "cpu",
+        "progress": False,
+        "tensorboard": False,
+        "log_every": 1,
+        "eval_every": 3,
+        "ckpt_every_steps": 50,
+        "strict_data": True,
+        "max_nonfinite_consecutive": 1,
+        "max_nonfinite_total": 2,
+        "compile": True,
+        "grad_checkpointing": True,
+    }
+    meta = {"task": "image", "classes": ["a", "b"]}
+    assert experiment_differences(base, meta, {**base, **run_settings}, meta) == []
+    changed = {k: f"other {v}" for k, v in base.items() if k not in run_settings}
+    assert len(changed) == len(base) - len(run_settings)
+    assert experiment_differences(base, meta, {**base, **changed}, meta) == sorted(changed)
+    nested = {**base, "data": {"img_size": 64}, "model_args": {"depths": [1], "x": 1}}
+    other = {**base, "data": {"img_size": 32}, "model_args": {"depths": [1]}}
+    assert experiment_differences(nested, meta, other, {"task": "image", "classes": ["a"]}) == [
+        "data.img_size",
+        "model_args.x",
+        "meta.classes",
+    ]
 
 
 # ---------------------------------------------------------------------- sampling
@@ -505,15 +571,26 @@ def test_step_schedule_and_sgd_follow_the_recipe():
 
     model = torch.nn.Linear(4, 2)
     cfg = TrainConfig(
-        epochs=10, batch_size=8, base_lr=0.1, lr_ref_batch=8, warmup_epochs=1, warmup_lr=0.0,
-        lr_schedule="step", lr_steps=(6, 9), lr_gamma=0.1, optimizer="sgd", momentum=0.8,
-    )  # fmt: skip
+        epochs=10,
+        batch_size=8,
+        base_lr=0.1,
+        lr_ref_batch=8,
+        warmup_epochs=1,
+        warmup_lr=0.0,
+        lr_schedule="step",
+        lr_steps=(6, 9),
+        lr_gamma=0.1,
+        optimizer="sgd",
+        momentum=0.8,
+    )
     opt = build_optimizer(model, cfg, world_size=1)
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.8
+    assert opt.param_groups[0]["lr"] == 0.1  # the peak lr, before any schedule
     sched = build_scheduler(opt, cfg, steps_per_epoch=10, world_size=1)
     lrs = lr_trace(opt, sched, 100)
     for step, lr in enumerate(lrs):  # warmup 10 steps, then x0.1 at steps 60 and 90
         want = 0.1 * step / 10 if step < 10 else 0.1 * 0.1 ** ((step >= 60) + (step >= 90))
         assert lr == pytest.approx(want, rel=1e-12, abs=1e-15), step
+    assert WarmupStep(1.0, 5, [5], 0.0, 0.1).lr(5) == 0.1  # a milestone right at the warmup end
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(lr_schedule="poly")

@@ -36,10 +36,20 @@ def _config(tmp_path: Path, *overrides: str, img_size: int = 32, arch=ARCH) -> T
     args = [f"model_args.{k}={v}" for k, v in arch.items()]
     return TrainConfig.load(
         None,
-        [*args, f"data.img_size={img_size}", "data.randaug_n=0", "batch_size=2", "workers=0",
-         "progress=false", "tensorboard=false", "mixup=0", "cutmix=0", f"output={tmp_path}",
-         *overrides],
-    )  # fmt: skip
+        [
+            *args,
+            f"data.img_size={img_size}",
+            "data.randaug_n=0",
+            "batch_size=2",
+            "workers=0",
+            "progress=false",
+            "tensorboard=false",
+            "mixup=0",
+            "cutmix=0",
+            f"output={tmp_path}",
+            *overrides,
+        ],
+    )
 
 
 def _official(path: Path, num_classes: int, arch=ARCH, img_size: int = 32) -> dict:
@@ -106,8 +116,19 @@ def test_finetune_from_a_checkpoint_of_another_width_fails_naming_the_tensors(
     assert "patch_embed.proj.weight: (16, 3, 1, 7, 7) vs (8, 3, 7, 7)" in message
     assert "blocks.0.mlp.fc1.weight: (64, 16) vs (32, 8)" in message
     # The command line: exit status 2 and the same report, no traceback.
-    status = main(["train", "image", "--data", str(folder), "--config", "digits",
-                   f"output={tmp_path}", "epochs=1", f"finetune={tmp_path / 'wide.pyth'}"])  # fmt: skip
+    status = main(
+        [
+            "train",
+            "image",
+            "--data",
+            str(folder),
+            "--config",
+            "digits",
+            f"output={tmp_path}",
+            "epochs=1",
+            f"finetune={tmp_path / 'wide.pyth'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 2 and "error: finetune=" in err and "Traceback" not in err
     missing = _config(tmp_path, f"finetune={tmp_path / 'nothing.pyth'}")
@@ -121,8 +142,15 @@ def test_detection_and_video_tasks_initialise_through_the_same_hook(tmp_path):
     from mvitv2.tasks.video import VideoClassification
 
     image = _official(tmp_path / "in1k.pyth", num_classes=5, arch={**ARCH, "embed_dim": 16})
-    det_args = {"depths": [1, 1, 1, 1], "embed_dim": 16, "img_size": 64, "window_size": None,
-                "fpn_channels": 16, "min_size": 64, "max_size": 64}  # fmt: skip
+    det_args = {
+        "depths": [1, 1, 1, 1],
+        "embed_dim": 16,
+        "img_size": 64,
+        "window_size": None,
+        "fpn_channels": 16,
+        "min_size": 64,
+        "max_size": 64,
+    }
     task = DetectionTask(TrainConfig.load(None, []))
     detector = create_detector("maskrcnn_mvitv2_tiny", num_classes=3, **det_args)
     report = task.init_weights(detector, str(tmp_path / "in1k.pyth"))
@@ -151,8 +179,15 @@ def test_detection_and_video_tasks_initialise_through_the_same_hook(tmp_path):
 
     # Video: the image checkpoint is inflated (paper: centre frame, zeros elsewhere).
     video_cfg = TrainConfig.load(None, ["model=mvitv2_small_16x4"])
-    video = create_model("mvitv2_small_16x4", depths=[1, 1, 1, 1], embed_dim=16, num_heads=1,
-                         img_size=32, num_frames=4, num_classes=3)  # fmt: skip
+    video = create_model(
+        "mvitv2_small_16x4",
+        depths=[1, 1, 1, 1],
+        embed_dim=16,
+        num_heads=1,
+        img_size=32,
+        num_frames=4,
+        num_classes=3,
+    )
     VideoClassification(video_cfg).init_weights(video, str(tmp_path / "in1k.pyth"))
     kernel = video.state_dict()["patch_embed.proj.weight"]  # (C, 3, 3, 7, 7)
     assert torch.equal(kernel[:, :, 1], image["patch_embed.proj.weight"])

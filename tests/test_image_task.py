@@ -138,7 +138,7 @@ def test_corrupt_images_are_skipped_and_counted_or_fail_fast(tmp_path):
     ((path, reason),) = loader.dataset.take_new_bad()
     assert path.endswith("train/b/2.png") and reason.startswith("cannot read image")
     loader = build_loader(val, batch_size=8, train=False)
-    (x, y), = list(loader)  # fmt: skip
+    ((x, y),) = list(loader)
     assert len(y) == 5 and loader.dataset.bad_samples == 1
     assert loader.dataset.take_new_bad()[0][0].endswith("val/a/1.png")
     strict = build_loader(val, batch_size=8, train=False, strict=True)
@@ -182,23 +182,34 @@ def test_normalisation_and_crop_by_hand():
 IMAGE_RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem.startswith("in1k_"))
 IMAGE_RECIPES += ["finetune", "digits"]
 TINY = [
-    "model_args.depths=[1,1,1,1]", "model_args.embed_dim=8", "model_args.num_heads=1",
-    "data.img_size=32", "batch_size=2", "epochs=1", "workers=0", "progress=false",
-    "tensorboard=false", "name=run", "threads=1",
-]  # fmt: skip
+    "model_args.depths=[1,1,1,1]",
+    "model_args.embed_dim=8",
+    "model_args.num_heads=1",
+    "data.img_size=32",
+    "batch_size=2",
+    "epochs=1",
+    "workers=0",
+    "progress=false",
+    "tensorboard=false",
+    "name=run",
+    "threads=1",
+]
 
 
 def _tiny_official_checkpoint(path: Path, model: str, num_classes: int) -> Path:
     """The official layout written by hand: ``model_state``, 5-D (T = 1) image conv kernels."""
     from mvitv2 import create_model
 
-    net = create_model(model, depths=[1, 1, 1, 1], embed_dim=8, num_heads=1, img_size=32,
-                       num_classes=num_classes)  # fmt: skip
+    net = create_model(
+        model, depths=[1, 1, 1, 1], embed_dim=8, num_heads=1, img_size=32, num_classes=num_classes
+    )
     state = {
-        k: v[:, :, None] if k.endswith(("proj.weight", "pool_q.weight", "pool_k.weight",
-                                         "pool_v.weight")) and v.ndim == 4 else v
+        k: v[:, :, None]
+        if k.endswith(("proj.weight", "pool_q.weight", "pool_k.weight", "pool_v.weight"))
+        and v.ndim == 4
+        else v
         for k, v in net.state_dict().items()
-    }  # fmt: skip
+    }
     torch.save({"model_state": state, "cfg": "yaml text"}, path)
     return path
 

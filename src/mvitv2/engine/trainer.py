@@ -327,14 +327,13 @@ class Trainer:
         self.dist.barrier()
         return {**self.metrics, "wall_s": time.perf_counter() - t0}
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """The task's metrics on the validation set (EMA metrics too, prefixed ``ema_``)."""
         if self.val_loader is None:
             return {}
         skipped_before = self.val_loader.dataset.skipped
         self.model.eval()
-        with self._autocast():
+        with torch.no_grad(), self._autocast():
             metrics = self.task.evaluate(self.model, self.val_loader, self.dist)
             if self.ema is not None:
                 ema_metrics = self.task.evaluate(self.ema.module, self.val_loader, self.dist)
