@@ -25,7 +25,7 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, dist: DistInfo) ->
             if batch is None:
                 continue
             inputs, labels = to_device(batch, dist.device, non_blocking=True)
-            logits = model(inputs).float()
+            logits = model(inputs).double()  # float64 sums: exact counts, loss to ~1e-15
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hit = top == labels[:, None]
             loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
