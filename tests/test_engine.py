@@ -538,7 +538,12 @@ def test_gradients_are_clipped_to_the_global_norm(tmp_path, clip):
 def test_top1_top5_and_loss_match_a_naive_loop():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(40, 10, generator=g)
-    labels = logits.argsort(1, descending=True)[torch.arange(40), torch.arange(40) % 7]
+    # The label of each sample is its r-th most likely class, r = 0 for 7 samples, 1 for 3, ...
+    ranks = torch.tensor(
+        [0] * 7 + [1] * 3 + [2] * 5 + [3] * 6 + [4] * 4 + [5] * 6 + [6] * 5 + [8] * 4
+    )
+    ranks = ranks[torch.randperm(40, generator=g)]
+    labels = logits.argsort(1, descending=True)[torch.arange(40), ranks]
     model = torch.nn.Embedding.from_pretrained(logits)  # sample i -> its logits row
     batches = [(torch.arange(i, i + 8), labels[i : i + 8]) for i in range(0, 40, 8)]
     batches.insert(2, None)  # a batch whose samples were all skipped
@@ -550,12 +555,15 @@ def test_top1_top5_and_loss_match_a_naive_loop():
         top1 += order[0] == y
         top5 += y in order[:5]
         nll += math.log(sum(math.exp(v) for v in row)) - row[y]
-    assert (top1, top5) == (6, 30)  # labels at rank r = i % 7: top-2 would give 12
-    assert got["top1"] == pytest.approx(100 * top1 / 40) and got["top5"] == pytest.approx(75.0)
+    assert (top1, top5) == (7, 25)  # top-2 would give 10
+    assert got["top1"] == pytest.approx(17.5) and got["top5"] == pytest.approx(62.5)
     assert got["loss"] == pytest.approx(nll / 40, rel=1e-12) and got["count"] == 40
     three = torch.nn.Embedding.from_pretrained(logits[:, :3])
     small = evaluate_classifier(three, [(torch.arange(4), torch.tensor([0, 1, 2, 2]))], DistInfo())
     assert small["top5"] == 100.0  # fewer than 5 classes: every label is in the top 5
+    i = int(ranks.argmin())  # a sample whose label is its most likely class
+    one = evaluate_classifier(model, [(torch.tensor([i]), labels[i : i + 1])], DistInfo())
+    assert (one["top1"], one["count"]) == (100.0, 1)
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
