@@ -73,6 +73,85 @@ def test_config_recipe_overrides_and_validation(tmp_path):
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "amp=fp8",
+        "epochs=0",
+        "optimizer=lamb",
+        "lr_schedule=poly",
+        "batch_size=0",
+        "accum_steps=0",
+        "base_lr=0",
+        "base_lr=.inf",
+        "warmup_epochs=-1",
+        "label_smoothing=1",
+        "label_smoothing=-0.1",
+        "device=tpu",
+    ],
+)
+def test_config_rejects_each_invalid_value(bad):
+    key = bad.split("=")[0]
+    with pytest.raises(UserError, match=f"invalid training config: {key}"):
+        TrainConfig.load(None, [bad])
+
+
+def test_config_values_are_parsed_and_typed(tmp_path):
+    edge = [
+        "epochs=1",
+        "batch_size=1",
+        "accum_steps=1",
+        "warmup_epochs=0",
+        "label_smoothing=0",
+        "amp=fp16",
+        "optimizer=sgd",
+        "lr_schedule=step",
+        "device=cpu",
+        "base_lr=1e-9",
+    ]
+    cfg = TrainConfig.load(None, edge)  # the smallest valid values
+    assert (cfg.epochs, cfg.batch_size, cfg.warmup_epochs, cfg.base_lr) == (1, 1, 0.0, 1e-9)
+    cfg = TrainConfig.load(
+        None,
+        [
+            "epochs=3.0",
+            "base_lr=1",
+            "name=2024",
+            "betas=[0.8, 0.9]",
+            "lr_steps=[2, 3]",
+            "model_args=null",
+            "pretrained=tag",
+            "clip_grad=null",
+            "data.crop= ",
+            "min_lr=5E-7",
+        ],
+    )
+    assert cfg.epochs == 3 and type(cfg.epochs) is int
+    assert cfg.base_lr == 1.0 and type(cfg.base_lr) is float and cfg.min_lr == 5e-7
+    assert cfg.name == "2024" and cfg.betas == (0.8, 0.9) and cfg.lr_steps == (2, 3)
+    assert cfg.model_args == {} and cfg.pretrained == "tag" and cfg.clip_grad is None
+    assert cfg.data == {"crop": ""}
+    for bad, what in [
+        ("epochs=2.5", "integer"),
+        ("tensorboard=1", "true/false"),
+        ("base_lr=true", "number"),
+        ("name=[1]", "string"),
+        ("betas=0.9", "list"),
+        ("data=3", "mapping"),
+        ("epochs", "key=value"),
+        ("=3", "key=value"),
+    ]:
+        with pytest.raises(UserError, match=what):
+            TrainConfig.load(None, [bad])
+    assert cfg.with_overrides(["seed=4"]).seed == 4 and cfg.seed == 0
+    assert TrainConfig.load(None, ["batch_size=8", "accum_steps=3"]).global_batch(5) == 120
+    (tmp_path / "list.yaml").write_text("- epochs: 3\n")
+    with pytest.raises(UserError, match="list.yaml: expected a YAML mapping, got list"):
+        TrainConfig.load(tmp_path / "list.yaml")
+    (tmp_path / "empty.yaml").write_text("")
+    assert TrainConfig.load(tmp_path / "empty.yaml") == TrainConfig()
+
+
 @pytest.mark.parametrize("name", ["tiny", "small", "base", "large", "huge"])
 def test_in1k_recipes_have_the_paper_values(name):
     cfg = TrainConfig.load(RECIPES / f"in1k_{name}.yaml")

@@ -299,11 +299,15 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         return tuple(value)
     if value is None:
         return None
+    if name == "pretrained":  # true/false or a weights tag
+        if not isinstance(value, bool | str):
+            raise UserValueError(
+                f"config {name}: expected true/false or a weights tag, got {value!r}"
+            )
+        return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise UserValueError(f"config {name}: expected true/false, got {value!r}")
-        return value
-    if name in ("pretrained",):
         return value
     if isinstance(default, int) and not isinstance(default, bool):
         if isinstance(value, float) and value.is_integer():
