@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import time
 from functools import partial
@@ -32,9 +33,16 @@ from mvitv2.engine import (
     param_groups,
     save_checkpoint,
 )
-from mvitv2.engine.checkpoint import capture_rng, experiment_differences, restore_rng
+from mvitv2.engine.checkpoint import (
+    ResumeChoice,
+    capture_rng,
+    experiment_differences,
+    find_resume,
+    restore_rng,
+)
 from mvitv2.engine.cli import RECIPES_DIR
 from mvitv2.engine.config import short_run_warmup
+from mvitv2.engine.data import BadSample, collate_skip_none, sample_seed
 from mvitv2.engine.optim import WarmupStep
 from mvitv2.errors import UserError
 
@@ -346,11 +354,62 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
-    save_checkpoint({"rng": capture_rng()}, tmp_path / "c.pt")
-    first = (random.random(), np.random.rand(), torch.rand(2))
-    restore_rng(load_checkpoint(tmp_path / "c.pt")["rng"])
-    again = (random.random(), np.random.rand(), torch.rand(2))
-    assert first[0] == again[0] and first[1] == again[1] and torch.equal(first[2], again[2])
+    np.random.randn()  # numpy now holds a cached Gaussian, part of its state
+    save_checkpoint({"rng": capture_rng()}, tmp_path / "deeper" / "c.pt")
+    first = (random.random(), np.random.rand(), np.random.randn(2), torch.rand(2))
+    restore_rng(load_checkpoint(tmp_path / "deeper" / "c.pt")["rng"])
+    again = (random.random(), np.random.rand(), np.random.randn(2), torch.rand(2))
+    assert first[:2] == again[:2] and (first[2] == again[2]).all()
+    assert torch.equal(first[3], again[3])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="junk.pt could not be read"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_resume_lookup_picks_the_newest_run_of_the_experiment(tmp_path):
+    config, meta = TrainConfig().to_dict(), {"task": "toy"}
+
+    def run(name: str, age: int, **changes) -> Path:
+        path = tmp_path / name / "last.pt"
+        save_checkpoint({"config": {**config, **changes}, "meta": meta}, path)
+        os.utime(path, (1e9 - age, 1e9 - age))
+        return path
+
+    assert find_resume(None, tmp_path, "", config, meta) is None
+    assert find_resume("auto", tmp_path, "", config, meta) is None  # nothing there yet
+    run("old", 30)
+    newer = run("newer", 20, epochs=5)  # epochs may differ
+    run(
+        "newest",
+        10,
+        seed=1,
+        base_lr=1.0,
+        min_lr=1.0,
+        warmup_lr=1.0,
+        momentum=0.1,
+        lr_gamma=0.5,
+        weight_decay=0.0,
+        mixup=0.0,
+        cutmix=0.0,
+        ema_decay=0.5,
+    )
+    assert find_resume("auto", tmp_path, "", config, meta) == ResumeChoice(newer, [])
+    assert find_resume("auto", tmp_path, "old", config, meta).path == tmp_path / "old" / "last.pt"
+    assert find_resume("auto", tmp_path, "none", config, meta) is None
+    assert find_resume(str(tmp_path / "old"), tmp_path, "", config, meta).path.name == "last.pt"
+    explicit = find_resume(str(tmp_path / "newest" / "last.pt"), tmp_path, "", config, meta)
+    assert explicit.differences[:3] == ["base_lr", "cutmix", "ema_decay"]
+    with pytest.raises(UserError, match=r"differs in base_lr, .*, seed and 2 more\)") as e:
+        find_resume("auto", tmp_path, "", {**config, "seed": 7}, meta)
+    assert "newest" in str(e.value) and "without --resume" in str(e.value)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "last.pt").write_bytes(b"truncated")
+    with pytest.raises(
+        UserError,
+        match=r"the run .*broken is another experiment \(its config "
+        r"differs in unreadable checkpoint",
+    ):
+        find_resume("auto", tmp_path, "broken", config, meta)
 
 
 def test_an_experiment_is_its_config_and_task_metadata_apart_from_run_settings():
@@ -400,6 +459,31 @@ def test_sampler_shards_reproduce_the_single_process_batches():
     assert other != one and sorted(other) == list(range(50))
     s.set_epoch(1, start=20)
     assert [i for i, _ in s] == other[20:] and len(s) == 30
+    # Training shards are padded to equal length with the first indices of the order.
+    padded = [[i for i, _ in EpochSampler(7, r, 3, shuffle=False)] for r in range(3)]
+    assert padded == [[0, 3, 6], [1, 4, 0], [2, 5, 1]]
+    assert [len(EpochSampler(7, r, 3, shuffle=False)) for r in range(3)] == [3, 3, 3]
+    seeds = {seed for _, seed in EpochSampler(50, seed=1)}
+    assert len(seeds) == 50 and all(0 <= x < 2**63 for x in seeds)
+    assert sample_seed(1, 0, 3) != sample_seed(1, 1, 3) != sample_seed(2, 1, 3)
+    assert list(EpochSampler(5, shuffle=False, seed=9)) == [
+        (i, sample_seed(9, 0, i)) for i in range(5)
+    ]
+
+
+def test_loaders_train_shuffled_in_full_batches_and_evaluate_everything_in_order():
+    data = ToyData(10, 0, 0.0)
+    train = build_loader(data, batch_size=4, train=True, seed=2)
+    train.sampler.set_epoch(0)
+    assert [len(y) for _, y in train] == [4, 4]  # the last partial batch is dropped
+    order = [i for i, _ in train.sampler]
+    assert order != list(range(10)) and sorted(order) == list(range(10))
+    val = build_loader(data, batch_size=4, train=False)
+    assert torch.equal(torch.cat([y for _, y in val]), data.y)
+    collate = collate_skip_none()
+    assert collate([None, None]) is None
+    x, y = collate([None, (torch.ones(2), 1), None, (torch.zeros(2), 0)])
+    assert torch.equal(y, torch.tensor([1, 0])) and x.shape == (2, 2)
 
 
 def test_unreadable_samples_are_skipped_counted_and_named_once():
@@ -414,6 +498,17 @@ def test_unreadable_samples_are_skipped_counted_and_named_once():
     assert val[(4, 0)] is None and val.take_new_bad() == [("toy/4.bin", "corrupt for the test")]
     with pytest.raises(RuntimeError, match="toy/4.bin"):
         SeededDataset(data, substitute=True, strict=True)[(4, 0)]
+    last = SeededDataset(ToyData(10, 0, 0.0, bad_index=9), substitute=True)
+    assert int(last[(9, 0)][1]) == int(data.y[0])  # the next sample wraps around
+
+    class Broken(ToyData):
+        def __getitem__(self, i):
+            raise BadSample(f"b/{i}", "broken")
+
+    everything = SeededDataset(Broken(40, 0, 0.0), substitute=True)
+    with pytest.raises(RuntimeError, match="16 unreadable samples in a row from index 3"):
+        everything[(3, 0)]
+    assert everything.skipped == 16 and everything.counter.flagged() == list(range(3, 19))
 
 
 def test_samples_skipped_in_workers_are_named_in_the_main_process():
