@@ -134,7 +134,7 @@ class SeededDataset(Dataset):
                 if self.strict:
                     raise RuntimeError(f"unreadable sample (strict data): {e}") from e
                 self._errors.setdefault(i, e)
-                self.counter.flag(i, "unreadable")
+                self.counter.flag(i, "unreadable")  # first: whoever sees the count sees the flag
                 self.counter.add("unreadable")
                 if not self.substitute:
                     return None
