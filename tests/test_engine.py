@@ -41,7 +41,7 @@ from mvitv2.engine.checkpoint import (
     restore_rng,
 )
 from mvitv2.engine.cli import RECIPES_DIR
-from mvitv2.engine.config import short_run_warmup
+from mvitv2.engine.config import apply_overrides, short_run_warmup
 from mvitv2.engine.data import BadSample, collate_skip_none, sample_seed
 from mvitv2.engine.optim import WarmupStep
 from mvitv2.errors import UserError
@@ -152,6 +152,10 @@ def test_config_values_are_parsed_and_typed(tmp_path):
         with pytest.raises(UserError, match=what):
             TrainConfig.load(None, [bad])
     assert cfg.with_overrides(["seed=4"]).seed == 4 and cfg.seed == 0
+    assert TrainConfig.load(None, ["name=a=b", "device=cuda", "amp=bf16"]).name == "a=b"
+    nested = {"data": {"a": 1}}
+    assert apply_overrides(nested, ["data.b=2"]) == {"data": {"a": 1, "b": 2}}
+    assert nested == {"data": {"a": 1}}  # the input is not changed
     assert TrainConfig.load(None, ["batch_size=8", "accum_steps=3"]).global_batch(5) == 120
     (tmp_path / "list.yaml").write_text("- epochs: 3\n")
     with pytest.raises(UserError, match="list.yaml: expected a YAML mapping, got list"):
@@ -294,7 +298,10 @@ def test_a_short_run_of_a_paper_recipe_keeps_the_warmup_fraction(capsys):
     recipe = yaml.safe_load((RECIPES / "in1k_tiny.yaml").read_text())
     override, message = short_run_warmup(recipe, ["epochs=2"])
     assert float(override.split("=")[1]) == pytest.approx(70 / 300 * 2, rel=1e-12)
-    assert "warmup_epochs=N" in message and "70" in message
+    assert "warmup_epochs=N" in message and "70-epoch warmup (of 300 epochs)" in message
+    assert "warmup_epochs set to 0.4667 (the recipe's 23.3% of the run)" in message
+    assert short_run_warmup(recipe, ["epochs=0"]) == (None, None)
+    assert short_run_warmup({"epochs": 50, "warmup_epochs": 50}, ["epochs=50"]) == (None, None)
     assert short_run_warmup(recipe, ["epochs=2", "warmup_epochs=1.5"]) == (None, None)
     assert short_run_warmup(recipe, ["epochs=71"]) == (None, None)  # ends after the warmup
     assert short_run_warmup(recipe, ["epochs=70"])[0] is not None  # ends with it

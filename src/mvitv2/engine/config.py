@@ -230,7 +230,7 @@ def parse_value(text: str) -> Any:
 
 def apply_overrides(values: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """A copy of ``values`` with each ``key=value`` (dotted keys go into nested dicts) applied."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    out = dict(values)  # nested dicts are copied below, before an entry is set
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
