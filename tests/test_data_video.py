@@ -3,6 +3,7 @@ list files, tolerant dataset, clip-consistent transforms."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import av
@@ -30,6 +31,7 @@ from mvitv2.data.video import (
     uniform_crop,
     video_collate,
 )
+from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 SMALL = {
     "num_train_per_class": 20,
@@ -205,18 +207,28 @@ def test_read_video_list_formats_and_errors(tmp_path):
     s = read_video_list(tmp_path / "l.csv")
     assert [(x.path, x.label) for x in s] == [(tmp_path / "b.mp4", 2), (tmp_path / "c.mp4", 5)]
     (tmp_path / "bad.txt").write_text("a.mp4 1\nb.mp4 dog\n")
-    with pytest.raises(ValueError, match=r"bad\.txt:2: label 'dog' is not an integer"):
+    with pytest.raises(UserValueError, match=r"bad\.txt:2: label 'dog' is not an integer"):
         read_video_list(tmp_path / "bad.txt")
     (tmp_path / "bad2.txt").write_text("a.mp4 1\n\njustapath\n")
-    with pytest.raises(ValueError, match=r"bad2\.txt:3: expected"):
+    with pytest.raises(UserValueError, match=r"bad2\.txt:3: expected"):
         read_video_list(tmp_path / "bad2.txt")
     (tmp_path / "bad3.csv").write_text("a.mp4,1\nb.mp4,2,3\n")
-    with pytest.raises(ValueError, match=r"bad3\.csv:2"):
+    with pytest.raises(UserValueError, match=r"bad3\.csv:2"):
         read_video_list(tmp_path / "bad3.csv")
-    with pytest.raises(FileNotFoundError, match="nothere.txt"):
+    with pytest.raises(UserFileNotFoundError, match="nothere.txt"):
         read_video_list(tmp_path / "nothere.txt")
-    with pytest.raises(FileNotFoundError, match="nothere.txt"):
+    with pytest.raises(UserFileNotFoundError, match="nothere.txt"):
         VideoClipDataset(tmp_path / "nothere.txt")
+    (tmp_path / "neg.txt").write_text("a.mp4 -1\n")
+    with pytest.raises(UserValueError, match=r"neg\.txt:1: negative label -1"):
+        read_video_list(tmp_path / "neg.txt")
+    (tmp_path / "none.txt").write_text("# only a comment\n")
+    with pytest.raises(UserValueError, match=r"none\.txt: no samples"):
+        read_video_list(tmp_path / "none.txt")
+    with pytest.raises(UserFileNotFoundError, match="classes.txt"):
+        read_class_names(tmp_path / "classes.txt")
+    (tmp_path / "classes.txt").write_text("cat\n\n dog \n")
+    assert read_class_names(tmp_path / "classes.txt") == ["cat", "dog"]
 
 
 # ------------------------------------------------------------------ decoding
@@ -278,19 +290,50 @@ def test_bad_videos_are_skipped_and_counted_across_workers(bad_list):
     assert (label, vid) == (50, 9) and clip.shape == (3, 8, 32, 32)
     assert trunc.skipped["truncated"] == 1
     assert len(torch.unique(clip.flatten(2).mean(-1)[0])) == 8  # real, distinct frames
-    # Test mode replaces a bad video by the next one, deterministically.
-    _, label, vid = trunc[4]
-    assert (label, vid) == (50, 9)
+    # Test mode drops the views of a bad video (no other video gets extra views).
+    with pytest.warns(UserWarning, match=r"skipping unreadable video \(missing\).*missing\.mp4"):
+        assert trunc[4] is None
+    assert trunc[4] is None  # known bad: no second attempt, no second warning
+    assert trunc.skipped["dropped"] == 2 and trunc.skipped["replaced"] == 0
+    assert video_collate([None, trunc[9], None])[2].tolist() == [9]
+    assert video_collate([None, None]) is None
+
+
+def test_each_bad_video_is_named_once_with_its_reason(bad_list, recwarn):
+    ds = VideoClipDataset(bad_list, num_frames=8, sampling_rate=4)
+    for _ in range(2):  # two epochs: every bad file is met (and replaced) more than once
+        for i in range(len(ds)):
+            ds[i]
+    messages = [str(w.message) for w in recwarn.list]
+    expected = {
+        "missing": "missing",
+        "empty": "empty",
+        "garbage": "corrupt",
+        "cut": "corrupt",
+        "nostream": "empty",
+    }
+    for name, reason in expected.items():
+        named = [m for m in messages if f"{name}.mp4" in m]
+        assert named and named[0].startswith(
+            f"skipping unreadable video ({reason}) {bad_list.parent / name}.mp4"
+        ), messages
+        assert len(named) == 1, messages
+    assert len(messages) == len(expected)
 
 
 def test_all_bad_videos_give_a_clear_error(tmp_path):
     (tmp_path / "list.txt").write_text("a.mp4 0\nb.mp4 1\n")
     ds = VideoClipDataset(tmp_path / "list.txt", max_retries=3)
-    with pytest.raises(RuntimeError, match=r"unreadable video.*[ab]\.mp4: no such file"):
+    with pytest.warns(UserWarning), pytest.raises(UserValueError) as info:
         ds[0]
-    strict = VideoClipDataset(tmp_path / "list.txt", max_retries=0)
-    with pytest.raises(RuntimeError, match=r"1 unreadable video.*a\.mp4"):
-        strict[0]
+    assert re.search(
+        r"^4 unreadable video\(s\) in a row \(last: .*[ab]\.mp4: no such file", str(info.value)
+    )
+    assert ds.skipped["replaced"] == 3
+    for split in (True, False):
+        strict = VideoClipDataset(tmp_path / "list.txt", train=split, strict=True)
+        with pytest.raises(UserValueError, match=r"unreadable video \(strict data\): .*a\.mp4"):
+            strict[0]
 
 
 def test_short_videos_are_padded(tmp_path):

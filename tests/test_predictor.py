@@ -58,7 +58,7 @@ def make_image_checkpoint(path: Path) -> Path:
 def make_video_checkpoint(path: Path) -> Path:
     args = {**TINY, "img_size": 64, "num_frames": 4}
     model = mvitv2.create_model("mvitv2_small_16x4", num_classes=4, **args)
-    data = {"crop_size": 64, "num_frames": 4, "sampling_rate": 2, "num_clips": 2}
+    data = {"crop_size": 64, "num_frames": 4, "sampling_rate": 2, "test_clips": 2}
     meta = {"task": "video", "class_names": VIDEO_CLASSES, "data": data}
     return _save(path, model, "mvitv2_small_16x4", args, meta)
 

@@ -9,6 +9,7 @@ dataset returns float clips (C, T, H, W), the layout of the video models.
 from __future__ import annotations
 
 import csv
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -24,6 +25,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from mvitv2.data.common import SkipCounter
+from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 __all__ = [
     "KINETICS_MEAN",
@@ -36,6 +38,7 @@ __all__ = [
     "clip_indices",
     "read_class_names",
     "read_video_list",
+    "resampled_length",
     "segment_indices",
     "uniform_crop",
     "video_collate",
@@ -223,12 +226,37 @@ class VideoReader:
 # Samplers
 
 
-def _pad(indices: np.ndarray, num_video_frames: int, pad: str) -> list[int]:
+def _pad(indices: np.ndarray, num_video_frames: int, pad: str) -> np.ndarray:
     if pad == "last":
-        return np.minimum(indices, num_video_frames - 1).tolist()
+        return np.minimum(indices, num_video_frames - 1)
     if pad == "loop":
-        return (indices % num_video_frames).tolist()
+        return indices % num_video_frames
     raise ValueError(f"unknown pad mode {pad!r}; expected 'last' or 'loop'")
+
+
+def _frame_ratio(fps: float | None, target_fps: float | None) -> Fraction | None:
+    """Source frames per target frame (``fps / target_fps``) as an exact fraction, or None when
+    either rate is unknown (frames are then counted at the file's own rate)."""
+    if fps is None or target_fps is None:
+        return None
+    if fps <= 0 or target_fps <= 0:
+        raise ValueError(f"frame rates must be > 0, got fps={fps}, target_fps={target_fps}")
+    # Rates arrive as floats (29.97 is 30000/1001); exact fractions keep frame arithmetic exact.
+    return Fraction(fps).limit_denominator(1_000_000) / Fraction(target_fps).limit_denominator(
+        1_000_000
+    )
+
+
+def resampled_length(
+    num_video_frames: int, fps: float | None = None, target_fps: float | None = None
+) -> int:
+    """Frames of a video of ``num_video_frames`` frames at ``fps`` once resampled to
+    ``target_fps``: ``ceil(num_video_frames * target_fps / fps)`` (the target frames whose time
+    falls inside the video); ``num_video_frames`` when either rate is None."""
+    ratio = _frame_ratio(fps, target_fps)
+    if ratio is None:
+        return num_video_frames
+    return -(-num_video_frames * ratio.denominator // ratio.numerator)
 
 
 def clip_indices(
@@ -239,6 +267,8 @@ def clip_indices(
     clip_idx: int | None = None,
     num_clips: int = 1,
     pad: str = "last",
+    fps: float | None = None,
+    target_fps: float | None = None,
     generator: torch.Generator | None = None,
 ) -> list[int]:
     """Frame indices of one dense clip: ``num_frames`` frames, ``sampling_rate`` apart.
@@ -246,18 +276,28 @@ def clip_indices(
     Args:
         num_video_frames: frames in the video.
         num_frames: frames in the clip.
-        sampling_rate: step between sampled frames.
+        sampling_rate: step between sampled frames (frames at ``target_fps`` when it is set).
         clip_idx: None draws the start uniformly (training); ``k`` in ``[0, num_clips)`` takes the
-            k-th of ``num_clips`` uniformly spaced clips (testing; one clip = the centre one).
+            k-th of ``num_clips`` uniformly spaced clips (testing): the first starts at the first
+            frame, the last ends at the last frame, the others start at the nearest frame (halves
+            up) in between; one clip is the centre one.
         num_clips: number of test clips K.
         pad: how a video shorter than the clip span is padded: ``"last"`` repeats the last frame,
             ``"loop"`` starts again from the first.
+        fps, target_fps: the video's frame rate and the rate ``sampling_rate`` counts frames at.
+            With both set, the clip is taken from the video resampled to ``target_fps`` (target
+            frame ``j``, at time ``j / target_fps``, shows source frame
+            ``floor(j * fps / target_fps)``), so a clip spans the same time whatever the file's
+            rate: SlowFast samples Kinetics at 30 fps by scaling the clip span by
+            ``fps / target_fps`` the same way. Otherwise frames are counted at the file's rate.
         generator: torch generator for the random start (default: the global one).
     Returns:
         ``num_frames`` indices in ``[0, num_video_frames)``.
     """
+    ratio = _frame_ratio(fps, target_fps)
+    n = resampled_length(num_video_frames, fps, target_fps)
     span = (num_frames - 1) * sampling_rate + 1
-    slack = max(num_video_frames - span, 0)
+    slack = max(n - span, 0)
     if clip_idx is None:
         start = int(torch.randint(slack + 1, (1,), generator=generator))
     elif num_clips == 1:
@@ -265,9 +305,12 @@ def clip_indices(
     else:
         if not 0 <= clip_idx < num_clips:
             raise ValueError(f"clip_idx {clip_idx} not in [0, {num_clips})")
-        start = int(round(slack * clip_idx / (num_clips - 1)))
-    idx = start + np.arange(num_frames) * sampling_rate
-    return _pad(idx, num_video_frames, pad)
+        # round(slack * k / (K - 1)) in integers, halves up
+        start = (2 * slack * clip_idx + num_clips - 1) // (2 * (num_clips - 1))
+    idx = _pad(start + np.arange(num_frames) * sampling_rate, n, pad)
+    if ratio is not None:
+        idx = idx * ratio.numerator // ratio.denominator
+    return idx.tolist()
 
 
 def segment_indices(
@@ -278,16 +321,17 @@ def segment_indices(
     generator: torch.Generator | None = None,
 ) -> list[int]:
     """SSv2-style segment sampling: split the video into ``num_frames`` equal segments and take
-    one frame from each (a random one when ``train``, the middle one otherwise).
+    one frame from each: the frame at a random time inside segment ``i`` when ``train``, otherwise
+    the frame at its middle, ``floor((i + 1/2) * num_video_frames / num_frames)``.
 
-    Videos with fewer frames than segments repeat frames, which pads them.
+    Videos with fewer frames than segments repeat frames, which pads them. The frame rate plays
+    no part: the segments always cover the whole video.
     """
-    bounds = np.linspace(0, num_video_frames, num_frames + 1)
-    if train:
-        u = torch.rand(num_frames, generator=generator, dtype=torch.float64).numpy()
-    else:
-        u = np.full(num_frames, 0.5)
-    idx = np.floor(bounds[:-1] + u * (bounds[1:] - bounds[:-1])).astype(np.int64)
+    i = np.arange(num_frames)
+    if not train:  # exact integer arithmetic
+        return ((2 * i + 1) * num_video_frames // (2 * num_frames)).tolist()
+    u = torch.rand(num_frames, generator=generator, dtype=torch.float64).numpy()
+    idx = np.floor((i + u) * num_video_frames / num_frames).astype(np.int64)
     return np.clip(idx, 0, num_video_frames - 1).tolist()
 
 
@@ -317,12 +361,12 @@ def read_video_list(
         list_file: the list file.
         video_root: directory relative paths are resolved against (default: the list's folder).
     Raises:
-        FileNotFoundError: no such list file.
-        ValueError: a malformed line, with file name and line number.
+        UserFileNotFoundError: no such list file.
+        UserValueError: a malformed line, with file name and line number.
     """
     list_file = Path(list_file)
     if not list_file.is_file():
-        raise FileNotFoundError(f"video list file not found: {list_file}")
+        raise UserFileNotFoundError(f"video list file not found: {list_file}")
     root = Path(video_root) if video_root is not None else list_file.parent
     is_csv = list_file.suffix.lower() == ".csv"
     samples = []
@@ -337,7 +381,7 @@ def read_video_list(
             if not fields or fields[0].startswith("#"):
                 continue
             if len(fields) != 2 or not fields[0]:
-                raise ValueError(
+                raise UserValueError(
                     f"{list_file}:{lineno}: expected '<path> <label>'"
                     f"{' or <path>,<label>' if is_csv else ''}, got {','.join(fields)!r}"
                 )
@@ -347,15 +391,15 @@ def read_video_list(
             except ValueError:
                 if lineno == 1 and is_csv:
                     continue  # header
-                raise ValueError(
+                raise UserValueError(
                     f"{list_file}:{lineno}: label {label!r} is not an integer"
                 ) from None
             if y < 0:
-                raise ValueError(f"{list_file}:{lineno}: negative label {y}")
+                raise UserValueError(f"{list_file}:{lineno}: negative label {y}")
             p = Path(path)
             samples.append(VideoSample(p if p.is_absolute() else root / p, y))
     if not samples:
-        raise ValueError(f"{list_file}: no samples")
+        raise UserValueError(f"{list_file}: no samples")
     return samples
 
 
@@ -363,7 +407,7 @@ def read_class_names(path: str | Path) -> list[str]:
     """Class names, one per line (line i = label i); blank lines are ignored."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"class names file not found: {path}")
+        raise UserFileNotFoundError(f"class names file not found: {path}")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -492,11 +536,15 @@ class VideoClipDataset(torch.utils.data.Dataset):
     ``len(videos) * num_clips * num_crops`` items, one per (video, temporal clip, spatial crop),
     unless ``stack_views``; average the softmax of all items with the same ``video_index``.
 
-    Unreadable videos (missing, corrupt, truncated header, zero frames) never raise: the item is
-    replaced by another video (random in training, the next one in testing) and the file is
+    Unreadable videos (missing, corrupt, truncated header, zero frames) are skipped, counted and
+    named: the first time a file fails, a warning names it with the reason, and the file is
     counted in ``self.skipped`` (``.as_dict()``: ``bad_missing``, ``bad_corrupt``, ``bad_empty``
-    = distinct files; ``padded`` = clips of videos shorter than the clip span; ``truncated`` =
-    clips of files that ended before their header said). Counts include DataLoader workers.
+    = distinct files; ``replaced`` = training items that took another video; ``dropped`` = test
+    views returned as None; ``padded`` = clips of videos shorter than the clip span;
+    ``truncated`` = clips of files that ended before their header said). Counts include
+    DataLoader workers. In training the item is replaced by a random other video; in testing the
+    item is None (:func:`video_collate` drops it), so a bad video is not scored and no other
+    video gets extra views. ``strict`` raises instead.
 
     Args:
         list_file: Kinetics-style list (see :func:`read_video_list`).
@@ -512,11 +560,14 @@ class VideoClipDataset(torch.utils.data.Dataset):
         num_repeats: augmented copies per decoded clip in training (repeated augmentation).
         stack_views: at test time return all views of a video in one item.
         pad: ``"last"`` or ``"loop"`` for videos shorter than a clip.
-        max_retries: replacement attempts before giving up (then a RuntimeError).
+        target_fps: frame rate ``sampling_rate`` counts frames at (see :func:`clip_indices`);
+            None: each file's own rate. Segment sampling ignores it.
+        strict: raise :class:`~mvitv2.errors.UserValueError` on the first unreadable video.
+        max_retries: training replacements in a row before giving up (then the same error).
         decoder_threads: FFmpeg threads per decoder.
     """
 
-    SKIP_KEYS = ("missing", "corrupt", "empty", "padded", "truncated", "replaced")
+    SKIP_KEYS = ("missing", "corrupt", "empty", "padded", "truncated", "replaced", "dropped")
 
     def __init__(
         self,
@@ -533,6 +584,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
         num_repeats: int = 1,
         stack_views: bool = False,
         pad: str = "last",
+        target_fps: float | None = None,
+        strict: bool = False,
         max_retries: int = 20,
         decoder_threads: int = 1,
     ) -> None:
@@ -550,8 +603,10 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.transform = transform or _default_transform
         self.num_repeats = num_repeats if train else 1
         self.stack_views = stack_views and not train
-        self.pad, self.max_retries, self.decoder_threads = pad, max_retries, decoder_threads
+        self.pad, self.target_fps, self.strict = pad, target_fps, strict
+        self.max_retries, self.decoder_threads = max_retries, decoder_threads
         self.skipped = SkipCounter(self.SKIP_KEYS, len(self.samples))
+        self._last_error = "a video skipped before"  # for the error after max_retries
 
     @property
     def num_classes(self) -> int:
@@ -568,12 +623,12 @@ class VideoClipDataset(torch.utils.data.Dataset):
             return len(self.samples)
         return len(self.samples) * self.views_per_video
 
-    def _indices(self, n: int, clip_idx: int | None) -> list[int]:
+    def _indices(self, n: int, fps: float, clip_idx: int | None) -> list[int]:
         if self.sampling == "segment":
             return segment_indices(n, self.num_frames, train=clip_idx is None)
         return clip_indices(
             n, self.num_frames, self.sampling_rate, clip_idx=clip_idx,
-            num_clips=self.num_clips, pad=self.pad,
+            num_clips=self.num_clips, pad=self.pad, fps=fps, target_fps=self.target_fps,
         )  # fmt: skip
 
     def _decode(self, video: int, clip_ids: Sequence[int | None]) -> list[torch.Tensor]:
@@ -583,15 +638,18 @@ class VideoClipDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(path)
         with VideoReader(path, threads=self.decoder_threads) as r:
             span = (self.num_frames - 1) * self.sampling_rate + 1
-            if self.sampling == "clip" and r.num_frames < span:
+            if (
+                self.sampling == "clip"
+                and resampled_length(r.num_frames, r.fps, self.target_fps) < span
+            ):
                 self.skipped.add("padded", len(clip_ids))
             n = r.num_frames
-            flat = [i for c in clip_ids for i in self._indices(n, c)]
+            flat = [i for c in clip_ids for i in self._indices(n, r.fps, c)]
             frames = r.get_frames(flat)
             if r.truncated:
                 self.skipped.add("truncated")
                 if r.num_frames < n:  # sample again within the frames that really decode
-                    flat = [i for c in clip_ids for i in self._indices(r.num_frames, c)]
+                    flat = [i for c in clip_ids for i in self._indices(r.num_frames, r.fps, c)]
                     frames = r.get_frames(flat)
         return list(frames.permute(0, 3, 1, 2).split(self.num_frames))
 
@@ -608,46 +666,66 @@ class VideoClipDataset(torch.utils.data.Dataset):
         (clip,) = self._decode(video, [k])
         return self.transform(clip, s if self.num_crops == 3 else None)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+    def _try_load(self, video: int, view: int | None) -> torch.Tensor | None:
+        """The item of ``video``, or None (the file is flagged, and named the first time)."""
+        if self.skipped.is_flagged(video):
+            return None
+        try:
+            return self._load(video, view)
+        except FileNotFoundError:
+            reason, message = "missing", f"{self.samples[video].path}: no such file"
+        except VideoDecodeError as e:
+            reason, message = e.reason, str(e)
+        if self.strict:
+            raise UserValueError(f"unreadable video (strict data): {message}")
+        if not self.skipped.is_flagged(video):  # the flags are shared by workers: named once
+            warnings.warn(f"skipping unreadable video ({reason}) {message}", stacklevel=3)
+        self.skipped.flag(video, reason)
+        self._last_error = message
+        return None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | None:
         if self.train or self.stack_views:
             video, view = index, None
         else:
             video, view = divmod(index, self.views_per_video)
-        n = len(self.samples)
-        last_error = "all were already marked unreadable"
-        for attempt in range(self.max_retries + 1):
-            if not self.skipped.is_flagged(video):
-                try:
-                    clip = self._load(video, view)
-                    return clip, self.samples[video].label, video
-                except FileNotFoundError:
-                    self.skipped.flag(video, "missing")
-                    last_error = f"{self.samples[video].path}: no such file"
-                except VideoDecodeError as e:
-                    self.skipped.flag(video, e.reason)
-                    last_error = str(e)
-            if attempt < self.max_retries:
-                self.skipped.add("replaced")
-            # Training: any other video. Testing: the next one, so runs are reproducible.
-            video = int(torch.randint(n, (1,))) if self.train else (video + 1) % n
-        raise RuntimeError(
-            f"{self.max_retries + 1} unreadable video(s) in a row (last: {last_error}; "
-            f"skipped so far: {self.skipped.as_dict()}); check the video root and files"
-        )
+        clip = self._try_load(video, view)
+        if clip is None and not self.train:
+            self.skipped.add("dropped")
+            return None
+        retries = 0
+        while clip is None:  # training: any other video
+            if retries == self.max_retries:
+                raise UserValueError(
+                    f"{retries + 1} unreadable video(s) in a row (last: "
+                    f"{self._last_error}; skipped so far: "
+                    f"{self.skipped.as_dict()}); check the video root and files"
+                )
+            retries += 1
+            self.skipped.add("replaced")
+            video = int(torch.randint(len(self.samples), (1,)))
+            clip = self._try_load(video, view)
+        return clip, self.samples[video].label, video
 
 
 def video_collate(
-    batch: Sequence[tuple[torch.Tensor, int, int]],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch: Sequence[tuple[torch.Tensor, int, int] | None],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Collate ``(clip, label, video_index)`` items into ``(clips, labels, video_indices)``.
 
     Items with several views (V, C, T, H, W) are flattened: each view becomes one batch entry
-    carrying its video's label and index, so clips is always (B', C, T, H, W).
+    carrying its video's label and index, so clips is always (B', C, T, H, W). None items
+    (unreadable test videos) are dropped; a batch of only None gives None.
     """
     clips, labels, vids = [], [], []
-    for clip, label, vid in batch:
+    for item in batch:
+        if item is None:
+            continue
+        clip, label, vid = item
         v = clip if clip.dim() == 5 else clip[None]
         clips.append(v)
         labels += [label] * len(v)
         vids += [vid] * len(v)
+    if not clips:
+        return None
     return torch.cat(clips), torch.tensor(labels), torch.tensor(vids)

@@ -1,7 +1,6 @@
 """Mixup / CutMix on batches with label smoothing, as soft targets (images and videos).
 
-Built on ``torchvision.transforms.v2.MixUp`` / ``CutMix`` (which also accept 5-D video batches);
-label smoothing is applied to the one-hot targets before mixing, as in timm's ``Mixup``.
+Built on ``torchvision.transforms.v2.MixUp`` / ``CutMix``; label smoothing is applied to the one-hot targets before mixing, as in timm's ``Mixup``.
 """
 
 from __future__ import annotations
@@ -9,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 
@@ -25,9 +25,14 @@ class MixCriterion:
     """
 
     def __init__(
-        self, num_classes: int, mixup: float = 0.0, cutmix: float = 0.0, prob: float = 1.0,
-        switch_prob: float = 0.5, label_smoothing: float = 0.0,
-    ) -> None:  # fmt: skip
+        self,
+        num_classes: int,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        label_smoothing: float = 0.0,
+    ) -> None:
         self.num_classes, self.prob, self.label_smoothing = num_classes, prob, label_smoothing
         ops, weights = [], []
         if mixup > 0:
@@ -49,10 +54,21 @@ class MixCriterion:
         return t.scatter_(1, labels.long().unsqueeze(1), 1.0 - self.label_smoothing + off)
 
     def __call__(self, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Mixed inputs (same shape) and soft targets ``(B, num_classes)``."""
+        """Mixed inputs (same shape) and soft targets ``(B, num_classes)``.
+
+        Args:
+            inputs: images ``(B, C, H, W)`` or clips ``(B, C, T, H, W)``; a clip gets one mixing
+                coefficient and one cutmix box for all its frames.
+            labels: class indices ``(B,)``.
+        """
         targets = self.soft_targets(labels)
         if self.active and (self.prob >= 1 or torch.rand(()) < self.prob):
-            inputs, targets = self.mix(inputs, targets)
+            # torchvision takes 4-D tensors as images and 5-D ones only as tv_tensors.Video;
+            # both ops touch only the batch and the last two (H, W) axes, so the order of the
+            # clip's C and T axes does not matter.
+            x = tv_tensors.Video(inputs) if inputs.ndim == 5 else inputs
+            x, targets = self.mix(x, targets)
+            inputs = x.as_subclass(Tensor)
         return inputs, targets
 
     @staticmethod
