@@ -405,14 +405,18 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     from mvitv2 import create_model, get_config
 
     try:
-        temporal = get_config(cfg.model, **model_kwargs(cfg)).temporal
-    except (KeyError, TypeError) as e:  # an unknown model name or model_args option
+        temporal = get_config(cfg.model).temporal
+    except KeyError as e:  # an unknown model name
         raise UserValueError(e.args[0]) from None
     if not temporal:
         raise UserValueError(
             f"{cfg.model} is an image model; video runs need a video variant "
             f"(mvitv2_small_16x4, mvitv2_base_32x3, mvitv2_large_40x3, mvitv1_base_16x4)"
         )
+    try:  # model_args: unknown options (TypeError) or values the config rejects (ValueError)
+        get_config(cfg.model, **model_kwargs(cfg))
+    except (TypeError, ValueError) as e:
+        raise UserValueError(f"model_args of {cfg.model}: {e}") from None
     return create_model(
         cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **model_kwargs(cfg)
     )
