@@ -93,15 +93,50 @@ def test_switch_prob_chooses_between_mixup_and_cutmix(switch_prob, op):
         assert bool(kept_or_pasted.all()) == (op == "cutmix")
 
 
-def test_both_ops_are_drawn_at_even_switch_prob():
-    mix = MixCriterion(K, mixup=1.0, cutmix=1.0, switch_prob=0.5)
+def test_by_default_every_batch_is_mixed_half_by_cutmix():
+    mix = MixCriterion(K, mixup=1.0, cutmix=1.0)  # prob 1, switch_prob 0.5
     torch.manual_seed(0)
     cut = 0
     for _ in range(40):
         x, labels = _batch(SHAPES["image"])
         out, _ = mix(x.clone(), labels)
+        assert not torch.equal(out, x)
         cut += bool(((out == x) | (out == x.roll(1, 0))).all())
     assert 8 <= cut <= 32
+
+
+@pytest.mark.parametrize("op, switch_prob", [("mixup", 1.0), ("cutmix", 0.0)])
+def test_a_single_op_ignores_switch_prob(op, switch_prob):
+    mix = MixCriterion(K, **{op: 1.0}, switch_prob=switch_prob)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        x, labels = _batch(SHAPES["clip"])
+        out, _ = mix(x.clone(), labels)
+        assert not torch.equal(out, x)
+        assert bool(((out == x) | (out == x.roll(1, 0))).all()) == (op == "cutmix")
+
+
+@pytest.mark.parametrize("op", ["mixup", "cutmix"])
+def test_alpha_shapes_the_mixing_coefficient(op):
+    """lam ~ Beta(alpha, alpha): a small alpha often keeps a sample nearly whole (lam near 1),
+    a large one rarely. Seen as how often the partner's share of the targets is under 5%
+    (Beta(1, 1) is uniform: about 5% for mixup, a little more for cutmix's clipped boxes)."""
+    small = {}
+    for alpha in (0.1, 1.0, 8.0):
+        mix = MixCriterion(K, **{op: alpha})
+        torch.manual_seed(0)
+        shares = []
+        for _ in range(150):
+            x, labels = _batch((4, 3, 2, 16, 16))
+            _, targets = mix(x, labels)
+            shares.append(_weights(targets, labels)[1][0])
+        small[alpha] = float((torch.stack(shares) < 0.05).float().mean())
+    assert small[0.1] > 0.3 and 0.02 < small[1.0] < 0.25 and small[8.0] < 0.02, small
+
+
+def test_soft_targets_stay_on_the_labels_device():
+    labels = torch.tensor([1, 0], device="meta")
+    assert MixCriterion(K, label_smoothing=S).soft_targets(labels).device.type == "meta"
 
 
 def test_mix_prob_decides_how_many_batches_are_mixed():

@@ -34,17 +34,19 @@ class MixCriterion:
         label_smoothing: float = 0.0,
     ) -> None:
         self.num_classes, self.prob, self.label_smoothing = num_classes, prob, label_smoothing
-        ops, weights = [], []
+        # The targets given to the ops are (smoothed) probabilities: no class count needed.
+        ops: list[v2.Transform] = []
         if mixup > 0:
-            ops.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
-            weights.append(1.0 - switch_prob if cutmix > 0 else 1.0)
+            ops.append(v2.MixUp(alpha=mixup))
         if cutmix > 0:
-            ops.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
-            weights.append(switch_prob if mixup > 0 else 1.0)
-        self.mix = v2.RandomChoice(ops, p=weights) if ops else None
+            ops.append(v2.CutMix(alpha=cutmix))
+        self.mix: v2.Transform | None = ops[0] if len(ops) == 1 else None
+        if len(ops) == 2:
+            self.mix = v2.RandomChoice(ops, p=[1.0 - switch_prob, switch_prob])
 
     @property
     def active(self) -> bool:
+        """Whether any batch gets mixed (an op is on and ``prob > 0``)."""
         return self.mix is not None and self.prob > 0
 
     def soft_targets(self, labels: Tensor) -> Tensor:
@@ -74,4 +76,4 @@ class MixCriterion:
     @staticmethod
     def loss(logits: Tensor, targets: Tensor) -> Tensor:
         """Soft-target cross-entropy, averaged over the batch (computed in float32)."""
-        return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits.float(), targets)
