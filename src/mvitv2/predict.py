@@ -74,9 +74,9 @@ def default_preprocessing(
     3: left/centre/right), ``sampling`` (``clip``, or ``segment``: one frame from each of
     ``num_frames`` equal segments, SSv2) and ``target_fps`` (the frame rate ``sampling_rate``
     counts frames at, None: each file's own rate; see :func:`mvitv2.data.video.clip_indices`),
-    all from :meth:`mvitv2.tasks.video.VideoDataConfig.preprocessing`. Detection: ``mean``, ``std``, ``min_size``, ``max_size``,
-    ``size_divisible`` (the detector resizes and normalises inside the model; its inputs are
-    ``[0, 1]`` RGB images of any size).
+    all from :meth:`mvitv2.tasks.video.VideoDataConfig.preprocessing`. Detection: ``mean``,
+    ``std``, ``min_size``, ``max_size``, ``size_divisible`` (the detector resizes and normalises
+    inside the model; its inputs are ``[0, 1]`` RGB images of any size).
     """
     data = dict(data or {})
     if task == "detect":

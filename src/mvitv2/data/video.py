@@ -52,8 +52,8 @@ _DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
 
 
 class VideoDecodeError(RuntimeError):
-    """A video file cannot be opened or decoded (``reason="corrupt"``) or has no frames
-    (``reason="empty"``)."""
+    """A video file is missing (``reason="missing"``), cannot be opened or decoded
+    (``reason="corrupt"``) or has no frames (``reason="empty"``)."""
 
     def __init__(self, message: str, reason: str = "corrupt") -> None:
         super().__init__(message)
@@ -114,7 +114,7 @@ class VideoReader:
             n = int(round(self._container.duration / av.time_base * self.fps))
         self.num_frames = int(n or 0)
         if self.num_frames <= 0:
-            # Unknown length (e.g. a raw stream): count by decoding once; small files only.
+            # No length anywhere (e.g. Matroska written for streaming): count by decoding once.
             try:
                 self.num_frames = len(self._decode_range(0, None, tolerant=True))
             except _DECODE_ERRORS:
@@ -149,7 +149,7 @@ class VideoReader:
         out: dict[int, np.ndarray] = {}
         c, s = self._container, self._stream
         target = self.start_pts + (int(first / self.fps / self.time_base) if first > 0 else 0)
-        c.seek(target, stream=s, backward=True, any_frame=False)
+        c.seek(target, stream=s)  # backward to the keyframe at or before target
         try:
             for frame in c.decode(s):
                 self.frames_decoded += 1
@@ -330,9 +330,9 @@ def segment_indices(
     i = np.arange(num_frames)
     if not train:  # exact integer arithmetic
         return ((2 * i + 1) * num_video_frames // (2 * num_frames)).tolist()
-    u = torch.rand(num_frames, generator=generator, dtype=torch.float64).numpy()
+    u = torch.rand(num_frames, generator=generator).numpy()
     idx = np.floor((i + u) * num_video_frames / num_frames).astype(np.int64)
-    return np.clip(idx, 0, num_video_frames - 1).tolist()
+    return np.minimum(idx, num_video_frames - 1).tolist()  # float rounding at the very end
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,8 +396,7 @@ def read_video_list(
                 ) from None
             if y < 0:
                 raise UserValueError(f"{list_file}:{lineno}: negative label {y}")
-            p = Path(path)
-            samples.append(VideoSample(p if p.is_absolute() else root / p, y))
+            samples.append(VideoSample(root / path, y))  # an absolute path stays as it is
     if not samples:
         raise UserValueError(f"{list_file}: no samples")
     return samples
@@ -482,12 +481,11 @@ class VideoTransform:
         self.crop_size = crop_size
         self.test_short_side = test_short_side or round(crop_size * 256 / 224)
         if train:
-            ops: list[Any] = []
             if crop == "rrc":
-                ops.append(v2.RandomResizedCrop(crop_size, scale=rrc_scale, ratio=rrc_ratio))
+                ops: list[Any] = [v2.RandomResizedCrop(crop_size, scale=rrc_scale, ratio=rrc_ratio)]
             elif crop == "short_side":
                 lo, hi = short_side_range
-                ops += [
+                ops = [
                     v2.RandomShortestSize(list(range(lo, hi + 1))),
                     v2.RandomCrop(crop_size, pad_if_needed=True),
                 ]
@@ -501,14 +499,15 @@ class VideoTransform:
         self._to_float = v2.Compose(
             [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
         )
-        self._erase = v2.RandomErasing(p=erase_prob, value=0) if train and erase_prob > 0 else None
+        # Erases to 0, the mean colour once normalised; one box for all frames.
+        self._erase = v2.RandomErasing(p=erase_prob) if train and erase_prob > 0 else None
 
     def __call__(self, video: torch.Tensor, spatial_idx: int | None = None) -> torch.Tensor:
         x = tv_tensors.Video(video)
         if self.train:
             x = self._augment(x)
         else:
-            x = F.resize(x, self.test_short_side, antialias=True)
+            x = F.resize(x, self.test_short_side)  # antialiased (the v2 default)
             x = uniform_crop(x, self.crop_size, 1 if spatial_idx is None else spatial_idx)
         x = self._to_float(x)
         if self._erase is not None:
@@ -564,7 +563,6 @@ class VideoClipDataset(torch.utils.data.Dataset):
             None: each file's own rate. Segment sampling ignores it.
         strict: raise :class:`~mvitv2.errors.UserValueError` on the first unreadable video.
         max_retries: training replacements in a row before giving up (then the same error).
-        decoder_threads: FFmpeg threads per decoder.
     """
 
     SKIP_KEYS = ("missing", "corrupt", "empty", "padded", "truncated", "replaced", "dropped")
@@ -587,7 +585,6 @@ class VideoClipDataset(torch.utils.data.Dataset):
         target_fps: float | None = None,
         strict: bool = False,
         max_retries: int = 20,
-        decoder_threads: int = 1,
     ) -> None:
         if sampling not in ("clip", "segment"):
             raise ValueError(f"unknown sampling {sampling!r}; expected 'clip' or 'segment'")
@@ -603,10 +600,9 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.transform = transform or _default_transform
         self.num_repeats = num_repeats if train else 1
         self.stack_views = stack_views and not train
-        self.pad, self.target_fps, self.strict = pad, target_fps, strict
-        self.max_retries, self.decoder_threads = max_retries, decoder_threads
+        self.pad, self.target_fps = pad, target_fps
+        self.strict, self.max_retries = strict, max_retries
         self.skipped = SkipCounter(self.SKIP_KEYS, len(self.samples))
-        self._last_error = "a video skipped before"  # for the error after max_retries
 
     @property
     def num_classes(self) -> int:
@@ -632,11 +628,15 @@ class VideoClipDataset(torch.utils.data.Dataset):
         )  # fmt: skip
 
     def _decode(self, video: int, clip_ids: Sequence[int | None]) -> list[torch.Tensor]:
-        """uint8 (T, C, H, W) clips of ``video`` for each temporal clip id; raises on bad files."""
+        """uint8 (T, C, H, W) clips of ``video`` for each temporal clip id.
+
+        Raises:
+            VideoDecodeError: the file is missing (``reason="missing"``) or unreadable.
+        """
         path = self.samples[video].path
         if not path.is_file():
-            raise FileNotFoundError(path)
-        with VideoReader(path, threads=self.decoder_threads) as r:
+            raise VideoDecodeError(f"{path}: no such file", "missing")
+        with VideoReader(path) as r:
             span = (self.num_frames - 1) * self.sampling_rate + 1
             if (
                 self.sampling == "clip"
@@ -646,11 +646,10 @@ class VideoClipDataset(torch.utils.data.Dataset):
             n = r.num_frames
             flat = [i for c in clip_ids for i in self._indices(n, r.fps, c)]
             frames = r.get_frames(flat)
-            if r.truncated:
+            if r.truncated:  # sample again within the frames that really decode (fewer than n)
                 self.skipped.add("truncated")
-                if r.num_frames < n:  # sample again within the frames that really decode
-                    flat = [i for c in clip_ids for i in self._indices(r.num_frames, r.fps, c)]
-                    frames = r.get_frames(flat)
+                flat = [i for c in clip_ids for i in self._indices(r.num_frames, r.fps, c)]
+                frames = r.get_frames(flat)
         return list(frames.permute(0, 3, 1, 2).split(self.num_frames))
 
     def _load(self, video: int, view: int | None) -> torch.Tensor:
@@ -672,16 +671,12 @@ class VideoClipDataset(torch.utils.data.Dataset):
             return None
         try:
             return self._load(video, view)
-        except FileNotFoundError:
-            reason, message = "missing", f"{self.samples[video].path}: no such file"
         except VideoDecodeError as e:
-            reason, message = e.reason, str(e)
-        if self.strict:
-            raise UserValueError(f"unreadable video (strict data): {message}")
-        if not self.skipped.is_flagged(video):  # the flags are shared by workers: named once
-            warnings.warn(f"skipping unreadable video ({reason}) {message}", stacklevel=3)
-        self.skipped.flag(video, reason)
-        self._last_error = message
+            if self.strict:
+                raise UserValueError(f"unreadable video (strict data): {e}") from None
+            if not self.skipped.is_flagged(video):  # the flags are shared by workers: named once
+                warnings.warn(f"skipping unreadable video ({e.reason}) {e}", stacklevel=2)
+            self.skipped.flag(video, e.reason)
         return None
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | None:
@@ -693,18 +688,18 @@ class VideoClipDataset(torch.utils.data.Dataset):
         if clip is None and not self.train:
             self.skipped.add("dropped")
             return None
-        retries = 0
-        while clip is None:  # training: any other video
-            if retries == self.max_retries:
-                raise UserValueError(
-                    f"{retries + 1} unreadable video(s) in a row (last: "
-                    f"{self._last_error}; skipped so far: "
-                    f"{self.skipped.as_dict()}); check the video root and files"
-                )
-            retries += 1
+        for _ in range(self.max_retries):  # training: replaced by any other video
+            if clip is not None:
+                break
             self.skipped.add("replaced")
             video = int(torch.randint(len(self.samples), (1,)))
-            clip = self._try_load(video, view)
+            clip = self._try_load(video, None)
+        if clip is None:
+            raise UserValueError(
+                f"{self.max_retries + 1} unreadable video(s) in a row (the last: "
+                f"{self.samples[video].path}; skipped so far: {self.skipped.as_dict()}); "
+                f"check the video root and files"
+            )
         return clip, self.samples[video].label, video
 
 

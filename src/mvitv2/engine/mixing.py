@@ -1,6 +1,7 @@
 """Mixup / CutMix on batches with label smoothing, as soft targets (images and videos).
 
-Built on ``torchvision.transforms.v2.MixUp`` / ``CutMix``; label smoothing is applied to the one-hot targets before mixing, as in timm's ``Mixup``.
+Built on ``torchvision.transforms.v2.MixUp`` / ``CutMix``; label smoothing is applied to the
+one-hot targets before mixing, as in timm's ``Mixup``.
 """
 
 from __future__ import annotations
