@@ -3,7 +3,9 @@ list files, tolerant dataset, clip-consistent transforms."""
 
 from __future__ import annotations
 
+import re
 import shutil
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -11,6 +13,8 @@ import pytest
 import torch
 from sklearn.linear_model import RidgeClassifier
 from torch.utils.data import DataLoader
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from mvitv2.data.moving_digits import (
     DIRECTIONS,
@@ -26,10 +30,12 @@ from mvitv2.data.video import (
     clip_indices,
     read_class_names,
     read_video_list,
+    resampled_length,
     segment_indices,
     uniform_crop,
     video_collate,
 )
+from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 SMALL = {
     "num_train_per_class": 20,
@@ -205,18 +211,63 @@ def test_read_video_list_formats_and_errors(tmp_path):
     s = read_video_list(tmp_path / "l.csv")
     assert [(x.path, x.label) for x in s] == [(tmp_path / "b.mp4", 2), (tmp_path / "c.mp4", 5)]
     (tmp_path / "bad.txt").write_text("a.mp4 1\nb.mp4 dog\n")
-    with pytest.raises(ValueError, match=r"bad\.txt:2: label 'dog' is not an integer"):
+    with pytest.raises(UserValueError, match=r"bad\.txt:2: label 'dog' is not an integer"):
         read_video_list(tmp_path / "bad.txt")
     (tmp_path / "bad2.txt").write_text("a.mp4 1\n\njustapath\n")
-    with pytest.raises(ValueError, match=r"bad2\.txt:3: expected"):
+    with pytest.raises(UserValueError, match=r"bad2\.txt:3: expected"):
         read_video_list(tmp_path / "bad2.txt")
     (tmp_path / "bad3.csv").write_text("a.mp4,1\nb.mp4,2,3\n")
-    with pytest.raises(ValueError, match=r"bad3\.csv:2"):
+    with pytest.raises(UserValueError, match=r"bad3\.csv:2"):
         read_video_list(tmp_path / "bad3.csv")
-    with pytest.raises(FileNotFoundError, match="nothere.txt"):
+    with pytest.raises(UserFileNotFoundError, match="nothere.txt"):
         read_video_list(tmp_path / "nothere.txt")
-    with pytest.raises(FileNotFoundError, match="nothere.txt"):
+    with pytest.raises(UserFileNotFoundError, match="nothere.txt"):
         VideoClipDataset(tmp_path / "nothere.txt")
+    (tmp_path / "neg.txt").write_text("a.mp4 -1\n")
+    with pytest.raises(UserValueError, match=r"neg\.txt:1: negative label -1"):
+        read_video_list(tmp_path / "neg.txt")
+    (tmp_path / "none.txt").write_text("# only a comment\n")
+    with pytest.raises(UserValueError, match=r"none\.txt: no samples"):
+        read_video_list(tmp_path / "none.txt")
+    with pytest.raises(UserFileNotFoundError, match="classes.txt"):
+        read_class_names(tmp_path / "classes.txt")
+    (tmp_path / "classes.txt").write_text("cat\n\n dog \n")
+    assert read_class_names(tmp_path / "classes.txt") == ["cat", "dog"]
+
+
+def test_read_video_list_edge_cases(tmp_path):
+    # a space-separated .csv whose path has spaces; an absolute path stays as it is
+    (tmp_path / "s.csv").write_text("a dir/b c.mp4 3\n/abs/x.mp4 1\n")
+    got = [(str(x.path), x.label) for x in read_video_list(tmp_path / "s.csv", "/root")]
+    assert got == [("/root/a dir/b c.mp4", 3), ("/abs/x.mp4", 1)]
+    (tmp_path / "e.csv").write_text("a.mp4,1\n,3\n")
+    with pytest.raises(
+        UserValueError,
+        match=re.escape("e.csv:2: expected '<path> <label>' or <path>,<label>, got ',3'"),
+    ):
+        read_video_list(tmp_path / "e.csv")
+    (tmp_path / "e.txt").write_text("a.mp4 1\njustapath\n")
+    with pytest.raises(
+        UserValueError, match=re.escape("e.txt:2: expected '<path> <label>', got 'justapath'")
+    ):
+        read_video_list(tmp_path / "e.txt")
+    (tmp_path / "h.csv").write_text("path,label\na.mp4,1\nb.mp4,dog\n")  # only line 1 is a header
+    with pytest.raises(UserValueError, match=r"h\.csv:3: label 'dog' is not an integer"):
+        read_video_list(tmp_path / "h.csv")
+    (tmp_path / "h.txt").write_text("path label\na.mp4 1\n")  # no header in a .txt list
+    with pytest.raises(UserValueError, match=r"h\.txt:1: label 'label' is not an integer"):
+        read_video_list(tmp_path / "h.txt")
+    (tmp_path / "crlf.csv").write_bytes(b"path,label\r\na.mp4,1\r\n")
+    assert [(x.path.name, x.label) for x in read_video_list(tmp_path / "crlf.csv")] == [
+        ("a.mp4", 1)
+    ]
+
+
+def test_frame_rates_must_be_positive():
+    assert resampled_length(10, 0.5, 1) == 20 and resampled_length(10, 30, 0.5) == 1
+    for fps, target in ((0, 30), (30, 0), (-25, 30)):
+        with pytest.raises(ValueError, match=r"frame rates must be > 0"):
+            clip_indices(10, 2, 1, fps=fps, target_fps=target)
 
 
 # ------------------------------------------------------------------ decoding
@@ -232,9 +283,38 @@ def test_reader_seeks_and_matches_sequential_decoding(tmp_path):
         for _ in range(10):
             idx = rng.integers(0, 64, size=rng.integers(1, 12)).tolist()
             np.testing.assert_array_equal(r.get_frames(idx).numpy(), reference[idx])
-    with VideoReader(tmp_path / "v.mp4") as r:
-        r.get_frames([61])
-        assert r.frames_decoded <= 16  # from the keyframe before frame 61, not from frame 0
+    # A keyframe every 8 frames: frame 61 decodes 56..61 only; 5 and 61 (more than seek_gap
+    # apart) seek twice: 0..5 and 56..61; a keyframe alone decodes one frame.
+    for idx, decoded in (([61], 6), ([5, 61], 12), ([56], 1)):
+        with VideoReader(tmp_path / "v.mp4") as r:
+            r.get_frames(idx)
+            assert (r.frames_decoded, r.truncated) == (decoded, False)
+
+
+@pytest.mark.parametrize("kind", ["mp4", "mkv", "ts", "live.mkv"])
+def test_reader_counts_frames_in_every_container(tmp_path, kind):
+    """The frame count comes from the stream header (mp4), the stream duration (ts), the
+    container duration (mkv) or, for a streamed file without any (live mkv), from decoding."""
+    levels = (16 + 8 * np.arange(20)).astype(np.uint8)  # frame i: flat grey 16 + 8 i
+    frames = np.ascontiguousarray(np.broadcast_to(levels[:, None, None, None], (20, 32, 48, 3)))
+    path = tmp_path / f"v.{kind}"
+    if kind == "live.mkv":  # Matroska written for streaming: no duration anywhere
+        with av.open(str(path), "w", options={"live": "1"}) as c:
+            s = c.add_stream("libx264", rate=25)
+            s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
+            for f in frames:
+                c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+            c.mux(s.encode())
+        with av.open(str(path)) as c:
+            assert not (c.streams.video[0].frames or c.streams.video[0].duration or c.duration)
+    else:
+        write_video(path, frames, fps=25, crf=0, gop=4)
+    with VideoReader(path) as r:
+        assert (r.num_frames, r.fps) == (20, 25.0)
+        for idx in (list(range(20)), [19, 3, 11, 11, 0]):
+            got = r.get_frames(idx).float().mean((1, 2, 3))
+            assert ((got - 16) / 8).round().int().tolist() == idx
+        assert not r.truncated
 
 
 @pytest.fixture()
@@ -278,19 +358,169 @@ def test_bad_videos_are_skipped_and_counted_across_workers(bad_list):
     assert (label, vid) == (50, 9) and clip.shape == (3, 8, 32, 32)
     assert trunc.skipped["truncated"] == 1
     assert len(torch.unique(clip.flatten(2).mean(-1)[0])) == 8  # real, distinct frames
-    # Test mode replaces a bad video by the next one, deterministically.
-    _, label, vid = trunc[4]
-    assert (label, vid) == (50, 9)
+    # Test mode drops the views of a bad video (no other video gets extra views).
+    with pytest.warns(UserWarning, match=r"skipping unreadable video \(missing\).*missing\.mp4"):
+        assert trunc[4] is None
+    assert trunc[4] is None  # known bad: no second attempt, no second warning
+    assert trunc.skipped["dropped"] == 2 and trunc.skipped["replaced"] == 0
+    assert video_collate([None, trunc[9], None])[2].tolist() == [9]
+    assert video_collate([None, None]) is None
+
+
+def test_each_bad_video_is_named_once_with_its_reason(bad_list, recwarn):
+    ds = VideoClipDataset(bad_list, num_frames=8, sampling_rate=4)
+    for _ in range(2):  # two epochs: every bad file is met (and replaced) more than once
+        for i in range(len(ds)):
+            ds[i]
+    messages = [str(w.message) for w in recwarn.list]
+    expected = {
+        "missing": "missing",
+        "empty": "empty",
+        "garbage": "corrupt",
+        "cut": "corrupt",
+        "nostream": "empty",
+    }
+    for name, reason in expected.items():
+        named = [m for m in messages if f"{name}.mp4" in m]
+        assert named and named[0].startswith(
+            f"skipping unreadable video ({reason}) {bad_list.parent / name}.mp4"
+        ), messages
+        assert len(named) == 1, messages
+    assert len(messages) == len(expected)
 
 
 def test_all_bad_videos_give_a_clear_error(tmp_path):
     (tmp_path / "list.txt").write_text("a.mp4 0\nb.mp4 1\n")
-    ds = VideoClipDataset(tmp_path / "list.txt", max_retries=3)
-    with pytest.raises(RuntimeError, match=r"unreadable video.*[ab]\.mp4: no such file"):
-        ds[0]
-    strict = VideoClipDataset(tmp_path / "list.txt", max_retries=0)
-    with pytest.raises(RuntimeError, match=r"1 unreadable video.*a\.mp4"):
-        strict[0]
+    for retries in (3, 0):
+        ds = VideoClipDataset(tmp_path / "list.txt", max_retries=retries)
+        with pytest.warns(UserWarning), pytest.raises(UserValueError) as info:
+            ds[0]
+        assert re.search(
+            rf"^{retries + 1} unreadable video\(s\) in a row \(the last: .*[ab]\.mp4; skipped",
+            str(info.value),
+        )
+        assert ds.skipped["replaced"] == retries
+    with pytest.raises(UserValueError, match=r"^21 unreadable video\(s\)"):  # the default: 20
+        VideoClipDataset(tmp_path / "list.txt")[1]
+    for split in (True, False):
+        strict = VideoClipDataset(tmp_path / "list.txt", train=split, strict=True)
+        with pytest.raises(UserValueError, match=r"unreadable video \(strict data\): .*a\.mp4"):
+            strict[0]
+
+
+def _coded_video(path, n, fps=25, step=5, w=48, **kw):
+    """Frame i is flat grey 16 + step * i (its index survives the codec); returns the path."""
+    levels = (16 + step * np.arange(n)).astype(np.uint8)
+    frames = np.ascontiguousarray(np.broadcast_to(levels[:, None, None, None], (n, 32, w, 3)))
+    write_video(path, frames, fps=fps, crf=0, **kw)
+    return path
+
+
+def _ids(frames, step=5):
+    """Frame indices of uint8 (T, H, W, 3) frames or of a [0, 1] clip (C, T, H, W)."""
+    levels = frames.float().mean((1, 2, 3)) if frames.dtype == torch.uint8 else None
+    if levels is None:
+        levels = frames.mean((0, 2, 3)) * 255
+    return ((levels - 16) / step).round().int().tolist()
+
+
+def test_reader_errors_and_seek_groups(tmp_path):
+    _noise_video(tmp_path / "v.mp4", 64, gop=8)
+    with av.open(str(tmp_path / "v.mp4")) as c:
+        reference = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    with av.open(str(tmp_path / "v.mp4")) as c:  # keyframes, as frame indices (16 fps)
+        s = c.streams.video[0]
+        keys = [round(float(p.pts * s.time_base) * 16) for p in c.demux(s) if p.is_keyframe]
+    with VideoReader(tmp_path / "v.mp4") as r:
+        with pytest.raises(ValueError, match="no frame indices requested"):
+            r.get_frames([])
+        for bad in ([64], [-1, 3], [3, 70]):
+            with pytest.raises(IndexError, match=r"v\.mp4: frame indices must be in \[0, 64\)"):
+                r.get_frames(bad)
+    # Frames up to seek_gap (32) apart are decoded through; a longer gap seeks again, to the
+    # keyframe at or before the next wanted frame.
+    for groups in ([[5, 6], [61]], [[0, 32]], [[0], [33]], [[0], [63]], [[20, 40, 63]]):
+        idx = [i for g in groups for i in g][::-1]
+        decoded = sum(g[-1] - max(k for k in keys if k <= g[0]) + 1 for g in groups)
+        with VideoReader(tmp_path / "v.mp4") as r:
+            np.testing.assert_array_equal(r.get_frames(idx).numpy(), reference[idx])
+            assert r.frames_decoded == decoded, (groups, keys)
+
+
+def test_reader_decodes_a_truncated_file_up_to_its_end(tmp_path):
+    """A file cut short (header promises 40 frames): the frames that decode come back exactly,
+    later ones repeat the last decodable frame, and the reader lowers its frame count."""
+    n = 40
+    levels = (16 + 5 * np.arange(n)).astype(np.uint8)
+    frames = np.broadcast_to(levels[:, None, None, None], (n, 32, 48, 3)).copy()
+    frames[:, :8, :8] = np.random.default_rng(0).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    write_video(tmp_path / "full.mp4", frames, fps=25, crf=0, gop=8, faststart=True)
+    data = (tmp_path / "full.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: int(len(data) * 0.6)])
+    good = 0  # the reference: plain sequential decoding until the first error
+    with av.open(str(tmp_path / "cut.mp4")) as c:
+        assert c.streams.video[0].frames == n
+        try:
+            for _ in c.decode(video=0):
+                good += 1
+        except av.FFmpegError:
+            pass
+    assert 8 < good < n - 8
+
+    def ids(x):
+        return ((x[:, 16:, 16:].float().mean((1, 2, 3)) - 16) / 5).round().int().tolist()
+
+    with VideoReader(tmp_path / "cut.mp4") as r:
+        assert r.num_frames == n and not r.truncated
+        got = ids(r.get_frames([0, 5, good - 1, good + 3, n - 1, 2]))
+        assert got == [0, 5, good - 1, good - 1, good - 1, 2]
+        assert r.truncated and r.num_frames == good
+    with VideoReader(tmp_path / "cut.mp4") as r:  # nothing wanted decodes: the last frame
+        assert ids(r.get_frames([good + 1, n - 1])) == [good - 1, good - 1]
+        assert r.truncated and r.num_frames == good
+    # The dataset samples again inside the decodable frames (here at 30 fps).
+    (tmp_path / "l.txt").write_text("cut.mp4 0\n")
+    ds = VideoClipDataset(
+        tmp_path / "l.txt",
+        train=False,
+        num_frames=3,
+        sampling_rate=2,
+        num_clips=2,
+        target_fps=30,
+        stack_views=True,
+    )
+    clips, _, _ = ds[0]
+    for k in range(2):
+        want = clip_indices(good, 3, 2, clip_idx=k, num_clips=2, fps=25, target_fps=30)
+        assert ids(clips[k].permute(1, 2, 3, 0).mul(255).round().to(torch.uint8)) == want
+    assert ds.skipped["truncated"] == 1
+
+
+def test_reader_skips_audio_and_starts_at_the_first_frame(tmp_path):
+    """Kinetics files carry audio, and streams may start late: frame 0 is the first video frame."""
+    n = 12
+    levels = (16 + 8 * np.arange(n)).astype(np.uint8)
+    frames = np.ascontiguousarray(np.broadcast_to(levels[:, None, None, None], (n, 32, 48, 3)))
+    with av.open(str(tmp_path / "av.mp4"), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt, s.options = 48, 32, "yuv420p", {"crf": "0", "g": "4"}
+        audio = c.add_stream("aac", rate=8000)
+        for i, f in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts, frame.time_base = i + 5, Fraction(1, 25)  # starts at 0.2 s
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+        for j in range(8):
+            a = av.AudioFrame.from_ndarray(
+                np.zeros((1, 1024), np.float32), format="fltp", layout="mono"
+            )
+            a.sample_rate, a.pts = 8000, j * 1024
+            c.mux(audio.encode(a))
+        c.mux(audio.encode())
+    with VideoReader(tmp_path / "av.mp4") as r:
+        assert (r.num_frames, r.fps) == (n, 25.0) and r.start_pts > 0
+        assert _ids(r.get_frames(list(range(n))), 8) == list(range(n))
+        assert _ids(r.get_frames([9, 2]), 8) == [9, 2]
 
 
 def test_short_videos_are_padded(tmp_path):
@@ -304,6 +534,97 @@ def test_short_videos_are_padded(tmp_path):
     assert torch.allclose(means[2:], means[2].expand(6))
     assert abs(means[0].item() - frames[0].mean() / 255) < 0.05
     assert ds.skipped["padded"] == 1
+
+
+def test_padding_and_padded_counts(tmp_path):
+    """A clip of 4 frames x 3 spans 10 frames: a 10-frame video is not padded, a 9-frame one is
+    at its own rate (25 fps), not at 30 fps, where it lasts 11 frames."""
+    for n in (9, 10):
+        _coded_video(tmp_path / f"v{n}.mp4", n)
+    (tmp_path / "l.txt").write_text("v9.mp4 0\nv10.mp4 1\n")
+    kw = {"num_frames": 4, "sampling_rate": 3, "train": False, "num_clips": 3, "stack_views": True}
+    ds = VideoClipDataset(tmp_path / "l.txt", **kw)
+    clips, _, _ = ds[1]
+    assert [_ids(c) for c in clips] == [[0, 3, 6, 9]] * 3 and ds.skipped["padded"] == 0
+    clips, _, _ = ds[0]
+    assert [_ids(c) for c in clips] == [[0, 3, 6, 8]] * 3 and ds.skipped["padded"] == 3
+    loop = VideoClipDataset(tmp_path / "l.txt", pad="loop", **kw)
+    assert [_ids(c) for c in loop[0][0]] == [[0, 3, 6, 0]] * 3
+    fps30 = VideoClipDataset(tmp_path / "l.txt", target_fps=30, **kw)
+    clips, _, _ = fps30[0]  # 9 frames at 25 fps: 11 frames at 30 fps, not padded
+    want = [clip_indices(9, 4, 3, clip_idx=k, num_clips=3, fps=25, target_fps=30) for k in range(3)]
+    assert [_ids(c) for c in clips] == want and fps30.skipped["padded"] == 0
+    assert want[0] == [0, 2, 5, 7]  # target frames 0, 3, 6, 9 at 30 fps
+    fps30[1]
+    assert fps30.skipped["padded"] == 0
+    native = VideoClipDataset(tmp_path / "l.txt", **{**kw, "sampling_rate": 4})
+    native[1]  # 10 frames, span 13: padded
+    assert native.skipped["padded"] == 3
+    with pytest.raises(ValueError, match="unknown pad mode 'mirror'; expected 'last' or 'loop'"):
+        clip_indices(10, 4, 3, pad="mirror")
+
+
+def test_dataset_options(tmp_path):
+    _coded_video(tmp_path / "v.mp4", 80, step=3)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "l.txt").write_text("v.mp4 2\n")
+    with pytest.warns(UserWarning, match=r"\(missing\) .*sub/v\.mp4: no such file"):
+        assert VideoClipDataset(tmp_path / "sub" / "l.txt", train=False)[0] is None  # not in sub/
+    ds = VideoClipDataset(tmp_path / "sub" / "l.txt", tmp_path, train=False)  # video root
+    clip, label, vid = ds[0]
+    # defaults: 16 frames, 4 apart, the centre clip: start (80 - 61) // 2 = 9
+    assert (label, vid) == (2, 0) and _ids(clip, 3) == list(range(9, 9 + 61, 4))
+    assert ds.skipped.as_dict() == dict.fromkeys(VideoClipDataset.SKIP_KEYS, 0)
+    # training: one clip, one crop, whatever the test options; testing: no repeats
+    train = VideoClipDataset(
+        tmp_path / "sub" / "l.txt",
+        tmp_path,
+        num_clips=5,
+        num_crops=3,
+        num_frames=4,
+        stack_views=True,
+    )
+    assert len(train) == 1 and train[0][0].shape == (3, 4, 32, 48)
+    test = VideoClipDataset(
+        tmp_path / "sub" / "l.txt", tmp_path, train=False, num_repeats=3, num_frames=4
+    )
+    assert test[0][0].shape == (3, 4, 32, 48)
+    # segment sampling draws a random frame of each segment in training, the middle in testing
+    seg = {
+        tr: VideoClipDataset(
+            tmp_path / "sub" / "l.txt", tmp_path, sampling="segment", num_frames=4, train=tr
+        )
+        for tr in (True, False)
+    }
+    assert _ids(seg[False][0][0], 3) == [10, 30, 50, 70]
+    drawn = {tuple(_ids(seg[True][0][0], 3)) for _ in range(6)}
+    assert len(drawn) > 1 and all(
+        20 * i <= f < 20 * (i + 1) for d in drawn for i, f in enumerate(d)
+    )
+    for kw, message in (
+        ({"sampling": "dense"}, "unknown sampling 'dense'; expected 'clip' or 'segment'"),
+        ({"num_crops": 2}, "num_crops must be 1 or 3, got 2"),
+        ({"pad": "mirror"}, "unknown pad mode 'mirror'; expected 'last' or 'loop'"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            VideoClipDataset(tmp_path / "sub" / "l.txt", **kw)
+    VideoClipDataset(tmp_path / "sub" / "l.txt", pad="loop")
+
+
+def test_samplers_follow_their_generator():
+    for draw in (
+        lambda g: clip_indices(100, 4, 4, generator=g),
+        lambda g: segment_indices(100, 4, train=True, generator=g),
+    ):
+        runs = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)  # the global RNG plays no part
+            g = torch.Generator().manual_seed(7)
+            runs.append([draw(g) for _ in range(5)])
+        assert runs[0] == runs[1] and len({tuple(x) for x in runs[0]}) > 1
+        assert all(type(i) is int for x in runs[0] for i in x)
+    assert all(type(i) is int for i in segment_indices(7, 3, train=False))
+    assert all(type(i) is int for i in clip_indices(30, 4, 2, fps=25, target_fps=30))
 
 
 # ------------------------------------------------------------------ test views and transforms
@@ -368,6 +689,112 @@ def test_no_flip_for_ssv2_and_normalisation():
     assert lefts == [pytest.approx((1 - 0.45) / 0.225)] * 20  # never mirrored, normalised
     flipped = [flip(clip)[0, 0, 0, 0].item() < 0 for _ in range(40)]
     assert 5 < sum(flipped) < 35
+
+
+def _pipeline(crop: list, *, randaug=None, erase=0.0, hflip=True) -> v2.Compose:
+    """The training transform of a Kinetics recipe, written directly with torchvision: crop,
+    flip, RandAugment, to float, normalise with 0.45 / 0.225, random erasing to 0."""
+    ops = [*crop, *([v2.RandomHorizontalFlip()] if hflip else [])]
+    ops += [v2.RandAugment(num_ops=randaug[0], magnitude=randaug[1])] if randaug else []
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.45] * 3, [0.225] * 3)]
+    return v2.Compose(ops + ([v2.RandomErasing(p=erase)] if erase else []))
+
+
+@pytest.mark.parametrize("kind", ["rrc", "short_side"])
+def test_training_transform_is_the_recipe_pipeline(kind):
+    """Same seed, same clip: the same output as the pipeline written with torchvision."""
+    clip = torch.randint(0, 256, (3, 3, 40, 56), dtype=torch.uint8)
+    if kind == "rrc":
+        kw = {"rrc_scale": (0.2, 0.9), "rrc_ratio": (0.5, 2.0)}
+        crop = [v2.RandomResizedCrop(32, scale=(0.2, 0.9), ratio=(0.5, 2.0))]
+    else:
+        kw = {"short_side_range": (34, 48)}
+        crop = [v2.RandomShortestSize(list(range(34, 49))), v2.RandomCrop(32)]
+    for randaug, erase, hflip in (((3, 5), 1.0, True), ((1, 12), 0.5, False), (None, 0.0, True)):
+        ours = VideoTransform(
+            True, crop_size=32, crop=kind, randaug=randaug, erase_prob=erase, hflip=hflip, **kw
+        )
+        ref = _pipeline(crop, randaug=randaug, erase=erase, hflip=hflip)
+        for seed in range(4):
+            torch.manual_seed(seed)
+            got = ours(clip)
+            torch.manual_seed(seed)
+            want = ref(tv_tensors.Video(clip)).permute(1, 0, 2, 3)
+            torch.testing.assert_close(got, want.as_subclass(torch.Tensor), rtol=0, atol=0)
+
+
+def test_training_crops_are_windows_of_the_right_size():
+    """RRC at a fixed area and square aspect, and a short side fixed at 40, give exact windows
+    (no resampling) of the frame or of the frame resized to short side 40; a short side below
+    the crop pads with zeros (pixel 0 -> (0 - 0.45) / 0.225)."""
+    torch.manual_seed(0)
+    frame = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    clip = frame.expand(2, -1, -1, -1)
+
+    def windows(img: torch.Tensor, size: int) -> list[torch.Tensor]:
+        h, w = img.shape[-2:]
+        return [
+            img[..., t : t + size, x : x + size]
+            for t in range(h - size + 1)
+            for x in range(w - size + 1)
+        ]
+
+    def pixels(out: torch.Tensor) -> torch.Tensor:  # (C, T, H, W) normalised -> uint8 frame
+        return (out[:, 0] * 0.225 + 0.45).mul(255).round().to(torch.uint8)
+
+    rrc = VideoTransform(
+        True, crop_size=32, rrc_scale=(0.25, 0.25), rrc_ratio=(1.0, 1.0), hflip=False
+    )
+    wins = windows(frame[0], 32)
+    for _ in range(5):
+        got = pixels(rrc(clip))
+        assert any(torch.equal(got, w) for w in wins)
+    short = VideoTransform(
+        True, crop_size=32, crop="short_side", short_side_range=(40, 40), hflip=False
+    )
+    wins = windows(v2.functional.resize(frame[0], 40, antialias=True), 32)
+    for _ in range(5):
+        got = pixels(short(clip))
+        assert any(torch.equal(got, w) for w in wins)
+    pad = VideoTransform(
+        True, crop_size=32, crop="short_side", short_side_range=(24, 24), hflip=False
+    )
+    out = pad(clip)
+    assert out.shape == (3, 2, 32, 32)
+    zero = (0 - 0.45) / 0.225
+    assert (out == zero).float().mean() >= 1 - 24 * 24 / 32**2 - 1e-6  # the padding
+    with pytest.raises(ValueError, match="unknown crop 'centre'; expected 'rrc' or 'short_side'"):
+        VideoTransform(True, crop="centre")
+
+
+def test_transform_defaults():
+    """Defaults: a 224 crop; test short side 256 (crop x 256 / 224); flips on, no erasing."""
+    torch.manual_seed(0)
+    clip = torch.full((2, 3, 240, 320), 77, dtype=torch.uint8)
+    clip[..., :160] = 200  # left half bright
+    test = VideoTransform(False)
+    assert test.test_short_side == 256 and VideoTransform(False, crop_size=32).test_short_side == 37
+    assert test(clip).shape == (3, 2, 224, 224)
+    train = VideoTransform(True, rrc_scale=(1.0, 1.0), rrc_ratio=(4 / 3, 4 / 3))
+    level = {v: (v / 255 - 0.45) / 0.225 for v in (77, 200)}
+    lefts = []
+    for _ in range(20):
+        out = train(clip)
+        assert out.shape == (3, 2, 224, 224)
+        away = torch.cat([out[..., :100], out[..., 124:]], -1)  # from the blended middle
+        near = [(away - v).abs() < 1e-5 for v in level.values()]
+        assert bool((near[0] | near[1]).all())  # nothing erased
+        lefts.append(out[0, 0, 0, 0].item() == pytest.approx(level[200]))
+    assert 3 <= sum(lefts) <= 17  # flipped about half of the time
+
+
+def test_test_transform_never_augments():
+    clip = torch.randint(0, 256, (2, 3, 36, 48), dtype=torch.uint8)
+    tf = VideoTransform(False, crop_size=32, test_short_side=32, randaug=(4, 9), erase_prob=1.0)
+    resized = v2.functional.resize(clip, 32, antialias=True)  # 36x48 -> 32x43: centre 32 crop
+    expected = ((resized[..., 5:37].float() / 255 - 0.45) / 0.225).permute(1, 0, 2, 3)
+    for _ in range(3):
+        torch.testing.assert_close(tf(clip), expected)
 
 
 def test_repeated_augmentation(digits):

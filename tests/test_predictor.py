@@ -58,7 +58,7 @@ def make_image_checkpoint(path: Path) -> Path:
 def make_video_checkpoint(path: Path) -> Path:
     args = {**TINY, "img_size": 64, "num_frames": 4}
     model = mvitv2.create_model("mvitv2_small_16x4", num_classes=4, **args)
-    data = {"crop_size": 64, "num_frames": 4, "sampling_rate": 2, "num_clips": 2}
+    data = {"crop_size": 64, "num_frames": 4, "sampling_rate": 2, "test_clips": 2}
     meta = {"task": "video", "class_names": VIDEO_CLASSES, "data": data}
     return _save(path, model, "mvitv2_small_16x4", args, meta)
 
@@ -258,6 +258,7 @@ def test_wrong_task_missing_file_and_foreign_checkpoint(image_ckpt: Path, tmp_pa
 
 def test_bad_inputs(image_ckpt: Path, tmp_path: Path):
     from mvitv2.engine.data import BadSample
+    from mvitv2.errors import UserValueError
 
     pred = Predictor.from_checkpoint(image_ckpt)
     with pytest.raises(BadSample, match="missing.jpg"):
@@ -266,5 +267,48 @@ def test_bad_inputs(image_ckpt: Path, tmp_path: Path):
     broken.write_bytes(b"not an image")
     with pytest.raises(BadSample, match="broken.jpg"):
         pred(broken)
-    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+    with pytest.raises(UserValueError, match=r"\(H, W, 3\)"):
         pred(np.zeros((8, 8, 5), np.uint8))
+
+
+def test_float_pixels_must_be_in_0_1(image_ckpt: Path, video_ckpt: Path):
+    """A float image in [0, 255] would be normalised as if 255 times too bright: a clear error
+    instead; integer pixels of any dtype are read as 0-255."""
+    from mvitv2.errors import UserValueError
+
+    image = Predictor.from_checkpoint(image_ckpt, topk=3)
+    arr = _rgb(64, 64, 5)
+    for bad in (arr.astype(np.float32), torch.from_numpy(arr).permute(2, 0, 1).double()):
+        with pytest.raises(
+            UserValueError,
+            match=r"float image must be in \[0, 1\], got values in \[0, 2\d\d\]; .*divide by 255",
+        ):
+            image(bad)
+    with pytest.raises(
+        UserValueError, match=r"float image must be in \[0, 1\], got values in \[-0\.5, 0\.5\]"
+    ):
+        image(np.full((8, 8, 3), -0.5, np.float32) + np.eye(8, dtype=np.float32)[..., None])
+    with pytest.raises(UserValueError, match=r"float image must be in \[0, 1\]"):
+        image(np.full((8, 8, 3), np.nan, np.float32))
+    with pytest.raises(
+        UserValueError,
+        match=r"integer image must hold 0-255 pixel values, got values in \[0, 256\]",
+    ):
+        image(np.eye(8, dtype=np.int64)[..., None].repeat(3, -1) * 256)
+    ref = _probs(image(arr))
+    for ok in (arr.astype(np.int64), arr.astype(np.float32) / 255, np.ones((8, 8, 3), np.float32)):
+        got = _probs(image(ok))
+        assert sorted(got) == sorted(ref)
+    assert _probs(image(arr.astype(np.int64))) == pytest.approx(ref, abs=1e-6)
+    assert _probs(image(arr.astype(np.float32) / 255)) == pytest.approx(ref, abs=2e-3)
+
+    video = Predictor.from_checkpoint(video_ckpt, topk=4)
+    clip = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3)).astype(np.uint8)
+    with pytest.raises(
+        UserValueError, match=r"float video frames must be in \[0, 1\].*divide by 255"
+    ):
+        video(clip.astype(np.float32))
+    assert _probs(video(clip.astype(np.float32) / 255)) == pytest.approx(
+        _probs(video(clip)), abs=2e-3
+    )
+    assert _probs(video(clip.astype(np.int16))) == pytest.approx(_probs(video(clip)), abs=1e-6)

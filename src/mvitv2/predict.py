@@ -25,10 +25,12 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
+from mvitv2.errors import UserValueError
+
 TASKS = ("image", "video", "detect")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserValueError):
     """A checkpoint that cannot be used: missing, unreadable, of another task, incomplete."""
 
 
@@ -69,10 +71,12 @@ def default_preprocessing(
     (short side before the centre crop), ``interpolation``, ``mean``, ``std`` (of ``[0, 1]`` RGB);
     image adds ``crop_pct``; video adds ``num_frames``, ``sampling_rate`` (frame step inside a
     clip), ``num_clips`` (uniform clips averaged per video), ``num_crops`` (1: centre crop,
-    3: left/centre/right) and ``sampling`` (``clip``, or ``segment``: one frame from each of
-    ``num_frames`` equal segments, SSv2). Detection: ``mean``, ``std``, ``min_size``, ``max_size``,
-    ``size_divisible`` (the detector resizes and normalises inside the model; its inputs are
-    ``[0, 1]`` RGB images of any size).
+    3: left/centre/right), ``sampling`` (``clip``, or ``segment``: one frame from each of
+    ``num_frames`` equal segments, SSv2) and ``target_fps`` (the frame rate ``sampling_rate``
+    counts frames at, None: each file's own rate; see :func:`mvitv2.data.video.clip_indices`),
+    all from :meth:`mvitv2.tasks.video.VideoDataConfig.preprocessing`. Detection: ``mean``,
+    ``std``, ``min_size``, ``max_size``, ``size_divisible`` (the detector resizes and normalises
+    inside the model; its inputs are ``[0, 1]`` RGB images of any size).
     """
     data = dict(data or {})
     if task == "detect":
@@ -104,21 +108,13 @@ def default_preprocessing(
             "mean": list(dc.mean),
             "std": list(dc.std),
         }
-    from mvitv2.data.video import KINETICS_MEAN, KINETICS_STD
+    from mvitv2.tasks.video import VideoDataConfig
 
-    size = int(data.get("crop_size", data.get("img_size", cfg.image_hw[0])))
-    return {
-        "input_size": [size, size],
-        "resize_size": int(data.get("test_short_side") or round(size * 256 / 224)),
-        "interpolation": "bilinear",
-        "mean": list(data.get("mean", KINETICS_MEAN)),
-        "std": list(data.get("std", KINETICS_STD)),
-        "num_frames": int(data.get("num_frames", cfg.num_frames)),
-        "sampling_rate": int(data.get("sampling_rate", 4)),
-        "num_clips": int(data.get("num_clips", data.get("test_clips", 5))),
-        "num_crops": int(data.get("num_crops", data.get("test_crops", 1))),
-        "sampling": str(data.get("sampling", "clip")),
-    }
+    known = {f.name for f in dataclasses.fields(VideoDataConfig)}
+    video = {k: v for k, v in data.items() if k in known}
+    video.setdefault("crop_size", cfg.image_hw[0])  # the model's size unless the data set it
+    video.setdefault("num_frames", cfg.num_frames)
+    return VideoDataConfig.from_dict(video).preprocessing()
 
 
 def _infer_task(state: dict[str, Any], model_name: str) -> str:
@@ -214,9 +210,32 @@ def build_model(info: CheckpointInfo) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- inputs
-def _as_uint8_or_float(x: Tensor) -> Tensor:
-    """uint8 stays; anything else becomes float32 (assumed in [0, 1])."""
-    return x if x.dtype == torch.uint8 else x.float()
+def _as_uint8_or_float(x: Tensor, what: str) -> Tensor:
+    """uint8 stays; other integers in [0, 255] become uint8; floats must lie in [0, 1] and become
+    float32. ``what`` names the input in the error (``image``, ``video frames``).
+
+    Raises:
+        UserValueError: a float input outside [0, 1] (e.g. [0, 255] pixel values, which would
+            otherwise be normalised as if 255 times too bright) or an integer one outside
+            [0, 255].
+    """
+    if x.dtype == torch.uint8:
+        return x
+    if x.dtype == torch.bool or x.is_complex():
+        raise UserValueError(f"{what} of dtype {x.dtype}: give uint8 (0-255) or float (0-1) pixels")
+    lo, hi = (x.min().item(), x.max().item()) if x.numel() else (0, 0)
+    if not x.is_floating_point():
+        if lo < 0 or hi > 255:
+            raise UserValueError(
+                f"integer {what} must hold 0-255 pixel values, got values in [{lo}, {hi}]"
+            )
+        return x.to(torch.uint8)
+    if not (lo >= 0 and hi <= 1):  # also catches NaN
+        raise UserValueError(
+            f"float {what} must be in [0, 1], got values in [{lo:g}, {hi:g}]; convert "
+            f"[0, 255] pixels to uint8 (x.astype(np.uint8) / x.to(torch.uint8)) or divide by 255"
+        )
+    return x.float()
 
 
 def load_image(item: Any) -> Tensor:
@@ -228,6 +247,7 @@ def load_image(item: Any) -> Tensor:
 
     Raises:
         mvitv2.engine.data.BadSample: a file that is missing or cannot be decoded.
+        UserValueError: an array of another shape, or a float one outside [0, 1].
     """
     from PIL import Image
 
@@ -240,12 +260,14 @@ def load_image(item: Any) -> Tensor:
     if isinstance(item, np.ndarray):
         arr = item[..., None] if item.ndim == 2 else item
         if arr.ndim != 3 or arr.shape[-1] not in (1, 3):
-            raise ValueError(f"image arrays must be (H, W, 3) or (H, W), got shape {item.shape}")
+            raise UserValueError(
+                f"image arrays must be (H, W, 3) or (H, W), got shape {item.shape}"
+            )
         item = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
     if isinstance(item, Tensor):
         if item.ndim != 3 or item.shape[0] not in (1, 3):
-            raise ValueError(f"image tensors must be (3, H, W), got shape {tuple(item.shape)}")
-        return _as_uint8_or_float(item.detach().cpu()).expand(3, -1, -1)
+            raise UserValueError(f"image tensors must be (3, H, W), got shape {tuple(item.shape)}")
+        return _as_uint8_or_float(item.detach().cpu(), "image").expand(3, -1, -1)
     raise TypeError(f"cannot read an image from {type(item).__name__}")
 
 
@@ -258,10 +280,12 @@ def _frames_tchw(item: np.ndarray | Tensor) -> Tensor:
     is_array = isinstance(item, np.ndarray)
     t = torch.from_numpy(np.ascontiguousarray(item)) if is_array else item.detach().cpu()
     if t.ndim != 4 or 3 not in (t.shape[0], t.shape[-1]):
-        raise ValueError(f"video arrays must be (T, H, W, 3) or (3, T, H, W), got {tuple(t.shape)}")
+        raise UserValueError(
+            f"video arrays must be (T, H, W, 3) or (3, T, H, W), got {tuple(t.shape)}"
+        )
     channels_last = t.shape[-1] == 3 and (t.shape[0] != 3 or is_array)
     t = t.permute(0, 3, 1, 2) if channels_last else t.permute(1, 0, 2, 3)
-    return _as_uint8_or_float(t)
+    return _as_uint8_or_float(t, "video frames")
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -286,7 +310,8 @@ class Predictor:
     ``class_names``), ``label_names`` and ``masks`` ``(N, H, W)`` bool (detection).
 
     A file that is missing or cannot be decoded raises :class:`mvitv2.engine.data.BadSample`
-    (naming the file); an array of the wrong shape raises ``ValueError``.
+    (naming the file); an array of the wrong shape, or a float one outside [0, 1], raises
+    :class:`mvitv2.errors.UserValueError`.
     """
 
     def __init__(
@@ -374,31 +399,43 @@ class Predictor:
 
     def preprocess_video(self, item: Any) -> Tensor:
         """One video (file path or array) -> its ``num_clips x num_crops`` views
-        ``(K, 3, T, H, W)``: uniform clips of ``num_frames`` frames ``sampling_rate`` apart, or
-        one clip of ``num_frames`` segments with ``sampling: segment`` (SSv2)."""
+        ``(K, 3, T, H, W)``: uniform clips of ``num_frames`` frames ``sampling_rate`` apart
+        (frames counted at ``target_fps`` for a file, see
+        :func:`mvitv2.data.video.clip_indices`; an array is taken as frames already at that
+        rate), or one clip of ``num_frames`` segments with ``sampling: segment`` (SSv2); each
+        clip resized (short side ``resize_size``) and cropped (centre, or left/centre/right)."""
         from mvitv2.data.video import VideoDecodeError, VideoReader, clip_indices, segment_indices
         from mvitv2.engine.data import BadSample
 
         p = self.preprocessing
         t, k = p["num_frames"], p["num_clips"]
 
-        def views(n: int) -> list[list[int]]:
+        def views(n: int, fps: float | None) -> list[list[int]]:
             if p.get("sampling", "clip") == "segment":
                 return [segment_indices(n, t, train=False)]
             return [
-                clip_indices(n, t, p["sampling_rate"], clip_idx=i, num_clips=k) for i in range(k)
+                clip_indices(
+                    n,
+                    t,
+                    p["sampling_rate"],
+                    clip_idx=i,
+                    num_clips=k,
+                    fps=fps,
+                    target_fps=p.get("target_fps"),
+                )  # fmt: skip
+                for i in range(k)
             ]
 
         if isinstance(item, str | os.PathLike):
             try:
                 with VideoReader(item) as reader:
-                    idx = views(reader.num_frames)
+                    idx = views(reader.num_frames, reader.fps)
                     clips = reader.get_frames(sum(idx, [])).permute(0, 3, 1, 2).split(t)
             except VideoDecodeError as e:
                 raise BadSample(str(item), str(e)) from e
         else:
             frames = _frames_tchw(item)
-            clips = [frames[i] for i in views(len(frames))]
+            clips = [frames[i] for i in views(len(frames), None)]
         crops = [None] if p.get("num_crops", 1) == 1 else [0, 1, 2]
         return torch.stack([self._transform(c, spatial_idx=s) for c in clips for s in crops])
 

@@ -9,6 +9,7 @@ dataset returns float clips (C, T, H, W), the layout of the video models.
 from __future__ import annotations
 
 import csv
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -24,6 +25,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from mvitv2.data.common import SkipCounter
+from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 __all__ = [
     "KINETICS_MEAN",
@@ -36,6 +38,7 @@ __all__ = [
     "clip_indices",
     "read_class_names",
     "read_video_list",
+    "resampled_length",
     "segment_indices",
     "uniform_crop",
     "video_collate",
@@ -49,8 +52,8 @@ _DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
 
 
 class VideoDecodeError(RuntimeError):
-    """A video file cannot be opened or decoded (``reason="corrupt"``) or has no frames
-    (``reason="empty"``)."""
+    """A video file is missing (``reason="missing"``), cannot be opened or decoded
+    (``reason="corrupt"``) or has no frames (``reason="empty"``)."""
 
     def __init__(self, message: str, reason: str = "corrupt") -> None:
         super().__init__(message)
@@ -111,7 +114,7 @@ class VideoReader:
             n = int(round(self._container.duration / av.time_base * self.fps))
         self.num_frames = int(n or 0)
         if self.num_frames <= 0:
-            # Unknown length (e.g. a raw stream): count by decoding once; small files only.
+            # No length anywhere (e.g. Matroska written for streaming): count by decoding once.
             try:
                 self.num_frames = len(self._decode_range(0, None, tolerant=True))
             except _DECODE_ERRORS:
@@ -146,7 +149,7 @@ class VideoReader:
         out: dict[int, np.ndarray] = {}
         c, s = self._container, self._stream
         target = self.start_pts + (int(first / self.fps / self.time_base) if first > 0 else 0)
-        c.seek(target, stream=s, backward=True, any_frame=False)
+        c.seek(target, stream=s)  # backward to the keyframe at or before target
         try:
             for frame in c.decode(s):
                 self.frames_decoded += 1
@@ -223,12 +226,37 @@ class VideoReader:
 # Samplers
 
 
-def _pad(indices: np.ndarray, num_video_frames: int, pad: str) -> list[int]:
+def _pad(indices: np.ndarray, num_video_frames: int, pad: str) -> np.ndarray:
     if pad == "last":
-        return np.minimum(indices, num_video_frames - 1).tolist()
+        return np.minimum(indices, num_video_frames - 1)
     if pad == "loop":
-        return (indices % num_video_frames).tolist()
+        return indices % num_video_frames
     raise ValueError(f"unknown pad mode {pad!r}; expected 'last' or 'loop'")
+
+
+def _frame_ratio(fps: float | None, target_fps: float | None) -> Fraction | None:
+    """Source frames per target frame (``fps / target_fps``) as an exact fraction, or None when
+    either rate is unknown (frames are then counted at the file's own rate)."""
+    if fps is None or target_fps is None:
+        return None
+    if fps <= 0 or target_fps <= 0:
+        raise ValueError(f"frame rates must be > 0, got fps={fps}, target_fps={target_fps}")
+    # Rates arrive as floats (29.97 is 30000/1001); exact fractions keep frame arithmetic exact.
+    return Fraction(fps).limit_denominator(1_000_000) / Fraction(target_fps).limit_denominator(
+        1_000_000
+    )
+
+
+def resampled_length(
+    num_video_frames: int, fps: float | None = None, target_fps: float | None = None
+) -> int:
+    """Frames of a video of ``num_video_frames`` frames at ``fps`` once resampled to
+    ``target_fps``: ``ceil(num_video_frames * target_fps / fps)`` (the target frames whose time
+    falls inside the video); ``num_video_frames`` when either rate is None."""
+    ratio = _frame_ratio(fps, target_fps)
+    if ratio is None:
+        return num_video_frames
+    return -(-num_video_frames * ratio.denominator // ratio.numerator)
 
 
 def clip_indices(
@@ -239,6 +267,8 @@ def clip_indices(
     clip_idx: int | None = None,
     num_clips: int = 1,
     pad: str = "last",
+    fps: float | None = None,
+    target_fps: float | None = None,
     generator: torch.Generator | None = None,
 ) -> list[int]:
     """Frame indices of one dense clip: ``num_frames`` frames, ``sampling_rate`` apart.
@@ -246,18 +276,28 @@ def clip_indices(
     Args:
         num_video_frames: frames in the video.
         num_frames: frames in the clip.
-        sampling_rate: step between sampled frames.
+        sampling_rate: step between sampled frames (frames at ``target_fps`` when it is set).
         clip_idx: None draws the start uniformly (training); ``k`` in ``[0, num_clips)`` takes the
-            k-th of ``num_clips`` uniformly spaced clips (testing; one clip = the centre one).
+            k-th of ``num_clips`` uniformly spaced clips (testing): the first starts at the first
+            frame, the last ends at the last frame, the others start at the nearest frame (halves
+            up) in between; one clip is the centre one.
         num_clips: number of test clips K.
         pad: how a video shorter than the clip span is padded: ``"last"`` repeats the last frame,
             ``"loop"`` starts again from the first.
+        fps, target_fps: the video's frame rate and the rate ``sampling_rate`` counts frames at.
+            With both set, the clip is taken from the video resampled to ``target_fps`` (target
+            frame ``j``, at time ``j / target_fps``, shows source frame
+            ``floor(j * fps / target_fps)``), so a clip spans the same time whatever the file's
+            rate: SlowFast samples Kinetics at 30 fps by scaling the clip span by
+            ``fps / target_fps`` the same way. Otherwise frames are counted at the file's rate.
         generator: torch generator for the random start (default: the global one).
     Returns:
         ``num_frames`` indices in ``[0, num_video_frames)``.
     """
+    ratio = _frame_ratio(fps, target_fps)
+    n = resampled_length(num_video_frames, fps, target_fps)
     span = (num_frames - 1) * sampling_rate + 1
-    slack = max(num_video_frames - span, 0)
+    slack = max(n - span, 0)
     if clip_idx is None:
         start = int(torch.randint(slack + 1, (1,), generator=generator))
     elif num_clips == 1:
@@ -265,9 +305,12 @@ def clip_indices(
     else:
         if not 0 <= clip_idx < num_clips:
             raise ValueError(f"clip_idx {clip_idx} not in [0, {num_clips})")
-        start = int(round(slack * clip_idx / (num_clips - 1)))
-    idx = start + np.arange(num_frames) * sampling_rate
-    return _pad(idx, num_video_frames, pad)
+        # round(slack * k / (K - 1)) in integers, halves up
+        start = (2 * slack * clip_idx + num_clips - 1) // (2 * (num_clips - 1))
+    idx = _pad(start + np.arange(num_frames) * sampling_rate, n, pad)
+    if ratio is not None:
+        idx = idx * ratio.numerator // ratio.denominator
+    return idx.tolist()
 
 
 def segment_indices(
@@ -278,17 +321,18 @@ def segment_indices(
     generator: torch.Generator | None = None,
 ) -> list[int]:
     """SSv2-style segment sampling: split the video into ``num_frames`` equal segments and take
-    one frame from each (a random one when ``train``, the middle one otherwise).
+    one frame from each: the frame at a random time inside segment ``i`` when ``train``, otherwise
+    the frame at its middle, ``floor((i + 1/2) * num_video_frames / num_frames)``.
 
-    Videos with fewer frames than segments repeat frames, which pads them.
+    Videos with fewer frames than segments repeat frames, which pads them. The frame rate plays
+    no part: the segments always cover the whole video.
     """
-    bounds = np.linspace(0, num_video_frames, num_frames + 1)
-    if train:
-        u = torch.rand(num_frames, generator=generator, dtype=torch.float64).numpy()
-    else:
-        u = np.full(num_frames, 0.5)
-    idx = np.floor(bounds[:-1] + u * (bounds[1:] - bounds[:-1])).astype(np.int64)
-    return np.clip(idx, 0, num_video_frames - 1).tolist()
+    i = np.arange(num_frames)
+    if not train:  # exact integer arithmetic
+        return ((2 * i + 1) * num_video_frames // (2 * num_frames)).tolist()
+    u = torch.rand(num_frames, generator=generator).numpy()
+    idx = np.floor((i + u) * num_video_frames / num_frames).astype(np.int64)
+    return np.minimum(idx, num_video_frames - 1).tolist()  # float rounding at the very end
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,12 +361,12 @@ def read_video_list(
         list_file: the list file.
         video_root: directory relative paths are resolved against (default: the list's folder).
     Raises:
-        FileNotFoundError: no such list file.
-        ValueError: a malformed line, with file name and line number.
+        UserFileNotFoundError: no such list file.
+        UserValueError: a malformed line, with file name and line number.
     """
     list_file = Path(list_file)
     if not list_file.is_file():
-        raise FileNotFoundError(f"video list file not found: {list_file}")
+        raise UserFileNotFoundError(f"video list file not found: {list_file}")
     root = Path(video_root) if video_root is not None else list_file.parent
     is_csv = list_file.suffix.lower() == ".csv"
     samples = []
@@ -337,7 +381,7 @@ def read_video_list(
             if not fields or fields[0].startswith("#"):
                 continue
             if len(fields) != 2 or not fields[0]:
-                raise ValueError(
+                raise UserValueError(
                     f"{list_file}:{lineno}: expected '<path> <label>'"
                     f"{' or <path>,<label>' if is_csv else ''}, got {','.join(fields)!r}"
                 )
@@ -347,15 +391,14 @@ def read_video_list(
             except ValueError:
                 if lineno == 1 and is_csv:
                     continue  # header
-                raise ValueError(
+                raise UserValueError(
                     f"{list_file}:{lineno}: label {label!r} is not an integer"
                 ) from None
             if y < 0:
-                raise ValueError(f"{list_file}:{lineno}: negative label {y}")
-            p = Path(path)
-            samples.append(VideoSample(p if p.is_absolute() else root / p, y))
+                raise UserValueError(f"{list_file}:{lineno}: negative label {y}")
+            samples.append(VideoSample(root / path, y))  # an absolute path stays as it is
     if not samples:
-        raise ValueError(f"{list_file}: no samples")
+        raise UserValueError(f"{list_file}: no samples")
     return samples
 
 
@@ -363,7 +406,7 @@ def read_class_names(path: str | Path) -> list[str]:
     """Class names, one per line (line i = label i); blank lines are ignored."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"class names file not found: {path}")
+        raise UserFileNotFoundError(f"class names file not found: {path}")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -438,12 +481,11 @@ class VideoTransform:
         self.crop_size = crop_size
         self.test_short_side = test_short_side or round(crop_size * 256 / 224)
         if train:
-            ops: list[Any] = []
             if crop == "rrc":
-                ops.append(v2.RandomResizedCrop(crop_size, scale=rrc_scale, ratio=rrc_ratio))
+                ops: list[Any] = [v2.RandomResizedCrop(crop_size, scale=rrc_scale, ratio=rrc_ratio)]
             elif crop == "short_side":
                 lo, hi = short_side_range
-                ops += [
+                ops = [
                     v2.RandomShortestSize(list(range(lo, hi + 1))),
                     v2.RandomCrop(crop_size, pad_if_needed=True),
                 ]
@@ -457,14 +499,15 @@ class VideoTransform:
         self._to_float = v2.Compose(
             [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
         )
-        self._erase = v2.RandomErasing(p=erase_prob, value=0) if train and erase_prob > 0 else None
+        # Erases to 0, the mean colour once normalised; one box for all frames.
+        self._erase = v2.RandomErasing(p=erase_prob) if train and erase_prob > 0 else None
 
     def __call__(self, video: torch.Tensor, spatial_idx: int | None = None) -> torch.Tensor:
         x = tv_tensors.Video(video)
         if self.train:
             x = self._augment(x)
         else:
-            x = F.resize(x, self.test_short_side, antialias=True)
+            x = F.resize(x, self.test_short_side)  # antialiased (the v2 default)
             x = uniform_crop(x, self.crop_size, 1 if spatial_idx is None else spatial_idx)
         x = self._to_float(x)
         if self._erase is not None:
@@ -492,11 +535,15 @@ class VideoClipDataset(torch.utils.data.Dataset):
     ``len(videos) * num_clips * num_crops`` items, one per (video, temporal clip, spatial crop),
     unless ``stack_views``; average the softmax of all items with the same ``video_index``.
 
-    Unreadable videos (missing, corrupt, truncated header, zero frames) never raise: the item is
-    replaced by another video (random in training, the next one in testing) and the file is
+    Unreadable videos (missing, corrupt, truncated header, zero frames) are skipped, counted and
+    named: the first time a file fails, a warning names it with the reason, and the file is
     counted in ``self.skipped`` (``.as_dict()``: ``bad_missing``, ``bad_corrupt``, ``bad_empty``
-    = distinct files; ``padded`` = clips of videos shorter than the clip span; ``truncated`` =
-    clips of files that ended before their header said). Counts include DataLoader workers.
+    = distinct files; ``replaced`` = training items that took another video; ``dropped`` = test
+    views returned as None; ``padded`` = clips of videos shorter than the clip span;
+    ``truncated`` = clips of files that ended before their header said). Counts include
+    DataLoader workers. In training the item is replaced by a random other video; in testing the
+    item is None (:func:`video_collate` drops it), so a bad video is not scored and no other
+    video gets extra views. ``strict`` raises instead.
 
     Args:
         list_file: Kinetics-style list (see :func:`read_video_list`).
@@ -512,11 +559,13 @@ class VideoClipDataset(torch.utils.data.Dataset):
         num_repeats: augmented copies per decoded clip in training (repeated augmentation).
         stack_views: at test time return all views of a video in one item.
         pad: ``"last"`` or ``"loop"`` for videos shorter than a clip.
-        max_retries: replacement attempts before giving up (then a RuntimeError).
-        decoder_threads: FFmpeg threads per decoder.
+        target_fps: frame rate ``sampling_rate`` counts frames at (see :func:`clip_indices`);
+            None: each file's own rate. Segment sampling ignores it.
+        strict: raise :class:`~mvitv2.errors.UserValueError` on the first unreadable video.
+        max_retries: training replacements in a row before giving up (then the same error).
     """
 
-    SKIP_KEYS = ("missing", "corrupt", "empty", "padded", "truncated", "replaced")
+    SKIP_KEYS = ("missing", "corrupt", "empty", "padded", "truncated", "replaced", "dropped")
 
     def __init__(
         self,
@@ -533,8 +582,9 @@ class VideoClipDataset(torch.utils.data.Dataset):
         num_repeats: int = 1,
         stack_views: bool = False,
         pad: str = "last",
+        target_fps: float | None = None,
+        strict: bool = False,
         max_retries: int = 20,
-        decoder_threads: int = 1,
     ) -> None:
         if sampling not in ("clip", "segment"):
             raise ValueError(f"unknown sampling {sampling!r}; expected 'clip' or 'segment'")
@@ -550,7 +600,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.transform = transform or _default_transform
         self.num_repeats = num_repeats if train else 1
         self.stack_views = stack_views and not train
-        self.pad, self.max_retries, self.decoder_threads = pad, max_retries, decoder_threads
+        self.pad, self.target_fps = pad, target_fps
+        self.strict, self.max_retries = strict, max_retries
         self.skipped = SkipCounter(self.SKIP_KEYS, len(self.samples))
 
     @property
@@ -568,31 +619,37 @@ class VideoClipDataset(torch.utils.data.Dataset):
             return len(self.samples)
         return len(self.samples) * self.views_per_video
 
-    def _indices(self, n: int, clip_idx: int | None) -> list[int]:
+    def _indices(self, n: int, fps: float, clip_idx: int | None) -> list[int]:
         if self.sampling == "segment":
             return segment_indices(n, self.num_frames, train=clip_idx is None)
         return clip_indices(
             n, self.num_frames, self.sampling_rate, clip_idx=clip_idx,
-            num_clips=self.num_clips, pad=self.pad,
+            num_clips=self.num_clips, pad=self.pad, fps=fps, target_fps=self.target_fps,
         )  # fmt: skip
 
     def _decode(self, video: int, clip_ids: Sequence[int | None]) -> list[torch.Tensor]:
-        """uint8 (T, C, H, W) clips of ``video`` for each temporal clip id; raises on bad files."""
+        """uint8 (T, C, H, W) clips of ``video`` for each temporal clip id.
+
+        Raises:
+            VideoDecodeError: the file is missing (``reason="missing"``) or unreadable.
+        """
         path = self.samples[video].path
         if not path.is_file():
-            raise FileNotFoundError(path)
-        with VideoReader(path, threads=self.decoder_threads) as r:
+            raise VideoDecodeError(f"{path}: no such file", "missing")
+        with VideoReader(path) as r:
             span = (self.num_frames - 1) * self.sampling_rate + 1
-            if self.sampling == "clip" and r.num_frames < span:
+            if (
+                self.sampling == "clip"
+                and resampled_length(r.num_frames, r.fps, self.target_fps) < span
+            ):
                 self.skipped.add("padded", len(clip_ids))
             n = r.num_frames
-            flat = [i for c in clip_ids for i in self._indices(n, c)]
+            flat = [i for c in clip_ids for i in self._indices(n, r.fps, c)]
             frames = r.get_frames(flat)
-            if r.truncated:
+            if r.truncated:  # sample again within the frames that really decode (fewer than n)
                 self.skipped.add("truncated")
-                if r.num_frames < n:  # sample again within the frames that really decode
-                    flat = [i for c in clip_ids for i in self._indices(r.num_frames, c)]
-                    frames = r.get_frames(flat)
+                flat = [i for c in clip_ids for i in self._indices(r.num_frames, r.fps, c)]
+                frames = r.get_frames(flat)
         return list(frames.permute(0, 3, 1, 2).split(self.num_frames))
 
     def _load(self, video: int, view: int | None) -> torch.Tensor:
@@ -608,46 +665,62 @@ class VideoClipDataset(torch.utils.data.Dataset):
         (clip,) = self._decode(video, [k])
         return self.transform(clip, s if self.num_crops == 3 else None)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+    def _try_load(self, video: int, view: int | None) -> torch.Tensor | None:
+        """The item of ``video``, or None (the file is flagged, and named the first time)."""
+        if self.skipped.is_flagged(video):
+            return None
+        try:
+            return self._load(video, view)
+        except VideoDecodeError as e:
+            if self.strict:
+                raise UserValueError(f"unreadable video (strict data): {e}") from None
+            if not self.skipped.is_flagged(video):  # the flags are shared by workers: named once
+                warnings.warn(f"skipping unreadable video ({e.reason}) {e}", stacklevel=2)
+            self.skipped.flag(video, e.reason)
+        return None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | None:
         if self.train or self.stack_views:
             video, view = index, None
         else:
             video, view = divmod(index, self.views_per_video)
-        n = len(self.samples)
-        last_error = "all were already marked unreadable"
-        for attempt in range(self.max_retries + 1):
-            if not self.skipped.is_flagged(video):
-                try:
-                    clip = self._load(video, view)
-                    return clip, self.samples[video].label, video
-                except FileNotFoundError:
-                    self.skipped.flag(video, "missing")
-                    last_error = f"{self.samples[video].path}: no such file"
-                except VideoDecodeError as e:
-                    self.skipped.flag(video, e.reason)
-                    last_error = str(e)
-            if attempt < self.max_retries:
-                self.skipped.add("replaced")
-            # Training: any other video. Testing: the next one, so runs are reproducible.
-            video = int(torch.randint(n, (1,))) if self.train else (video + 1) % n
-        raise RuntimeError(
-            f"{self.max_retries + 1} unreadable video(s) in a row (last: {last_error}; "
-            f"skipped so far: {self.skipped.as_dict()}); check the video root and files"
-        )
+        clip = self._try_load(video, view)
+        if clip is None and not self.train:
+            self.skipped.add("dropped")
+            return None
+        for _ in range(self.max_retries):  # training: replaced by any other video
+            if clip is not None:
+                break
+            self.skipped.add("replaced")
+            video = int(torch.randint(len(self.samples), (1,)))
+            clip = self._try_load(video, None)
+        if clip is None:
+            raise UserValueError(
+                f"{self.max_retries + 1} unreadable video(s) in a row (the last: "
+                f"{self.samples[video].path}; skipped so far: {self.skipped.as_dict()}); "
+                f"check the video root and files"
+            )
+        return clip, self.samples[video].label, video
 
 
 def video_collate(
-    batch: Sequence[tuple[torch.Tensor, int, int]],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch: Sequence[tuple[torch.Tensor, int, int] | None],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Collate ``(clip, label, video_index)`` items into ``(clips, labels, video_indices)``.
 
     Items with several views (V, C, T, H, W) are flattened: each view becomes one batch entry
-    carrying its video's label and index, so clips is always (B', C, T, H, W).
+    carrying its video's label and index, so clips is always (B', C, T, H, W). None items
+    (unreadable test videos) are dropped; a batch of only None gives None.
     """
     clips, labels, vids = [], [], []
-    for clip, label, vid in batch:
+    for item in batch:
+        if item is None:
+            continue
+        clip, label, vid = item
         v = clip if clip.dim() == 5 else clip[None]
         clips.append(v)
         labels += [label] * len(v)
         vids += [vid] * len(v)
+    if not clips:
+        return None
     return torch.cat(clips), torch.tensor(labels), torch.tensor(vids)

@@ -1,7 +1,7 @@
 """Mixup / CutMix on batches with label smoothing, as soft targets (images and videos).
 
-Built on ``torchvision.transforms.v2.MixUp`` / ``CutMix`` (which also accept 5-D video batches);
-label smoothing is applied to the one-hot targets before mixing, as in timm's ``Mixup``.
+Built on ``torchvision.transforms.v2.MixUp`` / ``CutMix``; label smoothing is applied to the
+one-hot targets before mixing, as in timm's ``Mixup``.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 
@@ -25,21 +26,28 @@ class MixCriterion:
     """
 
     def __init__(
-        self, num_classes: int, mixup: float = 0.0, cutmix: float = 0.0, prob: float = 1.0,
-        switch_prob: float = 0.5, label_smoothing: float = 0.0,
-    ) -> None:  # fmt: skip
+        self,
+        num_classes: int,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        label_smoothing: float = 0.0,
+    ) -> None:
         self.num_classes, self.prob, self.label_smoothing = num_classes, prob, label_smoothing
-        ops, weights = [], []
+        # The targets given to the ops are (smoothed) probabilities: no class count needed.
+        ops: list[v2.Transform] = []
         if mixup > 0:
-            ops.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
-            weights.append(1.0 - switch_prob if cutmix > 0 else 1.0)
+            ops.append(v2.MixUp(alpha=mixup))
         if cutmix > 0:
-            ops.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
-            weights.append(switch_prob if mixup > 0 else 1.0)
-        self.mix = v2.RandomChoice(ops, p=weights) if ops else None
+            ops.append(v2.CutMix(alpha=cutmix))
+        self.mix: v2.Transform | None = ops[0] if len(ops) == 1 else None
+        if len(ops) == 2:
+            self.mix = v2.RandomChoice(ops, p=[1.0 - switch_prob, switch_prob])
 
     @property
     def active(self) -> bool:
+        """Whether any batch gets mixed (an op is on and ``prob > 0``)."""
         return self.mix is not None and self.prob > 0
 
     def soft_targets(self, labels: Tensor) -> Tensor:
@@ -49,13 +57,24 @@ class MixCriterion:
         return t.scatter_(1, labels.long().unsqueeze(1), 1.0 - self.label_smoothing + off)
 
     def __call__(self, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Mixed inputs (same shape) and soft targets ``(B, num_classes)``."""
+        """Mixed inputs (same shape) and soft targets ``(B, num_classes)``.
+
+        Args:
+            inputs: images ``(B, C, H, W)`` or clips ``(B, C, T, H, W)``; a clip gets one mixing
+                coefficient and one cutmix box for all its frames.
+            labels: class indices ``(B,)``.
+        """
         targets = self.soft_targets(labels)
         if self.active and (self.prob >= 1 or torch.rand(()) < self.prob):
-            inputs, targets = self.mix(inputs, targets)
+            # torchvision takes 4-D tensors as images and 5-D ones only as tv_tensors.Video;
+            # both ops touch only the batch and the last two (H, W) axes, so the order of the
+            # clip's C and T axes does not matter.
+            x = tv_tensors.Video(inputs) if inputs.ndim == 5 else inputs
+            x, targets = self.mix(x, targets)
+            inputs = x.as_subclass(Tensor)
         return inputs, targets
 
     @staticmethod
     def loss(logits: Tensor, targets: Tensor) -> Tensor:
         """Soft-target cross-entropy, averaged over the batch (computed in float32)."""
-        return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits.float(), targets)

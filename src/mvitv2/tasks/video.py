@@ -52,6 +52,7 @@ from mvitv2.engine.distributed import DistInfo, init_distributed
 from mvitv2.engine.mixing import MixCriterion
 from mvitv2.engine.task import Task
 from mvitv2.engine.trainer import Trainer
+from mvitv2.errors import UserError, UserFileNotFoundError, UserValueError
 
 #: recipes shipped for this task (under ``recipes/``).
 RECIPE_NAMES = ("moving_digits", "k400_small", "k400_base", "k400_large", "ssv2_small", "ssv2_base")
@@ -82,6 +83,10 @@ class VideoDataConfig:
         test_short_side: short side before the test crop (None: ``crop_size * 256 / 224``).
         mean, std: normalisation of [0, 1] RGB.
         pad: ``last`` or ``loop``: how videos shorter than a clip are padded.
+        target_fps: frame rate ``sampling_rate`` counts frames at: each file is sampled as if
+            resampled to it, so a clip spans ``(num_frames - 1) * sampling_rate / target_fps``
+            seconds whatever the file's rate (SlowFast's Kinetics recipes: 30). None: each file's
+            own rate. Not used by segment sampling (must be None there).
         train_list, val_list: list files (``path label`` lines or ``path,label`` CSV); relative
             paths resolve against ``video_root``. CLI ``--train-list`` / ``--val-list``.
         video_root: folder the list paths are relative to (CLI ``--data``).
@@ -117,6 +122,7 @@ class VideoDataConfig:
     mean: tuple[float, float, float] = KINETICS_MEAN
     std: tuple[float, float, float] = KINETICS_STD
     pad: str = "last"
+    target_fps: float | None = None
     train_list: str | None = None
     val_list: str | None = None
     video_root: str | None = None
@@ -135,21 +141,43 @@ class VideoDataConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> VideoDataConfig:
-        """From a recipe's ``data`` mapping; unknown keys raise ``KeyError``, bad values ``ValueError``."""
-        out = config_from_dict(cls, values, "video data")
-        checks = [
-            (out.sampling in ("clip", "segment"), f"sampling must be clip or segment, got {out.sampling!r}"),
-            (out.train_crop in ("rrc", "short_side"), f"train_crop must be rrc or short_side, got {out.train_crop!r}"),
-            (out.test_crops in (1, 3), f"test_crops must be 1 or 3, got {out.test_crops}"),
-            (out.test_clips >= 1 and out.num_repeats >= 1, "test_clips and num_repeats must be >= 1"),
-            (out.num_frames >= 1 and out.sampling_rate >= 1, "num_frames and sampling_rate must be >= 1"),
-            (out.crop_size % 4 == 0, f"crop_size must be a multiple of 4, got {out.crop_size}"),
-            (out.init_inflation in ("centre", "center", "repeat"), "init_inflation must be centre or repeat"),
-        ]  # fmt: skip
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"invalid video data config: {msg}")
+        """From a recipe's ``data`` mapping.
+
+        Raises:
+            UserValueError: an unknown key or a value out of range or of the wrong type.
+        """
+        try:
+            out = config_from_dict(cls, values, "video data")
+        except KeyError as e:
+            raise UserValueError(e.args[0]) from None
+        try:
+            problems = out._problems()
+        except TypeError as e:  # e.g. a string where a number belongs
+            raise UserValueError(
+                f"invalid video data config: a value of the wrong type ({e})"
+            ) from None
+        if problems:
+            raise UserValueError(f"invalid video data config: {'; '.join(problems)}")
         return out
+
+    def _problems(self) -> list[str]:
+        """What is wrong with these options (empty when nothing)."""
+        fps = self.target_fps
+        checks = [
+            (self.sampling in ("clip", "segment"), f"sampling must be clip or segment, got {self.sampling!r}"),
+            (self.train_crop in ("rrc", "short_side"), f"train_crop must be rrc or short_side, got {self.train_crop!r}"),
+            (self.test_crops in (1, 3), f"test_crops must be 1 or 3, got {self.test_crops}"),
+            (self.test_clips >= 1, f"test_clips must be >= 1, got {self.test_clips}"),
+            (self.num_repeats >= 1, f"num_repeats must be >= 1, got {self.num_repeats}"),
+            (self.num_frames >= 1, f"num_frames must be >= 1, got {self.num_frames}"),
+            (self.sampling_rate >= 1, f"sampling_rate must be >= 1, got {self.sampling_rate}"),
+            (self.crop_size % 4 == 0, f"crop_size must be a multiple of 4, got {self.crop_size}"),
+            (self.pad in ("last", "loop"), f"pad must be last or loop, got {self.pad!r}"),
+            (fps is None or fps > 0, f"target_fps must be > 0 or null, got {fps}"),
+            (fps is None or self.sampling == "clip", "target_fps applies to clip sampling only; set it to null for segment sampling"),
+            (self.init_inflation in ("centre", "center", "repeat"), f"init_inflation must be centre or repeat, got {self.init_inflation!r}"),
+        ]  # fmt: skip
+        return [msg for ok, msg in checks if not ok]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types (lists for tuples): YAML and checkpoint safe."""
@@ -196,7 +224,7 @@ class VideoDataConfig:
             list_file, video_root, train=train, num_frames=self.num_frames,
             sampling_rate=self.sampling_rate, sampling=self.sampling,
             num_clips=self.test_clips, num_crops=self.test_crops, transform=self.transform(train),
-            num_repeats=self.num_repeats, pad=self.pad, max_retries=0 if strict else 20,
+            num_repeats=self.num_repeats, pad=self.pad, target_fps=self.target_fps, strict=strict,
         )  # fmt: skip
 
     def preprocessing(self) -> dict[str, Any]:
@@ -213,6 +241,7 @@ class VideoDataConfig:
             "sampling": self.sampling,
             "num_clips": self.test_clips,
             "num_crops": self.test_crops,
+            "target_fps": self.target_fps,
         }
 
 
@@ -243,7 +272,7 @@ def find_list(root: Path, split: str) -> Path:
     for name in _LIST_NAMES[split]:
         if (root / name).is_file():
             return root / name
-    raise FileNotFoundError(
+    raise UserFileNotFoundError(
         f"no {split} list in {root} (looked for {', '.join(_LIST_NAMES[split])}); "
         f"pass --{split}-list FILE"
     )
@@ -324,20 +353,18 @@ class VideoClassification(Task):
         return MixCriterion.loss(model(clips), targets), {}
 
     def evaluate(self, model: nn.Module, loader: DataLoader, dist: DistInfo) -> dict[str, float]:
+        """Multi-view metrics of the validation set, with its unreadable / padded / truncated
+        video counts as ``videos_<count>`` (the trainer logs them as ``val_videos_<count>``)."""
         assert self.val_ds is not None
         metrics = evaluate_views(model, loader, dist, self.val_ds)
-        bad = self.skipped()
-        if bad:
-            metrics.update({f"videos_{k}": v for k, v in bad.items()})
+        metrics.update({f"videos_{k}": v for k, v in self.skipped("val").items()})
         return metrics
 
-    def skipped(self) -> dict[str, int]:
-        """Unreadable / padded / truncated video counts of the train and val sets (this process)."""
-        out: dict[str, int] = {}
-        for ds in (self.train_ds, self.val_ds):
-            for k, v in (ds.skipped.as_dict() if ds is not None else {}).items():
-                out[k] = out.get(k, 0) + v
-        return {k: v for k, v in out.items() if v}
+    def skipped(self, split: str) -> dict[str, int]:
+        """Unreadable / padded / truncated video counts of the ``train`` or ``val`` set (this
+        process, its DataLoader workers included); zero counts left out."""
+        ds = {"train": self.train_ds, "val": self.val_ds}[split]
+        return {k: v for k, v in ds.skipped.as_dict().items() if v} if ds is not None else {}
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {
@@ -357,14 +384,14 @@ def class_names(
     val: VideoClipDataset | None,
 ) -> list[str]:
     """Class names: the classes file, else the labels ``"0".."K-1"`` (K from the lists or
-    ``dc.num_classes``). Raises ``ValueError`` when a list's label is out of range."""
+    ``dc.num_classes``). Raises :class:`UserValueError` when a list's label is out of range."""
     largest = max(train.num_classes, val.num_classes if val is not None else 0)
     names = read_class_names(classes_file) if classes_file else None
     n = dc.num_classes or (len(names) if names else largest)
     if names is not None and len(names) != n:
-        raise ValueError(f"{classes_file}: {len(names)} class names, but num_classes={n}")
+        raise UserValueError(f"{classes_file}: {len(names)} class names, but num_classes={n}")
     if largest > n:
-        raise ValueError(
+        raise UserValueError(
             f"the list files use label {largest - 1}, but there are only {n} classes "
             f"(num_classes / classes file)"
         )
@@ -381,11 +408,19 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """``create_model(cfg.model, ...)`` for a video run (see :func:`model_kwargs`)."""
     from mvitv2 import create_model, get_config
 
-    if not get_config(cfg.model).temporal:
-        raise ValueError(
+    try:
+        temporal = get_config(cfg.model).temporal
+    except KeyError as e:  # an unknown model name
+        raise UserValueError(e.args[0]) from None
+    if not temporal:
+        raise UserValueError(
             f"{cfg.model} is an image model; video runs need a video variant "
             f"(mvitv2_small_16x4, mvitv2_base_32x3, mvitv2_large_40x3, mvitv1_base_16x4)"
         )
+    try:  # model_args: unknown options (TypeError) or values the config rejects (ValueError)
+        get_config(cfg.model, **model_kwargs(cfg))
+    except (TypeError, ValueError) as e:
+        raise UserValueError(f"model_args of {cfg.model}: {e}") from None
     return create_model(
         cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **model_kwargs(cfg)
     )
@@ -401,18 +436,42 @@ def init_weights(model: nn.Module, source: str, inflation: str = "centre") -> An
 
     Returns:
         The :class:`mvitv2.weights.LoadReport`.
+    Raises:
+        UserValueError: the checkpoint cannot be read or does not fit the model.
     """
     from mvitv2.weights import load_checkpoint
+    from mvitv2.weights.io import CheckpointError
 
     src: Any = source
     path = Path(source)
     if path.suffix == ".pt" and path.is_file():
-        from mvitv2.engine.checkpoint import load_checkpoint as read_run
-
-        ckpt = read_run(path)
-        if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:
+        ckpt = read_run_checkpoint(path)
+        if "model" in ckpt and "config" in ckpt:
             src = ckpt["model"]  # a run's checkpoint: only the weights
-    return load_checkpoint(model, src, strict=True, inflation=inflation)
+    try:
+        return load_checkpoint(model, src, strict=True, inflation=inflation)
+    except CheckpointError as e:
+        raise UserValueError(f"init_from {source}: {e}") from None
+
+
+def read_run_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file written by the engine, as a dict.
+
+    Raises:
+        UserFileNotFoundError: no such file.
+        UserValueError: the file cannot be read as a checkpoint.
+    """
+    from mvitv2.engine.checkpoint import load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path)
+    except FileNotFoundError as e:
+        raise UserFileNotFoundError(str(e)) from None
+    except RuntimeError as e:  # corrupt or not a checkpoint
+        raise UserValueError(str(e)) from None
+    if not isinstance(ckpt, dict):
+        raise UserValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint")
+    return ckpt
 
 
 @torch.no_grad()
@@ -543,11 +602,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def run(command: str, args: argparse.Namespace) -> int:
     """Entry point of ``mvitv2 <command> video``; returns the exit status."""
     handlers = {"train": _train, "eval": _eval, "predict": _predict, "export": _export}
-    try:
-        return dispatch("video", command, args, handlers)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"mvitv2 {command} video: error: {e}", file=sys.stderr)
-        return 2
+    return dispatch("video", command, args, handlers)
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -580,23 +635,22 @@ def _train(args: argparse.Namespace) -> int:
     if trainer.dist.is_main:
         wall = time.perf_counter() - t0
         dc = task.data_cfg
-        bad = task.skipped()
+        bad = {split: task.skipped(split) for split in ("train", "val")}
         print(
             f"val top-1 {metrics.get('top1', float('nan')):.2f}%  top-5 "
             f"{metrics.get('top5', float('nan')):.2f}%  ({dc.test_clips} clip(s) x "
             f"{dc.test_crops} crop(s) per video)  wall time {wall:.1f} s  checkpoint "
-            f"{trainer.run_dir / 'last.pt'}" + (f"  videos skipped/padded: {bad}" if bad else "")
+            f"{trainer.run_dir / 'last.pt'}"
+            + "".join(f"  {split} videos skipped/padded: {b}" for split, b in bad.items() if b)
         )
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from mvitv2.engine.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = read_run_checkpoint(args.checkpoint)
     meta = ckpt.get("meta") or {}
     if meta.get("task") != "video" or "config" not in ckpt:
-        raise ValueError(
+        raise UserValueError(
             f"{args.checkpoint} is not a video checkpoint written by `mvitv2 train video`"
         )
     cfg = TrainConfig.from_dict(ckpt["config"])
@@ -620,13 +674,15 @@ def _eval(args: argparse.Namespace) -> int:
     state = ckpt["model"]
     if args.ema:
         if "ema" not in ckpt:
-            raise ValueError("--ema: this checkpoint has no EMA weights (trained with ema_decay=0)")
+            raise UserValueError(
+                "--ema: this checkpoint has no EMA weights (trained with ema_decay=0)"
+            )
         state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
     model.load_state_dict(state)
     dist = init_distributed()
     ds = dc.dataset(val_list, root, train=False, strict=args.strict_data)
     if ds.num_classes > len(classes):
-        raise ValueError(
+        raise UserValueError(
             f"{val_list}: label {ds.num_classes - 1} but the model has {len(classes)} classes"
         )
     loader = build_loader(
@@ -640,7 +696,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(
             f"{args.checkpoint}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
             f"on {metrics['count']} videos of {val_list}, {dc.test_clips} clip(s) x "
-            f"{dc.test_crops} crop(s)"
+            f"{dc.test_crops} crop(s) = {metrics['views']:g} views per video"
             + (f"  (videos skipped/padded: {bad})" if bad else "")
             + f"  [{time.perf_counter() - t0:.1f} s]"
         )
@@ -649,19 +705,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from mvitv2.predict import CheckpointError, Predictor
+    from mvitv2.predict import Predictor
 
-    try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, task="video", topk=args.topk)
-    except CheckpointError as e:
-        raise ValueError(str(e)) from None
+    predictor = Predictor.from_checkpoint(args.checkpoint, task="video", topk=args.topk)
     if args.clips:
         predictor.preprocessing["num_clips"] = args.clips
     status = 0
     for f in args.files:
         try:
             top = predictor(f)
-        except (BadSample, FileNotFoundError, ValueError) as e:  # one bad file: go on
+        except (BadSample, UserError) as e:  # one bad file: go on
             print(f"{f}: error: {e}", file=sys.stderr)
             status = 1
             continue
