@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_util
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from mvitv2.data.common import load_digits_arrays, split_digit_indices
 from mvitv2.data.detection import (
@@ -25,6 +26,8 @@ from mvitv2.data.detection import (
     rescale_prediction,
 )
 from mvitv2.data.digit_scenes import make_digit_scenes, mask_to_polygon
+from mvitv2.engine.data import BadSample, build_loader
+from mvitv2.errors import UserValueError
 
 SMALL = {"num_train": 10, "num_val": 6, "image_size": 96, "digit_size": (16, 36), "seed": 3}
 
@@ -226,20 +229,32 @@ def test_reader_repairs_and_counts_bad_annotations(tmp_path):
     assert CocoDetection(tmp_path, path, masks=False).stats.instances == 4
 
 
-def test_reader_skips_unreadable_images(tmp_path):
+def test_reader_flags_unreadable_images_and_never_substitutes(tmp_path):
     _blank(tmp_path, "good.png")
+    _blank(tmp_path, "small.png", w=20)
     (tmp_path / "bad.png").write_bytes(b"not a png at all")
     data = {
         "images": [
             {"id": 1, "file_name": "bad.png", "width": 40, "height": 30},
             {"id": 2, "file_name": "good.png", "width": 40, "height": 30},
+            {"id": 3, "file_name": "small.png", "width": 40, "height": 30},
         ],
         "categories": [{"id": 1, "name": "x"}],
     }
     ds = CocoDetection(tmp_path, _write(tmp_path, data))
-    _, t = ds[0]
-    assert t["image_id"] == 2  # replaced by the next readable image
-    assert ds.skipped.as_dict()["bad_unreadable_image"] == 1
+    with pytest.raises(BadSample, match=r"bad\.png: cannot read image"):
+        ds[0]
+    assert ds[1][1]["image_id"] == 2
+    with pytest.raises(BadSample, match=r"small\.png: size_mismatch: the image is 20x30 but"):
+        ds[2]
+    assert ds.skipped_images() == {1: "unreadable_image", 3: "size_mismatch"}
+    assert ds.skipped.flagged("unreadable_image") == [0]
+    # Training substitutes the next sample (equal batches on every process), and counts it.
+    loader = build_loader(ds, batch_size=3, train=True, collate_fn=detection_collate)
+    with pytest.warns(UserWarning, match="skipping unreadable sample"):
+        _, targets = next(iter(loader))
+    assert sorted(t["image_id"] for t in targets) == [2, 2, 2]
+    assert loader.dataset.bad_samples == 2
 
 
 def test_malformed_json_errors_name_the_file(tmp_path):
@@ -299,21 +314,71 @@ def test_multiscale_and_flip_move_boxes_and_masks(scenes):
     assert torch.equal(t2["masks"], target["masks"].flip(-1))
 
 
-def test_large_scale_jitter_fixed_size_and_sanitised(scenes):
+def test_lsj_boxes_are_the_tight_boxes_of_the_transformed_masks(scenes):
+    """After flip + scale jitter + crop, each box is its mask's tight box (computed here with
+    numpy from torchvision's own transform of the masks), and instances whose mask was cropped
+    away leave together with their box and label."""
     ds = CocoDetection(*scenes.split("train"))
-    tf = detection_train_transforms(mode="lsj", lsj_size=128, lsj_scale=(0.1, 2.0))
-    zoom = detection_train_transforms(mode="lsj", lsj_size=64, lsj_scale=(2.0, 2.0))
-    torch.manual_seed(1)
-    dropped = 0
+    ours = detection_train_transforms(mode="lsj", lsj_size=64, lsj_scale=(0.3, 2.0))
+    reference = v2.Compose([
+        v2.RandomHorizontalFlip(0.5),
+        v2.ScaleJitter(target_size=(64, 64), scale_range=(0.3, 2.0), antialias=True),
+        v2.RandomCrop((64, 64), pad_if_needed=True, fill=0),
+    ])  # fmt: skip
+    dropped = loose = 0
     for i in range(len(ds)):
         image, target = ds[i]
-        for t in (tf, zoom):
-            image2, t2 = t(image, target)
-            side = 128 if t is tf else 64
-            assert image2.shape[-2:] == (side, side)
-            _check_alignment(image2, t2)  # boxes cropped away leave with their masks and labels
-            dropped += len(target["labels"]) - len(t2["labels"])
-    assert dropped > 0  # the 2x zoom + 64 crop does cut objects away
+        n = len(target["labels"])
+        target["labels"] = torch.arange(1, n + 1)  # instance numbers, to follow each one
+        for seed in range(3):
+            torch.manual_seed(seed)
+            image2, out = ours(image, target)
+            torch.manual_seed(seed)
+            ref_image, ref = reference(image, target)
+            assert torch.equal(image2, v2.functional.to_dtype(ref_image, torch.float32, scale=True))
+            ref_masks = ref["masks"].numpy().astype(bool)
+            keep = [k for k in range(n) if ref_masks[k].any()]
+            assert out["labels"].tolist() == [k + 1 for k in keep]
+            np.testing.assert_array_equal(out["masks"].numpy(), ref["masks"].numpy()[keep])
+            tight = []
+            for k in keep:
+                ys, xs = np.nonzero(ref_masks[k])
+                tight.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            assert out["boxes"].reshape(-1, 4).tolist() == tight
+            assert out["boxes"].canvas_size == (64, 64)
+            dropped += n - len(keep)
+            clipped = ref["boxes"].as_subclass(torch.Tensor)[keep].tolist()
+            loose += sum(c != t for c, t in zip(clipped, tight))
+    assert dropped > 0 and loose > 0  # both cases happen in these scenes
+
+
+def test_lsj_size_is_height_by_width():
+    """A 50x100 image (H x W) jittered at scale 1 to lsj_size (40, 80) is resized by
+    min(40/50, 80/100) = 0.8 to exactly 40x80: nothing to crop or pad."""
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 50, 100), dtype=torch.uint8))
+    mask = torch.zeros(1, 50, 100, dtype=torch.uint8)
+    mask[0, 10:20, 10:30] = 1
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(
+            [[10.0, 10, 30, 20]], format="XYXY", canvas_size=(50, 100)
+        ),
+        "labels": torch.tensor([1]),
+        "masks": tv_tensors.Mask(mask),
+    }
+    for recompute in (True, False):
+        tf = detection_train_transforms(
+            mode="lsj", lsj_size=(40, 80), lsj_scale=(1.0, 1.0), hflip_prob=0.0,
+            recompute_boxes=recompute,
+        )  # fmt: skip
+        image2, t2 = tf(image, target)
+        expected = v2.functional.resize(image, [40, 80], antialias=True)
+        assert torch.equal(image2, v2.functional.to_dtype(expected, torch.float32, scale=True))
+        # Nearest-neighbour mask: output column j samples floor(1.25 j): columns 8..23, rows 8..15.
+        assert t2["boxes"].tolist() == [[8.0, 8.0, 24.0, 16.0]]
+        assert t2["masks"][0].nonzero().amin(0).tolist() == [8, 8]
+        assert t2["masks"][0].nonzero().amax(0).tolist() == [15, 23]
+    with pytest.raises(UserValueError, match="unknown augmentation mode 'big'"):
+        detection_train_transforms(mode="big")
 
 
 def test_eval_transform_and_collate(scenes):

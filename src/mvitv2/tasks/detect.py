@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.distributed import DistInfo, init_distributed
 from mvitv2.engine.task import Task
 from mvitv2.engine.trainer import Trainer, to_device
+from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 __all__ = [
     "DetectionDataConfig",
@@ -55,6 +57,8 @@ __all__ = [
     "list_detectors",
     "run",
 ]
+
+log = logging.getLogger(__name__)
 
 DIGIT_SCENES = "digit_scenes"  # data root value meaning "the embedded digit scenes"
 
@@ -140,10 +144,10 @@ def resolve_splits(
     for split, (images, ann) in explicit.items():
         if images or ann:
             if not (images and ann):
-                raise ValueError(f"data.{split}_images and data.{split}_json go together")
+                raise UserValueError(f"data.{split}_images and data.{split}_json go together")
             splits[split] = (Path(images), Path(ann))
     if "train" not in splits and "val" not in splits:
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"no COCO annotations under {data_root}: expected annotations/instances_train2017.json"
             " (or instances_train.json), or set data.train_images/data.train_json"
         )
@@ -166,18 +170,18 @@ def _rank0() -> bool:
 
 
 def report_data(name: str, ds: CocoDetection) -> str:
-    """One line: images/instances used and every annotation problem the reader counted."""
+    """One line: images/instances used, then every non-zero count of what the reader dropped,
+    kept for evaluation only or repaired, and of the images this process could not read, by
+    reason (each case is named in the log)."""
     s = ds.stats
-    problems = {
-        k: v
-        for k, v in s.as_dict().items()
-        if k not in ("images", "images_used", "annotations", "instances")
-    }
-    counts = ", ".join(f"{k} {v}" for k, v in problems.items())
-    unreadable = len(ds.skipped.flagged())
+    totals = ("images", "images_used", "annotations", "instances")
+    counts = {k: v for k, v in s.as_dict().items() if k not in totals and v}
+    for reason in ds.skipped_images().values():
+        counts[reason] = counts.get(reason, 0) + 1
+    problems = ", ".join(f"{k} {v}" for k, v in counts.items()) or "no problems"
     return (
         f"{name}: {ds.ann_file} -> {s.images_used}/{s.images} images, "
-        f"{s.instances}/{s.annotations} instances kept; {counts}, unreadable_images {unreadable}"
+        f"{s.instances}/{s.annotations} instances kept; {problems}"
     )
 
 
@@ -207,7 +211,11 @@ class DetectionTask(Task):
         dc = self.data_cfg
         splits = resolve_splits(self.data_root, dc)
         if "train" not in splits:
-            raise FileNotFoundError(f"no training split found under {self.data_root}")
+            raise UserFileNotFoundError(
+                f"no training split under {self.data_root}: expected "
+                "annotations/instances_train2017.json (or instances_train.json), or set "
+                "data.train_images and data.train_json"
+            )
         aug = detection_train_transforms(
             mode=dc.aug, min_sizes=dc.min_sizes, max_size=dc.max_size, lsj_size=dc.lsj_size,
             lsj_scale=dc.lsj_scale, hflip_prob=dc.hflip_prob,
@@ -223,7 +231,7 @@ class DetectionTask(Task):
         if "val" in splits:
             self.val_ds = build_eval_dataset(*splits["val"], masks=dc.masks)
             if self.val_ds.class_names != self.class_names:
-                raise ValueError(
+                raise UserValueError(
                     f"{splits['val'][1]}: categories differ from the training set's "
                     f"({self.val_ds.class_names} vs {self.class_names})"
                 )
@@ -300,16 +308,21 @@ def evaluate_detector(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """COCO box (and mask) AP of ``model`` over the shards of all processes.
 
+    Only the images actually run are evaluated: an image the loader skipped (unreadable, or
+    its size differs from the JSON's) is left out of COCOeval, counted in ``skipped_images`` and
+    named in the log on the main process.
+
     Args:
         model: a detector (eval mode is set here).
-        loader: yields ``(images, targets)`` from ``dataset`` (or None for all-skipped batches).
+        loader: yields ``(images, targets)`` from ``dataset`` (or None for all-skipped batches),
+            e.g. ``mvitv2.engine.data.build_loader(dataset, train=False, ...)``.
         dist: for gathering the shards' detections.
         dataset: the evaluated dataset (its ``coco`` ground truth and category mapping).
         with_masks: also compute mask AP.
 
     Returns:
-        ``({"bbox_AP", "bbox_AP50", ..., "segm_AP", ..., "images"}, coco_results)``; the same
-        metrics on every process, the results list complete on rank 0.
+        ``({"bbox_AP", "bbox_AP50", ..., "segm_AP", ..., "images", "skipped_images"},
+        coco_results)``; the same metrics on every process, the results list complete on rank 0.
     """
     model.eval()
     results: list[dict[str, Any]] = []
@@ -326,15 +339,20 @@ def evaluate_detector(
                 o.pop("masks", None)
         results += predictions_to_coco(outputs, ids, dataset.label_to_cat_id)
         image_ids += ids
-    gathered = dist.all_gather_object((results, image_ids))
+    gathered = dist.all_gather_object((results, image_ids, dataset.skipped_images()))
     metrics: dict[str, float] = {}
     if dist.is_main:
-        results = [r for res, _ in gathered for r in res]
-        image_ids = sorted({i for _, ids in gathered for i in ids})
+        results = [r for res, _, _ in gathered for r in res]
+        image_ids = sorted({i for _, ids, _ in gathered for i in ids})
+        skipped = {i: why for _, _, sk in gathered for i, why in sk.items() if i not in image_ids}
+        paths = {rec["id"]: rec["path"] for rec in dataset.records}
+        for image_id, why in sorted(skipped.items()):
+            log.warning(f"evaluation skipped image id {image_id} ({paths[image_id]}): {why}")
         iou_types = ("bbox", "segm") if with_masks else ("bbox",)
         ap = coco_evaluate(dataset.coco, results, iou_types, image_ids=image_ids)
         metrics = {f"{t}_{k}": v for t, table in ap.items() for k, v in table.items()}
         metrics["images"] = len(image_ids)
+        metrics["skipped_images"] = len(skipped)
     metrics = dist.broadcast_object(metrics)
     return metrics, results
 
@@ -443,7 +461,11 @@ def _train(args: argparse.Namespace) -> int:
         assert task.train_ds is not None
         print(report_data("train data", task.train_ds))
         if task.val_ds is not None:
-            print(f"val ({metrics.get('images', 0)} images): {format_ap(metrics)}")
+            print(report_data("val data", task.val_ds))
+            print(
+                f"val ({metrics.get('images', 0)} images evaluated, "
+                f"{metrics.get('skipped_images', 0)} skipped): {format_ap(metrics)}"
+            )
             print(f"detections: {task.results_path}")
         print(f"wall time {wall:.1f} s  checkpoint {trainer.run_dir / 'last.pt'}")
     return 0
@@ -456,14 +478,17 @@ def _eval(args: argparse.Namespace) -> int:
     dist = init_distributed()
     if args.images or args.annotations:
         if not (args.images and args.annotations):
-            raise SystemExit("error: --images and --annotations go together")
+            raise UserValueError("--images and --annotations go together")
         images, ann = Path(args.images), Path(args.annotations)
     else:
         dc = DetectionDataConfig.from_dict(meta.get("data") or {})
         root = args.data or meta.get("data_root", DIGIT_SCENES)
         splits = resolve_splits(root, dc)
         if "val" not in splits:
-            raise SystemExit(f"error: no validation split found for {root}")
+            raise UserFileNotFoundError(
+                f"no validation split under {root}: expected annotations/instances_val2017.json "
+                "(or instances_val.json), or pass --images and --annotations"
+            )
         images, ann = splits["val"]
     with_masks = not args.no_masks
     ds = build_eval_dataset(images, ann, masks=with_masks)
@@ -491,6 +516,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(report_data("data", ds))
         print(
             f"{args.checkpoint}: {format_ap(metrics)} on {metrics['images']} images of {images}"
+            f" ({metrics['skipped_images']} skipped)"
             f"  [{time.perf_counter() - t0:.1f} s]"
         )
         print(f"detections ({len(results)}) written to {out}")

@@ -1,0 +1,330 @@
+"""COCO annotation checks: each bad annotation is dropped on its own (never its image) with a
+named reason, each valid one is kept exactly as pycocotools / detectron2 read it, and the
+evaluation ground truth stays readable by COCOeval."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+
+from mvitv2.data.detection import (
+    CocoDetection,
+    coco_evaluate,
+    load_coco_json,
+    predictions_to_coco,
+    rle_counts,
+)
+from mvitv2.errors import UserFileNotFoundError, UserValueError
+
+W, H = 40, 30  # image width, height
+GOOD = {"category_id": 1, "bbox": [2, 3, 10, 5], "iscrowd": 0, "area": 50.0,
+        "segmentation": [[2, 3, 12, 3, 12, 8, 2, 8]]}  # fmt: skip
+
+
+def _rle(mask: np.ndarray, compressed: bool = True) -> dict:
+    """COCO RLE of ``mask``; the uncompressed runs written independently of pycocotools: run
+    lengths over the column-major pixels, starting with a (possibly empty) background run."""
+    if compressed:
+        rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+        return {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
+    runs, value, count = [], 0, 0
+    for v in mask.astype(np.uint8).flatten(order="F").tolist():
+        if v == value:
+            count += 1
+        else:
+            runs.append(count)
+            value, count = v, 1
+    runs.append(count)
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": runs}
+
+
+BLOB = np.zeros((H, W), bool)
+BLOB[10:20, 5:15] = True
+BLOB[12:15, 20:30] = True
+
+# case name -> (annotation fields replacing GOOD's, reason or None, in ground truth, is target)
+CASES = {
+    "valid_polygon": ({}, None, True, True),
+    "valid_polygon_partly_outside": (
+        {"segmentation": [[-5, 3, 12, 3, 12, 8, -5, 8]], "bbox": [-5, 3, 17, 5]},
+        "clipped_boxes", True, True,
+    ),
+    "nan_coordinate": ({"segmentation": [[2, 3, 12, math.nan, 12, 8, 2, 8]]},
+                       "bad_segmentation", False, False),
+    "null_coordinate": ({"segmentation": [[2, 3, 12, None, 12, 8, 2, 8]]},
+                        "bad_segmentation", False, False),
+    "huge_coordinate": ({"segmentation": [[2, 3, 1e12, 3, 12, 8, 2, 8]]},
+                        "bad_segmentation", False, False),
+    "negative_huge_coordinate": ({"segmentation": [[2, 3, 12, 3, 12, 8, 2, -1e9]]},
+                                 "bad_segmentation", False, False),
+    "string_coordinate": ({"segmentation": [[2, 3, "x", 3, 12, 8, 2, 8]]},
+                          "bad_segmentation", False, False),
+    "nested_coordinate": ({"segmentation": [[2, 3, [12], 3, 12, 8, 2, 8]]},
+                          "bad_segmentation", False, False),
+    "two_points": ({"segmentation": [[2, 3, 12, 8]]}, "bad_segmentation", False, False),
+    "odd_coordinates": ({"segmentation": [[2, 3, 12, 3, 12, 8, 2]]},
+                        "bad_segmentation", False, False),
+    "empty_polygon_list": ({"segmentation": []}, "bad_segmentation", False, False),
+    "no_segmentation": ({"segmentation": None}, "bad_segmentation", False, False),
+    "short_part_among_good_ones": (
+        {"segmentation": [[2, 3, 12, 3, 12, 8, 2, 8], [20, 20, 25, 25]]},
+        "dropped_polygon_parts", True, True,
+    ),
+    "polygon_wholly_outside": ({"segmentation": [[45, 3, 55, 3, 55, 8, 45, 8]]},
+                               "empty_masks", True, False),
+    "zero_width_box": ({"bbox": [5, 5, 0, 4]}, "degenerate_boxes", True, False),
+    "negative_height_box": ({"bbox": [5, 5, 4, -2]}, "degenerate_boxes", True, False),
+    "box_outside_image": ({"bbox": [50, 40, 5, 5]}, "outside_boxes", True, False),
+    "nan_box": ({"bbox": [2, 3, math.nan, 5]}, "malformed_boxes", False, False),
+    "null_box": ({"bbox": [2, None, 10, 5]}, "malformed_boxes", False, False),
+    "three_number_box": ({"bbox": [2, 3, 10]}, "malformed_boxes", False, False),
+    "crowd_uncompressed_rle": (
+        {"iscrowd": 1, "segmentation": _rle(BLOB, compressed=False), "bbox": [5, 10, 25, 10]},
+        "crowd", True, False,
+    ),
+    "compressed_rle": ({"segmentation": _rle(BLOB), "bbox": [5, 10, 25, 10]}, None, True, True),
+    "uncompressed_rle": ({"segmentation": _rle(BLOB, compressed=False), "bbox": [5, 10, 25, 10]},
+                         None, True, True),
+    "rle_of_other_size": ({"segmentation": {**_rle(BLOB[:, :30]), "size": [H, 30]}},
+                          "bad_segmentation", False, False),
+    "rle_runs_too_short": (
+        {"segmentation": {"size": [H, W], "counts": _rle(BLOB, False)["counts"][:-1]}},
+        "bad_segmentation", False, False,
+    ),
+    "rle_negative_run": ({"segmentation": {"size": [H, W], "counts": [-5, 5 + H * W]}},
+                         "bad_segmentation", False, False),
+    "rle_corrupt_string": ({"segmentation": {"size": [H, W], "counts": "0~~~"}},
+                           "bad_segmentation", False, False),
+    "rle_empty": ({"segmentation": _rle(np.zeros((H, W), bool))}, "empty_masks", True, False),
+    "missing_area": ({"area": None}, "filled_areas", True, True),
+    "missing_iscrowd": ({"iscrowd": None}, None, True, True),
+    "bad_iscrowd": ({"iscrowd": 2}, "malformed_annotations", False, False),
+    "missing_id": ({"id": None}, "malformed_annotations", False, False),
+    "duplicate_id": ({"id": 1}, "malformed_annotations", False, False),
+    "unknown_category": ({"category_id": 99}, "unknown_category", False, False),
+    "no_such_image": ({"image_id": 404}, "orphan_annotations", False, False),
+}  # fmt: skip
+
+
+def _case_file(tmp_path: Path) -> tuple[Path, dict, dict[str, int]]:
+    """One image per case holding GOOD (annotation id 1000 + image) and the case (id = image)."""
+    images, anns, image_of = [], [], {}
+    for i, (name, (fields, *_)) in enumerate(CASES.items(), start=1):
+        Image.new("RGB", (W, H), (i, 0, 0)).save(tmp_path / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "width": W, "height": H})
+        anns.append({**GOOD, "id": 1000 + i, "image_id": i})
+        case = {**GOOD, "id": i, "image_id": i, **fields}
+        for key in ("iscrowd", "area", "id", "segmentation"):
+            if key in fields and fields[key] is None:
+                del case[key]
+        anns.append(case)
+        image_of[name] = i
+    data = {"images": images, "annotations": anns,
+            "categories": [{"id": 1, "name": "x"}, {"id": 2, "name": "y"}]}  # fmt: skip
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))  # NaN is written as the (non-standard) NaN literal
+    return path, data, image_of
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("cases")
+    path, data, image_of = _case_file(tmp)
+    caplog_records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            caplog_records.append(record)
+
+    handler = Keep()
+    logger = logging.getLogger("mvitv2.data.detection")
+    logger.addHandler(handler)
+    try:
+        ds = CocoDetection(tmp, path)
+    finally:
+        logger.removeHandler(handler)
+    return ds, path, data, image_of, [r.getMessage() for r in caplog_records]
+
+
+def _reference_mask(name: str, ann_id: int, data: dict) -> np.ndarray:
+    """The mask pycocotools' own COCO API gives for a valid case (detectron2's rule for short
+    polygon parts: parts with fewer than 6 or an odd number of coordinates are left out)."""
+    ann = copy.deepcopy(next(a for a in data["annotations"] if a["id"] == ann_id))
+    if isinstance(ann["segmentation"], list):
+        ann["segmentation"] = [p for p in ann["segmentation"] if len(p) >= 6 and len(p) % 2 == 0]
+    raw = {**data, "annotations": [ann]}
+    coco = COCO()
+    coco.dataset = raw
+    coco.createIndex()
+    return coco.annToMask(coco.anns[ann_id])
+
+
+def _area(seg: list | dict) -> int:
+    if isinstance(seg, list):
+        return int(mask_util.area(mask_util.merge(mask_util.frPyObjects(seg, H, W))))
+    return int(mask_util.area(seg))  # a compressed RLE
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_each_annotation_problem_is_dropped_alone_with_a_named_reason(name: str, checked) -> None:
+    ds, path, data, image_of, logged = checked
+    _, reason, in_gt, is_target = CASES[name]
+    image_id = image_of[name]
+    index = 2 * image_id - 1  # position of the case in the file's annotations
+    case = data["annotations"][index]
+    # The image itself is never dropped.
+    k = next(j for j, r in enumerate(ds.records) if r["id"] == image_id)
+    # Ground truth: valid annotations are kept for COCOeval, unchanged; invalid ones are not.
+    gt_ids = [a["id"] for a in ds.coco.imgToAnns[image_id]]
+    assert gt_ids == [1000 + image_id] + ([case["id"]] if in_gt else [])
+    if in_gt:
+        gt = ds.coco.anns[case["id"]]
+        fixed = {"area", "iscrowd", "segmentation"}  # filled / defaulted / short parts dropped
+        assert {k: v for k, v in gt.items() if k not in fixed} == {
+            k: v for k, v in case.items() if k not in fixed
+        }
+    if reason == "empty_masks":  # pycocotools agrees that nothing of it is inside the image
+        assert _area(case["segmentation"]) == 0
+    # Training targets: GOOD, plus the case when it can be trained on.
+    _, target = ds[k]
+    assert len(target["labels"]) == 1 + is_target
+    if is_target:
+        np.testing.assert_array_equal(
+            target["masks"][1].numpy(), _reference_mask(name, case["id"], data)
+        )
+        x, y, bw, bh = case["bbox"]
+        assert target["boxes"][1].tolist() == [max(x, 0), max(y, 0), min(x + bw, W), min(y + bh, H)]
+    # The problem is named once: file, annotation id, image id, reason.
+    mine = [p for p in ds.problems if p.index == index]
+    if reason in (None, "crowd", "clipped_boxes"):
+        assert mine == []  # crowd regions and clipped boxes are only counted
+    else:
+        assert [p.reason for p in mine] == [reason]
+        text = str(mine[0])
+        ann = f"[{index}]" if name == "missing_id" else f"id {case['id']}"
+        assert text.startswith(
+            f"{path}: annotation {ann} (image id {case['image_id']}): {reason}: "
+        )
+        assert logged.count(text) == 1
+
+
+def test_counters_count_each_case_under_its_reason(checked) -> None:
+    ds, _, data, image_of, logged = checked
+    expected: dict[str, int] = {}
+    for _, reason, _, _ in CASES.values():
+        if reason is not None:
+            expected[reason] = expected.get(reason, 0) + 1
+    counts = {k: v for k, v in ds.stats.as_dict().items() if v}
+    targets = sum(1 + c[3] for c in CASES.values())
+    assert counts == {
+        "images": len(CASES),
+        "images_used": len(CASES),
+        "annotations": 2 * len(CASES),
+        "instances": targets,
+        **expected,
+    }
+    # Everything named but crowd and clipped boxes, each once.
+    assert len(logged) == len(ds.problems) == sum(expected.values()) - 2
+    # Filled area is the mask's pixel count (pycocotools), as COCOeval needs an area.
+    assert ds.coco.anns[image_of["missing_area"]]["area"] == _area(GOOD["segmentation"])
+    assert ds.coco.anns[image_of["missing_iscrowd"]]["iscrowd"] == 0
+
+
+def test_checked_ground_truth_evaluates_with_cocoeval(checked) -> None:
+    """The ground truth is COCOeval-readable (a NaN or 1e12 vertex would hang pycocotools), and
+    detections on crowd regions are ignored, not false positives."""
+    ds, *_ = checked
+    preds, ids = [], []
+    for i in range(len(ds)):
+        _, t = ds[i]
+        n = len(t["labels"])
+        preds.append({"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"],
+                      "scores": torch.full((n,), 0.5), "masks": t["masks"].float()})  # fmt: skip
+        ids.append(t["image_id"])
+    crowd_image = list(CASES).index("crowd_uncompressed_rle") + 1
+    k = ids.index(crowd_image)
+    preds[k] = {  # a confident detection on the crowd region
+        "boxes": torch.cat([preds[k]["boxes"], torch.tensor([[5.0, 10, 30, 20]])]),
+        "labels": torch.tensor([1, 1]),
+        "scores": torch.tensor([0.5, 0.99]),
+        "masks": torch.cat([preds[k]["masks"], torch.from_numpy(BLOB).float()[None]]),
+    }
+    res = predictions_to_coco(preds, ids, ds.label_to_cat_id)
+    only_trained = [i for i in ids if i in (crowd_image, list(CASES).index("valid_polygon") + 1)]
+    ap = coco_evaluate(ds.coco, [r for r in res if r["image_id"] in only_trained],
+                       image_ids=only_trained)  # fmt: skip
+    assert ap["bbox"]["AP"] == 1.0 and ap["segm"]["AP"] == 1.0
+    full = coco_evaluate(ds.coco, res)  # every checked annotation, without hanging
+    assert 0.0 < full["segm"]["AP"] < 1.0  # GT kept for evaluation only is not detected
+
+
+def test_without_masks_segmentations_are_not_read(tmp_path: Path) -> None:
+    path, data, image_of = _case_file(tmp_path)
+    ds = CocoDetection(tmp_path, path, masks=False)
+    # Only box and id problems remain; every segmentation case is a plain target.
+    box_or_id = {n for n, c in CASES.items() if c[1] in {
+        "degenerate_boxes", "outside_boxes", "malformed_boxes", "malformed_annotations",
+        "unknown_category", "orphan_annotations", "crowd"}}  # fmt: skip
+    for name in CASES:
+        rec = next(r for r in ds.records if r["id"] == image_of[name])
+        assert len(rec["anns"]) == 1 + (name not in box_or_id), name
+    _, t = ds[0]
+    assert "masks" not in t
+
+
+def test_rle_counts_decode_the_compressed_string() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        m = rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 30)))) < rng.uniform(0, 1)
+        rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+        assert rle_counts(rle["counts"].decode("ascii")) == _rle(m, compressed=False)["counts"]
+    with pytest.raises(ValueError, match="cut off"):
+        rle_counts("0n")  # 'n' = 62 has the continuation bit and nothing follows
+    with pytest.raises(ValueError, match="not RLE code"):
+        rle_counts("0 1")
+
+
+def test_malformed_files_are_user_errors_naming_the_file(tmp_path: Path) -> None:
+    def write(name: str, data: object) -> Path:
+        p = tmp_path / name
+        p.write_text(json.dumps(data))
+        return p
+
+    img = {"id": 1, "file_name": "a.png", "width": 4, "height": 3}
+    cases = {
+        "nofile.json": (None, UserFileNotFoundError, "nofile.json"),
+        "list.json": ([], UserValueError, "expected a JSON object"),
+        "noimages.json": ({"images": {}, "categories": []}, UserValueError, "'images' must be"),
+        "noid.json": ({"images": [{"file_name": "a"}], "categories": []}, UserValueError,
+                      r"images\[0\] needs"),
+        "strid.json": ({"images": [{**img, "id": "1"}], "categories": []}, UserValueError,
+                       "integer 'id'"),
+        "zero.json": ({"images": [{**img, "height": 0}], "categories": []}, UserValueError,
+                      "positive integer"),
+        "dupimg.json": ({"images": [img, img], "categories": []}, UserValueError,
+                        r"images\[1\] repeats the image id 1"),
+        "dupcat.json": ({"images": [img], "categories": [{"id": 2}, {"id": 2}]}, UserValueError,
+                        r"categories\[1\] repeats"),
+        "nocat.json": ({"images": [img], "categories": [{"name": "x"}]}, UserValueError,
+                       r"categories\[0\] needs"),
+    }  # fmt: skip
+    for name, (data, error, match) in cases.items():
+        path = tmp_path / name if data is None else write(name, data)
+        with pytest.raises(error, match=match) as e:
+            load_coco_json(path)
+        assert name in str(e.value)
+    (tmp_path / "broken.json").write_text('{"images": [}')
+    with pytest.raises(UserValueError, match=r"broken\.json: malformed JSON at line 1"):
+        load_coco_json(tmp_path / "broken.json")
+    ok = load_coco_json(write("ok.json", {"images": [img], "categories": [{"id": 1}]}))
+    assert ok["annotations"] == []
