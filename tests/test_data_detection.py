@@ -242,7 +242,7 @@ def test_reader_flags_unreadable_images_and_never_substitutes(tmp_path):
         "categories": [{"id": 1, "name": "x"}],
     }
     ds = CocoDetection(tmp_path, _write(tmp_path, data))
-    with pytest.raises(BadSample, match=r"bad\.png: cannot read image"):
+    with pytest.raises(BadSample, match=r"bad\.png: unreadable_image \(image id 1\): cannot read"):
         ds[0]
     assert ds[1][1]["image_id"] == 2
     with pytest.raises(BadSample, match=r"small\.png: size_mismatch: the image is 20x30 but"):

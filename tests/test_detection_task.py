@@ -219,3 +219,95 @@ def test_every_coco_recipe_trains_a_step_through_the_cli(
     assert state["meta"]["model_name"] == recipe_cfg["model"]
     results = json.loads((tmp_path / "r" / "coco_results_val.json").read_text())
     assert all(1 <= r["category_id"] <= 10 and r["image_id"] == 1 for r in results)
+
+
+def _coco_tree(root: Path, names: tuple[str, str]) -> None:
+    """A COCO-layout folder with one 8x6 image per split, named as ``names`` say."""
+    (root / "annotations").mkdir(parents=True)
+    for name in names:
+        (root / name).mkdir()
+        Image.new("RGB", (8, 6)).save(root / name / "a.png")
+        data = {"images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 6}],
+                "categories": [{"id": 4, "name": "four"}],
+                "annotations": [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [1, 1, 3, 2],
+                                 "iscrowd": 0, "area": 6, "segmentation": [[1, 1, 4, 1, 4, 3, 1, 3]]}]}  # fmt: skip
+        (root / "annotations" / f"instances_{name}.json").write_text(json.dumps(data))
+
+
+def test_resolve_splits_finds_coco_layouts_and_explicit_files(tmp_path: Path, monkeypatch) -> None:
+    from mvitv2.errors import UserFileNotFoundError, UserValueError
+    from mvitv2.tasks.detect import DetectionDataConfig, resolve_splits
+
+    plain = DetectionDataConfig()
+    _coco_tree(tmp_path / "c2017", ("train2017", "val2017"))
+    _coco_tree(tmp_path / "c", ("train", "val"))
+    for root, suffix in ((tmp_path / "c2017", "2017"), (tmp_path / "c", "")):
+        assert resolve_splits(root, plain) == {
+            s: (root / f"{s}{suffix}", root / "annotations" / f"instances_{s}{suffix}.json")
+            for s in ("train", "val")
+        }
+    explicit = DetectionDataConfig.from_dict(
+        {"val_images": "/v", "val_json": "/v.json", "train_images": "/t", "train_json": "/t.json"}
+    )
+    # Both splits given: the embedded digit scenes are not generated.
+    monkeypatch.setenv("MVITV2_DATA", str(tmp_path / "cache"))
+    assert resolve_splits(None, explicit) == {
+        "train": (Path("/t"), Path("/t.json")),
+        "val": (Path("/v"), Path("/v.json")),
+    }
+    assert not (tmp_path / "cache").exists()
+    only_val = DetectionDataConfig(val_images="/v", val_json="/v.json")
+    assert resolve_splits(tmp_path / "c", only_val)["val"] == (Path("/v"), Path("/v.json"))
+    with pytest.raises(UserValueError, match="data.train_images and data.train_json go together"):
+        resolve_splits(tmp_path / "c", DetectionDataConfig(train_json="/t.json"))
+    with pytest.raises(UserFileNotFoundError, match="no COCO annotations under"):
+        resolve_splits(tmp_path, plain)
+    nested = DetectionDataConfig.from_dict({"digit_scenes.num_train": 5, "aug": "lsj"})
+    assert nested.digit_scenes == {"num_train": 5} and nested.aug == "lsj"
+
+
+def test_build_datasets_reports_and_checks_categories(tmp_path: Path, capsys) -> None:
+    from mvitv2.engine.config import TrainConfig
+    from mvitv2.errors import UserValueError
+    from mvitv2.tasks.detect import DetectionTask, format_ap, report_data
+
+    _coco_tree(tmp_path, ("train", "val"))
+    cfg = TrainConfig.load(RECIPES_DIR / "digit_scenes.yaml", ["data.eval_max_images=1"])
+    task = DetectionTask(cfg, tmp_path)
+    train, val = task.build_datasets()
+    assert task.class_names == ["four"] and task.label_to_cat_id == {1: 4}
+    assert len(val.records) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        f"train data: {tmp_path / 'annotations' / 'instances_train.json'} -> 1/1 images, "
+        "1/1 instances kept; no problems",
+        f"val data: {tmp_path / 'annotations' / 'instances_val.json'} -> 1/1 images, "
+        "1/1 instances kept; no problems",
+    ]
+    (tmp_path / "val" / "a.png").write_bytes(b"broken")
+    with pytest.raises(Exception, match="unreadable_image"):
+        val[0]
+    assert report_data("v", val).endswith("1/1 instances kept; unreadable_image 1")
+    ann = tmp_path / "annotations" / "instances_val.json"
+    data = json.loads(ann.read_text())
+    data["annotations"].append({**data["annotations"][0], "id": 2, "bbox": [1, 1, 0, 2]})
+    ann.write_text(json.dumps(data))
+    (tmp_path / "val" / "a.png").unlink()
+    DetectionTask(cfg, tmp_path).build_datasets()
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[-1]
+        .endswith("-> 0/1 images, 0/2 instances kept; missing_images 1, degenerate_boxes 1")
+    )
+    data["categories"][0]["name"] = "other"
+    ann.write_text(json.dumps(data))
+    with pytest.raises(UserValueError, match="categories differ from the training set's"):
+        DetectionTask(cfg, tmp_path).build_datasets()
+    metrics = {"bbox_AP": 0.5, "bbox_AP50": 0.25, "bbox_AP75": 0.125, "segm_AP": 1.0,
+               "segm_AP50": 0.75, "segm_AP75": 0.0625}  # fmt: skip
+    assert format_ap(metrics) == (
+        "box AP 0.500 (AP50 0.250, AP75 0.125)  mask AP 1.000 (AP50 0.750, AP75 0.062)"
+    )
+    assert format_ap({k: v for k, v in metrics.items() if k.startswith("bbox")}) == (
+        "box AP 0.500 (AP50 0.250, AP75 0.125)"
+    )

@@ -47,6 +47,7 @@ __all__ = [
     "load_coco",
     "load_coco_json",
     "log_problems",
+    "on_main_process",
     "predictions_to_coco",
     "rescale_prediction",
     "rle_counts",
@@ -58,8 +59,9 @@ COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 log = logging.getLogger(__name__)
 
 
-def _is_main_process() -> bool:
-    # Datasets are built on every DDP rank; only rank 0 names the problems it found.
+def on_main_process() -> bool:
+    """True unless this is a DDP process other than rank 0 (datasets are built on every rank;
+    only rank 0 names the problems they found)."""
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
@@ -280,7 +282,7 @@ class DataProblem:
 
 def log_problems(problems: Sequence[DataProblem]) -> None:
     """Log each problem once, as a warning, on the main process only."""
-    if _is_main_process():
+    if on_main_process():
         for p in problems:
             log.warning("%s", p)
 
@@ -660,9 +662,9 @@ class CocoDetection(torch.utils.data.Dataset):
         rec = self.records[index]
         try:
             pil = load_image(rec["path"])
-        except BadSample:
+        except BadSample as e:
             self.skipped.flag(index, "unreadable_image")
-            raise
+            raise BadSample(e.path, f"unreadable_image (image id {rec['id']}): {e.reason}") from e
         image = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
         h, w = image.shape[-2:]
         if (h, w) != (rec["height"], rec["width"]):

@@ -38,6 +38,7 @@ from mvitv2.data.detection import (
     detection_collate,
     detection_eval_transforms,
     detection_train_transforms,
+    on_main_process,
     predictions_to_coco,
 )
 from mvitv2.detection import create_detector, list_detectors
@@ -118,17 +119,23 @@ def resolve_splits(
 ) -> dict[str, tuple[Path, Path]]:
     """``{"train": (images, json), "val": (images, json)}`` for a data root.
 
-    ``None`` or ``"digit_scenes"`` generates (once, cached) the embedded digit scenes. A folder is
+    ``None`` or ``"digit_scenes"`` generates (once, cached) the embedded digit scenes, unless
+    both splits are given explicitly. A folder is
     read as COCO 2017 (``annotations/instances_train2017.json``, ``train2017/``, ...) or, failing
     that, as ``annotations/instances_{train,val}.json`` with ``train/`` and ``val/``. Explicit
     ``train_images``/``train_json``/... options take precedence.
     """
+    explicit = {
+        "train": (dc.train_images, dc.train_json),
+        "val": (dc.val_images, dc.val_json),
+    }
     splits: dict[str, tuple[Path, Path]] = {}
     if data_root in (None, DIGIT_SCENES):
-        from mvitv2.data.digit_scenes import make_digit_scenes
+        if not all(images or ann for images, ann in explicit.values()):
+            from mvitv2.data.digit_scenes import make_digit_scenes
 
-        ds = make_digit_scenes(**dc.digit_scenes)
-        splits = {"train": ds.split("train"), "val": ds.split("val")}
+            ds = make_digit_scenes(**dc.digit_scenes)
+            splits = {"train": ds.split("train"), "val": ds.split("val")}
     else:
         root = Path(data_root)
         for split in ("train", "val"):
@@ -137,10 +144,6 @@ def resolve_splits(
                 if ann.is_file():
                     splits[split] = (root / f"{split}{suffix}", ann)
                     break
-    explicit = {
-        "train": (dc.train_images, dc.train_json),
-        "val": (dc.val_images, dc.val_json),
-    }
     for split, (images, ann) in explicit.items():
         if images or ann:
             if not (images and ann):
@@ -163,10 +166,6 @@ def collate(batch: list[tuple[Any, Any]]) -> tuple[list[Tensor], list[dict[str, 
     """``(images, targets)`` lists of plain tensors (images differ in size)."""
     images, targets = detection_collate(batch)
     return [im.as_subclass(Tensor) for im in images], [_plain_target(t) for t in targets]
-
-
-def _rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def report_data(name: str, ds: CocoDetection) -> str:
@@ -226,7 +225,7 @@ class DetectionTask(Task):
         )
         self.class_names = list(self.train_ds.class_names)
         self.label_to_cat_id = dict(self.train_ds.label_to_cat_id)
-        if _rank0():
+        if on_main_process():
             print(report_data("train data", self.train_ds), flush=True)
         if "val" in splits:
             self.val_ds = build_eval_dataset(*splits["val"], masks=dc.masks)
@@ -237,7 +236,7 @@ class DetectionTask(Task):
                 )
             if dc.eval_max_images:
                 self.val_ds.records = self.val_ds.records[: dc.eval_max_images]
-            if _rank0():
+            if on_main_process():
                 print(report_data("val data", self.val_ds), flush=True)
         return self.train_ds, self.val_ds
 
