@@ -185,7 +185,7 @@ def test_reader_repairs_and_counts_bad_annotations(tmp_path):
     for name in ("a.png", "neg.png"):
         _blank(tmp_path, name)
     seg = _square(1, 1, 3)
-    ann = {"image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": seg}
+    ann = {"image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": seg, "area": 9}
     data = {
         "images": [
             {"id": 1, "file_name": "a.png", "width": 40, "height": 30},
@@ -214,7 +214,14 @@ def test_reader_repairs_and_counts_bad_annotations(tmp_path):
     assert (s.annotations, s.instances) == (11, 3)
     assert (s.degenerate_boxes, s.clipped_boxes, s.outside_boxes) == (2, 2, 1)
     assert (s.crowd, s.unknown_category, s.bad_segmentation, s.orphan_annotations) == (1, 1, 1, 1)
-    assert "missing_images=1" in s.summary()
+    assert s.summary() == (
+        "images=3, images_used=2, missing_images=1, negative_images=1, annotations=11, "
+        "instances=3, orphan_annotations=1, unknown_category=1, bad_segmentation=1, crowd=1, "
+        "degenerate_boxes=2, outside_boxes=1, clipped_boxes=2"
+    )
+    assert [str(p) for p in ds.problems if p.reason == "missing_images"] == [
+        f"{path}: image id 2: missing_images: {tmp_path / 'missing.png'} not found; skipped"
+    ]
     _, t = ds[0]
     torch.testing.assert_close(
         t["boxes"].as_subclass(torch.Tensor),
@@ -379,6 +386,15 @@ def test_lsj_size_is_height_by_width():
         assert t2["masks"][0].nonzero().amax(0).tolist() == [15, 23]
     with pytest.raises(UserValueError, match="unknown augmentation mode 'big'"):
         detection_train_transforms(mode="big")
+
+
+def test_eval_transform_default_is_short_side_800_long_side_at_most_1333():
+    tf = detection_eval_transforms()
+    for (h, w), expected in (((100, 120), (800, 960)), ((100, 200), (666, 1333))):
+        image = tv_tensors.Image(torch.zeros(3, h, w, dtype=torch.uint8))
+        assert tf(image).shape[-2:] == expected
+    image = tv_tensors.Image(torch.full((3, 5, 7), 255, dtype=torch.uint8))
+    assert torch.equal(detection_eval_transforms(min_size=None)(image), torch.ones(3, 5, 7))
 
 
 def test_eval_transform_and_collate(scenes):

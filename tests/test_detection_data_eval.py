@@ -268,6 +268,14 @@ def test_rescale_prediction_and_coco_results_by_hand() -> None:
     ref = torch.nn.functional.interpolate(pred["masks"], size=(50, 400), mode="bilinear")
     assert torch.equal(out["masks"], ref)
     assert torch.equal(out["labels"], pred["labels"]) and torch.equal(out["scores"], pred["scores"])
+    flat = rescale_prediction({**pred, "masks": pred["masks"][:, 0]}, (100, 200), (50, 400))
+    assert torch.equal(flat["masks"], ref[:, 0])  # (N, H, W) masks keep their layout
+    boxes_only = rescale_prediction(
+        {k: pred[k] for k in ("boxes", "labels")}, (100, 200), (50, 400)
+    )
+    assert boxes_only.keys() == {"boxes", "labels"} and torch.equal(
+        boxes_only["boxes"], out["boxes"]
+    )
     same = rescale_prediction({**pred, "masks": pred["masks"][:, 0]}, (100, 200), (100, 200))
     assert torch.equal(same["masks"], pred["masks"][:, 0]) and torch.equal(
         same["boxes"], pred["boxes"]

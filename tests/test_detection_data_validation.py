@@ -20,6 +20,7 @@ from pycocotools.coco import COCO
 from mvitv2.data.detection import (
     CocoDetection,
     coco_evaluate,
+    load_coco,
     load_coco_json,
     predictions_to_coco,
     rle_counts,
@@ -328,3 +329,29 @@ def test_malformed_files_are_user_errors_naming_the_file(tmp_path: Path) -> None
         load_coco_json(tmp_path / "broken.json")
     ok = load_coco_json(write("ok.json", {"images": [img], "categories": [{"id": 1}]}))
     assert ok["annotations"] == []
+
+
+def test_load_coco_checks_the_ground_truth_it_is_given(tmp_path: Path, caplog) -> None:
+    """A ground-truth file passed to coco_evaluate is checked like a dataset's: a NaN polygon
+    drops its annotation for mask AP only; box AP keeps it."""
+    img = {"id": 1, "file_name": "a.png", "width": W, "height": H}
+    bad = {**GOOD, "id": 2, "image_id": 1, "bbox": [20, 10, 10, 10],
+           "segmentation": [[20, 10, math.nan, 10, 30, 20, 20, 20]]}  # fmt: skip
+    data = {"images": [img], "categories": [{"id": 1}],
+            "annotations": [{**GOOD, "id": 1, "image_id": 1}, bad]}  # fmt: skip
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="mvitv2.data.detection"):
+        assert sorted(load_coco(path).anns) == [1]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: annotation id 2 (image id 1): bad_segmentation: polygon 0 coordinate 2 is NaN; "
+        "dropped"
+    ]
+    assert sorted(load_coco(path, masks=False).anns) == [1, 2]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mvitv2.data.detection"):
+        assert sorted(load_coco(data).anns) == [1]
+    assert caplog.records[0].getMessage().startswith("<dict>: annotation id 2 (image id 1): ")
+    results = [{"image_id": 1, "category_id": 1, "bbox": a["bbox"], "score": 0.5}
+               for a in data["annotations"]]  # fmt: skip
+    assert coco_evaluate(path, results, ("bbox",))["bbox"]["AP"] == 1.0

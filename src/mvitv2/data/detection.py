@@ -288,11 +288,8 @@ def log_problems(problems: Sequence[DataProblem]) -> None:
 
 
 class _Invalid(Exception):
-    """An annotation pycocotools cannot read or that refers to nothing (dropped everywhere)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
+    """``_Invalid(reason, detail)``: an annotation pycocotools cannot read or that refers to
+    nothing (dropped everywhere)."""
 
 
 def rle_counts(counts: str) -> list[int]:
@@ -523,7 +520,8 @@ def check_annotations(
                 )
             gt, target, no_target, notes = _check_annotation(ann, images, cat_to_label, masks)
         except _Invalid as e:
-            notes = [(e.reason, f"{e.detail}; dropped")]
+            reason, detail = e.args
+            notes = [(reason, f"{detail}; dropped")]
             gt = target = no_target = None
         if gt is not None:
             used_ids[int(gt["id"])] = index
@@ -816,13 +814,13 @@ def rescale_prediction(
     fh, fw = (int(s) for s in from_size)
     th, tw = (int(s) for s in to_size)
     out = dict(prediction)
-    scale = torch.tensor([tw / fw, th / fh, tw / fw, th / fh], device=prediction["boxes"].device)
-    out["boxes"] = prediction["boxes"] * scale
+    boxes = prediction["boxes"]
+    out["boxes"] = boxes * boxes.new_tensor([tw / fw, th / fh, tw / fw, th / fh])
     if "masks" in prediction and (fh, fw) != (th, tw):
         m = prediction["masks"]
         squeeze = m.dim() == 3
         m = (m[:, None] if squeeze else m).float()
-        m = torch.nn.functional.interpolate(m, size=(th, tw), mode="bilinear", align_corners=False)
+        m = torch.nn.functional.interpolate(m, size=(th, tw), mode="bilinear")
         out["masks"] = m[:, 0] if squeeze else m
     return out
 
