@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 
 from mvitv2.data.common import load_digits_arrays, split_digit_indices
 from mvitv2.data.detection import (
+    BoxesFromMasks,
     CocoDetection,
     coco_evaluate,
     detection_collate,
@@ -369,6 +370,7 @@ def test_lsj_size_is_height_by_width():
     image = tv_tensors.Image(torch.randint(0, 256, (3, 50, 100), dtype=torch.uint8))
     mask = torch.zeros(1, 50, 100, dtype=torch.uint8)
     mask[0, 10:20, 10:30] = 1
+    loose = tv_tensors.BoundingBoxes([[5.0, 5, 35, 25]], format="XYXY", canvas_size=(50, 100))
     target = {
         "boxes": tv_tensors.BoundingBoxes(
             [[10.0, 10, 30, 20]], format="XYXY", canvas_size=(50, 100)
@@ -381,15 +383,43 @@ def test_lsj_size_is_height_by_width():
             mode="lsj", lsj_size=(40, 80), lsj_scale=(1.0, 1.0), hflip_prob=0.0,
             recompute_boxes=recompute,
         )  # fmt: skip
-        image2, t2 = tf(image, target)
+        image2, t2 = tf(image, {**target, "boxes": loose})
         expected = v2.functional.resize(image, [40, 80], antialias=True)
         assert torch.equal(image2, v2.functional.to_dtype(expected, torch.float32, scale=True))
         # Nearest-neighbour mask: output column j samples floor(1.25 j): columns 8..23, rows 8..15.
-        assert t2["boxes"].tolist() == [[8.0, 8.0, 24.0, 16.0]]
         assert t2["masks"][0].nonzero().amin(0).tolist() == [8, 8]
         assert t2["masks"][0].nonzero().amax(0).tolist() == [15, 23]
+        # The box: the mask's tight box, or the loose box scaled by 0.8.
+        assert t2["boxes"].tolist() == ([[8.0, 8, 24, 16]] if recompute else [[4.0, 4, 28, 20]])
+    # Boxes without masks are scaled (nothing to recompute them from).
+    no_masks = {k: v for k, v in target.items() if k != "masks"}
+    tf = detection_train_transforms(
+        mode="lsj", lsj_size=(40, 80), lsj_scale=(1.0, 1.0), hflip_prob=0
+    )
+    _, t2 = tf(image, {**no_masks, "boxes": loose})
+    assert t2["boxes"].tolist() == [[4.0, 4, 28, 20]] and "masks" not in t2
     with pytest.raises(UserValueError, match="unknown augmentation mode 'big'"):
         detection_train_transforms(mode="big")
+
+
+def test_boxes_from_masks_are_tight_pixel_edge_boxes():
+    masks = torch.zeros(3, 6, 8, dtype=torch.uint8)
+    masks[0, 1:4, 2:7] = 1
+    masks[0, 5, 0] = 1  # a stray pixel widens the box
+    masks[2, 3, 4] = 1  # a single pixel
+    old = tv_tensors.BoundingBoxes(
+        torch.zeros(3, 4, dtype=torch.float64), format="XYXY", canvas_size=(6, 8)
+    )
+    target = {"boxes": old, "masks": tv_tensors.Mask(masks), "labels": torch.tensor([1, 2, 3])}
+    image, out = BoxesFromMasks()("image", target)
+    assert image == "image" and out["labels"] is target["labels"]
+    assert out["boxes"].dtype == torch.float64 and out["boxes"].canvas_size == (6, 8)
+    assert out["boxes"].tolist() == [[0.0, 1, 7, 6], [0, 0, 0, 0], [4, 3, 5, 4]]
+    assert target["boxes"] is old  # the input target is not modified
+    none = {"boxes": old[:0], "masks": tv_tensors.Mask(masks[:0])}
+    assert BoxesFromMasks()("image", none)[1]["boxes"].shape == (0, 4)
+    boxes_only = {"boxes": old}
+    assert BoxesFromMasks()("image", boxes_only)[1] is boxes_only
 
 
 def test_eval_transform_default_is_short_side_800_long_side_at_most_1333():
@@ -399,6 +429,12 @@ def test_eval_transform_default_is_short_side_800_long_side_at_most_1333():
         assert tf(image).shape[-2:] == expected
     image = tv_tensors.Image(torch.full((3, 5, 7), 255, dtype=torch.uint8))
     assert torch.equal(detection_eval_transforms(min_size=None)(image), torch.ones(3, 5, 7))
+    # Downscaling is antialiased (torchvision's default), as for training.
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 80, 100), dtype=torch.uint8))
+    small = detection_eval_transforms(min_size=40)(image)
+    ref = v2.functional.resize(image, [40, 50], antialias=True)
+    assert torch.equal(small, v2.functional.to_dtype(ref, torch.float32, scale=True))
+    assert not torch.equal(ref, v2.functional.resize(image, [40, 50], antialias=False))
 
 
 def test_eval_transform_and_collate(scenes):
@@ -410,6 +446,7 @@ def test_eval_transform_and_collate(scenes):
     assert isinstance(images, list) and isinstance(targets, list) and len(images) == 2
     assert images[0].shape[-2:] == (144, 144) and images[0].dtype == torch.float32
     assert targets[0]["image_id"] == ds.records[0]["id"]
+    assert detection_collate([]) == ([], [])
 
 
 # ------------------------------------------------------------------ evaluation

@@ -289,4 +289,10 @@ def test_rescale_prediction_and_coco_results_by_hand() -> None:
     assert mask_util.toBbox(res[0]["segmentation"]).tolist() == [20.0, 10.0, 40.0, 20.0]
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
              "scores": torch.zeros(0)}  # fmt: skip
-    assert predictions_to_coco([empty, out], [1, 2], {1: 7, 2: 9})[0]["image_id"] == 2
+    one = {k: v[1:] for k, v in out.items() if k != "masks"}  # one detection, boxes only
+    res = predictions_to_coco([empty, one], [1, 2], {1: 7, 2: 9})
+    assert res == [
+        {"image_id": 2, "category_id": 7, "bbox": [0.0, 0.0, 400.0, 50.0], "score": 0.25}
+    ]
+    with pytest.raises(ValueError):  # one image id per prediction
+        predictions_to_coco([one, one], [2], {1: 7, 2: 9})

@@ -26,6 +26,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision import tv_tensors
+from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
 from mvitv2.data.common import SkipCounter
@@ -701,31 +702,13 @@ class BoxesFromMasks:
 
     def __call__(self, image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         masks = target.get("masks")
-        if masks is None or len(masks) == 0:
+        if masks is None:
             return image, target
-        m = masks.as_subclass(torch.Tensor).bool()
-        rows, cols = m.any(dim=2), m.any(dim=1)  # (N, H), (N, W)
-        h, w = m.shape[-2:]
-        ar_w, ar_h = torch.arange(w), torch.arange(h)
-        x0 = torch.where(cols, ar_w, w).amin(1)
-        x1 = torch.where(cols, ar_w + 1, 0).amax(1)
-        y0 = torch.where(rows, ar_h, h).amin(1)
-        y1 = torch.where(rows, ar_h + 1, 0).amax(1)
-        empty = ~cols.any(1)
-        boxes = torch.stack([x0, y0, x1, y1], 1).float()
-        boxes[empty] = 0.0
+        m = masks.as_subclass(torch.Tensor)
+        boxes = masks_to_boxes(m)  # last pixel inclusive; [0, 0, 0, 0] for an empty mask
+        boxes[:, 2:] += m.flatten(1).any(1)[:, None]  # pixel edges, as COCO boxes are
         old = target["boxes"]
-        target = dict(target)
-        target["boxes"] = tv_tensors.wrap(boxes.to(old.dtype), like=old)
-        return image, target
-
-
-def _finish(train: bool) -> list[Any]:
-    out: list[Any] = [v2.ToDtype(torch.float32, scale=True)]
-    if train:
-        # Crops and rescales can shrink boxes to nothing; drop them with their labels and masks.
-        out.append(v2.SanitizeBoundingBoxes(min_size=1.0))
-    return out
+        return image, {**target, "boxes": tv_tensors.wrap(boxes.to(old.dtype), like=old)}
 
 
 def detection_train_transforms(
@@ -765,8 +748,8 @@ def detection_train_transforms(
         h, w = (lsj_size, lsj_size) if isinstance(lsj_size, int) else lsj_size
         ops += [
             # ScaleJitter reads its target size as (width, height), unlike RandomCrop.
-            v2.ScaleJitter(target_size=(w, h), scale_range=lsj_scale, antialias=True),
-            v2.RandomCrop((h, w), pad_if_needed=True, fill=0),
+            v2.ScaleJitter(target_size=(w, h), scale_range=lsj_scale),
+            v2.RandomCrop((h, w), pad_if_needed=True),
         ]
         if recompute_boxes:
             ops.append(BoxesFromMasks())
@@ -774,7 +757,9 @@ def detection_train_transforms(
         raise UserValueError(
             f"unknown augmentation mode {mode!r} (data.aug); expected multiscale, lsj or none"
         )
-    return v2.Compose(ops + _finish(train=True))
+    # Crops and rescales can shrink boxes to nothing: SanitizeBoundingBoxes drops those smaller
+    # than a pixel, with their labels and masks.
+    return v2.Compose([*ops, v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes()])
 
 
 def detection_eval_transforms(*, min_size: int | None = 800, max_size: int = 1333) -> v2.Compose:
@@ -784,10 +769,8 @@ def detection_eval_transforms(*, min_size: int | None = 800, max_size: int = 133
     Predictions are then in the resized frame; :func:`rescale_prediction` maps them back to the
     original image (``target["orig_size"]``) before :func:`predictions_to_coco`.
     """
-    ops: list[Any] = []
-    if min_size is not None:
-        ops.append(v2.Resize(min_size, max_size=max_size, antialias=True))
-    return v2.Compose(ops + _finish(train=False))
+    ops: list[Any] = [] if min_size is None else [v2.Resize(min_size, max_size=max_size)]
+    return v2.Compose([*ops, v2.ToDtype(torch.float32, scale=True)])
 
 
 def detection_collate(batch: Sequence[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
@@ -857,7 +840,7 @@ def predictions_to_coco(
         if "masks" in pred:
             m = pred["masks"].detach().cpu()
             m = m[:, 0] if m.dim() == 4 else m
-            binary = (m > mask_threshold) if m.is_floating_point() else m.bool()
+            binary = m > mask_threshold  # binary (bool / 0-1) masks pass unchanged
             arr = np.asfortranarray(binary.permute(1, 2, 0).numpy().astype(np.uint8))
             rles = mask_util.encode(arr)
         for k in range(len(scores)):
