@@ -170,7 +170,9 @@ def test_coco_evaluate_equals_cocoeval_and_keeps_image_ids(tmp_path: Path) -> No
     path = tmp_path / "gt.json"
     path.write_text(json.dumps(data))
     ref_gt = _coco(data)
+    untouched = json.loads(json.dumps(results))
     ap = coco_evaluate(path, results)
+    assert results == untouched  # COCOeval's loadRes does not write into the caller's results
     for iou_type in ("bbox", "segm"):
         assert [ap[iou_type][k] for k in STATS] == _cocoeval(ref_gt, results, iou_type)
         assert [ap[iou_type][k] for k in STATS] == pytest.approx([1.0] * 6, abs=1e-12)
@@ -204,6 +206,23 @@ def test_coco_evaluate_equals_cocoeval_and_keeps_image_ids(tmp_path: Path) -> No
     assert coco_evaluate(ref_gt, [], ("bbox",)) == {"bbox": dict.fromkeys(STATS, 0.0)}
     with pytest.raises(ValueError, match="unsupported iou type"):
         coco_evaluate(ref_gt, results, ("keypoints",))
+    boxes_only = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    with pytest.raises(ValueError, match="segm evaluation needs 'segmentation' in every result"):
+        coco_evaluate(ref_gt, boxes_only)
+    # Right boxes, empty masks: box AP sees the boxes, mask AP the masks.
+    empty = mask_util.encode(np.asfortranarray(np.zeros((100, 100), np.uint8)))["counts"].decode()
+    no_mask = [{**r, "segmentation": {"size": [100, 100], "counts": empty}} for r in results]
+    ap = coco_evaluate(ref_gt, no_mask)
+    assert ap["bbox"]["AP"] == pytest.approx(1.0, abs=1e-12) and ap["segm"]["AP"] == 0.0
+
+
+def test_coco_evaluate_prints_cocoeval_table_only_when_verbose(capsys) -> None:
+    data, results = _hand_made()
+    coco_evaluate(_coco(data), results, ("bbox",))
+    assert capsys.readouterr().out == ""
+    coco_evaluate(_coco(data), results, ("bbox",), verbose=True)
+    out = capsys.readouterr().out
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000" in out
 
 
 def _write_images(root: Path, data: dict) -> None:

@@ -332,11 +332,11 @@ def test_malformed_files_are_user_errors_naming_the_file(tmp_path: Path) -> None
 
 
 def test_load_coco_checks_the_ground_truth_it_is_given(tmp_path: Path, caplog) -> None:
-    """A ground-truth file passed to coco_evaluate is checked like a dataset's: a NaN polygon
-    drops its annotation for mask AP only; box AP keeps it."""
+    """A ground-truth file passed to coco_evaluate is checked like a dataset's: an annotation
+    without a segmentation is left out of mask AP (pycocotools would fail on it), not box AP."""
     img = {"id": 1, "file_name": "a.png", "width": W, "height": H}
-    bad = {**GOOD, "id": 2, "image_id": 1, "bbox": [20, 10, 10, 10],
-           "segmentation": [[20, 10, math.nan, 10, 30, 20, 20, 20]]}  # fmt: skip
+    bad = {**GOOD, "id": 2, "image_id": 1, "bbox": [20, 10, 10, 10]}
+    del bad["segmentation"]
     data = {"images": [img], "categories": [{"id": 1}],
             "annotations": [{**GOOD, "id": 1, "image_id": 1}, bad]}  # fmt: skip
     path = tmp_path / "gt.json"
@@ -344,7 +344,7 @@ def test_load_coco_checks_the_ground_truth_it_is_given(tmp_path: Path, caplog) -
     with caplog.at_level(logging.WARNING, logger="mvitv2.data.detection"):
         assert sorted(load_coco(path).anns) == [1]
     assert [r.getMessage() for r in caplog.records] == [
-        f"{path}: annotation id 2 (image id 1): bad_segmentation: polygon 0 coordinate 2 is NaN; "
+        f"{path}: annotation id 2 (image id 1): bad_segmentation: no polygon list or RLE: None; "
         "dropped"
     ]
     assert sorted(load_coco(path, masks=False).anns) == [1, 2]
@@ -352,6 +352,12 @@ def test_load_coco_checks_the_ground_truth_it_is_given(tmp_path: Path, caplog) -
     with caplog.at_level(logging.WARNING, logger="mvitv2.data.detection"):
         assert sorted(load_coco(data).anns) == [1]
     assert caplog.records[0].getMessage().startswith("<dict>: annotation id 2 (image id 1): ")
-    results = [{"image_id": 1, "category_id": 1, "bbox": a["bbox"], "score": 0.5}
-               for a in data["annotations"]]  # fmt: skip
-    assert coco_evaluate(path, results, ("bbox",))["bbox"]["AP"] == 1.0
+    # Box AP: annotation 2 is there, found by the best-scored detection.
+    boxes = [{"image_id": 1, "category_id": 1, "bbox": a["bbox"], "score": s}
+             for a, s in zip(data["annotations"], (0.5, 0.9))]  # fmt: skip
+    assert coco_evaluate(path, boxes, ("bbox",))["bbox"]["AP"] == 1.0
+    # Mask AP: annotation 2 is not; a detection there scored below the true one changes nothing.
+    rle = mask_util.merge(mask_util.frPyObjects(GOOD["segmentation"], H, W))
+    rle = {"size": rle["size"], "counts": rle["counts"].decode()}
+    seg = [{**r, "score": s, "segmentation": rle} for r, s in zip(boxes, (0.5, 0.4))]
+    assert coco_evaluate(path, seg, ("segm",))["segm"]["AP"] == pytest.approx(1.0, abs=1e-12)

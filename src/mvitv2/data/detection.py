@@ -851,10 +851,9 @@ def predictions_to_coco(
                 "score": float(scores[k]),
             }
             if rles is not None:
-                counts = rles[k]["counts"]
                 r["segmentation"] = {
                     "size": [int(s) for s in rles[k]["size"]],
-                    "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+                    "counts": rles[k]["counts"].decode(),  # bytes -> str for JSON
                 }
             results.append(r)
     return results
@@ -891,10 +890,10 @@ def coco_evaluate(
             continue
         if iou_type == "segm" and any("segmentation" not in r for r in results):
             raise ValueError("segm evaluation needs 'segmentation' in every result (no masks?)")
-        # With a 'bbox' present, loadRes takes the box area as the instance area, which changes
-        # the small/medium/large split of mask AP; like detectron2, give segm results no box.
-        drop = "segmentation" if iou_type == "bbox" else "bbox"
-        res = [{k: v for k, v in r.items() if k != drop} for r in results]
+        # loadRes writes into the dicts it gets (area, id): give it copies. With a 'bbox', it
+        # takes the box area as a detection's area, which changes the small/medium/large split
+        # of mask AP; like detectron2, give segm results no box.
+        res = [{k: v for k, v in r.items() if iou_type == "bbox" or k != "bbox"} for r in results]
         with contextlib.redirect_stdout(io.StringIO()) as buf:
             dt = gt.loadRes(res)
             ev = COCOeval(gt, dt, iou_type)
