@@ -402,6 +402,25 @@ def test_lsj_size_is_height_by_width():
         detection_train_transforms(mode="big")
 
 
+def test_train_transform_defaults_are_the_coco_recipes():
+    """Multi-scale: short side 480..800, long side at most 1333 (a 1:3 image always hits the
+    cap: 1333 x 444); LSJ: 1024 x 1024."""
+    image = tv_tensors.Image(torch.zeros(3, 100, 300, dtype=torch.uint8))
+    boxes = tv_tensors.BoundingBoxes([[10.0, 10, 50, 50]], format="XYXY", canvas_size=(100, 300))
+    target = {"boxes": boxes, "labels": torch.tensor([1])}
+    torch.manual_seed(0)
+    assert detection_train_transforms()(image, target)[0].shape == (3, 444, 1333)
+    assert detection_train_transforms(mode="lsj")(image, target)[0].shape == (3, 1024, 1024)
+    tall = tv_tensors.Image(torch.zeros(3, 300, 100, dtype=torch.uint8))
+    tf = detection_train_transforms(max_size=10_000)
+    tall_boxes = tv_tensors.BoundingBoxes(
+        [[10.0, 10, 50, 50]], format="XYXY", canvas_size=(300, 100)
+    )
+    tall_target = {"boxes": tall_boxes, "labels": torch.tensor([1])}
+    sides = {tf(tall, tall_target)[0].shape[-1] for _ in range(40)}
+    assert sides <= set(range(480, 801, 32)) and len(sides) > 3
+
+
 def test_boxes_from_masks_are_tight_pixel_edge_boxes():
     masks = torch.zeros(3, 6, 8, dtype=torch.uint8)
     masks[0, 1:4, 2:7] = 1

@@ -49,6 +49,8 @@ def _rle(mask: np.ndarray, compressed: bool = True) -> dict:
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": runs}
 
 
+SAME_AS_GOOD = object()  # the id of the GOOD annotation just before the case
+
 BLOB = np.zeros((H, W), bool)
 BLOB[10:20, 5:15] = True
 BLOB[12:15, 20:30] = True
@@ -111,16 +113,18 @@ CASES = {
     "missing_iscrowd": ({"iscrowd": None}, None, True, True),
     "bad_iscrowd": ({"iscrowd": 2}, "malformed_annotations", False, False),
     "missing_id": ({"id": None}, "malformed_annotations", False, False),
-    "duplicate_id": ({"id": 1}, "malformed_annotations", False, False),
+    "duplicate_id": ({"id": SAME_AS_GOOD}, "malformed_annotations", False, False),
     "unknown_category": ({"category_id": 99}, "unknown_category", False, False),
     "no_such_image": ({"image_id": 404}, "orphan_annotations", False, False),
 }  # fmt: skip
 
 
-def _case_file(tmp_path: Path) -> tuple[Path, dict, dict[str, int]]:
-    """One image per case holding GOOD (annotation id 1000 + image) and the case (id = image)."""
+def _case_file(tmp_path: Path, names: list[str]) -> tuple[Path, dict, dict[str, int]]:
+    """One image per case of ``names``, holding GOOD (annotation id 1000 + image id) and then
+    the case (id = image id)."""
     images, anns, image_of = [], [], {}
-    for i, (name, (fields, *_)) in enumerate(CASES.items(), start=1):
+    for i, name in enumerate(names, start=1):
+        fields = CASES[name][0]
         Image.new("RGB", (W, H), (i, 0, 0)).save(tmp_path / f"{i}.png")
         images.append({"id": i, "file_name": f"{i}.png", "width": W, "height": H})
         anns.append({**GOOD, "id": 1000 + i, "image_id": i})
@@ -128,6 +132,8 @@ def _case_file(tmp_path: Path) -> tuple[Path, dict, dict[str, int]]:
         for key in ("iscrowd", "area", "id", "segmentation"):
             if key in fields and fields[key] is None:
                 del case[key]
+        if fields.get("id") is SAME_AS_GOOD:
+            case["id"] = 1000 + i
         anns.append(case)
         image_of[name] = i
     data = {"images": images, "annotations": anns,
@@ -137,27 +143,60 @@ def _case_file(tmp_path: Path) -> tuple[Path, dict, dict[str, int]]:
     return path, data, image_of
 
 
-@pytest.fixture(scope="module")
-def checked(tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("cases")
-    path, data, image_of = _case_file(tmp)
-    caplog_records: list[logging.LogRecord] = []
+def _details() -> dict[str, str]:
+    """What each case's problem says (after ``<file>: annotation ... (image id ...): reason: ``)."""
+    short = _rle(BLOB, False)["counts"][:-1]
+    kept = "; kept for evaluation, not trained on"
+    return {
+        "nan_coordinate": "polygon 0 coordinate 3 is NaN; dropped",
+        "null_coordinate": "polygon 0 coordinate 3 is null; dropped",
+        "huge_coordinate": "polygon 0 coordinate 2 = 1000000000000.0 lies more than one image "
+        "size outside the 40x30 image; dropped",
+        "negative_huge_coordinate": "polygon 0 coordinate 7 = -1000000000.0 lies more than one "
+        "image size outside the 40x30 image; dropped",
+        "string_coordinate": "polygon 0 is not a flat list of numbers; dropped",
+        "nested_coordinate": "polygon 0 is not a flat list of numbers; dropped",
+        "two_points": "no polygon of at least 3 points: polygon 0 of 1 has 4 coordinates (a "
+        "polygon needs an even number, at least 6); left out; dropped",
+        "odd_coordinates": "no polygon of at least 3 points: polygon 0 of 1 has 7 coordinates "
+        "(a polygon needs an even number, at least 6); left out; dropped",
+        "empty_polygon_list": "empty polygon list; dropped",
+        "no_segmentation": "no polygon list or RLE: None; dropped",
+        "short_part_among_good_ones": "polygon 1 of 2 has 4 coordinates (a polygon needs an even "
+        "number, at least 6); left out",
+        "polygon_wholly_outside": "the segmentation has no pixel inside the image" + kept,
+        "zero_width_box": "the box has no area" + kept,
+        "negative_height_box": "the box has no area" + kept,
+        "box_outside_image": "the box lies outside the image" + kept,
+        "nan_box": "'bbox' [2, 3, nan, 5] is not finite; dropped",
+        "null_box": "'bbox' must be [x, y, width, height], got [2, None, 10, 5]; dropped",
+        "three_number_box": "'bbox' must be [x, y, width, height], got [2, 3, 10]; dropped",
+        "rle_of_other_size": "RLE size [30, 30] differs from the image's [30, 40]; dropped",
+        "rle_runs_too_short": f"RLE runs cover {sum(short)} pixels (min run {min(short)}), not "
+        "the 30x40 = 1200 of the image; dropped",
+        "rle_negative_run": "RLE runs cover 1200 pixels (min run -5), not the 30x40 = 1200 of "
+        "the image; dropped",
+        "rle_corrupt_string": "RLE counts: character '~' at 1 is not RLE code; dropped",
+        "rle_empty": "the segmentation has no pixel inside the image" + kept,
+        "missing_area": f"'area' None set to {float(_area(GOOD['segmentation']))}",
+        "bad_iscrowd": "'iscrowd' must be 0 or 1, got 2; dropped",
+        "missing_id": "'id' must be an integer, got None; dropped",
+        "duplicate_id": "id already used by annotations[0]; dropped",
+        "unknown_category": "category id 99 is not in 'categories'; dropped",
+        "no_such_image": "image id 404 is not in 'images'; dropped",
+    }
 
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            caplog_records.append(record)
 
-    handler = Keep()
-    logger = logging.getLogger("mvitv2.data.detection")
-    logger.addHandler(handler)
-    try:
-        ds = CocoDetection(tmp, path)
-    finally:
-        logger.removeHandler(handler)
-    return ds, path, data, image_of, [r.getMessage() for r in caplog_records]
+@pytest.fixture
+def checked(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """Every case in one file."""
+    path, data, image_of = _case_file(tmp_path, list(CASES))
+    with caplog.at_level(logging.WARNING, logger="mvitv2.data.detection"):
+        ds = CocoDetection(tmp_path, path)
+    return ds, path, data, image_of, [r.getMessage() for r in caplog.records]
 
 
-def _reference_mask(name: str, ann_id: int, data: dict) -> np.ndarray:
+def _reference_mask(ann_id: int, data: dict) -> np.ndarray:
     """The mask pycocotools' own COCO API gives for a valid case (detectron2's rule for short
     polygon parts: parts with fewer than 6 or an odd number of coordinates are left out)."""
     ann = copy.deepcopy(next(a for a in data["annotations"] if a["id"] == ann_id))
@@ -177,17 +216,18 @@ def _area(seg: list | dict) -> int:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_each_annotation_problem_is_dropped_alone_with_a_named_reason(name: str, checked) -> None:
-    ds, path, data, image_of, logged = checked
+def test_each_annotation_problem_is_dropped_alone_with_a_named_reason(
+    name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, data, _ = _case_file(tmp_path, [name])
+    with caplog.at_level(logging.WARNING, logger="mvitv2.data.detection"):
+        ds = CocoDetection(tmp_path, path)
     _, reason, in_gt, is_target = CASES[name]
-    image_id = image_of[name]
-    index = 2 * image_id - 1  # position of the case in the file's annotations
-    case = data["annotations"][index]
-    # The image itself is never dropped.
-    k = next(j for j, r in enumerate(ds.records) if r["id"] == image_id)
+    good, case = data["annotations"]
+    assert [r["id"] for r in ds.records] == [1]  # the image itself is never dropped
     # Ground truth: valid annotations are kept for COCOeval, unchanged; invalid ones are not.
-    gt_ids = [a["id"] for a in ds.coco.imgToAnns[image_id]]
-    assert gt_ids == [1000 + image_id] + ([case["id"]] if in_gt else [])
+    assert [a["id"] for a in ds.coco.imgToAnns[1]] == [1001] + ([case["id"]] if in_gt else [])
+    assert ds.coco.anns[1001] == good
     if in_gt:
         gt = ds.coco.anns[case["id"]]
         fixed = {"area", "iscrowd", "segmentation"}  # filled / defaulted / short parts dropped
@@ -197,26 +237,27 @@ def test_each_annotation_problem_is_dropped_alone_with_a_named_reason(name: str,
     if reason == "empty_masks":  # pycocotools agrees that nothing of it is inside the image
         assert _area(case["segmentation"]) == 0
     # Training targets: GOOD, plus the case when it can be trained on.
-    _, target = ds[k]
-    assert len(target["labels"]) == 1 + is_target
+    _, target = ds[0]
+    assert target["labels"].tolist() == [1] * (1 + is_target)
+    np.testing.assert_array_equal(target["masks"][0].numpy(), _reference_mask(1001, data))
     if is_target:
-        np.testing.assert_array_equal(
-            target["masks"][1].numpy(), _reference_mask(name, case["id"], data)
-        )
+        np.testing.assert_array_equal(target["masks"][1].numpy(), _reference_mask(case["id"], data))
         x, y, bw, bh = case["bbox"]
         assert target["boxes"][1].tolist() == [max(x, 0), max(y, 0), min(x + bw, W), min(y + bh, H)]
-    # The problem is named once: file, annotation id, image id, reason.
-    mine = [p for p in ds.problems if p.index == index]
+    # The problem is named once, as it is counted: file, annotation id, image id, reason, detail.
+    counts = {k: v for k, v in ds.stats.as_dict().items() if v}
+    assert counts == {"images": 1, "images_used": 1, "annotations": 2, "instances": 1 + is_target,
+                      **({reason: 1} if reason else {})}  # fmt: skip
+    logged = [r.getMessage() for r in caplog.records]
     if reason in (None, "crowd", "clipped_boxes"):
-        assert mine == []  # crowd regions and clipped boxes are only counted
+        assert ds.problems == [] and logged == []  # crowd regions and clipped boxes: counted only
     else:
-        assert [p.reason for p in mine] == [reason]
-        text = str(mine[0])
-        ann = f"[{index}]" if name == "missing_id" else f"id {case['id']}"
-        assert text.startswith(
-            f"{path}: annotation {ann} (image id {case['image_id']}): {reason}: "
-        )
-        assert logged.count(text) == 1
+        ann = "[1]" if name == "missing_id" else f"id {case['id']}"
+        text = f"{path}: annotation {ann} (image id {case['image_id']}): {reason}: "
+        assert [str(p) for p in ds.problems] == logged == [text + _details()[name]]
+        assert [(p.reason, p.index, p.image_id, p.ann_id) for p in ds.problems] == [
+            (reason, 1, case["image_id"], case.get("id"))
+        ]
 
 
 def test_counters_count_each_case_under_its_reason(checked) -> None:
@@ -270,7 +311,7 @@ def test_checked_ground_truth_evaluates_with_cocoeval(checked) -> None:
 
 
 def test_without_masks_segmentations_are_not_read(tmp_path: Path) -> None:
-    path, data, image_of = _case_file(tmp_path)
+    path, data, image_of = _case_file(tmp_path, list(CASES))
     ds = CocoDetection(tmp_path, path, masks=False)
     # Only box and id problems remain; every segmentation case is a plain target.
     box_or_id = {n for n, c in CASES.items() if c[1] in {

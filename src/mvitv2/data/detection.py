@@ -331,8 +331,8 @@ def _check_polygons(seg: list, h: int, w: int) -> tuple[list, bool, list[str]]:
         try:
             xy = np.asarray(part, dtype=np.float64)  # what pycocotools does (None -> NaN)
         except (TypeError, ValueError):
-            xy = np.zeros((0, 0))
-        if not isinstance(part, list) or xy.ndim != 1:
+            xy = None
+        if not isinstance(part, list) or xy is None or xy.ndim != 1:
             raise _Invalid("bad_segmentation", f"polygon {j} is not a flat list of numbers")
         bad = np.flatnonzero(~np.isfinite(xy))
         if len(bad):
@@ -739,9 +739,7 @@ def detection_train_transforms(
         A ``v2.Compose``; images come out float32 in [0, 1] (not normalised: torchvision's
         detection models normalise inside), boxes/masks follow, degenerate boxes are removed.
     """
-    ops: list[Any] = []
-    if hflip_prob > 0:
-        ops.append(v2.RandomHorizontalFlip(hflip_prob))
+    ops: list[Any] = [v2.RandomHorizontalFlip(hflip_prob)]
     if mode == "multiscale":
         ops.append(v2.RandomShortestSize(min_size=list(min_sizes), max_size=max_size))
     elif mode == "lsj":
@@ -904,5 +902,5 @@ def coco_evaluate(
             ev.summarize()
         if verbose:
             print(buf.getvalue())
-        out[iou_type] = {k: float(v) for k, v in zip(COCO_METRICS, ev.stats[:6])}
+        out[iou_type] = {k: float(v) for k, v in zip(COCO_METRICS, ev.stats)}
     return out
