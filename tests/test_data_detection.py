@@ -11,10 +11,13 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools import mask as mask_util
+from sklearn.datasets import load_digits
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from mvitv2.data.common import load_digits_arrays, split_digit_indices
 from mvitv2.data.detection import (
+    BoxesFromMasks,
     CocoDetection,
     coco_evaluate,
     detection_collate,
@@ -25,6 +28,8 @@ from mvitv2.data.detection import (
     rescale_prediction,
 )
 from mvitv2.data.digit_scenes import make_digit_scenes, mask_to_polygon
+from mvitv2.engine.data import BadSample, build_loader
+from mvitv2.errors import UserValueError
 
 SMALL = {"num_train": 10, "num_val": 6, "image_size": 96, "digit_size": (16, 36), "seed": 3}
 
@@ -124,7 +129,10 @@ def test_digit_scenes_deterministic_and_cached(scenes, tmp_path):
 
 
 def test_val_scenes_use_held_out_digit_scans():
-    _, labels = load_digits_arrays()
+    images, labels = load_digits_arrays()
+    reference = load_digits()  # scikit-learn's scans, 0..16 grey levels
+    np.testing.assert_array_equal(images, (reference.images / 16.0).astype(np.float32))
+    np.testing.assert_array_equal(labels, reference.target)
     train, val = split_digit_indices(labels, 0.25, seed=0)
     assert not set(train) & set(val)
     assert len(train) + len(val) == len(labels)
@@ -182,7 +190,7 @@ def test_reader_repairs_and_counts_bad_annotations(tmp_path):
     for name in ("a.png", "neg.png"):
         _blank(tmp_path, name)
     seg = _square(1, 1, 3)
-    ann = {"image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": seg}
+    ann = {"image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": seg, "area": 9}
     data = {
         "images": [
             {"id": 1, "file_name": "a.png", "width": 40, "height": 30},
@@ -211,7 +219,14 @@ def test_reader_repairs_and_counts_bad_annotations(tmp_path):
     assert (s.annotations, s.instances) == (11, 3)
     assert (s.degenerate_boxes, s.clipped_boxes, s.outside_boxes) == (2, 2, 1)
     assert (s.crowd, s.unknown_category, s.bad_segmentation, s.orphan_annotations) == (1, 1, 1, 1)
-    assert "missing_images=1" in s.summary()
+    assert s.summary() == (
+        "images=3, images_used=2, missing_images=1, negative_images=1, annotations=11, "
+        "instances=3, orphan_annotations=1, unknown_category=1, bad_segmentation=1, crowd=1, "
+        "degenerate_boxes=2, outside_boxes=1, clipped_boxes=2"
+    )
+    assert [str(p) for p in ds.problems if p.reason == "missing_images"] == [
+        f"{path}: image id 2: missing_images: {tmp_path / 'missing.png'} not found; skipped"
+    ]
     _, t = ds[0]
     torch.testing.assert_close(
         t["boxes"].as_subclass(torch.Tensor),
@@ -226,20 +241,32 @@ def test_reader_repairs_and_counts_bad_annotations(tmp_path):
     assert CocoDetection(tmp_path, path, masks=False).stats.instances == 4
 
 
-def test_reader_skips_unreadable_images(tmp_path):
+def test_reader_flags_unreadable_images_and_never_substitutes(tmp_path):
     _blank(tmp_path, "good.png")
+    _blank(tmp_path, "small.png", w=20)
     (tmp_path / "bad.png").write_bytes(b"not a png at all")
     data = {
         "images": [
             {"id": 1, "file_name": "bad.png", "width": 40, "height": 30},
             {"id": 2, "file_name": "good.png", "width": 40, "height": 30},
+            {"id": 3, "file_name": "small.png", "width": 40, "height": 30},
         ],
         "categories": [{"id": 1, "name": "x"}],
     }
     ds = CocoDetection(tmp_path, _write(tmp_path, data))
-    _, t = ds[0]
-    assert t["image_id"] == 2  # replaced by the next readable image
-    assert ds.skipped.as_dict()["bad_unreadable_image"] == 1
+    with pytest.raises(BadSample, match=r"bad\.png: unreadable_image \(image id 1\): cannot read"):
+        ds[0]
+    assert ds[1][1]["image_id"] == 2
+    with pytest.raises(BadSample, match=r"small\.png: size_mismatch: the image is 20x30 but"):
+        ds[2]
+    assert ds.skipped_images() == {1: "unreadable_image", 3: "size_mismatch"}
+    assert ds.skipped.flagged("unreadable_image") == [0]
+    # Training substitutes the next sample (equal batches on every process), and counts it.
+    loader = build_loader(ds, batch_size=3, train=True, collate_fn=detection_collate)
+    with pytest.warns(UserWarning, match="skipping unreadable sample"):
+        _, targets = next(iter(loader))
+    assert sorted(t["image_id"] for t in targets) == [2, 2, 2]
+    assert loader.dataset.bad_samples == 2
 
 
 def test_malformed_json_errors_name_the_file(tmp_path):
@@ -299,21 +326,134 @@ def test_multiscale_and_flip_move_boxes_and_masks(scenes):
     assert torch.equal(t2["masks"], target["masks"].flip(-1))
 
 
-def test_large_scale_jitter_fixed_size_and_sanitised(scenes):
+def test_lsj_boxes_are_the_tight_boxes_of_the_transformed_masks(scenes):
+    """After flip + scale jitter + crop, each box is its mask's tight box (computed here with
+    numpy from torchvision's own transform of the masks), and instances whose mask was cropped
+    away leave together with their box and label."""
     ds = CocoDetection(*scenes.split("train"))
-    tf = detection_train_transforms(mode="lsj", lsj_size=128, lsj_scale=(0.1, 2.0))
-    zoom = detection_train_transforms(mode="lsj", lsj_size=64, lsj_scale=(2.0, 2.0))
-    torch.manual_seed(1)
-    dropped = 0
-    for i in range(len(ds)):
+    ours = detection_train_transforms(mode="lsj", lsj_size=64, lsj_scale=(0.3, 2.0))
+    reference = v2.Compose([
+        v2.RandomHorizontalFlip(0.5),
+        v2.ScaleJitter(target_size=(64, 64), scale_range=(0.3, 2.0), antialias=True),
+        v2.RandomCrop((64, 64), pad_if_needed=True, fill=0),
+    ])  # fmt: skip
+    dropped = loose = 0
+    for i in range(5):
         image, target = ds[i]
-        for t in (tf, zoom):
-            image2, t2 = t(image, target)
-            side = 128 if t is tf else 64
-            assert image2.shape[-2:] == (side, side)
-            _check_alignment(image2, t2)  # boxes cropped away leave with their masks and labels
-            dropped += len(target["labels"]) - len(t2["labels"])
-    assert dropped > 0  # the 2x zoom + 64 crop does cut objects away
+        n = len(target["labels"])
+        target["labels"] = torch.arange(1, n + 1)  # instance numbers, to follow each one
+        for seed in range(2):
+            torch.manual_seed(seed)
+            image2, out = ours(image, target)
+            torch.manual_seed(seed)
+            ref_image, ref = reference(image, target)
+            assert torch.equal(image2, v2.functional.to_dtype(ref_image, torch.float32, scale=True))
+            ref_masks = ref["masks"].numpy().astype(bool)
+            keep = [k for k in range(n) if ref_masks[k].any()]
+            assert out["labels"].tolist() == [k + 1 for k in keep]
+            np.testing.assert_array_equal(out["masks"].numpy(), ref["masks"].numpy()[keep])
+            tight = []
+            for k in keep:
+                ys, xs = np.nonzero(ref_masks[k])
+                tight.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            assert out["boxes"].reshape(-1, 4).tolist() == tight
+            assert out["boxes"].canvas_size == (64, 64)
+            dropped += n - len(keep)
+            clipped = ref["boxes"].as_subclass(torch.Tensor)[keep].tolist()
+            loose += sum(c != t for c, t in zip(clipped, tight))
+    assert dropped > 0 and loose > 0  # both cases happen in these scenes
+
+
+def test_lsj_size_is_height_by_width():
+    """A 50x100 image (H x W) jittered at scale 1 to lsj_size (40, 80) is resized by
+    min(40/50, 80/100) = 0.8 to exactly 40x80: nothing to crop or pad."""
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 50, 100), dtype=torch.uint8))
+    mask = torch.zeros(1, 50, 100, dtype=torch.uint8)
+    mask[0, 10:20, 10:30] = 1
+    loose = tv_tensors.BoundingBoxes([[5.0, 5, 35, 25]], format="XYXY", canvas_size=(50, 100))
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(
+            [[10.0, 10, 30, 20]], format="XYXY", canvas_size=(50, 100)
+        ),
+        "labels": torch.tensor([1]),
+        "masks": tv_tensors.Mask(mask),
+    }
+    for recompute in (True, False):
+        tf = detection_train_transforms(
+            mode="lsj", lsj_size=(40, 80), lsj_scale=(1.0, 1.0), hflip_prob=0.0,
+            recompute_boxes=recompute,
+        )  # fmt: skip
+        image2, t2 = tf(image, {**target, "boxes": loose})
+        expected = v2.functional.resize(image, [40, 80], antialias=True)
+        assert torch.equal(image2, v2.functional.to_dtype(expected, torch.float32, scale=True))
+        # Nearest-neighbour mask: output column j samples floor(1.25 j): columns 8..23, rows 8..15.
+        assert t2["masks"][0].nonzero().amin(0).tolist() == [8, 8]
+        assert t2["masks"][0].nonzero().amax(0).tolist() == [15, 23]
+        # The box: the mask's tight box, or the loose box scaled by 0.8.
+        assert t2["boxes"].tolist() == ([[8.0, 8, 24, 16]] if recompute else [[4.0, 4, 28, 20]])
+    # Boxes without masks are scaled (nothing to recompute them from).
+    no_masks = {k: v for k, v in target.items() if k != "masks"}
+    tf = detection_train_transforms(
+        mode="lsj", lsj_size=(40, 80), lsj_scale=(1.0, 1.0), hflip_prob=0
+    )
+    _, t2 = tf(image, {**no_masks, "boxes": loose})
+    assert t2["boxes"].tolist() == [[4.0, 4, 28, 20]] and "masks" not in t2
+    with pytest.raises(UserValueError, match="unknown augmentation mode 'big'"):
+        detection_train_transforms(mode="big")
+
+
+def test_train_transform_defaults_are_the_coco_recipes():
+    """Multi-scale: short side 480..800, long side at most 1333 (a 1:3 image always hits the
+    cap: 1333 x 444); LSJ: 1024 x 1024."""
+    image = tv_tensors.Image(torch.zeros(3, 100, 300, dtype=torch.uint8))
+    boxes = tv_tensors.BoundingBoxes([[10.0, 10, 50, 50]], format="XYXY", canvas_size=(100, 300))
+    target = {"boxes": boxes, "labels": torch.tensor([1])}
+    torch.manual_seed(0)
+    assert detection_train_transforms()(image, target)[0].shape == (3, 444, 1333)
+    assert detection_train_transforms(mode="lsj")(image, target)[0].shape == (3, 1024, 1024)
+    tall = tv_tensors.Image(torch.zeros(3, 300, 100, dtype=torch.uint8))
+    tf = detection_train_transforms(max_size=10_000)
+    tall_boxes = tv_tensors.BoundingBoxes(
+        [[10.0, 10, 50, 50]], format="XYXY", canvas_size=(300, 100)
+    )
+    tall_target = {"boxes": tall_boxes, "labels": torch.tensor([1])}
+    sides = {tf(tall, tall_target)[0].shape[-1] for _ in range(40)}
+    assert sides <= set(range(480, 801, 32)) and len(sides) > 3
+
+
+def test_boxes_from_masks_are_tight_pixel_edge_boxes():
+    masks = torch.zeros(3, 6, 8, dtype=torch.uint8)
+    masks[0, 1:4, 2:7] = 1
+    masks[0, 5, 0] = 1  # a stray pixel widens the box
+    masks[2, 3, 4] = 1  # a single pixel
+    old = tv_tensors.BoundingBoxes(
+        torch.zeros(3, 4, dtype=torch.float64), format="XYXY", canvas_size=(6, 8)
+    )
+    target = {"boxes": old, "masks": tv_tensors.Mask(masks), "labels": torch.tensor([1, 2, 3])}
+    image, out = BoxesFromMasks()("image", target)
+    assert image == "image" and out["labels"] is target["labels"]
+    assert out["boxes"].dtype == torch.float64 and out["boxes"].canvas_size == (6, 8)
+    assert out["boxes"].tolist() == [[0.0, 1, 7, 6], [0, 0, 0, 0], [4, 3, 5, 4]]
+    assert target["boxes"] is old  # the input target is not modified
+    none = {"boxes": old[:0], "masks": tv_tensors.Mask(masks[:0])}
+    assert BoxesFromMasks()("image", none)[1]["boxes"].shape == (0, 4)
+    boxes_only = {"boxes": old}
+    assert BoxesFromMasks()("image", boxes_only)[1] is boxes_only
+
+
+def test_eval_transform_default_is_short_side_800_long_side_at_most_1333():
+    tf = detection_eval_transforms()
+    for (h, w), expected in (((100, 120), (800, 960)), ((100, 200), (666, 1333))):
+        image = tv_tensors.Image(torch.zeros(3, h, w, dtype=torch.uint8))
+        assert tf(image).shape[-2:] == expected
+    image = tv_tensors.Image(torch.full((3, 5, 7), 255, dtype=torch.uint8))
+    assert torch.equal(detection_eval_transforms(min_size=None)(image), torch.ones(3, 5, 7))
+    # Downscaling is antialiased (torchvision's default), as for training.
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 80, 100), dtype=torch.uint8))
+    small = detection_eval_transforms(min_size=40)(image)
+    ref = v2.functional.resize(image, [40, 50], antialias=True)
+    assert torch.equal(small, v2.functional.to_dtype(ref, torch.float32, scale=True))
+    assert not torch.equal(ref, v2.functional.resize(image, [40, 50], antialias=False))
 
 
 def test_eval_transform_and_collate(scenes):
@@ -325,6 +465,7 @@ def test_eval_transform_and_collate(scenes):
     assert isinstance(images, list) and isinstance(targets, list) and len(images) == 2
     assert images[0].shape[-2:] == (144, 144) and images[0].dtype == torch.float32
     assert targets[0]["image_id"] == ds.records[0]["id"]
+    assert detection_collate([]) == ([], [])
 
 
 # ------------------------------------------------------------------ evaluation

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 import time
@@ -38,6 +39,7 @@ from mvitv2.data.detection import (
     detection_collate,
     detection_eval_transforms,
     detection_train_transforms,
+    on_main_process,
     predictions_to_coco,
 )
 from mvitv2.detection import create_detector, list_detectors
@@ -46,6 +48,7 @@ from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.distributed import DistInfo, init_distributed
 from mvitv2.engine.task import Task
 from mvitv2.engine.trainer import Trainer, to_device
+from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 __all__ = [
     "DetectionDataConfig",
@@ -56,6 +59,8 @@ __all__ = [
     "list_detectors",
     "run",
 ]
+
+log = logging.getLogger(__name__)
 
 DIGIT_SCENES = "digit_scenes"  # data root value meaning "the embedded digit scenes"
 
@@ -115,17 +120,23 @@ def resolve_splits(
 ) -> dict[str, tuple[Path, Path]]:
     """``{"train": (images, json), "val": (images, json)}`` for a data root.
 
-    ``None`` or ``"digit_scenes"`` generates (once, cached) the embedded digit scenes. A folder is
+    ``None`` or ``"digit_scenes"`` generates (once, cached) the embedded digit scenes, unless
+    both splits are given explicitly. A folder is
     read as COCO 2017 (``annotations/instances_train2017.json``, ``train2017/``, ...) or, failing
     that, as ``annotations/instances_{train,val}.json`` with ``train/`` and ``val/``. Explicit
     ``train_images``/``train_json``/... options take precedence.
     """
+    explicit = {
+        "train": (dc.train_images, dc.train_json),
+        "val": (dc.val_images, dc.val_json),
+    }
     splits: dict[str, tuple[Path, Path]] = {}
     if data_root in (None, DIGIT_SCENES):
-        from mvitv2.data.digit_scenes import make_digit_scenes
+        if not all(images or ann for images, ann in explicit.values()):
+            from mvitv2.data.digit_scenes import make_digit_scenes
 
-        ds = make_digit_scenes(**dc.digit_scenes)
-        splits = {"train": ds.split("train"), "val": ds.split("val")}
+            ds = make_digit_scenes(**dc.digit_scenes)
+            splits = {"train": ds.split("train"), "val": ds.split("val")}
     else:
         root = Path(data_root)
         for split in ("train", "val"):
@@ -134,17 +145,13 @@ def resolve_splits(
                 if ann.is_file():
                     splits[split] = (root / f"{split}{suffix}", ann)
                     break
-    explicit = {
-        "train": (dc.train_images, dc.train_json),
-        "val": (dc.val_images, dc.val_json),
-    }
     for split, (images, ann) in explicit.items():
         if images or ann:
             if not (images and ann):
-                raise ValueError(f"data.{split}_images and data.{split}_json go together")
+                raise UserValueError(f"data.{split}_images and data.{split}_json go together")
             splits[split] = (Path(images), Path(ann))
     if "train" not in splits and "val" not in splits:
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"no COCO annotations under {data_root}: expected annotations/instances_train2017.json"
             " (or instances_train.json), or set data.train_images/data.train_json"
         )
@@ -162,23 +169,19 @@ def collate(batch: list[tuple[Any, Any]]) -> tuple[list[Tensor], list[dict[str, 
     return [im.as_subclass(Tensor) for im in images], [_plain_target(t) for t in targets]
 
 
-def _rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
 def report_data(name: str, ds: CocoDetection) -> str:
-    """One line: images/instances used and every annotation problem the reader counted."""
+    """One line: images/instances used, then every non-zero count of what the reader dropped,
+    kept for evaluation only or repaired, and of the images this process could not read, by
+    reason (each case is named in the log)."""
     s = ds.stats
-    problems = {
-        k: v
-        for k, v in s.as_dict().items()
-        if k not in ("images", "images_used", "annotations", "instances")
-    }
-    counts = ", ".join(f"{k} {v}" for k, v in problems.items())
-    unreadable = len(ds.skipped.flagged())
+    totals = ("images", "images_used", "annotations", "instances")
+    counts = {k: v for k, v in s.as_dict().items() if k not in totals and v}
+    for reason in ds.skipped_images().values():
+        counts[reason] = counts.get(reason, 0) + 1
+    problems = ", ".join(f"{k} {v}" for k, v in counts.items()) or "no problems"
     return (
         f"{name}: {ds.ann_file} -> {s.images_used}/{s.images} images, "
-        f"{s.instances}/{s.annotations} instances kept; {counts}, unreadable_images {unreadable}"
+        f"{s.instances}/{s.annotations} instances kept; {problems}"
     )
 
 
@@ -208,7 +211,11 @@ class DetectionTask(Task):
         dc = self.data_cfg
         splits = resolve_splits(self.data_root, dc)
         if "train" not in splits:
-            raise FileNotFoundError(f"no training split found under {self.data_root}")
+            raise UserFileNotFoundError(
+                f"no training split under {self.data_root}: expected "
+                "annotations/instances_train2017.json (or instances_train.json), or set "
+                "data.train_images and data.train_json"
+            )
         aug = detection_train_transforms(
             mode=dc.aug, min_sizes=dc.min_sizes, max_size=dc.max_size, lsj_size=dc.lsj_size,
             lsj_scale=dc.lsj_scale, hflip_prob=dc.hflip_prob,
@@ -219,18 +226,18 @@ class DetectionTask(Task):
         )
         self.class_names = list(self.train_ds.class_names)
         self.label_to_cat_id = dict(self.train_ds.label_to_cat_id)
-        if _rank0():
+        if on_main_process():
             print(report_data("train data", self.train_ds), flush=True)
         if "val" in splits:
             self.val_ds = build_eval_dataset(*splits["val"], masks=dc.masks)
             if self.val_ds.class_names != self.class_names:
-                raise ValueError(
+                raise UserValueError(
                     f"{splits['val'][1]}: categories differ from the training set's "
                     f"({self.val_ds.class_names} vs {self.class_names})"
                 )
             if dc.eval_max_images:
                 self.val_ds.records = self.val_ds.records[: dc.eval_max_images]
-            if _rank0():
+            if on_main_process():
                 print(report_data("val data", self.val_ds), flush=True)
         return self.train_ds, self.val_ds
 
@@ -354,16 +361,21 @@ def evaluate_detector(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """COCO box (and mask) AP of ``model`` over the shards of all processes.
 
+    Only the images actually run are evaluated: an image the loader skipped (unreadable, or
+    its size differs from the JSON's) is left out of COCOeval, counted in ``skipped_images`` and
+    named in the log on the main process.
+
     Args:
         model: a detector (eval mode is set here).
-        loader: yields ``(images, targets)`` from ``dataset`` (or None for all-skipped batches).
+        loader: yields ``(images, targets)`` from ``dataset`` (or None for all-skipped batches),
+            e.g. ``mvitv2.engine.data.build_loader(dataset, train=False, ...)``.
         dist: for gathering the shards' detections.
         dataset: the evaluated dataset (its ``coco`` ground truth and category mapping).
         with_masks: also compute mask AP.
 
     Returns:
-        ``({"bbox_AP", "bbox_AP50", ..., "segm_AP", ..., "images"}, coco_results)``; the same
-        metrics on every process, the results list complete on rank 0.
+        ``({"bbox_AP", "bbox_AP50", ..., "segm_AP", ..., "images", "skipped_images"},
+        coco_results)``; the same metrics on every process, the results list complete on rank 0.
     """
     model.eval()
     results: list[dict[str, Any]] = []
@@ -380,15 +392,20 @@ def evaluate_detector(
                 o.pop("masks", None)
         results += predictions_to_coco(outputs, ids, dataset.label_to_cat_id)
         image_ids += ids
-    gathered = dist.all_gather_object((results, image_ids))
+    gathered = dist.all_gather_object((results, image_ids, dataset.skipped_images()))
     metrics: dict[str, float] = {}
     if dist.is_main:
-        results = [r for res, _ in gathered for r in res]
-        image_ids = sorted({i for _, ids in gathered for i in ids})
+        results = [r for res, _, _ in gathered for r in res]
+        image_ids = sorted({i for _, ids, _ in gathered for i in ids})
+        skipped = {i: why for _, _, sk in gathered for i, why in sk.items() if i not in image_ids}
+        paths = {rec["id"]: rec["path"] for rec in dataset.records}
+        for image_id, why in sorted(skipped.items()):
+            log.warning(f"evaluation skipped image id {image_id} ({paths[image_id]}): {why}")
         iou_types = ("bbox", "segm") if with_masks else ("bbox",)
         ap = coco_evaluate(dataset.coco, results, iou_types, image_ids=image_ids)
         metrics = {f"{t}_{k}": v for t, table in ap.items() for k, v in table.items()}
         metrics["images"] = len(image_ids)
+        metrics["skipped_images"] = len(skipped)
     metrics = dist.broadcast_object(metrics)
     return metrics, results
 
@@ -497,7 +514,11 @@ def _train(args: argparse.Namespace) -> int:
         assert task.train_ds is not None
         print(report_data("train data", task.train_ds))
         if task.val_ds is not None:
-            print(f"val ({metrics.get('images', 0)} images): {format_ap(metrics)}")
+            print(report_data("val data", task.val_ds))
+            print(
+                f"val ({metrics.get('images', 0)} images evaluated, "
+                f"{metrics.get('skipped_images', 0)} skipped): {format_ap(metrics)}"
+            )
             print(f"detections: {task.results_path}")
         print(f"wall time {wall:.1f} s  checkpoint {trainer.run_dir / 'last.pt'}")
     return 0
@@ -510,14 +531,17 @@ def _eval(args: argparse.Namespace) -> int:
     dist = init_distributed()
     if args.images or args.annotations:
         if not (args.images and args.annotations):
-            raise SystemExit("error: --images and --annotations go together")
+            raise UserValueError("--images and --annotations go together")
         images, ann = Path(args.images), Path(args.annotations)
     else:
         dc = DetectionDataConfig.from_dict(meta.get("data") or {})
         root = args.data or meta.get("data_root", DIGIT_SCENES)
         splits = resolve_splits(root, dc)
         if "val" not in splits:
-            raise SystemExit(f"error: no validation split found for {root}")
+            raise UserFileNotFoundError(
+                f"no validation split under {root}: expected annotations/instances_val2017.json "
+                "(or instances_val.json), or pass --images and --annotations"
+            )
         images, ann = splits["val"]
     with_masks = not args.no_masks
     ds = build_eval_dataset(images, ann, masks=with_masks)
@@ -545,6 +569,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(report_data("data", ds))
         print(
             f"{args.checkpoint}: {format_ap(metrics)} on {metrics['images']} images of {images}"
+            f" ({metrics['skipped_images']} skipped)"
             f"  [{time.perf_counter() - t0:.1f} s]"
         )
         print(f"detections ({len(results)}) written to {out}")
