@@ -11,7 +11,8 @@ changes nothing):
   checkpoint gives a video model zero temporal tables;
 * absolute position embeddings: bicubic (space) / linear (time) interpolation;
 * task-specific parts: a head with another class count, or a head/final norm where the model has
-  stage norms (``features_only``), is skipped and reported, never an error (pytorchvideo#26).
+  stage norms (``features_only``), is skipped and reported, never an error (pytorchvideo#26);
+  so is a class token for a model without one (IN-21k ``_cls`` weights -> detection backbone).
 
 Anything else that does not fit (missing or unexpected keys, other shapes) raises
 :class:`CheckpointMismatchError` listing all of it, or with ``strict=False`` is returned in the
@@ -296,6 +297,10 @@ def _plan(model: nn.Module, sd: StateDict, report: LoadReport, inflation: str) -
             report.dropped[key] = "features_only model uses per-stage norms instead"
         elif key.startswith("feature_norms.") and not features_only:
             report.dropped[key] = "per-stage (detection) norms; the model is a classifier"
+        elif key in ("cls_token", "pos_embed_class"):
+            # IN-21k `_cls` weights initialise backbones without a cls token (detectron2's
+            # pretrain_use_cls_token): the token is the only tensor with no place.
+            report.dropped[key] = "the model has no class token"
         else:
             report.unexpected.append(key)
     report.notes.extend(sorted(head_notes))
