@@ -279,9 +279,15 @@ def naive_forward(model, x, rows, *, features=False):
             residual=cfg.residual_pooling,
         )
         if features and e["stage_end"]:
-            f = ln(t, model.feature_norms[len(feats)])[:, int(cls) :]
-            feats.append(f.reshape(f.shape[0], *thw[1:], -1).permute(0, 3, 1, 2))
+            f = t if model.feature_norms is None else ln(t, model.feature_norms[len(feats)])
+            f = f[:, int(cls) :]
+            # (B, C, H, W) maps; video keeps T first in the token order: (B, C, T*H, W) here,
+            # split into (B, C, T, H, W) at the end.
+            f = f.reshape(f.shape[0], thw[0] * thw[1], thw[2], -1).permute(0, 3, 1, 2)
+            feats.append(f)
     if features:
+        if cfg.temporal:
+            return [f.reshape(f.shape[0], f.shape[1], thw[0], -1, f.shape[-1]) for f in feats]
         return feats
     t = ln(t, model.norm)
     pooled = t[:, 0] if cls else t.mean(dim=1)
@@ -694,3 +700,78 @@ def test_config_is_frozen_and_replace_stays_consistent():
         cfg.depths = (1, 1, 1, 1)
     small = dataclasses.replace(cfg, depths=(1, 1, 1, 1))
     assert len(block_specs(small)) == 4 and len(block_specs(cfg)) == 10
+
+
+@pytest.mark.parametrize("case", ["image", "video", "cls_official"])
+def test_classifier_intermediates_and_pre_logits_equal_the_naive_network(case):
+    """A classifier's stage maps (no stage norms) and its pooled pre-logits features."""
+    name, kw, shape, exp = MODELS[case]
+    model = randomized(mvitv2.create_model(name, **kw))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    rows = _rows_for(model, exp)
+    with torch.no_grad():
+        close(model.forward_intermediates(x), naive_forward(model, x, rows, features=True))
+        tokens = model.forward_features(x)
+        pre = model.forward_head(tokens, pre_logits=True)
+        want = tokens[:, 0] if model.cfg.use_cls_token else tokens.mean(dim=1)
+        torch.testing.assert_close(pre, want)
+        close(lin(pre, model.head.projection), naive_forward(model, x, rows))
+
+
+def test_head_dropout_weight_decay_exemptions_and_classifier_errors():
+    with torch.device("meta"):
+        video = mvitv2.create_model("mvitv2_small_16x4", depths=(1, 1, 1, 1))
+        image = mvitv2.create_model("mvitv2_tiny", depths=(1, 1, 1, 1))
+    assert video.head.dropout.p == 0.5 and image.head.dropout.p == 0.0
+    model = mvitv2.create_model("mvitv2_base_cls", **dict(SMALL, use_abs_pos=True))
+    names = {n for n, _ in model.named_parameters()}
+    assert model.no_weight_decay() == {
+        n for n in names if "rel_pos" in n or n in ("pos_embed", "cls_token")
+    }
+    assert {"pos_embed", "cls_token", "blocks.0.attn.rel_pos_h"} <= model.no_weight_decay()
+    feat = mvitv2.create_model("mvitv2_tiny", **dict(SMALL, num_classes=0), features_only=True)
+    for call in (feat.get_classifier, lambda: feat.reset_classifier(3)):
+        with pytest.raises(RuntimeError, match="features_only model has no classifier"):
+            call()
+    with pytest.raises(RuntimeError, match="features_only"):
+        feat.forward_features(torch.randn(1, 3, 32, 32))
+    model = mvitv2.create_model("mvitv2_tiny", **SMALL).to(torch.float64)
+    model.reset_classifier(3)
+    assert model.head.projection.weight.dtype == torch.float64 and model.num_classes == 3
+    assert model.feature_channels == [16, 32, 64, 128] and model.feature_strides == [4, 8, 16, 32]
+    assert model.num_features == 128 and model.pos_grid == (1, 8, 8)
+
+
+WINDOW_ONLY = "window attention supports image models without a cls token"
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(depths=()), r"depths must be positive, got \(\)"),
+        (dict(depths=(1, 0, 1, 1)), r"depths must be positive, got \(1, 0, 1, 1\)"),
+        (
+            dict(window_size=(8, 4, 2)),
+            r"window_size needs one entry per stage \(4\), got \(8, 4, 2\)",
+        ),
+        (dict(window_size=(8, 4, 2, 1), use_cls_token=True), f"^{WINDOW_ONLY}$"),
+        (dict(window_size=(8, 4, 2, 1), temporal=True), f"^{WINDOW_ONLY}$"),
+        (dict(num_frames=2), "^image models have num_frames=1 and no temporal stride$"),
+        (dict(patch_stride=(2, 4, 4)), "image models have num_frames=1"),
+        (dict(kv_stride=(2, 4, 4)), "image models have num_frames=1"),
+    ],
+)
+def test_invalid_configs_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        mvitv2.MViTConfig(**kw)
+
+
+def test_short_and_anisotropic_configs():
+    """One stage, two blocks: the ramp ends at the rate; a patch stride of 2 (H) x 4 (W) gives a
+    (H/2, W/4) token grid."""
+    cfg = mvitv2.MViTConfig(depths=(2,), drop_path_rate=0.4)
+    assert [s.drop_path for s in block_specs(cfg)] == pytest.approx([0.0, 0.4])
+    cfg = mvitv2.MViTConfig(depths=(1, 1), drop_path_rate=0.4)
+    assert [s.drop_path for s in block_specs(cfg)] == pytest.approx([0.0, 0.4])
+    cfg = mvitv2.MViTConfig(img_size=(32, 64), patch_stride=(1, 2, 4))
+    assert block_specs(cfg)[0].input_grid == (1, 16, 16)

@@ -172,6 +172,7 @@ def test_timm_checkpoint_built_by_timm_round_trips(tmp_path):
     assert len(want) == len(tsd)  # every timm tensor has a place
     assert_loaded(dst, want)
     assert_clean(report, "timm", want)
+    assert report.notes == ["timm stage depths (1, 2, 1, 1)"]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(dst(x), ref(x), rtol=1e-5, atol=1e-5)
@@ -634,3 +635,100 @@ def test_default_weights_are_the_classification_ones():
         w = get_weights(tag)
         assert w.model_kwargs == {"use_cls_token": False} and w.needs_pickle
     assert not get_weights("mvitv2_tiny.in1k").needs_pickle
+
+
+# =========================================================================== more layout details
+def test_to_official_writes_5d_image_kernels_and_the_version():
+    src = randomized(image_model())
+    sd = src.state_dict()
+    out = mvitv2.weights.to_official(sd)
+    assert set(out) == {"model_state", "format_version"} and out["format_version"] == 1
+    state = out["model_state"]
+    assert sorted(state) == sorted(sd)
+    for k, v in sd.items():
+        want = v[:, :, None] if CONVS.match(k) else v
+        assert torch.equal(state[k], want), k
+    flat = mvitv2.weights.to_official(sd, image_kernels_5d=False)["model_state"]
+    assert all(torch.equal(flat[k], v) for k, v in sd.items())
+    vsd = video_model().state_dict()  # video kernels are 5-D already: unchanged
+    assert all(
+        torch.equal(mvitv2.weights.to_official(vsd)["model_state"][k], v) for k, v in vsd.items()
+    )
+
+
+def test_official_5d_image_kernels_inflate_into_a_video_model():
+    img = randomized(image_model(use_cls_token=True))
+    state = {k: v[:, :, None] if CONVS.match(k) else v for k, v in img.state_dict().items()}
+    vid = video_model()
+    report = load_checkpoint(vid, {"model_state": state})
+    w = img.state_dict()["patch_embed.proj.weight"]
+    got = vid.state_dict()["patch_embed.proj.weight"]
+    assert torch.equal(got[:, :, 1], w) and torch.count_nonzero(got[:, :, 0::2]) == 0
+    assert report.adapted["patch_embed.proj.weight"] == "inflated 2-D kernel to T=3 (centre)"
+
+
+def test_video_checkpoint_does_not_fit_an_image_model():
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_checkpoint(image_model(use_cls_token=True), video_model().state_dict())
+    conflicts = {k: (a, b) for k, a, b in e.value.report.shape_conflicts}
+    assert conflicts["patch_embed.proj.weight"] == ((16, 3, 3, 7, 7), (16, 3, 7, 7))
+    assert conflicts["blocks.0.attn.pool_q.weight"] == ((8, 1, 3, 3, 3), (8, 1, 3, 3))
+    assert "blocks.0.attn.rel_pos_t" in e.value.report.unexpected
+
+
+def test_other_head_count_is_a_shape_conflict_not_a_silent_load():
+    """Same widths, other heads: qkv and proj fit, the per-head tables, pooling convs and norms
+    do not; the report names them (head width 8 vs 16 in the first stage)."""
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_checkpoint(image_model(num_heads=1), image_model(num_heads=2).state_dict())
+    conflicts = {k: (a, b) for k, a, b in e.value.report.shape_conflicts}
+    assert conflicts["blocks.0.attn.rel_pos_h"] == ((15, 8), (15, 16))
+    assert conflicts["blocks.0.attn.pool_k.weight"] == ((8, 1, 3, 3), (16, 1, 3, 3))
+    assert conflicts["blocks.0.attn.norm_v.bias"] == ((8,), (16,))
+    assert not any(".qkv." in k or ".proj." in k for k in conflicts)
+
+
+def test_abs_pos_without_cls_slot_does_not_fit_a_cls_model():
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_checkpoint(
+            image_model(use_abs_pos=True, use_cls_token=True),
+            image_model(use_abs_pos=True).state_dict(),
+        )
+    report = e.value.report
+    assert report.missing == ["cls_token"]
+    assert report.shape_conflicts == [("pos_embed", (1, 64, 16), (1, 65, 16))]
+
+
+def test_timm_stages_must_be_contiguous():
+    sd = {
+        "stages.0.blocks.0.norm1.weight": torch.ones(2),
+        "stages.2.blocks.0.norm1.weight": torch.ones(2),
+    }
+    with pytest.raises(CheckpointError, match=r"non-contiguous stages \[0, 2\]"):
+        load_checkpoint(image_model(), sd)
+
+
+def test_report_text_lists_problems_with_a_limit():
+    report = mvitv2.weights.LoadReport(
+        source="x.pth",
+        format="official",
+        loaded=["a"],
+        missing=["m1", "m2", "m3"],
+        unexpected=["u"],
+        shape_conflicts=[("k", (1, 2), (3,))],
+        notes=["n"],
+    )
+    assert not report.ok
+    assert report.problems(limit=2) == (
+        "  missing keys (in the model, not in the checkpoint) (3):\n    m1\n    m2\n"
+        "    ... and 1 more\n"
+        "  unexpected keys (in the checkpoint, not in the model) (1):\n    u\n"
+        "  shape conflicts (key: checkpoint vs model) (1):\n    k: (1, 2) vs (3,)"
+    )
+    assert str(report).splitlines()[:2] == [
+        "x.pth [official]: loaded 1 tensors, adapted 0, initialised 0, dropped 0",
+        "  note: n",
+    ]
+    assert mvitv2.weights.LoadReport(loaded=["a"]).ok
+    for field in ("missing", "unexpected", "shape_conflicts"):
+        assert not mvitv2.weights.LoadReport(**{field: [("k", (1,), (2,))]}).ok
