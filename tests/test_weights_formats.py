@@ -183,6 +183,8 @@ def _tv_key(k: str) -> str:
     rules = [
         (r"^patch_embed\.proj\.", "conv_proj."),
         (r"^cls_token$", "pos_encoding.class_token"),
+        (r"^pos_embed_(spatial|temporal)$", r"pos_encoding.\1_pos"),
+        (r"^pos_embed_class$", "pos_encoding.class_pos"),
         (r"\.attn\.pool_([qkv])\.weight$", r".attn.pool_\1.pool.weight"),
         (r"\.attn\.norm_([qkv])\.", r".attn.pool_\1.norm_act.0."),
         (r"\.attn\.proj\.", ".attn.project.0."),
@@ -196,34 +198,50 @@ def _tv_key(k: str) -> str:
     return k
 
 
-def test_torchvision_checkpoint_built_by_torchvision_round_trips(tmp_path):
+# (heads, in, out, Q stride, KV stride) per block for depths 1-2-1-1, width 16 and heads 2
+# doubling per stage, KV stride (1,8,8) adaptive. MViTv2 doubles the width in the attention of a
+# stage's first block; MViTv1 in the MLP of the previous stage's last block, and pools Q only
+# where it strides.
+TV_V2 = [
+    (2, 16, 16, 1, 8),
+    (4, 16, 32, 2, 4),
+    (4, 32, 32, 1, 4),
+    (8, 32, 64, 2, 2),
+    (16, 64, 128, 2, 1),
+]
+TV_V1 = [
+    (2, 16, 32, 1, 8),
+    (4, 32, 32, 2, 4),
+    (4, 32, 64, 1, 4),
+    (8, 64, 128, 2, 2),
+    (16, 128, 128, 2, 1),
+]
+
+
+@pytest.mark.parametrize("v2", [True, False], ids=["mvit_v2", "mvit_v1"])
+def test_torchvision_checkpoint_built_by_torchvision_round_trips(tmp_path, v2):
     import torchvision.models.video.mvit as tv
 
-    # depths 1-2-1-1, width 16 doubling per stage, heads 2 doubling, KV stride (1,8,8) adaptive.
-    rows = [
-        (2, 16, 16, 1, 8),
-        (4, 16, 32, 2, 4),
-        (4, 32, 32, 1, 4),
-        (8, 32, 64, 2, 2),
-        (16, 64, 128, 2, 1),
-    ]
     setting = [
-        tv.MSBlockConfig(h, i, o, [3, 3, 3], [3, 3, 3], [1, sq, sq], [1, kv, kv])
-        for h, i, o, sq, kv in rows
+        tv.MSBlockConfig(
+            h, i, o, [3, 3, 3] if v2 or sq > 1 else [], [3, 3, 3], [1, sq, sq], [1, kv, kv]
+        )
+        for h, i, o, sq, kv in (TV_V2 if v2 else TV_V1)
     ]
     ref = tv.MViT(
         (32, 32),
         4,
         setting,
-        residual_pool=True,
-        residual_with_cls_embed=False,
-        rel_pos_embed=True,
-        proj_after_attn=True,
+        residual_pool=v2,
+        residual_with_cls_embed=not v2,
+        rel_pos_embed=v2,
+        proj_after_attn=v2,
         num_classes=5,
     )
     ref = randomized(ref, seed=2)
     torch.save(ref.state_dict(), tmp_path / "tv.pth")
-    dst = video_model()
+    dst = video_model() if v2 else mvitv2.create_model("mvitv1_base_16x4", **SMALL, num_frames=4)
+    dst.eval()
     report = load_checkpoint(dst, tmp_path / "tv.pth")
     tsd = ref.state_dict()
     want = {k: tsd[_tv_key(k)].reshape(dst.state_dict()[k].shape) for k in dst.state_dict()}
@@ -725,10 +743,11 @@ def test_report_text_lists_problems_with_a_limit():
         "  unexpected keys (in the checkpoint, not in the model) (1):\n    u\n"
         "  shape conflicts (key: checkpoint vs model) (1):\n    k: (1, 2) vs (3,)"
     )
-    assert str(report).splitlines()[:2] == [
-        "x.pth [official]: loaded 1 tensors, adapted 0, initialised 0, dropped 0",
-        "  note: n",
-    ]
+    head = "x.pth [official]: loaded 1 tensors, adapted 0, initialised 0, dropped 0"
+    assert str(report) == f"{head}\n  note: n\n{report.problems()}"
+    fine = mvitv2.weights.LoadReport(source="y", format="timm", loaded=["a", "b"], notes=["n"])
+    fine.adapted["a"], fine.initialized["c"], fine.dropped["d"] = "x", "y", "z"
+    assert str(fine) == "y [timm]: loaded 2 tensors, adapted 1, initialised 1, dropped 1\n  note: n"
     assert mvitv2.weights.LoadReport(loaded=["a"]).ok
     for field in ("missing", "unexpected", "shape_conflicts"):
         assert not mvitv2.weights.LoadReport(**{field: [("k", (1,), (2,))]}).ok
