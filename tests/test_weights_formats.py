@@ -751,3 +751,39 @@ def test_report_text_lists_problems_with_a_limit():
     assert mvitv2.weights.LoadReport(loaded=["a"]).ok
     for field in ("missing", "unexpected", "shape_conflicts"):
         assert not mvitv2.weights.LoadReport(**{field: [("k", (1,), (2,))]}).ok
+
+
+def test_report_limit_counts_exactly():
+    forty = mvitv2.weights.LoadReport(missing=[f"k{i}" for i in range(40)])
+    assert "more" not in forty.problems() and forty.problems().count("\n    k") == 40
+    more = mvitv2.weights.LoadReport(missing=[f"k{i}" for i in range(41)])
+    assert more.problems().endswith("\n    k39\n    ... and 1 more")
+    assert "more" not in mvitv2.weights.LoadReport(missing=["a", "b"]).problems(limit=2)
+
+
+def test_unusable_video_position_embeddings_are_conflicts_not_crashes():
+    v1 = dict(SMALL, num_frames=4)
+    dst = mvitv2.create_model("mvitv1_base_16x4", **v1)
+    sd = dict(randomized(mvitv2.create_model("mvitv1_base_16x4", **v1)).state_dict())
+    for bad in (torch.ones(1, 63, 16), torch.ones(64, 16), torch.ones(1, 64, 8)):
+        sd["pos_embed_spatial"] = bad
+        with pytest.raises(CheckpointMismatchError) as e:
+            load_checkpoint(dst, sd)
+        assert e.value.report.shape_conflicts == [
+            ("pos_embed_spatial", tuple(bad.shape), (1, 64, 16))
+        ]
+    sd["pos_embed_spatial"] = dst.state_dict()["pos_embed_spatial"]
+    for bad in (torch.ones(2, 16), torch.ones(1, 2, 8)):
+        sd["pos_embed_temporal"] = bad
+        with pytest.raises(CheckpointMismatchError) as e:
+            load_checkpoint(dst, sd)
+        assert e.value.report.shape_conflicts == [
+            ("pos_embed_temporal", tuple(bad.shape), (1, 2, 16))
+        ]
+    dst = image_model(use_abs_pos=True)
+    sd = dict(randomized(image_model(use_abs_pos=True)).state_dict())
+    for bad in (torch.ones(1, 63, 16), torch.ones(64, 16), torch.ones(1, 64, 8)):
+        sd["pos_embed"] = bad
+        with pytest.raises(CheckpointMismatchError) as e:
+            load_checkpoint(dst, sd)
+        assert e.value.report.shape_conflicts == [("pos_embed", tuple(bad.shape), (1, 64, 16))]
