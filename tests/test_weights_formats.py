@@ -787,3 +787,56 @@ def test_unusable_video_position_embeddings_are_conflicts_not_crashes():
         with pytest.raises(CheckpointMismatchError) as e:
             load_checkpoint(dst, sd)
         assert e.value.report.shape_conflicts == [("pos_embed", tuple(bad.shape), (1, 64, 16))]
+
+
+def test_inflate_kernel_default_and_spellings():
+    w = torch.randn(4, 2, 3, 3)
+    for t in (1, 3, 5):
+        centre = mvitv2.weights.inflate_kernel(w, t)
+        assert centre.shape == (4, 2, t, 3, 3) and torch.equal(centre[:, :, t // 2], w)
+        assert torch.count_nonzero(centre) == torch.count_nonzero(w)
+        assert torch.equal(mvitv2.weights.inflate_kernel(w, t, "center"), centre)
+        torch.testing.assert_close(mvitv2.weights.inflate_kernel(w, t, "repeat")[:, :, -1], w / t)
+    with pytest.raises(ValueError, match=r"inflation must be one of .*'middle'"):
+        mvitv2.weights.inflate_kernel(w, 3, "middle")
+    vid = video_model()
+    load_checkpoint(
+        vid, randomized(image_model(use_cls_token=True)).state_dict(), inflation="center"
+    )
+    assert torch.count_nonzero(vid.patch_embed.proj.weight[:, :, 0::2]) == 0
+
+
+def test_pool_first_recorded_in_the_config():
+    from mvitv2.weights.formats import recorded_pool_first
+
+    assert recorded_pool_first({"cfg": "MVIT:\n  POOL_FIRST: true\n"}) is True
+    assert recorded_pool_first({"cfg": {"MVIT": {"POOL_FIRST": False}}}) is False
+    assert recorded_pool_first({"cfg": "MVIT:\n  SEPARATE_QKV: true\n"}) is False  # default
+    for ckpt in ({"cfg": "TRAIN: {ENABLE: true}"}, {"cfg": ": : ["}, {"epoch": 1}, None, [1]):
+        assert recorded_pool_first(ckpt) is None
+    state = _slowfast_separate_qkv(randomized(image_model()))
+    report = load_checkpoint(image_model(), {"model_state": state, "cfg": "MVIT: {}"})
+    assert report.ok
+
+
+def test_versioned_migrations_run_in_order(monkeypatch):
+    """A checkpoint written at an older layout version goes through every later migration."""
+    from mvitv2.weights import formats
+
+    src = randomized(image_model())
+    old = {k.replace("mlp.fc", "mlp.layer"): v for k, v in src.state_dict().items()}
+    monkeypatch.setattr(formats, "FORMAT_VERSION", 3)
+    monkeypatch.setattr(
+        formats,
+        "MIGRATIONS",
+        {
+            1: lambda sd: {k.replace("mlp.layer", "mlp.dense"): v for k, v in sd.items()},
+            2: lambda sd: {k.replace("mlp.dense", "mlp.fc"): v for k, v in sd.items()},
+        },
+    )
+    dst = image_model()
+    report = load_checkpoint(dst, {"model": old, "format_version": 1})
+    assert_loaded(dst, src.state_dict())
+    assert report.ok
+    with pytest.raises(CheckpointError, match="newer than this mvitv2 .3.; upgrade mvitv2$"):
+        load_checkpoint(dst, {"model": old, "format_version": 4})
