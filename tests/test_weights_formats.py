@@ -840,3 +840,39 @@ def test_versioned_migrations_run_in_order(monkeypatch):
     assert report.ok
     with pytest.raises(CheckpointError, match="newer than this mvitv2 .3.; upgrade mvitv2$"):
         load_checkpoint(dst, {"model": old, "format_version": 4})
+
+
+def test_inflation_only_for_image_checkpoints():
+    """A video checkpoint lacking tensors is not treated as an image one: its missing temporal
+    tables and cls token are reported missing, not zero-filled or left fresh."""
+    src = randomized(video_model()).state_dict()
+    partial = {k: v for k, v in src.items() if "rel_pos_t" not in k and k != "cls_token"}
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_checkpoint(video_model(), partial)
+    temporal = sorted(k for k in src if "rel_pos_t" in k)
+    assert e.value.report.missing == ["cls_token", *temporal]
+    assert e.value.report.initialized == {} and e.value.report.adapted == {}
+
+    # No patch embedding at all (here a detectron2-layout backbone): nothing to tell, no inflation.
+    d2 = {f"backbone.bottom_up.{k}": v for k, v in partial.items() if "patch_embed" not in k}
+    report = load_checkpoint(video_model(), {"model": d2}, strict=False)
+    want = ["cls_token", "patch_embed.proj.weight", "patch_embed.proj.bias", *temporal]
+    assert report.missing == want  # in the model's order
+
+
+def test_image_abs_pos_into_video_models_with_and_without_abs_pos():
+    v1 = dict(SMALL, num_frames=4)
+    plain = randomized(image_model())  # no abs pos: the video model's embeddings are missing
+    report = load_checkpoint(
+        mvitv2.create_model("mvitv1_base_16x4", **v1), plain.state_dict(), strict=False
+    )
+    assert {"pos_embed_spatial", "pos_embed_temporal", "pos_embed_class"} <= set(report.missing)
+    # Abs pos into a video model without it: the image embedding has no place.
+    img = randomized(image_model(use_abs_pos=True, use_cls_token=True))
+    report = load_checkpoint(video_model(), img.state_dict(), strict=False)
+    assert report.unexpected == ["pos_embed"]
+    # A cls checkpoint into a video model without cls token: the spatial part only.
+    vid = mvitv2.create_model("mvitv1_base_16x4", **v1, use_cls_token=False)
+    report = load_checkpoint(vid, img.state_dict(), strict=False)
+    assert report.dropped == {"cls_token": "the model has no class token"}
+    assert torch.equal(vid.state_dict()["pos_embed_spatial"], img.state_dict()["pos_embed"][:, 1:])
