@@ -173,6 +173,11 @@ def test_timm_checkpoint_built_by_timm_round_trips(tmp_path):
     assert_loaded(dst, want)
     assert_clean(report, "timm", want)
     assert report.notes == ["timm stage depths (1, 2, 1, 1)"]
+    # Key order does not matter (stage depths come from the largest block index).
+    shuffled = dict(reversed(list(tsd.items())))
+    other = image_model()
+    assert load_checkpoint(other, shuffled).notes == ["timm stage depths (1, 2, 1, 1)"]
+    assert_loaded(other, want)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(dst(x), ref(x), rtol=1e-5, atol=1e-5)
