@@ -111,7 +111,9 @@ def test_slowfast_separate_qkv_is_merged():
                 split[k.replace(".qkv.", f".{name}.")] = part
         else:
             split[k] = v
-    converted = convert_state_dict({"model_state": split})
+    # SlowFast records its config; SEPARATE_QKV without POOL_FIRST projects before pooling.
+    cfg = "MVIT:\n  POOL_FIRST: false\n  SEPARATE_QKV: true\n"
+    converted = convert_state_dict({"model_state": split, "cfg": cfg})
     assert converted.keys() == sd.keys()
     assert all(torch.equal(converted[k], sd[k]) for k in sd)
 

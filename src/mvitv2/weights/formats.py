@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+import yaml
 from torch import Tensor
 
 #: Version of our own state-dict layout written by :func:`to_official` / training checkpoints.
@@ -63,9 +64,60 @@ def _rename(sd: StateDict, rules: list[tuple[str, str]]) -> StateDict:
     return out
 
 
+def _separate_qkv_prefixes(sd: Mapping[str, Tensor]) -> list[str]:
+    """Attention modules (``blocks.{i}.attn.``) that store separate ``q``/``k``/``v`` linears."""
+    return sorted({k[: -len("q.weight")] for k in sd if k.endswith("attn.q.weight")})
+
+
+def recorded_pool_first(checkpoint: object) -> bool | None:
+    """``MVIT.POOL_FIRST`` as recorded in a SlowFast / facebookresearch/mvit checkpoint.
+
+    Their ``save_checkpoint`` stores the training config as ``checkpoint["cfg"] = cfg.dump()``
+    (a YAML string); a mapping is accepted too. Returns None when the checkpoint records no
+    ``MVIT`` config (a bare state dict, or a file saved by other code).
+    """
+    cfg = checkpoint.get("cfg") if isinstance(checkpoint, Mapping) else None
+    if isinstance(cfg, str):
+        try:
+            cfg = yaml.safe_load(cfg)
+        except yaml.YAMLError:
+            return None
+    mvit = cfg.get("MVIT") if isinstance(cfg, Mapping) else None
+    if not isinstance(mvit, Mapping):
+        return None
+    return bool(mvit.get("POOL_FIRST", False))  # SlowFast's and mvit's default is False
+
+
+def _require_project_first(sd: Mapping[str, Tensor], checkpoint: object) -> None:
+    """Refuse separate q/k/v linears unless the checkpoint says they project before pooling.
+
+    SlowFast/mvit build separate ``attn.q/k/v`` for ``MVIT.SEPARATE_QKV`` (project, then pool,
+    like our merged ``attn.qkv``: an exact merge) and for ``MVIT.POOL_FIRST`` (pool the input,
+    then project: other numbers with the same key names and, mostly, the same shapes).
+    """
+    if not _separate_qkv_prefixes(sd):
+        return
+    pool_first = recorded_pool_first(checkpoint)
+    if pool_first:
+        raise ValueError(
+            "the checkpoint was trained with MVIT.POOL_FIRST=True (Q/K/V pooled before their "
+            "attn.q/k/v projections); mvitv2 projects before pooling, so these weights cannot be "
+            "loaded exactly and are refused. Use weights trained with MVIT.POOL_FIRST=False."
+        )
+    if pool_first is None:
+        raise ValueError(
+            "the checkpoint stores separate attn.q/k/v projections but no training config "
+            "('cfg' with MVIT.POOL_FIRST) saying whether Q/K/V were projected before pooling "
+            "(MVIT.POOL_FIRST=False: loads exactly) or after it (MVIT.POOL_FIRST=True: cannot "
+            "be loaded). If it was trained with MVIT.POOL_FIRST=False, pass {'model_state': "
+            "state_dict, 'cfg': 'MVIT: {POOL_FIRST: false}'} as the source."
+        )
+
+
 def _merge_separate_qkv(sd: StateDict, notes: list[str]) -> StateDict:
-    """SlowFast ``SEP_QKV`` checkpoints store ``attn.q/k/v``; our model has one ``attn.qkv``."""
-    prefixes = sorted({k[: -len("q.weight")] for k in sd if k.endswith("attn.q.weight")})
+    """SlowFast ``SEPARATE_QKV`` checkpoints store ``attn.q/k/v``; our model has one ``attn.qkv``
+    (rows q, k, v). Only called once :func:`_require_project_first` has accepted the checkpoint."""
+    prefixes = _separate_qkv_prefixes(sd)
     if not prefixes:
         return sd
     sd = dict(sd)
@@ -76,7 +128,7 @@ def _merge_separate_qkv(sd: StateDict, notes: list[str]) -> StateDict:
                 sd[f"{p}qkv.{kind}"] = torch.cat(parts, dim=0)
     notes.append(
         f"merged separate attn.q/k/v into attn.qkv in {len(prefixes)} blocks "
-        "(exact for checkpoints trained with POOL_FIRST=False)"
+        "(recorded MVIT.POOL_FIRST=False: exact)"
     )
     return sd
 
@@ -287,9 +339,15 @@ def convert_state_dict(
     Returns:
         The state dict with our key names (tensor shapes unchanged except torchvision's
         batch-less tokens), or ``(state_dict, format_name, notes)`` with ``return_info``.
+
+    Raises:
+        ValueError: unknown layout, or separate ``attn.q/k/v`` projections that are not known to
+            run before pooling (SlowFast ``MVIT.POOL_FIRST=True``, or no recorded config).
     """
     sd, version = unwrap(checkpoint)
     fmt = detect_format(sd)
+    if fmt.name == "official":
+        _require_project_first(sd, checkpoint)
     sd, notes = fmt.convert(sd)
     if fmt.name == "official" and version is not None:
         sd = migrate(sd, version)

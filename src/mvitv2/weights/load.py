@@ -11,7 +11,8 @@ changes nothing):
   checkpoint gives a video model zero temporal tables;
 * absolute position embeddings: bicubic (space) / linear (time) interpolation;
 * task-specific parts: a head with another class count, or a head/final norm where the model has
-  stage norms (``features_only``), is skipped and reported, never an error (pytorchvideo#26).
+  stage norms (``features_only``), is skipped and reported, never an error (pytorchvideo#26);
+  so is a class token for a model without one (IN-21k ``_cls`` weights -> detection backbone).
 
 Anything else that does not fit (missing or unexpected keys, other shapes) raises
 :class:`CheckpointMismatchError` listing all of it, or with ``strict=False`` is returned in the
@@ -30,9 +31,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mvitv2.models.attention import resize_rel_pos
+from mvitv2.models.mvit import MViT
 from mvitv2.weights.formats import StateDict, convert_state_dict
 from mvitv2.weights.io import CheckpointError, download, is_url, read_checkpoint
 
@@ -196,16 +198,16 @@ def _fit_temporal_pos(v: Tensor, shape: torch.Size) -> tuple[Tensor, str] | None
 
 
 def _fit(
-    key: str, v: Tensor, shape: torch.Size, model: nn.Module, mode: str
+    key: str, v: Tensor, shape: torch.Size, model: MViT, mode: str
 ) -> tuple[Tensor, str] | None:
     """Adapt checkpoint tensor ``v`` to the model's ``shape`` for ``key``, or None if impossible."""
     if _CONV_KEY.match(key):
         return _fit_conv(v, shape, mode)
     if "rel_pos_" in key and v.dim() == 2 and len(shape) == 2 and v.shape[1] == shape[1]:
         return resize_rel_pos(v, shape[0]), f"interpolated table {v.shape[0]} -> {shape[0]}"
-    grid = tuple(getattr(model, "pos_grid", (1, 0, 0))[1:])
+    grid = model.pos_grid[1:]
     if key == "pos_embed":
-        return _fit_pos_embed(v, shape, grid, getattr(model, "num_prefix", 0))
+        return _fit_pos_embed(v, shape, grid, model.num_prefix)
     if key == "pos_embed_spatial":
         return _fit_spatial_pos(v, shape, grid)
     if key == "pos_embed_temporal":
@@ -233,13 +235,12 @@ def _inflate_abs_pos(sd: StateDict, target: Mapping[str, Tensor], report: LoadRe
     report.notes.append("image pos_embed split into spatial/class embeddings, temporal set to 0")
 
 
-def _plan(model: nn.Module, sd: StateDict, report: LoadReport, inflation: str) -> dict[str, Tensor]:
+def _plan(model: MViT, sd: StateDict, report: LoadReport, inflation: str) -> dict[str, Tensor]:
     """Decide, for every model and checkpoint key, what happens; return the tensors to load."""
     target = model.state_dict()
     features_only = any(k.startswith("feature_norms.") for k in target)
     ckpt_has_stage_norms = any(k.startswith("feature_norms.") for k in sd)
-    model_is_video = getattr(getattr(model, "cfg", None), "temporal", False)
-    inflating = model_is_video and _is_image_checkpoint(sd)
+    inflating = model.cfg.temporal and _is_image_checkpoint(sd)
     if inflating:
         report.notes.append(f"image checkpoint inflated into a video model ({inflation})")
         _inflate_abs_pos(sd, target, report)
@@ -296,6 +297,10 @@ def _plan(model: nn.Module, sd: StateDict, report: LoadReport, inflation: str) -
             report.dropped[key] = "features_only model uses per-stage norms instead"
         elif key.startswith("feature_norms.") and not features_only:
             report.dropped[key] = "per-stage (detection) norms; the model is a classifier"
+        elif key in ("cls_token", "pos_embed_class"):
+            # IN-21k `_cls` weights initialise backbones without a cls token (detectron2's
+            # pretrain_use_cls_token): the token is the only tensor with no place.
+            report.dropped[key] = "the model has no class token"
         else:
             report.unexpected.append(key)
     report.notes.extend(sorted(head_notes))
@@ -310,7 +315,7 @@ def _describe(source: object) -> str:
 
 
 def load_checkpoint(
-    model: nn.Module,
+    model: MViT,
     source: str | Path | Mapping,
     *,
     strict: bool = True,
@@ -364,9 +369,7 @@ def load_checkpoint(
     if not report.ok or not final:
         msg = (
             f"checkpoint {report.source} (detected format: {report.format}) does not fit "
-            f"{type(model).__name__}"
-            + (f" '{getattr(model, 'name', '')}'" if getattr(model, "name", "") else "")
-            + f": {len(final)} tensors fit.\n{report.problems()}"
+            f"{type(model).__name__}: {len(final)} tensors fit.\n{report.problems()}"
         )
         if strict or not final:
             raise CheckpointMismatchError(msg, report)

@@ -132,10 +132,12 @@ def _image(tag: str, model: str, file: str, top1: float | None, **kw) -> Weights
 
 
 def _video(tag: str, model: str, file: str, frames: int, rate: int, top1: float, top5: float,
-           size: int = 224, crops: int = 1) -> Weights:  # fmt: skip
+           size: int = 224, crops: int = 1, imagenet_norm: bool = False) -> Weights:  # fmt: skip
     pre = dataclasses.replace(
         _K400_224, input_size=(3, frames, size, size), sampling_rate=rate,
         crop_pct=0.875 if crops == 1 else 1.0,
+        mean=IMAGENET_MEAN if imagenet_norm else KINETICS_MEAN,
+        std=IMAGENET_STD if imagenet_norm else KINETICS_STD,
         protocol=f"5 clips x {crops} crop(s), short side {256 if crops == 1 else size}",
     )  # fmt: skip
     return Weights(
@@ -182,8 +184,10 @@ _ALL: list[Weights] = [
            16, 4, 81.0, 94.6),
     _video("mvitv2_base_32x3.k400", "mvitv2_base_32x3", "MViTv2_B_32x3_k400_f304025456.pyth",
            32, 3, 82.9, 95.7),
+    # L was trained from IN-21k weights with ImageNet's mean/std (SlowFast
+    # configs/Kinetics/MVITv2_L_40x3_test.yaml DATA.MEAN/STD), unlike S and B (SlowFast defaults).
     _video("mvitv2_large_40x3.k400", "mvitv2_large_40x3", "MViTv2_L_40x3_k400_f306903192.pyth",
-           40, 3, 86.1, 97.0, size=312, crops=3),
+           40, 3, 86.1, 97.0, size=312, crops=3, imagenet_norm=True),
     # Kinetics-400 ported by torchvision (hash prefix in the file name is verified).
     Weights(
         tag="mvitv2_small_16x4.k400_tv", model="mvitv2_small_16x4",
