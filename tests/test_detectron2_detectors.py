@@ -478,3 +478,177 @@ def test_detections_are_scaled_clipped_and_empty_ones_dropped() -> None:
     )
     assert out["scores"].tolist() == pytest.approx([0.9, 0.7]) and out["labels"].tolist() == [1, 3]
     assert out["masks"].shape == (2, 1, 240, 320)
+
+
+def test_derived_buffers_and_counters_are_reported_not_loaded() -> None:
+    """Anchors and pixel statistics come from the config (reported as dropped), BatchNorm
+    counters absent from a checkpoint are reported as initialised, unknown tensors as unexpected,
+    another class count as shape conflicts."""
+    sd, info = reference("cascade")
+    sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    sd["pixel_mean"] = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+    sd["pixel_std"] = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+    sd["proposal_generator.anchor_generator.cell_anchors.0"] = torch.zeros(3, 4)
+    model = create_detector(NAMES["cascade"], num_classes=80, **detector_overrides(info))
+    report = load_checkpoint(model, {"model": sd})
+    assert report.ok
+    dropped = {"pixel_mean", "pixel_std", "proposal_generator.anchor_generator.cell_anchors.0"}
+    assert set(report.dropped) == dropped
+    counters = {k for k in model.state_dict() if k.endswith("num_batches_tracked")}
+    assert len(counters) == 3 * 4 + 4 and set(report.initialized) == counters
+    assert_same_detections(detect(model), info["detections"])  # eval does not use them
+
+    sd["roi_heads.keypoint_head.conv_fcn1.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_checkpoint(model, {"model": sd})
+    assert err.value.report.unexpected == ["roi_heads.keypoint_head.conv_fcn1.weight"]
+    few = create_detector(NAMES["cascade"], num_classes=3, **detector_overrides(info))
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_checkpoint(few, reference("cascade")[0])
+    conflicts = {k: (a, b) for k, a, b in err.value.report.shape_conflicts}
+    assert conflicts["roi_heads.box_predictors.0.cls_score.bias"] == ((81,), (4,))
+    assert conflicts["roi_heads.mask_predictor.mask_fcn_logits.weight"][0] == (81, 32, 1, 1)
+
+
+def test_shape_inference_refuses_what_it_cannot_tell() -> None:
+    widths = [96, 192, 192, 384, 384, 384, 384, 384, 768, 768]
+    with pytest.raises(ValueError, match="not a detectron2 MViT R-CNN detector"):
+        detectron2_detector_config({"backbone.bottom_up.patch_embed.proj.weight": torch.zeros(1)})
+    sd = _d2_shapes(widths, cascade=True)
+    sd["roi_heads.box_head.0.conv1.norm.weight"] = sd.pop(
+        "roi_heads.box_head.0.conv1.norm.running_mean"
+    )
+    with pytest.raises(ValueError, match="pass head_norm="):
+        detectron2_detector_config(sd)
+    name, kwargs, _ = detectron2_detector_config(sd, head_norm="GN")
+    assert name == "cascade_maskrcnn_mvitv2_tiny" and kwargs == {"head_norm": "GN"}
+    sd = _d2_shapes(widths, cascade=True)
+    del sd["roi_heads.box_predictor.2.cls_score.bias"]
+    with pytest.raises(ValueError, match="2 cascade stages"):
+        detectron2_detector_config(sd)
+    sd = _d2_shapes([96, 192, 96, 384], cascade=False)
+    with pytest.raises(ValueError, match="do not double"):
+        detectron2_detector_config(sd)
+
+
+def test_traced_resize_size_matches_detectron2s_rounding() -> None:
+    """The tensor version used in traced (ONNX) graphs gives the same sizes."""
+    from mvitv2.detection.components import _traced_shortest_edge_size
+
+    cases = [
+        ((240, 320), 256, 333),
+        ((480, 640), 800, 1333),
+        ((640, 480), 800, 1333),
+        ((97, 131), 256, 333),
+        ((1000, 1500), 800, 1333),
+        ((333, 500), 800, 1333),
+    ]
+    for hw, short, max_size in cases:
+        got = _traced_shortest_edge_size(torch.tensor(hw, dtype=torch.float32), short, max_size)
+        assert tuple(int(v) for v in got) == shortest_edge_size(*hw, short, max_size)
+
+
+def test_training_resizes_images_and_targets_to_a_drawn_size() -> None:
+    t = DetectionTransform((64, 96), 128, 1000, (0.5,) * 3, (0.25,) * 3).train()
+    masks = torch.zeros(1, 40, 60, dtype=torch.uint8)
+    masks[0, 10:20, 30:60] = 1
+    boxes = torch.tensor([[30.0, 10.0, 60.0, 20.0]])
+    target = {"boxes": boxes, "labels": torch.tensor([1]), "masks": masks}
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(8):
+        batch, (out,) = t([torch.rand(3, 40, 60)], [target])
+        h, w = batch.image_sizes[0]
+        seen.add(h)
+        assert (h, w) == shortest_edge_size(40, 60, h, 1000)
+        want = torch.tensor([[30 * w / 60, 10 * h / 40, w * 1.0, 20 * h / 40]])
+        torch.testing.assert_close(out["boxes"], want)
+        assert out["masks"].shape == (1, h, w) and out["masks"][0, :, -1].sum() > 0
+    assert seen == {64, 96}
+    # None: the data pipeline sized the images; training keeps them as they are.
+    t = DetectionTransform(None, 128, 1000, (0.5,) * 3, (0.25,) * 3).train()
+    assert t([torch.rand(3, 40, 60)], [target])[0].image_sizes == [(40, 60)]
+
+
+def test_rpn_training_refuses_non_finite_proposals() -> None:
+    top = {"training": 5, "testing": 5}
+    rpn = ProposalNetwork(None, None, 0.7, 0.3, 256, 0.5, top, top, 0.7)
+    proposals = torch.tensor([[[0, 0, 10, 10], [0, 0, float("nan"), 10]]])
+    logits = torch.tensor([[1.0, 2.0]])
+    with pytest.raises(FloatingPointError, match="diverged"):
+        rpn.train().filter_proposals(proposals, logits, [(50, 50)], [2])
+    boxes, scores = rpn.eval().filter_proposals(proposals, logits, [(50, 50)], [2])
+    assert scores[0].tolist() == [1.0]  # at test time the non-finite box is dropped
+
+
+def test_components_refuse_mismatched_levels() -> None:
+    with pytest.raises(ValueError, match="one anchor size per stride"):
+        GridAnchorGenerator((32, 64), (1.0,), (4, 8, 16))
+    with pytest.raises(ValueError, match="one stride per feature map"):
+        LevelRoIAlign(["p2", "p3"], 7, (4, 8, 16))
+
+
+# detectron2 projects/MViTv2/README.md: weights tag, detector, box AP, mask AP, model file.
+_README_TABLE = """
+mvitv2_tiny.coco_mask_rcnn maskrcnn_mvitv2_tiny 48.3 43.8
+    mask_rcnn_mvitv2_t_3x/f307611773/model_final_1a1c30.pkl
+mvitv2_tiny.coco_cascade cascade_maskrcnn_mvitv2_tiny 52.2 45.0
+    cascade_mask_rcnn_mvitv2_t_3x/f308344828/model_final_c6967a.pkl
+mvitv2_small.coco_cascade cascade_maskrcnn_mvitv2_small 53.2 46.0
+    cascade_mask_rcnn_mvitv2_s_3x/f308344647/model_final_279baf.pkl
+mvitv2_base.coco_cascade cascade_maskrcnn_mvitv2_base 54.1 46.7
+    cascade_mask_rcnn_mvitv2_b_3x/f308109448/model_final_421a91.pkl
+mvitv2_base.coco_cascade_in21k cascade_maskrcnn_mvitv2_base 54.9 47.4
+    cascade_mask_rcnn_mvitv2_b_in12k_3x/f309003202/model_final_be5168.pkl
+mvitv2_large_cls.coco_cascade_in21k cascade_maskrcnn_mvitv2_large 55.8 48.3
+    cascade_mask_rcnn_mvitv2_l_in12k_lsj_50ep/f308099658/model_final_c41c5a.pkl
+mvitv2_huge_cls.coco_cascade_in21k cascade_maskrcnn_mvitv2_huge 56.1 48.5
+    cascade_mask_rcnn_mvitv2_h_in12k_lsj_3x/f309013744/model_final_30d36b.pkl
+"""
+_cells = _README_TABLE.split()
+README = {
+    _cells[i]: (_cells[i + 1], float(_cells[i + 2]), float(_cells[i + 3]), _cells[i + 4])
+    for i in range(0, len(_cells), 5)
+}
+
+
+def test_registry_lists_detectron2s_detectors_and_loads_them_by_tag(tmp_path, monkeypatch) -> None:
+    import dataclasses
+
+    from mvitv2.detection import list_detectors
+    from mvitv2.weights import get_weights, list_weights, register_weights
+    from mvitv2.weights import registry as registry_mod
+
+    assert {t for t in list_weights() if get_weights(t).detector} == set(README)
+    for tag, (detector, box, mask, path) in README.items():
+        w = get_weights(tag)
+        assert w.detector == detector and detector in list_detectors()
+        assert w.url == "https://dl.fbaipublicfiles.com/detectron2/MViTv2/" + path
+        assert (w.metrics["box_ap"], w.metrics["mask_ap"]) == (box, mask)
+        assert w.needs_pickle and w.num_classes == 80 and w.task == "detection"
+        assert w.preprocessing.input_size[1:] == (800, 1333)  # the LSJ ones are tested at 800 too
+    with pytest.raises(CheckpointError, match="allow_pickle=True"):
+        load_detectron2_detector("mvitv2_tiny.coco_cascade")  # refused before any download
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(registry_mod, "WEIGHTS", dict(registry_mod.WEIGHTS))
+    monkeypatch.setattr(registry_mod, "DEFAULT_WEIGHTS", dict(registry_mod.DEFAULT_WEIGHTS))
+    sd, info = reference("maskrcnn")
+    torch.save({"model": sd}, tmp_path / "d2_test.pth")
+    base = get_weights("mvitv2_tiny.coco_mask_rcnn")
+    url = (tmp_path / "d2_test.pth").as_uri()
+    register_weights(dataclasses.replace(base, tag="mvitv2_tiny.d2_test", url=url))
+    loaded = load_detectron2_detector("mvitv2_tiny.d2_test", **backbone_overrides(info))
+    assert loaded.name == "maskrcnn_mvitv2_tiny" and loaded.report.ok
+    assert (tmp_path / "hub" / "checkpoints" / "d2_test.pth").is_file()
+    with pytest.raises(CheckpointError, match="not a whole detector"):
+        load_detectron2_detector("mvitv2_tiny.in1k")
+    with pytest.raises(CheckpointError, match="not a detectron2 checkpoint"):
+        load_detectron2_detector(
+            {
+                "model_state": {
+                    "patch_embed.proj.weight": torch.zeros(1),
+                    "blocks.0.norm1.weight": torch.zeros(1),
+                }
+            }
+        )

@@ -1,18 +1,15 @@
 """Write the detectron2 reference fixtures of ``tests/test_detectron2_detectors.py``.
 
 NOT run in CI: it needs detectron2's own code, which is not on PyPI. Steps (docs/detection.md,
-"detectron2 parity"):
+"Parity with detectron2's own code"):
 
-    # detectron2 sources (facebookresearch/detectron2, commit 02b5c4e2), outside every worktree
-    git clone https://github.com/facebookresearch/detectron2 /work/ref/detectron2-src
-    # (this mirror's snapshot has the package at the top level: /work/ref/detectron2/__init__.py;
-    #  with an upstream clone point --detectron2 at the folder holding the ``detectron2`` package)
-    ln -s ../configs /work/ref/detectron2/model_zoo/configs   # model_zoo.get_config() from a checkout
+    git clone https://github.com/facebookresearch/detectron2 /work/ref/src   # commit 02b5c4e2
+    ln -s ../../configs /work/ref/src/detectron2/model_zoo/configs  # model_zoo.get_config()
     uv venv /work/ref/venv --python 3.11
-    VIRTUAL_ENV=/work/ref/venv uv pip install torch==2.15.0 torchvision==0.29.2 fvcore iopath \
-        omegaconf hydra-core pycocotools pillow numpy safetensors "setuptools<80"
-    PYTHONPATH=/work/ref /work/ref/venv/bin/python tools/make_detectron2_fixture.py \
-        --detectron2 /work/ref/detectron2 --out tests/data
+    VIRTUAL_ENV=/work/ref/venv uv pip install torch==2.15.0 torchvision==0.29.2 timm fvcore \
+        iopath omegaconf hydra-core pycocotools pillow numpy safetensors "setuptools<80"
+    PYTHONPATH=/work/ref/src /work/ref/venv/bin/python tools/make_detectron2_fixture.py \
+        --detectron2 /work/ref/src/detectron2 --out tests/data
 
 detectron2's C++ extension is not needed (the detectors' inference uses torchvision's roi_align
 and nms). For each of ``mask_rcnn_mvitv2_t_3x`` and ``cascade_mask_rcnn_mvitv2_t_3x`` it loads
@@ -81,7 +78,9 @@ def small_config(d2: Path, name: str):
     from detectron2.config import LazyConfig
     from detectron2.layers import ShapeSpec
 
-    cfg = LazyConfig.load(str(d2 / "projects" / "MViTv2" / "configs" / f"{name}.py"))
+    # projects/ is at the top of a clone (next to the package), inside it in some snapshots.
+    projects = next(p for p in (d2.parent / "projects", d2 / "projects") if p.is_dir())
+    cfg = LazyConfig.load(str(projects / "MViTv2" / "configs" / f"{name}.py"))
     m = cfg.model
     bu = m.backbone.bottom_up
     bu.embed_dim = SMALL["embed_dim"]

@@ -317,15 +317,13 @@ def _traced_shortest_edge_size(hw: Tensor, short: int, max_size: int) -> Tensor:
 
 
 def pil_resize(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """Resize a ``(C, H, W)`` uint8 image with PIL's bilinear filter, as detectron2's
+    """Resize a ``(3, H, W)`` uint8 RGB image with PIL's bilinear filter, as detectron2's
     ``ResizeTransform`` does for uint8 images (antialiased when shrinking; torchvision's uint8
     kernel differs from PIL by one grey level on a few pixels)."""
     from PIL import Image
 
-    arr = image.permute(1, 2, 0).cpu().numpy()
-    pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
     out = np.asarray(pil.resize((size[1], size[0]), Image.BILINEAR))
-    out = out.reshape(size[0], size[1], -1)
     return torch.from_numpy(out.copy()).permute(2, 0, 1).to(image.device)
 
 
@@ -473,7 +471,9 @@ class DetectionTransform(GeneralizedRCNNTransform):
             short = self.test_size
         h, w = image.shape[-2:]
         if torchvision._is_tracing():
-            hw = torch.onnx.operators.shape_as_tensor(image)[-2:].to(torch.float32)
+            from torch.onnx import operators
+
+            hw = operators.shape_as_tensor(image)[-2:].to(torch.float32)
             new = _traced_shortest_edge_size(hw, short, self.max_size)
             # recompute_scale_factor: output side = floor(side * factor) = the rounded side, and
             # the interpolation then uses in/out, as with an explicit size.

@@ -171,9 +171,15 @@ def detectron2_detector_config(
     blocks = _indices(sd, r"backbone\.bottom_up\.blocks\.(\d+)\.mlp\.fc2\.weight")
     widths = [sd[f"backbone.bottom_up.blocks.{i}.mlp.fc2.weight"].shape[0] for i in blocks]
     embed_dim = sd["backbone.bottom_up.patch_embed.proj.weight"].shape[0]
-    depths = tuple(widths.count(embed_dim * 2**s) for s in range(len(set(widths))))
-    if sum(depths) != len(widths):
-        raise ValueError(f"backbone block widths {widths} do not double stage by stage")
+    stages: list[int] = []  # blocks per stage: widths embed, 2 embed, 4 embed, ... in order
+    for w in widths:
+        if stages and w == embed_dim * 2 ** (len(stages) - 1):
+            stages[-1] += 1
+        elif w == embed_dim * 2 ** len(stages):
+            stages.append(1)
+        else:
+            raise ValueError(f"backbone block widths {widths} do not double stage by stage")
+    depths = tuple(stages)
 
     if name is None:
         prefix = "cascade_maskrcnn_mvitv2_" if cascade else "maskrcnn_mvitv2_"
