@@ -201,27 +201,44 @@ def test_labels_map_to_coco_category_ids_and_names() -> None:
     )
 
 
-def _d2_shapes(widths: list[int], cascade: bool, classes: int = 80) -> dict[str, torch.Tensor]:
-    """The tensors a released detectron2 MViTv2 detector has that shape inference reads."""
+def _d2_shapes(
+    widths: list[int],
+    cascade: bool,
+    classes: int = 80,
+    head_norm: str | None = None,
+    mask_norm: str | None = None,
+    fpn_norm: str = "",
+    box_conv: int = 256,
+) -> dict[str, torch.Tensor]:
+    """The tensors of a detectron2 MViTv2 detector that shape inference reads (meta device).
+    Norms: "BN" (weight and running statistics), "GN" (weight only), "" (none); the heads' norm
+    defaults to the released configs' (BN for Cascade, none for Mask R-CNN)."""
     e = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    head_norm = ("BN" if cascade else "") if head_norm is None else head_norm
+    mask_norm = head_norm if mask_norm is None else mask_norm
+
+    def conv(key: str, shape: tuple[int, ...], norm: str) -> None:
+        sd[f"{key}.weight"] = e(*shape)
+        if norm:
+            sd[f"{key}.norm.weight"] = e(shape[0])
+        if norm == "BN":
+            sd[f"{key}.norm.running_mean"] = e(shape[0])
+
     sd = {"backbone.bottom_up.patch_embed.proj.weight": e(widths[0], 3, 7, 7)}
     for i, w in enumerate(widths):
         sd[f"backbone.bottom_up.blocks.{i}.mlp.fc2.weight"] = e(w, 4 * w)
-    sd["backbone.fpn_output2.weight"] = e(256, 256, 3, 3)
+    conv("backbone.fpn_output2", (256, 256, 3, 3), fpn_norm)
     sd["roi_heads.mask_head.deconv.weight"] = e(256, 256, 2, 2)
     for i in range(1, 5):
-        sd[f"roi_heads.mask_head.mask_fcn{i}.weight"] = e(256, 256, 3, 3)
+        conv(f"roi_heads.mask_head.mask_fcn{i}", (256, 256, 3, 3), mask_norm)
     if cascade:
         sd["proposal_generator.rpn_head.conv.conv0.weight"] = e(256, 256, 3, 3)
         sd["proposal_generator.rpn_head.conv.conv1.weight"] = e(256, 256, 3, 3)
         for k in range(3):
             sd[f"roi_heads.box_predictor.{k}.cls_score.bias"] = e(classes + 1)
             for i in range(1, 5):
-                sd[f"roi_heads.box_head.{k}.conv{i}.weight"] = e(256, 256, 3, 3)
-                sd[f"roi_heads.box_head.{k}.conv{i}.norm.running_mean"] = e(256)
-            sd[f"roi_heads.box_head.{k}.fc1.weight"] = e(1024, 256 * 49)
-        for i in range(1, 5):
-            sd[f"roi_heads.mask_head.mask_fcn{i}.norm.running_mean"] = e(256)
+                conv(f"roi_heads.box_head.{k}.conv{i}", (box_conv, 256, 3, 3), head_norm)
+            sd[f"roi_heads.box_head.{k}.fc1.weight"] = e(1024, box_conv * 49)
     else:
         sd["proposal_generator.rpn_head.conv.weight"] = e(256, 256, 3, 3)
         sd["roi_heads.box_predictor.cls_score.bias"] = e(classes + 1)
@@ -251,8 +268,9 @@ def test_released_detectors_are_recognised_from_their_shapes(
     assert detectron2_detector_config(_d2_shapes(widths, cascade, 3))[2] == 3
     with pytest.raises(ValueError, match="pass name="):
         detectron2_detector_config(_d2_shapes([8, 16, 16, 32, 64], cascade))
-    with pytest.raises(ValueError, match="is a Mask R-CNN" if not cascade else "Cascade"):
-        other = "cascade_maskrcnn_mvitv2_tiny" if not cascade else "maskrcnn_mvitv2_tiny"
+    other = "cascade_maskrcnn_mvitv2_tiny" if not cascade else "maskrcnn_mvitv2_tiny"
+    kind = "Cascade Mask R-CNN" if cascade else "Mask R-CNN"
+    with pytest.raises(ValueError, match=f"^the checkpoint is a {kind}; '{other}' is not$"):
         detectron2_detector_config(_d2_shapes(widths, cascade), other)
 
 
@@ -388,41 +406,23 @@ def test_box_inference_keeps_tiny_boxes_and_takes_each_class_box() -> None:
 def test_rpn_keeps_top_k_per_level_and_ranks_nms_by_logits() -> None:
     """find_top_rpn_proposals: top-k logits per level, clip, drop empty boxes (not < 1e-3 px),
     NMS per level on the logits (sigmoid ties at 1.0 above ~17), post-NMS top-k."""
-    rpn = ProposalNetwork(
-        None,
-        None,
-        0.7,
-        0.3,
-        256,
-        0.5,
-        {"training": 2, "testing": 2},
-        {"training": 3, "testing": 3},
-        0.7,
-    ).eval()
-    proposals = torch.tensor(
-        [
-            [
-                [0, 0, 10, 10],
-                [0, 0, 10.5, 10],
-                [20, 20, 20.0005, 30],
-                [50, 50, 60, 60],  # level 0
-                [0, 0, 10, 10],
-                [200, 0, 230, 10],  # level 1: the second lies outside (W = 100)
-            ]
-        ],
-        dtype=torch.float32,
-    )
-    logits = torch.tensor([[20.0, 25.0, 18.0, -5.0, 3.0, 4.0]])
-    boxes, scores = rpn.filter_proposals(proposals, logits, [(100, 100)], [4, 2])
-    # Level 0 keeps its top 2 (25, 20), which overlap: NMS keeps the larger logit (25), not the
-    # first of two tied probabilities. Level 1's second box is empty after clipping.
-    assert scores[0].tolist() == [25.0, 3.0]
-    torch.testing.assert_close(boxes[0], torch.tensor([[0, 0, 10.5, 10], [0, 0, 10, 10.0]]))
-    # A 0.0005 px wide box survives (torchvision's RPN drops boxes under 1e-3 px).
-    boxes, scores = rpn.filter_proposals(
-        proposals, logits * torch.tensor([1, 1, 2, 1, 1, 1]), [(100, 100)], [4, 2]
-    )
-    assert scores[0].tolist() == [36.0, 25.0, 3.0]
+    top = {"training": 3, "testing": 3}
+    rpn = ProposalNetwork(None, None, 0.7, 0.3, 256, 0.5, top, top, 0.7).eval()
+    level0 = [[0, 0, 10, 10], [0, 0, 10.5, 10], [20, 20, 20.0005, 30], [50, 50, 60, 60]]
+    # Level 1: the last two lie right of / below the 100 x 100 image: empty once clipped.
+    level1 = [[0, 0, 10, 10], [200, 0, 230, 10], [0, 200, 10, 230]]
+    proposals = torch.tensor([level0 + level1], dtype=torch.float32)
+    logits = torch.tensor([[20.0, 25.0, 18.0, -5.0, 3.0, 4.0, 5.0]])
+    boxes, scores = rpn.filter_proposals(proposals, logits, [(100, 100)], [4, 3])
+    # Level 0's top 3 are 25, 20, 18 (not -5); 25 and 20 overlap: NMS keeps the larger logit,
+    # not the first of two tied probabilities; the 0.0005 px wide box survives (torchvision's RPN
+    # drops boxes under 1e-3 px). Level 1 keeps only the box inside the image.
+    assert scores[0].tolist() == [25.0, 18.0, 3.0]
+    want = torch.tensor([[0, 0, 10.5, 10], [20, 20, 20.0005, 30], [0, 0, 10, 10]])
+    torch.testing.assert_close(boxes[0], want)
+    # Post-NMS top-k over the levels.
+    rpn._post_nms_top_n = {"training": 2, "testing": 2}
+    assert rpn.filter_proposals(proposals, logits, [(100, 100)], [4, 3])[1][0].tolist() == [25, 18]
 
 
 def test_masks_are_pasted_like_detectron2() -> None:
@@ -457,6 +457,11 @@ def test_masks_are_pasted_like_detectron2() -> None:
     torch.testing.assert_close(
         paste_masks(masks, boxes, (48, 64)), _paste_masks_traced(masks, boxes, (48, 64))
     )
+    # Coarse masks reach beyond the box grown by 1 px: the traced version cuts there too.
+    coarse = torch.rand(5, 1, 2, 2) + 0.5
+    torch.testing.assert_close(
+        paste_masks(coarse, boxes, (48, 64)), _paste_masks_traced(coarse, boxes, (48, 64))
+    )
 
 
 def test_detections_are_scaled_clipped_and_empty_ones_dropped() -> None:
@@ -465,11 +470,16 @@ def test_detections_are_scaled_clipped_and_empty_ones_dropped() -> None:
     t = DetectionTransform(None, 256, 333, (0.5,) * 3, (0.2,) * 3).eval()
     pred = {
         "boxes": torch.tensor(
-            [[10.0, 20.0, 100.0, 200.0], [340.0, 5.0, 400.0, 50.0], [0, 0, 500.0, 260.0]]
+            [
+                [10.0, 20.0, 100.0, 200.0],
+                [340.0, 5.0, 400.0, 50.0],
+                [0, 0, 500.0, 260.0],
+                [5.0, 260.0, 50.0, 300.0],
+            ]
         ),
-        "scores": torch.tensor([0.9, 0.8, 0.7]),
-        "labels": torch.tensor([1, 2, 3]),
-        "masks": torch.ones(3, 1, 28, 28),
+        "scores": torch.tensor([0.9, 0.8, 0.7, 0.6]),
+        "labels": torch.tensor([1, 2, 3, 4]),
+        "masks": torch.ones(4, 1, 28, 28),
     }
     out = t.postprocess([pred], [(250, 333)], [(240, 320)])[0]
     sx, sy = 320 / 333, 240 / 250
@@ -510,25 +520,51 @@ def test_derived_buffers_and_counters_are_reported_not_loaded() -> None:
     assert conflicts["roi_heads.mask_predictor.mask_fcn_logits.weight"][0] == (81, 32, 1, 1)
 
 
-def test_shape_inference_refuses_what_it_cannot_tell() -> None:
-    widths = [96, 192, 192, 384, 384, 384, 384, 384, 768, 768]
-    with pytest.raises(ValueError, match="not a detectron2 MViT R-CNN detector"):
-        detectron2_detector_config({"backbone.bottom_up.patch_embed.proj.weight": torch.zeros(1)})
-    sd = _d2_shapes(widths, cascade=True)
-    sd["roi_heads.box_head.0.conv1.norm.weight"] = sd.pop(
-        "roi_heads.box_head.0.conv1.norm.running_mean"
+def test_shape_inference_reads_norms_and_widths_and_refuses_what_it_cannot_tell() -> None:
+    tiny = [96, 192, 192, 384, 384, 384, 384, 384, 768, 768]
+    name = "cascade_maskrcnn_mvitv2_tiny"
+    assert detectron2_detector_config(_d2_shapes(tiny, True, fpn_norm="BN")) == (
+        name,
+        {"fpn_norm": "BN"},
+        80,
     )
-    with pytest.raises(ValueError, match="pass head_norm="):
-        detectron2_detector_config(sd)
-    name, kwargs, _ = detectron2_detector_config(sd, head_norm="GN")
-    assert name == "cascade_maskrcnn_mvitv2_tiny" and kwargs == {"head_norm": "GN"}
-    sd = _d2_shapes(widths, cascade=True)
+    assert detectron2_detector_config(_d2_shapes(tiny, True, box_conv=128))[1] == {
+        "box_conv_dim": 128
+    }
+    # GroupNorm and detectron2's "LN" both have only a weight and a bias: ask.
+    msg = r"cannot tell the head / FPN norms from the checkpoint \(found \{None\}, FPN ''\); pass"
+    with pytest.raises(ValueError, match=msg):
+        detectron2_detector_config(_d2_shapes(tiny, True, head_norm="GN"))
+    assert detectron2_detector_config(_d2_shapes(tiny, True, head_norm="GN"), head_norm="GN")[
+        1
+    ] == {"head_norm": "GN"}
+    with pytest.raises(ValueError, match="cannot tell"):  # the FPN's norm
+        detectron2_detector_config(_d2_shapes(tiny, True, fpn_norm="GN"))
+    kwargs = detectron2_detector_config(_d2_shapes(tiny, True, fpn_norm="GN"), fpn_norm="GN")[1]
+    assert kwargs == {"fpn_norm": "GN"}
+    with pytest.raises(ValueError, match="cannot tell"):  # box and mask heads differ: one option
+        detectron2_detector_config(_d2_shapes(tiny, True, mask_norm=""))
+
+    msg = (
+        "^not a detectron2 MViT R-CNN detector: expected backbone.bottom_up.patch_embed and "
+        r"roi_heads.box_predictor.cls_score tensors$"
+    )
+    with pytest.raises(ValueError, match=msg):
+        detectron2_detector_config({"backbone.bottom_up.patch_embed.proj.weight": torch.zeros(1)})
+    sd = _d2_shapes(tiny, cascade=True)
     del sd["roi_heads.box_predictor.2.cls_score.bias"]
-    with pytest.raises(ValueError, match="2 cascade stages"):
+    msg = "^the checkpoint has 2 cascade stages; pass cascade_ious and cascade_weights for them$"
+    with pytest.raises(ValueError, match=msg):
         detectron2_detector_config(sd)
-    sd = _d2_shapes([96, 192, 96, 384], cascade=False)
-    with pytest.raises(ValueError, match="do not double"):
-        detectron2_detector_config(sd)
+    with pytest.raises(ValueError, match=r"^backbone block widths \[96, 192, 96, 384\] do not"):
+        detectron2_detector_config(_d2_shapes([96, 192, 96, 384], cascade=False))
+    msg = (
+        r"^no registered detector has an MViT of width 8 and depths \(1, 1\): pass "
+        r"name='maskrcnn_mvitv2_tiny' \(or cascade_...\) and the backbone's num_heads, depths, "
+        "embed_dim, img_size and window_size$"
+    )
+    with pytest.raises(ValueError, match=msg):
+        detectron2_detector_config(_d2_shapes([8, 16], cascade=False))
 
 
 def test_traced_resize_size_matches_detectron2s_rounding() -> None:
@@ -575,10 +611,13 @@ def test_rpn_training_refuses_non_finite_proposals() -> None:
     rpn = ProposalNetwork(None, None, 0.7, 0.3, 256, 0.5, top, top, 0.7)
     proposals = torch.tensor([[[0, 0, 10, 10], [0, 0, float("nan"), 10]]])
     logits = torch.tensor([[1.0, 2.0]])
-    with pytest.raises(FloatingPointError, match="diverged"):
+    msg = "^RPN boxes or scores are not finite: training diverged$"
+    with pytest.raises(FloatingPointError, match=msg):
         rpn.train().filter_proposals(proposals, logits, [(50, 50)], [2])
     boxes, scores = rpn.eval().filter_proposals(proposals, logits, [(50, 50)], [2])
     assert scores[0].tolist() == [1.0]  # at test time the non-finite box is dropped
+    boxes, scores = rpn.train().filter_proposals(proposals[:, :1], logits[:, :1], [(50, 50)], [1])
+    assert scores[0].tolist() == [1.0]  # finite: trains on
 
 
 def test_components_refuse_mismatched_levels() -> None:
@@ -652,3 +691,46 @@ def test_registry_lists_detectron2s_detectors_and_loads_them_by_tag(tmp_path, mo
                 }
             }
         )
+
+
+def test_load_detectron2_detector_sources_strictness_and_other_class_counts(tmp_path) -> None:
+    sd, info = reference("cascade")
+    overrides = backbone_overrides(info)
+    path = DATA / "detectron2_cascade.safetensors"
+    for source in (str(path), path.as_uri()):  # a path as a string, a file:// URL
+        loaded = load_detectron2_detector(source, NAMES["cascade"], **overrides)
+        assert loaded.report.ok and loaded.report.source == source
+    assert loaded.preprocessing == {
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "min_size": 256,
+        "max_size": 333,
+        "size_divisible": 32,
+        "input_format": "RGB",
+        "resize": "shortest edge (detectron2 ResizeShortestEdge): PIL bilinear for uint8 images, "
+        "F.interpolate for float [0, 1] images",
+    }
+    # Strict by default: a missing tensor fails; strict=False loads the rest and reports it.
+    partial = {k: v for k, v in sd.items() if k != "roi_heads.box_head.1.fc1.bias"}
+    with pytest.raises(CheckpointMismatchError, match="roi_heads.box_heads.1.5.bias"):
+        load_detectron2_detector(partial, NAMES["cascade"], **overrides)
+    loaded = load_detectron2_detector(partial, NAMES["cascade"], strict=False, **overrides)
+    assert loaded.report.missing == ["roi_heads.box_heads.1.5.bias"]
+    assert loaded.report.source == "<state dict>"
+    official = {"patch_embed.proj.weight": torch.zeros(1), "blocks.0.norm1.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match="^<state dict>: not a detectron2 checkpoint"):
+        load_detectron2_detector(official)
+    # Three classes (background still last in detectron2's rows): not COCO, no COCO names.
+    three = dict(sd)
+    for k in range(3):
+        for kind in ("weight", "bias"):
+            key = f"roi_heads.box_predictor.{k}.cls_score.{kind}"
+            three[key] = sd[key][[0, 1, 2, 80]]
+    for kind in ("weight", "bias"):
+        key = f"roi_heads.mask_head.predictor.{kind}"
+        three[key] = sd[key][:3]
+    loaded = load_detectron2_detector(three, NAMES["cascade"], **overrides)
+    assert loaded.num_classes == 3 and loaded.report.ok
+    assert loaded.class_names is None and loaded.category_ids is None
+    got = loaded.model.state_dict()["roi_heads.box_predictors.0.cls_score.bias"]
+    assert got.tolist() == sd["roi_heads.box_predictor.0.cls_score.bias"][[80, 0, 1, 2]].tolist()

@@ -50,7 +50,7 @@ def coco_category_ids(labels: Tensor) -> Tensor:
     """COCO category ids of detector labels ``1..80`` (detectron2's contiguous class + 1)."""
     import torch
 
-    table = torch.tensor((0, *COCO_CATEGORY_IDS), dtype=torch.int64, device=labels.device)
+    table = torch.tensor((0, *COCO_CATEGORY_IDS), device=labels.device)
     return table[labels.long()]
 
 

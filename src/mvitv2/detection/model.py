@@ -205,9 +205,11 @@ class MViTDetector(GeneralizedRCNN):
 
     ``model(images, targets)`` in training mode returns a dict of losses; in eval mode
     ``model(images)`` returns one dict per image with ``boxes`` (x1, y1, x2, y2 in input pixels),
-    ``labels`` (1..num_classes), ``scores`` and ``masks`` (``(N, 1, H, W)`` probabilities).
-    ``images`` is a list of ``(3, H, W)`` float RGB tensors in ``[0, 1]``; targets hold ``boxes``,
-    ``labels`` (int64, 1..num_classes) and ``masks`` (``(N, H, W)`` uint8).
+    ``labels`` (1..num_classes), ``scores`` and ``masks`` (``(N, 1, H, W)`` probabilities;
+    ``>= 0.5`` is detectron2's binary mask). ``images`` is a list of ``(3, H, W)`` RGB tensors,
+    float in ``[0, 1]`` or uint8 (resized with PIL, as detectron2's data loader does); targets
+    hold ``boxes``, ``labels`` (int64, 1..num_classes) and ``masks`` (``(N, H, W)`` uint8).
+    Inference computes what detectron2 computes (:mod:`mvitv2.detection.components`).
 
     Build it with :func:`create_detector`.
     """
