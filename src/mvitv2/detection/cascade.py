@@ -18,6 +18,8 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, maskrcnn_loss
 from torchvision.ops import boxes as box_ops
 
+from mvitv2.detection.components import fast_rcnn_inference
+
 
 class AgnosticBoxPredictor(nn.Module):
     """Class scores (background at index 0) and one class-agnostic box delta per RoI.
@@ -66,7 +68,7 @@ class CascadeRoIHeads(RoIHeads):
     """Cascade box stages + a Mask R-CNN mask branch.
 
     Args:
-        box_roi_pool: ``MultiScaleRoIAlign`` shared by the stages.
+        box_roi_pool: the RoI pooler shared by the stages (:class:`LevelRoIAlign`).
         box_heads: one head per stage (RoI features -> vector).
         box_predictors: one :class:`AgnosticBoxPredictor` per stage.
         stage_ious: IoU threshold of each stage's matcher (foreground at or above).
@@ -145,21 +147,13 @@ class CascadeRoIHeads(RoIHeads):
     def _postprocess(
         self, scores: Tensor, boxes: Tensor, counts: list[int], image_shapes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
-        """Per-class score threshold, batched NMS and top-k over class-agnostic boxes."""
+        """detectron2's test-time filtering of the class-agnostic final boxes, per image."""
         results = []
         for sc, bx, shape in zip(scores.split(counts), boxes.split(counts), image_shapes):
-            bx = box_ops.clip_boxes_to_image(bx, shape)
-            num_classes = sc.shape[1]
-            sc = sc[:, 1:]
-            labels = torch.arange(1, num_classes, device=sc.device).expand_as(sc)
-            bx = bx[:, None].expand(-1, num_classes - 1, 4)
-            bx, sc, labels = bx.reshape(-1, 4), sc.reshape(-1), labels.reshape(-1)
-            keep = torch.where(sc > self.score_thresh)[0]
-            bx, sc, labels = bx[keep], sc[keep], labels[keep]
-            keep = box_ops.remove_small_boxes(bx, min_size=1e-2)
-            bx, sc, labels = bx[keep], sc[keep], labels[keep]
-            keep = box_ops.batched_nms(bx, sc, labels, self.nms_thresh)[: self.detections_per_img]
-            results.append({"boxes": bx[keep], "labels": labels[keep], "scores": sc[keep]})
+            bx, sc, labels = fast_rcnn_inference(
+                bx[:, None], sc, shape, self.score_thresh, self.nms_thresh, self.detections_per_img
+            )
+            results.append({"boxes": bx, "labels": labels, "scores": sc})
         return results
 
     def forward(
@@ -204,7 +198,8 @@ class CascadeRoIHeads(RoIHeads):
 
         result: list[dict[str, Tensor]] = []
         if not self.training:
-            scores = torch.stack(stage_scores).mean(0)
+            # detectron2: sum(stage scores) * (1 / stages), in this order.
+            scores = sum(stage_scores) * (1.0 / self.num_stages)
             result = self._postprocess(scores, refined, counts, image_shapes)
 
         if self.has_mask():

@@ -14,17 +14,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.models.detection.rpn import RPNHead
 
 from mvitv2.detection.backbone import FEATURE_NAMES, MViTFPN, norm_layer
 from mvitv2.detection.cascade import AgnosticBoxPredictor, CascadeRoIHeads
+from mvitv2.detection.components import (
+    DetectionTransform,
+    FastRCNNRoIHeads,
+    GridAnchorGenerator,
+    LevelRoIAlign,
+    ProposalNetwork,
+)
 from mvitv2.models.config import MViTConfig
 from mvitv2.models.gemm import convert_linears
 from mvitv2.models.registry import create_model
@@ -196,39 +200,16 @@ def _tuplify(v: Any) -> Any:
     return v
 
 
-class _Transform(GeneralizedRCNNTransform):
-    """torchvision's transform with separate train sizes (or none: keep the data's size) and a
-    test size; it normalises, resizes and pads the batch to a multiple of 32."""
-
-    def __init__(
-        self,
-        train_sizes: tuple[int, ...] | None,
-        test_size: int,
-        max_size: int,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-    ) -> None:
-        super().__init__(
-            test_size, max_size, list(mean), list(std), size_divisible=32,
-            _skip_resize=train_sizes is None,
-        )  # fmt: skip
-        self.train_sizes = tuple(train_sizes or (test_size,))
-        self.test_size = test_size
-
-    def resize(self, image, target=None):  # noqa: ANN001, ANN201 - torchvision's signature
-        # torchvision draws from min_size in training and takes its last entry in eval.
-        self.min_size = self.train_sizes if self.training else (self.test_size,)
-        return super().resize(image, target)
-
-
 class MViTDetector(GeneralizedRCNN):
     """Mask R-CNN / Cascade Mask R-CNN on an MViT + FPN backbone (torchvision's calling contract).
 
     ``model(images, targets)`` in training mode returns a dict of losses; in eval mode
     ``model(images)`` returns one dict per image with ``boxes`` (x1, y1, x2, y2 in input pixels),
-    ``labels`` (1..num_classes), ``scores`` and ``masks`` (``(N, 1, H, W)`` probabilities).
-    ``images`` is a list of ``(3, H, W)`` float RGB tensors in ``[0, 1]``; targets hold ``boxes``,
-    ``labels`` (int64, 1..num_classes) and ``masks`` (``(N, H, W)`` uint8).
+    ``labels`` (1..num_classes), ``scores`` and ``masks`` (``(N, 1, H, W)`` probabilities;
+    ``>= 0.5`` is detectron2's binary mask). ``images`` is a list of ``(3, H, W)`` RGB tensors,
+    float in ``[0, 1]`` or uint8 (resized with PIL, as detectron2's data loader does); targets
+    hold ``boxes``, ``labels`` (int64, 1..num_classes) and ``masks`` (``(N, H, W)`` uint8).
+    Inference computes what detectron2 computes (:mod:`mvitv2.detection.components`).
 
     Build it with :func:`create_detector`.
     """
@@ -243,11 +224,8 @@ class MViTDetector(GeneralizedRCNN):
         backbone = MViTFPN(body, cfg.fpn_channels, cfg.fpn_norm)
         c = cfg.fpn_channels
 
-        anchors = AnchorGenerator(
-            tuple((s,) for s in cfg.anchor_sizes),
-            (tuple(cfg.aspect_ratios),) * len(cfg.anchor_sizes),
-        )
-        rpn = RegionProposalNetwork(
+        anchors = GridAnchorGenerator(cfg.anchor_sizes, cfg.aspect_ratios, backbone.strides)
+        rpn = ProposalNetwork(
             anchors,
             RPNHead(c, anchors.num_anchors_per_location()[0], conv_depth=cfg.rpn_conv_depth),
             fg_iou_thresh=0.7,
@@ -273,14 +251,13 @@ class MViTDetector(GeneralizedRCNN):
                 (c, 7, 7), [cfg.box_conv_dim] * n_convs, [cfg.box_fc_dim] * n_fcs, head_norm
             )
 
-        box_pool = MultiScaleRoIAlign(list(FEATURE_NAMES), output_size=7, sampling_ratio=2)
+        strides = backbone.strides[: len(FEATURE_NAMES)]  # P2-P5 (P6 only feeds the RPN)
+        box_pool = LevelRoIAlign(FEATURE_NAMES, 7, strides)
         mask_parts: dict[str, nn.Module | None] = {}
         if cfg.mask:
             dims = [cfg.mask_head_dim] * cfg.mask_head_convs
             mask_parts = {
-                "mask_roi_pool": MultiScaleRoIAlign(
-                    list(FEATURE_NAMES), output_size=14, sampling_ratio=2
-                ),
+                "mask_roi_pool": LevelRoIAlign(FEATURE_NAMES, 14, strides),
                 "mask_head": MaskRCNNHeads(c, dims, 1, head_norm),
                 "mask_predictor": MaskRCNNPredictor(
                     dims[-1] if dims else c, cfg.mask_head_dim, num_classes + 1
@@ -304,7 +281,7 @@ class MViTDetector(GeneralizedRCNN):
                 **mask_parts,
             )
         else:
-            roi_heads = RoIHeads(
+            roi_heads = FastRCNNRoIHeads(
                 box_pool,
                 box_head(),
                 FastRCNNPredictor(cfg.box_fc_dim, num_classes + 1),
@@ -318,8 +295,13 @@ class MViTDetector(GeneralizedRCNN):
                 cfg.detections_per_img,
                 **mask_parts,
             )
-        transform = _Transform(
-            cfg.train_min_size, cfg.min_size, cfg.max_size, cfg.image_mean, cfg.image_std
+        transform = DetectionTransform(
+            cfg.train_min_size,
+            cfg.min_size,
+            cfg.max_size,
+            cfg.image_mean,
+            cfg.image_std,
+            size_divisible=backbone.strides[len(FEATURE_NAMES) - 1],
         )
         # torchvision's box heads and predictors: their linears on our GEMM backend too.
         super().__init__(backbone, rpn, convert_linears(roi_heads), transform)

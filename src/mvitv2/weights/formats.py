@@ -226,6 +226,160 @@ def _from_detectron2(sd: StateDict) -> tuple[StateDict, list[str]]:
     return out, notes
 
 
+# --------------------------------------------------------------------------- detectron2 detector
+# A whole detectron2 GeneralizedRCNN (projects/MViTv2: FPN, RPN, Fast R-CNN or Cascade box heads,
+# mask head) renamed to mvitv2's MViTDetector, whose parts are torchvision's
+# FeaturePyramidNetwork, RPNHead, FastRCNNConvFCHead, MaskRCNNHeads / MaskRCNNPredictor, and a
+# FastRCNNPredictor or (cascade) one AgnosticBoxPredictor per stage.
+
+#: detectron2 keys that are never loaded, and why.
+D2_NOT_LOADED = {
+    "proposal_generator.anchor_generator.cell_anchors.": "anchors are computed from the config",
+    "pixel_mean": "the input normalisation comes from the detector config",
+    "pixel_std": "the input normalisation comes from the detector config",
+}
+
+
+def _d2_conv(rest: str) -> str:
+    """detectron2 ``Conv2d`` (weight/bias, its norm under ``norm.``) -> torchvision
+    ``Conv2dNormActivation`` (conv at ``0.``, norm at ``1.``)."""
+    return "1." + rest[len("norm.") :] if rest.startswith("norm.") else "0." + rest
+
+
+def _d2_box_head(rest: str, num_convs: int) -> str | None:
+    """A ``FastRCNNConvFCHead`` key (``conv{i}.``, ``fc{j}.``) in torchvision's layout: convs at
+    ``0..n-1``, Flatten at ``n``, fc ``j`` at ``n + 1 + 2 (j - 1)`` (each followed by its ReLU)."""
+    if m := re.fullmatch(r"conv(\d+)\.(.*)", rest):
+        return f"{int(m[1]) - 1}.{_d2_conv(m[2])}"
+    if m := re.fullmatch(r"fc(\d+)\.(.*)", rest):
+        return f"{num_convs + 1 + 2 * (int(m[1]) - 1)}.{m[2]}"
+    return None
+
+
+_D2_RULES: list[tuple[str, Callable[[re.Match], str]]] = [
+    (
+        r"backbone\.bottom_up\.scale(\d)_norm\.(.*)",
+        lambda m: f"backbone.body.feature_norms.{int(m[1]) - 2}.{m[2]}",
+    ),
+    (r"backbone\.bottom_up\.(.*)", lambda m: f"backbone.body.{m[1]}"),
+    (
+        r"backbone\.fpn_lateral(\d)\.(.*)",
+        lambda m: f"backbone.fpn.inner_blocks.{int(m[1]) - 2}.{_d2_conv(m[2])}",
+    ),
+    (
+        r"backbone\.fpn_output(\d)\.(.*)",
+        lambda m: f"backbone.fpn.layer_blocks.{int(m[1]) - 2}.{_d2_conv(m[2])}",
+    ),
+    (r"proposal_generator\.rpn_head\.conv\.(weight|bias)", lambda m: f"rpn.head.conv.0.0.{m[1]}"),
+    (
+        r"proposal_generator\.rpn_head\.conv\.conv(\d+)\.(.*)",
+        lambda m: f"rpn.head.conv.{m[1]}.0.{m[2]}",
+    ),
+    (
+        r"proposal_generator\.rpn_head\.objectness_logits\.(.*)",
+        lambda m: f"rpn.head.cls_logits.{m[1]}",
+    ),
+    (r"proposal_generator\.rpn_head\.anchor_deltas\.(.*)", lambda m: f"rpn.head.bbox_pred.{m[1]}"),
+    (r"roi_heads\.box_predictor\.(\d+)\.(.*)", lambda m: f"roi_heads.box_predictors.{m[1]}.{m[2]}"),
+    (r"roi_heads\.box_predictor\.(.*)", lambda m: f"roi_heads.box_predictor.{m[1]}"),
+    (
+        r"roi_heads\.mask_head\.mask_fcn(\d+)\.(.*)",
+        lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.{_d2_conv(m[2])}",
+    ),
+    (
+        r"roi_heads\.mask_head\.deconv\.(.*)",
+        lambda m: f"roi_heads.mask_predictor.conv5_mask.{m[1]}",
+    ),
+    (
+        r"roi_heads\.mask_head\.predictor\.(.*)",
+        lambda m: f"roi_heads.mask_predictor.mask_fcn_logits.{m[1]}",
+    ),
+]
+
+
+def _d2_name(key: str, box_convs: Mapping[str, int]) -> str | None:
+    """Our name for detectron2 ``key`` (None when no rule knows it)."""
+    if m := re.fullmatch(r"roi_heads\.box_head\.(?:(\d+)\.)?(.*)", key):
+        head = "roi_heads.box_head." if m[1] is None else f"roi_heads.box_heads.{m[1]}."
+        rest = _d2_box_head(m[2], box_convs[key[: len(key) - len(m[2])]])
+        return None if rest is None else head + rest
+    for pattern, rename in _D2_RULES:
+        if m := re.fullmatch(pattern, key):
+            return rename(m)
+    return None
+
+
+def convert_detectron2_detector(
+    sd: Mapping[str, Tensor],
+) -> tuple[StateDict, dict[str, str], dict[str, str], list[str]]:
+    """Rename a whole detectron2 MViTv2 detector to :class:`mvitv2.detection.MViTDetector`.
+
+    Besides names, two layouts differ: detectron2 puts the background class last in
+    ``cls_score`` and has no background outputs in a class-specific ``bbox_pred`` or in the mask
+    predictor; torchvision puts the background first and predicts boxes and masks for it too
+    (never used: background RoIs are not decoded, and masks are taken at the predicted class).
+    So ``cls_score`` rows are rotated (background to index 0), and ``bbox_pred`` /
+    ``mask_fcn_logits`` get zero background rows in front. detectron2 class ``c`` becomes label
+    ``c + 1``.
+
+    Args:
+        sd: the detectron2 state dict (``checkpoint["model"]``, unwrapped).
+
+    Returns:
+        ``(state dict, adapted, not_loaded, unknown)``: our state dict; our key -> how its
+        tensor was changed; detectron2 key -> why it is not loaded (anchors, pixel statistics);
+        detectron2 keys no rule knows (reported as unexpected by the loader).
+    """
+    box_convs: dict[str, int] = {}
+    for k in sd:
+        if m := re.fullmatch(r"(roi_heads\.box_head\.(?:\d+\.)?)conv(\d+)\..*", k):
+            box_convs[m[1]] = max(box_convs.get(m[1], 0), int(m[2]))
+    for k in sd:
+        if m := re.fullmatch(r"(roi_heads\.box_head\.(?:\d+\.)?)fc\d+\..*", k):
+            box_convs.setdefault(m[1], 0)
+    out: StateDict = {}
+    adapted: dict[str, str] = {}
+    not_loaded: dict[str, str] = {}
+    unknown: list[str] = []
+    for k, v in sd.items():
+        reason = next((why for p, why in D2_NOT_LOADED.items() if k.startswith(p)), None)
+        if reason is not None:
+            not_loaded[k] = reason
+            continue
+        name = _d2_name(k, box_convs)
+        if name is None:
+            unknown.append(k)
+            continue
+        out[name] = v
+    for name in list(out):
+        v = out[name]
+        if re.fullmatch(r"roi_heads\.box_predictors?(\.\d+)?\.cls_score\.(weight|bias)", name):
+            out[name] = torch.cat([v[-1:], v[:-1]])
+            adapted[name] = "background moved from the last class row to row 0"
+    # Single-stage class-specific boxes (the cascade stages are class-agnostic: 4 rows).
+    box, cls = out.get("roi_heads.box_predictor.bbox_pred.weight"), out.get(_CLS_BIAS)
+    if box is not None and cls is not None and box.shape[0] == 4 * (len(cls) - 1):
+        _pad_background(out, adapted, "roi_heads.box_predictor.bbox_pred", 4, "box deltas")
+    mask = out.get("roi_heads.mask_predictor.mask_fcn_logits.weight")
+    if mask is not None and mask.shape[0] > 1:  # class-specific masks
+        _pad_background(out, adapted, "roi_heads.mask_predictor.mask_fcn_logits", 1, "mask logits")
+    return out, adapted, not_loaded, unknown
+
+
+_CLS_BIAS = "roi_heads.box_predictor.cls_score.bias"
+
+
+def _pad_background(
+    sd: StateDict, adapted: dict[str, str], prefix: str, rows: int, what: str
+) -> None:
+    for kind in ("weight", "bias"):
+        key = f"{prefix}.{kind}"
+        if key in sd:
+            v = sd[key]
+            sd[key] = torch.cat([v.new_zeros((rows, *v.shape[1:])), v])
+            adapted[key] = f"{what}: zero background row(s) added in front (never used)"
+
+
 #: Known layouts, tried in order.
 FORMATS: list[KeyFormat] = [
     KeyFormat(

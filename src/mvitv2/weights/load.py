@@ -31,11 +31,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from mvitv2.models.attention import resize_rel_pos
 from mvitv2.models.mvit import MViT
-from mvitv2.weights.formats import StateDict, convert_state_dict
+from mvitv2.weights.formats import (
+    StateDict,
+    convert_detectron2_detector,
+    convert_state_dict,
+    detect_format,
+    unwrap,
+)
 from mvitv2.weights.io import CheckpointError, download, is_url, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -308,6 +314,66 @@ def _plan(model: MViT, sd: StateDict, report: LoadReport, inflation: str) -> dic
     return final
 
 
+# --------------------------------------------------------------------------- whole detectors
+def _wrapped_mvit_prefix(model: nn.Module) -> str | None:
+    """For a model holding exactly one MViT below its root (a detector), that MViT's key
+    prefix; None otherwise (an MViT itself, or any other model: loaded key by key)."""
+    found = [name for name, m in model.named_modules() if name and isinstance(m, MViT)]
+    return found[0] + "." if len(found) == 1 and not isinstance(model, MViT) else None
+
+
+def _whole_detector(raw: object, report: LoadReport) -> tuple[StateDict, str, list[str]]:
+    """A whole-detector checkpoint (detectron2) renamed to the detector's keys."""
+    sd, _ = unwrap(raw)
+    fmt = detect_format(sd)
+    if fmt.name != "detectron2":
+        raise ValueError(
+            f"a {fmt.name} checkpoint holds a backbone only; a detector loads a whole detectron2 "
+            "detector (.pkl / .pth) here. To initialise only the backbone use "
+            "mvitv2.detection.load_backbone_weights(model, source)"
+        )
+    sd, adapted, not_loaded, unknown = convert_detectron2_detector(sd)
+    report.adapted.update(adapted)
+    report.dropped.update(not_loaded)
+    report.unexpected.extend(unknown)
+    return sd, fmt.name, ["detectron2 detector: backbone, FPN, RPN and RoI heads"]
+
+
+def _plan_wrapper(
+    model: nn.Module, prefix: str, sd: StateDict, report: LoadReport, inflation: str
+) -> dict[str, Tensor]:
+    """:func:`_plan` for the MViT under ``prefix`` (tables interpolated, kernels fitted, ...);
+    every other tensor must match the model's key and shape exactly."""
+    body = model.get_submodule(prefix[:-1])
+    sub = LoadReport()
+    inner = _plan(
+        body, {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}, sub, inflation
+    )
+    final = {prefix + k: v for k, v in inner.items()}
+    report.missing += [prefix + k for k in sub.missing]
+    report.unexpected += [prefix + k for k in sub.unexpected]
+    report.shape_conflicts += [(prefix + k, a, b) for k, a, b in sub.shape_conflicts]
+    for attr in ("adapted", "initialized", "dropped"):
+        getattr(report, attr).update({prefix + k: v for k, v in getattr(sub, attr).items()})
+    report.notes += sub.notes
+    target = model.state_dict()
+    for key, ref in target.items():
+        if key.startswith(prefix):
+            continue
+        if key not in sd:
+            if key.endswith(".num_batches_tracked"):
+                report.initialized[key] = "BatchNorm step counter not in the checkpoint (unused)"
+            else:
+                report.missing.append(key)
+        elif sd[key].shape != ref.shape:
+            report.shape_conflicts.append((key, tuple(sd[key].shape), tuple(ref.shape)))
+        else:
+            final[key] = sd[key]
+    report.unexpected += [k for k in sd if not k.startswith(prefix) and k not in target]
+    report.loaded = sorted(final)
+    return final
+
+
 def _describe(source: object) -> str:
     if isinstance(source, Mapping):
         return "<state dict>"
@@ -357,13 +423,20 @@ def load_checkpoint(
         )
     else:
         raw = read_checkpoint(source, map_location=map_location, allow_pickle=allow_pickle)
+    prefix = _wrapped_mvit_prefix(model)
     try:
-        sd, report.format, notes = convert_state_dict(raw, return_info=True)
+        if prefix is None:
+            sd, report.format, notes = convert_state_dict(raw, return_info=True)
+        else:
+            sd, report.format, notes = _whole_detector(raw, report)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{report.source}: {e}") from e
     report.notes.extend(notes)
 
-    final = _plan(model, sd, report, inflation)
+    if prefix is None:
+        final = _plan(model, sd, report, inflation)
+    else:
+        final = _plan_wrapper(model, prefix, sd, report, inflation)
     if not final:
         report.notes.append("nothing in the checkpoint fits this model")
     if not report.ok or not final:

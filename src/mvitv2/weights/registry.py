@@ -63,7 +63,7 @@ class Weights:
         model: mvitv2 variant name the weights are for (``create_model(model, **model_kwargs)``).
         url: download URL.
         sha256: full sha256 of the file, or None when no published digest is known.
-        num_classes: classifier outputs of the checkpoint (0 for backbone-only use).
+        num_classes: classifier outputs of the checkpoint (detectors: object classes).
         classes: class-name source (``imagenet-1k``, ``imagenet-21k``, ``kinetics-400``, ``coco``).
         preprocessing: input preparation used for the reported metrics.
         metrics: reported figures (``top1``, ``top5``, ``box_ap``, ``mask_ap``) and their source.
@@ -72,6 +72,9 @@ class Weights:
         task: ``classification``, ``video`` or ``detection``.
         model_kwargs: extra ``create_model`` options the weights need.
         notes: anything a user must know.
+        detector: whole-detector weights: the registered detector they load into
+            (``mvitv2.detection.load_detectron2_detector(tag)``); their backbone also loads
+            into ``model`` (``create_model(model, pretrained=tag, features_only=True)``).
     """
 
     tag: str
@@ -86,6 +89,7 @@ class Weights:
     task: str = "classification"
     model_kwargs: dict = field(default_factory=dict)
     notes: str = ""
+    detector: str = ""
 
     @property
     def filename(self) -> str:
@@ -112,9 +116,12 @@ _K400_224 = Preprocessing(
     input_size=(3, 16, 224, 224), interpolation="bilinear", mean=KINETICS_MEAN, std=KINETICS_STD,
     sampling_rate=4, protocol="5 clips x 1 centre crop, short side 256",
 )  # fmt: skip
+# detectron2's test pipeline for every MViTv2 detector, the LSJ-trained L and H included (their
+# configs change only the training augmentation): ResizeShortestEdge(800, max_size=1333) with PIL's
+# bilinear filter on uint8 RGB, ImageNet mean/std on [0, 255], zero padding to a multiple of 32.
 _COCO = Preprocessing(
-    input_size=(3, 1024, 1024), crop_pct=1.0, interpolation="bilinear",
-    protocol="short side 800, long side <= 1333, size divisible by 32",
+    input_size=(3, 800, 1333), crop_pct=1.0, interpolation="bilinear",
+    protocol="shorter side 800, longer side <= 1333 (PIL bilinear on uint8 RGB), padded to 32",
 )  # fmt: skip
 
 
@@ -148,14 +155,28 @@ def _video(tag: str, model: str, file: str, frames: int, rate: int, top1: float,
     )  # fmt: skip
 
 
-def _det(tag: str, model: str, path: str, box: float, mask: float, method: str, **kw) -> Weights:
+def _det(
+    tag: str,
+    model: str,
+    detector: str,
+    path: str,
+    box: float,
+    mask: float,
+    method: str,
+    params_m: int,
+    gflops: int,
+    **kw,
+) -> Weights:
     return Weights(
-        tag=tag, model=model, url=_D2 + path, sha256=None, num_classes=0, classes="coco",
+        tag=tag, model=model, url=_D2 + path, sha256=None, num_classes=80, classes="coco",
         preprocessing=_COCO,
-        metrics={"box_ap": box, "mask_ap": mask, "source": "detectron2 projects/MViTv2 README"},
-        source_format="detectron2", task="detection",
-        notes=f"{method} (detectron2, 36 epochs unless noted); loads the backbone "
-        "(features_only, stage norms); needs allow_pickle=True (.pkl).",
+        metrics={"box_ap": box, "mask_ap": mask, "params_m": params_m, "gflops": gflops,
+                 "source": "detectron2 projects/MViTv2 README"},
+        source_format="detectron2", task="detection", detector=detector,
+        notes=f"{method} (detectron2). The whole detector: "
+        f"mvitv2.detection.load_detectron2_detector({tag!r}, allow_pickle=True); the backbone "
+        "alone: create_model(..., features_only=True, pretrained=tag). Needs allow_pickle=True "
+        "(.pkl).",
         **kw,
     )  # fmt: skip
 
@@ -207,27 +228,32 @@ _ALL: list[Weights] = [
         metrics={"top1": 78.477, "top5": 93.582, "source": "torchvision MViT_V1_B_Weights"},
         source_format="torchvision", task="video",
     ),
-    # COCO (detectron2): backbone weights for features_only models.
-    _det("mvitv2_tiny.coco_mask_rcnn", "mvitv2_tiny",
-         "mask_rcnn_mvitv2_t_3x/f307611773/model_final_1a1c30.pkl", 48.3, 43.8, "Mask R-CNN"),
-    _det("mvitv2_tiny.coco_cascade", "mvitv2_tiny",
+    # COCO (detectron2 projects/MViTv2): whole Mask R-CNN / Cascade Mask R-CNN detectors.
+    _det("mvitv2_tiny.coco_mask_rcnn", "mvitv2_tiny", "maskrcnn_mvitv2_tiny",
+         "mask_rcnn_mvitv2_t_3x/f307611773/model_final_1a1c30.pkl", 48.3, 43.8,
+         "Mask R-CNN, IN-1k pre-training, 36 epochs", 44, 279),
+    _det("mvitv2_tiny.coco_cascade", "mvitv2_tiny", "cascade_maskrcnn_mvitv2_tiny",
          "cascade_mask_rcnn_mvitv2_t_3x/f308344828/model_final_c6967a.pkl", 52.2, 45.0,
-         "Cascade Mask R-CNN"),
-    _det("mvitv2_small.coco_cascade", "mvitv2_small",
+         "Cascade Mask R-CNN, IN-1k pre-training, 36 epochs", 76, 701),
+    _det("mvitv2_small.coco_cascade", "mvitv2_small", "cascade_maskrcnn_mvitv2_small",
          "cascade_mask_rcnn_mvitv2_s_3x/f308344647/model_final_279baf.pkl", 53.2, 46.0,
-         "Cascade Mask R-CNN"),
-    _det("mvitv2_base.coco_cascade", "mvitv2_base",
+         "Cascade Mask R-CNN, IN-1k pre-training, 36 epochs", 87, 748),
+    _det("mvitv2_base.coco_cascade", "mvitv2_base", "cascade_maskrcnn_mvitv2_base",
          "cascade_mask_rcnn_mvitv2_b_3x/f308109448/model_final_421a91.pkl", 54.1, 46.7,
-         "Cascade Mask R-CNN"),
-    _det("mvitv2_base.coco_cascade_in21k", "mvitv2_base",
+         "Cascade Mask R-CNN, IN-1k pre-training, 36 epochs", 103, 814),
+    _det("mvitv2_base.coco_cascade_in21k", "mvitv2_base", "cascade_maskrcnn_mvitv2_base",
          "cascade_mask_rcnn_mvitv2_b_in12k_3x/f309003202/model_final_be5168.pkl", 54.9, 47.4,
-         "Cascade Mask R-CNN, IN-21k pre-training"),
+         "Cascade Mask R-CNN, IN-21k pre-training, 36 epochs", 103, 814),
     _det("mvitv2_large_cls.coco_cascade_in21k", "mvitv2_large_cls",
+         "cascade_maskrcnn_mvitv2_large",
          "cascade_mask_rcnn_mvitv2_l_in12k_lsj_50ep/f308099658/model_final_c41c5a.pkl", 55.8,
-         48.3, "Cascade Mask R-CNN, IN-21k pre-training, LSJ 50 epochs", model_kwargs=_NO_CLS),
+         48.3, "Cascade Mask R-CNN, IN-21k pre-training, LSJ, 50 epochs", 270, 1519,
+         model_kwargs=_NO_CLS),
     _det("mvitv2_huge_cls.coco_cascade_in21k", "mvitv2_huge_cls",
+         "cascade_maskrcnn_mvitv2_huge",
          "cascade_mask_rcnn_mvitv2_h_in12k_lsj_3x/f309013744/model_final_30d36b.pkl", 56.1, 48.5,
-         "Cascade Mask R-CNN, IN-21k pre-training, LSJ", model_kwargs=_NO_CLS),
+         "Cascade Mask R-CNN, IN-21k pre-training, LSJ, 36 epochs", 718, 3084,
+         model_kwargs=_NO_CLS),
 ]  # fmt: skip
 
 #: All registered weights by tag.
