@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,10 +264,14 @@ def test_reader_flags_unreadable_images_and_never_substitutes(tmp_path):
     assert ds.skipped.flagged("unreadable_image") == [0]
     # Training substitutes the next sample (equal batches on every process), and counts it.
     loader = build_loader(ds, batch_size=3, train=True, collate_fn=detection_collate)
-    with pytest.warns(UserWarning, match="skipping unreadable sample"):
-        _, targets = next(iter(loader))
+    _, targets = next(iter(loader))
     assert sorted(t["image_id"] for t in targets) == [2, 2, 2]
     assert loader.dataset.bad_samples == 2
+    named = dict(loader.dataset.take_new_bad())  # what the trainer logs, once per sample
+    assert {Path(p).name: r.split(" ")[0] for p, r in named.items()} == {
+        "bad.png": "unreadable_image",
+        "small.png": "size_mismatch:",
+    }
 
 
 def test_malformed_json_errors_name_the_file(tmp_path):

@@ -558,6 +558,10 @@ def test_image_abs_pos_split_for_a_video_model():
 # =========================================================================== registry
 # Reported accuracy: design doc §2 / §5 (paper, mvit README), SlowFast projects/mvitv2 README,
 # torchvision's weight meta, detectron2 projects/MViTv2 README.
+def _d2(box: float, mask: float, params_m: int, gflops: int) -> dict[str, float]:
+    return {"box_ap": box, "mask_ap": mask, "params_m": params_m, "gflops": gflops}
+
+
 RELEASED = {
     "mvitv2_tiny.in1k": ("mvitv2_tiny", 1000, {"top1": 82.3}),
     "mvitv2_small.in1k": ("mvitv2_small", 1000, {"top1": 83.6}),
@@ -571,17 +575,14 @@ RELEASED = {
     "mvitv2_large_40x3.k400": ("mvitv2_large_40x3", 400, {"top1": 86.1, "top5": 97.0}),
     "mvitv2_small_16x4.k400_tv": ("mvitv2_small_16x4", 400, {"top1": 80.757, "top5": 94.665}),
     "mvitv1_base_16x4.k400_tv": ("mvitv1_base_16x4", 400, {"top1": 78.477, "top5": 93.582}),
-    "mvitv2_tiny.coco_mask_rcnn": ("mvitv2_tiny", 0, {"box_ap": 48.3, "mask_ap": 43.8}),
-    "mvitv2_tiny.coco_cascade": ("mvitv2_tiny", 0, {"box_ap": 52.2, "mask_ap": 45.0}),
-    "mvitv2_small.coco_cascade": ("mvitv2_small", 0, {"box_ap": 53.2, "mask_ap": 46.0}),
-    "mvitv2_base.coco_cascade": ("mvitv2_base", 0, {"box_ap": 54.1, "mask_ap": 46.7}),
-    "mvitv2_base.coco_cascade_in21k": ("mvitv2_base", 0, {"box_ap": 54.9, "mask_ap": 47.4}),
-    "mvitv2_large_cls.coco_cascade_in21k": (
-        "mvitv2_large_cls",
-        0,
-        {"box_ap": 55.8, "mask_ap": 48.3},
-    ),
-    "mvitv2_huge_cls.coco_cascade_in21k": ("mvitv2_huge_cls", 0, {"box_ap": 56.1, "mask_ap": 48.5}),
+    # detectron2 projects/MViTv2 README: box AP, mask AP, #params (M), FLOPs (G).
+    "mvitv2_tiny.coco_mask_rcnn": ("mvitv2_tiny", 80, _d2(48.3, 43.8, 44, 279)),
+    "mvitv2_tiny.coco_cascade": ("mvitv2_tiny", 80, _d2(52.2, 45.0, 76, 701)),
+    "mvitv2_small.coco_cascade": ("mvitv2_small", 80, _d2(53.2, 46.0, 87, 748)),
+    "mvitv2_base.coco_cascade": ("mvitv2_base", 80, _d2(54.1, 46.7, 103, 814)),
+    "mvitv2_base.coco_cascade_in21k": ("mvitv2_base", 80, _d2(54.9, 47.4, 103, 814)),
+    "mvitv2_large_cls.coco_cascade_in21k": ("mvitv2_large_cls", 80, _d2(55.8, 48.3, 270, 1519)),
+    "mvitv2_huge_cls.coco_cascade_in21k": ("mvitv2_huge_cls", 80, _d2(56.1, 48.5, 718, 3084)),
 }
 
 
@@ -595,7 +596,7 @@ def test_registry_entries_match_the_published_tables():
             "https://download.pytorch.org/models/"
         )
         assert w.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", w.sha256)
-        if w.num_classes:  # classification weights fit the variant's classifier
+        if w.task != "detection":  # classification weights fit the variant's classifier
             assert mvitv2.get_config(model).num_classes == w.num_classes, tag
         dataset = tag.split(".")[1]
         assert w.classes == {
