@@ -25,9 +25,11 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +64,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " and the reference under torch.compile, as extra rows",
     )
     parser.add_argument(
-        "--json", default="benchmark.json", help="where to write the results ('' = do not write)"
+        "--output",
+        default="runs/benchmark",
+        help="folder of the results JSON (default: %(default)s)",
     )
+    parser.add_argument(
+        "--json",
+        default=None,
+        help="results file (default: OUTPUT/benchmark.json; '' = do not write)",
+    )
+
+
+def results_path(args: argparse.Namespace) -> Path | None:
+    """Where the results JSON goes: ``--json``, else ``--output``/benchmark.json (never the
+    current folder unless asked); None with ``--json ''``."""
+    if args.json is None:
+        return Path(args.output) / "benchmark.json"
+    return Path(args.json) if args.json else None
 
 
 # --------------------------------------------------------------------------- measurement
@@ -92,6 +109,21 @@ def alternate(
     return times
 
 
+@contextlib.contextmanager
+def _quiet_fd(fd: int) -> Iterator[None]:
+    """Send what is written to the OS-level file descriptor ``fd`` to /dev/null meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_memory(fn: Callable[[], object], device: str) -> int:
     """High-water mark of live tensor bytes allocated during ``fn()`` (see module docstring)."""
     if device.startswith("cuda"):
@@ -103,7 +135,9 @@ def peak_memory(fn: Callable[[], object], device: str) -> int:
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # The profiler's C++ library logs its start and stop, and on a machine without CUDA a
+    # "gpuGetDeviceCount failed" error, straight to file descriptor 2: silence it there.
+    with _quiet_fd(2), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
@@ -445,7 +479,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{_table(new)}\n[{case}: {time.perf_counter() - t0:.0f} s]\n", flush=True)
     table = _table(rows)
     print(table)
-    if args.json:
+    path = results_path(args)
+    if path is not None:
         result = {
             "command": "mvitv2 benchmark " + " ".join(_argv(args)),
             "machine": {
@@ -460,9 +495,10 @@ def run(args: argparse.Namespace) -> int:
             "our_fp32_gemm": "onednn" if onednn else "aten",
             "rows": [asdict(r) for r in rows],
         }
-        with open(args.json, "w") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
             json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+        print(f"wrote {path}")
     return 0
 
 

@@ -432,8 +432,9 @@ def export_checkpoint(
 
 
 # ----------------------------------------------------------------------------- CLI
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``mvitv2 export <task>``."""
+def add_export_arguments(parser: argparse.ArgumentParser, task: str | None = None) -> None:
+    """Options of ``mvitv2 export <task>`` (``--whole-detector`` only for ``detect``, or when
+    ``task`` is None)."""
     parser.add_argument("--checkpoint", required=True, help="training checkpoint (.pt)")
     parser.add_argument(
         "--format", default="onnx", choices=sorted(FORMATS), help="output format (default: onnx)"
@@ -452,6 +453,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verify", action="store_true", help="compare with PyTorch at batch 1 and 3 after export"
     )
+    if task not in (None, "detect"):
+        return
     parser.add_argument(
         "--whole-detector",
         action="store_true",
@@ -472,7 +475,7 @@ def run_export(task: str, args: argparse.Namespace) -> int:
             dynamic_batch=not args.static_batch,
             input_size=args.input_size,
             verify=args.verify,
-            whole_detector=args.whole_detector,
+            whole_detector=getattr(args, "whole_detector", False),
         )
     except (CheckpointError, FileNotFoundError, ImportError, ValueError) as e:
         print(f"mvitv2 export {task}: error: {e}", file=sys.stderr)

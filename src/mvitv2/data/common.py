@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from mvitv2.errors import UnknownKeyError, unknown_names_message
+
 __all__ = [
     "SkipCounter",
     "build_cached",
@@ -37,12 +39,13 @@ def config_from_dict(cls: type[_Config], values: Mapping[str, Any], what: str) -
         values: option name -> value.
         what: how the options are named in the error, e.g. ``"video data"``.
     Raises:
-        KeyError: naming the unknown keys and the valid ones.
+        mvitv2.errors.UnknownKeyError: naming the unknown keys and the close valid ones (a
+            ``KeyError``).
     """
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise KeyError(f"unknown {what} option(s) {unknown}; valid: {sorted(names)}")
+        raise UnknownKeyError(unknown_names_message(f"{what} option", unknown, names))
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 

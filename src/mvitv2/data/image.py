@@ -28,6 +28,7 @@ from mvitv2.data.common import (
     split_digit_indices,
 )
 from mvitv2.engine.data import BadSample
+from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,9 +71,9 @@ class ImageDataConfig:
         """From a recipe's ``data`` mapping; unknown keys raise ``KeyError``."""
         out = config_from_dict(cls, values, "data")
         if out.img_size % 32:
-            raise ValueError(f"data.img_size must be divisible by 32, got {out.img_size}")
+            raise UserValueError(f"data.img_size must be divisible by 32, got {out.img_size}")
         if out.interpolation not in ("bicubic", "bilinear", "nearest"):
-            raise ValueError(f"data.interpolation: unknown {out.interpolation!r}")
+            raise UserValueError(f"data.interpolation: unknown {out.interpolation!r}")
         return out
 
     @property
@@ -144,7 +145,7 @@ def build_transform(dc: ImageDataConfig, train: bool) -> v2.Compose:
 def find_classes(split_dir: Path) -> list[str]:
     """Sorted class folder names of ``split_dir``; clear errors for a missing or empty folder."""
     if not split_dir.is_dir():
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"{split_dir} does not exist; expected an ImageNet-style folder: "
             f"{split_dir.parent}/train/<class>/*.jpg and {split_dir.parent}/val/<class>/*.jpg"
         )
@@ -152,7 +153,7 @@ def find_classes(split_dir: Path) -> list[str]:
         p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
     )
     if not classes:
-        raise FileNotFoundError(f"{split_dir} has no class sub-folders (<class>/*.jpg)")
+        raise UserFileNotFoundError(f"{split_dir} has no class sub-folders (<class>/*.jpg)")
     return classes
 
 
@@ -185,21 +186,25 @@ class ImageFolder(Dataset):
     ) -> None:
         self.root, self.split, self.transform = Path(root), split, transform
         split_dir = self.root / split
+        if self.root.is_file():
+            raise UserValueError(
+                f"data folder {self.root} is a file; pass the folder holding train/ and val/"
+            )
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data folder {self.root} does not exist")
+            raise UserFileNotFoundError(f"data folder {self.root} does not exist")
         found = find_classes(split_dir)
         self.classes = list(classes) if classes is not None else found
         index = {c: i for i, c in enumerate(self.classes)}
         extra = sorted(set(found) - set(index))
         if extra:
-            raise ValueError(f"{split_dir} has classes not in training: {extra[:10]}")
+            raise UserValueError(f"{split_dir} has classes not in training: {extra[:10]}")
         self.samples: list[tuple[str, int]] = []
         for c in found:
             files = sorted(
                 p for p in (split_dir / c).iterdir() if p.suffix.lower() in IMG_EXTENSIONS
             )
             if not files:
-                raise ValueError(
+                raise UserValueError(
                     f"class folder {split_dir / c} has no images ({', '.join(IMG_EXTENSIONS)})"
                 )
             self.samples += [(str(p), index[c]) for p in files]

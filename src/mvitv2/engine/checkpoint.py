@@ -46,15 +46,47 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
+class UnreadableCheckpointError(UserValueError, RuntimeError):
+    """A file given as a checkpoint that ``torch.load(weights_only=True)`` cannot read."""
+
+
+#: Files people pass as ``--checkpoint`` by mistake: what they are.
+_NOT_CHECKPOINTS = {
+    ".onnx": "an ONNX model written by `mvitv2 export`",
+    ".pt2": "a torch.export program written by `mvitv2 export`",
+    ".json": "a JSON file",
+    ".yaml": "a YAML file",
+}
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint with ``weights_only=True``; a clear error when missing or unreadable."""
+    """Read a checkpoint with ``weights_only=True``.
+
+    Raises:
+        UserFileNotFoundError: no such file (a folder is named as such).
+        UnreadableCheckpointError: not a torch checkpoint (an ONNX export, a truncated file, a
+            pickle of other objects); one line saying what the file is and what to pass.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise UserFileNotFoundError(
+            f"checkpoint {path} is a folder; pass a checkpoint file such as {path / BEST}"
+        )
     if not path.is_file():
         raise UserFileNotFoundError(f"checkpoint {path} does not exist")
+    kind = _NOT_CHECKPOINTS.get(path.suffix.lower())
+    if kind is not None:
+        raise UnreadableCheckpointError(
+            f"checkpoint {path} is {kind}, not a training checkpoint; pass the run's "
+            f"{BEST} or {LAST}"
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated or not a torch file
-        raise RuntimeError(f"checkpoint {path} could not be read: {e}") from e
+    except Exception as e:  # truncated, not a torch file, or objects besides tensors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnreadableCheckpointError(
+            f"checkpoint {path} could not be read by torch.load(weights_only=True): {first}"
+        ) from e
 
 
 #: Config keys that may differ between an interrupted run and the command that resumes it: they

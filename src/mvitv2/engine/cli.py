@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
+import json
 import os
+import shutil
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +17,15 @@ import yaml
 
 from mvitv2.engine.config import TrainConfig, short_run_warmup
 from mvitv2.engine.trainer import Trainer, TrainingStopped
-from mvitv2.errors import UserFileNotFoundError
+from mvitv2.errors import (
+    UserError,
+    UserFileNotFoundError,
+    UserValueError,
+    unknown_names_message,
+)
+
+#: the resolved config of a run, written into its folder when it starts.
+CONFIG_FILE = "config.yaml"
 
 #: the recipes shipped with the package (``mvitv2/recipes/*.yaml``).
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -28,7 +40,25 @@ def resolve_recipe(recipe: str) -> Path:
     if named.is_file():
         return named
     shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-    raise UserFileNotFoundError(f"recipe {recipe!r} not found (a YAML file or one of {shipped})")
+    message = unknown_names_message("recipe", [recipe], shipped)
+    raise UserFileNotFoundError(f"{message} (no file {path.resolve()} either)")
+
+
+def data_folder(path: str | os.PathLike, flag: str = "--data", must_exist: bool = True) -> Path:
+    """A dataset folder the user named, checked: not a file, and (``must_exist``) a folder.
+
+    Raises:
+        UserFileNotFoundError: nothing at ``path`` (with ``must_exist``).
+        UserValueError: ``path`` is a file (a list or annotation file passed as the folder).
+    """
+    p = Path(path)
+    if p.is_file():
+        raise UserValueError(
+            f"{flag} {path}: is a file; pass the dataset folder (e.g. {p.parent.resolve()})"
+        )
+    if must_exist and not p.is_dir():
+        raise UserFileNotFoundError(f"{flag} {path}: no such folder ({p.resolve()})")
+    return p
 
 
 def add_train_arguments(
@@ -67,7 +97,11 @@ def train_config(
     An ``epochs=`` that ends the run within the recipe's warmup also scales the warmup
     (:func:`~mvitv2.engine.config.short_run_warmup`), said in one line on stderr.
     """
+    if getattr(args, "data", None):  # existence: the task's data layer says what it expected
+        data_folder(args.data, must_exist=False)
     overrides = [*args.overrides, *extra]
+    if getattr(args, "threads", 0):
+        overrides.append(f"threads={args.threads}")
     if args.model:
         overrides.append(f"model={args.model}")
     if args.output:
@@ -84,15 +118,97 @@ def train_config(
     return cfg.with_overrides([warmup])
 
 
+def describe_run(trainer: Trainer) -> list[str]:
+    """What a run is about to do, said at its start: folder, device, threads, precision,
+    parameters, data sizes and steps."""
+    import torch
+
+    cfg, d = trainer.cfg, trainer.dist
+    params = sum(p.numel() for p in trainer.model.parameters())
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    n_train = len(trainer.train_loader.dataset)
+    n_val = len(trainer.val_loader.dataset) if trainer.val_loader is not None else 0
+    precision = {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[cfg.amp]
+    return [
+        f"run folder: {trainer.run_dir} (resolved config in {CONFIG_FILE})",
+        f"device: {d.device} x {d.world_size} process(es), {torch.get_num_threads()} CPU "
+        f"thread(s) per process, {cfg.workers} data worker(s), precision {precision}",
+        f"model: {cfg.model}, {params / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable)",
+        f"data: {n_train} train / {n_val} val samples; {cfg.global_batch(d.world_size)} per "
+        f"step (batch_size {cfg.batch_size} x {d.world_size} process(es) x accum_steps "
+        f"{cfg.accum_steps}), {trainer.steps_per_epoch} steps per epoch, {cfg.epochs} epochs",
+    ]
+
+
+def write_run_config(trainer: Trainer) -> Path:
+    """The run's resolved config as YAML in its folder (what ``--config`` accepts)."""
+    path = trainer.run_dir / CONFIG_FILE
+    path.write_text(yaml.safe_dump(trainer.cfg.to_dict(), sort_keys=False))
+    return path
+
+
+def remove_empty_run(run_dir: Path) -> None:
+    """After a failed run that saved no checkpoint: remove what it wrote (the config, the
+    TensorBoard folder, metrics) and its folder when nothing else is left in it."""
+    if any(run_dir.glob("*.pt")):
+        return  # a checkpoint to resume from: keep everything
+    (run_dir / CONFIG_FILE).unlink(missing_ok=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty: files of someone else's
+        run_dir.rmdir()
+
+
 def fit(trainer: Trainer) -> dict[str, Any] | None:
-    """Run ``trainer.fit()``; a run stopped for non-finite losses prints why and returns None."""
+    """Run ``trainer.fit()`` after saying what the run is and writing its config; a run stopped
+    for non-finite losses prints why and returns None. A run that fails before its first
+    checkpoint leaves no folder behind."""
     try:
+        if trainer.dist.is_main:
+            write_run_config(trainer)
+            for line in describe_run(trainer):
+                trainer.log.info(line)
         return trainer.fit()
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return None
+    except BaseException:
+        if trainer.dist.is_main:
+            trainer.log.close()
+            remove_empty_run(trainer.run_dir)
+        raise
     finally:
         trainer.close()
+
+
+def eval_metrics_path(checkpoint: str | os.PathLike, output: str | None) -> Path:
+    """Where ``mvitv2 eval`` saves its metrics: ``output``, or ``<checkpoint stem>_eval.json``
+    next to the checkpoint."""
+    if output:
+        return Path(output)
+    ckpt = Path(checkpoint)
+    return ckpt.with_name(f"{ckpt.stem}_eval.json")
+
+
+def save_eval_metrics(metrics: Mapping[str, Any], path: Path, as_json: bool) -> None:
+    """Write ``metrics`` to ``path`` (JSON) and print them: the JSON line alone with
+    ``as_json`` (``--json``), else the JSON line last and where it was saved on stderr."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")
+    if not as_json:
+        print(f"metrics saved to {path}", file=sys.stderr)
+    print(json.dumps(dict(metrics)))
+
+
+def add_eval_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--output`` (the metrics JSON) and ``--json`` of ``mvitv2 eval <task>``."""
+    parser.add_argument(
+        "--output",
+        help="metrics JSON to write (default: <checkpoint stem>_eval.json next to the checkpoint)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print only the metrics as one JSON line"
+    )
 
 
 def dispatch(
@@ -116,3 +232,111 @@ def export_handler(task: str) -> Callable[[argparse.Namespace], int]:
         return run_export(task, args)
 
     return run
+
+
+# ---------------------------------------------------------------------- predict
+def add_predict_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """The options of ``mvitv2 predict <task>`` every task shares (``what``: ``image``, ...)."""
+    parser.add_argument(
+        "files", nargs="+", help=f"{what} files, folders (searched recursively) or glob patterns"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="where to run: cpu, cuda, cuda:1, ... (default: cpu)"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help=f"{what}s per forward")
+    parser.add_argument("--json", action="store_true", help=f"one JSON line per {what}")
+
+
+def resolve_device(name: str) -> str:
+    """``--device`` checked: a device torch knows and this machine has (``cpu``, ``cuda``,
+    ``cuda:1``, ...).
+
+    Raises:
+        UserValueError: an unknown device name, or a CUDA device this machine does not have.
+    """
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserValueError(f"--device {name!r}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UserValueError(f"--device {name}: no CUDA device on this machine; use cpu")
+        if device.index is not None and device.index >= count:
+            raise UserValueError(f"--device {name}: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu" and device.type not in ("mps", "xpu"):
+        raise UserValueError(f"--device {name!r}: cannot run there; use cpu, cuda or cuda:N")
+    return name
+
+
+def expand_inputs(items: Sequence[str], extensions: Sequence[str]) -> list[str]:
+    """The files to predict on: a file as given; a folder as the files with ``extensions`` under
+    it (recursively, sorted); a glob pattern as its sorted matches. A name that is none of these
+    is kept, so that predicting on it reports it as missing."""
+    exts = tuple(e.lower() for e in extensions)
+    files: list[str] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in exts
+            )
+            if not found:
+                raise UserFileNotFoundError(
+                    f"folder {item} holds no {'/'.join(exts)} files (searched recursively)"
+                )
+            files += found
+        elif not path.exists() and glob.has_magic(item):
+            found = sorted(glob.glob(item, recursive=True))
+            if not found:
+                raise UserFileNotFoundError(f"pattern {item!r} matches no file")
+            files += found
+        else:
+            files.append(item)
+    return files
+
+
+def predict_batches(
+    predictor: Callable[[list[str]], list[Any]], files: Sequence[str], batch_size: int
+) -> Iterator[tuple[str, Any]]:
+    """``(file, result)`` per file, ``batch_size`` files per call; within a batch that fails on
+    an unreadable file, file by file, the result of a bad file being its error."""
+    from mvitv2.engine.data import BadSample
+
+    for start in range(0, len(files), max(1, batch_size)):
+        chunk = list(files[start : start + max(1, batch_size)])
+        try:
+            results: list[Any] = list(predictor(chunk))
+        except (BadSample, UserError):
+            results = []
+            for f in chunk:
+                try:
+                    results.append(predictor([f])[0])
+                except (BadSample, UserError) as e:
+                    results.append(e)
+        yield from zip(chunk, results)
+
+
+def error_reason(path: str, error: Exception) -> str:
+    """The message of a per-file error without the path the caller prints in front of it."""
+    reason = getattr(error, "reason", None) or str(error)
+    for prefix in (f"{path}: ", f"{getattr(error, 'path', path)}: "):
+        reason = reason.removeprefix(prefix)
+    return reason
+
+
+def print_topk(files: Sequence[str], predictor: Any, batch_size: int, as_json: bool) -> int:
+    """Print the top-k classes of each file (a line, or a JSON line with ``as_json``); an
+    unreadable file is reported on stderr and the others go on. Returns 1 if any failed."""
+    status = 0
+    for f, top in predict_batches(predictor, files, batch_size):
+        if isinstance(top, Exception):
+            print(f"{f}: error: {error_reason(f, top)}", file=sys.stderr)
+            status = 1
+        elif as_json:
+            print(json.dumps({"file": f, "topk": [[c, p] for c, p in top]}))
+        else:
+            print(f"{f}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in top))
+    return status

@@ -21,13 +21,14 @@ from typing import Any
 
 import yaml
 
-from mvitv2.errors import UserFileNotFoundError, UserValueError
+from mvitv2.errors import (
+    UnknownKeyError,
+    UserFileNotFoundError,
+    UserValueError,
+    unknown_names_message,
+)
 
-
-class UnknownKeyError(UserValueError, KeyError):
-    """A config or data option name that does not exist (also a ``KeyError`` for callers)."""
-
-    __str__ = Exception.__str__  # KeyError would quote the message
+__all__ = ["TrainConfig", "UnknownKeyError", "apply_overrides", "parse_value", "short_run_warmup"]
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ class TrainConfig:
         names = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(names))
         if unknown:
-            raise UnknownKeyError(f"unknown config key(s) {unknown}; valid keys: {sorted(names)}")
+            raise UnknownKeyError(unknown_names_message("config key", unknown, names))
         kwargs = {k: _coerce(names[k], v) for k, v in values.items()}
         return cls(**kwargs)
 

@@ -12,6 +12,11 @@ from typing import Any
 from tqdm import tqdm
 
 
+def _is_terminal(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
 class RunLogger:
     """Everything a run reports. On ranks other than 0 every method does nothing.
 
@@ -19,21 +24,30 @@ class RunLogger:
         run_dir: the run folder (``metrics.jsonl``, ``tb/`` events).
         enabled: True on rank 0.
         tensorboard: write TensorBoard events.
-        progress: show a tqdm bar per epoch.
+        progress: show a tqdm bar per epoch (only when stderr is a terminal).
     """
 
     def __init__(
         self, run_dir: Path, enabled: bool, tensorboard: bool = True, progress: bool = True
     ) -> None:
-        self.run_dir, self.enabled, self.progress = Path(run_dir), enabled, progress
+        self.run_dir, self.enabled, self.tensorboard = Path(run_dir), enabled, tensorboard
+        # Without a terminal (a log file, CI) a bar would write hundreds of "\r" updates; the
+        # per-epoch summary lines say the same.
+        self.progress = progress and _is_terminal(sys.stderr)
         self.bar: tqdm | None = None
-        self.writer = None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # heavy import, only when used
-
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self._writer = None
         self._t0 = time.perf_counter()
         self._images = 0
+
+    @property
+    def writer(self) -> Any:
+        """The TensorBoard writer, created on first use: a run that fails before logging
+        anything leaves no ``tb/`` folder."""
+        if self._writer is None and self.enabled and self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # heavy import, only when used
+
+            self._writer = SummaryWriter(str(self.run_dir / "tb"))
+        return self._writer
 
     def info(self, msg: str) -> None:
         """A message line (above the progress bar)."""
@@ -86,11 +100,11 @@ class RunLogger:
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
         )
         self.info(shown)
-        if self.writer is not None:
-            self.writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
         self.end_epoch()
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,14 +28,29 @@ from mvitv2.data.image import (
     digits_folder,
 )
 from mvitv2.engine.checkpoint import load_checkpoint
-from mvitv2.engine.cli import add_train_arguments, dispatch, export_handler, fit, train_config
+from mvitv2.engine.cli import (
+    add_eval_output_arguments,
+    add_predict_arguments,
+    add_train_arguments,
+    data_folder,
+    dispatch,
+    eval_metrics_path,
+    expand_inputs,
+    export_handler,
+    fit,
+    print_topk,
+    resolve_device,
+    save_eval_metrics,
+    train_config,
+)
 from mvitv2.engine.config import TrainConfig
-from mvitv2.engine.data import BadSample, build_loader
+from mvitv2.engine.data import build_loader
 from mvitv2.engine.distributed import DistInfo, init_distributed
 from mvitv2.engine.metrics import evaluate_classifier
 from mvitv2.engine.mixing import MixCriterion
 from mvitv2.engine.task import Task
 from mvitv2.engine.trainer import Trainer
+from mvitv2.errors import UserValueError
 
 DIGITS = "digits"  # data_root value meaning "the embedded digits"
 
@@ -113,13 +127,25 @@ def model_from_checkpoint(ckpt: dict[str, Any], ema: bool = False) -> tuple[nn.M
     """
     meta = ckpt.get("meta") or {}
     if meta.get("task") != "image" or "config" not in ckpt:
-        raise ValueError("not an image classification checkpoint written by `mvitv2 train image`")
+        found = (
+            f"a {meta['task']!r} checkpoint" if meta.get("task") else "not a training checkpoint"
+        )
+        raise UserValueError(
+            f"{found}, not an image classification checkpoint written by `mvitv2 train image`"
+            + (
+                f": use `mvitv2 eval {meta['task']}`"
+                if meta.get("task") in ("video", "detect")
+                else ""
+            )
+        )
     cfg = TrainConfig.from_dict(ckpt["config"]).replace(pretrained=False, finetune=None)
     classes = list(meta["classes"])
     model = build_model(cfg, len(classes), int(meta["data"]["img_size"]))
     if ema:
         if "ema" not in ckpt:
-            raise ValueError("--ema: this checkpoint has no EMA weights (trained with ema_decay=0)")
+            raise UserValueError(
+                "--ema: this checkpoint has no EMA weights (trained with ema_decay=0)"
+            )
         state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
     else:
         state = ckpt["model"]
@@ -147,8 +173,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--workers", type=int, default=2)
         parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
         parser.add_argument("--strict-data", action="store_true", help="fail on unreadable images")
+        add_eval_output_arguments(parser)
     elif command == "predict":
-        parser.add_argument("files", nargs="+", help="image files")
+        add_predict_arguments(parser, "image")
         parser.add_argument(
             "--checkpoint", required=True, help="checkpoint from `mvitv2 train image`"
         )
@@ -157,7 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     elif command == "export":
         from mvitv2.export import add_export_arguments
 
-        add_export_arguments(parser)
+        add_export_arguments(parser, "image")
 
 
 def run(command: str, args: argparse.Namespace) -> int:
@@ -187,10 +214,13 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint)
-    model, classes = model_from_checkpoint(ckpt, ema=args.ema)
+    try:
+        model, classes = model_from_checkpoint(ckpt, ema=args.ema)
+    except UserValueError as e:
+        raise UserValueError(f"--checkpoint {args.checkpoint}: {e}") from None
     meta = ckpt["meta"]
     dc = ImageDataConfig.from_dict(meta["data"])
-    root = args.data or meta.get("data_root", DIGITS)
+    root = data_folder(args.data) if args.data else meta.get("data_root", DIGITS)
     root = digits_folder(size=max(32, dc.img_size)) if root == DIGITS else Path(root)
     dist = init_distributed()
     val = ImageFolder(root, "val", build_transform(dc, train=False), classes)
@@ -205,34 +235,26 @@ def _eval(args: argparse.Namespace) -> int:
     if dist.is_main:
         for path, reason in bad:
             print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
-        print(
-            f"{args.checkpoint}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
-            f"loss {metrics['loss']:.4f}  on {metrics['count']} images of {root / 'val'}"
-            + (f" ({skipped} unreadable skipped)" if skipped else "")
-            + f"  [{time.perf_counter() - t0:.1f} s]"
-        )
-        print(json.dumps({**metrics, "skipped": skipped}))
+        if not args.json:
+            print(
+                f"{args.checkpoint}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+                f"loss {metrics['loss']:.4f}  on {metrics['count']} images of {root / 'val'}"
+                + (f" ({skipped} unreadable skipped)" if skipped else "")
+                + f"  [{time.perf_counter() - t0:.1f} s]"
+            )
+        result = {**metrics, "skipped": skipped}
+        save_eval_metrics(result, eval_metrics_path(args.checkpoint, args.output), args.json)
     return 0
 
 
 @torch.no_grad()
 def _predict(args: argparse.Namespace) -> int:
-    from mvitv2.predict import CheckpointError, Predictor
+    from mvitv2.data.image import IMG_EXTENSIONS
+    from mvitv2.predict import Predictor
 
-    try:
-        predictor = Predictor.from_checkpoint(
-            args.checkpoint, task="image", topk=args.topk, ema=args.ema
-        )
-    except CheckpointError as e:
-        print(f"mvitv2 predict image: error: {e}", file=sys.stderr)
-        return 2
-    status = 0
-    for f in args.files:
-        try:
-            top = predictor(f)
-        except BadSample as e:
-            print(f"{f}: error: {e}", file=sys.stderr)
-            status = 1
-            continue
-        print(f"{f}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in top))
-    return status
+    files = expand_inputs(args.files, IMG_EXTENSIONS)
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, task="image", topk=args.topk, ema=args.ema, device=resolve_device(args.device),
+        batch_size=args.batch_size,
+    )  # fmt: skip
+    return print_topk(files, predictor, args.batch_size, args.json)

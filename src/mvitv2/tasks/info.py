@@ -1,41 +1,84 @@
-"""``mvitv2 info``: list the variants with parameters and FLOPs, and run one real forward."""
+"""``mvitv2 info``: the variants with parameters and FLOPs, one real forward, and the released
+weights with the accuracy their authors report.
+
+Nothing here imports torch at module level: ``mvitv2 --help`` builds this parser.
+"""
 
 from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
-import torch
-
-from mvitv2.models import create_model, get_config, list_models
-from mvitv2.utils.flops import count_macs, count_params
+from mvitv2.errors import UserValueError
 
 
 def default_input_shape(name: str) -> tuple[int, ...]:
     """The training input shape of a variant: ``(1, 3, H, W)`` or ``(1, 3, T, H, W)``."""
+    from mvitv2.models import get_config
+
     cfg = get_config(name)
     h, w = cfg.image_hw
     return (1, cfg.in_chans, cfg.num_frames, h, w) if cfg.temporal else (1, cfg.in_chans, h, w)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--filter", default="", help="only models whose name contains this")
+    parser.add_argument("--filter", default="", help="only models and weights containing this")
     parser.add_argument(
         "--forward", default="mvitv2_tiny", help="model to run one real forward with ('' to skip)"
     )
+    parser.add_argument(
+        "--weights", action="store_true", help="only list the released weights (fast)"
+    )
+
+
+def reported(metrics: dict[str, Any]) -> str:
+    """The reported figures of a weights entry as text (``top-1 82.3  top-5 95.7``)."""
+    names = {"top1": "top-1", "top5": "top-5", "box_ap": "box AP", "mask_ap": "mask AP"}
+    shown = [f"{label} {metrics[key]:g}" for key, label in names.items() if key in metrics]
+    return "  ".join(shown) or "-"
+
+
+def weights_lines(filter: str = "") -> list[str]:
+    """One line per released weights entry whose tag contains ``filter``: tag, task, classes,
+    the reported accuracy and where it was reported."""
+    from mvitv2.weights import WEIGHTS
+
+    lines = [f"{'weights tag':<38} {'task':<14} {'classes':<13} {'reported':<30} source"]
+    for tag in sorted(WEIGHTS):
+        if filter not in tag:
+            continue
+        w = WEIGHTS[tag]
+        lines.append(
+            f"{tag:<38} {w.task:<14} {w.classes:<13} {reported(w.metrics):<30} "
+            f"{w.metrics.get('source', '')}"
+        )
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"{'model':<20} {'params (M)':>11} {'GMACs':>9}  input")
-    for name in list_models(args.filter):
-        shape = default_input_shape(name)
-        with torch.device("meta"):
-            model = create_model(name)
-        print(
-            f"{name:<20} {count_params(model) / 1e6:>11.2f} "
-            f"{count_macs(model, shape) / 1e9:>9.2f}  {'x'.join(map(str, shape[1:]))}"
-        )
-    if args.forward:
+    import torch
+
+    from mvitv2.models import create_model, list_models
+    from mvitv2.utils.flops import count_macs, count_params
+
+    known = list_models()
+    if args.forward and args.forward not in known:
+        raise UserValueError(f"--forward {args.forward!r}: no such model; models: {known}")
+    if not args.weights:
+        print(f"{'model':<20} {'params (M)':>11} {'GMACs':>9}  input")
+        for name in list_models(args.filter):
+            shape = default_input_shape(name)
+            with torch.device("meta"):
+                model = create_model(name)
+            print(
+                f"{name:<20} {count_params(model) / 1e6:>11.2f} "
+                f"{count_macs(model, shape) / 1e9:>9.2f}  {'x'.join(map(str, shape[1:]))}"
+            )
+        print()
+    print("\n".join(weights_lines(args.filter)))
+    print("(create_model(name, pretrained=TAG) or mvitv2.load_checkpoint(model, TAG))")
+    if args.forward and not args.weights:
         model = create_model(args.forward).eval()
         x = torch.randn(default_input_shape(args.forward))
         start = time.perf_counter()

@@ -44,18 +44,32 @@ from mvitv2.data.video import (
     read_class_names,
     video_collate,
 )
-from mvitv2.engine.cli import add_train_arguments, dispatch, fit
+from mvitv2.engine.cli import (
+    add_eval_output_arguments,
+    add_predict_arguments,
+    add_train_arguments,
+    data_folder,
+    dispatch,
+    eval_metrics_path,
+    expand_inputs,
+    fit,
+    print_topk,
+    resolve_device,
+    save_eval_metrics,
+)
 from mvitv2.engine.cli import train_config as engine_train_config
 from mvitv2.engine.config import TrainConfig
-from mvitv2.engine.data import BadSample, build_loader
+from mvitv2.engine.data import build_loader
 from mvitv2.engine.distributed import DistInfo, init_distributed
 from mvitv2.engine.mixing import MixCriterion
 from mvitv2.engine.task import Task
 from mvitv2.engine.trainer import Trainer
-from mvitv2.errors import UserError, UserFileNotFoundError, UserValueError
+from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 #: recipes shipped for this task (under ``recipes/``).
 RECIPE_NAMES = ("moving_digits", "k400_small", "k400_base", "k400_large", "ssv2_small", "ssv2_base")
+#: what ``mvitv2 predict video FOLDER`` picks up in a folder.
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 _LIST_NAMES = {"train": ("train.csv", "train.txt"), "val": ("val.csv", "val.txt", "test.csv")}
 
 
@@ -278,6 +292,30 @@ def find_list(root: Path, split: str) -> Path:
     )
 
 
+def locate_file(given: str | Path, root: str | Path | None, flag: str) -> Path:
+    """A list or class file named on the command line: as given (absolute, or relative to the
+    current folder), else relative to the video root ``root``.
+
+    Args:
+        given: the path the user passed.
+        root: the video root (``--data``), or None.
+        flag: the option that named it, for the error (``--train-list``).
+
+    Raises:
+        UserFileNotFoundError: found in neither place; the message names both.
+    """
+    path = Path(given)
+    if path.is_file():
+        return path
+    tried = [str(path.resolve())]
+    if root is not None and not path.is_absolute():
+        in_root = Path(root) / path
+        if in_root.is_file():
+            return in_root
+        tried.append(str(in_root.resolve()))
+    raise UserFileNotFoundError(f"{flag} {given}: no such file (looked at {' and '.join(tried)})")
+
+
 class VideoClassification(Task):
     """The video classification task for :class:`~mvitv2.engine.trainer.Trainer`.
 
@@ -305,15 +343,18 @@ class VideoClassification(Task):
             train, val, classes = moving_digits_lists(dc)
             return train, val, None, classes
         root = Path(dc.video_root) if dc.video_root else None
-        train = Path(dc.train_list) if dc.train_list else find_list(root, "train")  # type: ignore[arg-type]
+        if dc.train_list:
+            train = locate_file(dc.train_list, root, "--train-list")
+        else:
+            train = find_list(root, "train")  # type: ignore[arg-type]
         if dc.val_list:
-            val: Path | None = Path(dc.val_list)
+            val: Path | None = locate_file(dc.val_list, root, "--val-list")
         else:
             try:
                 val = find_list(root or train.parent, "val")
             except FileNotFoundError:
                 val = None  # train without validation
-        classes = Path(dc.classes_file) if dc.classes_file else None
+        classes = locate_file(dc.classes_file, root, "--classes") if dc.classes_file else None
         return train, val, dc.video_root, classes
 
     def build_datasets(self) -> tuple[VideoClipDataset, VideoClipDataset | None]:
@@ -578,8 +619,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--workers", type=int, default=2)
         parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
         parser.add_argument("--strict-data", action="store_true", help="fail on unreadable videos")
+        add_eval_output_arguments(parser)
     elif command == "predict":
-        parser.add_argument("files", nargs="+", help="video files")
+        add_predict_arguments(parser, "video")
         parser.add_argument(
             "--checkpoint", required=True, help="checkpoint from `mvitv2 train video`"
         )
@@ -589,14 +631,13 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             type=int,
             help="temporal clips averaged per video (default: the recipe's test_clips)",
         )
-        parser.add_argument("--json", action="store_true", help="one JSON line per file")
     elif command == "export":
         try:
             from mvitv2.export import add_export_arguments
         except ImportError:  # export support not installed in this tree
             parser.add_argument("rest", nargs="*")
         else:
-            add_export_arguments(parser)
+            add_export_arguments(parser, "video")
 
 
 def run(command: str, args: argparse.Namespace) -> int:
@@ -650,8 +691,11 @@ def _eval(args: argparse.Namespace) -> int:
     ckpt = read_run_checkpoint(args.checkpoint)
     meta = ckpt.get("meta") or {}
     if meta.get("task") != "video" or "config" not in ckpt:
+        hint = (
+            f": use `mvitv2 eval {meta['task']}`" if meta.get("task") in ("image", "detect") else ""
+        )
         raise UserValueError(
-            f"{args.checkpoint} is not a video checkpoint written by `mvitv2 train video`"
+            f"{args.checkpoint} is not a video checkpoint written by `mvitv2 train video`{hint}"
         )
     cfg = TrainConfig.from_dict(ckpt["config"])
     data = dict(cfg.data)
@@ -661,14 +705,20 @@ def _eval(args: argparse.Namespace) -> int:
         data["test_crops"] = args.crops
     dc = VideoDataConfig.from_dict(data)
     if args.val_list or args.data:
-        val_list = Path(args.val_list) if args.val_list else find_list(Path(args.data), "val")
-        root = args.data
+        root = str(data_folder(args.data)) if args.data else None
+        if args.val_list:
+            val_list = locate_file(args.val_list, root, "--val-list")
+        else:
+            val_list = find_list(Path(args.data), "val")
     elif dc.train_list is None and dc.video_root is None:
         _, val_list, _ = moving_digits_lists(dc)
         root = None
     else:
-        val_list = Path(dc.val_list) if dc.val_list else find_list(Path(dc.video_root), "val")
         root = dc.video_root
+        if dc.val_list:
+            val_list = locate_file(dc.val_list, root, "the run's val_list")
+        else:
+            val_list = find_list(Path(dc.video_root), "val")
     classes = list(meta["class_names"])
     model = build_model(cfg.replace(pretrained=False), len(classes))
     state = ckpt["model"]
@@ -693,36 +743,30 @@ def _eval(args: argparse.Namespace) -> int:
     metrics = evaluate_views(model.to(dist.device), loader, dist, ds)
     bad = {k: v for k, v in ds.skipped.as_dict().items() if v}
     if dist.is_main:
-        print(
-            f"{args.checkpoint}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
-            f"on {metrics['count']} videos of {val_list}, {dc.test_clips} clip(s) x "
-            f"{dc.test_crops} crop(s) = {metrics['views']:g} views per video"
-            + (f"  (videos skipped/padded: {bad})" if bad else "")
-            + f"  [{time.perf_counter() - t0:.1f} s]"
-        )
-        print(json.dumps({**metrics, **bad}))
+        if not args.json:
+            print(
+                f"{args.checkpoint}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+                f"on {metrics['count']} videos of {val_list}, {dc.test_clips} clip(s) x "
+                f"{dc.test_crops} crop(s) = {metrics['views']:g} views per video"
+                + (f"  (videos skipped/padded: {bad})" if bad else "")
+                + f"  [{time.perf_counter() - t0:.1f} s]"
+            )
+        path = eval_metrics_path(args.checkpoint, args.output)
+        save_eval_metrics({**metrics, **bad}, path, args.json)
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
     from mvitv2.predict import Predictor
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, task="video", topk=args.topk)
+    files = expand_inputs(args.files, VIDEO_EXTENSIONS)
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, task="video", topk=args.topk, device=resolve_device(args.device),
+        batch_size=args.batch_size,
+    )  # fmt: skip
     if args.clips:
         predictor.preprocessing["num_clips"] = args.clips
-    status = 0
-    for f in args.files:
-        try:
-            top = predictor(f)
-        except (BadSample, UserError) as e:  # one bad file: go on
-            print(f"{f}: error: {e}", file=sys.stderr)
-            status = 1
-            continue
-        if args.json:
-            print(json.dumps({"file": f, "topk": [[c, p] for c, p in top]}))
-        else:
-            print(f"{f}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in top))
-    return status
+    return print_topk(files, predictor, args.batch_size, args.json)
 
 
 def _export(args: argparse.Namespace) -> int:

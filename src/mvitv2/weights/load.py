@@ -380,6 +380,12 @@ def _describe(source: object) -> str:
     return str(source)
 
 
+def _is_weights_tag(name: str) -> bool:
+    from mvitv2.weights.registry import WEIGHTS
+
+    return name in WEIGHTS
+
+
 def load_checkpoint(
     model: MViT,
     source: str | Path | Mapping,
@@ -395,7 +401,8 @@ def load_checkpoint(
     Args:
         model: an :class:`mvitv2.MViT` (classifier or ``features_only``, image or video).
         source: a file (``.pyth``, ``.pth``, ``.pt``, ``.safetensors``, detectron2 ``.pkl``), a
-            URL (``https://`` or ``file://``, downloaded once into torch.hub's cache), or a state
+            released-weights tag (:func:`~mvitv2.weights.list_weights`, e.g.
+            ``"mvitv2_tiny.in1k"``: its registered URL, downloaded and checked), a URL (``https://`` or ``file://``, downloaded once into torch.hub's cache), or a state
             dict / checkpoint dict. The layout (official image, SlowFast video, detectron2, timm,
             torchvision, mvitv2's own) is detected and converted.
         strict: raise :class:`CheckpointMismatchError` (listing missing and unexpected keys and
@@ -420,6 +427,13 @@ def load_checkpoint(
     elif is_url(source):
         raw = read_checkpoint(
             download(str(source), sha256), map_location=map_location, allow_pickle=allow_pickle
+        )
+    elif isinstance(source, str) and not Path(source).exists() and _is_weights_tag(source):
+        from mvitv2.weights.registry import get_weights
+
+        w = get_weights(source)  # a released-weights tag: its registered URL and digest
+        raw = read_checkpoint(
+            download(w.url, w.sha256), map_location=map_location, allow_pickle=allow_pickle
         )
     else:
         raw = read_checkpoint(source, map_location=map_location, allow_pickle=allow_pickle)
