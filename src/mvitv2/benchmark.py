@@ -436,9 +436,11 @@ def _table(rows: list[Row]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the selected cases, print the table, write the JSON; returns an exit code."""
+    from mvitv2.engine.cli import resolve_device
+
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device
     quick = args.quick
     repeats = args.repeats or (2 if quick else 5)
     torch.manual_seed(0)
