@@ -388,3 +388,68 @@ def test_benchmark_memory_probe_is_quiet_and_results_go_to_the_output_folder(cap
     assert results_path(args) == Path("runs/benchmark/benchmark.json")
     assert results_path(parse(["benchmark", "--output", "o"]).args) == Path("o/benchmark.json")
     assert results_path(parse(["benchmark", "--json", ""]).args) is None
+
+
+# ---------------------------------------------------------------------- small pieces
+def test_unknown_names_message_suggests_close_names_or_lists_all():
+    from mvitv2.errors import unknown_names_message
+
+    valid = ["epochs", "batch_size", "base_lr"]
+    assert (
+        unknown_names_message("config key", ["epoch"], valid)
+        == "unknown config key 'epoch' (did you mean 'epochs'?)"
+    )
+    assert (
+        unknown_names_message("config key", ["zzz", "batchsize"], valid)
+        == "unknown config keys 'batchsize' (did you mean 'batch_size'?), 'zzz'"
+    )
+    assert (
+        unknown_names_message("recipe", ["zzz"], valid)
+        == "unknown recipe 'zzz'; valid: base_lr, batch_size, epochs"
+    )
+
+
+def test_resolve_device_refuses_devices_this_machine_lacks(monkeypatch):
+    from mvitv2.engine.cli import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(UserValueError, match="^--device cuda: no CUDA device on this machine"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(UserValueError, match=r"^--device cuda:2: this machine has 2 CUDA"):
+        resolve_device("cuda:2")
+    with pytest.raises(UserValueError, match="^--device 'meta': cannot run there"):
+        resolve_device("meta")
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch):
+    from mvitv2.engine.logging import RunLogger
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert RunLogger(tmp_path, True, tensorboard=False, progress=True).progress
+    assert not RunLogger(tmp_path, True, tensorboard=False, progress=False).progress
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    logger = RunLogger(tmp_path, True, tensorboard=True, progress=True)
+    assert not logger.progress
+    assert not (tmp_path / "tb").exists()  # TensorBoard folder only once something is logged
+    logger.scalars("train", {"loss": 1.0}, 1)
+    assert (tmp_path / "tb").is_dir()
+    logger.close()
+
+
+def test_data_folder_names_what_is_wrong(tmp_path):
+    from mvitv2.engine.cli import data_folder
+
+    assert data_folder(tmp_path) == tmp_path
+    with pytest.raises(UserFileNotFoundError, match=f"^--data {tmp_path / 'x'}: no such folder"):
+        data_folder(tmp_path / "x")
+    assert data_folder(tmp_path / "x", must_exist=False) == tmp_path / "x"
+    (tmp_path / "f.csv").write_text("")
+    with pytest.raises(UserValueError, match=f"^--images {tmp_path / 'f.csv'}: is a file"):
+        data_folder(tmp_path / "f.csv", "--images", must_exist=False)
