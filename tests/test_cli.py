@@ -169,6 +169,8 @@ def mistakes(run, tmp_path_factory):
     video_meta = {"task": "video", "class_names": ["a", "b"]}
     save_checkpoint({"model": {}, "config": {}, "meta": video_meta}, tmp / "video.pt")
     (tmp / "file.txt").write_text("not a folder")
+    corrupt = _folder(tmp / "corrupt", per_class=1)
+    (corrupt / "train" / "cat" / "0.png").write_bytes(b"not a png")
     files = {p.name.split(".")[0]: str(p) for p in tmp.iterdir()}  # {onnx}: model.onnx
     files["onnx"] = files.pop("model")
     return {"ckpt": str(run[0] / "last.pt"), "data": str(run[1]), **files}
@@ -196,6 +198,10 @@ MISTAKES = [
         "--train-list nope.csv: no such file (looked at",
     ),
     (["train", "detect", "--data", "{file}"], "--data {file}: is a file"),
+    (
+        ["train", "image", "--data", "{corrupt}", "--strict-data", *TINY],
+        "{corrupt}/train/cat/0.png: cannot read image",
+    ),
     (["eval", "image", "--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
     (
         ["eval", "image", "--checkpoint", "{video}"],
@@ -237,15 +243,21 @@ MISTAKES = [
 
 
 @pytest.mark.parametrize("argv, phrase", MISTAKES, ids=[" ".join(m[0][:2]) for m in MISTAKES])
-def test_each_user_mistake_is_one_line_and_exit_2(argv, phrase, mistakes, capsys):
+def test_each_user_mistake_is_one_line_and_exit_2(
+    argv, phrase, mistakes, capsys, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # runs go to ./runs
     argv = [a.format(**mistakes) for a in argv]
     with _keep_threads():
         status = main(argv)
-    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("note:")]
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
     prog = "mvitv2 " + (" ".join(argv[:2]) if argv[0] not in ("info", "benchmark") else argv[0])
     assert status == 2
-    assert len(err) == 1, err
-    assert err[0].startswith(f"{prog}: error: ") and phrase.format(**mistakes) in err[0], err
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith(f"{prog}: error: ") and phrase.format(**mistakes) in errors[0], err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no run folder left behind
+    assert not list(tmp_path.glob("runs/*/run"))
 
 
 def test_an_internal_bug_keeps_its_traceback(run, monkeypatch):

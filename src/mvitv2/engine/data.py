@@ -25,6 +25,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from mvitv2.data.common import SkipCounter
+from mvitv2.errors import UserValueError
+
+
+class StrictDataError(UserValueError, RuntimeError):
+    """An unreadable sample with ``strict_data``: the user's data, one error line."""
 
 
 class BadSample(Exception):
@@ -132,7 +137,10 @@ class SeededDataset(Dataset):
                     return self.dataset[i]
             except BadSample as e:
                 if self.strict:
-                    raise RuntimeError(f"unreadable sample (strict data): {e}") from e
+                    raise StrictDataError(
+                        f"unreadable sample (strict data): {e}; without strict_data such samples "
+                        "are skipped and counted"
+                    ) from e
                 self._errors.setdefault(i, e)
                 self.counter.flag(i, "unreadable")  # first: whoever sees the count sees the flag
                 self.counter.add("unreadable")
