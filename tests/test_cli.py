@@ -123,6 +123,10 @@ def test_eval_saves_its_metrics_next_to_the_checkpoint_or_in_output(run, tmp_pat
     assert json.loads(out.strip().splitlines()[-1]) == saved
     assert saved["count"] == 4 and saved["skipped"] == 0
     assert f"metrics saved to {run_dir / 'best_eval.json'}" in err
+    assert (
+        f"evaluating {run_dir / 'best.pt'} on 4 images of {run[1] / 'val'}; device cpu x 1 "
+        f"process(es), {torch.get_num_threads()} CPU thread(s) per process"
+    ) in err.splitlines()
     target = tmp_path / "sub" / "m.json"
     argv = ["eval", "image", "--checkpoint", str(run_dir / "best.pt"), "--workers=0"]
     with _keep_threads():

@@ -181,6 +181,19 @@ def fit(trainer: Trainer) -> dict[str, Any] | None:
         trainer.close()
 
 
+def describe_eval(checkpoint: str | os.PathLike, count: int, what: str, where: Any) -> str:
+    """The line ``mvitv2 eval`` prints when it starts: what it evaluates, on what, where."""
+    import torch
+
+    from mvitv2.engine.distributed import init_distributed
+
+    d = init_distributed()
+    return (
+        f"evaluating {checkpoint} on {count} {what} of {where}; device {d.device} x "
+        f"{d.world_size} process(es), {torch.get_num_threads()} CPU thread(s) per process"
+    )
+
+
 def eval_metrics_path(checkpoint: str | os.PathLike, output: str | None) -> Path:
     """Where ``mvitv2 eval`` saves its metrics: ``output``, or ``<checkpoint stem>_eval.json``
     next to the checkpoint."""

@@ -33,6 +33,7 @@ from mvitv2.engine.cli import (
     add_predict_arguments,
     add_train_arguments,
     data_folder,
+    describe_eval,
     dispatch,
     eval_metrics_path,
     expand_inputs,
@@ -228,6 +229,8 @@ def _eval(args: argparse.Namespace) -> int:
         val, batch_size=args.batch_size, train=False, rank=dist.rank, world_size=dist.world_size,
         workers=args.workers, strict=args.strict_data,
     )  # fmt: skip
+    if dist.is_main:
+        print(describe_eval(args.checkpoint, len(val), "images", root / "val"), file=sys.stderr)
     t0 = time.perf_counter()
     metrics = evaluate_classifier(model.to(dist.device), loader, dist)
     skipped = int(dist.all_reduce_sum(torch.tensor([loader.dataset.skipped])).item())

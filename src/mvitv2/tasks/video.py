@@ -49,6 +49,7 @@ from mvitv2.engine.cli import (
     add_predict_arguments,
     add_train_arguments,
     data_folder,
+    describe_eval,
     dispatch,
     eval_metrics_path,
     expand_inputs,
@@ -739,6 +740,8 @@ def _eval(args: argparse.Namespace) -> int:
         ds, batch_size=args.batch_size, train=False, rank=dist.rank, world_size=dist.world_size,
         workers=args.workers, collate_fn=video_collate, strict=args.strict_data,
     )  # fmt: skip
+    if dist.is_main:
+        print(describe_eval(args.checkpoint, len(ds.samples), "videos", val_list), file=sys.stderr)
     t0 = time.perf_counter()
     metrics = evaluate_views(model.to(dist.device), loader, dist, ds)
     bad = {k: v for k, v in ds.skipped.as_dict().items() if v}
