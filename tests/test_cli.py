@@ -469,3 +469,18 @@ def test_data_folder_names_what_is_wrong(tmp_path):
     (tmp_path / "f.csv").write_text("")
     with pytest.raises(UserValueError, match=f"^--images {tmp_path / 'f.csv'}: is a file"):
         data_folder(tmp_path / "f.csv", "--images", must_exist=False)
+
+
+def test_recipe_workers_are_fitted_to_the_cores_at_hand():
+    from mvitv2.engine.cli import fit_workers
+
+    cfg = TrainConfig(workers=10)
+    override, message = fit_workers(cfg, ["epochs=2"], cpus=2)
+    assert override == "workers=2"
+    assert message == (
+        "the recipe's workers=10 lowered to 2, the CPU cores available here; pass workers=N to "
+        "choose another"
+    )
+    assert fit_workers(cfg, ["workers=10"], cpus=2) == (None, None)  # the user's choice
+    assert fit_workers(cfg, [], cpus=10) == (None, None)
+    assert fit_workers(cfg, [], cpus=9)[0] == "workers=9"

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from mvitv2.engine.config import TrainConfig, short_run_warmup
+from mvitv2.engine.config import TrainConfig, apply_overrides, short_run_warmup
 from mvitv2.engine.trainer import Trainer, TrainingStopped
 from mvitv2.errors import (
     UserError,
@@ -111,11 +111,41 @@ def train_config(
     recipe = resolve_recipe(args.config or default_recipe)
     cfg = TrainConfig.load(recipe, overrides)  # validates the recipe and overrides first
     warmup, message = short_run_warmup(yaml.safe_load(recipe.read_text()) or {}, overrides)
-    if warmup is None:
-        return cfg
+    notes = [message] if warmup else []
+    workers, workers_note = fit_workers(cfg, overrides, available_cpus())
+    notes += [workers_note] if workers_note else []
     if os.environ.get("RANK", "0") == "0":  # one line per run, not per torchrun process
-        print(f"note: {message}", file=sys.stderr)
-    return cfg.with_overrides([warmup])
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    adapted = [o for o in (warmup, workers) if o]
+    return cfg.with_overrides(adapted) if adapted else cfg
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def fit_workers(
+    cfg: TrainConfig, overrides: Sequence[str], cpus: int
+) -> tuple[str | None, str | None]:
+    """Fit a recipe's data loader workers to the machine at hand.
+
+    The paper recipes ask for the worker count of a large server (``workers: 10``); on a machine
+    with fewer cores, the extra processes only compete with the training for the CPU. A
+    ``workers`` the user set on the command line is kept as given.
+
+    Returns:
+        ``(override, message)``: ``workers=N`` with N the available cores, and the line that
+        says so; ``(None, None)`` when nothing needs changing.
+    """
+    if "workers" in apply_overrides({}, overrides) or cfg.workers <= cpus:
+        return None, None
+    message = (
+        f"the recipe's workers={cfg.workers} lowered to {cpus}, the CPU cores available here; "
+        f"pass workers=N to choose another"
+    )
+    return f"workers={cpus}", message
 
 
 def describe_run(trainer: Trainer) -> list[str]:
