@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from mvitv2 import cli
 
 DATA = Path(__file__).parent / "data"
+KIND = "cascade"
 NAMES = {"maskrcnn": "maskrcnn_mvitv2_tiny", "cascade": "cascade_maskrcnn_mvitv2_tiny"}
 
 
@@ -188,31 +189,34 @@ def test_export_whole_detector_of_a_detectron2_file_matches_pytorch(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """The ONNX file of ``export detect --whole-detector`` gives the PyTorch detector's
-    detections on the fixture image (traced on a random image: other proposal and detection
-    counts), with COCO's class names in its metadata."""
+    detections on the fixture image and on a blank one (traced on a random image: other
+    proposal and detection counts), with COCO's class names in its metadata."""
     pytest.importorskip("onnxruntime")
     from mvitv2.export import onnx_session, read_metadata
     from mvitv2.tasks.detect import read_detector
 
-    pth, _ = detectron2_files("cascade", tmp_path)
-    out = tmp_path / "cascade.onnx"
+    pth, _ = detectron2_files(KIND, tmp_path)
+    out = tmp_path / f"{KIND}.onnx"
     argv = ["export", "detect", "--checkpoint", str(pth), "--whole-detector", "--output", str(out)]
     torch.manual_seed(0)
-    assert cli.main([*argv, "--input-size", "240", "320", *model_options("cascade")]) == 0
-    assert read_metadata(out)["class_names"] == reference("cascade")["coco_class_names"]
+    assert cli.main([*argv, "--input-size", "240", "320", *model_options(KIND)]) == 0
+    assert read_metadata(out)["class_names"] == reference(KIND)["coco_class_names"]
 
-    options = model_options("cascade")
+    options = model_options(KIND)
     args = dict(a.split("=", 1) for a in options[options.index("--model-args") + 1 :])
     model_args = {k: json.loads(v) for k, v in args.items()}
-    model = read_detector(pth, model=NAMES["cascade"], model_args=model_args).model()
+    model = read_detector(pth, model=NAMES[KIND], model_args=model_args).model()
     arr = np.asarray(Image.open(DATA / "detectron2_image.png").convert("RGB"))
     image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
-    with torch.no_grad():
-        want = model([image])[0]
-    got = onnx_session(out).run(None, {"image": image.numpy()})
-    assert len(want["boxes"]) > 1
-    for name, value in zip(("boxes", "labels", "scores", "masks"), got):
-        np.testing.assert_allclose(value, want[name].numpy(), atol=1e-3, err_msg=name)
+    session = onnx_session(out)
+    # A blank image: fewer RPN proposals than the 1000 kept on the traced one, no detection.
+    for x, detected in ((image, True), (image * 0, False)):
+        with torch.no_grad():
+            want = model([x])[0]
+        assert (len(want["boxes"]) > 1) == detected
+        got = session.run(None, {"image": x.numpy()})
+        for name, value in zip(("boxes", "labels", "scores", "masks"), got):
+            np.testing.assert_allclose(value, want[name].numpy(), atol=1e-3, err_msg=name)
 
 
 def test_wrong_detector_files_are_refused_in_one_line(
