@@ -154,9 +154,10 @@ def test_eval_detect_maps_detectron2_classes_to_coco_category_ids(
             }
         )
     used = sorted({category[c] for c in want["classes"]}, reverse=True)
-    cats = [*used, 1]  # + person (category 1), never detected here
+    cats = [*used, 1]  # + person (category 1), never detected here, under another name
     assert 1 not in used
     names = {category[c]: n for c, n in enumerate(ref["coco_class_names"])}
+    names[1] = "human"
     gt = {
         "images": [{"id": 7, "file_name": "a.png", "height": h, "width": w}],
         "annotations": anns,
@@ -169,7 +170,10 @@ def test_eval_detect_maps_detectron2_classes_to_coco_category_ids(
     argv += ["--annotations", str(tmp_path / "gt.json"), "--output", str(results)]
     assert cli.main([*argv, "--workers", "0", *model_options("maskrcnn")]) == 0
 
-    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "categories 1 'human' are not the detector's" in warnings[0]
+    metrics = json.loads(captured.out.strip().splitlines()[-1])
     assert metrics["bbox_AP"] == pytest.approx(1.0) and metrics["segm_AP"] == pytest.approx(1.0)
     assert metrics["images"] == 1
     dets = json.loads(results.read_text())
@@ -243,7 +247,15 @@ def test_wrong_detector_files_are_refused_in_one_line(
     sd = load_file(str(DATA / "detectron2_maskrcnn.safetensors"))
     torch.save({"model": {k: v for k, v in sd.items() if "bottom_up" in k}}, tmp_path / "bb.pth")
     assert predict(str(tmp_path / "bb.pth"), *model_options("maskrcnn")) == 2
-    assert "not a detectron2 MViT R-CNN detector" in error_line(capsys)
+    err = error_line(capsys)
+    assert f"{tmp_path / 'bb.pth'}: not a detectron2 MViT R-CNN detector" in err
+
+    assert predict(str(pth), "--model", "maskrcnn_mvitv2_tiniest") == 2
+    assert "--model maskrcnn_mvitv2_tiniest: unknown detector" in error_line(capsys)
+    assert predict(str(pth), "--model", NAMES["maskrcnn"], "--model-args", "depth=5") == 2
+    assert "--model-args depth: not a detector or backbone option" in error_line(capsys)
+    assert predict(str(pth), "--model-args", "embed_dim") == 2
+    assert "expected KEY=VALUE" in error_line(capsys)
 
     assert predict(str(pth)) == 2  # width 8 is no released variant
     err = error_line(capsys)
