@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mvitv2.models.gemm import gemm_backend
+from mvitv2.ops import gemm_backend
 
 T = TypeVar("T")
 
