@@ -94,9 +94,18 @@ def resolve_attention_impl(name: str, x: Tensor) -> str:
         return name
     dev = x.device.type
     dtype = autocast_dtype(dev) or x.dtype
-    if torch.is_grad_enabled() and x.requires_grad and (dev, dtype) in _AUTO_TRAIN_TABLE:
-        return _AUTO_TRAIN_TABLE[dev, dtype]
-    return _AUTO_TABLE.get((dev, dtype), _AUTO_FALLBACK)
+    return _auto(dev, dtype, torch.is_grad_enabled() and x.requires_grad)[0]
+
+
+def _auto(device: str, dtype: torch.dtype, training: bool) -> tuple[str, str]:
+    """What ``"auto"`` picks on ``device`` (type) for compute ``dtype``, and why."""
+    if training and (device, dtype) in _AUTO_TRAIN_TABLE:
+        return _AUTO_TRAIN_TABLE[device, dtype], "measured: least memory for training"
+    if (device, dtype) not in _AUTO_TABLE:
+        return _AUTO_FALLBACK, "not measured: default"
+    if device != "cpu":  # the CUDA entries are defaults, not measurements (docs/benchmarks.md)
+        return _AUTO_TABLE[device, dtype], "not measured on a GPU: default"
+    return _AUTO_TABLE[device, dtype], "measured fastest (docs/benchmarks.md)"
 
 
 def attention_reference(
@@ -254,17 +263,8 @@ def attend(
 
 
 def attention_choice(device: str, dtype: torch.dtype, training: bool) -> dict[str, str]:
-    """The attention path in force on ``device`` for compute ``dtype`` (with gradients if
+    """The attention path in force on ``device`` (type) for compute ``dtype`` (with gradients if
     ``training``) and why: ``{"attention": ..., "attention_setting": ..., "attention_why": ...}``."""
     setting = _IMPL.value
-    if setting != "auto":
-        return {"attention": setting, "attention_setting": setting, "attention_why": "set"}
-    if training and (device, dtype) in _AUTO_TRAIN_TABLE:
-        chosen, why = _AUTO_TRAIN_TABLE[device, dtype], "measured: least memory for training"
-    elif (device, dtype) in _AUTO_TABLE:
-        chosen, why = _AUTO_TABLE[device, dtype], "measured fastest (docs/benchmarks.md)"
-    else:
-        chosen, why = _AUTO_FALLBACK, "not measured: default"
-    if device == "cuda":
-        why = "not measured on a GPU: default"
+    chosen, why = (setting, "set") if setting != "auto" else _auto(device, dtype, training)
     return {"attention": chosen, "attention_setting": setting, "attention_why": why}
