@@ -20,7 +20,15 @@ MLP_CHUNK_ELEMENTS = 1 << 22
 
 
 def mlp(x: Tensor, fc1: nn.Linear, act: nn.GELU, fc2: nn.Linear) -> Tensor:
-    """``fc2(act(fc1(x)))`` for tokens ``x`` ``(..., dim)``; returns ``(..., fc2.out_features)``."""
+    """``fc2(act(fc1(x)))``, the values of the plain modules.
+
+    Args:
+        x: tokens ``(..., dim)``.
+        fc1, act, fc2: the MLP's layers (``dim -> hidden``, GELU, ``hidden -> dim_out``).
+
+    Returns:
+        ``(..., dim_out)``.
+    """
     if tracing():  # compile/export: the plain graph
         return fc2(act(fc1(x)))
     if torch.is_grad_enabled():
