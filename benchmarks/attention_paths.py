@@ -3,7 +3,7 @@
 Times, per MViTv2-T attention shape and dtype: fused SDPA without rel-pos, with the rel-pos as a
 float mask ("bias"), with q/k widened by the folded rel-pos ("folded"), and explicit matmuls
 (softmax(q k^T + bias) v, what "reference" and "chunked" do). Uses per-thread CPU time with one
-thread (robust on a shared machine); the result decides `_AUTO_TABLE` in models/attention.py.
+thread (robust on a shared machine); the result decides `_AUTO_TABLE` in ops/attention.py.
 
     uv run python benchmarks/attention_paths.py [--batch 4] [--repeats 7]
 """

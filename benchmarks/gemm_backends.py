@@ -3,7 +3,7 @@
 For each linear layer shape of MViTv2-T at 224 (batch 8 for inference, 16 for training), times
 the three products of a linear layer: forward ``x @ W.T``, input gradient ``dy @ W`` and weight
 gradient ``dy.T @ x``, each way: ``aten`` (what ``F.linear`` and autograd run) and ``onednn``
-(what :mod:`mvitv2.models.gemm` runs, in the orientation it uses). This is the measurement behind
+(what :mod:`mvitv2.ops.gemm` runs, in the orientation it uses). This is the measurement behind
 ``set_gemm_backend("auto")``; the library itself re-measures once per process.
 
     uv run python benchmarks/gemm_backends.py [--repeats 7] [--threads N]
@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mvitv2.models import gemm
+from mvitv2.ops import gemm
 
 # (tokens M, in K, out N) of the MViTv2-T linears: qkv, proj, fc1, fc2 in stages 1-4, batch 8.
 SHAPES = [

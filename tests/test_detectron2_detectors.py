@@ -707,6 +707,7 @@ def test_load_detectron2_detector_sources_strictness_and_other_class_counts(tmp_
         "max_size": 333,
         "size_divisible": 32,
         "input_format": "RGB",
+        "input_dtype": "uint8",
         "resize": "shortest edge (detectron2 ResizeShortestEdge): PIL bilinear for uint8 images, "
         "F.interpolate for float [0, 1] images",
     }

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import mvitv2
-from mvitv2.models import gemm
-from mvitv2.models.gemm import gemm_backend, linear, set_gemm_backend, uses_onednn
+from mvitv2.ops import gemm
+from mvitv2.ops.gemm import gemm_backend, linear, set_gemm_backend, uses_onednn
 from mvitv2.utils.flops import count_macs
 
 needs_onednn = pytest.mark.skipif(
@@ -137,7 +137,7 @@ def test_flop_count_does_not_depend_on_the_backend():
 def test_widely_spaced_operands_are_made_dense():
     """A weight whose rows are spaced wider than their length runs ~100x slower on oneDNN (and a
     transposed one with padded rows is not a layout we hand it); both must be copied dense."""
-    from mvitv2.models.gemm import _dense
+    from mvitv2.ops.gemm import _dense
 
     wide = torch.randn(96, 192)[:, :96]
     assert not wide.is_contiguous() and _dense(wide).is_contiguous()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import mvitv2
 from mvitv2.models import block_specs, get_config
-from mvitv2.models.attention import (
+from mvitv2.ops import (
     attention_impl,
     get_rel_pos,
     rel_pos_bias,

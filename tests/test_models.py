@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mvitv2
-from mvitv2.models.attention import (
+from mvitv2.ops import (
     get_rel_pos,
     rel_pos_bias,
     rel_pos_index,

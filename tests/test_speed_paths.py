@@ -16,17 +16,17 @@ import pytest
 import torch
 
 import mvitv2
-from mvitv2.models import attention as attn_mod
-from mvitv2.models.attention import (
+from mvitv2.models.attention import MultiScaleAttention
+from mvitv2.ops import attention as attn_mod
+from mvitv2.ops import memeff, pooling
+from mvitv2.ops.attention import (
     ATTENTION_IMPLS,
     attention_impl,
     get_attention_impl,
-    rel_pos_bias,
-    rel_pos_onehots,
-    rel_pos_terms,
     resolve_attention_impl,
     set_attention_impl,
 )
+from mvitv2.ops.rel_pos import rel_pos_bias, rel_pos_onehots, rel_pos_terms
 
 FAST = ("bias", "folded", "chunked", "memeff")
 SMALL = dict(num_classes=7, depths=(1, 1, 2, 1), embed_dim=32, img_size=64)
@@ -127,8 +127,8 @@ def test_memeff_gradients_match_reference(case, monkeypatch):
     model = _model(name, kw)  # eval: no stochastic depth, but gradients are on
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     ref_out, ref = _grads(model, x, "reference")
-    for chunk in (attn_mod.MEMEFF_CHUNK_ELEMENTS, 200):
-        monkeypatch.setattr(attn_mod, "MEMEFF_CHUNK_ELEMENTS", chunk)
+    for chunk in (memeff.MEMEFF_CHUNK_ELEMENTS, 200):
+        monkeypatch.setattr(memeff, "MEMEFF_CHUNK_ELEMENTS", chunk)
         out, grads = _grads(model, x, "memeff")
         err = ((out - ref_out).abs().max() / ref_out.abs().max()).item()
         assert err < 1e-5, f"{case}: output relative error {err:.2e}"
@@ -169,6 +169,7 @@ def test_custom_mlp_and_max_pool_are_exact():
     """Recompute-GELU MLP, token-chunked MLP at inference and the indices-only max pool give
     bit-for-bit the values and gradients of the plain modules."""
     from mvitv2.models import mvit
+    from mvitv2.ops import mlp as mlp_ops
 
     torch.manual_seed(0)
     mlp = mvit.Mlp(16, 64, 24)
@@ -183,18 +184,18 @@ def test_custom_mlp_and_max_pool_are_exact():
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
     with torch.no_grad():
         full = mlp(x)
-        old = mvit.MLP_CHUNK_ELEMENTS
+        old = mlp_ops.MLP_CHUNK_ELEMENTS
         try:
-            mvit.MLP_CHUNK_ELEMENTS = 64 * 7  # 7 tokens per chunk, uneven split
+            mlp_ops.MLP_CHUNK_ELEMENTS = 64 * 7  # 7 tokens per chunk, uneven split
             assert torch.allclose(mlp(x), full, rtol=1e-6, atol=1e-7)
         finally:
-            mvit.MLP_CHUNK_ELEMENTS = old
+            mlp_ops.MLP_CHUNK_ELEMENTS = old
     for pool, shape in (
         (torch.nn.MaxPool2d(3, 2, 1), (2, 5, 9, 8)),
         (torch.nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)), (1, 4, 3, 8, 7)),
     ):
         x = torch.randn(shape, requires_grad=True)
-        y = attn_mod.max_pool(x, pool)
+        y = pooling.max_pool(x, pool)
         assert torch.equal(y, pool(x))
         w = torch.randn_like(y)
         (a,) = torch.autograd.grad((y * w).sum(), x)
@@ -214,7 +215,7 @@ def test_depthwise_conv3d_by_2d_matches_conv3d(shape, stride):
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     C = shape[-1]
     w = torch.randn(C, 1, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    ours = attn_mod._depthwise_conv3d_by_2d(x, w, stride, (1, 1, 1))
+    ours = pooling._depthwise_conv3d_by_2d(x, w, stride, (1, 1, 1))
     ref = F.conv3d(x.permute(0, 4, 1, 2, 3), w, None, stride, 1, 1, C).permute(0, 2, 3, 4, 1)
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours, ref)
@@ -226,15 +227,15 @@ def test_depthwise_conv3d_by_2d_matches_conv3d(shape, stride):
 def test_inference_chunking_gives_the_same_result(monkeypatch):
     """Large-input inference splits (Q/K/V projected one at a time, windows in groups for the
     bias path, token-chunked MLP) do not change the output."""
-    from mvitv2.models import mvit
+    from mvitv2.ops import mlp as mlp_ops
 
     name, kw, shape = CASES["window"]
     model = _model(name, kw)
     x = torch.randn(shape)
     whole = _run(model, x, "bias")
-    monkeypatch.setattr(attn_mod, "SPLIT_ELEMENTS", 1000)
+    monkeypatch.setattr(pooling, "SPLIT_ELEMENTS", 1000)
     monkeypatch.setattr(attn_mod, "CHUNK_ELEMENTS", 1000)
-    monkeypatch.setattr(mvit, "MLP_CHUNK_ELEMENTS", 5000)
+    monkeypatch.setattr(mlp_ops, "MLP_CHUNK_ELEMENTS", 5000)
     assert torch.allclose(_run(model, x, "bias"), whole, rtol=0, atol=1e-6 * whole.abs().max())
 
 
@@ -307,7 +308,7 @@ def test_module_attribute_overrides_global(monkeypatch):
 
     monkeypatch.setattr(attn_mod, "attention_reference", spy)
     for m in model.modules():
-        if isinstance(m, attn_mod.MultiScaleAttention):
+        if isinstance(m, MultiScaleAttention):
             m.attn_impl = "reference"
     with attention_impl("bias"), torch.no_grad():
         model(torch.randn(shape))
@@ -325,14 +326,14 @@ m = mvitv2.create_model("mvitv2_base_cls", num_classes=5, depths=(1, 1, 1, 1), e
                         img_size=64).eval()
 x = torch.randn(1, 3, 64, 64)
 for impl in ("bias", "chunked", "memeff"):
-    with mvitv2.models.attention.attention_impl(impl), torch.no_grad():
+    with mvitv2.ops.attention_impl(impl), torch.no_grad():
         ref = m(x)
         out = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
     assert torch.allclose(out, ref, atol=1e-5), (impl, (out - ref).abs().max())
     torch._dynamo.reset()
 # With gradients: the custom-autograd attention traces whole too (forward and backward).
 x.requires_grad_(True)
-with mvitv2.models.attention.attention_impl("memeff"):
+with mvitv2.ops.attention_impl("memeff"):
     ref = torch.autograd.grad(m(x).square().sum(), x)[0]
     out = torch.autograd.grad(
         torch.compile(m, fullgraph=True, backend="aot_eager")(x).square().sum(), x

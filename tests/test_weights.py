@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import mvitv2
-from mvitv2.models.attention import resize_rel_pos
+from mvitv2.ops import resize_rel_pos
 from mvitv2.weights import (
     CheckpointError,
     CheckpointMismatchError,

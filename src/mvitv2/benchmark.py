@@ -36,9 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mvitv2
-from mvitv2.models import gemm
-from mvitv2.models import mvit as mvit_mod
-from mvitv2.models.attention import attention_impl
+from mvitv2.ops import attention_impl, gemm, implementation_choices
+from mvitv2.ops import mlp as mlp_ops
 from mvitv2.utils.flops import count_macs
 from mvitv2.weights import convert_state_dict
 
@@ -150,7 +149,7 @@ def peak_memory(fn: Callable[[], object], device: str) -> int:
 
 def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 5) -> float:
     """Best GFLOP/s of an ``n x n`` by ``n x n`` matmul in ``dtype``: PyTorch's ``a @ b`` and,
-    for fp32 on CPU, also oneDNN (:mod:`mvitv2.models.gemm`), whichever is faster."""
+    for fp32 on CPU, also oneDNN (:mod:`mvitv2.ops.gemm`), whichever is faster."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     products = [lambda: a @ b]
@@ -370,12 +369,12 @@ def _train_case(quick: bool, batch: int, peaks: dict, repeats: int, device: str)
 @contextlib.contextmanager
 def _mlp_chunk(elements: int | None):
     """Set the MLP's inference token chunk (hidden elements; None: no chunking) for a block."""
-    saved = mvit_mod.MLP_CHUNK_ELEMENTS
-    mvit_mod.MLP_CHUNK_ELEMENTS = elements if elements is not None else 1 << 62
+    saved = mlp_ops.MLP_CHUNK_ELEMENTS
+    mlp_ops.MLP_CHUNK_ELEMENTS = elements if elements is not None else 1 << 62
     try:
         yield
     finally:
-        mvit_mod.MLP_CHUNK_ELEMENTS = saved
+        mlp_ops.MLP_CHUNK_ELEMENTS = saved
 
 
 def _detect_case(quick: bool, batch: int, peaks: dict, repeats: int, device: str) -> list[Row]:
@@ -405,7 +404,7 @@ def _detect_case(quick: bool, batch: int, peaks: dict, repeats: int, device: str
         return f
 
     fns = {
-        "ours": call("auto", mvit_mod.MLP_CHUNK_ELEMENTS, gemm.get_gemm_backend()),
+        "ours": call("auto", mlp_ops.MLP_CHUNK_ELEMENTS, gemm.get_gemm_backend()),
         "unfused": call("reference", None, "aten"),
     }
     a, b = fns["ours"](), fns["unfused"]()
@@ -495,6 +494,11 @@ def run(args: argparse.Namespace) -> int:
             },
             "matmul_peak_gflops": peaks,
             "our_fp32_gemm": "onednn" if onednn else "aten",
+            "implementation": {  # the kernels in force and why (mvitv2.ops)
+                "fp32": implementation_choices(device, torch.float32),
+                "bf16": implementation_choices(device, torch.bfloat16),
+                "train_fp32": implementation_choices(device, torch.float32, training=True),
+            },
             "rows": [asdict(r) for r in rows],
         }
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -378,6 +378,7 @@ def export_checkpoint(
     input_size: Sequence[int] | None = None,
     verify: bool = False,
     whole_detector: bool = False,
+    info: CheckpointInfo | None = None,
 ) -> Path:
     """Export a training checkpoint (see the module docstring for what each task exports).
 
@@ -392,12 +393,14 @@ def export_checkpoint(
         verify: compare the exported model with PyTorch at batch 1 and 3 (1e-4); a whole
             detector: its detections on one random image.
         whole_detector: detection only: export the whole detector (ONNX), not backbone + FPN.
+        info: the checkpoint already read (a detectron2 detector:
+            :func:`mvitv2.tasks.detect.read_detector`); default: ``read_checkpoint(checkpoint)``.
     """
     if format not in FORMATS:
         raise ValueError(
             f"unsupported export format {format!r}; choose one of {', '.join(FORMATS)}"
         )
-    info = read_checkpoint(checkpoint, task=task)
+    info = info or read_checkpoint(checkpoint, task=task)
     model = build_model(info)
     output = Path(output) if output else Path(checkpoint).with_suffix(FORMATS[format])
     metadata = {
@@ -463,8 +466,9 @@ def add_export_arguments(parser: argparse.ArgumentParser, task: str | None = Non
     )
 
 
-def run_export(task: str, args: argparse.Namespace) -> int:
-    """``mvitv2 export <task>``: export ``args.checkpoint``; prints the files written."""
+def run_export(task: str, args: argparse.Namespace, info: CheckpointInfo | None = None) -> int:
+    """``mvitv2 export <task>``: export ``args.checkpoint`` (already read: ``info``); prints the
+    files written."""
     try:
         path = export_checkpoint(
             args.checkpoint,
@@ -476,6 +480,7 @@ def run_export(task: str, args: argparse.Namespace) -> int:
             input_size=args.input_size,
             verify=args.verify,
             whole_detector=getattr(args, "whole_detector", False),
+            info=info,
         )
     except (CheckpointError, FileNotFoundError, ImportError, ValueError) as e:
         print(f"mvitv2 export {task}: error: {e}", file=sys.stderr)

@@ -466,7 +466,8 @@ class Predictor:
     @torch.inference_mode()
     def _detect(self, items: list[Any]) -> list[dict[str, Any]]:
         images = [load_image(it) for it in items]
-        images = [x.float() / 255 if x.dtype == torch.uint8 else x for x in images]
+        if self.preprocessing.get("input_dtype") != "uint8":  # uint8: detectron2's detectors
+            images = [x.float() / 255 if x.dtype == torch.uint8 else x for x in images]
         results = []
         for start in range(0, len(images), self.batch_size):
             batch = [x.to(self.device) for x in images[start : start + self.batch_size]]

@@ -172,7 +172,7 @@ class CascadeRoIHeads(RoIHeads):
                 proposals, targets
             )
             first_stage = (proposals, matched_idxs, labels)
-        counts = [len(p) for p in proposals]
+        counts = [p.shape[0] for p in proposals]  # shape, not len(): traced as dynamic
         boxes = proposals
         stage_scores = []
         refined = torch.cat(proposals)  # each stage's regressed boxes feed the next one

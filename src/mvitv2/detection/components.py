@@ -203,8 +203,9 @@ class LevelRoIAlign(MultiScaleRoIAlign):
         self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> Tensor:
         feats = [x[name] for name in self.featmap_names]
+        # Sizes from .shape, not len(): an ONNX trace keeps them dynamic (len() is a constant).
         rois = torch.cat(
-            [torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)]
+            [torch.cat([b.new_full((b.shape[0], 1), i), b], dim=1) for i, b in enumerate(boxes)]
         )
         levels = fpn_levels(
             rois[:, 1:],
@@ -213,7 +214,7 @@ class LevelRoIAlign(MultiScaleRoIAlign):
             self.canonical_scale,
             self.canonical_level,
         )
-        out = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
+        out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], *self.output_size))
         for level, (feat, stride) in enumerate(zip(feats, self.strides)):
             idx = torch.where(levels == level)[0]
             pooled = roi_align(
@@ -279,7 +280,7 @@ class FastRCNNRoIHeads(RoIHeads):
         proposals: list[Tensor],
         image_shapes: list[tuple[int, int]],
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        counts = [len(p) for p in proposals]
+        counts = [p.shape[0] for p in proposals]  # shape, not len(): traced as dynamic
         boxes = self.box_coder.decode(box_regression, proposals).split(counts)
         scores = F.softmax(class_logits, -1).split(counts)
         out_boxes, out_scores, out_labels = [], [], []

@@ -69,7 +69,8 @@ class Detectron2Detector:
         class_names: name of label ``i + 1`` (COCO for 80 classes, else None).
         category_ids: COCO category id of label ``i + 1`` (80 classes, else None).
         preprocessing: what the model does to its input (keys as
-            :func:`mvitv2.predict.default_preprocessing`, plus ``input_format`` and ``resize``).
+            :func:`mvitv2.predict.default_preprocessing`, plus ``input_format``, ``resize`` and
+            ``input_dtype``: ``uint8``, the images to give it for detectron2's detections).
         report: the :class:`~mvitv2.weights.LoadReport`.
     """
 
@@ -223,6 +224,7 @@ def load_detectron2_detector(
     allow_pickle: bool = False,
     strict: bool = True,
     map_location: str = "cpu",
+    source_name: str | None = None,
     **overrides: Any,
 ) -> Detectron2Detector:
     """Build and load a whole detectron2 MViTv2 detector.
@@ -236,6 +238,8 @@ def load_detectron2_detector(
         allow_pickle: needed for ``.pkl`` files (pickles can run code: only for trusted files).
         strict: raise when any tensor is missing, unexpected or of another shape.
         map_location: device the tensors are read onto.
+        source_name: how errors and the report name the source (default: ``source``, or
+            ``"<state dict>"`` for a dict).
         **overrides: :class:`DetectorConfig` / backbone fields (e.g. ``min_size``).
 
     Returns:
@@ -246,7 +250,7 @@ def load_detectron2_detector(
     from mvitv2.weights.io import download, is_url, read_checkpoint
     from mvitv2.weights.registry import download_weights
 
-    label = source if not isinstance(source, Mapping) else "<state dict>"
+    label = source_name or (source if not isinstance(source, Mapping) else "<state dict>")
     if isinstance(source, str) and source in list_weights():
         w = get_weights(source)
         if not w.detector:
@@ -289,6 +293,8 @@ def load_detectron2_detector(
             "max_size": cfg.max_size,
             "size_divisible": 32,
             "input_format": "RGB",
+            # Feed uint8 pixels: the model then resizes with PIL as detectron2's loader does.
+            "input_dtype": "uint8",
             "resize": "shortest edge (detectron2 ResizeShortestEdge): PIL bilinear for uint8 "
             "images, F.interpolate for float [0, 1] images",
         },

@@ -30,8 +30,8 @@ from mvitv2.detection.components import (
     ProposalNetwork,
 )
 from mvitv2.models.config import MViTConfig
-from mvitv2.models.gemm import convert_linears
 from mvitv2.models.registry import create_model
+from mvitv2.ops import convert_linears
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

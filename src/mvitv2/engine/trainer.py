@@ -54,6 +54,7 @@ from mvitv2.engine.logging import RunLogger
 from mvitv2.engine.optim import build_optimizer, build_scheduler
 from mvitv2.engine.task import Task
 from mvitv2.errors import UserValueError
+from mvitv2.ops import implementation_choices
 from mvitv2.weights import CheckpointError
 
 
@@ -143,6 +144,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg, d.world_size)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        # The kernels in force (attention path, GEMM backend) and why: logged and checkpointed.
+        dtype = self.autocast_dtype or torch.float32
+        self.implementation = implementation_choices(device, dtype, training=True)
+        notes.append("kernels: " + ", ".join(f"{k}={v}" for k, v in self.implementation.items()))
 
         # Progress (what a checkpoint restores).
         self.epoch = 0  # epoch in progress (or next to start)
@@ -219,6 +224,7 @@ class Trainer:
             "metrics": dict(self.metrics),
             "best": self.best,
             "world_size": self.dist.world_size,
+            "implementation": dict(self.implementation),
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()

@@ -15,65 +15,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from mvitv2.models.attention import Grid, MultiScaleAttention, pool_tokens
+from mvitv2.models.attention import MultiScaleAttention
 from mvitv2.models.config import BlockSpec, MViTConfig, block_specs
-from mvitv2.models.gemm import (
-    Linear,
-    autocast_dtype,
-    grad_input,
-    grad_weight,
-    linear,
-    tracing,
-    uses_onednn,
-)
-
-
-class _MlpRecomputeGelu(torch.autograd.Function):
-    """``fc2(gelu(fc1(x)))`` that saves only ``x`` and ``fc1(x)`` for backward and recomputes
-    the GELU there (cheap), instead of also keeping the GELU output: one ``(N, hidden)``
-    activation less per block during training, same gradients as autograd's. The GEMMs run on
-    the backend of :mod:`mvitv2.models.gemm`."""
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):  # noqa: D102
-        ctx.onednn = uses_onednn(x)
-        h = linear(x, w1, b1)
-        ctx.save_for_backward(x, h, w1, w2)
-        return linear(F.gelu(h), w2, b2)
-
-    @staticmethod
-    def backward(ctx, dy):  # noqa: D102
-        x, h, w1, w2 = ctx.saved_tensors
-        onednn = ctx.onednn
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        h2 = h.reshape(-1, h.shape[-1])
-        need = ctx.needs_input_grad
-        dx = dw1 = db1 = dw2 = db2 = None
-        if need[3]:
-            dw2 = grad_weight(dy2, F.gelu(h2), onednn)
-        if need[4]:
-            db2 = dy2.sum(0)
-        dh = torch.ops.aten.gelu_backward(grad_input(dy2, w2, onednn), h2)
-        if need[1]:
-            dw1 = grad_weight(dh, x.reshape(-1, x.shape[-1]), onednn)
-        if need[2]:
-            db1 = dh.sum(0)
-        if need[0]:
-            dx = grad_input(dh, w1, onednn).view(x.shape)
-        return dx, dw1, db1, dw2, db2
-
-
-#: Hidden-activation elements per token chunk of the MLP at inference.
-MLP_CHUNK_ELEMENTS = 1 << 22
+from mvitv2.ops import Linear, add_residual, pool_tokens
+from mvitv2.ops.mlp import mlp
+from mvitv2.ops.rel_pos import Grid
 
 
 class Mlp(nn.Module):
-    """Linear -> GELU -> Linear.
-
-    Training (fp32, no autocast) recomputes the GELU in backward instead of saving its output;
-    inference runs large inputs in token chunks so that the ``(N, hidden)`` activation never
-    exists at full size. Both are exact (the same ops on the same values).
-    """
+    """Linear -> GELU -> Linear (computed by :func:`mvitv2.ops.mlp.mlp`)."""
 
     def __init__(self, dim: int, hidden: int, dim_out: int) -> None:
         super().__init__()
@@ -82,29 +32,7 @@ class Mlp(nn.Module):
         self.fc2 = Linear(hidden, dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        if tracing():  # compile/export: the plain graph
-            return self.fc2(self.act(self.fc1(x)))
-        if torch.is_grad_enabled():
-            if self.act.approximate == "none" and autocast_dtype(x.device.type) is None:
-                fc1, fc2 = self.fc1, self.fc2
-                return _MlpRecomputeGelu.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-            return self.fc2(self.act(self.fc1(x)))
-        hidden = self.fc1.out_features
-        rows = max(MLP_CHUNK_ELEMENTS // hidden, 1)
-        flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] <= rows:
-            return self._inference(x)
-        out = flat.new_empty(flat.shape[0], self.fc2.out_features)
-        for r0 in range(0, flat.shape[0], rows):
-            out[r0 : r0 + rows] = self._inference(flat[r0 : r0 + rows])
-        return out.view(*x.shape[:-1], -1)
-
-    def _inference(self, x: Tensor) -> Tensor:
-        if self.act.approximate == "none":  # exact GELU: fused into fc1's GEMM where possible
-            h = linear(x, self.fc1.weight, self.fc1.bias, gelu=True)
-        else:
-            h = self.act(self.fc1(x))
-        return self.fc2(h)
+        return mlp(x, self.fc1, self.act, self.fc2)
 
 
 class MultiScaleBlock(nn.Module):
@@ -144,16 +72,10 @@ class MultiScaleBlock(nn.Module):
             shortcut, _ = pool_tokens(
                 shortcut, thw, self.pool_skip, self.num_prefix, self.spatial_only
             )
-        if torch.is_grad_enabled() or tracing():
-            x = shortcut + self.drop_path(y)
-            xn = self.norm2(x)
-            shortcut = self.proj(xn) if self.proj is not None and not self.proj_after_attn else x
-            return shortcut + self.drop_path(self.mlp(xn)), new_thw
-        # Inference: add the residuals into the fresh branch outputs (no new activation buffers).
-        x = self.drop_path(y).add_(shortcut)
+        x = add_residual(shortcut, self.drop_path(y))
         xn = self.norm2(x)
         shortcut = self.proj(xn) if self.proj is not None and not self.proj_after_attn else x
-        return self.drop_path(self.mlp(xn)).add_(shortcut), new_thw
+        return add_residual(shortcut, self.drop_path(self.mlp(xn))), new_thw
 
 
 class PatchEmbed(nn.Module):
@@ -167,10 +89,8 @@ class PatchEmbed(nn.Module):
                 cfg.in_chans, cfg.embed_dim, cfg.patch_kernel, cfg.patch_stride, cfg.patch_padding
             )
         else:
-            self.proj = nn.Conv2d(
-                cfg.in_chans, cfg.embed_dim, cfg.patch_kernel[1:], cfg.patch_stride[1:],
-                cfg.patch_padding[1:],
-            )  # fmt: skip
+            kernel, stride, pad = cfg.patch_kernel[1:], cfg.patch_stride[1:], cfg.patch_padding[1:]
+            self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel, stride, pad)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Grid]:
         x = self.proj(x)

@@ -11,6 +11,10 @@
 * ``mvitv2 predict detect IMAGES... --checkpoint CKPT [--output-dir DIR]``: writes one PNG per
   image with masks, boxes and ``label score`` drawn.
 
+``--checkpoint`` of eval, predict and export is a training checkpoint or a released detectron2
+MViTv2 detector (``model_final.pth``, a model-zoo ``.pkl`` with ``--allow-pickle``, or a weights tag
+such as ``mvitv2_tiny.coco_cascade``): see :func:`read_detector`.
+
 The model is :func:`mvitv2.detection.create_detector` (``cfg.model`` a detector name,
 ``cfg.model_args`` its overrides, ``cfg.pretrained`` an image checkpoint or weights tag for the
 backbone). ``cfg.data`` holds :class:`DetectionDataConfig` options.
@@ -19,8 +23,10 @@ backbone). ``cfg.data`` holds :class:`DetectionDataConfig` options.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import pickle
 import re
 import sys
 import time
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -43,20 +50,24 @@ from mvitv2.data.detection import (
     predictions_to_coco,
 )
 from mvitv2.detection import create_detector, list_detectors
-from mvitv2.engine.cli import add_train_arguments, dispatch, export_handler, fit, train_config
+from mvitv2.engine.cli import add_train_arguments, dispatch, fit, train_config
 from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.distributed import DistInfo, init_distributed
 from mvitv2.engine.task import Task
 from mvitv2.engine.trainer import Trainer, to_device
 from mvitv2.errors import UserFileNotFoundError, UserValueError
+from mvitv2.predict import CheckpointInfo
 
 __all__ = [
     "DetectionDataConfig",
     "DetectionTask",
+    "DetectorFile",
+    "DetectorFileError",
     "add_arguments",
     "create_detector",
     "evaluate_detector",
     "list_detectors",
+    "read_detector",
     "run",
 ]
 
@@ -282,13 +293,21 @@ class DetectionTask(Task):
         }
 
 
-def build_eval_dataset(images: str | Path, ann: str | Path, *, masks: bool = True) -> CocoDetection:
+def build_eval_dataset(
+    images: str | Path, ann: str | Path, *, masks: bool = True, uint8: bool = False
+) -> CocoDetection:
     """A dataset for evaluation: every image (negatives included), no resizing (the model
-    resizes to its test size and maps predictions back to the original image)."""
+    resizes to its test size and maps predictions back to the original image).
+
+    Args:
+        images, ann: image folder and COCO instances JSON.
+        masks: load instance masks.
+        uint8: keep the images uint8 (detectron2 detectors) instead of float in [0, 1].
+    """
+    transforms = None if uint8 else detection_eval_transforms(min_size=None)
     return CocoDetection(
-        images, ann, detection_eval_transforms(min_size=None), masks=masks,
-        remove_images_without_annotations=False,
-    )  # fmt: skip
+        images, ann, transforms, masks=masks, remove_images_without_annotations=False
+    )
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
@@ -358,6 +377,7 @@ def evaluate_detector(
     dataset: CocoDetection,
     *,
     with_masks: bool = True,
+    label_to_cat_id: dict[int, int] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """COCO box (and mask) AP of ``model`` over the shards of all processes.
 
@@ -372,6 +392,8 @@ def evaluate_detector(
         dist: for gathering the shards' detections.
         dataset: the evaluated dataset (its ``coco`` ground truth and category mapping).
         with_masks: also compute mask AP.
+        label_to_cat_id: model label -> COCO category id (a detectron2 COCO detector's fixed
+            ids); default: the dataset's (its sorted category ids).
 
     Returns:
         ``({"bbox_AP", "bbox_AP50", ..., "segm_AP", ..., "images", "skipped_images"},
@@ -390,7 +412,7 @@ def evaluate_detector(
         if not with_masks:
             for o in outputs:
                 o.pop("masks", None)
-        results += predictions_to_coco(outputs, ids, dataset.label_to_cat_id)
+        results += predictions_to_coco(outputs, ids, label_to_cat_id or dataset.label_to_cat_id)
         image_ids += ids
     gathered = dist.all_gather_object((results, image_ids, dataset.skipped_images()))
     metrics: dict[str, float] = {}
@@ -410,17 +432,162 @@ def evaluate_detector(
     return metrics, results
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained detector (eval mode) and the checkpoint's ``meta`` from a training checkpoint."""
-    from mvitv2.engine.checkpoint import load_checkpoint
-    from mvitv2.predict import build_model as build_from_info
-    from mvitv2.predict import read_checkpoint
+class DetectorFileError(UserValueError):
+    """A ``--checkpoint`` that is neither a detection training checkpoint nor a detectron2
+    detector this package can build, or a pickle given without ``--allow-pickle``."""
 
-    info = read_checkpoint(path, task="detect")
-    model = build_from_info(info)
-    meta = dict(load_checkpoint(path).get("meta") or {})
-    meta.setdefault("class_names", info.class_names)
-    return model, meta
+
+@dataclass
+class DetectorFile:
+    """A detector read from a ``--checkpoint`` (see :func:`read_detector`).
+
+    Attributes:
+        info: model name, config overrides, weights, class names and preprocessing (what
+            :func:`mvitv2.predict.build_model` and :mod:`mvitv2.export` take).
+        meta: the training run's ``meta`` (``data``, ``data_root``, ...); empty for detectron2.
+        label_to_cat_id: detector label (1..K) -> COCO category id, for the COCO results; None:
+            the evaluated JSON's own order (its sorted category ids, as for a training run).
+        detectron2: whether the file is a detectron2 detector.
+    """
+
+    info: CheckpointInfo
+    meta: dict[str, Any] = field(default_factory=dict)
+    label_to_cat_id: dict[int, int] | None = None
+    detectron2: bool = False
+    loaded: nn.Module | None = field(default=None, repr=False)
+
+    def model(self) -> nn.Module:
+        """The detector with its weights, in eval mode (built once)."""
+        from mvitv2.predict import build_model as build_from_info
+
+        if self.loaded is None:
+            self.loaded = build_from_info(self.info)
+        return self.loaded
+
+
+def read_detector(
+    source: str | Path,
+    *,
+    allow_pickle: bool = False,
+    model: str | None = None,
+    model_args: dict[str, Any] | None = None,
+) -> DetectorFile:
+    """Read the ``--checkpoint`` of ``eval``/``predict``/``export detect``.
+
+    Args:
+        source: a checkpoint of ``mvitv2 train detect``; or a detectron2 MViTv2 detector: a
+            ``.pth`` (``{"model": state_dict}``), ``.safetensors``, a model-zoo ``.pkl`` or a
+            weights tag of a whole detector (``mvitv2_tiny.coco_cascade``; downloaded once).
+        allow_pickle: read ``.pkl`` files (pickles can run code: only for files you trust).
+        model, model_args: detectron2 only: the registered detector to build and its overrides,
+            for a backbone that is not a released variant (released ones are recognised from
+            the tensor shapes).
+
+    Raises:
+        DetectorFileError / UserFileNotFoundError: what the user can fix, in one line.
+    """
+    from mvitv2.weights import get_weights, list_weights
+
+    source = str(source)
+    path = Path(source)
+    tag = source in list_weights()
+    if tag:
+        w = get_weights(source)
+        if not w.detector:
+            raise DetectorFileError(
+                f"weights {source} are not a whole detector (backbone weights start training: "
+                f"`mvitv2 train detect pretrained={source}`)"
+            )
+        if w.needs_pickle and not allow_pickle:
+            raise DetectorFileError(
+                f"weights {source} ({w.url}) are a detectron2 pickle, which can run code when "
+                "loaded: add --allow-pickle if you trust the source"
+            )
+    elif not path.is_file():
+        raise UserFileNotFoundError(
+            f"checkpoint {path} does not exist: give a checkpoint of `mvitv2 train detect`, a "
+            "detectron2 detector file (.pth, .pkl) or a detector weights tag "
+            f"({', '.join(t for t in list_weights() if get_weights(t).detector)})"
+        )
+    elif path.suffix.lower() == ".pkl" and not allow_pickle:
+        raise DetectorFileError(
+            f"{path} is a Python pickle (detectron2 model zoo .pkl), which can run code when "
+            "loaded: add --allow-pickle if you trust it"
+        )
+    from mvitv2.weights import CheckpointError
+    from mvitv2.weights.io import read_checkpoint as read_file
+
+    if tag:
+        from mvitv2.weights.registry import download_weights
+
+        try:
+            path = download_weights(source)  # the cached file, or a one-line "fetch it" error
+        except CheckpointError as e:
+            raise DetectorFileError(str(e)) from e
+    try:
+        raw = read_file(path, allow_pickle=allow_pickle)
+    except (CheckpointError, RuntimeError, pickle.UnpicklingError) as e:
+        raise DetectorFileError(
+            f"{path} is not a checkpoint ({type(e).__name__}): expected a checkpoint of `mvitv2 "
+            "train detect` or a detectron2 detector (.pth, .safetensors, .pkl)"
+        ) from e
+    if isinstance(raw, dict) and "config" in raw and "model" in raw:  # a training run
+        if model or model_args:
+            raise DetectorFileError(
+                f"{path} is a training checkpoint, which names its detector: --model and "
+                "--model-args are for detectron2 detectors"
+            )
+        from mvitv2.predict import read_checkpoint
+
+        return DetectorFile(read_checkpoint(path, task="detect"), meta=dict(raw.get("meta") or {}))
+    if tag:
+        model = model or get_weights(source).detector
+    return _read_detectron2(source, raw, model, model_args or {})
+
+
+def _read_detectron2(
+    source: str, raw: Any, model: str | None, model_args: dict[str, Any]
+) -> DetectorFile:
+    """:func:`read_detector` for a detectron2 detector (``raw``: the file's content)."""
+    from mvitv2.detection import load_detectron2_detector
+    from mvitv2.detection.model import DetectorConfig
+    from mvitv2.models import MViTConfig
+    from mvitv2.weights import CheckpointError
+
+    if model is not None and model not in list_detectors():
+        raise DetectorFileError(
+            f"--model {model}: unknown detector; choose one of {', '.join(list_detectors())}"
+        )
+    known = {f.name for f in (*dataclasses.fields(DetectorConfig), *dataclasses.fields(MViTConfig))}
+    unknown = sorted(set(model_args) - known)
+    if unknown:
+        raise DetectorFileError(
+            f"--model-args {', '.join(unknown)}: not a detector or backbone option "
+            "(DetectorConfig / MViTConfig fields)"
+        )
+    try:
+        d2 = load_detectron2_detector(raw, model, source_name=source, **model_args)
+    except CheckpointError as e:
+        first, *rest = str(e).splitlines()
+        more = f" (and {len(rest)} more lines)" if rest else ""
+        raise DetectorFileError(
+            f"{first}{more}. --checkpoint takes a checkpoint of `mvitv2 train detect` or a "
+            "detectron2 MViTv2 (Cascade) Mask R-CNN; one whose backbone is no released variant "
+            "needs --model and --model-args"
+        ) from e
+    n = d2.num_classes
+    names = d2.class_names or [f"class_{i}" for i in range(n)]
+    cat_ids = dict(enumerate(d2.category_ids, start=1)) if d2.category_ids else None
+    info = CheckpointInfo(
+        path=Path(source),
+        task="detect",
+        model_name=d2.name,
+        model_kwargs=dict(d2.model_kwargs),
+        state_dict=d2.model.state_dict(),
+        class_names=names,
+        preprocessing=d2.preprocessing,
+    )
+    return DetectorFile(info, label_to_cat_id=cat_ids, detectron2=True, loaded=d2.model)
 
 
 def format_ap(metrics: dict[str, float]) -> str:
@@ -436,6 +603,50 @@ def format_ap(metrics: dict[str, float]) -> str:
 
 
 # ---------------------------------------------------------------------- CLI
+CHECKPOINT_HELP = (
+    "checkpoint from `mvitv2 train detect`, or a detectron2 MViTv2 detector: model_final.pth, a "
+    "model-zoo .pkl (with --allow-pickle) or a weights tag such as mvitv2_tiny.coco_cascade"
+)
+
+
+def add_detectron2_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options for a detectron2 ``--checkpoint`` (see :func:`read_detector`)."""
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read a detectron2 model-zoo .pkl (a pickle can run code: only files you trust)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="detectron2 detector whose backbone is no released variant: the registered "
+        f"detector to build ({', '.join(list_detectors())})",
+    )
+    parser.add_argument(
+        "--model-args",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --model: its overrides, e.g. embed_dim=8 depths=[1,2,1,1] min_size=256",
+    )
+
+
+def detector_from_args(args: argparse.Namespace) -> DetectorFile:
+    """:func:`read_detector` for the ``--checkpoint`` and detectron2 options of ``args``."""
+    from mvitv2.engine.config import parse_value
+
+    model_args = {}
+    for item in args.model_args:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserValueError(f"--model-args {item!r}: expected KEY=VALUE")
+        model_args[key] = parse_value(text)
+    return read_detector(
+        args.checkpoint, allow_pickle=args.allow_pickle, model=args.model, model_args=model_args
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Options of ``mvitv2 <command> detect``."""
     parser.add_argument(
@@ -454,11 +665,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             overrides_example="epochs=2 model_args.fpn_channels=64 data.aug=lsj",
         )
     elif command == "eval":
+        parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+        add_detectron2_arguments(parser)
         parser.add_argument(
-            "--checkpoint", required=True, help="checkpoint from `mvitv2 train detect`"
-        )
-        parser.add_argument(
-            "--data", help="COCO folder (default: the data the checkpoint was trained on)"
+            "--data",
+            help="COCO folder (default: the data the checkpoint was trained on; required for a "
+            "detectron2 detector unless --images/--annotations are given)",
         )
         parser.add_argument("--images", help="image folder (with --annotations; overrides --data)")
         parser.add_argument("--annotations", help="COCO instances JSON of --images")
@@ -472,11 +684,13 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--strict-data", action="store_true", help="fail on unreadable images")
     elif command == "predict":
         parser.add_argument("files", nargs="+", help="image files")
+        parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+        add_detectron2_arguments(parser)
         parser.add_argument(
-            "--checkpoint", required=True, help="checkpoint from `mvitv2 train detect`"
-        )
-        parser.add_argument(
-            "--output-dir", default="predictions", help="folder for the annotated PNGs"
+            "--output-dir",
+            default="predictions",
+            help="folder for the annotated PNGs and detections.json (per image: label name, COCO "
+            "category id, score, box x1 y1 x2 y2 in pixels, mask as COCO RLE)",
         )
         parser.add_argument(
             "--score-thresh", type=float, default=0.5, help="draw detections scoring at least this"
@@ -488,6 +702,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         from mvitv2.export import add_export_arguments
 
         add_export_arguments(parser)
+        add_detectron2_arguments(parser)
 
 
 def run(command: str, args: argparse.Namespace) -> int:
@@ -495,7 +710,7 @@ def run(command: str, args: argparse.Namespace) -> int:
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     handlers = {
-        "train": _train, "eval": _eval, "predict": _predict, "export": export_handler("detect")
+        "train": _train, "eval": _eval, "predict": _predict, "export": _export
     }  # fmt: skip
     return dispatch("detect", command, args, handlers)
 
@@ -527,15 +742,20 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from mvitv2.engine.data import build_loader
 
-    model, meta = model_from_checkpoint(args.checkpoint)
+    det = detector_from_args(args)
     dist = init_distributed()
     if args.images or args.annotations:
         if not (args.images and args.annotations):
             raise UserValueError("--images and --annotations go together")
         images, ann = Path(args.images), Path(args.annotations)
     else:
-        dc = DetectionDataConfig.from_dict(meta.get("data") or {})
-        root = args.data or meta.get("data_root", DIGIT_SCENES)
+        if det.detectron2 and not args.data:
+            raise UserValueError(
+                f"{args.checkpoint} is a detectron2 detector, which records no data: pass --data "
+                "(a COCO folder) or --images and --annotations"
+            )
+        dc = DetectionDataConfig.from_dict(det.meta.get("data") or {})
+        root = args.data or det.meta.get("data_root", DIGIT_SCENES)
         splits = resolve_splits(root, dc)
         if "val" not in splits:
             raise UserFileNotFoundError(
@@ -544,20 +764,21 @@ def _eval(args: argparse.Namespace) -> int:
             )
         images, ann = splits["val"]
     with_masks = not args.no_masks
-    ds = build_eval_dataset(images, ann, masks=with_masks)
-    if [str(c) for c in ds.class_names] != [str(c) for c in meta["class_names"]]:
-        print(
-            f"warning: {ann} categories {ds.class_names} differ from the checkpoint's "
-            f"{meta['class_names']}; labels are mapped by position",
-            file=sys.stderr,
-        )
+    # detectron2 detectors get uint8 images, resized by PIL inside the model as in detectron2.
+    ds = build_eval_dataset(images, ann, masks=with_masks, uint8=det.detectron2)
+    warn_category_mismatch(ds, det, ann)
     loader = build_loader(
         ds, batch_size=args.batch_size, train=False, rank=dist.rank, world_size=dist.world_size,
         workers=args.workers, collate_fn=collate, strict=args.strict_data,
     )  # fmt: skip
     t0 = time.perf_counter()
     metrics, results = evaluate_detector(
-        model.to(dist.device), loader, dist, ds, with_masks=with_masks
+        det.model().to(dist.device),
+        loader,
+        dist,
+        ds,
+        with_masks=with_masks,
+        label_to_cat_id=det.label_to_cat_id,
     )
     if dist.is_main:
         out = (
@@ -577,6 +798,55 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def warn_category_mismatch(ds: CocoDetection, det: DetectorFile, ann: Path) -> None:
+    """Warn (stderr) when the evaluated JSON's categories are not the detector's.
+
+    A training run's labels follow the JSON's sorted categories: the names must agree position
+    by position. A detectron2 COCO detector's labels are COCO category ids: every category of
+    the JSON must be one of them, with the same name.
+    """
+    if det.label_to_cat_id is None:
+        if [str(c) for c in ds.class_names] != det.info.class_names:
+            print(
+                f"warning: {ann} categories {ds.class_names} differ from the checkpoint's "
+                f"{det.info.class_names}; labels are mapped by position",
+                file=sys.stderr,
+            )
+        return
+    ours = {cat: det.info.class_names[label - 1] for label, cat in det.label_to_cat_id.items()}
+    theirs = {cat: ds.class_names[label - 1] for label, cat in ds.label_to_cat_id.items()}
+    differ = [f"{c} {n!r}" for c, n in theirs.items() if ours.get(c) != n]
+    if differ:
+        print(
+            f"warning: {ann} categories {', '.join(differ)} are not the detector's COCO "
+            "categories (id and name); the detector predicts COCO category ids",
+            file=sys.stderr,
+        )
+
+
+def detection_records(
+    det: dict[str, Any], label_to_cat_id: dict[int, int] | None
+) -> list[dict[str, Any]]:
+    """One image's :class:`~mvitv2.predict.Predictor` detections as JSON-ready dicts: ``label``
+    (class name), ``category_id`` (COCO id; None when the detector has none), ``score``,
+    ``box`` ``[x1, y1, x2, y2]`` (pixels) and ``segmentation`` (compressed COCO RLE) with masks."""
+    from pycocotools import mask as mask_util
+
+    rles: list[Any] = [None] * len(det["boxes"])
+    if "masks" in det and len(det["masks"]):
+        arr = np.asfortranarray(det["masks"].permute(1, 2, 0).numpy().astype(np.uint8))
+        rles = [{"size": r["size"], "counts": r["counts"].decode()} for r in mask_util.encode(arr)]
+    records = []
+    columns = (det["label_names"], det["labels"].tolist(), det["scores"].tolist())
+    for name, label, score, box, rle in zip(*columns, det["boxes"].tolist(), rles, strict=True):
+        cat = label_to_cat_id.get(label + 1) if label_to_cat_id else None
+        record = {"label": name, "category_id": cat, "score": score, "box": box}
+        if rle is not None:
+            record["segmentation"] = rle
+        records.append(record)
+    return records
+
+
 @torch.no_grad()
 def _predict(args: argparse.Namespace) -> int:
     from torchvision.io import write_png
@@ -585,12 +855,19 @@ def _predict(args: argparse.Namespace) -> int:
     from mvitv2.engine.data import BadSample
     from mvitv2.predict import Predictor, load_image
 
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint, task="detect", score_thresh=args.score_thresh, mask_thresh=args.mask_thresh
+    detector = detector_from_args(args)
+    predictor = Predictor(
+        detector.model(),
+        task="detect",
+        class_names=detector.info.class_names,
+        preprocessing=detector.info.preprocessing,
+        score_thresh=args.score_thresh,
+        mask_thresh=args.mask_thresh,
     )
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     status = 0
+    saved = []
     for f in args.files:
         try:
             image = load_image(f)  # uint8 (3, H, W)
@@ -599,6 +876,9 @@ def _predict(args: argparse.Namespace) -> int:
             status = 1
             continue
         det = predictor(image)
+        records = detection_records(det, detector.label_to_cat_id)
+        h, w = image.shape[1:]
+        saved.append({"file": str(f), "height": h, "width": w, "detections": records})
         drawn = image
         if "masks" in det and len(det["masks"]):
             drawn = draw_segmentation_masks(drawn, det["masks"], alpha=0.5)
@@ -611,4 +891,12 @@ def _predict(args: argparse.Namespace) -> int:
         write_png(drawn, str(target))
         shown = ", ".join(captions) or "nothing"
         print(f"{f}: {shown} -> {target}")
+    (out_dir / "detections.json").write_text(json.dumps(saved))
+    print(f"detections written to {out_dir / 'detections.json'}")
     return status
+
+
+def _export(args: argparse.Namespace) -> int:
+    from mvitv2.export import run_export
+
+    return run_export("detect", args, info=detector_from_args(args).info)

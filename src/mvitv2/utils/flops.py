@@ -9,8 +9,6 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mvitv2.models.gemm import gemm_backend
-
 T = TypeVar("T")
 
 
@@ -23,11 +21,11 @@ def macs_of(fn: Callable[..., T], *args: object) -> tuple[int, T]:
     """Multiply-accumulates of ``fn(*args)`` (no grad) and its result.
 
     ``torch.utils.flop_counter`` counts 2 FLOPs per MAC; papers and timm quote MACs as "FLOPs",
-    so this returns half its total. Our linear layers run PyTorch's own GEMMs here (the counter
-    does not see oneDNN's).
+    so this returns half its total (oneDNN's GEMMs included: :mod:`mvitv2.ops.gemm` registers
+    their formula).
     """
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad(), gemm_backend("aten"):
+    with counter, torch.no_grad():
         out = fn(*args)
     return counter.get_total_flops() // 2, out
 

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mvitv2.models.attention import resize_rel_pos
 from mvitv2.models.mvit import MViT
+from mvitv2.ops import resize_rel_pos
 from mvitv2.weights.formats import (
     StateDict,
     convert_detectron2_detector,

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import register_flop_formula
 
+from mvitv2.ops.context import autocast_dtype, tracing
 from mvitv2.utils.choice import Choice
 
 #: Valid names for :func:`set_gemm_backend`.
@@ -55,20 +58,6 @@ def gemm_backend(name: str) -> contextlib.AbstractContextManager[None]:
     return _BACKEND.using(name)
 
 
-def tracing() -> bool:
-    """True while compiling, exporting or tracing (keep to out-of-place standard ops there)."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype active for ``device_type``, or None (meta tensors have no autocast)."""
-    if not torch.amp.is_autocast_available(device_type):
-        return None
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
 def _onednn_linear_op():
     """oneDNN's linear (``y = x @ w.T + b``, optional fused activation), or None if absent."""
     if not torch.backends.mkldnn.is_available():
@@ -79,15 +68,31 @@ def _onednn_linear_op():
         return None
 
 
+def _register_flop_formula() -> None:
+    """Let ``torch.utils.flop_counter`` count oneDNN's linear as it counts ATen's (``2*M*N*K``;
+    a fused GELU is not counted, as ATen's is not), so FLOP counts do not depend on the backend."""
+    op = _onednn_linear_op()
+    if op is None:
+        return
+
+    @register_flop_formula(op.overloadpacket)
+    def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
+
+
+_register_flop_formula()
+
+
 @functools.cache
-def _onednn_measured_faster() -> bool:
+def _measured_ms() -> tuple[float, float] | None:
     """Time one linear-shaped GEMM (``6272 x 384 @ 384 x 1536``, 7.4 GFLOP) each way, best of 3.
 
-    Called once per process, on the first fp32 CPU call with the ``"auto"`` backend; ~0.1 s.
+    Returns ``(oneDNN ms, ATen ms)``, or None without oneDNN. Called once per process, on the
+    first fp32 CPU call with the ``"auto"`` backend; ~0.1 s.
     """
     op = _onednn_linear_op()
     if op is None:
-        return False
+        return None
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6272, 384, generator=gen)
     w = torch.randn(1536, 384, generator=gen)
@@ -99,12 +104,18 @@ def _onednn_measured_faster() -> bool:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-        return min(times)
+        return min(times) * 1e3
 
     with torch.no_grad():
         t_onednn = best(lambda: op(x, w, None, "none", [], ""))
         t_aten = best(lambda: F.linear(x, w))
-    return t_onednn < 0.9 * t_aten
+    return t_onednn, t_aten
+
+
+def _onednn_measured_faster() -> bool:
+    """Whether oneDNN beat ATen by more than 10 % in :func:`_measured_ms`."""
+    ms = _measured_ms()
+    return ms is not None and ms[0] < 0.9 * ms[1]
 
 
 def uses_onednn(x: Tensor) -> bool:
@@ -115,6 +126,22 @@ def uses_onednn(x: Tensor) -> bool:
     if tracing() or autocast_dtype("cpu") is not None or _onednn_linear_op() is None:
         return False
     return backend == "onednn" or _onednn_measured_faster()
+
+
+def gemm_choice() -> dict[str, str]:
+    """The fp32 CPU GEMM backend in force and why: ``{"gemm": ..., "gemm_setting": ...,
+    "gemm_why": ...}`` (with ``"auto"`` this runs the one-off measurement if not yet done)."""
+    setting = _BACKEND.value
+    if setting == "aten":
+        return {"gemm": "aten", "gemm_setting": setting, "gemm_why": "set"}
+    if _onednn_linear_op() is None:
+        return {"gemm": "aten", "gemm_setting": setting, "gemm_why": "no oneDNN in this build"}
+    if setting == "onednn":
+        return {"gemm": "onednn", "gemm_setting": setting, "gemm_why": "set"}
+    onednn_ms, aten_ms = _measured_ms()
+    chosen = "onednn" if _onednn_measured_faster() else "aten"
+    why = f"measured 6272x384x1536: oneDNN {onednn_ms:.1f} ms, ATen {aten_ms:.1f} ms"
+    return {"gemm": chosen, "gemm_setting": setting, "gemm_why": why}
 
 
 # ---------------------------------------------------------------------- raw oneDNN products

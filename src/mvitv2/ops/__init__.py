@@ -1,0 +1,99 @@
+"""Kernels: what exists only for speed or memory (like ``torchvision.ops`` or ``timm.layers``).
+
+Each function computes what the paper writes (and :mod:`mvitv2.models` calls) with the same
+values as the plain PyTorch ops, faster or in less memory:
+
+* :mod:`~mvitv2.ops.rel_pos`: the decomposed relative-position term, short pure functions;
+* :mod:`~mvitv2.ops.attention`: :func:`attend` on one of several exact paths
+  (:func:`set_attention_impl`); :mod:`~mvitv2.ops.memeff` its training kernel;
+* :mod:`~mvitv2.ops.pooling`: the Q/K/V pooling seam :func:`pool_qkv`, the max-pool shortcut
+  and the window partition;
+* :mod:`~mvitv2.ops.mlp`: the MLP (:func:`~mvitv2.ops.mlp.mlp`) and the residual add;
+* :mod:`~mvitv2.ops.gemm`: the linear layers' GEMM backend (:func:`set_gemm_backend`).
+
+:func:`implementation_choices` says which paths are in force and why.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mvitv2.ops.attention import (
+    ATTENTION_IMPLS,
+    attend,
+    attention_choice,
+    attention_impl,
+    get_attention_impl,
+    resolve_attention_impl,
+    set_attention_impl,
+)
+from mvitv2.ops.gemm import (
+    GEMM_BACKENDS,
+    Linear,
+    convert_linears,
+    gemm_backend,
+    gemm_choice,
+    get_gemm_backend,
+    linear,
+    set_gemm_backend,
+)
+from mvitv2.ops.mlp import add_residual
+from mvitv2.ops.pooling import max_pool, pool_qkv, pool_tokens, window_partition, window_unpartition
+from mvitv2.ops.rel_pos import RelPos, get_rel_pos, rel_pos_bias, rel_pos_index, resize_rel_pos
+
+
+def implementation_choices(
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    training: bool = False,
+) -> dict[str, str]:
+    """The implementations in force for a run, and why, as plain strings (for a log line, a
+    checkpoint's metadata or a benchmark's JSON).
+
+    Args:
+        device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+        dtype: the compute dtype (the autocast dtype under autocast).
+        training: whether gradients flow (training picks its own attention path).
+
+    Returns:
+        ``attention``, ``attention_setting``, ``attention_why``, ``gemm``, ``gemm_setting``,
+        ``gemm_why``; e.g. ``{"attention": "memeff", "attention_setting": "auto", ...,
+        "gemm": "onednn", "gemm_why": "measured 6272x384x1536: oneDNN 21.0 ms, ATen 45.3 ms"}``.
+    """
+    device_type = torch.device(device).type
+    choices = attention_choice(device_type, dtype, training)
+    if device_type == "cpu" and dtype == torch.float32:
+        choices.update(gemm_choice())
+    else:
+        why = "oneDNN is used for fp32 on CPU only"
+        choices.update(gemm="aten", gemm_setting=get_gemm_backend(), gemm_why=why)
+    return choices
+
+
+__all__ = [
+    "ATTENTION_IMPLS",
+    "GEMM_BACKENDS",
+    "Linear",
+    "RelPos",
+    "add_residual",
+    "attend",
+    "attention_impl",
+    "convert_linears",
+    "gemm_backend",
+    "get_attention_impl",
+    "get_gemm_backend",
+    "get_rel_pos",
+    "implementation_choices",
+    "linear",
+    "max_pool",
+    "pool_qkv",
+    "pool_tokens",
+    "rel_pos_bias",
+    "rel_pos_index",
+    "resize_rel_pos",
+    "resolve_attention_impl",
+    "set_attention_impl",
+    "set_gemm_backend",
+    "window_partition",
+    "window_unpartition",
+]

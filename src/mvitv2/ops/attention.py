@@ -1,0 +1,270 @@
+"""``attend(q, k, v, scale, rel)``: softmax attention with the decomposed rel-pos term, on one of
+several exact paths (same values, different kernels and memory).
+
+* ``"reference"``: the explicit score matrix ``(q*scale) @ k^T + rel``, softmax, ``@ v`` (what
+  every released MViTv2 implementation does);
+* ``"bias"``: fused ``scaled_dot_product_attention`` with the rel-pos term as a float mask;
+* ``"folded"``: fused SDPA with the rel-pos term folded into the dot product, no bias tensor:
+  ``[q, a_h/s, a_w/s, a_t/s] . [k, onehot(h), onehot(w), onehot(t)]`` with
+  ``a_h[i] = q_i . R_h[h(i), :]`` (``s`` the softmax scale; ``v`` zero-padded to the same width
+  because the fused CPU/GPU kernels need equal head dims). Measured slower than ``"bias"`` on
+  every shape of docs/benchmarks.md; kept selectable, ``"auto"`` never picks it;
+* ``"chunked"``: the folded q/k with two explicit GEMMs and a softmax, over query chunks (bounded
+  memory); faster than fused SDPA where that kernel is slow (bf16 on CPUs without AMX);
+* ``"memeff"``: for training, :func:`~mvitv2.ops.memeff.attention_memeff`.
+
+``"auto"`` (default) picks per device, compute dtype and whether a gradient flows, from the
+measurements in docs/benchmarks.md (``benchmarks/attention_paths.py``). Tensors are
+``(B, nH, N, C)``: batch (or windows), heads, tokens, head width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mvitv2.ops.context import autocast_dtype, tracing
+from mvitv2.ops.memeff import attention_memeff
+from mvitv2.ops.rel_pos import (
+    RelPos,
+    bias_from_coeffs,
+    rel_pos_bias,
+    rel_pos_onehots,
+    rel_pos_terms,
+)
+from mvitv2.utils.choice import Choice
+
+#: Valid names for :func:`set_attention_impl`.
+ATTENTION_IMPLS = ("auto", "reference", "bias", "folded", "chunked", "memeff")
+
+_IMPL = Choice("attention implementation", ATTENTION_IMPLS, "auto")
+
+# What "auto" picks, per (device type, compute dtype), from `benchmarks/attention_paths.py` runs
+# (docs/benchmarks.md). Anything not listed uses the fallback.
+_AUTO_TABLE: dict[tuple[str, torch.dtype], str] = {
+    ("cpu", torch.float32): "bias",
+    ("cpu", torch.bfloat16): "chunked",
+    ("cuda", torch.float32): "bias",
+    ("cuda", torch.bfloat16): "bias",
+    ("cuda", torch.float16): "bias",
+}
+_AUTO_FALLBACK = "bias"
+
+# What "auto" picks when a gradient is needed (training), where it differs from the table above:
+# SDPA's CPU backward falls back to the math kernel and keeps the probabilities and the bias
+# gradient; "memeff" keeps neither and recomputes them chunk by chunk.
+_AUTO_TRAIN_TABLE: dict[tuple[str, torch.dtype], str] = {
+    ("cpu", torch.float32): "memeff",
+}
+
+
+def set_attention_impl(name: str) -> str:
+    """Select the attention path globally; returns the previous setting.
+
+    Args:
+        name: ``"auto"`` (default: per device and dtype, the fastest measured path),
+            ``"reference"`` (explicit score matrix, the exact reference), ``"bias"`` (fused SDPA,
+            rel-pos as an additive mask), ``"folded"`` (fused SDPA, rel-pos folded into q/k) or
+            ``"chunked"`` (folded q/k with explicit matmuls over query chunks) or ``"memeff"``
+            (custom-autograd chunked attention that keeps no score-sized tensor for backward;
+            what ``"auto"`` uses for fp32 training on CPU).
+
+    A module's own ``attn_impl`` attribute (None by default) overrides this global setting.
+    """
+    return _IMPL.set(name)
+
+
+def get_attention_impl() -> str:
+    """The global attention path setting (see :func:`set_attention_impl`)."""
+    return _IMPL.value
+
+
+def attention_impl(name: str) -> contextlib.AbstractContextManager[None]:
+    """Context manager: use attention path ``name`` inside the ``with`` block."""
+    return _IMPL.using(name)
+
+
+def resolve_attention_impl(name: str, x: Tensor) -> str:
+    """Turn ``"auto"`` into a concrete path for input ``x`` (its device, autocast dtype, and
+    whether a gradient will flow through it)."""
+    if name != "auto":
+        return name
+    dev = x.device.type
+    dtype = autocast_dtype(dev) or x.dtype
+    return _auto(dev, dtype, torch.is_grad_enabled() and x.requires_grad)[0]
+
+
+def _auto(device: str, dtype: torch.dtype, training: bool) -> tuple[str, str]:
+    """What ``"auto"`` picks on ``device`` (type) for compute ``dtype``, and why."""
+    if training and (device, dtype) in _AUTO_TRAIN_TABLE:
+        return _AUTO_TRAIN_TABLE[device, dtype], "measured: least memory for training"
+    if (device, dtype) not in _AUTO_TABLE:
+        return _AUTO_FALLBACK, "not measured: default"
+    if device != "cpu":  # the CUDA entries are defaults, not measurements (docs/benchmarks.md)
+        return _AUTO_TABLE[device, dtype], "not measured on a GPU: default"
+    return _AUTO_TABLE[device, dtype], "measured fastest (docs/benchmarks.md)"
+
+
+def attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | None = None
+) -> Tensor:
+    """Explicit attention: ``softmax((q*scale) @ k^T + rel) @ v`` on ``(B, nH, N, C)`` tensors.
+
+    The score matrix is materialised, as in every released MViTv2 implementation; this is the
+    exact reference the fused paths are tested against.
+    """
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if rel is not None:
+        p = rel.num_prefix
+        bias = rel_pos_bias(q[:, :, p:], rel.q_thw, rel.k_thw, rel.h, rel.w, rel.t)
+        if p:  # no rel-pos on rows/columns of the cls token
+            bias = F.pad(bias, (p, 0, p, 0))
+        attn = attn + bias
+    return attn.softmax(dim=-1) @ v
+
+
+#: Score elements per chunk of :func:`attention_chunked` (query rows) and :func:`attention_bias`
+#: (batch entries or windows) when no gradient is needed.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def attention_bias(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | None = None
+) -> Tensor:
+    """Fused SDPA with the rel-pos term passed as a float ``attn_mask``.
+
+    Without gradients, a batch (or batch of windows) whose bias would exceed
+    :data:`CHUNK_ELEMENTS` goes through in groups, so that the bias stays bounded.
+    """
+    B, nH, Nq = q.shape[:3]
+    if rel is not None and not torch.is_grad_enabled() and not tracing():
+        per_item = nH * Nq * k.shape[2]
+        if per_item > CHUNK_ELEMENTS and rel.num_prefix == 0:
+            return _attention_bias_rows(q, k, v, scale, rel)
+        n = max(CHUNK_ELEMENTS // max(per_item, 1), 1)
+        if n < B:
+            parts = [
+                _attention_bias(q[i : i + n], k[i : i + n], v[i : i + n], scale, rel)
+                for i in range(0, B, n)
+            ]
+            return torch.cat(parts)
+    return _attention_bias(q, k, v, scale, rel)
+
+
+def _attention_bias_rows(q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos) -> Tensor:
+    """:func:`attention_bias` over query-row chunks (inference, no prefix tokens): each chunk's
+    bias is built from the per-query coefficients of :func:`rel_pos_terms` (the same sums as
+    :func:`rel_pos_bias`), so the ``(Nq, Nk)`` bias never exists whole."""
+    B, nH, Nq = q.shape[:3]
+    _, kh, kw = rel.k_thw
+    a = rel_pos_terms(q, rel.q_thw, rel.k_thw, rel.h, rel.w, rel.t)
+    rows = max(CHUNK_ELEMENTS // (B * nH * k.shape[2]), 1)
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    for r0 in range(0, Nq, rows):
+        ac = a[:, :, r0 : r0 + rows]
+        a_t = ac[..., kh + kw :] if rel.t is not None else None
+        bias = bias_from_coeffs(ac[..., :kh], ac[..., kh : kh + kw], a_t, rel.k_thw)
+        out[:, :, r0 : r0 + rows] = F.scaled_dot_product_attention(
+            q[:, :, r0 : r0 + rows], k, v, attn_mask=bias.to(q.dtype), scale=scale
+        )
+    return out
+
+
+def _attention_bias(q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | None) -> Tensor:
+    bias = None
+    if rel is not None:
+        p = rel.num_prefix
+        bias = rel_pos_bias(q[:, :, p:], rel.q_thw, rel.k_thw, rel.h, rel.w, rel.t)
+        if p:
+            bias = F.pad(bias, (p, 0, p, 0))
+        bias = bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+def _fold(q: Tensor, k: Tensor, rel: RelPos, factor: float) -> tuple[Tensor, Tensor]:
+    """``q' = [q, a * factor]``, ``k' = [k, onehots]`` with no rel term on prefix rows/columns."""
+    p = rel.num_prefix
+    B, nH = q.shape[:2]
+    a = rel_pos_terms(q[:, :, p:], rel.q_thw, rel.k_thw, rel.h, rel.w, rel.t, factor).to(q.dtype)
+    onehot = rel_pos_onehots(rel.k_thw, rel.t is not None, q.device, k.dtype)
+    if p:  # the cls query gets zero coefficients, the cls key zero one-hots
+        a = F.pad(a, (0, 0, p, 0))
+        onehot = F.pad(onehot, (0, 0, p, 0))
+    return torch.cat((q, a), dim=-1), torch.cat((k, onehot.expand(B, nH, -1, -1)), dim=-1)
+
+
+def attention_folded(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | None = None
+) -> Tensor:
+    """Fused SDPA with the rel-pos term folded into the dot product (no bias tensor).
+
+    ``q' = [q, a/scale]``, ``k' = [k, onehots]`` (zero coefficients for the cls query, zero
+    one-hots for the cls key), ``v`` zero-padded to the same width; the output keeps ``C``.
+    """
+    if rel is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    C = q.shape[-1]
+    q2, k2 = _fold(q, k, rel, 1.0 / scale)
+    v2 = F.pad(v, (0, q2.shape[-1] - C))
+    return F.scaled_dot_product_attention(q2, k2, v2, scale=scale)[..., :C]
+
+
+def attention_chunked(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | None = None
+) -> Tensor:
+    """Folded rel-pos with explicit matmuls: ``softmax([q*s, a] @ [k, onehots]^T) @ v``.
+
+    No bias tensor and no padded ``v``; for kernels where the fused SDPA is slower than two
+    GEMMs (bf16 on CPUs without AMX, where CPU flash attention computes in fp32). Without
+    gradients the queries go in chunks so that the score matrix stays at most
+    :data:`CHUNK_ELEMENTS` elements.
+    """
+    if rel is None:
+        q2, k2 = q * scale, k
+    else:
+        q2, k2 = _fold(q * scale, k, rel, 1.0 / scale)  # a from the unscaled q
+    k2t = k2.transpose(-2, -1)
+    B, nH, N = q.shape[:3]
+    M = k.shape[-2]
+    rows = N
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        rows = max(CHUNK_ELEMENTS // max(B * nH * M, 1), 64)
+    if rows >= N:
+        return (q2 @ k2t).softmax(dim=-1) @ v
+    outs = [(qc @ k2t).softmax(dim=-1) @ v for qc in q2.split(rows, dim=2)]
+    return torch.cat(outs, dim=2)
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | None = None, impl: str = "auto"
+) -> Tensor:
+    """``softmax((q * scale) @ k^T + rel) @ v`` on the path ``impl``.
+
+    Args:
+        q: queries ``(B, nH, Nq, C)``; k, v: keys and values ``(B, nH, Nk, C)``.
+        scale: the softmax scale (``C ** -0.5``).
+        rel: the rel-pos tables and grids (None: no rel-pos term).
+        impl: a path name of :data:`ATTENTION_IMPLS`; ``"auto"`` is resolved for ``q``.
+
+    Returns:
+        ``(B, nH, Nq, C)``.
+    """
+    paths = {
+        "reference": attention_reference,
+        "bias": attention_bias,
+        "folded": attention_folded,
+        "chunked": attention_chunked,
+        "memeff": attention_memeff,
+    }
+    return paths[resolve_attention_impl(impl, q)](q, k, v, scale, rel)
+
+
+def attention_choice(device: str, dtype: torch.dtype, training: bool) -> dict[str, str]:
+    """The attention path in force on ``device`` (type) for compute ``dtype`` (with gradients if
+    ``training``) and why: ``{"attention": ..., "attention_setting": ..., "attention_why": ...}``."""
+    setting = _IMPL.value
+    chosen, why = (setting, "set") if setting != "auto" else _auto(device, dtype, training)
+    return {"attention": chosen, "attention_setting": setting, "attention_why": why}

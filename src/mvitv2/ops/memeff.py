@@ -1,0 +1,177 @@
+"""Memory-efficient exact attention for training: a custom autograd function, flash-attention style.
+
+SDPA's CPU backward with a float bias falls back to the math kernel and keeps the full
+probabilities and the bias gradient; this keeps neither. The forward goes over query chunks, adds
+the rel-pos term per chunk from per-query coefficients (:func:`~mvitv2.ops.rel_pos.rel_pos_terms`)
+and saves only q, k, v, the output and the row log-sum-exp; the backward recomputes each chunk's
+probabilities and the coefficients. Shapes: ``B`` batch, ``nH`` heads, ``C`` head width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mvitv2.ops.rel_pos import Grid, RelPos, get_rel_pos, terms_from_gathered
+
+#: Score elements per query chunk of :func:`attention_memeff` (forward and backward).
+MEMEFF_CHUNK_ELEMENTS = 1 << 22
+
+
+def _memeff_rows(bh: int, nq: int, nk: int) -> int:
+    """Query rows per chunk so that one chunk of scores has at most MEMEFF_CHUNK_ELEMENTS."""
+    return min(max(MEMEFF_CHUNK_ELEMENTS // max(bh * nk, 1), 16), nq)
+
+
+def _memeff_scores(
+    qs: Tensor, kt: Tensor, a: Tensor | None, k_thw: Grid | None, p: int, r0: int
+) -> Tensor:
+    """Scores ``qs @ k^T + rel`` of one query chunk (3-D: heads folded into the batch).
+
+    ``qs`` holds the scaled query rows ``r0 .. r0+n``; ``a`` the rel-pos coefficients of all
+    grid queries (rows offset by the ``p`` prefix tokens, which, like the prefix keys, get no
+    rel-pos term).
+    """
+    s = torch.bmm(qs, kt)
+    if a is None:
+        return s
+    n = qs.shape[1]
+    g0 = max(r0, p)  # first grid query row of the chunk
+    if g0 >= r0 + n:
+        return s
+    kt_, kh, kw = k_thw
+    ac = a[:, g0 - p : r0 + n - p]
+    grid = s[:, g0 - r0 :, p:].unflatten(-1, (kt_, kh, kw))
+    grid.add_(ac[..., None, :kh, None])
+    grid.add_(ac[..., None, None, kh : kh + kw])
+    if ac.shape[-1] > kh + kw:  # temporal term
+        grid.add_(ac[..., kh + kw :, None, None])
+    return s
+
+
+def _bh(x: Tensor) -> Tensor:
+    """``(B, nH, N, C)`` -> ``(B*nH, N, C)`` (a copy only when the layout needs one)."""
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+class _MemEffAttention(torch.autograd.Function):
+    """``softmax((q*scale) @ k^T + rel) @ v`` over query chunks, flash-attention style: the
+    forward saves only q, k, v (the caller's views, no copies), the output and the row
+    log-sum-exp; the backward recomputes the rel-pos coefficients and each chunk's
+    probabilities. No ``(Nq, Nk)`` tensor outlives a chunk.
+
+    q ``(B, nH, Nq, C)``, k/v ``(B, nH, Nk, C)``; ``rh``/``rw``/``rt`` the gathered rel-pos
+    tables ``(q_size, k_size, C)`` of each axis (None: no rel-pos; ``rt`` None: no temporal
+    term). Per grid query ``i`` the coefficients ``a[i] = [q_i . rh[h(i)], q_i . rw[w(i)],
+    q_i . rt[t(i)]]`` are broadcast over the key grid; their gradient is the score gradient
+    summed over the broadcast axes, which goes back to q and the gathered tables.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, rh, rw, rt, scale, q_thw, k_thw, p):  # noqa: D102
+        B, nH, Nq, C = q.shape
+        Nk = k.shape[2]
+        kt, v3 = _bh(k).transpose(1, 2), _bh(v)
+        a3 = None
+        if rh is not None:
+            r = q[:, :, p:].reshape(B, nH, *q_thw, C)
+            a3 = _bh(terms_from_gathered(r, rh, rw, rt))
+        rows = _memeff_rows(B * nH, Nq, Nk)
+        outs, lses = [], []
+        for r0 in range(0, Nq, rows):
+            qs = _bh(q[:, :, r0 : r0 + rows] * scale)  # one copy: scaled and contiguous
+            s = _memeff_scores(qs, kt, a3, k_thw, p, r0)
+            m = s.amax(dim=-1, keepdim=True)
+            e = s.sub_(m).exp_()
+            total = e.sum(dim=-1, keepdim=True)
+            outs.append(torch.bmm(e, v3).div_(total))  # normalise the (n, C) output, not (n, Nk)
+            lses.append(total.log_().add_(m))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=1)
+        out = out.view(B, nH, Nq, -1)
+        ctx.save_for_backward(q, k, v, rh, rw, rt, out, lse)
+        ctx.scale, ctx.q_thw, ctx.k_thw, ctx.p = scale, q_thw, k_thw, p
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # noqa: D102
+        q, k, v, rh, rw, rt, out, lse = ctx.saved_tensors
+        scale, q_thw, k_thw, p = ctx.scale, ctx.q_thw, ctx.k_thw, ctx.p
+        B, nH, Nq, C = q.shape
+        Nk = k.shape[2]
+        k3, v3, out3, dout3 = _bh(k), _bh(v), _bh(out), _bh(dout)
+        a3 = r = None
+        if rh is not None:
+            r = q[:, :, p:].reshape(B, nH, *q_thw, C)
+            a3 = _bh(terms_from_gathered(r, rh, rw, rt))
+        kt, vt = k3.transpose(1, 2), v3.transpose(1, 2)
+        dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)
+        dqs, das = [], []
+        rows = _memeff_rows(B * nH, Nq, Nk)
+        for r0 in range(0, Nq, rows):
+            qs, doc = _bh(q[:, :, r0 : r0 + rows] * scale), dout3[:, r0 : r0 + rows]
+            delta = (doc * out3[:, r0 : r0 + rows]).sum(dim=-1, keepdim=True)
+            prob = _memeff_scores(qs, kt, a3, k_thw, p, r0)
+            prob = prob.sub_(lse[:, r0 : r0 + rows]).exp_()
+            dv.baddbmm_(prob.transpose(1, 2), doc)
+            ds = torch.bmm(doc, vt).sub_(delta).mul_(prob)  # d(scores)
+            del prob
+            dqs.append(torch.bmm(ds, k3).mul_(scale))
+            dk.baddbmm_(ds.transpose(1, 2), qs)  # scale * ds^T q
+            if a3 is not None:
+                kt_, kh, kw = k_thw
+                g0 = max(r0, p)
+                if g0 < r0 + qs.shape[1]:
+                    grid = ds[:, g0 - r0 :, p:].unflatten(-1, (kt_, kh, kw))
+                    parts = [grid.sum(dim=(2, 4)), grid.sum(dim=(2, 3))]
+                    if rt is not None:
+                        parts.append(grid.sum(dim=(3, 4)))
+                    das.append(torch.cat(parts, dim=-1))
+        dq = (dqs[0] if len(dqs) == 1 else torch.cat(dqs, dim=1)).view(q.shape)
+        drh = drw = drt = None
+        if a3 is not None:
+            del a3
+            qt, qh, qw = q_thw
+            kh, kw = k_thw[1:]
+            da = das[0] if len(das) == 1 else torch.cat(das, dim=1)
+            da = da.view(B, nH, qt, qh, qw, -1)
+            da_h, da_w = da[..., :kh], da[..., kh : kh + kw]
+            # a_h = r @ rh^T batched over qh (a_w over qw, a_t over qt): the matmul gradients.
+            dr = da_h @ rh + (da_w.transpose(3, 4) @ rw).transpose(3, 4)
+            # A table's gradient: per row of its query axis, da^T r summed over everything else.
+            da_h_rows = da_h.permute(3, 5, 0, 1, 2, 4).reshape(qh, kh, -1)
+            drh = da_h_rows @ r.permute(3, 0, 1, 2, 4, 5).reshape(qh, -1, C)
+            da_w_rows = da_w.permute(4, 5, 0, 1, 2, 3).reshape(qw, kw, -1)
+            drw = da_w_rows @ r.permute(4, 0, 1, 2, 3, 5).reshape(qw, -1, C)
+            if rt is not None:
+                da_t = da[..., kh + kw :].reshape(B, nH, qt, qh * qw, -1)
+                dr = dr + (da_t @ rt).view(dr.shape)
+                da_t_rows = da_t.permute(2, 4, 0, 1, 3).reshape(qt, da_t.shape[-1], -1)
+                r_t_rows = r.reshape(B, nH, qt, qh * qw, C).permute(2, 0, 1, 3, 4)
+                drt = da_t_rows @ r_t_rows.reshape(qt, -1, C)
+            dq[:, :, p:] += dr.view(B, nH, -1, C)
+        return dq, dk.view(k.shape), dv.view(v.shape), drh, drw, drt, None, None, None, None
+
+
+def attention_memeff(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | None = None
+) -> Tensor:
+    """Memory-efficient exact attention for training (custom autograd, flash-attention style).
+
+    The rel-pos term is added per query chunk from the per-query coefficients of
+    :func:`rel_pos_terms` (broadcast over the key grid); the backward recomputes the
+    coefficients and the scores chunk by chunk, so neither the score matrix, the probabilities,
+    a bias (or its gradient) nor copies of ``q`` are kept for backward. The gathered rel-pos
+    tables get their gradients from the function, the tables themselves by ordinary autograd.
+    """
+    rh = rw = rt = None
+    q_thw = k_thw = None
+    p = 0
+    if rel is not None:
+        p, q_thw, k_thw = rel.num_prefix, rel.q_thw, rel.k_thw
+        dt = q.dtype
+        rh = get_rel_pos(q_thw[1], k_thw[1], rel.h).to(dt)
+        rw = get_rel_pos(q_thw[2], k_thw[2], rel.w).to(dt)
+        if rel.t is not None:
+            rt = get_rel_pos(q_thw[0], k_thw[0], rel.t).to(dt)
+    return _MemEffAttention.apply(q, k, v, rh, rw, rt, scale, q_thw, k_thw, p)

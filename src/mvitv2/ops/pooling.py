@@ -1,0 +1,370 @@
+"""Pooling of token grids: the Q/K/V pooling seam :func:`pool_qkv`, the shortcut's max pool, and
+the window partition, each computed the fast way with the same values as the plain modules.
+
+Q/K/V stay token-major (channels-last) from the qkv projection to the attention kernel: all heads
+(and K with V, or Q, K and V when their strides agree) go through one depthwise conv call and one
+LayerNorm, and no head transpose is copied. Memory (same values, fewer or smaller live tensors):
+under autograd the LayerNorm of pooled Q/K/V (:class:`_GroupLayerNorm`) keeps only its input and
+row statistics and the max-pool shortcut (:func:`max_pool`) only its argmax indices; at
+inference, large inputs are projected and pooled one of Q/K/V at a time (:data:`SPLIT_ELEMENTS`).
+The plain way (head-major, one conv call per tensor, as every released implementation) stays
+available as the unfused baseline of the ``"reference"`` attention path.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mvitv2.ops.context import autocast_dtype, tracing
+from mvitv2.ops.gemm import linear
+from mvitv2.ops.rel_pos import Grid
+
+#: At inference, Q, K and V are projected and pooled one at a time when one of them would
+#: have more elements than this (bounds the unpooled projections of large inputs).
+SPLIT_ELEMENTS = 1 << 23
+
+
+def pool_qkv(
+    x: Tensor,
+    thw: Grid,
+    qkv: nn.Linear,
+    pools: Sequence[nn.Module | None],
+    norms: Sequence[nn.LayerNorm | None],
+    num_heads: int,
+    num_prefix: int,
+    plain: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Grid, Grid]:
+    """Project tokens to Q, K, V, pool each with its depthwise conv and LayerNorm it per head.
+
+    Args:
+        x: tokens ``(B, N, dim)`` on grid ``thw``; the first ``num_prefix`` (cls) skip pooling.
+        qkv: the projection ``dim -> 3 * D`` (Q, K, V side by side; ``D = num_heads * C``).
+        pools: the pooling convs of Q, K, V (``(C, 1, *kernel)`` weights shared by the heads);
+            Q's may be None (Q neither pooled nor normed).
+        norms: the LayerNorms over ``C`` of Q, K, V (Q's None with its pool).
+        num_heads: heads ``nH``.
+        plain: compute it the way every released implementation does (head-major, one conv
+            call per tensor; the unfused baseline that goes with the ``"reference"`` attention)
+            instead of the fast token-major way.
+
+    Returns:
+        Q ``(B, Nq, nH, C)``, K and V ``(B, Nk, nH, C)`` (possibly strided views; fast way: in
+        the autocast dtype under autocast), the Q grid and the K/V grid.
+    """
+    if plain:
+        return _pool_qkv_plain(x, thw, qkv, pools, norms, num_heads, num_prefix)
+    pool_q, pool_k, pool_v = pools
+    norm_q, norm_k, norm_v = norms
+    D = qkv.out_features // 3
+    w, b = qkv.weight, qkv.bias
+
+    def group(first: int, n: int, pools: list[nn.Module], norms: list[nn.LayerNorm]):
+        """Project with rows ``first*D .. (first+n)*D`` of the qkv weight, pool, norm."""
+        bias = None if b is None else b[first * D : (first + n) * D]
+        return _pool_group(
+            x, w[first * D : (first + n) * D], bias, thw, pools, norms, num_heads, num_prefix
+        )
+
+    split = (
+        not torch.is_grad_enabled()
+        and not tracing()
+        and x.shape[0] * x.shape[1] * D > SPLIT_ELEMENTS
+    )
+    if not split and pool_q is not None and pool_q.stride == pool_k.stride:
+        pooled, q_thw = group(0, 3, [pool_q, pool_k, pool_v], [norm_q, norm_k, norm_v])
+        (q, k, v), k_thw = pooled.unbind(2), q_thw
+    else:
+        if split:  # only one unpooled projection exists at a time, a third of the fused one
+            k, k_thw = group(1, 1, [pool_k], [norm_k])
+            v, _ = group(2, 1, [pool_v], [norm_v])
+            k, v = k[:, :, 0], v[:, :, 0]
+        else:  # different strides: two GEMMs on row slices of the qkv weight give dense Q and KV
+            kv, k_thw = group(1, 2, [pool_k, pool_v], [norm_k, norm_v])
+            k, v = kv.unbind(2)
+        if pool_q is not None:
+            q, q_thw = group(0, 1, [pool_q], [norm_q])
+            q = q[:, :, 0]
+        else:
+            q = linear(x, w[:D], None if b is None else b[:D])
+            q, q_thw = q.reshape(q.shape[0], q.shape[1], num_heads, -1), thw
+    # Under autocast the attention kernels get one dtype (LayerNorm may have left fp32 tensors).
+    dtype = autocast_dtype(x.device.type)
+    if dtype is not None:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v, q_thw, k_thw
+
+
+def _pool_qkv_plain(
+    x: Tensor,
+    thw: Grid,
+    qkv: nn.Linear,
+    pools: Sequence[nn.Module | None],
+    norms: Sequence[nn.LayerNorm | None],
+    num_heads: int,
+    num_prefix: int,
+) -> tuple[Tensor, Tensor, Tensor, Grid, Grid]:
+    """:func:`pool_qkv` written plainly: split heads, then pool and norm Q, K, V one by one."""
+    B, N, _ = x.shape
+    heads = qkv(x).reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    out, grids = [], []
+    for t, pool, norm in zip(heads, pools, norms):  # t: (B, nH, N, C)
+        grid = thw
+        if pool is not None:
+            t, grid = pool_tokens(t, thw, pool, num_prefix, isinstance(pool, nn.Conv2d))
+            t = norm(t)
+        out.append(t.transpose(1, 2))
+        grids.append(grid)
+    return out[0], out[1], out[2], grids[0], grids[1]
+
+
+def _pool_group(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    thw: Grid,
+    pools: list[nn.Module],
+    norms: list[nn.LayerNorm],
+    num_heads: int,
+    num_prefix: int,
+) -> tuple[Tensor, Grid]:
+    """Project ``x`` with ``(weight, bias)`` to ``(B, N, G*D)`` tokens (G of Q/K/V side by side),
+    then pool and norm them in one conv call.
+
+    Returns ``(B, N', G, nH, C)`` and the pooled grid. The per-head conv weight (shared by the
+    heads) is repeated over heads so that the conv runs on token-major memory directly. The
+    projection is made here so that no caller holds it: at inference it is freed as soon as the
+    conv has read it.
+    """
+    y = linear(x, weight, bias)
+    w = torch.cat([pl.weight.repeat(num_heads, *[1] * (pl.weight.dim() - 1)) for pl in pools])
+    y, thw = _channels_last_pool(y, thw, w.to(y.dtype), pools[0], num_prefix)
+    return _head_norm(y, norms, num_heads), thw
+
+
+def window_partition(
+    x: Tensor, hw: tuple[int, int], window: int, token_dim: int = -2
+) -> tuple[Tensor, tuple[int, int]]:
+    """Split the ``H*W`` tokens (axis ``token_dim``) of ``x`` into zero-padded windows.
+
+    Args:
+        x: ``(B, *lead, H*W, *rest)``, e.g. ``(B, nH, H*W, C)`` (``token_dim=-2``) or
+            ``(B, H*W, nH, C)`` (``token_dim=1``).
+        hw: the token grid ``(H, W)``.
+        window: the window side.
+
+    Returns:
+        ``(B*nW, *lead, window**2, *rest)`` (windows in row-major order per image) and the
+        padded grid ``(Hp, Wp)``.
+    """
+    d = token_dim % x.dim()
+    B, lead, rest = x.shape[0], x.shape[1:d], x.shape[d + 1 :]
+    H, W = hw
+    x = x.reshape(B, *lead, H, W, rest.numel())
+    pad_h, pad_w = (-H) % window, (-W) % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.reshape(B, *lead, Hp // window, window, Wp // window, window, rest.numel())
+    n = len(lead)  # axes: 0 B, 1..n lead, n+1 nWh, n+2 wh, n+3 nWw, n+4 ww, n+5 rest
+    x = x.permute(0, n + 1, n + 3, *range(1, n + 1), n + 2, n + 4, n + 5)
+    return x.reshape(-1, *lead, window * window, *rest), (Hp, Wp)
+
+
+def window_unpartition(
+    x: Tensor, window: int, padded_hw: tuple[int, int], hw: tuple[int, int], token_dim: int = -2
+) -> Tensor:
+    """Inverse of :func:`window_partition`: ``(B*nW, *lead, window**2, *rest)`` ->
+    ``(B, *lead, H*W, *rest)`` (the padding dropped)."""
+    d = token_dim % x.dim()
+    lead, rest = x.shape[1:d], x.shape[d + 1 :]
+    Hp, Wp = padded_hw
+    H, W = hw
+    x = x.reshape(-1, Hp // window, Wp // window, *lead, window, window, rest.numel())
+    n = len(lead)  # axes: 0 B, 1 nWh, 2 nWw, 3..n+2 lead, n+3 wh, n+4 ww, n+5 rest
+    x = x.permute(0, *range(3, n + 3), 1, n + 3, 2, n + 4, n + 5)
+    x = x.reshape(-1, *lead, Hp, Wp, rest.numel())[..., :H, :W, :]
+    return x.reshape(x.shape[0], *lead, H * W, *rest)
+
+
+def pool_tokens(
+    x: Tensor, thw: Grid, pool: nn.Module, num_prefix: int, spatial_only: bool
+) -> tuple[Tensor, Grid]:
+    """Apply a conv/pool module to the grid tokens of ``x`` and keep prefix (cls) tokens.
+
+    Args:
+        x: ``(..., N, C)`` with ``N = num_prefix + T*H*W`` tokens.
+        thw: the token grid.
+        pool: a 2-D module when ``spatial_only`` (``T`` must be 1), else a 3-D one.
+        num_prefix: leading tokens that skip pooling (the cls token).
+
+    Returns:
+        pooled tokens ``(..., num_prefix + T'*H'*W', C)`` and the new grid.
+    """
+    lead = x.shape[:-2]
+    C = x.shape[-1]
+    prefix, grid = x[..., :num_prefix, :], x[..., num_prefix:, :]
+    grid = grid.reshape(-1, *thw, C)
+    if isinstance(pool, (nn.MaxPool2d, nn.MaxPool3d)):
+        pool = functools.partial(max_pool, pool=pool)
+    if spatial_only:
+        grid = pool(grid[:, 0].permute(0, 3, 1, 2)).unsqueeze(2)
+    else:
+        grid = pool(grid.permute(0, 4, 1, 2, 3))
+    new_thw = (grid.shape[2], grid.shape[3], grid.shape[4])
+    grid = grid.flatten(2).transpose(1, 2).reshape(*lead, -1, C)
+    if num_prefix:
+        grid = torch.cat((prefix, grid), dim=-2)
+    return grid, new_thw
+
+
+class _MaxPoolIndices(torch.autograd.Function):
+    """Max pooling (2-D or 3-D, NC... layout) that keeps only the argmax indices (int32) for
+    backward; autograd's max pooling also keeps the whole input."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding):  # noqa: D102
+        pool = F.max_pool2d if x.dim() == 4 else F.max_pool3d
+        y, idx = pool(x, kernel, stride, padding, return_indices=True)
+        ctx.save_for_backward(idx.to(torch.int32))
+        ctx.in_shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: D102
+        (idx,) = ctx.saved_tensors
+        shape = ctx.in_shape
+        planes = shape[0] * shape[1]
+        dx = dy.new_zeros(planes, math.prod(shape[2:]))
+        dx.scatter_add_(1, idx.reshape(planes, -1).long(), dy.reshape(planes, -1))
+        return dx.view(shape), None, None, None
+
+
+def max_pool(x: Tensor, pool: nn.Module) -> Tensor:
+    """Apply a ``MaxPool2d``/``MaxPool3d`` module; under autograd through
+    :class:`_MaxPoolIndices` (same values and gradients, less memory kept for backward)."""
+    if (
+        not torch.is_grad_enabled()
+        or tracing()
+        or pool.dilation not in (1, (1, 1), (1, 1, 1))
+        or pool.ceil_mode
+    ):
+        return pool(x)
+    return _MaxPoolIndices.apply(x, pool.kernel_size, pool.stride, pool.padding)
+
+
+def _depthwise_conv3d_by_2d(
+    x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int]
+) -> Tensor:
+    """Depthwise 3-D conv as a sum over the temporal taps of depthwise 2-D convs.
+
+    Args:
+        x: ``(B, T, H, W, C)`` token-major input.
+        weight: ``(C, 1, kt, kh, kw)``.
+        stride, padding: of the 3-D conv.
+
+    Returns:
+        ``(B, T', H', W', C)``, equal to the 3-D conv up to float rounding. ATen's depthwise
+        Conv3d backward is slow on CPU for small spatial grids with many channels (measured on
+        2 cores, fwd+bwd: 14.7 vs 1.8 ms for (32, 2, 4, 4, 384), 19.4 vs 8.2 ms for
+        (4, 8, 7, 7, 768)); from 14x14 up the 3-D kernel is as fast or faster.
+    """
+    B, T, H, W, C = x.shape
+    kt, st, pt = weight.shape[2], stride[0], padding[0]
+    if pt:
+        x = F.pad(x, (0, 0, 0, 0, 0, 0, pt, pt))
+    t_out = (T + 2 * pt - kt) // st + 1
+    y = None
+    for dt in range(kt):
+        xs = x[:, dt : dt + st * (t_out - 1) + 1 : st].reshape(B * t_out, H, W, C)
+        yd = F.conv2d(xs.permute(0, 3, 1, 2), weight[:, :, dt], None, stride[1:], padding[1:], 1, C)
+        y = yd if y is None else y + yd
+    return y.permute(0, 2, 3, 1).reshape(B, t_out, y.shape[2], y.shape[3], C)
+
+
+def _channels_last_pool(
+    x: Tensor, thw: Grid, weight: Tensor, conv: nn.Module, num_prefix: int
+) -> tuple[Tensor, Grid]:
+    """Depthwise conv over the grid tokens of ``x`` ``(B, N, ch)`` without leaving token-major
+    layout: the ``(B, T, H, W, ch)`` view is a channels-last conv input, and the conv output
+    (channels-last too) views back as tokens. Prefix tokens skip the conv.
+
+    ``weight`` is ``(ch, 1, *kernel)``; stride and padding come from ``conv``.
+    """
+    B, _, ch = x.shape
+    T, H, W = thw
+    grid = x[:, num_prefix:] if num_prefix else x
+    if weight.dim() == 4:  # 2-D conv on a T = 1 grid
+        y = grid.reshape(B, H, W, ch).permute(0, 3, 1, 2)
+        y = F.conv2d(y, weight, None, conv.stride, conv.padding, 1, ch)
+        new_thw = (1, y.shape[2], y.shape[3])
+        y = y.permute(0, 2, 3, 1)
+    elif H * W < 196 and torch.is_grad_enabled() and not tracing():
+        y = _depthwise_conv3d_by_2d(grid.reshape(B, T, H, W, ch), weight, conv.stride, conv.padding)
+        new_thw = (y.shape[1], y.shape[2], y.shape[3])
+    else:
+        y = grid.reshape(B, T, H, W, ch).permute(0, 4, 1, 2, 3)
+        y = F.conv3d(y, weight, None, conv.stride, conv.padding, 1, ch)
+        new_thw = (y.shape[2], y.shape[3], y.shape[4])
+        y = y.permute(0, 2, 3, 4, 1)
+    y = y.reshape(B, -1, ch)
+    if num_prefix:
+        y = torch.cat((x[:, :num_prefix], y), dim=1)
+    return y, new_thw
+
+
+def _head_norm(x: Tensor, norms: list[nn.LayerNorm], num_heads: int) -> Tensor:
+    """LayerNorm over the head width of ``(B, N, G*nH*C)`` tokens, norm ``g`` on group ``g``.
+
+    Returns ``(B, N, G, nH, C)``. With several groups (K and V, or Q, K and V pooled together),
+    one affine-free LayerNorm plus one ``addcmul`` replaces G strided LayerNorm calls.
+    """
+    B, N, _ = x.shape
+    G = len(norms)
+    # normalized_shape from the module, not x.shape: a traced shape is not a constant for ONNX.
+    shape = norms[0].normalized_shape
+    x = x.reshape(B, N, G, num_heads, shape[0])
+    eps = norms[0].eps
+    if G == 1:
+        return F.layer_norm(x, shape, norms[0].weight, norms[0].bias, eps)
+    weight = torch.stack([n.weight for n in norms])[:, None]  # (G, 1, C)
+    bias = torch.stack([n.bias for n in norms])[:, None]
+    if autocast_dtype(x.device.type) is None and not tracing():
+        if torch.is_grad_enabled():
+            return _GroupLayerNorm.apply(x, weight, bias, eps)
+        # Inference: affine in place, no second full-size tensor.
+        return F.layer_norm(x, shape, None, None, eps).mul_(weight).add_(bias)
+    x = F.layer_norm(x, shape, None, None, eps)
+    return torch.addcmul(bias.to(x.dtype), x, weight.to(x.dtype))
+
+
+class _GroupLayerNorm(torch.autograd.Function):
+    """LayerNorm over the last dim of ``(B, N, G, nH, C)`` with weight/bias ``(G, 1, C)`` per
+    group. Saves only the input and the row statistics (affine-free LayerNorm + ``addcmul``
+    under autograd would also keep the normalised tensor); the backward recomputes it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):  # noqa: D102
+        y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y.mul_(weight).add_(bias)
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: D102
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx = dw = db = None
+        dims = (0, 1, 3)
+        if ctx.needs_input_grad[1]:
+            dw = ((x - mean).mul_(rstd).mul_(dy)).sum(dim=dims)[:, None]
+        if ctx.needs_input_grad[2]:
+            db = dy.sum(dim=dims)[:, None]
+        if ctx.needs_input_grad[0]:
+            dx = torch.ops.aten.native_layer_norm_backward(
+                dy * weight, x, x.shape[-1:], mean, rstd, None, None, [True, False, False]
+            )[0]
+        return dx, dw, db, None

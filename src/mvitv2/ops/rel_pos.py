@@ -1,0 +1,173 @@
+"""Decomposed relative positions (MViTv2 Sec. 4.1), as short pure functions.
+
+The rel-pos term of the score between query ``i`` and key ``j`` on grids ``(T, H, W)`` is
+``q_i . (R_h[h(i), h(j)] + R_w[w(i), w(j)] + R_t[t(i), t(j)])`` with one learned table per axis.
+Written with plain ``matmul``/``reshape``/``pad``/``cat`` (no einsum, no in-place slice writes)
+so that it exports to ONNX and compiles without graph breaks. Shapes: ``B`` batch, ``nH`` heads,
+``C`` head width, grids ``thw = (T, H, W)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Grid = tuple[int, int, int]
+
+
+def rel_pos_index(q_size: int, k_size: int, device: torch.device | None = None) -> Tensor:
+    """Indices ``(q_size, k_size)`` into a table of length ``2 * max(q_size, k_size) - 1``.
+
+    Distances are measured on the finer of the two grids, as in every released MViTv2 codebase.
+    """
+    q_ratio = max(k_size / q_size, 1.0)
+    k_ratio = max(q_size / k_size, 1.0)
+    q_coords = torch.arange(q_size, device=device)[:, None] * q_ratio
+    k_coords = torch.arange(k_size, device=device)[None, :] * k_ratio
+    return (q_coords - k_coords + (k_size - 1) * k_ratio).long()
+
+
+def resize_rel_pos(table: Tensor, length: int) -> Tensor:
+    """Linearly interpolate a ``(L, C)`` rel-pos table to ``(length, C)``."""
+    if table.shape[0] == length:
+        return table
+    return F.interpolate(table.t()[None], size=length, mode="linear")[0].t()
+
+
+def get_rel_pos(q_size: int, k_size: int, table: Tensor) -> Tensor:
+    """Relative embeddings ``(q_size, k_size, C)`` for one axis, resizing the table if needed."""
+    table = resize_rel_pos(table, 2 * max(q_size, k_size) - 1)
+    return table[rel_pos_index(q_size, k_size, table.device)]
+
+
+class RelPos:
+    """The rel-pos tables ``(L, C)`` of one attention (``t`` None: no temporal term) and the
+    query/key grids they are used on; the first ``num_prefix`` tokens (cls) get no term."""
+
+    def __init__(
+        self, h: Tensor, w: Tensor, t: Tensor | None, q_thw: Grid, k_thw: Grid, num_prefix: int
+    ) -> None:
+        self.h, self.w, self.t = h, w, t
+        self.q_thw, self.k_thw = q_thw, k_thw
+        self.num_prefix = num_prefix
+
+
+def rel_pos_bias(
+    q: Tensor,
+    q_thw: Grid,
+    k_thw: Grid,
+    rel_pos_h: Tensor,
+    rel_pos_w: Tensor,
+    rel_pos_t: Tensor | None = None,
+) -> Tensor:
+    """Decomposed relative-position term of the attention scores.
+
+    Args:
+        q: unscaled queries ``(B, nH, qt*qh*qw, C)``, spatial tokens only.
+        q_thw: query grid. k_thw: key grid.
+        rel_pos_h, rel_pos_w, rel_pos_t: tables ``(L, C)``; ``rel_pos_t`` may be None when
+            ``qt == kt == 1``.
+
+    Returns:
+        ``(B, nH, Nq, Nk)`` with ``bias[i, j] = q_i . (R_h[h(i), h(j)] + R_w[w(i), w(j)]
+        + R_t[t(i), t(j)])``.
+    """
+    B, nH, _, C = q.shape
+    qt, qh, qw = q_thw
+    kt, kh, kw = k_thw
+    rh, rw = get_rel_pos(qh, kh, rel_pos_h), get_rel_pos(qw, kw, rel_pos_w)
+    rt = None if rel_pos_t is None else get_rel_pos(qt, kt, rel_pos_t)
+    bias = bias_from_coeffs(*rel_coeffs(q.reshape(B, nH, qt, qh, qw, C), rh, rw, rt), k_thw)
+    return bias.reshape(B, nH, qt * qh * qw, kt * kh * kw)
+
+
+def rel_coeffs(
+    r: Tensor, rh: Tensor, rw: Tensor, rt: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-axis rel-pos coefficients of the query grid ``r`` ``(B, nH, qt, qh, qw, C)``.
+
+    Args:
+        r: queries on their grid.
+        rh, rw, rt: gathered tables ``(qh, kh, C)``, ``(qw, kw, C)``, ``(qt, kt, C)`` (or None).
+
+    Returns:
+        ``(a_h, a_w, a_t)`` (``a_t`` None without ``rt``), each ``(B, nH, qt, qh, qw, k)`` with
+        ``a_h[..., y, x, j] = r[..., y, x, :] . rh[y, j]`` etc.: matmuls batched over the axis
+        the table slice depends on.
+    """
+    B, nH, qt, qh, qw, C = r.shape
+    a_h = r @ rh.transpose(1, 2)
+    a_w = (r.transpose(3, 4) @ rw.transpose(1, 2)).transpose(3, 4)
+    if rt is None:
+        return a_h, a_w, None
+    a_t = (r.reshape(B, nH, qt, qh * qw, C) @ rt.transpose(1, 2)).view(*a_h.shape[:5], -1)
+    return a_h, a_w, a_t
+
+
+def bias_from_coeffs(a_h: Tensor, a_w: Tensor, a_t: Tensor | None, k_thw: Grid) -> Tensor:
+    """The rel-pos bias ``(..., kt*kh*kw)`` of per-query coefficients ``a_h (..., kh)``,
+    ``a_w (..., kw)``, ``a_t (..., kt)`` (None: no temporal term), broadcast over the key grid."""
+    kt, kh, kw = k_thw
+    bias = (a_h[..., :, None] + a_w[..., None, :])[..., None, :, :]  # (..., 1, kh, kw)
+    if a_t is not None:
+        bias = bias + a_t[..., None, None]
+    elif kt != 1:
+        bias = bias.expand(*bias.shape[:-3], kt, kh, kw)
+    return bias.flatten(-3)
+
+
+def rel_pos_terms(
+    q: Tensor,
+    q_thw: Grid,
+    k_thw: Grid,
+    rel_pos_h: Tensor,
+    rel_pos_w: Tensor,
+    rel_pos_t: Tensor | None = None,
+    factor: float = 1.0,
+) -> Tensor:
+    """Per-query rel-pos coefficients ``[a_h, a_w(, a_t)]``, the folded form of the rel-pos term.
+
+    Args:
+        q: unscaled queries ``(B, nH, qt*qh*qw, C)``, spatial tokens only.
+        q_thw, k_thw, rel_pos_h, rel_pos_w, rel_pos_t: as in :func:`rel_pos_bias`.
+        factor: multiplies the result (``1/scale`` folds the softmax scale in for free: it is
+            applied to the small gathered tables, not to the coefficients).
+
+    Returns:
+        ``(B, nH, Nq, kh + kw (+ kt))`` with ``a_h[i, y] = q_i . R_h[h(i), y]`` etc., so that
+        ``rel_pos_bias(...)[i, j] == factor**-1 * (a[i] . rel_pos_onehots(k_thw)[j])``.
+    """
+    B, nH, _, C = q.shape
+    qt, qh, qw = q_thw
+    kt, kh, kw = k_thw
+    rh = get_rel_pos(qh, kh, rel_pos_h) * factor
+    rw = get_rel_pos(qw, kw, rel_pos_w) * factor
+    rt = None if rel_pos_t is None else get_rel_pos(qt, kt, rel_pos_t) * factor
+    return terms_from_gathered(q.reshape(B, nH, qt, qh, qw, C), rh, rw, rt)
+
+
+def terms_from_gathered(r: Tensor, rh: Tensor, rw: Tensor, rt: Tensor | None) -> Tensor:
+    """:func:`rel_pos_terms` of the query grid ``r`` ``(B, nH, qt, qh, qw, C)`` with already
+    gathered tables (see :func:`rel_coeffs`); returns ``(B, nH, qt*qh*qw, kh + kw (+ kt))``."""
+    B, nH, qt, qh, qw, _ = r.shape
+    parts = [a for a in rel_coeffs(r, rh, rw, rt) if a is not None]
+    return torch.cat(parts, dim=-1).reshape(B, nH, qt * qh * qw, -1)
+
+
+def rel_pos_onehots(
+    k_thw: Grid,
+    temporal: bool,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Key-side one-hots ``(kt*kh*kw, kh + kw (+ kt))`` matching :func:`rel_pos_terms`."""
+    kt, kh, kw = k_thw
+    eye_h = torch.eye(kh, device=device, dtype=dtype)[None, :, None].expand(kt, kh, kw, kh)
+    eye_w = torch.eye(kw, device=device, dtype=dtype)[None, None].expand(kt, kh, kw, kw)
+    parts = [eye_h, eye_w]
+    if temporal:
+        parts.append(
+            torch.eye(kt, device=device, dtype=dtype)[:, None, None].expand(kt, kh, kw, kt)
+        )
+    return torch.cat(parts, dim=-1).reshape(kt * kh * kw, -1)

@@ -1,0 +1,177 @@
+"""mvitv2.ops: the reported implementation choices are the ones that run, the one window
+partition serves both layouts, the residual add is exact; the trainer logs and stores the choices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mvitv2
+from engine_toy import ToyTask, toy_config
+from mvitv2.engine import Trainer
+from mvitv2.ops import (
+    add_residual,
+    attention_impl,
+    gemm_backend,
+    implementation_choices,
+    window_partition,
+    window_unpartition,
+)
+from mvitv2.ops import attention as attention_ops
+from mvitv2.ops import gemm as gemm_ops
+
+TINY = dict(num_classes=3, depths=(1, 1, 1, 1), embed_dim=16, img_size=64)
+PATH_FUNCTIONS = {
+    "reference": "attention_reference",
+    "bias": "attention_bias",
+    "folded": "attention_folded",
+    "chunked": "attention_chunked",
+    "memeff": "attention_memeff",
+}
+
+
+def _paths_run(monkeypatch, fn) -> set[str]:
+    """The attention paths that ``fn()`` runs, seen by wrapping each path function."""
+    seen: set[str] = set()
+    for name, attr in PATH_FUNCTIONS.items():
+        real = getattr(attention_ops, attr)
+
+        def spy(*args, name=name, real=real, **kwargs):
+            seen.add(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(attention_ops, attr, spy)
+    fn()
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("setting", "dtype", "training", "expected"),
+    [
+        # docs/benchmarks.md: bias for fp32 inference, chunked under bf16 on a CPU without AMX,
+        # memeff for fp32 training on CPU.
+        ("auto", torch.float32, False, "bias"),
+        ("auto", torch.bfloat16, False, "chunked"),
+        ("auto", torch.float32, True, "memeff"),
+        ("auto", torch.bfloat16, True, "chunked"),
+        ("folded", torch.float32, True, "folded"),
+        ("reference", torch.bfloat16, False, "reference"),
+    ],
+)
+def test_implementation_choices_name_the_attention_path_the_model_runs(
+    setting, dtype, training, expected, monkeypatch
+):
+    torch.manual_seed(0)
+    model = mvitv2.create_model("mvitv2_tiny", **TINY).train(training)
+    x = torch.randn(2, 3, 64, 64)
+
+    def forward():
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            if training:
+                model(x).sum().backward()
+            else:
+                with torch.no_grad():
+                    model(x)
+
+    with attention_impl(setting):
+        choices = implementation_choices("cpu", dtype, training=training)
+        ran = _paths_run(monkeypatch, forward)
+    assert ran == {expected}
+    assert choices["attention"] == expected and choices["attention_setting"] == setting
+    if setting == "auto":
+        assert choices["attention_why"].startswith("measured")
+    else:
+        assert choices["attention_why"] == "set"
+
+
+def test_implementation_choices_on_cuda_say_the_table_is_not_measured():
+    choices = implementation_choices("cuda:1", torch.bfloat16, training=True)
+    assert choices["attention"] == "bias" and "not measured" in choices["attention_why"]
+    assert choices["gemm"] == "aten" and "fp32 on CPU only" in choices["gemm_why"]
+
+
+def test_implementation_choices_name_the_gemm_backend_the_linear_layers_use(monkeypatch):
+    onednn_calls = []
+    real = gemm_ops._nt
+    monkeypatch.setattr(gemm_ops, "_nt", lambda *a, **k: onednn_calls.append(1) or real(*a, **k))
+    layer = gemm_ops.Linear(8, 4)
+    x = torch.randn(3, 8)
+    for backend in ("aten", "onednn", "auto"):
+        if backend == "onednn" and gemm_ops._onednn_linear_op() is None:
+            continue
+        onednn_calls.clear()
+        with gemm_backend(backend), torch.no_grad():
+            choices = implementation_choices("cpu", torch.float32)
+            layer(x)
+        assert choices["gemm"] == ("onednn" if onednn_calls else "aten"), backend
+        assert choices["gemm_setting"] == backend
+        if backend == "auto" and gemm_ops._onednn_linear_op() is not None:
+            onednn_ms, aten_ms = gemm_ops._measured_ms()
+            assert f"oneDNN {onednn_ms:.1f} ms, ATen {aten_ms:.1f} ms" in choices["gemm_why"]
+        else:
+            assert choices["gemm_why"] in ("set", "no oneDNN in this build")
+    with gemm_backend("onednn"):  # fp32 on CPU only: bf16 (autocast) runs F.linear
+        assert implementation_choices("cpu", torch.bfloat16)["gemm"] == "aten"
+
+
+def _naive_windows(grid: torch.Tensor, window: int) -> torch.Tensor:
+    """``(B, H, W, *rest)`` -> ``(B*nW, window**2, *rest)``: windows cut one by one, row-major per
+    image, from the grid zero-padded at the bottom and right."""
+    B, H, W = grid.shape[:3]
+    Hp, Wp = -(-H // window) * window, -(-W // window) * window
+    padded = grid.new_zeros(B, Hp, Wp, *grid.shape[3:])
+    padded[:, :H, :W] = grid
+    out = []
+    for b in range(B):
+        for i in range(0, Hp, window):
+            for j in range(0, Wp, window):
+                out.append(padded[b, i : i + window, j : j + window].flatten(0, 1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(("hw", "window"), [((10, 7), 4), ((8, 8), 4), ((5, 9), 3)])
+def test_window_partition_cuts_row_major_windows_in_both_layouts(hw, window):
+    H, W = hw
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, H * W, 3, 5, generator=g)  # (B, H*W, nH, C): token-major
+    want = _naive_windows(tokens.reshape(2, H, W, 3, 5), window)  # (B*nW, w*w, nH, C)
+    got, padded = window_partition(tokens, hw, window, token_dim=1)
+    assert padded == (-(-H // window) * window, -(-W // window) * window)
+    assert torch.equal(got, want)
+    assert torch.equal(window_unpartition(got, window, padded, hw, token_dim=1), tokens)
+    heads = tokens.transpose(1, 2)  # (B, nH, H*W, C): head-major, token axis -2
+    got_h, _ = window_partition(heads, hw, window)
+    assert torch.equal(got_h, want.transpose(1, 2))
+    assert torch.equal(window_unpartition(got_h, window, padded, hw), heads)
+
+
+def test_add_residual_adds_in_place_only_without_gradients():
+    shortcut, branch = torch.randn(4, 6), torch.randn(4, 6)
+    want = shortcut + branch
+    with torch.no_grad():
+        fresh = branch.clone()
+        out = add_residual(shortcut, fresh)
+    assert torch.equal(out, want) and out.data_ptr() == fresh.data_ptr()  # no new buffer
+    branch_g = branch.clone().requires_grad_(True)
+    out = add_residual(shortcut, branch_g)
+    assert torch.equal(out, want) and out.data_ptr() != branch_g.data_ptr()
+    (grad,) = torch.autograd.grad(out.sum(), branch_g)
+    assert torch.equal(grad, torch.ones_like(grad))
+
+
+@pytest.mark.parametrize(
+    ("amp", "attention", "gemm"), [("none", "memeff", None), ("bf16", "chunked", "aten")]
+)
+def test_trainer_logs_and_checkpoints_the_kernels_in_force(tmp_path, capsys, amp, attention, gemm):
+    """CPU training: fp32 uses memeff (and whichever GEMM backend was measured faster), bf16
+    autocast the chunked path and PyTorch's GEMMs (docs/benchmarks.md)."""
+    cfg = toy_config(str(tmp_path), f"k{amp}", f"amp={amp}")
+    trainer = Trainer(ToyTask(cfg), cfg)
+    stored = trainer.state_dict()["implementation"]
+    assert stored["attention"] == attention and stored["attention_setting"] == "auto"
+    if gemm is not None:
+        assert stored["gemm"] == gemm
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("kernels: "))
+    assert f"attention={attention}" in line and f"gemm={stored['gemm']}" in line
+    assert f"gemm_why={stored['gemm_why']}" in line
+    trainer.close()
