@@ -224,7 +224,10 @@ MISTAKES = [
         ["eval", "image", "--checkpoint", "{onnx}"],
         "is an ONNX model written by `mvitv2 export`, not a training checkpoint",
     ),
-    (["eval", "detect", "--checkpoint", "{onnx}"], "is an ONNX model"),
+    (
+        ["eval", "detect", "--checkpoint", "{onnx}"],
+        "{onnx} is not a checkpoint",
+    ),  # detect reads detectron2 files too
     (["predict", "image", "x.png", "--checkpoint", "{onnx}"], "is an ONNX model"),
     (["predict", "image", "{empty}", "--checkpoint", "{ckpt}"], "folder {empty} holds no .jpg"),
     (["predict", "image", "{empty}/*.png", "--checkpoint", "{ckpt}"], "matches no file"),
