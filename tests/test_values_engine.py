@@ -41,7 +41,7 @@ def test_ema_decay_outside_the_open_unit_interval_is_refused(decay):
 
 
 # ---------------------------------------------------------------------- sampling and bad samples
-def test_a_sampler_resumed_past_its_shard_yields_nothing():
+def test_a_sampler_started_past_its_shard_yields_nothing():
     s = EpochSampler(10, rank=1, world_size=3, shuffle=False)  # padded shard: 1, 4, 7, 0
     s.set_epoch(0, start=4)
     assert len(s) == 0 and list(s) == []
@@ -108,13 +108,19 @@ def test_build_loader_shards_pads_and_handles_bad_samples_by_mode():
     two = [
         build_loader(data, batch_size=2, train=True, rank=r, world_size=2, seed=5) for r in (0, 1)
     ]
-    for loader in (one, *two):
+    default = build_loader(data, batch_size=4, train=True)
+    for loader in (one, *two, default):
         loader.sampler.set_epoch(1)
-    assert [len(list(loader.sampler)) for loader in two] == [5, 5]
     first = [[int(i) for i, _ in loader.sampler] for loader in two]
     order = [int(i) for i, _ in one.sampler]
+    assert [len(f) for f in first] == [5, 5]
     assert sorted(first[0][:2] + first[1][:2]) == sorted(order[:4])  # same global batch
-    assert order != [int(i) for i, _ in build_loader(data, batch_size=4, train=True).sampler]
+    assert order != [int(i) for i, _ in default.sampler]  # the seed picks the order
+    odd = [
+        build_loader(ToyData(9, 0, 0.0), batch_size=2, train=True, rank=r, world_size=2)
+        for r in (0, 1)
+    ]
+    assert [len(loader.sampler) for loader in odd] == [5, 5]  # training pads the shards
     assert one.drop_last and one.num_workers == 0 and not one.pin_memory
     # Training substitutes a bad sample (full batches), evaluation drops it, strict fails.
     eight = build_loader(ToyData(8, 0, 0.0, bad_index=4), batch_size=4, train=True)
