@@ -1,0 +1,277 @@
+"""Cascade R-CNN heads by value: each stage's labels, regression targets and losses, and the
+test-time score averaging and box refinement, against the box formulas written out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mvitv2.detection.cascade import (
+    AgnosticBoxPredictor,
+    CascadeRoIHeads,
+    _scale_grad,
+    agnostic_box_loss,
+)
+
+WEIGHTS = [(10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0)]
+
+
+class BoxesAsFeatures(nn.Module):
+    """RoI "pooling" that returns each RoI's box (x1, y1, x2, y2) as its feature vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, features, boxes, image_shapes):
+        self.seen.append(torch.cat(boxes).detach().clone())
+        return torch.cat(boxes)
+
+
+class Fixed(nn.Module):
+    """A stage predictor: logits ``base + 0.01 * x1 * (0, 1, -1)`` (so RoIs score differently)
+    and constant deltas."""
+
+    def __init__(self, base: list[float], delta: list[float]) -> None:
+        super().__init__()
+        self.base, self.delta = torch.tensor(base), torch.tensor(delta)
+
+    def forward(self, x):
+        logits = self.base + 0.01 * x[:, :1] * torch.tensor(SLOPE)
+        return logits, self.delta.expand(len(x), 4) + 0 * x
+
+
+LOGITS = [[0.0, 2.0, 1.0], [1.0, 0.0, 3.0], [0.5, 0.5, 0.0]]
+SLOPE = [0.0, 1.0, -1.0]
+DELTAS = [[5.0, -2.0, 1.0, 0.5], [8.0, 4.0, -1.0, 1.0], [-3.0, 6.0, 1.5, -1.5]]
+
+
+def _heads(
+    score_thresh=0.0, nms_thresh=1.0, detections=100, ious=(0.5, 0.6, 0.7)
+) -> CascadeRoIHeads:
+    return CascadeRoIHeads(
+        box_roi_pool=BoxesAsFeatures(),
+        box_heads=[nn.Identity() for _ in range(3)],
+        box_predictors=[Fixed(lg, d) for lg, d in zip(LOGITS, DELTAS)],
+        stage_ious=list(ious),
+        stage_weights=WEIGHTS,
+        batch_size_per_image=512,
+        positive_fraction=0.25,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections,
+    )
+
+
+def _decode(box: list[float], d: list[float], w: tuple[float, ...]) -> list[float]:
+    """R-CNN box decoding written out: shift the centre by d * size / weight, scale by exp."""
+    x1, y1, x2, y2 = box
+    bw, bh = x2 - x1, y2 - y1
+    cx, cy = x1 + bw / 2 + d[0] / w[0] * bw, y1 + bh / 2 + d[1] / w[1] * bh
+    nw, nh = bw * math.exp(d[2] / w[2]), bh * math.exp(d[3] / w[3])
+    return [cx - nw / 2, cy - nh / 2, cx + nw / 2, cy + nh / 2]
+
+
+def _encode(gt: list[float], box: list[float], w: tuple[float, ...]) -> list[float]:
+    gw, gh, bw, bh = gt[2] - gt[0], gt[3] - gt[1], box[2] - box[0], box[3] - box[1]
+    return [
+        w[0] * ((gt[0] + gw / 2) - (box[0] + bw / 2)) / bw,
+        w[1] * ((gt[1] + gh / 2) - (box[1] + bh / 2)) / bh,
+        w[2] * math.log(gw / bw),
+        w[3] * math.log(gh / bh),
+    ]
+
+
+def _clip(box: list[float], h: int, w: int) -> list[float]:
+    return [
+        min(max(box[0], 0), w),
+        min(max(box[1], 0), h),
+        min(max(box[2], 0), w),
+        min(max(box[3], 0), h),
+    ]
+
+
+def _softmax(v: list[float]) -> list[float]:
+    e = [math.exp(x) for x in v]
+    return [x / sum(e) for x in e]
+
+
+def _reference_inference(props: list[list[float]], h: int, w: int):
+    """Per RoI: the stage boxes (each stage refines the clipped previous one) and the mean of
+    the stages' softmax scores."""
+    out = []
+    for box in props:
+        scores = [0.0, 0.0, 0.0]
+        stage_boxes = [box]
+        for k in range(3):
+            probs = _softmax([b + 0.01 * box[0] * m for b, m in zip(LOGITS[k], SLOPE)])
+            scores = [s + p / 3 for s, p in zip(scores, probs)]
+            box = _decode(box, DELTAS[k], WEIGHTS[k])
+            if k < 2:
+                box = _clip(box, h, w)
+            stage_boxes.append(box)
+        out.append((_clip(box, h, w), scores, stage_boxes))
+    return out
+
+
+def test_cascade_inference_averages_stage_scores_and_refines_boxes_stage_by_stage():
+    props = [[10.0, 10.0, 30.0, 40.0], [60.0, 50.0, 95.0, 90.0], [20.0, 30.0, 50.0, 45.0]]
+    heads = _heads().eval()
+    with torch.no_grad():
+        (det,), losses = heads({}, [torch.tensor(props)], [(100, 120)])
+    assert losses == {}
+    ref = _reference_inference(props, 100, 120)
+    # Stage k pools the boxes stage k - 1 regressed (clipped to the image).
+    for k, seen in enumerate(heads.box_roi_pool.seen):
+        assert torch.allclose(seen, torch.tensor([r[2][k] for r in ref]), atol=1e-4), k
+    want = sorted(
+        ((s[c], c, b) for b, s, _ in ref for c in (1, 2)), key=lambda t: -t[0]
+    )  # every (RoI, class) pair scores above 0; nothing overlaps enough to be suppressed
+    assert det["labels"].tolist() == [c for _, c, _ in want]
+    assert torch.allclose(det["scores"], torch.tensor([s for s, _, _ in want]), atol=1e-6)
+    assert torch.allclose(det["boxes"], torch.tensor([b for _, _, b in want]), atol=1e-4)
+    assert heads.box_roi_pool.seen[2][1, 2] == 120  # the second box was clipped at the edge
+
+
+def test_cascade_inference_filters_by_score_and_keeps_the_best_detections():
+    props = [[10.0, 10.0, 30.0, 40.0], [60.0, 50.0, 95.0, 90.0], [20.0, 30.0, 50.0, 45.0]]
+    ref = _reference_inference(props, 100, 120)
+    pairs = sorted((s[c] for _, s, _ in ref for c in (1, 2)), reverse=True)
+    thresh = (pairs[2] + pairs[3]) / 2  # keeps exactly the 3 best pairs
+    heads = _heads(score_thresh=thresh).eval()
+    with torch.no_grad():
+        (det,), _ = heads({}, [torch.tensor(props)], [(100, 120)])
+    assert torch.allclose(det["scores"], torch.tensor(pairs[:3]), atol=1e-6)
+    heads = _heads(detections=2).eval()
+    with torch.no_grad():
+        (det,), _ = heads({}, [torch.tensor(props)], [(100, 120)])
+    assert torch.allclose(det["scores"], torch.tensor(pairs[:2]), atol=1e-6)
+
+
+def test_each_stage_labels_rois_at_its_own_iou_threshold_and_encodes_with_its_weights():
+    heads = _heads()
+    gt = [0.0, 0.0, 10.0, 10.0]
+    # IoU with the ground truth: 1.0, 0.7, 0.65, 0.55, 0.4.
+    props = [[0.0, 0.0, 10.0, 10.0], [0, 0, 10, 7], [0, 0, 10, 6.5], [0, 0, 10, 5.5], [0, 0, 10, 4]]
+    target = {"boxes": torch.tensor([gt, [50.0, 50, 60, 60]]), "labels": torch.tensor([3, 1])}
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    p = torch.tensor(props, dtype=torch.float32)
+    want_labels = [[3, 3, 3, 3, 0], [3, 3, 3, 0, 0], [3, 3, 0, 0, 0]]
+    for k in range(3):
+        labels, reg = heads._label_stage(k, [p, p[:2]], [target, empty])
+        assert labels[0].tolist() == want_labels[k], k
+        assert labels[1].tolist() == [0, 0]  # an image without objects: all background
+        ref = torch.tensor([_encode(gt, b, WEIGHTS[k]) for b in props])
+        pos = labels[0] > 0
+        assert torch.allclose(reg[0][pos], ref[pos], atol=1e-4), k
+
+
+def test_agnostic_box_loss_is_cross_entropy_plus_smooth_l1_on_foreground_over_all_rois():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 4, generator=g)
+    deltas = torch.randn(5, 4, generator=g)
+    targets = torch.randn(5, 4, generator=g) * 0.2
+    labels = [torch.tensor([0, 2, 1]), torch.tensor([0, 3])]
+    cls_loss, box_loss = agnostic_box_loss(logits, deltas, labels, [targets[:3], targets[3:]])
+    flat = [0, 2, 1, 0, 3]
+    ce = (
+        sum(
+            math.log(sum(math.exp(v) for v in row)) - row[y]
+            for row, y in zip(logits.tolist(), flat)
+        )
+        / 5
+    )
+    beta = 1 / 9
+
+    def smooth_l1(d: float) -> float:
+        return 0.5 * d * d / beta if abs(d) < beta else abs(d) - 0.5 * beta
+
+    sl1 = (
+        sum(
+            smooth_l1(a - b)
+            for i, y in enumerate(flat)
+            if y > 0
+            for a, b in zip(deltas[i].tolist(), targets[i].tolist())
+        )
+        / 5
+    )
+    assert cls_loss.item() == pytest.approx(ce, rel=1e-5)
+    assert box_loss.item() == pytest.approx(sl1, rel=1e-5)
+    _, none = agnostic_box_loss(logits[:2], deltas[:2], [torch.tensor([0, 0])], [targets[:2]])
+    assert none.item() == 0.0
+
+
+def test_stage_gradient_scale_is_identity_forward_and_scaled_backward():
+    x = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    y = _scale_grad(x, 0.25)
+    assert torch.equal(y, x.detach())
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.allclose(x.grad, torch.tensor([0.25, 0.5, 0.75]))
+
+
+def test_cascade_training_relabels_each_stages_refined_boxes_and_reports_its_losses():
+    torch.manual_seed(0)
+    heads = _heads().train()
+    gt = torch.tensor([[10.0, 10.0, 40.0, 40.0]])
+    props = torch.tensor(
+        [[10.0, 10.0, 40.0, 40.0], [12.0, 8.0, 44.0, 36.0], [60.0, 60.0, 90.0, 80.0]]
+    )
+    _, losses = heads({}, [props], [(100, 100)], [{"boxes": gt, "labels": torch.tensor([2])}])
+    assert set(losses) == {
+        f"loss_{n}_stage{k}" for n in ("classifier", "box_reg") for k in range(3)
+    }
+    seen = heads.box_roi_pool.seen
+    for k in range(1, 3):
+        # The boxes of stage k are stage k - 1's decoded with its weights, clipped to the image.
+        ref = torch.tensor(
+            [
+                _clip(_decode(b, DELTAS[k - 1], WEIGHTS[k - 1]), 100, 100)
+                for b in seen[k - 1].tolist()
+            ]
+        )
+        assert torch.allclose(seen[k], ref, atol=1e-4), k
+    for k in range(3):
+        boxes = seen[k].tolist()
+        labels = []
+        for b in boxes:
+            ix = max(0.0, min(b[2], 40) - max(b[0], 10)) * max(0.0, min(b[3], 40) - max(b[1], 10))
+            iou = ix / ((b[2] - b[0]) * (b[3] - b[1]) + 900 - ix)
+            labels.append(2 if iou >= (0.5, 0.6, 0.7)[k] else 0)
+        logits = torch.tensor(
+            [[v + 0.01 * b[0] * m for v, m in zip(LOGITS[k], SLOPE)] for b in boxes]
+        )
+        ce = torch.nn.functional.cross_entropy(logits, torch.tensor(labels))
+        assert losses[f"loss_classifier_stage{k}"].item() == pytest.approx(ce.item(), rel=1e-5), k
+        reg = sum(
+            abs(d - t) - 0.5 / 9 if abs(d - t) >= 1 / 9 else 4.5 * (d - t) ** 2
+            for b, y in zip(boxes, labels)
+            if y
+            for d, t in zip(DELTAS[k], _encode([10.0, 10.0, 40.0, 40.0], b, WEIGHTS[k]))
+        ) / len(boxes)
+        assert losses[f"loss_box_reg_stage{k}"].item() == pytest.approx(reg, rel=1e-4, abs=1e-6), k
+
+
+def test_agnostic_predictor_starts_small_and_outputs_one_box_per_roi():
+    torch.manual_seed(0)
+    p = AgnosticBoxPredictor(256, 5)
+    logits, deltas = p(torch.randn(3, 256, 1, 1))
+    assert logits.shape == (3, 5) and deltas.shape == (3, 4)
+    assert abs(p.cls_score.weight.std().item() - 0.01) < 0.001
+    assert abs(p.bbox_pred.weight.std().item() - 0.001) < 0.0001
+    assert not p.cls_score.bias.any() and not p.bbox_pred.bias.any()
+    with pytest.raises(ValueError, match="one head, predictor, IoU and weight set per stage"):
+        CascadeRoIHeads(
+            box_roi_pool=BoxesAsFeatures(),
+            box_heads=[nn.Identity()] * 2,
+            box_predictors=[Fixed(LOGITS[0], DELTAS[0])] * 3,
+            stage_ious=[0.5, 0.6, 0.7],
+            stage_weights=WEIGHTS,
+            batch_size_per_image=8,
+            positive_fraction=0.25,
+            score_thresh=0.0,
+            nms_thresh=0.5,
+            detections_per_img=10,
+        )
