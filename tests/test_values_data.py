@@ -234,6 +234,13 @@ def test_image_folder_lists_sorted_classes_and_image_files_with_their_label(tmp_
     x, y = val[0]
     assert y == 1 and x.shape == (3, 5, 6) and x[:, 0, 0].tolist() == [10, 20, 30]
     assert ImageFolder(tmp_path, "val").classes == ["b"]  # its own folders without ``classes``
+    (tmp_path / "train/empty").mkdir()
+    with pytest.raises(ValueError, match=r"train/empty has no images \(\.jpg, \.jpeg, \.png, "):
+        ImageFolder(tmp_path, "train")
+    for i in range(12):
+        _write(tmp_path / f"val/c{i:02d}/x.png")
+    with pytest.raises(ValueError, match=r"not in training: \['c00', .*'c09'\]$"):
+        ImageFolder(tmp_path, "val", classes=["a", "b"])
 
 
 def test_load_image_converts_to_rgb_and_names_an_unreadable_file(tmp_path):
@@ -261,6 +268,8 @@ def test_digits_folder_holds_every_scan_once_split_by_class_and_rendered(tmp_pat
     ids = {s: {int(p.stem) for p in files[s]} for s in files}
     assert not ids["train"] & ids["val"] and ids["train"] | ids["val"] == set(range(60))
     assert len(ids["val"]) == sum(round(int((labels == c).sum()) * 0.25) for c in range(10))
+    # The documented fixed split: stratified, 25% validation, seed 0.
+    assert ids["val"] == set(split_digit_indices(labels, 0.25, seed=0)[1].tolist())
     for p in files["val"]:
         assert int(p.parent.name) == labels[int(p.stem)]  # the folder is the scan's digit
         pixels = np.asarray(Image.open(p))
@@ -269,6 +278,9 @@ def test_digits_folder_holds_every_scan_once_split_by_class_and_rendered(tmp_pat
         assert np.abs(pixels.astype(int) - want).max() <= 1
     stamp = json.loads((root / "_params.json").read_text())
     assert stamp["size"] == 16 and stamp["val_fraction"] == 0.25 and stamp["seed"] == 0
+    default = digits_folder(tmp_path)  # 32 px by default
+    assert default == tmp_path / "digits-32"
+    assert Image.open(next((default / "val").glob("*/*.png"))).size == (32, 32)
 
 
 # ---------------------------------------------------------------------- common helpers
@@ -297,7 +309,7 @@ def _bilinear_reference(image8: np.ndarray, size: int) -> np.ndarray:
 
 def test_render_digit_is_a_bilinear_upscale_of_the_padded_scan():
     rng = np.random.default_rng(0)
-    scan = rng.uniform(0, 1, (8, 8)).astype(np.float32)
+    scan = rng.uniform(0, 1, (8, 8))  # float64 in, float32 out
     scan[0, :] = 1.0  # a stroke touching the border fades out into the padding
     for size in (16, 20, 40):
         got = render_digit(scan, size, size)
@@ -328,7 +340,7 @@ def test_build_cached_builds_once_per_parameters_and_never_leaves_a_partial_data
         calls.append(d)
         (d / "data.txt").write_text(str(len(calls)))
 
-    root = tmp_path / "sub" / "ds"
+    root = tmp_path / "sub" / "deeper" / "ds"  # parent folders are created
     assert build_cached(root, {"n": (1, 2)}, build) == root
     assert (root / "data.txt").read_text() == "1"
     assert json.loads((root / "_params.json").read_text()) == {"n": [1, 2]}
@@ -344,9 +356,21 @@ def test_build_cached_builds_once_per_parameters_and_never_leaves_a_partial_data
     with pytest.raises(OSError, match="disk full"):
         build_cached(tmp_path / "other", {"n": 1}, broken)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]  # no temp or partial folder
+    assert sorted(p.name for p in root.parent.iterdir()) == ["ds"]
     (root / "_params.json").write_text("{not json")  # a damaged stamp: rebuilt
     build_cached(root, {"n": [3]}, build)
     assert len(calls) == 3 and sorted(p.name for p in root.parent.iterdir()) == ["ds"]
+
+    def raced(d: Path) -> None:  # another process finishes the same dataset meanwhile
+        build(d)
+        other = tmp_path / "race"
+        other.mkdir()
+        (other / "data.txt").write_text("theirs")
+        (other / "_params.json").write_text(json.dumps({"n": 9}))
+
+    assert build_cached(tmp_path / "race", {"n": 9}, raced) == tmp_path / "race"
+    assert (tmp_path / "race" / "data.txt").read_text() == "theirs"  # theirs kept, no error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["race", "sub"]
 
 
 def test_default_data_dir_follows_the_environment(monkeypatch, tmp_path):

@@ -275,3 +275,118 @@ def test_agnostic_predictor_starts_small_and_outputs_one_box_per_roi():
             nms_thresh=0.5,
             detections_per_img=10,
         )
+
+
+# ---------------------------------------------------------------------- detector assembly
+def _tiny_detector(name: str, **kw):
+    from mvitv2.detection import create_detector
+
+    return create_detector(
+        name,
+        num_classes=4,
+        depths=(1, 1, 1, 1),
+        embed_dim=16,
+        img_size=64,
+        fpn_channels=24,
+        box_fc_dim=40,
+        box_conv_dim=20,
+        mask_head_dim=12,
+        anchor_sizes=(8, 16, 32, 64, 128),
+        **kw,
+    )
+
+
+def test_mask_rcnn_is_assembled_with_the_configured_and_detectron2_default_values():
+    from torch.nn import Conv2d, Linear
+
+    m = _tiny_detector(
+        "maskrcnn_mvitv2_tiny",
+        mask_head_convs=2,
+        rpn_pre_nms_top_n_train=300,
+        rpn_post_nms_top_n_train=200,
+        rpn_pre_nms_top_n_test=150,
+        rpn_post_nms_top_n_test=100,
+        rpn_batch_size_per_image=64,
+        rpn_nms_thresh=0.65,
+        box_head="1conv2fc",
+        box_batch_size_per_image=96,
+        box_positive_fraction=0.3,
+        box_fg_iou=0.55,
+        score_thresh=0.2,
+        nms_thresh=0.45,
+        detections_per_img=33,
+        min_size=96,
+        max_size=160,
+        train_min_size=(64, 80),
+        aspect_ratios=(0.5, 2.0),
+        image_mean=(0.4, 0.5, 0.6),
+        image_std=(0.1, 0.2, 0.3),
+    )
+    rpn, heads, tf = m.rpn, m.roi_heads, m.transform
+    # RPN: detectron2's IoU 0.7 / 0.3 and half positive anchors; the configured counts.
+    assert (rpn.proposal_matcher.high_threshold, rpn.proposal_matcher.low_threshold) == (0.7, 0.3)
+    assert rpn.fg_bg_sampler.batch_size_per_image == 64
+    assert rpn.fg_bg_sampler.positive_fraction == 0.5
+    assert rpn._pre_nms_top_n == {"training": 300, "testing": 150}
+    assert rpn._post_nms_top_n == {"training": 200, "testing": 100}
+    assert rpn.nms_thresh == 0.65 and len(rpn.head.conv) == 1
+    assert rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
+    assert rpn.anchor_generator.aspect_ratios == ((0.5, 2.0),) * 5
+    assert rpn.head.cls_logits.out_channels == 2 and rpn.head.conv[0][0].in_channels == 24
+    # Box head "1conv2fc": one 3x3 conv of box_conv_dim, two fcs of box_fc_dim.
+    convs = [x for x in heads.box_head.modules() if isinstance(x, Conv2d)]
+    fcs = [x for x in heads.box_head.modules() if isinstance(x, Linear)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(24, 20)]
+    assert [(f.in_features, f.out_features) for f in fcs] == [(20 * 7 * 7, 40), (40, 40)]
+    assert heads.box_predictor.cls_score.out_features == 5  # 4 classes + background
+    assert heads.box_predictor.bbox_pred.out_features == 20
+    assert heads.proposal_matcher.high_threshold == heads.proposal_matcher.low_threshold == 0.55
+    assert heads.fg_bg_sampler.batch_size_per_image == 96
+    assert heads.fg_bg_sampler.positive_fraction == 0.3
+    assert heads.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
+    assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == (0.2, 0.45, 33)
+    assert heads.box_roi_pool.output_size == (7, 7) and heads.mask_roi_pool.output_size == (14, 14)
+    assert heads.box_roi_pool.strides == heads.mask_roi_pool.strides == (4, 8, 16, 32)
+    mask_convs = [x for x in heads.mask_head.modules() if isinstance(x, Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in mask_convs] == [(24, 12), (12, 12)]
+    assert heads.mask_predictor.mask_fcn_logits.out_channels == 5
+    assert heads.mask_predictor.conv5_mask.out_channels == 12
+    # Input pipeline.
+    assert (tf.test_size, tf.max_size, tf.train_sizes) == (96, 160, [64, 80])
+    assert tf.image_mean == [0.4, 0.5, 0.6] and tf.image_std == [0.1, 0.2, 0.3]
+    assert tf.size_divisible == 32 and not tf._skip_resize
+    assert _tiny_detector("maskrcnn_mvitv2_tiny").transform._skip_resize  # no train_min_size
+    assert m.backbone.out_channels == 24 and m.num_classes == 4
+
+
+def test_cascade_is_assembled_with_one_head_per_stage_and_the_configured_values():
+    from torch.nn import BatchNorm2d, Linear
+
+    m = _tiny_detector(
+        "cascade_maskrcnn_mvitv2_tiny",
+        cascade_ious=(0.4, 0.8),
+        mask=False,
+        cascade_weights=((1.0, 2.0, 3.0, 4.0), (5.0, 6.0, 7.0, 8.0)),
+        box_batch_size_per_image=48,
+        box_positive_fraction=0.4,
+        score_thresh=0.3,
+        nms_thresh=0.6,
+        detections_per_img=21,
+    )
+    heads = m.roi_heads
+    assert heads.num_stages == 2 and not heads.has_mask()
+    assert [x.high_threshold for x in heads.stage_matchers] == [0.4, 0.8]
+    assert [x.low_threshold for x in heads.stage_matchers] == [0.4, 0.8]
+    assert [c.weights for c in heads.stage_coders] == [(1.0, 2.0, 3.0, 4.0), (5.0, 6.0, 7.0, 8.0)]
+    assert heads.proposal_matcher.high_threshold == 0.4  # the first stage samples the RoIs
+    assert heads.box_coder.weights == (1.0, 2.0, 3.0, 4.0)
+    assert heads.fg_bg_sampler.batch_size_per_image == 48
+    assert heads.fg_bg_sampler.positive_fraction == 0.4
+    assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == (0.3, 0.6, 21)
+    for head, pred in zip(heads.box_heads, heads.box_predictors):
+        assert sum(isinstance(x, BatchNorm2d) for x in head.modules()) == 4  # 4conv1fc, BN
+        assert [f.out_features for f in head.modules() if isinstance(f, Linear)] == [40]
+        assert (pred.cls_score.in_features, pred.cls_score.out_features) == (40, 5)
+        assert pred.bbox_pred.out_features == 4
+    assert heads.box_heads[0] is not heads.box_heads[1]
+    assert len(m.rpn.head.conv) == 2  # detectron2's cascade configs: 2-conv RPN head
