@@ -207,6 +207,8 @@ def test_data_config_validates_and_round_trips_through_a_dict():
         with pytest.raises(ValueError, match=next(iter(bad))):
             ImageDataConfig.from_dict(bad)
     assert ImageDataConfig.from_dict({"img_size": 96}).img_size == 96
+    with pytest.raises(KeyError, match=r"unknown data option\(s\) \['crop'\]"):
+        ImageDataConfig.from_dict({"crop": 0.9})
     assert ImageDataConfig().mean == (0.485, 0.456, 0.406)  # RGB order, timm's constants
     assert ImageDataConfig().std == (0.229, 0.224, 0.225)
 
@@ -250,7 +252,8 @@ def test_load_image_converts_to_rgb_and_names_an_unreadable_file(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
     with pytest.raises(BadSample) as e:
         load_image(tmp_path / "bad.jpg")
-    assert e.value.path == str(tmp_path / "bad.jpg") and "cannot read image" in e.value.reason
+    assert e.value.path == str(tmp_path / "bad.jpg")
+    assert e.value.reason.startswith("cannot read image (UnidentifiedImageError: ")
     with pytest.raises(FileNotFoundError, match="has no class sub-folders"):
         (tmp_path / "empty").mkdir()
         find_classes(tmp_path / "empty")
