@@ -145,7 +145,8 @@ def test_randaugment_draws_each_ops_magnitude_from_a_rounded_clamped_normal(mean
 
 
 def test_randaugment_without_noise_keeps_the_magnitude_and_passes_extra_inputs_through():
-    aug = RandAugment(2, 7, 0.0)
+    aug = RandAugment(2, 7, interpolation=InterpolationMode.BILINEAR)  # no noise by default
+    assert aug.interpolation == InterpolationMode.BILINEAR
     label = torch.tensor(4)
     bins, outs = _recorded_bins(aug, 5, torch.zeros(3, 8, 8, dtype=torch.uint8), label)
     assert bins == [7] * 10
