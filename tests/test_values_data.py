@@ -130,7 +130,7 @@ def _recorded_bins(aug: RandAugment, calls: int, *inputs) -> tuple[list[int], li
     return bins, outs
 
 
-@pytest.mark.parametrize(("mean", "std"), [(9, 0.5), (28, 2.0)])
+@pytest.mark.parametrize(("mean", "std"), [(9, 0.5), (28, 2.0), (1, 2.0)])
 def test_randaugment_draws_each_ops_magnitude_from_a_rounded_clamped_normal(mean, std):
     torch.manual_seed(0)
     aug = RandAugment(3, mean, std)
