@@ -57,7 +57,7 @@ def test_training_crop_is_an_inception_crop_with_the_configured_scale_ratio_and_
             "img_size": 32,
             "scale": [0.3, 0.6],
             "ratio": [0.5, 2.0],
-            "interpolation": "bilinear",
+            "interpolation": "bicubic",
             "hflip": 0.0,
             "randaug_n": 0,
             "reprob": 0.0,
@@ -74,7 +74,7 @@ def test_training_crop_is_an_inception_crop_with_the_configured_scale_ratio_and_
         assert 0.3 * 0.9 <= h * w / (90 * 70) <= 0.6 * 1.1
         # On the PIL image, as the transform does (PIL's filters, not the tensor kernels).
         ref = TF.pil_to_tensor(
-            TF.resized_crop(img, top, left, h, w, [32, 32], InterpolationMode.BILINEAR)
+            TF.resized_crop(img, top, left, h, w, [32, 32], InterpolationMode.BICUBIC)
         )
         assert torch.allclose(got, _normalise(ref, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4)), atol=1e-5)
 
@@ -176,6 +176,12 @@ def test_training_transform_applies_randaugment_with_the_recipe_values(monkeypat
         "RandomErasing",
     ]
     assert tf(_photo()).shape == (3, 32, 32)
+    off = {"img_size": 32, "hflip": 0.0, "randaug_n": 0, "reprob": 0.0}
+    plain = build_transform(ImageDataConfig.from_dict(off), train=True)
+    names = [type(t).__name__ for t in plain.transforms]  # each op off at 0
+    assert names == ["RandomResizedCrop", "ToImage", "ToDtype", "Normalize"]
+    one = build_transform(ImageDataConfig.from_dict({**off, "randaug_n": 1}), train=True)
+    assert [type(t).__name__ for t in one.transforms][1] == "RandAugment"
 
 
 # ---------------------------------------------------------------------- evaluation transform
@@ -279,7 +285,8 @@ def test_digits_folder_holds_every_scan_once_split_by_class_and_rendered(tmp_pat
         pixels = np.asarray(Image.open(p))
         assert pixels.shape == (16, 16) and pixels.dtype == np.uint8
         want = np.round(_bilinear_reference(images[int(p.stem)], 16) * 255)
-        assert np.abs(pixels.astype(int) - want).max() <= 1
+        diff = np.abs(pixels.astype(int) - want)
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.02  # float32 vs float64 rounding
     stamp = json.loads((root / "_params.json").read_text())
     assert stamp["size"] == 16 and stamp["val_fraction"] == 0.25 and stamp["seed"] == 0
     default = digits_folder(tmp_path)  # 32 px by default
