@@ -25,10 +25,11 @@ class BoxesAsFeatures(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[torch.Tensor] = []
+        self.gain = nn.Parameter(torch.ones(()))  # to see the gradient that reaches the pooler
 
     def forward(self, features, boxes, image_shapes):
         self.seen.append(torch.cat(boxes).detach().clone())
-        return torch.cat(boxes)
+        return torch.cat(boxes) * self.gain
 
 
 class Fixed(nn.Module):
@@ -252,6 +253,16 @@ def test_cascade_training_relabels_each_stages_refined_boxes_and_reports_its_los
             for d, t in zip(DELTAS[k], _encode([10.0, 10.0, 40.0, 40.0], b, WEIGHTS[k]))
         ) / len(boxes)
         assert losses[f"loss_box_reg_stage{k}"].item() == pytest.approx(reg, rel=1e-4, abs=1e-6), k
+    # The stages share the pooled features: each stage's gradient reaches them divided by 3.
+    sum(losses.values()).backward()
+    want = 0.0
+    for k in range(3):
+        g = torch.ones((), requires_grad=True)
+        labels = heads._label_stage(k, [seen[k]], [{"boxes": gt, "labels": torch.tensor([2])}])[0]
+        logits = torch.tensor(LOGITS[k]) + 0.01 * (seen[k][:, :1] * g) * torch.tensor(SLOPE)
+        torch.nn.functional.cross_entropy(logits, labels[0]).backward()
+        want += g.grad.item() / 3
+    assert heads.box_roi_pool.gain.grad.item() == pytest.approx(want, rel=1e-4)
 
 
 def test_agnostic_predictor_starts_small_and_outputs_one_box_per_roi():
