@@ -203,6 +203,11 @@ def test_agnostic_box_loss_is_cross_entropy_plus_smooth_l1_on_foreground_over_al
     assert box_loss.item() == pytest.approx(sl1, rel=1e-5)
     _, none = agnostic_box_loss(logits[:2], deltas[:2], [torch.tensor([0, 0])], [targets[:2]])
     assert none.item() == 0.0
+    one_cls, one_box = agnostic_box_loss(
+        logits[1:2], deltas[1:2], [torch.tensor([2])], [targets[1:2]]
+    )
+    want = sum(smooth_l1(a - b) for a, b in zip(deltas[1].tolist(), targets[1].tolist()))
+    assert one_box.item() == pytest.approx(want, rel=1e-5)  # a single RoI: divided by 1
 
 
 def test_stage_gradient_scale_is_identity_forward_and_scaled_backward():
