@@ -157,17 +157,19 @@ def test_each_stage_labels_rois_at_its_own_iou_threshold_and_encodes_with_its_we
     gt = [0.0, 0.0, 10.0, 10.0]
     # IoU with the ground truth: 1.0, 0.7, 0.65, 0.55, 0.4.
     props = [[0.0, 0.0, 10.0, 10.0], [0, 0, 10, 7], [0, 0, 10, 6.5], [0, 0, 10, 5.5], [0, 0, 10, 4]]
-    target = {"boxes": torch.tensor([gt, [50.0, 50, 60, 60]]), "labels": torch.tensor([3, 1])}
+    labels32 = torch.tensor([3, 1], dtype=torch.int32)  # any integer type becomes int64
+    target = {"boxes": torch.tensor([gt, [50.0, 50, 60, 60]]), "labels": labels32}
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     p = torch.tensor(props, dtype=torch.float32)
     want_labels = [[3, 3, 3, 3, 0], [3, 3, 3, 0, 0], [3, 3, 0, 0, 0]]
     for k in range(3):
-        labels, reg = heads._label_stage(k, [p, p[:2]], [target, empty])
-        assert labels[0].tolist() == want_labels[k], k
-        assert labels[1].tolist() == [0, 0]  # an image without objects: all background
+        labels, reg = heads._label_stage(k, [p[:2], p], [empty, target])
+        assert labels[0].tolist() == [0, 0]  # an image without objects: all background
+        assert labels[1].tolist() == want_labels[k], k
+        assert labels[0].dtype == labels[1].dtype == torch.int64
         ref = torch.tensor([_encode(gt, b, WEIGHTS[k]) for b in props])
-        pos = labels[0] > 0
-        assert torch.allclose(reg[0][pos], ref[pos], atol=1e-4), k
+        pos = labels[1] > 0
+        assert torch.allclose(reg[1][pos], ref[pos], atol=1e-4), k
 
 
 def test_agnostic_box_loss_is_cross_entropy_plus_smooth_l1_on_foreground_over_all_rois():
@@ -294,12 +296,12 @@ def test_agnostic_predictor_starts_small_and_outputs_one_box_per_roi():
 
 
 # ---------------------------------------------------------------------- detector assembly
-def _tiny_detector(name: str, **kw):
+def _tiny_detector(name: str, num_classes: int = 4, **kw):
     from mvitv2.detection import create_detector
 
     return create_detector(
         name,
-        num_classes=4,
+        num_classes=num_classes,
         depths=(1, 1, 1, 1),
         embed_dim=16,
         img_size=64,
@@ -313,10 +315,11 @@ def _tiny_detector(name: str, **kw):
 
 
 def test_mask_rcnn_is_assembled_with_the_configured_and_detectron2_default_values():
-    from torch.nn import Conv2d, Linear
+    from torch.nn import BatchNorm2d, Conv2d, Linear
 
     m = _tiny_detector(
         "maskrcnn_mvitv2_tiny",
+        fpn_norm="BN",
         mask_head_convs=2,
         rpn_pre_nms_top_n_train=300,
         rpn_post_nms_top_n_train=200,
@@ -373,6 +376,13 @@ def test_mask_rcnn_is_assembled_with_the_configured_and_detectron2_default_value
     assert tf.size_divisible == 32 and not tf._skip_resize
     assert _tiny_detector("maskrcnn_mvitv2_tiny").transform._skip_resize  # no train_min_size
     assert m.backbone.out_channels == 24 and m.num_classes == 4
+    body = m.backbone.body.cfg  # the backbone gets the overrides and the paper's windows
+    assert (body.embed_dim, tuple(body.depths)) == (16, (1, 1, 1, 1))
+    assert tuple(body.window_size) == (56, 28, 14, 7) and body.drop_path_rate == 0.2
+    assert any(isinstance(x, BatchNorm2d) for x in m.backbone.fpn.modules())  # fpn_norm="BN"
+    assert not any(isinstance(x, BatchNorm2d) for x in m.roi_heads.modules())  # head_norm=""
+    one = _tiny_detector("maskrcnn_mvitv2_tiny", num_classes=1)  # a single object class
+    assert one.roi_heads.box_predictor.cls_score.out_features == 2
 
 
 def test_cascade_is_assembled_with_one_head_per_stage_and_the_configured_values():
