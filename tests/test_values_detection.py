@@ -416,3 +416,26 @@ def test_cascade_is_assembled_with_one_head_per_stage_and_the_configured_values(
         assert pred.bbox_pred.out_features == 4
     assert heads.box_heads[0] is not heads.box_heads[1]
     assert len(m.rpn.head.conv) == 2  # detectron2's cascade configs: 2-conv RPN head
+
+
+def test_each_registered_detector_uses_its_sizes_backbone_and_detectron2_head_layout():
+    from mvitv2.detection import get_detector_config
+
+    for size in ("tiny", "small", "base", "large", "huge"):
+        plain = get_detector_config(f"maskrcnn_mvitv2_{size}")
+        cascade = get_detector_config(f"cascade_maskrcnn_mvitv2_{size}")
+        assert plain.backbone == cascade.backbone == f"mvitv2_{size}"
+        assert plain.backbone_overrides == cascade.backbone_overrides
+        assert plain.backbone_overrides.get("expand_attn", False) == (size == "large")
+        assert (plain.cascade, plain.box_head, plain.head_norm, plain.rpn_conv_depth) == (
+            False,
+            "2fc",
+            "",
+            1,
+        )
+        assert (cascade.cascade, cascade.box_head, cascade.head_norm, cascade.rpn_conv_depth) == (
+            True,
+            "4conv1fc",
+            "BN",
+            2,
+        )
