@@ -439,3 +439,61 @@ def test_each_registered_detector_uses_its_sizes_backbone_and_detectron2_head_la
             "BN",
             2,
         )
+
+
+def test_cascade_mask_branch_and_config_are_kept_on_the_model():
+    from torch.nn import BatchNorm2d, Conv2d
+
+    from mvitv2.detection import get_detector_config
+
+    m = _tiny_detector("cascade_maskrcnn_mvitv2_tiny", mask_head_convs=2)
+    heads = m.roi_heads
+    assert heads.has_mask() and heads.box_roi_pool.output_size == (7, 7)
+    assert heads.mask_roi_pool.output_size == (14, 14)
+    convs = [x for x in heads.mask_head.modules() if isinstance(x, Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.dilation) for c in convs] == [
+        (24, 12, (1, 1)),
+        (12, 12, (1, 1)),
+    ]
+    assert sum(isinstance(x, BatchNorm2d) for x in heads.mask_head.modules()) == 2  # BN heads
+    assert heads.mask_predictor.conv5_mask.in_channels == 12
+    assert m.config == get_detector_config(
+        "cascade_maskrcnn_mvitv2_tiny",
+        depths=(1, 1, 1, 1),
+        embed_dim=16,
+        img_size=64,
+        fpn_channels=24,
+        box_fc_dim=40,
+        box_conv_dim=20,
+        mask_head_dim=12,
+        anchor_sizes=(8, 16, 32, 64, 128),
+        mask_head_convs=2,
+    )
+    with pytest.raises(KeyError, match="available: cascade_maskrcnn_mvitv2_base, cascade_"):
+        get_detector_config("maskrcnn_mvitv2_tinyy")
+
+
+def test_backbone_weights_initialise_the_detector_backbone_strictly_by_default(tmp_path):
+    from mvitv2 import create_model
+    from mvitv2.weights import CheckpointMismatchError
+
+    src = create_model("mvitv2_tiny", depths=(1, 1, 1, 1), embed_dim=16, img_size=64, num_classes=3)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(1.0)
+    torch.save(src.state_dict(), tmp_path / "cls.pth")
+    m = _tiny_detector("maskrcnn_mvitv2_tiny", backbone_weights=str(tmp_path / "cls.pth"))
+    body = dict(m.backbone.body.named_parameters())
+    same = [k for k, v in src.named_parameters() if k in body and "rel_pos" not in k]
+    assert len(same) > 20  # all but the head, the final norm and the (resized) rel-pos tables
+    for k in same:
+        assert torch.equal(body[k], dict(src.named_parameters())[k]), k
+    partial = {k: v for k, v in src.state_dict().items() if k != "blocks.0.mlp.fc1.weight"}
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointMismatchError, match="blocks.0.mlp.fc1.weight"):
+        _tiny_detector("maskrcnn_mvitv2_tiny", backbone_weights=str(tmp_path / "partial.pth"))
+    loose = _tiny_detector(
+        "maskrcnn_mvitv2_tiny", backbone_weights=str(tmp_path / "partial.pth"), strict=False
+    )
+    lb = dict(loose.backbone.body.named_parameters())
+    assert torch.equal(lb["blocks.0.mlp.fc2.weight"], src.blocks[0].mlp.fc2.weight)
