@@ -497,3 +497,82 @@ def test_backbone_weights_initialise_the_detector_backbone_strictly_by_default(t
     )
     lb = dict(loose.backbone.body.named_parameters())
     assert torch.equal(lb["blocks.0.mlp.fc2.weight"], src.blocks[0].mlp.fc2.weight)
+
+
+class MaskPool(nn.Module):
+    """Mask RoI "pooling": each RoI's box as a (4, 2, 2) feature map; records the boxes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, features, boxes, image_shapes):
+        self.seen.append(torch.cat(boxes).detach().clone())
+        return torch.cat(boxes)[:, :, None, None].expand(-1, 4, 2, 2) / 100
+
+
+class MaskLogits(nn.Module):
+    """Per-class mask logits (3 classes incl. background) from the pooled box features."""
+
+    def forward(self, x):
+        return torch.stack([x[:, 0] - x[:, 1], x[:, 2] - 0.5, x[:, 3] * 2 - 1], dim=1)
+
+
+def _mask_heads(**kw) -> CascadeRoIHeads:
+    heads = _heads(**kw)
+    heads.mask_roi_pool, heads.mask_head, heads.mask_predictor = (
+        MaskPool(),
+        nn.Identity(),
+        MaskLogits(),
+    )
+    return heads
+
+
+def test_cascade_masks_are_predicted_on_the_final_boxes_at_the_detected_class():
+    props = [[10.0, 10.0, 30.0, 40.0], [60.0, 50.0, 95.0, 90.0], [20.0, 30.0, 50.0, 45.0]]
+    heads = _mask_heads(detections=4).eval()
+    with torch.no_grad():
+        (det,), _ = heads({}, [torch.tensor(props)], [(100, 120)])
+    assert torch.equal(heads.mask_roi_pool.seen[0], det["boxes"])  # the final, filtered boxes
+    logits = MaskLogits()(torch.cat([det["boxes"]])[:, :, None, None].expand(-1, 4, 2, 2) / 100)
+    want = torch.sigmoid(logits[torch.arange(4), det["labels"]])[:, None]
+    assert det["masks"].shape == (4, 1, 2, 2) and torch.allclose(det["masks"], want)
+
+
+def test_cascade_mask_loss_uses_the_first_stages_foreground_rois_and_their_objects():
+    from torchvision.models.detection.roi_heads import maskrcnn_loss
+
+    torch.manual_seed(0)
+    heads = _mask_heads().train()
+    gt = torch.tensor([[10.0, 10.0, 40.0, 40.0], [60.0, 60.0, 90.0, 90.0]])
+    masks = torch.zeros(2, 100, 100)
+    masks[0, 10:40, 10:25] = 1
+    masks[1, 70:90, 60:90] = 1
+    target = {"boxes": gt, "labels": torch.tensor([2, 1]), "masks": masks}
+    props = torch.tensor(
+        [
+            [10.0, 10.0, 40.0, 40.0],
+            [12.0, 8.0, 44.0, 36.0],
+            [62.0, 58.0, 88.0, 92.0],
+            [0.0, 50.0, 20.0, 90.0],
+        ]
+    )
+    dets, losses = heads({}, [props], [(100, 100)], [target])
+    assert dets == []
+    stage0 = heads.box_roi_pool.seen[0]  # the sampled RoIs (proposals and ground truth)
+    ious = torch.tensor([[_iou(b, g) for g in gt.tolist()] for b in stage0.tolist()])
+    best, matched = ious.max(1)
+    fg = best >= 0.5
+    assert torch.equal(heads.mask_roi_pool.seen[0], stage0[fg])
+    pooled = stage0[fg][:, :, None, None].expand(-1, 4, 2, 2) / 100
+    want = maskrcnn_loss(
+        MaskLogits()(pooled), [stage0[fg]], [masks], [target["labels"]], [matched[fg]]
+    )
+    assert losses["loss_mask"].item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="targets are required in training mode"):
+        heads({}, [props], [(100, 100)])
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return ix / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix)
