@@ -51,7 +51,7 @@ DELTAS = [[5.0, -2.0, 1.0, 0.5], [8.0, 4.0, -1.0, 1.0], [-3.0, 6.0, 1.5, -1.5]]
 
 
 def _heads(
-    score_thresh=0.0, nms_thresh=1.0, detections=100, ious=(0.5, 0.6, 0.7)
+    score_thresh=0.0, nms_thresh=1.0, detections=100, ious=(0.5, 0.6, 0.7), **mask
 ) -> CascadeRoIHeads:
     return CascadeRoIHeads(
         box_roi_pool=BoxesAsFeatures(),
@@ -64,6 +64,7 @@ def _heads(
         score_thresh=score_thresh,
         nms_thresh=nms_thresh,
         detections_per_img=detections,
+        **mask,
     )
 
 
@@ -280,7 +281,9 @@ def test_agnostic_predictor_starts_small_and_outputs_one_box_per_roi():
     assert abs(p.cls_score.weight.std().item() - 0.01) < 0.001
     assert abs(p.bbox_pred.weight.std().item() - 0.001) < 0.0001
     assert not p.cls_score.bias.any() and not p.bbox_pred.bias.any()
-    with pytest.raises(ValueError, match="one head, predictor, IoU and weight set per stage"):
+    with pytest.raises(
+        ValueError, match="^cascade needs one head, predictor, IoU and weight set per stage$"
+    ):
         CascadeRoIHeads(
             box_roi_pool=BoxesAsFeatures(),
             box_heads=[nn.Identity()] * 2,
@@ -383,6 +386,15 @@ def test_mask_rcnn_is_assembled_with_the_configured_and_detectron2_default_value
     assert not any(isinstance(x, BatchNorm2d) for x in m.roi_heads.modules())  # head_norm=""
     one = _tiny_detector("maskrcnn_mvitv2_tiny", num_classes=1)  # a single object class
     assert one.roi_heads.box_predictor.cls_score.out_features == 2
+    assert not any(isinstance(x, Conv2d) for x in one.roi_heads.box_head.modules())  # "2fc"
+    assert [f.out_features for f in one.roi_heads.box_head.modules() if isinstance(f, Linear)] == [
+        40,
+        40,
+    ]
+    one.set_grad_checkpointing(True)
+    assert one.backbone.body.grad_checkpointing is True
+    one.set_grad_checkpointing(False)
+    assert one.backbone.body.grad_checkpointing is False
 
 
 def test_cascade_is_assembled_with_one_head_per_stage_and_the_configured_values():
@@ -519,13 +531,9 @@ class MaskLogits(nn.Module):
 
 
 def _mask_heads(**kw) -> CascadeRoIHeads:
-    heads = _heads(**kw)
-    heads.mask_roi_pool, heads.mask_head, heads.mask_predictor = (
-        MaskPool(),
-        nn.Identity(),
-        MaskLogits(),
+    return _heads(
+        mask_roi_pool=MaskPool(), mask_head=nn.Identity(), mask_predictor=MaskLogits(), **kw
     )
-    return heads
 
 
 def test_cascade_masks_are_predicted_on_the_final_boxes_at_the_detected_class():
