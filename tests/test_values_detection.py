@@ -391,7 +391,7 @@ def test_mask_rcnn_is_assembled_with_the_configured_and_detectron2_default_value
         40,
         40,
     ]
-    one.set_grad_checkpointing(True)
+    one.set_grad_checkpointing()  # on by default
     assert one.backbone.body.grad_checkpointing is True
     one.set_grad_checkpointing(False)
     assert one.backbone.body.grad_checkpointing is False
@@ -577,10 +577,30 @@ def test_cascade_mask_loss_uses_the_first_stages_foreground_rois_and_their_objec
         MaskLogits()(pooled), [stage0[fg]], [masks], [target["labels"]], [matched[fg]]
     )
     assert losses["loss_mask"].item() == pytest.approx(want.item(), rel=1e-6)
-    with pytest.raises(ValueError, match="targets are required in training mode"):
+    with pytest.raises(ValueError, match="^targets are required in training mode$"):
         heads({}, [props], [(100, 100)])
 
 
 def _iou(a: list[float], b: list[float]) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     return ix / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix)
+
+
+def test_detector_options_merge_into_the_backbone_and_are_validated_with_clear_messages():
+    from mvitv2.detection import get_detector_config
+
+    cfg = get_detector_config(
+        "maskrcnn_mvitv2_small", backbone_overrides={"depths": [1, 1, 1, 1]}, embed_dim=16
+    )
+    assert cfg.backbone_overrides == {
+        "window_size": (56, 28, 14, 7),
+        "drop_path_rate": 0.2,
+        "depths": [1, 1, 1, 1],
+        "embed_dim": 16,
+    }
+    with pytest.raises(TypeError, match="backbone options: any MViTConfig field$"):
+        get_detector_config("maskrcnn_mvitv2_tiny", bogus=1)
+    with pytest.raises(
+        ValueError, match=r"^anchor_sizes needs one size per level P2-P6, got \(8, 16\)$"
+    ):
+        get_detector_config("maskrcnn_mvitv2_tiny", anchor_sizes=(8, 16))
