@@ -1,0 +1,159 @@
+"""Engine values against hand-written references: EMA, sampler shards, seeds, skip bookkeeping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_toy import ToyData, ToyModel
+from mvitv2.engine.data import BadSample, EpochSampler, SeededDataset, build_loader, sample_seed
+from mvitv2.engine.ema import build_ema
+
+
+# ---------------------------------------------------------------------- EMA
+def test_ema_is_the_exponential_average_of_weights_and_buffers():
+    torch.manual_seed(0)
+    model = ToyModel(batchnorm=True)
+    ema = build_ema(model, 0.9)
+    assert not any(p.requires_grad for p in ema.parameters())  # never trained by the optimizer
+    ref = {k: v.detach().clone().double() for k, v in model.state_dict().items()}
+    ema.update_parameters(model)  # the first update copies the weights
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model.train()(torch.randn(5, 8))  # moves the BatchNorm running statistics
+        ema.update_parameters(model)
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                ref[k] = 0.9 * ref[k] + 0.1 * v.double()
+    got = ema.module.state_dict()
+    for k, v in ref.items():
+        if v.is_floating_point():
+            assert torch.allclose(got[k].double(), v, rtol=1e-5, atol=1e-6), k
+    assert int(ema.n_averaged) == 4
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0, -0.5, 1.5])
+def test_ema_decay_outside_the_open_unit_interval_is_refused(decay):
+    with pytest.raises(ValueError, match="ema_decay must be in \\(0, 1\\)"):
+        build_ema(ToyModel(), decay)
+
+
+# ---------------------------------------------------------------------- sampling and bad samples
+def test_a_sampler_started_past_its_shard_yields_nothing():
+    s = EpochSampler(10, rank=1, world_size=3, shuffle=False)  # padded shard: 1, 4, 7, 0
+    s.set_epoch(0, start=4)
+    assert len(s) == 0 and list(s) == []
+    s.set_epoch(0, start=6)
+    assert len(s) == 0 and list(s) == []
+    s.set_epoch(0, start=3)
+    assert len(s) == 1 and [i for i, _ in s] == [0]
+    val = EpochSampler(10, rank=1, world_size=3, shuffle=False, pad=False)  # 1, 4, 7
+    assert [i for i, _ in val] == [1, 4, 7] and len(val) == 3
+
+
+def test_an_integer_index_reads_the_sample_with_the_first_epochs_seed():
+    ds = SeededDataset(ToyData(10, 0, noise=1.0), substitute=True)
+    x, y = ds[3]
+    want, _ = ds[(3, sample_seed(0, 0, 3))]
+    other, _ = ds[(3, sample_seed(0, 1, 3))]
+    assert torch.equal(x, want) and int(y) == 0 and not torch.equal(x, other)
+    # The seed fixes the noise: torch.manual_seed(seed) then the sample's own draws.
+    torch.manual_seed(sample_seed(0, 0, 3))
+    assert torch.allclose(x, ds.dataset.x[3] + torch.randn(8))
+
+
+def test_a_sample_that_failed_in_this_process_is_named_with_its_own_error_not_reread():
+    class Flaky(ToyData):
+        """Fails on the first read of index 2 only (a transient read error)."""
+
+        def __init__(self):
+            super().__init__(6, 0, 0.0)
+            self.reads = 0
+
+        def __getitem__(self, i):
+            if i == 2:
+                self.reads += 1
+                if self.reads == 1:
+                    raise BadSample("flaky/2.jpg", "timeout")
+            return super().__getitem__(i)
+
+    ds = SeededDataset(Flaky(), substitute=False)
+    assert ds[(2, 0)] is None
+    assert ds.take_new_bad() == [("flaky/2.jpg", "timeout")] and ds.dataset.reads == 1
+    assert ds.take_new_bad() == []
+
+
+def test_a_sample_unreadable_only_in_a_worker_is_named_by_index(tmp_path):
+    marker = tmp_path / "failed-once"
+
+    class FailsOnceAcrossProcesses(ToyData):
+        def __getitem__(self, i):
+            if i == 3 and not marker.exists():
+                marker.touch()  # the worker fails; the main process's second read succeeds
+                raise BadSample("x/3.png", "transient")
+            return super().__getitem__(i)
+
+    loader = build_loader(FailsOnceAcrossProcesses(8, 0, 0.0), batch_size=4, train=False, workers=1)
+    assert sum(len(y) for _, y in loader) == 7
+    assert loader.dataset.take_new_bad() == [
+        ("sample 3", "unreadable in a data worker, readable when read again")
+    ]
+
+
+def test_build_loader_shards_pads_and_handles_bad_samples_by_mode():
+    data = ToyData(10, 0, 0.0, bad_index=4)
+    one = build_loader(data, batch_size=4, train=True, seed=5)
+    two = [
+        build_loader(data, batch_size=2, train=True, rank=r, world_size=2, seed=5) for r in (0, 1)
+    ]
+    default = build_loader(data, batch_size=4, train=True)
+    for loader in (one, *two, default):
+        loader.sampler.set_epoch(1)
+    first = [[int(i) for i, _ in loader.sampler] for loader in two]
+    order = [int(i) for i, _ in one.sampler]
+    assert [len(f) for f in first] == [5, 5]
+    assert sorted(first[0][:2] + first[1][:2]) == sorted(order[:4])  # same global batch
+    assert order != [int(i) for i, _ in default.sampler]  # the seed picks the order
+    odd = [
+        build_loader(ToyData(9, 0, 0.0), batch_size=2, train=True, rank=r, world_size=2)
+        for r in (0, 1)
+    ]
+    assert [len(loader.sampler) for loader in odd] == [5, 5]  # training pads the shards
+    assert one.drop_last and one.num_workers == 0 and not one.pin_memory
+    # Training substitutes a bad sample (full batches), evaluation drops it, strict fails.
+    eight = build_loader(ToyData(8, 0, 0.0, bad_index=4), batch_size=4, train=True)
+    assert [len(y) for _, y in eight] == [4, 4] and eight.dataset.bad_samples == 1
+    val = build_loader(data, batch_size=4, train=False, rank=1, world_size=3)
+    assert [i for i, _ in val.sampler] == [1, 4, 7]  # no padding, natural order
+    assert torch.equal(torch.cat([y for _, y in val]), data.y[[1, 7]])
+    with pytest.raises(RuntimeError, match="strict data"):
+        list(build_loader(data, batch_size=4, train=True, strict=True))
+    pinned = build_loader(data, batch_size=4, train=False, workers=2, pin_memory=True)
+    assert pinned.num_workers == 2 and pinned.pin_memory and not pinned.persistent_workers
+
+
+def test_sampler_defaults_shuffle_with_seed_0_and_pad_every_rank_to_the_same_length():
+    default = [i for i, _ in EpochSampler(20)]
+    assert default == [i for i, _ in EpochSampler(20, 0, 1, shuffle=True, seed=0)]
+    assert default != list(range(20)) and sorted(default) == list(range(20))
+    assert [len(EpochSampler(7, r, 2, shuffle=False)) for r in (0, 1)] == [4, 4]
+    assert [i for i, _ in EpochSampler(7, 1, 2, shuffle=False)] == [1, 3, 5, 0]
+
+
+def test_sample_seeds_are_distinct_63_bit_integers():
+    seeds = [sample_seed(s, e, i) for s in range(3) for e in range(3) for i in range(200)]
+    assert all(isinstance(x, int) and 0 <= x < 2**63 for x in seeds)
+    assert len(set(seeds)) == len(seeds) and max(seeds) > 2**62  # spread over the whole range
+
+
+def test_evaluation_batches_go_through_the_tasks_collate_without_skipped_samples():
+    def collate(batch):
+        return {"n": len(batch), "labels": [int(y) for _, y in batch]}
+
+    data = ToyData(6, 0, 0.0, bad_index=1)
+    val = build_loader(data, batch_size=3, train=False, collate_fn=collate)
+    assert list(val) == [{"n": 2, "labels": [0, 2]}, {"n": 3, "labels": [0, 1, 2]}]
+    train = build_loader(ToyData(6, 0, 0.0), batch_size=3, train=True, collate_fn=collate)
+    assert [b["n"] for b in train] == [3, 3]
