@@ -214,7 +214,7 @@ def test_data_config_validates_and_round_trips_through_a_dict():
         with pytest.raises(ValueError, match=next(iter(bad))):
             ImageDataConfig.from_dict(bad)
     assert ImageDataConfig.from_dict({"img_size": 96}).img_size == 96
-    with pytest.raises(KeyError, match=r"unknown data option\(s\) \['crop'\]"):
+    with pytest.raises(KeyError, match=r"unknown data option 'crop' \(did you mean 'crop_pct'\?\)"):
         ImageDataConfig.from_dict({"crop": 0.9})
     assert ImageDataConfig().mean == (0.485, 0.456, 0.406)  # RGB order, timm's constants
     assert ImageDataConfig().std == (0.229, 0.224, 0.225)
@@ -420,7 +420,5 @@ def test_config_dicts_turn_lists_into_tuples_and_back_and_name_unknown_keys():
 
     c = config_from_dict(C, {"size": [3, 4]}, "toy data")
     assert c == C((3, 4), "a") and config_to_dict(c) == {"size": [3, 4], "name": "a"}
-    with pytest.raises(
-        KeyError, match=r"unknown toy data option\(s\) \['bogus'\]; valid: \['name', 'size'\]"
-    ):
+    with pytest.raises(KeyError, match=r"unknown toy data option 'bogus'; valid: name, size$"):
         config_from_dict(C, {"bogus": 1, "name": "b"}, "toy data")
