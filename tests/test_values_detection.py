@@ -299,22 +299,23 @@ def test_agnostic_predictor_starts_small_and_outputs_one_box_per_roi():
 
 
 # ---------------------------------------------------------------------- detector assembly
+# One block per stage, narrow FPN and heads: small enough for a CPU test.
+_TINY = dict(
+    depths=(1, 1, 1, 1),
+    embed_dim=16,
+    img_size=64,
+    fpn_channels=24,
+    box_fc_dim=40,
+    box_conv_dim=20,
+    mask_head_dim=12,
+    anchor_sizes=(8, 16, 32, 64, 128),
+)
+
+
 def _tiny_detector(name: str, num_classes: int = 4, **kw):
     from mvitv2.detection import create_detector
 
-    return create_detector(
-        name,
-        num_classes=num_classes,
-        depths=(1, 1, 1, 1),
-        embed_dim=16,
-        img_size=64,
-        fpn_channels=24,
-        box_fc_dim=40,
-        box_conv_dim=20,
-        mask_head_dim=12,
-        anchor_sizes=(8, 16, 32, 64, 128),
-        **kw,
-    )
+    return create_detector(name, num_classes=num_classes, **_TINY, **kw)
 
 
 def test_mask_rcnn_is_assembled_with_the_configured_and_detectron2_default_values():
@@ -470,16 +471,7 @@ def test_cascade_mask_branch_and_config_are_kept_on_the_model():
     assert sum(isinstance(x, BatchNorm2d) for x in heads.mask_head.modules()) == 2  # BN heads
     assert heads.mask_predictor.conv5_mask.in_channels == 12
     assert m.config == get_detector_config(
-        "cascade_maskrcnn_mvitv2_tiny",
-        depths=(1, 1, 1, 1),
-        embed_dim=16,
-        img_size=64,
-        fpn_channels=24,
-        box_fc_dim=40,
-        box_conv_dim=20,
-        mask_head_dim=12,
-        anchor_sizes=(8, 16, 32, 64, 128),
-        mask_head_convs=2,
+        "cascade_maskrcnn_mvitv2_tiny", **_TINY, mask_head_convs=2
     )
     with pytest.raises(KeyError, match="available: cascade_maskrcnn_mvitv2_base, cascade_"):
         get_detector_config("maskrcnn_mvitv2_tinyy")
