@@ -18,7 +18,7 @@ from PIL import Image
 
 import mvitv2
 from mvitv2.cli import main, parse, task_parser
-from mvitv2.engine.checkpoint import load_checkpoint, save_checkpoint
+from mvitv2.engine.checkpoint import read_training_checkpoint, save_checkpoint
 from mvitv2.engine.config import TrainConfig
 from mvitv2.errors import UserFileNotFoundError, UserValueError
 
@@ -101,7 +101,7 @@ def test_train_says_where_on_what_and_how_big_at_the_start(run):
 def test_train_writes_the_resolved_config_into_the_run_folder(run):
     run_dir, _, _ = run
     written = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert written == load_checkpoint(run_dir / "last.pt")["config"]
+    assert written == read_training_checkpoint(run_dir / "last.pt")["config"]
     assert written["epochs"] == 1 and written["model_args"]["embed_dim"] == 8
     assert written["threads"] == 1  # --threads 1
     assert written["model"] == "mvitv2_tiny" and written["warmup_epochs"] == 70 / 300  # in1k_tiny

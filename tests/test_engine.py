@@ -29,8 +29,8 @@ from mvitv2.engine import (
     build_optimizer,
     build_scheduler,
     evaluate_classifier,
-    load_checkpoint,
     param_groups,
+    read_training_checkpoint,
     save_checkpoint,
 )
 from mvitv2.engine.checkpoint import (
@@ -353,24 +353,24 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"w": torch.zeros(3), "epoch": 2}, path)
-    state = load_checkpoint(path)  # weights_only: the previous file, intact
+    state = read_training_checkpoint(path)  # weights_only: the previous file, intact
     assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        load_checkpoint(tmp_path / "nope.pt")
+        read_training_checkpoint(tmp_path / "nope.pt")
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     np.random.randn()  # numpy now holds a cached Gaussian, part of its state
     save_checkpoint({"rng": capture_rng()}, tmp_path / "deeper" / "c.pt")
     first = (random.random(), np.random.rand(), np.random.randn(2), torch.rand(2))
-    restore_rng(load_checkpoint(tmp_path / "deeper" / "c.pt")["rng"])
+    restore_rng(read_training_checkpoint(tmp_path / "deeper" / "c.pt")["rng"])
     again = (random.random(), np.random.rand(), np.random.randn(2), torch.rand(2))
     assert first[:2] == again[:2] and (first[2] == again[2]).all()
     assert torch.equal(first[3], again[3])
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="junk.pt could not be read"):
-        load_checkpoint(tmp_path / "junk.pt")
+        read_training_checkpoint(tmp_path / "junk.pt")
 
 
 def test_resume_lookup_picks_the_newest_run_of_the_experiment(tmp_path):
@@ -561,7 +561,7 @@ def test_nonfinite_loss_is_skipped_counted_and_stops_after_saving(tmp_path):
     trainer = Trainer(ToyTask(cfg), cfg)
     with pytest.raises(TrainingStopped, match="non-finite"):
         trainer.fit()
-    saved = load_checkpoint(tmp_path / "stop" / "last.pt")
+    saved = read_training_checkpoint(tmp_path / "stop" / "last.pt")
     assert saved["counters"]["nonfinite_total"] == 1 and saved["step"] >= 1
 
 
@@ -611,7 +611,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, uninterr
     monkeypatch.setattr(task, "training_loss", dying)
     with pytest.raises(SystemExit):
         Trainer(task, cfg).fit()
-    saved = load_checkpoint(tmp_path / "crash" / "r" / "last.pt")
+    saved = read_training_checkpoint(tmp_path / "crash" / "r" / "last.pt")
     assert (saved["epoch"], saved["step_in_epoch"]) == ((1, 2) if crash_step == 10 else (1, 0))
 
     resumed = Trainer(ToyTask(cfg), cfg, resume="auto")
@@ -669,7 +669,7 @@ def test_resume_auto_only_resumes_the_same_experiment(tmp_path, capsys):
 
 def test_resume_on_another_world_size_says_the_rng_is_not_restored(tmp_path, capsys):
     run = _finished_run(tmp_path, "two")
-    state = load_checkpoint(run)
+    state = read_training_checkpoint(run)
     # As if saved by 2 processes of 16 after 2 steps of epoch 1: 64 samples were trained on.
     state.update(epoch=0, step_in_epoch=2, step=2, world_size=2, rng=state["rng"] * 2)
     save_checkpoint(state, run)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import engine_toy
-from mvitv2.engine import load_checkpoint
+from mvitv2.engine import read_training_checkpoint
 
 SCRIPT = str(Path(__file__).with_name("engine_toy.py"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
@@ -36,7 +36,7 @@ def _run_here(*args: str) -> None:
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)["model"]
+    return read_training_checkpoint(path)["model"]
 
 
 def test_sigkilled_run_resumes_to_the_uninterrupted_weights(tmp_path):
@@ -58,7 +58,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_weights(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
-    saved = load_checkpoint(tmp_path / "killed" / "last.pt")
+    saved = read_training_checkpoint(tmp_path / "killed" / "last.pt")
     assert saved["epoch"] < 4, "the run finished before it was killed"
 
     _run(str(tmp_path), "killed", *extra, "data.sleep=0.05", "--resume", "auto")  # same experiment
@@ -83,8 +83,8 @@ def test_torchrun_two_cpu_processes_train_the_same_model_as_one(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("done top1=") == 1  # only rank 0 reports
     one, two = (
-        load_checkpoint(tmp_path / "one" / "last.pt"),
-        load_checkpoint(tmp_path / "two" / "last.pt"),
+        read_training_checkpoint(tmp_path / "one" / "last.pt"),
+        read_training_checkpoint(tmp_path / "two" / "last.pt"),
     )
     assert two["world_size"] == 2 and two["step"] == one["step"]
     for k, v in one["model"].items():

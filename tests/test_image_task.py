@@ -14,7 +14,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from mvitv2.cli import main
 from mvitv2.data.image import ImageDataConfig, ImageFolder, build_transform, digits_folder
-from mvitv2.engine import build_loader, load_checkpoint
+from mvitv2.engine import build_loader, read_training_checkpoint
 from mvitv2.engine.cli import RECIPES_DIR
 from mvitv2.tasks.image import model_from_checkpoint
 
@@ -50,7 +50,7 @@ def test_default_digits_run_learns_and_reports_accuracy_and_time(digits_run):
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert all(r["images_per_s"] > 0 and r["lr"] > 0 for r in records)
     assert any((run_dir / "tb").iterdir())  # TensorBoard events
-    ckpt = load_checkpoint(run_dir / "last.pt")
+    ckpt = read_training_checkpoint(run_dir / "last.pt")
     assert ckpt["meta"]["classes"] == [str(d) for d in range(10)] and ckpt["epoch"] == 4
     assert {"optimizer", "scaler", "rng", "config", "counters"} <= set(ckpt)
 
@@ -59,7 +59,7 @@ def test_eval_command_reproduces_the_training_metrics(digits_run, capsys):
     run_dir, _ = digits_run
     assert main(["eval", "image", "--checkpoint", str(run_dir / "last.pt"), "--workers=0"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    trained = load_checkpoint(run_dir / "last.pt")["metrics"]
+    trained = read_training_checkpoint(run_dir / "last.pt")["metrics"]
     assert result["top1"] == pytest.approx(trained["top1"]) and result["count"] == 450
     assert result["top5"] >= result["top1"]
 
@@ -95,7 +95,7 @@ def test_predict_prints_topk_classes_with_probabilities(digits_run, capsys):
         assert len(pairs) == 3 and len({c for c, _ in pairs}) == 3
         probs = [float(p) for _, p in pairs]
         assert probs == sorted(probs, reverse=True) and sum(probs) <= 100.05
-    model, classes = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"))
+    model, classes = model_from_checkpoint(read_training_checkpoint(run_dir / "best.pt"))
     assert classes == [str(d) for d in range(10)] and not model.training
 
 

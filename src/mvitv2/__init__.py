@@ -8,6 +8,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "MViT",
     "MViTConfig",
     "Predictor",
@@ -21,6 +22,7 @@ __all__ = [
 
 # Everything loads on first use, so `import mvitv2` (and `mvitv2 --help`) does not import torch.
 _LAZY = {
+    "CheckpointError": "mvitv2.errors",
     "MViT": "mvitv2.models",
     "MViTConfig": "mvitv2.models",
     "create_model": "mvitv2.models",

@@ -7,16 +7,49 @@ an internal bug and keeps its traceback.
 
 Subclasses also derive from the built-in type a caller would expect (``FileNotFoundError``,
 ``ValueError``, ...), so library users can keep catching those.
+
+A user error raised inside a DataLoader worker process reaches the main process as the same one
+line: torch re-creates it there from a message holding the worker's traceback, which
+:class:`UserError` reduces to the original message. Other exceptions keep that traceback.
+
+:class:`CheckpointError` is the one family of checkpoint problems (released weights, training
+checkpoints, predictor checkpoints); :class:`UserCheckpointError` is its user-mistake branch.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
+
+# How torch's DataLoader re-raises a worker's exception in the main process (ExceptionWrapper):
+# "Caught <Type> in DataLoader worker process <n>.\nOriginal Traceback (most recent call last):..."
+_FROM_WORKER = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def _worker_message(text: str) -> str:
+    """The original message of an exception re-raised from a DataLoader worker (``text`` is
+    torch's wrapper message), or ``text`` itself when it is not one."""
+    found = _FROM_WORKER.match(text)
+    if found is None:
+        return text
+    # The traceback ends with "<module>.<Type>: <message>"; the message may span lines.
+    lines = text.rstrip("\n").split("\n")
+    head = re.compile(rf"^(?:[\w.]+\.)?{found.group(1)}: ")
+    for i in range(len(lines) - 1, 0, -1):
+        if head.match(lines[i]):
+            return "\n".join([head.sub("", lines[i], count=1), *lines[i + 1 :]])
+    return text
 
 
 class UserError(Exception):
     """A mistake the user can fix; the message says what, where it looked and what to do."""
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_worker_message(args[0]),)
+        super().__init__(*args)
+        self.args = args  # OSError subclasses keep the arguments given to __new__ otherwise
 
 
 class UserFileNotFoundError(UserError, FileNotFoundError):
@@ -25,6 +58,20 @@ class UserFileNotFoundError(UserError, FileNotFoundError):
 
 class UserValueError(UserError, ValueError):
     """An option, config value or input that the command cannot use."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, downloaded, verified or used (the message says which and
+    why). Catch this one for every checkpoint problem; ``mvitv2.CheckpointError``."""
+
+
+class UserCheckpointError(CheckpointError, UserValueError):
+    """A checkpoint problem the user fixes (a wrong or unreadable file, another task's checkpoint):
+    one line from the command line, exit 2."""
+
+
+class CheckpointNotFoundError(UserCheckpointError, UserFileNotFoundError):
+    """A checkpoint path that names no file (also a ``FileNotFoundError``)."""
 
 
 class UnknownKeyError(UserValueError, KeyError):

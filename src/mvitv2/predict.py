@@ -25,12 +25,12 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
-from mvitv2.errors import UserValueError
+from mvitv2.errors import UserCheckpointError, UserValueError
 
 TASKS = ("image", "video", "detect")
 
 
-class CheckpointError(UserValueError):
+class CheckpointError(UserCheckpointError):
     """A checkpoint that cannot be used: missing, unreadable, of another task, incomplete."""
 
 
@@ -144,13 +144,13 @@ def read_checkpoint(
     ``class_names`` (or ``classes``) and optionally ``model_name``, ``model_kwargs``,
     ``preprocessing`` and ``data`` (the task's data options, used for default preprocessing).
     """
-    from mvitv2.engine.checkpoint import load_checkpoint
+    from mvitv2.engine.checkpoint import read_training_checkpoint
 
     if task is not None and task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     path = Path(path)
     try:
-        ckpt = load_checkpoint(path)
+        ckpt = read_training_checkpoint(path)
     except (FileNotFoundError, RuntimeError) as e:
         raise CheckpointError(str(e)) from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:

@@ -1,5 +1,13 @@
 """Helpers shared by the dataset modules: data directory, the scikit-learn digits, on-disk caching
-of generated datasets, and skip counters that DataLoader workers can update."""
+of generated datasets, and the one bad-sample policy of every dataset.
+
+Bad samples: a dataset raises :class:`BadSample` (path, reason, counter key) for a sample it
+cannot read; the loader (or the dataset itself, for videos) skips it and counts it in a
+:class:`SkipCounter`, which DataLoader workers share with the main process, and names it once.
+With ``strict_data`` the first one is a :class:`StrictDataError` (:func:`strict_data_error`): the
+user's data, one error line. ``mvitv2.engine`` imports these; ``mvitv2.data`` never imports the
+engine.
+"""
 
 from __future__ import annotations
 
@@ -16,15 +24,18 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from mvitv2.errors import UnknownKeyError, unknown_names_message
+from mvitv2.errors import UnknownKeyError, UserValueError, unknown_names_message
 
 __all__ = [
+    "BadSample",
     "SkipCounter",
+    "StrictDataError",
     "build_cached",
     "default_data_dir",
     "load_digits_arrays",
     "render_digit",
     "split_digit_indices",
+    "strict_data_error",
 ]
 
 
@@ -180,6 +191,38 @@ def build_cached(root: str | Path, params: dict[str, Any], build: Callable[[Path
     return root
 
 
+class BadSample(Exception):
+    """Raised by a dataset for a sample that cannot be read (missing or corrupt file, failed
+    decode, a size that differs from the annotations).
+
+    Args:
+        path: the file at fault.
+        reason: what went wrong, for people.
+        kind: the :class:`SkipCounter` key it is counted under (e.g. ``"unreadable_image"``).
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, kind: str = "unreadable") -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason, self.kind = str(path), reason, kind
+
+
+class StrictDataError(UserValueError, RuntimeError):
+    """A bad sample met with ``strict_data``: the user's data, one error line (exit 2)."""
+
+
+def strict_data_error(error: BadSample, what: str = "sample") -> StrictDataError:
+    """The one-line error for ``error`` met with ``strict_data`` (raise it ``from None``).
+
+    Args:
+        error: the bad sample.
+        what: what a sample is called in the message (``"sample"``, ``"video"``).
+    """
+    return StrictDataError(
+        f"unreadable {what} (strict data): {error}; without strict_data such {what}s are "
+        "skipped and counted"
+    )
+
+
 class SkipCounter:
     """Counts of skipped or repaired samples, shared with DataLoader worker processes.
 
@@ -203,10 +246,13 @@ class SkipCounter:
         """Increment event counter ``key`` by ``n``."""
         self._events[self.keys.index(key)] += n
 
-    def flag(self, item: int, key: str) -> None:
-        """Mark ``item`` as bad for reason ``key`` (idempotent)."""
-        if int(self._flags[item]) == 0:
-            self._flags[item] = self.keys.index(key) + 1
+    def flag(self, item: int, key: str) -> bool:
+        """Mark ``item`` as bad for reason ``key`` (idempotent); True if it was not flagged yet
+        (by any process): the caller names it then."""
+        if int(self._flags[item]) != 0:
+            return False
+        self._flags[item] = self.keys.index(key) + 1
+        return True
 
     def is_flagged(self, item: int) -> bool:
         """Whether ``item`` was marked bad by any worker."""

@@ -29,9 +29,8 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
-from mvitv2.data.common import SkipCounter
+from mvitv2.data.common import BadSample, SkipCounter
 from mvitv2.data.image import load_image
-from mvitv2.engine.data import BadSample
 from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 __all__ = [
@@ -574,7 +573,7 @@ class CocoDetection(torch.utils.data.Dataset):
     every case by reason and ``self.problems`` names each one (logged on the main process).
     Missing image files are skipped, images without objects kept as negatives. An image that
     fails to decode, or whose size differs from the JSON's, raises
-    :class:`~mvitv2.engine.data.BadSample` (the loader skips it in evaluation and counts it)
+    :class:`~mvitv2.data.common.BadSample` (the loader skips it in evaluation and counts it)
     and is flagged in ``self.skipped`` by reason (``unreadable_image``, ``size_mismatch``;
     shared with DataLoader workers); it is never replaced by another image here.
 
@@ -662,17 +661,22 @@ class CocoDetection(torch.utils.data.Dataset):
         try:
             pil = load_image(rec["path"])
         except BadSample as e:
-            self.skipped.flag(index, "unreadable_image")
-            raise BadSample(e.path, f"unreadable_image (image id {rec['id']}): {e.reason}") from e
+            bad = BadSample(
+                e.path, f"unreadable_image (image id {rec['id']}): {e.reason}", "unreadable_image"
+            )
+            self.skipped.flag(index, bad.kind)
+            raise bad from e
         image = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
         h, w = image.shape[-2:]
         if (h, w) != (rec["height"], rec["width"]):
-            self.skipped.flag(index, "size_mismatch")
-            raise BadSample(
-                str(rec["path"]),
+            bad = BadSample(
+                rec["path"],
                 f"size_mismatch: the image is {w}x{h} but {self.ann_file} says "
                 f"{rec['width']}x{rec['height']} (image id {rec['id']})",
+                "size_mismatch",
             )
+            self.skipped.flag(index, bad.kind)
+            raise bad
         anns = rec["anns"]
         boxes = torch.tensor([a["box"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         target: dict[str, Any] = {

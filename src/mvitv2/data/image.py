@@ -2,7 +2,7 @@
 
 Folder layout: ``ROOT/train/<class>/*.png|jpg|...`` and ``ROOT/val/<class>/*``; classes are the
 sorted sub-folder names of ``train``. Unreadable images raise
-:class:`~mvitv2.engine.data.BadSample` so the loader skips and counts them.
+:class:`~mvitv2.data.common.BadSample` so the loader skips and counts them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
 from mvitv2.data.common import (
+    BadSample,
     build_cached,
     config_from_dict,
     config_to_dict,
@@ -27,7 +28,6 @@ from mvitv2.data.common import (
     render_digit,
     split_digit_indices,
 )
-from mvitv2.engine.data import BadSample
 from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

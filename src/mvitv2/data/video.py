@@ -24,7 +24,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from mvitv2.data.common import SkipCounter
+from mvitv2.data.common import BadSample, SkipCounter, strict_data_error
 from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 __all__ = [
@@ -51,13 +51,18 @@ KINETICS_STD = (0.225, 0.225, 0.225)
 _DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
 
 
-class VideoDecodeError(RuntimeError):
-    """A video file is missing (``reason="missing"``), cannot be opened or decoded
-    (``reason="corrupt"``) or has no frames (``reason="empty"``)."""
+class VideoDecodeError(BadSample, RuntimeError):
+    """A video file is missing (``kind="missing"``), cannot be opened or decoded
+    (``kind="corrupt"``) or has no frames (``kind="empty"``): the videos' :class:`BadSample`.
 
-    def __init__(self, message: str, reason: str = "corrupt") -> None:
-        super().__init__(message)
-        self.reason = reason
+    Args:
+        path: the video file.
+        reason: what went wrong.
+        kind: the counter key, one of ``missing``, ``corrupt``, ``empty``.
+    """
+
+    def __init__(self, path: str | Path, reason: str, kind: str = "corrupt") -> None:
+        super().__init__(path, reason, kind)
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,14 +96,14 @@ class VideoReader:
         # frame.to_ndarray() builds a new context every time, which is 5x slower on small frames.
         self._rgb = VideoReformatter()
         if self.path.is_file() and self.path.stat().st_size == 0:
-            raise VideoDecodeError(f"{self.path}: zero-length file", "empty")
+            raise VideoDecodeError(self.path, "zero-length file", "empty")
         try:
             self._container = av.open(str(self.path))
         except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
-            raise VideoDecodeError(f"{self.path}: cannot open video ({e})") from None
+            raise VideoDecodeError(self.path, f"cannot open video ({e})") from None
         if not self._container.streams.video:
             self._container.close()
-            raise VideoDecodeError(f"{self.path}: no video stream", "empty")
+            raise VideoDecodeError(self.path, "no video stream", "empty")
         s = self._container.streams.video[0]
         if threads:
             s.thread_count = threads
@@ -121,7 +126,7 @@ class VideoReader:
                 self.num_frames = 0
         if self.num_frames <= 0:
             self.close()
-            raise VideoDecodeError(f"{self.path}: video stream has no frames", "empty")
+            raise VideoDecodeError(self.path, "video stream has no frames", "empty")
 
     def __enter__(self) -> VideoReader:
         return self
@@ -207,14 +212,14 @@ class VideoReader:
             try:
                 frames = self._decode_range(0, wanted[-1], set(wanted), tolerant=True)
             except _DECODE_ERRORS as e:  # e.g. the seek itself fails
-                raise VideoDecodeError(f"{self.path}: decoding failed ({e})") from None
+                raise VideoDecodeError(self.path, f"decoding failed ({e})") from None
             if self._max_seen < wanted[-1]:
                 self.truncated = True
                 self.num_frames = self._max_seen + 1
             if not frames and self._last_frame is not None:
                 frames = {self._max_seen: self._to_rgb(self._last_frame)}
         if not frames:
-            raise VideoDecodeError(f"{self.path}: no decodable frame")
+            raise VideoDecodeError(self.path, "no decodable frame")
         have = sorted(frames)
         for i in wanted:
             if i not in frames:
@@ -561,7 +566,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
         pad: ``"last"`` or ``"loop"`` for videos shorter than a clip.
         target_fps: frame rate ``sampling_rate`` counts frames at (see :func:`clip_indices`);
             None: each file's own rate. Segment sampling ignores it.
-        strict: raise :class:`~mvitv2.errors.UserValueError` on the first unreadable video.
+        strict: raise :class:`~mvitv2.data.common.StrictDataError` (a ``UserValueError``) on the
+            first unreadable video.
         max_retries: training replacements in a row before giving up (then the same error).
     """
 
@@ -631,11 +637,11 @@ class VideoClipDataset(torch.utils.data.Dataset):
         """uint8 (T, C, H, W) clips of ``video`` for each temporal clip id.
 
         Raises:
-            VideoDecodeError: the file is missing (``reason="missing"``) or unreadable.
+            VideoDecodeError: the file is missing (``kind="missing"``) or unreadable.
         """
         path = self.samples[video].path
         if not path.is_file():
-            raise VideoDecodeError(f"{path}: no such file", "missing")
+            raise VideoDecodeError(path, "no such file", "missing")
         with VideoReader(path) as r:
             span = (self.num_frames - 1) * self.sampling_rate + 1
             if (
@@ -673,10 +679,9 @@ class VideoClipDataset(torch.utils.data.Dataset):
             return self._load(video, view)
         except VideoDecodeError as e:
             if self.strict:
-                raise UserValueError(f"unreadable video (strict data): {e}") from None
-            if not self.skipped.is_flagged(video):  # the flags are shared by workers: named once
-                warnings.warn(f"skipping unreadable video ({e.reason}) {e}", stacklevel=2)
-            self.skipped.flag(video, e.reason)
+                raise strict_data_error(e, "video") from None
+            if self.skipped.flag(video, e.kind):  # the flags are shared by workers: named once
+                warnings.warn(f"skipping unreadable video ({e.kind}) {e}", stacklevel=2)
         return None
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | None:

@@ -1,7 +1,7 @@
 """The training engine shared by all tasks: config, optimizer/schedule, checkpoints, distributed,
 data loading, mixing, EMA, logging and the :class:`Trainer` loop driving a :class:`Task`."""
 
-from mvitv2.engine.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from mvitv2.engine.checkpoint import find_resume, read_training_checkpoint, save_checkpoint
 from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.data import BadSample, EpochSampler, SeededDataset, build_loader
 from mvitv2.engine.distributed import DistInfo, init_distributed, sync_batchnorm
@@ -28,7 +28,7 @@ __all__ = [
     "evaluate_classifier",
     "find_resume",
     "init_distributed",
-    "load_checkpoint",
+    "read_training_checkpoint",
     "param_groups",
     "save_checkpoint",
     "sync_batchnorm",

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mvitv2.errors import UserFileNotFoundError, UserValueError
+from mvitv2.errors import CheckpointNotFoundError, UserCheckpointError, UserValueError
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -46,7 +46,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
-class UnreadableCheckpointError(UserValueError, RuntimeError):
+class UnreadableCheckpointError(UserCheckpointError):
     """A file given as a checkpoint that ``torch.load(weights_only=True)`` cannot read."""
 
 
@@ -59,21 +59,29 @@ _NOT_CHECKPOINTS = {
 }
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint with ``weights_only=True``.
+def read_training_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> dict:
+    """Read a training checkpoint (the dict :func:`save_checkpoint` wrote) with
+    ``weights_only=True``. To load released or converted weights into a model, use
+    :func:`mvitv2.load_checkpoint`.
+
+    Args:
+        path: the checkpoint file (a run's ``best.pt`` or ``last.pt``).
+        map_location: device for the tensors.
 
     Raises:
-        UserFileNotFoundError: no such file (a folder is named as such).
+        CheckpointNotFoundError: no such file (a folder is named as such).
         UnreadableCheckpointError: not a torch checkpoint (an ONNX export, a truncated file, a
             pickle of other objects); one line saying what the file is and what to pass.
     """
     path = Path(path)
     if path.is_dir():
-        raise UserFileNotFoundError(
+        raise CheckpointNotFoundError(
             f"checkpoint {path} is a folder; pass a checkpoint file such as {path / BEST}"
         )
     if not path.is_file():
-        raise UserFileNotFoundError(f"checkpoint {path} does not exist")
+        raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
     kind = _NOT_CHECKPOINTS.get(path.suffix.lower())
     if kind is not None:
         raise UnreadableCheckpointError(
@@ -189,7 +197,7 @@ def find_resume(
         meta: this run's ``Task.checkpoint_meta()``.
 
     Raises:
-        UserFileNotFoundError: ``resume`` names no checkpoint.
+        CheckpointNotFoundError: ``resume`` names no checkpoint.
         UserValueError: ``auto`` found runs, none of them of this experiment (the message names
             the newest and its differences, and how to resume it anyway or start fresh).
     """
@@ -201,7 +209,7 @@ def find_resume(
         if path.is_dir():
             path = path / LAST
         if not path.is_file():
-            raise UserFileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"--resume {resume}: no checkpoint at {path} (pass a last.pt/best.pt file, a run "
                 "folder holding last.pt, or 'auto')"
             )

@@ -7,8 +7,10 @@
 * :class:`SeededDataset` runs each sample's random augmentation under a seed derived from
   ``(seed, epoch, index)``, so augmentation does not depend on worker count, process count or
   where a run was resumed.
-* A dataset signals an unreadable sample by raising :class:`BadSample`; the wrapper counts it and
-  (training) substitutes the next sample or (evaluation) drops it, or re-raises in strict mode.
+* A dataset signals an unreadable sample by raising :class:`~mvitv2.data.common.BadSample` (the
+  policy shared by every dataset, see :mod:`mvitv2.data.common`); the wrapper counts it and
+  (training) substitutes the next sample or (evaluation) drops it, or raises the one-line
+  :class:`~mvitv2.data.common.StrictDataError` in strict mode.
   :meth:`SeededDataset.take_new_bad` names each such sample once (path and reason) in the main
   process, also those met by DataLoader workers.
 """
@@ -24,25 +26,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from mvitv2.data.common import SkipCounter
-from mvitv2.errors import UserValueError
+from mvitv2.data.common import BadSample, SkipCounter, StrictDataError, strict_data_error
 
-
-class StrictDataError(UserValueError, RuntimeError):
-    """An unreadable sample with ``strict_data``: the user's data, one error line."""
-
-
-class BadSample(Exception):
-    """Raised by a dataset for a sample that cannot be read (corrupt file, failed decode).
-
-    Args:
-        path: the file at fault.
-        reason: what went wrong.
-    """
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = path, reason
+__all__ = [
+    "BadSample",
+    "EpochSampler",
+    "SeededDataset",
+    "StrictDataError",
+    "build_loader",
+    "collate_skip_none",
+    "sample_seed",
+]
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -137,10 +131,7 @@ class SeededDataset(Dataset):
                     return self.dataset[i]
             except BadSample as e:
                 if self.strict:
-                    raise StrictDataError(
-                        f"unreadable sample (strict data): {e}; without strict_data such samples "
-                        "are skipped and counted"
-                    ) from e
+                    raise strict_data_error(e) from None
                 self._errors.setdefault(i, e)
                 self.counter.flag(i, "unreadable")  # first: whoever sees the count sees the flag
                 self.counter.add("unreadable")

@@ -37,7 +37,7 @@ from mvitv2.engine.checkpoint import (
     ResumeChoice,
     capture_rng,
     find_resume,
-    load_checkpoint,
+    read_training_checkpoint,
     restore_rng,
     save_checkpoint,
 )
@@ -175,7 +175,9 @@ class Trainer:
         self.ema = None
         if found is not None:
             self.run_dir = found.path.parent
-            notes += self._load_state(found, load_checkpoint(found.path, map_location=device))
+            notes += self._load_state(
+                found, read_training_checkpoint(found.path, map_location=device)
+            )
         else:
             name = cfg.name or time.strftime("%Y%m%d-%H%M%S")
             self.run_dir = Path(cfg.output) / d.broadcast_object(name)

@@ -336,7 +336,7 @@ def init_detector(model: nn.Module, source: str | Path) -> Any:
         the :class:`~mvitv2.weights.LoadReport`.
     """
     from mvitv2.detection.model import load_backbone_weights
-    from mvitv2.engine.checkpoint import load_checkpoint as read_run
+    from mvitv2.engine.checkpoint import read_training_checkpoint as read_run
     from mvitv2.weights import CheckpointMismatchError, LoadReport
 
     path = Path(source)

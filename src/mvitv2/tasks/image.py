@@ -27,7 +27,7 @@ from mvitv2.data.image import (
     build_transform,
     digits_folder,
 )
-from mvitv2.engine.checkpoint import load_checkpoint
+from mvitv2.engine.checkpoint import read_training_checkpoint
 from mvitv2.engine.cli import (
     add_eval_output_arguments,
     add_predict_arguments,
@@ -123,7 +123,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], ema: bool = False) -> tuple[nn.M
     """The trained classifier (eval mode) and its class names from a checkpoint of this task.
 
     Args:
-        ckpt: a dict from :func:`mvitv2.engine.checkpoint.load_checkpoint`.
+        ckpt: a dict from :func:`mvitv2.engine.checkpoint.read_training_checkpoint`.
         ema: load the EMA weights (the checkpoint must have them).
     """
     meta = ckpt.get("meta") or {}
@@ -214,7 +214,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = read_training_checkpoint(args.checkpoint)
     try:
         model, classes = model_from_checkpoint(ckpt, ema=args.ema)
     except UserValueError as e:

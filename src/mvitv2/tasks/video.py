@@ -503,10 +503,10 @@ def read_run_checkpoint(path: str | Path) -> dict[str, Any]:
         UserFileNotFoundError: no such file.
         UserValueError: the file cannot be read as a checkpoint.
     """
-    from mvitv2.engine.checkpoint import load_checkpoint
+    from mvitv2.engine.checkpoint import read_training_checkpoint
 
     try:
-        ckpt = load_checkpoint(path)
+        ckpt = read_training_checkpoint(path)
     except FileNotFoundError as e:
         raise UserFileNotFoundError(str(e)) from None
     except RuntimeError as e:  # corrupt or not a checkpoint

@@ -12,13 +12,13 @@ from urllib.parse import urlparse
 
 import torch
 
+from mvitv2.errors import CheckpointError, CheckpointNotFoundError
+
+__all__ = ["CheckpointError", "cache_dir", "download", "read_checkpoint"]
+
 _URL_SCHEMES = ("http://", "https://", "file://")
 # torchvision-style names carry the first hex digits of the file's sha256: mvit_v2_s-ae3be167.pth
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.[a-z]+$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be read, downloaded or verified (the message says which and why)."""
 
 
 def is_url(source: object) -> bool:
@@ -117,7 +117,7 @@ def read_checkpoint(
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors.torch import load_file
