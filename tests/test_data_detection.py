@@ -16,7 +16,7 @@ from sklearn.datasets import load_digits
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from mvitv2.data.common import load_digits_arrays, split_digit_indices
+from mvitv2.data.common import BadSample, load_digits_arrays, split_digit_indices
 from mvitv2.data.detection import (
     BoxesFromMasks,
     CocoDetection,
@@ -29,7 +29,7 @@ from mvitv2.data.detection import (
     rescale_prediction,
 )
 from mvitv2.data.digit_scenes import make_digit_scenes, mask_to_polygon
-from mvitv2.engine.data import BadSample, build_loader
+from mvitv2.engine.data import build_loader
 from mvitv2.errors import UserValueError
 
 SMALL = {"num_train": 10, "num_val": 6, "image_size": 96, "digit_size": (16, 36), "seed": 3}
@@ -258,8 +258,9 @@ def test_reader_flags_unreadable_images_and_never_substitutes(tmp_path):
     with pytest.raises(BadSample, match=r"bad\.png: unreadable_image \(image id 1\): cannot read"):
         ds[0]
     assert ds[1][1]["image_id"] == 2
-    with pytest.raises(BadSample, match=r"small\.png: size_mismatch: the image is 20x30 but"):
+    with pytest.raises(BadSample, match=r"small\.png: size_mismatch: the image is 20x30 but") as e:
         ds[2]
+    assert (e.value.path, e.value.kind) == (str(tmp_path / "small.png"), "size_mismatch")
     assert ds.skipped_images() == {1: "unreadable_image", 3: "size_mismatch"}
     assert ds.skipped.flagged("unreadable_image") == [0]
     # Training substitutes the next sample (equal batches on every process), and counts it.

@@ -833,3 +833,27 @@ def test_space_separated_csv_list_as_slowfast_writes_it(tmp_path):
     (tmp_path / "train.csv").write_text("a/x.mp4 3\nb/y.mp4 0\n")
     samples = read_video_list(tmp_path / "train.csv", tmp_path)
     assert [(s.path.name, s.label) for s in samples] == [("x.mp4", 3), ("y.mp4", 0)]
+
+
+def test_a_bad_video_is_a_bad_sample_and_strict_data_is_one_line_in_workers_too(bad_list):
+    from mvitv2.data.common import BadSample, StrictDataError
+
+    folder = bad_list.parent
+    with pytest.raises(BadSample) as e:
+        VideoReader(folder / "empty.mp4")
+    assert (e.value.path, e.value.reason, e.value.kind) == (
+        str(folder / "empty.mp4"),
+        "zero-length file",
+        "empty",
+    )
+    # list items 4, 5: missing.mp4, empty.mp4
+    for workers in (0, 1):
+        strict = VideoClipDataset(bad_list, train=False, strict=True)
+        subset = torch.utils.data.Subset(strict, [4])
+        loader = DataLoader(subset, batch_size=1, num_workers=workers, collate_fn=video_collate)
+        with pytest.raises(StrictDataError) as e:
+            list(loader)
+        assert str(e.value) == (
+            f"unreadable video (strict data): {folder / 'missing.mp4'}: no such file; without "
+            "strict_data such videos are skipped and counted"
+        )

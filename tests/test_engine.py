@@ -373,6 +373,40 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
         read_training_checkpoint(tmp_path / "junk.pt")
 
 
+def test_every_checkpoint_problem_is_one_mvitv2_checkpoint_error(tmp_path):
+    """Released weights, training checkpoints, predictor checkpoints, --resume: one family, so
+    ``except mvitv2.CheckpointError`` catches them all; the user's mistakes among them are
+    one-line user errors (a missing file is also a FileNotFoundError)."""
+    import mvitv2
+    from mvitv2.models import create_model
+    from mvitv2.predict import read_checkpoint as predictor_checkpoint
+    from mvitv2.weights import read_checkpoint
+
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "zoo.pkl").write_bytes(b"pickle")
+    nope = tmp_path / "nope.pt"
+    model = create_model("mvitv2_tiny", pretrained=False, num_classes=2, depths=(1, 1, 1, 1))
+    user_mistakes = {
+        "weights, no file": lambda: mvitv2.load_checkpoint(model, nope),
+        "training, no file": lambda: read_training_checkpoint(nope),
+        "training, a folder": lambda: read_training_checkpoint(tmp_path),
+        "training, junk": lambda: read_training_checkpoint(tmp_path / "junk.pt"),
+        "predictor, no file": lambda: predictor_checkpoint(nope),
+        "resume, no file": lambda: find_resume(str(nope), tmp_path),
+    }
+    for case, call in user_mistakes.items():
+        with pytest.raises(mvitv2.CheckpointError) as e:
+            call()
+        assert isinstance(e.value, UserError), case
+        assert str(tmp_path) in str(e.value) and "\n" not in str(e.value), case
+        missing = ("no file" in case or "folder" in case) and "predictor" not in case  # re-wraps
+        assert isinstance(e.value, FileNotFoundError) == missing, case
+    with pytest.raises(mvitv2.CheckpointError, match="allow_pickle=True"):
+        read_checkpoint(tmp_path / "zoo.pkl")
+    assert mvitv2.weights.CheckpointError is mvitv2.CheckpointError
+    assert "load_checkpoint" not in dir(mvitv2.engine)  # the released-weights loader's name
+
+
 def test_resume_lookup_picks_the_newest_run_of_the_experiment(tmp_path):
     config, meta = TrainConfig().to_dict(), {"task": "toy"}
 

@@ -77,6 +77,14 @@ def test_eval_command_names_each_unreadable_image(digits_run, tmp_path, capsys):
     assert f"{tmp_path / 'val' / '3' / 'broken.png'}: cannot read image" in err
     result = json.loads(out.strip().splitlines()[-1])
     assert result["count"] == 1 and result["skipped"] == 1
+    # --strict-data: one line and exit 2, also when the image is read in a worker process.
+    for workers in ("--workers=0", "--workers=1"):
+        assert main(["eval", "image", *args[:-1], workers, "--strict-data"]) == 2
+        said, error = capsys.readouterr().err.strip().splitlines()  # what is evaluated, the error
+        assert said.startswith("evaluating ") and error.startswith(
+            "mvitv2 eval image: error: unreadable sample (strict data): "
+            f"{tmp_path / 'val' / '3' / 'broken.png'}: cannot read image ("
+        )
 
 
 def test_predict_prints_topk_classes_with_probabilities(digits_run, capsys):

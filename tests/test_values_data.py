@@ -16,6 +16,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from mvitv2.data.common import (
+    BadSample,
     SkipCounter,
     build_cached,
     config_from_dict,
@@ -35,7 +36,6 @@ from mvitv2.data.image import (
     find_classes,
     load_image,
 )
-from mvitv2.engine.data import BadSample
 
 
 def _photo(w: int = 90, h: int = 70) -> Image.Image:
@@ -397,10 +397,13 @@ def test_skip_counter_counts_events_and_flags_each_item_once_with_its_first_reas
     c.add("decode")
     c.add("short", 3)
     c.add("decode")
-    c.flag(4, "short")
-    c.flag(4, "decode")  # already flagged: keeps its first reason
-    c.flag(1, "decode")
-    c.flag(1, "decode")
+    # flag() says whether the item is new (the caller names it then): True once per item.
+    assert [c.flag(4, "short"), c.flag(4, "decode"), c.flag(1, "decode"), c.flag(1, "decode")] == [
+        True,
+        False,  # already flagged: keeps its first reason
+        True,
+        False,
+    ]
     assert (c["decode"], c["short"]) == (2, 3)
     assert c.flagged() == [1, 4] and c.flagged("decode") == [1] and c.flagged("short") == [4]
     assert c.is_flagged(4) and not c.is_flagged(0)
@@ -422,3 +425,48 @@ def test_config_dicts_turn_lists_into_tuples_and_back_and_name_unknown_keys():
     assert c == C((3, 4), "a") and config_to_dict(c) == {"size": [3, 4], "name": "a"}
     with pytest.raises(KeyError, match=r"unknown toy data option 'bogus'; valid: name, size$"):
         config_from_dict(C, {"bogus": 1, "name": "b"}, "toy data")
+
+
+def test_no_dataset_module_imports_the_engine():
+    """data/ never imports engine/ (the engine imports data): one direction only, at any level
+    of the module (also imports inside functions)."""
+    import ast
+
+    import mvitv2.data.common
+
+    imported = {}
+    for path in sorted(Path(mvitv2.data.common.__file__).parent.glob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        imported[path.name] = sorted(n for n in names if n.startswith("mvitv2.engine"))
+    assert {"image.py", "detection.py", "video.py", "common.py"} <= set(imported)
+    assert imported == dict.fromkeys(imported, [])
+
+
+def test_bad_sample_and_strict_error_are_the_engines_one_type():
+    from mvitv2 import engine
+    from mvitv2.data.common import StrictDataError, strict_data_error
+    from mvitv2.errors import UserValueError
+
+    e = BadSample("d/x.png", "cannot read image", "unreadable_image")
+    assert (str(e), e.path, e.reason, e.kind) == (
+        "d/x.png: cannot read image",
+        "d/x.png",
+        "cannot read image",
+        "unreadable_image",
+    )
+    assert BadSample(Path("a") / "b.png", "r").kind == "unreadable" and BadSample(
+        Path("a") / "b.png", "r"
+    ).path == str(Path("a") / "b.png")
+    assert engine.BadSample is BadSample and engine.data.StrictDataError is StrictDataError
+    strict = strict_data_error(BadSample("v/a.mp4", "no such file", "missing"), "video")
+    assert isinstance(strict, UserValueError) and isinstance(strict, RuntimeError)
+    assert str(strict) == (
+        "unreadable video (strict data): v/a.mp4: no such file; without strict_data such videos "
+        "are skipped and counted"
+    )
+    assert str(strict_data_error(e)).startswith("unreadable sample (strict data): d/x.png: cannot")

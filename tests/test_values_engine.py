@@ -157,3 +157,56 @@ def test_evaluation_batches_go_through_the_tasks_collate_without_skipped_samples
     assert list(val) == [{"n": 2, "labels": [0, 2]}, {"n": 3, "labels": [0, 1, 2]}]
     train = build_loader(ToyData(6, 0, 0.0), batch_size=3, train=True, collate_fn=collate)
     assert [b["n"] for b in train] == [3, 3]
+
+
+class _FailsInWorker(ToyData):
+    """Index 2 is bad (a BadSample) and index 1 hits an internal bug (a ZeroDivisionError)."""
+
+    def __getitem__(self, i):
+        if i == 1:
+            return 1 / 0
+        return super().__getitem__(i)
+
+
+def test_a_strict_data_error_in_a_worker_is_the_same_one_line_as_in_the_main_process():
+    from mvitv2.data.common import StrictDataError
+    from mvitv2.errors import UserError
+
+    data = _FailsInWorker(8, 0, 0.0, bad_index=0)
+    messages = []
+    for workers in (0, 1):
+        loader = build_loader(data, batch_size=2, train=False, strict=True, workers=workers)
+        with pytest.raises(StrictDataError) as e:
+            list(loader)
+        messages.append(str(e.value))
+    assert (
+        messages[0]
+        == messages[1]
+        == (
+            "unreadable sample (strict data): toy/0.bin: corrupt for the test; without strict_data "
+            "such samples are skipped and counted"
+        )
+    )
+
+    # Any user error from a worker: its own message, multi-line ones kept whole.
+    class Mistake(UserError):
+        pass
+
+    wrapped = (
+        "Caught Mistake in DataLoader worker process 3.\nOriginal Traceback (most recent call "
+        'last):\n  File "x.py", line 1, in f\n    g()\ntests.Mistake: first line\nsecond line\n'
+    )
+    assert str(Mistake(wrapped)) == "first line\nsecond line"
+    assert (
+        str(Mistake("Caught nothing: a message of its own"))
+        == "Caught nothing: a message of its own"
+    )
+
+
+def test_an_internal_bug_in_a_worker_keeps_its_traceback():
+    loader = build_loader(_FailsInWorker(8, 0, 0.0), batch_size=2, train=False, workers=1)
+    with pytest.raises(ZeroDivisionError) as e:
+        list(loader)
+    text = str(e.value)
+    assert "in DataLoader worker process 0" in text and "Traceback" in text
+    assert "return 1 / 0" in text
