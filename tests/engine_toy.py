@@ -108,10 +108,20 @@ class ToyTask(Task):
 
 
 BASE = [
-    "epochs=3", "batch_size=16", "base_lr=0.05", "lr_ref_batch=16", "warmup_epochs=1",
-    "min_lr=0.001", "workers=0", "tensorboard=false", "progress=false",
-    "mixup=0.0", "cutmix=0.0", "label_smoothing=0.1", "seed=3",
-]  # fmt: skip
+    "epochs=3",
+    "batch_size=16",
+    "base_lr=0.05",
+    "lr_ref_batch=16",
+    "warmup_epochs=1",
+    "min_lr=0.001",
+    "workers=0",
+    "tensorboard=false",
+    "progress=false",
+    "mixup=0.0",
+    "cutmix=0.0",
+    "label_smoothing=0.1",
+    "seed=3",
+]
 
 
 def toy_config(output: str, name: str, *overrides: str) -> TrainConfig:

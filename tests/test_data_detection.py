@@ -163,12 +163,24 @@ def test_reader_targets_and_noncontiguous_categories(tmp_path):
         "images": [{"id": 7, "file_name": "a.png", "width": 40, "height": 30}],
         "categories": [{"id": 12, "name": "cat"}, {"id": 3, "name": "dog"}],
         "annotations": [
-            {"id": 1, "image_id": 7, "category_id": 12, "bbox": [2, 3, 10, 5],
-             "segmentation": _square(2, 3, 5), "iscrowd": 0},
-            {"id": 2, "image_id": 7, "category_id": 3, "bbox": [20, 10, 4, 4],
-             "segmentation": _square(20, 10, 4), "iscrowd": 0},
+            {
+                "id": 1,
+                "image_id": 7,
+                "category_id": 12,
+                "bbox": [2, 3, 10, 5],
+                "segmentation": _square(2, 3, 5),
+                "iscrowd": 0,
+            },
+            {
+                "id": 2,
+                "image_id": 7,
+                "category_id": 3,
+                "bbox": [20, 10, 4, 4],
+                "segmentation": _square(20, 10, 4),
+                "iscrowd": 0,
+            },
         ],
-    }  # fmt: skip
+    }
     ds = CocoDetection(tmp_path, _write(tmp_path, data))
     assert ds.class_names == ["dog", "cat"]  # sorted by category id -> labels 1, 2
     assert ds.label_to_cat_id == {1: 3, 2: 12}
@@ -338,11 +350,13 @@ def test_lsj_boxes_are_the_tight_boxes_of_the_transformed_masks(scenes):
     away leave together with their box and label."""
     ds = CocoDetection(*scenes.split("train"))
     ours = detection_train_transforms(mode="lsj", lsj_size=64, lsj_scale=(0.3, 2.0))
-    reference = v2.Compose([
-        v2.RandomHorizontalFlip(0.5),
-        v2.ScaleJitter(target_size=(64, 64), scale_range=(0.3, 2.0), antialias=True),
-        v2.RandomCrop((64, 64), pad_if_needed=True, fill=0),
-    ])  # fmt: skip
+    reference = v2.Compose(
+        [
+            v2.RandomHorizontalFlip(0.5),
+            v2.ScaleJitter(target_size=(64, 64), scale_range=(0.3, 2.0), antialias=True),
+            v2.RandomCrop((64, 64), pad_if_needed=True, fill=0),
+        ]
+    )
     dropped = loose = 0
     for i in range(5):
         image, target = ds[i]
@@ -386,9 +400,12 @@ def test_lsj_size_is_height_by_width():
     }
     for recompute in (True, False):
         tf = detection_train_transforms(
-            mode="lsj", lsj_size=(40, 80), lsj_scale=(1.0, 1.0), hflip_prob=0.0,
+            mode="lsj",
+            lsj_size=(40, 80),
+            lsj_scale=(1.0, 1.0),
+            hflip_prob=0.0,
             recompute_boxes=recompute,
-        )  # fmt: skip
+        )
         image2, t2 = tf(image, {**target, "boxes": loose})
         expected = v2.functional.resize(image, [40, 80], antialias=True)
         assert torch.equal(image2, v2.functional.to_dtype(expected, torch.float32, scale=True))

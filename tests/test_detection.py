@@ -112,8 +112,10 @@ def test_cascade_has_three_agnostic_stages() -> None:
     assert [p.cls_score.out_features for p in heads.box_predictors] == [6, 6, 6]
     assert [m.high_threshold for m in heads.stage_matchers] == [0.5, 0.6, 0.7]
     assert [c.weights for c in heads.stage_coders] == [
-        (10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0),
-    ]  # fmt: skip
+        (10.0, 10.0, 5.0, 5.0),
+        (20.0, 20.0, 10.0, 10.0),
+        (30.0, 30.0, 15.0, 15.0),
+    ]
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in heads.box_heads[0].modules())
 
 

@@ -36,9 +36,13 @@ STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory: pytest.TempPathFactory):
     return make_digit_scenes(
-        tmp_path_factory.mktemp("scenes") / "ds", num_train=1, num_val=5, image_size=64,
-        digit_size=(12, 30), seed=5,
-    )  # fmt: skip
+        tmp_path_factory.mktemp("scenes") / "ds",
+        num_train=1,
+        num_val=5,
+        image_size=64,
+        digit_size=(12, 30),
+        seed=5,
+    )
 
 
 class Oracle(nn.Module):
@@ -127,10 +131,15 @@ def _hand_made() -> tuple[dict, list[dict]]:
         ys, xs = np.nonzero(mask)
         rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
         x0, y0 = int(xs.min()), int(ys.min())
-        return {"id": i, "image_id": image_id, "category_id": cat, "iscrowd": 0,
-                "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0],
-                "area": float(mask.sum()),
-                "segmentation": {"size": [100, 100], "counts": rle["counts"].decode()}}  # fmt: skip
+        return {
+            "id": i,
+            "image_id": image_id,
+            "category_id": cat,
+            "iscrowd": 0,
+            "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0],
+            "area": float(mask.sum()),
+            "segmentation": {"size": [100, 100], "counts": rle["counts"].decode()},
+        }
 
     def rect(x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         m = np.zeros((100, 100), bool)
@@ -140,17 +149,30 @@ def _hand_made() -> tuple[dict, list[dict]]:
     ell = np.zeros((100, 100), bool)
     ell[50:90, 50:52] = True
     ell[88:90, 50:90] = True
-    masks = [(1, 3, rect(5, 5, 15, 15)), (1, 12, rect(20, 20, 60, 60)), (1, 3, ell),
-             (2, 12, rect(0, 0, 100, 100)), (2, 3, rect(10, 10, 16, 19))]  # fmt: skip
+    masks = [
+        (1, 3, rect(5, 5, 15, 15)),
+        (1, 12, rect(20, 20, 60, 60)),
+        (1, 3, ell),
+        (2, 12, rect(0, 0, 100, 100)),
+        (2, 3, rect(10, 10, 16, 19)),
+    ]
     anns = [ann(i + 1, im, cat, m) for i, (im, cat, m) in enumerate(masks)]
-    gt = {"images": [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 100} for i in (1, 2)],
-          "categories": [{"id": 12, "name": "b"}, {"id": 3, "name": "a"}],
-          "annotations": anns}  # fmt: skip
+    gt = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 100} for i in (1, 2)],
+        "categories": [{"id": 12, "name": "b"}, {"id": 3, "name": "a"}],
+        "annotations": anns,
+    }
     results = []
     for a, score in zip(anns, (0.9, 0.8, 0.7, 0.6, 0.5)):
-        results.append({"image_id": a["image_id"], "category_id": a["category_id"],
-                        "bbox": [float(v) for v in a["bbox"]], "score": score,
-                        "segmentation": a["segmentation"]})  # fmt: skip
+        results.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": a["category_id"],
+                "bbox": [float(v) for v in a["bbox"]],
+                "score": score,
+                "segmentation": a["segmentation"],
+            }
+        )
     return gt, results
 
 
@@ -179,8 +201,13 @@ def test_coco_evaluate_equals_cocoeval_and_keeps_image_ids(tmp_path: Path) -> No
     ell[50:90, 50:52] = True
     ell[88:90, 50:90] = True
     rle = mask_util.encode(np.asfortranarray(ell.astype(np.uint8)))
-    fp = {"image_id": 2, "category_id": 3, "bbox": [50.0, 50.0, 40.0, 40.0], "score": 0.95,
-          "segmentation": {"size": [100, 100], "counts": rle["counts"].decode()}}  # fmt: skip
+    fp = {
+        "image_id": 2,
+        "category_id": 3,
+        "bbox": [50.0, 50.0, 40.0, 40.0],
+        "score": 0.95,
+        "segmentation": {"size": [100, 100], "counts": rle["counts"].decode()},
+    }
     ap = coco_evaluate(path, [*results, fp])
     for iou_type in ("bbox", "segm"):
         assert [ap[iou_type][k] for k in STATS] == _cocoeval(ref_gt, [*results, fp], iou_type)
@@ -254,15 +281,23 @@ def test_masks_are_binarised_above_one_half_like_pycocotools_encode() -> None:
     probs = rng.choice([0.0, 0.2, 0.49, 0.5, 0.51, 0.8, 1.0], size=(3, 9, 7)).astype(np.float32)
     boxes = torch.tensor([[0.0, 0, 5, 5], [1, 1, 6, 8], [2, 0, 7, 9]])
     for masks in (torch.from_numpy(probs), torch.from_numpy(probs)[:, None]):
-        pred = {"boxes": boxes, "labels": torch.tensor([1, 2, 1]),
-                "scores": torch.tensor([0.9, 0.5, 0.1]), "masks": masks}  # fmt: skip
+        pred = {
+            "boxes": boxes,
+            "labels": torch.tensor([1, 2, 1]),
+            "scores": torch.tensor([0.9, 0.5, 0.1]),
+            "masks": masks,
+        }
         res = predictions_to_coco([pred], [7], {1: 5, 2: 9})
         for k, r in enumerate(res):
             ref = mask_util.encode(np.asfortranarray((probs[k] > 0.5).astype(np.uint8)))
             assert r["segmentation"] == {"size": [9, 7], "counts": ref["counts"].decode("ascii")}
     binary = torch.from_numpy(probs >= 0.5)  # bool masks are taken as they are
-    pred = {"boxes": boxes, "labels": torch.tensor([1, 2, 1]),
-            "scores": torch.tensor([0.9, 0.5, 0.1]), "masks": binary.to(torch.uint8)}  # fmt: skip
+    pred = {
+        "boxes": boxes,
+        "labels": torch.tensor([1, 2, 1]),
+        "scores": torch.tensor([0.9, 0.5, 0.1]),
+        "masks": binary.to(torch.uint8),
+    }
     res = predictions_to_coco([pred], [7], {1: 5, 2: 9})
     ref = mask_util.encode(np.asfortranarray((probs[1] >= 0.5).astype(np.uint8)))
     assert res[1]["segmentation"]["counts"] == ref["counts"].decode("ascii")
@@ -303,8 +338,11 @@ def test_rescale_prediction_and_coco_results_by_hand() -> None:
     ]
     # The mask's box in the original frame: rows 10..30, columns 20..60.
     assert mask_util.toBbox(res[0]["segmentation"]).tolist() == [20.0, 10.0, 40.0, 20.0]
-    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-             "scores": torch.zeros(0)}  # fmt: skip
+    empty = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "scores": torch.zeros(0),
+    }
     one = {k: v[1:] for k, v in out.items() if k != "masks"}  # one detection, boxes only
     res = predictions_to_coco([empty, one], [1, 2], {1: 7, 2: 9})
     assert res == [

@@ -28,8 +28,13 @@ from mvitv2.data.detection import (
 from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 W, H = 40, 30  # image width, height
-GOOD = {"category_id": 1, "bbox": [2, 3, 10, 5], "iscrowd": 0, "area": 50.0,
-        "segmentation": [[2, 3, 12, 3, 12, 8, 2, 8]]}  # fmt: skip
+GOOD = {
+    "category_id": 1,
+    "bbox": [2, 3, 10, 5],
+    "iscrowd": 0,
+    "area": 50.0,
+    "segmentation": [[2, 3, 12, 3, 12, 8, 2, 8]],
+}
 
 
 def _rle(mask: np.ndarray, compressed: bool = True) -> dict:
@@ -136,8 +141,11 @@ def _case_file(tmp_path: Path, names: list[str]) -> tuple[Path, dict, dict[str, 
             case["id"] = 1000 + i
         anns.append(case)
         image_of[name] = i
-    data = {"images": images, "annotations": anns,
-            "categories": [{"id": 1, "name": "x"}, {"id": 2, "name": "y"}]}  # fmt: skip
+    data = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "x"}, {"id": 2, "name": "y"}],
+    }
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(data))  # NaN is written as the (non-standard) NaN literal
     return path, data, image_of
@@ -246,8 +254,13 @@ def test_each_annotation_problem_is_dropped_alone_with_a_named_reason(
         assert target["boxes"][1].tolist() == [max(x, 0), max(y, 0), min(x + bw, W), min(y + bh, H)]
     # The problem is named once, as it is counted: file, annotation id, image id, reason, detail.
     counts = {k: v for k, v in ds.stats.as_dict().items() if v}
-    assert counts == {"images": 1, "images_used": 1, "annotations": 2, "instances": 1 + is_target,
-                      **({reason: 1} if reason else {})}  # fmt: skip
+    assert counts == {
+        "images": 1,
+        "images_used": 1,
+        "annotations": 2,
+        "instances": 1 + is_target,
+        **({reason: 1} if reason else {}),
+    }
     logged = [r.getMessage() for r in caplog.records]
     if reason in (None, "crowd", "clipped_boxes"):
         assert ds.problems == [] and logged == []  # crowd regions and clipped boxes: counted only
@@ -290,8 +303,14 @@ def test_checked_ground_truth_evaluates_with_cocoeval(checked) -> None:
     for i in range(len(ds)):
         _, t = ds[i]
         n = len(t["labels"])
-        preds.append({"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"],
-                      "scores": torch.full((n,), 0.5), "masks": t["masks"].float()})  # fmt: skip
+        preds.append(
+            {
+                "boxes": t["boxes"].as_subclass(torch.Tensor),
+                "labels": t["labels"],
+                "scores": torch.full((n,), 0.5),
+                "masks": t["masks"].float(),
+            }
+        )
         ids.append(t["image_id"])
     crowd_image = list(CASES).index("crowd_uncompressed_rle") + 1
     k = ids.index(crowd_image)
@@ -303,8 +322,9 @@ def test_checked_ground_truth_evaluates_with_cocoeval(checked) -> None:
     }
     res = predictions_to_coco(preds, ids, ds.label_to_cat_id)
     only_trained = [i for i in ids if i in (crowd_image, list(CASES).index("valid_polygon") + 1)]
-    ap = coco_evaluate(ds.coco, [r for r in res if r["image_id"] in only_trained],
-                       image_ids=only_trained)  # fmt: skip
+    ap = coco_evaluate(
+        ds.coco, [r for r in res if r["image_id"] in only_trained], image_ids=only_trained
+    )
     assert ap["bbox"]["AP"] == 1.0 and ap["segm"]["AP"] == 1.0
     full = coco_evaluate(ds.coco, res)  # every checked annotation, without hanging
     assert 0.0 < full["segm"]["AP"] < 1.0  # GT kept for evaluation only is not detected
@@ -314,9 +334,20 @@ def test_without_masks_segmentations_are_not_read(tmp_path: Path) -> None:
     path, data, image_of = _case_file(tmp_path, list(CASES))
     ds = CocoDetection(tmp_path, path, masks=False)
     # Only box and id problems remain; every segmentation case is a plain target.
-    box_or_id = {n for n, c in CASES.items() if c[1] in {
-        "degenerate_boxes", "outside_boxes", "malformed_boxes", "malformed_annotations",
-        "unknown_category", "orphan_annotations", "crowd"}}  # fmt: skip
+    box_or_id = {
+        n
+        for n, c in CASES.items()
+        if c[1]
+        in {
+            "degenerate_boxes",
+            "outside_boxes",
+            "malformed_boxes",
+            "malformed_annotations",
+            "unknown_category",
+            "orphan_annotations",
+            "crowd",
+        }
+    }
     for name in CASES:
         rec = next(r for r in ds.records if r["id"] == image_of[name])
         assert len(rec["anns"]) == 1 + (name not in box_or_id), name
@@ -378,8 +409,11 @@ def test_load_coco_checks_the_ground_truth_it_is_given(tmp_path: Path, caplog) -
     img = {"id": 1, "file_name": "a.png", "width": W, "height": H}
     bad = {**GOOD, "id": 2, "image_id": 1, "bbox": [20, 10, 10, 10]}
     del bad["segmentation"]
-    data = {"images": [img], "categories": [{"id": 1}],
-            "annotations": [{**GOOD, "id": 1, "image_id": 1}, bad]}  # fmt: skip
+    data = {
+        "images": [img],
+        "categories": [{"id": 1}],
+        "annotations": [{**GOOD, "id": 1, "image_id": 1}, bad],
+    }
     path = tmp_path / "gt.json"
     path.write_text(json.dumps(data))
     with caplog.at_level(logging.WARNING, logger="mvitv2.data.detection"):
@@ -394,8 +428,10 @@ def test_load_coco_checks_the_ground_truth_it_is_given(tmp_path: Path, caplog) -
         assert sorted(load_coco(data).anns) == [1]
     assert caplog.records[0].getMessage().startswith("<dict>: annotation id 2 (image id 1): ")
     # Box AP: annotation 2 is there, found by the best-scored detection.
-    boxes = [{"image_id": 1, "category_id": 1, "bbox": a["bbox"], "score": s}
-             for a, s in zip(data["annotations"], (0.5, 0.9))]  # fmt: skip
+    boxes = [
+        {"image_id": 1, "category_id": 1, "bbox": a["bbox"], "score": s}
+        for a, s in zip(data["annotations"], (0.5, 0.9))
+    ]
     assert coco_evaluate(path, boxes, ("bbox",))["bbox"]["AP"] == 1.0
     # Mask AP: annotation 2 is not; a detection there scored below the true one changes nothing.
     rle = mask_util.merge(mask_util.frPyObjects(GOOD["segmentation"], H, W))

@@ -197,11 +197,25 @@ def test_every_coco_recipe_trains_a_step_through_the_cli(
 ) -> None:
     """Each shipped COCO recipe, with a tiny backbone and 64-px images, runs one optimizer step
     and its evaluation the way `mvitv2 train detect --data COCO --config RECIPE` does."""
-    tiny = {**MODEL_ARGS, "num_heads": 1, "box_conv_dim": 16, "rpn_pre_nms_top_n_train": 64,
-            "rpn_pre_nms_top_n_test": 64}  # fmt: skip
+    tiny = {
+        **MODEL_ARGS,
+        "num_heads": 1,
+        "box_conv_dim": 16,
+        "rpn_pre_nms_top_n_train": 64,
+        "rpn_pre_nms_top_n_test": 64,
+    }
     overrides = [f"model_args.{k}={json.dumps(v)}" for k, v in tiny.items()]
-    overrides += ["data.min_sizes=[64]", "data.max_size=64", "data.lsj_size=64", "epochs=1",
-                  "batch_size=1", "workers=0", "tensorboard=false", "progress=false", "name=r"]  # fmt: skip
+    overrides += [
+        "data.min_sizes=[64]",
+        "data.max_size=64",
+        "data.lsj_size=64",
+        "epochs=1",
+        "batch_size=1",
+        "workers=0",
+        "tensorboard=false",
+        "progress=false",
+        "name=r",
+    ]
     args = ["train", "detect", "--data", str(coco_folder), "--config", recipe]
     assert cli.main([*args, "--output", str(tmp_path), *overrides]) == 0
     state = torch.load(tmp_path / "r" / "last.pt", map_location="cpu", weights_only=True)
@@ -227,10 +241,21 @@ def _coco_tree(root: Path, names: tuple[str, str]) -> None:
     for name in names:
         (root / name).mkdir()
         Image.new("RGB", (8, 6)).save(root / name / "a.png")
-        data = {"images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 6}],
-                "categories": [{"id": 4, "name": "four"}],
-                "annotations": [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [1, 1, 3, 2],
-                                 "iscrowd": 0, "area": 6, "segmentation": [[1, 1, 4, 1, 4, 3, 1, 3]]}]}  # fmt: skip
+        data = {
+            "images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 6}],
+            "categories": [{"id": 4, "name": "four"}],
+            "annotations": [
+                {
+                    "id": 1,
+                    "image_id": 1,
+                    "category_id": 4,
+                    "bbox": [1, 1, 3, 2],
+                    "iscrowd": 0,
+                    "area": 6,
+                    "segmentation": [[1, 1, 4, 1, 4, 3, 1, 3]],
+                }
+            ],
+        }
         (root / "annotations" / f"instances_{name}.json").write_text(json.dumps(data))
 
 
@@ -303,8 +328,14 @@ def test_build_datasets_reports_and_checks_categories(tmp_path: Path, capsys) ->
     ann.write_text(json.dumps(data))
     with pytest.raises(UserValueError, match="categories differ from the training set's"):
         DetectionTask(cfg, tmp_path).build_datasets()
-    metrics = {"bbox_AP": 0.5, "bbox_AP50": 0.25, "bbox_AP75": 0.125, "segm_AP": 1.0,
-               "segm_AP50": 0.75, "segm_AP75": 0.0625}  # fmt: skip
+    metrics = {
+        "bbox_AP": 0.5,
+        "bbox_AP50": 0.25,
+        "bbox_AP75": 0.125,
+        "segm_AP": 1.0,
+        "segm_AP50": 0.75,
+        "segm_AP75": 0.0625,
+    }
     assert format_ap(metrics) == (
         "box AP 0.500 (AP50 0.250, AP75 0.125)  mask AP 1.000 (AP50 0.750, AP75 0.062)"
     )

@@ -46,8 +46,10 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_weights(tmp_path):
     # Same run, slowed down so it can be killed part-way through epoch 2.
     proc = subprocess.Popen(
         [sys.executable, SCRIPT, str(tmp_path), "killed", *extra, "data.sleep=0.05"],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().strip()):
@@ -76,10 +78,23 @@ def test_torchrun_two_cpu_processes_train_the_same_model_as_one(tmp_path):
     common = ["epochs=2", "data.noise=0.3", "base_lr=0.05", "lr_ref_batch=16", "data.n_val=31"]
     _run_here(str(tmp_path), "one", "batch_size=16", *common)
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-         SCRIPT, str(tmp_path), "two", "batch_size=8", *common],
-        env=ENV, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--standalone",
+            SCRIPT,
+            str(tmp_path),
+            "two",
+            "batch_size=8",
+            *common,
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("done top1=") == 1  # only rank 0 reports
     one, two = (

@@ -17,10 +17,19 @@ from mvitv2.ops import (
 from mvitv2.utils.flops import count_macs, count_params
 
 ALL_NAMES = [
-    "mvitv2_tiny", "mvitv2_small", "mvitv2_base", "mvitv2_large", "mvitv2_huge",
-    "mvitv2_base_cls", "mvitv2_large_cls", "mvitv2_huge_cls",
-    "mvitv2_small_16x4", "mvitv2_base_32x3", "mvitv2_large_40x3", "mvitv1_base_16x4",
-]  # fmt: skip
+    "mvitv2_tiny",
+    "mvitv2_small",
+    "mvitv2_base",
+    "mvitv2_large",
+    "mvitv2_huge",
+    "mvitv2_base_cls",
+    "mvitv2_large_cls",
+    "mvitv2_huge_cls",
+    "mvitv2_small_16x4",
+    "mvitv2_base_32x3",
+    "mvitv2_large_40x3",
+    "mvitv1_base_16x4",
+]
 
 TINY = dict(depths=(1, 1, 1, 1), embed_dim=16, img_size=64)
 
@@ -128,8 +137,11 @@ def test_window_attention_backbone_at_1024_real_forward():
     with torch.inference_mode():
         feats = model(torch.randn(1, 3, 1024, 1024))
     assert [tuple(f.shape) for f in feats] == [
-        (1, 96, 256, 256), (1, 192, 128, 128), (1, 384, 64, 64), (1, 768, 32, 32)
-    ]  # fmt: skip
+        (1, 96, 256, 256),
+        (1, 192, 128, 128),
+        (1, 384, 64, 64),
+        (1, 768, 32, 32),
+    ]
     assert all(torch.isfinite(f).all() for f in feats)
 
 
@@ -157,8 +169,11 @@ def test_video_features_and_any_clip_length():
     model = mvitv2.create_model("mvitv2_small_16x4", **TINY, num_frames=8, features_only=True)
     feats = model(torch.randn(1, 3, 6, 64, 96))
     assert [tuple(f.shape) for f in feats] == [
-        (1, 16, 3, 16, 24), (1, 32, 3, 8, 12), (1, 64, 3, 4, 6), (1, 128, 3, 2, 3)
-    ]  # fmt: skip
+        (1, 16, 3, 16, 24),
+        (1, 32, 3, 8, 12),
+        (1, 64, 3, 4, 6),
+        (1, 128, 3, 2, 3),
+    ]
     clf = mvitv2.create_model("mvitv2_small_16x4", **TINY, num_frames=8, num_classes=7).eval()
     assert clf(torch.randn(2, 3, 12, 64, 64)).shape == (2, 7)
 

@@ -359,9 +359,13 @@ def test_benchmark_cli_quick(tmp_path):
     result = json.loads(out.read_text())
     rows = {(r["case"], r["model"]): r for r in result["rows"]}
     assert set(rows) == {
-        ("image_fp32", "ours"), ("image_fp32", "timm"), ("video_bf16", "ours"),
-        ("video_bf16", "torchvision"), ("detect", "ours"), ("detect", "unfused"),
-    }  # fmt: skip
+        ("image_fp32", "ours"),
+        ("image_fp32", "timm"),
+        ("video_bf16", "ours"),
+        ("video_bf16", "torchvision"),
+        ("detect", "ours"),
+        ("detect", "unfused"),
+    }
     assert rows["image_fp32", "ours"]["max_abs_diff"] < 1e-4  # same weights as timm
     assert rows["video_bf16", "ours"]["max_abs_diff"] < 5e-2  # bf16, same weights as torchvision
     assert rows["detect", "ours"]["max_abs_diff"] < 1e-4

@@ -213,8 +213,11 @@ def test_head_reset_for_other_num_classes_is_reported_not_an_error():
     report = load_checkpoint(feat, src.state_dict())
     assert report.ok
     assert set(report.dropped) == {
-        "norm.weight", "norm.bias", "head.projection.weight", "head.projection.bias"
-    }  # fmt: skip
+        "norm.weight",
+        "norm.bias",
+        "head.projection.weight",
+        "head.projection.bias",
+    }
     assert all(k.startswith("feature_norms.") for k in report.initialized)
 
 
@@ -246,7 +249,11 @@ def test_mismatch_lists_missing_unexpected_and_conflicts_and_loads_nothing():
     with pytest.raises(CheckpointError, match="unrecognised checkpoint layout"):
         load_checkpoint(tiny(), {"fc.weight": torch.ones(2, 2)}, strict=False)
     with pytest.raises(CheckpointMismatchError, match="0 tensors fit"):
-        load_checkpoint(tiny(), {"patch_embed.proj.weight": torch.ones(1), "blocks.0.x": torch.ones(1)}, strict=False)  # fmt: skip
+        load_checkpoint(
+            tiny(),
+            {"patch_embed.proj.weight": torch.ones(1), "blocks.0.x": torch.ones(1)},
+            strict=False,
+        )
 
 
 def test_image_to_video_inflation_static_clip_equals_image():
@@ -337,12 +344,22 @@ def test_offline_error_names_the_url_and_the_path(tmp_path, hub_dir):
 def test_registry_has_the_released_weights():
     tags = list_weights()
     for t in [
-        "mvitv2_tiny.in1k", "mvitv2_small.in1k", "mvitv2_base.in1k", "mvitv2_large.in1k",
-        "mvitv2_base_cls.in21k", "mvitv2_large_cls.in21k", "mvitv2_huge_cls.in21k",
-        "mvitv2_small_16x4.k400", "mvitv2_base_32x3.k400", "mvitv2_large_40x3.k400",
-        "mvitv2_small_16x4.k400_tv", "mvitv1_base_16x4.k400_tv", "mvitv2_tiny.coco_mask_rcnn",
-        "mvitv2_tiny.coco_cascade", "mvitv2_base.coco_cascade_in21k",
-    ]:  # fmt: skip
+        "mvitv2_tiny.in1k",
+        "mvitv2_small.in1k",
+        "mvitv2_base.in1k",
+        "mvitv2_large.in1k",
+        "mvitv2_base_cls.in21k",
+        "mvitv2_large_cls.in21k",
+        "mvitv2_huge_cls.in21k",
+        "mvitv2_small_16x4.k400",
+        "mvitv2_base_32x3.k400",
+        "mvitv2_large_40x3.k400",
+        "mvitv2_small_16x4.k400_tv",
+        "mvitv1_base_16x4.k400_tv",
+        "mvitv2_tiny.coco_mask_rcnn",
+        "mvitv2_tiny.coco_cascade",
+        "mvitv2_base.coco_cascade_in21k",
+    ]:
         assert t in tags
     models = set(mvitv2.list_models())
     for t in tags:

@@ -98,9 +98,10 @@ ALL_CASES = TIMM_CASES + [(t, o, {}) for t, o in TV_CASES]
 def test_reference_layout_maps_exactly_at_full_size(ref_name, ours, kw):
     with torch.device("meta"):
         ref = (
-            getattr(tv_mvit, ref_name)() if ref_name.startswith("mvit_v")
+            getattr(tv_mvit, ref_name)()
+            if ref_name.startswith("mvit_v")
             else timm.create_model(ref_name)
-        )  # fmt: skip
+        )
         model = mvitv2.create_model(ours, **kw)
     converted = convert_state_dict(ref.state_dict())
     assert shapes(converted) == shapes(model.state_dict())

@@ -227,14 +227,22 @@ def _video_pair(quick: bool) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
                 [3, 3, 3],
                 list(s.stride_q),
                 list(s.stride_kv),
-            )  # fmt: skip
+            )
             for s in block_specs(ours.cfg)
         ]
         ref = tvm._mvit(
-            setting, 0.0, None, False, spatial_size=(64, 64), temporal_size=4,
-            residual_pool=True, residual_with_cls_embed=False, rel_pos_embed=True,
-            proj_after_attn=True, num_classes=400,
-        )  # fmt: skip
+            setting,
+            0.0,
+            None,
+            False,
+            spatial_size=(64, 64),
+            temporal_size=4,
+            residual_pool=True,
+            residual_with_cls_embed=False,
+            rel_pos_embed=True,
+            proj_after_attn=True,
+            num_classes=400,
+        )
         shape = (3, 4, 64, 64)
     else:
         ours = mvitv2.create_model("mvitv2_small_16x4")
@@ -272,7 +280,7 @@ def _rows(
                 speedup=statistics.median(times[baseline]) / med,
                 memory_ratio=mem[name] / max(mem[baseline], 1),
                 max_abs_diff=None if name == baseline else diff,
-            )  # fmt: skip
+            )
         )
     return rows
 

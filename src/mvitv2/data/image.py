@@ -133,13 +133,15 @@ def build_transform(dc: ImageDataConfig, train: bool) -> v2.Compose:
             ops.append(v2.RandomErasing(p=dc.reprob, value="random"))
         return v2.Compose(ops)
     resize = int(size / dc.crop_pct)
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize(resize, interpolation=interp, antialias=True),
-        v2.CenterCrop(size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(dc.mean, dc.std),
-    ])  # fmt: skip
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(resize, interpolation=interp, antialias=True),
+            v2.CenterCrop(size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(dc.mean, dc.std),
+        ]
+    )
 
 
 def find_classes(split_dir: Path) -> list[str]:

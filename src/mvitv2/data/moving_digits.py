@@ -263,11 +263,19 @@ def make_moving_digits(
     digits, directions = [int(d) for d in digits], list(directions)
     class_names = tuple(f"{d}_{direc}" for d in digits for direc in directions)
     params = {
-        "version": _VERSION, "num_train_per_class": num_train_per_class,
-        "num_val_per_class": num_val_per_class, "digits": digits, "directions": directions,
-        "num_frames": num_frames, "size": size, "digit_size": list(digit_size),
-        "speed": list(speed), "fps": fps, "codec": codec, "seed": seed,
-    }  # fmt: skip
+        "version": _VERSION,
+        "num_train_per_class": num_train_per_class,
+        "num_val_per_class": num_val_per_class,
+        "digits": digits,
+        "directions": directions,
+        "num_frames": num_frames,
+        "size": size,
+        "digit_size": list(digit_size),
+        "speed": list(speed),
+        "fps": fps,
+        "codec": codec,
+        "seed": seed,
+    }
 
     def build(out: Path) -> None:
         _, labels = load_digits_arrays()
@@ -287,9 +295,14 @@ def make_moving_digits(
             pool = pools[split][labels[pools[split]] == digits[label // len(directions)]]
             rng = np.random.default_rng([seed, split_id, label, i])
             p = sample_clip_params(
-                rng, int(rng.choice(pool)), direction=direction, num_frames=num_frames,
-                size=size, digit_size=digit_size, speed=speed,
-            )  # fmt: skip
+                rng,
+                int(rng.choice(pool)),
+                direction=direction,
+                num_frames=num_frames,
+                size=size,
+                digit_size=digit_size,
+                speed=speed,
+            )
             rel = f"{split}/{name}/{i:04d}.mp4"
             frames = render_clip(**p, direction=direction, num_frames=num_frames)
             write_video(out / rel, frames, fps=fps, codec=codec)

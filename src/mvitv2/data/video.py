@@ -629,9 +629,15 @@ class VideoClipDataset(torch.utils.data.Dataset):
         if self.sampling == "segment":
             return segment_indices(n, self.num_frames, train=clip_idx is None)
         return clip_indices(
-            n, self.num_frames, self.sampling_rate, clip_idx=clip_idx,
-            num_clips=self.num_clips, pad=self.pad, fps=fps, target_fps=self.target_fps,
-        )  # fmt: skip
+            n,
+            self.num_frames,
+            self.sampling_rate,
+            clip_idx=clip_idx,
+            num_clips=self.num_clips,
+            pad=self.pad,
+            fps=fps,
+            target_fps=self.target_fps,
+        )
 
     def _decode(self, video: int, clip_ids: Sequence[int | None]) -> list[torch.Tensor]:
         """uint8 (T, C, H, W) clips of ``video`` for each temporal clip id.

@@ -51,9 +51,14 @@ class EpochSampler(Sampler[tuple[int, int]]):
     """
 
     def __init__(
-        self, length: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0,
+        self,
+        length: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
         pad: bool = True,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.length, self.rank, self.world_size = length, rank, world_size
         self.shuffle, self.seed, self.pad = shuffle, seed, pad
         self.epoch, self.start = 0, 0

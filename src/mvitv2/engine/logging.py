@@ -59,9 +59,13 @@ class RunLogger:
         self._t0, self._images = time.perf_counter(), 0
         if self.enabled and self.progress:
             self.bar = tqdm(
-                total=steps, initial=first_step, desc=f"epoch {epoch + 1}/{total_epochs}",
-                leave=False, dynamic_ncols=True, file=sys.stderr,
-            )  # fmt: skip
+                total=steps,
+                initial=first_step,
+                desc=f"epoch {epoch + 1}/{total_epochs}",
+                leave=False,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
 
     def step(self, global_step: int, loss: float, lr: float, images: int, scalars: dict) -> None:
         """After an optimizer step: update the bar; TensorBoard via :meth:`scalars`."""

@@ -116,18 +116,31 @@ class Trainer:
         self.model = model.to(device)
 
         self.train_loader = build_loader(
-            train_ds, batch_size=cfg.batch_size, train=True, rank=d.rank, world_size=d.world_size,
-            seed=cfg.seed, workers=cfg.workers, collate_fn=task.collate_fn(),
-            strict=cfg.strict_data, pin_memory=device.type == "cuda",
-        )  # fmt: skip
+            train_ds,
+            batch_size=cfg.batch_size,
+            train=True,
+            rank=d.rank,
+            world_size=d.world_size,
+            seed=cfg.seed,
+            workers=cfg.workers,
+            collate_fn=task.collate_fn(),
+            strict=cfg.strict_data,
+            pin_memory=device.type == "cuda",
+        )
         self.val_loader = None
         if val_ds is not None:
             self.val_loader = build_loader(
-                val_ds, batch_size=cfg.batch_size, train=False, rank=d.rank,
-                world_size=d.world_size, seed=cfg.seed, workers=cfg.workers,
-                collate_fn=task.collate_fn(), strict=cfg.strict_data,
+                val_ds,
+                batch_size=cfg.batch_size,
+                train=False,
+                rank=d.rank,
+                world_size=d.world_size,
+                seed=cfg.seed,
+                workers=cfg.workers,
+                collate_fn=task.collate_fn(),
+                strict=cfg.strict_data,
                 pin_memory=device.type == "cuda",
-            )  # fmt: skip
+            )
         self.steps_per_epoch = len(self.train_loader) // cfg.accum_steps
         if self.steps_per_epoch == 0:
             raise UserValueError(

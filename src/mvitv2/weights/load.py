@@ -295,9 +295,10 @@ def _plan(model: MViT, sd: StateDict, report: LoadReport, inflation: str) -> dic
             continue
         if key.startswith("head."):
             report.dropped[key] = (
-                "model has no classifier (features_only)" if features_only else
-                "model has no classifier (num_classes=0)"
-            )  # fmt: skip
+                "model has no classifier (features_only)"
+                if features_only
+                else "model has no classifier (num_classes=0)"
+            )
             head_notes.add("checkpoint classifier skipped: the model has none")
         elif key.startswith("norm.") and features_only:
             report.dropped[key] = "features_only model uses per-stage norms instead"

@@ -113,16 +113,22 @@ _TV = "https://download.pytorch.org/models/"
 
 _IN1K = Preprocessing()
 _K400_224 = Preprocessing(
-    input_size=(3, 16, 224, 224), interpolation="bilinear", mean=KINETICS_MEAN, std=KINETICS_STD,
-    sampling_rate=4, protocol="5 clips x 1 centre crop, short side 256",
-)  # fmt: skip
+    input_size=(3, 16, 224, 224),
+    interpolation="bilinear",
+    mean=KINETICS_MEAN,
+    std=KINETICS_STD,
+    sampling_rate=4,
+    protocol="5 clips x 1 centre crop, short side 256",
+)
 # detectron2's test pipeline for every MViTv2 detector, the LSJ-trained L and H included (their
 # configs change only the training augmentation): ResizeShortestEdge(800, max_size=1333) with PIL's
 # bilinear filter on uint8 RGB, ImageNet mean/std on [0, 255], zero padding to a multiple of 32.
 _COCO = Preprocessing(
-    input_size=(3, 800, 1333), crop_pct=1.0, interpolation="bilinear",
+    input_size=(3, 800, 1333),
+    crop_pct=1.0,
+    interpolation="bilinear",
     protocol="shorter side 800, longer side <= 1333 (PIL bilinear on uint8 RGB), padded to 32",
-)  # fmt: skip
+)
 
 
 def _image(tag: str, model: str, file: str, top1: float | None, **kw) -> Weights:
@@ -131,28 +137,52 @@ def _image(tag: str, model: str, file: str, top1: float | None, **kw) -> Weights
     if top1 is not None:
         metrics["top1"] = top1
     return Weights(
-        tag=tag, model=model, url=_MVIT + file, sha256=None,
+        tag=tag,
+        model=model,
+        url=_MVIT + file,
+        sha256=None,
         num_classes=19168 if in21k else 1000,
         classes="imagenet-21k" if in21k else "imagenet-1k",
-        preprocessing=_IN1K, metrics=metrics, source_format="official", **kw,
-    )  # fmt: skip
+        preprocessing=_IN1K,
+        metrics=metrics,
+        source_format="official",
+        **kw,
+    )
 
 
-def _video(tag: str, model: str, file: str, frames: int, rate: int, top1: float, top5: float,
-           size: int = 224, crops: int = 1, imagenet_norm: bool = False) -> Weights:  # fmt: skip
+def _video(
+    tag: str,
+    model: str,
+    file: str,
+    frames: int,
+    rate: int,
+    top1: float,
+    top5: float,
+    size: int = 224,
+    crops: int = 1,
+    imagenet_norm: bool = False,
+) -> Weights:
     pre = dataclasses.replace(
-        _K400_224, input_size=(3, frames, size, size), sampling_rate=rate,
+        _K400_224,
+        input_size=(3, frames, size, size),
+        sampling_rate=rate,
         crop_pct=0.875 if crops == 1 else 1.0,
         mean=IMAGENET_MEAN if imagenet_norm else KINETICS_MEAN,
         std=IMAGENET_STD if imagenet_norm else KINETICS_STD,
         protocol=f"5 clips x {crops} crop(s), short side {256 if crops == 1 else size}",
-    )  # fmt: skip
+    )
     return Weights(
-        tag=tag, model=model, url=_PYSF + file, sha256=None, num_classes=400,
-        classes="kinetics-400", preprocessing=pre,
+        tag=tag,
+        model=model,
+        url=_PYSF + file,
+        sha256=None,
+        num_classes=400,
+        classes="kinetics-400",
+        preprocessing=pre,
         metrics={"top1": top1, "top5": top5, "source": "SlowFast projects/mvitv2 README"},
-        source_format="slowfast", task="video",
-    )  # fmt: skip
+        source_format="slowfast",
+        task="video",
+    )
 
 
 def _det(
@@ -168,17 +198,29 @@ def _det(
     **kw,
 ) -> Weights:
     return Weights(
-        tag=tag, model=model, url=_D2 + path, sha256=None, num_classes=80, classes="coco",
+        tag=tag,
+        model=model,
+        url=_D2 + path,
+        sha256=None,
+        num_classes=80,
+        classes="coco",
         preprocessing=_COCO,
-        metrics={"box_ap": box, "mask_ap": mask, "params_m": params_m, "gflops": gflops,
-                 "source": "detectron2 projects/MViTv2 README"},
-        source_format="detectron2", task="detection", detector=detector,
+        metrics={
+            "box_ap": box,
+            "mask_ap": mask,
+            "params_m": params_m,
+            "gflops": gflops,
+            "source": "detectron2 projects/MViTv2 README",
+        },
+        source_format="detectron2",
+        task="detection",
+        detector=detector,
         notes=f"{method} (detectron2). The whole detector: "
         f"mvitv2.detection.load_detectron2_detector({tag!r}, allow_pickle=True); the backbone "
         "alone: create_model(..., features_only=True, pretrained=tag). Needs allow_pickle=True "
         "(.pkl).",
         **kw,
-    )  # fmt: skip
+    )
 
 
 _NO_CLS = {"use_cls_token": False}
