@@ -113,6 +113,27 @@ def test_ema_weights_are_read_from_the_averaged_model_state(tmp_path: Path):
     torch.testing.assert_close(Predictor.from_checkpoint(path, ema=True).forward(x), want_ema)
 
 
+def test_specs_export_at_the_evaluation_size_and_store_no_class_count():
+    from mvitv2.tasks.spec import get_spec
+
+    assert get_spec("detect").export_size({"min_size": 100}) == (128, 128)  # next multiple of 32
+    assert get_spec("detect").export_size({"min_size": 128}) == (128, 128)
+    assert get_spec("image").export_size({"input_size": [64, 96]}) == (64, 96)
+    meta = get_spec("detect").checkpoint_meta(
+        class_names=[1, 2],
+        model_name="maskrcnn_mvitv2_tiny",
+        model_kwargs={**DETECT_ARGS, "num_classes": 3},
+        data={},
+        label_to_cat_id={1: 5},
+    )
+    assert meta["model_kwargs"] == DETECT_ARGS and meta["class_names"] == ["1", "2"]
+    assert meta["label_to_cat_id"] == {1: 5} and meta["data"] == {}
+    with pytest.raises(
+        ValueError, match="unknown task 'audio'; choose one of image, video, detect"
+    ):
+        get_spec("audio")
+
+
 # ----------------------------------------------------------------------------- old schemas
 def test_old_image_checkpoint_loads_with_its_class_names_and_data_sized_model(tmp_path: Path):
     """The image task's first schema: ``classes``, the data options, no model name, kwargs or

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from mvitv2.predict import CheckpointError, CheckpointInfo, build_model, read_checkpoint
+from mvitv2.tasks.spec import get_spec
 
 FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
 DEFAULT_OPSET = 18
@@ -363,23 +364,6 @@ class DetectorFeatures(nn.Module):
         return tuple(self.backbone(x).values())
 
 
-def deployable(
-    info: CheckpointInfo, model: nn.Module, input_size: Sequence[int] | None = None, batch: int = 1
-) -> tuple[nn.Module, Tensor, list[str], list[str]]:
-    """The module to export for a checkpoint, an example input and input/output names
-    (:meth:`mvitv2.tasks.spec.TaskSpec.export_inputs` of its task).
-
-    Args:
-        info: a :class:`~mvitv2.predict.CheckpointInfo`.
-        model: ``build_model(info)``.
-        input_size: ``(H, W)`` to export at; default: the checkpoint's evaluation size
-            (detection: ``min_size`` rounded up to a multiple of 32, square).
-        batch: batch size of the example input.
-    """
-    inputs = info.spec.export_inputs(model, info.preprocessing, input_size, batch)
-    return inputs.module, inputs.example, inputs.input_names, inputs.output_names
-
-
 def export_checkpoint(
     checkpoint: str | os.PathLike,
     output: str | os.PathLike | None = None,
@@ -451,8 +435,8 @@ def export_checkpoint(
 
 # ----------------------------------------------------------------------------- CLI
 def add_export_arguments(parser: argparse.ArgumentParser, task: str | None = None) -> None:
-    """Options of ``mvitv2 export <task>`` (``--whole-detector`` only for ``detect``, or when
-    ``task`` is None)."""
+    """Options of ``mvitv2 export <task>`` (``--whole-detector`` only for a task that exports
+    its whole model, or when ``task`` is None)."""
     parser.add_argument("--checkpoint", required=True, help="training checkpoint (.pt)")
     parser.add_argument(
         "--format", default="onnx", choices=sorted(FORMATS), help="output format (default: onnx)"
@@ -475,7 +459,7 @@ def add_export_arguments(parser: argparse.ArgumentParser, task: str | None = Non
     parser.add_argument(
         "--verify", action="store_true", help="compare with PyTorch at batch 1 and 3 after export"
     )
-    if task not in (None, "detect"):
+    if task is not None and not get_spec(task).exports_whole_model:
         return
     parser.add_argument(
         "--whole-detector",

@@ -8,7 +8,9 @@ of the task the checkpoint names, and applies the evaluation preprocessing store
     predictor(["a.jpg", pil_image, array])  # one top-k list per input
 
 :func:`read_checkpoint` and :func:`build_model` are the adapter between the engine's checkpoint
-dict and a ready model; :mod:`mvitv2.export` uses them too.
+dict and a ready model; :mod:`mvitv2.export` uses them too. Everything that differs between the
+tasks (the model factory, preprocessing, how outputs become results) is the task's
+:class:`~mvitv2.tasks.spec.TaskSpec`; this module is generic over it.
 """
 
 from __future__ import annotations
