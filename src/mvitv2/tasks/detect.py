@@ -995,12 +995,13 @@ def _predict(args: argparse.Namespace) -> int:
     from mvitv2.data.image import IMG_EXTENSIONS
     from mvitv2.predict import Predictor, load_image
 
+    device = resolve_device(args.device)  # the user's mistakes first, before the model loads
     files = expand_inputs(args.files, IMG_EXTENSIONS)
     detector = detector_from_args(args)
     predictor = Predictor.from_info(
         detector.info,
         detector.model(),
-        device=resolve_device(args.device),
+        device=device,
         batch_size=args.batch_size,
         score_thresh=args.score_thresh,
         mask_thresh=args.mask_thresh,
