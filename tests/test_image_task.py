@@ -51,7 +51,7 @@ def test_default_digits_run_learns_and_reports_accuracy_and_time(digits_run):
     assert all(r["images_per_s"] > 0 and r["lr"] > 0 for r in records)
     assert any((run_dir / "tb").iterdir())  # TensorBoard events
     ckpt = read_training_checkpoint(run_dir / "last.pt")
-    assert ckpt["meta"]["classes"] == [str(d) for d in range(10)] and ckpt["epoch"] == 4
+    assert ckpt["meta"]["class_names"] == [str(d) for d in range(10)] and ckpt["epoch"] == 4
     assert {"optimizer", "scaler", "rng", "config", "counters"} <= set(ckpt)
 
 

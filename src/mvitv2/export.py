@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from mvitv2.predict import CheckpointError, CheckpointInfo, build_model, read_checkpoint
+from mvitv2.tasks.spec import get_spec
 
 FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
 DEFAULT_OPSET = 18
@@ -134,9 +135,15 @@ def export_program(
         )
     torch.export.save(program, path)
     _write_sidecar(
-        path, "torch-export", task, example_input, input_names, output_names, dynamic_batch,
+        path,
+        "torch-export",
+        task,
+        example_input,
+        input_names,
+        output_names,
+        dynamic_batch,
         metadata,
-    )  # fmt: skip
+    )
     return path
 
 
@@ -196,9 +203,16 @@ def export_onnx(
             verbose=False,
         )
     _write_sidecar(
-        path, "onnx", task, example_input, input_names, output_names, dynamic_batch, metadata,
+        path,
+        "onnx",
+        task,
+        example_input,
+        input_names,
+        output_names,
+        dynamic_batch,
+        metadata,
         opset=opset,
-    )  # fmt: skip
+    )
     return path
 
 
@@ -230,15 +244,29 @@ def export_detector_onnx(
     names = ["boxes", "labels", "scores", "masks"]
     with torch.no_grad():
         torch.onnx.export(
-            model.eval(), ([example],), path, input_names=["image"], output_names=names,
-            opset_version=opset, dynamo=False,
-            dynamic_axes={"image": {1: "height", 2: "width"}, **{n: {0: "detections"} for n in names}},
-        )  # fmt: skip
+            model.eval(),
+            ([example],),
+            path,
+            input_names=["image"],
+            output_names=names,
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={
+                "image": {1: "height", 2: "width"},
+                **{n: {0: "detections"} for n in names},
+            },
+        )
     _write_sidecar(
-        path, "onnx", "detect", example, ["image"], names, False,
+        path,
+        "onnx",
+        "detect",
+        example,
+        ["image"],
+        names,
+        False,
         {**(metadata or {}), "exported_part": "whole detector", "input_range": "[0, 1] RGB"},
         opset=opset,
-    )  # fmt: skip
+    )
     return path
 
 
@@ -336,37 +364,6 @@ class DetectorFeatures(nn.Module):
         return tuple(self.backbone(x).values())
 
 
-def _round_up(v: int, m: int) -> int:
-    return -(-int(v) // m) * m
-
-
-def deployable(
-    info: CheckpointInfo, model: nn.Module, input_size: Sequence[int] | None = None, batch: int = 1
-) -> tuple[nn.Module, Tensor, list[str], list[str]]:
-    """The module to export for a checkpoint, an example input and input/output names.
-
-    Args:
-        info: a :class:`~mvitv2.predict.CheckpointInfo`.
-        model: ``build_model(info)``.
-        input_size: ``(H, W)`` to export at; default: the checkpoint's evaluation size
-            (detection: ``min_size`` rounded up to a multiple of 32, square).
-        batch: batch size of the example input.
-    """
-    pre = info.preprocessing
-    if info.task == "detect":
-        side = _round_up(pre["min_size"], 32)
-        h, w = input_size or (side, side)
-        if h % 32 or w % 32:
-            raise ValueError(f"detection export size must be multiples of 32, got {(h, w)}")
-        names = [f"p{i}" for i in range(2, 2 + len(model.backbone.strides))]
-        return DetectorFeatures(model).eval(), torch.randn(batch, 3, h, w), ["images"], names
-    h, w = input_size or pre["input_size"]
-    if info.task == "video":
-        example = torch.randn(batch, 3, pre["num_frames"], h, w)
-        return model, example, ["videos"], ["logits"]
-    return model, torch.randn(batch, 3, h, w), ["images"], ["logits"]
-
-
 def export_checkpoint(
     checkpoint: str | os.PathLike,
     output: str | os.PathLike | None = None,
@@ -410,34 +407,36 @@ def export_checkpoint(
         "preprocessing": info.preprocessing,
     }
     if whole_detector:
-        if info.task != "detect" or format != "onnx":
+        if not info.spec.exports_whole_model or format != "onnx":
             raise ValueError("--whole-detector exports detection checkpoints to ONNX only")
-        side = _round_up(info.preprocessing["min_size"], 32)
-        size = input_size or (side, side)
+        size = input_size or info.spec.export_size(info.preprocessing)
         path = export_detector_onnx(model, output, image_size=size, metadata=metadata)
         if verify:
             verify_detector_export(path, model, torch.rand(3, *size))
         return path
-    module, example, in_names, out_names = deployable(info, model, input_size)
-    if info.task == "detect":
-        metadata["exported_part"] = "backbone+fpn"
+    inputs = info.spec.export_inputs(model, info.preprocessing, input_size)
     kwargs = dict(
-        task=info.task, example_input=example, dynamic_batch=dynamic_batch, metadata=metadata,
-        input_names=in_names, output_names=out_names,
-    )  # fmt: skip
+        task=info.task,
+        example_input=inputs.example,
+        dynamic_batch=dynamic_batch,
+        metadata={**metadata, **inputs.metadata},
+        input_names=inputs.input_names,
+        output_names=inputs.output_names,
+    )
     if format == "onnx":
-        path = export_onnx(module, output, opset=opset, **kwargs)
+        path = export_onnx(inputs.module, output, opset=opset, **kwargs)
     else:
-        path = export_program(module, output, **kwargs)
+        path = export_program(inputs.module, output, **kwargs)
     if verify:
-        verify_export(path, module, example, batch_sizes=(1, 3) if dynamic_batch else (1,))
+        batch_sizes = (1, 3) if dynamic_batch else (1,)
+        verify_export(path, inputs.module, inputs.example, batch_sizes=batch_sizes)
     return path
 
 
 # ----------------------------------------------------------------------------- CLI
 def add_export_arguments(parser: argparse.ArgumentParser, task: str | None = None) -> None:
-    """Options of ``mvitv2 export <task>`` (``--whole-detector`` only for ``detect``, or when
-    ``task`` is None)."""
+    """Options of ``mvitv2 export <task>`` (``--whole-detector`` only for a task that exports
+    its whole model, or when ``task`` is None)."""
     parser.add_argument("--checkpoint", required=True, help="training checkpoint (.pt)")
     parser.add_argument(
         "--format", default="onnx", choices=sorted(FORMATS), help="output format (default: onnx)"
@@ -450,13 +449,17 @@ def add_export_arguments(parser: argparse.ArgumentParser, task: str | None = Non
         "--static-batch", action="store_true", help="fix the batch size to 1 (default: dynamic)"
     )
     parser.add_argument(
-        "--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+        "--input-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
         help="input height and width (default: the checkpoint's evaluation size)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--verify", action="store_true", help="compare with PyTorch at batch 1 and 3 after export"
     )
-    if task not in (None, "detect"):
+    if task is not None and not get_spec(task).exports_whole_model:
         return
     parser.add_argument(
         "--whole-detector",

@@ -8,7 +8,9 @@ of the task the checkpoint names, and applies the evaluation preprocessing store
     predictor(["a.jpg", pil_image, array])  # one top-k list per input
 
 :func:`read_checkpoint` and :func:`build_model` are the adapter between the engine's checkpoint
-dict and a ready model; :mod:`mvitv2.export` uses them too.
+dict and a ready model; :mod:`mvitv2.export` uses them too. Everything that differs between the
+tasks (the model factory, preprocessing, how outputs become results) is the task's
+:class:`~mvitv2.tasks.spec.TaskSpec`; this module is generic over it.
 """
 
 from __future__ import annotations
@@ -26,12 +28,27 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from mvitv2.errors import UserCheckpointError, UserValueError
-
-TASKS = ("image", "video", "detect")
+from mvitv2.tasks.spec import TaskSpec, checkpoint_task, get_spec, upgrade_meta
 
 
 class CheckpointError(UserCheckpointError):
     """A checkpoint that cannot be used: missing, unreadable, of another task, incomplete."""
+
+
+class WrongTaskError(CheckpointError):
+    """A checkpoint of another task than the one asked for.
+
+    Attributes:
+        found: the checkpoint's task.
+        expected: the task asked for.
+    """
+
+    def __init__(self, path: Path, found: str, expected: str) -> None:
+        self.found, self.expected = found, expected
+        super().__init__(
+            f"checkpoint {path} is a {found!r} checkpoint, not {expected!r}: "
+            f"use `mvitv2 <command> {found} --checkpoint {path}`"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +64,8 @@ class CheckpointInfo:
         state_dict: the model weights.
         class_names: one name per output class (detection: object classes, background excluded).
         preprocessing: evaluation preprocessing, see :func:`default_preprocessing`.
+        meta: the checkpoint's whole metadata in the current schema
+            (:func:`mvitv2.tasks.spec.upgrade_meta`): also ``data``, ``data_root``, ...
     """
 
     path: Path
@@ -56,10 +75,12 @@ class CheckpointInfo:
     state_dict: dict[str, Tensor]
     class_names: list[str]
     preprocessing: dict[str, Any]
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-
-def _size2(value: Any) -> list[int]:
-    return [int(value), int(value)] if isinstance(value, int | float) else [int(v) for v in value]
+    @property
+    def spec(self) -> TaskSpec:
+        """The spec of this checkpoint's task."""
+        return get_spec(self.task)
 
 
 def default_preprocessing(
@@ -78,54 +99,7 @@ def default_preprocessing(
     ``std``, ``min_size``, ``max_size``, ``size_divisible`` (the detector resizes and normalises
     inside the model; its inputs are ``[0, 1]`` RGB images of any size).
     """
-    data = dict(data or {})
-    if task == "detect":
-        from mvitv2.detection import get_detector_config
-
-        det = get_detector_config(model_name, **model_kwargs)
-        return {
-            "mean": list(det.image_mean),
-            "std": list(det.image_std),
-            "min_size": det.min_size,
-            "max_size": det.max_size,
-            "size_divisible": 32,
-        }
-    from mvitv2.models import get_config
-
-    cfg = get_config(model_name, **model_kwargs)
-    if task == "image":
-        from mvitv2.data.image import ImageDataConfig
-
-        known = {f.name for f in dataclasses.fields(ImageDataConfig)}
-        dc = ImageDataConfig.from_dict({k: v for k, v in data.items() if k in known})
-        if "img_size" not in data:
-            dc = dataclasses.replace(dc, img_size=cfg.image_hw[0])
-        return {
-            "input_size": [dc.img_size, dc.img_size],
-            "resize_size": int(dc.img_size / dc.crop_pct),
-            "crop_pct": dc.crop_pct,
-            "interpolation": dc.interpolation,
-            "mean": list(dc.mean),
-            "std": list(dc.std),
-        }
-    from mvitv2.tasks.video import VideoDataConfig
-
-    known = {f.name for f in dataclasses.fields(VideoDataConfig)}
-    video = {k: v for k, v in data.items() if k in known}
-    video.setdefault("crop_size", cfg.image_hw[0])  # the model's size unless the data set it
-    video.setdefault("num_frames", cfg.num_frames)
-    return VideoDataConfig.from_dict(video).preprocessing()
-
-
-def _infer_task(state: dict[str, Any], model_name: str) -> str:
-    """The task of a checkpoint that does not name it: detectors have a ``backbone.body``, video
-    models are registered as temporal."""
-    if any(k.startswith("backbone.body.") for k in state):
-        return "detect"
-    from mvitv2.models import MODEL_CONFIGS
-
-    cfg = MODEL_CONFIGS.get(model_name)
-    return "video" if cfg is not None and cfg.temporal else "image"
+    return get_spec(task).default_preprocessing(model_name, model_kwargs, dict(data or {}))
 
 
 def read_checkpoint(
@@ -136,72 +110,64 @@ def read_checkpoint(
     Args:
         path: the ``.pt`` file (``best.pt`` / ``last.pt`` of a run).
         task: the task the caller expects; a checkpoint of another task raises
-            :class:`CheckpointError` naming both.
+            :class:`WrongTaskError` naming both.
         ema: take the EMA weights (the run must have trained with ``ema_decay > 0``).
 
-    The checkpoint's ``model`` (or ``ema``) holds the weights, ``config`` the run config
-    (``model``, ``model_args``, ``data``) and ``meta`` the task's metadata: ``task``,
-    ``class_names`` (or ``classes``) and optionally ``model_name``, ``model_kwargs``,
-    ``preprocessing`` and ``data`` (the task's data options, used for default preprocessing).
+    The checkpoint's ``model`` (or ``ema``) holds the weights, ``config`` the run config and
+    ``meta`` the task's metadata (read in any schema version, see
+    :func:`mvitv2.tasks.spec.upgrade_meta`).
     """
     from mvitv2.engine.checkpoint import read_training_checkpoint
 
-    if task is not None and task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task is not None:
+        get_spec(task)  # an unknown task name is the caller's bug: ValueError
     path = Path(path)
     try:
         ckpt = read_training_checkpoint(path)
     except (FileNotFoundError, RuntimeError) as e:
         raise CheckpointError(str(e)) from e
+    return checkpoint_info(ckpt, path, task=task, ema=ema)
+
+
+def checkpoint_info(
+    ckpt: Any, path: str | os.PathLike, *, task: str | None = None, ema: bool = False
+) -> CheckpointInfo:
+    """:func:`read_checkpoint` for a checkpoint already loaded (``ckpt``, read from ``path``)."""
+    path = Path(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(
             f"checkpoint {path} is not an mvitv2 training checkpoint (needs 'model' and 'config', "
             f"found {keys}); for released weights use mvitv2.create_model(..., pretrained=...)"
         )
-    config, meta = ckpt["config"], dict(ckpt.get("meta") or {})
-    data = dict(meta.get("data") or config.get("data") or {})
-    model_name = meta.get("model_name", config.get("model"))
-    state = ckpt["model"]
-    found = meta.get("task") or _infer_task(state, model_name)
+    found = checkpoint_task(ckpt)
     if task is not None and found != task:
-        raise CheckpointError(
-            f"checkpoint {path} is a {found!r} checkpoint, not {task!r}: "
-            f"use `mvitv2 <command> {found} --checkpoint {path}`"
-        )
-    if "model_kwargs" in meta:
-        model_kwargs = dict(meta["model_kwargs"])
-    else:  # the classification tasks size the model from the data: img_size unless overridden
-        model_kwargs = dict(config.get("model_args") or {})
-        if found != "detect" and "img_size" in data:
-            model_kwargs.setdefault("img_size", data["img_size"])
-    model_kwargs.pop("num_classes", None)
-    if ema:
+        raise WrongTaskError(path, found, task)
+    state = ckpt["model"]
+    if ema:  # torch.optim.swa_utils.AveragedModel's state: module.<name> and n_averaged
         if not ckpt.get("ema"):
             raise CheckpointError(
                 f"checkpoint {path} has no EMA weights (trained with ema_decay=0)"
             )
         state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
-    class_names = meta.get("class_names") or meta.get("classes")
-    if not class_names:
+    meta = upgrade_meta(ckpt)
+    if not meta["class_names"]:
         raise CheckpointError(f"checkpoint {path} stores no class names (meta['class_names'])")
-    pre = meta.get("preprocessing") or default_preprocessing(found, model_name, model_kwargs, data)
     return CheckpointInfo(
-        path, found, model_name, model_kwargs, state, [str(c) for c in class_names], dict(pre)
+        path,
+        found,
+        meta["model_name"],
+        dict(meta["model_kwargs"]),
+        state,
+        list(meta["class_names"]),
+        dict(meta["preprocessing"]),
+        meta,
     )
 
 
 def build_model(info: CheckpointInfo) -> nn.Module:
     """The checkpoint's model with its weights loaded (strictly), in eval mode on the CPU."""
-    n = len(info.class_names)
-    if info.task == "detect":
-        from mvitv2.detection import create_detector
-
-        model = create_detector(info.model_name, num_classes=n, **info.model_kwargs)
-    else:
-        from mvitv2.models import create_model
-
-        model = create_model(info.model_name, num_classes=n, **info.model_kwargs)
+    model = info.spec.build_model(info.model_name, len(info.class_names), info.model_kwargs)
     try:
         model.load_state_dict(info.state_dict, strict=True)
     except RuntimeError as e:
@@ -271,7 +237,7 @@ def load_image(item: Any) -> Tensor:
     raise TypeError(f"cannot read an image from {type(item).__name__}")
 
 
-def _frames_tchw(item: np.ndarray | Tensor) -> Tensor:
+def video_frames(item: np.ndarray | Tensor) -> Tensor:
     """A clip array ``(T, H, W, 3)`` or ``(3, T, H, W)`` as ``(T, 3, H, W)``.
 
     When both the first and last dims are 3, numpy arrays are read as ``(T, H, W, 3)`` (the
@@ -307,7 +273,8 @@ class Predictor:
     Calling it with one input returns one result; with a list, a list of results. Results are a
     list of ``(class_name, probability)`` (classification) or a dict with ``boxes`` ``(N, 4)``
     (x1, y1, x2, y2 pixels of the input), ``scores`` ``(N,)``, ``labels`` ``(N,)`` (indices into
-    ``class_names``), ``label_names`` and ``masks`` ``(N, H, W)`` bool (detection).
+    ``class_names``), ``label_names``, ``masks`` ``(N, H, W)`` bool, and ``best_score``: the
+    highest score the detector gave, kept or not (None: it found nothing at all) (detection).
 
     A file that is missing or cannot be decoded raises :class:`mvitv2.engine.data.BadSample`
     (naming the file); an array of the wrong shape, or a float one outside [0, 1], raises
@@ -328,8 +295,7 @@ class Predictor:
         score_thresh: float = 0.0,
         mask_thresh: float = 0.5,
     ) -> None:
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        self.spec = get_spec(task)
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.task = task
@@ -362,14 +328,19 @@ class Predictor:
             device, dtype, topk, **kwargs: as for :class:`Predictor`.
         """
         info = read_checkpoint(path, task=task, ema=ema)
+        return cls.from_info(info, device=device, dtype=dtype, topk=topk, **kwargs)
+
+    @classmethod
+    def from_info(
+        cls, info: CheckpointInfo, model: nn.Module | None = None, **kwargs: Any
+    ) -> Predictor:
+        """A predictor for a checkpoint already read; ``model``: ``build_model(info)`` when
+        already built; ``**kwargs``: as for :class:`Predictor`."""
         return cls(
-            build_model(info),
+            model if model is not None else build_model(info),
             task=info.task,
             class_names=info.class_names,
             preprocessing=info.preprocessing,
-            device=device,
-            dtype=dtype,
-            topk=topk,
             **kwargs,
         )
 
@@ -377,25 +348,17 @@ class Predictor:
     @functools.cached_property
     def _transform(self) -> Any:
         """The data layer's evaluation transform for this task and preprocessing."""
-        p = self.preprocessing
-        if self.task == "image":
-            from mvitv2.data.image import ImageDataConfig, build_transform
+        return self.spec.transform(self.preprocessing)
 
-            dc = ImageDataConfig(
-                img_size=p["input_size"][0], crop_pct=p["crop_pct"],
-                interpolation=p["interpolation"], mean=tuple(p["mean"]), std=tuple(p["std"]),
-            )  # fmt: skip
-            return build_transform(dc, train=False)
-        from mvitv2.data.video import VideoTransform
-
-        return VideoTransform(
-            False, crop_size=p["input_size"][0], mean=p["mean"], std=p["std"],
-            test_short_side=p["resize_size"],
-        )  # fmt: skip
+    def preprocess(self, item: Any) -> Tensor:
+        """One input -> the model inputs whose predictions are averaged into its result
+        ``(K, ...)``: ``(1, 3, H, W)`` for an image; for a video its ``num_clips x num_crops``
+        views ``(K, 3, T, H, W)``, see :meth:`preprocess_video`."""
+        return self.spec.views(item, self.preprocessing, self._transform)
 
     def preprocess_image(self, item: Any) -> Tensor:
         """One classification input -> normalised ``(3, H, W)``."""
-        return self._transform(load_image(item))
+        return self.preprocess(item)[0]
 
     def preprocess_video(self, item: Any) -> Tensor:
         """One video (file path or array) -> its ``num_clips x num_crops`` views
@@ -404,95 +367,32 @@ class Predictor:
         :func:`mvitv2.data.video.clip_indices`; an array is taken as frames already at that
         rate), or one clip of ``num_frames`` segments with ``sampling: segment`` (SSv2); each
         clip resized (short side ``resize_size``) and cropped (centre, or left/centre/right)."""
-        from mvitv2.data.video import VideoDecodeError, VideoReader, clip_indices, segment_indices
-        from mvitv2.engine.data import BadSample
-
-        p = self.preprocessing
-        t, k = p["num_frames"], p["num_clips"]
-
-        def views(n: int, fps: float | None) -> list[list[int]]:
-            if p.get("sampling", "clip") == "segment":
-                return [segment_indices(n, t, train=False)]
-            return [
-                clip_indices(
-                    n,
-                    t,
-                    p["sampling_rate"],
-                    clip_idx=i,
-                    num_clips=k,
-                    fps=fps,
-                    target_fps=p.get("target_fps"),
-                )  # fmt: skip
-                for i in range(k)
-            ]
-
-        if isinstance(item, str | os.PathLike):
-            try:
-                with VideoReader(item) as reader:
-                    idx = views(reader.num_frames, reader.fps)
-                    clips = reader.get_frames(sum(idx, [])).permute(0, 3, 1, 2).split(t)
-            except VideoDecodeError as e:
-                raise BadSample(str(item), str(e)) from e
-        else:
-            frames = _frames_tchw(item)
-            clips = [frames[i] for i in views(len(frames), None)]
-        crops = [None] if p.get("num_crops", 1) == 1 else [0, 1, 2]
-        return torch.stack([self._transform(c, spatial_idx=s) for c in clips for s in crops])
+        return self.preprocess(item)
 
     # -------------------------------------------------------------- running
-    def _autocast(self):
+    def autocast(self) -> torch.autocast:
+        """Autocast to ``dtype`` on this predictor's device (disabled when ``dtype`` is None)."""
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
     @torch.inference_mode()
-    def _logits(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
+        """The model's float32 outputs (on the CPU) for a batch, ``batch_size`` at a time."""
         outs = []
         for chunk in x.split(self.batch_size):
-            with self._autocast():
+            with self.autocast():
                 outs.append(self.model(chunk.to(self.device)).float().cpu())
         return torch.cat(outs)
 
-    def _topk(self, probs: Tensor) -> list[tuple[str, float]]:
+    def top_classes(self, probs: Tensor) -> list[tuple[str, float]]:
+        """The ``topk`` most probable classes of one distribution, as ``(name, probability)``."""
         p, i = probs.topk(self.topk)
         return [(self.class_names[j], float(v)) for v, j in zip(p.tolist(), i.tolist())]
-
-    def _classify(self, items: list[Any]) -> list[list[tuple[str, float]]]:
-        if self.task == "image":
-            x = torch.stack([self.preprocess_image(it) for it in items])
-            return [self._topk(p) for p in self._logits(x).softmax(-1)]
-        clips = [self.preprocess_video(it) for it in items]
-        probs = self._logits(torch.cat(clips)).softmax(-1).split([len(c) for c in clips])
-        return [self._topk(p.mean(0)) for p in probs]
-
-    @torch.inference_mode()
-    def _detect(self, items: list[Any]) -> list[dict[str, Any]]:
-        images = [load_image(it) for it in items]
-        if self.preprocessing.get("input_dtype") != "uint8":  # uint8: detectron2's detectors
-            images = [x.float() / 255 if x.dtype == torch.uint8 else x for x in images]
-        results = []
-        for start in range(0, len(images), self.batch_size):
-            batch = [x.to(self.device) for x in images[start : start + self.batch_size]]
-            with self._autocast():
-                outs = self.model(batch)
-            for out in outs:
-                keep = out["scores"] >= self.score_thresh
-                labels = out["labels"][keep].cpu() - 1  # detector labels are 1..K
-                res = {
-                    "boxes": out["boxes"][keep].float().cpu(),
-                    "scores": out["scores"][keep].float().cpu(),
-                    "labels": labels,
-                    "label_names": [self.class_names[i] for i in labels.tolist()],
-                }
-                if "masks" in out:
-                    res["masks"] = out["masks"][keep][:, 0].float().cpu() > self.mask_thresh
-                results.append(res)
-        return results
 
     def _split_batch(self, inputs: Any) -> tuple[list[Any], bool]:
         """The inputs as a list and whether a single input was given."""
         if isinstance(inputs, list | tuple):
             return list(inputs), False
-        batched_dims = {"image": 4, "detect": 4, "video": 5}[self.task]
-        if isinstance(inputs, Tensor | np.ndarray) and inputs.ndim == batched_dims:
+        if isinstance(inputs, Tensor | np.ndarray) and inputs.ndim == self.spec.batched_ndim:
             return list(inputs), False
         return [inputs], True
 
@@ -501,7 +401,7 @@ class Predictor:
         items, single = self._split_batch(inputs)
         if not items:
             return []
-        out = self._detect(items) if self.task == "detect" else self._classify(items)
+        out = self.spec.predict(self, items)
         return out[0] if single else out
 
     def __repr__(self) -> str:

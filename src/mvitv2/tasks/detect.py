@@ -23,6 +23,7 @@ backbone). ``cfg.data`` holds :class:`DetectionDataConfig` options.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,9 +31,10 @@ import pickle
 import re
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -50,13 +52,29 @@ from mvitv2.data.detection import (
     predictions_to_coco,
 )
 from mvitv2.detection import create_detector, list_detectors
-from mvitv2.engine.cli import add_train_arguments, dispatch, fit, train_config
+from mvitv2.engine.cli import (
+    add_predict_arguments,
+    add_train_arguments,
+    dispatch,
+    error_reason,
+    eval_metrics_path,
+    expand_inputs,
+    fit,
+    predict_batches,
+    resolve_device,
+    save_eval_metrics,
+    train_config,
+)
 from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.distributed import DistInfo, init_distributed
 from mvitv2.engine.task import Task
 from mvitv2.engine.trainer import Trainer, to_device
 from mvitv2.errors import UserFileNotFoundError, UserValueError
 from mvitv2.predict import CheckpointInfo
+from mvitv2.tasks.spec import ExportInputs, TaskSpec
+
+if TYPE_CHECKING:
+    from mvitv2.predict import Predictor
 
 __all__ = [
     "DetectionDataConfig",
@@ -228,9 +246,13 @@ class DetectionTask(Task):
                 "data.train_images and data.train_json"
             )
         aug = detection_train_transforms(
-            mode=dc.aug, min_sizes=dc.min_sizes, max_size=dc.max_size, lsj_size=dc.lsj_size,
-            lsj_scale=dc.lsj_scale, hflip_prob=dc.hflip_prob,
-        )  # fmt: skip
+            mode=dc.aug,
+            min_sizes=dc.min_sizes,
+            max_size=dc.max_size,
+            lsj_size=dc.lsj_size,
+            lsj_scale=dc.lsj_scale,
+            hflip_prob=dc.hflip_prob,
+        )
         images, ann = splits["train"]
         self.train_ds = CocoDetection(
             images, ann, aug, masks=dc.masks, remove_images_without_annotations=dc.remove_empty
@@ -279,18 +301,94 @@ class DetectionTask(Task):
         return metrics
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        from mvitv2.predict import default_preprocessing
+        return SPEC.checkpoint_meta(
+            class_names=self.class_names,
+            model_name=self.cfg.model,
+            model_kwargs=dict(self.cfg.model_args),
+            data=self.data_cfg.to_dict(),
+            data_root=self.data_root,
+            label_to_cat_id={int(k): int(v) for k, v in self.label_to_cat_id.items()},
+        )
 
+
+class DetectSpec(TaskSpec):
+    """Detection for :mod:`mvitv2.predict` and :mod:`mvitv2.export`: the detector takes RGB
+    images of any size (it resizes and normalises them itself) and returns detections; export
+    takes its backbone + FPN, or with ``--whole-detector`` all of it."""
+
+    name = "detect"
+    batched_ndim = 4
+    exports_whole_model = True
+
+    def build_model(
+        self, model_name: str, num_classes: int, model_kwargs: dict[str, Any]
+    ) -> nn.Module:
+        return create_detector(model_name, num_classes=num_classes, **model_kwargs)
+
+    def default_preprocessing(
+        self, model_name: str, model_kwargs: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        from mvitv2.detection import get_detector_config
+
+        det = get_detector_config(model_name, **model_kwargs)
         return {
-            "task": "detect",
-            "class_names": list(self.class_names),
-            "label_to_cat_id": {int(k): int(v) for k, v in self.label_to_cat_id.items()},
-            "model_name": self.cfg.model,
-            "model_kwargs": dict(self.cfg.model_args),
-            "preprocessing": default_preprocessing("detect", self.cfg.model, self.cfg.model_args),
-            "data_root": self.data_root,
-            "data": self.data_cfg.to_dict(),
+            "mean": list(det.image_mean),
+            "std": list(det.image_std),
+            "min_size": det.min_size,
+            "max_size": det.max_size,
+            "size_divisible": 32,
         }
+
+    @torch.inference_mode()
+    def predict(self, predictor: Predictor, items: list[Any]) -> list[dict[str, Any]]:
+        from mvitv2.predict import load_image
+
+        images = [load_image(it) for it in items]
+        if predictor.preprocessing.get("input_dtype") != "uint8":  # uint8: detectron2's
+            images = [x.float() / 255 if x.dtype == torch.uint8 else x for x in images]
+        results = []
+        for start in range(0, len(images), predictor.batch_size):
+            batch = [x.to(predictor.device) for x in images[start : start + predictor.batch_size]]
+            with predictor.autocast():
+                outs = predictor.model(batch)
+            for out in outs:
+                keep = out["scores"] >= predictor.score_thresh
+                labels = out["labels"][keep].cpu() - 1  # detector labels are 1..K
+                res = {
+                    "boxes": out["boxes"][keep].float().cpu(),
+                    "scores": out["scores"][keep].float().cpu(),
+                    "labels": labels,
+                    "label_names": [predictor.class_names[i] for i in labels.tolist()],
+                    "best_score": float(out["scores"].max()) if len(out["scores"]) else None,
+                }
+                if "masks" in out:
+                    res["masks"] = out["masks"][keep][:, 0].float().cpu() > predictor.mask_thresh
+                results.append(res)
+        return results
+
+    def export_size(self, preprocessing: dict[str, Any]) -> tuple[int, int]:
+        side = -(-int(preprocessing["min_size"]) // 32) * 32  # min_size rounded up
+        return side, side
+
+    def export_inputs(
+        self,
+        model: nn.Module,
+        preprocessing: dict[str, Any],
+        input_size: Sequence[int] | None = None,
+        batch: int = 1,
+    ) -> ExportInputs:
+        from mvitv2.export import DetectorFeatures
+
+        h, w = input_size or self.export_size(preprocessing)
+        if h % 32 or w % 32:
+            raise ValueError(f"detection export size must be multiples of 32, got {(h, w)}")
+        names = [f"p{i}" for i in range(2, 2 + len(model.backbone.strides))]
+        example = torch.randn(batch, 3, h, w)
+        features = DetectorFeatures(model).eval()
+        return ExportInputs(features, example, ["images"], names, {"exported_part": "backbone+fpn"})
+
+
+SPEC = DetectSpec()
 
 
 def build_eval_dataset(
@@ -537,9 +635,10 @@ def read_detector(
                 f"{path} is a training checkpoint, which names its detector: --model and "
                 "--model-args are for detectron2 detectors"
             )
-        from mvitv2.predict import read_checkpoint
+        from mvitv2.predict import checkpoint_info
 
-        return DetectorFile(read_checkpoint(path, task="detect"), meta=dict(raw.get("meta") or {}))
+        info = checkpoint_info(raw, path, task="detect")
+        return DetectorFile(info, meta=info.meta)
     if tag:
         model = model or get_weights(source).detector
     return _read_detectron2(source, raw, model, model_args or {})
@@ -650,10 +749,12 @@ def detector_from_args(args: argparse.Namespace) -> DetectorFile:
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Options of ``mvitv2 <command> detect``."""
     parser.add_argument(
-        "--threads", type=int, default=0,
+        "--threads",
+        type=int,
+        default=0,
         help="CPU threads for torch (0: torch's default); 1 is much faster on a CPU shared with "
         "other jobs, where a descheduled OpenMP thread stalls every op",
-    )  # fmt: skip
+    )
     if command == "train":
         add_train_arguments(
             parser,
@@ -678,12 +779,23 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             "--output",
             help="COCO results JSON to write (default: coco_results.json next to the checkpoint)",
         )
+        parser.add_argument(
+            "--metrics",
+            help="metrics JSON to write (default: <checkpoint stem>_eval.json next to the "
+            "checkpoint)",
+        )
+        parser.add_argument(
+            "--json", action="store_true", help="print only the metrics as one JSON line"
+        )
         parser.add_argument("--batch-size", type=int, default=4)
         parser.add_argument("--workers", type=int, default=2)
         parser.add_argument("--no-masks", action="store_true", help="box AP only")
         parser.add_argument("--strict-data", action="store_true", help="fail on unreadable images")
     elif command == "predict":
-        parser.add_argument("files", nargs="+", help="image files")
+        add_predict_arguments(parser, "image")
+        # One image per forward unless asked: a batch pads its images to one size (as
+        # detectron2 does), which moves the detections slightly, and full-size images are large.
+        parser.set_defaults(batch_size=1)
         parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
         add_detectron2_arguments(parser)
         parser.add_argument(
@@ -693,7 +805,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             "category id, score, box x1 y1 x2 y2 in pixels, mask as COCO RLE)",
         )
         parser.add_argument(
-            "--score-thresh", type=float, default=0.5, help="draw detections scoring at least this"
+            "--score-thresh", type=float, default=0.5, help="keep detections scoring at least this"
         )
         parser.add_argument(
             "--mask-thresh", type=float, default=0.5, help="mask probability threshold"
@@ -709,9 +821,7 @@ def run(command: str, args: argparse.Namespace) -> int:
     """Entry point of ``mvitv2 <command> detect``; returns the exit status."""
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    handlers = {
-        "train": _train, "eval": _eval, "predict": _predict, "export": _export
-    }  # fmt: skip
+    handlers = {"train": _train, "eval": _eval, "predict": _predict, "export": _export}
     return dispatch("detect", command, args, handlers)
 
 
@@ -740,6 +850,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    # --json: the metrics line alone on stdout; the reports and pycocotools' output on stderr
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+        metrics = _evaluate(args)
+    if metrics is not None:
+        save_eval_metrics(metrics, eval_metrics_path(args.checkpoint, args.metrics), args.json)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``mvitv2 eval detect`` without saving the metrics: writes the COCO results and prints
+    the reports; returns the metrics on the main process (None on the others)."""
     from mvitv2.engine.data import build_loader
 
     det = detector_from_args(args)
@@ -768,9 +889,15 @@ def _eval(args: argparse.Namespace) -> int:
     ds = build_eval_dataset(images, ann, masks=with_masks, uint8=det.detectron2)
     warn_category_mismatch(ds, det, ann)
     loader = build_loader(
-        ds, batch_size=args.batch_size, train=False, rank=dist.rank, world_size=dist.world_size,
-        workers=args.workers, collate_fn=collate, strict=args.strict_data,
-    )  # fmt: skip
+        ds,
+        batch_size=args.batch_size,
+        train=False,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        workers=args.workers,
+        collate_fn=collate,
+        strict=args.strict_data,
+    )
     t0 = time.perf_counter()
     metrics, results = evaluate_detector(
         det.model().to(dist.device),
@@ -789,13 +916,13 @@ def _eval(args: argparse.Namespace) -> int:
         out.write_text(json.dumps(results))
         print(report_data("data", ds))
         print(
-            f"{args.checkpoint}: {format_ap(metrics)} on {metrics['images']} images of {images}"
-            f" ({metrics['skipped_images']} skipped)"
+            f"{args.checkpoint}: {format_ap(metrics)} on {metrics['images']} images of "
+            f"{images} ({metrics['skipped_images']} skipped)"
             f"  [{time.perf_counter() - t0:.1f} s]"
         )
         print(f"detections ({len(results)}) written to {out}")
-        print(json.dumps(metrics))
-    return 0
+        return metrics
+    return None
 
 
 def warn_category_mismatch(ds: CocoDetection, det: DetectorFile, ann: Path) -> None:
@@ -847,20 +974,35 @@ def detection_records(
     return records
 
 
+def describe_detections(det: dict[str, Any], score_thresh: float) -> str:
+    """What :func:`_predict` prints for one image: ``label score`` of each detection, or that
+    there is none, with the threshold in force and the best score the detector gave."""
+    if len(det["scores"]):
+        return ", ".join(f"{n} {s:.2f}" for n, s in zip(det["label_names"], det["scores"].tolist()))
+    if det["best_score"] is None:
+        return "no detection (the detector found no object at all)"
+    return (
+        f"no detection above score {score_thresh:.2f} (best {det['best_score']:.2f}); lower it "
+        "with --score-thresh"
+    )
+
+
 @torch.no_grad()
 def _predict(args: argparse.Namespace) -> int:
     from torchvision.io import write_png
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-    from mvitv2.engine.data import BadSample
+    from mvitv2.data.image import IMG_EXTENSIONS
     from mvitv2.predict import Predictor, load_image
 
+    device = resolve_device(args.device)  # the user's mistakes first, before the model loads
+    files = expand_inputs(args.files, IMG_EXTENSIONS)
     detector = detector_from_args(args)
-    predictor = Predictor(
+    predictor = Predictor.from_info(
+        detector.info,
         detector.model(),
-        task="detect",
-        class_names=detector.info.class_names,
-        preprocessing=detector.info.preprocessing,
+        device=device,
+        batch_size=args.batch_size,
         score_thresh=args.score_thresh,
         mask_thresh=args.mask_thresh,
     )
@@ -868,31 +1010,35 @@ def _predict(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     status = 0
     saved = []
-    for f in args.files:
-        try:
-            image = load_image(f)  # uint8 (3, H, W)
-        except BadSample as e:
-            print(f"{f}: error: {e}", file=sys.stderr)
+    for f, det in predict_batches(predictor, files, args.batch_size):
+        if isinstance(det, Exception):
+            print(f"{f}: error: {error_reason(f, det)}", file=sys.stderr)
             status = 1
             continue
-        det = predictor(image)
-        records = detection_records(det, detector.label_to_cat_id)
+        image = load_image(f)  # uint8 (3, H, W), for drawing
         h, w = image.shape[1:]
-        saved.append({"file": str(f), "height": h, "width": w, "detections": records})
+        record = {"file": str(f), "height": h, "width": w}
+        record["detections"] = detection_records(det, detector.label_to_cat_id)
+        saved.append(record)
         drawn = image
         if "masks" in det and len(det["masks"]):
             drawn = draw_segmentation_masks(drawn, det["masks"], alpha=0.5)
-        captions = [f"{n} {s:.2f}" for n, s in zip(det["label_names"], det["scores"].tolist())]
         if len(det["boxes"]):
+            captions = [f"{n} {s:.2f}" for n, s in zip(det["label_names"], det["scores"].tolist())]
             drawn = draw_bounding_boxes(
                 drawn, det["boxes"], labels=captions, colors="yellow", width=1
             )
         target = out_dir / f"{Path(f).stem}_pred.png"
         write_png(drawn, str(target))
-        shown = ", ".join(captions) or "nothing"
-        print(f"{f}: {shown} -> {target}")
+        if args.json:
+            print(json.dumps(record))
+        else:
+            print(f"{f}: {describe_detections(det, args.score_thresh)} -> {target}")
     (out_dir / "detections.json").write_text(json.dumps(saved))
-    print(f"detections written to {out_dir / 'detections.json'}")
+    print(
+        f"detections written to {out_dir / 'detections.json'}",
+        file=sys.stderr if args.json else sys.stdout,
+    )
     return status
 
 

@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +54,10 @@ from mvitv2.engine.mixing import MixCriterion
 from mvitv2.engine.task import Task
 from mvitv2.engine.trainer import Trainer
 from mvitv2.errors import UserValueError
+from mvitv2.tasks.spec import ClassificationSpec
+
+if TYPE_CHECKING:
+    from mvitv2.predict import CheckpointInfo
 
 DIGITS = "digits"  # data_root value meaning "the embedded digits"
 
@@ -85,9 +91,13 @@ class ImageClassification(Task):
         self.classes = train.classes
         c = self.cfg
         self.mix = MixCriterion(
-            len(self.classes), mixup=c.mixup, cutmix=c.cutmix, prob=c.mix_prob,
-            switch_prob=c.switch_prob, label_smoothing=c.label_smoothing,
-        )  # fmt: skip
+            len(self.classes),
+            mixup=c.mixup,
+            cutmix=c.cutmix,
+            prob=c.mix_prob,
+            switch_prob=c.switch_prob,
+            label_smoothing=c.label_smoothing,
+        )
         return train, val
 
     def build_model(self) -> nn.Module:
@@ -103,20 +113,97 @@ class ImageClassification(Task):
         return evaluate_classifier(model, loader, dist)
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {
-            "task": "image",
-            "classes": list(self.classes),
-            "data_root": self.data_root,
-            "data": self.data_cfg.to_dict(),
-        }
+        return SPEC.checkpoint_meta(
+            class_names=self.classes,
+            model_name=self.cfg.model,
+            model_kwargs=model_kwargs(self.cfg, self.data_cfg.img_size),
+            data=self.data_cfg.to_dict(),
+            data_root=self.data_root,
+        )
+
+
+def model_kwargs(cfg: TrainConfig, img_size: int) -> dict[str, Any]:
+    """``create_model`` overrides of a run: ``img_size`` unless ``cfg.model_args`` sets it."""
+    return {"img_size": img_size, **cfg.model_args}
 
 
 def build_model(cfg: TrainConfig, num_classes: int, img_size: int) -> nn.Module:
     """``create_model(cfg.model, ...)`` with the recipe's overrides; ``img_size`` unless overridden."""
     from mvitv2 import create_model
 
-    kwargs = {"img_size": img_size, **cfg.model_args}
+    kwargs = model_kwargs(cfg, img_size)
     return create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
+
+
+class ImageSpec(ClassificationSpec):
+    """Image classification for :mod:`mvitv2.predict` and :mod:`mvitv2.export`: inputs
+    ``(3, H, W)``, resized (short side ``resize_size``) and centre-cropped to ``input_size``."""
+
+    name = "image"
+    batched_ndim = 4
+    input_name = "images"
+
+    def legacy_model_kwargs(
+        self, model_args: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        # the run sized the model from its data unless model_args did
+        extra = {"img_size": data["img_size"]} if "img_size" in data else {}
+        return {**extra, **model_args}
+
+    def default_preprocessing(
+        self, model_name: str, model_kwargs: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        from mvitv2.models import get_config
+
+        known = {f.name for f in dataclasses.fields(ImageDataConfig)}
+        dc = ImageDataConfig.from_dict({k: v for k, v in data.items() if k in known})
+        if "img_size" not in data:
+            dc = dataclasses.replace(
+                dc, img_size=get_config(model_name, **model_kwargs).image_hw[0]
+            )
+        return {
+            "input_size": [dc.img_size, dc.img_size],
+            "resize_size": int(dc.img_size / dc.crop_pct),
+            "crop_pct": dc.crop_pct,
+            "interpolation": dc.interpolation,
+            "mean": list(dc.mean),
+            "std": list(dc.std),
+        }
+
+    def transform(self, preprocessing: dict[str, Any]) -> Any:
+        p = preprocessing
+        dc = ImageDataConfig(
+            img_size=p["input_size"][0],
+            crop_pct=p["crop_pct"],
+            interpolation=p["interpolation"],
+            mean=tuple(p["mean"]),
+            std=tuple(p["std"]),
+        )
+        return build_transform(dc, train=False)
+
+    def views(self, item: Any, preprocessing: dict[str, Any], transform: Any) -> Tensor:
+        from mvitv2.predict import load_image
+
+        return transform(load_image(item))[None]
+
+
+SPEC = ImageSpec()
+
+
+def read_image_checkpoint(
+    ckpt: dict[str, Any], path: str | os.PathLike = "checkpoint", ema: bool = False
+) -> CheckpointInfo:
+    """:func:`mvitv2.predict.checkpoint_info` of an image checkpoint (``ckpt`` read from
+    ``path``); one of another task is named as such, with the command that takes it."""
+    from mvitv2.predict import WrongTaskError, checkpoint_info
+
+    try:
+        return checkpoint_info(ckpt, path, task="image", ema=ema)
+    except WrongTaskError as e:
+        raise UserValueError(
+            f"{path}: a {e.found!r} checkpoint, not an image classification checkpoint written "
+            f"by `mvitv2 train image`: use `mvitv2 eval {e.found}`"
+        ) from None
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], ema: bool = False) -> tuple[nn.Module, list[str]]:
@@ -126,32 +213,10 @@ def model_from_checkpoint(ckpt: dict[str, Any], ema: bool = False) -> tuple[nn.M
         ckpt: a dict from :func:`mvitv2.engine.checkpoint.read_training_checkpoint`.
         ema: load the EMA weights (the checkpoint must have them).
     """
-    meta = ckpt.get("meta") or {}
-    if meta.get("task") != "image" or "config" not in ckpt:
-        found = (
-            f"a {meta['task']!r} checkpoint" if meta.get("task") else "not a training checkpoint"
-        )
-        raise UserValueError(
-            f"{found}, not an image classification checkpoint written by `mvitv2 train image`"
-            + (
-                f": use `mvitv2 eval {meta['task']}`"
-                if meta.get("task") in ("video", "detect")
-                else ""
-            )
-        )
-    cfg = TrainConfig.from_dict(ckpt["config"]).replace(pretrained=False, finetune=None)
-    classes = list(meta["classes"])
-    model = build_model(cfg, len(classes), int(meta["data"]["img_size"]))
-    if ema:
-        if "ema" not in ckpt:
-            raise UserValueError(
-                "--ema: this checkpoint has no EMA weights (trained with ema_decay=0)"
-            )
-        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
-    else:
-        state = ckpt["model"]
-    model.load_state_dict(state)
-    return model.eval(), classes
+    from mvitv2.predict import build_model as build_from_info
+
+    info = read_image_checkpoint(ckpt, ema=ema)
+    return build_from_info(info), info.class_names
 
 
 # ---------------------------------------------------------------------- CLI
@@ -191,8 +256,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def run(command: str, args: argparse.Namespace) -> int:
     """Entry point of ``mvitv2 <command> image``; returns the exit status."""
     handlers = {
-        "train": _train, "eval": _eval, "predict": _predict, "export": export_handler("image")
-    }  # fmt: skip
+        "train": _train,
+        "eval": _eval,
+        "predict": _predict,
+        "export": export_handler("image"),
+    }
     return dispatch("image", command, args, handlers)
 
 
@@ -214,21 +282,24 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    ckpt = read_training_checkpoint(args.checkpoint)
-    try:
-        model, classes = model_from_checkpoint(ckpt, ema=args.ema)
-    except UserValueError as e:
-        raise UserValueError(f"--checkpoint {args.checkpoint}: {e}") from None
-    meta = ckpt["meta"]
+    from mvitv2.predict import build_model as build_from_info
+
+    info = read_image_checkpoint(read_training_checkpoint(args.checkpoint), args.checkpoint, args.ema)
+    model, classes, meta = build_from_info(info), info.class_names, info.meta
     dc = ImageDataConfig.from_dict(meta["data"])
     root = data_folder(args.data) if args.data else meta.get("data_root", DIGITS)
     root = digits_folder(size=max(32, dc.img_size)) if root == DIGITS else Path(root)
     dist = init_distributed()
     val = ImageFolder(root, "val", build_transform(dc, train=False), classes)
     loader = build_loader(
-        val, batch_size=args.batch_size, train=False, rank=dist.rank, world_size=dist.world_size,
-        workers=args.workers, strict=args.strict_data,
-    )  # fmt: skip
+        val,
+        batch_size=args.batch_size,
+        train=False,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        workers=args.workers,
+        strict=args.strict_data,
+    )
     if dist.is_main:
         print(describe_eval(args.checkpoint, len(val), "images", root / "val"), file=sys.stderr)
     t0 = time.perf_counter()
@@ -257,7 +328,11 @@ def _predict(args: argparse.Namespace) -> int:
 
     files = expand_inputs(args.files, IMG_EXTENSIONS)
     predictor = Predictor.from_checkpoint(
-        args.checkpoint, task="image", topk=args.topk, ema=args.ema, device=resolve_device(args.device),
+        args.checkpoint,
+        task="image",
+        topk=args.topk,
+        ema=args.ema,
+        device=resolve_device(args.device),
         batch_size=args.batch_size,
-    )  # fmt: skip
+    )
     return print_topk(files, predictor, args.batch_size, args.json)

@@ -22,8 +22,10 @@ The recipe's ``data`` section is a :class:`VideoDataConfig`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -66,6 +68,7 @@ from mvitv2.engine.mixing import MixCriterion
 from mvitv2.engine.task import Task
 from mvitv2.engine.trainer import Trainer
 from mvitv2.errors import UserFileNotFoundError, UserValueError
+from mvitv2.tasks.spec import ClassificationSpec
 
 #: recipes shipped for this task (under ``recipes/``).
 RECIPE_NAMES = ("moving_digits", "k400_small", "k400_base", "k400_large", "ssv2_small", "ssv2_base")
@@ -236,11 +239,20 @@ class VideoDataConfig:
             strict: fail on the first unreadable video instead of replacing and counting it.
         """
         return VideoClipDataset(
-            list_file, video_root, train=train, num_frames=self.num_frames,
-            sampling_rate=self.sampling_rate, sampling=self.sampling,
-            num_clips=self.test_clips, num_crops=self.test_crops, transform=self.transform(train),
-            num_repeats=self.num_repeats, pad=self.pad, target_fps=self.target_fps, strict=strict,
-        )  # fmt: skip
+            list_file,
+            video_root,
+            train=train,
+            num_frames=self.num_frames,
+            sampling_rate=self.sampling_rate,
+            sampling=self.sampling,
+            num_clips=self.test_clips,
+            num_crops=self.test_crops,
+            transform=self.transform(train),
+            num_repeats=self.num_repeats,
+            pad=self.pad,
+            target_fps=self.target_fps,
+            strict=strict,
+        )
 
     def preprocessing(self) -> dict[str, Any]:
         """Evaluation preprocessing stored with checkpoints (keys of :mod:`mvitv2.predict`)."""
@@ -368,9 +380,13 @@ class VideoClassification(Task):
         self.classes = class_names(self.data_cfg, classes_file, self.train_ds, self.val_ds)
         c = self.cfg
         self.mix = MixCriterion(
-            len(self.classes), mixup=c.mixup, cutmix=c.cutmix, prob=c.mix_prob,
-            switch_prob=c.switch_prob, label_smoothing=c.label_smoothing,
-        )  # fmt: skip
+            len(self.classes),
+            mixup=c.mixup,
+            cutmix=c.cutmix,
+            prob=c.mix_prob,
+            switch_prob=c.switch_prob,
+            label_smoothing=c.label_smoothing,
+        )
         return self.train_ds, self.val_ds
 
     def build_model(self) -> nn.Module:
@@ -409,14 +425,12 @@ class VideoClassification(Task):
         return {k: v for k, v in ds.skipped.as_dict().items() if v} if ds is not None else {}
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {
-            "task": "video",
-            "class_names": list(self.classes),
-            "model_name": self.cfg.model,
-            "model_kwargs": model_kwargs(self.cfg),
-            "preprocessing": self.data_cfg.preprocessing(),
-            "data": self.data_cfg.to_dict(),
-        }
+        return SPEC.checkpoint_meta(
+            class_names=self.classes,
+            model_name=self.cfg.model,
+            model_kwargs=model_kwargs(self.cfg),
+            data=self.data_cfg.to_dict(),
+        )
 
 
 def class_names(
@@ -466,6 +480,81 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     return create_model(
         cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **model_kwargs(cfg)
     )
+
+
+class VideoSpec(ClassificationSpec):
+    """Video classification for :mod:`mvitv2.predict` and :mod:`mvitv2.export`: inputs
+    ``(3, T, H, W)``; a video is predicted from its ``num_clips x num_crops`` views, averaged."""
+
+    name = "video"
+    batched_ndim = 5
+    input_name = "videos"
+
+    def legacy_model_kwargs(
+        self, model_args: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        # the run sized the model from its clips unless model_args did (see model_kwargs)
+        sized = {"img_size": data.get("crop_size"), "num_frames": data.get("num_frames")}
+        return {**{k: v for k, v in sized.items() if v is not None}, **model_args}
+
+    def default_preprocessing(
+        self, model_name: str, model_kwargs: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        from mvitv2.models import get_config
+
+        cfg = get_config(model_name, **model_kwargs)
+        known = {f.name for f in dataclasses.fields(VideoDataConfig)}
+        video = {k: v for k, v in data.items() if k in known}
+        video.setdefault("crop_size", cfg.image_hw[0])  # the model's size unless the data set it
+        video.setdefault("num_frames", cfg.num_frames)
+        return VideoDataConfig.from_dict(video).preprocessing()
+
+    def transform(self, preprocessing: dict[str, Any]) -> Any:
+        p = preprocessing
+        return VideoTransform(
+            False,
+            crop_size=p["input_size"][0],
+            mean=p["mean"],
+            std=p["std"],
+            test_short_side=p["resize_size"],
+        )
+
+    def views(self, item: Any, preprocessing: dict[str, Any], transform: Any) -> Tensor:
+        """See :meth:`mvitv2.predict.Predictor.preprocess_video`."""
+        from mvitv2.data.video import VideoDecodeError, VideoReader, clip_indices, segment_indices
+        from mvitv2.engine.data import BadSample
+        from mvitv2.predict import video_frames
+
+        p = preprocessing
+        t, k = p["num_frames"], p["num_clips"]
+
+        def indices(n: int, fps: float | None) -> list[list[int]]:
+            if p.get("sampling", "clip") == "segment":
+                return [segment_indices(n, t, train=False)]
+            rate, target = p["sampling_rate"], p.get("target_fps")
+            return [
+                clip_indices(n, t, rate, clip_idx=i, num_clips=k, fps=fps, target_fps=target)
+                for i in range(k)
+            ]
+
+        if isinstance(item, str | os.PathLike):
+            try:
+                with VideoReader(item) as reader:
+                    idx = indices(reader.num_frames, reader.fps)
+                    clips = reader.get_frames(sum(idx, [])).permute(0, 3, 1, 2).split(t)
+            except VideoDecodeError as e:
+                raise BadSample(str(item), str(e)) from e
+        else:
+            frames = video_frames(item)
+            clips = [frames[i] for i in indices(len(frames), None)]
+        crops = [None] if p.get("num_crops", 1) == 1 else [0, 1, 2]
+        return torch.stack([transform(c, spatial_idx=s) for c in clips for s in crops])
+
+    def example_shape(self, preprocessing: dict[str, Any], h: int, w: int) -> list[int]:
+        return [3, preprocessing["num_frames"], h, w]
+
+
+SPEC = VideoSpec()
 
 
 def init_weights(model: nn.Module, source: str, inflation: str = "centre") -> Any:
@@ -653,10 +742,12 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     # ``init_from`` is a task option (data.init_from); accept the short spelling.
     overrides = ["data." + o if o.startswith("init_from=") else o for o in args.overrides]
     flags = {
-        "data.video_root": args.data, "data.train_list": args.train_list,
-        "data.val_list": args.val_list, "data.classes_file": args.classes,
+        "data.video_root": args.data,
+        "data.train_list": args.train_list,
+        "data.val_list": args.val_list,
+        "data.classes_file": args.classes,
         "data.init_from": args.init,
-    }  # fmt: skip
+    }
     return engine_train_config(
         argparse.Namespace(**{**vars(args), "overrides": overrides}),
         "k400_small" if uses_data else "moving_digits",
@@ -689,17 +780,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from mvitv2.predict import WrongTaskError, checkpoint_info
+    from mvitv2.predict import build_model as build_from_info
+
     ckpt = read_run_checkpoint(args.checkpoint)
-    meta = ckpt.get("meta") or {}
-    if meta.get("task") != "video" or "config" not in ckpt:
-        hint = (
-            f": use `mvitv2 eval {meta['task']}`" if meta.get("task") in ("image", "detect") else ""
-        )
+    try:
+        info = checkpoint_info(ckpt, args.checkpoint, task="video", ema=args.ema)
+    except WrongTaskError as e:
         raise UserValueError(
-            f"{args.checkpoint} is not a video checkpoint written by `mvitv2 train video`{hint}"
-        )
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    data = dict(cfg.data)
+            f"{args.checkpoint} is not a video checkpoint written by `mvitv2 train video`: use "
+            f"`mvitv2 eval {e.found}`"
+        ) from None
+    data = dict(info.meta["data"])
     if args.clips:
         data["test_clips"] = args.clips
     if args.crops:
@@ -720,16 +812,8 @@ def _eval(args: argparse.Namespace) -> int:
             val_list = locate_file(dc.val_list, root, "the run's val_list")
         else:
             val_list = find_list(Path(dc.video_root), "val")
-    classes = list(meta["class_names"])
-    model = build_model(cfg.replace(pretrained=False), len(classes))
-    state = ckpt["model"]
-    if args.ema:
-        if "ema" not in ckpt:
-            raise UserValueError(
-                "--ema: this checkpoint has no EMA weights (trained with ema_decay=0)"
-            )
-        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
-    model.load_state_dict(state)
+    classes = info.class_names
+    model = build_from_info(info)
     dist = init_distributed()
     ds = dc.dataset(val_list, root, train=False, strict=args.strict_data)
     if ds.num_classes > len(classes):
@@ -737,9 +821,15 @@ def _eval(args: argparse.Namespace) -> int:
             f"{val_list}: label {ds.num_classes - 1} but the model has {len(classes)} classes"
         )
     loader = build_loader(
-        ds, batch_size=args.batch_size, train=False, rank=dist.rank, world_size=dist.world_size,
-        workers=args.workers, collate_fn=video_collate, strict=args.strict_data,
-    )  # fmt: skip
+        ds,
+        batch_size=args.batch_size,
+        train=False,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        workers=args.workers,
+        collate_fn=video_collate,
+        strict=args.strict_data,
+    )
     if dist.is_main:
         print(describe_eval(args.checkpoint, len(ds.samples), "videos", val_list), file=sys.stderr)
     t0 = time.perf_counter()
@@ -764,9 +854,12 @@ def _predict(args: argparse.Namespace) -> int:
 
     files = expand_inputs(args.files, VIDEO_EXTENSIONS)
     predictor = Predictor.from_checkpoint(
-        args.checkpoint, task="video", topk=args.topk, device=resolve_device(args.device),
+        args.checkpoint,
+        task="video",
+        topk=args.topk,
+        device=resolve_device(args.device),
         batch_size=args.batch_size,
-    )  # fmt: skip
+    )
     if args.clips:
         predictor.preprocessing["num_clips"] = args.clips
     return print_topk(files, predictor, args.batch_size, args.json)

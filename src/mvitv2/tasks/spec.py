@@ -1,0 +1,256 @@
+"""One spec per task: what inference, export and checkpoint metadata need to know about a task.
+
+A :class:`TaskSpec` is the one place that knows, for its task, how the model is rebuilt from a
+checkpoint, how one input is preprocessed for prediction and how outputs become results
+(classification top-k, detections), and what is exported. :mod:`mvitv2.predict` and
+:mod:`mvitv2.export` are generic over it. Each task module defines its spec as ``SPEC``
+(:mod:`mvitv2.tasks.image`, ``video``, ``detect``); :func:`get_spec` finds it.
+
+Every task writes the same checkpoint metadata (:meth:`TaskSpec.checkpoint_meta`, version
+:data:`META_VERSION`): ``task``, ``class_names``, ``model_name``, ``model_kwargs``,
+``preprocessing``, ``data`` and task extras (``data_root``, detection's ``label_to_cat_id``).
+:func:`upgrade_meta` reads the older per-task schemas (``classes`` for class names, no
+``model_kwargs`` or ``preprocessing``) into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from mvitv2.predict import Predictor
+
+#: the tasks, and the module whose ``SPEC`` describes each.
+TASK_MODULES = {
+    "image": "mvitv2.tasks.image",
+    "video": "mvitv2.tasks.video",
+    "detect": "mvitv2.tasks.detect",
+}
+TASKS = tuple(TASK_MODULES)
+#: version of the checkpoint metadata schema written by :meth:`TaskSpec.checkpoint_meta`.
+META_VERSION = 2
+
+
+def get_spec(task: str) -> TaskSpec:
+    """The spec of ``task`` (``image``, ``video`` or ``detect``).
+
+    Raises:
+        ValueError: an unknown task name.
+    """
+    if task not in TASK_MODULES:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return importlib.import_module(TASK_MODULES[task]).SPEC
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportInputs:
+    """What :mod:`mvitv2.export` exports for a checkpoint.
+
+    Args:
+        module: the module to export (taking one tensor).
+        example: an example input of the deployed shape.
+        input_names, output_names: graph input and output names.
+        metadata: extra sidecar entries (e.g. which part of a detector is exported).
+    """
+
+    module: nn.Module
+    example: Tensor
+    input_names: list[str]
+    output_names: list[str]
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class TaskSpec:
+    """What differs between tasks; subclasses implement the methods that raise here.
+
+    Attributes:
+        name: the task name (``image``, ``video``, ``detect``).
+        batched_ndim: a tensor or array input with this many dimensions is a batch of inputs.
+        exports_whole_model: whether ``export --whole-detector`` applies (ONNX with the
+            data-dependent post-processing inside the graph).
+    """
+
+    name: str = ""
+    batched_ndim: int = 4
+    exports_whole_model: bool = False
+
+    # ------------------------------------------------------------ the model
+    def build_model(
+        self, model_name: str, num_classes: int, model_kwargs: dict[str, Any]
+    ) -> nn.Module:
+        """The untrained model of a checkpoint (``num_classes`` outputs, background excluded)."""
+        raise NotImplementedError
+
+    def default_preprocessing(
+        self, model_name: str, model_kwargs: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Evaluation preprocessing from the run's ``data`` options and the model config (keys:
+        see :func:`mvitv2.predict.default_preprocessing`)."""
+        raise NotImplementedError
+
+    def legacy_model_kwargs(
+        self, model_args: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``model_kwargs`` of a checkpoint that stores none (older schema): the run config's
+        ``model_args`` plus what the task took from its data options."""
+        return dict(model_args)
+
+    # ------------------------------------------------------------ checkpoint metadata
+    def checkpoint_meta(
+        self,
+        *,
+        class_names: Sequence[str],
+        model_name: str,
+        model_kwargs: dict[str, Any],
+        data: dict[str, Any],
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """The metadata a training run stores with its checkpoints, the same schema for all
+        tasks.
+
+        Args:
+            class_names: one name per class (detection: background excluded).
+            model_name: the registered model (or detector) name.
+            model_kwargs: keyword arguments of the model factory besides ``num_classes``.
+            data: the task's data options (plain types).
+            **extra: task extras (``data_root``, ``label_to_cat_id``, ...).
+        """
+        kwargs = {k: v for k, v in model_kwargs.items() if k != "num_classes"}
+        return {
+            "meta_version": META_VERSION,
+            "task": self.name,
+            "class_names": [str(c) for c in class_names],
+            "model_name": model_name,
+            "model_kwargs": kwargs,
+            "preprocessing": self.default_preprocessing(model_name, kwargs, dict(data)),
+            "data": dict(data),
+            **extra,
+        }
+
+    # ------------------------------------------------------------ prediction
+    def transform(self, preprocessing: dict[str, Any]) -> Any:
+        """The evaluation transform of one input (None: the model preprocesses itself)."""
+        return None
+
+    def views(self, item: Any, preprocessing: dict[str, Any], transform: Any) -> Tensor:
+        """One input as the batch of model inputs averaged into its prediction ``(K, ...)``."""
+        raise NotImplementedError
+
+    def predict(self, predictor: Predictor, items: list[Any]) -> list[Any]:
+        """One result per input (see :class:`mvitv2.predict.Predictor`)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ export
+    def export_size(self, preprocessing: dict[str, Any]) -> tuple[int, int]:
+        """``(H, W)`` exported at by default."""
+        h, w = preprocessing["input_size"]
+        return int(h), int(w)
+
+    def export_inputs(
+        self,
+        model: nn.Module,
+        preprocessing: dict[str, Any],
+        input_size: Sequence[int] | None = None,
+        batch: int = 1,
+    ) -> ExportInputs:
+        """The module to export, an example input of ``batch`` inputs of ``input_size``
+        (default :meth:`export_size`) and the input/output names."""
+        raise NotImplementedError
+
+
+class ClassificationSpec(TaskSpec):
+    """Image and video classification: one class distribution per input, averaged over the
+    input's views (video: clips x crops), reported as the top-k classes."""
+
+    #: the graph input's name in an export.
+    input_name: str = "images"
+
+    def build_model(
+        self, model_name: str, num_classes: int, model_kwargs: dict[str, Any]
+    ) -> nn.Module:
+        from mvitv2.models import create_model
+
+        return create_model(model_name, num_classes=num_classes, **model_kwargs)
+
+    def predict(self, predictor: Predictor, items: list[Any]) -> list[list[tuple[str, float]]]:
+        views = [predictor.preprocess(it) for it in items]
+        probs = predictor.forward(torch.cat(views)).softmax(-1).split([len(v) for v in views])
+        return [predictor.top_classes(p.mean(0)) for p in probs]
+
+    def example_shape(self, preprocessing: dict[str, Any], h: int, w: int) -> list[int]:
+        """Shape of one model input (without the batch) at ``h x w``."""
+        return [3, h, w]
+
+    def export_inputs(
+        self,
+        model: nn.Module,
+        preprocessing: dict[str, Any],
+        input_size: Sequence[int] | None = None,
+        batch: int = 1,
+    ) -> ExportInputs:
+        h, w = input_size or self.export_size(preprocessing)
+        example = torch.randn(batch, *self.example_shape(preprocessing, h, w))
+        return ExportInputs(model, example, [self.input_name], ["logits"])
+
+
+def upgrade_meta(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A training checkpoint's metadata in the current schema (:data:`META_VERSION`), also for
+    checkpoints written before it.
+
+    Older checkpoints name their classes ``classes`` (image) or ``class_names``, may store no
+    ``task`` (inferred: detectors have ``backbone.body`` weights, video models are registered
+    as temporal), no ``model_name``/``model_kwargs`` (taken from the run config's ``model`` and
+    ``model_args``, plus what the task took from its data options, see
+    :meth:`TaskSpec.legacy_model_kwargs`) and no ``preprocessing`` (the task's default for its
+    data options). A checkpoint without class names gets an empty ``class_names``.
+
+    Args:
+        ckpt: the checkpoint dict (``model``, ``config``, ``meta``).
+    """
+    meta = dict(ckpt.get("meta") or {})
+    if meta.get("meta_version") == META_VERSION:
+        return meta
+    config = ckpt.get("config") or {}
+    model_name = meta.get("model_name", config.get("model"))
+    task = checkpoint_task(ckpt)
+    spec = get_spec(task)
+    data = dict(meta.get("data") or config.get("data") or {})
+    if "model_kwargs" in meta:
+        kwargs = dict(meta["model_kwargs"])
+    else:
+        kwargs = spec.legacy_model_kwargs(dict(config.get("model_args") or {}), data)
+    kwargs.pop("num_classes", None)
+    names = meta.pop("classes", None) or meta.get("class_names") or []
+    meta.update(
+        meta_version=META_VERSION,
+        task=task,
+        class_names=[str(c) for c in names],
+        model_name=model_name,
+        model_kwargs=kwargs,
+        data=data,
+    )
+    if not meta.get("preprocessing"):
+        meta["preprocessing"] = spec.default_preprocessing(model_name, kwargs, data)
+    return meta
+
+
+def checkpoint_task(ckpt: dict[str, Any]) -> str:
+    """The task of a training checkpoint: its ``meta['task']``, or for an old checkpoint that
+    does not name it, ``detect`` when it has ``backbone.body`` weights, ``video`` when its model
+    is registered as temporal, else ``image``."""
+    meta = ckpt.get("meta") or {}
+    if meta.get("task"):
+        return str(meta["task"])
+    if any(k.startswith("backbone.body.") for k in ckpt.get("model") or {}):
+        return "detect"
+    from mvitv2.models import MODEL_CONFIGS
+
+    config = ckpt.get("config") or {}
+    cfg = MODEL_CONFIGS.get(meta.get("model_name", config.get("model")))
+    return "video" if cfg is not None and cfg.temporal else "image"
