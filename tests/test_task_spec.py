@@ -164,10 +164,10 @@ def test_old_image_checkpoint_loads_with_its_class_names_and_data_sized_model(tm
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(Predictor.from_checkpoint(path).forward(x), model(x))
-    from mvitv2.engine.checkpoint import load_checkpoint
+    from mvitv2.engine.checkpoint import read_training_checkpoint
     from mvitv2.tasks.image import model_from_checkpoint
 
-    rebuilt, classes = model_from_checkpoint(load_checkpoint(path))
+    rebuilt, classes = model_from_checkpoint(read_training_checkpoint(path))
     assert classes == ["ant", "bee"]
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model(x))
