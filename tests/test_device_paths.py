@@ -281,3 +281,18 @@ def test_detector_eval_and_training_losses_match_the_reference_path(device):
         torch.testing.assert_close(det["boxes"], ref_det["boxes"], atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(det["scores"], ref_det["scores"], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(det["masks"], ref_det["masks"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_memeff_backward_recomputes_probabilities_that_sum_to_one_in_bf16(device):
+    """One query per (batch, head) and scores up to ~50: with ``grad_out = 1`` the gradient of
+    ``v`` summed over keys is the recomputed probabilities' row sum, exactly 1. A log-sum-exp
+    kept in bf16 (spacing 0.25 at 50) would scale whole rows by up to exp(0.125)."""
+    gen = torch.Generator().manual_seed(0)
+    q = (torch.randn(4, 4, 1, 16, generator=gen) * 4).bfloat16().to(device)
+    k = (torch.randn(4, 4, 50, 16, generator=gen) * 4).bfloat16().to(device)
+    v = torch.randn(4, 4, 50, 16, generator=gen).bfloat16().to(device).requires_grad_(True)
+    out = attention_memeff(q, k, v, 0.25)
+    (dv,) = torch.autograd.grad(out, v, torch.ones_like(out))
+    row_sums = dv.float().sum(dim=2)  # (4, 4, 16): every channel sees the same row
+    assert (row_sums - 1).abs().max().item() < 1e-2
