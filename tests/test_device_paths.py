@@ -296,3 +296,20 @@ def test_memeff_backward_recomputes_probabilities_that_sum_to_one_in_bf16(device
     (dv,) = torch.autograd.grad(out, v, torch.ones_like(out))
     row_sums = dv.float().sum(dim=2)  # (4, 4, 16): every channel sees the same row
     assert (row_sums - 1).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_the_cpu_conv3d_workaround_runs_on_the_cpu_only(device, monkeypatch):
+    """Under autograd, small 3-D grids go through 2-D convs on the CPU, where ATen's depthwise
+    Conv3d backward is slow (measured there); any other device keeps its own Conv3d kernel."""
+    from mvitv2.ops import pooling
+
+    calls = []
+    real = pooling._depthwise_conv3d_by_2d
+    monkeypatch.setattr(pooling, "_depthwise_conv3d_by_2d", lambda *a: calls.append(1) or real(*a))
+    conv = torch.nn.Conv3d(8, 8, 3, (1, 2, 2), 1, groups=8, bias=False)
+    x = torch.randn(2, 4 * 6 * 6, 8, device=device, requires_grad=True)
+    w = conv.weight.to(device)
+    y, thw = pooling._channels_last_pool(x, (4, 6, 6), w, conv, 0)
+    assert thw == (4, 3, 3) and y.shape == (2, 36, 8)
+    assert len(calls) == (device == "cpu")
