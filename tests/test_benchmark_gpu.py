@@ -119,3 +119,36 @@ def test_a_benchmark_line_of_the_gpu_script_runs_on_cpu_and_reports_its_rows(
 def test_bf16_training_runs_only_when_asked_for():
     assert "train_bf16" not in parse(["benchmark"]).args.cases
     assert parse(["benchmark", "--cases", "train_bf16"]).args.cases == ["train_bf16"]
+
+
+def test_cuda_peak_memory_is_the_high_water_mark_above_the_start_on_the_given_device(monkeypatch):
+    """``peak_memory`` on CUDA, with torch.cuda's counters stood in for: it syncs, resets and
+    reads the counters of the device it is given (not the current one) and subtracts what was
+    allocated before the call."""
+    from mvitv2 import benchmark
+
+    calls = []
+    counters = {"allocated": 100, "peak": 0}
+
+    def record(name, value=None):
+        def f(device=None):
+            calls.append((name, device))
+            return value() if value else None
+
+        return f
+
+    def reset(device=None):
+        calls.append(("reset", device))
+        counters["peak"] = counters["allocated"]
+
+    monkeypatch.setattr(torch.cuda, "synchronize", record("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", record("allocated", lambda: 100))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", record("max", lambda: counters["peak"]))
+
+    def fn():
+        counters["peak"] = 100 + 4096  # what the call allocated at its highest
+
+    assert benchmark.peak_memory(fn, "cuda:1") == 4096
+    assert {device for _, device in calls} == {"cuda:1"}
+    assert [name for name, _ in calls] == ["sync", "reset", "allocated", "sync", "max"]
