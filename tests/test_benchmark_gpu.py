@@ -152,3 +152,45 @@ def test_cuda_peak_memory_is_the_high_water_mark_above_the_start_on_the_given_de
     assert benchmark.peak_memory(fn, "cuda:1") == 4096
     assert {device for _, device in calls} == {"cuda:1"}
     assert [name for name, _ in calls] == ["sync", "reset", "allocated", "sync", "max"]
+
+
+def _run_script_with_fake_uv(tmp_path: Path, fail_step: str = "") -> subprocess.CompletedProcess:
+    """Run gpu.sh with ``uv`` and ``nvidia-smi`` stood in for by scripts that log their
+    arguments (one line per call) and fail for the benchmark writing ``<fail_step>.json``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    log = tmp_path / "calls.txt"
+    (bin_dir / "uv").write_text(
+        "#!/bin/bash\n"
+        f'echo "uv $*" >> {log}\n'
+        f'[[ -n "{fail_step}" && "$*" == *"/{fail_step}.json"* ]] && exit 3\n'
+        "exit 0\n"
+    )
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/bash\necho nvidia-smi >> {log}\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "MVITV2_GPU_OUT": str(tmp_path / "out")}
+    return subprocess.run(
+        ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_gpu_script_runs_every_step_in_order_and_reports_a_failed_one(tmp_path):
+    done = _run_script_with_fake_uv(tmp_path / "ok")
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = (tmp_path / "ok" / "calls.txt").read_text().splitlines()
+    out = tmp_path / "ok" / "out"
+    benches = [name for kind, name, _, _ in _steps() if kind == "bench"]
+    assert calls[0] == "nvidia-smi" and calls[1].startswith("uv run python -c")
+    assert calls[2].startswith("uv run pytest tests/test_device_paths.py")
+    assert len(calls) == 3 + len(benches)
+    for name, call in zip(benches, calls[3:]):
+        assert call.startswith("uv run mvitv2 benchmark --device cuda --cases ")
+        assert call.endswith(f"--json {out}/{name}.json")
+    assert {p.name for p in out.iterdir()} == {f"{name}.log" for _, name, _, _ in _steps()}
+
+    done = _run_script_with_fake_uv(tmp_path / "fail", fail_step="detect")
+    assert done.returncode == 1
+    assert "=== detect: exit 3" in done.stdout and "failed steps: detect" in done.stdout
+    # the steps after the failed one still ran
+    assert f"{benches[-1]}.json" in (tmp_path / "fail" / "calls.txt").read_text()
