@@ -38,16 +38,16 @@ bench() {
 }
 
 # Step limits in s (expected time in brackets, not yet measured on a GPU): 440 in all, 480 with
-# every step killed 5 s after its limit: info 15 [5], tests 85 [50], image 35 [20], train 45 [25],
-# detect 35 [15], video 35 [25], compile_image 80 [50], compile_train 110 [70].
+# every step killed 5 s after its limit: info 15 [5], tests 100 [60], image 35 [20], train 45 [25],
+# detect 35 [15], video 35 [25], compile_image 75 [50], compile_train 100 [75].
 step info 15 bash -c 'nvidia-smi; uv run python -c "import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version(), torch.cuda.get_device_name())"'
-step tests 85 uv run pytest tests/test_device_paths.py -q -rs -p no:cacheprovider
+step tests 100 uv run pytest tests/test_device_paths.py -q -rs -p no:cacheprovider
 bench image 35 --cases image_fp32 image_bf16 --batch 64
 bench train 45 --cases train train_bf16 --batch 64
 bench detect 35 --cases detect --batch 1
 bench video 35 --cases video_bf16 --batch 64
-bench compile_image 80 --cases image_bf16 --batch 64 --compile
-bench compile_train 110 --cases train_bf16 --batch 64 --compile
+bench compile_image 75 --cases image_bf16 --batch 64 --compile
+bench compile_train 100 --cases train_bf16 --batch 64 --compile
 
 if [ ${#failed[@]} -gt 0 ]; then
     echo "failed steps: ${failed[*]}"
