@@ -41,13 +41,20 @@ from mvitv2.ops import mlp as mlp_ops
 from mvitv2.utils.flops import count_macs
 from mvitv2.weights import convert_state_dict
 
-CASES = ("image_fp32", "image_bf16", "video_bf16", "train", "detect")
+#: Every case; ``train_bf16`` (the training step under bf16 autocast, how GPUs train) runs
+#: only when asked for.
+CASES = ("image_fp32", "image_bf16", "video_bf16", "train", "train_bf16", "detect")
+DEFAULT_CASES = ("image_fp32", "image_bf16", "video_bf16", "train", "detect")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``mvitv2 benchmark``."""
     parser.add_argument(
-        "--cases", nargs="+", choices=CASES, default=list(CASES), help="cases to run (default: all)"
+        "--cases",
+        nargs="+",
+        choices=CASES,
+        default=list(DEFAULT_CASES),
+        help=f"cases to run (default: {' '.join(DEFAULT_CASES)})",
     )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: tiny models and inputs, 2 repeats"
@@ -59,8 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="inference cases: also time our model under torch.compile (inductor, frozen weights)"
-        " and the reference under torch.compile, as extra rows",
+        help="also time our model and the reference under torch.compile (inductor; frozen weights"
+        " for inference), as extra rows of every case but detect",
     )
     parser.add_argument(
         "--output",
@@ -85,7 +92,7 @@ def results_path(args: argparse.Namespace) -> Path | None:
 # --------------------------------------------------------------------------- measurement
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def alternate(
@@ -126,12 +133,12 @@ def _quiet_fd(fd: int) -> Iterator[None]:
 def peak_memory(fn: Callable[[], object], device: str) -> int:
     """High-water mark of live tensor bytes allocated during ``fn()`` (see module docstring)."""
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
         fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
     # The profiler's C++ library logs its start and stop, and on a machine without CUDA a
@@ -311,7 +318,7 @@ def _inference_case(
     if compile:
         # no_grad, not inference_mode: inductor freezes weights only under no_grad.
         compiled = {"ours+compile": ours, f"{ref_name}+compile": ref}
-        fns.update(_compiled(compiled, lambda m: call(m, torch.no_grad)))
+        fns.update(_compiled(compiled, lambda _, m: call(m, torch.no_grad)))
     diff = (fns["ours"]().float() - fns[ref_name]().float()).abs().max().item()
     times = alternate(fns, repeats, device)
     mem = {n: peak_memory(f, device) for n, f in fns.items()}
@@ -321,17 +328,20 @@ def _inference_case(
 
 
 def _compiled(
-    models: dict[str, nn.Module], call: Callable[[nn.Module], Callable[[], object]]
+    models: dict[str, nn.Module],
+    call: Callable[[str, nn.Module], Callable[[], object]],
+    freeze: bool = True,
 ) -> dict[str, Callable[[], object]]:
-    """``torch.compile`` each model (inductor; weights frozen as constants, which lets it prepack
-    GEMM weights and fuse bias/activations) and run it once to compile; prints the compile time."""
+    """``torch.compile`` each model (inductor; with ``freeze``, inference weights frozen as
+    constants, which lets it prepack GEMM weights and fuse bias/activations) and run it once to
+    compile; prints the compile time. ``call(name, compiled)`` makes the function to time."""
     import torch._inductor.config as inductor_config
 
     fns = {}
     for name, model in models.items():
         t0 = time.perf_counter()
-        fn = call(torch.compile(model))
-        with inductor_config.patch(freezing=True):
+        fn = call(name, torch.compile(model))
+        with inductor_config.patch(freezing=freeze):
             fn()
         print(f"[{name}: compiled in {time.perf_counter() - t0:.0f} s]", flush=True)
         fns[name] = fn
@@ -344,34 +354,61 @@ def _macs(model: nn.Module, shape: tuple[int, ...]) -> float:
         return float(count_macs(model, shape))
 
 
-def _train_case(quick: bool, batch: int, peaks: dict, repeats: int, device: str) -> list[Row]:
+def _train_case(
+    quick: bool,
+    batch: int,
+    peaks: dict,
+    repeats: int,
+    device: str,
+    bf16: bool = False,
+    compile: bool = False,
+) -> list[Row]:
+    """One training step (forward, cross-entropy, backward, AdamW) of ours against timm's, in
+    fp32 or (``bf16``) with the forward under bf16 autocast and the backward outside it; with
+    ``compile`` also both models under ``torch.compile`` (same parameters and optimizers)."""
     ours, ref, shape = _image_pair(quick)
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
-    fns, grads = {}, {}
-    for name, model in (("ours", ours), ("timm", ref)):
-        model.train().to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    dev = torch.device(device).type
 
-        def step(model=model, opt=opt):
+    def loss_of(model: nn.Module) -> torch.Tensor:
+        with torch.autocast(dev, torch.bfloat16, enabled=bf16):
+            return F.cross_entropy(model(x), y)
+
+    def make_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], object]:
+        def step():
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_of(model)
             loss.backward()
             opt.step()
             return loss
 
+        return step
+
+    fns, grads, opts = {}, {}, {}
+    for name, model in (("ours", ours), ("timm", ref)):
+        model.train().to(device)
+        opts[name] = torch.optim.AdamW(model.parameters(), lr=1e-4)
         # Gradients of the first step on identical weights, to show both compute the same thing.
-        F.cross_entropy(model(x), y).backward()
+        loss_of(model).backward()
         grads[name] = {k: p.grad for k, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
-        fns[name] = step
+        fns[name] = make_step(model, opts[name])
     mapped = convert_state_dict(grads["timm"])
     diff = max((g - mapped[k]).abs().max().item() for k, g in grads["ours"].items())
+    if compile:  # the compiled module shares its parameters (and so the optimizer)
+        compiled = {"ours+compile": ours, "timm+compile": ref}
+
+        def call(name: str, module: nn.Module) -> Callable[[], object]:
+            return make_step(module, opts[name.removesuffix("+compile")])
+
+        fns.update(_compiled(compiled, call, freeze=False))
     times = alternate(fns, repeats, device)
     mem = {n: peak_memory(f, device) for n, f in fns.items()}
     macs = 3 * _macs(ours.eval(), (batch, *shape))  # forward + backward ~ 3 forwards
     ours.train()
-    return _rows("train", times, mem, macs, batch, peaks["fp32"], "timm", diff)
+    case = "train_bf16" if bf16 else "train"
+    return _rows(case, times, mem, macs, batch, peaks["bf16" if bf16 else "fp32"], "timm", diff)
 
 
 @contextlib.contextmanager
@@ -451,7 +488,8 @@ def run(args: argparse.Namespace) -> int:
     quick = args.quick
     repeats = args.repeats or (2 if quick else 5)
     torch.manual_seed(0)
-    n = 256 if quick else 2048
+    # A GPU needs a larger product than a CPU to reach its peak.
+    n = 256 if quick else (8192 if device.startswith("cuda") else 2048)
     peaks = {
         "fp32": matmul_peak(torch.float32, device, n),
         "bf16": matmul_peak(torch.bfloat16, device, n),
@@ -480,8 +518,10 @@ def run(args: argparse.Namespace) -> int:
             new = _inference_case(
                 case, ours, ref, "torchvision", x, True, peaks, repeats, device, args.compile
             )
-        elif case == "train":
-            new = _train_case(quick, args.batch or (2 if quick else 16), peaks, repeats, device)
+        elif case in ("train", "train_bf16"):
+            batch = args.batch or (2 if quick else 16)
+            bf16 = case == "train_bf16"
+            new = _train_case(quick, batch, peaks, repeats, device, bf16, args.compile)
         else:
             new = _detect_case(quick, args.batch or 1, peaks, repeats, device)
         rows += new
@@ -499,6 +539,7 @@ def run(args: argparse.Namespace) -> int:
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
                 "device": device,
+                **_accelerator(device),
             },
             "matmul_peak_gflops": peaks,
             "our_fp32_gemm": "onednn" if onednn else "aten",
@@ -506,6 +547,7 @@ def run(args: argparse.Namespace) -> int:
                 "fp32": implementation_choices(device, torch.float32),
                 "bf16": implementation_choices(device, torch.bfloat16),
                 "train_fp32": implementation_choices(device, torch.float32, training=True),
+                "train_bf16": implementation_choices(device, torch.bfloat16, training=True),
             },
             "rows": [asdict(r) for r in rows],
         }
@@ -514,6 +556,18 @@ def run(args: argparse.Namespace) -> int:
             json.dump(result, f, indent=1)
         print(f"wrote {path}")
     return 0
+
+
+def _accelerator(device: str) -> dict:
+    """The GPU of a CUDA run (name, CUDA version, TF32 switches), for the results JSON."""
+    if not device.startswith("cuda"):
+        return {}
+    return {
+        "gpu": torch.cuda.get_device_name(device),
+        "cuda": torch.version.cuda,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+    }
 
 
 def _argv(args: argparse.Namespace) -> list[str]:

@@ -85,7 +85,9 @@ class _MemEffAttention(torch.autograd.Function):
             e = s.sub_(m).exp_()
             total = e.sum(dim=-1, keepdim=True)
             outs.append(torch.bmm(e, v3).div_(total))  # normalise the (n, C) output, not (n, Nk)
-            lses.append(total.log_().add_(m))
+            # The log-sum-exp in fp32 (a no-op for fp32): rounded to bf16 (~0.02 at 5), it would
+            # put a ~2 % error on every probability the backward recomputes from it.
+            lses.append(total.float().log_().add_(m))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=1)
         out = out.view(B, nH, Nq, -1)
@@ -99,6 +101,7 @@ class _MemEffAttention(torch.autograd.Function):
         scale, q_thw, k_thw, p = ctx.scale, ctx.q_thw, ctx.k_thw, ctx.p
         B, nH, Nq, C = q.shape
         Nk = k.shape[2]
+        dt = q.dtype
         k3, v3, out3, dout3 = _bh(k), _bh(v), _bh(out), _bh(dout)
         a3 = r = None
         if rh is not None:
@@ -110,11 +113,13 @@ class _MemEffAttention(torch.autograd.Function):
         rows = _memeff_rows(B * nH, Nq, Nk)
         for r0 in range(0, Nq, rows):
             qs, doc = _bh(q[:, :, r0 : r0 + rows] * scale), dout3[:, r0 : r0 + rows]
-            delta = (doc * out3[:, r0 : r0 + rows]).sum(dim=-1, keepdim=True)
-            prob = _memeff_scores(qs, kt, a3, k_thw, p, r0)
+            # The softmax backward in fp32, as flash attention's (``.float()`` and ``.to(dt)`` are
+            # no-ops in fp32): in bf16, d(probs) - delta cancels most of 8 mantissa bits.
+            delta = (doc.float() * out3[:, r0 : r0 + rows]).sum(dim=-1, keepdim=True)
+            prob = _memeff_scores(qs, kt, a3, k_thw, p, r0).float()
             prob = prob.sub_(lse[:, r0 : r0 + rows]).exp_()
-            dv.baddbmm_(prob.transpose(1, 2), doc)
-            ds = torch.bmm(doc, vt).sub_(delta).mul_(prob)  # d(scores)
+            dv.baddbmm_(prob.to(dt).transpose(1, 2), doc)
+            ds = torch.bmm(doc, vt).float().sub_(delta).mul_(prob).to(dt)  # d(scores)
             del prob
             dqs.append(torch.bmm(ds, k3).mul_(scale))
             dk.baddbmm_(ds.transpose(1, 2), qs)  # scale * ds^T q

@@ -304,7 +304,8 @@ def _channels_last_pool(
         y = F.conv2d(y, weight, None, conv.stride, conv.padding, 1, ch)
         new_thw = (1, y.shape[2], y.shape[3])
         y = y.permute(0, 2, 3, 1)
-    elif H * W < 196 and torch.is_grad_enabled() and not tracing():
+    elif H * W < 196 and x.device.type == "cpu" and torch.is_grad_enabled() and not tracing():
+        # a workaround for ATen's slow CPU kernel (measured there only)
         y = _depthwise_conv3d_by_2d(grid.reshape(B, T, H, W, ch), weight, conv.stride, conv.padding)
         new_thw = (y.shape[1], y.shape[2], y.shape[3])
     else:
