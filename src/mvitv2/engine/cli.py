@@ -158,11 +158,10 @@ def describe_run(trainer: Trainer) -> list[str]:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     n_train = len(trainer.train_loader.dataset)
     n_val = len(trainer.val_loader.dataset) if trainer.val_loader is not None else 0
-    precision = {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[cfg.amp]
     return [
         f"run folder: {trainer.run_dir} (resolved config in {CONFIG_FILE})",
         f"device: {d.device} x {d.world_size} process(es), {torch.get_num_threads()} CPU "
-        f"thread(s) per process, {cfg.workers} data worker(s), precision {precision}",
+        f"thread(s) per process, {cfg.workers} data worker(s), precision {trainer.precision.describe()}",
         f"model: {cfg.model}, {params / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable)",
         f"data: {n_train} train / {n_val} val samples; {cfg.global_batch(d.world_size)} per "
         f"step (batch_size {cfg.batch_size} x {d.world_size} process(es) x accum_steps "
