@@ -161,6 +161,25 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "last.pt"]
 
 
+def test_every_shipped_recipe_writes_its_runs_under_runs_task_recipe():
+    """One layout: ``runs/<task>/<recipe>/<name or timestamp>``; the task follows from the
+    recipe's model (a detector, a temporal backbone, else an image classifier)."""
+    from mvitv2.detection.model import list_detectors
+    from mvitv2.engine.cli import RECIPES_DIR
+
+    recipes = sorted(RECIPES_DIR.glob("*.yaml"))
+    tasks = set()
+    for path in recipes:
+        cfg = TrainConfig.load(path, [])
+        if cfg.model in list_detectors():
+            task = "detect"
+        else:
+            task = "video" if mvitv2.get_config(cfg.model).temporal else "image"
+        tasks.add(task)
+        assert cfg.output == f"runs/{task}/{path.stem}", path.name
+    assert tasks == {"image", "detect", "video"} and len(recipes) >= 22
+
+
 # ---------------------------------------------------------------------- one error style
 @pytest.fixture(scope="module")
 def mistakes(run, tmp_path_factory):

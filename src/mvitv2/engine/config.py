@@ -83,7 +83,7 @@ class TrainConfig:
         threads: intra-op CPU threads per process (0: torch's default). On a small shared CPU, 1
             thread for compute plus data workers on the other cores avoids spin-wait slowdowns.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
-        output: parent folder of run folders.
+        output: parent folder of run folders; the shipped recipes use ``runs/<task>/<recipe>``.
         name: run folder name under ``output`` (empty: a timestamp).
         eval_every: evaluate every N epochs (the last epoch is always evaluated; 0: only then).
         ckpt_every_steps: also checkpoint every N optimizer steps (0: only at epoch ends).
