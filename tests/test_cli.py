@@ -265,6 +265,38 @@ MISTAKES = [
         "--forward 'mvitv2_tiniest': no such model",
     ),
     (["benchmark", "--device", "nope", "--cases", "train"], "--device 'nope': not a device"),
+    # second trial (issue 15): a path as recipe, a typo'd model or model option, wrong tasks
+    (
+        ["train", "image", "--config", "{empty}/recipe.yaml", *TINY],
+        "recipe file {empty}/recipe.yaml: no such file (looked at {empty}/recipe.yaml)",
+    ),
+    (
+        ["train", "image", "--data", "{data}", *TINY, "model=mvitv2_tiniy"],
+        "unknown model 'mvitv2_tiniy'; available: mvitv1_base_16x4, mvitv2_base,",
+    ),
+    (
+        ["train", "image", "--data", "{data}", "--model", "mvitv2_tiniy", *TINY],
+        "unknown model 'mvitv2_tiniy'",
+    ),
+    (
+        ["train", "image", "--data", "{data}", *TINY, "model_args.depht=[1]"],
+        "unknown option(s) for mvitv2_tiny: ['depht']",
+    ),
+    (
+        ["train", "image", "--data", "{data}", *TINY, "amp=bf16force"],
+        "amp must be one of none, bf16, bf16_force, fp16, got 'bf16force'",
+    ),
+    (
+        ["train", "image", "--resume", "missing.pt", "--data", "{data}", *TINY],
+        "--resume missing.pt: no checkpoint at missing.pt",
+    ),
+    (
+        ["train", "video", "--config", "k400_smal"],
+        "unknown recipe 'k400_smal' (did you mean 'k400_small'",
+    ),
+    (["eval", "detect", "--checkpoint", "{ckpt}"], "is a 'image' checkpoint, not 'detect'"),
+    (["predict", "video", "x.mp4", "--checkpoint", "{ckpt}"], "checkpoint, not 'video'"),
+    (["export", "detect", "--checkpoint", "{ckpt}"], "checkpoint, not 'detect'"),
 ]
 
 
@@ -284,6 +316,17 @@ def test_each_user_mistake_is_one_line_and_exit_2(
     assert errors[0].startswith(f"{prog}: error: ") and phrase.format(**mistakes) in errors[0], err
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no run folder left behind
     assert not list(tmp_path.glob("runs/*/run"))
+
+
+def test_training_on_cuda_without_cuda_is_a_user_mistake(monkeypatch):
+    from mvitv2.engine.distributed import init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserValueError) as e:
+        init_distributed("cuda")
+    assert str(e.value) == (
+        "device=cuda asked for but CUDA is not available here; use device=cpu or device=auto"
+    )
 
 
 def test_an_internal_bug_keeps_its_traceback(run, monkeypatch):

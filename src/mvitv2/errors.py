@@ -27,6 +27,10 @@ class UserValueError(UserError, ValueError):
     """An option, config value or input that the command cannot use."""
 
 
+class UnknownOptionError(UserError, TypeError):
+    """A keyword option a builder does not take (also a ``TypeError`` for callers)."""
+
+
 class UnknownKeyError(UserValueError, KeyError):
     """A config or data option name that does not exist (also a ``KeyError`` for callers)."""
 

@@ -39,6 +39,11 @@ def resolve_recipe(recipe: str) -> Path:
     named = RECIPES_DIR / (recipe if recipe.endswith(".yaml") else f"{recipe}.yaml")
     if named.is_file():
         return named
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:  # meant as a file
+        raise UserFileNotFoundError(
+            f"recipe file {recipe}: no such file (looked at {path.resolve()}); pass an existing "
+            f"YAML file or the name of a recipe in {RECIPES_DIR}"
+        )
     shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
     message = unknown_names_message("recipe", [recipe], shipped)
     raise UserFileNotFoundError(f"{message} (no file {path.resolve()} either)")
