@@ -100,3 +100,28 @@ def test_the_trainer_runs_says_and_checkpoints_the_decision(
             assert f"x{fc.in_features}x{fc.out_features} GEMM" in stored["precision_why"]
     finally:
         trainer.close()
+
+
+def test_time_gemm_times_the_models_layer_under_bf16_then_fp32_best_after_warmup(monkeypatch):
+    """With a fake layer and clock: the first series runs under bf16 autocast, the second in
+    fp32, each on an (M, K) input to a K->N layer, and each result is the best repeat after the
+    warm-up call (whose time is ignored)."""
+    import mvitv2.ops
+
+    calls = []
+
+    class FakeLinear:
+        def __init__(self, k, n):
+            self.shape = (k, n)
+
+        def __call__(self, x):
+            calls.append((tuple(x.shape), self.shape, torch.is_autocast_enabled("cpu")))
+
+    # bf16: 100 (warm-up), 5, 3, 2; fp32: 1 (warm-up), 9, 7, 8
+    clock = iter([0, 100, 100, 105, 105, 108, 108, 110] + [0, 1, 1, 10, 10, 17, 17, 25])
+    monkeypatch.setattr(mvitv2.ops, "Linear", FakeLinear)
+    monkeypatch.setattr(precision.time, "perf_counter", lambda: next(clock))
+    assert precision.time_gemm((6, 4, 5), repeats=3) == (2, 7)
+    assert [c[2] for c in calls] == [True] * 4 + [False] * 4
+    assert {c[:2] for c in calls} == {((6, 4), (4, 5))}
+    assert torch.get_autocast_dtype("cpu") == torch.bfloat16  # the default, restored
