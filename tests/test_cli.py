@@ -67,7 +67,7 @@ def run(tmp_path_factory):
         contextlib.redirect_stderr(err),
         contextlib.redirect_stdout(io.StringIO()),
     ):
-        assert main([*argv, *TINY, "progress=true", "tensorboard=true"]) == 0
+        assert main([*argv, *TINY, "progress=true", "tensorboard=true", "amp=bf16_force"]) == 0
     return tmp / "runs" / "run", data, err.getvalue()
 
 
@@ -82,7 +82,7 @@ def test_train_says_where_on_what_and_how_big_at_the_start(run):
     assert f"run folder: {run_dir} (resolved config in config.yaml)" in lines
     assert (
         "device: cpu x 1 process(es), 1 CPU thread(s) per process, 0 data worker(s), "
-        "precision bf16 autocast" in lines  # in1k_tiny: amp bf16
+        "precision bf16 autocast (amp=bf16_force: not measured)" in lines
     )
     assert (
         f"model: mvitv2_tiny, {params / 1e6:.2f} M parameters ({params / 1e6:.2f} M trainable)"
@@ -159,6 +159,25 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(
     (run_dir / "config.yaml").write_text("epochs: 1\n")
     remove_empty_run(run_dir)
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "last.pt"]
+
+
+def test_every_shipped_recipe_writes_its_runs_under_runs_task_recipe():
+    """One layout: ``runs/<task>/<recipe>/<name or timestamp>``; the task follows from the
+    recipe's model (a detector, a temporal backbone, else an image classifier)."""
+    from mvitv2.detection.model import list_detectors
+    from mvitv2.engine.cli import RECIPES_DIR
+
+    recipes = sorted(RECIPES_DIR.glob("*.yaml"))
+    tasks = set()
+    for path in recipes:
+        cfg = TrainConfig.load(path, [])
+        if cfg.model in list_detectors():
+            task = "detect"
+        else:
+            task = "video" if mvitv2.get_config(cfg.model).temporal else "image"
+        tasks.add(task)
+        assert cfg.output == f"runs/{task}/{path.stem}", path.name
+    assert tasks == {"image", "detect", "video"} and len(recipes) >= 22
 
 
 # ---------------------------------------------------------------------- one error style
@@ -246,6 +265,38 @@ MISTAKES = [
         "--forward 'mvitv2_tiniest': no such model",
     ),
     (["benchmark", "--device", "nope", "--cases", "train"], "--device 'nope': not a device"),
+    # second trial (issue 15): a path as recipe, a typo'd model or model option, wrong tasks
+    (
+        ["train", "image", "--config", "{empty}/recipe.yaml", *TINY],
+        "recipe file {empty}/recipe.yaml: no such file (looked at {empty}/recipe.yaml)",
+    ),
+    (
+        ["train", "image", "--data", "{data}", *TINY, "model=mvitv2_tiniy"],
+        "unknown model 'mvitv2_tiniy'; available: mvitv1_base_16x4, mvitv2_base,",
+    ),
+    (
+        ["train", "image", "--data", "{data}", "--model", "mvitv2_tiniy", *TINY],
+        "unknown model 'mvitv2_tiniy'",
+    ),
+    (
+        ["train", "image", "--data", "{data}", *TINY, "model_args.depht=[1]"],
+        "unknown option(s) for mvitv2_tiny: ['depht']",
+    ),
+    (
+        ["train", "image", "--data", "{data}", *TINY, "amp=bf16force"],
+        "amp must be one of none, bf16, bf16_force, fp16, got 'bf16force'",
+    ),
+    (
+        ["train", "image", "--resume", "missing.pt", "--data", "{data}", *TINY],
+        "--resume missing.pt: no checkpoint at missing.pt",
+    ),
+    (
+        ["train", "video", "--config", "k400_smal"],
+        "unknown recipe 'k400_smal' (did you mean 'k400_small'",
+    ),
+    (["eval", "detect", "--checkpoint", "{ckpt}"], "is a 'image' checkpoint, not 'detect'"),
+    (["predict", "video", "x.mp4", "--checkpoint", "{ckpt}"], "checkpoint, not 'video'"),
+    (["export", "detect", "--checkpoint", "{ckpt}"], "checkpoint, not 'detect'"),
 ]
 
 
@@ -265,6 +316,17 @@ def test_each_user_mistake_is_one_line_and_exit_2(
     assert errors[0].startswith(f"{prog}: error: ") and phrase.format(**mistakes) in errors[0], err
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no run folder left behind
     assert not list(tmp_path.glob("runs/*/run"))
+
+
+def test_training_on_cuda_without_cuda_is_a_user_mistake(monkeypatch):
+    from mvitv2.engine.distributed import init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserValueError) as e:
+        init_distributed("cuda")
+    assert str(e.value) == (
+        "device=cuda asked for but CUDA is not available here; use device=cpu or device=auto"
+    )
 
 
 def test_an_internal_bug_keeps_its_traceback(run, monkeypatch):

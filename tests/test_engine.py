@@ -781,7 +781,7 @@ def test_top1_top5_and_loss_match_a_naive_loop():
     assert (one["top1"], one["count"]) == (100.0, 1)
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("amp", ["bf16_force", "fp16"])
 def test_mixed_precision_and_grad_checkpointing_train(tmp_path, amp):
     cfg = toy_config(str(tmp_path), amp, "epochs=2", f"amp={amp}", "grad_checkpointing=true")
     trainer = Trainer(ToyTask(cfg), cfg)

@@ -160,7 +160,7 @@ def test_add_residual_adds_in_place_only_without_gradients():
 
 
 @pytest.mark.parametrize(
-    ("amp", "attention", "gemm"), [("none", "memeff", None), ("bf16", "chunked", "aten")]
+    ("amp", "attention", "gemm"), [("none", "memeff", None), ("bf16_force", "chunked", "aten")]
 )
 def test_trainer_logs_and_checkpoints_the_kernels_in_force(tmp_path, capsys, amp, attention, gemm):
     """CPU training: fp32 uses memeff (and whichever GEMM backend was measured faster), bf16

@@ -74,6 +74,10 @@ class CheckpointNotFoundError(UserCheckpointError, UserFileNotFoundError):
     """A checkpoint path that names no file (also a ``FileNotFoundError``)."""
 
 
+class UnknownOptionError(UserError, TypeError):
+    """A keyword option a builder does not take (also a ``TypeError`` for callers)."""
+
+
 class UnknownKeyError(UserValueError, KeyError):
     """A config or data option name that does not exist (also a ``KeyError`` for callers)."""
 

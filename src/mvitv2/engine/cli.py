@@ -39,6 +39,11 @@ def resolve_recipe(recipe: str) -> Path:
     named = RECIPES_DIR / (recipe if recipe.endswith(".yaml") else f"{recipe}.yaml")
     if named.is_file():
         return named
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:  # meant as a file
+        raise UserFileNotFoundError(
+            f"recipe file {recipe}: no such file (looked at {path.resolve()}); pass an existing "
+            f"YAML file or the name of a recipe in {RECIPES_DIR}"
+        )
     shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
     message = unknown_names_message("recipe", [recipe], shipped)
     raise UserFileNotFoundError(f"{message} (no file {path.resolve()} either)")
@@ -158,11 +163,10 @@ def describe_run(trainer: Trainer) -> list[str]:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     n_train = len(trainer.train_loader.dataset)
     n_val = len(trainer.val_loader.dataset) if trainer.val_loader is not None else 0
-    precision = {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[cfg.amp]
     return [
         f"run folder: {trainer.run_dir} (resolved config in {CONFIG_FILE})",
         f"device: {d.device} x {d.world_size} process(es), {torch.get_num_threads()} CPU "
-        f"thread(s) per process, {cfg.workers} data worker(s), precision {precision}",
+        f"thread(s) per process, {cfg.workers} data worker(s), precision {trainer.precision.describe()}",
         f"model: {cfg.model}, {params / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable)",
         f"data: {n_train} train / {n_val} val samples; {cfg.global_batch(d.world_size)} per "
         f"step (batch_size {cfg.batch_size} x {d.world_size} process(es) x accum_steps "

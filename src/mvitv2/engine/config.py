@@ -28,6 +28,8 @@ from mvitv2.errors import (
     unknown_names_message,
 )
 
+AMP_CHOICES = ("none", "bf16", "bf16_force", "fp16")  # see mvitv2.utils.precision
+
 __all__ = ["TrainConfig", "UnknownKeyError", "apply_overrides", "parse_value", "short_run_warmup"]
 
 
@@ -69,7 +71,10 @@ class TrainConfig:
         cutmix: cutmix alpha (0: off).
         mix_prob: probability to apply mixup or cutmix to a batch.
         switch_prob: probability of cutmix instead of mixup when both are on.
-        amp: ``none``, ``bf16`` or ``fp16`` (fp16 uses a GradScaler).
+        amp: ``none``, ``bf16``, ``bf16_force`` or ``fp16`` (fp16 uses a GradScaler). On a CPU,
+            ``bf16`` first times one of the model's GEMMs in bf16 and fp32 and runs in fp32 when
+            bf16 is not faster there (said in a ``note:`` line); ``bf16_force`` keeps bf16
+            without measuring. See :mod:`mvitv2.utils.precision`.
         grad_checkpointing: activation checkpointing (``model.set_grad_checkpointing``).
         compile: run the training forward through ``torch.compile``.
         ema_decay: EMA of the weights with this decay per step (0: off).
@@ -78,7 +83,7 @@ class TrainConfig:
         threads: intra-op CPU threads per process (0: torch's default). On a small shared CPU, 1
             thread for compute plus data workers on the other cores avoids spin-wait slowdowns.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
-        output: parent folder of run folders.
+        output: parent folder of run folders; the shipped recipes use ``runs/<task>/<recipe>``.
         name: run folder name under ``output`` (empty: a timestamp).
         eval_every: evaluate every N epochs (the last epoch is always evaluated; 0: only then).
         ckpt_every_steps: also checkpoint every N optimizer steps (0: only at epoch ends).
@@ -138,8 +143,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [
             (
-                self.amp in ("none", "bf16", "fp16"),
-                f"amp must be none, bf16 or fp16, got {self.amp!r}",
+                self.amp in AMP_CHOICES,
+                f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}",
             ),
             (self.epochs >= 1, "epochs must be >= 1"),
             (

@@ -55,6 +55,7 @@ from mvitv2.engine.optim import build_optimizer, build_scheduler
 from mvitv2.engine.task import Task
 from mvitv2.errors import UserValueError
 from mvitv2.ops import implementation_choices
+from mvitv2.utils.precision import Precision, choose_precision, gemm_shape
 from mvitv2.weights import CheckpointError
 
 
@@ -155,12 +156,21 @@ class Trainer:
                 f"set warmup_epochs below epochs"
             )
         self.optimizer = build_optimizer(self.model, cfg, d.world_size)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        # The kernels in force (attention path, GEMM backend) and why: logged and checkpointed.
-        dtype = self.autocast_dtype or torch.float32
-        self.implementation = implementation_choices(device, dtype, training=True)
-        notes.append("kernels: " + ", ".join(f"{k}={v}" for k, v in self.implementation.items()))
+        # bf16 on a CPU only where it is faster; rank 0 measures, so every process agrees.
+        precision = None
+        if d.is_main:
+            precision = choose_precision(cfg.amp, device, gemm_shape(self.model))
+        self.precision: Precision = d.broadcast_object(precision)
+        notes += [f"note: {self.precision.note}"] if self.precision.note else []
+        self.autocast_dtype = self.precision.dtype
+        self.scaler = torch.amp.GradScaler(
+            device.type, enabled=self.autocast_dtype == torch.float16
+        )
+        # The kernels in force (attention path, GEMM backend, precision) and why: logged and
+        # checkpointed.
+        kernels = implementation_choices(device, self.autocast_dtype or torch.float32, True)
+        notes.append("kernels: " + ", ".join(f"{k}={v}" for k, v in kernels.items()))
+        self.implementation = {**kernels, **self.precision.metadata()}
 
         # Progress (what a checkpoint restores).
         self.epoch = 0  # epoch in progress (or next to start)

@@ -13,13 +13,44 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import StochasticDepth
 
 from mvitv2.models.attention import MultiScaleAttention
 from mvitv2.models.config import BlockSpec, MViTConfig, block_specs
 from mvitv2.ops import Linear, add_residual, pool_tokens
 from mvitv2.ops.mlp import mlp
 from mvitv2.ops.rel_pos import Grid
+
+
+class DropPath(nn.Module):
+    """Stochastic depth, row mode: in training, zero whole samples with probability ``p`` and
+    scale the kept ones by ``1 / (1 - p)``; identity in eval.
+
+    The same computation and random draws as ``torchvision.ops.StochasticDepth(p, "row")``, written
+    here because importing torchvision pulls in torch._dynamo (seconds), which model code does not
+    need (``mvitv2 info`` builds every model).
+
+    Args:
+        p: probability of dropping a sample's branch, in [0, 1].
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"drop path probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        survival = 1.0 - self.p
+        noise = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype, device=x.device)
+        noise = noise.bernoulli_(survival)
+        if survival > 0.0:
+            noise.div_(survival)
+        return x * noise
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class Mlp(nn.Module):
@@ -61,7 +92,7 @@ class MultiScaleBlock(nn.Module):
                 self.pool_skip = nn.MaxPool2d(kernel[1:], spec.stride_q[1:], pad[1:])
             else:
                 self.pool_skip = nn.MaxPool3d(kernel, spec.stride_q, pad)
-        self.drop_path = StochasticDepth(spec.drop_path, "row")
+        self.drop_path = DropPath(spec.drop_path)
 
     def forward(self, x: Tensor, thw: Grid) -> tuple[Tensor, Grid]:
         """x: ``(B, N, dim)`` on grid ``thw`` -> ``(B, N', dim_out)`` on the pooled grid."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from mvitv2.errors import UnknownKeyError, UnknownOptionError
 from mvitv2.models.config import MViTConfig
 from mvitv2.models.mvit import MViT
 
@@ -77,11 +78,14 @@ def list_models(pattern: str = "") -> list[str]:
 def get_config(name: str, **overrides) -> MViTConfig:
     """The config of variant ``name`` with fields replaced by ``overrides``."""
     if name not in MODEL_CONFIGS:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+        # A user's mistake in a config or on the command line: one line from the CLI.
+        raise UnknownKeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     fields = {f.name for f in dataclasses.fields(MViTConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise TypeError(f"unknown option(s) for {name}: {unknown}; valid: {sorted(fields)}")
+        raise UnknownOptionError(
+            f"unknown option(s) for {name}: {unknown}; valid: {sorted(fields)}"
+        )
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     return dataclasses.replace(MODEL_CONFIGS[name], **overrides)
 

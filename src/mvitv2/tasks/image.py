@@ -284,7 +284,9 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from mvitv2.predict import build_model as build_from_info
 
-    info = read_image_checkpoint(read_training_checkpoint(args.checkpoint), args.checkpoint, args.ema)
+    info = read_image_checkpoint(
+        read_training_checkpoint(args.checkpoint), args.checkpoint, args.ema
+    )
     model, classes, meta = build_from_info(info), info.class_names, info.meta
     dc = ImageDataConfig.from_dict(meta["data"])
     root = data_folder(args.data) if args.data else meta.get("data_root", DIGITS)

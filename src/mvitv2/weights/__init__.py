@@ -10,53 +10,47 @@
   weights, downloaded through torch.hub's cache.
 """
 
-from mvitv2.weights.formats import (
-    FORMAT_VERSION,
-    FORMATS,
-    KeyFormat,
-    convert_state_dict,
-    detect_format,
-    to_official,
-)
-from mvitv2.weights.io import CheckpointError, cache_dir, download, read_checkpoint
-from mvitv2.weights.load import (
-    CheckpointMismatchError,
-    LoadReport,
-    inflate_kernel,
-    load_checkpoint,
-)
-from mvitv2.weights.registry import (
-    WEIGHTS,
-    Preprocessing,
-    Weights,
-    download_weights,
-    get_weights,
-    list_weights,
-    load_pretrained,
-    register_weights,
-)
+from __future__ import annotations
 
-__all__ = [
-    "FORMATS",
-    "FORMAT_VERSION",
-    "WEIGHTS",
-    "CheckpointError",
-    "CheckpointMismatchError",
-    "KeyFormat",
-    "LoadReport",
-    "Preprocessing",
-    "Weights",
-    "cache_dir",
-    "convert_state_dict",
-    "detect_format",
-    "download",
-    "download_weights",
-    "get_weights",
-    "inflate_kernel",
-    "list_weights",
-    "load_checkpoint",
-    "load_pretrained",
-    "read_checkpoint",
-    "register_weights",
-    "to_official",
-]
+import importlib
+from typing import Any
+
+# Loaded on first use, so that listing the released weights (`WEIGHTS`, `list_weights`) imports
+# neither the model code (`load`) nor torchvision.
+_LAZY = {
+    "FORMATS": "formats",
+    "FORMAT_VERSION": "formats",
+    "KeyFormat": "formats",
+    "convert_state_dict": "formats",
+    "detect_format": "formats",
+    "to_official": "formats",
+    "CheckpointError": "io",
+    "cache_dir": "io",
+    "download": "io",
+    "read_checkpoint": "io",
+    "CheckpointMismatchError": "load",
+    "LoadReport": "load",
+    "inflate_kernel": "load",
+    "load_checkpoint": "load",
+    "WEIGHTS": "registry",
+    "Preprocessing": "registry",
+    "Weights": "registry",
+    "download_weights": "registry",
+    "get_weights": "registry",
+    "list_weights": "registry",
+    "load_pretrained": "registry",
+    "register_weights": "registry",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mvitv2.weights' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"mvitv2.weights.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -1,0 +1,122 @@
+"""The precision a training run computes in, decided on the machine at hand.
+
+The paper recipes ask for bf16 autocast (``amp: bf16``). On a GPU that is always faster; on a CPU
+it depends on the chip: with native bf16 matrix units it is, elsewhere bf16 autocast can be
+several times slower than fp32 (2.3x for a video step on one Xeon). So on a CPU, ``amp: bf16``
+times one GEMM of the model's most common shape in bf16 and in fp32 (a few tens of ms) and keeps
+bf16 only when it is faster; ``amp: bf16_force`` keeps bf16 without measuring.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+FORCE_BF16 = "bf16_force"  # one of mvitv2.engine.config.AMP_CHOICES
+GEMM_WORK = 1e8  # multiply-accumulates of the timed GEMM (~5 ms in fp32 on one CPU core)
+
+GemmShape = tuple[int, int, int]  # (rows M, in K, out N)
+Timer = Callable[[GemmShape], tuple[float, float]]  # shape -> (bf16 seconds, fp32 seconds)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision a run computes in.
+
+    Args:
+        amp: what the config asked (``none``, ``bf16``, ``bf16_force`` or ``fp16``).
+        dtype: the autocast dtype in force; None for plain fp32.
+        why: how it was decided (the measurement when there was one).
+        note: a line to show the user when the run does not do what the config asked.
+    """
+
+    amp: str
+    dtype: torch.dtype | None
+    why: str
+    note: str | None = None
+
+    @property
+    def name(self) -> str:
+        """``fp32``, ``bf16`` or ``fp16``."""
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def describe(self) -> str:
+        """For the run banner: ``bf16 autocast (measured ...)``."""
+        kind = "fp32" if self.dtype is None else f"{self.name} autocast"
+        return f"{kind} ({self.why})"
+
+    def metadata(self) -> dict[str, str]:
+        """For the checkpoint's ``implementation`` entry."""
+        return {"precision": self.name, "precision_setting": self.amp, "precision_why": self.why}
+
+
+def gemm_shape(model: nn.Module) -> GemmShape:
+    """The model's most common linear layer by compute (count x in x out), as a GEMM of about
+    :data:`GEMM_WORK` multiply-accumulates: ``(rows, in_features, out_features)``."""
+    shapes = collections.Counter(
+        (m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)
+    )
+    if not shapes:
+        k = n = 768
+    else:
+        k, n = max(shapes, key=lambda s: shapes[s] * s[0] * s[1])
+    return min(4096, max(64, int(GEMM_WORK // (k * n)))), k, n
+
+
+def time_gemm(shape: GemmShape, repeats: int = 3) -> tuple[float, float]:
+    """Best-of-``repeats`` seconds of one ``(M, K) @ (K, N)`` linear layer on the CPU under bf16
+    autocast and in fp32 (each after one warm-up), through the layer the models use."""
+    from mvitv2.ops import Linear
+
+    m, k, n = shape
+    layer = Linear(k, n)
+    x = torch.randn(m, k)
+
+    def best(autocast: bool) -> float:
+        times = []
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                layer(x)
+                times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    return best(True), best(False)
+
+
+def choose_precision(
+    amp: str, device: torch.device, shape: GemmShape, timer: Timer | None = None
+) -> Precision:
+    """Decide the precision of a run.
+
+    Args:
+        amp: the config's ``amp``.
+        device: where the run computes.
+        shape: the GEMM to time on a CPU (:func:`gemm_shape` of the model).
+        timer: measures ``shape`` in bf16 and fp32 (default :func:`time_gemm`).
+    """
+    if amp == "none":
+        return Precision(amp, None, "amp=none")
+    if amp == "fp16":
+        return Precision(amp, torch.float16, "amp=fp16")
+    if amp == FORCE_BF16:
+        return Precision(amp, torch.bfloat16, f"amp={FORCE_BF16}: not measured")
+    if device.type != "cpu":
+        return Precision(amp, torch.bfloat16, f"amp=bf16 on {device.type}")
+    bf16, fp32 = (timer or time_gemm)(shape)
+    measured = (
+        f"a {'x'.join(map(str, shape))} GEMM on this CPU took {bf16 * 1e3:.2f} ms in bf16, "
+        f"{fp32 * 1e3:.2f} ms in fp32"
+    )
+    if bf16 < fp32:
+        return Precision(amp, torch.bfloat16, f"amp=bf16: {measured}")
+    note = (
+        f"amp=bf16 asked, but bf16 autocast is not faster here ({measured}): training in fp32; "
+        f"amp={FORCE_BF16} keeps bf16"
+    )
+    return Precision(amp, None, f"amp=bf16 measured not faster: {measured}", note)
