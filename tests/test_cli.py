@@ -262,7 +262,7 @@ MISTAKES = [
     (["export", "video", "--checkpoint", "missing.pt"], "missing.pt does not exist"),
     (
         ["info", "--forward", "mvitv2_tiniest", "--weights"],
-        "--forward 'mvitv2_tiniest': no such model",
+        "--forward 'mvitv2_tiniest' with --weights: --weights lists only the released weights",
     ),
     (["benchmark", "--device", "nope", "--cases", "train"], "--device 'nope': not a device"),
     # second trial (issue 15): a path as recipe, a typo'd model or model option, wrong tasks
@@ -295,7 +295,17 @@ MISTAKES = [
         "unknown recipe 'k400_smal' (did you mean 'k400_small'",
     ),
     (["eval", "detect", "--checkpoint", "{ckpt}"], "is a 'image' checkpoint, not 'detect'"),
-    (["predict", "video", "x.mp4", "--checkpoint", "{ckpt}"], "checkpoint, not 'video'"),
+    (
+        ["predict", "video", "x.mp4", "--checkpoint", "{ckpt}"],
+        "checkpoint, not 'video': give it to the image commands (`mvitv2 predict|eval|export image`)",
+    ),
+    (
+        ["predict", "image", "{data}", "--checkpoint", "{ckpt}", "--topk", "0"],
+        "topk=0: give at least 1 class per input",
+    ),
+    (["info", "--weights", "--filter", "nomatch"], "no released weights tag contains it"),
+    (["info", "--filter", "nomatch", "--forward", ""], "no model or weights tag contains it"),
+    (["info", "--forward", "mvitv2_tiniest"], "--forward 'mvitv2_tiniest': no such model"),
     (["export", "detect", "--checkpoint", "{ckpt}"], "checkpoint, not 'detect'"),
 ]
 

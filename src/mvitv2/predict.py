@@ -47,7 +47,7 @@ class WrongTaskError(CheckpointError):
         self.found, self.expected = found, expected
         super().__init__(
             f"checkpoint {path} is a {found!r} checkpoint, not {expected!r}: "
-            f"use `mvitv2 <command> {found} --checkpoint {path}`"
+            f"give it to the {found} commands (`mvitv2 predict|eval|export {found}`)"
         )
 
 
@@ -302,7 +302,9 @@ class Predictor:
         self.class_names = list(class_names)
         self.preprocessing = dict(preprocessing)
         self.dtype = dtype
-        self.topk = max(1, min(topk, len(self.class_names)))
+        if topk < 1:
+            raise UserValueError(f"topk={topk}: give at least 1 class per input")
+        self.topk = min(topk, len(self.class_names))
         self.batch_size = batch_size
         self.score_thresh = score_thresh
         self.mask_thresh = mask_thresh

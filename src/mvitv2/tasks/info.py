@@ -12,6 +12,8 @@ from typing import Any
 
 from mvitv2.errors import UserValueError
 
+FORWARD_DEFAULT = "mvitv2_tiny"
+
 
 def default_input_shape(name: str) -> tuple[int, ...]:
     """The training input shape of a variant: ``(1, 3, H, W)`` or ``(1, 3, T, H, W)``."""
@@ -25,7 +27,7 @@ def default_input_shape(name: str) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--filter", default="", help="only models and weights containing this")
     parser.add_argument(
-        "--forward", default="mvitv2_tiny", help="model to run one real forward with ('' to skip)"
+        "--forward", default=FORWARD_DEFAULT, help="model to run one real forward with ('' to skip)"
     )
     parser.add_argument(
         "--weights", action="store_true", help="only list the released weights (fast)"
@@ -57,6 +59,18 @@ def weights_lines(filter: str = "") -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    weights = weights_lines(args.filter)
+    if args.weights:  # the registry alone: no model code, no torch ops
+        if args.forward != FORWARD_DEFAULT:
+            raise UserValueError(
+                f"--forward {args.forward!r} with --weights: --weights lists only the released "
+                "weights and runs no forward; drop one of the two"
+            )
+        if len(weights) == 1:
+            raise UserValueError(f"--filter {args.filter!r}: no released weights tag contains it")
+        print("\n".join(weights))
+        return 0
+
     import torch
 
     from mvitv2.models import create_model, list_models
@@ -65,7 +79,11 @@ def run(args: argparse.Namespace) -> int:
     known = list_models()
     if args.forward and args.forward not in known:
         raise UserValueError(f"--forward {args.forward!r}: no such model; models: {known}")
-    if not args.weights:
+    if not list_models(args.filter) and len(weights) == 1:
+        raise UserValueError(
+            f"--filter {args.filter!r}: no model or weights tag contains it; models: {known}"
+        )
+    if list_models(args.filter):
         print(f"{'model':<20} {'params (M)':>11} {'GMACs':>9}  input")
         for name in list_models(args.filter):
             shape = default_input_shape(name)
@@ -76,9 +94,9 @@ def run(args: argparse.Namespace) -> int:
                 f"{count_macs(model, shape) / 1e9:>9.2f}  {'x'.join(map(str, shape[1:]))}"
             )
         print()
-    print("\n".join(weights_lines(args.filter)))
+    print("\n".join(weights))
     print("(create_model(name, pretrained=TAG) or mvitv2.load_checkpoint(model, TAG))")
-    if args.forward and not args.weights:
+    if args.forward:
         model = create_model(args.forward).eval()
         x = torch.randn(default_input_shape(args.forward))
         start = time.perf_counter()
