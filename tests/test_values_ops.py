@@ -238,3 +238,9 @@ def test_rel_pos_terms_times_key_onehots_equal_the_bias(q_thw, k_thw, temporal):
                 if temporal:
                     want[row, kh + kw + t] = 1
     assert torch.equal(hot, want)
+
+
+def test_rel_pos_onehots_follow_the_requested_dtype_and_device():
+    hot = rel_pos_onehots((2, 3, 2), True, dtype=torch.bfloat16)
+    assert hot.dtype == torch.bfloat16
+    assert rel_pos_onehots((2, 3, 2), True, device="meta").device.type == "meta"

@@ -86,6 +86,8 @@ def test_training_transform_gives_all_frames_the_same_parameters():
     torch.testing.assert_close(fixed(clip), want.permute(1, 0, 2, 3), rtol=1e-5, atol=1e-5)
     side = VideoTransform(True, crop="short_side", short_side_range=(10, 10), crop_size=10)
     assert side(_clip(2, 10, 30)).shape == (3, 2, 10, 10)
+    small = VideoTransform(True, crop="short_side", short_side_range=(6, 6), crop_size=8)
+    assert small(_clip(2, 10, 30)).shape == (3, 2, 8, 8)  # padded up to the crop
     with pytest.raises(
         ValueError, match=r"^unknown crop 'centre'; expected 'rrc' or 'short_side'$"
     ):
@@ -185,3 +187,15 @@ def test_bad_views_are_dropped_at_test_time_and_replaced_in_training(dataset_fac
     with pytest.raises(video_data.UserValueError, match=r"^unreadable video \(strict data\)"):
         make(train=True, strict=True)[1]
     np.testing.assert_equal(len(make(train=False, num_crops=3)), 9)
+
+    def broken(self, video, clip_ids):
+        raise video_data.VideoDecodeError(f"v{video}: broken", "corrupt")
+
+    monkeypatch.setattr(VideoClipDataset, "_decode", broken)
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(
+            video_data.UserValueError, match=r"^21 unreadable video\(s\) in a row \(the last: "
+        ),
+    ):
+        make(train=True)[0]  # the first try and 20 replacements
