@@ -78,7 +78,7 @@ CASES = {
     # name: (thw, strides q/k/v, spatial (2-D convs), q pooled, num_prefix, bias)
     "image_same_strides_cls": ((1, 4, 6), ((1, 2, 2), (1, 2, 2)), True, True, 1, True),
     "image_q_unstrided_kv_strided": ((1, 4, 4), ((1, 1, 1), (1, 2, 2)), True, True, 0, True),
-    "image_no_q_pool": ((1, 4, 4), (None, (1, 2, 2)), True, False, 1, False),
+    "image_no_q_pool": ((1, 4, 4), (None, (1, 2, 2)), True, False, 1, True),
     "video_same_strides": ((4, 4, 2), ((2, 2, 1), (2, 2, 1)), False, True, 1, True),
     "video_different_strides": ((2, 4, 4), ((1, 2, 2), (1, 4, 4)), False, True, 0, False),
 }
