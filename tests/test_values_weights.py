@@ -404,10 +404,22 @@ def test_separate_qkv_rows_are_stacked_q_k_v_with_a_note():
         assert torch.equal(got[f"blocks.{b}.attn.qkv.bias"], w[:, 0] - 2 * b)
         assert not any(f"blocks.{b}.attn.{n}." in k for k in got for n in "qkv")
     assert len(got) == 2 + 4
-    with pytest.raises(ValueError, match=r"^the checkpoint was trained with MVIT.POOL_FIRST=True"):
+    with pytest.raises(ValueError) as err:
         convert_state_dict({"model_state": sd, "cfg": {"MVIT": {"POOL_FIRST": True}}})
-    with pytest.raises(ValueError, match=r"^the checkpoint stores separate attn.q/k/v projections"):
+    assert str(err.value) == (
+        "the checkpoint was trained with MVIT.POOL_FIRST=True (Q/K/V pooled before their "
+        "attn.q/k/v projections); mvitv2 projects before pooling, so these weights cannot be "
+        "loaded exactly and are refused. Use weights trained with MVIT.POOL_FIRST=False."
+    )
+    with pytest.raises(ValueError) as err:
         convert_state_dict(sd)
+    assert str(err.value) == (
+        "the checkpoint stores separate attn.q/k/v projections but no training config "
+        "('cfg' with MVIT.POOL_FIRST) saying whether Q/K/V were projected before pooling "
+        "(MVIT.POOL_FIRST=False: loads exactly) or after it (MVIT.POOL_FIRST=True: cannot "
+        "be loaded). If it was trained with MVIT.POOL_FIRST=False, pass {'model_state': "
+        "state_dict, 'cfg': 'MVIT: {POOL_FIRST: false}'} as the source."
+    )
     plain = {"patch_embed.proj.weight": _t(1), "blocks.0.attn.qkv.weight": _t(1)}
     assert _conv(plain) == (plain, "official", [])
 
