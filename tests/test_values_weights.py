@@ -427,6 +427,7 @@ def test_separate_qkv_rows_are_stacked_q_k_v_with_a_note():
 def test_migrations_need_an_older_recorded_version():
     sd = {"patch_embed.proj.weight": _t(1), "blocks.0.norm1.weight": _t(1)}
     assert migrate(dict(sd), 1) == sd
+    assert convert_state_dict({"model": sd, "format_version": 1}) == sd  # current: unchanged
     with pytest.raises(ValueError) as err:
         migrate(sd, 2)
     assert str(err.value) == (
