@@ -1,0 +1,201 @@
+"""mvitv2.data.video by value: random draws against the same generator stream, the test-time
+transform against resize/crop/normalise written out, the view bookkeeping of the dataset (on
+synthetic decoded clips) and the collate's flattening."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from mvitv2.data import video as video_data
+from mvitv2.data.video import (
+    VideoClipDataset,
+    VideoTransform,
+    clip_indices,
+    segment_indices,
+    video_collate,
+)
+
+
+def test_training_samplers_draw_from_the_given_generator():
+    """Random clip start ``randint(slack + 1)`` and segment frames ``floor((i + u) n / T)``
+    with ``u`` from the caller's generator (same seed, same draw)."""
+    for n, frames, rate in ((100, 8, 4), (40, 4, 3), (20, 8, 2)):
+        span = (frames - 1) * rate + 1
+        for seed in range(5):
+            start = int(torch.randint(max(n - span, 0) + 1, (1,), generator=_g(seed)))
+            want = [min(start + i * rate, n - 1) for i in range(frames)]
+            assert clip_indices(n, frames, rate, generator=_g(seed)) == want
+    for n, frames in ((100, 8), (7, 4), (3, 8)):
+        for seed in range(5):
+            u = torch.rand(frames, generator=_g(seed)).tolist()
+            want = [min(math.floor((i + u[i]) * n / frames), n - 1) for i in range(frames)]
+            assert segment_indices(n, frames, train=True, generator=_g(seed)) == want
+
+
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_pad_modes_and_their_errors():
+    assert clip_indices(5, 4, 2, clip_idx=0, pad="last") == [0, 2, 4, 4]
+    assert clip_indices(5, 4, 2, clip_idx=0, pad="loop") == [0, 2, 4, 1]
+    with pytest.raises(ValueError, match=r"^unknown pad mode 'wrap'; expected 'last' or 'loop'$"):
+        clip_indices(5, 4, 2, clip_idx=0, pad="wrap")
+
+
+def _clip(t: int = 4, h: int = 12, w: int = 20, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (t, 3, h, w), generator=_g(seed), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("spatial_idx", [None, 0, 1, 2])
+def test_test_transform_resizes_the_short_side_crops_and_normalises(spatial_idx):
+    clip = _clip()
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    tf = VideoTransform(False, crop_size=7, mean=mean, std=std)
+    short = round(7 * 256 / 224)  # 8
+    resized = TF.resize(clip, [short, round(20 * short / 12)], antialias=True)  # (4, 3, 8, 13)
+    left = {None: 3, 0: 0, 1: 3, 2: 6}[spatial_idx]
+    crop = resized[..., 0:7, left : left + 7].float() / 255
+    want = (crop - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    got = tf(clip, spatial_idx)
+    assert type(got) is torch.Tensor and got.dtype == torch.float32
+    torch.testing.assert_close(got, want.permute(1, 0, 2, 3), rtol=1e-5, atol=1e-5)
+    tall = VideoTransform(False, crop_size=4, test_short_side=6)(clip.transpose(2, 3), 2)
+    resized = TF.resize(clip.transpose(2, 3), [10, 6], antialias=True)
+    want = (resized[..., 6:10, 1:5].float() / 255 - 0.45) / 0.225
+    torch.testing.assert_close(tall, want.permute(1, 0, 2, 3), rtol=1e-5, atol=1e-5)
+
+
+def test_training_transform_gives_all_frames_the_same_parameters():
+    torch.manual_seed(0)
+    frame = _clip(1, 16, 16)
+    clip = frame.expand(3, -1, -1, -1).clone()
+    tf = VideoTransform(True, crop_size=8, randaug=(2, 9), erase_prob=1.0)
+    out = tf(clip)
+    assert out.shape == (3, 3, 8, 8)
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 0], out[:, 2])
+    assert (out == 0).any()  # one erased box, the same on every frame
+    # no flip, whole-frame crop: exactly the resize of each frame
+    fixed = VideoTransform(True, crop_size=8, rrc_scale=(1, 1), rrc_ratio=(1, 1), hflip=False)
+    want = (TF.resize(clip, [8, 8], antialias=True).float() / 255 - 0.45) / 0.225
+    torch.testing.assert_close(fixed(clip), want.permute(1, 0, 2, 3), rtol=1e-5, atol=1e-5)
+    side = VideoTransform(True, crop="short_side", short_side_range=(10, 10), crop_size=10)
+    assert side(_clip(2, 10, 30)).shape == (3, 2, 10, 10)
+    small = VideoTransform(True, crop="short_side", short_side_range=(6, 6), crop_size=8)
+    assert small(_clip(2, 10, 30)).shape == (3, 2, 8, 8)  # padded up to the crop
+    with pytest.raises(
+        ValueError, match=r"^unknown crop 'centre'; expected 'rrc' or 'short_side'$"
+    ):
+        VideoTransform(True, crop="centre")
+
+
+def test_video_collate_flattens_views_and_drops_missing_items():
+    a = torch.full((3, 2, 4, 4), 1.0)  # one view
+    b = torch.full((2, 3, 2, 4, 4), 2.0)  # two views
+    clips, labels, vids = video_collate([(a, 5, 0), None, (b, 7, 3)])
+    assert torch.equal(clips, torch.stack([a, b[0], b[1]]))
+    assert labels.tolist() == [5, 7, 7] and vids.tolist() == [0, 3, 3]
+    assert video_collate([None, None]) is None
+
+
+@pytest.fixture
+def dataset_factory(tmp_path, monkeypatch):
+    """Datasets over 3 listed videos whose decoding is replaced by clips that encode
+    (video, temporal clip id) in their pixels."""
+    (tmp_path / "list.txt").write_text("a.mp4 2\nb.mp4 0\nc.mp4 4\n")
+    calls = []
+
+    def decode(self, video, clip_ids):
+        calls.append((video, list(clip_ids)))
+        k = [-1 if c is None else c for c in clip_ids]
+        return [
+            torch.full((self.num_frames, 3, 2, 2), 10 * video + c, dtype=torch.uint8) for c in k
+        ]
+
+    monkeypatch.setattr(VideoClipDataset, "_decode", decode)
+
+    def make(**kw):
+        return VideoClipDataset(tmp_path / "list.txt", num_frames=2, **kw)
+
+    return make, calls
+
+
+def _crop_id(clip: torch.Tensor, s) -> torch.Tensor:
+    """A transform that records the spatial crop index next to the pixel value."""
+    return torch.stack([clip.float().mean(), torch.tensor(-1.0 if s is None else float(s))])
+
+
+def test_test_items_are_video_major_then_clip_then_crop(dataset_factory):
+    make, calls = dataset_factory
+    ds = make(train=False, num_clips=2, num_crops=3, transform=_crop_id)
+    assert len(ds) == 3 * 2 * 3 and ds.views_per_video == 6 and ds.num_classes == 5
+    for index in range(len(ds)):
+        clip, label, video = ds[index]
+        v, view = divmod(index, 6)
+        k, s = divmod(view, 3)
+        assert (video, label) == (v, [2, 0, 4][v])
+        assert clip.tolist() == [10 * v + k, s]
+    assert calls[:2] == [(0, [0]), (0, [0])]
+    one = make(train=False, num_clips=2, num_crops=1, transform=_crop_id)
+    assert len(one) == 6 and one[3][0].tolist() == [11, -1]  # video 1, clip 1, centre crop
+
+
+def test_stacked_views_and_repeated_augmentation(dataset_factory):
+    make, calls = dataset_factory
+    ds = make(train=False, num_clips=2, num_crops=3, stack_views=True, transform=_crop_id)
+    assert len(ds) == 3
+    clip, label, video = ds[2]
+    assert (label, video) == (4, 2) and calls[-1] == (2, [0, 1])
+    want = [[20 + k, s] for k in range(2) for s in range(3)]
+    assert clip.tolist() == want
+    single = make(train=False, num_clips=2, stack_views=True, transform=_crop_id)
+    assert single[1][0].tolist() == [[10, -1], [11, -1]]
+    train = make(train=True, num_repeats=3, num_clips=4, num_crops=3, stack_views=True)
+    assert len(train) == 3 and train.views_per_video == 1
+    clip, label, video = train[1]
+    assert clip.shape == (3, 3, 2, 2, 2) and calls[-1] == (1, [None])
+    assert torch.equal(clip, torch.full_like(clip, 9 / 255))  # clip id None -> -1 -> 10 - 1
+    assert make(train=True)[0][0].shape == (3, 2, 2, 2)
+
+
+def test_bad_views_are_dropped_at_test_time_and_replaced_in_training(dataset_factory, monkeypatch):
+    make, _ = dataset_factory
+
+    def decode(self, video, clip_ids):
+        if video == 1:
+            raise video_data.VideoDecodeError("b.mp4: broken", "corrupt")
+        return [torch.zeros(2, 3, 2, 2, dtype=torch.uint8) for _ in clip_ids]
+
+    monkeypatch.setattr(VideoClipDataset, "_decode", decode)
+    ds = make(train=False, num_clips=2)
+    with pytest.warns(UserWarning, match=r"^skipping unreadable video \(corrupt\) b.mp4: broken$"):
+        assert ds[2] is None
+    assert ds[3] is None and ds[1] is not None
+    counts = ds.skipped.as_dict()
+    assert counts["bad_corrupt"] == 1 and counts["dropped"] == 2
+    train = make(train=True, max_retries=50)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning):
+        clip, label, video = train[1]
+    assert video != 1 and label == [2, 0, 4][video]
+    assert train.skipped.as_dict()["replaced"] >= 1
+    with pytest.raises(video_data.UserValueError, match=r"^unreadable video \(strict data\)"):
+        make(train=True, strict=True)[1]
+    np.testing.assert_equal(len(make(train=False, num_crops=3)), 9)
+
+    def broken(self, video, clip_ids):
+        raise video_data.VideoDecodeError(f"v{video}: broken", "corrupt")
+
+    monkeypatch.setattr(VideoClipDataset, "_decode", broken)
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(
+            video_data.UserValueError, match=r"^21 unreadable video\(s\) in a row \(the last: "
+        ),
+    ):
+        make(train=True)[0]  # the first try and 20 replacements
