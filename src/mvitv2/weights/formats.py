@@ -459,9 +459,9 @@ def unwrap(obj: object) -> tuple[StateDict, int | None]:
         if not _is_tensor_like(v):
             continue  # counters such as num_batches_tracked stored as ints, strings, ...
         t = v if isinstance(v, Tensor) else torch.as_tensor(v)
-        for p in _WRAPPER_PREFIXES:
-            while k.startswith(p):
-                k = k[len(p) :]
+        # DDP (``module.``) and torch.compile (``_orig_mod.``) wrap each other in either order
+        while wrapper := next((p for p in _WRAPPER_PREFIXES if k.startswith(p)), None):
+            k = k.removeprefix(wrapper)
         out[k] = t
     return out, version
 
