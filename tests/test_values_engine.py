@@ -226,3 +226,11 @@ def test_the_epoch_order_is_a_fixed_function_of_seed_and_epoch_and_the_default_s
     assert [i for i, _ in default.sampler] == torch.randperm(
         12, generator=torch.Generator().manual_seed(1)
     ).tolist()
+
+
+def test_sample_seeds_are_the_documented_mix_of_seed_epoch_and_index():
+    """Augmentation of a resumed run must not depend on the mvitv2 version: the seed of sample
+    i of epoch e is a fixed integer mix (golden-ratio and splitmix64 constants, mod 2**63)."""
+    a, b, c = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+    for seed, epoch, index in ((1, 0, 0), (0, 1, 0), (0, 0, 1), (3, 2, 7)):
+        assert sample_seed(seed, epoch, index) == (seed * a + epoch * b + index * c) % 2**63
