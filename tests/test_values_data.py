@@ -342,6 +342,9 @@ def test_split_is_stratified_disjoint_complete_and_seeded():
     assert np.array_equal(again[1], val) and not np.array_equal(other[1], val)
     _, default_val = split_digit_indices(labels)
     assert [int((labels[default_val] == c).sum()) for c in range(4)] == [2, 1, 1, 2]
+    # The default seed is 0: the same scans as the embedded datasets' fixed split (seed=0).
+    assert np.array_equal(default_val, split_digit_indices(labels, 0.25, seed=0)[1])
+    assert not np.array_equal(default_val, split_digit_indices(labels, 0.25, seed=1)[1])
 
 
 def test_build_cached_builds_once_per_parameters_and_never_leaves_a_partial_dataset(tmp_path):

@@ -210,3 +210,27 @@ def test_an_internal_bug_in_a_worker_keeps_its_traceback():
     text = str(e.value)
     assert "in DataLoader worker process 0" in text and "Traceback" in text
     assert "return 1 / 0" in text
+
+
+def test_the_epoch_order_is_a_fixed_function_of_seed_and_epoch_and_the_default_seed_is_0():
+    """A run resumed by another mvitv2 version continues the same order: it is torch's randperm
+    under the seed ``seed * 1_000_003 + epoch`` (written out here), whatever the loader."""
+    data = ToyData(12, 0, 0.0)
+    for seed, epoch in ((2, 3), (0, 5), (7, 0)):
+        loader = build_loader(data, batch_size=4, train=True, seed=seed)
+        loader.sampler.set_epoch(epoch)
+        g = torch.Generator().manual_seed(1_000_003 * seed + epoch)
+        assert [i for i, _ in loader.sampler] == torch.randperm(12, generator=g).tolist()
+    default = build_loader(data, batch_size=4, train=True)
+    default.sampler.set_epoch(1)
+    assert [i for i, _ in default.sampler] == torch.randperm(
+        12, generator=torch.Generator().manual_seed(1)
+    ).tolist()
+
+
+def test_sample_seeds_are_the_documented_mix_of_seed_epoch_and_index():
+    """Augmentation of a resumed run must not depend on the mvitv2 version: the seed of sample
+    i of epoch e is a fixed integer mix (golden-ratio and splitmix64 constants, mod 2**63)."""
+    a, b, c = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+    for seed, epoch, index in ((1, 0, 0), (0, 1, 0), (0, 0, 1), (3, 2, 7)):
+        assert sample_seed(seed, epoch, index) == (seed * a + epoch * b + index * c) % 2**63
