@@ -49,9 +49,16 @@ def _cpu_quick(args: list[str], json_path: Path) -> list[str]:
     if "--batch" in args:
         args[args.index("--batch") + 1] = "2"
     return [
-        "benchmark", *args, "--device", "cpu", "--quick", "--repeats", "1",
-        "--json", str(json_path),
-    ]  # fmt: skip
+        "benchmark",
+        *args,
+        "--device",
+        "cpu",
+        "--quick",
+        "--repeats",
+        "1",
+        "--json",
+        str(json_path),
+    ]
 
 
 BASELINE = {

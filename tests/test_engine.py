@@ -399,7 +399,7 @@ def test_every_checkpoint_problem_is_one_mvitv2_checkpoint_error(tmp_path):
             call()
         assert isinstance(e.value, UserError), case
         assert str(tmp_path) in str(e.value) and "\n" not in str(e.value), case
-        missing = ("no file" in case or "folder" in case) and "predictor" not in case  # re-wraps
+        missing = "no file" in case or "folder" in case
         assert isinstance(e.value, FileNotFoundError) == missing, case
     with pytest.raises(mvitv2.CheckpointError, match="allow_pickle=True"):
         read_checkpoint(tmp_path / "zoo.pkl")

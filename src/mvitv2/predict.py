@@ -122,11 +122,8 @@ def read_checkpoint(
     if task is not None:
         get_spec(task)  # an unknown task name is the caller's bug: ValueError
     path = Path(path)
-    try:
-        ckpt = read_training_checkpoint(path)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise CheckpointError(str(e)) from e
-    return checkpoint_info(ckpt, path, task=task, ema=ema)
+    # its errors are already the CheckpointError family (a missing file also FileNotFoundError)
+    return checkpoint_info(read_training_checkpoint(path), path, task=task, ema=ema)
 
 
 def checkpoint_info(
