@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mvitv2
 from engine_toy import ToyTask, toy_config
@@ -175,3 +176,26 @@ def test_trainer_logs_and_checkpoints_the_kernels_in_force(tmp_path, capsys, amp
     assert f"attention={attention}" in line and f"gemm={stored['gemm']}" in line
     assert f"gemm_why={stored['gemm_why']}" in line
     trainer.close()
+
+
+def test_group_layer_norm_values_and_gradients_match_one_layer_norm_per_group():
+    """The pooled Q/K/V LayerNorm of training (one call for G groups, weights per group) against
+    G separate ``F.layer_norm`` calls under autograd, in float64."""
+    from mvitv2.ops.pooling import _GroupLayerNorm
+
+    g = torch.Generator().manual_seed(0)
+    B, N, G, nH, C = 2, 5, 3, 2, 4
+    x = torch.randn(B, N, G, nH, C, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(G, 1, C, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(G, 1, C, generator=g, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(B, N, G, nH, C, generator=g, dtype=torch.float64)
+    ours = _GroupLayerNorm.apply(x, w, b, 1e-6)
+    grads = torch.autograd.grad(ours, (x, w, b), dy)
+    ref = torch.stack(
+        [F.layer_norm(x[:, :, i], (C,), w[i, 0], b[i, 0], 1e-6) for i in range(G)], dim=2
+    )
+    ref_grads = torch.autograd.grad(ref, (x, w, b), dy)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    for a, r in zip(grads, ref_grads):
+        assert a.shape == r.shape
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-12)

@@ -359,13 +359,23 @@ class _GroupLayerNorm(torch.autograd.Function):
     def backward(ctx, dy):  # noqa: D102
         x, weight, mean, rstd = ctx.saved_tensors
         dx = dw = db = None
-        dims = (0, 1, 3)
         if ctx.needs_input_grad[1]:
-            dw = ((x - mean).mul_(rstd).mul_(dy)).sum(dim=dims)[:, None]
+            dw = _group_sum((x - mean).mul_(rstd).mul_(dy))
         if ctx.needs_input_grad[2]:
-            db = dy.sum(dim=dims)[:, None]
+            db = _group_sum(dy)
         if ctx.needs_input_grad[0]:
             dx = torch.ops.aten.native_layer_norm_backward(
                 dy * weight, x, x.shape[-1:], mean, rstd, None, None, [True, False, False]
             )[0]
         return dx, dw, db, None
+
+
+def _group_sum(t: Tensor) -> Tensor:
+    """Sum of ``(B, N, G, nH, C)`` over all but ``G`` and ``C``, as ``(G, 1, C)``.
+
+    Column sums of the ``(B*N, G*nH*C)`` rows first, then over heads: the same sums as
+    ``t.sum(dim=(0, 1, 3))``, which PyTorch's CPU reduction runs ~15x slower on this strided
+    pattern (measured 92 vs 6 ms for (16, 784, 2, 4, 96), one thread).
+    """
+    G, nH, C = t.shape[2:]
+    return t.reshape(-1, G * nH * C).sum(0).view(G, nH, C).sum(1)[:, None]
