@@ -30,9 +30,9 @@ from torchvision.transforms.v2 import functional as TF
 from mvitv2.errors import UserCheckpointError, UserValueError
 from mvitv2.tasks.spec import TaskSpec, checkpoint_task, get_spec, upgrade_meta
 
-
-class CheckpointError(UserCheckpointError):
-    """A checkpoint that cannot be used: missing, unreadable, of another task, incomplete."""
+# a checkpoint the user cannot use here (missing, unreadable, of another task, incomplete): the
+# one-line member of the mvitv2.CheckpointError family
+CheckpointError = UserCheckpointError
 
 
 class WrongTaskError(CheckpointError):
