@@ -168,7 +168,7 @@ def test_bad_views_are_dropped_at_test_time_and_replaced_in_training(dataset_fac
 
     def decode(self, video, clip_ids):
         if video == 1:
-            raise video_data.VideoDecodeError("b.mp4: broken", "corrupt")
+            raise video_data.VideoDecodeError("b.mp4", "broken", "corrupt")
         return [torch.zeros(2, 3, 2, 2, dtype=torch.uint8) for _ in clip_ids]
 
     monkeypatch.setattr(VideoClipDataset, "_decode", decode)
@@ -189,7 +189,7 @@ def test_bad_views_are_dropped_at_test_time_and_replaced_in_training(dataset_fac
     np.testing.assert_equal(len(make(train=False, num_crops=3)), 9)
 
     def broken(self, video, clip_ids):
-        raise video_data.VideoDecodeError(f"v{video}: broken", "corrupt")
+        raise video_data.VideoDecodeError(f"v{video}", "broken", "corrupt")
 
     monkeypatch.setattr(VideoClipDataset, "_decode", broken)
     with (
