@@ -312,3 +312,15 @@ def test_float_pixels_must_be_in_0_1(image_ckpt: Path, video_ckpt: Path):
         _probs(video(clip)), abs=2e-3
     )
     assert _probs(video(clip.astype(np.int16))) == pytest.approx(_probs(video(clip)), abs=1e-6)
+
+
+def test_an_unreadable_video_is_a_bad_sample_naming_its_path_once(video_ckpt: Path, tmp_path: Path):
+    from mvitv2.engine.data import BadSample
+
+    pred = Predictor.from_checkpoint(video_ckpt)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all")
+    for path in (broken, tmp_path / "missing.mp4"):
+        with pytest.raises(BadSample) as e:
+            pred(path)
+        assert e.value.path == str(path) and str(e.value).count(path.name) == 1, str(e.value)

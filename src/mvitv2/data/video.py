@@ -69,6 +69,11 @@ class VideoDecodeError(BadSample, RuntimeError):
 # Decoding
 
 
+def _why(error: Exception) -> str:
+    """An FFmpeg/OS error without the file name it carries (the message names the file once)."""
+    return getattr(error, "strerror", None) or str(error)
+
+
 class VideoReader:
     """Random access to the frames of one video file with PyAV, seeking instead of decoding
     the whole file.
@@ -100,7 +105,7 @@ class VideoReader:
         try:
             self._container = av.open(str(self.path))
         except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
-            raise VideoDecodeError(self.path, f"cannot open video ({e})") from None
+            raise VideoDecodeError(self.path, f"cannot open video ({_why(e)})") from None
         if not self._container.streams.video:
             self._container.close()
             raise VideoDecodeError(self.path, "no video stream", "empty")
@@ -212,7 +217,7 @@ class VideoReader:
             try:
                 frames = self._decode_range(0, wanted[-1], set(wanted), tolerant=True)
             except _DECODE_ERRORS as e:  # e.g. the seek itself fails
-                raise VideoDecodeError(self.path, f"decoding failed ({e})") from None
+                raise VideoDecodeError(self.path, f"decoding failed ({_why(e)})") from None
             if self._max_seen < wanted[-1]:
                 self.truncated = True
                 self.num_frames = self._max_seen + 1

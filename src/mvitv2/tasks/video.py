@@ -521,8 +521,7 @@ class VideoSpec(ClassificationSpec):
 
     def views(self, item: Any, preprocessing: dict[str, Any], transform: Any) -> Tensor:
         """See :meth:`mvitv2.predict.Predictor.preprocess_video`."""
-        from mvitv2.data.video import VideoDecodeError, VideoReader, clip_indices, segment_indices
-        from mvitv2.engine.data import BadSample
+        from mvitv2.data.video import VideoReader, clip_indices, segment_indices
         from mvitv2.predict import video_frames
 
         p = preprocessing
@@ -538,12 +537,10 @@ class VideoSpec(ClassificationSpec):
             ]
 
         if isinstance(item, str | os.PathLike):
-            try:
-                with VideoReader(item) as reader:
-                    idx = indices(reader.num_frames, reader.fps)
-                    clips = reader.get_frames(sum(idx, [])).permute(0, 3, 1, 2).split(t)
-            except VideoDecodeError as e:
-                raise BadSample(str(item), str(e)) from e
+            # a file that cannot be read raises VideoDecodeError, a BadSample naming it once
+            with VideoReader(item) as reader:
+                idx = indices(reader.num_frames, reader.fps)
+                clips = reader.get_frames(sum(idx, [])).permute(0, 3, 1, 2).split(t)
         else:
             frames = video_frames(item)
             clips = [frames[i] for i in indices(len(frames), None)]
