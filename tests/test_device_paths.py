@@ -31,6 +31,7 @@ from mvitv2.ops.attention import (
 )
 from mvitv2.ops.memeff import attention_memeff
 from mvitv2.ops.rel_pos import RelPos
+from test_detection import TINY as TINY_DETECTOR
 
 DEVICES = [
     "cpu",
@@ -204,22 +205,7 @@ def test_training_step_matches_the_reference_path(device):
 
 
 # ---------------------------------------------------------------------- detector
-DETECTOR = dict(
-    depths=(1, 1, 1, 1),
-    embed_dim=16,
-    img_size=64,
-    fpn_channels=32,
-    box_fc_dim=64,
-    box_conv_dim=32,
-    mask_head_dim=32,
-    mask_head_convs=1,
-    min_size=96,
-    max_size=128,
-    anchor_sizes=(8, 16, 32, 64, 128),
-    rpn_post_nms_top_n_train=64,
-    rpn_post_nms_top_n_test=32,
-    box_batch_size_per_image=32,
-)
+DETECTOR = TINY_DETECTOR  # the tiny detector of tests/test_detection.py
 
 
 def _detector(device: str) -> torch.nn.Module:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from mvitv2.engine.checkpoint import (
     BEST,
@@ -116,24 +116,11 @@ class Trainer:
         notes += [bn_note] if bn_note else []
         self.model = model.to(device)
 
-        self.train_loader = build_loader(
-            train_ds,
-            batch_size=cfg.batch_size,
-            train=True,
-            rank=d.rank,
-            world_size=d.world_size,
-            seed=cfg.seed,
-            workers=cfg.workers,
-            collate_fn=task.collate_fn(),
-            strict=cfg.strict_data,
-            pin_memory=device.type == "cuda",
-        )
-        self.val_loader = None
-        if val_ds is not None:
-            self.val_loader = build_loader(
-                val_ds,
+        def loader(dataset: Dataset, train: bool) -> DataLoader:
+            return build_loader(
+                dataset,
                 batch_size=cfg.batch_size,
-                train=False,
+                train=train,
                 rank=d.rank,
                 world_size=d.world_size,
                 seed=cfg.seed,
@@ -142,6 +129,9 @@ class Trainer:
                 strict=cfg.strict_data,
                 pin_memory=device.type == "cuda",
             )
+
+        self.train_loader = loader(train_ds, train=True)
+        self.val_loader = loader(val_ds, train=False) if val_ds is not None else None
         self.steps_per_epoch = len(self.train_loader) // cfg.accum_steps
         if self.steps_per_epoch == 0:
             raise UserValueError(
