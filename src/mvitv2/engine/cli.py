@@ -215,6 +215,32 @@ def fit(trainer: Trainer) -> dict[str, Any] | None:
         trainer.close()
 
 
+def eval_loader(
+    dataset: Any, args: argparse.Namespace, dist: Any, collate_fn: Callable | None = None
+) -> Any:
+    """The evaluation loader of an ``eval`` command: this process's shard of ``dataset``, with
+    the command's ``--batch-size``, ``--workers`` and ``--strict-data``.
+
+    Args:
+        dataset: the evaluated dataset.
+        args: the parsed ``eval`` options.
+        dist: the :class:`~mvitv2.engine.distributed.DistInfo` of this process.
+        collate_fn: batch collation (None: the default).
+    """
+    from mvitv2.engine.data import build_loader
+
+    return build_loader(
+        dataset,
+        batch_size=args.batch_size,
+        train=False,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        workers=args.workers,
+        collate_fn=collate_fn,
+        strict=args.strict_data,
+    )
+
+
 def describe_eval(checkpoint: str | os.PathLike, count: int, what: str, where: Any) -> str:
     """The line ``mvitv2 eval`` prints when it starts: what it evaluates, on what, where."""
     import torch

@@ -57,6 +57,7 @@ from mvitv2.engine.cli import (
     add_train_arguments,
     dispatch,
     error_reason,
+    eval_loader,
     eval_metrics_path,
     expand_inputs,
     fit,
@@ -861,7 +862,6 @@ def _eval(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     """``mvitv2 eval detect`` without saving the metrics: writes the COCO results and prints
     the reports; returns the metrics on the main process (None on the others)."""
-    from mvitv2.engine.data import build_loader
 
     det = detector_from_args(args)
     dist = init_distributed()
@@ -888,16 +888,7 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     # detectron2 detectors get uint8 images, resized by PIL inside the model as in detectron2.
     ds = build_eval_dataset(images, ann, masks=with_masks, uint8=det.detectron2)
     warn_category_mismatch(ds, det, ann)
-    loader = build_loader(
-        ds,
-        batch_size=args.batch_size,
-        train=False,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        workers=args.workers,
-        collate_fn=collate,
-        strict=args.strict_data,
-    )
+    loader = eval_loader(ds, args, dist, collate)
     t0 = time.perf_counter()
     metrics, results = evaluate_detector(
         det.model().to(dist.device),

@@ -37,6 +37,7 @@ from mvitv2.engine.cli import (
     data_folder,
     describe_eval,
     dispatch,
+    eval_loader,
     eval_metrics_path,
     expand_inputs,
     export_handler,
@@ -47,7 +48,6 @@ from mvitv2.engine.cli import (
     train_config,
 )
 from mvitv2.engine.config import TrainConfig
-from mvitv2.engine.data import build_loader
 from mvitv2.engine.distributed import DistInfo, init_distributed
 from mvitv2.engine.metrics import evaluate_classifier
 from mvitv2.engine.mixing import MixCriterion
@@ -293,15 +293,7 @@ def _eval(args: argparse.Namespace) -> int:
     root = digits_folder(size=max(32, dc.img_size)) if root == DIGITS else Path(root)
     dist = init_distributed()
     val = ImageFolder(root, "val", build_transform(dc, train=False), classes)
-    loader = build_loader(
-        val,
-        batch_size=args.batch_size,
-        train=False,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        workers=args.workers,
-        strict=args.strict_data,
-    )
+    loader = eval_loader(val, args, dist)
     if dist.is_main:
         print(describe_eval(args.checkpoint, len(val), "images", root / "val"), file=sys.stderr)
     t0 = time.perf_counter()

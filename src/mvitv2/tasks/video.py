@@ -53,6 +53,7 @@ from mvitv2.engine.cli import (
     data_folder,
     describe_eval,
     dispatch,
+    eval_loader,
     eval_metrics_path,
     expand_inputs,
     fit,
@@ -62,7 +63,6 @@ from mvitv2.engine.cli import (
 )
 from mvitv2.engine.cli import train_config as engine_train_config
 from mvitv2.engine.config import TrainConfig
-from mvitv2.engine.data import build_loader
 from mvitv2.engine.distributed import DistInfo, init_distributed
 from mvitv2.engine.mixing import MixCriterion
 from mvitv2.engine.task import Task
@@ -817,16 +817,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserValueError(
             f"{val_list}: label {ds.num_classes - 1} but the model has {len(classes)} classes"
         )
-    loader = build_loader(
-        ds,
-        batch_size=args.batch_size,
-        train=False,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        workers=args.workers,
-        collate_fn=video_collate,
-        strict=args.strict_data,
-    )
+    loader = eval_loader(ds, args, dist, video_collate)
     if dist.is_main:
         print(describe_eval(args.checkpoint, len(ds.samples), "videos", val_list), file=sys.stderr)
     t0 = time.perf_counter()
