@@ -14,7 +14,8 @@ zero and our GEMMs (fused attention kernels included) ran at the reference's GEM
     uv run python benchmarks/op_profile.py --case detect --quick
 
 Cases: ``train`` (MViTv2-T b16 224 fwd+bwd+AdamW vs timm), ``detect`` (backbone at 1024 with
-windows vs the unfused path), ``image_fp32``/``image_bf16`` (b8 224 inference vs timm).
+windows vs the unfused path), ``image_fp32``/``image_bf16`` (b8 224 inference vs timm),
+``video_bf16`` (MViTv2-S 16x4, one clip, bf16 autocast, vs torchvision's ``mvit_v2_s``).
 The category times are self times, so they sum exactly to the profiled total; ``wall`` is the
 median wall time per call measured outside the profiler, in the same alternating rounds.
 """
@@ -378,10 +379,11 @@ def build_case(case: str, quick: bool, batch: int | None) -> dict[str, Callable[
 
             fns[name] = step
         return fns
-    if case in ("image_fp32", "image_bf16"):
-        ours, ref, shape = bm._image_pair(quick)
-        x = torch.randn(batch or (2 if quick else 8), *shape)
-        bf16 = case == "image_bf16"
+    if case in ("image_fp32", "image_bf16", "video_bf16"):
+        video = case == "video_bf16"
+        ours, ref, shape = bm._video_pair(quick) if video else bm._image_pair(quick)
+        x = torch.randn(batch or (1 if video else 2 if quick else 8), *shape)
+        bf16 = case != "image_fp32"
 
         def call(model, bf16=bf16):
             model.eval()
@@ -392,9 +394,10 @@ def build_case(case: str, quick: bool, batch: int | None) -> dict[str, Callable[
 
             return f
 
-        fns = {"ours": call(ours), "timm": call(ref)}
+        ref_name = "torchvision" if video else "timm"
+        fns = {"ours": call(ours), ref_name: call(ref)}
         if bf16:  # FlopCounterMode fails on timm's einsum under autocast: count it in fp32
-            fns["timm"].count_flops = call(ref, bf16=False)  # (same GEMM shapes)
+            fns[ref_name].count_flops = call(ref, bf16=False)  # (same GEMM shapes)
         return fns
     if case == "detect":
         import mvitv2
@@ -436,7 +439,7 @@ def run_profile(
 ) -> dict[str, object]:
     """Profile one case; returns the JSON-able result (see the module docstring)."""
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if case == "image_bf16" else torch.float32
+    dtype = torch.bfloat16 if case in ("image_bf16", "video_bf16") else torch.float32
     n = 256 if quick else 2048
     peaks = {"fp32": bm.matmul_peak(torch.float32, "cpu", n), "bf16": None}
     peaks["bf16"] = bm.matmul_peak(torch.bfloat16, "cpu", n)
@@ -525,7 +528,11 @@ def format_result(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--case", choices=("train", "detect", "image_fp32", "image_bf16"), required=True)
+    p.add_argument(
+        "--case",
+        choices=("train", "detect", "image_fp32", "image_bf16", "video_bf16"),
+        required=True,
+    )
     p.add_argument("--quick", action="store_true", help="tiny models and inputs")
     p.add_argument("--rounds", type=int, default=3, help="profiled calls per model")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")

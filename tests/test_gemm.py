@@ -170,3 +170,65 @@ def test_detector_heads_use_our_linears():
     detector = mvitv2.create_detector("maskrcnn_mvitv2_tiny", num_classes=3, depths=(1, 1, 1, 1))
     linears = [m for m in detector.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(isinstance(m, gemm.Linear) for m in linears)
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    ("plain_ms", "gelu_ms", "want_plain", "want_gelu"),
+    [
+        ((10.0, 10.0), (8.0, 12.0), "aten", "onednn"),  # a tie: ATen; the fused GELU wins
+        ((8.0, 10.0), (10.0, 10.0), "onednn", "aten"),  # 20 % faster plain; no gain with GELU
+        ((9.5, 10.0), (9.5, 10.0), "aten", "aten"),  # within the 10 % margin: ATen
+    ],
+)
+def test_auto_backend_decides_plain_and_gelu_linears_by_their_own_measurement(
+    monkeypatch, plain_ms, gelu_ms, want_plain, want_gelu
+):
+    """``"auto"`` sends a linear layer to oneDNN only when its measured kind (plain, or followed
+    by the GELU that oneDNN fuses) ran more than 10 % faster there; the values are F.linear's
+    (+ GELU) either way, and ``gemm_choice`` names both decisions with their timings."""
+    timings = {"linear": plain_ms, "linear_gelu": gelu_ms}
+    monkeypatch.setattr(gemm, "_measured_ms", lambda kind: timings[kind])
+    onednn_calls = []
+    real = gemm._nt
+    monkeypatch.setattr(gemm, "_nt", lambda *a, **k: onednn_calls.append(k) or real(*a, **k))
+    torch.manual_seed(0)
+    x, w, b = torch.randn(5, 16), torch.randn(12, 16), torch.randn(12)
+    with gemm_backend("auto"), torch.no_grad():
+        for gelu, want in ((False, want_plain), (True, want_gelu)):
+            onednn_calls.clear()
+            assert uses_onednn(x, gelu) == (want == "onednn")
+            got = linear(x, w, b, gelu=gelu)
+            assert bool(onednn_calls) == (want == "onednn")
+            ref = F.linear(x, w, b)
+            assert _close(got, F.gelu(ref) if gelu else ref)
+        choice = gemm.gemm_choice()
+    assert (choice["gemm"], choice["gemm_gelu"]) == (want_plain, want_gelu)
+    assert choice["gemm_why"] == (
+        f"measured 6272x384x1536 with bias: oneDNN {plain_ms[0]:.1f} ms, ATen {plain_ms[1]:.1f} "
+        f"ms; +GELU: oneDNN {gelu_ms[0]:.1f} ms, ATen {gelu_ms[1]:.1f} ms"
+    )
+
+
+@needs_onednn
+def test_gemm_measurement_times_the_gelu_kind_with_the_gelu(monkeypatch):
+    """The ``linear_gelu`` measurement runs oneDNN's fused GELU and ATen's GEMM then GELU; the
+    plain one runs neither GELU (what each kind of layer will run)."""
+    calls = []
+    real_op, real_gelu = gemm._onednn_linear_op(), F.gelu
+
+    def op(*args):
+        calls.append(("onednn", args[3]))
+        return real_op(*args)
+
+    monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: op)
+    monkeypatch.setattr(gemm.F, "gelu", lambda t: calls.append(("aten", "gelu")) or real_gelu(t))
+    gemm._measured_ms.cache_clear()
+    try:
+        gemm._measured_ms("linear")
+        assert set(calls) == {("onednn", "none")}
+        calls.clear()
+        gemm._measured_ms("linear_gelu")
+        assert set(calls) == {("onednn", "gelu"), ("aten", "gelu")}
+    finally:
+        gemm._measured_ms.cache_clear()

@@ -3,6 +3,8 @@ partition serves both layouts, the residual add is exact; the trainer logs and s
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,10 +51,8 @@ def _paths_run(monkeypatch, fn) -> set[str]:
 @pytest.mark.parametrize(
     ("setting", "dtype", "training", "expected"),
     [
-        # docs/benchmarks.md: bias for fp32 inference, chunked under bf16 on a CPU without AMX,
-        # memeff for fp32 training on CPU.
-        ("auto", torch.float32, False, "bias"),
-        ("auto", torch.bfloat16, False, "chunked"),
+        # CPU training: memeff in fp32 (memory), chunked under bf16 (no fused SDPA backward);
+        # CPU inference is measured per shape (tested below).
         ("auto", torch.float32, True, "memeff"),
         ("auto", torch.bfloat16, True, "chunked"),
         ("folded", torch.float32, True, "folded"),
@@ -80,9 +80,64 @@ def test_implementation_choices_name_the_attention_path_the_model_runs(
     assert ran == {expected}
     assert choices["attention"] == expected and choices["attention_setting"] == setting
     if setting == "auto":
-        assert choices["attention_why"].startswith("measured")
+        assert choices["attention_why"].startswith("training")
     else:
         assert choices["attention_why"] == "set"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fast", ["bias", "chunked", "folded"])
+def test_auto_at_cpu_inference_times_each_attention_shape_once_and_keeps_the_fastest(
+    monkeypatch, dtype, fast
+):
+    """``"auto"`` at CPU inference times bias, chunked and folded on each attention shape at its
+    first call and then runs only the fastest for that shape. The timer is a fake clock that each
+    path advances (``fast`` by 1 ms, the others by 3 ms), so the fastest is known whatever the
+    machine's load. The outputs are those of the reference path."""
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(attention_ops, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(attention_ops, "_MEASURED", {})
+    for name in attention_ops.MEASURED_PATHS:
+        real = getattr(attention_ops, PATH_FUNCTIONS[name])
+
+        def timed(*args, real=real, cost=1e-3 if name == fast else 3e-3, **kwargs):
+            clock.now += cost
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(attention_ops, PATH_FUNCTIONS[name], timed)
+    torch.manual_seed(0)
+    model = mvitv2.create_model("mvitv2_tiny", **TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+
+    def forward():
+        with torch.no_grad(), torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+            return model(x).float()
+
+    choices = implementation_choices("cpu", dtype)
+    assert choices["attention"] == "measured" and choices["attention_setting"] == "auto"
+    assert choices["attention_why"].startswith("measured per attention shape")
+    first = forward()
+    shapes = {key[3:] for key in attention_ops._MEASURED}  # (q, k, v shapes, rel-pos grids)
+    # one entry per distinct attention shape of the model: its 4 blocks differ in Q or K/V
+    assert len(attention_ops._MEASURED) == len(shapes) == 4
+    measured = attention_ops.attention_measurements()
+    assert len(measured) == 4 and all(m.startswith(f"{fast} (") for m in measured.values())
+    assert all(f"{fast} 1.00 ms" in m and m.count(" 3.00 ms") == 2 for m in measured.values())
+    assert all(str(dtype) in key for key in measured)
+    assert _paths_run(monkeypatch, forward) == {fast}  # no new timing on the second call
+    with attention_impl("reference"):
+        want = forward()
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(first, want, atol=tol * want.abs().max().item(), rtol=0)
+
+
+def test_auto_is_not_measured_while_compiling_or_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(attention_ops, "tracing", lambda: True)
+    assert attention_ops._auto("cpu", torch.float32, False) == (
+        "bias",
+        "compiling or exporting: not measured",
+    )
+    assert attention_ops._auto("cuda", torch.float32, False)[0] == "bias"
 
 
 def test_implementation_choices_on_cuda_say_the_table_is_not_measured():
@@ -107,7 +162,7 @@ def test_implementation_choices_name_the_gemm_backend_the_linear_layers_use(monk
         assert choices["gemm"] == ("onednn" if onednn_calls else "aten"), backend
         assert choices["gemm_setting"] == backend
         if backend == "auto" and gemm_ops._onednn_linear_op() is not None:
-            onednn_ms, aten_ms = gemm_ops._measured_ms()
+            onednn_ms, aten_ms = gemm_ops._measured_ms("linear")
             assert f"oneDNN {onednn_ms:.1f} ms, ATen {aten_ms:.1f} ms" in choices["gemm_why"]
         else:
             assert choices["gemm_why"] in ("set", "no oneDNN in this build")

@@ -20,7 +20,6 @@ from mvitv2.models.attention import MultiScaleAttention
 from mvitv2.ops import attention as attn_mod
 from mvitv2.ops import memeff, pooling
 from mvitv2.ops.attention import (
-    ATTENTION_IMPLS,
     attention_impl,
     get_attention_impl,
     resolve_attention_impl,
@@ -160,9 +159,9 @@ def test_memeff_rel_pos_table_and_input_gradients():
 def test_auto_uses_memeff_for_cpu_fp32_training():
     x = torch.zeros(1, requires_grad=True)
     assert resolve_attention_impl("auto", x) == "memeff"
-    with torch.no_grad():
-        assert resolve_attention_impl("auto", x) == "bias"
-    assert resolve_attention_impl("auto", x.detach()) == "bias"
+    with torch.no_grad():  # inference: timed per shape in attend()
+        assert resolve_attention_impl("auto", x) == "measured"
+    assert resolve_attention_impl("auto", x.detach()) == "measured"
 
 
 def test_custom_mlp_and_max_pool_are_exact():
@@ -290,9 +289,9 @@ def test_impl_selection_api():
     with pytest.raises(ValueError, match="unknown attention implementation"):
         set_attention_impl("flash")
     x = torch.zeros(1)
-    assert resolve_attention_impl("auto", x) in ATTENTION_IMPLS[1:]
+    assert resolve_attention_impl("auto", x) == "measured"
     with torch.autocast("cpu", torch.bfloat16):
-        assert resolve_attention_impl("auto", x) in ATTENTION_IMPLS[1:]
+        assert resolve_attention_impl("auto", x) == "measured"
     assert resolve_attention_impl("reference", x) == "reference"
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mvitv2
-from mvitv2.ops import attention_impl, gemm, implementation_choices
+from mvitv2.ops import attention_impl, attention_measurements, gemm, implementation_choices
 from mvitv2.ops import mlp as mlp_ops
 from mvitv2.utils.flops import count_macs
 from mvitv2.weights import convert_state_dict
@@ -549,6 +549,8 @@ def run(args: argparse.Namespace) -> int:
                 "train_fp32": implementation_choices(device, torch.float32, training=True),
                 "train_bf16": implementation_choices(device, torch.bfloat16, training=True),
             },
+            # "auto" attention at inference: the path timed fastest per shape on this machine
+            "attention_measured": attention_measurements(),
             "rows": [asdict(r) for r in rows],
         }
         path.parent.mkdir(parents=True, exist_ok=True)

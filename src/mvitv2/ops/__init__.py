@@ -23,6 +23,7 @@ from mvitv2.ops.attention import (
     attend,
     attention_choice,
     attention_impl,
+    attention_measurements,
     get_attention_impl,
     resolve_attention_impl,
     set_attention_impl,
@@ -56,9 +57,11 @@ def implementation_choices(
         training: whether gradients flow (training picks its own attention path).
 
     Returns:
-        ``attention``, ``attention_setting``, ``attention_why``, ``gemm``, ``gemm_setting``,
-        ``gemm_why``; e.g. ``{"attention": "memeff", "attention_setting": "auto", ...,
-        "gemm": "onednn", "gemm_why": "measured 6272x384x1536: oneDNN 21.0 ms, ATen 45.3 ms"}``.
+        ``attention``, ``attention_setting``, ``attention_why``, ``gemm``, ``gemm_gelu`` (the
+        MLP's first layer with its GELU, at inference), ``gemm_setting``, ``gemm_why``; e.g.
+        ``{"attention": "memeff", "attention_setting": "auto", ..., "gemm": "onednn",
+        "gemm_gelu": "onednn", "gemm_why": "measured 6272x384x1536 with bias: oneDNN 21.0 ms,
+        ATen 45.3 ms; +GELU: ..."}``.
     """
     device_type = torch.device(device).type
     choices = attention_choice(device_type, dtype, training)
@@ -66,7 +69,7 @@ def implementation_choices(
         choices.update(gemm_choice())
     else:
         why = "oneDNN is used for fp32 on CPU only"
-        choices.update(gemm="aten", gemm_setting=get_gemm_backend(), gemm_why=why)
+        choices.update(gemm="aten", gemm_gelu="aten", gemm_setting=get_gemm_backend(), gemm_why=why)
     return choices
 
 
@@ -78,6 +81,7 @@ __all__ = [
     "add_residual",
     "attend",
     "attention_impl",
+    "attention_measurements",
     "convert_linears",
     "gemm_backend",
     "get_attention_impl",

@@ -7,20 +7,25 @@ several exact paths (same values, different kernels and memory).
 * ``"folded"``: fused SDPA with the rel-pos term folded into the dot product, no bias tensor:
   ``[q, a_h/s, a_w/s, a_t/s] . [k, onehot(h), onehot(w), onehot(t)]`` with
   ``a_h[i] = q_i . R_h[h(i), :]`` (``s`` the softmax scale; ``v`` zero-padded to the same width
-  because the fused CPU/GPU kernels need equal head dims). Measured slower than ``"bias"`` on
-  every shape of docs/benchmarks.md; kept selectable, ``"auto"`` never picks it;
+  because the fused CPU/GPU kernels need equal head dims);
 * ``"chunked"``: the folded q/k with two explicit GEMMs and a softmax, over query chunks (bounded
   memory); faster than fused SDPA where that kernel is slow (bf16 on CPUs without AMX);
 * ``"memeff"``: for training, :func:`~mvitv2.ops.memeff.attention_memeff`.
 
-``"auto"`` (default) picks per device, compute dtype and whether a gradient flows, from the
-measurements in docs/benchmarks.md (``benchmarks/attention_paths.py``). Tensors are
-``(B, nH, N, C)``: batch (or windows), heads, tokens, head width.
+``"auto"`` (default): at inference on a CPU, each attention shape is timed on ``"bias"``,
+``"chunked"`` and ``"folded"`` at its first call and the fastest is kept for that shape in this
+process (:func:`attention_measurements` lists the decisions); which one wins depends on the CPU
+(its fp32 and bf16 GEMM and SDPA kernels) and the shape. Training on a CPU takes ``"memeff"``
+(fp32: the least memory) or ``"chunked"`` (bf16: SDPA's CPU backward has no fused kernel); on a
+GPU, or while compiling or exporting, ``"bias"``. Tensors are ``(B, nH, N, C)``: batch (or
+windows), heads, tokens, head width.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -42,30 +47,30 @@ ATTENTION_IMPLS = ("auto", "reference", "bias", "folded", "chunked", "memeff")
 
 _IMPL = Choice("attention implementation", ATTENTION_IMPLS, "auto")
 
-# What "auto" picks, per (device type, compute dtype), from `benchmarks/attention_paths.py` runs
-# (docs/benchmarks.md). Anything not listed uses the fallback.
-_AUTO_TABLE: dict[tuple[str, torch.dtype], str] = {
-    ("cpu", torch.float32): "bias",
-    ("cpu", torch.bfloat16): "chunked",
-    ("cuda", torch.float32): "bias",
-    ("cuda", torch.bfloat16): "bias",
-    ("cuda", torch.float16): "bias",
+# What "auto" picks for CPU training, per compute dtype (not measured: these follow from the
+# kernels). SDPA's CPU backward falls back to the math kernel and keeps the probabilities and
+# the bias gradient; "memeff" keeps neither and recomputes them chunk by chunk.
+_TRAIN_CPU: dict[torch.dtype, tuple[str, str]] = {
+    torch.float32: ("memeff", "training: the least memory (no score-sized tensor kept)"),
+    torch.bfloat16: ("chunked", "training under bf16: SDPA's CPU backward has no fused kernel"),
 }
-_AUTO_FALLBACK = "bias"
+_DEFAULT = "bias"
 
-# What "auto" picks when a gradient is needed (training), where it differs from the table above:
-# SDPA's CPU backward falls back to the math kernel and keeps the probabilities and the bias
-# gradient; "memeff" keeps neither and recomputes them chunk by chunk.
-_AUTO_TRAIN_TABLE: dict[tuple[str, torch.dtype], str] = {
-    ("cpu", torch.float32): "memeff",
-}
+#: The paths ``"auto"`` times on each attention shape at CPU inference.
+MEASURED_PATHS = ("bias", "chunked", "folded")
+#: What ``"auto"`` resolves to where it times the paths per shape (see :func:`attend`).
+MEASURE = "measured"
+
+# (device type, dtype, q/k/v shapes, rel-pos grids) -> (the fastest path, ms per path).
+_MEASURED: dict[tuple, tuple[str, dict[str, float]]] = {}
 
 
 def set_attention_impl(name: str) -> str:
     """Select the attention path globally; returns the previous setting.
 
     Args:
-        name: ``"auto"`` (default: per device and dtype, the fastest measured path),
+        name: ``"auto"`` (default: CPU inference the fastest path measured per shape; see the
+            module docstring for training and GPUs),
             ``"reference"`` (explicit score matrix, the exact reference), ``"bias"`` (fused SDPA,
             rel-pos as an additive mask), ``"folded"`` (fused SDPA, rel-pos folded into q/k) or
             ``"chunked"`` (folded q/k with explicit matmuls over query chunks) or ``"memeff"``
@@ -89,7 +94,8 @@ def attention_impl(name: str) -> contextlib.AbstractContextManager[None]:
 
 def resolve_attention_impl(name: str, x: Tensor) -> str:
     """Turn ``"auto"`` into a concrete path for input ``x`` (its device, autocast dtype, and
-    whether a gradient will flow through it)."""
+    whether a gradient will flow through it), or into :data:`MEASURE` (CPU inference:
+    :func:`attend` times the paths on each new shape)."""
     if name != "auto":
         return name
     dev = x.device.type
@@ -99,13 +105,64 @@ def resolve_attention_impl(name: str, x: Tensor) -> str:
 
 def _auto(device: str, dtype: torch.dtype, training: bool) -> tuple[str, str]:
     """What ``"auto"`` picks on ``device`` (type) for compute ``dtype``, and why."""
-    if training and (device, dtype) in _AUTO_TRAIN_TABLE:
-        return _AUTO_TRAIN_TABLE[device, dtype], "measured: least memory for training"
-    if (device, dtype) not in _AUTO_TABLE:
-        return _AUTO_FALLBACK, "not measured: default"
-    if device != "cpu":  # the CUDA entries are defaults, not measurements (docs/benchmarks.md)
-        return _AUTO_TABLE[device, dtype], "not measured on a GPU: default"
-    return _AUTO_TABLE[device, dtype], "measured fastest (docs/benchmarks.md)"
+    if device != "cpu":
+        return _DEFAULT, "not measured on a GPU: default"
+    if training:
+        return _TRAIN_CPU.get(dtype, (_DEFAULT, "training: default"))
+    if tracing():
+        return _DEFAULT, "compiling or exporting: not measured"
+    return MEASURE, "measured per attention shape at its first call: " + ", ".join(MEASURED_PATHS)
+
+
+def _paths() -> dict[str, object]:
+    return {
+        "reference": attention_reference,
+        "bias": attention_bias,
+        "folded": attention_folded,
+        "chunked": attention_chunked,
+        "memeff": attention_memeff,
+    }
+
+
+#: Time :func:`_measured_path` spends on one shape, about (more rounds for small shapes: the
+#: minimum over several rounds is what survives other processes on a shared machine).
+MEASURE_MS = 60.0
+
+
+def _measured_path(q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | None) -> str:
+    """The fastest of :data:`MEASURED_PATHS` for this shape: timed at the shape's first call
+    (a warm-up round, then 2-10 alternating rounds, about :data:`MEASURE_MS` in all; the best
+    time of each path counts), then remembered for the process."""
+    grids = None if rel is None else (rel.q_thw, rel.k_thw, rel.num_prefix, rel.t is not None)
+    dtype = autocast_dtype(q.device.type) or q.dtype
+    key = (q.device.type, dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape), grids)
+    if key not in _MEASURED:
+        paths = _paths()
+
+        def timed(name: str) -> float:
+            t0 = time.perf_counter()
+            paths[name](q, k, v, scale, rel)
+            return (time.perf_counter() - t0) * 1e3
+
+        first = {name: timed(name) for name in MEASURED_PATHS}  # warm-up
+        rounds = min(max(math.ceil(MEASURE_MS / max(sum(first.values()), 1e-3)), 2), 10)
+        best = dict.fromkeys(MEASURED_PATHS, math.inf)
+        for _ in range(rounds):
+            for name in MEASURED_PATHS:
+                best[name] = min(best[name], timed(name))
+        _MEASURED[key] = (min(best, key=best.get), best)
+    return _MEASURED[key][0]
+
+
+def attention_measurements() -> dict[str, str]:
+    """The paths ``"auto"`` chose so far in this process, per measured shape: ``{"q (8, 1, 3136,
+    96) k (8, 1, 49, 96) torch.float32": "bias (bias 25.6 ms, chunked 26.5 ms, folded 20.7 ms)"}``
+    (for a benchmark's JSON or a log)."""
+    out = {}
+    for (_, dtype, q, k, _, _), (chosen, ms) in _MEASURED.items():
+        times = ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items())
+        out[f"q {q} k {k} {dtype}"] = f"{chosen} ({times})"
+    return out
 
 
 def attention_reference(
@@ -247,19 +304,16 @@ def attend(
         q: queries ``(B, nH, Nq, C)``; k, v: keys and values ``(B, nH, Nk, C)``.
         scale: the softmax scale (``C ** -0.5``).
         rel: the rel-pos tables and grids (None: no rel-pos term).
-        impl: a path name of :data:`ATTENTION_IMPLS`; ``"auto"`` is resolved for ``q``.
+        impl: a path name of :data:`ATTENTION_IMPLS` (or :data:`MEASURE`); ``"auto"`` is
+            resolved for ``q``.
 
     Returns:
         ``(B, nH, Nq, C)``.
     """
-    paths = {
-        "reference": attention_reference,
-        "bias": attention_bias,
-        "folded": attention_folded,
-        "chunked": attention_chunked,
-        "memeff": attention_memeff,
-    }
-    return paths[resolve_attention_impl(impl, q)](q, k, v, scale, rel)
+    impl = resolve_attention_impl(impl, q)
+    if impl == MEASURE:
+        impl = _measured_path(q, k, v, scale, rel)
+    return _paths()[impl](q, k, v, scale, rel)
 
 
 def attention_choice(device: str, dtype: torch.dtype, training: bool) -> dict[str, str]:

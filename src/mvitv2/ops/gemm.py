@@ -7,7 +7,11 @@ MKL gives ~175 on the MViTv2 linear shapes. Both are plain fp32 GEMMs (no reduce
 accumulation); they differ only in summation order.
 
 The backend is chosen per process by measurement (:func:`set_gemm_backend`): ``"auto"`` times one
-GEMM each way on the first fp32 CPU call and keeps the faster. oneDNN is used only in eager fp32
+GEMM with bias each way on the first fp32 CPU call and keeps the faster; for a linear layer
+followed by the exact GELU (the MLP at inference) it times that pair on its own, since oneDNN
+fuses the GELU into the GEMM where ATen makes a second pass over the output (measured on an
+Intel Xeon, 1 thread: plain GEMMs within 5 % of each other, with the GELU oneDNN 1.2-1.7x
+faster). oneDNN is used only in eager fp32
 CPU code without autocast; under autocast, on CUDA, and while compiling, exporting or tracing, the
 standard ``F.linear`` runs (autocast's bf16 GEMMs already go to oneDNN).
 
@@ -83,12 +87,18 @@ def _register_flop_formula() -> None:
 _register_flop_formula()
 
 
-@functools.cache
-def _measured_ms() -> tuple[float, float] | None:
-    """Time one linear-shaped GEMM (``6272 x 384 @ 384 x 1536``, 7.4 GFLOP) each way, best of 3.
+#: What :func:`_measured_ms` times: a plain linear layer, and one followed by the exact GELU (the
+#: MLP's first layer at inference, which oneDNN runs as one fused kernel).
+GEMM_KINDS = ("linear", "linear_gelu")
 
-    Returns ``(oneDNN ms, ATen ms)``, or None without oneDNN. Called once per process, on the
-    first fp32 CPU call with the ``"auto"`` backend; ~0.1 s.
+
+@functools.cache
+def _measured_ms(kind: str) -> tuple[float, float] | None:
+    """Time one linear-shaped GEMM with bias (``6272 x 384 @ 384 x 1536``, 7.4 GFLOP; then the
+    GELU for ``"linear_gelu"``) each way, best of 3.
+
+    Returns ``(oneDNN ms, ATen ms)``, or None without oneDNN. Called once per process and kind,
+    on the first fp32 CPU call of that kind with the ``"auto"`` backend; ~0.2 s.
     """
     op = _onednn_linear_op()
     if op is None:
@@ -96,6 +106,7 @@ def _measured_ms() -> tuple[float, float] | None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6272, 384, generator=gen)
     w = torch.randn(1536, 384, generator=gen)
+    b = torch.randn(1536, generator=gen)
 
     def best(fn) -> float:
         fn()
@@ -107,41 +118,58 @@ def _measured_ms() -> tuple[float, float] | None:
         return min(times) * 1e3
 
     with torch.no_grad():
-        t_onednn = best(lambda: op(x, w, None, "none", [], ""))
-        t_aten = best(lambda: F.linear(x, w))
+        if kind == "linear_gelu":
+            t_onednn = best(lambda: op(x, w, b, "gelu", [], "none"))
+            t_aten = best(lambda: F.gelu(F.linear(x, w, b)))
+        else:
+            t_onednn = best(lambda: op(x, w, b, "none", [], ""))
+            t_aten = best(lambda: F.linear(x, w, b))
     return t_onednn, t_aten
 
 
-def _onednn_measured_faster() -> bool:
-    """Whether oneDNN beat ATen by more than 10 % in :func:`_measured_ms`."""
-    ms = _measured_ms()
+def _onednn_measured_faster(kind: str) -> bool:
+    """Whether oneDNN beat ATen by more than 10 % in :func:`_measured_ms` for ``kind``."""
+    ms = _measured_ms(kind)
     return ms is not None and ms[0] < 0.9 * ms[1]
 
 
-def uses_onednn(x: Tensor) -> bool:
-    """Whether our linear layers send ``x`` to oneDNN right now (fp32 CPU, eager, no autocast)."""
+def uses_onednn(x: Tensor, gelu: bool = False) -> bool:
+    """Whether our linear layers send ``x`` to oneDNN right now (fp32 CPU, eager, no autocast);
+    ``gelu``: for a linear layer followed by the exact GELU (measured on its own with
+    ``"auto"``: oneDNN fuses the GELU into the GEMM, ATen runs it as a second pass)."""
     backend = _BACKEND.value
     if backend == "aten" or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     if tracing() or autocast_dtype("cpu") is not None or _onednn_linear_op() is None:
         return False
-    return backend == "onednn" or _onednn_measured_faster()
+    return backend == "onednn" or _onednn_measured_faster("linear_gelu" if gelu else "linear")
 
 
 def gemm_choice() -> dict[str, str]:
-    """The fp32 CPU GEMM backend in force and why: ``{"gemm": ..., "gemm_setting": ...,
-    "gemm_why": ...}`` (with ``"auto"`` this runs the one-off measurement if not yet done)."""
+    """The fp32 CPU GEMM backend in force and why: ``{"gemm": ..., "gemm_gelu": ...,
+    "gemm_setting": ..., "gemm_why": ...}``; ``gemm_gelu`` is the backend of a linear layer
+    followed by the GELU at inference (with ``"auto"`` this runs the one-off measurements if not
+    yet done)."""
     setting = _BACKEND.value
     if setting == "aten":
-        return {"gemm": "aten", "gemm_setting": setting, "gemm_why": "set"}
+        return {"gemm": "aten", "gemm_gelu": "aten", "gemm_setting": setting, "gemm_why": "set"}
     if _onednn_linear_op() is None:
-        return {"gemm": "aten", "gemm_setting": setting, "gemm_why": "no oneDNN in this build"}
+        why = "no oneDNN in this build"
+        return {"gemm": "aten", "gemm_gelu": "aten", "gemm_setting": setting, "gemm_why": why}
     if setting == "onednn":
-        return {"gemm": "onednn", "gemm_setting": setting, "gemm_why": "set"}
-    onednn_ms, aten_ms = _measured_ms()
-    chosen = "onednn" if _onednn_measured_faster() else "aten"
-    why = f"measured 6272x384x1536: oneDNN {onednn_ms:.1f} ms, ATen {aten_ms:.1f} ms"
-    return {"gemm": chosen, "gemm_setting": setting, "gemm_why": why}
+        return {"gemm": "onednn", "gemm_gelu": "onednn", "gemm_setting": setting, "gemm_why": "set"}
+    chosen = {k: "onednn" if _onednn_measured_faster(k) else "aten" for k in GEMM_KINDS}
+    (a, b), (c, d) = (_measured_ms(k) for k in GEMM_KINDS)
+    why = (
+        f"measured 6272x384x1536 with bias: oneDNN {a:.1f} ms, ATen {b:.1f} ms; "
+        f"+GELU: oneDNN {c:.1f} ms, ATen {d:.1f} ms"
+    )
+    return {
+        "gemm": chosen["linear"],
+        "gemm_gelu": chosen["linear_gelu"],
+        "gemm_setting": setting,
+        "gemm_why": why,
+    }
 
 
 # ---------------------------------------------------------------------- raw oneDNN products
@@ -219,7 +247,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, gelu: bool 
 
     x: ``(..., K)``; weight: ``(N, K)``; bias: ``(N,)`` or None. Returns ``(..., N)``.
     """
-    if not uses_onednn(x):
+    if not uses_onednn(x, gelu):
         y = F.linear(x, weight, bias)
         return F.gelu(y) if gelu else y
     if torch.is_grad_enabled() and (
