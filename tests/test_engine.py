@@ -546,10 +546,22 @@ def test_unreadable_samples_are_skipped_counted_and_named_once():
         def __getitem__(self, i):
             raise BadSample(f"b/{i}", "broken")
 
+    # All bad: the user's data, one line naming the last file tried and what to check.
     everything = SeededDataset(Broken(40, 0, 0.0), substitute=True)
-    with pytest.raises(RuntimeError, match="16 unreadable samples in a row from index 3"):
+    with pytest.raises(UserError) as e:
         everything[(3, 0)]
+    assert isinstance(e.value, ValueError) and str(e.value) == (
+        "16 unreadable samples in a row from index 3, the last b/18: broken; the data looks "
+        "broken: check that the data root and the list or annotation file point at existing, "
+        "readable files"
+    )
     assert everything.skipped == 16 and everything.counter.flagged() == list(range(3, 19))
+    few = SeededDataset(Broken(5, 0, 0.0), substitute=True)  # fewer samples than 16: each once
+    with pytest.raises(
+        UserError, match=r"^5 unreadable samples in a row from index 3, the last b/2:"
+    ):
+        few[(3, 0)]
+    assert few.skipped == 5 and few.counter.flagged() == list(range(5))
 
 
 def test_samples_skipped_in_workers_are_named_in_the_main_process():

@@ -43,6 +43,7 @@ from mvitv2.engine.cli import (
     export_handler,
     fit,
     print_topk,
+    report_skipped,
     resolve_device,
     save_eval_metrics,
     train_config,
@@ -298,11 +299,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(describe_eval(args.checkpoint, len(val), "images", root / "val"), file=sys.stderr)
     t0 = time.perf_counter()
     metrics = evaluate_classifier(model.to(dist.device), loader, dist)
-    skipped = int(dist.all_reduce_sum(torch.tensor([loader.dataset.skipped])).item())
-    bad = [b for part in dist.all_gather_object(loader.dataset.take_new_bad()) for b in part]
+    skipped = report_skipped(loader, dist, "image")
     if dist.is_main:
-        for path, reason in bad:
-            print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
         if not args.json:
             print(
                 f"{args.checkpoint}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
