@@ -739,6 +739,19 @@ def test_each_epoch_reports_its_skipped_samples_and_the_runs_total(tmp_path, cap
     assert "skipped_samples=1, skipped_samples_total=2" in err
 
 
+def test_validation_skips_are_counted_once_per_evaluation_also_with_ema(tmp_path, capsys):
+    class BadValSample(ToyTask):
+        def build_datasets(self):
+            train, val = super().build_datasets()
+            return train, ToyData(len(val), 1, 0.0, bad_index=2)
+
+    cfg = toy_config(str(tmp_path), "ema", "epochs=1", "ema_decay=0.9", "data.n_train=16")
+    trainer = Trainer(BadValSample(cfg), cfg)
+    record = trainer.fit()
+    assert record["skipped_samples"] == 1 and "ema_top1" in record  # one sample, two passes
+    assert capsys.readouterr().err.count("skipped unreadable sample toy/2.bin") == 1
+
+
 @pytest.mark.parametrize("clip", [0.05, None])
 def test_gradients_are_clipped_to_the_global_norm(tmp_path, clip):
     cfg = toy_config(str(tmp_path), "clip", "epochs=1", f"clip_grad={clip or 'null'}")
