@@ -354,6 +354,40 @@ def test_a_video_run_whose_videos_are_all_unreadable_stops_with_one_line(
     ), err
 
 
+# ----------------------------------------------------------------------------- resume
+def test_resume_auto_continues_a_run_whose_checkpoint_has_the_old_metadata_schema(
+    video_root: Path, tmp_path: Path, capsys
+) -> None:
+    from mvitv2.engine.checkpoint import save_checkpoint
+
+    out = tmp_path / "runs"
+    args = ["train", "video", "--data", str(video_root), "--config", "moving_digits"]
+    run = [*args, f"output={out}", "name=r", *RECIPE_TINY, "warmup_epochs=0.5"]
+    assert main(run) == 0
+    last = out / "r" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    names = state["meta"]["class_names"]
+
+    def write_old_schema(class_names: list[str]) -> None:
+        """The meta of a checkpoint written before meta_version 2: no version, task, model name,
+        model kwargs or preprocessing (the task is inferred from the model, a video model)."""
+        save_checkpoint({**state, "meta": {"class_names": class_names, "data": data}}, last)
+
+    data = state["meta"]["data"]
+    write_old_schema(names)
+    capsys.readouterr()
+    assert main([*run, "epochs=2", "--resume", "auto"]) == 0
+    assert f"resumed from {last} at epoch 2" in capsys.readouterr().err
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["meta"]["meta_version"] == 2
+    # An old checkpoint of another experiment (other classes) is still refused.
+    state = resumed
+    write_old_schema(names[::-1])
+    assert main([*run, "epochs=3", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "is another experiment (its config differs in meta.class_names)" in err, err
+
+
 # ----------------------------------------------------------------------------- errors
 def test_user_mistakes_exit_2_with_one_line(video_root: Path, tmp_path: Path, capsys) -> None:
     base = ["train", "video", "--data", str(video_root), f"output={tmp_path}", *RECIPE_TINY]

@@ -178,7 +178,12 @@ class Trainer:
         if d.is_main:
             try:
                 found = find_resume(
-                    resume, cfg.output, cfg.name, cfg.to_dict(), task.checkpoint_meta()
+                    resume,
+                    cfg.output,
+                    cfg.name,
+                    cfg.to_dict(),
+                    task.checkpoint_meta(),
+                    task.upgrade_meta,
                 )
             except Exception as e:
                 found = e

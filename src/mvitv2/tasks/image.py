@@ -16,6 +16,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +56,7 @@ from mvitv2.engine.mixing import MixCriterion
 from mvitv2.engine.task import Task
 from mvitv2.engine.trainer import Trainer
 from mvitv2.errors import UserValueError
-from mvitv2.tasks.spec import ClassificationSpec
+from mvitv2.tasks.spec import ClassificationSpec, upgrade_meta
 
 if TYPE_CHECKING:
     from mvitv2.predict import CheckpointInfo
@@ -121,6 +122,9 @@ class ImageClassification(Task):
             data=self.data_cfg.to_dict(),
             data_root=self.data_root,
         )
+
+    def upgrade_meta(self, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+        return upgrade_meta(dict(checkpoint))
 
 
 def model_kwargs(cfg: TrainConfig, img_size: int) -> dict[str, Any]:

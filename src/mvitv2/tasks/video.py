@@ -69,7 +69,7 @@ from mvitv2.engine.mixing import MixCriterion
 from mvitv2.engine.task import Task
 from mvitv2.engine.trainer import Trainer
 from mvitv2.errors import UserFileNotFoundError, UserValueError
-from mvitv2.tasks.spec import ClassificationSpec
+from mvitv2.tasks.spec import ClassificationSpec, upgrade_meta
 
 #: recipes shipped for this task (under ``recipes/``).
 RECIPE_NAMES = ("moving_digits", "k400_small", "k400_base", "k400_large", "ssv2_small", "ssv2_base")
@@ -427,6 +427,9 @@ class VideoClassification(Task):
             model_kwargs=model_kwargs(self.cfg),
             data=self.data_cfg.to_dict(),
         )
+
+    def upgrade_meta(self, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+        return upgrade_meta(dict(checkpoint))
 
 
 def class_names(
