@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import RidgeClassifier
-from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -25,6 +24,7 @@ from mvitv2.data.moving_digits import (
 )
 from mvitv2.data.video import (
     VideoClipDataset,
+    VideoDecodeError,
     VideoReader,
     VideoTransform,
     clip_indices,
@@ -35,6 +35,7 @@ from mvitv2.data.video import (
     uniform_crop,
     video_collate,
 )
+from mvitv2.engine.data import build_loader
 from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 SMALL = {
@@ -342,16 +343,33 @@ def bad_list(tmp_path, digits):
     return tmp_path / "list.txt"
 
 
+def _next_good(i: int, bad: set[int], n: int) -> int:
+    """The item that stands in for item ``i`` in training: the next readable one."""
+    while i in bad:
+        i = (i + 1) % n
+    return i
+
+
 def test_bad_videos_are_skipped_and_counted_across_workers(bad_list):
+    # items 4-8 are unreadable (missing, empty, garbage, cut, no stream); 9 is truncated
     ds = VideoClipDataset(bad_list, num_frames=8, sampling_rate=4)
-    loader = DataLoader(ds, batch_size=3, num_workers=2, collate_fn=video_collate)
-    labels = torch.cat([y for _, y, _ in loader])
-    assert len(labels) == len(ds) == 10
-    assert 99 not in labels.tolist()  # unreadable files never reach the batch
+    labels = [s.label for s in ds.samples]
+    loader = build_loader(ds, batch_size=5, train=True, workers=2, collate_fn=video_collate)
+    loader.sampler.set_epoch(0)
+    order = [i for i, _ in loader.sampler]
+    batches = list(loader)
+    # full batches: each bad video's item is taken by the next readable one
+    assert [len(y) for _, y, _ in batches] == [5, 5]
+    bad = set(range(4, 9))
+    want = [_next_good(i, bad, 10) for i in order]
+    assert torch.cat([v for _, _, v in batches]).tolist() == want
+    assert torch.cat([y for _, y, _ in batches]).tolist() == [labels[i] for i in want]
+    # item 4 meets 5 bad files before 9, item 5 meets 4, ...: 5 + 4 + 3 + 2 + 1 skips
+    assert loader.dataset.skipped == sum(9 - i for i in order if i in bad) == 15
     c = ds.skipped.as_dict()  # counted inside the workers, read in the main process
     assert (c["bad_missing"], c["bad_empty"], c["bad_corrupt"]) == (1, 2, 2), c
-    assert ds.skipped.flagged("missing") == [4]
-    assert c["replaced"] >= 5
+    assert ds.skipped.flagged("missing") == [4] and ds.skipped.flagged("empty") == [5, 8]
+    assert ds.skipped.flagged("corrupt") == [6, 7]
     # The truncated file is used: sampled again within the frames that do decode.
     trunc = VideoClipDataset(bad_list, num_frames=8, sampling_rate=2, train=False)
     clip, label, vid = trunc[9]
@@ -359,53 +377,68 @@ def test_bad_videos_are_skipped_and_counted_across_workers(bad_list):
     assert trunc.skipped["truncated"] == 1
     assert len(torch.unique(clip.flatten(2).mean(-1)[0])) == 8  # real, distinct frames
     # Test mode drops the views of a bad video (no other video gets extra views).
-    with pytest.warns(UserWarning, match=r"skipping unreadable video \(missing\).*missing\.mp4"):
-        assert trunc[4] is None
-    assert trunc[4] is None  # known bad: no second attempt, no second warning
-    assert trunc.skipped["dropped"] == 2 and trunc.skipped["replaced"] == 0
-    assert video_collate([None, trunc[9], None])[2].tolist() == [9]
-    assert video_collate([None, None]) is None
+    test = VideoClipDataset(bad_list, num_frames=8, sampling_rate=2, train=False, num_clips=2)
+    loader = build_loader(test, batch_size=4, train=False, workers=2, collate_fn=video_collate)
+    vids = torch.cat([v for _, _, v in filter(None, loader)]).tolist()
+    assert vids == [v for v in range(10) if v not in bad for _ in range(2)]
+    assert loader.dataset.skipped == 5 * 2  # 5 bad videos x 2 views
+    assert test.skipped.as_dict()["bad_missing"] == 1
 
 
-def test_each_bad_video_is_named_once_with_its_reason(bad_list, recwarn):
+def test_each_bad_video_is_named_once_with_its_reason(bad_list):
     ds = VideoClipDataset(bad_list, num_frames=8, sampling_rate=4)
-    for _ in range(2):  # two epochs: every bad file is met (and replaced) more than once
-        for i in range(len(ds)):
-            ds[i]
-    messages = [str(w.message) for w in recwarn.list]
-    expected = {
-        "missing": "missing",
-        "empty": "empty",
-        "garbage": "corrupt",
-        "cut": "corrupt",
-        "nostream": "empty",
-    }
-    for name, reason in expected.items():
-        named = [m for m in messages if f"{name}.mp4" in m]
-        assert named and named[0].startswith(
-            f"skipping unreadable video ({reason}) {bad_list.parent / name}.mp4"
-        ), messages
-        assert len(named) == 1, messages
-    assert len(messages) == len(expected)
+    loader = build_loader(ds, batch_size=5, train=True, workers=1, collate_fn=video_collate)
+    named = []
+    for epoch in range(2):  # two epochs: every bad file is met (and replaced) more than once
+        loader.sampler.set_epoch(epoch)
+        list(loader)
+        named += loader.dataset.take_new_bad()
+    assert loader.dataset.skipped == 2 * 15
+    cannot_open = "cannot open video (Invalid data found when processing input)"
+    folder = bad_list.parent
+    assert sorted(named) == sorted(
+        [
+            (str(folder / "missing.mp4"), "no such file"),
+            (str(folder / "empty.mp4"), "zero-length file"),
+            (str(folder / "garbage.mp4"), cannot_open),
+            (str(folder / "cut.mp4"), cannot_open),
+            (str(folder / "nostream.mp4"), "no video stream"),
+        ]
+    )
+    # at test time a bad video is several items (views), and still named once
+    test = VideoClipDataset(bad_list, num_frames=4, sampling_rate=2, train=False, num_clips=3)
+    loader = build_loader(test, batch_size=6, train=False, collate_fn=video_collate)
+    list(loader)
+    assert loader.dataset.skipped == 5 * 3
+    assert sorted(loader.dataset.take_new_bad()) == sorted(named)
 
 
 def test_all_bad_videos_give_a_clear_error(tmp_path):
     (tmp_path / "list.txt").write_text("a.mp4 0\nb.mp4 1\n")
-    for retries in (3, 0):
-        ds = VideoClipDataset(tmp_path / "list.txt", max_retries=retries)
-        with pytest.warns(UserWarning), pytest.raises(UserValueError) as info:
-            ds[0]
-        assert re.search(
-            rf"^{retries + 1} unreadable video\(s\) in a row \(the last: .*[ab]\.mp4; skipped",
-            str(info.value),
-        )
-        assert ds.skipped["replaced"] == retries
-    with pytest.raises(UserValueError, match=r"^21 unreadable video\(s\)"):  # the default: 20
-        VideoClipDataset(tmp_path / "list.txt")[1]
+    ds = VideoClipDataset(tmp_path / "list.txt")
+    loader = build_loader(ds, batch_size=1, train=True, seed=3)
+    first = next(i for i, _ in loader.sampler)
+    last = tmp_path / "ab"[1 - first]  # the other video: each of the 2 is tried once
+    with pytest.raises(UserValueError) as e:
+        list(loader)
+    assert str(e.value) == (
+        f"2 unreadable videos in a row from index {first}, the last {last}.mp4: no such file; "
+        "the data looks broken: check that the data root and the list or annotation file point "
+        "at existing, readable files"
+    )
+    assert ds.skipped.as_dict()["bad_missing"] == 2
+    # evaluation has nothing to score: every batch empty, every view counted
+    test = build_loader(
+        VideoClipDataset(tmp_path / "list.txt", train=False, num_clips=2),
+        batch_size=2,
+        train=False,
+        collate_fn=video_collate,
+    )
+    assert list(test) == [None, None] and test.dataset.skipped == 4
     for split in (True, False):
-        strict = VideoClipDataset(tmp_path / "list.txt", train=split, strict=True)
-        with pytest.raises(UserValueError, match=r"unreadable video \(strict data\): .*a\.mp4"):
-            strict[0]
+        strict = build_loader(ds, batch_size=1, train=split, strict=True)
+        with pytest.raises(UserValueError, match=r"^unreadable video \(strict data\): .*[ab]\.mp4"):
+            list(strict)
 
 
 def _coded_video(path, n, fps=25, step=5, w=48, **kw):
@@ -568,8 +601,13 @@ def test_dataset_options(tmp_path):
     _coded_video(tmp_path / "v.mp4", 80, step=3)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "l.txt").write_text("v.mp4 2\n")
-    with pytest.warns(UserWarning, match=r"\(missing\) .*sub/v\.mp4: no such file"):
-        assert VideoClipDataset(tmp_path / "sub" / "l.txt", train=False)[0] is None  # not in sub/
+    with pytest.raises(VideoDecodeError) as e:  # relative to the list's folder: not in sub/
+        VideoClipDataset(tmp_path / "sub" / "l.txt", train=False)[0]
+    assert (e.value.path, e.value.reason, e.value.kind) == (
+        str(tmp_path / "sub" / "v.mp4"),
+        "no such file",
+        "missing",
+    )
     ds = VideoClipDataset(tmp_path / "sub" / "l.txt", tmp_path, train=False)  # video root
     clip, label, vid = ds[0]
     # defaults: 16 frames, 4 apart, the centre clip: start (80 - 61) // 2 = 9
@@ -848,9 +886,15 @@ def test_a_bad_video_is_a_bad_sample_and_strict_data_is_one_line_in_workers_too(
     )
     # list items 4, 5: missing.mp4, empty.mp4
     for workers in (0, 1):
-        strict = VideoClipDataset(bad_list, train=False, strict=True)
-        subset = torch.utils.data.Subset(strict, [4])
-        loader = DataLoader(subset, batch_size=1, num_workers=workers, collate_fn=video_collate)
+        subset = torch.utils.data.Subset(VideoClipDataset(bad_list, train=False), [4])
+        loader = build_loader(
+            subset,
+            batch_size=1,
+            train=False,
+            strict=True,
+            workers=workers,
+            collate_fn=video_collate,
+        )
         with pytest.raises(StrictDataError) as e:
             list(loader)
         assert str(e.value) == (

@@ -453,6 +453,66 @@ def test_resume_lookup_picks_the_newest_run_of_the_experiment(tmp_path):
         find_resume("auto", tmp_path, "broken", config, meta)
 
 
+def test_resume_auto_compares_a_checkpoints_metadata_in_the_current_schema(tmp_path):
+    config, meta = TrainConfig().to_dict(), {"version": 2, "class_names": ["a", "b"]}
+
+    def upgrade(ckpt):  # schema 1 named the classes "classes" and had no version
+        old = dict(ckpt["meta"])
+        assert list(ckpt["model"]) == ["w"]  # the weights' names are there to infer from
+        return {"version": 2, "class_names": old["classes"]} if "classes" in old else old
+
+    path = tmp_path / "r" / "last.pt"
+    save_checkpoint({"config": config, "meta": {"classes": ["a", "b"]}, "model": {"w": 0}}, path)
+    assert find_resume("auto", tmp_path, "", config, meta, upgrade) == ResumeChoice(path, [])
+    with pytest.raises(UserError, match=r"differs in meta.class_names, meta.classes, meta.version"):
+        find_resume("auto", tmp_path, "", config, meta)  # compared as saved
+    other = {**meta, "class_names": ["a", "c"]}
+    with pytest.raises(UserError, match=r"differs in meta.class_names\); resume it anyway"):
+        find_resume("auto", tmp_path, "", config, other, upgrade)
+    explicit = find_resume(str(path), tmp_path, "", config, other, upgrade)
+    assert explicit.differences == ["meta.class_names"]
+    # The engine's default: the metadata as saved.
+    task = ToyTask(toy_config(str(tmp_path), "t"))
+    assert task.upgrade_meta({"meta": {"classes": ["a"]}}) == {"classes": ["a"]}
+    assert task.upgrade_meta({}) == {}
+
+
+_OLD_SCHEMA = {  # task: (weights, model, model_args, data, the model kwargs that follow)
+    "image": ({}, "mvitv2_tiny", {"depths": [1, 1]}, {"img_size": 64}, {"img_size": 64}),
+    "video": (
+        {},
+        "mvitv2_small_16x4",
+        {},
+        {"crop_size": 32, "num_frames": 2},
+        {"img_size": 32, "num_frames": 2},
+    ),
+    "detect": ({"backbone.body.x": 0}, "maskrcnn_mvitv2_tiny", {"min_size": 128}, {}, {}),
+}
+
+
+@pytest.mark.parametrize("task", list(_OLD_SCHEMA))
+def test_each_task_reads_an_old_checkpoints_metadata_in_todays_schema(task):
+    """Schema 1: classes as ``classes``, no version, task (inferred from the weights or the
+    model), model name, kwargs (the run's model_args plus what the task took from its data) or
+    preprocessing."""
+    import importlib
+
+    from mvitv2.engine.task import Task
+
+    weights, model, model_args, data, sized = _OLD_SCHEMA[task]
+    module = importlib.import_module(f"mvitv2.tasks.{task}")
+    (cls,) = {c for c in vars(module).values() if isinstance(c, type) and Task in c.__mro__[1:]}
+    ckpt = {
+        "model": weights,
+        "config": {"model": model, "model_args": model_args},
+        "meta": {"classes": ["p", "q"], "data": data},
+    }
+    meta = cls.upgrade_meta(object.__new__(cls), ckpt)  # no state of the task is needed
+    assert (meta["meta_version"], meta["task"], meta["model_name"]) == (2, task, model)
+    assert meta["class_names"] == ["p", "q"] and "classes" not in meta and meta["data"] == data
+    assert meta["model_kwargs"] == {**model_args, **sized} and meta["preprocessing"]
+
+
 def test_an_experiment_is_its_config_and_task_metadata_apart_from_run_settings():
     base = TrainConfig().to_dict()
     run_settings = {
@@ -546,10 +606,22 @@ def test_unreadable_samples_are_skipped_counted_and_named_once():
         def __getitem__(self, i):
             raise BadSample(f"b/{i}", "broken")
 
+    # All bad: the user's data, one line naming the last file tried and what to check.
     everything = SeededDataset(Broken(40, 0, 0.0), substitute=True)
-    with pytest.raises(RuntimeError, match="16 unreadable samples in a row from index 3"):
+    with pytest.raises(UserError) as e:
         everything[(3, 0)]
+    assert isinstance(e.value, ValueError) and str(e.value) == (
+        "16 unreadable samples in a row from index 3, the last b/18: broken; the data looks "
+        "broken: check that the data root and the list or annotation file point at existing, "
+        "readable files"
+    )
     assert everything.skipped == 16 and everything.counter.flagged() == list(range(3, 19))
+    few = SeededDataset(Broken(5, 0, 0.0), substitute=True)  # fewer samples than 16: each once
+    with pytest.raises(
+        UserError, match=r"^5 unreadable samples in a row from index 3, the last b/2:"
+    ):
+        few[(3, 0)]
+    assert few.skipped == 5 and few.counter.flagged() == list(range(5))
 
 
 def test_samples_skipped_in_workers_are_named_in_the_main_process():
@@ -725,6 +797,19 @@ def test_each_epoch_reports_its_skipped_samples_and_the_runs_total(tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("skipped unreadable sample toy/4.bin: corrupt for the test") == 1
     assert "skipped_samples=1, skipped_samples_total=2" in err
+
+
+def test_validation_skips_are_counted_once_per_evaluation_also_with_ema(tmp_path, capsys):
+    class BadValSample(ToyTask):
+        def build_datasets(self):
+            train, val = super().build_datasets()
+            return train, ToyData(len(val), 1, 0.0, bad_index=2)
+
+    cfg = toy_config(str(tmp_path), "ema", "epochs=1", "ema_decay=0.9", "data.n_train=16")
+    trainer = Trainer(BadValSample(cfg), cfg)
+    record = trainer.fit()
+    assert record["skipped_samples"] == 1 and "ema_top1" in record  # one sample, two passes
+    assert capsys.readouterr().err.count("skipped unreadable sample toy/2.bin") == 1
 
 
 @pytest.mark.parametrize("clip", [0.05, None])

@@ -102,6 +102,59 @@ def test_a_sample_unreadable_only_in_a_worker_is_named_by_index(tmp_path):
     ]
 
 
+class _ViewsOfFiles(ToyData):
+    """Items 2k and 2k+1 are two views of file k (the test views of a video); files 1 and 3 are
+    unreadable."""
+
+    def __getitem__(self, i):
+        if i // 2 in (1, 3):
+            raise BadSample(f"v/{i // 2}.mp4", f"broken {i // 2}")
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_file_behind_several_items_is_named_once(workers):
+    loader = build_loader(_ViewsOfFiles(10, 0, 0.0), batch_size=4, train=False, workers=workers)
+    assert sum(len(y) for _, y in loader) == 6
+    assert loader.dataset.skipped == 4 and loader.dataset.bad_samples == 4  # items, not files
+    assert loader.dataset.take_new_bad() == [("v/1.mp4", "broken 1"), ("v/3.mp4", "broken 3")]
+    assert loader.dataset.take_new_bad() == []
+    # A view met after its file was named does not name it again.
+    ds = SeededDataset(_ViewsOfFiles(10, 0, 0.0), substitute=False)
+    assert ds[(2, 0)] is None and ds.take_new_bad() == [("v/1.mp4", "broken 1")]
+    assert ds[(3, 0)] is None and ds[(6, 0)] is None
+    assert ds.take_new_bad() == [("v/3.mp4", "broken 3")] and ds.skipped == 3
+
+
+class _TwoRanks:
+    """A DistInfo stand-in for the main process of 2 ranks whose shards met the same bad files
+    (another rank's count is given; its named files are this rank's)."""
+
+    def __init__(self, is_main: bool, other_skipped: int) -> None:
+        self.is_main, self.other = is_main, other_skipped
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t + self.other
+
+    def all_gather_object(self, obj):
+        return [obj, list(obj)]
+
+
+def test_eval_reports_every_rank_s_skips_and_names_each_file_once(capsys):
+    from mvitv2.engine.cli import report_skipped
+
+    for is_main in (True, False):
+        loader = build_loader(_ViewsOfFiles(10, 0, 0.0), batch_size=4, train=False)
+        list(loader)  # 4 items of 2 files skipped here
+        assert report_skipped(loader, _TwoRanks(is_main, 3), "video") == 4 + 3
+        err = capsys.readouterr().err
+        assert err == (
+            "skipped unreadable video v/1.mp4: broken 1\nskipped unreadable video v/3.mp4: broken 3\n"
+            if is_main
+            else ""
+        )
+
+
 def test_build_loader_shards_pads_and_handles_bad_samples_by_mode():
     data = ToyData(10, 0, 0.0, bad_index=4)
     one = build_loader(data, batch_size=4, train=True, seed=5)

@@ -12,6 +12,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from mvitv2.data import video as video_data
+from mvitv2.data.common import StrictDataError
 from mvitv2.data.video import (
     VideoClipDataset,
     VideoTransform,
@@ -19,6 +20,7 @@ from mvitv2.data.video import (
     segment_indices,
     video_collate,
 )
+from mvitv2.engine.data import build_loader
 
 
 def test_training_samplers_draw_from_the_given_generator():
@@ -169,33 +171,41 @@ def test_bad_views_are_dropped_at_test_time_and_replaced_in_training(dataset_fac
     def decode(self, video, clip_ids):
         if video == 1:
             raise video_data.VideoDecodeError("b.mp4", "broken", "corrupt")
-        return [torch.zeros(2, 3, 2, 2, dtype=torch.uint8) for _ in clip_ids]
+        return [torch.full((2, 3, 2, 2), video, dtype=torch.uint8) for _ in clip_ids]
 
     monkeypatch.setattr(VideoClipDataset, "_decode", decode)
     ds = make(train=False, num_clips=2)
-    with pytest.warns(UserWarning, match=r"^skipping unreadable video \(corrupt\) b.mp4: broken$"):
-        assert ds[2] is None
-    assert ds[3] is None and ds[1] is not None
-    counts = ds.skipped.as_dict()
-    assert counts["bad_corrupt"] == 1 and counts["dropped"] == 2
-    train = make(train=True, max_retries=50)
-    torch.manual_seed(0)
-    with pytest.warns(UserWarning):
-        clip, label, video = train[1]
-    assert video != 1 and label == [2, 0, 4][video]
-    assert train.skipped.as_dict()["replaced"] >= 1
-    with pytest.raises(video_data.UserValueError, match=r"^unreadable video \(strict data\)"):
-        make(train=True, strict=True)[1]
+    with pytest.raises(video_data.VideoDecodeError):  # the dataset raises; the loader decides
+        ds[2]
+    loader = build_loader(ds, batch_size=4, train=False, collate_fn=video_collate)
+    clips, labels, vids = (torch.cat(t) for t in zip(*filter(None, loader)))
+    assert vids.tolist() == [0, 0, 2, 2] and labels.tolist() == [2, 2, 4, 4]  # no extra views
+    assert loader.dataset.skipped == 2  # 1 bad video x 2 views
+    assert ds.skipped.as_dict() == {**dict.fromkeys(ds.SKIP_KEYS, 0), "bad_corrupt": 1}
+    assert loader.dataset.take_new_bad() == [("b.mp4", "broken")]
+    # training: the batch keeps its size, the next video stands in for the bad one
+    train = build_loader(make(train=True), batch_size=3, train=True, collate_fn=video_collate)
+    clips, labels, vids = next(iter(train))
+    assert sorted(vids.tolist()) == [0, 2, 2] and sorted(labels.tolist()) == [2, 4, 4]
+    assert torch.equal(clips[:, 0, 0, 0, 0] * 255, vids.float())  # the stand-in's own clip
+    assert train.dataset.skipped == 1
+    strict = build_loader(make(train=True), batch_size=3, train=True, strict=True)
+    with pytest.raises(StrictDataError) as e:
+        list(strict)
+    assert str(e.value) == (
+        "unreadable video (strict data): b.mp4: broken; without strict_data such videos are "
+        "skipped and counted"
+    )
     np.testing.assert_equal(len(make(train=False, num_crops=3)), 9)
 
     def broken(self, video, clip_ids):
         raise video_data.VideoDecodeError(f"v{video}", "broken", "corrupt")
 
     monkeypatch.setattr(VideoClipDataset, "_decode", broken)
-    with (
-        pytest.warns(UserWarning),
-        pytest.raises(
-            video_data.UserValueError, match=r"^21 unreadable video\(s\) in a row \(the last: "
-        ),
-    ):
-        make(train=True)[0]  # the first try and 20 replacements
+    every = build_loader(make(train=True), batch_size=1, train=True, seed=1)
+    first = next(i for i, _ in every.sampler)
+    with pytest.raises(video_data.UserValueError) as e:
+        list(every)
+    assert str(e.value).startswith(
+        f"3 unreadable videos in a row from index {first}, the last v{(first + 2) % 3}: broken; "
+    )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -267,7 +269,7 @@ def test_every_video_recipe_trains_through_the_cli(name: str, video_root: Path, 
 
 # ----------------------------------------------------------------------------- bad data
 def test_bad_videos_are_reported_per_split_and_named_once(
-    video_root: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder, capsys
+    video_root: Path, tmp_path: Path, capsys
 ) -> None:
     (tmp_path / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
     train = video_root.joinpath("train.txt").read_text() + f"{tmp_path / 'garbage.mp4'} 1\n"
@@ -277,19 +279,28 @@ def test_bad_videos_are_reported_per_split_and_named_once(
     args = ["train", "video", "--data", str(video_root), "--config", "k400_small"]
     lists = ["--train-list", str(tmp_path / "train.txt"), "--val-list", str(tmp_path / "val.txt")]
     run = [f"output={tmp_path}", "name=r", *RECIPE_TINY, "epochs=2", "data.num_repeats=1"]
-    assert main([*args, *lists, *run, "batch_size=5"]) == 0  # every train video, every epoch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named by the run's log, not by warnings
+        assert main([*args, *lists, *run, "batch_size=5"]) == 0  # every train video, every epoch
     records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
+    # the trainer counts the skipped items: the bad training video once per epoch, the bad
+    # validation video once per view (5 clips x 1 crop)
+    assert [r["skipped_samples"] for r in records] == [1, 1]
+    assert last["skipped_samples_total"] == 2 and last["val_skipped_samples"] == 5
     # the val metrics count the validation set's bad file only, not the training set's
     assert last["val_videos_bad_missing"] == 1 and "val_videos_bad_corrupt" not in last
     assert last["val_count"] == 2 and last["val_views"] == 5  # the protocol's views
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "train videos skipped/padded: {" in printed and "'bad_corrupt': 1" in printed
     assert "val videos skipped/padded: {" in printed and "'bad_missing': 1" in printed
     # each bad file named once, with its reason, over two epochs of training and evaluation
-    messages = [str(w.message) for w in recwarn.list if "unreadable video" in str(w.message)]
-    assert sorted(m.split(" ")[3] for m in messages) == ["(corrupt)", "(missing)"], messages
-    assert sum("garbage.mp4" in m for m in messages) == sum("gone.mp4" in m for m in messages) == 1
+    err = captured.err
+    assert err.count("skipped unreadable sample") == 2, err
+    assert err.count(f"skipped unreadable sample {tmp_path / 'gone.mp4'}: no such file") == 1
+    garbage = f"skipped unreadable sample {tmp_path / 'garbage.mp4'}: cannot open video ("
+    assert err.count(garbage) == 1
 
 
 def test_eval_views_are_the_protocol_even_with_a_bad_video(
@@ -303,14 +314,78 @@ def test_eval_views_are_the_protocol_even_with_a_bad_video(
     capsys.readouterr()
     ckpt = str(out / "r" / "last.pt")
     lists = ["--data", str(video_root), "--val-list", str(tmp_path / "val.txt"), "--workers", "0"]
-    with pytest.warns(UserWarning, match=r"\(missing\) .*gone\.mp4: no such file"):
-        assert main(["eval", "video", "--checkpoint", ckpt, *lists, "--clips", "5"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    assert main(["eval", "video", "--checkpoint", ckpt, *lists, "--clips", "5"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
     result = json.loads(lines[-1])
     # the bad video is not scored and gives its views to no other video: 5 clips x 1 crop
     assert (result["count"], result["views"]) == (2, 5.0)
-    assert (result["bad_missing"], result["dropped"]) == (1, 5)
+    assert (result["bad_missing"], result["skipped"]) == (1, 5)  # 1 file, 5 views skipped
     assert "5 clip(s) x 1 crop(s) = 5 views per video" in lines[0]
+    assert "(5 unreadable views skipped)" in lines[0]
+    named = f"skipped unreadable video {tmp_path / 'gone.mp4'}: no such file"
+    assert captured.err.count("skipped unreadable") == captured.err.count(named) == 1
+    # --strict-data: the first bad video fails the evaluation, one line, exit 2
+    assert main(["eval", "video", "--checkpoint", ckpt, *lists, "--strict-data"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(
+        f"unreadable video (strict data): {tmp_path / 'gone.mp4'}: no such file; without "
+        "strict_data such videos are skipped and counted"
+    )
+
+
+def test_a_video_run_whose_videos_are_all_unreadable_stops_with_one_line(
+    video_root: Path, tmp_path: Path, capsys
+) -> None:
+    (tmp_path / "train.txt").write_text(
+        "".join(f"{tmp_path}/gone{i}.mp4 {i % 2}\n" for i in range(3))
+    )
+    args = ["train", "video", "--data", str(video_root), "--config", "k400_small"]
+    lists = ["--train-list", str(tmp_path / "train.txt"), "--val-list", str(tmp_path / "train.txt")]
+    run = [f"output={tmp_path / 'runs'}", "name=r", *RECIPE_TINY, "batch_size=1"]
+    assert main([*args, *lists, *run]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([line for line in err if "error" in line]) == 1, err
+    assert re.search(
+        rf"error: 3 unreadable videos in a row from index \d, the last {tmp_path}/gone\d\.mp4: "
+        r"no such file; the data looks broken: check that the data root and the list or "
+        r"annotation file point at existing, readable files$",
+        err[-1],
+    ), err
+
+
+# ----------------------------------------------------------------------------- resume
+def test_resume_auto_continues_a_run_whose_checkpoint_has_the_old_metadata_schema(
+    video_root: Path, tmp_path: Path, capsys
+) -> None:
+    from mvitv2.engine.checkpoint import save_checkpoint
+
+    out = tmp_path / "runs"
+    args = ["train", "video", "--data", str(video_root), "--config", "moving_digits"]
+    run = [*args, f"output={out}", "name=r", *RECIPE_TINY, "warmup_epochs=0.5"]
+    assert main(run) == 0
+    last = out / "r" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    names = state["meta"]["class_names"]
+
+    def write_old_schema(class_names: list[str]) -> None:
+        """The meta of a checkpoint written before meta_version 2: no version, task, model name,
+        model kwargs or preprocessing (the task is inferred from the model, a video model)."""
+        save_checkpoint({**state, "meta": {"class_names": class_names, "data": data}}, last)
+
+    data = state["meta"]["data"]
+    write_old_schema(names)
+    capsys.readouterr()
+    assert main([*run, "epochs=2", "--resume", "auto"]) == 0
+    assert f"resumed from {last} at epoch 2" in capsys.readouterr().err
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["meta"]["meta_version"] == 2
+    # An old checkpoint of another experiment (other classes) is still refused.
+    state = resumed
+    write_old_schema(names[::-1])
+    assert main([*run, "epochs=3", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "is another experiment (its config differs in meta.class_names)" in err, err
 
 
 # ----------------------------------------------------------------------------- errors

@@ -2,8 +2,9 @@
 of generated datasets, and the one bad-sample policy of every dataset.
 
 Bad samples: a dataset raises :class:`BadSample` (path, reason, counter key) for a sample it
-cannot read; the loader (or the dataset itself, for videos) skips it and counts it in a
-:class:`SkipCounter`, which DataLoader workers share with the main process, and names it once.
+cannot read (a dataset may also flag it in its own :class:`SkipCounter` for per-reason
+statistics); the engine's loader (``mvitv2.engine.data.SeededDataset``) decides what happens:
+training substitutes another sample, evaluation drops it, each is counted and named once.
 With ``strict_data`` the first one is a :class:`StrictDataError` (:func:`strict_data_error`): the
 user's data, one error line. ``mvitv2.engine`` imports these; ``mvitv2.data`` never imports the
 engine.
@@ -201,6 +202,10 @@ class BadSample(Exception):
         kind: the :class:`SkipCounter` key it is counted under (e.g. ``"unreadable_image"``).
     """
 
+    #: what a sample is called in messages (``"skipped unreadable video ..."``); a dataset's
+    #: subclass names its own (``"video"``).
+    what: str = "sample"
+
     def __init__(self, path: str | os.PathLike, reason: str, kind: str = "unreadable") -> None:
         super().__init__(f"{path}: {reason}")
         self.path, self.reason, self.kind = str(path), reason, kind
@@ -210,13 +215,15 @@ class StrictDataError(UserValueError, RuntimeError):
     """A bad sample met with ``strict_data``: the user's data, one error line (exit 2)."""
 
 
-def strict_data_error(error: BadSample, what: str = "sample") -> StrictDataError:
+def strict_data_error(error: BadSample, what: str | None = None) -> StrictDataError:
     """The one-line error for ``error`` met with ``strict_data`` (raise it ``from None``).
 
     Args:
         error: the bad sample.
-        what: what a sample is called in the message (``"sample"``, ``"video"``).
+        what: what a sample is called in the message (default: the error's
+            :attr:`BadSample.what`, ``"sample"`` or e.g. ``"video"``).
     """
+    what = what or error.what
     return StrictDataError(
         f"unreadable {what} (strict data): {error}; without strict_data such {what}s are "
         "skipped and counted"

@@ -9,7 +9,6 @@ dataset returns float clips (C, T, H, W), the layout of the video models.
 from __future__ import annotations
 
 import csv
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -24,7 +23,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from mvitv2.data.common import BadSample, SkipCounter, strict_data_error
+from mvitv2.data.common import BadSample, SkipCounter
 from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 __all__ = [
@@ -60,6 +59,8 @@ class VideoDecodeError(BadSample, RuntimeError):
         reason: what went wrong.
         kind: the counter key, one of ``missing``, ``corrupt``, ``empty``.
     """
+
+    what = "video"
 
     def __init__(self, path: str | Path, reason: str, kind: str = "corrupt") -> None:
         super().__init__(path, reason, kind)
@@ -545,15 +546,15 @@ class VideoClipDataset(torch.utils.data.Dataset):
     ``len(videos) * num_clips * num_crops`` items, one per (video, temporal clip, spatial crop),
     unless ``stack_views``; average the softmax of all items with the same ``video_index``.
 
-    Unreadable videos (missing, corrupt, truncated header, zero frames) are skipped, counted and
-    named: the first time a file fails, a warning names it with the reason, and the file is
-    counted in ``self.skipped`` (``.as_dict()``: ``bad_missing``, ``bad_corrupt``, ``bad_empty``
-    = distinct files; ``replaced`` = training items that took another video; ``dropped`` = test
-    views returned as None; ``padded`` = clips of videos shorter than the clip span;
-    ``truncated`` = clips of files that ended before their header said). Counts include
-    DataLoader workers. In training the item is replaced by a random other video; in testing the
-    item is None (:func:`video_collate` drops it), so a bad video is not scored and no other
-    video gets extra views. ``strict`` raises instead.
+    An unreadable video (missing, corrupt, truncated header, zero frames) raises
+    :class:`VideoDecodeError`, a :class:`~mvitv2.data.common.BadSample`, after flagging the file
+    in ``self.skipped``; what happens then is the loader's policy (``mvitv2.engine.data``
+    ``build_loader``): in training the item is substituted by another video, at test time it is
+    dropped (so a bad video is not scored and no other video gets extra views), each skip is
+    counted and each file named once; ``strict_data`` fails instead. ``self.skipped.as_dict()``
+    keeps per-file statistics, DataLoader workers included: ``bad_missing``, ``bad_corrupt``,
+    ``bad_empty`` = distinct unreadable files; ``padded`` = clips of videos shorter than the clip
+    span; ``truncated`` = clips of files that ended before their header said (both used).
 
     Args:
         list_file: Kinetics-style list (see :func:`read_video_list`).
@@ -571,12 +572,9 @@ class VideoClipDataset(torch.utils.data.Dataset):
         pad: ``"last"`` or ``"loop"`` for videos shorter than a clip.
         target_fps: frame rate ``sampling_rate`` counts frames at (see :func:`clip_indices`);
             None: each file's own rate. Segment sampling ignores it.
-        strict: raise :class:`~mvitv2.data.common.StrictDataError` (a ``UserValueError``) on the
-            first unreadable video.
-        max_retries: training replacements in a row before giving up (then the same error).
     """
 
-    SKIP_KEYS = ("missing", "corrupt", "empty", "padded", "truncated", "replaced", "dropped")
+    SKIP_KEYS = ("missing", "corrupt", "empty", "padded", "truncated")
 
     def __init__(
         self,
@@ -594,8 +592,6 @@ class VideoClipDataset(torch.utils.data.Dataset):
         stack_views: bool = False,
         pad: str = "last",
         target_fps: float | None = None,
-        strict: bool = False,
-        max_retries: int = 20,
     ) -> None:
         if sampling not in ("clip", "segment"):
             raise ValueError(f"unknown sampling {sampling!r}; expected 'clip' or 'segment'")
@@ -612,7 +608,6 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.num_repeats = num_repeats if train else 1
         self.stack_views = stack_views and not train
         self.pad, self.target_fps = pad, target_fps
-        self.strict, self.max_retries = strict, max_retries
         self.skipped = SkipCounter(self.SKIP_KEYS, len(self.samples))
 
     @property
@@ -682,40 +677,21 @@ class VideoClipDataset(torch.utils.data.Dataset):
         (clip,) = self._decode(video, [k])
         return self.transform(clip, s if self.num_crops == 3 else None)
 
-    def _try_load(self, video: int, view: int | None) -> torch.Tensor | None:
-        """The item of ``video``, or None (the file is flagged, and named the first time)."""
-        if self.skipped.is_flagged(video):
-            return None
-        try:
-            return self._load(video, view)
-        except VideoDecodeError as e:
-            if self.strict:
-                raise strict_data_error(e, "video") from None
-            if self.skipped.flag(video, e.kind):  # the flags are shared by workers: named once
-                warnings.warn(f"skipping unreadable video ({e.kind}) {e}", stacklevel=2)
-        return None
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        """Item ``index``: ``(clip, label, video_index)``.
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | None:
+        Raises:
+            VideoDecodeError: the video cannot be read (flagged in ``self.skipped`` first).
+        """
         if self.train or self.stack_views:
             video, view = index, None
         else:
             video, view = divmod(index, self.views_per_video)
-        clip = self._try_load(video, view)
-        if clip is None and not self.train:
-            self.skipped.add("dropped")
-            return None
-        for _ in range(self.max_retries):  # training: replaced by any other video
-            if clip is not None:
-                break
-            self.skipped.add("replaced")
-            video = int(torch.randint(len(self.samples), (1,)))
-            clip = self._try_load(video, None)
-        if clip is None:
-            raise UserValueError(
-                f"{self.max_retries + 1} unreadable video(s) in a row (the last: "
-                f"{self.samples[video].path}; skipped so far: {self.skipped.as_dict()}); "
-                f"check the video root and files"
-            )
+        try:
+            clip = self._load(video, view)
+        except VideoDecodeError as e:
+            self.skipped.flag(video, e.kind)  # shared with workers: a file counts once
+            raise
         return clip, self.samples[video].label, video
 
 

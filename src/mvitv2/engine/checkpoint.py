@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,12 +169,22 @@ def experiment_differences(
     return diff(saved, keep, "") + diff(saved_meta, meta, "meta.")
 
 
-def _differences_of(path: Path, config: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
+#: a checkpoint dict -> its ``meta`` in the current schema (``Task.upgrade_meta``).
+MetaUpgrade = Callable[[Mapping[str, Any]], Mapping[str, Any]]
+
+
+def _differences_of(
+    path: Path,
+    config: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    upgrade_meta: MetaUpgrade | None = None,
+) -> list[str]:
     try:  # mmap: reads the small config and meta, not the weights
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated or not a torch file: not this experiment's
         return [f"unreadable checkpoint ({type(e).__name__})"]
-    return experiment_differences(state.get("config") or {}, state.get("meta") or {}, config, meta)
+    saved_meta = upgrade_meta(state) if upgrade_meta is not None else state.get("meta") or {}
+    return experiment_differences(state.get("config") or {}, saved_meta, config, meta)
 
 
 def find_resume(
@@ -183,6 +193,7 @@ def find_resume(
     name: str = "",
     config: Mapping[str, Any] | None = None,
     meta: Mapping[str, Any] | None = None,
+    upgrade_meta: MetaUpgrade | None = None,
 ) -> ResumeChoice | None:
     """The checkpoint to resume from.
 
@@ -195,6 +206,9 @@ def find_resume(
         name: the config's run ``name``.
         config: this run's ``TrainConfig.to_dict()``.
         meta: this run's ``Task.checkpoint_meta()``.
+        upgrade_meta: brings a saved checkpoint's ``meta`` to the schema of ``meta``
+            (``Task.upgrade_meta``), so that a checkpoint written before a metadata schema change
+            is still the same experiment; None compares the ``meta`` as saved.
 
     Raises:
         CheckpointNotFoundError: ``resume`` names no checkpoint.
@@ -213,7 +227,7 @@ def find_resume(
                 f"--resume {resume}: no checkpoint at {path} (pass a last.pt/best.pt file, a run "
                 "folder holding last.pt, or 'auto')"
             )
-        return ResumeChoice(path, _differences_of(path, config, meta))
+        return ResumeChoice(path, _differences_of(path, config, meta, upgrade_meta))
     parent = Path(run_parent)
     if name:
         candidates = [parent / name / LAST] if (parent / name / LAST).is_file() else []
@@ -221,7 +235,7 @@ def find_resume(
         candidates = sorted(parent.glob(f"*/{LAST}"), key=lambda p: p.stat().st_mtime, reverse=True)
     newest: tuple[Path, list[str]] | None = None
     for path in candidates:
-        differences = _differences_of(path, config, meta)
+        differences = _differences_of(path, config, meta, upgrade_meta)
         if not differences:
             return ResumeChoice(path, [])
         newest = newest or (path, differences)

@@ -241,6 +241,32 @@ def eval_loader(
     )
 
 
+def report_skipped(loader: Any, dist: Any, what: str) -> int:
+    """What an ``eval`` command skipped: the unreadable items of ``loader`` over all processes,
+    each unreadable file named once on stderr by the main process
+    (``skipped unreadable <what> PATH: REASON``). Collective: every process calls it.
+
+    Args:
+        loader: the evaluation loader (from :func:`eval_loader`), after the evaluation.
+        dist: the :class:`~mvitv2.engine.distributed.DistInfo` of this process.
+        what: what an input is called (``image``, ``video``).
+
+    Returns:
+        the number of items skipped over all processes (a video's test views count one each).
+    """
+    import torch
+
+    skipped = int(dist.all_reduce_sum(torch.tensor([loader.dataset.skipped])).item())
+    bad = [b for part in dist.all_gather_object(loader.dataset.take_new_bad()) for b in part]
+    if dist.is_main:
+        named: set[str] = set()  # the views of one video may fail on several processes
+        for path, reason in bad:
+            if path not in named:
+                named.add(path)
+                print(f"skipped unreadable {what} {path}: {reason}", file=sys.stderr)
+    return skipped
+
+
 def describe_eval(checkpoint: str | os.PathLike, count: int, what: str, where: Any) -> str:
     """The line ``mvitv2 eval`` prints when it starts: what it evaluates, on what, where."""
     import torch

@@ -10,8 +10,9 @@
 * A dataset signals an unreadable sample by raising :class:`~mvitv2.data.common.BadSample` (the
   policy shared by every dataset, see :mod:`mvitv2.data.common`); the wrapper counts it and
   (training) substitutes the next sample or (evaluation) drops it, or raises the one-line
-  :class:`~mvitv2.data.common.StrictDataError` in strict mode.
-  :meth:`SeededDataset.take_new_bad` names each such sample once (path and reason) in the main
+  :class:`~mvitv2.data.common.StrictDataError` in strict mode. Every dataset leaves this policy
+  to the wrapper (the video dataset included: a bad video raises for each of its test views).
+  :meth:`SeededDataset.take_new_bad` names each such file once (path and reason) in the main
   process, also those met by DataLoader workers.
 """
 
@@ -27,8 +28,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from mvitv2.data.common import BadSample, SkipCounter, StrictDataError, strict_data_error
+from mvitv2.errors import UserValueError
+
+#: unreadable samples in a row after which training stops (the data, not a few files, is broken).
+MAX_BAD_IN_A_ROW = 16
 
 __all__ = [
+    "MAX_BAD_IN_A_ROW",
     "BadSample",
     "EpochSampler",
     "SeededDataset",
@@ -100,7 +106,10 @@ class SeededDataset(Dataset):
         dataset: the task's dataset; may raise :class:`BadSample`.
         substitute: on a bad sample use the next index (training, keeps batch sizes equal across
             processes); otherwise return None, dropped by :func:`collate_skip_none` (evaluation).
-        strict: re-raise :class:`BadSample` instead.
+        strict: raise the one-line :class:`StrictDataError` instead.
+
+    Raises:
+        UserValueError: :data:`MAX_BAD_IN_A_ROW` samples in a row are unreadable (training).
     """
 
     def __init__(self, dataset: Dataset, substitute: bool, strict: bool = False) -> None:
@@ -108,7 +117,8 @@ class SeededDataset(Dataset):
         # Shared memory: the main process sees what the workers met.
         self.counter = SkipCounter(["unreadable"], num_items=len(self))
         self._errors: dict[int, BadSample] = {}  # met in this process (workers keep their own)
-        self._named: set[int] = set()
+        self._named: set[int] = set()  # flagged indices already looked at by take_new_bad
+        self._named_paths: set[str] = set()  # files already named (several items may share one)
         self._events_seen = 0
 
     def __len__(self) -> int:
@@ -128,7 +138,8 @@ class SeededDataset(Dataset):
     def __getitem__(self, key: tuple[int, int] | int) -> Any:
         index, seed = key if isinstance(key, tuple) else (key, sample_seed(0, 0, key))
         n = len(self)
-        for attempt in range(min(n, 16)):
+        tries = min(n, MAX_BAD_IN_A_ROW)
+        for attempt in range(tries):
             i = (index + attempt) % n
             try:
                 with torch.random.fork_rng(devices=[]):
@@ -142,12 +153,16 @@ class SeededDataset(Dataset):
                 self.counter.add("unreadable")
                 if not self.substitute:
                     return None
-        raise RuntimeError(
-            f"16 unreadable samples in a row from index {index}; is the data broken?"
+                last = e
+        raise UserValueError(
+            f"{tries} unreadable {last.what}s in a row from index {index}, the last "
+            f"{last.path}: {last.reason}; the data looks broken: check that the data root and "
+            f"the list or annotation file point at existing, readable files"
         )
 
     def take_new_bad(self) -> list[tuple[str, str]]:
-        """``(path, reason)`` of every unreadable sample not named by an earlier call.
+        """``(path, reason)`` of every unreadable file not named by an earlier call: a file is
+        named once even when several items share it (the test views of one video).
 
         Call it in the main process (cheap when nothing new was skipped). A sample skipped inside
         a DataLoader worker is read once more here to recover its path and reason (the RNG
@@ -159,14 +174,18 @@ class SeededDataset(Dataset):
         self._events_seen = events
         out = []
         for i in self.counter.flagged():
-            if i not in self._named:
-                self._named.add(i)
-                e = self._errors.get(i) or self._reread(i)
-                out.append(
-                    (e.path, e.reason)
-                    if e is not None
-                    else (f"sample {i}", "unreadable in a data worker, readable when read again")
-                )
+            if i in self._named:
+                continue
+            self._named.add(i)
+            e = self._errors.get(i) or self._reread(i)
+            path, reason = (
+                (e.path, e.reason)
+                if e is not None
+                else (f"sample {i}", "unreadable in a data worker, readable when read again")
+            )
+            if path not in self._named_paths:
+                self._named_paths.add(path)
+                out.append((path, reason))
         return out
 
     def _reread(self, i: int) -> BadSample | None:

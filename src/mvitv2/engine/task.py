@@ -8,7 +8,7 @@ precision, optimizer, schedule, checkpoints, logging, resume.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -81,6 +81,17 @@ class Task(ABC):
     def checkpoint_meta(self) -> dict[str, Any]:
         """Plain values stored with every checkpoint (class names, preprocessing, ...)."""
         return {}
+
+    def upgrade_meta(self, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+        """A saved checkpoint's ``meta`` in the schema :meth:`checkpoint_meta` writes now, so
+        that ``--resume auto`` compares a checkpoint written before a schema change with this
+        run like with like. The default: the ``meta`` as saved.
+
+        Args:
+            checkpoint: the training checkpoint (``model``, ``config``, ``meta``; the tensors may
+                be memory-mapped: read keys, not values).
+        """
+        return dict(checkpoint.get("meta") or {})
 
     def batch_size(self, batch: Any) -> int:
         """Number of samples in a batch (for images/s)."""

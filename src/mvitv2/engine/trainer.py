@@ -178,7 +178,12 @@ class Trainer:
         if d.is_main:
             try:
                 found = find_resume(
-                    resume, cfg.output, cfg.name, cfg.to_dict(), task.checkpoint_meta()
+                    resume,
+                    cfg.output,
+                    cfg.name,
+                    cfg.to_dict(),
+                    task.checkpoint_meta(),
+                    task.upgrade_meta,
                 )
             except Exception as e:
                 found = e
@@ -356,10 +361,11 @@ class Trainer:
         self.model.eval()
         with torch.no_grad(), self._autocast():
             metrics = self.task.evaluate(self.model, self.val_loader, self.dist)
+            # One pass's skips: the EMA pass reads the same samples again.
+            skipped = self._skipped_since(self.val_loader, skipped_before)
             if self.ema is not None:
                 ema_metrics = self.task.evaluate(self.ema.module, self.val_loader, self.dist)
                 metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
-        skipped = self._skipped_since(self.val_loader, skipped_before)
         if skipped:
             metrics["skipped_samples"] = skipped
         return metrics

@@ -31,7 +31,7 @@ import pickle
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,7 +72,7 @@ from mvitv2.engine.task import Task
 from mvitv2.engine.trainer import Trainer, to_device
 from mvitv2.errors import UserFileNotFoundError, UserValueError
 from mvitv2.predict import CheckpointInfo
-from mvitv2.tasks.spec import ExportInputs, TaskSpec
+from mvitv2.tasks.spec import ExportInputs, TaskSpec, upgrade_meta
 
 if TYPE_CHECKING:
     from mvitv2.predict import Predictor
@@ -310,6 +310,9 @@ class DetectionTask(Task):
             data_root=self.data_root,
             label_to_cat_id={int(k): int(v) for k, v in self.label_to_cat_id.items()},
         )
+
+    def upgrade_meta(self, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+        return upgrade_meta(dict(checkpoint))
 
 
 class DetectSpec(TaskSpec):

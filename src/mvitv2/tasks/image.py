@@ -16,6 +16,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ from mvitv2.engine.cli import (
     export_handler,
     fit,
     print_topk,
+    report_skipped,
     resolve_device,
     save_eval_metrics,
     train_config,
@@ -54,7 +56,7 @@ from mvitv2.engine.mixing import MixCriterion
 from mvitv2.engine.task import Task
 from mvitv2.engine.trainer import Trainer
 from mvitv2.errors import UserValueError
-from mvitv2.tasks.spec import ClassificationSpec
+from mvitv2.tasks.spec import ClassificationSpec, upgrade_meta
 
 if TYPE_CHECKING:
     from mvitv2.predict import CheckpointInfo
@@ -120,6 +122,9 @@ class ImageClassification(Task):
             data=self.data_cfg.to_dict(),
             data_root=self.data_root,
         )
+
+    def upgrade_meta(self, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+        return upgrade_meta(dict(checkpoint))
 
 
 def model_kwargs(cfg: TrainConfig, img_size: int) -> dict[str, Any]:
@@ -298,11 +303,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(describe_eval(args.checkpoint, len(val), "images", root / "val"), file=sys.stderr)
     t0 = time.perf_counter()
     metrics = evaluate_classifier(model.to(dist.device), loader, dist)
-    skipped = int(dist.all_reduce_sum(torch.tensor([loader.dataset.skipped])).item())
-    bad = [b for part in dist.all_gather_object(loader.dataset.take_new_bad()) for b in part]
+    skipped = report_skipped(loader, dist, "image")
     if dist.is_main:
-        for path, reason in bad:
-            print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
         if not args.json:
             print(
                 f"{args.checkpoint}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "

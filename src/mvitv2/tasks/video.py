@@ -58,6 +58,7 @@ from mvitv2.engine.cli import (
     expand_inputs,
     fit,
     print_topk,
+    report_skipped,
     resolve_device,
     save_eval_metrics,
 )
@@ -68,7 +69,7 @@ from mvitv2.engine.mixing import MixCriterion
 from mvitv2.engine.task import Task
 from mvitv2.engine.trainer import Trainer
 from mvitv2.errors import UserFileNotFoundError, UserValueError
-from mvitv2.tasks.spec import ClassificationSpec
+from mvitv2.tasks.spec import ClassificationSpec, upgrade_meta
 
 #: recipes shipped for this task (under ``recipes/``).
 RECIPE_NAMES = ("moving_digits", "k400_small", "k400_base", "k400_large", "ssv2_small", "ssv2_base")
@@ -228,15 +229,14 @@ class VideoDataConfig:
         list_file: str | Path,
         video_root: str | Path | None,
         train: bool,
-        strict: bool = False,
     ) -> VideoClipDataset:
-        """A :class:`VideoClipDataset` with this config's sampling and transform.
+        """A :class:`VideoClipDataset` with this config's sampling and transform (an unreadable
+        video is handled by the loader: ``build_loader(strict=...)``).
 
         Args:
             list_file: the list file.
             video_root: folder relative list paths resolve against (None: the list's folder).
             train: random clips with augmentation (and repeats) or the test views.
-            strict: fail on the first unreadable video instead of replacing and counting it.
         """
         return VideoClipDataset(
             list_file,
@@ -251,7 +251,6 @@ class VideoDataConfig:
             num_repeats=self.num_repeats,
             pad=self.pad,
             target_fps=self.target_fps,
-            strict=strict,
         )
 
     def preprocessing(self) -> dict[str, Any]:
@@ -372,11 +371,8 @@ class VideoClassification(Task):
 
     def build_datasets(self) -> tuple[VideoClipDataset, VideoClipDataset | None]:
         train_list, val_list, root, classes_file = self.resolve_lists()
-        strict = self.cfg.strict_data
-        self.train_ds = self.data_cfg.dataset(train_list, root, train=True, strict=strict)
-        self.val_ds = (
-            self.data_cfg.dataset(val_list, root, train=False, strict=strict) if val_list else None
-        )
+        self.train_ds = self.data_cfg.dataset(train_list, root, train=True)
+        self.val_ds = self.data_cfg.dataset(val_list, root, train=False) if val_list else None
         self.classes = class_names(self.data_cfg, classes_file, self.train_ds, self.val_ds)
         c = self.cfg
         self.mix = MixCriterion(
@@ -431,6 +427,9 @@ class VideoClassification(Task):
             model_kwargs=model_kwargs(self.cfg),
             data=self.data_cfg.to_dict(),
         )
+
+    def upgrade_meta(self, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+        return upgrade_meta(dict(checkpoint))
 
 
 def class_names(
@@ -812,7 +811,7 @@ def _eval(args: argparse.Namespace) -> int:
     classes = info.class_names
     model = build_from_info(info)
     dist = init_distributed()
-    ds = dc.dataset(val_list, root, train=False, strict=args.strict_data)
+    ds = dc.dataset(val_list, root, train=False)
     if ds.num_classes > len(classes):
         raise UserValueError(
             f"{val_list}: label {ds.num_classes - 1} but the model has {len(classes)} classes"
@@ -822,6 +821,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(describe_eval(args.checkpoint, len(ds.samples), "videos", val_list), file=sys.stderr)
     t0 = time.perf_counter()
     metrics = evaluate_views(model.to(dist.device), loader, dist, ds)
+    skipped = report_skipped(loader, dist, "video")
     bad = {k: v for k, v in ds.skipped.as_dict().items() if v}
     if dist.is_main:
         if not args.json:
@@ -829,11 +829,12 @@ def _eval(args: argparse.Namespace) -> int:
                 f"{args.checkpoint}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
                 f"on {metrics['count']} videos of {val_list}, {dc.test_clips} clip(s) x "
                 f"{dc.test_crops} crop(s) = {metrics['views']:g} views per video"
+                + (f"  ({skipped} unreadable views skipped)" if skipped else "")
                 + (f"  (videos skipped/padded: {bad})" if bad else "")
                 + f"  [{time.perf_counter() - t0:.1f} s]"
             )
         path = eval_metrics_path(args.checkpoint, args.output)
-        save_eval_metrics({**metrics, **bad}, path, args.json)
+        save_eval_metrics({**metrics, **bad, "skipped": skipped}, path, args.json)
     return 0
 
 
