@@ -501,7 +501,11 @@ def test_each_task_reads_an_old_checkpoints_metadata_in_todays_schema(task):
 
     weights, model, model_args, data, sized = _OLD_SCHEMA[task]
     module = importlib.import_module(f"mvitv2.tasks.{task}")
-    (cls,) = {c for c in vars(module).values() if isinstance(c, type) and Task in c.__mro__[1:]}
+    (cls,) = {
+        c
+        for c in vars(module).values()
+        if isinstance(c, type) and Task in c.__mro__[1:] and c.__module__ == module.__name__
+    }
     ckpt = {
         "model": weights,
         "config": {"model": model, "model_args": model_args},

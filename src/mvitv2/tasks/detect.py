@@ -31,7 +31,7 @@ import pickle
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,11 +68,10 @@ from mvitv2.engine.cli import (
 )
 from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.distributed import DistInfo, init_distributed
-from mvitv2.engine.task import Task
 from mvitv2.engine.trainer import Trainer, to_device
 from mvitv2.errors import UserFileNotFoundError, UserValueError
 from mvitv2.predict import CheckpointInfo
-from mvitv2.tasks.spec import ExportInputs, TaskSpec, upgrade_meta
+from mvitv2.tasks.spec import ExportInputs, SpecTask, TaskSpec
 
 if TYPE_CHECKING:
     from mvitv2.predict import Predictor
@@ -215,7 +214,7 @@ def report_data(name: str, ds: CocoDetection) -> str:
     )
 
 
-class DetectionTask(Task):
+class DetectionTask(SpecTask):
     """The detection task for :class:`~mvitv2.engine.trainer.Trainer`.
 
     Args:
@@ -310,9 +309,6 @@ class DetectionTask(Task):
             data_root=self.data_root,
             label_to_cat_id={int(k): int(v) for k, v in self.label_to_cat_id.items()},
         )
-
-    def upgrade_meta(self, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-        return upgrade_meta(dict(checkpoint))
 
 
 class DetectSpec(TaskSpec):

@@ -16,7 +16,6 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,10 +52,9 @@ from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.distributed import DistInfo, init_distributed
 from mvitv2.engine.metrics import evaluate_classifier
 from mvitv2.engine.mixing import MixCriterion
-from mvitv2.engine.task import Task
 from mvitv2.engine.trainer import Trainer
 from mvitv2.errors import UserValueError
-from mvitv2.tasks.spec import ClassificationSpec, upgrade_meta
+from mvitv2.tasks.spec import ClassificationSpec, SpecTask
 
 if TYPE_CHECKING:
     from mvitv2.predict import CheckpointInfo
@@ -64,7 +62,7 @@ if TYPE_CHECKING:
 DIGITS = "digits"  # data_root value meaning "the embedded digits"
 
 
-class ImageClassification(Task):
+class ImageClassification(SpecTask):
     """The image classification task for :class:`~mvitv2.engine.trainer.Trainer`.
 
     Args:
@@ -122,9 +120,6 @@ class ImageClassification(Task):
             data=self.data_cfg.to_dict(),
             data_root=self.data_root,
         )
-
-    def upgrade_meta(self, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-        return upgrade_meta(dict(checkpoint))
 
 
 def model_kwargs(cfg: TrainConfig, img_size: int) -> dict[str, Any]:

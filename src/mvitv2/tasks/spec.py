@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from mvitv2.engine.task import Task
+
 if TYPE_CHECKING:
     from mvitv2.predict import Predictor
 
@@ -254,3 +256,12 @@ def checkpoint_task(ckpt: dict[str, Any]) -> str:
     config = ckpt.get("config") or {}
     cfg = MODEL_CONFIGS.get(meta.get("model_name", config.get("model")))
     return "video" if cfg is not None and cfg.temporal else "image"
+
+
+class SpecTask(Task):
+    """The training :class:`~mvitv2.engine.task.Task` of one of this package's tasks: it reads
+    a checkpoint's metadata in today's schema, also one written before it (:func:`upgrade_meta`),
+    so that ``--resume auto`` compares like with like."""
+
+    def upgrade_meta(self, checkpoint: Any) -> dict[str, Any]:  # noqa: D102
+        return upgrade_meta(dict(checkpoint))

@@ -66,10 +66,9 @@ from mvitv2.engine.cli import train_config as engine_train_config
 from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.distributed import DistInfo, init_distributed
 from mvitv2.engine.mixing import MixCriterion
-from mvitv2.engine.task import Task
 from mvitv2.engine.trainer import Trainer
 from mvitv2.errors import UserFileNotFoundError, UserValueError
-from mvitv2.tasks.spec import ClassificationSpec, upgrade_meta
+from mvitv2.tasks.spec import ClassificationSpec, SpecTask
 
 #: recipes shipped for this task (under ``recipes/``).
 RECIPE_NAMES = ("moving_digits", "k400_small", "k400_base", "k400_large", "ssv2_small", "ssv2_base")
@@ -328,7 +327,7 @@ def locate_file(given: str | Path, root: str | Path | None, flag: str) -> Path:
     raise UserFileNotFoundError(f"{flag} {given}: no such file (looked at {' and '.join(tried)})")
 
 
-class VideoClassification(Task):
+class VideoClassification(SpecTask):
     """The video classification task for :class:`~mvitv2.engine.trainer.Trainer`.
 
     Args:
@@ -427,9 +426,6 @@ class VideoClassification(Task):
             model_kwargs=model_kwargs(self.cfg),
             data=self.data_cfg.to_dict(),
         )
-
-    def upgrade_meta(self, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-        return upgrade_meta(dict(checkpoint))
 
 
 def class_names(
