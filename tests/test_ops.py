@@ -22,6 +22,7 @@ from mvitv2.ops import (
 )
 from mvitv2.ops import attention as attention_ops
 from mvitv2.ops import gemm as gemm_ops
+from mvitv2.utils.allocator import allocator_setting
 
 TINY = dict(num_classes=3, depths=(1, 1, 1, 1), embed_dim=16, img_size=64)
 PATH_FUNCTIONS = {
@@ -230,6 +231,7 @@ def test_trainer_logs_and_checkpoints_the_kernels_in_force(tmp_path, capsys, amp
     line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("kernels: "))
     assert f"attention={attention}" in line and f"gemm={stored['gemm']}" in line
     assert f"gemm_why={stored['gemm_why']}" in line
+    assert stored["allocator"] == allocator_setting()  # how the C allocator was set up
     trainer.close()
 
 

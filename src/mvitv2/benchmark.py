@@ -38,6 +38,7 @@ from torch import nn
 import mvitv2
 from mvitv2.ops import attention_impl, attention_measurements, gemm, implementation_choices
 from mvitv2.ops import mlp as mlp_ops
+from mvitv2.utils.allocator import allocator_setting
 from mvitv2.utils.flops import count_macs
 from mvitv2.weights import convert_state_dict
 
@@ -498,7 +499,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"matmul peak ({n}x{n}): fp32 {peaks['fp32']:.0f} GFLOP/s, "
         f"bf16 {peaks['bf16']:.0f} GFLOP/s; threads {torch.get_num_threads()}; "
-        f"our fp32 GEMMs: {'oneDNN' if onednn else 'PyTorch'} (backend {gemm.get_gemm_backend()})",
+        f"our fp32 GEMMs: {'oneDNN' if onednn else 'PyTorch'} (backend {gemm.get_gemm_backend()}); "
+        f"allocator: {allocator_setting()}",
         flush=True,
     )
     rows: list[Row] = []
@@ -539,6 +541,7 @@ def run(args: argparse.Namespace) -> int:
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
                 "device": device,
+                "allocator": allocator_setting(),
                 **_accelerator(device),
             },
             "matmul_peak_gflops": peaks,

@@ -119,6 +119,9 @@ def parse(argv: Sequence[str]) -> Parsed:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mvitv2`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parsed = parse(sys.argv[1:] if argv is None else argv)
+    from mvitv2.utils.allocator import keep_freed_memory
+
+    keep_freed_memory()  # fewer page faults on large tensors (see mvitv2.utils.allocator)
     try:
         return parsed.run()
     except UserError as e:

@@ -55,6 +55,7 @@ from mvitv2.engine.optim import build_optimizer, build_scheduler
 from mvitv2.engine.task import Task
 from mvitv2.errors import UserValueError
 from mvitv2.ops import implementation_choices
+from mvitv2.utils.allocator import allocator_setting
 from mvitv2.utils.precision import Precision, choose_precision, gemm_shape
 from mvitv2.weights import CheckpointError
 
@@ -160,7 +161,11 @@ class Trainer:
         # checkpointed.
         kernels = implementation_choices(device, self.autocast_dtype or torch.float32, True)
         notes.append("kernels: " + ", ".join(f"{k}={v}" for k, v in kernels.items()))
-        self.implementation = {**kernels, **self.precision.metadata()}
+        self.implementation = {
+            **kernels,
+            **self.precision.metadata(),
+            "allocator": allocator_setting(),
+        }
 
         # Progress (what a checkpoint restores).
         self.epoch = 0  # epoch in progress (or next to start)
