@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mvitv2 import benchmark as bm
 from mvitv2.ops import attention_impl, gemm, implementation_choices
 from mvitv2.ops import mlp as mlp_ops
+from mvitv2.utils.allocator import allocator_setting, keep_freed_memory
 
 CATEGORIES = (
     "gemm",
@@ -465,6 +466,7 @@ def run_profile(
         },
         "matmul_peak_gflops": peaks,
         "implementation": implementation,
+        "allocator": allocator_setting(),
         "categories_s": cats,
         "summary": summary,
         "speedup_profiled": summary[ref]["total_s"] / summary[ours]["total_s"],
@@ -542,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `mvitv2 benchmark` runs (MVITV2_MALLOC=default: glibc's default)
     res = run_profile(args.case, args.quick, args.rounds, args.batch)
     res["command"] = "python benchmarks/op_profile.py " + " ".join(argv or sys.argv[1:])
     text = format_result(res)

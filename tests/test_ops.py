@@ -256,3 +256,19 @@ def test_group_layer_norm_values_and_gradients_match_one_layer_norm_per_group():
     for a, r in zip(grads, ref_grads):
         assert a.shape == r.shape
         torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
+
+
+def test_counting_flops_on_a_cpu_model_does_not_time_attention_paths(monkeypatch):
+    """Under ``FlopCounterMode`` "auto" does not measure (its extra calls would be counted):
+    the count is that of the ``bias`` path, no shape is recorded as measured and the GEMM
+    backend is not timed."""
+    from mvitv2.utils.flops import macs_of
+
+    monkeypatch.setattr(attention_ops, "_MEASURED", {})
+    gemm_ops._measured_ms.cache_clear()
+    model = mvitv2.create_model("mvitv2_tiny", **TINY).eval()
+    x = torch.randn(1, 3, 64, 64)
+    macs, _ = macs_of(model, x)
+    assert attention_ops._MEASURED == {} and gemm_ops._measured_ms.cache_info().currsize == 0
+    with attention_impl("bias"):
+        assert macs_of(model, x)[0] == macs

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mvitv2.ops.context import autocast_dtype, tracing
+from mvitv2.ops.context import autocast_dtype, intercepted, tracing
 from mvitv2.ops.memeff import attention_memeff
 from mvitv2.ops.rel_pos import (
     RelPos,
@@ -111,6 +111,8 @@ def _auto(device: str, dtype: torch.dtype, training: bool) -> tuple[str, str]:
         return _TRAIN_CPU.get(dtype, (_DEFAULT, "training: default"))
     if tracing():
         return _DEFAULT, "compiling or exporting: not measured"
+    if intercepted():
+        return _DEFAULT, "under a dispatch mode (e.g. FLOP counting): not measured"
     return MEASURE, "measured per attention shape at its first call: " + ", ".join(MEASURED_PATHS)
 
 

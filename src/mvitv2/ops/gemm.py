@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
-from mvitv2.ops.context import autocast_dtype, tracing
+from mvitv2.ops.context import autocast_dtype, intercepted, tracing
 from mvitv2.utils.choice import Choice
 
 #: Valid names for :func:`set_gemm_backend`.
@@ -140,7 +140,9 @@ def uses_onednn(x: Tensor, gelu: bool = False) -> bool:
     backend = _BACKEND.value
     if backend == "aten" or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
-    if tracing() or autocast_dtype("cpu") is not None or _onednn_linear_op() is None:
+    if tracing() or intercepted() or autocast_dtype("cpu") is not None:
+        return False  # (under a dispatch mode such as FLOP counting: no timing run)
+    if _onednn_linear_op() is None:
         return False
     return backend == "onednn" or _onednn_measured_faster("linear_gelu" if gelu else "linear")
 
