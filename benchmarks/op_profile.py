@@ -301,8 +301,9 @@ def profile_models(
     everything under the model's annotation (the categories' sum, obtained independently).
     """
     names = list(fns)
-    for n in names:  # warm-up
-        fns[n]()
+    for _ in range(3):  # warm-up (with freed memory kept, the C heap settles in a few calls)
+        for n in names:
+            fns[n]()
     walls: dict[str, list[float]] = {n: [] for n in names}
     with bm._quiet_fd(2), profile(activities=[ProfilerActivity.CPU]) as prof:
         for r in range(rounds):
