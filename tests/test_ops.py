@@ -116,11 +116,19 @@ def test_auto_at_cpu_inference_times_each_attention_shape_once_and_keeps_the_fas
 
     choices = implementation_choices("cpu", dtype)
     assert choices["attention"] == "measured" and choices["attention_setting"] == "auto"
-    assert choices["attention_why"].startswith("measured per attention shape")
+    assert choices["attention_why"].startswith("measured per attention size class")
     first = forward()
-    shapes = {key[3:] for key in attention_ops._MEASURED}  # (q, k, v shapes, rel-pos grids)
-    # one entry per distinct attention shape of the model: its 4 blocks differ in Q or K/V
-    assert len(attention_ops._MEASURED) == len(shapes) == 4
+    # one measurement per attention size class; the 4 blocks of this model (64 px, patch
+    # stride 4, Q pooled by 2 from the second stage on, K/V by 4 then 2, 1, 1) differ in each
+    timed = sorted(shapes for _, _, shapes in attention_ops._MEASURED.values())
+    assert timed == sorted(
+        [
+            ((2, 1, 256, 16), (2, 1, 16, 16)),
+            ((2, 2, 64, 16), (2, 2, 64, 16)),
+            ((2, 4, 16, 16), (2, 4, 64, 16)),
+            ((2, 8, 4, 16), (2, 8, 16, 16)),
+        ]
+    )
     measured = attention_ops.attention_measurements()
     assert len(measured) == 4 and all(m.startswith(f"{fast} (") for m in measured.values())
     assert all(f"{fast} 1.00 ms" in m and m.count(" 3.00 ms") == 2 for m in measured.values())
@@ -272,3 +280,31 @@ def test_counting_flops_on_a_cpu_model_does_not_time_attention_paths(monkeypatch
     assert attention_ops._MEASURED == {} and gemm_ops._measured_ms.cache_info().currsize == 0
     with attention_impl("bias"):
         assert macs_of(model, x)[0] == macs
+
+
+def test_shapes_of_one_size_class_share_a_measurement_and_measurements_are_capped(monkeypatch):
+    """Detection images of many sizes must not each pay for a timing: batch and token counts
+    count by power of two (256 and 300 queries share a class, 600 do not), heads and head width
+    exactly; after MAX_MEASURED classes "auto" takes bias without timing."""
+    monkeypatch.setattr(attention_ops, "_MEASURED", {})
+    monkeypatch.setattr(attention_ops, "MAX_MEASURED", 3)
+
+    def attend(b, n_q, n_k, heads=2, c=8):
+        q, k = torch.randn(b, heads, n_q, c), torch.randn(b, heads, n_k, c)
+        with torch.no_grad():
+            return attention_ops.attend(q, k, k, c**-0.5, None, "auto"), (q, k, c**-0.5)
+
+    def check(result):
+        out, (q, k, scale) = result
+        assert torch.allclose(out, attention_ops.attention_reference(q, k, k, scale), atol=1e-5)
+
+    check(attend(1, 256, 64))
+    check(attend(1, 300, 127))  # same class: 256-511 queries, 64-127 keys
+    assert len(attention_ops._MEASURED) == 1
+    check(attend(1, 600, 64))  # 512-1023 queries
+    check(attend(1, 256, 64, heads=4))  # other heads
+    assert len(attention_ops._MEASURED) == 3
+    results = []
+    ran = _paths_run(monkeypatch, lambda: results.append(attend(3, 256, 64)))  # 4th: over cap
+    assert ran == {"bias"} and len(attention_ops._MEASURED) == 3
+    check(results[0])

@@ -12,9 +12,9 @@ several exact paths (same values, different kernels and memory).
   memory); faster than fused SDPA where that kernel is slow (bf16 on CPUs without AMX);
 * ``"memeff"``: for training, :func:`~mvitv2.ops.memeff.attention_memeff`.
 
-``"auto"`` (default): at inference on a CPU, each attention shape is timed on ``"bias"``,
-``"chunked"`` and ``"folded"`` at its first call and the fastest is kept for that shape in this
-process (:func:`attention_measurements` lists the decisions); which one wins depends on the CPU
+``"auto"`` (default): at inference on a CPU, each attention size class (exact heads and head
+width, batch and token counts by power of two) is timed on ``"bias"``, ``"chunked"`` and
+``"folded"`` at its first call and the fastest is kept for that class in this process (:func:`attention_measurements` lists the decisions); which one wins depends on the CPU
 (its fp32 and bf16 GEMM and SDPA kernels) and the shape. Training on a CPU takes ``"memeff"``
 (fp32: the least memory) or ``"chunked"`` (bf16: SDPA's CPU backward has no fused kernel); on a
 GPU, or while compiling or exporting, ``"bias"``. Tensors are ``(B, nH, N, C)``: batch (or
@@ -56,20 +56,23 @@ _TRAIN_CPU: dict[torch.dtype, tuple[str, str]] = {
 }
 _DEFAULT = "bias"
 
-#: The paths ``"auto"`` times on each attention shape at CPU inference.
+#: The paths ``"auto"`` times on each attention size class at CPU inference.
 MEASURED_PATHS = ("bias", "chunked", "folded")
-#: What ``"auto"`` resolves to where it times the paths per shape (see :func:`attend`).
+#: What ``"auto"`` resolves to where it times the paths per size class (see :func:`attend`).
 MEASURE = "measured"
 
-# (device type, dtype, q/k/v shapes, rel-pos grids) -> (the fastest path, ms per path).
-_MEASURED: dict[tuple, tuple[str, dict[str, float]]] = {}
+#: Size classes measured per process at most; beyond, "auto" takes ``"bias"`` unmeasured.
+MAX_MEASURED = 64
+
+# size class (see _size_class) -> (the fastest path, ms per path, the q and k shapes timed).
+_MEASURED: dict[tuple, tuple[str, dict[str, float], tuple[tuple[int, ...], ...]]] = {}
 
 
 def set_attention_impl(name: str) -> str:
     """Select the attention path globally; returns the previous setting.
 
     Args:
-        name: ``"auto"`` (default: CPU inference the fastest path measured per shape; see the
+        name: ``"auto"`` (default: CPU inference the fastest path measured per size class; see the
             module docstring for training and GPUs),
             ``"reference"`` (explicit score matrix, the exact reference), ``"bias"`` (fused SDPA,
             rel-pos as an additive mask), ``"folded"`` (fused SDPA, rel-pos folded into q/k) or
@@ -113,7 +116,9 @@ def _auto(device: str, dtype: torch.dtype, training: bool) -> tuple[str, str]:
         return _DEFAULT, "compiling or exporting: not measured"
     if intercepted():
         return _DEFAULT, "under a dispatch mode (e.g. FLOP counting): not measured"
-    return MEASURE, "measured per attention shape at its first call: " + ", ".join(MEASURED_PATHS)
+    return MEASURE, "measured per attention size class at its first call: " + ", ".join(
+        MEASURED_PATHS
+    )
 
 
 def _paths() -> dict[str, object]:
@@ -131,14 +136,26 @@ def _paths() -> dict[str, object]:
 MEASURE_MS = 60.0
 
 
-def _measured_path(q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | None) -> str:
-    """The fastest of :data:`MEASURED_PATHS` for this shape: timed at the shape's first call
-    (a warm-up round, then 2-10 alternating rounds, about :data:`MEASURE_MS` in all; the best
-    time of each path counts), then remembered for the process."""
-    grids = None if rel is None else (rel.q_thw, rel.k_thw, rel.num_prefix, rel.t is not None)
+def _size_class(q: Tensor, k: Tensor, rel: RelPos | None) -> tuple:
+    """What a measurement is remembered for: device, dtype, heads, head width and rel-pos kind
+    exactly; batch, query and key counts by power of two (detection images of many sizes, and
+    so many exact shapes, share a few classes)."""
+    B, nH, Nq, C = q.shape
+    kind = None if rel is None else (rel.num_prefix, rel.t is not None)
     dtype = autocast_dtype(q.device.type) or q.dtype
-    key = (q.device.type, dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape), grids)
+    sizes = (B.bit_length(), Nq.bit_length(), k.shape[2].bit_length())
+    return (q.device.type, dtype, nH, C, kind, *sizes)
+
+
+def _measured_path(q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | None) -> str:
+    """The fastest of :data:`MEASURED_PATHS` for this size class (:func:`_size_class`): timed
+    at the class's first call (a warm-up round, then 2-10 alternating rounds, about
+    :data:`MEASURE_MS` in all; the best time of each path counts), then remembered for the
+    process; after :data:`MAX_MEASURED` classes, ``"bias"`` unmeasured."""
+    key = _size_class(q, k, rel)
     if key not in _MEASURED:
+        if len(_MEASURED) >= MAX_MEASURED:
+            return _DEFAULT
         paths = _paths()
 
         def timed(name: str) -> float:
@@ -152,18 +169,18 @@ def _measured_path(q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | 
         for _ in range(rounds):
             for name in MEASURED_PATHS:
                 best[name] = min(best[name], timed(name))
-        _MEASURED[key] = (min(best, key=best.get), best)
+        _MEASURED[key] = (min(best, key=best.get), best, (tuple(q.shape), tuple(k.shape)))
     return _MEASURED[key][0]
 
 
 def attention_measurements() -> dict[str, str]:
-    """The paths ``"auto"`` chose so far in this process, per measured shape: ``{"q (8, 1, 3136,
-    96) k (8, 1, 49, 96) torch.float32": "bias (bias 25.6 ms, chunked 26.5 ms, folded 20.7 ms)"}``
-    (for a benchmark's JSON or a log)."""
+    """The paths ``"auto"`` chose so far in this process, per measured size class (named by the
+    shapes it was timed on): ``{"q (8, 1, 3136, 96) k (8, 1, 49, 96) torch.float32": "bias (bias
+    25.6 ms, chunked 26.5 ms, folded 20.7 ms)"}`` (for a benchmark's JSON or a log)."""
     out = {}
-    for (_, dtype, q, k, _, _), (chosen, ms) in _MEASURED.items():
+    for key, (chosen, ms, (q, k)) in _MEASURED.items():
         times = ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items())
-        out[f"q {q} k {k} {dtype}"] = f"{chosen} ({times})"
+        out[f"q {q} k {k} {key[1]}"] = f"{chosen} ({times})"
     return out
 
 
