@@ -7,6 +7,7 @@ import platform
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 
@@ -44,11 +45,43 @@ def test_the_allocator_is_left_alone_when_asked_or_when_mallopt_fails(monkeypatc
     assert allocator.allocator_setting() == "default (mallopt failed)"
 
 
+@pytest.mark.parametrize(
+    ("platform_name", "libc_name", "want"),
+    [
+        ("linux", ("glibc", "2.39"), allocator.KEEP),
+        ("linux", ("", ""), "default (not glibc)"),  # e.g. musl: platform.libc_ver() is empty
+        ("darwin", ("glibc", "2.39"), "default (not glibc)"),
+    ],
+)
+def test_keep_freed_memory_calls_the_process_s_glibc_and_leaves_other_c_libraries_alone(
+    monkeypatch, platform_name, libc_name, want
+):
+    """Without a ``libc`` argument: the process's own C library (``ctypes.CDLL(None)``) on Linux
+    with glibc; nothing on another system or C library."""
+    monkeypatch.delenv("MVITV2_MALLOC", raising=False)
+    monkeypatch.setattr(allocator, "_setting", "default")
+    monkeypatch.setattr(allocator, "sys", SimpleNamespace(platform=platform_name))
+    monkeypatch.setattr(allocator, "platform", SimpleNamespace(libc_ver=lambda: libc_name))
+    opened, libc = [], FakeLibc()
+    monkeypatch.setattr(
+        allocator, "ctypes", SimpleNamespace(CDLL=lambda name: opened.append(name) or libc)
+    )
+    assert allocator.keep_freed_memory() == want == allocator.allocator_setting()
+    if want == allocator.KEEP:
+        assert opened == [None] and libc.calls == [(-4, 0), (-1, -1)]
+    else:
+        assert opened == [] and libc.calls == []
+
+
 def test_the_command_line_sets_the_allocator_before_running_a_command(monkeypatch, capsys):
     seen = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: seen.append("set"))
     assert cli.main(["info", "--weights", "--filter", "mvitv2_tiny"]) == 0
     assert seen == ["set"]
+    # the console script: main() reads the command from sys.argv
+    monkeypatch.setattr(sys, "argv", ["mvitv2", "info", "--weights", "--filter", "mvitv2_tiny"])
+    assert cli.main() == 0
+    assert seen == ["set", "set"]
 
 
 _FAULTS = textwrap.dedent(

@@ -3,6 +3,8 @@ in forward and backward, and fall back to ``F.linear`` wherever oneDNN does not 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -232,3 +234,164 @@ def test_gemm_measurement_times_the_gelu_kind_with_the_gelu(monkeypatch):
         assert set(calls) == {("onednn", "gelu"), ("aten", "gelu")}
     finally:
         gemm._measured_ms.cache_clear()
+
+
+_U = 2.0**-10  # one fake-clock tick in seconds (its ms are exact floats)
+_U_MS = _U * 1000
+
+
+def test_gemm_measurement_is_the_best_of_three_timed_runs_after_a_warm_up(monkeypatch):
+    """``_measured_ms`` times oneDNN's linear and ATen's (+ GELU for ``"linear_gelu"``) on the
+    documented 6272x384 @ 384x1536 GEMM with bias: one untimed warm-up call, then the best of 3;
+    it returns ``(oneDNN ms, ATen ms)``. Fake kernels advance a fake clock."""
+    clock = SimpleNamespace(now=0.0)
+    calls: list[tuple] = []
+    linear_out = object()
+    ticks = {"onednn": [8, 5, 2, 3, 1], "linear": [9, 6, 4, 5, 1], "gelu": [1, 1, 1, 1, 1]}
+
+    def tick(name: str) -> None:
+        clock.now += ticks[name][sum(c[0] == name for c in calls)] * _U
+
+    def op(x, w, b, attr, scalars, algorithm):
+        tick("onednn")
+        calls.append(("onednn", x.shape, w.shape, b.shape, attr, scalars, algorithm))
+        return x
+
+    def f_linear(x, w, b):
+        tick("linear")
+        calls.append(("linear", x.shape, w.shape, b.shape))
+        return linear_out
+
+    def f_gelu(y):
+        tick("gelu")
+        calls.append(("gelu", y is linear_out))
+        return y
+
+    monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: op)
+    monkeypatch.setattr(gemm, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(gemm, "F", SimpleNamespace(linear=f_linear, gelu=f_gelu))
+    gemm._measured_ms.cache_clear()
+    try:
+        x, w, b = (6272, 384), (1536, 384), (1536,)
+        assert gemm._measured_ms("linear") == (2 * _U_MS, 4 * _U_MS)
+        assert calls == [("onednn", x, w, b, "none", [], "")] * 4 + [("linear", x, w, b)] * 4
+        calls.clear()
+        gemm._measured_ms.cache_clear()
+        # ATen's time now includes its GELU pass (1 tick): 6+1, 4+1, 5+1 -> 5
+        assert gemm._measured_ms("linear_gelu") == (2 * _U_MS, 5 * _U_MS)
+        assert (
+            calls
+            == [("onednn", x, w, b, "gelu", [], "none")] * 4
+            + [
+                ("linear", x, w, b),
+                ("gelu", True),  # on the linear's output
+            ]
+            * 4
+        )
+        monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: None)
+        gemm._measured_ms.cache_clear()
+        assert gemm._measured_ms("linear") is None
+        assert gemm._onednn_measured_faster("linear") is False
+    finally:
+        gemm._measured_ms.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("ms", "faster"),
+    [((9.0, 10.0), False), ((8.99, 10.0), True), ((10.0, 9.0), False), ((4.5, 5.0), False)],
+)
+def test_onednn_counts_as_faster_only_beyond_a_10_percent_margin(monkeypatch, ms, faster):
+    monkeypatch.setattr(gemm, "_measured_ms", {"linear": ms}.get)
+    assert gemm._onednn_measured_faster("linear") is faster
+
+
+def test_uses_onednn_only_for_eager_fp32_cpu_tensors_with_onednn_present(monkeypatch):
+    """The rules of ``uses_onednn`` with the kernel's presence and the measurement faked:
+    ``"onednn"`` needs no measurement; a meta/fp64 tensor, tracing, a dispatch mode, autocast or
+    a build without oneDNN send the layer to ``F.linear``."""
+    present = SimpleNamespace()
+    monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: present)
+    monkeypatch.setattr(
+        gemm, "_measured_ms", {"linear": (10.0, 10.0), "linear_gelu": (1.0, 10.0)}.get
+    )
+    x = torch.zeros(2, 4)
+    with gemm_backend("onednn"):
+        assert uses_onednn(x) and uses_onednn(x, gelu=True)  # measured slower: still oneDNN
+        assert not uses_onednn(x.to("meta")) and not uses_onednn(x.double())
+        with torch.autocast("cpu", torch.bfloat16):
+            assert not uses_onednn(x)
+        monkeypatch.setattr(gemm, "tracing", lambda: True)
+        assert not uses_onednn(x)
+        monkeypatch.setattr(gemm, "tracing", lambda: False)
+        monkeypatch.setattr(gemm, "intercepted", lambda: True)
+        assert not uses_onednn(x)
+        monkeypatch.setattr(gemm, "intercepted", lambda: False)
+        assert uses_onednn(x)
+    with gemm_backend("auto"):
+        assert not uses_onednn(x) and uses_onednn(x, gelu=True)
+        assert not uses_onednn(x.to("meta"), gelu=True)
+    with gemm_backend("aten"):
+        assert not uses_onednn(x, gelu=True)
+    monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: None)
+    with gemm_backend("onednn"):
+        assert not uses_onednn(x)
+
+
+def test_gemm_choice_names_a_set_backend_and_a_build_without_onednn(monkeypatch):
+    monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: SimpleNamespace())
+    for setting in ("aten", "onednn"):
+        with gemm_backend(setting):
+            assert gemm.gemm_choice() == {
+                "gemm": setting,
+                "gemm_gelu": setting,
+                "gemm_setting": setting,
+                "gemm_why": "set",
+            }
+    monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: None)
+    for setting in ("auto", "onednn"):
+        with gemm_backend(setting):
+            assert gemm.gemm_choice() == {
+                "gemm": "aten",
+                "gemm_gelu": "aten",
+                "gemm_setting": setting,
+                "gemm_why": "no oneDNN in this build",
+            }
+
+
+@needs_onednn
+def test_onednn_linear_gives_gradients_when_only_the_bias_needs_one_and_with_the_gelu():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(6, 8), torch.randn(5, 8), torch.randn(5)
+    dy = torch.randn(6, 5)
+    with gemm_backend("onednn"):
+        bias = b.clone().requires_grad_()
+        (db,) = torch.autograd.grad((linear(x, w, bias) * dy).sum(), (bias,))
+        assert _close(db, dy.sum(0))
+        xg = x.clone().requires_grad_()
+        y = linear(xg, w, b, gelu=True)
+        (dx,) = torch.autograd.grad((y * dy).sum(), (xg,))
+    xr = x.clone().requires_grad_()
+    ref = F.gelu(F.linear(xr, w, b))
+    (dx_ref,) = torch.autograd.grad((ref * dy).sum(), (xr,))
+    assert _close(y.detach(), ref.detach()) and _close(dx, dx_ref)
+
+
+@needs_onednn
+def test_without_gradients_onednn_runs_the_gelu_fused_into_the_gemm(monkeypatch):
+    """Where no gradient is needed (under ``no_grad``, or no input requires one) the GELU goes
+    into oneDNN's GEMM call, with no autograd graph."""
+    seen = []
+    real = gemm._nt
+    monkeypatch.setattr(gemm, "_nt", lambda *a: seen.append(a[3:]) or real(*a))
+    torch.manual_seed(0)
+    x, w, b = torch.randn(6, 8, requires_grad=True), torch.randn(5, 8), torch.randn(5)
+    with gemm_backend("onednn"), torch.no_grad():
+        y = linear(x, w, b, gelu=True)
+    assert seen == [(True,)] and y.grad_fn is None
+    assert _close(y, F.gelu(F.linear(x, w, b)).detach())
+    seen.clear()
+    with gemm_backend("onednn"):  # gradients enabled, but none needs one: the same fused call
+        for bias in (b, None):
+            y = linear(x.detach(), w, bias, gelu=True)
+            assert y.grad_fn is None and _close(y, F.gelu(F.linear(x.detach(), w, bias)))
+    assert seen == [(True,), (True,)]

@@ -308,3 +308,194 @@ def test_shapes_of_one_size_class_share_a_measurement_and_measurements_are_cappe
     ran = _paths_run(monkeypatch, lambda: results.append(attend(3, 256, 64)))  # 4th: over cap
     assert ran == {"bias"} and len(attention_ops._MEASURED) == 3
     check(results[0])
+
+
+_U = 2.0**-10  # one fake-clock tick in seconds (binary: tick sums and their ms are exact floats)
+_U_MS = _U * 1000
+
+
+class _FakePaths:
+    """Fake bias/chunked/folded paths on a fake clock: call ``i`` of path ``name`` advances the
+    clock by ``costs[name][min(i, len - 1)]`` ticks; every call and its ``rel`` is logged."""
+
+    def __init__(self, monkeypatch, costs: dict[str, list[int]]) -> None:
+        self.now = 0.0
+        self.calls: list[tuple[str, object]] = []
+        monkeypatch.setattr(attention_ops, "time", SimpleNamespace(perf_counter=lambda: self.now))
+        monkeypatch.setattr(attention_ops, "_MEASURED", {})
+        for name in attention_ops.MEASURED_PATHS:
+
+            def fake(q, k, v, scale, rel=None, name=name):
+                ticks = costs[name]
+                self.now += ticks[min(sum(c[0] == name for c in self.calls), len(ticks) - 1)] * _U
+                self.calls.append((name, rel))
+                return q
+
+            monkeypatch.setattr(attention_ops, PATH_FUNCTIONS[name], fake)
+
+    def rounds(self) -> int:
+        """Timed rounds after the warm-up, checking that the paths alternate in order."""
+        n = len(self.calls) // 3
+        assert [c[0] for c in self.calls] == list(attention_ops.MEASURED_PATHS) * n
+        return n - 1
+
+
+@pytest.mark.parametrize(
+    ("measure_ticks", "first_ticks", "rounds"),
+    [
+        (10, (1, 1, 1), 4),  # 10 / 3 ticks: ceil(3.33) = 4 rounds
+        (10, (2, 2, 1), 2),  # exactly 2
+        (10, (20, 20, 20), 2),  # over budget after the warm-up: still 2 rounds
+        (100, (1, 1, 1), 10),  # at most 10 rounds
+        (5, (0, 0, 0), 10),  # a zero-time warm-up (coarse clock): 10 rounds, no division by 0
+    ],
+)
+def test_measured_path_runs_as_many_rounds_as_fill_the_time_budget(
+    monkeypatch, measure_ticks, first_ticks, rounds
+):
+    """After a warm-up round, ``ceil(MEASURE_MS / warm-up time)`` alternating rounds, at least 2
+    and at most 10 (the warm-up time taken as at least 1 us)."""
+    bias, chunked, folded = first_ticks
+    fake = _FakePaths(
+        monkeypatch, {"bias": [bias, 1], "chunked": [chunked, 2], "folded": [folded, 3]}
+    )
+    monkeypatch.setattr(attention_ops, "MEASURE_MS", measure_ticks * _U_MS)
+    q = torch.zeros(1, 1, 4, 8)
+    assert attention_ops._measured_path(q, q, q, 0.5, None) == "bias"
+    assert fake.rounds() == rounds
+
+
+def test_measured_path_keeps_each_path_s_best_timed_round_per_shape_and_grids(monkeypatch):
+    """The warm-up round is not counted (chunked's fast warm-up does not win), each path keeps
+    its best round, the paths get the call's ``rel``, and a size class is timed once: device,
+    compute dtype, heads, head width, prefix and temporal table exactly, batch and token counts
+    by power of two (other grids of the same sizes, or 20 queries instead of 16, are not new)."""
+    costs = {"bias": [9, 6, 4, 5], "chunked": [1, 5, 5, 5, 5], "folded": [9, 3, 4, 6]}
+    fake = _FakePaths(monkeypatch, costs)
+    monkeypatch.setattr(attention_ops, "MEASURE_MS", 57 * _U_MS)  # 57 / 19 ticks: 3 rounds
+    q, k = torch.zeros(2, 1, 16, 8), torch.zeros(2, 1, 4, 8)
+    rel = SimpleNamespace(q_thw=(1, 4, 4), k_thw=(1, 2, 2), num_prefix=0, t=None)
+    assert attention_ops._measured_path(q, k, k, 0.5, rel) == "folded"
+    assert fake.rounds() == 3 and all(r is rel for _, r in fake.calls)
+    want_ms = {"bias": 4 * _U_MS, "chunked": 5 * _U_MS, "folded": 3 * _U_MS}
+    # size class: device, compute dtype, heads, head width, (prefix, temporal table), then
+    # batch, queries and keys by bit length (2 -> 2, 16 -> 5, 4 -> 3)
+    key = ("cpu", torch.float32, 1, 8, (0, False), 2, 5, 3)
+    measured = attention_ops._MEASURED
+    assert measured == {key: ("folded", want_ms, ((2, 1, 16, 8), (2, 1, 4, 8)))}
+    assert attention_ops.attention_measurements() == {
+        "q (2, 1, 16, 8) k (2, 1, 4, 8) torch.float32": "folded (bias 3.91 ms, chunked 4.88 ms, folded 2.93 ms)"
+    }
+    fake.calls.clear()
+    assert attention_ops._measured_path(q, k, k, 0.5, rel) == "folded" and fake.calls == []
+    for grids in (((1, 2, 8), (1, 2, 2)), ((1, 4, 4), (1, 1, 4))):  # other grids: same class
+        other = SimpleNamespace(q_thw=grids[0], k_thw=grids[1], num_prefix=0, t=None)
+        attention_ops._measured_path(q, k, k, 0.5, other)
+    q20 = torch.zeros(2, 1, 20, 8)  # 20 queries: 16-31, the same class
+    attention_ops._measured_path(q20, k, k, 0.5, rel)
+    assert len(measured) == 1 and fake.calls == []
+    others = [
+        SimpleNamespace(q_thw=(1, 4, 4), k_thw=(1, 2, 2), num_prefix=1, t=None),
+        SimpleNamespace(q_thw=(1, 4, 4), k_thw=(1, 2, 2), num_prefix=0, t=torch.zeros(1)),
+        None,
+    ]
+    for i, other in enumerate(others, start=2):  # another prefix, a temporal table, none
+        attention_ops._measured_path(q, k, k, 0.5, other)
+        assert len(attention_ops._MEASURED) == i
+    with torch.autocast("cpu", torch.bfloat16):  # the compute dtype, not the tensors' dtype
+        attention_ops._measured_path(q, k, k, 0.5, rel)
+    assert len(attention_ops._MEASURED) == 5
+    assert {key[1] for key in attention_ops._MEASURED} == {torch.float32, torch.bfloat16}
+    attention_ops._measured_path(q, torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8), 0.5, rel)
+    attention_ops._measured_path(q[:1], k[:1], k[:1], 0.5, rel)  # batch 1: another class
+    attention_ops._measured_path(torch.zeros(2, 2, 16, 8), k.expand(2, 2, 4, 8), k, 0.5, rel)
+    attention_ops._measured_path(torch.zeros(2, 1, 16, 4), k[..., :4], k[..., :4], 0.5, rel)
+    assert len(attention_ops._MEASURED) == 9
+    attention_ops._measured_path(q.to("meta"), k.to("meta"), k.to("meta"), 0.5, rel)
+    assert {key[0] for key in attention_ops._MEASURED} == {"cpu", "meta"}
+
+
+def test_attend_times_the_paths_at_cpu_inference_with_and_without_rel_pos(monkeypatch):
+    fake = _FakePaths(monkeypatch, {"bias": [3], "chunked": [1], "folded": [2]})
+    q = torch.zeros(1, 2, 4, 8)
+    with torch.no_grad():
+        assert attention_ops.attend(q, q, q, 0.5) is q
+    assert fake.calls.pop() == ("chunked", None)  # the fastest ran after the timing
+    assert fake.rounds() == 10
+    (key,) = attention_ops._MEASURED
+    assert key[4] is None and attention_ops._MEASURED[key][0] == "chunked"
+    fake.calls.clear()
+    rel = SimpleNamespace(q_thw=(1, 2, 2), k_thw=(1, 2, 2), num_prefix=0, t=None)
+    with torch.no_grad():  # with rel-pos: the paths are timed on it and the fastest runs with it
+        attention_ops.attend(q, q, q, 0.5, rel)
+    assert len(fake.calls) == 34 and all(r is rel for _, r in fake.calls)
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "training", "intercept", "want"),
+    [
+        ("cuda", torch.float32, False, False, ("bias", "not measured on a GPU: default")),
+        ("cuda", torch.float32, True, False, ("bias", "not measured on a GPU: default")),
+        (
+            "cpu",
+            torch.float32,
+            True,
+            False,
+            ("memeff", "training: the least memory (no score-sized tensor kept)"),
+        ),
+        (
+            "cpu",
+            torch.bfloat16,
+            True,
+            True,
+            ("chunked", "training under bf16: SDPA's CPU backward has no fused kernel"),
+        ),
+        ("cpu", torch.float16, True, False, ("bias", "training: default")),
+        (
+            "cpu",
+            torch.float32,
+            False,
+            True,
+            ("bias", "under a dispatch mode (e.g. FLOP counting): not measured"),
+        ),
+        (
+            "cpu",
+            torch.bfloat16,
+            False,
+            False,
+            (
+                "measured",
+                "measured per attention size class at its first call: bias, chunked, folded",
+            ),
+        ),
+    ],
+)
+def test_auto_names_its_choice_and_reason_for_each_context(
+    monkeypatch, device, dtype, training, intercept, want
+):
+    monkeypatch.setattr(attention_ops, "intercepted", lambda: intercept)
+    assert attention_ops._auto(device, dtype, training) == want
+    with attention_impl("auto"):
+        assert attention_ops.attention_choice(device, dtype, training) == {
+            "attention": want[0],
+            "attention_setting": "auto",
+            "attention_why": want[1],
+        }
+    with attention_impl("folded"):
+        assert attention_ops.attention_choice(device, dtype, training) == {
+            "attention": "folded",
+            "attention_setting": "folded",
+            "attention_why": "set",
+        }
+
+
+def test_resolve_auto_follows_the_autocast_dtype_and_whether_a_gradient_flows():
+    x = torch.zeros(1, 1, 4, 8, requires_grad=True)
+    assert attention_ops.resolve_attention_impl("auto", x) == "memeff"
+    assert attention_ops.resolve_attention_impl("folded", x) == "folded"
+    with torch.autocast("cpu", torch.bfloat16):
+        assert attention_ops.resolve_attention_impl("auto", x) == "chunked"
+    with torch.no_grad():
+        assert attention_ops.resolve_attention_impl("auto", x) == "measured"
+    assert attention_ops.resolve_attention_impl("auto", x.detach()) == "measured"
+    assert attention_ops.resolve_attention_impl("auto", x.detach().to("meta")) == "bias"
