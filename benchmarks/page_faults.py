@@ -4,8 +4,8 @@ line sets it (freed memory kept) or as glibc leaves it (``MVITV2_MALLOC=default`
     uv run python benchmarks/page_faults.py --case image_fp32 [--threads 1] [--calls 4]
     MVITV2_MALLOC=default uv run python benchmarks/page_faults.py --case train
 
-Cases as in ``mvitv2 benchmark``: ``image_fp32`` (MViTv2-T b8 224 inference vs timm) and
-``train`` (MViTv2-T b16 fwd+bwd+AdamW vs timm). Each model runs ``--calls`` times after three
+Cases as in ``benchmarks/op_profile.py`` (its ``build_case``): ``image_fp32`` (MViTv2-T b8 224
+inference vs timm) and ``train`` (MViTv2-T b16 fwd+bwd+AdamW vs timm). Each model runs ``--calls`` times after three
 warm-up calls (the kept heap settles in a few calls); printed per call: minor page faults
 (``getrusage``) and milliseconds, then the medians.
 """
@@ -18,9 +18,8 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
+from op_profile import build_case  # (benchmarks/ is the script's folder)
 
-from mvitv2 import benchmark as bm
 from mvitv2.utils.allocator import allocator_setting, keep_freed_memory
 
 
@@ -37,30 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ours, ref, shape = bm._image_pair(False)
-    fns = {}
-    if args.case == "train":
-        x, y = torch.randn(16, *shape), torch.randint(0, 1000, (16,))
-        for name, model in (("ours", ours), ("timm", ref)):
-            model.train()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-            def step(model=model, opt=opt):
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
-
-            fns[name] = step
-    else:
-        x = torch.randn(8, *shape)
-        for name, model in (("ours", ours), ("timm", ref)):
-            model.eval()
-
-            def call(model=model):
-                with torch.inference_mode():
-                    model(x)
-
-            fns[name] = call
+    fns = build_case(args.case, quick=False, batch=None)  # op_profile's models and inputs
     print(f"{args.case}, {torch.get_num_threads()} thread(s), allocator: {allocator_setting()}")
     for _ in range(3):
         for fn in fns.values():

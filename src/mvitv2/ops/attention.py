@@ -14,8 +14,9 @@ several exact paths (same values, different kernels and memory).
 
 ``"auto"`` (default): at inference on a CPU, each attention size class (exact heads and head
 width, batch and token counts by power of two) is timed on ``"bias"``, ``"chunked"`` and
-``"folded"`` at its first call and the fastest is kept for that class in this process (:func:`attention_measurements` lists the decisions); which one wins depends on the CPU
-(its fp32 and bf16 GEMM and SDPA kernels) and the shape. Training on a CPU takes ``"memeff"``
+``"folded"`` at its first call and the fastest is kept for that class in this process
+(:func:`attention_measurements` lists the decisions); which one wins depends on the CPU (its
+fp32 and bf16 GEMM and SDPA kernels) and the shape. Training on a CPU takes ``"memeff"``
 (fp32: the least memory) or ``"chunked"`` (bf16: SDPA's CPU backward has no fused kernel); on a
 GPU, or while compiling or exporting, ``"bias"``. Tensors are ``(B, nH, N, C)``: batch (or
 windows), heads, tokens, head width.
@@ -98,7 +99,7 @@ def attention_impl(name: str) -> contextlib.AbstractContextManager[None]:
 def resolve_attention_impl(name: str, x: Tensor) -> str:
     """Turn ``"auto"`` into a concrete path for input ``x`` (its device, autocast dtype, and
     whether a gradient will flow through it), or into :data:`MEASURE` (CPU inference:
-    :func:`attend` times the paths on each new shape)."""
+    :func:`attend` times the paths on each new size class)."""
     if name != "auto":
         return name
     dev = x.device.type
@@ -131,7 +132,7 @@ def _paths() -> dict[str, object]:
     }
 
 
-#: Time :func:`_measured_path` spends on one shape, about (more rounds for small shapes: the
+#: Time :func:`_measured_path` spends on one size class, about (more rounds for small shapes: the
 #: minimum over several rounds is what survives other processes on a shared machine).
 MEASURE_MS = 60.0
 
