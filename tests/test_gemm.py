@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import mvitv2
 from mvitv2.ops import gemm
 from mvitv2.ops.gemm import gemm_backend, linear, set_gemm_backend, uses_onednn
+from mvitv2.utils import timing
 from mvitv2.utils.flops import count_macs
 
 needs_onednn = pytest.mark.skipif(
@@ -268,7 +269,7 @@ def test_gemm_measurement_is_the_best_of_three_timed_runs_after_a_warm_up(monkey
         return y
 
     monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: op)
-    monkeypatch.setattr(gemm, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock.now))
     monkeypatch.setattr(gemm, "F", SimpleNamespace(linear=f_linear, gelu=f_gelu))
     gemm._measured_ms.cache_clear()
     try:

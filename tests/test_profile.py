@@ -20,6 +20,8 @@ _spec.loader.exec_module(op_profile)
     [
         ("aten::addmm", "gemm"),
         ("aten::bmm", "gemm"),
+        ("aten::baddbmm_", "gemm"),  # in place: the memory-efficient attention's dk, dv
+        ("aten::addmm_", "gemm"),
         ("mkldnn::_linear_pointwise", "gemm"),
         ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention_fused"),
         ("aten::_softmax", "softmax"),

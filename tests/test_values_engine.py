@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from engine_toy import ToyData, ToyModel
-from mvitv2.engine.data import BadSample, EpochSampler, SeededDataset, build_loader, sample_seed
+from mvitv2.engine.data import (
+    BadSample,
+    EpochSampler,
+    SeededDataset,
+    build_loader,
+    first_mentions,
+    gather_first_mentions,
+    sample_seed,
+)
 from mvitv2.engine.ema import build_ema
 
 
@@ -287,3 +295,25 @@ def test_sample_seeds_are_the_documented_mix_of_seed_epoch_and_index():
     a, b, c = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
     for seed, epoch, index in ((1, 0, 0), (0, 1, 0), (0, 0, 1), (3, 2, 7)):
         assert sample_seed(seed, epoch, index) == (seed * a + epoch * b + index * c) % 2**63
+
+
+def test_first_mentions_names_each_file_once_in_order_across_calls():
+    named: set[str] = set()
+    found = [("a.mp4", "corrupt"), ("b.jpg", "missing"), ("a.mp4", "corrupt (view 2)")]
+    assert first_mentions(found, named) == [("a.mp4", "corrupt"), ("b.jpg", "missing")]
+    assert named == {"a.mp4", "b.jpg"}
+    # a later call names only files not named before
+    assert first_mentions([("b.jpg", "again"), ("c.png", "empty")], named) == [("c.png", "empty")]
+    assert first_mentions([], named) == []
+
+
+def test_gather_first_mentions_merges_every_process_list_in_rank_order():
+    class TwoRanks:  # rank 0 holds `mine`; rank 1 met the same video and another file
+        def all_gather_object(self, obj):
+            return [obj, [("v.mp4", "corrupt on rank 1"), ("w.mp4", "missing")]]
+
+    named = {"old.mp4"}
+    mine = [("v.mp4", "corrupt"), ("old.mp4", "named in an earlier epoch")]
+    out = gather_first_mentions(TwoRanks(), mine, named)
+    assert out == [("v.mp4", "corrupt"), ("w.mp4", "missing")]
+    assert named == {"old.mp4", "v.mp4", "w.mp4"}

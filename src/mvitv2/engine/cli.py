@@ -256,14 +256,13 @@ def report_skipped(loader: Any, dist: Any, what: str) -> int:
     """
     import torch
 
+    from mvitv2.engine.data import gather_first_mentions
+
     skipped = int(dist.all_reduce_sum(torch.tensor([loader.dataset.skipped])).item())
-    bad = [b for part in dist.all_gather_object(loader.dataset.take_new_bad()) for b in part]
+    bad = gather_first_mentions(dist, loader.dataset.take_new_bad(), set())
     if dist.is_main:
-        named: set[str] = set()  # the views of one video may fail on several processes
         for path, reason in bad:
-            if path not in named:
-                named.add(path)
-                print(f"skipped unreadable {what} {path}: {reason}", file=sys.stderr)
+            print(f"skipped unreadable {what} {path}: {reason}", file=sys.stderr)
     return skipped
 
 

@@ -212,6 +212,28 @@ def collate_skip_none(collate: Callable[[list], Any] | None = None) -> Callable[
     return fn
 
 
+def first_mentions(found: Sequence[tuple[str, str]], named: set[str]) -> list[tuple[str, str]]:
+    """The ``(path, reason)`` pairs of ``found`` whose file is not in ``named`` yet, each file
+    once, in order; adds them to ``named`` (the test views of one video may fail in several
+    processes, and a file met again later is not named again)."""
+    out = []
+    for path, reason in found:
+        if path not in named:
+            named.add(path)
+            out.append((path, reason))
+    return out
+
+
+def gather_first_mentions(
+    dist: Any, mine: Sequence[tuple[str, str]], named: set[str]
+) -> list[tuple[str, str]]:
+    """Collective (every process calls it): the unreadable files every process met
+    (:meth:`SeededDataset.take_new_bad`), gathered, then :func:`first_mentions` of them; only
+    the main process's answer is meant to be reported."""
+    found = [b for part in dist.all_gather_object(list(mine)) for b in part]
+    return first_mentions(found, named)
+
+
 def build_loader(
     dataset: Dataset,
     *,

@@ -42,7 +42,7 @@ from mvitv2.engine.checkpoint import (
     save_checkpoint,
 )
 from mvitv2.engine.config import TrainConfig
-from mvitv2.engine.data import build_loader
+from mvitv2.engine.data import build_loader, first_mentions, gather_first_mentions
 from mvitv2.engine.distributed import (
     DistInfo,
     cleanup_distributed,
@@ -387,16 +387,14 @@ class Trainer:
         once, the other ranks' at the next ``gather`` (a collective, at epoch ends)."""
         self._bad_pending += loader.dataset.take_new_bad()
         if gather:
-            found = [b for part in self.dist.all_gather_object(self._bad_pending) for b in part]
+            new = gather_first_mentions(self.dist, self._bad_pending, self._bad_named)
         elif self.dist.is_main:
-            found = self._bad_pending
+            new = first_mentions(self._bad_pending, self._bad_named)
         else:
             return
         self._bad_pending = []
-        for path, reason in found:
-            if path not in self._bad_named:
-                self._bad_named.add(path)
-                self.log.info(f"skipped unreadable sample {path}: {reason}")
+        for path, reason in new:
+            self.log.info(f"skipped unreadable sample {path}: {reason}")
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:

@@ -25,7 +25,6 @@ import contextlib
 import functools
 import math
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +33,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from mvitv2.ops.context import autocast_dtype, intercepted, tracing
 from mvitv2.utils.choice import Choice
+from mvitv2.utils.timing import best_seconds
 
 #: Valid names for :func:`set_gemm_backend`.
 GEMM_BACKENDS = ("auto", "aten", "onednn")
@@ -109,13 +109,7 @@ def _measured_ms(kind: str) -> tuple[float, float] | None:
     b = torch.randn(1536, generator=gen)
 
     def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times) * 1e3
+        return best_seconds(fn, 3) * 1e3
 
     with torch.no_grad():
         if kind == "linear_gelu":

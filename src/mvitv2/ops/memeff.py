@@ -108,7 +108,7 @@ class _MemEffAttention(torch.autograd.Function):
             r = q[:, :, p:].reshape(B, nH, *q_thw, C)
             a3 = _bh(terms_from_gathered(r, rh, rw, rt))
         kt, vt = k3.transpose(1, 2), v3.transpose(1, 2)
-        dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)
+        dk = dv = None  # the first chunk's products, then accumulated (no zero-filled buffers)
         dqs, das = [], []
         rows = _memeff_rows(B * nH, Nq, Nk)
         for r0 in range(0, Nq, rows):
@@ -118,11 +118,13 @@ class _MemEffAttention(torch.autograd.Function):
             delta = (doc.float() * out3[:, r0 : r0 + rows]).sum(dim=-1, keepdim=True)
             prob = _memeff_scores(qs, kt, a3, k_thw, p, r0).float()
             prob = prob.sub_(lse[:, r0 : r0 + rows]).exp_()
-            dv.baddbmm_(prob.to(dt).transpose(1, 2), doc)
+            pt = prob.to(dt).transpose(1, 2)
+            dv = torch.bmm(pt, doc) if dv is None else dv.baddbmm_(pt, doc)
             ds = torch.bmm(doc, vt).float().sub_(delta).mul_(prob).to(dt)  # d(scores)
-            del prob
+            del prob, pt
             dqs.append(torch.bmm(ds, k3).mul_(scale))
-            dk.baddbmm_(ds.transpose(1, 2), qs)  # scale * ds^T q
+            dst = ds.transpose(1, 2)  # dk = scale * ds^T q (qs holds the scaled rows)
+            dk = torch.bmm(dst, qs) if dk is None else dk.baddbmm_(dst, qs)
             if a3 is not None:
                 kt_, kh, kw = k_thw
                 g0 = max(r0, p)

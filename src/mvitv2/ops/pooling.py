@@ -209,13 +209,12 @@ def pool_tokens(
     lead = x.shape[:-2]
     C = x.shape[-1]
     prefix, grid = x[..., :num_prefix, :], x[..., num_prefix:, :]
-    grid = grid.reshape(-1, *thw, C)
     if isinstance(pool, (nn.MaxPool2d, nn.MaxPool3d)):
         pool = functools.partial(max_pool, pool=pool)
-    if spatial_only:
-        grid = pool(grid[:, 0].permute(0, 3, 1, 2)).unsqueeze(2)
+    if spatial_only:  # a view, not a select of T: its backward copies into no zeroed buffer
+        grid = pool(grid.reshape(-1, thw[1], thw[2], C).permute(0, 3, 1, 2)).unsqueeze(2)
     else:
-        grid = pool(grid.permute(0, 4, 1, 2, 3))
+        grid = pool(grid.reshape(-1, *thw, C).permute(0, 4, 1, 2, 3))
     new_thw = (grid.shape[2], grid.shape[3], grid.shape[4])
     grid = grid.flatten(2).transpose(1, 2).reshape(*lead, -1, C)
     if num_prefix:

@@ -10,12 +10,13 @@ bf16 only when it is faster; ``amp: bf16_force`` keeps bf16 without measuring.
 from __future__ import annotations
 
 import collections
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from mvitv2.utils.timing import best_seconds
 
 FORCE_BF16 = "bf16_force"  # one of mvitv2.engine.config.AMP_CHOICES
 GEMM_WORK = 1e8  # multiply-accumulates of the timed GEMM (~5 ms in fp32 on one CPU core)
@@ -78,13 +79,8 @@ def time_gemm(shape: GemmShape, repeats: int = 3) -> tuple[float, float]:
     x = torch.randn(m, k)
 
     def best(autocast: bool) -> float:
-        times = []
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            for _ in range(repeats + 1):
-                start = time.perf_counter()
-                layer(x)
-                times.append(time.perf_counter() - start)
-        return min(times[1:])
+            return best_seconds(lambda: layer(x), repeats)
 
     return best(True), best(False)
 

@@ -1,0 +1,133 @@
+"""benchmarks/gemm_bound.py: the zero-overhead bound from our GEMM calls replayed alone."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(_DIR))  # gemm_bound imports op_profile from its folder
+_spec = importlib.util.spec_from_file_location("gemm_bound", _DIR / "gemm_bound.py")
+gemm_bound = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gemm_bound)
+aten = torch.ops.aten
+
+
+def _flops(calls: Counter) -> int:
+    """GEMM FLOPs of recorded calls, from their shapes (2*M*N*K per product)."""
+    total = 0
+    for (func, specs, _), n in calls.items():
+        a, b = (
+            (specs[1], specs[2])
+            if func in (aten.addmm.default, aten.baddbmm_.default)
+            else specs[:2]
+        )
+        *batch, m, k = a[1]
+        total += n * 2 * m * k * b[1][-1] * (batch[0] if batch else 1)
+    return total
+
+
+def test_recorder_counts_linear_matmul_and_attention_as_their_gemms_under_inference_mode():
+    x, w, bias = torch.randn(6, 8), torch.randn(5, 8), torch.randn(5)
+    a, b = torch.randn(3, 4, 7), torch.randn(3, 7, 2)
+    q, k, v = torch.randn(2, 3, 9, 4), torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4)
+
+    def fn():
+        with torch.inference_mode():
+            F.linear(x, w, bias)  # addmm 6x8 @ 8x5
+            F.linear(x, w, bias)
+            a @ b  # bmm 3 x (4x7 @ 7x2)
+            F.scaled_dot_product_attention(q, k, v)  # 6 x (9x4 @ 4x6) and 6 x (9x6 @ 6x4)
+
+    calls = gemm_bound.record_gemms(fn)
+    assert sum(calls.values()) == 5
+    (linear,) = [c for c in calls if c[0] == aten.addmm.default]
+    assert calls[linear] == 2
+    assert linear[1][:3] == (
+        ("T", (5,), (1,), torch.float32),
+        ("T", (6, 8), (8, 1), torch.float32),
+        ("T", (8, 5), (1, 8), torch.float32),
+    )
+    by_hand = 2 * (2 * 6 * 8 * 5) + 2 * 3 * 4 * 7 * 2 + 2 * (2 * 6 * 9 * 4 * 6)
+    assert _flops(calls) == by_hand
+
+
+def test_recorder_sees_the_backward_gemms_of_a_training_step():
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(10, 8)
+
+    def step():
+        lin(x).sum().backward()
+
+    calls = gemm_bound.record_gemms(step)
+    # forward addmm (10x8 @ 8x4); backward: weight grad 4x10 @ 10x8 (the input needs none)
+    assert _flops(calls) == 2 * 10 * 8 * 4 + 2 * 4 * 10 * 8
+    assert sum(calls.values()) == 2
+
+
+def test_gemm_only_time_sums_each_call_best_time_times_its_count(monkeypatch):
+    calls = Counter({("a",): 3, ("b",): 2})
+    monkeypatch.setattr(gemm_bound, "replay_ms", lambda c, repeats=5: {"a": 1.5, "b": 4.0}[c[0]])
+    assert gemm_bound.replayed_ms(calls) == pytest.approx(3 * 1.5 + 2 * 4.0)
+
+
+def test_replay_runs_the_recorded_op_on_tensors_of_the_recorded_layout(monkeypatch):
+    seen = []
+
+    def fake(*args):
+        seen.append([(tuple(t.shape), t.stride()) for t in args])
+
+    spec = ("T", (4, 3), (1, 4), torch.float32)  # a transposed (column-major) operand
+    ms = gemm_bound.replay_ms((fake, (spec, ("T", (3, 2), (2, 1), torch.float32)), ()), repeats=2)
+    assert ms >= 0 and len(seen) == 3  # one warm-up, two timed
+    assert seen[0] == [((4, 3), (1, 4)), ((3, 2), (2, 1))]
+
+
+def test_essential_ops_are_recorded_with_their_arguments_and_replay_with_valid_indices():
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    ln = torch.nn.LayerNorm(4)
+
+    def step():
+        y, _ = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+        (ln(y).softmax(-1) * torch.randn(2, 3, 4, 4)).sum().backward()
+
+    calls = gemm_bound.record_essential(step)
+    names = sorted(str(c[0]) for c in calls)
+    assert names == [
+        "aten._softmax.default",
+        "aten._softmax_backward_data.default",
+        "aten.max_pool2d_with_indices.default",
+        "aten.max_pool2d_with_indices_backward.default",
+        "aten.native_layer_norm.default",
+        "aten.native_layer_norm_backward.default",
+    ]
+    (ln_call,) = [c for c in calls if c[0] == aten.native_layer_norm.default]
+    assert ln_call[1] == (
+        ("T", (2, 3, 4, 4), (48, 16, 4, 1), torch.float32),
+        (4,),
+        ("T", (4,), (1,), torch.float32),
+        ("T", (4,), (1,), torch.float32),
+        1e-5,
+    )
+    for c in calls:  # the max-pool backward gets int64 zero indices: in range
+        assert gemm_bound.replay_ms(c, repeats=1) >= 0
+
+
+def test_quick_bound_is_reference_wall_over_our_gemm_only_time(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert gemm_bound.main(["--case", "train", "--quick", "--rounds", "1", "--json", str(out)]) == 0
+    import json
+
+    res = json.loads(out.read_text())
+    assert res["ceiling"] == pytest.approx(res["wall_ms"]["timm"] / res["our_gemm_only_ms"])
+    assert res["our_overhead_ms"] == pytest.approx(res["wall_ms"]["ours"] - res["our_gemm_only_ms"])
+    assert res["our_gemm_calls"] > 0 and res["essential_calls"] > 0
+    both = res["our_gemm_only_ms"] + res["essential_ms"]
+    assert res["ceiling_with_essential"] == pytest.approx(res["wall_ms"]["timm"] / both)
+    assert "zero-overhead ceiling" in capsys.readouterr().out
