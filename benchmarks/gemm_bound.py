@@ -23,20 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))
 import op_profile  # noqa: E402
 
+from mvitv2.benchmark import alternate  # noqa: E402
 from mvitv2.utils.allocator import allocator_setting, keep_freed_memory  # noqa: E402
+from mvitv2.utils.timing import best_seconds  # noqa: E402
 
 aten = torch.ops.aten
 #: GEMM ops replayed as they were called (out-of-place and in-place forms).
@@ -157,12 +158,7 @@ def replay_ms(call: Call, repeats: int = 5) -> float:
     args = [_value(s) for s in specs]
     kwargs = {k: _value(v) for k, v in scalars}
     # (the in-place forms accumulate into their first argument run after run: same work)
-    best = math.inf
-    for _ in range(repeats + 1):  # the first run warms up
-        t0 = time.perf_counter()
-        func(*args, **kwargs)
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+    return best_seconds(lambda: func(*args, **kwargs), repeats) * 1e3
 
 
 def replayed_ms(calls: Counter[Call], repeats: int = 5) -> float:
@@ -172,16 +168,8 @@ def replayed_ms(calls: Counter[Call], repeats: int = 5) -> float:
 
 def wall_ms(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Median wall ms per call of each function, timed in alternating rounds after a warm-up."""
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    for n in fns:
-        fns[n]()
-        fns[n]()
-    for _ in range(rounds):
-        for n, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[n].append((time.perf_counter() - t0) * 1e3)
-    return {n: statistics.median(t) for n, t in times.items()}
+    times = alternate(fns, rounds, "cpu", warmup=2)
+    return {n: statistics.median(t) * 1e3 for n, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

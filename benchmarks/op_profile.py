@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
@@ -307,19 +306,13 @@ def profile_models(
     for _ in range(3):  # warm-up (with freed memory kept, the C heap settles in a few calls)
         for n in names:
             fns[n]()
-    walls: dict[str, list[float]] = {n: [] for n in names}
     with bm._quiet_fd(2), profile(activities=[ProfilerActivity.CPU]) as prof:
         for r in range(rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
             for n in order:
                 with record_function(f"case::{n}"):
                     fns[n]()
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for n in order:
-            t0 = time.perf_counter()
-            fns[n]()
-            walls[n].append(time.perf_counter() - t0)
+    walls = bm.alternate(fns, rounds, "cpu", warmup=0)  # same rotation, unprofiled
     cats = {n: dict.fromkeys(CATEGORIES, 0.0) for n in names}
     ops: dict[str, dict[str, float]] = {n: defaultdict(float) for n in names}
     inclusive = dict.fromkeys(names, 0.0)

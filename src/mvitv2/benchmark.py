@@ -552,7 +552,7 @@ def run(args: argparse.Namespace) -> int:
                 "train_fp32": implementation_choices(device, torch.float32, training=True),
                 "train_bf16": implementation_choices(device, torch.bfloat16, training=True),
             },
-            # "auto" attention at inference: the path timed fastest per shape on this machine
+            # "auto" attention at inference: the path timed fastest per size class on this machine
             "attention_measured": attention_measurements(),
             "rows": [asdict(r) for r in rows],
         }
