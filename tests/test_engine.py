@@ -247,6 +247,72 @@ def test_mvit_weight_decay_spares_norms_biases_tokens_and_position_tables():
         assert g["betas"] == (0.8, 0.95) and g["lr"] == pytest.approx(1e-3 * 64 * 2 / 256)
 
 
+def _step_with_random_grads(opt: torch.optim.Optimizer, model: torch.nn.Module, steps: int):
+    """``steps`` optimizer steps, each on fresh random gradients; returns the parameters before
+    and the gradients of each step, by name."""
+    gen = torch.Generator().manual_seed(0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = []
+    for _ in range(steps):
+        g = {n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+            p.grad = g[n].clone()
+        opt.step()
+        grads.append(g)
+    return before, grads
+
+
+def test_adamw_steps_follow_the_decoupled_weight_decay_formula_on_the_fused_kernel():
+    model = ToyModel()
+    cfg = TrainConfig.load(
+        None, ["weight_decay=0.3", "betas=[0.8, 0.95]", "base_lr=0.01", "lr_ref_batch=64"]
+    )
+    opt = build_optimizer(model, cfg, world_size=1)
+    # on CPU tensors PyTorch's fused AdamW kernel runs (one kernel, not ~10 ops per tensor)
+    assert [g["fused"] for g in opt.param_groups] == [True, True]
+    before, grads = _step_with_random_grads(opt, model, steps=3)
+    lr, (b1, b2), eps = cfg.lr(1), (0.8, 0.95), 1e-8
+    decay = {"fc1.weight", "fc2.weight"}
+    for name, p in model.named_parameters():  # Loshchilov & Hutter, written out
+        wd = 0.3 if name in decay else 0.0
+        x, m, v = before[name].double(), 0.0, 0.0
+        for t, g in enumerate(grads, start=1):
+            g = g[name].double()
+            x = x * (1 - lr * wd)
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+            x = x - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        torch.testing.assert_close(p.detach().double(), x, rtol=1e-5, atol=1e-6)
+
+
+def test_sgd_steps_follow_the_momentum_formula_on_the_fused_kernel():
+    model = ToyModel()
+    cfg = TrainConfig.load(None, ["optimizer=sgd", "momentum=0.9", "weight_decay=0.0"])
+    opt = build_optimizer(model, cfg, world_size=1)
+    assert isinstance(opt, torch.optim.SGD)
+    assert [g["fused"] for g in opt.param_groups] == [True, True]
+    before, grads = _step_with_random_grads(opt, model, steps=3)
+    lr = cfg.lr(1)
+    for name, p in model.named_parameters():  # buf = 0.9 buf + g (the first: g); x -= lr buf
+        x, buf = before[name].double(), None
+        for g in grads:
+            g = g[name].double()
+            buf = g if buf is None else 0.9 * buf + g
+            x = x - lr * buf
+        torch.testing.assert_close(p.detach().double(), x, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_optimizer_kernels_are_left_to_pytorch_for_non_float_or_foreign_parameters():
+    from mvitv2.engine.optim import fused_kernels
+
+    floats = [torch.nn.Parameter(torch.ones(2))]
+    assert fused_kernels(floats) is True
+    meta = [torch.nn.Parameter(torch.ones(2, device="meta"))]
+    assert fused_kernels(floats + meta) is None
+    ints = [torch.nn.Parameter(torch.ones(2, dtype=torch.int64), requires_grad=False)]
+    assert fused_kernels(floats + ints) is None
+    assert fused_kernels([]) is None
+
+
 def test_lr_scales_with_global_batch():
     cfg = TrainConfig.load(None, ["base_lr=2.5e-4", "batch_size=64", "accum_steps=2"])
     assert math.isclose(cfg.lr(world_size=8), 2.5e-4 * 64 * 2 * 8 / 256)

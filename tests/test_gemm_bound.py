@@ -97,7 +97,9 @@ def test_essential_ops_are_recorded_with_their_arguments_and_replay_with_valid_i
         y, _ = F.max_pool2d(x, 3, 2, 1, return_indices=True)
         (ln(y).softmax(-1) * torch.randn(2, 3, 4, 4)).sum().backward()
 
-    calls = gemm_bound.record_essential(step)
+    kinds = gemm_bound.record_essential(step)
+    assert not (kinds["attention"] or kinds["bias_grads"] or kinds["optimizer"])
+    calls = kinds["kernels"]
     names = sorted(str(c[0]) for c in calls)
     assert names == [
         "aten._softmax.default",
@@ -121,13 +123,80 @@ def test_essential_ops_are_recorded_with_their_arguments_and_replay_with_valid_i
 
 def test_quick_bound_is_reference_wall_over_our_gemm_only_time(tmp_path, capsys):
     out = tmp_path / "b.json"
-    assert gemm_bound.main(["--case", "train", "--quick", "--rounds", "1", "--json", str(out)]) == 0
+    argv = ["--case", "train", "--quick", "--rounds", "1", "--repeats", "2", "--json", str(out)]
+    assert gemm_bound.main(argv) == 0
     import json
 
     res = json.loads(out.read_text())
     assert res["ceiling"] == pytest.approx(res["wall_ms"]["timm"] / res["our_gemm_only_ms"])
     assert res["our_overhead_ms"] == pytest.approx(res["wall_ms"]["ours"] - res["our_gemm_only_ms"])
     assert res["our_gemm_calls"] > 0 and res["essential_calls"] > 0
+    assert len(res["measurements"]) == 2
+    assert {k: res[k] for k in res["measurements"][0]} in res["measurements"]  # a whole run
+    kinds = res["essential_ms_by_kind"]
+    assert list(kinds) == ["kernels", "attention", "bias_grads", "optimizer"]
+    assert kinds["optimizer"] > 0 and kinds["bias_grads"] > 0  # a training step has both
+    assert res["essential_ms"] == pytest.approx(sum(kinds.values()))
     both = res["our_gemm_only_ms"] + res["essential_ms"]
     assert res["ceiling_with_essential"] == pytest.approx(res["wall_ms"]["timm"] / both)
     assert "zero-overhead ceiling" in capsys.readouterr().out
+
+
+def test_essential_counts_bias_gradients_and_each_op_of_the_optimizer_step_only():
+    lin = torch.nn.Linear(8, 4)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)  # one add_ per parameter
+    x, w = torch.randn(10, 8), torch.randn(10, 4)
+
+    def step():
+        opt.zero_grad()
+        (lin(x) * w).sum().backward()  # mul, sum: neither essential nor in the step
+        opt.step()
+
+    kinds = gemm_bound.record_essential(step)
+    f32 = torch.float32
+    bias_grad = (aten.sum.dim_IntList, (("T", (10, 4), (4, 1), f32), (0,), True), ())
+    sgd = [
+        (aten.add_.Tensor, (("T", s, st, f32), ("T", s, st, f32)), (("alpha", -0.1),))
+        for s, st in (((4, 8), (8, 1)), ((4,), (1,)))
+    ]
+    assert kinds == {
+        "kernels": Counter(),
+        "attention": Counter(),
+        "bias_grads": Counter({bias_grad: 1}),
+        "optimizer": Counter({sgd[0]: 1, sgd[1]: 1}),
+    }
+    assert gemm_bound.is_bias_grad(aten.sum.dim_IntList, (torch.ones(3, 2), [-2]))
+    assert not gemm_bound.is_bias_grad(aten.sum.dim_IntList, (torch.ones(3, 2), [1]))
+    assert not gemm_bound.is_bias_grad(aten.sum.dim_IntList, (torch.ones(3, 2, 2), [0]))
+    assert not gemm_bound.is_bias_grad(aten.mean.dim, (torch.ones(3, 2), [0]))
+
+
+def test_essential_counts_fused_attention_as_its_time_beyond_its_two_gemms(monkeypatch):
+    q, k, v = torch.randn(2, 3, 9, 4), torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4)
+
+    def fn():
+        with torch.inference_mode():
+            F.scaled_dot_product_attention(q, k, v)
+
+    kinds = gemm_bound.record_essential(fn)
+    calls = kinds["attention"]
+    assert not (kinds["kernels"] or kinds["bias_grads"] or kinds["optimizer"])
+    (sdpa,) = [c for c, n in calls.items() if n == 1]
+    assert sdpa[0] in gemm_bound.ATTENTION_OPS
+    bmms = sorted(c[1] for c, n in calls.items() if n == -1 and c[0] == aten.bmm.default)
+    f32 = torch.float32
+    assert bmms == [  # 6 x (9x4 @ 4x6) and 6 x (9x6 @ 6x4), dense
+        (("T", (6, 9, 4), (36, 4, 1), f32), ("T", (6, 4, 6), (24, 1, 4), f32)),
+        (("T", (6, 9, 6), (54, 6, 1), f32), ("T", (6, 6, 4), (24, 4, 1), f32)),
+    ]
+    assert len(calls) == 3
+    times = {sdpa: 10.0}
+    monkeypatch.setattr(gemm_bound, "replay_ms", lambda c, repeats=5: times.get(c, 3.0))
+    assert gemm_bound.replayed_ms(calls) == pytest.approx(10.0 - 3.0 - 3.0)
+
+
+def test_the_median_measurement_is_one_whole_run_ranked_by_the_ceiling_with_essential():
+    runs = [{"ceiling_with_essential": c, "id": i} for i, c in enumerate([1.6, 1.2, 1.4, 1.3])]
+    assert gemm_bound.median_measurement(runs)["id"] == 3  # 1.2 1.3 | 1.4 1.6: the lower middle
+    assert gemm_bound.median_measurement(runs[:3])["id"] == 2  # 1.2 1.4 1.6
+    assert gemm_bound.median_measurement(runs[:1])["id"] == 0

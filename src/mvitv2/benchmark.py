@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mvitv2
+from mvitv2.engine.optim import fused_kernels
 from mvitv2.ops import attention_impl, attention_measurements, gemm, implementation_choices
 from mvitv2.ops import mlp as mlp_ops
 from mvitv2.utils.allocator import allocator_setting
@@ -364,7 +365,8 @@ def _train_case(
     bf16: bool = False,
     compile: bool = False,
 ) -> list[Row]:
-    """One training step (forward, cross-entropy, backward, AdamW) of ours against timm's, in
+    """One training step (forward, cross-entropy, backward, AdamW) of ours against timm's (each
+    with its own AdamW: ours on PyTorch's fused kernel as ``mvitv2 train``, timm's the default), in
     fp32 or (``bf16``) with the forward under bf16 autocast and the backward outside it; with
     ``compile`` also both models under ``torch.compile`` (same parameters and optimizers)."""
     ours, ref, shape = _image_pair(quick)
@@ -389,7 +391,10 @@ def _train_case(
     fns, grads, opts = {}, {}, {}
     for name, model in (("ours", ours), ("timm", ref)):
         model.train().to(device)
-        opts[name] = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        # ours: AdamW as `mvitv2 train` builds it (PyTorch's fused kernel where it applies);
+        # timm: as timm's create_optimizer_v2("adamw") builds it (PyTorch's default kernels)
+        fused = fused_kernels(model.parameters()) if name == "ours" else None
+        opts[name] = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
         # Gradients of the first step on identical weights, to show both compute the same thing.
         loss_of(model).backward()
         grads[name] = {k: p.grad for k, p in model.named_parameters()}
