@@ -175,80 +175,107 @@ def test_detector_heads_use_our_linears():
     assert linears and all(isinstance(m, gemm.Linear) for m in linears)
 
 
-@needs_onednn
-@pytest.mark.parametrize(
-    ("plain_ms", "gelu_ms", "want_plain", "want_gelu"),
-    [
-        ((10.0, 10.0), (8.0, 12.0), "aten", "onednn"),  # a tie: ATen; the fused GELU wins
-        ((8.0, 10.0), (10.0, 10.0), "onednn", "aten"),  # 20 % faster plain; no gain with GELU
-        ((9.5, 10.0), (9.5, 10.0), "aten", "aten"),  # within the 10 % margin: ATen
-    ],
-)
-def test_auto_backend_decides_plain_and_gelu_linears_by_their_own_measurement(
-    monkeypatch, plain_ms, gelu_ms, want_plain, want_gelu
-):
-    """``"auto"`` sends a linear layer to oneDNN only when its measured kind (plain, or followed
-    by the GELU that oneDNN fuses) ran more than 10 % faster there; the values are F.linear's
-    (+ GELU) either way, and ``gemm_choice`` names both decisions with their timings."""
-    timings = {"linear": plain_ms, "linear_gelu": gelu_ms}
-    monkeypatch.setattr(gemm, "_measured_ms", lambda kind: timings[kind])
-    onednn_calls = []
-    real = gemm._nt
-    monkeypatch.setattr(gemm, "_nt", lambda *a, **k: onednn_calls.append(k) or real(*a, **k))
-    torch.manual_seed(0)
-    x, w, b = torch.randn(5, 16), torch.randn(12, 16), torch.randn(12)
-    with gemm_backend("auto"), torch.no_grad():
-        for gelu, want in ((False, want_plain), (True, want_gelu)):
-            onednn_calls.clear()
-            assert uses_onednn(x, gelu) == (want == "onednn")
-            got = linear(x, w, b, gelu=gelu)
-            assert bool(onednn_calls) == (want == "onednn")
-            ref = F.linear(x, w, b)
-            assert _close(got, F.gelu(ref) if gelu else ref)
-        choice = gemm.gemm_choice()
-    assert (choice["gemm"], choice["gemm_gelu"]) == (want_plain, want_gelu)
-    assert choice["gemm_why"] == (
-        f"measured 6272x384x1536 with bias: oneDNN {plain_ms[0]:.1f} ms, ATen {plain_ms[1]:.1f} "
-        f"ms; +GELU: oneDNN {gelu_ms[0]:.1f} ms, ATen {gelu_ms[1]:.1f} ms"
-    )
-
-
-@needs_onednn
-def test_gemm_measurement_times_the_gelu_kind_with_the_gelu(monkeypatch):
-    """The ``linear_gelu`` measurement runs oneDNN's fused GELU and ATen's GEMM then GELU; the
-    plain one runs neither GELU (what each kind of layer will run)."""
-    calls = []
-    real_op, real_gelu = gemm._onednn_linear_op(), F.gelu
-
-    def op(*args):
-        calls.append(("onednn", args[3]))
-        return real_op(*args)
-
-    monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: op)
-    monkeypatch.setattr(gemm.F, "gelu", lambda t: calls.append(("aten", "gelu")) or real_gelu(t))
-    gemm._measured_ms.cache_clear()
-    try:
-        gemm._measured_ms("linear")
-        assert set(calls) == {("onednn", "none")}
-        calls.clear()
-        gemm._measured_ms("linear_gelu")
-        assert set(calls) == {("onednn", "gelu"), ("aten", "gelu")}
-    finally:
-        gemm._measured_ms.cache_clear()
-
-
 _U = 2.0**-10  # one fake-clock tick in seconds (its ms are exact floats)
 _U_MS = _U * 1000
 
 
+class _FakeBackends:
+    """ATen's and oneDNN's linear on a fake clock (each call advances it by that backend's ticks)
+    and a fresh table of GEMM measurements; every call is logged by backend."""
+
+    def __init__(self, monkeypatch, ticks: dict[str, int]) -> None:
+        self.now, self.calls = 0.0, []
+        monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: self.now))
+        self.table = timing.MeasuredChoices(default="aten", margin=0.1)
+        monkeypatch.setattr(gemm, "_MEASURED", self.table)
+        real = {"aten": gemm._aten_linear, "onednn": gemm._nt}
+        for name, attr in (("aten", "_aten_linear"), ("onednn", "_nt")):
+
+            def fake(x, w, b=None, gelu=False, name=name):
+                self.now += ticks[name] * _U
+                self.calls.append(name)
+                return real[name](x, w, b, gelu)
+
+            monkeypatch.setattr(gemm, attr, fake)
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    ("onednn", "aten", "want"),
+    [
+        (8, 10, "onednn"),  # 20 % faster
+        (9, 10, "aten"),  # 10 % faster: within the margin, ATen
+        (10, 8, "aten"),
+    ],
+)
+def test_auto_at_inference_times_each_gemm_size_class_once_and_keeps_onednn_only_if_10pc_faster(
+    monkeypatch, onednn, aten, want
+):
+    """``"auto"`` without gradients times ATen's and oneDNN's linear on the call's own tensors at
+    a size class's first call (a warm-up, then at least 2 alternating rounds), keeps oneDNN
+    only if it was more than 10 % faster, and then runs the kept one alone; the values are
+    F.linear's (+ GELU)."""
+    fake = _FakeBackends(monkeypatch, {"onednn": onednn, "aten": aten})
+    torch.manual_seed(0)
+    x, w, b = torch.randn(5, 16), torch.randn(12, 16), torch.randn(12)
+    with gemm_backend("auto"), torch.no_grad():
+        assert gemm.gemm_choice()["gemm"] == "measured"
+        for gelu in (False, True):
+            fake.calls.clear()
+            got = linear(x, w, b, gelu=gelu)
+            ref = F.linear(x, w, b)
+            assert _close(got, F.gelu(ref) if gelu else ref)
+            n = len(fake.calls) - 1  # the measurement, then the kept backend's run
+            assert n >= 6 and fake.calls[:n] == ["aten", "onednn"] * (n // 2)
+            assert fake.calls[-1] == want
+            fake.calls.clear()
+            linear(x, w, b, gelu=gelu)
+            assert fake.calls == [want]  # remembered: no second timing
+    times = f"aten {aten * _U_MS:.2f} ms, onednn {onednn * _U_MS:.2f} ms"
+    assert gemm.gemm_measurements() == {
+        "5x16 @ 16x12 +bias": f"{want} ({times})",
+        "5x16 @ 16x12 +bias +GELU": f"{want} ({times})",
+    }
+
+
+@needs_onednn
+def test_gemm_size_classes_count_rows_by_power_of_two_and_the_rest_exactly(monkeypatch):
+    fake = _FakeBackends(monkeypatch, {"onednn": 1, "aten": 2})
+    w, b = torch.randn(12, 16), torch.randn(12)
+    with gemm_backend("auto"), torch.no_grad():
+        linear(torch.randn(5, 16), w, b)
+        linear(torch.randn(2, 3, 16), w, b)  # 6 rows: 4-7, the same class
+        linear(torch.randn(7, 16), w, b)
+        assert len(fake.table.table) == 1
+        linear(torch.randn(8, 16), w, b)  # 8-15 rows
+        linear(torch.randn(5, 16), w, None)  # no bias
+        linear(torch.randn(5, 16), w, b, gelu=True)
+        linear(torch.randn(16, 5).t(), w, b)  # a transposed input
+        linear(torch.randn(5, 16), torch.randn(10, 16), b[:10])  # another output width
+        linear(torch.randn(5, 8), w[:, :8], b)  # another input width
+        assert len(fake.table.table) == 7
+        with gemm_backend("onednn"):  # a set backend: no timing
+            fake.calls.clear()
+            linear(torch.randn(100, 3), torch.randn(4, 3))
+            assert fake.calls == ["onednn"]
+        with gemm_backend("aten"):
+            fake.calls.clear()
+            linear(torch.randn(100, 3), torch.randn(4, 3))
+            assert fake.calls == ["aten"]
+    assert len(fake.table.table) == 7
+    with gemm_backend("auto"):  # a gradient to compute: the one-off measurement decides
+        monkeypatch.setattr(gemm, "_measured_ms", lambda: (1.0, 10.0))
+        y = linear(torch.randn(3, 16, requires_grad=True), w, b)
+        assert "OneDNN" in type(y.grad_fn).__name__ and len(fake.table.table) == 7
+
+
 def test_gemm_measurement_is_the_best_of_three_timed_runs_after_a_warm_up(monkeypatch):
-    """``_measured_ms`` times oneDNN's linear and ATen's (+ GELU for ``"linear_gelu"``) on the
-    documented 6272x384 @ 384x1536 GEMM with bias: one untimed warm-up call, then the best of 3;
-    it returns ``(oneDNN ms, ATen ms)``. Fake kernels advance a fake clock."""
+    """``_measured_ms`` times oneDNN's linear and ATen's on the documented 6272x384 @ 384x1536
+    GEMM with bias: one untimed warm-up call, then the best of 3; it returns ``(oneDNN ms,
+    ATen ms)``. Fake kernels advance a fake clock."""
     clock = SimpleNamespace(now=0.0)
     calls: list[tuple] = []
-    linear_out = object()
-    ticks = {"onednn": [8, 5, 2, 3, 1], "linear": [9, 6, 4, 5, 1], "gelu": [1, 1, 1, 1, 1]}
+    ticks = {"onednn": [8, 5, 2, 3, 1], "linear": [9, 6, 4, 5, 1]}
 
     def tick(name: str) -> None:
         clock.now += ticks[name][sum(c[0] == name for c in calls)] * _U
@@ -261,38 +288,20 @@ def test_gemm_measurement_is_the_best_of_three_timed_runs_after_a_warm_up(monkey
     def f_linear(x, w, b):
         tick("linear")
         calls.append(("linear", x.shape, w.shape, b.shape))
-        return linear_out
-
-    def f_gelu(y):
-        tick("gelu")
-        calls.append(("gelu", y is linear_out))
-        return y
+        return x
 
     monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: op)
     monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock.now))
-    monkeypatch.setattr(gemm, "F", SimpleNamespace(linear=f_linear, gelu=f_gelu))
+    monkeypatch.setattr(gemm, "F", SimpleNamespace(linear=f_linear))
     gemm._measured_ms.cache_clear()
     try:
         x, w, b = (6272, 384), (1536, 384), (1536,)
-        assert gemm._measured_ms("linear") == (2 * _U_MS, 4 * _U_MS)
+        assert gemm._measured_ms() == (2 * _U_MS, 4 * _U_MS)
         assert calls == [("onednn", x, w, b, "none", [], "")] * 4 + [("linear", x, w, b)] * 4
-        calls.clear()
-        gemm._measured_ms.cache_clear()
-        # ATen's time now includes its GELU pass (1 tick): 6+1, 4+1, 5+1 -> 5
-        assert gemm._measured_ms("linear_gelu") == (2 * _U_MS, 5 * _U_MS)
-        assert (
-            calls
-            == [("onednn", x, w, b, "gelu", [], "none")] * 4
-            + [
-                ("linear", x, w, b),
-                ("gelu", True),  # on the linear's output
-            ]
-            * 4
-        )
         monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: None)
         gemm._measured_ms.cache_clear()
-        assert gemm._measured_ms("linear") is None
-        assert gemm._onednn_measured_faster("linear") is False
+        assert gemm._measured_ms() is None
+        assert gemm._onednn_measured_faster() is False
     finally:
         gemm._measured_ms.cache_clear()
 
@@ -302,8 +311,8 @@ def test_gemm_measurement_is_the_best_of_three_timed_runs_after_a_warm_up(monkey
     [((9.0, 10.0), False), ((8.99, 10.0), True), ((10.0, 9.0), False), ((4.5, 5.0), False)],
 )
 def test_onednn_counts_as_faster_only_beyond_a_10_percent_margin(monkeypatch, ms, faster):
-    monkeypatch.setattr(gemm, "_measured_ms", {"linear": ms}.get)
-    assert gemm._onednn_measured_faster("linear") is faster
+    monkeypatch.setattr(gemm, "_measured_ms", lambda: ms)
+    assert gemm._onednn_measured_faster() is faster
 
 
 def test_uses_onednn_only_for_eager_fp32_cpu_tensors_with_onednn_present(monkeypatch):
@@ -312,12 +321,11 @@ def test_uses_onednn_only_for_eager_fp32_cpu_tensors_with_onednn_present(monkeyp
     a build without oneDNN send the layer to ``F.linear``."""
     present = SimpleNamespace()
     monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: present)
-    monkeypatch.setattr(
-        gemm, "_measured_ms", {"linear": (10.0, 10.0), "linear_gelu": (1.0, 10.0)}.get
-    )
+    ms = {"now": (10.0, 10.0)}
+    monkeypatch.setattr(gemm, "_measured_ms", lambda: ms["now"])
     x = torch.zeros(2, 4)
     with gemm_backend("onednn"):
-        assert uses_onednn(x) and uses_onednn(x, gelu=True)  # measured slower: still oneDNN
+        assert uses_onednn(x)  # measured slower: still oneDNN
         assert not uses_onednn(x.to("meta")) and not uses_onednn(x.double())
         with torch.autocast("cpu", torch.bfloat16):
             assert not uses_onednn(x)
@@ -329,10 +337,13 @@ def test_uses_onednn_only_for_eager_fp32_cpu_tensors_with_onednn_present(monkeyp
         monkeypatch.setattr(gemm, "intercepted", lambda: False)
         assert uses_onednn(x)
     with gemm_backend("auto"):
-        assert not uses_onednn(x) and uses_onednn(x, gelu=True)
-        assert not uses_onednn(x.to("meta"), gelu=True)
+        assert not uses_onednn(x)
+        ms["now"] = (1.0, 10.0)
+        assert uses_onednn(x) and not uses_onednn(x.to("meta"))
+        with torch.autocast("cpu", torch.bfloat16):
+            assert not uses_onednn(x)
     with gemm_backend("aten"):
-        assert not uses_onednn(x, gelu=True)
+        assert not uses_onednn(x)
     monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: None)
     with gemm_backend("onednn"):
         assert not uses_onednn(x)
@@ -342,18 +353,29 @@ def test_gemm_choice_names_a_set_backend_and_a_build_without_onednn(monkeypatch)
     monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: SimpleNamespace())
     for setting in ("aten", "onednn"):
         with gemm_backend(setting):
-            assert gemm.gemm_choice() == {
-                "gemm": setting,
-                "gemm_gelu": setting,
-                "gemm_setting": setting,
-                "gemm_why": "set",
-            }
+            for training in (False, True):
+                want = {"gemm": setting, "gemm_setting": setting, "gemm_why": "set"}
+                assert gemm.gemm_choice(training) == want
+    with gemm_backend("auto"):
+        monkeypatch.setattr(gemm, "_measured_ms", lambda: (8.0, 10.0))
+        assert gemm.gemm_choice(training=True) == {
+            "gemm": "onednn",
+            "gemm_setting": "auto",
+            "gemm_why": "measured 6272x384x1536 with bias: oneDNN 8.0 ms, ATen 10.0 ms",
+        }
+        monkeypatch.setattr(gemm, "_measured_ms", lambda: (9.5, 10.0))
+        assert gemm.gemm_choice(training=True)["gemm"] == "aten"
+        assert gemm.gemm_choice() == {
+            "gemm": "measured",
+            "gemm_setting": "auto",
+            "gemm_why": "measured per GEMM size class at its first call: aten, or onednn if "
+            ">10 % faster",
+        }
     monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: None)
     for setting in ("auto", "onednn"):
         with gemm_backend(setting):
             assert gemm.gemm_choice() == {
                 "gemm": "aten",
-                "gemm_gelu": "aten",
                 "gemm_setting": setting,
                 "gemm_why": "no oneDNN in this build",
             }

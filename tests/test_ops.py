@@ -22,9 +22,20 @@ from mvitv2.ops import (
 )
 from mvitv2.ops import attention as attention_ops
 from mvitv2.ops import gemm as gemm_ops
+from mvitv2.utils import timing
 from mvitv2.utils.allocator import allocator_setting
 
 TINY = dict(num_classes=3, depths=(1, 1, 1, 1), embed_dim=16, img_size=64)
+
+
+def _fresh_attention_table(monkeypatch, **kw) -> timing.MeasuredChoices:
+    """A new, empty table of attention measurements in place of the process's (as the module
+    builds it: "bias" kept on a tie; ``kw`` overrides the budget or the class cap)."""
+    table = timing.MeasuredChoices(default="bias", **kw)
+    monkeypatch.setattr(attention_ops, "_MEASURED", table)
+    return table
+
+
 PATH_FUNCTIONS = {
     "reference": "attention_reference",
     "bias": "attention_bias",
@@ -96,8 +107,8 @@ def test_auto_at_cpu_inference_times_each_attention_shape_once_and_keeps_the_fas
     path advances (``fast`` by 1 ms, the others by 3 ms), so the fastest is known whatever the
     machine's load. The outputs are those of the reference path."""
     clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(attention_ops, "time", SimpleNamespace(perf_counter=lambda: clock.now))
-    monkeypatch.setattr(attention_ops, "_MEASURED", {})
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    _fresh_attention_table(monkeypatch)
     for name in attention_ops.MEASURED_PATHS:
         real = getattr(attention_ops, PATH_FUNCTIONS[name])
 
@@ -120,16 +131,16 @@ def test_auto_at_cpu_inference_times_each_attention_shape_once_and_keeps_the_fas
     first = forward()
     # one measurement per attention size class; the 4 blocks of this model (64 px, patch
     # stride 4, Q pooled by 2 from the second stage on, K/V by 4 then 2, 1, 1) differ in each
-    timed = sorted(shapes for _, _, shapes in attention_ops._MEASURED.values())
-    assert timed == sorted(
-        [
+    measured = attention_ops.attention_measurements()
+    assert sorted(measured) == sorted(
+        f"q {q} k {k} {dtype}"
+        for q, k in [
             ((2, 1, 256, 16), (2, 1, 16, 16)),
             ((2, 2, 64, 16), (2, 2, 64, 16)),
             ((2, 4, 16, 16), (2, 4, 64, 16)),
             ((2, 8, 4, 16), (2, 8, 16, 16)),
         ]
     )
-    measured = attention_ops.attention_measurements()
     assert len(measured) == 4 and all(m.startswith(f"{fast} (") for m in measured.values())
     assert all(f"{fast} 1.00 ms" in m and m.count(" 3.00 ms") == 2 for m in measured.values())
     assert all(str(dtype) in key for key in measured)
@@ -159,22 +170,33 @@ def test_implementation_choices_name_the_gemm_backend_the_linear_layers_use(monk
     onednn_calls = []
     real = gemm_ops._nt
     monkeypatch.setattr(gemm_ops, "_nt", lambda *a, **k: onednn_calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(gemm_ops, "_MEASURED", timing.MeasuredChoices("aten", margin=0.1))
     layer = gemm_ops.Linear(8, 4)
     x = torch.randn(3, 8)
+    has_onednn = gemm_ops._onednn_linear_op() is not None
     for backend in ("aten", "onednn", "auto"):
-        if backend == "onednn" and gemm_ops._onednn_linear_op() is None:
+        if backend == "onednn" and not has_onednn:
             continue
-        onednn_calls.clear()
-        with gemm_backend(backend), torch.no_grad():
-            choices = implementation_choices("cpu", torch.float32)
-            layer(x)
-        assert choices["gemm"] == ("onednn" if onednn_calls else "aten"), backend
-        assert choices["gemm_setting"] == backend
-        if backend == "auto" and gemm_ops._onednn_linear_op() is not None:
-            onednn_ms, aten_ms = gemm_ops._measured_ms("linear")
-            assert f"oneDNN {onednn_ms:.1f} ms, ATen {aten_ms:.1f} ms" in choices["gemm_why"]
-        else:
-            assert choices["gemm_why"] in ("set", "no oneDNN in this build")
+        with gemm_backend(backend):
+            with torch.no_grad():
+                choices = implementation_choices("cpu", torch.float32)
+                layer(x)  # (with "auto": the measurement)
+                onednn_calls.clear()
+                layer(x)
+            ran = "onednn" if onednn_calls else "aten"
+            if backend == "auto" and has_onednn:  # at inference: per size class, as measured
+                assert choices["gemm"] == "measured"
+                assert gemm_ops.gemm_measurements()["3x8 @ 8x4 +bias"].startswith(ran + " (")
+            else:
+                assert choices["gemm"] == ran, backend
+                assert choices["gemm_why"] in ("set", "no oneDNN in this build")
+            assert choices["gemm_setting"] == backend
+            train = implementation_choices("cpu", torch.float32, training=True)
+            y = layer(x.clone().requires_grad_())
+            assert train["gemm"] == ("onednn" if "OneDNN" in type(y.grad_fn).__name__ else "aten")
+            if backend == "auto" and has_onednn:
+                onednn_ms, aten_ms = gemm_ops._measured_ms()
+                assert f"oneDNN {onednn_ms:.1f} ms, ATen {aten_ms:.1f} ms" in train["gemm_why"]
     with gemm_backend("onednn"):  # fp32 on CPU only: bf16 (autocast) runs F.linear
         assert implementation_choices("cpu", torch.bfloat16)["gemm"] == "aten"
 
@@ -268,16 +290,19 @@ def test_group_layer_norm_values_and_gradients_match_one_layer_norm_per_group():
 
 def test_counting_flops_on_a_cpu_model_does_not_time_attention_paths(monkeypatch):
     """Under ``FlopCounterMode`` "auto" does not measure (its extra calls would be counted):
-    the count is that of the ``bias`` path, no shape is recorded as measured and the GEMM
-    backend is not timed."""
+    the count is that of the ``bias`` path, no shape is recorded as measured and no GEMM
+    backend is timed."""
     from mvitv2.utils.flops import macs_of
 
-    monkeypatch.setattr(attention_ops, "_MEASURED", {})
+    table = _fresh_attention_table(monkeypatch)
+    gemm_table = timing.MeasuredChoices(default="aten", margin=0.1)
+    monkeypatch.setattr(gemm_ops, "_MEASURED", gemm_table)
     gemm_ops._measured_ms.cache_clear()
     model = mvitv2.create_model("mvitv2_tiny", **TINY).eval()
     x = torch.randn(1, 3, 64, 64)
     macs, _ = macs_of(model, x)
-    assert attention_ops._MEASURED == {} and gemm_ops._measured_ms.cache_info().currsize == 0
+    assert table.table == {} and gemm_table.table == {}
+    assert gemm_ops._measured_ms.cache_info().currsize == 0
     with attention_impl("bias"):
         assert macs_of(model, x)[0] == macs
 
@@ -285,9 +310,8 @@ def test_counting_flops_on_a_cpu_model_does_not_time_attention_paths(monkeypatch
 def test_shapes_of_one_size_class_share_a_measurement_and_measurements_are_capped(monkeypatch):
     """Detection images of many sizes must not each pay for a timing: batch and token counts
     count by power of two (256 and 300 queries share a class, 600 do not), heads and head width
-    exactly; after MAX_MEASURED classes "auto" takes bias without timing."""
-    monkeypatch.setattr(attention_ops, "_MEASURED", {})
-    monkeypatch.setattr(attention_ops, "MAX_MEASURED", 3)
+    exactly; after the cap on classes (64; here 3) "auto" takes bias without timing."""
+    measured = _fresh_attention_table(monkeypatch, max_classes=3).table
 
     def attend(b, n_q, n_k, heads=2, c=8):
         q, k = torch.randn(b, heads, n_q, c), torch.randn(b, heads, n_k, c)
@@ -300,13 +324,13 @@ def test_shapes_of_one_size_class_share_a_measurement_and_measurements_are_cappe
 
     check(attend(1, 256, 64))
     check(attend(1, 300, 127))  # same class: 256-511 queries, 64-127 keys
-    assert len(attention_ops._MEASURED) == 1
+    assert len(measured) == 1
     check(attend(1, 600, 64))  # 512-1023 queries
     check(attend(1, 256, 64, heads=4))  # other heads
-    assert len(attention_ops._MEASURED) == 3
+    assert len(measured) == 3
     results = []
     ran = _paths_run(monkeypatch, lambda: results.append(attend(3, 256, 64)))  # 4th: over cap
-    assert ran == {"bias"} and len(attention_ops._MEASURED) == 3
+    assert ran == {"bias"} and len(measured) == 3
     check(results[0])
 
 
@@ -321,8 +345,8 @@ class _FakePaths:
     def __init__(self, monkeypatch, costs: dict[str, list[int]]) -> None:
         self.now = 0.0
         self.calls: list[tuple[str, object]] = []
-        monkeypatch.setattr(attention_ops, "time", SimpleNamespace(perf_counter=lambda: self.now))
-        monkeypatch.setattr(attention_ops, "_MEASURED", {})
+        monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: self.now))
+        self.table = _fresh_attention_table(monkeypatch)
         for name in attention_ops.MEASURED_PATHS:
 
             def fake(q, k, v, scale, rel=None, name=name):
@@ -353,13 +377,13 @@ class _FakePaths:
 def test_measured_path_runs_as_many_rounds_as_fill_the_time_budget(
     monkeypatch, measure_ticks, first_ticks, rounds
 ):
-    """After a warm-up round, ``ceil(MEASURE_MS / warm-up time)`` alternating rounds, at least 2
+    """After a warm-up round, ``ceil(budget / warm-up time)`` alternating rounds, at least 2
     and at most 10 (the warm-up time taken as at least 1 us)."""
     bias, chunked, folded = first_ticks
     fake = _FakePaths(
         monkeypatch, {"bias": [bias, 1], "chunked": [chunked, 2], "folded": [folded, 3]}
     )
-    monkeypatch.setattr(attention_ops, "MEASURE_MS", measure_ticks * _U_MS)
+    fake.table.budget_ms = measure_ticks * _U_MS
     q = torch.zeros(1, 1, 4, 8)
     assert attention_ops._measured_path(q, q, q, 0.5, None) == "bias"
     assert fake.rounds() == rounds
@@ -372,7 +396,7 @@ def test_measured_path_keeps_each_path_s_best_timed_round_per_shape_and_grids(mo
     by power of two (other grids of the same sizes, or 20 queries instead of 16, are not new)."""
     costs = {"bias": [9, 6, 4, 5], "chunked": [1, 5, 5, 5, 5], "folded": [9, 3, 4, 6]}
     fake = _FakePaths(monkeypatch, costs)
-    monkeypatch.setattr(attention_ops, "MEASURE_MS", 57 * _U_MS)  # 57 / 19 ticks: 3 rounds
+    fake.table.budget_ms = 57 * _U_MS  # 57 / 19 ticks: 3 rounds
     q, k = torch.zeros(2, 1, 16, 8), torch.zeros(2, 1, 4, 8)
     rel = SimpleNamespace(q_thw=(1, 4, 4), k_thw=(1, 2, 2), num_prefix=0, t=None)
     assert attention_ops._measured_path(q, k, k, 0.5, rel) == "folded"
@@ -381,8 +405,8 @@ def test_measured_path_keeps_each_path_s_best_timed_round_per_shape_and_grids(mo
     # size class: device, compute dtype, heads, head width, (prefix, temporal table), then
     # batch, queries and keys by bit length (2 -> 2, 16 -> 5, 4 -> 3)
     key = ("cpu", torch.float32, 1, 8, (0, False), 2, 5, 3)
-    measured = attention_ops._MEASURED
-    assert measured == {key: ("folded", want_ms, ((2, 1, 16, 8), (2, 1, 4, 8)))}
+    measured = fake.table.table
+    assert measured == {key: ("folded", want_ms, "q (2, 1, 16, 8) k (2, 1, 4, 8) torch.float32")}
     assert attention_ops.attention_measurements() == {
         "q (2, 1, 16, 8) k (2, 1, 4, 8) torch.float32": "folded (bias 3.91 ms, chunked 4.88 ms, folded 2.93 ms)"
     }
@@ -401,18 +425,18 @@ def test_measured_path_keeps_each_path_s_best_timed_round_per_shape_and_grids(mo
     ]
     for i, other in enumerate(others, start=2):  # another prefix, a temporal table, none
         attention_ops._measured_path(q, k, k, 0.5, other)
-        assert len(attention_ops._MEASURED) == i
+        assert len(measured) == i
     with torch.autocast("cpu", torch.bfloat16):  # the compute dtype, not the tensors' dtype
         attention_ops._measured_path(q, k, k, 0.5, rel)
-    assert len(attention_ops._MEASURED) == 5
-    assert {key[1] for key in attention_ops._MEASURED} == {torch.float32, torch.bfloat16}
+    assert len(measured) == 5
+    assert {key[1] for key in measured} == {torch.float32, torch.bfloat16}
     attention_ops._measured_path(q, torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8), 0.5, rel)
     attention_ops._measured_path(q[:1], k[:1], k[:1], 0.5, rel)  # batch 1: another class
     attention_ops._measured_path(torch.zeros(2, 2, 16, 8), k.expand(2, 2, 4, 8), k, 0.5, rel)
     attention_ops._measured_path(torch.zeros(2, 1, 16, 4), k[..., :4], k[..., :4], 0.5, rel)
-    assert len(attention_ops._MEASURED) == 9
+    assert len(measured) == 9
     attention_ops._measured_path(q.to("meta"), k.to("meta"), k.to("meta"), 0.5, rel)
-    assert {key[0] for key in attention_ops._MEASURED} == {"cpu", "meta"}
+    assert {key[0] for key in measured} == {"cpu", "meta"}
 
 
 def test_attend_times_the_paths_at_cpu_inference_with_and_without_rel_pos(monkeypatch):
@@ -422,8 +446,8 @@ def test_attend_times_the_paths_at_cpu_inference_with_and_without_rel_pos(monkey
         assert attention_ops.attend(q, q, q, 0.5) is q
     assert fake.calls.pop() == ("chunked", None)  # the fastest ran after the timing
     assert fake.rounds() == 10
-    (key,) = attention_ops._MEASURED
-    assert key[4] is None and attention_ops._MEASURED[key][0] == "chunked"
+    ((key, (chosen, _, _)),) = fake.table.table.items()
+    assert key[4] is None and chosen == "chunked"
     fake.calls.clear()
     rel = SimpleNamespace(q_thw=(1, 2, 2), k_thw=(1, 2, 2), num_prefix=0, t=None)
     with torch.no_grad():  # with rel-pos: the paths are timed on it and the fastest runs with it

@@ -504,7 +504,9 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"matmul peak ({n}x{n}): fp32 {peaks['fp32']:.0f} GFLOP/s, "
         f"bf16 {peaks['bf16']:.0f} GFLOP/s; threads {torch.get_num_threads()}; "
-        f"our fp32 GEMMs: {'oneDNN' if onednn else 'PyTorch'} (backend {gemm.get_gemm_backend()}); "
+        f"our fp32 GEMMs (backend {gemm.get_gemm_backend()}): "
+        f"{gemm.gemm_choice()['gemm']} at inference, "
+        f"{'oneDNN' if onednn else 'PyTorch'} under autograd; "
         f"allocator: {allocator_setting()}",
         flush=True,
     )
@@ -550,7 +552,7 @@ def run(args: argparse.Namespace) -> int:
                 **_accelerator(device),
             },
             "matmul_peak_gflops": peaks,
-            "our_fp32_gemm": "onednn" if onednn else "aten",
+            "our_fp32_gemm_training": "onednn" if onednn else "aten",
             "implementation": {  # the kernels in force and why (mvitv2.ops)
                 "fp32": implementation_choices(device, torch.float32),
                 "bf16": implementation_choices(device, torch.bfloat16),
@@ -559,6 +561,8 @@ def run(args: argparse.Namespace) -> int:
             },
             # "auto" attention at inference: the path timed fastest per size class on this machine
             "attention_measured": attention_measurements(),
+            # "auto" GEMM backend at inference: the faster per GEMM size class on this machine
+            "gemm_measured": gemm.gemm_measurements(),
             "rows": [asdict(r) for r in rows],
         }
         path.parent.mkdir(parents=True, exist_ok=True)

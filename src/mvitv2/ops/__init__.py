@@ -34,6 +34,7 @@ from mvitv2.ops.gemm import (
     convert_linears,
     gemm_backend,
     gemm_choice,
+    gemm_measurements,
     get_gemm_backend,
     linear,
     set_gemm_backend,
@@ -57,19 +58,19 @@ def implementation_choices(
         training: whether gradients flow (training picks its own attention path).
 
     Returns:
-        ``attention``, ``attention_setting``, ``attention_why``, ``gemm``, ``gemm_gelu`` (the
-        MLP's first layer with its GELU, at inference), ``gemm_setting``, ``gemm_why``; e.g.
-        ``{"attention": "memeff", "attention_setting": "auto", ..., "gemm": "onednn",
-        "gemm_gelu": "onednn", "gemm_why": "measured 6272x384x1536 with bias: oneDNN 21.0 ms,
-        ATen 45.3 ms; +GELU: ..."}``.
+        ``attention``, ``attention_setting``, ``attention_why``, ``gemm``, ``gemm_setting``,
+        ``gemm_why``; e.g. ``{"attention": "memeff", "attention_setting": "auto", ..., "gemm":
+        "onednn", "gemm_why": "measured 6272x384x1536 with bias: oneDNN 21.0 ms, ATen 45.3
+        ms"}`` (training) or ``"gemm": "measured"`` (inference: per GEMM size class, see
+        :func:`~mvitv2.ops.gemm.gemm_measurements`).
     """
     device_type = torch.device(device).type
     choices = attention_choice(device_type, dtype, training)
     if device_type == "cpu" and dtype == torch.float32:
-        choices.update(gemm_choice())
+        choices.update(gemm_choice(training))
     else:
         why = "oneDNN is used for fp32 on CPU only"
-        choices.update(gemm="aten", gemm_gelu="aten", gemm_setting=get_gemm_backend(), gemm_why=why)
+        choices.update(gemm="aten", gemm_setting=get_gemm_backend(), gemm_why=why)
     return choices
 
 
@@ -84,6 +85,7 @@ __all__ = [
     "attention_measurements",
     "convert_linears",
     "gemm_backend",
+    "gemm_measurements",
     "get_attention_impl",
     "get_gemm_backend",
     "get_rel_pos",

@@ -25,8 +25,7 @@ windows), heads, tokens, head width.
 from __future__ import annotations
 
 import contextlib
-import math
-import time
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +41,7 @@ from mvitv2.ops.rel_pos import (
     rel_pos_terms,
 )
 from mvitv2.utils.choice import Choice
+from mvitv2.utils.timing import MeasuredChoices
 
 #: Valid names for :func:`set_attention_impl`.
 ATTENTION_IMPLS = ("auto", "reference", "bias", "folded", "chunked", "memeff")
@@ -61,12 +61,6 @@ _DEFAULT = "bias"
 MEASURED_PATHS = ("bias", "chunked", "folded")
 #: What ``"auto"`` resolves to where it times the paths per size class (see :func:`attend`).
 MEASURE = "measured"
-
-#: Size classes measured per process at most; beyond, "auto" takes ``"bias"`` unmeasured.
-MAX_MEASURED = 64
-
-# size class (see _size_class) -> (the fastest path, ms per path, the q and k shapes timed).
-_MEASURED: dict[tuple, tuple[str, dict[str, float], tuple[tuple[int, ...], ...]]] = {}
 
 
 def set_attention_impl(name: str) -> str:
@@ -132,9 +126,9 @@ def _paths() -> dict[str, object]:
     }
 
 
-#: Time :func:`_measured_path` spends on one size class, about (more rounds for small shapes: the
-#: minimum over several rounds is what survives other processes on a shared machine).
-MEASURE_MS = 60.0
+#: The paths measured per attention size class at CPU inference, for this process ("bias" on a
+#: tie, and unmeasured beyond 64 classes; about 60 ms of timing per class).
+_MEASURED = MeasuredChoices(default=_DEFAULT)
 
 
 def _size_class(q: Tensor, k: Tensor, rel: RelPos | None) -> tuple:
@@ -149,40 +143,23 @@ def _size_class(q: Tensor, k: Tensor, rel: RelPos | None) -> tuple:
 
 
 def _measured_path(q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | None) -> str:
-    """The fastest of :data:`MEASURED_PATHS` for this size class (:func:`_size_class`): timed
-    at the class's first call (a warm-up round, then 2-10 alternating rounds, about
-    :data:`MEASURE_MS` in all; the best time of each path counts), then remembered for the
-    process; after :data:`MAX_MEASURED` classes, ``"bias"`` unmeasured."""
-    key = _size_class(q, k, rel)
-    if key not in _MEASURED:
-        if len(_MEASURED) >= MAX_MEASURED:
-            return _DEFAULT
-        paths = _paths()
-
-        def timed(name: str) -> float:
-            t0 = time.perf_counter()
-            paths[name](q, k, v, scale, rel)
-            return (time.perf_counter() - t0) * 1e3
-
-        first = {name: timed(name) for name in MEASURED_PATHS}  # warm-up
-        rounds = min(max(math.ceil(MEASURE_MS / max(sum(first.values()), 1e-3)), 2), 10)
-        best = dict.fromkeys(MEASURED_PATHS, math.inf)
-        for _ in range(rounds):
-            for name in MEASURED_PATHS:
-                best[name] = min(best[name], timed(name))
-        _MEASURED[key] = (min(best, key=best.get), best, (tuple(q.shape), tuple(k.shape)))
-    return _MEASURED[key][0]
+    """The fastest of :data:`MEASURED_PATHS` for this size class (:func:`_size_class`), timed
+    on these inputs at the class's first call and then remembered (see
+    :class:`~mvitv2.utils.timing.MeasuredChoices`)."""
+    paths = _paths()
+    candidates = {
+        name: functools.partial(paths[name], q, k, v, scale, rel) for name in MEASURED_PATHS
+    }
+    dtype = autocast_dtype(q.device.type) or q.dtype
+    label = f"q {tuple(q.shape)} k {tuple(k.shape)} {dtype}"
+    return _MEASURED.choose(_size_class(q, k, rel), candidates, label)
 
 
 def attention_measurements() -> dict[str, str]:
     """The paths ``"auto"`` chose so far in this process, per measured size class (named by the
     shapes it was timed on): ``{"q (8, 1, 3136, 96) k (8, 1, 49, 96) torch.float32": "bias (bias
     25.6 ms, chunked 26.5 ms, folded 20.7 ms)"}`` (for a benchmark's JSON or a log)."""
-    out = {}
-    for key, (chosen, ms, (q, k)) in _MEASURED.items():
-        times = ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items())
-        out[f"q {q} k {k} {key[1]}"] = f"{chosen} ({times})"
-    return out
+    return _MEASURED.report()
 
 
 def attention_reference(

@@ -6,12 +6,13 @@ AVX-512 kernels: on the benchmark machine (AMD EPYC, 2 cores) oneDNN reaches ~40
 MKL gives ~175 on the MViTv2 linear shapes. Both are plain fp32 GEMMs (no reduced-precision
 accumulation); they differ only in summation order.
 
-The backend is chosen per process by measurement (:func:`set_gemm_backend`): ``"auto"`` times one
-GEMM with bias each way on the first fp32 CPU call and keeps the faster; for a linear layer
-followed by the exact GELU (the MLP at inference) it times that pair on its own, since oneDNN
-fuses the GELU into the GEMM where ATen makes a second pass over the output (measured on an
-Intel Xeon, 1 thread: plain GEMMs within 5 % of each other, with the GELU oneDNN 1.2-1.7x
-faster). oneDNN is used only in eager fp32
+The backend is chosen by measuring on the machine at hand (:func:`set_gemm_backend`). With
+``"auto"`` at inference each GEMM size class is timed both ways on its first call and the faster
+kept (ATen unless oneDNN is more than 10 % faster): oneDNN adds the bias, and fuses the MLP's
+exact GELU, in its GEMM, where ATen first fills the output with the bias and makes a second pass
+for the GELU; which wins depends on the CPU and the shape (on an Intel Xeon, 2 threads: oneDNN
+1.5x faster on ``65536x96 @ 96x192`` with bias, a few % slower on most wider GEMMs). Under
+autograd one GEMM with bias is timed each way once per process. oneDNN is used only in eager fp32
 CPU code without autocast; under autocast, on CUDA, and while compiling, exporting or tracing, the
 standard ``F.linear`` runs (autocast's bf16 GEMMs already go to oneDNN).
 
@@ -33,7 +34,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from mvitv2.ops.context import autocast_dtype, intercepted, tracing
 from mvitv2.utils.choice import Choice
-from mvitv2.utils.timing import best_seconds
+from mvitv2.utils.timing import MeasuredChoices, best_seconds
 
 #: Valid names for :func:`set_gemm_backend`.
 GEMM_BACKENDS = ("auto", "aten", "onednn")
@@ -87,18 +88,13 @@ def _register_flop_formula() -> None:
 _register_flop_formula()
 
 
-#: What :func:`_measured_ms` times: a plain linear layer, and one followed by the exact GELU (the
-#: MLP's first layer at inference, which oneDNN runs as one fused kernel).
-GEMM_KINDS = ("linear", "linear_gelu")
-
-
 @functools.cache
-def _measured_ms(kind: str) -> tuple[float, float] | None:
-    """Time one linear-shaped GEMM with bias (``6272 x 384 @ 384 x 1536``, 7.4 GFLOP; then the
-    GELU for ``"linear_gelu"``) each way, best of 3.
+def _measured_ms() -> tuple[float, float] | None:
+    """Time one linear-shaped GEMM with bias (``6272 x 384 @ 384 x 1536``, 7.4 GFLOP) each way,
+    best of 3: the backend of our linear layers under autograd with ``"auto"``.
 
-    Returns ``(oneDNN ms, ATen ms)``, or None without oneDNN. Called once per process and kind,
-    on the first fp32 CPU call of that kind with the ``"auto"`` backend; ~0.2 s.
+    Returns ``(oneDNN ms, ATen ms)``, or None without oneDNN. Called once per process, on the
+    first fp32 CPU linear call under autograd with the ``"auto"`` backend; ~0.2 s.
     """
     op = _onednn_linear_op()
     if op is None:
@@ -107,65 +103,97 @@ def _measured_ms(kind: str) -> tuple[float, float] | None:
     x = torch.randn(6272, 384, generator=gen)
     w = torch.randn(1536, 384, generator=gen)
     b = torch.randn(1536, generator=gen)
-
-    def best(fn) -> float:
-        return best_seconds(fn, 3) * 1e3
-
     with torch.no_grad():
-        if kind == "linear_gelu":
-            t_onednn = best(lambda: op(x, w, b, "gelu", [], "none"))
-            t_aten = best(lambda: F.gelu(F.linear(x, w, b)))
-        else:
-            t_onednn = best(lambda: op(x, w, b, "none", [], ""))
-            t_aten = best(lambda: F.linear(x, w, b))
+        t_onednn = best_seconds(lambda: op(x, w, b, "none", [], ""), 3) * 1e3
+        t_aten = best_seconds(lambda: F.linear(x, w, b), 3) * 1e3
     return t_onednn, t_aten
 
 
-def _onednn_measured_faster(kind: str) -> bool:
-    """Whether oneDNN beat ATen by more than 10 % in :func:`_measured_ms` for ``kind``."""
-    ms = _measured_ms(kind)
+def _onednn_measured_faster() -> bool:
+    """Whether oneDNN beat ATen by more than 10 % in :func:`_measured_ms`."""
+    ms = _measured_ms()
     return ms is not None and ms[0] < 0.9 * ms[1]
 
 
-def uses_onednn(x: Tensor, gelu: bool = False) -> bool:
-    """Whether our linear layers send ``x`` to oneDNN right now (fp32 CPU, eager, no autocast);
-    ``gelu``: for a linear layer followed by the exact GELU (measured on its own with
-    ``"auto"``: oneDNN fuses the GELU into the GEMM, ATen runs it as a second pass)."""
-    backend = _BACKEND.value
-    if backend == "aten" or x.device.type != "cpu" or x.dtype != torch.float32:
+def _onednn_applies(x: Tensor) -> bool:
+    """Whether oneDNN can run a linear layer on ``x`` now: fp32 CPU tensors in eager code without
+    autocast (not while tracing or under a dispatch mode such as FLOP counting: no timing run
+    there), in a build that has oneDNN's linear."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     if tracing() or intercepted() or autocast_dtype("cpu") is not None:
-        return False  # (under a dispatch mode such as FLOP counting: no timing run)
-    if _onednn_linear_op() is None:
         return False
-    return backend == "onednn" or _onednn_measured_faster("linear_gelu" if gelu else "linear")
+    return _onednn_linear_op() is not None
 
 
-def gemm_choice() -> dict[str, str]:
-    """The fp32 CPU GEMM backend in force and why: ``{"gemm": ..., "gemm_gelu": ...,
-    "gemm_setting": ..., "gemm_why": ...}``; ``gemm_gelu`` is the backend of a linear layer
-    followed by the GELU at inference (with ``"auto"`` this runs the one-off measurements if not
-    yet done)."""
+def uses_onednn(x: Tensor) -> bool:
+    """Whether our linear layers send ``x`` to oneDNN under autograd (training): the setting, or
+    with ``"auto"`` the one-off measurement :func:`_measured_ms`. (Inference with ``"auto"``
+    decides per GEMM size class, see :func:`linear`.)"""
+    backend = _BACKEND.value
+    if backend == "aten" or not _onednn_applies(x):
+        return False
+    return backend == "onednn" or _onednn_measured_faster()
+
+
+#: The backend of each GEMM size class at fp32 CPU inference with ``"auto"``, for this process:
+#: ATen unless oneDNN ran more than 10 % faster on the class's first call (oneDNN adds the bias
+#: in its GEMM, where ATen first fills the output with it: ~1.5x faster on 65536x96 @ 96x192
+#: on the Xeon of docs/benchmarks.md, a few % slower on most wider shapes).
+_MEASURED = MeasuredChoices(default="aten", margin=0.1)
+
+
+def _aten_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y
+
+
+def _inference_backend(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> str:
+    """``"onednn"`` or ``"aten"`` for this linear call at inference: the setting, or with
+    ``"auto"`` the faster for its size class (rows by power of two; width, output width, bias,
+    GELU and a dense input exactly), timed on this call's tensors at the class's first call."""
+    backend = _BACKEND.value
+    if backend == "aten" or not _onednn_applies(x):
+        return "aten"
+    if backend == "onednn":
+        return "onednn"
+    K, N = x.shape[-1], weight.shape[0]
+    M = x.numel() // max(K, 1)
+    key = (M.bit_length(), K, N, bias is not None, gelu, x.is_contiguous())
+    candidates = {
+        "aten": functools.partial(_aten_linear, x, weight, bias, gelu),
+        "onednn": functools.partial(_nt, x, weight, bias, gelu),
+    }
+    label = f"{M}x{K} @ {K}x{N}" + " +bias" * (bias is not None) + " +GELU" * gelu
+    return _MEASURED.choose(key, candidates, label)
+
+
+def gemm_measurements() -> dict[str, str]:
+    """The backends ``"auto"`` chose so far in this process at inference, per measured GEMM size
+    class (named by the shapes it was timed on): ``{"25088x96 @ 96x576 +bias": "onednn (aten
+    19.19 ms, onednn 14.17 ms)"}`` (for a benchmark's JSON or a log)."""
+    return _MEASURED.report()
+
+
+def gemm_choice(training: bool = False) -> dict[str, str]:
+    """The fp32 CPU GEMM backend in force and why: ``{"gemm": ..., "gemm_setting": ...,
+    "gemm_why": ...}``. With ``"auto"``: at inference ``"measured"`` (per GEMM size class, see
+    :func:`gemm_measurements`); under autograd (``training``) the backend of the one-off
+    measurement, which this runs if not yet done."""
     setting = _BACKEND.value
     if setting == "aten":
-        return {"gemm": "aten", "gemm_gelu": "aten", "gemm_setting": setting, "gemm_why": "set"}
+        return {"gemm": "aten", "gemm_setting": setting, "gemm_why": "set"}
     if _onednn_linear_op() is None:
-        why = "no oneDNN in this build"
-        return {"gemm": "aten", "gemm_gelu": "aten", "gemm_setting": setting, "gemm_why": why}
+        return {"gemm": "aten", "gemm_setting": setting, "gemm_why": "no oneDNN in this build"}
     if setting == "onednn":
-        return {"gemm": "onednn", "gemm_gelu": "onednn", "gemm_setting": setting, "gemm_why": "set"}
-    chosen = {k: "onednn" if _onednn_measured_faster(k) else "aten" for k in GEMM_KINDS}
-    (a, b), (c, d) = (_measured_ms(k) for k in GEMM_KINDS)
-    why = (
-        f"measured 6272x384x1536 with bias: oneDNN {a:.1f} ms, ATen {b:.1f} ms; "
-        f"+GELU: oneDNN {c:.1f} ms, ATen {d:.1f} ms"
-    )
-    return {
-        "gemm": chosen["linear"],
-        "gemm_gelu": chosen["linear_gelu"],
-        "gemm_setting": setting,
-        "gemm_why": why,
-    }
+        return {"gemm": "onednn", "gemm_setting": setting, "gemm_why": "set"}
+    if not training:
+        why = "measured per GEMM size class at its first call: aten, or onednn if >10 % faster"
+        return {"gemm": "measured", "gemm_setting": setting, "gemm_why": why}
+    a, b = _measured_ms()
+    why = f"measured 6272x384x1536 with bias: oneDNN {a:.1f} ms, ATen {b:.1f} ms"
+    chosen = "onednn" if _onednn_measured_faster() else "aten"
+    return {"gemm": chosen, "gemm_setting": setting, "gemm_why": why}
 
 
 # ---------------------------------------------------------------------- raw oneDNN products
@@ -241,17 +269,17 @@ class _OneDNNLinear(torch.autograd.Function):
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, gelu: bool = False) -> Tensor:
     """``F.linear(x, weight, bias)`` (then the exact GELU if ``gelu``) on the faster backend.
 
-    x: ``(..., K)``; weight: ``(N, K)``; bias: ``(N,)`` or None. Returns ``(..., N)``.
+    x: ``(..., K)``; weight: ``(N, K)``; bias: ``(N,)`` or None. Returns ``(..., N)``. Without
+    gradients oneDNN runs the GELU inside its GEMM.
     """
-    if not uses_onednn(x, gelu):
-        y = F.linear(x, weight, bias)
-        return F.gelu(y) if gelu else y
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
-        y = _OneDNNLinear.apply(x, weight, bias)
+        y = _OneDNNLinear.apply(x, weight, bias) if uses_onednn(x) else F.linear(x, weight, bias)
         return F.gelu(y) if gelu else y
-    return _nt(x, weight, bias, gelu)
+    if _inference_backend(x, weight, bias, gelu) == "onednn":
+        return _nt(x, weight, bias, gelu)
+    return _aten_linear(x, weight, bias, gelu)
 
 
 class Linear(nn.Linear):
