@@ -200,3 +200,48 @@ def test_the_median_measurement_is_one_whole_run_ranked_by_the_ceiling_with_esse
     assert gemm_bound.median_measurement(runs)["id"] == 3  # 1.2 1.3 | 1.4 1.6: the lower middle
     assert gemm_bound.median_measurement(runs[:3])["id"] == 2  # 1.2 1.4 1.6
     assert gemm_bound.median_measurement(runs[:1])["id"] == 0
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
+def test_recorder_counts_onednn_linears_as_gemms_with_their_fused_gelu():
+    from mvitv2.ops import gemm
+
+    x, w, b = torch.randn(6, 8), torch.randn(5, 8), torch.randn(5)
+
+    def fn():
+        with torch.inference_mode(), gemm.gemm_backend("onednn"):
+            gemm.linear(x, w, b, gelu=True)
+
+    calls = gemm_bound.record_gemms(fn)
+    f32 = torch.float32
+    (call,) = calls
+    assert call[0] == torch.ops.mkldnn._linear_pointwise.default and calls[call] == 1
+    assert call[1] == (
+        ("T", (6, 8), (8, 1), f32),
+        ("T", (5, 8), (8, 1), f32),
+        ("T", (5,), (1,), f32),
+        "gelu",
+        (),
+        "none",
+    )
+    assert not any(gemm_bound.record_essential(fn).values())  # its GELU is inside the GEMM
+    assert gemm_bound.replay_ms(call, repeats=1) >= 0
+
+
+def test_recorded_calls_are_those_of_our_measured_choices_not_of_the_plain_fallback(monkeypatch):
+    """Under a dispatch mode our kernels normally fall back to the plain ones (no timing runs
+    there); the recorders let them choose as they run: here the measured attention path
+    ("chunked": explicit GEMMs and softmax), not fused SDPA (the fallback)."""
+    from mvitv2.ops import attend
+    from mvitv2.ops import attention as ops_attention
+
+    monkeypatch.setattr(ops_attention._MEASURED, "choose", lambda *args: "chunked")
+    q = torch.randn(1, 2, 8, 4)
+
+    def fn():
+        with torch.no_grad():
+            attend(q, q, q, 0.5, None, "auto")
+
+    kinds = gemm_bound.record_essential(fn)
+    assert not kinds["attention"]
+    assert [c[0] for c in kinds["kernels"]] == [aten._softmax.default]
