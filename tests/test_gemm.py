@@ -184,7 +184,7 @@ class _FakeBackends:
     and a fresh table of GEMM measurements; every call is logged by backend."""
 
     def __init__(self, monkeypatch, ticks: dict[str, int]) -> None:
-        self.now, self.calls = 0.0, []
+        self.now, self.calls, self.args = 0.0, [], []  # args: each call's (bias, gelu)
         monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: self.now))
         self.table = timing.MeasuredChoices(default="aten", margin=0.1)
         monkeypatch.setattr(gemm, "_MEASURED", self.table)
@@ -194,6 +194,7 @@ class _FakeBackends:
             def fake(x, w, b=None, gelu=False, name=name):
                 self.now += ticks[name] * _U
                 self.calls.append(name)
+                self.args.append((b, gelu))
                 return real[name](x, w, b, gelu)
 
             monkeypatch.setattr(gemm, attr, fake)
@@ -222,7 +223,9 @@ def test_auto_at_inference_times_each_gemm_size_class_once_and_keeps_onednn_only
         assert gemm.gemm_choice()["gemm"] == "measured"
         for gelu in (False, True):
             fake.calls.clear()
+            fake.args.clear()
             got = linear(x, w, b, gelu=gelu)
+            assert all(bias is b and g is gelu for bias, g in fake.args)  # timed as it runs
             ref = F.linear(x, w, b)
             assert _close(got, F.gelu(ref) if gelu else ref)
             n = len(fake.calls) - 1  # the measurement, then the kept backend's run
@@ -253,7 +256,19 @@ def test_gemm_size_classes_count_rows_by_power_of_two_and_the_rest_exactly(monke
         linear(torch.randn(16, 5).t(), w, b)  # a transposed input
         linear(torch.randn(5, 16), torch.randn(10, 16), b[:10])  # another output width
         linear(torch.randn(5, 8), w[:, :8], b)  # another input width
-        assert len(fake.table.table) == 7
+        # (rows by bit length, in width, out width, bias, GELU, dense input)
+        assert set(fake.table.table) == {
+            (3, 16, 12, True, False, True),
+            (4, 16, 12, True, False, True),
+            (3, 16, 12, False, False, True),
+            (3, 16, 12, True, True, True),
+            (3, 16, 12, True, False, False),
+            (3, 16, 10, True, False, True),
+            (3, 8, 12, True, False, True),
+        }
+        linear(torch.randn(5, 1), w[:, :1], b)  # one input column: 5 rows
+        assert "5x1 @ 1x12 +bias" in gemm.gemm_measurements()
+        del fake.table.table[(3, 1, 12, True, False, True)]
         with gemm_backend("onednn"):  # a set backend: no timing
             fake.calls.clear()
             linear(torch.randn(100, 3), torch.randn(4, 3))

@@ -148,15 +148,15 @@ def _aten_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> 
     return F.gelu(y) if gelu else y
 
 
-def _inference_backend(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> str:
-    """``"onednn"`` or ``"aten"`` for this linear call at inference: the setting, or with
-    ``"auto"`` the faster for its size class (rows by power of two; width, output width, bias,
-    GELU and a dense input exactly), timed on this call's tensors at the class's first call."""
+def _onednn_at_inference(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> bool:
+    """Whether this linear call goes to oneDNN at inference: the setting, or with ``"auto"`` the
+    faster for its size class (rows by power of two; width, output width, bias, GELU and a dense
+    input exactly), timed on this call's tensors at the class's first call."""
     backend = _BACKEND.value
     if backend == "aten" or not _onednn_applies(x):
-        return "aten"
+        return False
     if backend == "onednn":
-        return "onednn"
+        return True
     K, N = x.shape[-1], weight.shape[0]
     M = x.numel() // max(K, 1)
     key = (M.bit_length(), K, N, bias is not None, gelu, x.is_contiguous())
@@ -165,7 +165,7 @@ def _inference_backend(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: boo
         "onednn": functools.partial(_nt, x, weight, bias, gelu),
     }
     label = f"{M}x{K} @ {K}x{N}" + " +bias" * (bias is not None) + " +GELU" * gelu
-    return _MEASURED.choose(key, candidates, label)
+    return _MEASURED.choose(key, candidates, label) == "onednn"
 
 
 def gemm_measurements() -> dict[str, str]:
@@ -277,7 +277,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, gelu: bool 
     ):
         y = _OneDNNLinear.apply(x, weight, bias) if uses_onednn(x) else F.linear(x, weight, bias)
         return F.gelu(y) if gelu else y
-    if _inference_backend(x, weight, bias, gelu) == "onednn":
+    if _onednn_at_inference(x, weight, bias, gelu):
         return _nt(x, weight, bias, gelu)
     return _aten_linear(x, weight, bias, gelu)
 
