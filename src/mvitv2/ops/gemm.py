@@ -47,8 +47,9 @@ def set_gemm_backend(name: str) -> str:
 
     Args:
         name: ``"auto"`` (default; also the ``MVITV2_GEMM`` environment variable): measure both
-            once per process and use the faster; ``"aten"``: PyTorch's own ``F.linear`` (MKL on
-            CPU), as every other MViTv2 implementation; ``"onednn"``: oneDNN whenever it applies.
+            and use the faster, at inference per GEMM size class at its first call, under
+            autograd once per process; ``"aten"``: PyTorch's own ``F.linear`` (MKL on CPU), as
+            every other MViTv2 implementation; ``"onednn"``: oneDNN whenever it applies.
     """
     return _BACKEND.set(name)
 
