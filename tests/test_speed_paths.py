@@ -156,6 +156,31 @@ def test_memeff_rel_pos_table_and_input_gradients():
         assert torch.allclose(b, a, rtol=0, atol=1e-5 * a.abs().max().item()), i
 
 
+def test_memeff_score_chunks_stay_within_the_chunk_budget_forward_and_backward(monkeypatch):
+    """What bounds training memory: no chunk of recomputed scores, in forward or backward, has
+    more than MEMEFF_CHUNK_ELEMENTS elements (at least 16 query rows a chunk); here 4096 over
+    2 x 2 heads and 48 keys: 21 rows (4,032 elements), counted by keys, not by the head width
+    of 8. The values are the reference's."""
+    monkeypatch.setattr(memeff, "MEMEFF_CHUNK_ELEMENTS", 4096)
+    sizes = []
+    real = memeff._memeff_scores
+    monkeypatch.setattr(
+        memeff, "_memeff_scores", lambda *a: sizes.append(tuple((s := real(*a)).shape)) or s
+    )
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 2, 40, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 48, 8, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 48, 8, generator=g, requires_grad=True)
+    out = attn_mod.attention_memeff(q, k, v, 8**-0.5)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    assert 4096 // (4 * 48) == 21 and 21 * 4 * 48 <= 4096
+    assert sizes == [(4, 21, 48), (4, 19, 48)] * 2  # forward, then backward
+    ref = attn_mod.attention_reference(q, k, v, 8**-0.5)
+    want = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for a, b in zip(grads, want):
+        assert torch.allclose(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+
+
 def test_auto_uses_memeff_for_cpu_fp32_training():
     x = torch.zeros(1, requires_grad=True)
     assert resolve_attention_impl("auto", x) == "memeff"
