@@ -179,6 +179,10 @@ def test_memeff_score_chunks_stay_within_the_chunk_budget_forward_and_backward(m
     want = torch.autograd.grad(ref.square().sum(), (q, k, v))
     for a, b in zip(grads, want):
         assert torch.allclose(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+    sizes.clear()  # a budget under 16 rows (2048 // 192 = 10): 16 rows a chunk all the same
+    monkeypatch.setattr(memeff, "MEMEFF_CHUNK_ELEMENTS", 2048)
+    torch.autograd.grad(attn_mod.attention_memeff(q, k, v, 8**-0.5).sum(), (q,))
+    assert sizes == [(4, 16, 48), (4, 16, 48), (4, 8, 48)] * 2
 
 
 def test_auto_uses_memeff_for_cpu_fp32_training():
