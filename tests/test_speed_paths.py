@@ -400,3 +400,30 @@ def test_benchmark_cli_quick(tmp_path):
     for r in result["rows"]:
         assert r["ms"] > 0 and r["gflops"] > 0 and r["peak_mb"] > 0
     assert set(result["matmul_peak_gflops"]) == {"fp32", "bf16"}
+
+
+def test_memeff_on_bf16_inputs_casts_the_fp32_rel_pos_tables_to_their_dtype():
+    """Forced under bf16 (autocast leaves the tables in fp32), memeff runs the rel-pos term in
+    the inputs' dtype and gives the fp32 reference's output and gradients to bf16 precision
+    (within 6 % of the largest: bf16 products accumulated over chunks); the tables' gradients
+    come back in fp32."""
+    g = torch.Generator().manual_seed(6)
+    q_thw, k_thw, C = (2, 4, 4), (1, 2, 2), 8
+    q = torch.randn(2, 2, 1 + 32, C, generator=g)
+    k, v = torch.randn(2, 2, 1 + 4, C, generator=g), torch.randn(2, 2, 1 + 4, C, generator=g)
+    tables = [torch.randn(n, C, generator=g, requires_grad=True) for n in (7, 7, 3)]
+    results = []
+    for fn, dt in (
+        (attn_mod.attention_reference, torch.float32),
+        (attn_mod.attention_memeff, torch.bfloat16),
+    ):
+        qkv = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        rel = attn_mod.RelPos(*tables[:2], tables[2], q_thw, k_thw, num_prefix=1)
+        out = fn(*qkv, C**-0.5, rel)
+        assert out.dtype == dt
+        grads = torch.autograd.grad(out.float().square().sum(), [*qkv, *tables])
+        assert all(t.dtype == torch.float32 for t in grads[3:])
+        results.append([out.float(), *(t.float() for t in grads)])
+    for i, (want, got) in enumerate(zip(*results)):
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err < 6e-2, (i, err)  # bf16 gradients: 0.5-3.5 % of the largest here
