@@ -39,7 +39,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 from mvitv2 import benchmark as bm
-from mvitv2.engine.optim import fused_kernels
 from mvitv2.ops import attention_impl, gemm, implementation_choices
 from mvitv2.ops import mlp as mlp_ops
 from mvitv2.utils.allocator import allocator_setting, keep_freed_memory
@@ -367,8 +366,7 @@ def build_case(case: str, quick: bool, batch: int | None) -> dict[str, Callable[
         fns = {}
         for name, model in (("ours", ours), ("timm", ref)):
             model.train()
-            fused = fused_kernels(model.parameters()) if name == "ours" else None
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)  # as the benchmark
+            opt = bm.train_optimizer(name, model)
 
             def step(model=model, opt=opt):
                 opt.zero_grad(set_to_none=True)

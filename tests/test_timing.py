@@ -42,22 +42,26 @@ def test_measured_choices_by_default_spend_about_60_ms_per_class(monkeypatch):
         return run
 
     table = timing.MeasuredChoices(default="a")
-    assert table.choose("k", {"a": candidate("a"), "b": candidate("b")}, "k") == "a"  # a tie
+    assert table.choose("k", lambda: ({"a": candidate("a"), "b": candidate("b")}, "k")) == "a"
     assert runs == ["a", "b"] * 4  # warm-up + 3 rounds
 
 
 def test_measured_choices_by_default_measure_64_classes_then_keep_the_default(monkeypatch):
     _clock(monkeypatch)
-    runs = []
+    runs, asked = [], []
+
+    def measure():
+        asked.append(1)
+        return {"a": lambda: runs.append("a"), "b": lambda: runs.append("b")}, "x"
+
     table = timing.MeasuredChoices(default="a")
     for key in range(64):
-        table.choose(key, {"a": lambda: runs.append("a"), "b": lambda: runs.append("b")}, "x")
-    assert len(table.table) == 64
+        table.choose(key, measure)
+    assert len(table.table) == 64 and len(asked) == 64
     runs.clear()
-    assert table.choose(64, {"a": lambda: runs.append("a"), "b": lambda: runs.append("b")}, "x")
-    assert runs == [] and len(table.table) == 64
-    table.clear()
-    assert table.table == {}
+    assert table.choose(64, measure) == "a"
+    assert table.choose(3, measure) == "a"  # a known class: its choice, no new measurement
+    assert runs == [] and len(table.table) == 64 and len(asked) == 64
 
 
 def test_measured_choices_keep_the_default_unless_another_beats_it_by_the_margin(monkeypatch):
@@ -71,7 +75,8 @@ def test_measured_choices_keep_the_default_unless_another_beats_it_by_the_margin
 
     for margin, fast, want in [(0.0, 9, "b"), (0.1, 9, "a"), (0.1, 8, "b"), (0.0, 10, "a")]:
         table = timing.MeasuredChoices(default="a", margin=margin)
-        got = table.choose("k", {"a": costing(10), "b": costing(fast)}, "label")
+        candidates = {"a": costing(10), "b": costing(fast)}
+        got = table.choose("k", lambda c=candidates: (c, "label"))
         assert got == want, (margin, fast)
         a_ms, b_ms = 10 * _U * 1000, fast * _U * 1000
         assert table.report() == {"label": f"{want} (a {a_ms:.2f} ms, b {b_ms:.2f} ms)"}

@@ -356,6 +356,14 @@ def _macs(model: nn.Module, shape: tuple[int, ...]) -> float:
         return float(count_macs(model, shape))
 
 
+def train_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    """The AdamW of the training case: ours (``name == "ours"``) as ``mvitv2 train`` builds it,
+    on PyTorch's fused kernel where it applies; the reference's as timm's
+    ``create_optimizer_v2("adamw")`` builds it, on PyTorch's default kernels."""
+    fused = fused_kernels(model.parameters()) if name == "ours" else None
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+
+
 def _train_case(
     quick: bool,
     batch: int,
@@ -391,10 +399,7 @@ def _train_case(
     fns, grads, opts = {}, {}, {}
     for name, model in (("ours", ours), ("timm", ref)):
         model.train().to(device)
-        # ours: AdamW as `mvitv2 train` builds it (PyTorch's fused kernel where it applies);
-        # timm: as timm's create_optimizer_v2("adamw") builds it (PyTorch's default kernels)
-        fused = fused_kernels(model.parameters()) if name == "ours" else None
-        opts[name] = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+        opts[name] = train_optimizer(name, model)
         # Gradients of the first step on identical weights, to show both compute the same thing.
         loss_of(model).backward()
         grads[name] = {k: p.grad for k, p in model.named_parameters()}
@@ -500,13 +505,15 @@ def run(args: argparse.Namespace) -> int:
         "fp32": matmul_peak(torch.float32, device, n),
         "bf16": matmul_peak(torch.bfloat16, device, n),
     }
-    onednn = gemm.uses_onednn(torch.empty(0, device=device))
+    gemms = {  # the fp32 GEMM backend of our linear layers (mvitv2.ops)
+        "inference": implementation_choices(device, torch.float32)["gemm"],
+        "autograd": implementation_choices(device, torch.float32, training=True)["gemm"],
+    }
     print(
         f"matmul peak ({n}x{n}): fp32 {peaks['fp32']:.0f} GFLOP/s, "
         f"bf16 {peaks['bf16']:.0f} GFLOP/s; threads {torch.get_num_threads()}; "
         f"our fp32 GEMMs (backend {gemm.get_gemm_backend()}): "
-        f"{gemm.gemm_choice()['gemm']} at inference, "
-        f"{'oneDNN' if onednn else 'PyTorch'} under autograd; "
+        f"{gemms['inference']} at inference, {gemms['autograd']} under autograd; "
         f"allocator: {allocator_setting()}",
         flush=True,
     )
@@ -552,7 +559,6 @@ def run(args: argparse.Namespace) -> int:
                 **_accelerator(device),
             },
             "matmul_peak_gflops": peaks,
-            "our_fp32_gemm_training": "onednn" if onednn else "aten",
             "implementation": {  # the kernels in force and why (mvitv2.ops)
                 "fp32": implementation_choices(device, torch.float32),
                 "bf16": implementation_choices(device, torch.bfloat16),

@@ -146,13 +146,16 @@ def _measured_path(q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos | 
     """The fastest of :data:`MEASURED_PATHS` for this size class (:func:`_size_class`), timed
     on these inputs at the class's first call and then remembered (see
     :class:`~mvitv2.utils.timing.MeasuredChoices`)."""
-    paths = _paths()
-    candidates = {
-        name: functools.partial(paths[name], q, k, v, scale, rel) for name in MEASURED_PATHS
-    }
-    dtype = autocast_dtype(q.device.type) or q.dtype
-    label = f"q {tuple(q.shape)} k {tuple(k.shape)} {dtype}"
-    return _MEASURED.choose(_size_class(q, k, rel), candidates, label)
+
+    def measure() -> tuple[dict, str]:
+        paths = _paths()
+        candidates = {
+            name: functools.partial(paths[name], q, k, v, scale, rel) for name in MEASURED_PATHS
+        }
+        dtype = autocast_dtype(q.device.type) or q.dtype
+        return candidates, f"q {tuple(q.shape)} k {tuple(k.shape)} {dtype}"
+
+    return _MEASURED.choose(_size_class(q, k, rel), measure)
 
 
 def attention_measurements() -> dict[str, str]:

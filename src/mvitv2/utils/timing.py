@@ -44,32 +44,39 @@ class MeasuredChoices:
         # class key -> (chosen name, best ms per candidate, label)
         self.table: dict[Hashable, tuple[str, dict[str, float], str]] = {}
 
-    def choose(self, key: Hashable, candidates: dict[str, Callable[[], object]], label: str) -> str:
+    def choose(
+        self, key: Hashable, measure: Callable[[], tuple[dict[str, Callable[[], object]], str]]
+    ) -> str:
         """The name of the fastest candidate for class ``key`` (measured now if new).
 
-        ``candidates`` maps names to calls on the actual inputs (their outputs are dropped);
-        ``label`` names the class in :meth:`report` (e.g. the shapes it was timed on).
+        ``measure()`` is called only for a new class (a known class costs one dict lookup, on
+        every call of the kernel): it returns the candidates, names mapped to calls on the
+        actual inputs (their outputs are dropped), and a label that names the class in
+        :meth:`report` (e.g. the shapes it was timed on).
         """
-        if key not in self.table:
-            if len(self.table) >= self.max_classes:
-                return self.default
+        known = self.table.get(key)
+        if known is not None:
+            return known[0]
+        if len(self.table) >= self.max_classes:
+            return self.default
+        candidates, label = measure()
 
-            def timed(name: str) -> float:
-                start = time.perf_counter()
-                candidates[name]()
-                return (time.perf_counter() - start) * 1e3
+        def timed(name: str) -> float:
+            start = time.perf_counter()
+            candidates[name]()
+            return (time.perf_counter() - start) * 1e3
 
-            first = {name: timed(name) for name in candidates}  # warm-up
-            rounds = min(max(math.ceil(self.budget_ms / max(sum(first.values()), 1e-3)), 2), 10)
-            best = dict.fromkeys(candidates, math.inf)
-            for _ in range(rounds):
-                for name in candidates:
-                    best[name] = min(best[name], timed(name))
-            chosen = min(best, key=best.get)
-            if self.default in best and best[chosen] >= (1 - self.margin) * best[self.default]:
-                chosen = self.default
-            self.table[key] = (chosen, best, label)
-        return self.table[key][0]
+        first = {name: timed(name) for name in candidates}  # warm-up
+        rounds = min(max(math.ceil(self.budget_ms / max(sum(first.values()), 1e-3)), 2), 10)
+        best = dict.fromkeys(candidates, math.inf)
+        for _ in range(rounds):
+            for name in candidates:
+                best[name] = min(best[name], timed(name))
+        chosen = min(best, key=best.get)
+        if self.default in best and best[chosen] >= (1 - self.margin) * best[self.default]:
+            chosen = self.default
+        self.table[key] = (chosen, best, label)
+        return chosen
 
     def report(self) -> dict[str, str]:
         """``{label: "chosen (name ms, ...)"}`` for each class measured so far."""
@@ -78,7 +85,3 @@ class MeasuredChoices:
             times = ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items())
             out[label] = f"{chosen} ({times})"
         return out
-
-    def clear(self) -> None:
-        """Forget every measurement (the next call of each class measures again)."""
-        self.table.clear()
