@@ -33,14 +33,12 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 from mvitv2 import benchmark as bm
-from mvitv2.ops import attention_impl, gemm, implementation_choices
-from mvitv2.ops import mlp as mlp_ops
+from mvitv2.ops import implementation_choices
 from mvitv2.utils.allocator import allocator_setting, keep_freed_memory
 
 CATEGORIES = (
@@ -358,78 +356,14 @@ def amdahl_ceiling(ours: dict[str, float], ref: dict[str, float]) -> float:
 
 # --------------------------------------------------------------------------- cases
 def build_case(case: str, quick: bool, batch: int | None) -> dict[str, Callable[[], object]]:
-    """The two functions of a case, ours first then the reference (``mvitv2 benchmark``'s)."""
-    if case == "train":
-        ours, ref, shape = bm._image_pair(quick)
-        b = batch or (2 if quick else 16)
-        x, y = torch.randn(b, *shape), torch.randint(0, 1000, (b,))
-        fns = {}
-        for name, model in (("ours", ours), ("timm", ref)):
-            model.train()
-            opt = bm.train_optimizer(name, model)
-
-            def step(model=model, opt=opt):
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                opt.step()
-                return loss
-
-            fns[name] = step
-        return fns
-    if case in ("image_fp32", "image_bf16", "video_bf16"):
-        video = case == "video_bf16"
-        ours, ref, shape = bm._video_pair(quick) if video else bm._image_pair(quick)
-        x = torch.randn(batch or (1 if video else 2 if quick else 8), *shape)
-        bf16 = case != "image_fp32"
-
-        def call(model, bf16=bf16):
-            model.eval()
-
-            def f():
-                with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-                    return model(x)
-
-            return f
-
-        ref_name = "torchvision" if video else "timm"
-        fns = {"ours": call(ours), ref_name: call(ref)}
-        if bf16:  # FlopCounterMode fails on timm's einsum under autocast: count it in fp32
-            fns[ref_name].count_flops = call(ref, bf16=False)  # (same GEMM shapes)
-        return fns
-    if case == "detect":
-        import mvitv2
-
-        if quick:
-            model = mvitv2.create_model(
-                "mvitv2_tiny", features_only=True, window_size=(8, 4, 2, 1), **bm._tiny_image_kw()
-            )
-            shape = (3, 128, 128)
-        else:
-            model = mvitv2.create_model(
-                "mvitv2_tiny", features_only=True, window_size=(56, 28, 14, 7)
-            )
-            shape = (3, 1024, 1024)
-        model.eval()
-        x = torch.randn(batch or 1, *shape)
-
-        def run(impl, chunk, backend):
-            def f():
-                with (
-                    torch.inference_mode(),
-                    attention_impl(impl),
-                    bm._mlp_chunk(chunk),
-                    gemm.gemm_backend(backend),
-                ):
-                    return model(x)
-
-            return f
-
-        return {
-            "ours": run("auto", mlp_ops.MLP_CHUNK_ELEMENTS, gemm.get_gemm_backend()),
-            "unfused": run("reference", None, "aten"),
-        }
-    raise ValueError(f"unknown case {case!r}")
+    """The two functions of a case, ours first then the reference (``mvitv2 benchmark``'s
+    :func:`mvitv2.benchmark.case_setup`: same models, weights, inputs and optimizers)."""
+    setup = bm.case_setup(case, quick, batch)
+    fns = dict(setup.fns)
+    if setup.bf16 and not isinstance(setup, bm.TrainSetup):  # FlopCounterMode fails on timm's
+        ref = list(fns)[1]  # einsum under autocast: count the reference in fp32 (same GEMMs)
+        fns[ref].count_flops = bm.inference_call(setup.models[ref], setup.x, False, "cpu")
+    return fns
 
 
 def run_profile(

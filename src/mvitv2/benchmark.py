@@ -261,6 +261,150 @@ def _video_pair(quick: bool) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
     return ours, ref, shape
 
 
+# --------------------------------------------------------------------------- case setups
+@dataclass
+class CaseSetup:
+    """What one case times, shared by ``mvitv2 benchmark`` and the profiling scripts in
+    ``benchmarks/``: ``fns`` are ours (first) and the reference (second), each one call on the
+    same input ``x``; ``models`` the modules they run, by the same names (the detection case
+    runs one module two ways); ``bf16`` whether they compute under bf16 autocast."""
+
+    fns: dict[str, Callable[[], object]]
+    models: dict[str, nn.Module]
+    x: torch.Tensor
+    bf16: bool
+
+
+@dataclass
+class TrainSetup(CaseSetup):
+    """A training case: also each model's optimizer, its loss on ``x`` and the step builder."""
+
+    opts: dict[str, torch.optim.Optimizer]
+    loss_of: Callable[[nn.Module], torch.Tensor]
+    make_step: Callable[[nn.Module, torch.optim.Optimizer], Callable[[], object]]
+
+
+def default_batch(case: str, quick: bool) -> int:
+    """A case's batch when ``--batch`` is not given: one video clip or detection image, 8 images
+    for inference and 16 for a training step (2 of either with ``quick``)."""
+    if case in ("video_bf16", "detect"):
+        return 1
+    if case.startswith("train"):
+        return 2 if quick else 16
+    return 2 if quick else 8
+
+
+def inference_call(
+    model: nn.Module, x: torch.Tensor, bf16: bool, device: str, grad_mode=torch.inference_mode
+) -> Callable[[], object]:
+    """One inference call of ``model`` on ``x`` (under bf16 autocast with ``bf16``)."""
+    dev = torch.device(device).type
+
+    def f():
+        with grad_mode(), torch.autocast(dev, torch.bfloat16, enabled=bf16):
+            return model(x)
+
+    return f
+
+
+def inference_setup(case: str, quick: bool, batch: int, device: str) -> CaseSetup:
+    """``image_fp32``/``image_bf16``: MViTv2-T at 224 against timm's; ``video_bf16``: MViTv2-S
+    16x4 against torchvision's ``mvit_v2_s`` (same weights)."""
+    video = case == "video_bf16"
+    ours, ref, shape = _video_pair(quick) if video else _image_pair(quick)
+    models = {"ours": ours, "torchvision" if video else "timm": ref}
+    models = {n: m.eval().to(device) for n, m in models.items()}
+    x = torch.randn(batch, *shape, device=device)
+    bf16 = case != "image_fp32"
+    return CaseSetup(
+        {n: inference_call(m, x, bf16, device) for n, m in models.items()}, models, x, bf16
+    )
+
+
+def train_setup(quick: bool, batch: int, device: str, bf16: bool = False) -> TrainSetup:
+    """One training step (forward, cross-entropy, backward, AdamW) of ours against timm's, each
+    with its own AdamW (:func:`train_optimizer`), in fp32 or (``bf16``) with the forward under
+    bf16 autocast and the backward outside it."""
+    ours, ref, shape = _image_pair(quick)
+    x = torch.randn(batch, *shape, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    dev = torch.device(device).type
+
+    def loss_of(model: nn.Module) -> torch.Tensor:
+        with torch.autocast(dev, torch.bfloat16, enabled=bf16):
+            return F.cross_entropy(model(x), y)
+
+    def make_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], object]:
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = loss_of(model)
+            loss.backward()
+            opt.step()
+            return loss
+
+        return step
+
+    models = {"ours": ours.train().to(device), "timm": ref.train().to(device)}
+    opts = {n: train_optimizer(n, m) for n, m in models.items()}
+    fns = {n: make_step(m, opts[n]) for n, m in models.items()}
+    return TrainSetup(fns, models, x, bf16, opts, loss_of, make_step)
+
+
+@contextlib.contextmanager
+def _mlp_chunk(elements: int | None):
+    """Set the MLP's inference token chunk (hidden elements; None: no chunking) for a block."""
+    saved = mlp_ops.MLP_CHUNK_ELEMENTS
+    mlp_ops.MLP_CHUNK_ELEMENTS = elements if elements is not None else 1 << 62
+    try:
+        yield
+    finally:
+        mlp_ops.MLP_CHUNK_ELEMENTS = saved
+
+
+def detect_setup(quick: bool, batch: int, device: str) -> CaseSetup:
+    """The detection backbone (MViTv2-T, windowed stages as detectron2's) on a 1024-px image:
+    ours as it runs against the unfused path detectron2 runs (explicit attention matrices, the
+    MLP over all tokens at once, PyTorch's own GEMMs), on the same module."""
+    if quick:
+        model = mvitv2.create_model(
+            "mvitv2_tiny", features_only=True, window_size=(8, 4, 2, 1), **_tiny_image_kw()
+        )
+        shape = (3, 128, 128)
+    else:
+        model = mvitv2.create_model("mvitv2_tiny", features_only=True, window_size=(56, 28, 14, 7))
+        shape = (3, 1024, 1024)
+    model = model.eval().to(device)
+    x = torch.randn(batch, *shape, device=device)
+
+    def call(impl, mlp_chunk, backend):
+        def f():
+            with (
+                torch.inference_mode(),
+                attention_impl(impl),
+                _mlp_chunk(mlp_chunk),
+                gemm.gemm_backend(backend),
+            ):
+                return model(x)
+
+        return f
+
+    fns = {
+        "ours": call("auto", mlp_ops.MLP_CHUNK_ELEMENTS, gemm.get_gemm_backend()),
+        "unfused": call("reference", None, "aten"),
+    }
+    return CaseSetup(fns, {"ours": model, "unfused": model}, x, False)
+
+
+def case_setup(case: str, quick: bool, batch: int | None = None, device: str = "cpu") -> CaseSetup:
+    """The setup of one of :data:`CASES` (``batch`` None: :func:`default_batch`)."""
+    batch = batch or default_batch(case, quick)
+    if case.startswith("train"):
+        return train_setup(quick, batch, device, bf16=case == "train_bf16")
+    if case == "detect":
+        return detect_setup(quick, batch, device)
+    return inference_setup(case, quick, batch, device)
+
+
 # --------------------------------------------------------------------------- cases
 def _rows(
     case: str,
@@ -295,38 +439,23 @@ def _rows(
 
 
 def _inference_case(
-    case: str,
-    ours: nn.Module,
-    ref: nn.Module,
-    ref_name: str,
-    x: torch.Tensor,
-    bf16: bool,
-    peaks: dict,
-    repeats: int,
-    device: str,
-    compile: bool = False,
+    case: str, setup: CaseSetup, peaks: dict, repeats: int, device: str, compile: bool = False
 ) -> list[Row]:
-    ours, ref = ours.eval().to(device), ref.eval().to(device)
-    dev = torch.device(device).type
-
-    def call(model, grad_mode=torch.inference_mode):
-        def f():
-            with grad_mode(), torch.autocast(dev, torch.bfloat16, enabled=bf16):
-                return model(x)
-
-        return f
-
-    fns = {"ours": call(ours), ref_name: call(ref)}
+    fns, (ours, ref_name) = dict(setup.fns), list(setup.fns)
     if compile:
         # no_grad, not inference_mode: inductor freezes weights only under no_grad.
-        compiled = {"ours+compile": ours, f"{ref_name}+compile": ref}
-        fns.update(_compiled(compiled, lambda _, m: call(m, torch.no_grad)))
-    diff = (fns["ours"]().float() - fns[ref_name]().float()).abs().max().item()
+        compiled = {f"{n}+compile": m for n, m in setup.models.items()}
+        fns.update(
+            _compiled(
+                compiled, lambda _, m: inference_call(m, setup.x, setup.bf16, device, torch.no_grad)
+            )
+        )
+    diff = (fns[ours]().float() - fns[ref_name]().float()).abs().max().item()
     times = alternate(fns, repeats, device)
     mem = {n: peak_memory(f, device) for n, f in fns.items()}
-    macs = _macs(ours, tuple(x.shape))
-    peak = peaks["bf16" if bf16 else "fp32"]
-    return _rows(case, times, mem, macs, x.shape[0], peak, ref_name, diff)
+    macs = _macs(setup.models[ours], tuple(setup.x.shape))
+    peak = peaks["bf16" if setup.bf16 else "fp32"]
+    return _rows(case, times, mem, macs, setup.x.shape[0], peak, ref_name, diff)
 
 
 def _compiled(
@@ -365,111 +494,42 @@ def train_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _train_case(
-    quick: bool,
-    batch: int,
-    peaks: dict,
-    repeats: int,
-    device: str,
-    bf16: bool = False,
-    compile: bool = False,
+    case: str, setup: TrainSetup, peaks: dict, repeats: int, device: str, compile: bool = False
 ) -> list[Row]:
-    """One training step (forward, cross-entropy, backward, AdamW) of ours against timm's (each
-    with its own AdamW: ours on PyTorch's fused kernel as ``mvitv2 train``, timm's the default), in
-    fp32 or (``bf16``) with the forward under bf16 autocast and the backward outside it; with
-    ``compile`` also both models under ``torch.compile`` (same parameters and optimizers)."""
-    ours, ref, shape = _image_pair(quick)
-    x = torch.randn(batch, *shape, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
-    dev = torch.device(device).type
-
-    def loss_of(model: nn.Module) -> torch.Tensor:
-        with torch.autocast(dev, torch.bfloat16, enabled=bf16):
-            return F.cross_entropy(model(x), y)
-
-    def make_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], object]:
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss = loss_of(model)
-            loss.backward()
-            opt.step()
-            return loss
-
-        return step
-
-    fns, grads, opts = {}, {}, {}
-    for name, model in (("ours", ours), ("timm", ref)):
-        model.train().to(device)
-        opts[name] = train_optimizer(name, model)
-        # Gradients of the first step on identical weights, to show both compute the same thing.
-        loss_of(model).backward()
+    """The training step of ours against timm's (:func:`train_setup`); with ``compile`` also both
+    models under ``torch.compile`` (same parameters and optimizers)."""
+    fns, grads = dict(setup.fns), {}
+    for name, model in setup.models.items():
+        # Gradients of one step on identical weights, to show both compute the same thing.
+        setup.loss_of(model).backward()
         grads[name] = {k: p.grad for k, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
-        fns[name] = make_step(model, opts[name])
     mapped = convert_state_dict(grads["timm"])
     diff = max((g - mapped[k]).abs().max().item() for k, g in grads["ours"].items())
     if compile:  # the compiled module shares its parameters (and so the optimizer)
-        compiled = {"ours+compile": ours, "timm+compile": ref}
+        compiled = {f"{n}+compile": m for n, m in setup.models.items()}
 
         def call(name: str, module: nn.Module) -> Callable[[], object]:
-            return make_step(module, opts[name.removesuffix("+compile")])
+            return setup.make_step(module, setup.opts[name.removesuffix("+compile")])
 
         fns.update(_compiled(compiled, call, freeze=False))
     times = alternate(fns, repeats, device)
     mem = {n: peak_memory(f, device) for n, f in fns.items()}
-    macs = 3 * _macs(ours.eval(), (batch, *shape))  # forward + backward ~ 3 forwards
+    ours = setup.models["ours"]
+    macs = 3 * _macs(ours.eval(), tuple(setup.x.shape))  # forward + backward ~ 3 forwards
     ours.train()
-    case = "train_bf16" if bf16 else "train"
-    return _rows(case, times, mem, macs, batch, peaks["bf16" if bf16 else "fp32"], "timm", diff)
+    peak = peaks["bf16" if setup.bf16 else "fp32"]
+    return _rows(case, times, mem, macs, setup.x.shape[0], peak, "timm", diff)
 
 
-@contextlib.contextmanager
-def _mlp_chunk(elements: int | None):
-    """Set the MLP's inference token chunk (hidden elements; None: no chunking) for a block."""
-    saved = mlp_ops.MLP_CHUNK_ELEMENTS
-    mlp_ops.MLP_CHUNK_ELEMENTS = elements if elements is not None else 1 << 62
-    try:
-        yield
-    finally:
-        mlp_ops.MLP_CHUNK_ELEMENTS = saved
-
-
-def _detect_case(quick: bool, batch: int, peaks: dict, repeats: int, device: str) -> list[Row]:
-    if quick:
-        model = mvitv2.create_model(
-            "mvitv2_tiny", features_only=True, window_size=(8, 4, 2, 1), **_tiny_image_kw()
-        )
-        shape = (3, 128, 128)
-    else:
-        model = mvitv2.create_model("mvitv2_tiny", features_only=True, window_size=(56, 28, 14, 7))
-        shape = (3, 1024, 1024)
-    model = model.eval().to(device)
-    x = torch.randn(batch, *shape, device=device)
-
-    def call(impl, mlp_chunk, backend):
-        def f():
-            # The unfused baseline is what detectron2 runs: explicit attention matrices, the
-            # MLP over all tokens at once (no token chunking) and PyTorch's own GEMMs.
-            with (
-                torch.inference_mode(),
-                attention_impl(impl),
-                _mlp_chunk(mlp_chunk),
-                gemm.gemm_backend(backend),
-            ):
-                return model(x)
-
-        return f
-
-    fns = {
-        "ours": call("auto", mlp_ops.MLP_CHUNK_ELEMENTS, gemm.get_gemm_backend()),
-        "unfused": call("reference", None, "aten"),
-    }
-    a, b = fns["ours"](), fns["unfused"]()
+def _detect_case(setup: CaseSetup, peaks: dict, repeats: int, device: str) -> list[Row]:
+    a, b = (f() for f in setup.fns.values())
     diff = max((p - q).abs().max().item() for p, q in zip(a, b))
     del a, b
-    times = alternate(fns, repeats, device)
-    mem = {n: peak_memory(f, device) for n, f in fns.items()}
-    macs = _macs(model, (batch, *shape))
-    return _rows("detect", times, mem, macs, batch, peaks["fp32"], "unfused", diff)
+    times = alternate(setup.fns, repeats, device)
+    mem = {n: peak_memory(f, device) for n, f in setup.fns.items()}
+    macs = _macs(setup.models["ours"], tuple(setup.x.shape))
+    return _rows("detect", times, mem, macs, setup.x.shape[0], peaks["fp32"], "unfused", diff)
 
 
 # --------------------------------------------------------------------------- driver
@@ -520,26 +580,13 @@ def run(args: argparse.Namespace) -> int:
     rows: list[Row] = []
     for case in args.cases:
         t0 = time.perf_counter()
-        if case in ("image_fp32", "image_bf16"):
-            ours, ref, shape = _image_pair(quick)
-            batch = args.batch or (2 if quick else 8)
-            x = torch.randn(batch, *shape, device=device)
-            bf16 = case == "image_bf16"
-            new = _inference_case(
-                case, ours, ref, "timm", x, bf16, peaks, repeats, device, args.compile
-            )
-        elif case == "video_bf16":
-            ours, ref, shape = _video_pair(quick)
-            x = torch.randn(args.batch or 1, *shape, device=device)
-            new = _inference_case(
-                case, ours, ref, "torchvision", x, True, peaks, repeats, device, args.compile
-            )
-        elif case in ("train", "train_bf16"):
-            batch = args.batch or (2 if quick else 16)
-            bf16 = case == "train_bf16"
-            new = _train_case(quick, batch, peaks, repeats, device, bf16, args.compile)
+        setup = case_setup(case, quick, args.batch, device)
+        if isinstance(setup, TrainSetup):
+            new = _train_case(case, setup, peaks, repeats, device, args.compile)
+        elif case == "detect":
+            new = _detect_case(setup, peaks, repeats, device)
         else:
-            new = _detect_case(quick, args.batch or 1, peaks, repeats, device)
+            new = _inference_case(case, setup, peaks, repeats, device, args.compile)
         rows += new
         print(f"{_table(new)}\n[{case}: {time.perf_counter() - t0:.0f} s]\n", flush=True)
     table = _table(rows)
