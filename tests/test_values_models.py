@@ -1,0 +1,206 @@
+"""Model values the other model tests leave open, each against an independent reference.
+
+* The config defaults are the published MViTv2 image recipe (design doc §1, §2).
+* Absolute position embeddings at another input size are the training-size tables resized
+  bicubically (spatial, Keys kernel a = -0.75, half-pixel centres) and linearly (time), written
+  here per output element, not with ``F.interpolate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import mvitv2
+from mvitv2.models import MViTConfig
+
+SMALL = dict(depths=(1, 2, 2, 1), embed_dim=16, num_heads=2, img_size=32, num_classes=5)
+
+
+def randomized(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial values in every parameter (position tables as large as the tokens)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if "pos" in name or name == "cls_token":
+                p.copy_(r)
+            elif p.dim() == 1 and name.endswith("weight"):
+                p.copy_(1 + 0.3 * r)
+            elif p.dim() == 1:
+                p.copy_(0.3 * r)
+            else:
+                p.copy_(r / math.sqrt(math.prod(p.shape[1:])))
+    return model.eval()
+
+
+# =========================================================================== config defaults
+def test_default_config_is_the_published_mvitv2_image_recipe():
+    """§1/§2: MViTv2-T-like image model at 224: width 96, 1 head, MLP ratio 4, qkv bias, width
+    doubled in attention, Q pooled in every block, rel-pos, residual pooling onto the grid tokens
+    only, patch conv 7x7 stride 4 pad 3, pool kernel 3, KV stride 4, global blocks' KV stride x2,
+    LayerNorm eps 1e-6, 1000 classes, no dropout."""
+    cfg = MViTConfig()
+    want = dict(
+        depths=(1, 2, 5, 2),
+        embed_dim=96,
+        num_heads=1,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        expand_attn=True,
+        pool_q_every_block=True,
+        use_cls_token=False,
+        use_abs_pos=False,
+        use_rel_pos=True,
+        residual_pooling=True,
+        residual_pooling_cls=False,
+        temporal=False,
+        in_chans=3,
+        img_size=224,
+        num_frames=1,
+        patch_kernel=(1, 7, 7),
+        patch_stride=(1, 4, 4),
+        patch_padding=(0, 3, 3),
+        pool_kernel=(1, 3, 3),
+        kv_stride=(1, 4, 4),
+        window_size=None,
+        global_kv_stride_mul=2,
+        drop_path_rate=0.0,
+        head_drop=0.0,
+        norm_eps=1e-6,
+        num_classes=1000,
+    )
+    assert {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)} == want
+    assert (cfg.num_stages, cfg.depth, cfg.image_hw) == (4, 10, (224, 224))
+    assert (cfg.stage_dims, cfg.total_stride) == ((96, 192, 384, 768), 32)
+
+
+# =========================================================================== abs-pos resizing
+def _cubic(x: float, a: float = -0.75) -> float:
+    """Keys' cubic convolution kernel (the one PyTorch's bicubic uses)."""
+    x = abs(x)
+    if x <= 1:
+        return (a + 2) * x**3 - (a + 3) * x**2 + 1
+    if x < 2:
+        return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
+    return 0.0
+
+
+def _resize_matrix(n_in: int, n_out: int, cubic: bool) -> torch.Tensor:
+    """``(n_out, n_in)`` weights: output i samples the input at ``(i + 0.5) * n_in / n_out - 0.5``
+    (half-pixel centres); cubic taps at floor-1..floor+2 clamped to the border, linear taps
+    floor/floor+1 with the source clamped at 0."""
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        src = (i + 0.5) * n_in / n_out - 0.5
+        if cubic:
+            base = math.floor(src)
+            for tap in range(base - 1, base + 3):
+                m[i, min(max(tap, 0), n_in - 1)] += _cubic(src - tap)
+        else:
+            src = max(src, 0.0)
+            i0 = min(math.floor(src), n_in - 1)
+            i1 = min(i0 + 1, n_in - 1)
+            m[i, i0] += 1 - (src - i0)
+            m[i, i1] += src - i0
+    return m
+
+
+def _bicubic(pe: torch.Tensor, hw: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """``(1, h*w, C)`` table -> ``(1, H*W, C)``: separable bicubic, one axis at a time."""
+    grid = pe.reshape(hw[0], hw[1], -1).double()
+    rows, cols = _resize_matrix(hw[0], new[0], True), _resize_matrix(hw[1], new[1], True)
+    out = torch.einsum("Hh,hwc,Ww->HWc", rows, grid, cols)
+    return out.reshape(1, new[0] * new[1], -1).to(pe.dtype)
+
+
+def _load_resized(src: torch.nn.Module, dst: torch.nn.Module, resized: dict) -> None:
+    sd = src.state_dict()
+    sd.update(resized)
+    dst.load_state_dict(sd)
+
+
+def test_image_abs_pos_is_resized_bicubically_at_other_input_sizes():
+    """A cls-token image model trained at 32 px (8x8 grid) run on 48x64 equals the same weights
+    in a model built for 48x64 whose grid table is the bicubic resize; the cls entry is kept."""
+    kw = dict(SMALL, use_abs_pos=True, use_rel_pos=False)
+    model = randomized(mvitv2.create_model("mvitv2_base_cls", **kw))
+    big = mvitv2.create_model("mvitv2_base_cls", **dict(kw, img_size=(48, 64))).eval()
+    pe = model.pos_embed.detach()
+    assert pe.shape == (1, 1 + 8 * 8, 16)
+    grid = _bicubic(pe[:, 1:], (8, 8), (12, 16))
+    _load_resized(model, big, {"pos_embed": torch.cat((pe[:, :1], grid), dim=1)})
+    x = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, want = model(x), big(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, model(torch.flip(x, dims=(0,))))  # inputs matter
+
+
+def test_video_abs_pos_resizes_time_linearly_and_space_bicubically():
+    """MViTv1-B (separable space/time abs-pos, cls position): trained on 4 frames at 32 px (2x8x8
+    grid), run on 8 frames at 48x32 (4x12x8), equals a model built for that clip whose temporal
+    table is the linear resize (2 -> 4) and spatial table the bicubic one; cls entry kept."""
+    kw = dict(SMALL, num_frames=4)
+    model = randomized(mvitv2.create_model("mvitv1_base_16x4", **kw))
+    big = mvitv2.create_model("mvitv1_base_16x4", **dict(kw, num_frames=8, img_size=(48, 32)))
+    sp, tp = model.pos_embed_spatial.detach(), model.pos_embed_temporal.detach()
+    assert (sp.shape, tp.shape) == ((1, 64, 16), (1, 2, 16))
+    temporal = torch.einsum("Tt,tc->Tc", _resize_matrix(2, 4, False), tp[0].double())
+    resized = {
+        "pos_embed_spatial": _bicubic(sp, (8, 8), (12, 8)),
+        "pos_embed_temporal": temporal[None].float(),
+    }
+    _load_resized(model, big.eval(), resized)
+    x = torch.randn(1, 3, 8, 48, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), big(x), rtol=1e-4, atol=1e-5)
+
+
+# =========================================================================== attention paths
+def test_reference_path_pools_qkv_the_plain_way_and_per_module_setting_wins(monkeypatch):
+    """``"reference"`` is the unfused baseline of the released implementations: its Q/K/V
+    pooling goes through the plain (head-major) pooling, the other paths never do; a module's own
+    ``attn_impl`` overrides the global setting for that module only."""
+    import mvitv2.models.attention as attention_module
+    import mvitv2.ops.pooling as pooling
+    from mvitv2.ops import attention_impl
+
+    plain_calls, impls = [], []
+    real_plain, real_attend = pooling._pool_qkv_plain, attention_module.attend
+
+    def plain(*args, **kw):
+        plain_calls.append(args[1])
+        return real_plain(*args, **kw)
+
+    def attend(*args):
+        impls.append(args[-1])
+        return real_attend(*args)
+
+    monkeypatch.setattr(pooling, "_pool_qkv_plain", plain)
+    monkeypatch.setattr(attention_module, "attend", attend)
+    model = mvitv2.create_model("mvitv2_tiny", **dict(SMALL, depths=(1, 1, 1, 1))).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for impl, n_plain in (("reference", 4), ("bias", 0), ("folded", 0)):
+            plain_calls.clear(), impls.clear()
+            with attention_impl(impl):
+                model(x)
+            assert (len(plain_calls), impls) == (n_plain, [impl] * 4), impl
+        model.blocks[2].attn.attn_impl = "reference"
+        plain_calls.clear(), impls.clear()
+        with attention_impl("bias"):
+            model(x)
+    assert plain_calls == [(1, 4, 4)]  # block 2's input grid: 8x8 pooled once by stage 2
+    assert impls == ["bias", "bias", "reference", "bias"]
+
+
+def test_window_attention_refuses_an_anisotropic_kv_stride():
+    """Square windows pool to square K/V windows only with equal H/W KV strides; a (1, 4, 2)
+    stride used to fail deep inside the attention with a tensor size mismatch."""
+    with pytest.raises(ValueError, match=r"same KV stride on H and W, got \(1, 4, 2\)"):
+        MViTConfig(window_size=(8, 4, 4, 2), kv_stride=(1, 4, 2))
+    assert MViTConfig(kv_stride=(1, 4, 2)).kv_stride == (1, 4, 2)  # global attention: fine
