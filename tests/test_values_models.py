@@ -204,3 +204,150 @@ def test_window_attention_refuses_an_anisotropic_kv_stride():
     with pytest.raises(ValueError, match=r"same KV stride on H and W, got \(1, 4, 2\)"):
         MViTConfig(window_size=(8, 4, 4, 2), kv_stride=(1, 4, 2))
     assert MViTConfig(kv_stride=(1, 4, 2)).kv_stride == (1, 4, 2)  # global attention: fine
+
+
+# =========================================================================== network API
+def test_drop_path_accepts_probabilities_0_to_1_and_names_its_rate():
+    from mvitv2.models.mvit import DropPath
+
+    x = torch.randn(5, 2, 3)
+    assert torch.equal(DropPath(0.0).train()(x), x)
+    assert torch.equal(DropPath(1.0).train()(x), torch.zeros_like(x))  # every sample dropped
+    for p in (-0.1, 1.5):
+        with pytest.raises(
+            ValueError, match=rf"^drop path probability must be in \[0, 1\], got {p}$"
+        ):
+            DropPath(p)
+    assert repr(DropPath(0.25)) == "DropPath(p=0.25)"
+
+
+def test_num_classes_is_zero_without_a_classifier():
+    with torch.device("meta"):
+        feats = mvitv2.create_model("mvitv2_tiny", depths=(1, 1, 1, 1), features_only=True)
+        headless = mvitv2.create_model("mvitv2_tiny", depths=(1, 1, 1, 1), num_classes=0)
+        clf = mvitv2.create_model("mvitv2_tiny", depths=(1, 1, 1, 1), num_classes=7)
+    assert (feats.num_classes, headless.num_classes, clf.num_classes) == (0, 0, 7)
+    assert isinstance(headless.get_classifier(), torch.nn.Identity)
+
+
+def test_reset_classifier_keeps_device_and_head_dropout():
+    """The new head lives where the model does (here the meta device) and keeps the variant's
+    head dropout (0.5 for the video models); 0 classes leaves the pooled features."""
+    with torch.device("meta"):
+        model = mvitv2.create_model("mvitv2_small_16x4", depths=(1, 1, 1, 1))
+    model.reset_classifier(11)
+    head = model.head
+    assert head.projection.weight.device.type == "meta" and head.projection.out_features == 11
+    assert head.projection.in_features == model.num_features == 768
+    assert head.dropout.p == 0.5
+    model.reset_classifier(0)
+    assert isinstance(model.head.projection, torch.nn.Identity) and model.head.dropout.p == 0.5
+
+
+def test_grad_checkpointing_recomputes_every_block_only_when_gradients_flow(monkeypatch):
+    """Activation checkpointing (non-reentrant) wraps each block when enabled and gradients are
+    on; not under no_grad, not when disabled; ``set_grad_checkpointing()`` enables it."""
+    import mvitv2.models.mvit as mvit_module
+
+    calls = []
+    real = mvit_module.checkpoint
+
+    def spy(fn, *args, **kw):
+        calls.append(kw)
+        return real(fn, *args, **kw)
+
+    monkeypatch.setattr(mvit_module, "checkpoint", spy)
+    model = mvitv2.create_model("mvitv2_tiny", **dict(SMALL, depths=(1, 1, 1, 1)))
+    x = torch.randn(1, 3, 32, 32)
+    model.set_grad_checkpointing()
+    assert model.grad_checkpointing is True
+    model(x).sum().backward()
+    assert calls == [{"use_reentrant": False}] * 4
+    calls.clear()
+    with torch.no_grad():
+        model(x)
+    assert calls == []
+    model.set_grad_checkpointing(False)
+    model(x).sum().backward()
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "features", "message"),
+    [
+        (
+            "mvitv2_tiny",
+            (3, 64, 64),
+            False,
+            "expected a 4-D input (B, C, H, W), got shape (3, 64, 64)",
+        ),
+        (
+            "mvitv2_small_16x4",
+            (1, 3, 64, 64),
+            False,
+            "expected a 5-D input (B, C, T, H, W), got shape (1, 3, 64, 64)",
+        ),
+        (
+            "mvitv2_tiny",
+            (1, 4, 64, 64),
+            False,
+            "expected 3 input channels in dim 1 of (B, C, H, W), got shape (1, 4, 64, 64)",
+        ),
+        (
+            "mvitv2_small_16x4",
+            (1, 1, 4, 64, 64),
+            False,
+            "expected 3 input channels in dim 1 of (B, C, T, H, W), got shape (1, 1, 4, 64, 64)",
+        ),
+        (
+            "mvitv2_tiny",
+            (1, 3, 64, 66),
+            False,
+            "input height and width must be multiples of 4 and at least 32, got (64, 66)",
+        ),
+        (
+            "mvitv2_tiny",
+            (1, 3, 28, 64),
+            False,
+            "input height and width must be multiples of 4 and at least 32, got (28, 64)",
+        ),
+        (
+            "mvitv2_tiny",
+            (1, 3, 64, 36),
+            True,
+            "input height and width must be multiples of 32 and at least 32, got (64, 36)",
+        ),
+    ],
+)
+def test_bad_inputs_name_the_expected_layout_and_the_shape_given(name, shape, features, message):
+    with torch.device("meta"):
+        model = mvitv2.create_model(name, depths=(1, 1, 1, 1), features_only=features)
+    with pytest.raises(ValueError) as err:
+        model(torch.empty(shape, device="meta"))
+    assert str(err.value) == message
+
+
+def test_smallest_accepted_inputs_run():
+    """32 px is the smallest classifier input (one token at stride 32), on any aspect."""
+    with torch.device("meta"):
+        model = mvitv2.create_model("mvitv2_tiny", depths=(1, 1, 1, 1), num_classes=3)
+        feats = mvitv2.create_model("mvitv2_tiny", depths=(1, 1, 1, 1), features_only=True)
+    assert model(torch.empty(2, 3, 32, 36, device="meta")).shape == (2, 3)
+    maps = feats(torch.empty(1, 3, 32, 64, device="meta"))
+    assert [tuple(m.shape) for m in maps] == [
+        (1, 96, 8, 16),
+        (1, 192, 4, 8),
+        (1, 384, 2, 4),
+        (1, 768, 1, 2),
+    ]
+
+
+# =========================================================================== registry
+def test_get_config_turns_list_overrides_into_tuples():
+    """Overrides from YAML/CLI arrive as lists; the frozen config stores tuples (hashable, equal
+    to the tuple-built config)."""
+    cfg = mvitv2.get_config("mvitv2_tiny", depths=[1, 1, 1, 1], window_size=[8, 4, 4, 2])
+    assert cfg == mvitv2.get_config("mvitv2_tiny", depths=(1, 1, 1, 1), window_size=(8, 4, 4, 2))
+    assert isinstance(cfg.depths, tuple) and isinstance(cfg.window_size, tuple)
+    assert hash(cfg) == hash(dataclasses.replace(cfg))
+    assert mvitv2.get_config("mvitv2_tiny", drop_path_rate=0.0).drop_path_rate == 0.0
