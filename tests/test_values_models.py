@@ -206,6 +206,28 @@ def test_window_attention_refuses_an_anisotropic_kv_stride():
     assert MViTConfig(kv_stride=(1, 4, 2)).kv_stride == (1, 4, 2)  # global attention: fine
 
 
+@pytest.mark.parametrize(("kernel", "pad"), [((1, 5, 3), (2, 1)), ((3, 5, 3), (1, 2, 1))])
+def test_pooling_convs_pad_half_the_kernel_so_stride_one_keeps_the_grid(kernel, pad):
+    """Q/K/V pooling convs are depthwise, bias-free, padded ``k // 2`` per axis ("same" for odd
+    kernels): a stride-1 block keeps its token grid, a stride-2 one halves it (rounding up)."""
+    video = len(pad) == 3
+    name = "mvitv2_small_16x4" if video else "mvitv2_tiny"
+    kw = dict(SMALL, depths=(2, 1, 1, 1), pool_kernel=kernel, kv_stride=(1, 1, 1))
+    if video:
+        kw["num_frames"] = 4
+    model = mvitv2.create_model(name, **kw).eval()
+    for conv in (model.blocks[0].attn.pool_q, model.blocks[0].attn.pool_k):
+        assert tuple(conv.kernel_size) == kernel[3 - len(pad) :] and tuple(conv.padding) == pad
+        assert conv.bias is None and conv.groups == conv.in_channels == 8  # head width 16 / 2
+    thw = (2, 6, 10) if video else (1, 6, 10)
+    x = torch.randn(1, int(video) + math.prod(thw), 16)  # video models have a cls token
+    with torch.no_grad():
+        y, y_thw = model.blocks[0](x, thw)
+        assert y_thw == thw and y.shape == x.shape
+        y, y_thw = model.blocks[2](x, thw)  # first block of stage 2: Q stride 2
+        assert y_thw == (thw[0], 3, 5) and y.shape == (1, int(video) + thw[0] * 15, 32)
+
+
 # =========================================================================== network API
 def test_drop_path_accepts_probabilities_0_to_1_and_names_its_rate():
     from mvitv2.models.mvit import DropPath
