@@ -228,6 +228,16 @@ def test_pooling_convs_pad_half_the_kernel_so_stride_one_keeps_the_grid(kernel, 
         assert y_thw == (thw[0], 3, 5) and y.shape == (1, int(video) + thw[0] * 15, 32)
 
 
+def test_kv_pooling_strides_each_axis_by_its_own_stride():
+    """An anisotropic KV stride (1, 4, 2) pools K and V by 4 along H and 2 along W, divided by
+    the Q stride per stage: (2, 1), then (1, 1)."""
+    model = mvitv2.create_model("mvitv2_tiny", **dict(SMALL, kv_stride=(1, 4, 2)))
+    strides = [tuple(b.attn.pool_k.stride) for b in model.blocks]
+    assert strides == [(4, 2), (2, 1), (2, 1), (1, 1), (1, 1), (1, 1)]
+    assert all(tuple(b.attn.pool_v.stride) == s for b, s in zip(model.blocks, strides))
+    assert model(torch.randn(1, 3, 32, 64)).shape == (1, 5)
+
+
 # =========================================================================== network API
 def test_drop_path_accepts_probabilities_0_to_1_and_names_its_rate():
     from mvitv2.models.mvit import DropPath
