@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import mvitv2
-from mvitv2.models import MViTConfig
+from mvitv2.models import MODEL_CONFIGS, MViTConfig
 
 SMALL = dict(depths=(1, 2, 2, 1), embed_dim=16, num_heads=2, img_size=32, num_classes=5)
 
@@ -383,3 +383,30 @@ def test_get_config_turns_list_overrides_into_tuples():
     assert isinstance(cfg.depths, tuple) and isinstance(cfg.window_size, tuple)
     assert hash(cfg) == hash(dataclasses.replace(cfg))
     assert mvitv2.get_config("mvitv2_tiny", drop_path_rate=0.0).drop_path_rate == 0.0
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"), [("mvitv1_base_16x4", "mvit_v1_b"), ("mvitv2_small_16x4", "mvit_v2_s")]
+)
+def test_video_variants_drop_path_equals_torchvision_per_block(ours, theirs):
+    """torchvision's builders (stochastic depth 0.2, ramped over the blocks) are the reference
+    for the Kinetics small/v1 variants."""
+    tv = pytest.importorskip("torchvision.models.video")
+    with torch.device("meta"):
+        ref = getattr(tv, theirs)()
+        model = mvitv2.create_model(ours)
+    want = [blk.stochastic_depth.p for blk in ref.blocks]
+    assert [blk.drop_path.p for blk in model.blocks] == pytest.approx(want, abs=1e-12)
+
+
+def test_unknown_model_and_option_errors_say_what_is_valid():
+    with pytest.raises(KeyError) as err:
+        mvitv2.get_config("mvitv3_tiny")
+    names = ", ".join(sorted(MODEL_CONFIGS))
+    assert str(err.value) == f"unknown model 'mvitv3_tiny'; available: {names}"
+    fields = sorted(f.name for f in dataclasses.fields(MViTConfig))
+    with pytest.raises(TypeError) as err:
+        mvitv2.get_config("mvitv2_tiny", depth=3, colour=1)
+    assert (
+        str(err.value) == f"unknown option(s) for mvitv2_tiny: ['colour', 'depth']; valid: {fields}"
+    )
