@@ -183,6 +183,7 @@ def test_reference_path_pools_qkv_the_plain_way_and_per_module_setting_wins(monk
     monkeypatch.setattr(pooling, "_pool_qkv_plain", plain)
     monkeypatch.setattr(attention_module, "attend", attend)
     model = mvitv2.create_model("mvitv2_tiny", **dict(SMALL, depths=(1, 1, 1, 1))).eval()
+    assert all(blk.attn.attn_impl is None for blk in model.blocks)  # None: the global setting
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         for impl, n_plain in (("reference", 4), ("bias", 0), ("folded", 0)):
@@ -291,6 +292,9 @@ def test_grad_checkpointing_recomputes_every_block_only_when_gradients_flow(monk
     monkeypatch.setattr(mvit_module, "checkpoint", spy)
     model = mvitv2.create_model("mvitv2_tiny", **dict(SMALL, depths=(1, 1, 1, 1)))
     x = torch.randn(1, 3, 32, 32)
+    assert model.grad_checkpointing is False  # off by default
+    model(x).sum().backward()
+    assert calls == []
     model.set_grad_checkpointing()
     assert model.grad_checkpointing is True
     model(x).sum().backward()
