@@ -414,3 +414,18 @@ def test_unknown_model_and_option_errors_say_what_is_valid():
     assert (
         str(err.value) == f"unknown option(s) for mvitv2_tiny: ['colour', 'depth']; valid: {fields}"
     )
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_qkv_bias_option_removes_exactly_the_qkv_biases():
+    """``qkv_bias=False`` drops the 3 * width bias of each block's qkv projection, nothing else."""
+    with torch.device("meta"):
+        base = mvitv2.create_model("mvitv2_tiny", **SMALL)
+        nobias = mvitv2.create_model("mvitv2_tiny", **dict(SMALL, qkv_bias=False))
+    assert all(blk.attn.qkv.bias is None for blk in nobias.blocks)
+    widths = [16, 32, 32, 64, 64, 128]  # attention width per block (doubles at stage starts)
+    assert [tuple(blk.attn.qkv.bias.shape) for blk in base.blocks] == [(3 * w,) for w in widths]
+    assert _count(base) - _count(nobias) == 3 * sum(widths)
