@@ -429,3 +429,23 @@ def test_qkv_bias_option_removes_exactly_the_qkv_biases():
     widths = [16, 32, 32, 64, 64, 128]  # attention width per block (doubles at stage starts)
     assert [tuple(blk.attn.qkv.bias.shape) for blk in base.blocks] == [(3 * w,) for w in widths]
     assert _count(base) - _count(nobias) == 3 * sum(widths)
+
+
+def test_rel_pos_tables_are_sized_per_axis_at_the_training_grid():
+    """Each table has ``2 * max(q, kv) - 1`` rows for its own axis, q and kv being the block's
+    pooled training-size grid (floored at one token): a 32x64 image (8x16 tokens) gets different
+    H and W tables; a 2-frame video (one token in time) a one-row temporal table."""
+    image = mvitv2.create_model(
+        "mvitv2_tiny", **dict(SMALL, depths=(1, 1, 1, 1), img_size=(32, 64))
+    )
+    # block: input grid -> q (stride 1, 2, 2, 2), kv (stride 4, 2, 1, 1)
+    # 8x16 -> 8x16, 2x4; 8x16 -> 4x8, 4x8; 4x8 -> 2x4, 4x8; 2x4 -> 1x2, 2x4
+    lengths = [(b.attn.rel_pos_h.shape[0], b.attn.rel_pos_w.shape[0]) for b in image.blocks]
+    assert lengths == [(15, 31), (7, 15), (7, 15), (3, 7)]
+    assert all(b.attn.rel_pos_t is None for b in image.blocks)
+    video = mvitv2.create_model(
+        "mvitv2_small_16x4", **dict(SMALL, depths=(1, 1, 1, 1), num_frames=2)
+    )
+    # one frame of 8x8 tokens; kv stride 8, 4, 2, 1: q 8, 4, 2, 1 and kv 1, 2, 2, 2 along H/W
+    tables = [[getattr(b.attn, f"rel_pos_{a}").shape[0] for a in "thw"] for b in video.blocks]
+    assert tables == [[1, 15, 15], [1, 7, 7], [1, 3, 3], [1, 3, 3]]
