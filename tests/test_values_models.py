@@ -244,7 +244,9 @@ def test_drop_path_accepts_probabilities_0_to_1_and_names_its_rate():
     from mvitv2.models.mvit import DropPath
 
     x = torch.randn(5, 2, 3)
+    state = torch.get_rng_state()
     assert torch.equal(DropPath(0.0).train()(x), x)
+    assert torch.equal(torch.get_rng_state(), state)  # p = 0 draws nothing: same random stream
     assert torch.equal(DropPath(1.0).train()(x), torch.zeros_like(x))  # every sample dropped
     for p in (-0.1, 1.5):
         with pytest.raises(
