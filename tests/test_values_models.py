@@ -141,21 +141,22 @@ def test_image_abs_pos_is_resized_bicubically_at_other_input_sizes():
 
 
 def test_video_abs_pos_resizes_time_linearly_and_space_bicubically():
-    """MViTv1-B (separable space/time abs-pos, cls position): trained on 4 frames at 32 px (2x8x8
-    grid), run on 8 frames at 48x32 (4x12x8), equals a model built for that clip whose temporal
-    table is the linear resize (2 -> 4) and spatial table the bicubic one; cls entry kept."""
-    kw = dict(SMALL, num_frames=4)
+    """MViTv1-B (separable space/time abs-pos, cls position): trained on 16 frames at 32 px
+    (8x8x8 grid), run on 8 frames at 32x48 (4x8x12), equals a model built for that clip whose
+    temporal table is the linear resize (8 -> 4) and spatial table the bicubic one; cls entry
+    kept. (Width 4 = new frame count and old frame count = height catch axis mix-ups.)"""
+    kw = dict(SMALL, embed_dim=4, num_heads=1, num_frames=16)
     model = randomized(mvitv2.create_model("mvitv1_base_16x4", **kw))
-    big = mvitv2.create_model("mvitv1_base_16x4", **dict(kw, num_frames=8, img_size=(48, 32)))
+    big = mvitv2.create_model("mvitv1_base_16x4", **dict(kw, num_frames=8, img_size=(32, 48)))
     sp, tp = model.pos_embed_spatial.detach(), model.pos_embed_temporal.detach()
-    assert (sp.shape, tp.shape) == ((1, 64, 16), (1, 2, 16))
-    temporal = torch.einsum("Tt,tc->Tc", _resize_matrix(2, 4, False), tp[0].double())
+    assert (sp.shape, tp.shape) == ((1, 64, 4), (1, 8, 4))
+    temporal = torch.einsum("Tt,tc->Tc", _resize_matrix(8, 4, False), tp[0].double())
     resized = {
-        "pos_embed_spatial": _bicubic(sp, (8, 8), (12, 8)),
+        "pos_embed_spatial": _bicubic(sp, (8, 8), (8, 12)),
         "pos_embed_temporal": temporal[None].float(),
     }
     _load_resized(model, big.eval(), resized)
-    x = torch.randn(1, 3, 8, 48, 32, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(1, 3, 8, 32, 48, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         torch.testing.assert_close(model(x), big(x), rtol=1e-4, atol=1e-5)
 
@@ -263,6 +264,10 @@ def test_num_classes_is_zero_without_a_classifier():
         clf = mvitv2.create_model("mvitv2_tiny", depths=(1, 1, 1, 1), num_classes=7)
     assert (feats.num_classes, headless.num_classes, clf.num_classes) == (0, 0, 7)
     assert isinstance(headless.get_classifier(), torch.nn.Identity)
+    for call in (feats.get_classifier, lambda: feats.reset_classifier(3)):
+        with pytest.raises(RuntimeError) as err:
+            call()
+        assert str(err.value) == "features_only model has no classifier"
 
 
 def test_reset_classifier_keeps_device_and_head_dropout():
@@ -275,6 +280,8 @@ def test_reset_classifier_keeps_device_and_head_dropout():
     assert head.projection.weight.device.type == "meta" and head.projection.out_features == 11
     assert head.projection.in_features == model.num_features == 768
     assert head.dropout.p == 0.5
+    model.reset_classifier(1)  # a single-logit (binary) classifier is a linear layer too
+    assert model.head.projection.out_features == 1 and model.num_classes == 1
     model.reset_classifier(0)
     assert isinstance(model.head.projection, torch.nn.Identity) and model.head.dropout.p == 0.5
 
