@@ -282,6 +282,10 @@ def test_reset_classifier_keeps_device_and_head_dropout():
     assert head.dropout.p == 0.5
     model.reset_classifier(1)  # a single-logit (binary) classifier is a linear layer too
     assert model.head.projection.out_features == 1 and model.num_classes == 1
+    small = mvitv2.create_model("mvitv2_tiny", **SMALL).double()
+    small.reset_classifier(1)  # initialised like any head: zero bias, the model's dtype
+    bias = small.head.projection.bias
+    assert bias.dtype == torch.float64 and torch.count_nonzero(bias) == 0
     model.reset_classifier(0)
     assert isinstance(model.head.projection, torch.nn.Identity) and model.head.dropout.p == 0.5
 
