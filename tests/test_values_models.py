@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mvitv2
 from mvitv2.models import MODEL_CONFIGS, MViTConfig
@@ -268,6 +269,9 @@ def test_num_classes_is_zero_without_a_classifier():
         with pytest.raises(RuntimeError) as err:
             call()
         assert str(err.value) == "features_only model has no classifier"
+    with pytest.raises(RuntimeError) as err:
+        feats.forward_features(torch.empty(1, 3, 32, 32, device="meta"))
+    assert str(err.value) == "features_only model: use forward() / forward_intermediates()"
 
 
 def test_reset_classifier_keeps_device_and_head_dropout():
@@ -389,6 +393,29 @@ def test_smallest_accepted_inputs_run():
         (1, 384, 2, 4),
         (1, 768, 1, 2),
     ]
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "grid"),
+    [
+        ("mvitv2_tiny", (2, 3, 48, 64), (1, 12, 16)),
+        ("mvitv2_small_16x4", (1, 3, 6, 32, 64), (3, 8, 16)),
+    ],
+)
+def test_patch_embed_gives_conv_tokens_on_a_t_h_w_grid(name, shape, grid):
+    """Images are a one-frame grid; tokens are the conv output (7x7 stride 4 pad 3, video
+    3x7x7 stride 2x4x4 pad 1x3x3), flattened t-major then h then w."""
+    model = mvitv2.create_model(name, **dict(SMALL, depths=(1, 1, 1, 1)))
+    x = torch.randn(shape)
+    tokens, thw = model.patch_embed(x)
+    assert thw == grid
+    w, b = model.patch_embed.proj.weight, model.patch_embed.proj.bias
+    if len(shape) == 5:
+        want = F.conv3d(x, w, b, stride=(2, 4, 4), padding=(1, 3, 3))
+    else:
+        want = F.conv2d(x, w, b, stride=4, padding=3)
+    want = want.reshape(shape[0], 16, -1).transpose(1, 2)
+    torch.testing.assert_close(tokens, want)
 
 
 # =========================================================================== registry
