@@ -256,6 +256,12 @@ def test_drop_path_accepts_probabilities_0_to_1_and_names_its_rate():
         ):
             DropPath(p)
     assert repr(DropPath(0.25)) == "DropPath(p=0.25)"
+    half = torch.randn(4000, 3, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    out = DropPath(0.5).train()(half)
+    assert out.dtype == torch.bfloat16  # the mask takes the input's dtype (no fp32 promotion)
+    kept = out.abs().sum(1) > 0
+    torch.testing.assert_close(out[kept], 2 * half[kept], rtol=0, atol=0)
 
 
 def test_num_classes_is_zero_without_a_classifier():
@@ -386,6 +392,9 @@ def test_smallest_accepted_inputs_run():
         model = mvitv2.create_model("mvitv2_tiny", depths=(1, 1, 1, 1), num_classes=3)
         feats = mvitv2.create_model("mvitv2_tiny", depths=(1, 1, 1, 1), features_only=True)
     assert model(torch.empty(2, 3, 32, 36, device="meta")).shape == (2, 3)
+    with torch.device("meta"):  # width only needs to be a multiple of its own patch stride (2)
+        narrow = mvitv2.create_model("mvitv2_tiny", depths=(1, 1, 1, 1), patch_stride=(1, 4, 2))
+    assert narrow(torch.empty(1, 3, 64, 34, device="meta")).shape == (1, 1000)
     maps = feats(torch.empty(1, 3, 32, 64, device="meta"))
     assert [tuple(m.shape) for m in maps] == [
         (1, 96, 8, 16),
