@@ -131,7 +131,7 @@ def test_image_abs_pos_is_resized_bicubically_at_other_input_sizes():
     model = randomized(mvitv2.create_model("mvitv2_base_cls", **kw))
     big = mvitv2.create_model("mvitv2_base_cls", **dict(kw, img_size=(48, 64))).eval()
     pe = model.pos_embed.detach()
-    assert pe.shape == (1, 1 + 8 * 8, 16)
+    assert pe.shape == (1, 1 + 8 * 8, 16) and model.cls_token.shape == (1, 1, 16)
     grid = _bicubic(pe[:, 1:], (8, 8), (12, 16))
     _load_resized(model, big, {"pos_embed": torch.cat((pe[:, :1], grid), dim=1)})
     x = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(5))
@@ -270,6 +270,9 @@ def test_num_classes_is_zero_without_a_classifier():
         headless = mvitv2.create_model("mvitv2_tiny", depths=(1, 1, 1, 1), num_classes=0)
         clf = mvitv2.create_model("mvitv2_tiny", depths=(1, 1, 1, 1), num_classes=7)
     assert (feats.num_classes, headless.num_classes, clf.num_classes) == (0, 0, 7)
+    with torch.device("meta"):
+        direct = mvitv2.MViT(MViTConfig(depths=(1, 1, 1, 1)))  # a classifier unless asked
+    assert not direct.features_only and direct.num_classes == 1000
     assert isinstance(headless.get_classifier(), torch.nn.Identity)
     for call in (feats.get_classifier, lambda: feats.reset_classifier(3)):
         with pytest.raises(RuntimeError) as err:
@@ -404,23 +407,31 @@ def test_smallest_accepted_inputs_run():
     ]
 
 
+ANISO = dict(patch_kernel=(1, 3, 7), patch_stride=(1, 2, 4), patch_padding=(0, 1, 3))
+
+
 @pytest.mark.parametrize(
-    ("name", "shape", "grid"),
+    ("name", "kw", "shape", "grid"),
     [
-        ("mvitv2_tiny", (2, 3, 48, 64), (1, 12, 16)),
-        ("mvitv2_small_16x4", (1, 3, 6, 32, 64), (3, 8, 16)),
+        ("mvitv2_tiny", {}, (2, 3, 48, 64), (1, 12, 16)),
+        ("mvitv2_tiny", ANISO, (2, 3, 48, 64), (1, 24, 16)),
+        ("mvitv2_small_16x4", {}, (1, 3, 6, 32, 64), (3, 8, 16)),
     ],
 )
-def test_patch_embed_gives_conv_tokens_on_a_t_h_w_grid(name, shape, grid):
-    """Images are a one-frame grid; tokens are the conv output (7x7 stride 4 pad 3, video
-    3x7x7 stride 2x4x4 pad 1x3x3), flattened t-major then h then w."""
-    model = mvitv2.create_model(name, **dict(SMALL, depths=(1, 1, 1, 1)))
+def test_patch_embed_gives_conv_tokens_on_a_t_h_w_grid(name, kw, shape, grid):
+    """Images are a one-frame grid; tokens are the conv output (7x7 stride 4 pad 3, or the
+    configured per-axis kernel/stride/padding; video 3x7x7 stride 2x4x4 pad 1x3x3), flattened
+    t-major then h then w."""
+    model = mvitv2.create_model(name, **dict(SMALL, depths=(1, 1, 1, 1), **kw))
     x = torch.randn(shape)
     tokens, thw = model.patch_embed(x)
     assert thw == grid
     w, b = model.patch_embed.proj.weight, model.patch_embed.proj.bias
     if len(shape) == 5:
         want = F.conv3d(x, w, b, stride=(2, 4, 4), padding=(1, 3, 3))
+    elif kw:
+        assert tuple(w.shape[2:]) == (3, 7)
+        want = F.conv2d(x, w, b, stride=(2, 4), padding=(1, 3))
     else:
         want = F.conv2d(x, w, b, stride=4, padding=3)
     want = want.reshape(shape[0], 16, -1).transpose(1, 2)
