@@ -509,3 +509,23 @@ def test_rel_pos_tables_are_sized_per_axis_at_the_training_grid():
     # one frame of 8x8 tokens; kv stride 8, 4, 2, 1: q 8, 4, 2, 1 and kv 1, 2, 2, 2 along H/W
     tables = [[getattr(b.attn, f"rel_pos_{a}").shape[0] for a in "thw"] for b in video.blocks]
     assert tables == [[1, 15, 15], [1, 7, 7], [1, 3, 3], [1, 3, 3]]
+
+
+def test_abs_pos_tables_follow_the_per_axis_token_grid():
+    """Image table: one row per token of the (H / stride_h, W / stride_w) training grid; video
+    without a cls token: patch tokens + temporal[t] + spatial[h, w], no class position."""
+    with torch.device("meta"):
+        image = mvitv2.create_model("mvitv2_tiny", **dict(SMALL, use_abs_pos=True, **ANISO))
+    assert image.pos_grid == (1, 16, 8) and image.pos_embed.shape == (1, 16 * 8, 16)
+    video = randomized(
+        mvitv2.create_model("mvitv1_base_16x4", **dict(SMALL, num_frames=4, use_cls_token=False))
+    )
+    assert video.pos_embed_class is None and video.cls_token is None
+    x = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        tokens, thw = video._embed(x)
+        patches, _ = video.patch_embed(x)
+    t, s = video.pos_embed_temporal[0], video.pos_embed_spatial[0]
+    want = patches + torch.stack([t[i] + s[j] for i in range(2) for j in range(64)])
+    assert thw == (2, 8, 8)
+    torch.testing.assert_close(tokens, want)
