@@ -517,6 +517,8 @@ def test_abs_pos_tables_follow_the_per_axis_token_grid():
     with torch.device("meta"):
         image = mvitv2.create_model("mvitv2_tiny", **dict(SMALL, use_abs_pos=True, **ANISO))
     assert image.pos_grid == (1, 16, 8) and image.pos_embed.shape == (1, 16 * 8, 16)
+    # one scalar stride per map, the width's, as the input check's total stride
+    assert image.feature_strides == [4, 8, 16, 32] and image.cfg.total_stride == 32
     video = randomized(
         mvitv2.create_model("mvitv1_base_16x4", **dict(SMALL, num_frames=4, use_cls_token=False))
     )
