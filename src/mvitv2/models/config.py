@@ -89,6 +89,11 @@ class MViTConfig:
                 )
             if self.use_cls_token or self.temporal:
                 raise ValueError("window attention supports image models without a cls token")
+            if self.kv_stride[1] != self.kv_stride[2]:
+                # Windows are square, so their pooled K/V windows must be too.
+                raise ValueError(
+                    f"window attention needs the same KV stride on H and W, got {self.kv_stride}"
+                )
         if not self.temporal and (
             self.num_frames != 1 or self.patch_stride[0] != 1 or self.kv_stride[0] != 1
         ):
