@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 import mvitv2
-from mvitv2.weights import CheckpointError, CheckpointMismatchError, load_checkpoint, registry
+from mvitv2.errors import CheckpointNotFoundError
+from mvitv2.weights import CheckpointError, CheckpointMismatchError, io, load_checkpoint, registry
 from mvitv2.weights import load as load_mod
 from mvitv2.weights.io import read_checkpoint
 from mvitv2.weights.load import _wrapped_mvit_prefix
@@ -187,3 +191,130 @@ def test_only_a_model_holding_exactly_one_mvit_is_a_wrapper():
     assert _wrapped_mvit_prefix(one) is None
     assert _wrapped_mvit_prefix(torch.nn.Linear(2, 2)) is None
     assert _wrapped_mvit_prefix(torch.nn.ModuleList([one, copy.deepcopy(one)])) is None
+
+
+# --------------------------------------------------------------------------- weights.io
+def test_urls_are_http_https_or_file_strings():
+    for url in ("http://h/w.pth", "https://h/w.pth", "file:///tmp/w.pth"):
+        assert io.is_url(url)
+    for other in ("ftp://h/w.pth", "/tmp/w.pth", "w.pth", "https:/h", Path("https://h/w.pth")):
+        assert not io.is_url(other)
+
+
+def test_cache_paths_and_hashes_from_the_url(tmp_path, monkeypatch):
+    """The cache file is torch.hub's ``checkpoints/<file name>`` (query ignored); the expected
+    hash is the given digest (lower case) or the 8-64 hex digits before the suffix."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    assert io.cache_dir() == tmp_path / "hub" / "checkpoints"
+    url = "https://h.org/models/mvit_v2_s-ae3be167.pth?download=1"
+    assert io.cached_path(url) == tmp_path / "hub" / "checkpoints" / "mvit_v2_s-ae3be167.pth"
+    assert io.expected_hash(url, None) == "ae3be167"
+    assert io.expected_hash(url, "ABCDEF12") == "abcdef12"
+    assert io.expected_hash("https://h/m-" + "0a" * 32 + ".pyth", None) == "0a" * 32
+    for name in ("m-ae3be16.pth", "m-AE3BE167.pth", "m_ae3be167.pth", "m-ae3be167-x.pth"):
+        assert io.expected_hash(f"https://h/{name}", None) is None, name
+
+
+def test_sha256_of_a_file_larger_than_one_read(tmp_path):
+    data = bytes(range(256)) * (5 * 4096 + 3)  # 5 MiB and a bit: several 1 MiB reads
+    (tmp_path / "f").write_bytes(data)
+    assert io.sha256_of(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+
+
+def test_verify_accepts_the_digest_or_its_prefix_and_names_both_on_a_mismatch(tmp_path):
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"weights")
+    digest = hashlib.sha256(b"weights").hexdigest()
+    io.verify(path, "https://h/w.pth", digest)
+    io.verify(path, f"https://h/w-{digest[:8]}.pth", None)
+    io.verify(tmp_path / "absent.pth", "https://h/w.pth", None)  # nothing known: not even read
+    with pytest.raises(CheckpointError) as e:
+        io.verify(path, "https://h/w.pth", "0" * 64)
+    assert str(e.value) == (
+        f"sha256 mismatch for {path} (from https://h/w.pth): expected {'0' * 64}, got {digest}. "
+        "The file is corrupt or not the published one; delete it and download again."
+    )
+
+
+def test_download_fetches_once_with_the_hash_checked_and_progress_on_request(
+    tmp_path, monkeypatch, capfd
+):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub" / "deeper"))
+    src = tmp_path / "w.pth"
+    src.write_bytes(b"weights")
+    digest = hashlib.sha256(b"weights").hexdigest()
+    got = io.download(src.as_uri(), digest.upper(), progress=False)
+    assert got == tmp_path / "hub" / "deeper" / "checkpoints" / "w.pth"
+    assert got.read_bytes() == b"weights" and capfd.readouterr().err == ""
+    src.unlink()
+    assert io.download(src.as_uri(), digest) == got  # from the cache, verified
+    with pytest.raises(CheckpointError, match="sha256 mismatch for"):
+        io.download(src.as_uri(), "0" * 64)
+
+    other = tmp_path / "v.pth"
+    other.write_bytes(b"other")
+    capfd.readouterr()
+    io.download(other.as_uri())
+    assert "100%" in capfd.readouterr().err  # a progress bar by default
+    bad = tmp_path / "u.pth"
+    bad.write_bytes(b"other")
+    with pytest.raises(CheckpointError, match=f"^sha256 mismatch downloading {bad.as_uri()}: "):
+        io.download(bad.as_uri(), "0" * 64, progress=False)
+    assert not io.cached_path(bad.as_uri()).exists()
+
+
+def test_download_lets_an_unexpected_runtime_error_through(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("internal failure")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", broken)
+    with pytest.raises(RuntimeError, match="^internal failure$"):
+        io.download("https://h/w.pth")
+
+
+def test_read_checkpoint_formats_and_one_line_errors(tmp_path):
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    save_file(state, tmp_path / "w.SafeTensors")
+    got = io.read_checkpoint(tmp_path / "w.SafeTensors", map_location=torch.device("cpu"))
+    assert torch.equal(got["w"], state["w"])
+    assert torch.equal(io.read_checkpoint(str(tmp_path / "w.SafeTensors"))["w"], state["w"])
+
+    missing = tmp_path / "absent.pth"
+    with pytest.raises(CheckpointNotFoundError) as e:
+        io.read_checkpoint(missing)
+    assert str(e.value) == f"checkpoint file not found: {missing}"
+    with pytest.raises(CheckpointNotFoundError):
+        io.read_checkpoint(tmp_path)  # a folder is not a checkpoint file
+
+    # detectron2's older model-zoo pickles hold Python 2 byte strings: read as latin-1.
+    (tmp_path / "d2.PKL").write_bytes(b"\x80\x02}q\x00U\x01\xffq\x01K\x07s.")
+    with pytest.raises(CheckpointError) as e:
+        io.read_checkpoint(tmp_path / "d2.PKL")
+    assert str(e.value) == (
+        f"{tmp_path / 'd2.PKL'} is a Python pickle (detectron2 model zoo .pkl), which can run "
+        "arbitrary code when loaded. If you trust it, pass allow_pickle=True to load it."
+    )
+    assert io.read_checkpoint(tmp_path / "d2.PKL", allow_pickle=True) == {"\xff": 7}
+
+    torch.save(state, tmp_path / "w.pth")
+    truncated = tmp_path / "cut.pth"
+    truncated.write_bytes((tmp_path / "w.pth").read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=f"^{truncated} is not a readable torch checkpoint: "):
+        io.read_checkpoint(truncated)
+    torch.save({"w": state["w"], "x": _NotATensor()}, tmp_path / "obj.pth")
+    with pytest.raises(CheckpointError) as e:
+        io.read_checkpoint(tmp_path / "obj.pth")
+    assert str(e.value).startswith(
+        f"{tmp_path / 'obj.pth'} holds Python objects besides tensors, which "
+        "torch.load(weights_only=True) refuses ("
+    )
+    assert "\n" not in str(e.value) and str(e.value).endswith(
+        "If you trust the file, load it yourself with torch.load(path, weights_only=False) and "
+        "pass the resulting dict as the source."
+    )
+
+
+class _NotATensor:  # pickled by reference: torch.load(weights_only=True) must refuse it
+    pass
