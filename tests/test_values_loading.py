@@ -170,6 +170,11 @@ def test_sources_are_read_with_the_callers_device_and_pickle_choice(tmp_path, mo
         report = load_checkpoint(dst, source, map_location="cpu:0", allow_pickle=True)
         assert calls == [("cpu:0", True)] and report.ok and report.source == str(source)
         assert all(torch.equal(dst.state_dict()[k], v) for k, v in src.state_dict().items())
+    # A tag's registered digest is checked (here against the file cached above).
+    entry = dataclasses.replace(registry.WEIGHTS["test.tiny"], sha256="0" * 64)
+    monkeypatch.setitem(registry.WEIGHTS, "test.tiny", entry)
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        load_checkpoint(mvitv2.create_model("mvitv2_tiny", **SMALL), "test.tiny", allow_pickle=True)
 
 
 def test_a_local_file_named_like_a_weights_tag_is_read_not_downloaded(tmp_path, monkeypatch):
