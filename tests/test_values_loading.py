@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import logging
 import pickle
 from pathlib import Path
 
@@ -196,6 +197,36 @@ def test_only_a_model_holding_exactly_one_mvit_is_a_wrapper():
     assert _wrapped_mvit_prefix(one) is None
     assert _wrapped_mvit_prefix(torch.nn.Linear(2, 2)) is None
     assert _wrapped_mvit_prefix(torch.nn.ModuleList([one, copy.deepcopy(one)])) is None
+
+
+def test_a_load_that_fits_nothing_fails_even_when_not_strict():
+    sd = {"patch_embed.proj.weight": torch.ones(3), "blocks.0.norm1.weight": torch.ones(3)}
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_checkpoint(mvitv2.create_model("mvitv2_tiny", **SMALL), sd, strict=False)
+    assert e.value.report.notes[-1] == "nothing in the checkpoint fits this model"
+    assert str(e.value).startswith(
+        "checkpoint <state dict> (detected format: official) does not fit MViT: 0 tensors fit.\n"
+        "  missing keys (in the model, not in the checkpoint) ("
+    )
+
+
+def test_a_partial_load_warns_with_its_problems_and_a_reset_is_logged(caplog):
+    """strict=False logs the refused part as a warning (the strict error's text); re-initialised
+    tensors are logged at INFO with the report."""
+    src = mvitv2.create_model("mvitv2_tiny", **SMALL).state_dict()
+    sd = {k: v for k, v in src.items() if k != "blocks.0.norm1.bias"}
+    with caplog.at_level(logging.INFO, logger="mvitv2.weights.load"):
+        report = load_checkpoint(mvitv2.create_model("mvitv2_tiny", **SMALL), sd, strict=False)
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.getMessage() == (
+        "checkpoint <state dict> (detected format: official) does not fit MViT: "
+        f"{len(src) - 1} tensors fit.\n{report.problems()}"
+    )
+    caplog.clear()
+    headless = {k: v for k, v in src.items() if not k.startswith("head.")}
+    with caplog.at_level(logging.INFO, logger="mvitv2.weights.load"):
+        report = load_checkpoint(mvitv2.create_model("mvitv2_tiny", **SMALL), headless)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.INFO, str(report))]
 
 
 # --------------------------------------------------------------------------- weights.io
