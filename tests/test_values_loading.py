@@ -11,12 +11,14 @@ import dataclasses
 import hashlib
 import logging
 import pickle
+import urllib.error
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import mvitv2
 from mvitv2.errors import CheckpointNotFoundError
@@ -346,9 +348,49 @@ def test_read_checkpoint_formats_and_one_line_errors(tmp_path):
         f"{tmp_path / 'obj.pth'} holds Python objects besides tensors, which "
         "torch.load(weights_only=True) refuses ("
     )
+    with pytest.raises(pickle.UnpicklingError) as refused:  # torch's own refusal, first line
+        torch.load(tmp_path / "obj.pth", weights_only=True)
+    assert f"refuses ({str(refused.value).splitlines()[0]}). " in str(e.value)
     assert "\n" not in str(e.value) and str(e.value).endswith(
         "If you trust the file, load it yourself with torch.load(path, weights_only=False) and "
         "pass the resulting dict as the source."
+    )
+
+
+def test_read_checkpoint_puts_tensors_on_map_location(tmp_path, monkeypatch):
+    torch.save({"w": torch.ones(2)}, tmp_path / "w.pth")
+    assert io.read_checkpoint(tmp_path / "w.pth", map_location="meta")["w"].is_meta
+    # safetensors takes the device as a string; a torch.device is spelled out for it.
+    save_file({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    devices = []
+
+    def spy(filename, **kwargs):
+        devices.append(kwargs.get("device"))
+        return load_file(filename, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", spy)
+    for where in ("cpu", torch.device("cpu")):
+        assert torch.equal(
+            io.read_checkpoint(tmp_path / "w.safetensors", map_location=where)["w"], torch.ones(2)
+        )
+    assert devices == ["cpu", "cpu"]
+
+
+def test_offline_download_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    url = "https://h.org/m/w.pth"
+    with pytest.raises(CheckpointError) as e:
+        io.download(url)
+    dst = tmp_path / "hub" / "checkpoints" / "w.pth"
+    assert str(e.value) == (
+        f"could not download {url} (<urlopen error no network>). Without internet access, fetch "
+        f"that URL on another machine and put the file at exactly {dst} (the cache is "
+        "torch.hub.get_dir(); set TORCH_HOME to move it), then run again."
     )
 
 
