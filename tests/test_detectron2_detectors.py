@@ -29,6 +29,7 @@ from mvitv2.detection import (
     detectron2_detector_config,
     load_detectron2_detector,
 )
+from mvitv2.detection.backbone import norm_layer
 from mvitv2.detection.components import (
     DetectionTransform,
     GridAnchorGenerator,
@@ -318,6 +319,28 @@ def test_released_detectors_are_recognised_from_their_shapes(
 
 
 # --------------------------------------------------------------------------- components
+def test_conv_norms_are_batchnorm_groupnorm_32_and_a_channel_layernorm() -> None:
+    """detectron2's get_norm: "BN", "GN" (32 groups), "LN" (LayerNorm over the channels at each
+    position, eps 1e-6: on a map of variance ~1e-6 the eps shows)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 3, 5, generator=g) * 1e-3
+    ln = norm_layer("LN")(64)
+    with torch.no_grad():
+        ln.weight.copy_(torch.randn(64, generator=g))
+        ln.bias.copy_(torch.randn(64, generator=g))
+    mean = x.mean(1, keepdim=True)
+    var = ((x - mean) ** 2).mean(1, keepdim=True)
+    want = (x - mean) / torch.sqrt(var + 1e-6) * ln.weight[:, None, None] + ln.bias[:, None, None]
+    torch.testing.assert_close(ln(x), want, rtol=1e-4, atol=1e-5)
+    gn, bn = norm_layer("GN")(64), norm_layer("BN")(64)
+    assert type(gn) is torch.nn.GroupNorm and (gn.num_groups, gn.num_channels) == (32, 64)
+    assert type(bn) is torch.nn.BatchNorm2d and bn.num_features == 64
+    assert norm_layer("") is None
+    with pytest.raises(ValueError) as err:
+        norm_layer("SyncBN")
+    assert str(err.value) == "unknown norm 'SyncBN'; choose one of ['', 'BN', 'GN', 'LN']"
+
+
 def test_anchors_follow_detectron2s_formula() -> None:
     """DefaultAnchorGenerator(sizes=[[32]..[512]], aspect_ratios=[0.5, 1, 2], offset=0): cell
     anchors of area size**2 and h/w = ratio (not rounded), every stride px from 0; the P6 map of a
