@@ -37,6 +37,7 @@ from mvitv2.detection.components import (
     ProposalNetwork,
     _paste_masks_traced,
     fast_rcnn_inference,
+    fpn_levels,
     paste_masks,
     shortest_edge_size,
 )
@@ -381,6 +382,17 @@ def test_fpn_levels_and_aligned_roi_align_follow_detectron2() -> None:
             feats[f"p{level}"], [box[None]], 7, 1 / 2**level, sampling_ratio=0, aligned=True
         )
         torch.testing.assert_close(out, want[0], atol=0, rtol=0)
+
+
+def test_fpn_level_formula_adds_its_epsilon_before_the_log() -> None:
+    """In float64 the + 1e-8 shows: a box of side exactly 112 (0.5 of the canonical 224) is on
+    level 3, one a hair smaller (but within the epsilon) too, a clearly smaller one on level 2."""
+    sides = torch.tensor(
+        [112.0, 112.0 * (1 - 1e-9), 112.0 * (1 - 1e-6), 224.0], dtype=torch.float64
+    )
+    boxes = torch.stack([torch.zeros_like(sides), torch.zeros_like(sides), sides, sides], dim=1)
+    got = fpn_levels(boxes, 2, 5, 224, 4)
+    assert got.dtype == torch.int64 and got.tolist() == [1, 1, 0, 2]
 
 
 def test_cascade_stages_decode_with_their_box_coder_weights() -> None:
