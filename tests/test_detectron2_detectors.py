@@ -479,6 +479,16 @@ def test_box_inference_keeps_tiny_boxes_and_takes_each_class_box() -> None:
     assert s.tolist() == pytest.approx([0.9, 0.7, 0.65, 0.6]) and lab.tolist() == [1, 1, 2, 1]
     want = torch.tensor([[12, 12, 22, 22], [0, 0, 5, 5], [12, 12, 22, 22], [30, 30, 40, 35.0]])
     torch.testing.assert_close(b, want)
+    # topk 0 keeps nothing, a negative topk everything (5 pairs survive NMS).
+    assert fast_rcnn_inference(boxes, scores, (100, 100), 0.05, 0.5, 0)[1].numel() == 0
+    assert fast_rcnn_inference(boxes, scores, (100, 100), 0.05, 0.5, -1)[1].numel() == 5
+    # A RoI with a non-finite box or score is dropped whole; the others stay.
+    bad_boxes, bad_scores = boxes.clone(), scores.clone()
+    bad_boxes[0, 2, 0] = float("inf")
+    bad_scores[2, 0] = float("nan")
+    b, s, lab = fast_rcnn_inference(bad_boxes, bad_scores, (100, 100), 0.05, 0.5, 100)
+    assert s.tolist() == pytest.approx([0.9, 0.65]) and lab.tolist() == [1, 2]
+    torch.testing.assert_close(b, torch.tensor([[50, 50, 50.005, 60], [12, 12, 22, 22]]))
 
 
 def test_rpn_keeps_top_k_per_level_and_ranks_nms_by_logits() -> None:
@@ -540,6 +550,9 @@ def test_masks_are_pasted_like_detectron2() -> None:
     torch.testing.assert_close(
         paste_masks(coarse, boxes, (48, 64)), _paste_masks_traced(coarse, boxes, (48, 64))
     )
+    # Under tracing (ONNX export) paste_masks takes the whole-image version.
+    traced = torch.jit.trace(lambda m, b: paste_masks(m, b, (48, 64)), (coarse, boxes))
+    torch.testing.assert_close(traced(coarse, boxes), paste_masks(coarse, boxes, (48, 64)))
 
 
 def test_detections_are_scaled_clipped_and_empty_ones_dropped() -> None:
