@@ -676,6 +676,28 @@ def test_traced_resize_size_matches_detectron2s_rounding() -> None:
     for hw, short, max_size in cases:
         got = _traced_shortest_edge_size(torch.tensor(hw, dtype=torch.float32), short, max_size)
         assert tuple(int(v) for v in got) == shortest_edge_size(*hw, short, max_size)
+    # A traced transform resizes like the eager one, at the size of each new input.
+    t = DetectionTransform(None, 256, 333, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).eval()
+    g = torch.Generator().manual_seed(0)
+    traced = torch.jit.trace(lambda x: t.resize(x)[0], torch.rand(3, 240, 320, generator=g))
+    for hw in ((240, 320), (97, 131), (300, 200)):
+        x = torch.rand(3, *hw, generator=g)
+        torch.testing.assert_close(traced(x), t.resize(x)[0], atol=1e-5, rtol=0)
+
+
+def test_transform_checks_rank_normalises_in_the_images_dtype_and_pads_to_its_multiple() -> None:
+    t = DetectionTransform(None, 64, 100, (0.4, 0.5, 0.6), (0.2, 0.25, 0.5), 64).eval()
+    with pytest.raises(ValueError) as err:
+        t([torch.zeros(1, 3, 8, 8)])
+    assert str(err.value) == "images must be (C, H, W) tensors, got shape (1, 3, 8, 8)"
+    x = torch.rand(3, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = t.normalize(x)
+    mean = torch.tensor([0.4, 0.5, 0.6], dtype=torch.float64)[:, None, None]
+    std = torch.tensor([0.2, 0.25, 0.5], dtype=torch.float64)[:, None, None]
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, (x - mean) / std, atol=1e-12, rtol=0)
+    batch, _ = t([torch.rand(3, 64, 70)])  # 64 x 70 stays (short side 64), padded to 64 x 128
+    assert batch.image_sizes == [(64, 70)] and batch.tensors.shape == (1, 3, 64, 128)
 
 
 def test_training_resizes_images_and_targets_to_a_drawn_size() -> None:
