@@ -29,7 +29,7 @@ from mvitv2.detection import (
     detectron2_detector_config,
     load_detectron2_detector,
 )
-from mvitv2.detection.backbone import norm_layer
+from mvitv2.detection.backbone import MViTFPN, norm_layer
 from mvitv2.detection.components import (
     DetectionTransform,
     GridAnchorGenerator,
@@ -320,6 +320,29 @@ def test_released_detectors_are_recognised_from_their_shapes(
 
 
 # --------------------------------------------------------------------------- components
+def test_mvit_fpn_is_torchvisions_fpn_with_p6_by_max_pool_on_the_stage_maps() -> None:
+    from torchvision.ops import FeaturePyramidNetwork
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    import mvitv2
+
+    kw = dict(depths=(1, 1, 1, 1), embed_dim=8, num_heads=1, img_size=64)
+    with pytest.raises(ValueError, match="^MViTFPN needs an MViT built with features_only=True$"):
+        MViTFPN(mvitv2.create_model("mvitv2_tiny", **kw))
+    fpn = MViTFPN(mvitv2.create_model("mvitv2_tiny", features_only=True, **kw)).eval()
+    assert fpn.out_channels == 256 and fpn.strides == [4, 8, 16, 32, 64]
+    ref = FeaturePyramidNetwork([8, 16, 32, 64], 256, extra_blocks=LastLevelMaxPool()).eval()
+    ref.load_state_dict(fpn.fpn.state_dict())
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = fpn(x)
+        want = ref(dict(zip(["p2", "p3", "p4", "p5"], fpn.body(x))))
+    assert list(got) == ["p2", "p3", "p4", "p5", "pool"]
+    assert [tuple(v.shape[-2:]) for v in got.values()] == [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], atol=0, rtol=0)
+
+
 def test_conv_norms_are_batchnorm_groupnorm_32_and_a_channel_layernorm() -> None:
     """detectron2's get_norm: "BN", "GN" (32 groups), "LN" (LayerNorm over the channels at each
     position, eps 1e-6: on a map of variance ~1e-6 the eps shows)."""
