@@ -29,6 +29,7 @@ from mvitv2.detection import (
     detectron2_detector_config,
     load_detectron2_detector,
 )
+from mvitv2.detection.backbone import MViTFPN, norm_layer
 from mvitv2.detection.components import (
     DetectionTransform,
     GridAnchorGenerator,
@@ -36,6 +37,7 @@ from mvitv2.detection.components import (
     ProposalNetwork,
     _paste_masks_traced,
     fast_rcnn_inference,
+    fpn_levels,
     paste_masks,
     shortest_edge_size,
 )
@@ -178,8 +180,51 @@ def test_a_missing_head_tensor_fails_with_the_report() -> None:
     # A backbone-only checkpoint is not a detector: a clear error naming the way to load it.
     backbone = {k: v for k, v in sd.items() if k.startswith("backbone.bottom_up.")}
     backbone = {k[len("backbone.bottom_up.") :]: v for k, v in backbone.items()}
-    with pytest.raises(CheckpointError, match="load_backbone_weights"):
+    with pytest.raises(CheckpointError) as err:
         load_checkpoint(model, backbone)
+    assert str(err.value) == (
+        "<state dict>: a official checkpoint holds a backbone only; a detector loads a whole "
+        "detectron2 detector (.pkl / .pth) here. To initialise only the backbone use "
+        "mvitv2.detection.load_backbone_weights(model, source)"
+    )
+
+
+def test_detector_report_names_backbone_problems_under_the_backbones_prefix() -> None:
+    """Backbone keys are planned like a classifier's (tables interpolated) and reported with the
+    detector's ``backbone.body.`` prefix, after the converter's and before the heads' own
+    findings; a clean load lists every tensor and the detectron2 note."""
+    sd, info = reference("maskrcnn")
+    model = create_detector(NAMES["maskrcnn"], num_classes=80, **detector_overrides(info))
+    report = load_checkpoint(model, {"model": sd})
+    assert report.loaded == sorted(model.state_dict())
+    assert report.notes == ["detectron2 detector: backbone, FPN, RPN and RoI heads"]
+
+    bad = dict(sd)
+    del bad["backbone.bottom_up.blocks.0.norm1.bias"]
+    del bad["roi_heads.mask_head.mask_fcn2.bias"]
+    bad["backbone.bottom_up.blocks.0.attn.extra"] = torch.zeros(1)
+    bad["roi_heads.mask_head.extra"] = torch.zeros(1)  # no detectron2 rule knows it
+    bad["backbone.bottom_up.blocks.0.mlp.fc2.bias"] = torch.zeros(9)
+    bad["roi_heads.mask_head.mask_fcn1.bias"] = torch.zeros(3)
+    table = torch.randn(21, 8, generator=torch.Generator().manual_seed(0))
+    bad["backbone.bottom_up.blocks.0.attn.rel_pos_h"] = table
+    report = load_checkpoint(model, {"model": bad}, strict=False)
+    assert report.missing == ["backbone.body.blocks.0.norm1.bias", "roi_heads.mask_head.1.0.bias"]
+    assert report.unexpected == ["roi_heads.mask_head.extra", "backbone.body.blocks.0.attn.extra"]
+    assert report.shape_conflicts == [
+        ("backbone.body.blocks.0.mlp.fc2.bias", (9,), (8,)),
+        ("roi_heads.mask_head.0.0.bias", (3,), (32,)),
+    ]
+    key = "backbone.body.blocks.0.attn.rel_pos_h"
+    assert report.adapted[key] == "interpolated table 21 -> 31"
+    # Linear, half-pixel centres: output row 15 (the middle) is input row 10 exactly.
+    assert torch.equal(model.state_dict()[key][15], table[10])
+    assert report.notes == ["detectron2 detector: backbone, FPN, RPN and RoI heads"]
+    assert report.loaded == sorted(
+        k
+        for k in model.state_dict()
+        if k not in report.missing and k not in {c for c, *_ in report.shape_conflicts}
+    )
 
 
 def test_labels_map_to_coco_category_ids_and_names() -> None:
@@ -275,6 +320,51 @@ def test_released_detectors_are_recognised_from_their_shapes(
 
 
 # --------------------------------------------------------------------------- components
+def test_mvit_fpn_is_torchvisions_fpn_with_p6_by_max_pool_on_the_stage_maps() -> None:
+    from torchvision.ops import FeaturePyramidNetwork
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    import mvitv2
+
+    kw = dict(depths=(1, 1, 1, 1), embed_dim=8, num_heads=1, img_size=64)
+    with pytest.raises(ValueError, match="^MViTFPN needs an MViT built with features_only=True$"):
+        MViTFPN(mvitv2.create_model("mvitv2_tiny", **kw))
+    fpn = MViTFPN(mvitv2.create_model("mvitv2_tiny", features_only=True, **kw)).eval()
+    assert fpn.out_channels == 256 and fpn.strides == [4, 8, 16, 32, 64]
+    ref = FeaturePyramidNetwork([8, 16, 32, 64], 256, extra_blocks=LastLevelMaxPool()).eval()
+    ref.load_state_dict(fpn.fpn.state_dict())
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = fpn(x)
+        want = ref(dict(zip(["p2", "p3", "p4", "p5"], fpn.body(x))))
+    assert list(got) == ["p2", "p3", "p4", "p5", "pool"]
+    assert [tuple(v.shape[-2:]) for v in got.values()] == [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], atol=0, rtol=0)
+
+
+def test_conv_norms_are_batchnorm_groupnorm_32_and_a_channel_layernorm() -> None:
+    """detectron2's get_norm: "BN", "GN" (32 groups), "LN" (LayerNorm over the channels at each
+    position, eps 1e-6: on a map of variance ~1e-6 the eps shows)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 3, 5, generator=g) * 1e-3
+    ln = norm_layer("LN")(64)
+    with torch.no_grad():
+        ln.weight.copy_(torch.randn(64, generator=g))
+        ln.bias.copy_(torch.randn(64, generator=g))
+    mean = x.mean(1, keepdim=True)
+    var = ((x - mean) ** 2).mean(1, keepdim=True)
+    want = (x - mean) / torch.sqrt(var + 1e-6) * ln.weight[:, None, None] + ln.bias[:, None, None]
+    torch.testing.assert_close(ln(x), want, rtol=1e-4, atol=1e-5)
+    gn, bn = norm_layer("GN")(64), norm_layer("BN")(64)
+    assert type(gn) is torch.nn.GroupNorm and (gn.num_groups, gn.num_channels) == (32, 64)
+    assert type(bn) is torch.nn.BatchNorm2d and bn.num_features == 64
+    assert norm_layer("") is None
+    with pytest.raises(ValueError) as err:
+        norm_layer("SyncBN")
+    assert str(err.value) == "unknown norm 'SyncBN'; choose one of ['', 'BN', 'GN', 'LN']"
+
+
 def test_anchors_follow_detectron2s_formula() -> None:
     """DefaultAnchorGenerator(sizes=[[32]..[512]], aspect_ratios=[0.5, 1, 2], offset=0): cell
     anchors of area size**2 and h/w = ratio (not rounded), every stride px from 0; the P6 map of a
@@ -315,6 +405,17 @@ def test_fpn_levels_and_aligned_roi_align_follow_detectron2() -> None:
             feats[f"p{level}"], [box[None]], 7, 1 / 2**level, sampling_ratio=0, aligned=True
         )
         torch.testing.assert_close(out, want[0], atol=0, rtol=0)
+
+
+def test_fpn_level_formula_adds_its_epsilon_before_the_log() -> None:
+    """In float64 the + 1e-8 shows: a box of side exactly 112 (0.5 of the canonical 224) is on
+    level 3, one a hair smaller (but within the epsilon) too, a clearly smaller one on level 2."""
+    sides = torch.tensor(
+        [112.0, 112.0 * (1 - 1e-9), 112.0 * (1 - 1e-6), 224.0], dtype=torch.float64
+    )
+    boxes = torch.stack([torch.zeros_like(sides), torch.zeros_like(sides), sides, sides], dim=1)
+    got = fpn_levels(boxes, 2, 5, 224, 4)
+    assert got.dtype == torch.int64 and got.tolist() == [1, 1, 0, 2]
 
 
 def test_cascade_stages_decode_with_their_box_coder_weights() -> None:
@@ -401,6 +502,16 @@ def test_box_inference_keeps_tiny_boxes_and_takes_each_class_box() -> None:
     assert s.tolist() == pytest.approx([0.9, 0.7, 0.65, 0.6]) and lab.tolist() == [1, 1, 2, 1]
     want = torch.tensor([[12, 12, 22, 22], [0, 0, 5, 5], [12, 12, 22, 22], [30, 30, 40, 35.0]])
     torch.testing.assert_close(b, want)
+    # topk 0 keeps nothing, a negative topk everything (5 pairs survive NMS).
+    assert fast_rcnn_inference(boxes, scores, (100, 100), 0.05, 0.5, 0)[1].numel() == 0
+    assert fast_rcnn_inference(boxes, scores, (100, 100), 0.05, 0.5, -1)[1].numel() == 5
+    # A RoI with a non-finite box or score is dropped whole; the others stay.
+    bad_boxes, bad_scores = boxes.clone(), scores.clone()
+    bad_boxes[0, 2, 0] = float("inf")
+    bad_scores[2, 0] = float("nan")
+    b, s, lab = fast_rcnn_inference(bad_boxes, bad_scores, (100, 100), 0.05, 0.5, 100)
+    assert s.tolist() == pytest.approx([0.9, 0.65]) and lab.tolist() == [1, 2]
+    torch.testing.assert_close(b, torch.tensor([[50, 50, 50.005, 60], [12, 12, 22, 22]]))
 
 
 def test_rpn_keeps_top_k_per_level_and_ranks_nms_by_logits() -> None:
@@ -462,6 +573,9 @@ def test_masks_are_pasted_like_detectron2() -> None:
     torch.testing.assert_close(
         paste_masks(coarse, boxes, (48, 64)), _paste_masks_traced(coarse, boxes, (48, 64))
     )
+    # Under tracing (ONNX export) paste_masks takes the whole-image version.
+    traced = torch.jit.trace(lambda m, b: paste_masks(m, b, (48, 64)), (coarse, boxes))
+    torch.testing.assert_close(traced(coarse, boxes), paste_masks(coarse, boxes, (48, 64)))
 
 
 def test_detections_are_scaled_clipped_and_empty_ones_dropped() -> None:
@@ -505,7 +619,10 @@ def test_derived_buffers_and_counters_are_reported_not_loaded() -> None:
     dropped = {"pixel_mean", "pixel_std", "proposal_generator.anchor_generator.cell_anchors.0"}
     assert set(report.dropped) == dropped
     counters = {k for k in model.state_dict() if k.endswith("num_batches_tracked")}
-    assert len(counters) == 3 * 4 + 4 and set(report.initialized) == counters
+    assert len(counters) == 3 * 4 + 4
+    assert report.initialized == dict.fromkeys(
+        counters, "BatchNorm step counter not in the checkpoint (unused)"
+    )
     assert_same_detections(detect(model), info["detections"])  # eval does not use them
 
     sd["roi_heads.keypoint_head.conv_fcn1.weight"] = torch.zeros(1)
@@ -582,6 +699,28 @@ def test_traced_resize_size_matches_detectron2s_rounding() -> None:
     for hw, short, max_size in cases:
         got = _traced_shortest_edge_size(torch.tensor(hw, dtype=torch.float32), short, max_size)
         assert tuple(int(v) for v in got) == shortest_edge_size(*hw, short, max_size)
+    # A traced transform resizes like the eager one, at the size of each new input.
+    t = DetectionTransform(None, 256, 333, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).eval()
+    g = torch.Generator().manual_seed(0)
+    traced = torch.jit.trace(lambda x: t.resize(x)[0], torch.rand(3, 240, 320, generator=g))
+    for hw in ((240, 320), (97, 131), (300, 200)):
+        x = torch.rand(3, *hw, generator=g)
+        torch.testing.assert_close(traced(x), t.resize(x)[0], atol=1e-5, rtol=0)
+
+
+def test_transform_checks_rank_normalises_in_the_images_dtype_and_pads_to_its_multiple() -> None:
+    t = DetectionTransform(None, 64, 100, (0.4, 0.5, 0.6), (0.2, 0.25, 0.5), 64).eval()
+    with pytest.raises(ValueError) as err:
+        t([torch.zeros(1, 3, 8, 8)])
+    assert str(err.value) == "images must be (C, H, W) tensors, got shape (1, 3, 8, 8)"
+    x = torch.rand(3, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = t.normalize(x)
+    mean = torch.tensor([0.4, 0.5, 0.6], dtype=torch.float64)[:, None, None]
+    std = torch.tensor([0.2, 0.25, 0.5], dtype=torch.float64)[:, None, None]
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, (x - mean) / std, atol=1e-12, rtol=0)
+    batch, _ = t([torch.rand(3, 64, 70)])  # 64 x 70 stays (short side 64), padded to 64 x 128
+    assert batch.image_sizes == [(64, 70)] and batch.tensors.shape == (1, 3, 64, 128)
 
 
 def test_training_resizes_images_and_targets_to_a_drawn_size() -> None:
