@@ -369,11 +369,14 @@ def test_read_checkpoint_puts_tensors_on_map_location(tmp_path, monkeypatch):
         return load_file(filename, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "load_file", spy)
-    for where in ("cpu", torch.device("cpu")):
+    for where in ("cpu", torch.device("cpu"), torch.device("cpu", 0), "cpu:0"):
         assert torch.equal(
             io.read_checkpoint(tmp_path / "w.safetensors", map_location=where)["w"], torch.ones(2)
         )
-    assert devices == ["cpu", "cpu"]
+    assert devices == ["cpu"] * 4
+    # Other devices are passed as torch spells them ("cuda:1"), which safetensors accepts.
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda f, device: device)
+    assert io.read_checkpoint(tmp_path / "w.safetensors", map_location="cuda:1") == "cuda:1"
 
 
 def test_offline_download_says_where_to_put_the_file(tmp_path, monkeypatch):

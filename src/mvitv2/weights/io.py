@@ -122,8 +122,8 @@ def read_checkpoint(
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        device = str(map_location) if not isinstance(map_location, str) else map_location
-        return load_file(str(path), device=device)
+        device = torch.device(map_location)  # safetensors spells the CPU "cpu" (never "cpu:0")
+        return load_file(str(path), device="cpu" if device.type == "cpu" else str(device))
     if suffix == ".pkl":
         if not allow_pickle:
             raise CheckpointError(
