@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from mvitv2.errors import UnknownKeyError, UserValueError, unknown_names_message
 
@@ -230,11 +231,24 @@ def strict_data_error(error: BadSample, what: str | None = None) -> StrictDataEr
     )
 
 
+#: Rows of a :class:`SkipCounter`'s shared event table: the main process and DataLoader workers
+#: 0-254 each add into a row of their own, because an add is a read-modify-write that loses
+#: counts when two processes do it on one row at once (workers past 254 share rows).
+EVENT_ROWS = 256
+
+
+def _own_row() -> int:
+    """This process's row of a :class:`SkipCounter` (0: not a DataLoader worker)."""
+    info = get_worker_info()
+    return 0 if info is None else 1 + info.id % (EVENT_ROWS - 1)
+
+
 class SkipCounter:
     """Counts of skipped or repaired samples, shared with DataLoader worker processes.
 
     Values live in a shared-memory tensor, so increments made inside workers are visible in the
-    main process (``counter.as_dict()`` after or during an epoch). Per-item flags are idempotent
+    main process (``counter.as_dict()`` after or during an epoch); each process adds into its own
+    row (:data:`EVENT_ROWS`), so none is lost when workers count at once. Per-item flags are idempotent
     (setting the same flag twice counts once), which makes "number of bad files" exact even
     when several workers hit the same file.
 
@@ -245,13 +259,13 @@ class SkipCounter:
 
     def __init__(self, keys: Sequence[str], num_items: int = 0) -> None:
         self.keys = list(keys)
-        self._events = torch.zeros(len(self.keys), dtype=torch.int64).share_memory_()
+        self._events = torch.zeros(EVENT_ROWS, len(self.keys), dtype=torch.int64).share_memory_()
         # flag value = 1 + index of the key that first marked the item; 0 = not flagged.
         self._flags = torch.zeros(max(num_items, 1), dtype=torch.int16).share_memory_()
 
     def add(self, key: str, n: int = 1) -> None:
         """Increment event counter ``key`` by ``n``."""
-        self._events[self.keys.index(key)] += n
+        self._events[_own_row(), self.keys.index(key)] += n
 
     def flag(self, item: int, key: str) -> bool:
         """Mark ``item`` as bad for reason ``key`` (idempotent); True if it was not flagged yet
@@ -272,11 +286,11 @@ class SkipCounter:
         return torch.nonzero(sel).flatten().tolist()
 
     def __getitem__(self, key: str) -> int:
-        return int(self._events[self.keys.index(key)])
+        return int(self._events[:, self.keys.index(key)].sum())
 
     def as_dict(self) -> dict[str, int]:
         """Event counters plus ``bad_<reason>`` counts of distinct flagged items."""
-        out = {k: int(v) for k, v in zip(self.keys, self._events.tolist())}
+        out = dict(zip(self.keys, self._events.sum(0).tolist()))
         for i, k in enumerate(self.keys):
             n = int((self._flags == i + 1).sum())
             if n:
