@@ -874,3 +874,17 @@ def test_load_detectron2_detector_sources_strictness_and_other_class_counts(tmp_
     assert loaded.class_names is None and loaded.category_ids is None
     got = loaded.model.state_dict()["roi_heads.box_predictors.0.cls_score.bias"]
     assert got.tolist() == sd["roi_heads.box_predictor.0.cls_score.bias"][[80, 0, 1, 2]].tolist()
+
+
+def test_anchors_and_normalisation_are_made_on_their_inputs_device() -> None:
+    """Anchors on the feature maps' device, the mean and std on the image's: checked on the meta
+    device, which refuses to mix with CPU tensors (what a GPU run would also refuse)."""
+    gen = GridAnchorGenerator((32, 64), (0.5, 1.0, 2.0), (4, 8))
+    images = ImageList(torch.zeros(1, 3, 32, 32, device="meta"), [(32, 32)])
+    maps = [torch.zeros(1, 8, s, s, device="meta") for s in (8, 4)]
+    anchors = gen(images, maps)[0]
+    assert anchors.device.type == "meta" and anchors.shape == (3 * (8 * 8 + 4 * 4), 4)
+    t = DetectionTransform(None, 64, 100, (0.4, 0.5, 0.6), (0.2, 0.25, 0.5)).eval()
+    for dtype in (torch.float32, torch.uint8):
+        out = t.normalize(torch.zeros(3, 8, 8, dtype=dtype, device="meta"))
+        assert (out.device.type, out.shape, out.dtype) == ("meta", (3, 8, 8), torch.float32)
