@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import mvitv2
 from mvitv2.models import MODEL_CONFIGS, MViTConfig
+from test_weights_formats import _cubic as keys_cubic_taps  # Keys' kernel, a = -0.75
 
 SMALL = dict(depths=(1, 2, 2, 1), embed_dim=16, num_heads=2, img_size=32, num_classes=5)
 
@@ -80,16 +81,6 @@ def test_default_config_is_the_published_mvitv2_image_recipe():
 
 
 # =========================================================================== abs-pos resizing
-def _cubic(x: float, a: float = -0.75) -> float:
-    """Keys' cubic convolution kernel (the one PyTorch's bicubic uses)."""
-    x = abs(x)
-    if x <= 1:
-        return (a + 2) * x**3 - (a + 3) * x**2 + 1
-    if x < 2:
-        return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
-    return 0.0
-
-
 def _resize_matrix(n_in: int, n_out: int, cubic: bool) -> torch.Tensor:
     """``(n_out, n_in)`` weights: output i samples the input at ``(i + 0.5) * n_in / n_out - 0.5``
     (half-pixel centres); cubic taps at floor-1..floor+2 clamped to the border, linear taps
@@ -99,8 +90,8 @@ def _resize_matrix(n_in: int, n_out: int, cubic: bool) -> torch.Tensor:
         src = (i + 0.5) * n_in / n_out - 0.5
         if cubic:
             base = math.floor(src)
-            for tap in range(base - 1, base + 3):
-                m[i, min(max(tap, 0), n_in - 1)] += _cubic(src - tap)
+            for tap, w in zip(range(base - 1, base + 3), keys_cubic_taps(src - base)):
+                m[i, min(max(tap, 0), n_in - 1)] += w
         else:
             src = max(src, 0.0)
             i0 = min(math.floor(src), n_in - 1)

@@ -397,6 +397,8 @@ def detect_setup(quick: bool, batch: int, device: str) -> CaseSetup:
 
 def case_setup(case: str, quick: bool, batch: int | None = None, device: str = "cpu") -> CaseSetup:
     """The setup of one of :data:`CASES` (``batch`` None: :func:`default_batch`)."""
+    if case not in CASES:
+        raise ValueError(f"unknown case {case!r}; choose one of {', '.join(CASES)}")
     batch = batch or default_batch(case, quick)
     if case.startswith("train"):
         return train_setup(quick, batch, device, bf16=case == "train_bf16")
