@@ -5,7 +5,8 @@ line sets it (freed memory kept) or as glibc leaves it (``MVITV2_MALLOC=default`
     MVITV2_MALLOC=default uv run python benchmarks/page_faults.py --case train
 
 Cases as in ``benchmarks/op_profile.py`` (its ``build_case``): ``image_fp32`` (MViTv2-T b8 224
-inference vs timm) and ``train`` (MViTv2-T b16 fwd+bwd+AdamW vs timm). Each model runs ``--calls`` times after three
+inference vs timm), ``train`` (MViTv2-T b16 fwd+bwd+AdamW vs timm) and ``detect`` (the
+detection backbone at 1024 vs the unfused path). Each model runs ``--calls`` times after three
 warm-up calls (the kept heap settles in a few calls); printed per call: minor page faults
 (``getrusage``) and milliseconds, then the medians.
 """
@@ -29,7 +30,7 @@ def _faults() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--case", choices=("image_fp32", "train"), default="image_fp32")
+    p.add_argument("--case", choices=("image_fp32", "train", "detect"), default="image_fp32")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--calls", type=int, default=4)
     args = p.parse_args(argv)

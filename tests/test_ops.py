@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import mvitv2
 from engine_toy import ToyTask, toy_config
@@ -286,6 +287,48 @@ def test_group_layer_norm_values_and_gradients_match_one_layer_norm_per_group():
     for a, r in zip(grads, ref_grads):
         assert a.shape == r.shape
         torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
+
+
+def test_affine_free_layer_norm_is_the_formula_and_bit_identical_to_aten_s_own():
+    """``_normalize`` (a unit weight and zero bias, for ATen's vectorised CPU kernel) gives the
+    same bits as the affine-free ``F.layer_norm`` in fp32, and in float64 the formula
+    ``(x - mean) / sqrt(var + eps)`` with the biased variance, and its mean and rstd."""
+    from mvitv2.ops.pooling import _normalize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 37, 2, 3, 96, generator=g) * 3 + 1
+    y, mean, rstd = _normalize(x, 1e-6)
+    assert torch.equal(y, F.layer_norm(x, (96,), None, None, 1e-6))
+    x64 = x.double()
+    y64, mean64, rstd64 = _normalize(x64, 1e-3)
+    mu = x64.sum(-1, keepdim=True) / 96
+    var = ((x64 - mu) ** 2).sum(-1, keepdim=True) / 96
+    torch.testing.assert_close(y64, (x64 - mu) / torch.sqrt(var + 1e-3), rtol=0, atol=1e-12)
+    torch.testing.assert_close(mean64.reshape(mu.shape), mu, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rstd64.reshape(mu.shape), (var + 1e-3) ** -0.5, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_inference_head_norm_is_one_layer_norm_module_per_group_and_head(groups):
+    """At inference the pooled Q/K/V LayerNorm of ``(B, N, G*nH*C)`` tokens equals group
+    ``g``'s ``nn.LayerNorm`` applied to every head's ``C`` channels of group ``g``."""
+    from mvitv2.ops.pooling import _head_norm
+
+    torch.manual_seed(0)
+    B, N, nH, C = 2, 7, 3, 8
+    norms = [nn.LayerNorm(C, eps=1e-6) for _ in range(groups)]
+    for n in norms:
+        nn.init.normal_(n.weight)
+        nn.init.normal_(n.bias)
+    x = torch.randn(B, N, groups * nH * C, dtype=torch.float64) * 2 - 1
+    norms = [n.double() for n in norms]
+    with torch.no_grad():
+        ours = _head_norm(x.clone(), norms, nH)
+        for gi, n in enumerate(norms):
+            for h in range(nH):
+                part = x[:, :, (gi * nH + h) * C : (gi * nH + h + 1) * C]
+                torch.testing.assert_close(ours[:, :, gi, h], n(part), rtol=0, atol=1e-12)
+    assert ours.shape == (B, N, groups, nH, C)
 
 
 def test_counting_flops_on_a_cpu_model_does_not_time_attention_paths(monkeypatch):

@@ -398,6 +398,30 @@ def test_smallest_accepted_inputs_run():
     ]
 
 
+@pytest.mark.parametrize("features", [False, True])
+def test_height_and_width_are_each_checked_against_their_own_patch_stride(features):
+    """With patch stride 4 on H and 2 on W, a height of 34 is refused (it used to be checked
+    against W's stride) and a width of 34 accepted; feature maps need 32 and 16."""
+    with torch.device("meta"):
+        model = mvitv2.create_model(
+            "mvitv2_tiny", depths=(1, 1, 1, 1), patch_stride=(1, 4, 2), features_only=features
+        )
+    step = "32 (H) and 16 (W)" if features else "4 (H) and 2 (W)"
+    with pytest.raises(ValueError) as err:
+        model(torch.empty(1, 3, 34 if not features else 48, 64, device="meta"))
+    assert str(err.value) == (
+        f"input height and width must be multiples of {step} and at least 32 (H) and 16 (W), "
+        f"got {(34 if not features else 48, 64)}"
+    )
+    with pytest.raises(ValueError, match=r"at least 32 \(H\) and 16 \(W\), got \(64, 8\)"):
+        model(torch.empty(1, 3, 64, 8, device="meta"))
+    ok = (64, 48) if features else (64, 34)
+    assert model(torch.empty(1, 3, *ok, device="meta")) is not None
+    if features:
+        # 16 wide is the least, and a multiple of W's 16: one token wide at the last stage
+        assert model(torch.empty(1, 3, 32, 16, device="meta"))[-1].shape[-2:] == (1, 1)
+
+
 ANISO = dict(patch_kernel=(1, 3, 7), patch_stride=(1, 2, 4), patch_padding=(0, 1, 3))
 
 

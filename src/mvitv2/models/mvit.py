@@ -141,6 +141,11 @@ class ClassifierHead(nn.Module):
         return self.projection(self.dropout(x))
 
 
+def _per_axis(hw: tuple[int, int]) -> str:
+    """``"32"`` for equal H and W values, else ``"32 (H) and 16 (W)"``."""
+    return str(hw[0]) if hw[0] == hw[1] else f"{hw[0]} (H) and {hw[1]} (W)"
+
+
 class MViT(nn.Module):
     """Multiscale Vision Transformer (v1 and v2), image or video.
 
@@ -256,12 +261,13 @@ class MViT(nn.Module):
             )
         # Pooling rounds odd grids up, so any multiple of the patch stride works (312 px for
         # MViTv2-L video); feature maps for FPNs need exact strides, so multiples of 32 there.
-        s = cfg.total_stride if self.features_only else cfg.patch_stride[-1]
+        least = tuple(s * 2 ** (cfg.num_stages - 1) for s in cfg.patch_stride[1:])
+        step = least if self.features_only else cfg.patch_stride[1:]
         h, w = x.shape[-2:]
-        if h % s or w % s or min(h, w) < cfg.total_stride:
+        if h % step[0] or w % step[1] or h < least[0] or w < least[1]:
             raise ValueError(
-                f"input height and width must be multiples of {s} and at least "
-                f"{cfg.total_stride}, got {(h, w)}"
+                f"input height and width must be multiples of {_per_axis(step)} and at least "
+                f"{_per_axis(least)}, got {(h, w)}"
             )
 
     def _abs_pos(self, thw: Grid) -> Tensor:

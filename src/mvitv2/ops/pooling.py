@@ -338,9 +338,23 @@ def _head_norm(x: Tensor, norms: list[nn.LayerNorm], num_heads: int) -> Tensor:
         if torch.is_grad_enabled():
             return _GroupLayerNorm.apply(x, weight, bias, eps)
         # Inference: affine in place, no second full-size tensor.
-        return F.layer_norm(x, shape, None, None, eps).mul_(weight).add_(bias)
+        return _normalize(x, eps)[0].mul_(weight).add_(bias)
     x = F.layer_norm(x, shape, None, None, eps)
     return torch.addcmul(bias.to(x.dtype), x, weight.to(x.dtype))
+
+
+def _normalize(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Affine-free LayerNorm over the last dim: ``(normalised x, mean, rstd)``.
+
+    On CPU it is asked for with a unit weight and a zero bias: ATen's CPU kernel runs a scalar
+    loop when the weight or bias is missing and its vectorised one otherwise, with bit-identical
+    output (checked in the tests); measured ~2x faster on the Xeon of docs/benchmarks.md, 2
+    threads (4.0 vs 2.0 ms for (8, 784, 2, 4, 96)).
+    """
+    C = x.shape[-1]
+    if x.device.type != "cpu":
+        return torch.native_layer_norm(x, (C,), None, None, eps)
+    return torch.native_layer_norm(x, (C,), x.new_ones(C), x.new_zeros(C), eps)
 
 
 class _GroupLayerNorm(torch.autograd.Function):
@@ -350,7 +364,7 @@ class _GroupLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):  # noqa: D102
-        y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, eps)
+        y, mean, rstd = _normalize(x, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         return y.mul_(weight).add_(bias)
 
