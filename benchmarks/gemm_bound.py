@@ -25,7 +25,10 @@ Copies, residual and rel-pos adds and autograd's own work are left out, which on
 bound: nothing short of faster kernels for these, or fusing them into others, beats the
 reference by more than that.
 
-    uv run python benchmarks/gemm_bound.py --case train [--threads 2] [--repeats 3] [--json F]
+    uv run python benchmarks/gemm_bound.py --case {train,detect,image_fp32,image_bf16,video_bf16}
+        [--threads 2] [--repeats 3] [--json F]
+
+The bf16 cases record under CPU autocast, so the GEMMs replayed are the bf16 ones that run.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from mvitv2.benchmark import alternate  # noqa: E402
 from mvitv2.ops import attention as ops_attention  # noqa: E402
 from mvitv2.ops import gemm as ops_gemm  # noqa: E402
 from mvitv2.utils.allocator import allocator_setting, keep_freed_memory  # noqa: E402
+from mvitv2.utils.machine import describe_cpu  # noqa: E402
 from mvitv2.utils.timing import best_seconds  # noqa: E402
 
 aten = torch.ops.aten
@@ -292,7 +296,11 @@ def median_measurement(runs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--case", choices=("train", "detect", "image_fp32"), required=True)
+    p.add_argument(
+        "--case",
+        choices=("train", "detect", "image_fp32", "image_bf16", "video_bf16"),
+        required=True,
+    )
     p.add_argument("--quick", action="store_true", help="tiny models and inputs")
     p.add_argument("--rounds", type=int, default=5, help="timed calls per model and measurement")
     p.add_argument("--repeats", type=int, default=3, help="measurements (the median one counts)")
@@ -312,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "case": args.case,
         "threads": torch.get_num_threads(),
-        "processor": op_profile._cpu_name(),
+        "processor": describe_cpu(),
         "torch": torch.__version__,
         "allocator": allocator_setting(),
         "our_gemm_calls": sum(calls.values()),

@@ -23,7 +23,6 @@ median wall time per call measured outside the profiler, in the same alternating
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -40,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mvitv2 import benchmark as bm
 from mvitv2.ops import implementation_choices
 from mvitv2.utils.allocator import allocator_setting, keep_freed_memory
+from mvitv2.utils.machine import describe_cpu
 
 CATEGORIES = (
     "gemm",
@@ -391,7 +391,7 @@ def run_profile(
         "threads": torch.get_num_threads(),
         "machine": {
             "platform": platform.platform(),
-            "processor": _cpu_name(),
+            "processor": describe_cpu(),
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
         },
@@ -407,19 +407,6 @@ def run_profile(
             name: dict(sorted(o.items(), key=lambda kv: -kv[1])[:25]) for name, o in ops.items()
         },
     }
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        first = info.split("\n\n")[0]  # the first processor's block
-        fields = dict(
-            (k.strip(), v.strip())
-            for k, v in (ln.split(":", 1) for ln in first.splitlines() if ":" in ln)
-        )
-        return " ".join(f"{k}={fields.get(k, '?')}" for k in ("model name", "cpu family", "model"))
-    return platform.processor()
 
 
 def format_result(res: dict) -> str:

@@ -85,11 +85,16 @@ def test_model_forward_and_training_step_agree_across_backends():
             out.square().sum().backward()
             with torch.inference_mode():
                 inf = model.eval()(x)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    inf_bf16 = model(x)
             model.train()
         grads = [p.grad.clone() for p in model.parameters()]
-        results[backend] = (out.detach(), inf, grads)
-    (a_out, a_inf, a_grads), (b_out, b_inf, b_grads) = results["aten"], results["onednn"]
+        results[backend] = (out.detach(), inf, grads, inf_bf16)
+    (a_out, a_inf, a_grads, a_bf16), (b_out, b_inf, b_grads, b_bf16) = results.values()
     assert _close(b_out, a_out) and _close(b_inf, a_inf)
+    # bf16 autocast: the same model to bf16 precision (a few bf16 steps through 5 blocks)
+    assert b_bf16.dtype == a_bf16.dtype and _close(b_bf16.float(), a_inf, 3e-2)
+    assert _close(a_bf16.float(), a_inf, 3e-2)
     assert len(a_grads) == len(b_grads)
     for g, h in zip(b_grads, a_grads):
         assert _close(g, h, 1e-4)
@@ -101,8 +106,11 @@ def test_falls_back_to_f_linear_where_onednn_does_not_apply():
         assert not uses_onednn(x.double())
         assert not uses_onednn(x.bfloat16())
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not uses_onednn(x)
-            assert linear(x, torch.randn(3, 8)).dtype == torch.bfloat16  # autocast's F.linear
+            assert not uses_onednn(x)  # training under autocast: autocast's F.linear
+            y = linear(x.clone().requires_grad_(), torch.randn(3, 8))
+            assert y.dtype == torch.bfloat16 and "Mm" in type(y.grad_fn).__name__
+        with torch.autocast("cpu", dtype=torch.float16), torch.no_grad():  # fp16: F.linear
+            assert gemm._onednn_at_inference(x, torch.randn(3, 8), None, False) is None
     with gemm_backend("aten"):
         assert not uses_onednn(x)
         y = linear(x.requires_grad_(), torch.randn(3, 8))
@@ -256,19 +264,25 @@ def test_gemm_size_classes_count_rows_by_power_of_two_and_the_rest_exactly(monke
         linear(torch.randn(16, 5).t(), w, b)  # a transposed input
         linear(torch.randn(5, 16), torch.randn(10, 16), b[:10])  # another output width
         linear(torch.randn(5, 8), w[:, :8], b)  # another input width
-        # (rows by bit length, in width, out width, bias, GELU, dense input)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16: a class of its own
+            linear(torch.randn(5, 16), w, b)
+        # (rows by bit length, in width, out width, bias, GELU, dense input, dtype)
+        f32, bf16 = torch.float32, torch.bfloat16
         assert set(fake.table.table) == {
-            (3, 16, 12, True, False, True),
-            (4, 16, 12, True, False, True),
-            (3, 16, 12, False, False, True),
-            (3, 16, 12, True, True, True),
-            (3, 16, 12, True, False, False),
-            (3, 16, 10, True, False, True),
-            (3, 8, 12, True, False, True),
+            (3, 16, 12, True, False, True, f32),
+            (4, 16, 12, True, False, True, f32),
+            (3, 16, 12, False, False, True, f32),
+            (3, 16, 12, True, True, True, f32),
+            (3, 16, 12, True, False, False, f32),
+            (3, 16, 10, True, False, True, f32),
+            (3, 8, 12, True, False, True, f32),
+            (3, 16, 12, True, False, True, bf16),
         }
+        assert "5x16 @ 16x12 +bias bf16" in gemm.gemm_measurements()
+        del fake.table.table[(3, 16, 12, True, False, True, bf16)]
         linear(torch.randn(5, 1), w[:, :1], b)  # one input column: 5 rows
         assert "5x1 @ 1x12 +bias" in gemm.gemm_measurements()
-        del fake.table.table[(3, 1, 12, True, False, True)]
+        del fake.table.table[(3, 1, 12, True, False, True, f32)]
         with gemm_backend("onednn"):  # a set backend: no timing
             fake.calls.clear()
             linear(torch.randn(100, 3), torch.randn(4, 3))
@@ -384,7 +398,7 @@ def test_gemm_choice_names_a_set_backend_and_a_build_without_onednn(monkeypatch)
             "gemm": "measured",
             "gemm_setting": "auto",
             "gemm_why": "measured per GEMM size class at its first call: aten, or onednn if "
-            ">10 % faster",
+            ">10 % faster (fp32) or faster (bf16 autocast)",
         }
     monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: None)
     for setting in ("auto", "onednn"):
@@ -433,3 +447,71 @@ def test_without_gradients_onednn_runs_the_gelu_fused_into_the_gemm(monkeypatch)
             y = linear(x.detach(), w, bias, gelu=True)
             assert y.grad_fn is None and _close(y, F.gelu(F.linear(x.detach(), w, bias)))
     assert seen == [(True,), (True,)]
+
+
+def test_onednn_dtype_rules_fp32_without_autocast_and_bf16_autocast_only_at_inference():
+    x = torch.zeros(2, 4)
+    assert gemm._onednn_dtype(x) is torch.float32
+    assert gemm._onednn_dtype(x, inference=True) is torch.float32
+    for t in (x.double(), x.bfloat16(), x.to("meta")):
+        assert gemm._onednn_dtype(t, inference=True) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gemm._onednn_dtype(x) is None  # under autograd: autocast's F.linear
+        assert gemm._onednn_dtype(x, inference=True) is torch.bfloat16
+        assert gemm._onednn_dtype(x.bfloat16(), inference=True) is torch.bfloat16
+        assert gemm._onednn_dtype(x.double(), inference=True) is None
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert gemm._onednn_dtype(x, inference=True) is None
+
+
+@needs_onednn
+@pytest.mark.parametrize("gelu", [False, True])
+def test_bf16_autocast_inference_on_onednn_is_the_product_of_the_bf16_operands(monkeypatch, gelu):
+    """Under CPU bf16 autocast without gradients, oneDNN gets x, the weight (a row slice, as the
+    qkv projection passes) and the bias cast to bf16, adds the bias (and the exact GELU) in its
+    GEMM, and returns bf16: the fp32 product of the bf16-rounded operands, rounded once (within
+    a bf16 step), and F.linear's result under autocast within two bf16 steps (it rounds the
+    bias fill and the GEMM output separately, and the GELU's input)."""
+    seen = []
+    real = gemm._nt
+    monkeypatch.setattr(
+        gemm,
+        "_nt",
+        lambda a, b, bias, g: seen.append((a.dtype, b.dtype, bias.dtype, g)) or real(a, b, bias, g),
+    )
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 24, generator=g)
+    w_full, b = torch.randn(30, 24, generator=g), torch.randn(10, generator=g)
+    w = w_full[10:20]  # rows of a larger weight
+    r = lambda t: t.bfloat16().float()  # noqa: E731
+    want = F.linear(r(x), r(w), r(b))
+    want = F.gelu(want) if gelu else want
+    with gemm_backend("onednn"), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear(x, w, b, gelu=gelu)
+        aten = F.linear(x, w, b)
+        aten = F.gelu(aten) if gelu else aten
+    bf16 = torch.bfloat16
+    assert seen == [(bf16, bf16, bf16, gelu)] and got.dtype == bf16
+    step = 2.0**-7 * want.abs().clamp(min=1.0)  # one bf16 step, at least at 1.0
+    assert bool(((got.float() - want).abs() <= step).all())
+    assert bool(((got.float() - aten.float()).abs() <= 2 * step).all())
+
+
+@needs_onednn
+def test_auto_under_bf16_autocast_keeps_onednn_when_faster_at_all_but_fp32_needs_10pc(
+    monkeypatch,
+):
+    """Both dtypes timed 9 ticks on oneDNN against 10 on ATen (10 % faster): fp32 keeps ATen
+    (its margin), bf16 autocast takes oneDNN (no margin: ATen's bf16 GEMM is oneDNN's own, only
+    the bias/GELU epilogue differs); equal times keep ATen in both."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(5, 16), torch.randn(12, 16), torch.randn(12)
+    for ticks, want_fp32, want_bf16 in [(9, "aten", "onednn"), (10, "aten", "aten")]:
+        _FakeBackends(monkeypatch, {"onednn": ticks, "aten": 10})
+        with gemm_backend("auto"), torch.no_grad():
+            linear(x, w, b)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = linear(x, w, b)
+        assert y.dtype == torch.bfloat16
+        got = {label: c.split(" ")[0] for label, c in gemm.gemm_measurements().items()}
+        assert got == {"5x16 @ 16x12 +bias": want_fp32, "5x16 @ 16x12 +bias bf16": want_bf16}

@@ -245,3 +245,23 @@ def test_recorded_calls_are_those_of_our_measured_choices_not_of_the_plain_fallb
     kinds = gemm_bound.record_essential(fn)
     assert not kinds["attention"]
     assert [c[0] for c in kinds["kernels"]] == [aten._softmax.default]
+
+
+def test_under_autocast_the_gemms_are_recorded_in_the_dtype_they_run_in():
+    """The bf16 cases (``--case image_bf16`` / ``video_bf16``) bound the GEMMs that autocast runs:
+    a linear under CPU bf16 autocast is recorded (and so replayed) as a bf16 ``addmm`` of the
+    cast operands, not as the fp32 call the model wrote; outside autocast it stays fp32."""
+    x, w, bias = torch.randn(6, 8), torch.randn(5, 8), torch.randn(5)
+
+    def fn():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            F.linear(x, w, bias)
+
+    (call,) = gemm_bound.record_gemms(fn)
+    assert call[0] is aten.addmm.default
+    assert [s[3] for s in call[1][:3]] == [torch.bfloat16] * 3
+    assert call[1][1][1] == (6, 8) and call[1][2][1] == (8, 5)
+    assert gemm_bound.replay_ms(call, repeats=1) >= 0
+    with torch.inference_mode():
+        (fp32,) = gemm_bound.record_gemms(lambda: F.linear(x, w, bias))
+    assert [s[3] for s in fp32[1][:3]] == [torch.float32] * 3

@@ -164,7 +164,10 @@ def test_auto_is_not_measured_while_compiling_or_on_a_gpu(monkeypatch):
 def test_implementation_choices_on_cuda_say_the_table_is_not_measured():
     choices = implementation_choices("cuda:1", torch.bfloat16, training=True)
     assert choices["attention"] == "bias" and "not measured" in choices["attention_why"]
-    assert choices["gemm"] == "aten" and "fp32 on CPU only" in choices["gemm_why"]
+    assert choices["gemm"] == "aten"
+    assert choices["gemm_why"] == (
+        "oneDNN is used on CPU only, for fp32 and for bf16 autocast at inference"
+    )
 
 
 def test_implementation_choices_name_the_gemm_backend_the_linear_layers_use(monkeypatch):
@@ -198,8 +201,18 @@ def test_implementation_choices_name_the_gemm_backend_the_linear_layers_use(monk
             if backend == "auto" and has_onednn:
                 onednn_ms, aten_ms = gemm_ops._measured_ms()
                 assert f"oneDNN {onednn_ms:.1f} ms, ATen {aten_ms:.1f} ms" in train["gemm_why"]
-    with gemm_backend("onednn"):  # fp32 on CPU only: bf16 (autocast) runs F.linear
-        assert implementation_choices("cpu", torch.bfloat16)["gemm"] == "aten"
+    with gemm_backend("onednn"):  # bf16 autocast: oneDNN at inference, F.linear in training
+        if has_onednn:
+            assert implementation_choices("cpu", torch.bfloat16)["gemm"] == "onednn"
+        train = implementation_choices("cpu", torch.bfloat16, training=True)
+        assert train["gemm"] == "aten" and "at inference" in train["gemm_why"]
+        onednn_calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x.clone().requires_grad_())
+        assert not onednn_calls and y.dtype == torch.bfloat16
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
+        assert len(onednn_calls) == int(has_onednn)
 
 
 def _naive_windows(grid: torch.Tensor, window: int) -> torch.Tensor:

@@ -400,6 +400,9 @@ def test_benchmark_cli_quick(tmp_path):
     for r in result["rows"]:
         assert r["ms"] > 0 and r["gflops"] > 0 and r["peak_mb"] > 0
     assert set(result["matmul_peak_gflops"]) == {"fp32", "bf16"}
+    from mvitv2.utils.machine import cpu_info
+
+    assert result["machine"]["cpu"] == cpu_info()  # every figure names its CPU
 
 
 def test_memeff_on_bf16_inputs_casts_the_fp32_rel_pos_tables_to_their_dtype():

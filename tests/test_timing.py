@@ -80,3 +80,7 @@ def test_measured_choices_keep_the_default_unless_another_beats_it_by_the_margin
         assert got == want, (margin, fast)
         a_ms, b_ms = 10 * _U * 1000, fast * _U * 1000
         assert table.report() == {"label": f"{want} (a {a_ms:.2f} ms, b {b_ms:.2f} ms)"}
+        # a class's own margin overrides the table's
+        for own, want_own in [(0.0, "b" if fast < 10 else "a"), (0.15, "b" if fast < 8.5 else "a")]:
+            got = table.choose(("own", own), lambda c=candidates: (c, "label"), margin=own)
+            assert got == want_own, (own, fast)

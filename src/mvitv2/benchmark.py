@@ -41,6 +41,7 @@ from mvitv2.ops import attention_impl, attention_measurements, gemm, implementat
 from mvitv2.ops import mlp as mlp_ops
 from mvitv2.utils.allocator import allocator_setting
 from mvitv2.utils.flops import count_macs
+from mvitv2.utils.machine import cpu_info, describe_cpu
 from mvitv2.weights import convert_state_dict
 
 #: Every case; ``train_bf16`` (the training step under bf16 autocast, how GPUs train) runs
@@ -571,6 +572,7 @@ def run(args: argparse.Namespace) -> int:
         "inference": implementation_choices(device, torch.float32)["gemm"],
         "autograd": implementation_choices(device, torch.float32, training=True)["gemm"],
     }
+    print(f"CPU: {describe_cpu()}", flush=True)
     print(
         f"matmul peak ({n}x{n}): fp32 {peaks['fp32']:.0f} GFLOP/s, "
         f"bf16 {peaks['bf16']:.0f} GFLOP/s; threads {torch.get_num_threads()}; "
@@ -600,6 +602,7 @@ def run(args: argparse.Namespace) -> int:
             "machine": {
                 "platform": platform.platform(),
                 "processor": platform.processor() or platform.machine(),
+                "cpu": cpu_info(),
                 "cpu_count": os.cpu_count(),
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,

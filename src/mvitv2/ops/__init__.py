@@ -66,10 +66,12 @@ def implementation_choices(
     """
     device_type = torch.device(device).type
     choices = attention_choice(device_type, dtype, training)
-    if device_type == "cpu" and dtype == torch.float32:
+    if device_type == "cpu" and (
+        dtype == torch.float32 or (dtype == torch.bfloat16 and not training)
+    ):
         choices.update(gemm_choice(training))
     else:
-        why = "oneDNN is used for fp32 on CPU only"
+        why = "oneDNN is used on CPU only, for fp32 and for bf16 autocast at inference"
         choices.update(gemm="aten", gemm_setting=get_gemm_backend(), gemm_why=why)
     return choices
 

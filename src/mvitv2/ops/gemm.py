@@ -1,4 +1,4 @@
-"""Linear layers on the fastest exact fp32 GEMM kernel of the device.
+"""Linear layers on the fastest exact GEMM kernel of the device.
 
 PyTorch runs fp32 CPU GEMMs (``F.linear``, ``mm``, ``bmm``, SDPA's inner products) through MKL.
 On AMD CPUs MKL takes a generic AVX2 path, while oneDNN, which PyTorch also ships, runs its
@@ -8,13 +8,16 @@ accumulation); they differ only in summation order.
 
 The backend is chosen by measuring on the machine at hand (:func:`set_gemm_backend`). With
 ``"auto"`` at inference each GEMM size class is timed both ways on its first call and the faster
-kept (ATen unless oneDNN is more than 10 % faster): oneDNN adds the bias, and fuses the MLP's
-exact GELU, in its GEMM, where ATen first fills the output with the bias and makes a second pass
-for the GELU; which wins depends on the CPU and the shape (on an Intel Xeon, 2 threads: oneDNN
-1.5x faster on ``65536x96 @ 96x192`` with bias, a few % slower on most wider GEMMs). Under
-autograd one GEMM with bias is timed each way once per process. oneDNN is used only in eager fp32
-CPU code without autocast; under autocast, on CUDA, and while compiling, exporting or tracing, the
-standard ``F.linear`` runs (autocast's bf16 GEMMs already go to oneDNN).
+kept (in fp32 ATen unless oneDNN is more than 10 % faster): oneDNN adds the bias, and fuses the
+MLP's exact GELU, in its GEMM, where ATen first fills the output with the bias and makes a second
+pass for the GELU; which wins depends on the CPU and the shape (on an Intel Xeon, 2 threads:
+oneDNN 1.5x faster on ``65536x96 @ 96x192`` with bias, a few % slower on most wider GEMMs).
+Inference under CPU bf16 autocast is measured the same way, oneDNN getting the operands cast to
+bf16 as autocast casts them; there ATen's GEMM is oneDNN's too and only the epilogue differs, so
+the faster is kept with no margin (:data:`ONEDNN_MARGIN_BF16`). Under autograd one fp32 GEMM with
+bias is timed each way once per process. oneDNN is used only in eager CPU code, for fp32 without
+autocast and for inference under bf16 autocast; elsewhere (training under autocast, CUDA,
+compiling, exporting, tracing) the standard ``F.linear`` runs.
 
 Training uses the same kernels through :class:`_OneDNNLinear` (custom autograd: the input and
 weight gradients are oneDNN GEMMs too, each in the orientation that its kernel runs fastest).
@@ -89,9 +92,14 @@ def _register_flop_formula() -> None:
 _register_flop_formula()
 
 
-#: How much faster (fraction of ATen's time) oneDNN must measure to be used with ``"auto"``: on
-#: a near tie ATen, the GEMMs every other MViTv2 implementation runs.
+#: How much faster (fraction of ATen's time) oneDNN must measure to be used with ``"auto"`` in
+#: fp32: on a near tie ATen, the GEMMs every other MViTv2 implementation runs.
 ONEDNN_MARGIN = 0.1
+#: The same under bf16 autocast: none. There ATen's CPU GEMM is itself oneDNN's (on CPUs with a
+#: native bf16 path) and the two differ only in the bias and GELU epilogue (on the AMD EPYC of
+#: docs/benchmarks.md oneDNN was 0-10 % faster on each bf16 linear of MViTv2-T, none beyond the
+#: fp32 margin, and taking it wherever faster made the forward 2-5 % faster).
+ONEDNN_MARGIN_BF16 = 0.0
 
 
 @functools.cache
@@ -121,15 +129,29 @@ def _onednn_measured_faster() -> bool:
     return ms is not None and ms[0] < (1 - ONEDNN_MARGIN) * ms[1]
 
 
+def _onednn_dtype(x: Tensor, inference: bool = False) -> torch.dtype | None:
+    """The dtype oneDNN would run a linear layer on ``x`` in now, or None where it does not
+    apply: fp32 for fp32 CPU tensors without autocast; with ``inference``, also bf16 under CPU
+    bf16 autocast (fp32 or bf16 ``x``). Never while tracing or under a dispatch mode such as FLOP
+    counting (no timing run there), nor in a build without oneDNN's linear."""
+    if x.device.type != "cpu" or tracing() or intercepted():
+        return None
+    amp = autocast_dtype("cpu")
+    if amp is None:
+        dtype = torch.float32 if x.dtype == torch.float32 else None
+    elif inference and amp == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16):
+        dtype = torch.bfloat16
+    else:
+        dtype = None
+    if dtype is None or _onednn_linear_op() is None:
+        return None
+    return dtype
+
+
 def _onednn_applies(x: Tensor) -> bool:
-    """Whether oneDNN can run a linear layer on ``x`` now: fp32 CPU tensors in eager code without
-    autocast (not while tracing or under a dispatch mode such as FLOP counting: no timing run
-    there), in a build that has oneDNN's linear."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
-    if tracing() or intercepted() or autocast_dtype("cpu") is not None:
-        return False
-    return _onednn_linear_op() is not None
+    """Whether oneDNN can run a linear layer on ``x`` under autograd: fp32 without autocast
+    (see :func:`_onednn_dtype`)."""
+    return _onednn_dtype(x) is not None
 
 
 def uses_onednn(x: Tensor) -> bool:
@@ -142,11 +164,13 @@ def uses_onednn(x: Tensor) -> bool:
     return backend == "onednn" or _onednn_measured_faster()
 
 
-#: The backend of each GEMM size class at fp32 CPU inference with ``"auto"``, for this process:
-#: ATen unless oneDNN ran more than 10 % faster on the class's first call (oneDNN adds the bias
-#: in its GEMM, where ATen first fills the output with it: ~1.5x faster on 65536x96 @ 96x192
-#: on the Xeon of docs/benchmarks.md, a few % slower on most wider shapes).
-_MEASURED = MeasuredChoices(default="aten", margin=ONEDNN_MARGIN)
+#: The backend of each GEMM size class at CPU inference (fp32, or bf16 under autocast) with
+#: ``"auto"``, for this process: ATen unless oneDNN ran faster by the dtype's margin on the
+#: class's first call (oneDNN adds the bias in its GEMM, where ATen first fills the output with
+#: it: ~1.5x faster on 65536x96 @ 96x192 on the Xeon of docs/benchmarks.md, a few % slower on
+#: most wider shapes). Up to 160 classes: a process that runs both dtypes (a benchmark) needs
+#: about twice the ~25 of one model.
+_MEASURED = MeasuredChoices(default="aten", max_classes=160, margin=ONEDNN_MARGIN)
 
 
 def _aten_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
@@ -154,27 +178,40 @@ def _aten_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> 
     return F.gelu(y) if gelu else y
 
 
-def _onednn_at_inference(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> bool:
-    """Whether this linear call goes to oneDNN at inference: the setting, or with ``"auto"`` the
-    faster for its size class (rows by power of two; width, output width, bias, GELU and a dense
-    input exactly), timed on this call's tensors at the class's first call."""
+def _onednn_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, dtype: torch.dtype
+) -> Tensor:
+    """:func:`_nt` on the operands cast to ``dtype`` (bf16 under autocast, as autocast's
+    ``F.linear`` casts them; no copy for fp32)."""
+    x, weight = x.to(dtype), weight.to(dtype)
+    return _nt(x, weight, None if bias is None else bias.to(dtype), gelu)
+
+
+def _onednn_at_inference(
+    x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool
+) -> torch.dtype | None:
+    """The dtype this linear call runs in on oneDNN at inference (see :func:`_onednn_dtype`), or
+    None for ATen: the setting, or with ``"auto"`` the faster for its size class (rows by power
+    of two; width, output width, bias, GELU, a dense input and the dtype exactly), timed on this
+    call's tensors at the class's first call."""
     backend = _BACKEND.value
-    if backend == "aten" or not _onednn_applies(x):
-        return False
-    if backend == "onednn":
-        return True
+    dtype = None if backend == "aten" else _onednn_dtype(x, inference=True)
+    if dtype is None or backend == "onednn":
+        return dtype
     K, N = x.shape[-1], weight.shape[0]
     M = x.numel() // max(K, 1)
 
     def measure() -> tuple[dict, str]:
         candidates = {
             "aten": functools.partial(_aten_linear, x, weight, bias, gelu),
-            "onednn": functools.partial(_nt, x, weight, bias, gelu),
+            "onednn": functools.partial(_onednn_linear, x, weight, bias, gelu, dtype),
         }
-        return candidates, f"{M}x{K} @ {K}x{N}" + " +bias" * (bias is not None) + " +GELU" * gelu
+        name = f"{M}x{K} @ {K}x{N}" + " +bias" * (bias is not None) + " +GELU" * gelu
+        return candidates, name + " bf16" * (dtype == torch.bfloat16)
 
-    key = (M.bit_length(), K, N, bias is not None, gelu, x.is_contiguous())
-    return _MEASURED.choose(key, measure) == "onednn"
+    key = (M.bit_length(), K, N, bias is not None, gelu, x.is_contiguous(), dtype)
+    margin = ONEDNN_MARGIN if dtype == torch.float32 else ONEDNN_MARGIN_BF16
+    return dtype if _MEASURED.choose(key, measure, margin) == "onednn" else None
 
 
 def gemm_measurements() -> dict[str, str]:
@@ -185,7 +222,7 @@ def gemm_measurements() -> dict[str, str]:
 
 
 def gemm_choice(training: bool = False) -> dict[str, str]:
-    """The fp32 CPU GEMM backend in force and why: ``{"gemm": ..., "gemm_setting": ...,
+    """The CPU GEMM backend in force (fp32; at inference also bf16 autocast) and why: ``{"gemm": ..., "gemm_setting": ...,
     "gemm_why": ...}``. With ``"auto"``: at inference ``"measured"`` (per GEMM size class, see
     :func:`gemm_measurements`); under autograd (``training``) the backend of the one-off
     measurement, which this runs if not yet done."""
@@ -197,7 +234,10 @@ def gemm_choice(training: bool = False) -> dict[str, str]:
     if setting == "onednn":
         return {"gemm": "onednn", "gemm_setting": setting, "gemm_why": "set"}
     if not training:
-        why = "measured per GEMM size class at its first call: aten, or onednn if >10 % faster"
+        why = (
+            "measured per GEMM size class at its first call: aten, or onednn if >10 % faster"
+            " (fp32) or faster (bf16 autocast)"
+        )
         return {"gemm": "measured", "gemm_setting": setting, "gemm_why": why}
     a, b = _measured_ms()
     why = f"measured 6272x384x1536 with bias: oneDNN {a:.1f} ms, ATen {b:.1f} ms"
@@ -286,8 +326,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, gelu: bool 
     ):
         y = _OneDNNLinear.apply(x, weight, bias) if uses_onednn(x) else F.linear(x, weight, bias)
         return F.gelu(y) if gelu else y
-    if _onednn_at_inference(x, weight, bias, gelu):
-        return _nt(x, weight, bias, gelu)
+    dtype = _onednn_at_inference(x, weight, bias, gelu)
+    if dtype is not None:
+        return _onednn_linear(x, weight, bias, gelu, dtype)
     return _aten_linear(x, weight, bias, gelu)
 
 

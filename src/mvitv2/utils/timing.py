@@ -45,14 +45,18 @@ class MeasuredChoices:
         self.table: dict[Hashable, tuple[str, dict[str, float], str]] = {}
 
     def choose(
-        self, key: Hashable, measure: Callable[[], tuple[dict[str, Callable[[], object]], str]]
+        self,
+        key: Hashable,
+        measure: Callable[[], tuple[dict[str, Callable[[], object]], str]],
+        margin: float | None = None,
     ) -> str:
         """The name of the fastest candidate for class ``key`` (measured now if new).
 
         ``measure()`` is called only for a new class (a known class costs one dict lookup, on
         every call of the kernel): it returns the candidates, names mapped to calls on the
         actual inputs (their outputs are dropped), and a label that names the class in
-        :meth:`report` (e.g. the shapes it was timed on).
+        :meth:`report` (e.g. the shapes it was timed on). ``margin``: this class's margin
+        (None: the table's).
         """
         known = self.table.get(key)
         if known is not None:
@@ -73,7 +77,8 @@ class MeasuredChoices:
             for name in candidates:
                 best[name] = min(best[name], timed(name))
         chosen = min(best, key=best.get)
-        if self.default in best and best[chosen] >= (1 - self.margin) * best[self.default]:
+        margin = self.margin if margin is None else margin
+        if self.default in best and best[chosen] >= (1 - margin) * best[self.default]:
             chosen = self.default
         self.table[key] = (chosen, best, label)
         return chosen
