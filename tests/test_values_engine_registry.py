@@ -123,6 +123,8 @@ def test_files_mistaken_for_checkpoints_are_named_by_their_suffix_in_any_case(tm
 def test_an_unreadable_checkpoint_is_one_line_with_the_loaders_first_line(tmp_path, monkeypatch):
     import datetime
 
+    # A user who set torch's switch to unpickle anything still gets a weights-only read.
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     path = tmp_path / "objects.pt"
     torch.save({"when": datetime.date(2024, 1, 2)}, path)  # not a weights-only payload
     try:
@@ -185,14 +187,47 @@ def test_resume_auto_with_no_config_matches_a_checkpoint_without_config_or_meta(
     assert explicit == ResumeChoice(path, ["seed", "meta.task"])
 
 
-def test_resume_of_an_unreadable_checkpoint_reports_it_as_the_difference(tmp_path):
+def test_resume_never_unpickles_objects_and_names_why_a_checkpoint_is_unreadable(
+    tmp_path, monkeypatch
+):
+    import datetime
+    import pickle
+
     path = tmp_path / "r" / "last.pt"
     path.parent.mkdir()
-    path.write_bytes(b"PK\x03\x04 cut short")
-    choice = find_resume(str(path), tmp_path, config={"seed": 0})
-    assert choice.path == path and len(choice.differences) == 1
-    assert choice.differences[0].startswith("unreadable checkpoint (")
-    assert choice.differences[0].endswith(")") and " " not in choice.differences[0][23:]
+    torch.save({"config": {"seed": 0}, "when": datetime.date(2024, 1, 2)}, path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # even with torch's switch
+    choice = find_resume(str(path), tmp_path, config={"seed": 0})  # weights-only: refused
+    assert choice == ResumeChoice(
+        path, [f"unreadable checkpoint ({pickle.UnpicklingError.__name__})"]
+    )
+
+    class Truncated(Exception):
+        pass
+
+    def cut_short(*args, **kwargs):
+        raise Truncated("cut short")
+
+    monkeypatch.setattr(torch, "load", cut_short)
+    with pytest.raises(UserValueError, match=r"differs in unreadable checkpoint \(Truncated\)\)"):
+        find_resume("auto", tmp_path, config={"seed": 0})
+
+
+def test_resume_auto_reads_a_checkpoint_written_on_a_gpu_on_a_cpu_only_machine(
+    tmp_path, monkeypatch
+):
+    import torch.serialization as serialization
+
+    path = tmp_path / "gpu_run" / "last.pt"
+    path.parent.mkdir()
+    with monkeypatch.context() as m:  # tag every storage as CUDA's, as a GPU run's file is
+        m.setattr(serialization, "_package_registry", list(serialization._package_registry))
+        serialization.register_package(1, lambda storage: "cuda:0", lambda obj, location: None)
+        torch.save({"config": {"seed": 0}, "model": {"w": torch.ones(2)}}, path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA"):  # the file does hold CUDA tensors
+        torch.load(path, weights_only=True)
+    assert find_resume("auto", tmp_path, config={"seed": 0}) == ResumeChoice(path, [])
 
 
 def test_resume_auto_names_the_newest_other_experiment_and_how_to_go_on(tmp_path):

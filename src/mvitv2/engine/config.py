@@ -251,13 +251,13 @@ def parse_value(text: str, where: str = "") -> Any:
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """A YAML parse error in one line: where (line and column, from 1) and what."""
-    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
-    if problem is None or mark is None:  # no position: the error's own words, on one line
+    mark = getattr(e, "problem_mark", None)  # a MarkedYAMLError (scanner, parser) has one
+    if mark is None:  # no position (e.g. a control character): its own words, on one line
         return " ".join(str(e).split())
-    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
-    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
-    if context and start is not None:
-        text += f" ({context} from line {start.line + 1}, column {start.column + 1})"
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
+    if e.context and e.context_mark is not None:
+        start = e.context_mark
+        text += f" ({e.context} from line {start.line + 1}, column {start.column + 1})"
     return text
 
 
