@@ -251,7 +251,14 @@ def test_resume_auto_names_the_newest_other_experiment_and_how_to_go_on(tmp_path
     assert find_resume("auto", tmp_path, "missing", mine, {}) is None
 
 
-@pytest.mark.parametrize(("n", "shown"), [(8, "k0, k1, k2, k3, k4, k5, k6, k7"), (11, None)])
+@pytest.mark.parametrize(
+    ("n", "shown"),
+    [
+        (8, "k0, k1, k2, k3, k4, k5, k6, k7"),
+        (9, "k0, k1, k2, k3, k4, k5, k6, k7 and 1 more"),
+        (11, None),
+    ],
+)
 def test_resume_auto_lists_eight_differences_and_counts_the_rest(tmp_path, n, shown):
     saved = {f"k{i}": 1 for i in range(n)}
     _run(tmp_path, "r", 0, saved)
@@ -587,3 +594,15 @@ def test_overrides_set_top_level_and_nested_keys_without_changing_the_input():
         with pytest.raises(UserValueError) as e:
             apply_overrides({}, [bad])
         assert str(e.value) == f"override {bad!r} is not of the form key=value"
+
+
+def test_a_short_run_s_warmup_note_says_what_was_changed_and_how_to_choose_otherwise():
+    from mvitv2.engine.config import short_run_warmup
+
+    override, message = short_run_warmup({"epochs": 10, "warmup_epochs": 5}, ["epochs=2"])
+    assert override == "warmup_epochs=1.0"  # 5 of 10 epochs warm up: 1 of 2
+    assert message == (
+        "epochs=2 ends within the recipe's 5-epoch warmup (of 10 epochs), where the lr would "
+        "never reach its peak: warmup_epochs set to 1 (the recipe's 50% of the run); pass "
+        "warmup_epochs=N to choose another"
+    )
