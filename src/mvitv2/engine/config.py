@@ -193,7 +193,12 @@ class TrainConfig:
             path = Path(recipe)
             if not path.is_file():
                 raise UserFileNotFoundError(f"recipe {path} does not exist")
-            loaded = yaml.safe_load(path.read_text()) or {}
+            try:
+                loaded = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise UserValueError(
+                    f"recipe {path}: not valid YAML, {_yaml_problem(e)}; fix the file"
+                ) from None
             if not isinstance(loaded, dict):
                 raise UserValueError(
                     f"recipe {path}: expected a YAML mapping, got {type(loaded).__name__}"
@@ -226,12 +231,34 @@ class TrainConfig:
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
-def parse_value(text: str) -> Any:
-    """A ``key=value`` value: YAML scalars/lists, plus numbers YAML 1.1 misses (``1e-3``)."""
-    value = yaml.safe_load(text) if text.strip() else ""
+def parse_value(text: str, where: str = "") -> Any:
+    """A ``key=value`` value: YAML scalars/lists, plus numbers YAML 1.1 misses (``1e-3``).
+
+    Malformed YAML (``[1, 2``) raises :class:`~mvitv2.errors.UserValueError` naming ``where``
+    (e.g. ``override 'k=[1, 2'``; default: the value).
+    """
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise UserValueError(
+            f"{where or f'value {text!r}'}: not valid YAML, {_yaml_problem(e)}; quote a value "
+            "meant as text"
+        ) from None
     if isinstance(value, str) and _FLOAT.match(value):
         return float(value)
     return value
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: where (line and column, from 1) and what."""
+    mark = getattr(e, "problem_mark", None)  # a MarkedYAMLError (scanner, parser) has one
+    if mark is None:  # no position (e.g. a control character): its own words, on one line
+        return " ".join(str(e).split())
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
+    if e.context and e.context_mark is not None:
+        start = e.context_mark
+        text += f" ({e.context} from line {start.line + 1}, column {start.column + 1})"
+    return text
 
 
 def apply_overrides(values: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -245,10 +272,10 @@ def apply_overrides(values: Mapping[str, Any], overrides: Iterable[str]) -> dict
         if rest:
             sub = out.get(head)
             sub = dict(sub) if isinstance(sub, dict) else {}
-            sub[rest] = parse_value(text)
+            sub[rest] = parse_value(text, f"override {item!r}")
             out[head] = sub
         else:
-            out[head] = parse_value(text)
+            out[head] = parse_value(text, f"override {item!r}")
     return out
 
 
@@ -305,6 +332,14 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         return tuple(value)
     if value is None:
         return None
+    if name == "finetune":  # a checkpoint path
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if not isinstance(value, str):
+            raise UserValueError(
+                f"config {name}: expected a checkpoint path or null, got {value!r}"
+            )
+        return value
     if name == "pretrained":  # true/false or a weights tag
         if not isinstance(value, bool | str):
             raise UserValueError(

@@ -740,7 +740,7 @@ def detector_from_args(args: argparse.Namespace) -> DetectorFile:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UserValueError(f"--model-args {item!r}: expected KEY=VALUE")
-        model_args[key] = parse_value(text)
+        model_args[key] = parse_value(text, f"--model-args {item!r}")
     return read_detector(
         args.checkpoint, allow_pickle=args.allow_pickle, model=args.model, model_args=model_args
     )
