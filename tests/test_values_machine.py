@@ -48,6 +48,12 @@ def test_missing_cpuinfo_fields_read_as_question_marks():
         "model": "?",
         "flags": [],
     }
+    assert machine.parse_cpuinfo("processor\t: 0\ncpu family\t: 25\nflags\t: avx2\n") == {
+        "model_name": "?",
+        "family": "25",
+        "model": "?",
+        "flags": ["avx2"],
+    }
 
 
 def test_description_names_the_cpu_its_numbers_count_and_flags_and_says_when_amx_is_absent():
@@ -61,6 +67,7 @@ def test_description_names_the_cpu_its_numbers_count_and_flags_and_says_when_amx
     )
     bare = {"model_name": "arm64", "family": "?", "model": "?", "flags": [], "cpus": 8}
     assert machine.describe_cpu(bare) == "arm64 (family ?, model ?), 8 CPUs; no kernel flags read"
+    assert machine.describe_cpu() == machine.describe_cpu(machine.cpu_info())  # this machine
 
 
 def test_without_proc_cpuinfo_the_platform_s_processor_is_named(monkeypatch):

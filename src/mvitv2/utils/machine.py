@@ -31,9 +31,8 @@ def parse_cpuinfo(text: str) -> dict[str, object]:
     Returns ``{"model_name": str, "family": str, "model": str, "flags": [flag, ...]}``; a field
     that is missing reads ``"?"``.
     """
-    first = text.strip().split("\n\n")[0]  # one block per logical processor
     fields: dict[str, str] = {}
-    for line in first.splitlines():
+    for line in text.splitlines():  # one block per logical processor: the first value counts
         key, sep, value = line.partition(":")
         if sep:
             fields.setdefault(key.strip(), value.strip())
