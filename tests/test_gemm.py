@@ -133,7 +133,8 @@ def test_backend_setting_api():
 
 @needs_onednn
 def test_flop_count_does_not_depend_on_the_backend():
-    """The FLOP counter does not see oneDNN's GEMMs; counting must still give the full count."""
+    """Under the FLOP counter (a dispatch mode) our linears run ATen's F.linear whatever the
+    backend setting, so the count is the full count (oneDNN's op has no FLOP formula)."""
     model = mvitv2.create_model("mvitv2_tiny", depths=(1, 1, 1, 1), embed_dim=32, img_size=64)
     with gemm_backend("onednn"):
         a = count_macs(model, (1, 3, 64, 64))

@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import register_flop_formula
 
 from mvitv2.ops.context import autocast_dtype, intercepted, tracing
 from mvitv2.utils.choice import Choice
@@ -75,21 +73,6 @@ def _onednn_linear_op():
         return torch.ops.mkldnn._linear_pointwise.default
     except (AttributeError, RuntimeError):
         return None
-
-
-def _register_flop_formula() -> None:
-    """Let ``torch.utils.flop_counter`` count oneDNN's linear as it counts ATen's (``2*M*N*K``;
-    a fused GELU is not counted, as ATen's is not), so FLOP counts do not depend on the backend."""
-    op = _onednn_linear_op()
-    if op is None:
-        return
-
-    @register_flop_formula(op.overloadpacket)
-    def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
-
-
-_register_flop_formula()
 
 
 #: How much faster (fraction of ATen's time) oneDNN must measure to be used with ``"auto"`` in
