@@ -465,7 +465,28 @@ def test_onednn_dtype_rules_fp32_without_autocast_and_bf16_autocast_only_at_infe
         assert gemm._onednn_dtype(x, inference=True) is None
 
 
+def test_bf16_goes_to_onednn_only_on_a_cpu_with_its_bf16_kernels(monkeypatch):
+    """Without AVX-512/AMX oneDNN's bf16 linear refuses to run: ATen's bf16 GEMM then."""
+    x = torch.zeros(2, 4)
+    monkeypatch.setattr(gemm, "_onednn_bf16_supported", lambda: False)
+    monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: object())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gemm._onednn_dtype(x, inference=True) is None
+    assert gemm._onednn_dtype(x, inference=True) is torch.float32  # fp32 is not affected
+    monkeypatch.setattr(gemm, "_onednn_bf16_supported", lambda: True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gemm._onednn_dtype(x, inference=True) is torch.bfloat16
+    monkeypatch.undo()
+    want = (
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if torch.backends.mkldnn.is_available()
+        else False
+    )
+    assert gemm._onednn_bf16_supported() is bool(want)
+
+
 @needs_onednn
+@pytest.mark.skipif(not gemm._onednn_bf16_supported(), reason="no oneDNN bf16 kernels here")
 @pytest.mark.parametrize("gelu", [False, True])
 def test_bf16_autocast_inference_on_onednn_is_the_product_of_the_bf16_operands(monkeypatch, gelu):
     """Under CPU bf16 autocast without gradients, oneDNN gets x, the weight (a row slice, as the

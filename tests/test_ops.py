@@ -201,9 +201,10 @@ def test_implementation_choices_name_the_gemm_backend_the_linear_layers_use(monk
             if backend == "auto" and has_onednn:
                 onednn_ms, aten_ms = gemm_ops._measured_ms()
                 assert f"oneDNN {onednn_ms:.1f} ms, ATen {aten_ms:.1f} ms" in train["gemm_why"]
+    bf16_onednn = has_onednn and gemm_ops._onednn_bf16_supported()
     with gemm_backend("onednn"):  # bf16 autocast: oneDNN at inference, F.linear in training
-        if has_onednn:
-            assert implementation_choices("cpu", torch.bfloat16)["gemm"] == "onednn"
+        inference = implementation_choices("cpu", torch.bfloat16)
+        assert inference["gemm"] == ("onednn" if bf16_onednn else "aten")
         train = implementation_choices("cpu", torch.bfloat16, training=True)
         assert train["gemm"] == "aten" and "at inference" in train["gemm_why"]
         onednn_calls.clear()
@@ -212,7 +213,15 @@ def test_implementation_choices_name_the_gemm_backend_the_linear_layers_use(monk
         assert not onednn_calls and y.dtype == torch.bfloat16
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             assert layer(x).dtype == torch.bfloat16
-        assert len(onednn_calls) == int(has_onednn)
+        assert len(onednn_calls) == int(bf16_onednn)
+    monkeypatch.setattr(gemm_ops, "_onednn_bf16_supported", lambda: False)
+    with gemm_backend("onednn"):
+        assert implementation_choices("cpu", torch.bfloat16) == {
+            **attention_ops.attention_choice("cpu", torch.bfloat16, False),
+            "gemm": "aten",
+            "gemm_setting": "onednn",
+            "gemm_why": "this CPU has no oneDNN bf16 kernels",
+        }
 
 
 def _naive_windows(grid: torch.Tensor, window: int) -> torch.Tensor:

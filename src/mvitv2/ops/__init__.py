@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from mvitv2.ops import gemm as gemm_ops
 from mvitv2.ops.attention import (
     ATTENTION_IMPLS,
     attend,
@@ -66,9 +67,11 @@ def implementation_choices(
     """
     device_type = torch.device(device).type
     choices = attention_choice(device_type, dtype, training)
-    if device_type == "cpu" and (
-        dtype == torch.float32 or (dtype == torch.bfloat16 and not training)
-    ):
+    bf16_inference = dtype == torch.bfloat16 and not training
+    if device_type == "cpu" and bf16_inference and not gemm_ops._onednn_bf16_supported():
+        why = "this CPU has no oneDNN bf16 kernels"
+        choices.update(gemm="aten", gemm_setting=get_gemm_backend(), gemm_why=why)
+    elif device_type == "cpu" and (dtype == torch.float32 or bf16_inference):
         choices.update(gemm_choice(training))
     else:
         why = "oneDNN is used on CPU only, for fp32 and for bf16 autocast at inference"

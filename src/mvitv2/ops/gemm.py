@@ -112,10 +112,20 @@ def _onednn_measured_faster() -> bool:
     return ms is not None and ms[0] < (1 - ONEDNN_MARGIN) * ms[1]
 
 
+@functools.cache
+def _onednn_bf16_supported() -> bool:
+    """Whether this CPU has oneDNN's bf16 kernels (AVX-512 or AMX): elsewhere its bf16 linear
+    refuses to run, and ATen's bf16 GEMM is used."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _onednn_dtype(x: Tensor, inference: bool = False) -> torch.dtype | None:
     """The dtype oneDNN would run a linear layer on ``x`` in now, or None where it does not
     apply: fp32 for fp32 CPU tensors without autocast; with ``inference``, also bf16 under CPU
-    bf16 autocast (fp32 or bf16 ``x``). Never while tracing or under a dispatch mode such as FLOP
+    bf16 autocast (fp32 or bf16 ``x``) on a CPU with oneDNN's bf16 kernels. Never while tracing or under a dispatch mode such as FLOP
     counting (no timing run there), nor in a build without oneDNN's linear."""
     if x.device.type != "cpu" or tracing() or intercepted():
         return None
@@ -123,7 +133,7 @@ def _onednn_dtype(x: Tensor, inference: bool = False) -> torch.dtype | None:
     if amp is None:
         dtype = torch.float32 if x.dtype == torch.float32 else None
     elif inference and amp == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16):
-        dtype = torch.bfloat16
+        dtype = torch.bfloat16 if _onednn_bf16_supported() else None
     else:
         dtype = None
     if dtype is None or _onednn_linear_op() is None:
