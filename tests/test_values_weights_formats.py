@@ -10,7 +10,7 @@ import torch
 
 import mvitv2
 from mvitv2.weights import load_checkpoint
-from mvitv2.weights.formats import convert_state_dict, detect_format
+from mvitv2.weights.formats import convert_state_dict, detect_format, unwrap
 
 PROJECT_FIRST = "MVIT:\n  POOL_FIRST: false\n"
 
@@ -88,4 +88,24 @@ def test_unknown_layout_error_lists_the_first_eight_keys_in_sorted_order():
         "unrecognised checkpoint layout (known: detectron2, timm, torchvision, official); "
         "first keys: ['layera.weight', 'layerb.weight', 'layerc.weight', 'layerd.weight', "
         "'layere.weight', 'layerf.weight', 'layerg.weight', 'layerh.weight']"
+    )
+
+
+def test_unwrap_skips_non_tensor_entries_wherever_they_are_listed():
+    """A counter or string listed before the tensors (BatchNorm's ``num_batches_tracked`` saved
+    as an int) is skipped; every tensor after it is still kept."""
+    a, b = _t(2), _t(3, start=5)
+    got, version = unwrap({"num_batches_tracked": 3, "a.weight": a, "tag": "x", "b.bias": b})
+    assert version is None and got.keys() == {"a.weight", "b.bias"}
+    assert torch.equal(got["a.weight"], a) and torch.equal(got["b.bias"], b)
+
+
+def test_no_state_dict_error_lists_at_most_twenty_sorted_top_level_keys():
+    ckpt = {f"k{i:02d}": i for i in range(22, 0, -1)}  # 22 non-tensor entries, listed in reverse
+    with pytest.raises(ValueError) as err:
+        unwrap(ckpt)
+    listed = [f"k{i:02d}" for i in range(1, 21)]
+    assert str(err.value) == (
+        "no state dict found: expected tensors at the top level or under one of "
+        f"['model_state', 'model', 'state_dict', 'module']; top-level keys are {listed}"
     )
