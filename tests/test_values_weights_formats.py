@@ -1,7 +1,8 @@
 """mvitv2.weights.formats by value, the cases the other weight tests leave open: SlowFast
-``SEPARATE_QKV`` checkpoints of models without Q/K/V biases, and the unknown-layout error for a
-state dict with many keys. Source state dicts are written out by hand; the expected tensors are
-built here from them (rows stacked q, k, v), never taken from the conversion."""
+``SEPARATE_QKV`` checkpoints of models without Q/K/V biases, non-tensor entries before the
+tensors, and the error messages' key lists for checkpoints with many keys. Source state dicts
+are written out by hand; the expected tensors are built here from them (rows stacked q, k, v),
+never taken from the conversion."""
 
 from __future__ import annotations
 
