@@ -48,6 +48,7 @@ def _save(
 
 def make_image_checkpoint(path: Path) -> Path:
     """Image task format: ``classes`` and the data config (the model's img_size comes from it)."""
+    torch.manual_seed(0)  # the same weights whichever tests ran before
     model = mvitv2.create_model("mvitv2_tiny", num_classes=3, img_size=64, **TINY)
     data = {"img_size": 64, "crop_pct": 0.8, "interpolation": "bilinear"}
     return _save(
@@ -57,6 +58,7 @@ def make_image_checkpoint(path: Path) -> Path:
 
 def make_video_checkpoint(path: Path) -> Path:
     args = {**TINY, "img_size": 64, "num_frames": 4}
+    torch.manual_seed(0)  # the same weights whichever tests ran before
     model = mvitv2.create_model("mvitv2_small_16x4", num_classes=4, **args)
     data = {"crop_size": 64, "num_frames": 4, "sampling_rate": 2, "test_clips": 2}
     meta = {"task": "video", "class_names": VIDEO_CLASSES, "data": data}
@@ -65,6 +67,7 @@ def make_video_checkpoint(path: Path) -> Path:
 
 def make_detect_checkpoint(path: Path) -> Path:
     """Detection task format: explicit ``model_name``/``model_kwargs``."""
+    torch.manual_seed(0)  # the same weights whichever tests ran before
     model = mvitv2.create_detector("maskrcnn_mvitv2_tiny", num_classes=2, **DETECT_ARGS)
     meta = {
         "task": "detect",
@@ -203,6 +206,7 @@ def test_video_segment_sampling_and_three_crops_follow_the_checkpoint(tmp_path: 
     from mvitv2.data.video import segment_indices
 
     args = {**TINY, "img_size": 64, "num_frames": 4}
+    torch.manual_seed(0)  # the same weights whichever tests ran before
     model = mvitv2.create_model("mvitv2_small_16x4", num_classes=4, **args)
     data = {"crop_size": 64, "num_frames": 4, "sampling": "segment", "test_crops": 3}
     meta = {"task": "video", "class_names": VIDEO_CLASSES, "data": data}
