@@ -154,3 +154,11 @@ def test_an_index_without_its_own_frame_shows_the_frame_on_screen_then(tmp_path)
         assert r.frames_decoded == 4 and not r.truncated  # frames at 0, 1, 2 and 4
     with VideoReader(path) as r:
         assert _grey(r.get_frames([4, 3, 10, 2, 3])) == [3, 2, 9, 2, 2]
+
+
+def test_a_keyframe_is_read_without_decoding_the_frames_before_it(tmp_path):
+    """Every frame a keyframe: frame 1 (and frame 9) decode alone, frame 0 is not decoded."""
+    _cut_after(tmp_path, 1)  # writes the complete file full.mp4 too
+    for i in (1, 9):
+        with VideoReader(tmp_path / "full.mp4") as r:
+            assert _grey(r.get_frames([i])) == [i] and r.frames_decoded == 1
