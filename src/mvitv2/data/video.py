@@ -169,10 +169,10 @@ class VideoReader:
                 if i > self._max_seen:
                     self._max_seen, self._last_frame = i, frame
                 if wanted is not None and prev is not None:
-                    # wanted indices with no frame of their own (variable frame rate) show the
-                    # frame still on screen at their time, the previous one
+                    # wanted indices (all in [first, last]) with no frame of their own (variable
+                    # frame rate) show the frame still on screen at their time, the previous one
                     for w in wanted:
-                        if prev[0] < w < i and (last is None or w <= last):
+                        if prev[0] < w < i:
                             out[w] = self._to_rgb(prev[1])
                 prev = (i, frame)
                 if i < first:
