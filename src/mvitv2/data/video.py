@@ -161,12 +161,20 @@ class VideoReader:
         c, s = self._container, self._stream
         target = self.start_pts + (int(first / self.fps / self.time_base) if first > 0 else 0)
         c.seek(target, stream=s)  # backward to the keyframe at or before target
+        prev: tuple[int, av.VideoFrame] | None = None
         try:
             for frame in c.decode(s):
                 self.frames_decoded += 1
                 i = self._index(frame)
                 if i > self._max_seen:
                     self._max_seen, self._last_frame = i, frame
+                if wanted is not None and prev is not None:
+                    # wanted indices (all in [first, last]) with no frame of their own (variable
+                    # frame rate) show the frame still on screen at their time, the previous one
+                    for w in wanted:
+                        if prev[0] < w < i:
+                            out[w] = self._to_rgb(prev[1])
+                prev = (i, frame)
                 if i < first:
                     continue
                 if last is not None and i > last:

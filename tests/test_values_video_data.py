@@ -1,0 +1,164 @@
+"""mvitv2.data.video by value, the cases the other video tests leave open: the reasons a bad
+video is reported with, written out by hand."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from mvitv2.data import video as video_data
+from mvitv2.data.moving_digits import write_video
+from mvitv2.data.video import VideoDecodeError, VideoReader
+
+
+# ----------------------------------------------------------------------------- error reasons
+@pytest.mark.parametrize(
+    ("error", "why"),
+    [
+        (OSError(5, "Input/output error"), "Input/output error"),  # errno error: its strerror
+        (OSError("disk went away"), "disk went away"),  # no strerror: the message
+        # no strerror attribute at all: the message
+        (
+            UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+            "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte",
+        ),
+    ],
+)
+def test_a_file_that_cannot_be_opened_is_corrupt_with_the_error_text(
+    tmp_path, monkeypatch, error, why
+):
+    (tmp_path / "v.mp4").write_bytes(b"not empty")
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(video_data.av, "open", fail)
+    with pytest.raises(VideoDecodeError) as e:
+        VideoReader(tmp_path / "v.mp4")
+    assert (e.value.reason, e.value.kind) == (f"cannot open video ({why})", "corrupt")
+    assert str(e.value) == f"{tmp_path / 'v.mp4'}: cannot open video ({why})"
+
+
+def test_a_video_stream_without_frames_is_empty(tmp_path):
+    """An AVI with a video stream header but no frame: no count anywhere, none decodes."""
+    path = tmp_path / "v.avi"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
+        c.start_encoding()
+    with av.open(str(path)) as c:  # the premise: the stream is there, with 0 frames
+        assert len(c.streams.video) == 1 and not c.streams.video[0].frames
+    with pytest.raises(VideoDecodeError) as e:
+        VideoReader(path)
+    assert (e.value.reason, e.value.kind) == ("video stream has no frames", "empty")
+
+
+# ----------------------------------------------------------------------------- decoding
+def test_a_one_frame_video_is_counted_from_its_header_and_read_back(tmp_path):
+    frames = np.zeros((1, 32, 48, 3), np.uint8)
+    frames[0, :, :24] = (200, 40, 90)  # left half coloured, right half black
+    write_video(tmp_path / "one.mp4", frames, fps=25, crf=0)
+    with VideoReader(tmp_path / "one.mp4") as r:
+        # the header says 1 frame: opening decodes nothing
+        assert (r.num_frames, r.fps, r.frames_decoded) == (1, 25.0, 0)
+        got = r.get_frames([0, 0]).int()
+        assert got.shape == (2, 32, 48, 3) and r.frames_decoded == 1 and not r.truncated
+    for t in range(2):  # away from the chroma edge the colours come back within codec rounding
+        assert (got[t, :, :20] - torch.tensor([200, 40, 90])).abs().max() <= 3
+        assert got[t, :, 28:].abs().max() <= 3
+
+
+@pytest.mark.parametrize("threads", [1, 3, 0])
+def test_decoder_threads_are_what_the_caller_asks(tmp_path, threads):
+    """threads=1 (the default) keeps DataLoader workers single-threaded; 0 leaves FFmpeg's
+    own choice (its thread_count 0, "auto")."""
+    write_video(tmp_path / "v.mp4", np.zeros((2, 32, 48, 3), np.uint8), fps=25)
+    kw = {} if threads == 1 else {"threads": threads}
+    with VideoReader(tmp_path / "v.mp4", **kw) as r:
+        assert r._stream.codec_context.thread_count == threads
+
+
+def test_asking_for_no_frame_is_an_error(tmp_path):
+    write_video(tmp_path / "v.mp4", np.zeros((2, 32, 48, 3), np.uint8), fps=25)
+    with VideoReader(tmp_path / "v.mp4") as r, pytest.raises(ValueError) as e:
+        r.get_frames([])
+    assert str(e.value) == "no frame indices requested"
+
+
+def _cut_after(tmp_path, packets: int):
+    """A 10-frame all-keyframe MP4 (index first) cut where packet ``packets`` starts (plus 2
+    bytes): exactly ``packets`` frames decode, though the header promises 10. Frame i is flat
+    grey 16 + 20 i (outside a noise patch that keeps packets apart)."""
+    n = 10
+    levels = (16 + 20 * np.arange(n)).astype(np.uint8)
+    frames = np.broadcast_to(levels[:, None, None, None], (n, 32, 48, 3)).copy()
+    frames[:, :8, :8] = np.random.default_rng(0).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    write_video(tmp_path / "full.mp4", frames, fps=25, crf=0, gop=1, faststart=True)
+    with av.open(str(tmp_path / "full.mp4")) as c:
+        starts = [p.pos for p in c.demux(video=0) if p.size]
+    data = (tmp_path / "full.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: starts[packets] + 2])
+    return tmp_path / "cut.mp4"
+
+
+def _grey(frames: torch.Tensor) -> list[int]:
+    return ((frames[:, 16:, 16:].float().mean((1, 2, 3)) - 16) / 20).round().int().tolist()
+
+
+def test_a_file_cut_after_its_first_frame_gives_that_frame_for_every_index(tmp_path):
+    path = _cut_after(tmp_path, 1)
+    with VideoReader(path) as r:
+        assert (r.num_frames, r.truncated) == (10, False)  # what the header says
+        assert _grey(r.get_frames([5])) == [0]  # no wanted frame decodes: the last one that does
+        assert (r.num_frames, r.truncated) == (1, True)
+    with VideoReader(path) as r:
+        assert _grey(r.get_frames([0, 9, 0])) == [0, 0, 0]
+        assert (r.num_frames, r.truncated) == (1, True)
+
+
+def test_a_file_cut_inside_its_first_frame_has_no_decodable_frame(tmp_path):
+    path = _cut_after(tmp_path, 0)
+    with VideoReader(path) as r:
+        assert r.num_frames == 10
+        with pytest.raises(VideoDecodeError) as e:
+            r.get_frames([0, 3])
+        assert (e.value.reason, e.value.kind) == ("no decodable frame", "corrupt")
+        assert (r.num_frames, r.truncated) == (0, True)  # nothing decodes: 0 frames
+
+
+def _vfr_video(path):
+    """A variable-frame-rate Matroska file at 25 fps with no frame at index 3: frame k (grey
+    16 + 20 k) is shown at index [0, 1, 2, 4, 5, ..., 10][k]; index 3 still shows frame 2."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt, s.options = 48, 32, "yuv420p", {"crf": "0", "g": "100"}
+        for k, t in enumerate([0, 1, 2, 4, 5, 6, 7, 8, 9, 10]):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 48, 3), 16 + 20 * k, np.uint8))
+            frame.pts, frame.time_base = t, Fraction(1, 25)
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+    return path
+
+
+def test_an_index_without_its_own_frame_shows_the_frame_on_screen_then(tmp_path):
+    """Variable frame rate: index 3 (time 3/25 s) has no frame; the frame on screen then is the
+    previous one (k = 2), found in one pass, without decoding the file again from its start."""
+    path = _vfr_video(tmp_path / "vfr.mkv")
+    with VideoReader(path) as r:
+        assert (r.num_frames, r.fps) == (11, 25.0)
+        assert _grey(r.get_frames([3])) == [2]
+        assert r.frames_decoded == 4 and not r.truncated  # frames at 0, 1, 2 and 4
+    with VideoReader(path) as r:
+        assert _grey(r.get_frames([4, 3, 10, 2, 3])) == [3, 2, 9, 2, 2]
+
+
+def test_a_keyframe_is_read_without_decoding_the_frames_before_it(tmp_path):
+    """Every frame a keyframe: frame 1 (and frame 9) decode alone, frame 0 is not decoded."""
+    _cut_after(tmp_path, 1)  # writes the complete file full.mp4 too
+    for i in (1, 9):
+        with VideoReader(tmp_path / "full.mp4") as r:
+            assert _grey(r.get_frames([i])) == [i] and r.frames_decoded == 1
