@@ -12,15 +12,9 @@ import torch
 import mvitv2
 from mvitv2.weights import load_checkpoint
 from mvitv2.weights.formats import convert_state_dict, detect_format, unwrap
+from test_values_weights import _t  # arange tensors of a shape
 
 PROJECT_FIRST = "MVIT:\n  POOL_FIRST: false\n"
-
-
-def _t(*shape: int, start: float = 0.0) -> torch.Tensor:
-    n = 1
-    for s in shape:
-        n *= s
-    return torch.arange(start, start + n, dtype=torch.float32).reshape(shape)
 
 
 def test_separate_qkv_without_biases_merges_the_weights_and_adds_no_bias():

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from mvitv2.ops import gemm as gemm_ops
 from mvitv2.ops.attention import (
     ATTENTION_IMPLS,
     attend,
@@ -31,6 +30,7 @@ from mvitv2.ops.attention import (
 )
 from mvitv2.ops.gemm import (
     GEMM_BACKENDS,
+    NOT_APPLICABLE,
     Linear,
     convert_linears,
     gemm_backend,
@@ -67,15 +67,10 @@ def implementation_choices(
     """
     device_type = torch.device(device).type
     choices = attention_choice(device_type, dtype, training)
-    bf16_inference = dtype == torch.bfloat16 and not training
-    if device_type == "cpu" and bf16_inference and not gemm_ops._onednn_bf16_supported():
-        why = "this CPU has no oneDNN bf16 kernels"
-        choices.update(gemm="aten", gemm_setting=get_gemm_backend(), gemm_why=why)
-    elif device_type == "cpu" and (dtype == torch.float32 or bf16_inference):
-        choices.update(gemm_choice(training))
+    if device_type == "cpu":
+        choices.update(gemm_choice(training, dtype))
     else:
-        why = "oneDNN is used on CPU only, for fp32 and for bf16 autocast at inference"
-        choices.update(gemm="aten", gemm_setting=get_gemm_backend(), gemm_why=why)
+        choices.update(gemm="aten", gemm_setting=get_gemm_backend(), gemm_why=NOT_APPLICABLE)
     return choices
 
 

@@ -125,8 +125,9 @@ def _onednn_bf16_supported() -> bool:
 def _onednn_dtype(x: Tensor, inference: bool = False) -> torch.dtype | None:
     """The dtype oneDNN would run a linear layer on ``x`` in now, or None where it does not
     apply: fp32 for fp32 CPU tensors without autocast; with ``inference``, also bf16 under CPU
-    bf16 autocast (fp32 or bf16 ``x``) on a CPU with oneDNN's bf16 kernels. Never while tracing or under a dispatch mode such as FLOP
-    counting (no timing run there), nor in a build without oneDNN's linear."""
+    bf16 autocast (fp32 or bf16 ``x``) on a CPU with oneDNN's bf16 kernels. Never while tracing
+    or under a dispatch mode such as FLOP counting (no timing run there), nor in a build without
+    oneDNN's linear."""
     if x.device.type != "cpu" or tracing() or intercepted():
         return None
     amp = autocast_dtype("cpu")
@@ -141,18 +142,12 @@ def _onednn_dtype(x: Tensor, inference: bool = False) -> torch.dtype | None:
     return dtype
 
 
-def _onednn_applies(x: Tensor) -> bool:
-    """Whether oneDNN can run a linear layer on ``x`` under autograd: fp32 without autocast
-    (see :func:`_onednn_dtype`)."""
-    return _onednn_dtype(x) is not None
-
-
 def uses_onednn(x: Tensor) -> bool:
     """Whether our linear layers send ``x`` to oneDNN under autograd (training): the setting, or
     with ``"auto"`` the one-off measurement :func:`_measured_ms`. (Inference with ``"auto"``
     decides per GEMM size class, see :func:`linear`.)"""
     backend = _BACKEND.value
-    if backend == "aten" or not _onednn_applies(x):
+    if backend == "aten" or _onednn_dtype(x) is None:  # under autograd: fp32 without autocast
         return False
     return backend == "onednn" or _onednn_measured_faster()
 
@@ -214,12 +209,22 @@ def gemm_measurements() -> dict[str, str]:
     return _MEASURED.report()
 
 
-def gemm_choice(training: bool = False) -> dict[str, str]:
-    """The CPU GEMM backend in force (fp32; at inference also bf16 autocast) and why: ``{"gemm": ..., "gemm_setting": ...,
-    "gemm_why": ...}``. With ``"auto"``: at inference ``"measured"`` (per GEMM size class, see
-    :func:`gemm_measurements`); under autograd (``training``) the backend of the one-off
-    measurement, which this runs if not yet done."""
+#: Why ATen's GEMMs run where oneDNN never does (another device or dtype, autocast training).
+NOT_APPLICABLE = "oneDNN is used on CPU only, for fp32 and for bf16 autocast at inference"
+
+
+def gemm_choice(training: bool = False, dtype: torch.dtype = torch.float32) -> dict[str, str]:
+    """The CPU GEMM backend in force for compute ``dtype`` (the autocast dtype under autocast)
+    and why: ``{"gemm": ..., "gemm_setting": ..., "gemm_why": ...}``. With ``"auto"``: at
+    inference ``"measured"`` (per GEMM size class, see :func:`gemm_measurements`); under
+    autograd (``training``) the backend of the one-off measurement, which this runs if not yet
+    done. ATen where oneDNN does not apply (see :func:`_onednn_dtype`)."""
     setting = _BACKEND.value
+    if dtype != torch.float32 and (training or dtype != torch.bfloat16):
+        return {"gemm": "aten", "gemm_setting": setting, "gemm_why": NOT_APPLICABLE}
+    if dtype == torch.bfloat16 and not _onednn_bf16_supported():
+        why = "this CPU has no oneDNN bf16 kernels"
+        return {"gemm": "aten", "gemm_setting": setting, "gemm_why": why}
     if setting == "aten":
         return {"gemm": "aten", "gemm_setting": setting, "gemm_why": "set"}
     if _onednn_linear_op() is None:
