@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from mvitv2.ops import attention as attn_mod
 from mvitv2.ops.rel_pos import RelPos
 
-SCALE = 8**-0.5
+SCALE = 0.3  # not the head width's default 8**-0.5: the scale given must be the one used
 
 
 def _inputs(
