@@ -1,4 +1,4 @@
-"""What bounds inference memory in the attention paths: chunk sizes counted by hand.
+"""The attention paths against loops of the formula, and their chunk sizes counted by hand.
 
 Each inference path that works in chunks ("bias" by batch groups or query rows, "chunked" by
 query rows) must keep every score (or bias) chunk within ``CHUNK_ELEMENTS`` and make the chunks
@@ -185,3 +185,42 @@ def test_chunked_path_takes_all_queries_at_once_when_they_fit_or_under_autograd(
     with torch.set_grad_enabled(grad):
         attn_mod.attention_chunked(q, k, v, SCALE, rel)
     assert rows == [256]
+
+
+def _naive_attention(q, k, v, scale, h, w, side, prefix):
+    """Attention written as loops over items, heads and queries, with the decomposed rel-pos
+    term on a ``side x side`` grid (queries and keys): for grid query ``(y, x)`` and grid key
+    ``(y', x')``, ``q . h[y - y' + side - 1] + q . w[x - x' + side - 1]``; none on the
+    ``prefix`` (cls) rows and columns."""
+    B, nH, N, _ = q.shape
+    out = torch.zeros(B, nH, N, v.shape[-1], dtype=torch.float64)
+    q, k, v, h, w = (t.double() for t in (q, k, v, h, w))
+    for b in range(B):
+        for n in range(nH):
+            for i in range(N):
+                s = torch.stack([scale * (q[b, n, i] @ k[b, n, j]) for j in range(N)])
+                if i >= prefix:
+                    y, x = divmod(i - prefix, side)
+                    for j in range(prefix, N):
+                        y2, x2 = divmod(j - prefix, side)
+                        s[j] += (
+                            q[b, n, i] @ h[y - y2 + side - 1] + q[b, n, i] @ w[x - x2 + side - 1]
+                        )
+                out[b, n, i] = torch.softmax(s, 0) @ v[b, n]
+    return out
+
+
+@pytest.mark.parametrize("path", ["reference", "bias", "folded", "chunked", "memeff"])
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_every_path_is_the_naive_loop_with_the_scale_given(path, prefix):
+    """Each attention path, with a softmax scale other than the head width's default, a cls
+    token or none, and with no rel-pos term at all, against the loops of the formula."""
+    q, k, v, rel = _inputs(2, 2, (3, 3), (3, 3), seed=7, prefix=prefix)
+    fn = attn_mod._paths()[path]
+    with torch.no_grad():
+        out = fn(q, k, v, SCALE, rel)
+        plain = fn(q, k, v, SCALE, None)
+    want = _naive_attention(q, k, v, SCALE, rel.h, rel.w, 3, prefix)
+    assert torch.allclose(out.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    no_rel = _naive_attention(q, k, v, SCALE, rel.h * 0, rel.w * 0, 3, prefix)
+    assert torch.allclose(plain.double(), no_rel, rtol=0, atol=1e-5 * no_rel.abs().max().item())
