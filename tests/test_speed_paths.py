@@ -405,6 +405,33 @@ def test_benchmark_cli_quick(tmp_path):
     assert result["machine"]["cpu"] == cpu_info()  # every figure names its CPU
 
 
+def test_each_case_s_percent_of_peak_is_against_the_better_peak_just_before_and_after_it(
+    tmp_path, monkeypatch
+):
+    """The matmul peak is measured before the first case and after every case; a case's % of
+    peak divides its GFLOP/s by the better of the measurements around it (a slow host moment
+    during one of them must not inflate it), and the JSON keeps the best of the run."""
+    import json
+
+    from mvitv2 import benchmark as bm
+    from mvitv2.cli import main
+
+    measured = iter([100.0, 1000.0, 400.0, 2000.0, 200.0, 500.0])  # fp32, bf16 per measurement
+    monkeypatch.setattr(bm, "matmul_peak", lambda dtype, device, n: next(measured))
+    out = tmp_path / "bench.json"
+    argv = ["benchmark", "--quick", "--repeats", "1", "--cases", "image_fp32", "image_bf16"]
+    assert main([*argv, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["matmul_peak_gflops_per_case"] == {
+        "image_fp32": {"fp32": 400.0, "bf16": 2000.0},  # start 100/1000, after 400/2000
+        "image_bf16": {"fp32": 400.0, "bf16": 2000.0},  # before 400/2000, after 200/500
+    }
+    assert result["matmul_peak_gflops"] == {"fp32": 400.0, "bf16": 2000.0}
+    for r in result["rows"]:
+        peak = 2000.0 if r["case"] == "image_bf16" else 400.0
+        assert r["pct_peak"] == pytest.approx(100 * r["gflops"] / peak, rel=1e-12)
+
+
 def test_memeff_on_bf16_inputs_casts_the_fp32_rel_pos_tables_to_their_dtype():
     """Forced under bf16 (autocast leaves the tables in fp32), memeff runs the rel-pos term in
     the inputs' dtype and gives the fp32 reference's output and gradients to bf16 precision
