@@ -3,6 +3,7 @@ video is reported with, written out by hand."""
 
 from __future__ import annotations
 
+import errno
 from fractions import Fraction
 
 import av
@@ -126,8 +127,44 @@ def test_a_file_cut_inside_its_first_frame_has_no_decodable_frame(tmp_path):
         assert r.num_frames == 10
         with pytest.raises(VideoDecodeError) as e:
             r.get_frames([0, 3])
-        assert (e.value.reason, e.value.kind) == ("no decodable frame", "corrupt")
+        assert (e.value.path, e.value.reason, e.value.kind) == (
+            str(path),
+            "no decodable frame",
+            "corrupt",
+        )
         assert (r.num_frames, r.truncated) == (0, True)  # nothing decodes: 0 frames
+
+
+def test_a_decoder_failure_is_a_corrupt_video_with_the_error_text(tmp_path, monkeypatch):
+    """When decoding fails outright (the seek of the decode from the start, say), the video is
+    reported corrupt, named, with FFmpeg's reason."""
+    write_video(tmp_path / "v.mp4", np.zeros((2, 32, 48, 3), np.uint8), fps=25)
+
+    def fail(self, *args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    with VideoReader(tmp_path / "v.mp4") as r:
+        monkeypatch.setattr(VideoReader, "_decode_range", fail)
+        with pytest.raises(VideoDecodeError) as e:
+            r.get_frames([1])
+    assert (e.value.path, e.value.reason, e.value.kind) == (
+        str(tmp_path / "v.mp4"),
+        "decoding failed (Operation not permitted)",
+        "corrupt",
+    )
+
+
+def test_a_raw_h264_stream_is_a_video_without_frames(tmp_path):
+    """An elementary H.264 stream has no timestamps, no length and cannot seek: nothing can be
+    sampled from it, so it is skipped as empty (not a crash)."""
+    path = _stamped_video(tmp_path / "v.h264", range(4))
+    with av.open(str(path)) as c:  # the premise
+        s = c.streams.video[0]
+        assert (s.frames, s.duration, c.duration) == (0, None, None)
+        assert {f.pts for f in c.decode(s)} == {None}
+    with pytest.raises(VideoDecodeError) as e:
+        VideoReader(path)
+    assert (e.value.reason, e.value.kind) == ("video stream has no frames", "empty")
 
 
 def _stamped_video(path, times, codec="libx264", options=None, audio_seconds=0.0):
@@ -185,14 +222,26 @@ def test_index_0_is_the_first_frame_shown_in_every_container(tmp_path, ext, star
     """Frame i is the one shown i / fps after the first frame, whatever the container and its
     time origin: Matroska leaves the stream start unset (a stream starting at 3/25 s was read
     3 frames late), AVI with H.264 shows its first frame one tick after the start it reports
-    (every index was one frame late)."""
+    (every index was one frame late). The AVI is all keyframes: seeking there to 1 tick, not 0,
+    would land on its second frame."""
     codec, options = ("libvpx-vp9", {}) if ext == "webm" else ("libx264", None)
+    options = {"crf": "0", "g": "1"} if ext == "avi" else options
     path = _stamped_video(tmp_path / f"v.{ext}", range(start, start + 6), codec, options)
     with VideoReader(path) as r:
         assert r.fps == 25.0
         assert _grey(r.get_frames(range(6))) == [0, 1, 2, 3, 4, 5] and not r.truncated
     with VideoReader(path) as r:
         assert _grey(r.get_frames([0])) == [0] and r.frames_decoded == 1
+
+
+def test_index_0_is_the_first_video_frame_when_the_audio_starts_earlier(tmp_path):
+    """Matroska, audio from 0 s, video from 3/25 s: the time origin is the video's."""
+    path = _stamped_video(tmp_path / "v.mkv", range(3, 9), audio_seconds=0.5)
+    with av.open(str(path)) as c:  # the premise: an audio packet comes first, at time <= 0
+        first = next(c.demux())
+        assert first.stream.type == "audio" and first.pts <= 0
+    with VideoReader(path) as r:
+        assert _grey(r.get_frames(range(6))) == [0, 1, 2, 3, 4, 5]
 
 
 def test_the_first_frames_of_an_mpeg_ts_with_a_decoder_delay_are_read(tmp_path):
@@ -205,6 +254,7 @@ def test_the_first_frames_of_an_mpeg_ts_with_a_decoder_delay_are_read(tmp_path):
     for i in range(10):
         with VideoReader(path) as r:
             assert _grey(r.get_frames([i])) == [i]
+            assert (r.num_frames, r.truncated) == (10, False)  # read again from the start
     with VideoReader(path) as r:
         assert _grey(r.get_frames([3, 0, 9, 5])) == [3, 0, 9, 5]
 
