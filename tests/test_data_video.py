@@ -644,7 +644,7 @@ def test_dataset_options(tmp_path):
         ({"num_crops": 2}, "num_crops must be 1 or 3, got 2"),
         ({"pad": "mirror"}, "unknown pad mode 'mirror'; expected 'last' or 'loop'"),
     ):
-        with pytest.raises(ValueError, match=re.escape(message)):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             VideoClipDataset(tmp_path / "sub" / "l.txt", **kw)
     VideoClipDataset(tmp_path / "sub" / "l.txt", pad="loop")
 

@@ -55,7 +55,25 @@ def test_a_video_stream_without_frames_is_empty(tmp_path):
         assert len(c.streams.video) == 1 and not c.streams.video[0].frames
     with pytest.raises(VideoDecodeError) as e:
         VideoReader(path)
-    assert (e.value.reason, e.value.kind) == ("video stream has no frames", "empty")
+    assert (e.value.path, e.value.reason, e.value.kind) == (
+        str(path),
+        "video stream has no frames",
+        "empty",
+    )
+
+
+def test_a_file_with_only_audio_has_no_video_stream(tmp_path):
+    path = tmp_path / "a.mp4"
+    with av.open(str(path), "w") as c:
+        a = c.add_stream("aac", rate=8000)
+        for j in range(4):
+            af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), "fltp", "mono")
+            af.sample_rate, af.pts = 8000, j * 1024
+            c.mux(a.encode(af))
+        c.mux(a.encode())
+    with pytest.raises(VideoDecodeError) as e:
+        VideoReader(path)
+    assert (e.value.path, e.value.reason, e.value.kind) == (str(path), "no video stream", "empty")
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -164,7 +182,11 @@ def test_a_raw_h264_stream_is_a_video_without_frames(tmp_path):
         assert {f.pts for f in c.decode(s)} == {None}
     with pytest.raises(VideoDecodeError) as e:
         VideoReader(path)
-    assert (e.value.reason, e.value.kind) == ("video stream has no frames", "empty")
+    assert (e.value.path, e.value.reason, e.value.kind) == (
+        str(path),
+        "video stream has no frames",
+        "empty",
+    )
 
 
 def _stamped_video(path, times, codec="libx264", options=None, audio_seconds=0.0):
