@@ -3,6 +3,7 @@ video is reported with, written out by hand."""
 
 from __future__ import annotations
 
+import errno
 from fractions import Fraction
 
 import av
@@ -54,7 +55,25 @@ def test_a_video_stream_without_frames_is_empty(tmp_path):
         assert len(c.streams.video) == 1 and not c.streams.video[0].frames
     with pytest.raises(VideoDecodeError) as e:
         VideoReader(path)
-    assert (e.value.reason, e.value.kind) == ("video stream has no frames", "empty")
+    assert (e.value.path, e.value.reason, e.value.kind) == (
+        str(path),
+        "video stream has no frames",
+        "empty",
+    )
+
+
+def test_a_file_with_only_audio_has_no_video_stream(tmp_path):
+    path = tmp_path / "a.mp4"
+    with av.open(str(path), "w") as c:
+        a = c.add_stream("aac", rate=8000)
+        for j in range(4):
+            af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), "fltp", "mono")
+            af.sample_rate, af.pts = 8000, j * 1024
+            c.mux(a.encode(af))
+        c.mux(a.encode())
+    with pytest.raises(VideoDecodeError) as e:
+        VideoReader(path)
+    assert (e.value.path, e.value.reason, e.value.kind) == (str(path), "no video stream", "empty")
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -126,22 +145,76 @@ def test_a_file_cut_inside_its_first_frame_has_no_decodable_frame(tmp_path):
         assert r.num_frames == 10
         with pytest.raises(VideoDecodeError) as e:
             r.get_frames([0, 3])
-        assert (e.value.reason, e.value.kind) == ("no decodable frame", "corrupt")
+        assert (e.value.path, e.value.reason, e.value.kind) == (
+            str(path),
+            "no decodable frame",
+            "corrupt",
+        )
         assert (r.num_frames, r.truncated) == (0, True)  # nothing decodes: 0 frames
+
+
+def test_a_decoder_failure_is_a_corrupt_video_with_the_error_text(tmp_path, monkeypatch):
+    """When decoding fails outright (the seek of the decode from the start, say), the video is
+    reported corrupt, named, with FFmpeg's reason."""
+    write_video(tmp_path / "v.mp4", np.zeros((2, 32, 48, 3), np.uint8), fps=25)
+
+    def fail(self, *args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    with VideoReader(tmp_path / "v.mp4") as r:
+        monkeypatch.setattr(VideoReader, "_decode_range", fail)
+        with pytest.raises(VideoDecodeError) as e:
+            r.get_frames([1])
+    assert (e.value.path, e.value.reason, e.value.kind) == (
+        str(tmp_path / "v.mp4"),
+        "decoding failed (Operation not permitted)",
+        "corrupt",
+    )
+
+
+def test_a_raw_h264_stream_is_a_video_without_frames(tmp_path):
+    """An elementary H.264 stream has no timestamps, no length and cannot seek: nothing can be
+    sampled from it, so it is skipped as empty (not a crash)."""
+    path = _stamped_video(tmp_path / "v.h264", range(4))
+    with av.open(str(path)) as c:  # the premise
+        s = c.streams.video[0]
+        assert (s.frames, s.duration, c.duration) == (0, None, None)
+        assert {f.pts for f in c.decode(s)} == {None}
+    with pytest.raises(VideoDecodeError) as e:
+        VideoReader(path)
+    assert (e.value.path, e.value.reason, e.value.kind) == (
+        str(path),
+        "video stream has no frames",
+        "empty",
+    )
+
+
+def _stamped_video(path, times, codec="libx264", options=None, audio_seconds=0.0):
+    """Frame k, flat grey 16 + 20 k, shown at time ``times[k] / 25`` s (in a stream at 25 fps);
+    H.264 lossless by default; optionally a silent AAC track of ``audio_seconds``."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=25)
+        s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
+        s.options = {"crf": "0", "g": "100"} if options is None else options
+        a = c.add_stream("aac", rate=8000) if audio_seconds else None
+        for k, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 48, 3), 16 + 20 * k, np.uint8))
+            frame.pts, frame.time_base = t, Fraction(1, 25)
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+        if a is not None:
+            for j in range(int(audio_seconds * 8000 / 1024)):
+                af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), "fltp", "mono")
+                af.sample_rate, af.pts = 8000, j * 1024
+                c.mux(a.encode(af))
+            c.mux(a.encode())
+    return path
 
 
 def _vfr_video(path):
     """A variable-frame-rate Matroska file at 25 fps with no frame at index 3: frame k (grey
     16 + 20 k) is shown at index [0, 1, 2, 4, 5, ..., 10][k]; index 3 still shows frame 2."""
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=25)
-        s.width, s.height, s.pix_fmt, s.options = 48, 32, "yuv420p", {"crf": "0", "g": "100"}
-        for k, t in enumerate([0, 1, 2, 4, 5, 6, 7, 8, 9, 10]):
-            frame = av.VideoFrame.from_ndarray(np.full((32, 48, 3), 16 + 20 * k, np.uint8))
-            frame.pts, frame.time_base = t, Fraction(1, 25)
-            c.mux(s.encode(frame))
-        c.mux(s.encode())
-    return path
+    return _stamped_video(path, [0, 1, 2, 4, 5, 6, 7, 8, 9, 10])
 
 
 def test_an_index_without_its_own_frame_shows_the_frame_on_screen_then(tmp_path):
@@ -162,3 +235,74 @@ def test_a_keyframe_is_read_without_decoding_the_frames_before_it(tmp_path):
     for i in (1, 9):
         with VideoReader(tmp_path / "full.mp4") as r:
             assert _grey(r.get_frames([i])) == [i] and r.frames_decoded == 1
+
+
+# ----------------------------------------------------------------------------- time origin, rate
+@pytest.mark.parametrize("start", [0, 3])
+@pytest.mark.parametrize("ext", ["mp4", "mkv", "webm", "ts", "avi"])
+def test_index_0_is_the_first_frame_shown_in_every_container(tmp_path, ext, start):
+    """Frame i is the one shown i / fps after the first frame, whatever the container and its
+    time origin: Matroska leaves the stream start unset (a stream starting at 3/25 s was read
+    3 frames late), AVI with H.264 shows its first frame one tick after the start it reports
+    (every index was one frame late). The AVI is all keyframes: seeking there to 1 tick, not 0,
+    would land on its second frame."""
+    codec, options = ("libvpx-vp9", {}) if ext == "webm" else ("libx264", None)
+    options = {"crf": "0", "g": "1"} if ext == "avi" else options
+    path = _stamped_video(tmp_path / f"v.{ext}", range(start, start + 6), codec, options)
+    with VideoReader(path) as r:
+        assert r.fps == 25.0
+        assert _grey(r.get_frames(range(6))) == [0, 1, 2, 3, 4, 5] and not r.truncated
+    with VideoReader(path) as r:
+        assert _grey(r.get_frames([0])) == [0] and r.frames_decoded == 1
+
+
+def test_index_0_is_the_first_video_frame_when_the_audio_starts_earlier(tmp_path):
+    """Matroska, audio from 0 s, video from 3/25 s: the time origin is the video's."""
+    path = _stamped_video(tmp_path / "v.mkv", range(3, 9), audio_seconds=0.5)
+    with av.open(str(path)) as c:  # the premise: an audio packet comes first, at time <= 0
+        first = next(c.demux())
+        assert first.stream.type == "audio" and first.pts <= 0
+    with VideoReader(path) as r:
+        assert _grey(r.get_frames(range(6))) == [0, 1, 2, 3, 4, 5]
+
+
+def test_the_first_frames_of_an_mpeg_ts_with_a_decoder_delay_are_read(tmp_path):
+    """H.264 with B-frames in MPEG-TS: asked for its start time, the demuxer lands on the second
+    keyframe, so frames before it were never decoded (all shown as frame 4)."""
+    path = _stamped_video(tmp_path / "v.ts", range(10), options={"g": "4", "bf": "3"})
+    with av.open(str(path)) as c:  # the premise: the first frame is shown after it is decoded
+        first = next(c.demux(video=0))
+        assert first.pts > first.dts
+    for i in range(10):
+        with VideoReader(path) as r:
+            assert _grey(r.get_frames([i])) == [i]
+            assert (r.num_frames, r.truncated) == (10, False)  # read again from the start
+    with VideoReader(path) as r:
+        assert _grey(r.get_frames([3, 0, 9, 5])) == [3, 0, 9, 5]
+
+
+def test_a_variable_rate_mp4_is_indexed_at_its_average_rate(tmp_path):
+    """Frames at 0, 1, 2, 4, 5, 6 / 25 s: 6 frames in 7/25 s (the last one lasts 1/25 s), an
+    average of 150/7 fps, not the nominal 25; at that rate each frame has its own index."""
+    path = _stamped_video(tmp_path / "v.mp4", [0, 1, 2, 4, 5, 6])
+    with VideoReader(path) as r:
+        assert (r.num_frames, r.fps) == (6, float(Fraction(6) / Fraction(7, 25)))
+        assert _grey(r.get_frames(range(6))) == [0, 1, 2, 3, 4, 5]
+
+
+def test_an_mpeg_ts_is_counted_from_its_video_not_its_longer_audio(tmp_path):
+    """6 video frames (0.24 s) and 1 s of audio: the stream's own duration counts 6 frames, the
+    file's (1 s, 25 frames) does not; opening decodes nothing."""
+    path = _stamped_video(tmp_path / "v.ts", range(6), audio_seconds=1.0)
+    with av.open(str(path)) as c:  # the premise: the file lasts as long as its audio
+        assert c.duration / av.time_base > 0.9 and not c.streams.video[0].frames
+    with VideoReader(path) as r:
+        assert (r.num_frames, r.frames_decoded) == (6, 0)
+
+
+def test_a_webm_is_counted_from_its_duration_without_decoding(tmp_path):
+    path = _stamped_video(tmp_path / "v.webm", range(6), "libvpx-vp9", {})
+    with av.open(str(path)) as c:  # the premise: no count and no stream duration in the file
+        assert not (c.streams.video[0].frames or c.streams.video[0].duration)
+    with VideoReader(path) as r:
+        assert (r.num_frames, r.frames_decoded) == (6, 0)

@@ -9,6 +9,7 @@ dataset returns float clips (C, T, H, W), the layout of the video models.
 from __future__ import annotations
 
 import csv
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -117,7 +118,7 @@ class VideoReader:
         self.time_base = s.time_base or Fraction(1, 1_000_000)
         rate = s.average_rate or s.guessed_rate or s.base_rate
         self.fps = float(rate) if rate else 30.0
-        self.start_pts = s.start_time or 0
+        self.start_pts = self._first_pts()
         n = s.frames
         if not n and s.duration:
             n = int(round(float(s.duration * self.time_base) * self.fps))
@@ -133,6 +134,23 @@ class VideoReader:
         if self.num_frames <= 0:
             self.close()
             raise VideoDecodeError(self.path, "video stream has no frames", "empty")
+
+    def _first_pts(self) -> int:
+        """Presentation time of the stream's first frame. The header's start time is not enough:
+        Matroska leaves it unset and AVI says 0 for a stream whose first frame is shown later (a
+        late start or a B-frame delay), which would shift every index. So the first packets are
+        read too (the first frame shown is among the first 16 in decode order, H.264's deepest
+        reordering); the later of the two wins (an MP4 edit list may start after its first
+        packet)."""
+        s = self._stream
+        try:
+            pts = [
+                p.pts for p in itertools.islice(self._container.demux(s), 16) if p.pts is not None
+            ]
+        except _DECODE_ERRORS:
+            pts = []
+        first = [t for t in (s.start_time, min(pts, default=None)) if t is not None]
+        return max(first, default=0)
 
     def __enter__(self) -> VideoReader:
         return self
@@ -159,8 +177,10 @@ class VideoReader:
         ``tolerant``, a decode error ends the range quietly (truncated or damaged file)."""
         out: dict[int, np.ndarray] = {}
         c, s = self._container, self._stream
-        target = self.start_pts + (int(first / self.fps / self.time_base) if first > 0 else 0)
-        c.seek(target, stream=s)  # backward to the keyframe at or before target
+        # Backward to the keyframe at or before target. From the first frame on, seek to time 0:
+        # MPEG-TS lands a keyframe late when asked for its start time (frames before it lost).
+        target = self.start_pts + int(first / self.fps / self.time_base) if first > 0 else 0
+        c.seek(target, stream=s)
         prev: tuple[int, av.VideoFrame] | None = None
         try:
             for frame in c.decode(s):
