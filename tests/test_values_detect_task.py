@@ -229,3 +229,37 @@ def test_category_mismatch_warns_by_position_for_a_run_and_by_id_for_coco_ids(ha
     )
     warn_category_mismatch(ds, _detector(["a"], {1: 3}), ann)
     assert "categories 12 'b' are not" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- predict detect
+def test_predict_detect_writes_a_training_runs_dataset_category_ids(tmp_path, capsys):
+    from PIL import Image
+
+    from mvitv2.cli import main
+    from test_task_spec import _task, _write
+
+    task, model = _task("detect")  # classes "one", "two" from categories 7 and 9
+    ckpt = _write(tmp_path / "det.pt", task, model)
+    image = np.random.default_rng(0).integers(0, 256, (96, 112, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "x.png")
+    argv = ["predict", "detect", str(tmp_path / "x.png"), "--checkpoint", str(ckpt)]
+    argv += ["--score-thresh", "0", "--device", "cpu", "--output-dir", str(tmp_path / "out")]
+    assert main([*argv, "--json"]) == 0
+    out, err = capsys.readouterr()
+    (record,) = [json.loads(line) for line in out.strip().splitlines()]
+    assert (record["file"], record["height"], record["width"]) == (str(tmp_path / "x.png"), 96, 112)
+    dets = record["detections"]
+    assert dets and [d["category_id"] for d in dets] == [
+        {"one": 7, "two": 9}[d["label"]] for d in dets
+    ]
+    saved = tmp_path / "out" / "detections.json"
+    assert json.loads(saved.read_text()) == [record]
+    assert err.strip() == f"detections written to {saved}"
+    # Without --json: one line per image (what was found, where it was drawn), then the file.
+    assert main(argv) == 0
+    line, last = capsys.readouterr().out.strip().splitlines()
+    listed = ", ".join(f"{d['label']} {d['score']:.2f}" for d in dets)
+    assert line == f"{tmp_path / 'x.png'}: {listed} -> {tmp_path / 'out' / 'x_pred.png'}"
+    assert last == f"detections written to {saved}"
+    drawn = np.asarray(Image.open(tmp_path / "out" / "x_pred.png"))
+    assert drawn.shape == image.shape and not np.array_equal(drawn, image)
