@@ -28,7 +28,7 @@ from mvitv2.tasks.detect import (
     evaluate_detector,
     warn_category_mismatch,
 )
-from test_detection_data_eval import STATS, Oracle, _cocoeval, _hand_made, _write_images
+from test_detection_data_eval import STATS, Oracle, _coco, _cocoeval, _hand_made, _write_images
 
 
 class Scripted(nn.Module):
@@ -263,3 +263,65 @@ def test_predict_detect_writes_a_training_runs_dataset_category_ids(tmp_path, ca
     assert last == f"detections written to {saved}"
     drawn = np.asarray(Image.open(tmp_path / "out" / "x_pred.png"))
     assert drawn.shape == image.shape and not np.array_equal(drawn, image)
+
+
+# ---------------------------------------------------------------------- eval detect
+@pytest.fixture(scope="module")
+def detect_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_predictor import make_detect_checkpoint
+
+    return make_detect_checkpoint(tmp_path_factory.mktemp("eval") / "det.pt")
+
+
+def test_eval_detect_without_masks_writes_coco_results_next_to_the_checkpoint(
+    detect_ckpt: Path, tmp_path: Path, capsys
+):
+    from mvitv2.cli import main
+
+    data, _ = _hand_made()  # 2 images, categories 3 "a" and 12 "b"
+    _write_images(tmp_path, data)
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps(data))
+    argv = ["eval", "detect", "--checkpoint", str(detect_ckpt), "--images", str(tmp_path)]
+    argv += ["--annotations", str(gt), "--workers", "0", "--no-masks"]
+    metrics_file = tmp_path / "m.json"
+    assert main([*argv, "--metrics", str(metrics_file)]) == 0
+    out, err = capsys.readouterr()
+    results_file = detect_ckpt.with_name("coco_results.json")
+    results = json.loads(results_file.read_text())
+    assert results and all("segmentation" not in r for r in results)
+    metrics = json.loads(metrics_file.read_text())
+    assert set(metrics) == {f"bbox_{k}" for k in STATS} | {"images", "skipped_images"}
+    ref = _cocoeval(_coco(data), results, "bbox")
+    assert [metrics[f"bbox_{k}"] for k in STATS] == pytest.approx(ref, abs=1e-12)
+    report, result_line, written, last = out.strip().splitlines()
+    assert report == f"data: {gt} -> 2/2 images, 5/5 instances kept; no problems"
+    assert result_line.startswith(
+        f"{detect_ckpt}: box AP {ref[0]:.3f} (AP50 {ref[1]:.3f}, AP75 {ref[2]:.3f}) on 2 images "
+        f"of {tmp_path} (0 skipped)  ["
+    )
+    assert written == f"detections ({len(results)}) written to {results_file}"
+    assert json.loads(last) == metrics
+    assert f"warning: {gt} categories ['a', 'b'] differ from the checkpoint's ['one', 'two']" in err
+    # --json: the metrics alone on stdout, the reports on stderr
+    assert main([*argv, "--metrics", str(metrics_file), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == metrics and f"written to {results_file}" in err
+
+
+def test_eval_detect_names_what_is_missing_in_one_line(detect_ckpt: Path, tmp_path: Path, capsys):
+    from mvitv2.cli import main
+
+    argv = ["eval", "detect", "--checkpoint", str(detect_ckpt), "--workers", "0"]
+    assert main([*argv, "--annotations", "gt.json"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "mvitv2 eval detect: error: --images and --annotations go together"
+    )
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_train.json").write_text("{}")
+    assert main([*argv, "--data", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mvitv2 eval detect: error: no validation split under {tmp_path}: expected "
+        "annotations/instances_val2017.json (or instances_val.json), or pass --images and "
+        "--annotations"
+    )
