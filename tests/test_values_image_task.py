@@ -321,3 +321,37 @@ def test_training_loss_with_switch_prob_one_always_cuts(tmp_path):
     rolled = images.roll(1, 0)
     for seen in net.seen:
         assert torch.all((seen == images) | (seen == rolled))
+
+
+# ---------------------------------------------------------------------- train
+def test_train_with_data_uses_in1k_tiny_and_prints_the_final_accuracy_and_checkpoint(
+    tmp_path, capsys, monkeypatch
+):
+    import re
+
+    import yaml
+
+    from mvitv2.engine.checkpoint import read_training_checkpoint
+    from mvitv2.engine.cli import RECIPES_DIR
+    from test_image_task import TINY as RUN
+    from test_image_task import _folder
+
+    root = _folder(tmp_path / "data", {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    argv = ["train", "image", "--data", str(root), *RUN, f"output={tmp_path / 'runs'}"]
+    assert main(argv) == 0
+    run_dir = tmp_path / "runs" / "run"
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    m = re.fullmatch(
+        r"val top-1 ([\d.]+)%  top-5 ([\d.]+)%  wall time [\d.]+ s  checkpoint (.+)", line
+    )
+    assert m, line
+    assert float(m[1]) == pytest.approx(record["val_top1"], abs=0.005)
+    assert float(m[2]) == pytest.approx(record["val_top5"], abs=0.005)
+    assert m[3] == str(run_dir / "last.pt")
+    recipe = yaml.safe_load((RECIPES_DIR / "in1k_tiny.yaml").read_text())
+    config = read_training_checkpoint(run_dir / "last.pt")["config"]
+    assert (config["mixup"], config["base_lr"]) == (recipe["mixup"], recipe["base_lr"])
+    # a run stopped for non-finite losses (fit returns None) exits with status 3
+    monkeypatch.setattr("mvitv2.tasks.image.fit", lambda trainer: None)
+    assert main([*argv[:-1], f"output={tmp_path / 'stopped'}"]) == 3
