@@ -325,3 +325,55 @@ def test_eval_detect_names_what_is_missing_in_one_line(detect_ckpt: Path, tmp_pa
         "annotations/instances_val2017.json (or instances_val.json), or pass --images and "
         "--annotations"
     )
+
+
+# ---------------------------------------------------------------------- task
+class _Losses(nn.Module):
+    def forward(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
+        return {
+            "loss_a": torch.tensor(0.25),
+            "loss_b": torch.tensor(1.5),
+            "loss_c": images[0].sum(),
+        }
+
+
+def test_training_loss_is_the_sum_of_the_detectors_losses_each_reported():
+    from mvitv2.engine.config import TrainConfig
+    from mvitv2.tasks.detect import DetectionTask
+
+    task = DetectionTask(TrainConfig(model="maskrcnn_mvitv2_tiny"))
+    total, parts = task.training_loss(_Losses(), ([torch.full((1, 2, 2), 0.5)], [{}]))
+    assert float(total) == 0.25 + 1.5 + 2.0
+    assert parts == {"loss_a": 0.25, "loss_b": 1.5, "loss_c": 2.0}
+    assert all(type(v) is float for v in parts.values())
+
+
+def test_task_evaluation_writes_its_coco_results_where_asked(hand_made, tmp_path):
+    from mvitv2.engine.config import TrainConfig
+    from mvitv2.tasks.detect import DetectionTask
+
+    ds = hand_made
+    task = DetectionTask(TrainConfig(model="maskrcnn_mvitv2_tiny", data={"masks": False}))
+    task.val_ds = ds
+    loader = build_loader(ds, batch_size=2, train=False, collate_fn=collate)
+    assert (
+        task.evaluate(Shifted(ds), loader, DistInfo())
+        == _evaluate(Shifted(ds), ds, with_masks=False)[0]
+    )
+    assert not any("segmentation" in r for r in task.last_results)  # data.masks false
+    task.results_path = tmp_path / "r.json"
+    task.evaluate(Shifted(ds), loader, DistInfo())
+    assert json.loads(task.results_path.read_text()) == task.last_results != []
+
+
+def test_default_preprocessing_is_the_detectors_normalisation_and_sizes():
+    got = SPEC.default_preprocessing("maskrcnn_mvitv2_tiny", {"min_size": 96, "max_size": 160}, {})
+    assert got == {
+        "mean": [0.485, 0.456, 0.406],  # ImageNet's, on [0, 1] RGB
+        "std": [0.229, 0.224, 0.225],
+        "min_size": 96,
+        "max_size": 160,
+        "size_divisible": 32,
+    }
+    default = SPEC.default_preprocessing("maskrcnn_mvitv2_tiny", {}, {})
+    assert (default["min_size"], default["max_size"]) == (800, 1333)  # detectron2's test sizes
