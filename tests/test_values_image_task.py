@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,7 @@ def test_eval_top1_top5_and_loss_equal_a_naive_count_with_labels_by_class_name(r
 
 def test_eval_defaults_to_the_checkpoints_data_and_prints_one_line(run, capsys):
     ckpt = run["ckpt"]
+    t0 = time.perf_counter()
     assert main(["eval", "image", "--checkpoint", str(ckpt), "--workers=0"]) == 0
     out, err = capsys.readouterr()
     line, last = out.strip().splitlines()
@@ -140,6 +142,8 @@ def test_eval_defaults_to_the_checkpoints_data_and_prints_one_line(run, capsys):
         f"{ckpt}: top-1 14.29%  top-5 71.43%  loss {want['loss']:.4f}  on 14 images of "
         f"{run['root'] / 'val'} (1 unreadable skipped)  ["
     )
+    seconds = float(line.rsplit("[", 1)[1].removesuffix(" s]"))
+    assert 0 <= seconds <= time.perf_counter() - t0  # the evaluation's own time
     saved = ckpt.with_name("last_eval.json")
     assert json.loads(saved.read_text()) == json.loads(last) and f"saved to {saved}" in err
     assert f"evaluating {ckpt} on 15 images of {run['root'] / 'val'}" in err
@@ -168,6 +172,32 @@ def test_eval_of_a_video_checkpoint_names_the_command_that_takes_it(tmp_path, ca
         f"mvitv2 eval image: error: {ckpt}: a 'video' checkpoint, not an image classification "
         "checkpoint written by `mvitv2 train image`: use `mvitv2 eval video`"
     )
+
+
+def test_eval_of_a_digits_run_reads_the_embedded_digits_at_its_size(tmp_path, capsys):
+    cfg = TrainConfig(model="mvitv2_tiny", model_args=TINY, data={"img_size": 32})
+    task = ImageClassification(cfg)  # no data root: the embedded digits
+    task.classes = [str(d) for d in range(10)]
+    model = _perturb(task.build_model(), seed=6)
+    ckpt = _write(tmp_path / "digits.pt", task, model)
+    assert main(["eval", "image", "--checkpoint", str(ckpt), "--workers=0", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    files = sorted((digits_folder(size=32) / "val").glob("*/*.png"))
+    images = [Image.open(f).convert("RGB") for f in files]
+    want = _naive(_logits(model, images, task.data_cfg), [int(f.parent.name) for f in files])
+    assert got == {**want, "loss": pytest.approx(want["loss"], rel=1e-6), "skipped": 0}
+
+
+def test_model_from_checkpoint_gives_the_live_or_the_averaged_weights(run):
+    from mvitv2.engine.checkpoint import read_training_checkpoint
+    from mvitv2.tasks.image import model_from_checkpoint
+
+    x = torch.randn(2, 3, 32, 32)
+    for ema, key in ((False, "model"), (True, "ema")):
+        model, classes = model_from_checkpoint(read_training_checkpoint(run["ckpt"]), ema=ema)
+        assert classes == CLASSES and not model.training
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), run[key].eval()(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
