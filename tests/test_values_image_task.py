@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,19 @@ def test_eval_top1_top5_and_loss_equal_a_naive_count_with_labels_by_class_name(r
     assert f"skipped unreadable image {broken}: cannot read image" in err
 
 
+def test_eval_data_option_wins_over_the_checkpoints_folder(run, tmp_path, capsys):
+    other = tmp_path / "other"  # the first 7 val images only: one ranked first, five in the top 5
+    for i, y in enumerate(run["labels"][:7]):
+        (other / "val" / CLASSES[y]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(run["root"] / "val" / CLASSES[y] / f"{i}.png", other / "val" / CLASSES[y])
+    argv = ["eval", "image", "--checkpoint", str(run["ckpt"]), "--data", str(other)]
+    assert main([*argv, "--workers=0", "--json", "--output", str(tmp_path / "m.json")]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = _naive(_logits(run["model"], run["images"][:7], run["data_cfg"]), run["labels"][:7])
+    assert (want["top1"], want["top5"]) == (100 / 7, 100 * 5 / 7)
+    assert got == {**want, "loss": pytest.approx(want["loss"], rel=1e-6), "skipped": 0}
+
+
 def test_eval_defaults_to_the_checkpoints_data_and_prints_one_line(run, capsys):
     ckpt = run["ckpt"]
     t0 = time.perf_counter()
@@ -179,7 +193,9 @@ def test_eval_of_a_digits_run_reads_the_embedded_digits_at_its_size(tmp_path, ca
     task = ImageClassification(cfg)  # no data root: the embedded digits
     task.classes = [str(d) for d in range(10)]
     model = _perturb(task.build_model(), seed=6)
-    ckpt = _write(tmp_path / "digits.pt", task, model)
+    meta = task.checkpoint_meta()
+    del meta["data_root"]  # as written before data_root was recorded: trained on the digits
+    ckpt = _write(tmp_path / "digits.pt", task, model, meta=meta)
     assert main(["eval", "image", "--checkpoint", str(ckpt), "--workers=0", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     files = sorted((digits_folder(size=32) / "val").glob("*/*.png"))
