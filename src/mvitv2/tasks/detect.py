@@ -996,6 +996,9 @@ def _predict(args: argparse.Namespace) -> int:
         score_thresh=args.score_thresh,
         mask_thresh=args.mask_thresh,
     )
+    # label -> COCO category id: detectron2's COCO ids, or a training run's dataset ids (meta)
+    run_ids = detector.meta.get("label_to_cat_id") or {}
+    cat_ids = detector.label_to_cat_id or {int(k): int(v) for k, v in run_ids.items()}
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     status = 0
@@ -1008,7 +1011,7 @@ def _predict(args: argparse.Namespace) -> int:
         image = load_image(f)  # uint8 (3, H, W), for drawing
         h, w = image.shape[1:]
         record = {"file": str(f), "height": h, "width": w}
-        record["detections"] = detection_records(det, detector.label_to_cat_id)
+        record["detections"] = detection_records(det, cat_ids)
         saved.append(record)
         drawn = image
         if "masks" in det and len(det["masks"]):

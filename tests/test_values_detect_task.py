@@ -1,0 +1,379 @@
+"""Detection task values against independent references: what ``predict detect`` keeps and
+writes (threshold at equality, labels from 0, masks as RLE that pycocotools decodes back, COCO
+category ids), COCO results and AP of ``evaluate_detector`` against COCOeval run directly, the
+category checks of ``eval detect``, and the lines the commands print."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_util
+from torch import Tensor, nn
+
+from mvitv2.engine.data import build_loader
+from mvitv2.engine.distributed import DistInfo
+from mvitv2.predict import CheckpointInfo, Predictor
+from mvitv2.tasks.detect import (
+    SPEC,
+    DetectorFile,
+    build_eval_dataset,
+    collate,
+    describe_detections,
+    detection_records,
+    evaluate_detector,
+    warn_category_mismatch,
+)
+from test_detection_data_eval import STATS, Oracle, _coco, _cocoeval, _hand_made, _write_images
+
+
+class Scripted(nn.Module):
+    """A detector that returns the given outputs in turn, one per image, and records the
+    images of each call."""
+
+    def __init__(self, outputs: list[dict[str, Tensor]]) -> None:
+        super().__init__()
+        self.outputs, self.calls = list(outputs), []
+
+    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        self.calls.append([im.clone() for im in images])
+        return [self.outputs.pop(0) for _ in images]
+
+
+def _out(scores: list[float], labels: list[int], masks: Tensor) -> dict[str, Tensor]:
+    n = len(scores)
+    boxes = torch.tensor([[i, i + 0.5, i + 2.0, i + 3.25] for i in range(n)]).reshape(n, 4)
+    return {
+        "boxes": boxes,
+        "scores": torch.tensor(scores).reshape(n),
+        "labels": torch.tensor(labels, dtype=torch.int64).reshape(n),
+        "masks": masks,
+    }
+
+
+def _predictor(outputs: list[dict[str, Tensor]], **kw: Any) -> tuple[Predictor, Scripted]:
+    model = Scripted(outputs)
+    pre = kw.pop("preprocessing", {})
+    names = ["one", "two", "three"]
+    return Predictor(model, task="detect", class_names=names, preprocessing=pre, **kw), model
+
+
+def test_predict_keeps_scores_from_the_threshold_on_and_names_labels_from_zero():
+    rng = np.random.default_rng(0)
+    probs = torch.from_numpy(rng.choice([0.1, 0.59, 0.6, 0.61, 0.9], (3, 1, 6, 5))).float()
+    empty = torch.zeros(0, 1, 6, 5)
+    outputs = [
+        _out([0.9, 0.5, 0.49], [2, 1, 3], probs),
+        _out([], [], empty),  # the detector found nothing at all
+        _out([0.3], [1], probs[:1]),  # found something, all below the threshold
+    ]
+    pred, model = _predictor(outputs, batch_size=2, score_thresh=0.5, mask_thresh=0.6)
+    want = [outputs[0]["boxes"][:2].clone(), probs[:2, 0] > 0.6]
+    images = [rng.integers(0, 256, (6, 5, 3), dtype=np.uint8) for _ in range(3)]
+    first, nothing, below = pred(images)
+    assert [len(c) for c in model.calls] == [2, 1]  # batch_size 2
+    for call, im in zip([*model.calls[0], *model.calls[1]], images, strict=True):
+        want_im = torch.from_numpy(im).permute(2, 0, 1).float() / 255
+        assert call.dtype == torch.float32 and torch.equal(call, want_im)
+    assert first["scores"].tolist() == pytest.approx([0.9, 0.5])  # 0.5 >= 0.5 is kept
+    assert first["labels"].tolist() == [1, 0] and first["label_names"] == ["two", "one"]
+    assert torch.equal(first["boxes"], want[0]) and torch.equal(first["masks"], want[1])
+    assert first["best_score"] == pytest.approx(0.9)
+    assert nothing["best_score"] is None and len(nothing["scores"]) == 0
+    assert below["best_score"] == pytest.approx(0.3) and below["label_names"] == []
+    assert below["masks"].shape == (0, 6, 5)
+
+
+def test_predict_gives_uint8_images_to_a_detector_that_takes_them():
+    image = np.random.default_rng(1).integers(0, 256, (4, 7, 3), dtype=np.uint8)
+    pred, model = _predictor(
+        [_out([0.7], [3], torch.ones(1, 1, 4, 7))], preprocessing={"input_dtype": "uint8"}
+    )
+    (res,) = pred([image])
+    assert torch.equal(model.calls[0][0], torch.from_numpy(image).permute(2, 0, 1))
+    assert res["label_names"] == ["three"] and res["masks"].all()  # mask_thresh 0.5 default
+    assert res["scores"].tolist() == pytest.approx([0.7])  # score_thresh 0 default
+
+
+def _det(masks: bool = True) -> dict[str, Any]:
+    m = torch.zeros(3, 5, 7, dtype=torch.bool)
+    m[0, 1:3, 2:6] = True
+    m[1, 4, 0] = True
+    m[2, :, 6] = True
+    det = {
+        "boxes": torch.tensor([[1.0, 2.0, 3.5, 4.0], [0.0, 4.0, 1.0, 5.0], [6.0, 0.0, 7.0, 5.0]]),
+        "scores": torch.tensor([0.875, 0.5, 0.25]),
+        "labels": torch.tensor([0, 2, 1]),
+        "label_names": ["one", "three", "two"],
+    }
+    return {**det, "masks": m} if masks else det
+
+
+def test_detection_records_carry_coco_category_ids_and_rle_masks_that_decode_back():
+    det = _det()
+    records = detection_records(det, {1: 7, 2: 9, 3: 11})
+    assert json.loads(json.dumps(records)) == records  # JSON-ready
+    assert [(r["label"], r["category_id"], r["score"], r["box"]) for r in records] == [
+        ("one", 7, 0.875, [1.0, 2.0, 3.5, 4.0]),
+        ("three", 11, 0.5, [0.0, 4.0, 1.0, 5.0]),
+        ("two", 9, 0.25, [6.0, 0.0, 7.0, 5.0]),
+    ]
+    for r, mask in zip(records, det["masks"], strict=True):
+        assert r["segmentation"]["size"] == [5, 7]
+        np.testing.assert_array_equal(mask_util.decode(r["segmentation"]), mask.numpy())
+    no_ids = detection_records(det, None)
+    assert [r["category_id"] for r in no_ids] == [None] * 3
+    boxes_only = detection_records(_det(masks=False), {1: 7, 2: 9, 3: 11})
+    assert [set(r) for r in boxes_only] == [{"label", "category_id", "score", "box"}] * 3
+    none = {k: v[:0] for k, v in _det().items()}
+    assert detection_records(none, {1: 7}) == []
+
+
+def test_describe_detections_names_each_or_says_why_there_is_none():
+    det = _det()
+    assert describe_detections(det, 0.5) == "one 0.88, three 0.50, two 0.25"
+    empty = {"scores": torch.zeros(0), "label_names": [], "best_score": None}
+    assert describe_detections(empty, 0.5) == "no detection (the detector found no object at all)"
+    below = {**empty, "best_score": 0.4321}
+    assert describe_detections(below, 0.5) == (
+        "no detection above score 0.50 (best 0.43); lower it with --score-thresh"
+    )
+
+
+def test_export_size_is_min_size_rounded_up_to_32():
+    for min_size, side in ((1, 32), (32, 32), (33, 64), (800, 800), (801, 832)):
+        assert SPEC.export_size({"min_size": min_size}) == (side, side)
+
+
+# ---------------------------------------------------------------------- evaluation
+@pytest.fixture()
+def hand_made(tmp_path: Path):
+    data, _ = _hand_made()  # categories 3 ("a") and 12 ("b"): labels 1 and 2
+    _write_images(tmp_path, data)
+    (tmp_path / "gt.json").write_text(json.dumps(data))
+    return build_eval_dataset(tmp_path, tmp_path / "gt.json")
+
+
+class Shifted(Oracle):
+    """The ground truth with the first object's box moved 4 px right: an imperfect detector."""
+
+    def __init__(self, dataset) -> None:
+        super().__init__(dataset)
+        first = next(iter(self.answers.values()))
+        first["boxes"][0] += torch.tensor([4.0, 0.0, 4.0, 0.0])
+
+
+def _evaluate(model: nn.Module, ds, **kw: Any):
+    loader = build_loader(ds, batch_size=1, train=False, collate_fn=collate)
+    return evaluate_detector(model, loader, DistInfo(), ds, **kw)
+
+
+def test_evaluate_detector_results_are_coco_xywh_with_dataset_ids_and_ap_is_cocoevals(hand_made):
+    ds = hand_made
+    model = Shifted(ds)
+    metrics, results = _evaluate(model, ds)
+    want = []  # what the detector said, written as COCO results by hand
+    for rec in ds.records:
+        image, _ = ds[ds.records.index(rec)]
+        out = model.answers[Oracle._key(image)]
+        for box, label, score in zip(out["boxes"].tolist(), out["labels"], out["scores"]):
+            x0, y0, x1, y1 = box
+            want.append((rec["id"], {1: 3, 2: 12}[int(label)], [x0, y0, x1 - x0, y1 - y0], score))
+    got = [(r["image_id"], r["category_id"], r["bbox"], r["score"]) for r in results]
+    assert got == [(i, c, pytest.approx(b), pytest.approx(float(s))) for i, c, b, s in want]
+    for iou_type in ("bbox", "segm"):
+        ref = _cocoeval(ds.coco, results, iou_type)
+        assert [metrics[f"{iou_type}_{k}"] for k in STATS] == ref
+    assert metrics["bbox_AP"] < 1.0 and metrics["segm_AP"] == 1.0  # only the box moved
+    assert (metrics["images"], metrics["skipped_images"]) == (2, 0)
+
+
+def test_evaluate_detector_takes_a_detectors_own_category_ids_and_can_skip_masks(hand_made):
+    ds = hand_made
+    metrics, results = _evaluate(Oracle(ds), ds, label_to_cat_id={1: 12, 2: 3})
+    own = _evaluate(Oracle(ds), ds)[1]
+    swap = {3: 12, 12: 3}
+    assert [r["category_id"] for r in results] == [swap[r["category_id"]] for r in own]
+    assert metrics["bbox_AP"] == 0.0  # every label on the other category
+    metrics, results = _evaluate(Oracle(ds), ds, with_masks=False)
+    assert set(metrics) == {f"bbox_{k}" for k in STATS} | {"images", "skipped_images"}
+    assert all("segmentation" not in r for r in results) and metrics["bbox_AP"] == 1.0
+
+
+# ---------------------------------------------------------------------- category checks
+def _detector(names: list[str], label_to_cat_id: dict[int, int] | None) -> DetectorFile:
+    info = CheckpointInfo(Path("ckpt.pt"), "detect", "maskrcnn_mvitv2_tiny", {}, {}, names, {})
+    return DetectorFile(info, label_to_cat_id=label_to_cat_id)
+
+
+def test_category_mismatch_warns_by_position_for_a_run_and_by_id_for_coco_ids(hand_made, capsys):
+    ds, ann = hand_made, Path("gt.json")
+    warn_category_mismatch(ds, _detector(["a", "b"], None), ann)
+    assert capsys.readouterr().err == ""
+    warn_category_mismatch(ds, _detector(["b", "a"], None), ann)
+    assert capsys.readouterr().err == (
+        "warning: gt.json categories ['a', 'b'] differ from the checkpoint's ['b', 'a']; "
+        "labels are mapped by position\n"
+    )
+    # COCO ids: the JSON's categories 3 "a" and 12 "b" must be the detector's, in any order.
+    warn_category_mismatch(ds, _detector(["x", "b", "a"], {1: 1, 2: 12, 3: 3}), ann)
+    assert capsys.readouterr().err == ""
+    warn_category_mismatch(ds, _detector(["a", "c"], {1: 3, 2: 12}), ann)
+    assert capsys.readouterr().err == (
+        "warning: gt.json categories 12 'b' are not the detector's COCO categories (id and "
+        "name); the detector predicts COCO category ids\n"
+    )
+    warn_category_mismatch(ds, _detector(["a"], {1: 3}), ann)
+    assert "categories 12 'b' are not" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- predict detect
+def test_predict_detect_writes_a_training_runs_dataset_category_ids(tmp_path, capsys):
+    from PIL import Image
+
+    from mvitv2.cli import main
+    from test_task_spec import _task, _write
+
+    task, model = _task("detect")  # classes "one", "two" from categories 7 and 9
+    ckpt = _write(tmp_path / "det.pt", task, model)
+    image = np.random.default_rng(0).integers(0, 256, (96, 112, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "x.png")
+    argv = ["predict", "detect", str(tmp_path / "x.png"), "--checkpoint", str(ckpt)]
+    argv += ["--score-thresh", "0", "--device", "cpu", "--output-dir", str(tmp_path / "out")]
+    assert main([*argv, "--json"]) == 0
+    out, err = capsys.readouterr()
+    (record,) = [json.loads(line) for line in out.strip().splitlines()]
+    assert (record["file"], record["height"], record["width"]) == (str(tmp_path / "x.png"), 96, 112)
+    dets = record["detections"]
+    assert dets and [d["category_id"] for d in dets] == [
+        {"one": 7, "two": 9}[d["label"]] for d in dets
+    ]
+    saved = tmp_path / "out" / "detections.json"
+    assert json.loads(saved.read_text()) == [record]
+    assert err.strip() == f"detections written to {saved}"
+    # Without --json: one line per image (what was found, where it was drawn), then the file.
+    assert main(argv) == 0
+    line, last = capsys.readouterr().out.strip().splitlines()
+    listed = ", ".join(f"{d['label']} {d['score']:.2f}" for d in dets)
+    assert line == f"{tmp_path / 'x.png'}: {listed} -> {tmp_path / 'out' / 'x_pred.png'}"
+    assert last == f"detections written to {saved}"
+    drawn = np.asarray(Image.open(tmp_path / "out" / "x_pred.png"))
+    assert drawn.shape == image.shape and not np.array_equal(drawn, image)
+
+
+# ---------------------------------------------------------------------- eval detect
+@pytest.fixture(scope="module")
+def detect_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_predictor import make_detect_checkpoint
+
+    return make_detect_checkpoint(tmp_path_factory.mktemp("eval") / "det.pt")
+
+
+def test_eval_detect_without_masks_writes_coco_results_next_to_the_checkpoint(
+    detect_ckpt: Path, tmp_path: Path, capsys
+):
+    from mvitv2.cli import main
+
+    data, _ = _hand_made()  # 2 images, categories 3 "a" and 12 "b"
+    _write_images(tmp_path, data)
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps(data))
+    argv = ["eval", "detect", "--checkpoint", str(detect_ckpt), "--images", str(tmp_path)]
+    argv += ["--annotations", str(gt), "--workers", "0", "--no-masks"]
+    metrics_file = tmp_path / "m.json"
+    assert main([*argv, "--metrics", str(metrics_file)]) == 0
+    out, err = capsys.readouterr()
+    results_file = detect_ckpt.with_name("coco_results.json")
+    results = json.loads(results_file.read_text())
+    assert results and all("segmentation" not in r for r in results)
+    metrics = json.loads(metrics_file.read_text())
+    assert set(metrics) == {f"bbox_{k}" for k in STATS} | {"images", "skipped_images"}
+    ref = _cocoeval(_coco(data), results, "bbox")
+    assert [metrics[f"bbox_{k}"] for k in STATS] == pytest.approx(ref, abs=1e-12)
+    report, result_line, written, last = out.strip().splitlines()
+    assert report == f"data: {gt} -> 2/2 images, 5/5 instances kept; no problems"
+    assert result_line.startswith(
+        f"{detect_ckpt}: box AP {ref[0]:.3f} (AP50 {ref[1]:.3f}, AP75 {ref[2]:.3f}) on 2 images "
+        f"of {tmp_path} (0 skipped)  ["
+    )
+    assert written == f"detections ({len(results)}) written to {results_file}"
+    assert json.loads(last) == metrics
+    assert f"warning: {gt} categories ['a', 'b'] differ from the checkpoint's ['one', 'two']" in err
+    # --json: the metrics alone on stdout, the reports on stderr
+    assert main([*argv, "--metrics", str(metrics_file), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == metrics and f"written to {results_file}" in err
+
+
+def test_eval_detect_names_what_is_missing_in_one_line(detect_ckpt: Path, tmp_path: Path, capsys):
+    from mvitv2.cli import main
+
+    argv = ["eval", "detect", "--checkpoint", str(detect_ckpt), "--workers", "0"]
+    assert main([*argv, "--annotations", "gt.json"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "mvitv2 eval detect: error: --images and --annotations go together"
+    )
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_train.json").write_text("{}")
+    assert main([*argv, "--data", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mvitv2 eval detect: error: no validation split under {tmp_path}: expected "
+        "annotations/instances_val2017.json (or instances_val.json), or pass --images and "
+        "--annotations"
+    )
+
+
+# ---------------------------------------------------------------------- task
+class _Losses(nn.Module):
+    def forward(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
+        return {
+            "loss_a": torch.tensor(0.25),
+            "loss_b": torch.tensor(1.5),
+            "loss_c": images[0].sum(),
+        }
+
+
+def test_training_loss_is_the_sum_of_the_detectors_losses_each_reported():
+    from mvitv2.engine.config import TrainConfig
+    from mvitv2.tasks.detect import DetectionTask
+
+    task = DetectionTask(TrainConfig(model="maskrcnn_mvitv2_tiny"))
+    total, parts = task.training_loss(_Losses(), ([torch.full((1, 2, 2), 0.5)], [{}]))
+    assert float(total) == 0.25 + 1.5 + 2.0
+    assert parts == {"loss_a": 0.25, "loss_b": 1.5, "loss_c": 2.0}
+    assert all(type(v) is float for v in parts.values())
+
+
+def test_task_evaluation_writes_its_coco_results_where_asked(hand_made, tmp_path):
+    from mvitv2.engine.config import TrainConfig
+    from mvitv2.tasks.detect import DetectionTask
+
+    ds = hand_made
+    task = DetectionTask(TrainConfig(model="maskrcnn_mvitv2_tiny", data={"masks": False}))
+    task.val_ds = ds
+    loader = build_loader(ds, batch_size=2, train=False, collate_fn=collate)
+    assert (
+        task.evaluate(Shifted(ds), loader, DistInfo())
+        == _evaluate(Shifted(ds), ds, with_masks=False)[0]
+    )
+    assert not any("segmentation" in r for r in task.last_results)  # data.masks false
+    task.results_path = tmp_path / "r.json"
+    task.evaluate(Shifted(ds), loader, DistInfo())
+    assert json.loads(task.results_path.read_text()) == task.last_results != []
+
+
+def test_default_preprocessing_is_the_detectors_normalisation_and_sizes():
+    got = SPEC.default_preprocessing("maskrcnn_mvitv2_tiny", {"min_size": 96, "max_size": 160}, {})
+    assert got == {
+        "mean": [0.485, 0.456, 0.406],  # ImageNet's, on [0, 1] RGB
+        "std": [0.229, 0.224, 0.225],
+        "min_size": 96,
+        "max_size": 160,
+        "size_divisible": 32,
+    }
+    default = SPEC.default_preprocessing("maskrcnn_mvitv2_tiny", {}, {})
+    assert (default["min_size"], default["max_size"]) == (800, 1333)  # detectron2's test sizes
