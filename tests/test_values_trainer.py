@@ -647,9 +647,10 @@ class OneOfTwo(DistInfo):
     gives rank 0's object (on rank 1: the next of ``from_rank0``)."""
 
     from_rank0: list = []
+    barriers: list[int] = []  # the rank of each barrier() call
 
     def barrier(self) -> None:
-        pass
+        OneOfTwo.barriers.append(self.rank)
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         return values.detach().to(torch.float64) * 2
@@ -705,6 +706,7 @@ def two_processes(monkeypatch, log):
 def test_the_main_of_two_processes_trains_its_shard_in_ddp_and_reports_for_both(
     tmp_path, two_processes, capsys
 ):
+    OneOfTwo.barriers = []
     two_processes(0)
     trainer, _ = make(
         tmp_path,
@@ -728,7 +730,9 @@ def test_the_main_of_two_processes_trains_its_shard_in_ddp_and_reports_for_both(
         "1 BatchNorm layer(s) keep per-process batch statistics: torch's SyncBatchNorm has no "
         "CPU kernels"
     )
+    assert OneOfTwo.barriers == [0]  # the others wait for the run folder
     trainer.fit()
+    assert OneOfTwo.barriers == [0, 0]  # and for the last checkpoint
     # gradients synchronised on the last micro-batch of each step only
     assert trainer.train_model.synced == [False, False, True] * 4
     rows = records(trainer)
