@@ -83,6 +83,63 @@ def test_a_data_folder_that_is_a_file_or_missing_is_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------- options into the config
+def _options(parser: argparse.ArgumentParser) -> dict[str, tuple]:
+    return {
+        a.dest: (a.option_strings, a.help, a.metavar, a.default)
+        for a in parser._actions
+        if a.dest != "help"
+    }
+
+
+def test_the_shared_options_and_their_help_lines():
+    train = argparse.ArgumentParser()
+    engine_cli.add_train_arguments(train, data_help="the data", config_help="a recipe")
+    assert _options(train) == {
+        "data": (["--data"], "the data", None, None),
+        "model": (["--model"], "model name (overrides the recipe)", None, None),
+        "config": (["--config"], "a recipe", None, None),
+        "resume": (["--resume"], "checkpoint path, run folder or 'auto'", None, None),
+        "output": (["--output"], "parent folder of run folders (config key 'output')", None, None),
+        "strict_data": (
+            ["--strict-data"],
+            "fail on the first unreadable input instead of skipping it",
+            None,
+            False,
+        ),
+        "overrides": ([], "config overrides, e.g. epochs=10 data.img_size=64", "key=value", None),
+    }
+    other = argparse.ArgumentParser()
+    engine_cli.add_train_arguments(
+        other, data_help="d", config_help="c", model_help="m", overrides_example="epochs=1"
+    )
+    assert _options(other)["model"][1] == "m"
+    assert _options(other)["overrides"][1] == "config overrides, e.g. epochs=1"
+    evaluate = argparse.ArgumentParser()
+    add_eval_output_arguments(evaluate)
+    assert _options(evaluate) == {
+        "output": (
+            ["--output"],
+            "metrics JSON to write (default: <checkpoint stem>_eval.json next to the checkpoint)",
+            None,
+            None,
+        ),
+        "json": (["--json"], "print only the metrics as one JSON line", None, False),
+    }
+    predict = argparse.ArgumentParser()
+    add_predict_arguments(predict, "clip")
+    assert _options(predict) == {
+        "files": ([], "clip files, folders (searched recursively) or glob patterns", None, None),
+        "device": (
+            ["--device"],
+            "where to run: cpu, cuda, cuda:1, ... (default: cpu)",
+            None,
+            "cpu",
+        ),
+        "batch_size": (["--batch-size"], "clips per forward", None, 16),
+        "json": (["--json"], "one JSON line per clip", None, False),
+    }
+
+
 def _train_args(*argv: str) -> argparse.Namespace:
     return parse(["train", "image", *argv]).args
 
@@ -128,6 +185,16 @@ def test_train_flags_and_overrides_reach_the_config_and_the_flags_win(tmp_path, 
         train_config(_train_args("--data", str(tmp_path / "data.txt")), "digits")
 
 
+def test_train_config_takes_a_namespace_without_data_or_threads(monkeypatch):
+    """What a task's own parser or a script passes: only the options it has."""
+    monkeypatch.setattr(engine_cli, "available_cpus", lambda: 8)
+    args = argparse.Namespace(
+        overrides=["epochs=400"], model=None, output=None, strict_data=False, config=None
+    )
+    cfg = train_config(args, "in1k_tiny")
+    assert (cfg.epochs, cfg.threads, cfg.workers) == (400, 0, 8)
+
+
 def test_train_notes_say_what_was_adapted_once_per_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(engine_cli, "available_cpus", lambda: 2)
     monkeypatch.delenv("RANK", raising=False)
@@ -148,6 +215,9 @@ def test_train_notes_say_what_was_adapted_once_per_run(tmp_path, monkeypatch, ca
     monkeypatch.setenv("RANK", "0")
     cfg = train_config(_train_args("--config", str(recipe), "workers=3"), "digits")
     assert (cfg.workers, cfg.warmup_epochs) == (3, 5.0) and capsys.readouterr().err == ""
+    monkeypatch.setattr(engine_cli, "available_cpus", lambda: 6)  # as many cores as workers
+    cfg = train_config(_train_args("--config", str(recipe)), "digits")
+    assert cfg.workers == 6 and capsys.readouterr().err == ""
     empty = tmp_path / "empty.yaml"
     empty.write_text("")  # every default; epochs=1 within the default 70-epoch warmup
     cfg = train_config(_train_args("--config", str(empty), "epochs=1", "workers=0"), "digits")
@@ -155,8 +225,15 @@ def test_train_notes_say_what_was_adapted_once_per_run(tmp_path, monkeypatch, ca
     assert capsys.readouterr().err.startswith("note: epochs=1 ends within the recipe's 70-epoch")
 
 
-def test_available_cpus_are_the_cores_this_process_may_use():
+def test_available_cpus_are_the_cores_this_process_may_use(monkeypatch):
     assert engine_cli.available_cpus() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert engine_cli.available_cpus() == 1  # pinned to one core of 64
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows: every core
+    assert engine_cli.available_cpus() == 64
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # unknown: one
+    assert engine_cli.available_cpus() == 1
 
 
 # ---------------------------------------------------------------------- a run's folder
@@ -249,10 +326,14 @@ def test_the_eval_loader_takes_the_commands_options_and_this_process_shard():
     from engine_toy import ToyData
 
     args = argparse.Namespace(batch_size=3, workers=1, strict_data=True)
-    loader = eval_loader(ToyData(10, 0, 0.0), args, DistInfo(rank=1, world_size=2), lambda b: b)
+
+    def labels(batch):
+        return [int(y) for _, y in batch]
+
+    loader = eval_loader(ToyData(10, 0, 0.0), args, DistInfo(rank=1, world_size=2), labels)
     assert (loader.batch_size, loader.num_workers, loader.dataset.strict) == (3, 1, True)
     assert [i for i, _ in loader.sampler] == [1, 3, 5, 7, 9]  # in order, not padded
-    assert loader.collate_fn is not None and not loader.drop_last
+    assert list(loader) == [[1, 0, 2], [1, 0]] and not loader.drop_last  # the task's collate
     args = argparse.Namespace(batch_size=4, workers=0, strict_data=False)
     loader = eval_loader(ToyData(5, 0, 0.0), args, DistInfo())
     assert [len(y) for _, y in loader] == [4, 1] and not loader.dataset.strict
@@ -320,6 +401,7 @@ def test_predict_options_and_their_defaults():
 
 def test_resolve_device_accepts_the_devices_torch_runs_on(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cpu") == "cpu" and resolve_device("cpu:0") == "cpu:0"
     assert resolve_device("cuda") == "cuda" and resolve_device("cuda:0") == "cuda:0"
     assert resolve_device("mps") == "mps" and resolve_device("xpu") == "xpu"
     with pytest.raises(UserValueError) as e:
@@ -339,8 +421,11 @@ def test_inputs_are_files_folders_and_patterns_in_a_stable_order(tmp_path, monke
     (tmp_path / "photos" / "b").mkdir(parents=True)
     for name in ("photos/z.PNG", "photos/a.jpg", "photos/b/c.png", "photos/notes.txt", "x[1].png"):
         (tmp_path / name).write_text("")
-    files = expand_inputs(["photos", "missing.png", "x[1].png", "photos/*.*"], [".png", ".JPG"])
+    files = expand_inputs(
+        ["x[1].png", "photos", "missing.png", "x[1].png", "photos/*.*"], [".png", ".JPG"]
+    )
     assert files == [
+        "x[1].png",
         "photos/a.jpg",
         "photos/b/c.png",
         "photos/z.PNG",
@@ -350,7 +435,9 @@ def test_inputs_are_files_folders_and_patterns_in_a_stable_order(tmp_path, monke
         "photos/notes.txt",
         "photos/z.PNG",
     ]
-    assert expand_inputs(["photos/**/*.png"], [".png"]) == ["photos/b/c.png"]
+    (tmp_path / "photos" / "top.png").write_text("")
+    assert expand_inputs(["photos/**/*.png"], [".png"]) == ["photos/b/c.png", "photos/top.png"]
+    assert expand_inputs(["photos/**"], [".png"])[:2] == ["photos/", "photos/a.jpg"]
     with pytest.raises(UserFileNotFoundError) as e:
         expand_inputs(["photos/b/c.png", "photos"], [".mp4", ".AVI"])
     assert str(e.value) == "folder photos holds no .mp4/.avi files (searched recursively)"
@@ -401,6 +488,8 @@ def test_top_k_lines_and_errors(capsys):
     def predictor(chunk):
         if "bad.png" in chunk:
             raise BadSample("bad.png", "cannot read image")
+        if "odd.png" in chunk:
+            raise UserValueError("odd.png: 4 channels")
         return [[("cat", 0.9712), ("dog", 0.02)] for _ in chunk]
 
     assert print_topk(["a.png", "b.png"], predictor, 2, as_json=False) == 0
@@ -409,6 +498,8 @@ def test_top_k_lines_and_errors(capsys):
     out, err = capsys.readouterr()
     assert out == '{"file": "a.png", "topk": [["cat", 0.9712], ["dog", 0.02]]}\n'
     assert err == "bad.png: error: cannot read image\n"
+    assert print_topk(["odd.png"], predictor, 1, as_json=False) == 1
+    assert capsys.readouterr().err == "odd.png: error: 4 channels\n"  # the path said once
 
 
 def test_a_per_file_error_reason_drops_the_path_printed_in_front_of_it():

@@ -554,6 +554,7 @@ def test_start_up_refuses_a_too_small_training_set_and_a_model_without_checkpoin
 def test_a_finetune_checkpoint_that_does_not_fit_is_a_user_error_naming_it(tmp_path, log):
     class Finetuned(Scripted):
         def init_weights(self, model, source):
+            assert model.fc1.in_features == 8  # the model just built
             if source == "bad.pt":
                 raise CheckpointError("tensor fc1.weight: shape (16, 8) vs (4, 4)")
             return f"report for {source}"
