@@ -431,6 +431,11 @@ def test_a_resume_converts_the_position_to_this_runs_batch_and_says_what_is_not_
     half = Trainer(Scripted(cfg), cfg, resume=str(path))
     assert (half.epoch, half.step_in_epoch, half.global_step) == (1, 2, 8)
     assert "RNG state restored" in capsys.readouterr().err
+    state["config"]["accum_steps"] = 2  # 1 step of 16 x 2 accumulated: 32 samples
+    save_checkpoint(state, path)
+    accumulated = Trainer(Scripted(cfg), cfg, resume=str(path))
+    assert (accumulated.epoch, accumulated.step_in_epoch, accumulated.global_step) == (1, 4, 10)
+    state["config"]["accum_steps"] = 1
     state.update(world_size=2)  # 1 step of 2 x 16: 32 samples
     save_checkpoint(state, path)
     cfg = toy_config(str(tmp_path), "p", *SMALL, "epochs=2")
@@ -443,13 +448,31 @@ def test_a_resume_converts_the_position_to_this_runs_batch_and_says_what_is_not_
         "state (dropout, drop path, mixup) is per process and not restored, so the rest of the "
         "run is not bit-identical to an uninterrupted one"
     ) in capsys.readouterr().err.splitlines()
-    # A checkpoint without config and world size: this run's values.
-    for key in ("config", "world_size", "rng"):
+    # A checkpoint with only weights, optimizer and position: this run's values for the rest.
+    for key in ("config", "world_size", "rng", "counters", "metrics", "best", "scaler"):
         del state[key]
     save_checkpoint(state, path)
     bare = Trainer(Scripted(cfg), cfg, resume=str(path))
     assert (bare.epoch, bare.step_in_epoch, bare.global_step) == (1, 1, 4)
+    assert bare.counters == {"nonfinite_total": 0, "nonfinite_consecutive": 0, "skipped_total": 0}
+    assert (bare.metrics, bare.best) == ({}, None)
     assert "not restored" in capsys.readouterr().err
+
+
+def test_a_resume_restores_the_fp16_grad_scaler_and_starts_one_for_a_run_that_had_none(tmp_path):
+    first, _ = make(tmp_path, "h", "epochs=1", "amp=fp16")
+    first.fit()
+    path = first.run_dir / "last.pt"
+    state = read_training_checkpoint(path)
+    state["scaler"]["scale"] = 1024.0
+    save_checkpoint(state, path)
+    resumed, _ = make(tmp_path, "h", "epochs=2", "amp=fp16", resume="auto")
+    assert resumed.scaler.get_scale() == 1024.0
+    plain, _ = make(tmp_path, "f32", "epochs=1")
+    plain.fit()  # its checkpoint's grad scaler is an empty (disabled) one
+    cfg = toy_config(str(tmp_path), "f32", *SMALL, "epochs=2", "amp=fp16")
+    fp16 = Trainer(Scripted(cfg), cfg, resume=str(plain.run_dir / "last.pt"))
+    assert fp16.scaler.is_enabled() and fp16.scaler.get_scale() == 2.0**16
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path, capsys):
