@@ -260,6 +260,8 @@ def test_the_banner_and_config_of_a_run(tmp_path):
     trainer.model = big
     lines = describe_run(trainer)
     assert lines[2] == "model: mvitv2_tiny, 3.00 M parameters (0.00 M trainable)"
+    trainer.model = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(1_025_001))])
+    assert describe_run(trainer)[2] == "model: mvitv2_tiny, 1.03 M parameters (1.03 M trainable)"
     assert lines[3].startswith("data: 32 train / 0 val samples;")
     path = write_run_config(trainer)
     assert path == tmp_path / "b" / "config.yaml"
@@ -400,6 +402,10 @@ def test_predict_options_and_their_defaults():
 
 
 def test_resolve_device_accepts_the_devices_torch_runs_on(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(UserValueError) as e:
+        resolve_device("cuda:0")
+    assert str(e.value) == "--device cuda:0: no CUDA device on this machine; use cpu"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert resolve_device("cpu") == "cpu" and resolve_device("cpu:0") == "cpu:0"
     assert resolve_device("cuda") == "cuda" and resolve_device("cuda:0") == "cuda:0"
