@@ -22,6 +22,7 @@ from mvitv2.engine.logging import RunLogger
 from mvitv2.engine.trainer import seed_everything, to_device
 from mvitv2.errors import UserError
 from mvitv2.weights import CheckpointError
+from test_engine import cosine_reference
 
 # 48 samples of batch 16: 3 optimizer steps per epoch, warmup 1 epoch (3 steps).
 SMALL = ["data.n_train=48", "data.n_val=12"]
@@ -29,11 +30,8 @@ SMALL = ["data.n_train=48", "data.n_val=12"]
 
 def schedule(step: int, epochs: int, steps_per_epoch: int = 3, peak: float = 0.05) -> float:
     """The toy recipe's lr at ``step``: warmup from 1e-8 over one epoch, cosine down to 1e-3."""
-    warm, total = steps_per_epoch, steps_per_epoch * epochs
-    if step < warm:
-        return 1e-8 + (peak - 1e-8) * step / warm
-    t = min(1.0, (step - warm) / (total - warm))
-    return 1e-3 + (peak - 1e-3) * (1 + math.cos(math.pi * t)) / 2
+    total = steps_per_epoch * epochs
+    return cosine_reference(step, peak, 1e-8, 1e-3, steps_per_epoch, total)
 
 
 class Recorder(RunLogger):
