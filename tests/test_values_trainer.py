@@ -240,14 +240,14 @@ def test_each_epoch_starts_from_a_seed_of_the_run_seed_the_epoch_and_the_rank(
     trainer, _ = make(tmp_path, "s", "epochs=2", "seed=5")
     trainer.fit()
     assert seeds == [5, 5 + 7919, 5 + 2 * 7919] and restored == []
-    # Resumed at step 2 of epoch 2 in the same process count: the saved RNG state, then the
+    # Resumed at step 1 of epoch 2 in the same process count: the saved RNG state, then the
     # next epoch from its seed.
     state = read_training_checkpoint(trainer.run_dir / "last.pt")
-    state.update(epoch=1, step_in_epoch=2, step=5)
+    state.update(epoch=1, step_in_epoch=1, step=4)
     save_checkpoint(state, trainer.run_dir / "last.pt")
     seeds.clear()
     resumed, _ = make(tmp_path, "s", "epochs=3", "seed=5", resume="auto")
-    assert (resumed.epoch, resumed.step_in_epoch, resumed.global_step) == (1, 2, 5)
+    assert (resumed.epoch, resumed.step_in_epoch, resumed.global_step) == (1, 1, 4)
     resumed.fit()
     assert len(restored) == 1 and torch.equal(restored[0]["torch"], state["rng"][0]["torch"])
     assert seeds == [5, 5 + 3 * 7919]
@@ -298,9 +298,21 @@ def test_evaluation_every_n_epochs_and_at_the_end_and_best_pt_on_a_strictly_bett
     class NoPrimary(Scripted):
         primary_metric = "map"
 
-    trainer, task = make(tmp_path, "p", "epochs=1", task=NoPrimary, scores=[5.0])
+    trainer, task = make(
+        tmp_path, "p", "epochs=1", "ckpt_every_steps=1", task=NoPrimary, scores=[5.0]
+    )
     trainer.fit()
     assert trainer.best is None and not (trainer.run_dir / "best.pt").exists()
+
+
+def test_each_epoch_record_has_the_run_time_so_far_to_the_hundredth(tmp_path, monkeypatch):
+    ticks = iter(0.123456 * i for i in range(100))
+    clock = type("Clock", (), {"perf_counter": staticmethod(lambda: next(ticks))})
+    trainer, _ = make(tmp_path, "t", "epochs=2")
+    monkeypatch.setattr(trainer_module, "time", clock)  # the trainer's clock only
+    out = trainer.fit()
+    assert [r["time_s"] for r in records(trainer)] == [0.12, 0.25]  # 0.123456, 0.246912
+    assert out["wall_s"] == pytest.approx(3 * 0.123456)
 
 
 def test_evaluation_with_ema_reports_both_models_and_skips_only_when_there_are_some(tmp_path):
