@@ -226,6 +226,30 @@ def test_accumulated_sgd_steps_are_the_big_batch_steps(tmp_path):
     assert not torch.equal(big.model.fc1.weight, make(tmp_path, "x", *common)[0].model.fc1.weight)
 
 
+def test_a_parameter_without_a_gradient_in_a_step_is_left_alone_by_that_step(tmp_path):
+    """Gradients are reset to None, not zero: AdamW then skips a parameter that took no part in
+    a step (no momentum drift, no weight decay), as a detector's unused head expects."""
+
+    class Spare(Scripted):
+        def build_model(self):
+            model = super().build_model()
+            model.spare = torch.nn.Parameter(torch.ones(4))
+            return model
+
+        def training_loss(self, model, batch):
+            loss, extra = super().training_loss(model, batch)
+            return (loss + model.spare.sum() if self.calls == 1 else loss), extra
+
+    trainer, _ = make(tmp_path, "s", "epochs=1", "warmup_epochs=0", "weight_decay=0.5", task=Spare)
+    after = []
+    trainer.optimizer.register_step_post_hook(
+        lambda *_: after.append(trainer.model.spare.detach().clone())
+    )
+    trainer.fit()
+    assert len(after) == 3 and not torch.equal(after[0], torch.ones(4))
+    assert torch.equal(after[1], after[0]) and torch.equal(after[2], after[0])
+
+
 # ---------------------------------------------------------------------- seeds
 def test_each_epoch_starts_from_a_seed_of_the_run_seed_the_epoch_and_the_rank(
     tmp_path, monkeypatch
