@@ -319,6 +319,8 @@ def test_evaluation_every_n_epochs_and_at_the_end_and_best_pt_on_a_strictly_bett
     assert set(out) == {"wall_s"} and not (trainer.run_dir / "best.pt").exists()
     assert not any(k.startswith("val_") for k in records(trainer)[0])
 
+
+def test_without_the_primary_metric_no_checkpoint_is_the_best(tmp_path):
     class NoPrimary(Scripted):
         primary_metric = "map"
 
