@@ -635,6 +635,7 @@ def test_start_up_builds_the_loaders_folder_logger_and_notes_from_the_config(
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)
     try:
+        torch.set_num_threads(2)
         trainer, _ = make(
             tmp_path,
             "",
@@ -673,6 +674,34 @@ def test_start_up_builds_the_loaders_folder_logger_and_notes_from_the_config(
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-8)
 
 
+def test_the_loaders_use_the_tasks_collate(tmp_path):
+    seen = []
+
+    class Collating(Scripted):
+        def collate_fn(self):
+            def collate(samples):
+                seen.append(len(samples))
+                return torch.utils.data.default_collate(samples)
+
+            return collate
+
+    trainer, _ = make(tmp_path, "c", "epochs=1", "data.n_val=10", task=Collating)
+    trainer.fit()
+    assert seen == [16, 16, 16, 10]  # 3 training batches, the validation set
+
+
+def test_amp_bf16_on_a_cpu_times_the_models_gemm_and_records_the_decision(tmp_path, monkeypatch):
+    from mvitv2.utils import precision
+
+    timed = []
+    monkeypatch.setattr(precision, "time_gemm", lambda shape: timed.append(shape) or (1.0, 2.0))
+    trainer, _ = make(tmp_path, "b", "amp=bf16")
+    assert timed == [precision.gemm_shape(trainer.model)]
+    assert trainer.autocast_dtype == torch.bfloat16
+    assert trainer.implementation["precision"] == "bf16"
+    assert trainer.implementation["precision_why"].startswith("amp=bf16: a ")
+
+
 def test_bf16_autocast_runs_the_training_and_evaluation_in_bf16(tmp_path):
     dtypes = []
 
@@ -708,6 +737,7 @@ class OneOfTwo(DistInfo):
 
     from_rank0: list = []
     barriers: list[int] = []  # the rank of each barrier() call
+    devices: list[str] = []  # the config's device, as asked for
 
     def barrier(self) -> None:
         OneOfTwo.barriers.append(self.rank)
@@ -755,7 +785,11 @@ def two_processes(monkeypatch, log):
 
     def as_rank(rank: int) -> OneOfTwo:
         info = OneOfTwo(rank=rank, world_size=2)
-        monkeypatch.setattr(trainer_module, "init_distributed", lambda device: info)
+        monkeypatch.setattr(
+            trainer_module,
+            "init_distributed",
+            lambda device: OneOfTwo.devices.append(device) or info,
+        )
         return info
 
     monkeypatch.setattr(trainer_module, "DDP", FakeDDP)
@@ -766,11 +800,12 @@ def two_processes(monkeypatch, log):
 def test_the_main_of_two_processes_trains_its_shard_in_ddp_and_reports_for_both(
     tmp_path, two_processes, capsys
 ):
-    OneOfTwo.barriers = []
+    OneOfTwo.barriers, OneOfTwo.devices = [], []
     two_processes(0)
     trainer, _ = make(
         tmp_path,
         "m",
+        "device=cpu",
         "epochs=2",
         "batch_size=8",
         "accum_steps=3",
@@ -790,6 +825,7 @@ def test_the_main_of_two_processes_trains_its_shard_in_ddp_and_reports_for_both(
         "1 BatchNorm layer(s) keep per-process batch statistics: torch's SyncBatchNorm has no "
         "CPU kernels"
     )
+    assert OneOfTwo.devices == ["cpu"]
     assert OneOfTwo.barriers == [0]  # the others wait for the run folder
     trainer.fit()
     assert OneOfTwo.barriers == [0, 0]  # and for the last checkpoint
