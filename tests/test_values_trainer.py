@@ -738,6 +738,7 @@ class OneOfTwo(DistInfo):
     from_rank0: list = []
     barriers: list[int] = []  # the rank of each barrier() call
     devices: list[str] = []  # the config's device, as asked for
+    other_bad: list[tuple[str, str]] = []  # the unreadable samples the other process met
 
     def barrier(self) -> None:
         OneOfTwo.barriers.append(self.rank)
@@ -752,6 +753,8 @@ class OneOfTwo(DistInfo):
         return bool(torch.as_tensor(flag).all())
 
     def all_gather_object(self, obj):
+        if isinstance(obj, list):  # unreadable samples: the other process met its own
+            return [obj, OneOfTwo.other_bad]
         return [obj, obj]
 
     def broadcast_object(self, obj):
@@ -801,6 +804,7 @@ def test_the_main_of_two_processes_trains_its_shard_in_ddp_and_reports_for_both(
     tmp_path, two_processes, capsys
 ):
     OneOfTwo.barriers, OneOfTwo.devices = [], []
+    OneOfTwo.other_bad = [("other/7.bin", "broken on rank 1")]
     two_processes(0)
     trainer, _ = make(
         tmp_path,
@@ -838,6 +842,11 @@ def test_the_main_of_two_processes_trains_its_shard_in_ddp_and_reports_for_both(
     state = read_training_checkpoint(trainer.run_dir / "last.pt")
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert [s[3] for s in Recorder.last.of("step")] == [24] * 4  # images of this process
+    named = [c[0] for c in Recorder.last.of("info") if c[0].startswith("skipped unreadable")]
+    assert named == [  # the other process's at the first epoch end, each file once
+        "skipped unreadable sample other/7.bin: broken on rank 1",
+        "skipped unreadable sample toy/4.bin: corrupt for the test",
+    ]
     # resumed by 2 processes after 1 step of epoch 2: this process's RNG state, its position
     state.update(epoch=1, step_in_epoch=1, step=3)
     save_checkpoint(state, trainer.run_dir / "last.pt")
