@@ -416,20 +416,23 @@ def test_each_case_s_percent_of_peak_is_against_the_better_peak_just_before_and_
     from mvitv2 import benchmark as bm
     from mvitv2.cli import main
 
-    measured = iter([100.0, 1000.0, 400.0, 2000.0, 200.0, 500.0])  # fp32, bf16 per measurement
+    # fp32, bf16 per measurement: at the start, then after each of the three cases
+    measured = iter([100.0, 1000.0, 400.0, 2000.0, 200.0, 500.0, 300.0, 600.0])
     monkeypatch.setattr(bm, "matmul_peak", lambda dtype, device, n: next(measured))
     out = tmp_path / "bench.json"
-    argv = ["benchmark", "--quick", "--repeats", "1", "--cases", "image_fp32", "image_bf16"]
+    cases = ["image_fp32", "image_bf16", "detect"]
+    argv = ["benchmark", "--quick", "--repeats", "1", "--cases", *cases]
     assert main([*argv, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["matmul_peak_gflops_per_case"] == {
         "image_fp32": {"fp32": 400.0, "bf16": 2000.0},  # start 100/1000, after 400/2000
         "image_bf16": {"fp32": 400.0, "bf16": 2000.0},  # before 400/2000, after 200/500
+        "detect": {"fp32": 300.0, "bf16": 600.0},  # before 200/500, after 300/600
     }
     assert result["matmul_peak_gflops"] == {"fp32": 400.0, "bf16": 2000.0}
+    peak = {"image_fp32": 400.0, "image_bf16": 2000.0, "detect": 300.0}
     for r in result["rows"]:
-        peak = 2000.0 if r["case"] == "image_bf16" else 400.0
-        assert r["pct_peak"] == pytest.approx(100 * r["gflops"] / peak, rel=1e-12)
+        assert r["pct_peak"] == pytest.approx(100 * r["gflops"] / peak[r["case"]], rel=1e-12)
 
 
 def test_memeff_on_bf16_inputs_casts_the_fp32_rel_pos_tables_to_their_dtype():
