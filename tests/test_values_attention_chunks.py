@@ -224,3 +224,62 @@ def test_every_path_is_the_naive_loop_with_the_scale_given(path, prefix):
     assert torch.allclose(out.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
     no_rel = _naive_attention(q, k, v, SCALE, rel.h * 0, rel.w * 0, 3, prefix)
     assert torch.allclose(plain.double(), no_rel, rtol=0, atol=1e-5 * no_rel.abs().max().item())
+
+
+def _naive_attention_3d(q, k, v, scale, rel: RelPos, grid: tuple[int, int, int]):
+    """:func:`_naive_attention` on a ``(T, side, side)`` grid of queries and keys (no prefix),
+    with the temporal term ``q . t[t - t' + T - 1]`` too."""
+    T, side, _ = grid
+    B, nH, N, _ = q.shape
+    q, k, v = q.double(), k.double(), v.double()
+    h, w, t = rel.h.double(), rel.w.double(), rel.t.double()
+    out = torch.zeros(B, nH, N, v.shape[-1], dtype=torch.float64)
+    pos = [(i // (side * side), (i // side) % side, i % side) for i in range(N)]
+    for b in range(B):
+        for n in range(nH):
+            for i, (ti, yi, xi) in enumerate(pos):
+                qi = q[b, n, i]
+                s = torch.stack(
+                    [
+                        scale * (qi @ k[b, n, j])
+                        + qi @ h[yi - yj + side - 1]
+                        + qi @ w[xi - xj + side - 1]
+                        + qi @ t[ti - tj + T - 1]
+                        for j, (tj, yj, xj) in enumerate(pos)
+                    ]
+                )
+                out[b, n, i] = torch.softmax(s, 0) @ v[b, n]
+    return out
+
+
+@pytest.mark.parametrize("path", ["reference", "bias", "folded", "chunked", "memeff"])
+def test_every_path_is_the_naive_loop_with_a_temporal_rel_pos_term(path, monkeypatch):
+    """Video: a (2, 3, 3) grid with height, width and time tables, against the loops; the bias
+    path also in query-row chunks (a budget of 100 score elements), where the temporal
+    coefficients are taken per chunk."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 2, 18, 8, generator=g) for _ in range(3))
+    h, w = torch.randn(5, 8, generator=g) * 3, torch.randn(5, 8, generator=g) * 3
+    t = torch.randn(3, 8, generator=g) * 3
+    rel = RelPos(h=h, w=w, t=t, q_thw=(2, 3, 3), k_thw=(2, 3, 3), num_prefix=0)
+    want = _naive_attention_3d(q, k, v, SCALE, rel, (2, 3, 3))
+    fn = attn_mod._paths()[path]
+    with torch.no_grad():
+        out = fn(q, k, v, SCALE, rel)
+        assert torch.allclose(out.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+        if path == "bias":
+            monkeypatch.setattr(attn_mod, "CHUNK_ELEMENTS", 100)
+            rows = _record_sdpa(monkeypatch)
+            out = fn(q, k, v, SCALE, rel)
+            assert [c[0][2] for c in rows] == [1] * 18  # 100 // (2 * 2 * 18) = 1 row a chunk
+            assert torch.allclose(out.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+@torch.no_grad()
+def test_bias_path_without_rel_pos_takes_the_batch_whole_whatever_the_budget(monkeypatch):
+    """No rel-pos term, no bias tensor to bound: one SDPA call, items far over the budget."""
+    q, k, v, _ = _inputs(3, 2, (4, 4), (4, 4), seed=9)
+    monkeypatch.setattr(attn_mod, "CHUNK_ELEMENTS", 10)
+    calls = _record_sdpa(monkeypatch)
+    attn_mod.attention_bias(q, k, v, SCALE, None)
+    assert calls == [((3, 2, 16, 8), None)]
