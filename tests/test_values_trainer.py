@@ -212,6 +212,15 @@ def test_each_step_reports_its_loss_lr_and_images_and_each_epoch_its_means(tmp_p
     assert logger.calls[-1] == ("close",)
 
 
+def test_log_every_1_logs_every_step_and_a_one_step_epoch_reports_that_steps_loss(tmp_path, log):
+    trainer, task = make(tmp_path, "one", "epochs=2", "data.n_train=16", "log_every=1")
+    trainer.fit()
+    train = [s for s in Recorder.last.of("scalars") if s[0] == "train"]
+    assert [s[2] for s in train] == [1, 2]
+    rows = records(trainer)
+    assert [r["train_loss"] for r in rows] == pytest.approx(task.losses, rel=1e-6)
+
+
 def test_accumulated_sgd_steps_are_the_big_batch_steps(tmp_path):
     """SGD without clipping follows the gradient's scale, so the 1/accum_steps of each
     micro-batch loss matters: 2 x 8 must train exactly as 16."""
