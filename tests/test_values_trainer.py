@@ -21,6 +21,7 @@ from mvitv2.engine.distributed import DistInfo
 from mvitv2.engine.logging import RunLogger
 from mvitv2.engine.trainer import seed_everything, to_device
 from mvitv2.errors import UserError
+from mvitv2.ops import implementation_choices
 from mvitv2.weights import CheckpointError
 from test_engine import cosine_reference
 
@@ -671,7 +672,9 @@ def test_start_up_builds_the_loaders_folder_logger_and_notes_from_the_config(
         "warning: warmup_epochs=2 >= epochs=2: the lr rises for the whole run and never reaches "
         "its peak 0.05; set warmup_epochs below epochs"
     )
-    assert notes[1].startswith("kernels: attention=") and len(notes) == 2
+    kernels = implementation_choices(torch.device("cpu"), torch.float32, True)
+    assert notes[1] == "kernels: " + ", ".join(f"{k}={v}" for k, v in kernels.items())
+    assert {k: trainer.implementation[k] for k in kernels} == kernels and len(notes) == 2
     train, val = trainer.train_loader, trainer.val_loader
     assert (train.batch_size, train.num_workers, train.pin_memory) == (16, 1, False)
     assert train.dataset.strict and val.dataset.strict and len(val.dataset) == 12
@@ -699,7 +702,9 @@ def test_the_loaders_use_the_tasks_collate(tmp_path):
     assert seen == [16, 16, 16, 10]  # 3 training batches, the validation set
 
 
-def test_amp_bf16_on_a_cpu_times_the_models_gemm_and_records_the_decision(tmp_path, monkeypatch):
+def test_amp_bf16_on_a_cpu_times_the_models_gemm_and_records_the_decision(
+    tmp_path, monkeypatch, log
+):
     from mvitv2.utils import precision
 
     timed = []
@@ -709,6 +714,15 @@ def test_amp_bf16_on_a_cpu_times_the_models_gemm_and_records_the_decision(tmp_pa
     assert trainer.autocast_dtype == torch.bfloat16
     assert trainer.implementation["precision"] == "bf16"
     assert trainer.implementation["precision_why"].startswith("amp=bf16: a ")
+    kernels = implementation_choices(torch.device("cpu"), torch.bfloat16, True)
+    assert {k: trainer.implementation[k] for k in kernels} == kernels
+    # not faster: fp32, and a note that says so
+    monkeypatch.setattr(precision, "time_gemm", lambda shape: (2.0, 1.0))
+    trainer, _ = make(tmp_path, "f", "amp=bf16")
+    assert trainer.autocast_dtype is None
+    note = [c[0] for c in Recorder.last.of("info") if c[0].startswith("note: ")]
+    assert note == [f"note: {trainer.precision.note}"]
+    assert note[0].startswith("note: amp=bf16 asked, but bf16 autocast is not faster here (a ")
 
 
 def test_bf16_autocast_runs_the_training_and_evaluation_in_bf16(tmp_path):
