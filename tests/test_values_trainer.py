@@ -531,6 +531,33 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path, capsys
     assert task.calls == 0
 
 
+def test_resume_auto_takes_the_named_run_the_tasks_metadata_schema_and_keeps_start_up_notes(
+    tmp_path, log
+):
+    class Versioned(Scripted):
+        """Schema 2 of the metadata; schema 1 said ``classes``."""
+
+        def checkpoint_meta(self):
+            return {"version": 2, "class_names": ["a", "b", "c"]}
+
+        def upgrade_meta(self, checkpoint):
+            old = dict(checkpoint.get("meta") or {})
+            return {"version": 2, "class_names": old.pop("classes")} if "classes" in old else old
+
+    older, _ = make(tmp_path, "older", "epochs=1", task=Versioned)
+    older.fit()
+    state = read_training_checkpoint(older.run_dir / "last.pt")
+    state["meta"] = {"classes": ["a", "b", "c"]}  # written before the schema change
+    save_checkpoint(state, older.run_dir / "last.pt")
+    newer, _ = make(tmp_path, "newer", "epochs=1", task=Versioned)
+    newer.fit()
+    again, _ = make(tmp_path, "older", "epochs=1", "warmup_epochs=1", task=Versioned, resume="auto")
+    assert again.run_dir == older.run_dir  # the named run, not the newest
+    infos = [c[0] for c in Recorder.last.of("info")]
+    assert infos[0].startswith("warning: warmup_epochs=1 >= epochs=1")  # said before resuming
+    assert infos[-1] == "the run already completed its 1 epochs; nothing to train"
+
+
 def test_weights_that_do_not_fit_are_named_with_the_config_differences(tmp_path):
     first, _ = make(tmp_path, "w", "epochs=1")
     first.fit()
