@@ -21,6 +21,7 @@ from mvitv2.engine.distributed import DistInfo
 from mvitv2.engine.logging import RunLogger
 from mvitv2.engine.trainer import seed_everything, to_device
 from mvitv2.errors import UserError
+from mvitv2.ops import implementation_choices
 from mvitv2.weights import CheckpointError
 from test_engine import cosine_reference
 
@@ -210,6 +211,15 @@ def test_each_step_reports_its_loss_lr_and_images_and_each_epoch_its_means(tmp_p
     assert out == {**trainer.metrics, "wall_s": out["wall_s"]}
     assert out["count"] == 12 and out["wall_s"] > 0
     assert logger.calls[-1] == ("close",)
+
+
+def test_log_every_1_logs_every_step_and_a_one_step_epoch_reports_that_steps_loss(tmp_path, log):
+    trainer, task = make(tmp_path, "one", "epochs=2", "data.n_train=16", "log_every=1")
+    trainer.fit()
+    train = [s for s in Recorder.last.of("scalars") if s[0] == "train"]
+    assert [s[2] for s in train] == [1, 2]
+    rows = records(trainer)
+    assert [r["train_loss"] for r in rows] == pytest.approx(task.losses, rel=1e-6)
 
 
 def test_accumulated_sgd_steps_are_the_big_batch_steps(tmp_path):
@@ -521,6 +531,33 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path, capsys
     assert task.calls == 0
 
 
+def test_resume_auto_takes_the_named_run_the_tasks_metadata_schema_and_keeps_start_up_notes(
+    tmp_path, log
+):
+    class Versioned(Scripted):
+        """Schema 2 of the metadata; schema 1 said ``classes``."""
+
+        def checkpoint_meta(self):
+            return {"version": 2, "class_names": ["a", "b", "c"]}
+
+        def upgrade_meta(self, checkpoint):
+            old = dict(checkpoint.get("meta") or {})
+            return {"version": 2, "class_names": old.pop("classes")} if "classes" in old else old
+
+    older, _ = make(tmp_path, "older", "epochs=1", task=Versioned)
+    older.fit()
+    state = read_training_checkpoint(older.run_dir / "last.pt")
+    state["meta"] = {"classes": ["a", "b", "c"]}  # written before the schema change
+    save_checkpoint(state, older.run_dir / "last.pt")
+    newer, _ = make(tmp_path, "newer", "epochs=1", task=Versioned)
+    newer.fit()
+    again, _ = make(tmp_path, "older", "epochs=1", "warmup_epochs=1", task=Versioned, resume="auto")
+    assert again.run_dir == older.run_dir  # the named run, not the newest
+    infos = [c[0] for c in Recorder.last.of("info")]
+    assert infos[0].startswith("warning: warmup_epochs=1 >= epochs=1")  # said before resuming
+    assert infos[-1] == "the run already completed its 1 epochs; nothing to train"
+
+
 def test_weights_that_do_not_fit_are_named_with_the_config_differences(tmp_path):
     first, _ = make(tmp_path, "w", "epochs=1")
     first.fit()
@@ -662,7 +699,9 @@ def test_start_up_builds_the_loaders_folder_logger_and_notes_from_the_config(
         "warning: warmup_epochs=2 >= epochs=2: the lr rises for the whole run and never reaches "
         "its peak 0.05; set warmup_epochs below epochs"
     )
-    assert notes[1].startswith("kernels: attention=") and len(notes) == 2
+    kernels = implementation_choices(torch.device("cpu"), torch.float32, True)
+    assert notes[1] == "kernels: " + ", ".join(f"{k}={v}" for k, v in kernels.items())
+    assert {k: trainer.implementation[k] for k in kernels} == kernels and len(notes) == 2
     train, val = trainer.train_loader, trainer.val_loader
     assert (train.batch_size, train.num_workers, train.pin_memory) == (16, 1, False)
     assert train.dataset.strict and val.dataset.strict and len(val.dataset) == 12
@@ -690,7 +729,9 @@ def test_the_loaders_use_the_tasks_collate(tmp_path):
     assert seen == [16, 16, 16, 10]  # 3 training batches, the validation set
 
 
-def test_amp_bf16_on_a_cpu_times_the_models_gemm_and_records_the_decision(tmp_path, monkeypatch):
+def test_amp_bf16_on_a_cpu_times_the_models_gemm_and_records_the_decision(
+    tmp_path, monkeypatch, log
+):
     from mvitv2.utils import precision
 
     timed = []
@@ -700,6 +741,15 @@ def test_amp_bf16_on_a_cpu_times_the_models_gemm_and_records_the_decision(tmp_pa
     assert trainer.autocast_dtype == torch.bfloat16
     assert trainer.implementation["precision"] == "bf16"
     assert trainer.implementation["precision_why"].startswith("amp=bf16: a ")
+    kernels = implementation_choices(torch.device("cpu"), torch.bfloat16, True)
+    assert {k: trainer.implementation[k] for k in kernels} == kernels
+    # not faster: fp32, and a note that says so
+    monkeypatch.setattr(precision, "time_gemm", lambda shape: (2.0, 1.0))
+    trainer, _ = make(tmp_path, "f", "amp=bf16")
+    assert trainer.autocast_dtype is None
+    note = [c[0] for c in Recorder.last.of("info") if c[0].startswith("note: ")]
+    assert note == [f"note: {trainer.precision.note}"]
+    assert note[0].startswith("note: amp=bf16 asked, but bf16 autocast is not faster here (a ")
 
 
 def test_bf16_autocast_runs_the_training_and_evaluation_in_bf16(tmp_path):
