@@ -317,3 +317,25 @@ def test_gather_first_mentions_merges_every_process_list_in_rank_order():
     out = gather_first_mentions(TwoRanks(), mine, named)
     assert out == [("v.mp4", "corrupt"), ("w.mp4", "missing")]
     assert named == {"old.mp4", "v.mp4", "w.mp4"}
+
+
+def test_a_seeded_sample_draws_from_its_seed_and_leaves_every_generator_as_it_was(monkeypatch):
+    """SeededDataset seeds the CPU generator with the sample's seed (the draws are those of a
+    generator seeded by hand) and touches no CUDA generator: re-seeding those per sample would
+    change a GPU run's dropout streams, and queues a lazy CUDA seeding on every sample."""
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(3)
+
+    cuda_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: cuda_seeds.append(s))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda s: cuda_seeds.append(s))
+    state = torch.get_rng_state()
+    got = SeededDataset(Draws(), substitute=False)[(2, 1234)]
+    want = torch.rand(3, generator=torch.Generator().manual_seed(1234))
+    assert torch.equal(got, want)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's CPU stream is untouched
+    assert cuda_seeds == []
