@@ -323,6 +323,7 @@ def test_a_seeded_sample_draws_from_its_seed_and_leaves_every_generator_as_it_wa
     """SeededDataset seeds the CPU generator with the sample's seed (the draws are those of a
     generator seeded by hand) and touches no CUDA generator: re-seeding those per sample would
     change a GPU run's dropout streams, and queues a lazy CUDA seeding on every sample."""
+
     class Draws(torch.utils.data.Dataset):
         def __len__(self) -> int:
             return 4
