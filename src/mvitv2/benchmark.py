@@ -186,8 +186,8 @@ def matmul_peaks(device: str, n: int) -> dict[str, float]:
     }
 
 
-def rescale_pct_peak(rows: list[Row], peak_gflops: float) -> None:
-    """Set each row's ``pct_peak`` against ``peak_gflops`` (its GFLOP/s unchanged)."""
+def set_pct_peak(rows: list[Row], peak_gflops: float) -> None:
+    """Set each row's ``pct_peak``: its GFLOP/s as a percentage of ``peak_gflops``."""
     for row in rows:
         row.pct_peak = 100 * row.gflops / peak_gflops
 
@@ -201,12 +201,13 @@ class Row:
     ms: float
     items_per_s: float
     gflops: float
-    pct_peak: float
     peak_mb: float
     times_ms: list[float] = field(default_factory=list)
     speedup: float = 1.0  # baseline time / this time
     memory_ratio: float = 1.0  # this peak / baseline peak
     max_abs_diff: float | None = None  # output difference to the baseline (same weights)
+    # GFLOP/s as % of the matmul peak measured around the case (set by run: set_pct_peak)
+    pct_peak: float = float("nan")
 
 
 # --------------------------------------------------------------------------- models
@@ -430,7 +431,6 @@ def _rows(
     mem: dict[str, int],
     macs: float,
     items: int,
-    peak_gflops: float,
     baseline: str,
     diff: float | None,
 ) -> list[Row]:
@@ -445,7 +445,6 @@ def _rows(
                 ms=med * 1e3,
                 items_per_s=items / med,
                 gflops=gf,
-                pct_peak=100 * gf / peak_gflops,
                 peak_mb=mem[name] / 2**20,
                 times_ms=[t * 1e3 for t in ts],
                 speedup=statistics.median(times[baseline]) / med,
@@ -457,7 +456,7 @@ def _rows(
 
 
 def _inference_case(
-    case: str, setup: CaseSetup, peaks: dict, repeats: int, device: str, compile: bool = False
+    case: str, setup: CaseSetup, repeats: int, device: str, compile: bool = False
 ) -> list[Row]:
     fns, (ours, ref_name) = dict(setup.fns), list(setup.fns)
     if compile:
@@ -472,8 +471,7 @@ def _inference_case(
     times = alternate(fns, repeats, device)
     mem = {n: peak_memory(f, device) for n, f in fns.items()}
     macs = _macs(setup.models[ours], tuple(setup.x.shape))
-    peak = peaks["bf16" if setup.bf16 else "fp32"]
-    return _rows(case, times, mem, macs, setup.x.shape[0], peak, ref_name, diff)
+    return _rows(case, times, mem, macs, setup.x.shape[0], ref_name, diff)
 
 
 def _compiled(
@@ -512,7 +510,7 @@ def train_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _train_case(
-    case: str, setup: TrainSetup, peaks: dict, repeats: int, device: str, compile: bool = False
+    case: str, setup: TrainSetup, repeats: int, device: str, compile: bool = False
 ) -> list[Row]:
     """The training step of ours against timm's (:func:`train_setup`); with ``compile`` also both
     models under ``torch.compile`` (same parameters and optimizers)."""
@@ -536,18 +534,17 @@ def _train_case(
     ours = setup.models["ours"]
     macs = 3 * _macs(ours.eval(), tuple(setup.x.shape))  # forward + backward ~ 3 forwards
     ours.train()
-    peak = peaks["bf16" if setup.bf16 else "fp32"]
-    return _rows(case, times, mem, macs, setup.x.shape[0], peak, "timm", diff)
+    return _rows(case, times, mem, macs, setup.x.shape[0], "timm", diff)
 
 
-def _detect_case(setup: CaseSetup, peaks: dict, repeats: int, device: str) -> list[Row]:
+def _detect_case(setup: CaseSetup, repeats: int, device: str) -> list[Row]:
     a, b = (f() for f in setup.fns.values())
     diff = max((p - q).abs().max().item() for p, q in zip(a, b))
     del a, b
     times = alternate(setup.fns, repeats, device)
     mem = {n: peak_memory(f, device) for n, f in setup.fns.items()}
     macs = _macs(setup.models["ours"], tuple(setup.x.shape))
-    return _rows("detect", times, mem, macs, setup.x.shape[0], peaks["fp32"], "unfused", diff)
+    return _rows("detect", times, mem, macs, setup.x.shape[0], "unfused", diff)
 
 
 # --------------------------------------------------------------------------- driver
@@ -599,16 +596,16 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         setup = case_setup(case, quick, args.batch, device)
         if isinstance(setup, TrainSetup):
-            new = _train_case(case, setup, before, repeats, device, args.compile)
+            new = _train_case(case, setup, repeats, device, args.compile)
         elif case == "detect":
-            new = _detect_case(setup, before, repeats, device)
+            new = _detect_case(setup, repeats, device)
         else:
-            new = _inference_case(case, setup, before, repeats, device, args.compile)
+            new = _inference_case(case, setup, repeats, device, args.compile)
         # The peak again after the case: a slow moment of a shared host during one of the two
         # measurements would otherwise inflate the case's % of peak.
         after = matmul_peaks(device, n)
         case_peaks[case] = {k: max(before[k], after[k]) for k in before}
-        rescale_pct_peak(new, case_peaks[case]["bf16" if setup.bf16 else "fp32"])
+        set_pct_peak(new, case_peaks[case]["bf16" if setup.bf16 else "fp32"])
         best = {k: max(best[k], after[k]) for k in best}
         before = after
         rows += new
