@@ -856,10 +856,7 @@ def test_the_main_of_two_processes_trains_its_shard_in_ddp_and_reports_for_both(
     OneOfTwo.barriers, OneOfTwo.devices = [], []
     OneOfTwo.other_bad = [("other/7.bin", "broken on rank 1")]
     two_processes(0)
-    trainer, _ = make(
-        tmp_path,
-        "m",
-        "device=cpu",
+    run = (
         "epochs=2",
         "batch_size=8",
         "accum_steps=3",
@@ -867,6 +864,7 @@ def test_the_main_of_two_processes_trains_its_shard_in_ddp_and_reports_for_both(
         "data.batchnorm=true",
         "data.bad_index=4",
     )
+    trainer, _ = make(tmp_path, "m", "device=cpu", *run)
     # 96 samples = 48 a process = 6 batches of 8 = 2 steps of 3 x 8 x 2 processes
     assert trainer.steps_per_epoch == 2 and len(trainer.train_loader.sampler) == 48
     assert (trainer.train_loader.sampler.rank, trainer.train_loader.sampler.world_size) == (0, 2)
@@ -902,17 +900,7 @@ def test_the_main_of_two_processes_trains_its_shard_in_ddp_and_reports_for_both(
     save_checkpoint(state, trainer.run_dir / "last.pt")
     capsys.readouterr()
     two_processes(0)
-    resumed, _ = make(
-        tmp_path,
-        "m",
-        "epochs=2",
-        "batch_size=8",
-        "accum_steps=3",
-        "data.n_train=96",
-        "data.batchnorm=true",
-        "data.bad_index=4",
-        resume="auto",
-    )
+    resumed, _ = make(tmp_path, "m", *run, resume="auto")
     assert (resumed.epoch, resumed.step_in_epoch, resumed.global_step) == (1, 1, 3)
     assert resumed._rng_to_restore is not None
     assert "RNG state restored" in capsys.readouterr().err

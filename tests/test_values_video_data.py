@@ -44,6 +44,17 @@ def test_a_file_that_cannot_be_opened_is_corrupt_with_the_error_text(
     assert str(e.value) == f"{tmp_path / 'v.mp4'}: cannot open video ({why})"
 
 
+def _assert_rejected_as_empty(path) -> None:
+    """Opening ``path`` fails as "video stream has no frames" (kind "empty"), naming the file."""
+    with pytest.raises(VideoDecodeError) as e:
+        VideoReader(path)
+    assert (e.value.path, e.value.reason, e.value.kind) == (
+        str(path),
+        "video stream has no frames",
+        "empty",
+    )
+
+
 def test_a_video_stream_without_frames_is_empty(tmp_path):
     """An AVI with a video stream header but no frame: no count anywhere, none decodes."""
     path = tmp_path / "v.avi"
@@ -53,13 +64,7 @@ def test_a_video_stream_without_frames_is_empty(tmp_path):
         c.start_encoding()
     with av.open(str(path)) as c:  # the premise: the stream is there, with 0 frames
         assert len(c.streams.video) == 1 and not c.streams.video[0].frames
-    with pytest.raises(VideoDecodeError) as e:
-        VideoReader(path)
-    assert (e.value.path, e.value.reason, e.value.kind) == (
-        str(path),
-        "video stream has no frames",
-        "empty",
-    )
+    _assert_rejected_as_empty(path)
 
 
 def test_a_file_with_only_audio_has_no_video_stream(tmp_path):
@@ -180,13 +185,7 @@ def test_a_raw_h264_stream_is_a_video_without_frames(tmp_path):
         s = c.streams.video[0]
         assert (s.frames, s.duration, c.duration) == (0, None, None)
         assert {f.pts for f in c.decode(s)} == {None}
-    with pytest.raises(VideoDecodeError) as e:
-        VideoReader(path)
-    assert (e.value.path, e.value.reason, e.value.kind) == (
-        str(path),
-        "video stream has no frames",
-        "empty",
-    )
+    _assert_rejected_as_empty(path)
 
 
 def _stamped_video(path, times, codec="libx264", options=None, audio_seconds=0.0):
