@@ -25,6 +25,11 @@ Copies, residual and rel-pos adds and autograd's own work are left out, which on
 bound: nothing short of faster kernels for these, or fusing them into others, beats the
 reference by more than that.
 
+The same two times bound the benchmark's *% of the matmul peak* (the case's nominal FLOPs over
+the time, as a percentage of the square-matmul peak measured before and after each measurement):
+``pct_peak_gemm_only`` and ``pct_peak_with_essential`` are the most that percentage can reach with
+our GEMMs as they run; ``pct_peak_wall`` is ours as measured.
+
     uv run python benchmarks/gemm_bound.py --case {train,detect,image_fp32,image_bf16,video_bf16}
         [--threads 2] [--repeats 3] [--json F]
 
@@ -53,7 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).parent))
 import op_profile  # noqa: E402
 
-from mvitv2.benchmark import alternate  # noqa: E402
+from mvitv2.benchmark import alternate, case_macs, matmul_peak  # noqa: E402
 from mvitv2.ops import attention as ops_attention  # noqa: E402
 from mvitv2.ops import gemm as ops_gemm  # noqa: E402
 from mvitv2.utils.allocator import allocator_setting, keep_freed_memory  # noqa: E402
@@ -266,14 +271,24 @@ def measure(
     calls: Counter[Call],
     essential: dict[str, Counter[Call]],
     rounds: int,
+    gflop: float,
+    peak: Callable[[], float],
 ) -> dict:
     """One measurement: both walls (alternating), then our GEMMs and essential calls replayed;
-    the ceilings from these."""
+    the ceilings from these. ``gflop``: one call of ours as ``mvitv2 benchmark`` counts it;
+    ``peak()``: the matmul peak in GFLOP/s, measured before and after (the better counts, as in
+    the benchmark). The % of peak bounds are the benchmark's % of peak at those times."""
     ours, ref = list(fns)
+    peak_before = peak()
     walls = wall_ms(fns, rounds)
     gemm_ms = replayed_ms(calls)
     by_kind = {kind: replayed_ms(c) for kind, c in essential.items()}
     essential_ms = sum(by_kind.values())
+    best_peak = max(peak_before, peak())
+
+    def pct(ms: float) -> float:
+        return 100 * gflop / (ms / 1e3) / best_peak
+
     return {
         "wall_ms": walls,
         "our_gemm_only_ms": gemm_ms,
@@ -283,6 +298,11 @@ def measure(
         "speedup_wall": walls[ref] / walls[ours],
         "ceiling": walls[ref] / gemm_ms,
         "ceiling_with_essential": walls[ref] / (gemm_ms + essential_ms),
+        "gflop": gflop,
+        "matmul_peak_gflops": best_peak,
+        "pct_peak_wall": pct(walls[ours]),
+        "pct_peak_gemm_only": pct(gemm_ms),
+        "pct_peak_with_essential": pct(gemm_ms + essential_ms),
     }
 
 
@@ -311,12 +331,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     keep_freed_memory()  # as `mvitv2 benchmark` runs
     torch.manual_seed(0)
-    fns = op_profile.build_case(args.case, args.quick, None)
+    fns, setup = op_profile.build_case(args.case, args.quick, None)
+    gflop = 2 * case_macs(setup) / 1e9
+    dtype = torch.bfloat16 if setup.bf16 else torch.float32
+    size = 256 if args.quick else 2048  # the benchmark's peak sizes
+
+    def peak() -> float:
+        return matmul_peak(dtype, "cpu", size)
+
     ours, ref = list(fns)
     fns[ours]()  # measured choices (attention path, GEMM backend) are made before recording
     calls = record_gemms(fns[ours])
     essential = record_essential(fns[ours])
-    runs = [measure(fns, calls, essential, args.rounds) for _ in range(args.repeats)]
+    runs = [measure(fns, calls, essential, args.rounds, gflop, peak) for _ in range(args.repeats)]
     res = {
         "case": args.case,
         "threads": torch.get_num_threads(),
@@ -333,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"measurement: {ref} {r['wall_ms'][ref]:.1f} ms, ours {r['wall_ms'][ours]:.1f} ms; "
             f"GEMMs {r['our_gemm_only_ms']:.1f} ms, essential {r['essential_ms']:.1f} ms; "
-            f"ceilings {r['ceiling']:.2f}x, {r['ceiling_with_essential']:.2f}x"
+            f"ceilings {r['ceiling']:.2f}x, {r['ceiling_with_essential']:.2f}x; % of the "
+            f"{r['matmul_peak_gflops']:.0f} GFLOP/s peak: ours {r['pct_peak_wall']:.1f}, bound "
+            f"{r['pct_peak_gemm_only']:.1f} (GEMMs only), {r['pct_peak_with_essential']:.1f} "
+            "(with essential)"
         )
     walls, by_kind = res["wall_ms"], res["essential_ms_by_kind"]
     print(
@@ -344,7 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         f"zero-overhead ceiling {res['ceiling']:.2f}x; our {res['essential_calls']} essential "
         f"other calls alone {res['essential_ms']:.1f} ms ("
         + ", ".join(f"{k} {v:.1f}" for k, v in by_kind.items())
-        + f"); ceiling with them {res['ceiling_with_essential']:.2f}x"
+        + f"); ceiling with them {res['ceiling_with_essential']:.2f}x; % of the matmul peak "
+        f"({res['matmul_peak_gflops']:.0f} GFLOP/s): ours {res['pct_peak_wall']:.1f}, at most "
+        f"{res['pct_peak_gemm_only']:.1f} with no other work, "
+        f"{res['pct_peak_with_essential']:.1f} with the essential work"
     )
     if args.json:
         with open(args.json, "w") as f:

@@ -355,15 +355,18 @@ def amdahl_ceiling(ours: dict[str, float], ref: dict[str, float]) -> float:
 
 
 # --------------------------------------------------------------------------- cases
-def build_case(case: str, quick: bool, batch: int | None) -> dict[str, Callable[[], object]]:
-    """The two functions of a case, ours first then the reference (``mvitv2 benchmark``'s
-    :func:`mvitv2.benchmark.case_setup`: same models, weights, inputs and optimizers)."""
+def build_case(
+    case: str, quick: bool, batch: int | None
+) -> tuple[dict[str, Callable[[], object]], bm.CaseSetup]:
+    """The two functions of a case, ours first then the reference, and the setup they come from
+    (``mvitv2 benchmark``'s :func:`mvitv2.benchmark.case_setup`: same models, weights, inputs
+    and optimizers)."""
     setup = bm.case_setup(case, quick, batch)
     fns = dict(setup.fns)
     if setup.bf16 and not isinstance(setup, bm.TrainSetup):  # FlopCounterMode fails on timm's
         ref = list(fns)[1]  # einsum under autocast: count the reference in fp32 (same GEMMs)
         fns[ref].count_flops = bm.inference_call(setup.models[ref], setup.x, False, "cpu")
-    return fns
+    return fns, setup
 
 
 def run_profile(
@@ -376,7 +379,7 @@ def run_profile(
     peaks = {"fp32": bm.matmul_peak(torch.float32, "cpu", n), "bf16": None}
     peaks["bf16"] = bm.matmul_peak(torch.bfloat16, "cpu", n)
     implementation = implementation_choices("cpu", dtype, training=case == "train")
-    fns = build_case(case, quick, batch)  # (after the one-off GEMM backend measurement above)
+    fns, _ = build_case(case, quick, batch)  # (after the one-off GEMM backend measurement above)
     flops = {name: gemm_flops(getattr(fn, "count_flops", fn)) for name, fn in fns.items()}
     cats, ops, walls, inclusive = profile_models(fns, rounds)
     summary = {name: summarize(cats[name], flops[name], peaks) for name in fns}

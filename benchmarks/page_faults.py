@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
-    fns = build_case(args.case, quick=False, batch=None)  # op_profile's models and inputs
+    fns, _ = build_case(args.case, quick=False, batch=None)  # op_profile's models and inputs
     print(f"{args.case}, {torch.get_num_threads()} thread(s), allocator: {allocator_setting()}")
     for _ in range(3):
         for fn in fns.values():

@@ -142,6 +142,36 @@ def test_quick_bound_is_reference_wall_over_our_gemm_only_time(tmp_path, capsys)
     assert "zero-overhead ceiling" in capsys.readouterr().out
 
 
+def test_percent_of_peak_bounds_are_the_case_s_flops_over_each_time_against_the_better_peak(
+    tmp_path, monkeypatch
+):
+    """Each measurement's % of the matmul peak, for our wall and for the two bounds (GEMMs
+    alone, GEMMs and essential kernels), is the case's FLOPs (as the benchmark counts them)
+    over that time, against the better of the peaks measured just before and just after it."""
+    import json
+
+    from mvitv2 import benchmark as bm
+
+    peaks = iter([100.0, 300.0, 250.0, 50.0])  # measurement 1: before, after; then 2
+    monkeypatch.setattr(gemm_bound, "matmul_peak", lambda dtype, device, n: next(peaks))
+    out = tmp_path / "b.json"
+    argv = ["--case", "image_fp32", "--quick", "--rounds", "1", "--repeats", "2"]
+    assert gemm_bound.main([*argv, "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    setup = bm.case_setup("image_fp32", quick=True)
+    gflop = 2 * bm.case_macs(setup) / 1e9
+    for m, peak in zip(res["measurements"], [300.0, 250.0], strict=True):
+        assert m["gflop"] == pytest.approx(gflop)
+        assert m["matmul_peak_gflops"] == peak
+        s = {
+            "pct_peak_wall": m["wall_ms"]["ours"] / 1e3,
+            "pct_peak_gemm_only": m["our_gemm_only_ms"] / 1e3,
+            "pct_peak_with_essential": (m["our_gemm_only_ms"] + m["essential_ms"]) / 1e3,
+        }
+        for key, seconds in s.items():
+            assert m[key] == pytest.approx(100 * gflop / seconds / peak)
+
+
 def test_essential_counts_bias_gradients_and_each_op_of_the_optimizer_step_only():
     lin = torch.nn.Linear(8, 4)
     opt = torch.optim.SGD(lin.parameters(), lr=0.1)  # one add_ per parameter

@@ -435,6 +435,29 @@ def test_each_case_s_percent_of_peak_is_against_the_better_peak_just_before_and_
         assert r["pct_peak"] == pytest.approx(100 * r["gflops"] / peak[r["case"]], rel=1e-12)
 
 
+@pytest.mark.parametrize("case", ["train", "image_fp32", "detect"])
+def test_a_case_s_flops_are_torch_s_count_of_one_reference_forward_three_for_a_training_step(
+    case,
+):
+    """The GFLOP/s and % of peak of a case count 2 x MACs of our forward on the reference
+    attention path (no folded extra width), as torch's own FLOP counter counts them, and 3x
+    that for a training step; counting leaves the training model in training mode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mvitv2 import benchmark as bm
+
+    setup = bm.case_setup(case, quick=True)
+    model = next(iter(setup.models.values()))
+    training = model.training
+    macs = bm.case_macs(setup)
+    assert model.training == training == (case == "train")
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with attn_mod.attention_impl("reference"), counter, torch.no_grad():
+        model(setup.x)
+    assert macs == (3 if case == "train" else 1) * counter.get_total_flops() / 2
+
+
 def test_memeff_on_bf16_inputs_casts_the_fp32_rel_pos_tables_to_their_dtype():
     """Forced under bf16 (autocast leaves the tables in fp32), memeff runs the rel-pos term in
     the inputs' dtype and gives the fp32 reference's output and gradients to bf16 precision

@@ -470,8 +470,7 @@ def _inference_case(
     diff = (fns[ours]().float() - fns[ref_name]().float()).abs().max().item()
     times = alternate(fns, repeats, device)
     mem = {n: peak_memory(f, device) for n, f in fns.items()}
-    macs = _macs(setup.models[ours], tuple(setup.x.shape))
-    return _rows(case, times, mem, macs, setup.x.shape[0], ref_name, diff)
+    return _rows(case, times, mem, case_macs(setup), setup.x.shape[0], ref_name, diff)
 
 
 def _compiled(
@@ -495,10 +494,21 @@ def _compiled(
     return fns
 
 
-def _macs(model: nn.Module, shape: tuple[int, ...]) -> float:
-    """Nominal MACs, counted on the reference attention path (no folded extra width)."""
-    with attention_impl("reference"):
-        return float(count_macs(model, shape))
+def case_macs(setup: CaseSetup) -> float:
+    """Nominal MACs of one call of ours (the setup's first model) as a case's GFLOP/s counts
+    them: the forward on the reference attention path (no folded extra width), 3x for a
+    training step (forward + backward ~ 3 forwards)."""
+    model = next(iter(setup.models.values()))
+    training = isinstance(setup, TrainSetup)
+    was_training = model.training
+    if training:
+        model.eval()  # the training step's forward counted as a plain forward
+    try:
+        with attention_impl("reference"):
+            macs = float(count_macs(model, tuple(setup.x.shape)))
+    finally:
+        model.train(was_training)
+    return 3 * macs if training else macs
 
 
 def train_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
@@ -531,10 +541,7 @@ def _train_case(
         fns.update(_compiled(compiled, call, freeze=False))
     times = alternate(fns, repeats, device)
     mem = {n: peak_memory(f, device) for n, f in fns.items()}
-    ours = setup.models["ours"]
-    macs = 3 * _macs(ours.eval(), tuple(setup.x.shape))  # forward + backward ~ 3 forwards
-    ours.train()
-    return _rows(case, times, mem, macs, setup.x.shape[0], "timm", diff)
+    return _rows(case, times, mem, case_macs(setup), setup.x.shape[0], "timm", diff)
 
 
 def _detect_case(setup: CaseSetup, repeats: int, device: str) -> list[Row]:
@@ -543,8 +550,7 @@ def _detect_case(setup: CaseSetup, repeats: int, device: str) -> list[Row]:
     del a, b
     times = alternate(setup.fns, repeats, device)
     mem = {n: peak_memory(f, device) for n, f in setup.fns.items()}
-    macs = _macs(setup.models["ours"], tuple(setup.x.shape))
-    return _rows("detect", times, mem, macs, setup.x.shape[0], "unfused", diff)
+    return _rows("detect", times, mem, case_macs(setup), setup.x.shape[0], "unfused", diff)
 
 
 # --------------------------------------------------------------------------- driver
