@@ -252,6 +252,59 @@ def test_image_folder_lists_sorted_classes_and_image_files_with_their_label(tmp_
         ImageFolder(tmp_path, "val", classes=["a", "b"])
 
 
+def test_image_folder_reads_nested_class_folders_as_torchvision_s_image_folder_does(tmp_path):
+    """A class's images may sit in sub-folders (and linked folders): the same samples, labels
+    and order as torchvision's ``ImageFolder``, which walks each class folder."""
+    from torchvision.datasets import ImageFolder as TorchvisionImageFolder
+
+    for rel in [
+        "train/cat/z.jpg",  # a folder's own files come before its sub-folders'
+        "train/cat/b/c.PNG",
+        "train/cat/b/a/deep.png",
+        "train/cat/b-2/x.jpeg",
+        "train/dog/1.png",
+        "elsewhere/linked.png",
+    ]:
+        _write(tmp_path / rel)
+    (tmp_path / "train/cat/b/notes.txt").write_text("not an image")
+    (tmp_path / "train/dog/more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    ours = ImageFolder(tmp_path, "train")
+    ref = TorchvisionImageFolder(str(tmp_path / "train"))
+    assert ours.classes == ref.classes == ["cat", "dog"]
+    assert ours.samples == ref.samples
+    assert [Path(p).relative_to(tmp_path / "train").as_posix() for p, _ in ours.samples] == [
+        "cat/z.jpg",
+        "cat/b/c.PNG",
+        "cat/b-2/x.jpeg",  # folders in the order of their paths as strings: "-" sorts before "/"
+        "cat/b/a/deep.png",
+        "dog/1.png",
+        "dog/more/linked.png",
+    ]
+
+
+def test_hidden_files_and_folders_are_not_samples(tmp_path):
+    """macOS's ``._name.jpg`` resource forks and Jupyter's ``.ipynb_checkpoints`` copies carry
+    image extensions but are not images of the class (torchvision's ``ImageFolder`` reads them
+    and fails or duplicates); the same rule for ``predict``'s folders."""
+    from mvitv2.engine.cli import expand_inputs
+
+    for rel in [
+        "train/cat/a.jpg",
+        "train/cat/._a.jpg",
+        "train/cat/.ipynb_checkpoints/a-checkpoint.jpg",
+        "train/cat/sub/.hidden/b.png",
+        "train/cat/sub/c.png",
+    ]:
+        _write(tmp_path / rel)
+    expected = [tmp_path / "train/cat/a.jpg", tmp_path / "train/cat/sub/c.png"]
+    assert ImageFolder(tmp_path, "train").samples == [(str(p), 0) for p in expected]
+    assert expand_inputs([str(tmp_path / "train")], [".jpg", ".png"]) == [str(p) for p in expected]
+    (tmp_path / "train/dog/.ipynb_checkpoints").mkdir(parents=True)
+    _write(tmp_path / "train/dog/.ipynb_checkpoints/x.png")
+    with pytest.raises(ValueError, match=r"train/dog has no images .*searched its sub-folders"):
+        ImageFolder(tmp_path, "train")
+
+
 def test_load_image_converts_to_rgb_and_names_an_unreadable_file(tmp_path):
     Image.new("L", (4, 3), 200).save(tmp_path / "grey.png")
     im = load_image(tmp_path / "grey.png")

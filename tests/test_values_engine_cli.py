@@ -432,9 +432,9 @@ def test_inputs_are_files_folders_and_patterns_in_a_stable_order(tmp_path, monke
     )
     assert files == [
         "x[1].png",
-        "photos/a.jpg",
-        "photos/b/c.png",
+        "photos/a.jpg",  # a folder's own files, then its sub-folders' (ImageFolder's order)
         "photos/z.PNG",
+        "photos/b/c.png",
         "missing.png",  # kept: predicting on it says it is missing
         "x[1].png",  # an existing file whose name looks like a pattern
         "photos/a.jpg",

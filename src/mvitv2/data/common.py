@@ -34,6 +34,7 @@ __all__ = [
     "StrictDataError",
     "build_cached",
     "default_data_dir",
+    "find_files",
     "load_digits_arrays",
     "render_digit",
     "split_digit_indices",
@@ -82,6 +83,24 @@ def default_data_dir(name: str | None = None) -> Path:
 
 
 @lru_cache(maxsize=1)
+def find_files(folder: str | os.PathLike, extensions: Sequence[str]) -> list[Path]:
+    """The files under ``folder`` (at any depth, links followed) whose names end in one of
+    ``extensions`` (any case), in torchvision's ``ImageFolder`` order: folder by folder, sorted
+    by path, each folder's names sorted.
+
+    Hidden files and folders (``.``-prefixed) are skipped: macOS's ``._photo.jpg`` resource
+    forks and Jupyter's ``.ipynb_checkpoints`` copies carry media extensions but are not samples.
+    """
+    exts = tuple(e.lower() for e in extensions)
+    walked = []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        walked.append(
+            (root, [n for n in names if not n.startswith(".") and n.lower().endswith(exts)])
+        )
+    return [Path(root) / name for root, names in sorted(walked) for name in sorted(names)]
+
+
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 

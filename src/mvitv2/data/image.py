@@ -1,7 +1,8 @@
 """Image classification data: ImageNet-style folders, the embedded digits default, transforms.
 
 Folder layout: ``ROOT/train/<class>/*.png|jpg|...`` and ``ROOT/val/<class>/*``; classes are the
-sorted sub-folder names of ``train``. Unreadable images raise
+sorted sub-folder names of ``train``, and a class's images may sit in sub-folders of its folder
+(as torchvision's ``ImageFolder`` reads them, same order; hidden files and folders skipped). Unreadable images raise
 :class:`~mvitv2.data.common.BadSample` so the loader skips and counts them.
 """
 
@@ -24,6 +25,7 @@ from mvitv2.data.common import (
     config_from_dict,
     config_to_dict,
     default_data_dir,
+    find_files,
     load_digits_arrays,
     render_digit,
     split_digit_indices,
@@ -202,12 +204,11 @@ class ImageFolder(Dataset):
             raise UserValueError(f"{split_dir} has classes not in training: {extra[:10]}")
         self.samples: list[tuple[str, int]] = []
         for c in found:
-            files = sorted(
-                p for p in (split_dir / c).iterdir() if p.suffix.lower() in IMG_EXTENSIONS
-            )
+            files = find_files(split_dir / c, IMG_EXTENSIONS)
             if not files:
                 raise UserValueError(
-                    f"class folder {split_dir / c} has no images ({', '.join(IMG_EXTENSIONS)})"
+                    f"class folder {split_dir / c} has no images ({', '.join(IMG_EXTENSIONS)};"
+                    " searched its sub-folders too)"
                 )
             self.samples += [(str(p), index[c]) for p in files]
 

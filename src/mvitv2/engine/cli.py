@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from mvitv2.data.common import find_files
 from mvitv2.engine.config import TrainConfig, apply_overrides, short_run_warmup
 from mvitv2.engine.trainer import Trainer, TrainingStopped
 from mvitv2.errors import (
@@ -371,16 +372,15 @@ def resolve_device(name: str) -> str:
 
 def expand_inputs(items: Sequence[str], extensions: Sequence[str]) -> list[str]:
     """The files to predict on: a file as given; a folder as the files with ``extensions`` under
-    it (recursively, sorted); a glob pattern as its sorted matches. A name that is none of these
-    is kept, so that predicting on it reports it as missing."""
+    it (:func:`~mvitv2.data.common.find_files`: at any depth, in ``ImageFolder`` order, hidden
+    ones skipped); a glob pattern as its sorted matches. A name that is none of these is kept,
+    so that predicting on it reports it as missing."""
     exts = tuple(e.lower() for e in extensions)
     files: list[str] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(
-                str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in exts
-            )
+            found = [str(p) for p in find_files(path, exts)]
             if not found:
                 raise UserFileNotFoundError(
                     f"folder {item} holds no {'/'.join(exts)} files (searched recursively)"
