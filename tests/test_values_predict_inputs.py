@@ -155,6 +155,13 @@ def test_other_shapes_are_refused_naming_the_shape(item, message):
         assert str(e.value) == message + str(item.shape)
 
 
+def test_a_float_image_tensor_outside_0_1_is_refused_as_an_image():
+    with pytest.raises(
+        UserValueError, match=r"^float image must be in \[0, 1\], got values in \[2, 2\]"
+    ):
+        load_image(torch.full((3, 2, 2), 2.0))
+
+
 def test_other_objects_are_a_type_error():
     with pytest.raises(TypeError, match=r"^cannot read an image from int$"):
         load_image(3)
@@ -174,6 +181,12 @@ def test_a_clip_tensor_3_t_h_w_becomes_t_3_h_w():
     out = video_frames(x)
     assert out.shape == (2, 3, 4, 5)
     assert all(torch.equal(out[t, c], x[c, t]) for t in range(2) for c in range(3))
+
+
+def test_a_clip_tensor_that_requires_grad_is_read_detached():
+    x = torch.rand(3, 2, 4, 5, requires_grad=True)
+    out = video_frames(x)
+    assert not out.requires_grad and torch.equal(out, x.detach().permute(1, 0, 2, 3))
 
 
 def test_a_clip_tensor_t_h_w_3_is_read_channels_last():
@@ -206,6 +219,7 @@ def test_float_clips_outside_0_1_name_video_frames():
     [
         ([1, 2], "list"),
         ({"model": {}}, "['model']"),
+        ({"config": {}, "meta": {}}, "['config', 'meta']"),
         ({k: 0 for k in "jihgfedcba"}, "['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h']"),
     ],
 )
