@@ -295,3 +295,88 @@ def test_a_checkpoint_of_another_task_or_without_class_names_is_refused(tmp_path
     with pytest.raises(UserValueError) as e:
         checkpoint_info(ckpt, path)
     assert str(e.value) == f"checkpoint {path} stores no class names (meta['class_names'])"
+
+
+# ----------------------------------------------------------------------------- the predictor
+class _ChannelMeans(torch.nn.Module):
+    """A stand-in classifier: logits = per-channel means @ weight; records its batch sizes and
+    the autocast state it ran under."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+        self.batches: list[int] = []
+        self.autocast: list[tuple[bool, torch.dtype]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        self.autocast.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return x.mean((2, 3)) @ self.weight
+
+
+_WEIGHT = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.0, 1.0, -1.0, 2.0], [2.0, 0.5, 1.0, -3.0]])
+_CLASSES = ["w", "x", "y", "z"]
+
+
+def _predictor(**kwargs):
+    from mvitv2.predict import Predictor, default_preprocessing
+
+    pre = default_preprocessing("image", "mvitv2_tiny", {"img_size": 32}, {"img_size": 32})
+    model = _ChannelMeans(_WEIGHT.clone())
+    return Predictor(model, task="image", class_names=_CLASSES, preprocessing=pre, **kwargs), pre
+
+
+def _expected(colour, pre, k):
+    """Top-k of a plain-colour image by hand: resizing and cropping keep the colour, so each
+    normalised channel is (c / 255 - mean) / std and the logits are those means @ weight."""
+    means = torch.tensor(
+        [(c / 255 - m) / s for c, m, s in zip(colour, pre["mean"], pre["std"], strict=True)]
+    )
+    probs = torch.softmax(means @ _WEIGHT, -1).tolist()
+    order = sorted(range(4), key=lambda j: -probs[j])[:k]
+    return [(_CLASSES[j], probs[j]) for j in order]
+
+
+def _plain(colour, h=40, w=50) -> np.ndarray:
+    return np.broadcast_to(np.array(colour, np.uint8), (h, w, 3)).copy()
+
+
+def _close(got, expected) -> bool:
+    return [n for n, _ in got] == [n for n, _ in expected] and all(
+        abs(p - q) < 1e-5 for (_, p), (_, q) in zip(got, expected, strict=True)
+    )
+
+
+def test_the_predictor_gives_the_top_k_of_the_softmax_of_the_model_s_logits():
+    pred, pre = _predictor(topk=3)
+    colours = [(200, 10, 30), (0, 128, 255), (90, 90, 90)]
+    one = pred(_plain(colours[0]))  # one input: one result
+    assert _close(one, _expected(colours[0], pre, 3))
+    many = pred([_plain(c) for c in colours])  # a list: a list
+    assert all(_close(r, _expected(c, pre, 3)) for r, c in zip(many, colours, strict=True))
+    stacked = pred(np.stack([_plain(c) for c in colours]))  # (N, H, W, 3): a batch
+    assert all(_close(r, _expected(c, pre, 3)) for r, c in zip(stacked, colours, strict=True))
+    assert pred([]) == []
+
+
+def test_the_model_runs_batch_size_inputs_at_a_time_with_the_same_results():
+    pred, pre = _predictor(topk=4, batch_size=2)
+    colours = [(10 * i, 255 - 20 * i, 7 * i) for i in range(5)]
+    results = pred([_plain(c) for c in colours])
+    assert pred.model.batches == [2, 2, 1]
+    assert all(_close(r, _expected(c, pre, 4)) for r, c in zip(results, colours, strict=True))
+    assert pred.model.autocast == [(False, torch.get_autocast_dtype("cpu"))] * 3
+
+
+def test_topk_is_at_most_the_classes_and_at_least_one():
+    pred, pre = _predictor(topk=10)
+    assert pred.topk == 4 and len(pred(_plain((1, 2, 3)))) == 4
+    with pytest.raises(UserValueError) as e:
+        _predictor(topk=0)
+    assert str(e.value) == "topk=0: give at least 1 class per input"
+
+
+def test_a_dtype_runs_the_model_under_autocast_to_it():
+    pred, _ = _predictor(dtype=torch.bfloat16)
+    pred(_plain((5, 6, 7)))
+    assert pred.model.autocast == [(True, torch.bfloat16)]
