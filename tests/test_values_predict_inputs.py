@@ -380,3 +380,47 @@ def test_a_dtype_runs_the_model_under_autocast_to_it():
     pred, _ = _predictor(dtype=torch.bfloat16)
     pred(_plain((5, 6, 7)))
     assert pred.model.autocast == [(True, torch.bfloat16)]
+
+
+def test_defaults_keep_every_detection_at_mask_probability_half_5_classes_16_per_forward():
+    from mvitv2.predict import Predictor
+
+    pre = _predictor()[1]
+    names = [f"c{i}" for i in range(8)]
+    pred = Predictor(
+        _ChannelMeans(torch.randn(3, 8)), task="image", class_names=names, preprocessing=pre
+    )
+    assert (pred.topk, pred.batch_size, pred.score_thresh, pred.mask_thresh) == (5, 16, 0.0, 0.5)
+    assert pred.dtype is None and pred.device == torch.device("cpu")
+    results = pred([_plain((i, i, i)) for i in range(17)])
+    assert pred.model.batches == [16, 1] and {len(r) for r in results} == {5}
+    assert repr(pred) == "Predictor(task='image', classes=8, device=cpu, dtype=None, topk=5)"
+
+
+def test_topk_1_gives_the_most_probable_class_only():
+    pred, pre = _predictor(topk=1)
+    assert _close(pred(_plain((30, 200, 60))), _expected((30, 200, 60), pre, 1))
+
+
+def test_float16_runs_the_model_under_float16_autocast():
+    pred, _ = _predictor(dtype=torch.float16)
+    pred(_plain((5, 6, 7)))
+    assert pred.model.autocast == [(True, torch.float16)]
+
+
+def test_a_predictor_from_checkpoint_info_takes_its_task_classes_and_preprocessing(tmp_path):
+    from mvitv2.predict import Predictor
+
+    pre = _predictor()[1]
+    ckpt = _checkpoint()
+    ckpt["meta"].update(class_names=_CLASSES, preprocessing=pre)
+    info = checkpoint_info(ckpt, tmp_path / "best.pt")
+    pred = Predictor.from_info(info, _ChannelMeans(_WEIGHT.clone()), topk=2, batch_size=3)
+    assert (pred.task, pred.class_names, pred.preprocessing) == ("image", _CLASSES, pre)
+    assert (pred.topk, pred.batch_size) == (2, 3)
+    image = _plain((250, 40, 0))
+    assert _close(pred(image), _expected((250, 40, 0), pre, 2))
+    normalised = pred.preprocess_image(image)
+    expected = [(c / 255 - m) / s for c, m, s in zip((250, 40, 0), pre["mean"], pre["std"])]
+    assert normalised.shape == (3, 32, 32)
+    assert torch.allclose(normalised, torch.tensor(expected)[:, None, None].expand(3, 32, 32))
