@@ -77,6 +77,11 @@ def _pts(packets: Sequence[av.Packet]) -> list[int]:
     return [p.pts for p in packets if p.pts is not None]
 
 
+def _time(item: av.Packet | av.VideoFrame) -> int:
+    """Presentation time of a packet or frame, its decode time when it has none."""
+    return item.pts if item.pts is not None else item.dts
+
+
 def _why(error: Exception) -> str:
     """An FFmpeg/OS error without the file name it carries (the message names the file once)."""
     return getattr(error, "strerror", None) or str(error)
@@ -206,15 +211,17 @@ class VideoReader:
         return int(round(float((pts - self.start_pts) * self.time_base) * self.fps))
 
     def _index(self, frame: av.VideoFrame) -> int:
-        return self._index_of(frame.pts if frame.pts is not None else frame.dts)
+        return self._index_of(_time(frame))
 
     def _frames_from(self, first: int) -> Iterator[av.VideoFrame]:
-        """Decoded frames from a keyframe at or before index ``first`` on. A seek lands on a
-        keyframe near its target, which can be after it: MPEG-TS seeks by byte position (and
-        lands on the next keyframe), AVI by decode time (a frame shown just before a keyframe is
-        decoded after it). So while the first frame comes out after ``first``, seek again
-        further back (1, 2, 4, ... frames before it), down to the stream start; decoding from
-        the start of the file is the last resort of :meth:`get_frames` only."""
+        """Decoded frames from a keyframe at or before index ``first`` on. A seek lands near its
+        target, but can land after it: MPEG-TS seeks by byte position and reads on to the next
+        keyframe, AVI by decode time (a frame shown just before a keyframe is decoded after
+        it). So the packets are read up to the first keyframe (decoding packets before it
+        would show nothing), and while that keyframe is shown after ``first``, the seek is made
+        again further back (1, 2, 4, ... frames before it), down to the stream start, from
+        where every packet is decoded; decoding the whole file again is :meth:`get_frames`'s
+        last resort only."""
         c, s = self._container, self._stream
         back = 0
         while True:
@@ -224,19 +231,18 @@ class VideoReader:
             target = self.start_pts + int(at / self.fps / self.time_base) if at > 0 else 0
             c.seek(target, stream=s)
             self.seeks += 1
-            frames = c.decode(s)
-            head = next(frames, None)
-            if head is not None:
-                self.frames_decoded += 1
-            if target == 0 or (head is not None and self._index(head) <= first):
+            packets = c.demux(s)
+            if target == 0:
+                break
+            key = next((p for p in packets if p.is_keyframe), None)
+            if key is not None and self._index_of(_time(key)) <= first:
+                packets = itertools.chain([key], packets)
                 break
             back = max(2 * back, 1)
-        if head is None:
-            return
-        yield head
-        for frame in frames:
-            self.frames_decoded += 1
-            yield frame
+        for packet in packets:
+            for frame in packet.decode():
+                self.frames_decoded += 1
+                yield frame
 
     def _decode_range(
         self, first: int, last: int | None, wanted: set[int] | None = None, tolerant: bool = False
