@@ -131,6 +131,12 @@ class VideoReader:
         self.time_base = s.time_base or Fraction(1, 1_000_000)
         rate = s.average_rate or s.guessed_rate or s.base_rate
         self.fps = float(rate) if rate else 30.0
+        # AVI has no presentation times: FFmpeg makes them up in decode order, which is right
+        # for the keyframes but shuffles the frames of a stream with B-frames. The decoder puts
+        # them back in the order they are shown: then they are counted from the keyframe.
+        self._count_from_key = self._container.format.name == "avi" and bool(
+            s.codec_context.has_b_frames
+        )
         start = self._first_pts()
         if start is None:
             self.close()
@@ -210,18 +216,15 @@ class VideoReader:
     def _index_of(self, pts: int) -> int:
         return int(round(float((pts - self.start_pts) * self.time_base) * self.fps))
 
-    def _index(self, frame: av.VideoFrame) -> int:
-        return self._index_of(_time(frame))
-
-    def _frames_from(self, first: int) -> Iterator[av.VideoFrame]:
-        """Decoded frames from a keyframe at or before index ``first`` on. A seek lands near its
-        target, but can land after it: MPEG-TS seeks by byte position and reads on to the next
-        keyframe, AVI by decode time (a frame shown just before a keyframe is decoded after
-        it). So the packets are read up to the first keyframe (decoding packets before it
-        would show nothing), and while that keyframe is shown after ``first``, the seek is made
-        again further back (1, 2, 4, ... frames before it), down to the stream start, from
-        where every packet is decoded; decoding the whole file again is :meth:`get_frames`'s
-        last resort only."""
+    def _frames_from(self, first: int) -> Iterator[tuple[int, av.VideoFrame]]:
+        """``(index, frame)`` of the decoded frames from a keyframe at or before index
+        ``first`` on. A seek lands near its target, but can land after it: MPEG-TS seeks by byte
+        position and reads on to the next keyframe, AVI by decode time (a frame shown just
+        before a keyframe is decoded after it). So the packets are read up to the first keyframe
+        (decoding packets before it would show nothing), and while that keyframe is shown after
+        ``first``, the seek is made again further back (1, 2, 4, ... frames before it), down to
+        the stream start, from where every packet is decoded; decoding the whole file again is
+        :meth:`get_frames`'s last resort only."""
         c, s = self._container, self._stream
         back = 0
         while True:
@@ -233,16 +236,19 @@ class VideoReader:
             self.seeks += 1
             packets = c.demux(s)
             if target == 0:
+                start = 0
                 break
             key = next((p for p in packets if p.is_keyframe), None)
-            if key is not None and self._index_of(_time(key)) <= first:
+            if key is not None and (start := self._index_of(_time(key))) <= first:
                 packets = itertools.chain([key], packets)
                 break
             back = max(2 * back, 1)
+        i = start - 1
         for packet in packets:
             for frame in packet.decode():
                 self.frames_decoded += 1
-                yield frame
+                i = i + 1 if self._count_from_key else self._index_of(_time(frame))
+                yield i, frame
 
     def _decode_range(
         self, first: int, last: int | None, wanted: set[int] | None = None, tolerant: bool = False
@@ -253,8 +259,7 @@ class VideoReader:
         out: dict[int, np.ndarray] = {}
         prev: tuple[int, av.VideoFrame] | None = None
         try:
-            for frame in self._frames_from(first):
-                i = self._index(frame)
+            for i, frame in self._frames_from(first):
                 if i > self._max_seen:
                     self._max_seen, self._last_frame = i, frame
                 if wanted is not None and prev is not None:
