@@ -277,7 +277,9 @@ def test_the_first_frames_of_an_mpeg_ts_with_a_decoder_delay_are_read(tmp_path):
     for i in range(10):
         with VideoReader(path) as r:
             assert _grey(r.get_frames([i])) == [i]
-            assert (r.num_frames, r.truncated) == (10, False)  # read again from the start
+            assert (r.num_frames, r.truncated) == (10, False)
+            if i == 0:  # time 0 at once: no seek to the start time, landing late first
+                assert (r.seeks, r.frames_decoded) == (1, 1)
     with VideoReader(path) as r:
         assert _grey(r.get_frames([3, 0, 9, 5])) == [3, 0, 9, 5]
 
@@ -372,3 +374,7 @@ def test_each_frame_is_decoded_from_a_keyframe_at_most_one_group_early(tmp_path,
             assert start in before[-2:], (i, start, r.seeks)
             if ext in ("mp4", "mkv", "webm"):
                 assert (start, r.seeks) == (before[-1], 1)
+    if ext in ("mp4", "mkv", "webm"):  # frames further apart than seek_gap: one seek each
+        with VideoReader(path, seek_gap=2) as r:
+            np.testing.assert_array_equal(r.get_frames([11, 0]).numpy(), reference[[11, 0]])
+            assert (r.seeks, r.frames_decoded) == (2, 1 + 11 - max(k for k in keys if k <= 11) + 1)
