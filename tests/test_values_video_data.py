@@ -378,3 +378,13 @@ def test_each_frame_is_decoded_from_a_keyframe_at_most_one_group_early(tmp_path,
         with VideoReader(path, seek_gap=2) as r:
             np.testing.assert_array_equal(r.get_frames([11, 0]).numpy(), reference[[11, 0]])
             assert (r.seeks, r.frames_decoded) == (2, 1 + 11 - max(k for k in keys if k <= 11) + 1)
+
+
+def test_a_variable_rate_stream_with_b_frames_keeps_its_frame_times(tmp_path):
+    """Outside AVI, B-frames do not make frames counted from the keyframe: with no frame at
+    index 3 (Matroska, H.264 with B-frames), index 3 shows frame 2 and index 4 frame 3."""
+    path = _stamped_video(tmp_path / "v.mkv", [0, 1, 2, 4, 5, 6, 7, 8, 9, 10], *_H264)
+    with av.open(str(path)) as c:  # the premise
+        assert any(f.pict_type == PictureType.B for f in c.decode(video=0))
+    with VideoReader(path) as r:
+        assert _grey(r.get_frames([2, 3, 4, 10])) == [2, 2, 3, 9]
