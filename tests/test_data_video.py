@@ -294,8 +294,9 @@ def test_reader_seeks_and_matches_sequential_decoding(tmp_path):
 
 @pytest.mark.parametrize("kind", ["mp4", "mkv", "ts", "live.mkv"])
 def test_reader_counts_frames_in_every_container(tmp_path, kind):
-    """The frame count comes from the stream header (mp4), the stream duration (ts), the
-    container duration (mkv) or, for a streamed file without any (live mkv), from decoding."""
+    """The frame count comes from the last packets (mp4, mkv, a streamed mkv without any
+    duration) or from the stream duration (ts, whose seek to the end lands past its last
+    keyframe)."""
     levels = (16 + 8 * np.arange(20)).astype(np.uint8)  # frame i: flat grey 16 + 8 i
     frames = np.ascontiguousarray(np.broadcast_to(levels[:, None, None, None], (20, 32, 48, 3)))
     path = tmp_path / f"v.{kind}"

@@ -10,6 +10,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from av.video.frame import PictureType
 
 from mvitv2.data import video as video_data
 from mvitv2.data.moving_digits import write_video
@@ -44,17 +45,6 @@ def test_a_file_that_cannot_be_opened_is_corrupt_with_the_error_text(
     assert str(e.value) == f"{tmp_path / 'v.mp4'}: cannot open video ({why})"
 
 
-def _assert_rejected_as_empty(path) -> None:
-    """Opening ``path`` fails as "video stream has no frames" (kind "empty"), naming the file."""
-    with pytest.raises(VideoDecodeError) as e:
-        VideoReader(path)
-    assert (e.value.path, e.value.reason, e.value.kind) == (
-        str(path),
-        "video stream has no frames",
-        "empty",
-    )
-
-
 def test_a_video_stream_without_frames_is_empty(tmp_path):
     """An AVI with a video stream header but no frame: no count anywhere, none decodes."""
     path = tmp_path / "v.avi"
@@ -64,7 +54,13 @@ def test_a_video_stream_without_frames_is_empty(tmp_path):
         c.start_encoding()
     with av.open(str(path)) as c:  # the premise: the stream is there, with 0 frames
         assert len(c.streams.video) == 1 and not c.streams.video[0].frames
-    _assert_rejected_as_empty(path)
+    with pytest.raises(VideoDecodeError) as e:
+        VideoReader(path)
+    assert (e.value.path, e.value.reason, e.value.kind) == (
+        str(path),
+        "video stream has no frames",
+        "empty",
+    )
 
 
 def test_a_file_with_only_audio_has_no_video_stream(tmp_path):
@@ -177,15 +173,21 @@ def test_a_decoder_failure_is_a_corrupt_video_with_the_error_text(tmp_path, monk
     )
 
 
-def test_a_raw_h264_stream_is_a_video_without_frames(tmp_path):
-    """An elementary H.264 stream has no timestamps, no length and cannot seek: nothing can be
-    sampled from it, so it is skipped as empty (not a crash)."""
+def test_a_raw_h264_stream_is_rejected_saying_to_remux_it(tmp_path):
+    """An elementary H.264 stream has no timestamps, no length and cannot seek: it is a bad
+    video (skipped and counted in a run) whose one-line reason says why and what to do."""
     path = _stamped_video(tmp_path / "v.h264", range(4))
     with av.open(str(path)) as c:  # the premise
         s = c.streams.video[0]
         assert (s.frames, s.duration, c.duration) == (0, None, None)
         assert {f.pts for f in c.decode(s)} == {None}
-    _assert_rejected_as_empty(path)
+    with pytest.raises(VideoDecodeError) as e:
+        VideoReader(path)
+    assert (e.value.path, e.value.kind) == (str(path), "corrupt")
+    assert e.value.reason == (
+        "raw video stream without timestamps (no container), which cannot be indexed or seeked: "
+        "remux it first, e.g. ffmpeg -i in.h264 -c copy out.mp4"
+    )
 
 
 def _stamped_video(path, times, codec="libx264", options=None, audio_seconds=0.0):
@@ -275,7 +277,9 @@ def test_the_first_frames_of_an_mpeg_ts_with_a_decoder_delay_are_read(tmp_path):
     for i in range(10):
         with VideoReader(path) as r:
             assert _grey(r.get_frames([i])) == [i]
-            assert (r.num_frames, r.truncated) == (10, False)  # read again from the start
+            assert (r.num_frames, r.truncated) == (10, False)
+            if i == 0:  # time 0 at once: no seek to the start time, landing late first
+                assert (r.seeks, r.frames_decoded) == (1, 1)
     with VideoReader(path) as r:
         assert _grey(r.get_frames([3, 0, 9, 5])) == [3, 0, 9, 5]
 
@@ -299,9 +303,88 @@ def test_an_mpeg_ts_is_counted_from_its_video_not_its_longer_audio(tmp_path):
         assert (r.num_frames, r.frames_decoded) == (6, 0)
 
 
-def test_a_webm_is_counted_from_its_duration_without_decoding(tmp_path):
+def test_a_webm_is_counted_without_decoding(tmp_path):
     path = _stamped_video(tmp_path / "v.webm", range(6), "libvpx-vp9", {})
     with av.open(str(path)) as c:  # the premise: no count and no stream duration in the file
         assert not (c.streams.video[0].frames or c.streams.video[0].duration)
     with VideoReader(path) as r:
         assert (r.num_frames, r.frames_decoded) == (6, 0)
+
+
+# ----------------------------------------------------------------------------- containers
+# Files as Kinetics-style datasets hold them: H.264 with B-frames (MP4, Matroska, MPEG-TS, AVI),
+# VP9 (WebM), MPEG-4 Part 2 with B-frames (AVI, as Xvid writes them); the video starts 3 frames
+# late and, except in WebM, an audio track runs 1 s longer. A keyframe every 3 frames (MPEG-4
+# adds some at scene cuts).
+_H264 = ("libx264", {"g": "3", "bf": "2", "x264-params": "b-adapt=0:scenecut=0"})
+_CONTAINERS = {
+    "mp4": _H264,
+    "mkv": _H264,
+    "ts": _H264,
+    "webm": ("libvpx-vp9", {"g": "3"}),
+    "avi": ("mpeg4", {"g": "3", "bf": "2", "qscale": "2"}),
+    "h264.avi": _H264,
+}
+
+
+def _container_video(tmp_path, ext: str):
+    """12 frames in a file of type ``ext`` (see ``_CONTAINERS``), and the reference: every
+    frame of a sequential PyAV decode (RGB) and the indices of its keyframes."""
+    codec, options = _CONTAINERS[ext]
+    audio = 0.0 if ext == "webm" else 12 / 25 + 1
+    path = _stamped_video(tmp_path / f"v.{ext}", range(3, 15), codec, options, audio)
+    with av.open(str(path)) as c:
+        frames = list(c.decode(video=0))
+    reference = np.stack([f.to_ndarray(format="rgb24") for f in frames])
+    keys = [k for k, f in enumerate(frames) if f.key_frame]
+    assert len(reference) == 12 and keys[:4] == [0, 3, 6, 9]  # the premise
+    b_frames = [f for f in frames if f.pict_type == PictureType.B]
+    assert bool(b_frames) == (ext != "webm")  # the premise (VP9 has none)
+    return path, reference, keys
+
+
+@pytest.mark.parametrize("ext", list(_CONTAINERS))
+def test_the_frame_count_is_what_a_full_decode_gives(tmp_path, ext):
+    """Matroska and WebM have no count, only the file's duration, which includes the start
+    delay and a longer audio track (WebM was counted 15 frames, Matroska 43, for 12); AVI's
+    header counts empty chunks. A count past the end has clips sampled past it, and their read
+    decodes the file again from its start. Opening decodes no frame."""
+    path, reference, _ = _container_video(tmp_path, ext)
+    with VideoReader(path) as r:
+        assert (r.num_frames, r.fps, r.frames_decoded) == (12, 25.0, 0)
+        np.testing.assert_array_equal(r.get_frames([11]).numpy(), reference[[11]])
+        assert not r.truncated
+
+
+@pytest.mark.parametrize("ext", list(_CONTAINERS))
+def test_each_frame_is_decoded_from_a_keyframe_at_most_one_group_early(tmp_path, ext):
+    """Frame i alone comes back exactly, decoded from the keyframe before it or the one before
+    that, never from the start of the file: MPEG-TS seeks land on a keyframe after the target
+    and AVI ones, by decode time, on the keyframe after a frame shown just before it (both were
+    read again from the start). A seek that lands too late decodes nothing before seeking
+    again; MP4, Matroska and WebM land right at once. H.264 in AVI has its B-frames shown in
+    their place (AVI has no presentation times; indexed by the ones FFmpeg makes up, frames
+    came back as their neighbours)."""
+    path, reference, keys = _container_video(tmp_path, ext)
+    for i in range(12):
+        with VideoReader(path) as r:
+            np.testing.assert_array_equal(r.get_frames([i]).numpy(), reference[[i]])
+            start = i + 1 - r.frames_decoded  # the frames decoded are start, ..., i
+            before = [k for k in keys if k <= i]
+            assert start in before[-2:], (i, start, r.seeks)
+            if ext in ("mp4", "mkv", "webm"):
+                assert (start, r.seeks) == (before[-1], 1)
+    if ext in ("mp4", "mkv", "webm"):  # frames further apart than seek_gap: one seek each
+        with VideoReader(path, seek_gap=2) as r:
+            np.testing.assert_array_equal(r.get_frames([11, 0]).numpy(), reference[[11, 0]])
+            assert (r.seeks, r.frames_decoded) == (2, 1 + 11 - max(k for k in keys if k <= 11) + 1)
+
+
+def test_a_variable_rate_stream_with_b_frames_keeps_its_frame_times(tmp_path):
+    """Outside AVI, B-frames do not make frames counted from the keyframe: with no frame at
+    index 3 (Matroska, H.264 with B-frames), index 3 shows frame 2 and index 4 frame 3."""
+    path = _stamped_video(tmp_path / "v.mkv", [0, 1, 2, 4, 5, 6, 7, 8, 9, 10], *_H264)
+    with av.open(str(path)) as c:  # the premise
+        assert any(f.pict_type == PictureType.B for f in c.decode(video=0))
+    with VideoReader(path) as r:
+        assert _grey(r.get_frames([2, 3, 4, 10])) == [2, 2, 3, 9]

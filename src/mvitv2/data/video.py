@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -49,6 +49,8 @@ KINETICS_STD = (0.225, 0.225, 0.225)
 
 
 _DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
+# A time after any stream's end, in its time base: a seek there finds the last keyframe.
+_FAR_END = 1 << 60
 
 
 class VideoDecodeError(BadSample, RuntimeError):
@@ -71,6 +73,15 @@ class VideoDecodeError(BadSample, RuntimeError):
 # Decoding
 
 
+def _pts(packets: Sequence[av.Packet]) -> list[int]:
+    return [p.pts for p in packets if p.pts is not None]
+
+
+def _time(item: av.Packet | av.VideoFrame) -> int:
+    """Presentation time of a packet or frame, its decode time when it has none."""
+    return item.pts if item.pts is not None else item.dts
+
+
 def _why(error: Exception) -> str:
     """An FFmpeg/OS error without the file name it carries (the message names the file once)."""
     return getattr(error, "strerror", None) or str(error)
@@ -81,9 +92,10 @@ class VideoReader:
     the whole file.
 
     Use as a context manager. Frame ``i`` is the frame whose presentation time is ``i / fps``
-    after the stream start. :meth:`get_frames` seeks to the keyframe at or before the first wanted
-    frame, decodes forward until the wanted frames are collected, and seeks again across gaps
-    longer than ``seek_gap`` frames.
+    after the stream start; ``num_frames`` is 1 + the index of the last frame. :meth:`get_frames`
+    seeks to a keyframe at or before the first wanted frame, decodes forward until the wanted
+    frames are collected, and seeks again across gaps longer than ``seek_gap`` frames.
+    ``frames_decoded`` and ``seeks`` count the work done.
 
     Args:
         path: the video file.
@@ -98,6 +110,7 @@ class VideoReader:
         self.seek_gap = seek_gap
         self.truncated = False  # set when the file ends before frames its header promised
         self.frames_decoded = 0  # frames the decoder produced, wanted or not (seeking saves these)
+        self.seeks = 0  # seeks made to read frames (opening makes one more, to find the end)
         self._max_seen, self._last_frame = -1, None
         # One reformatter per reader keeps its swscale context: converting each frame with
         # frame.to_ndarray() builds a new context every time, which is 5x slower on small frames.
@@ -118,39 +131,74 @@ class VideoReader:
         self.time_base = s.time_base or Fraction(1, 1_000_000)
         rate = s.average_rate or s.guessed_rate or s.base_rate
         self.fps = float(rate) if rate else 30.0
-        self.start_pts = self._first_pts()
-        n = s.frames
-        if not n and s.duration:
-            n = int(round(float(s.duration * self.time_base) * self.fps))
-        if not n and self._container.duration:
-            n = int(round(self._container.duration / av.time_base * self.fps))
-        self.num_frames = int(n or 0)
-        if self.num_frames <= 0:
-            # No length anywhere (e.g. Matroska written for streaming): count by decoding once.
-            try:
-                self.num_frames = len(self._decode_range(0, None, tolerant=True))
-            except _DECODE_ERRORS:
-                self.num_frames = 0
+        # AVI has no presentation times: FFmpeg makes them up in decode order, which is right
+        # for the keyframes but shuffles the frames of a stream with B-frames. The decoder puts
+        # them back in the order they are shown: then they are counted from the keyframe.
+        self._count_from_key = self._container.format.name == "avi" and bool(
+            s.codec_context.has_b_frames
+        )
+        start = self._first_pts()
+        if start is None:
+            self.close()
+            raise VideoDecodeError(
+                self.path,
+                "raw video stream without timestamps (no container), which cannot be indexed "
+                "or seeked: remux it first, e.g. ffmpeg -i in.h264 -c copy out.mp4",
+            )
+        self.start_pts = start
+        self.num_frames = self._count_frames()
         if self.num_frames <= 0:
             self.close()
             raise VideoDecodeError(self.path, "video stream has no frames", "empty")
 
-    def _first_pts(self) -> int:
+    def _first_pts(self) -> int | None:
         """Presentation time of the stream's first frame. The header's start time is not enough:
         Matroska leaves it unset and AVI says 0 for a stream whose first frame is shown later (a
         late start or a B-frame delay), which would shift every index. So the first packets are
         read too (the first frame shown is among the first 16 in decode order, H.264's deepest
         reordering); the later of the two wins (an MP4 edit list may start after its first
-        packet)."""
+        packet). None when the stream has packets but no time at all: a raw elementary stream
+        (.h264), which has no frame times to index and cannot seek."""
         s = self._stream
         try:
-            pts = [
-                p.pts for p in itertools.islice(self._container.demux(s), 16) if p.pts is not None
-            ]
+            packets = [p for p in itertools.islice(self._container.demux(s), 16) if p.size]
         except _DECODE_ERRORS:
-            pts = []
-        first = [t for t in (s.start_time, min(pts, default=None)) if t is not None]
+            packets = []
+        first = [t for t in (s.start_time, min(_pts(packets), default=None)) if t is not None]
+        if packets and not first:
+            return None
         return max(first, default=0)
+
+    def _count_frames(self) -> int:
+        """Frames in the stream: 1 + the index of the last frame shown. Measured from the file's
+        last packets where the seek to the end allows; header counts can be too high: Matroska and
+        WebM only give the file's duration (a longer audio track, the start delay), AVI counts
+        the empty chunks its muxer pads with. Otherwise (a file cut short, MPEG-TS) the header's
+        count (MP4) or the stream's duration (MPEG-TS: FFmpeg measures it from the last packets)."""
+        s = self._stream
+        last = self._last_pts()
+        if last is not None:
+            return self._index_of(last) + 1
+        if s.frames:
+            return int(s.frames)
+        if s.duration:
+            return int(round(float(s.duration * self.time_base) * self.fps))
+        return 0
+
+    def _last_pts(self) -> int | None:
+        """Presentation time of the last frame: the largest in the packets from the last keyframe
+        on (B-frames put it before the last packets in decode order). None when those packets
+        cannot be read (a file cut short) or the seek to the end does not land on a keyframe
+        (MPEG-TS seeks by byte position and lands on the last few packets)."""
+        c, s = self._container, self._stream
+        try:
+            c.seek(_FAR_END, stream=s)  # backward: the last keyframe
+            packets = [p for p in c.demux(s) if p.size and not p.is_discard]
+        except _DECODE_ERRORS:
+            return None
+        if not packets or not packets[0].is_keyframe:
+            return None
+        return max(_pts(packets), default=None)
 
     def __enter__(self) -> VideoReader:
         return self
@@ -165,27 +213,53 @@ class VideoReader:
     def _to_rgb(self, frame: av.VideoFrame) -> np.ndarray:
         return self._rgb.reformat(frame, format="rgb24").to_ndarray()
 
-    def _index(self, frame: av.VideoFrame) -> int:
-        pts = frame.pts if frame.pts is not None else frame.dts
+    def _index_of(self, pts: int) -> int:
         return int(round(float((pts - self.start_pts) * self.time_base) * self.fps))
+
+    def _frames_from(self, first: int) -> Iterator[tuple[int, av.VideoFrame]]:
+        """``(index, frame)`` of the decoded frames from a keyframe at or before index
+        ``first`` on. A seek lands near its target, but can land after it: MPEG-TS seeks by byte
+        position and reads on to the next keyframe, AVI by decode time (a frame shown just
+        before a keyframe is decoded after it). So the packets are read up to the first keyframe
+        (decoding packets before it would show nothing), and while that keyframe is shown after
+        ``first``, the seek is made again further back (1, 2, 4, ... frames before it), down to
+        the stream start, from where every packet is decoded; decoding the whole file again is
+        :meth:`get_frames`'s last resort only."""
+        c, s = self._container, self._stream
+        back = 0
+        while True:
+            at = first - back
+            # From the first frame on, seek to time 0: asked for its start time, MPEG-TS lands
+            # a keyframe late (the frames before it are lost).
+            target = self.start_pts + int(at / self.fps / self.time_base) if at > 0 else 0
+            c.seek(target, stream=s)
+            self.seeks += 1
+            packets = c.demux(s)
+            if target == 0:
+                start = 0
+                break
+            key = next((p for p in packets if p.is_keyframe), None)
+            if key is not None and (start := self._index_of(_time(key))) <= first:
+                packets = itertools.chain([key], packets)
+                break
+            back = max(2 * back, 1)
+        i = start - 1
+        for packet in packets:
+            for frame in packet.decode():
+                self.frames_decoded += 1
+                i = i + 1 if self._count_from_key else self._index_of(_time(frame))
+                yield i, frame
 
     def _decode_range(
         self, first: int, last: int | None, wanted: set[int] | None = None, tolerant: bool = False
     ) -> dict[int, np.ndarray]:
         """Frames with index in [first, last] (all frames if last is None), optionally only
-        those in ``wanted``, after seeking to the keyframe at or before ``first``. With
-        ``tolerant``, a decode error ends the range quietly (truncated or damaged file)."""
+        those in ``wanted``, decoded from a keyframe at or before ``first``. With ``tolerant``,
+        a decode error ends the range quietly (truncated or damaged file)."""
         out: dict[int, np.ndarray] = {}
-        c, s = self._container, self._stream
-        # Backward to the keyframe at or before target. From the first frame on, seek to time 0:
-        # MPEG-TS lands a keyframe late when asked for its start time (frames before it lost).
-        target = self.start_pts + int(first / self.fps / self.time_base) if first > 0 else 0
-        c.seek(target, stream=s)
         prev: tuple[int, av.VideoFrame] | None = None
         try:
-            for frame in c.decode(s):
-                self.frames_decoded += 1
-                i = self._index(frame)
+            for i, frame in self._frames_from(first):
                 if i > self._max_seen:
                     self._max_seen, self._last_frame = i, frame
                 if wanted is not None and prev is not None:
