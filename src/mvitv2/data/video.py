@@ -251,18 +251,18 @@ class VideoReader:
                 yield i, frame
 
     def _decode_range(
-        self, first: int, last: int | None, wanted: set[int] | None = None, tolerant: bool = False
+        self, first: int, last: int, wanted: set[int], tolerant: bool = False
     ) -> dict[int, np.ndarray]:
-        """Frames with index in [first, last] (all frames if last is None), optionally only
-        those in ``wanted``, decoded from a keyframe at or before ``first``. With ``tolerant``,
-        a decode error ends the range quietly (truncated or damaged file)."""
+        """The frames of the ``wanted`` indices (all in [first, last]), decoded from a keyframe
+        at or before ``first``. With ``tolerant``, a decode error ends the range quietly
+        (truncated or damaged file)."""
         out: dict[int, np.ndarray] = {}
         prev: tuple[int, av.VideoFrame] | None = None
         try:
             for i, frame in self._frames_from(first):
                 if i > self._max_seen:
                     self._max_seen, self._last_frame = i, frame
-                if wanted is not None and prev is not None:
+                if prev is not None:
                     # wanted indices (all in [first, last]) with no frame of their own (variable
                     # frame rate) show the frame still on screen at their time, the previous one
                     for w in wanted:
@@ -271,11 +271,11 @@ class VideoReader:
                 prev = (i, frame)
                 if i < first:
                     continue
-                if last is not None and i > last:
+                if i > last:
                     break
-                if wanted is None or i in wanted:
+                if i in wanted:
                     out[i] = self._to_rgb(frame)
-                if wanted is not None and len(out) == len(wanted):
+                if len(out) == len(wanted):
                     break
         except _DECODE_ERRORS:
             if not tolerant:
