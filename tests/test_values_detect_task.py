@@ -5,6 +5,7 @@ category checks of ``eval detect``, and the lines the commands print."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -377,3 +378,111 @@ def test_default_preprocessing_is_the_detectors_normalisation_and_sizes():
     }
     default = SPEC.default_preprocessing("maskrcnn_mvitv2_tiny", {}, {})
     assert (default["min_size"], default["max_size"]) == (800, 1333)  # detectron2's test sizes
+
+
+# ---------------------------------------------------------------------- data options and splits
+TINY_SCENES = {"num_train": 1, "num_val": 1, "image_size": 32, "digit_size": [10, 14]}
+
+
+def test_data_options_merge_dotted_keys_into_the_nested_mapping_and_round_trip():
+    from mvitv2.tasks.detect import DetectionDataConfig
+
+    dc = DetectionDataConfig.from_dict(
+        {"digit_scenes": {"seed": 3}, "digit_scenes.num_train": 5, "min_sizes": [480, 512]}
+    )
+    assert dc.digit_scenes == {"seed": 3, "num_train": 5}  # merged, not replaced
+    assert dc.min_sizes == (480, 512)
+    assert DetectionDataConfig.from_dict({"digit_scenes.seed": 1}).digit_scenes == {"seed": 1}
+    saved = dc.to_dict()  # YAML / checkpoint form: lists, every option named
+    assert saved["min_sizes"] == [480, 512] and saved["lsj_scale"] == [0.1, 2.0]
+    assert saved["digit_scenes"] == {"seed": 3, "num_train": 5} and saved["aug"] == "multiscale"
+    assert len(saved) == len(dataclasses.fields(DetectionDataConfig))
+    assert DetectionDataConfig.from_dict(saved) == dc
+
+
+def test_unknown_data_options_are_named_in_one_user_error():
+    from mvitv2.errors import UnknownKeyError
+    from mvitv2.tasks.detect import DetectionDataConfig
+
+    with pytest.raises(UnknownKeyError) as e:
+        DetectionDataConfig.from_dict({"augg": "lsj"})
+    assert str(e.value) == "unknown detection data option 'augg' (did you mean 'aug'?)"
+    # digit_scenes options are make_digit_scenes's keywords (a typo used to reach it as a
+    # TypeError traceback once training started)
+    with pytest.raises(UnknownKeyError) as e:
+        DetectionDataConfig.from_dict({"digit_scenes.num_trian": 5, "digit_scenes.seed": 1})
+    assert str(e.value) == (
+        "unknown data.digit_scenes option 'num_trian' (did you mean 'num_train' or 'num_val'?)"
+    )
+
+
+def test_train_detect_refuses_an_unknown_digit_scenes_option_in_one_line(
+    tmp_path, capsys, monkeypatch
+):
+    from mvitv2.cli import main
+
+    monkeypatch.setenv("MVITV2_DATA", str(tmp_path / "cache"))
+    argv = ["train", "detect", "data.digit_scenes.colour=1", "--output", str(tmp_path)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "mvitv2 train detect: error: unknown data.digit_scenes option 'colour'; valid: "
+        "digit_size, digits_per_image, image_size, noise, num_train, num_val, root, seed"
+    )
+    assert not (tmp_path / "cache").exists()  # refused before any data is made
+
+
+def test_default_data_root_generates_the_digit_scenes_with_the_recipes_options(
+    tmp_path, monkeypatch
+):
+    from mvitv2.tasks.detect import DetectionDataConfig, resolve_splits
+
+    monkeypatch.setenv("MVITV2_DATA", str(tmp_path))
+    root = tmp_path / "digit_scenes"
+    want = {
+        "train": (root / "train", root / "annotations" / "instances_train.json"),
+        "val": (root / "val", root / "annotations" / "instances_val.json"),
+    }
+    dc = DetectionDataConfig.from_dict({"digit_scenes": TINY_SCENES})
+    for data_root in (None, "digit_scenes"):
+        assert resolve_splits(data_root, dc) == want
+    train = json.loads(want["train"][1].read_text())
+    assert len(train["images"]) == 1 and train["images"][0]["width"] == 32
+    assert len(json.loads(want["val"][1].read_text())["images"]) == 1
+    # An explicit validation split replaces the generated one; training stays generated.
+    only_val = DetectionDataConfig.from_dict(
+        {"digit_scenes": TINY_SCENES, "val_images": "/v", "val_json": "/v.json"}
+    )
+    assert resolve_splits(None, only_val) == {**want, "val": (Path("/v"), Path("/v.json"))}
+
+
+def test_a_half_given_split_is_refused_before_any_data_is_generated(tmp_path, monkeypatch):
+    from mvitv2.errors import UserValueError
+    from mvitv2.tasks.detect import DetectionDataConfig, resolve_splits
+
+    monkeypatch.setenv("MVITV2_DATA", str(tmp_path / "cache"))
+    dc = DetectionDataConfig(train_images="/t", val_images="/v", val_json="/v.json")
+    with pytest.raises(UserValueError, match="^data.train_images and data.train_json go together$"):
+        resolve_splits(None, dc)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_coco_folder_with_one_split_gives_that_split_and_none_names_what_is_expected(tmp_path):
+    from mvitv2.errors import UserFileNotFoundError
+    from mvitv2.tasks.detect import DetectionDataConfig, resolve_splits
+
+    (tmp_path / "annotations").mkdir()
+    with pytest.raises(UserFileNotFoundError) as e:
+        resolve_splits(tmp_path, DetectionDataConfig())
+    assert str(e.value) == (
+        f"no COCO annotations under {tmp_path}: expected annotations/instances_train2017.json "
+        "(or instances_train.json), or set data.train_images/data.train_json"
+    )
+    (tmp_path / "annotations" / "instances_val2017.json").write_text("{}")
+    assert resolve_splits(tmp_path, DetectionDataConfig()) == {
+        "val": (tmp_path / "val2017", tmp_path / "annotations" / "instances_val2017.json")
+    }
+    (tmp_path / "annotations" / "instances_train.json").write_text("{}")
+    assert resolve_splits(tmp_path, DetectionDataConfig())["train"] == (
+        tmp_path / "train",
+        tmp_path / "annotations" / "instances_train.json",
+    )
