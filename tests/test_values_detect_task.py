@@ -486,3 +486,79 @@ def test_a_coco_folder_with_one_split_gives_that_split_and_none_names_what_is_ex
         tmp_path / "train",
         tmp_path / "annotations" / "instances_train.json",
     )
+
+
+# ---------------------------------------------------------------------- finetune= a detection run
+_TINY_DETECTOR = {
+    "depths": [1, 1, 1, 1],
+    "embed_dim": 8,
+    "num_heads": 1,
+    "img_size": 64,
+    "window_size": None,
+    "fpn_channels": 8,
+    "min_size": 64,
+    "max_size": 64,
+    "box_fc_dim": 16,
+    "mask_head_dim": 8,
+    "mask_head_convs": 1,
+}
+
+
+def _save_run(path: Path, model: dict[str, Tensor]) -> Path:
+    torch.save({"model": model, "meta": {"task": "detect"}, "config": {}}, path)
+    return path
+
+
+def test_finetune_from_a_detection_run_resets_only_the_class_heads_of_another_class_count(
+    tmp_path,
+):
+    from mvitv2.detection import create_detector
+    from mvitv2.tasks.detect import init_detector
+
+    trained = create_detector("maskrcnn_mvitv2_tiny", num_classes=3, **_TINY_DETECTOR)
+    saved = trained.state_dict()
+    run = _save_run(tmp_path / "det.pt", saved)
+    model = create_detector("maskrcnn_mvitv2_tiny", num_classes=7, **_TINY_DETECTOR)
+    report = init_detector(model, run)
+    # By hand: 3 classes + background -> 7 + background; 4 box deltas per class.
+    pred = "roi_heads.box_predictor."
+    mask = "roi_heads.mask_predictor.mask_fcn_logits."
+    sizes = {f"{pred}cls_score.": (4, 8), f"{pred}bbox_pred.": (16, 32), mask: (4, 8)}
+    want = {
+        f"{head}{p}": f"head reset: {old} outputs, model {new}"
+        for head, (old, new) in sizes.items()
+        for p in ("weight", "bias")
+    }
+    assert report.initialized == want
+    assert report.notes == ["head reset: another class count; the class-specific layers are new"]
+    assert (report.source, report.format) == (str(run), "mvitv2 detection run")
+    assert report.loaded == sorted(set(saved) - set(want))
+    assert report.missing == report.unexpected == report.shape_conflicts == []
+    state = model.state_dict()
+    assert all(torch.equal(state[k], saved[k]) for k in report.loaded)
+    same = create_detector("maskrcnn_mvitv2_tiny", num_classes=3, **_TINY_DETECTOR)
+    report = init_detector(same, run)
+    assert report.initialized == {} and report.notes == [] and report.loaded == sorted(saved)
+
+
+def test_finetune_from_a_detection_run_names_missing_and_unexpected_tensors(tmp_path):
+    from mvitv2.detection import create_detector
+    from mvitv2.tasks.detect import init_detector
+    from mvitv2.weights import CheckpointMismatchError
+
+    model = create_detector("maskrcnn_mvitv2_tiny", num_classes=3, **_TINY_DETECTOR)
+    saved = model.state_dict()
+    gone = "backbone.fpn.inner_blocks.1.0.weight"
+    assert gone in saved
+    changed = {k: v for k, v in saved.items() if k != gone}
+    changed["roi_heads.extra.weight"] = torch.zeros(2)
+    wide = "backbone.fpn.inner_blocks.0.0.bias"  # not class-specific: a conflict, no reset
+    changed[wide] = torch.zeros(9)
+    run = _save_run(tmp_path / "det.pt", changed)
+    with pytest.raises(CheckpointMismatchError) as e:
+        init_detector(model, run)
+    assert str(e.value).startswith(f"checkpoint {run} does not fit the detector:\n")
+    assert gone in str(e.value) and "roi_heads.extra.weight" in str(e.value)
+    report = e.value.report
+    assert (report.missing, report.unexpected) == ([gone], ["roi_heads.extra.weight"])
+    assert report.shape_conflicts == [(wide, (9,), (8,))] and report.initialized == {}
