@@ -562,3 +562,46 @@ def test_finetune_from_a_detection_run_names_missing_and_unexpected_tensors(tmp_
     report = e.value.report
     assert (report.missing, report.unexpected) == ([gone], ["roi_heads.extra.weight"])
     assert report.shape_conflicts == [(wide, (9,), (8,))] and report.initialized == {}
+
+
+# ---------------------------------------------------------------------- --checkpoint options
+def test_detectron2_options_reach_read_detector_with_model_args_parsed(monkeypatch):
+    import argparse
+
+    from mvitv2.errors import UserValueError
+    from mvitv2.tasks import detect
+
+    calls = []
+    monkeypatch.setattr(detect, "read_detector", lambda *a, **kw: calls.append((a, kw)) or "det")
+    args = argparse.Namespace(
+        checkpoint="model_final.pkl",
+        allow_pickle=True,
+        model="cascade_maskrcnn_mvitv2_tiny",
+        model_args=["depths=[1, 2, 1, 1]", "min_size=256", "note=a=b", "eps=1e-3", "empty="],
+    )
+    assert detect.detector_from_args(args) == "det"
+    assert calls == [
+        (
+            ("model_final.pkl",),
+            {
+                "allow_pickle": True,
+                "model": "cascade_maskrcnn_mvitv2_tiny",
+                # the value runs from the first '=' on; YAML scalars and lists
+                "model_args": {
+                    "depths": [1, 2, 1, 1],
+                    "min_size": 256,
+                    "note": "a=b",
+                    "eps": 0.001,
+                    "empty": "",
+                },
+            },
+        )
+    ]
+    for item in ("embed_dim", "=8"):
+        with pytest.raises(UserValueError) as e:
+            detect.detector_from_args(argparse.Namespace(**{**vars(args), "model_args": [item]}))
+        assert str(e.value) == f"--model-args {item!r}: expected KEY=VALUE"
+    with pytest.raises(UserValueError, match=r"^--model-args 'depths=\[1, 2': not valid YAML"):
+        detect.detector_from_args(
+            argparse.Namespace(**{**vars(args), "model_args": ["depths=[1, 2"]})
+        )
