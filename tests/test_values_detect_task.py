@@ -605,3 +605,76 @@ def test_detectron2_options_reach_read_detector_with_model_args_parsed(monkeypat
         detect.detector_from_args(
             argparse.Namespace(**{**vars(args), "model_args": ["depths=[1, 2"]})
         )
+
+
+# ---------------------------------------------------------------------- the task's data and model
+def test_checkpoint_meta_records_the_data_and_category_ids_that_eval_reads_back(tmp_path):
+    from mvitv2.engine.cli import RECIPES_DIR
+    from mvitv2.engine.config import TrainConfig
+    from mvitv2.tasks.detect import DetectionDataConfig, DetectionTask
+    from test_detection_task import _coco_tree
+
+    _coco_tree(tmp_path, ("train", "val"))  # one category: id 4, "four"
+    cfg = TrainConfig.load(
+        RECIPES_DIR / "digit_scenes.yaml", ["data.eval_max_images=1", "model_args.embed_dim=8"]
+    )
+    task = DetectionTask(cfg, tmp_path)
+    task.build_datasets()
+    meta = task.checkpoint_meta()
+    assert meta["task"] == "detect" and meta["class_names"] == ["four"]
+    assert (meta["data_root"], meta["label_to_cat_id"]) == (str(tmp_path), {1: 4})
+    assert meta["model_name"] == cfg.model and meta["model_kwargs"]["embed_dim"] == 8
+    assert meta["data"]["eval_max_images"] == 1 and meta["data"]["hflip_prob"] == 0.0
+    assert DetectionDataConfig.from_dict(meta["data"]) == task.data_cfg
+    assert DetectionTask(cfg).checkpoint_meta()["data_root"] == "digit_scenes"  # no --data
+
+
+def test_eval_dataset_keeps_images_without_objects_and_the_pixels_as_read(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    pixels = {i: rng.integers(0, 256, (6, 8, 3), dtype=np.uint8) for i in (1, 2)}
+    for i, im in pixels.items():
+        Image.fromarray(im).save(tmp_path / f"{i}.png")
+    data = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": 8, "height": 6} for i in (1, 2)],
+        "categories": [{"id": 5, "name": "x"}],
+        "annotations": [  # image 2 has no object: still evaluated (a false positive counts)
+            {"id": 1, "image_id": 1, "category_id": 5, "bbox": [1, 1, 4, 3], "iscrowd": 0,
+             "area": 12, "segmentation": [[1, 1, 5, 1, 5, 4, 1, 4]]}
+        ],
+    }  # fmt: skip
+    (tmp_path / "gt.json").write_text(json.dumps(data))
+    for uint8 in (False, True):
+        ds = build_eval_dataset(tmp_path, tmp_path / "gt.json", uint8=uint8)
+        assert [rec["id"] for rec in ds.records] == [1, 2]
+        for i in (0, 1):
+            image, target = ds[i]
+            want = torch.from_numpy(pixels[i + 1]).permute(2, 0, 1)
+            if uint8:  # detectron2 detectors: uint8 as read
+                assert image.dtype == torch.uint8 and torch.equal(image, want)
+            else:
+                assert image.dtype == torch.float32
+                torch.testing.assert_close(image, want.float() / 255, rtol=0, atol=1e-7)
+            assert target["masks"].shape == (1 - i, 6, 8)  # masks by default
+    boxes_only = build_eval_dataset(tmp_path, tmp_path / "gt.json", masks=False)
+    assert "masks" not in boxes_only[0][1]
+
+
+def test_the_tasks_model_has_one_output_per_class_and_the_pretrained_backbone(tmp_path):
+    from mvitv2 import create_model
+    from mvitv2.engine.config import TrainConfig
+    from mvitv2.tasks.detect import DetectionTask
+
+    arch = {k: _TINY_DETECTOR[k] for k in ("depths", "embed_dim", "num_heads", "img_size")}
+    classifier = create_model("mvitv2_tiny", num_classes=7, **arch).state_dict()
+    torch.save(classifier, tmp_path / "cls.pt")
+    cfg = TrainConfig(
+        model="maskrcnn_mvitv2_tiny", model_args=_TINY_DETECTOR, pretrained=str(tmp_path / "cls.pt")
+    )
+    task = DetectionTask(cfg)
+    task.class_names = ["a", "b"]
+    model = task.build_model()
+    assert model.roi_heads.box_predictor.cls_score.out_features == 3  # 2 classes + background
+    body = model.backbone.body.state_dict()
+    assert torch.equal(body["blocks.0.attn.qkv.weight"], classifier["blocks.0.attn.qkv.weight"])
