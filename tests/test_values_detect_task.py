@@ -646,7 +646,8 @@ def test_eval_dataset_keeps_images_without_objects_and_the_pixels_as_read(tmp_pa
     }  # fmt: skip
     (tmp_path / "gt.json").write_text(json.dumps(data))
     for uint8 in (False, True):
-        ds = build_eval_dataset(tmp_path, tmp_path / "gt.json", uint8=uint8)
+        options = {"uint8": True} if uint8 else {}  # float by default
+        ds = build_eval_dataset(tmp_path, tmp_path / "gt.json", **options)
         assert [rec["id"] for rec in ds.records] == [1, 2]
         for i in (0, 1):
             image, target = ds[i]
