@@ -414,6 +414,8 @@ def test_unknown_data_options_are_named_in_one_user_error():
     assert str(e.value) == (
         "unknown data.digit_scenes option 'num_trian' (did you mean 'num_train' or 'num_val'?)"
     )
+    with pytest.raises(UnknownKeyError, match="^unknown data.digit_scenes option 'seed.x'"):
+        DetectionDataConfig.from_dict({"digit_scenes.seed.x": 1})  # split at the first dot
 
 
 def test_train_detect_refuses_an_unknown_digit_scenes_option_in_one_line(
@@ -539,6 +541,28 @@ def test_finetune_from_a_detection_run_resets_only_the_class_heads_of_another_cl
     same = create_detector("maskrcnn_mvitv2_tiny", num_classes=3, **_TINY_DETECTOR)
     report = init_detector(same, run)
     assert report.initialized == {} and report.notes == [] and report.loaded == sorted(saved)
+
+
+def test_finetune_from_a_weights_tag_or_image_checkpoint_initialises_the_backbone(
+    tmp_path, monkeypatch
+):
+    import mvitv2.detection.model as detection_model
+    from mvitv2.tasks.detect import init_detector
+
+    calls = []
+    monkeypatch.setattr(
+        detection_model, "load_backbone_weights", lambda m, s: calls.append((m, s)) or "report"
+    )
+    model = nn.Linear(1, 1)  # never touched: the backbone loader is stubbed
+    image_run = tmp_path / "cls.pt"  # an image run's checkpoint (another task's meta)
+    torch.save({"model": {}, "meta": {"task": "image"}, "config": {}}, image_run)
+    for source in ("mvitv2_tiny.in1k", image_run, tmp_path / "absent.pt"):
+        assert init_detector(model, source) == "report"
+    assert calls == [
+        (model, "mvitv2_tiny.in1k"),
+        (model, str(image_run)),
+        (model, str(tmp_path / "absent.pt")),
+    ]
 
 
 def test_finetune_from_a_detection_run_names_missing_and_unexpected_tensors(tmp_path):
