@@ -703,3 +703,60 @@ def test_the_tasks_model_has_one_output_per_class_and_the_pretrained_backbone(tm
     assert model.roi_heads.box_predictor.cls_score.out_features == 3  # 2 classes + background
     body = model.backbone.body.state_dict()
     assert torch.equal(body["blocks.0.attn.qkv.weight"], classifier["blocks.0.attn.qkv.weight"])
+
+
+def test_evaluation_of_real_world_coco_quirks_equals_cocoeval_on_the_raw_json(tmp_path):
+    """Crowd regions as uncompressed RLE, an object with a zero-width box, an image without
+    objects, polygon and compressed-RLE masks, category ids 7 and 90 listed out of order: a
+    detector answering the training targets scores what COCOeval gives on the file itself."""
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    for i in (1, 2, 3):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+    crowd = np.zeros((40, 50), np.uint8)
+    crowd[20:30, 30:45] = 1
+    counts, value, run = [], 0, 0  # uncompressed RLE: column-major runs, background first
+    for v in crowd.flatten(order="F"):
+        if v != value:
+            counts, value, run = [*counts, run], v, 0
+        run += 1
+    counts.append(run)
+    square = np.zeros((40, 50), np.uint8)
+    square[10:30, 20:40] = 1
+    rle = mask_util.encode(np.asfortranarray(square))["counts"].decode()
+    data = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": 50, "height": 40} for i in (1, 2, 3)],
+        "categories": [{"id": 90, "name": "z"}, {"id": 7, "name": "a"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 7, "iscrowd": 0, "bbox": [2, 3, 10, 8],
+             "area": 80, "segmentation": [[2, 3, 12, 3, 12, 11, 2, 11]]},
+            {"id": 2, "image_id": 1, "category_id": 90, "iscrowd": 1, "bbox": [30, 20, 15, 10],
+             "area": 150, "segmentation": {"size": [40, 50], "counts": counts}},
+            {"id": 3, "image_id": 2, "category_id": 90, "iscrowd": 0, "bbox": [5, 5, 0, 10],
+             "area": 0, "segmentation": [[5, 5, 5, 5, 5, 15, 5, 15]]},
+            {"id": 4, "image_id": 2, "category_id": 90, "iscrowd": 0, "bbox": [20, 10, 20, 20],
+             "area": 400, "segmentation": {"size": [40, 50], "counts": rle}},
+        ],
+    }  # fmt: skip
+    assert (
+        mask_util.decode(
+            mask_util.frPyObjects(data["annotations"][1]["segmentation"], 40, 50)
+        ).sum()
+        == 150
+    )
+    (tmp_path / "gt.json").write_text(json.dumps(data))
+    ds = build_eval_dataset(tmp_path, tmp_path / "gt.json")
+    assert ds.label_to_cat_id == {1: 7, 2: 90} and ds.class_names == ["a", "z"]
+    metrics, results = _evaluate(Oracle(ds), ds)
+    # the trained-on objects only: the crowd region and the zero-width box are not answered
+    assert sorted((r["image_id"], r["category_id"]) for r in results) == [(1, 7), (2, 90)]
+    assert (metrics["images"], metrics["skipped_images"]) == (3, 0)
+    for iou_type in ("bbox", "segm"):
+        ref = _cocoeval(_coco(data), results, iou_type)
+        assert [metrics[f"{iou_type}_{k}"] for k in STATS] == ref
+    # By hand: category 7 found (AP 1); category 90 one of two (precision 1 up to recall 0.5:
+    # 51 of COCO's 101 recall points).
+    assert metrics["bbox_AP"] == metrics["segm_AP"] == pytest.approx((1 + 51 / 101) / 2)
