@@ -760,3 +760,51 @@ def test_evaluation_of_real_world_coco_quirks_equals_cocoeval_on_the_raw_json(tm
     # By hand: category 7 found (AP 1); category 90 one of two (precision 1 up to recall 0.5:
     # 51 of COCO's 101 recall points).
     assert metrics["bbox_AP"] == metrics["segm_AP"] == pytest.approx((1 + 51 / 101) / 2)
+
+
+def test_training_data_follows_the_recipes_augmentation_mask_and_negative_options(tmp_path):
+    from PIL import Image
+
+    from mvitv2.engine.config import TrainConfig
+    from mvitv2.errors import UserFileNotFoundError
+    from mvitv2.tasks.detect import DetectionTask
+    from test_detection_task import _coco_tree
+
+    _coco_tree(tmp_path, ("train", "val"))  # 8x6 images, one object: xywh [1, 1, 3, 2]
+    pixels = np.random.default_rng(5).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "train" / "a.png")
+    Image.new("RGB", (8, 6)).save(tmp_path / "train" / "b.png")
+    ann = tmp_path / "annotations" / "instances_train.json"
+    data = json.loads(ann.read_text())
+    data["images"].append({"id": 2, "file_name": "b.png", "width": 8, "height": 6})  # negative
+    ann.write_text(json.dumps(data))
+
+    def datasets(**options: Any):
+        task = DetectionTask(TrainConfig(data=options), tmp_path)
+        return task.build_datasets()
+
+    # No resize, always flipped, no masks, negatives kept.
+    train, val = datasets(aug="none", hflip_prob=1.0, masks=False, remove_empty=False)
+    assert len(train) == 2
+    image, target = train[0]
+    want = torch.from_numpy(pixels).permute(2, 0, 1).flip(-1).float() / 255
+    torch.testing.assert_close(image.as_subclass(Tensor), want, rtol=0, atol=1e-7)
+    assert target["boxes"].tolist() == [[4.0, 1.0, 7.0, 3.0]]  # x -> 8 - x, by hand
+    assert "masks" not in target and "masks" not in val[0][1]
+    # Multi-scale: short side 60 wanted, long side capped at 40 -> 40x30; masks; no negatives.
+    train, val = datasets(aug="multiscale", min_sizes=[60], max_size=40, hflip_prob=0.0)
+    image, target = train[0]
+    assert len(train) == 1 and tuple(image.shape) == (3, 30, 40)
+    assert target["boxes"].tolist() == [[5.0, 5.0, 20.0, 15.0]]  # xyxy [1, 1, 4, 3] * 5
+    assert tuple(target["masks"].shape) == (1, 30, 40) and "masks" in val[0][1]
+    # Large-scale jitter: scaled and padded / cropped to lsj_size.
+    train, _ = datasets(aug="lsj", lsj_size=20, lsj_scale=[1.0, 1.0], hflip_prob=0.0)
+    assert tuple(train[0][0].shape) == (3, 20, 20)
+    # Without a training split.
+    (tmp_path / "annotations" / "instances_train.json").unlink()
+    with pytest.raises(UserFileNotFoundError) as e:
+        datasets()
+    assert str(e.value) == (
+        f"no training split under {tmp_path}: expected annotations/instances_train2017.json (or "
+        "instances_train.json), or set data.train_images and data.train_json"
+    )
