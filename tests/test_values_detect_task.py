@@ -230,6 +230,8 @@ def test_category_mismatch_warns_by_position_for_a_run_and_by_id_for_coco_ids(ha
     )
     warn_category_mismatch(ds, _detector(["a"], {1: 3}), ann)
     assert "categories 12 'b' are not" in capsys.readouterr().err
+    warn_category_mismatch(ds, _detector(["x"], {1: 1}), ann)
+    assert "categories 3 'a', 12 'b' are not" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- predict detect
