@@ -802,6 +802,12 @@ def test_training_data_follows_the_recipes_augmentation_mask_and_negative_option
     # Large-scale jitter: scaled and padded / cropped to lsj_size.
     train, _ = datasets(aug="lsj", lsj_size=20, lsj_scale=[1.0, 1.0], hflip_prob=0.0)
     assert tuple(train[0][0].shape) == (3, 20, 20)
+    # Without a validation split: nothing to evaluate, no results yet.
+    val_json = tmp_path / "annotations" / "instances_val.json"
+    val_json.rename(tmp_path / "val.json")
+    task = DetectionTask(TrainConfig(data={"aug": "none"}), tmp_path)
+    assert task.build_datasets()[1] is None and task.val_ds is None and task.last_results == []
+    (tmp_path / "val.json").rename(val_json)
     # Without a training split.
     (tmp_path / "annotations" / "instances_train.json").unlink()
     with pytest.raises(UserFileNotFoundError) as e:
