@@ -5,6 +5,7 @@ category checks of ``eval detect``, and the lines the commands print."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,8 @@ def test_category_mismatch_warns_by_position_for_a_run_and_by_id_for_coco_ids(ha
     )
     warn_category_mismatch(ds, _detector(["a"], {1: 3}), ann)
     assert "categories 12 'b' are not" in capsys.readouterr().err
+    warn_category_mismatch(ds, _detector(["x"], {1: 1}), ann)
+    assert "categories 3 'a', 12 'b' are not" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- predict detect
@@ -377,3 +380,439 @@ def test_default_preprocessing_is_the_detectors_normalisation_and_sizes():
     }
     default = SPEC.default_preprocessing("maskrcnn_mvitv2_tiny", {}, {})
     assert (default["min_size"], default["max_size"]) == (800, 1333)  # detectron2's test sizes
+
+
+# ---------------------------------------------------------------------- data options and splits
+TINY_SCENES = {"num_train": 1, "num_val": 1, "image_size": 32, "digit_size": [10, 14]}
+
+
+def test_data_options_merge_dotted_keys_into_the_nested_mapping_and_round_trip():
+    from mvitv2.tasks.detect import DetectionDataConfig
+
+    dc = DetectionDataConfig.from_dict(
+        {"digit_scenes": {"seed": 3}, "digit_scenes.num_train": 5, "min_sizes": [480, 512]}
+    )
+    assert dc.digit_scenes == {"seed": 3, "num_train": 5}  # merged, not replaced
+    assert dc.min_sizes == (480, 512)
+    assert DetectionDataConfig.from_dict({"digit_scenes.seed": 1}).digit_scenes == {"seed": 1}
+    saved = dc.to_dict()  # YAML / checkpoint form: lists, every option named
+    assert saved["min_sizes"] == [480, 512] and saved["lsj_scale"] == [0.1, 2.0]
+    assert saved["digit_scenes"] == {"seed": 3, "num_train": 5} and saved["aug"] == "multiscale"
+    assert len(saved) == len(dataclasses.fields(DetectionDataConfig))
+    assert DetectionDataConfig.from_dict(saved) == dc
+
+
+def test_unknown_data_options_are_named_in_one_user_error():
+    from mvitv2.errors import UnknownKeyError
+    from mvitv2.tasks.detect import DetectionDataConfig
+
+    with pytest.raises(UnknownKeyError) as e:
+        DetectionDataConfig.from_dict({"augg": "lsj"})
+    assert str(e.value) == "unknown detection data option 'augg' (did you mean 'aug'?)"
+    # digit_scenes options are make_digit_scenes's keywords (a typo used to reach it as a
+    # TypeError traceback once training started)
+    with pytest.raises(UnknownKeyError) as e:
+        DetectionDataConfig.from_dict({"digit_scenes.num_trian": 5, "digit_scenes.seed": 1})
+    assert str(e.value) == (
+        "unknown data.digit_scenes option 'num_trian' (did you mean 'num_train' or 'num_val'?)"
+    )
+    with pytest.raises(UnknownKeyError, match="^unknown data.digit_scenes option 'seed.x'"):
+        DetectionDataConfig.from_dict({"digit_scenes.seed.x": 1})  # split at the first dot
+
+
+def test_train_detect_refuses_an_unknown_digit_scenes_option_in_one_line(
+    tmp_path, capsys, monkeypatch
+):
+    from mvitv2.cli import main
+
+    monkeypatch.setenv("MVITV2_DATA", str(tmp_path / "cache"))
+    argv = ["train", "detect", "data.digit_scenes.colour=1", "--output", str(tmp_path)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "mvitv2 train detect: error: unknown data.digit_scenes option 'colour'; valid: "
+        "digit_size, digits_per_image, image_size, noise, num_train, num_val, root, seed"
+    )
+    assert not (tmp_path / "cache").exists()  # refused before any data is made
+
+
+def test_default_data_root_generates_the_digit_scenes_with_the_recipes_options(
+    tmp_path, monkeypatch
+):
+    from mvitv2.tasks.detect import DetectionDataConfig, resolve_splits
+
+    monkeypatch.setenv("MVITV2_DATA", str(tmp_path))
+    root = tmp_path / "digit_scenes"
+    want = {
+        "train": (root / "train", root / "annotations" / "instances_train.json"),
+        "val": (root / "val", root / "annotations" / "instances_val.json"),
+    }
+    dc = DetectionDataConfig.from_dict({"digit_scenes": TINY_SCENES})
+    for data_root in (None, "digit_scenes"):
+        assert resolve_splits(data_root, dc) == want
+    train = json.loads(want["train"][1].read_text())
+    assert len(train["images"]) == 1 and train["images"][0]["width"] == 32
+    assert len(json.loads(want["val"][1].read_text())["images"]) == 1
+    # An explicit validation split replaces the generated one; training stays generated.
+    only_val = DetectionDataConfig.from_dict(
+        {"digit_scenes": TINY_SCENES, "val_images": "/v", "val_json": "/v.json"}
+    )
+    assert resolve_splits(None, only_val) == {**want, "val": (Path("/v"), Path("/v.json"))}
+
+
+def test_a_half_given_split_is_refused_before_any_data_is_generated(tmp_path, monkeypatch):
+    from mvitv2.errors import UserValueError
+    from mvitv2.tasks.detect import DetectionDataConfig, resolve_splits
+
+    monkeypatch.setenv("MVITV2_DATA", str(tmp_path / "cache"))
+    dc = DetectionDataConfig(train_images="/t", val_images="/v", val_json="/v.json")
+    with pytest.raises(UserValueError, match="^data.train_images and data.train_json go together$"):
+        resolve_splits(None, dc)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_coco_folder_with_one_split_gives_that_split_and_none_names_what_is_expected(tmp_path):
+    from mvitv2.errors import UserFileNotFoundError
+    from mvitv2.tasks.detect import DetectionDataConfig, resolve_splits
+
+    (tmp_path / "annotations").mkdir()
+    with pytest.raises(UserFileNotFoundError) as e:
+        resolve_splits(tmp_path, DetectionDataConfig())
+    assert str(e.value) == (
+        f"no COCO annotations under {tmp_path}: expected annotations/instances_train2017.json "
+        "(or instances_train.json), or set data.train_images/data.train_json"
+    )
+    (tmp_path / "annotations" / "instances_val2017.json").write_text("{}")
+    assert resolve_splits(tmp_path, DetectionDataConfig()) == {
+        "val": (tmp_path / "val2017", tmp_path / "annotations" / "instances_val2017.json")
+    }
+    (tmp_path / "annotations" / "instances_train.json").write_text("{}")
+    assert resolve_splits(tmp_path, DetectionDataConfig())["train"] == (
+        tmp_path / "train",
+        tmp_path / "annotations" / "instances_train.json",
+    )
+
+
+# ---------------------------------------------------------------------- finetune= a detection run
+_TINY_DETECTOR = {
+    "depths": [1, 1, 1, 1],
+    "embed_dim": 8,
+    "num_heads": 1,
+    "img_size": 64,
+    "window_size": None,
+    "fpn_channels": 8,
+    "min_size": 64,
+    "max_size": 64,
+    "box_fc_dim": 16,
+    "mask_head_dim": 8,
+    "mask_head_convs": 1,
+}
+
+
+def _save_run(path: Path, model: dict[str, Tensor]) -> Path:
+    torch.save({"model": model, "meta": {"task": "detect"}, "config": {}}, path)
+    return path
+
+
+def test_finetune_from_a_detection_run_resets_only_the_class_heads_of_another_class_count(
+    tmp_path,
+):
+    from mvitv2.detection import create_detector
+    from mvitv2.tasks.detect import init_detector
+
+    trained = create_detector("maskrcnn_mvitv2_tiny", num_classes=3, **_TINY_DETECTOR)
+    saved = trained.state_dict()
+    run = _save_run(tmp_path / "det.pt", saved)
+    model = create_detector("maskrcnn_mvitv2_tiny", num_classes=7, **_TINY_DETECTOR)
+    report = init_detector(model, run)
+    # By hand: 3 classes + background -> 7 + background; 4 box deltas per class.
+    pred = "roi_heads.box_predictor."
+    mask = "roi_heads.mask_predictor.mask_fcn_logits."
+    sizes = {f"{pred}cls_score.": (4, 8), f"{pred}bbox_pred.": (16, 32), mask: (4, 8)}
+    want = {
+        f"{head}{p}": f"head reset: {old} outputs, model {new}"
+        for head, (old, new) in sizes.items()
+        for p in ("weight", "bias")
+    }
+    assert report.initialized == want
+    assert report.notes == ["head reset: another class count; the class-specific layers are new"]
+    assert (report.source, report.format) == (str(run), "mvitv2 detection run")
+    assert report.loaded == sorted(set(saved) - set(want))
+    assert report.missing == report.unexpected == report.shape_conflicts == []
+    state = model.state_dict()
+    assert all(torch.equal(state[k], saved[k]) for k in report.loaded)
+    same = create_detector("maskrcnn_mvitv2_tiny", num_classes=3, **_TINY_DETECTOR)
+    report = init_detector(same, run)
+    assert report.initialized == {} and report.notes == [] and report.loaded == sorted(saved)
+
+
+def test_finetune_from_a_weights_tag_or_image_checkpoint_initialises_the_backbone(
+    tmp_path, monkeypatch
+):
+    import mvitv2.detection.model as detection_model
+    from mvitv2.tasks.detect import init_detector
+
+    calls = []
+    monkeypatch.setattr(
+        detection_model, "load_backbone_weights", lambda m, s: calls.append((m, s)) or "report"
+    )
+    model = nn.Linear(1, 1)  # never touched: the backbone loader is stubbed
+    image_run = tmp_path / "cls.pt"  # an image run's checkpoint (another task's meta)
+    torch.save({"model": {}, "meta": {"task": "image"}, "config": {}}, image_run)
+    for source in ("mvitv2_tiny.in1k", image_run, tmp_path / "absent.pt"):
+        assert init_detector(model, source) == "report"
+    assert calls == [
+        (model, "mvitv2_tiny.in1k"),
+        (model, str(image_run)),
+        (model, str(tmp_path / "absent.pt")),
+    ]
+
+
+def test_finetune_from_a_detection_run_names_missing_and_unexpected_tensors(tmp_path):
+    from mvitv2.detection import create_detector
+    from mvitv2.tasks.detect import init_detector
+    from mvitv2.weights import CheckpointMismatchError
+
+    model = create_detector("maskrcnn_mvitv2_tiny", num_classes=3, **_TINY_DETECTOR)
+    saved = model.state_dict()
+    gone = "backbone.fpn.inner_blocks.1.0.weight"
+    assert gone in saved
+    changed = {k: v for k, v in saved.items() if k != gone}
+    changed["roi_heads.extra.weight"] = torch.zeros(2)
+    wide = "backbone.fpn.inner_blocks.0.0.bias"  # not class-specific: a conflict, no reset
+    changed[wide] = torch.zeros(9)
+    run = _save_run(tmp_path / "det.pt", changed)
+    with pytest.raises(CheckpointMismatchError) as e:
+        init_detector(model, run)
+    assert str(e.value).startswith(f"checkpoint {run} does not fit the detector:\n")
+    assert gone in str(e.value) and "roi_heads.extra.weight" in str(e.value)
+    report = e.value.report
+    assert (report.missing, report.unexpected) == ([gone], ["roi_heads.extra.weight"])
+    assert report.shape_conflicts == [(wide, (9,), (8,))] and report.initialized == {}
+
+
+# ---------------------------------------------------------------------- --checkpoint options
+def test_detectron2_options_reach_read_detector_with_model_args_parsed(monkeypatch):
+    import argparse
+
+    from mvitv2.errors import UserValueError
+    from mvitv2.tasks import detect
+
+    calls = []
+    monkeypatch.setattr(detect, "read_detector", lambda *a, **kw: calls.append((a, kw)) or "det")
+    args = argparse.Namespace(
+        checkpoint="model_final.pkl",
+        allow_pickle=True,
+        model="cascade_maskrcnn_mvitv2_tiny",
+        model_args=["depths=[1, 2, 1, 1]", "min_size=256", "note=a=b", "eps=1e-3", "empty="],
+    )
+    assert detect.detector_from_args(args) == "det"
+    assert calls == [
+        (
+            ("model_final.pkl",),
+            {
+                "allow_pickle": True,
+                "model": "cascade_maskrcnn_mvitv2_tiny",
+                # the value runs from the first '=' on; YAML scalars and lists
+                "model_args": {
+                    "depths": [1, 2, 1, 1],
+                    "min_size": 256,
+                    "note": "a=b",
+                    "eps": 0.001,
+                    "empty": "",
+                },
+            },
+        )
+    ]
+    for item in ("embed_dim", "=8"):
+        with pytest.raises(UserValueError) as e:
+            detect.detector_from_args(argparse.Namespace(**{**vars(args), "model_args": [item]}))
+        assert str(e.value) == f"--model-args {item!r}: expected KEY=VALUE"
+    with pytest.raises(UserValueError, match=r"^--model-args 'depths=\[1, 2': not valid YAML"):
+        detect.detector_from_args(
+            argparse.Namespace(**{**vars(args), "model_args": ["depths=[1, 2"]})
+        )
+
+
+# ---------------------------------------------------------------------- the task's data and model
+def test_checkpoint_meta_records_the_data_and_category_ids_that_eval_reads_back(tmp_path):
+    from mvitv2.engine.cli import RECIPES_DIR
+    from mvitv2.engine.config import TrainConfig
+    from mvitv2.tasks.detect import DetectionDataConfig, DetectionTask
+    from test_detection_task import _coco_tree
+
+    _coco_tree(tmp_path, ("train", "val"))  # one category: id 4, "four"
+    cfg = TrainConfig.load(
+        RECIPES_DIR / "digit_scenes.yaml", ["data.eval_max_images=1", "model_args.embed_dim=8"]
+    )
+    task = DetectionTask(cfg, tmp_path)
+    task.build_datasets()
+    meta = task.checkpoint_meta()
+    assert meta["task"] == "detect" and meta["class_names"] == ["four"]
+    assert (meta["data_root"], meta["label_to_cat_id"]) == (str(tmp_path), {1: 4})
+    assert meta["model_name"] == cfg.model and meta["model_kwargs"]["embed_dim"] == 8
+    assert meta["data"]["eval_max_images"] == 1 and meta["data"]["hflip_prob"] == 0.0
+    assert DetectionDataConfig.from_dict(meta["data"]) == task.data_cfg
+    assert DetectionTask(cfg).checkpoint_meta()["data_root"] == "digit_scenes"  # no --data
+
+
+def test_eval_dataset_keeps_images_without_objects_and_the_pixels_as_read(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    pixels = {i: rng.integers(0, 256, (6, 8, 3), dtype=np.uint8) for i in (1, 2)}
+    for i, im in pixels.items():
+        Image.fromarray(im).save(tmp_path / f"{i}.png")
+    data = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": 8, "height": 6} for i in (1, 2)],
+        "categories": [{"id": 5, "name": "x"}],
+        "annotations": [  # image 2 has no object: still evaluated (a false positive counts)
+            {"id": 1, "image_id": 1, "category_id": 5, "bbox": [1, 1, 4, 3], "iscrowd": 0,
+             "area": 12, "segmentation": [[1, 1, 5, 1, 5, 4, 1, 4]]}
+        ],
+    }  # fmt: skip
+    (tmp_path / "gt.json").write_text(json.dumps(data))
+    for uint8 in (False, True):
+        options = {"uint8": True} if uint8 else {}  # float by default
+        ds = build_eval_dataset(tmp_path, tmp_path / "gt.json", **options)
+        assert [rec["id"] for rec in ds.records] == [1, 2]
+        for i in (0, 1):
+            image, target = ds[i]
+            want = torch.from_numpy(pixels[i + 1]).permute(2, 0, 1)
+            if uint8:  # detectron2 detectors: uint8 as read
+                assert image.dtype == torch.uint8 and torch.equal(image, want)
+            else:
+                assert image.dtype == torch.float32
+                torch.testing.assert_close(image, want.float() / 255, rtol=0, atol=1e-7)
+            assert target["masks"].shape == (1 - i, 6, 8)  # masks by default
+    boxes_only = build_eval_dataset(tmp_path, tmp_path / "gt.json", masks=False)
+    assert "masks" not in boxes_only[0][1]
+
+
+def test_the_tasks_model_has_one_output_per_class_and_the_pretrained_backbone(tmp_path):
+    from mvitv2 import create_model
+    from mvitv2.engine.config import TrainConfig
+    from mvitv2.tasks.detect import DetectionTask
+
+    arch = {k: _TINY_DETECTOR[k] for k in ("depths", "embed_dim", "num_heads", "img_size")}
+    classifier = create_model("mvitv2_tiny", num_classes=7, **arch).state_dict()
+    torch.save(classifier, tmp_path / "cls.pt")
+    cfg = TrainConfig(
+        model="maskrcnn_mvitv2_tiny", model_args=_TINY_DETECTOR, pretrained=str(tmp_path / "cls.pt")
+    )
+    task = DetectionTask(cfg)
+    task.class_names = ["a", "b"]
+    model = task.build_model()
+    assert model.roi_heads.box_predictor.cls_score.out_features == 3  # 2 classes + background
+    body = model.backbone.body.state_dict()
+    assert torch.equal(body["blocks.0.attn.qkv.weight"], classifier["blocks.0.attn.qkv.weight"])
+
+
+def test_evaluation_of_real_world_coco_quirks_equals_cocoeval_on_the_raw_json(tmp_path):
+    """Crowd regions as uncompressed RLE, an object with a zero-width box, an image without
+    objects, polygon and compressed-RLE masks, category ids 7 and 90 listed out of order: a
+    detector answering the training targets scores what COCOeval gives on the file itself."""
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    for i in (1, 2, 3):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+    crowd = np.zeros((40, 50), np.uint8)
+    crowd[20:30, 30:45] = 1
+    counts, value, run = [], 0, 0  # uncompressed RLE: column-major runs, background first
+    for v in crowd.flatten(order="F"):
+        if v != value:
+            counts, value, run = [*counts, run], v, 0
+        run += 1
+    counts.append(run)
+    square = np.zeros((40, 50), np.uint8)
+    square[10:30, 20:40] = 1
+    rle = mask_util.encode(np.asfortranarray(square))["counts"].decode()
+    data = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": 50, "height": 40} for i in (1, 2, 3)],
+        "categories": [{"id": 90, "name": "z"}, {"id": 7, "name": "a"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 7, "iscrowd": 0, "bbox": [2, 3, 10, 8],
+             "area": 80, "segmentation": [[2, 3, 12, 3, 12, 11, 2, 11]]},
+            {"id": 2, "image_id": 1, "category_id": 90, "iscrowd": 1, "bbox": [30, 20, 15, 10],
+             "area": 150, "segmentation": {"size": [40, 50], "counts": counts}},
+            {"id": 3, "image_id": 2, "category_id": 90, "iscrowd": 0, "bbox": [5, 5, 0, 10],
+             "area": 0, "segmentation": [[5, 5, 5, 5, 5, 15, 5, 15]]},
+            {"id": 4, "image_id": 2, "category_id": 90, "iscrowd": 0, "bbox": [20, 10, 20, 20],
+             "area": 400, "segmentation": {"size": [40, 50], "counts": rle}},
+        ],
+    }  # fmt: skip
+    assert (
+        mask_util.decode(
+            mask_util.frPyObjects(data["annotations"][1]["segmentation"], 40, 50)
+        ).sum()
+        == 150
+    )
+    (tmp_path / "gt.json").write_text(json.dumps(data))
+    ds = build_eval_dataset(tmp_path, tmp_path / "gt.json")
+    assert ds.label_to_cat_id == {1: 7, 2: 90} and ds.class_names == ["a", "z"]
+    metrics, results = _evaluate(Oracle(ds), ds)
+    # the trained-on objects only: the crowd region and the zero-width box are not answered
+    assert sorted((r["image_id"], r["category_id"]) for r in results) == [(1, 7), (2, 90)]
+    assert (metrics["images"], metrics["skipped_images"]) == (3, 0)
+    for iou_type in ("bbox", "segm"):
+        ref = _cocoeval(_coco(data), results, iou_type)
+        assert [metrics[f"{iou_type}_{k}"] for k in STATS] == ref
+    # By hand: category 7 found (AP 1); category 90 one of two (precision 1 up to recall 0.5:
+    # 51 of COCO's 101 recall points).
+    assert metrics["bbox_AP"] == metrics["segm_AP"] == pytest.approx((1 + 51 / 101) / 2)
+
+
+def test_training_data_follows_the_recipes_augmentation_mask_and_negative_options(tmp_path):
+    from PIL import Image
+
+    from mvitv2.engine.config import TrainConfig
+    from mvitv2.errors import UserFileNotFoundError
+    from mvitv2.tasks.detect import DetectionTask
+    from test_detection_task import _coco_tree
+
+    _coco_tree(tmp_path, ("train", "val"))  # 8x6 images, one object: xywh [1, 1, 3, 2]
+    pixels = np.random.default_rng(5).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "train" / "a.png")
+    Image.new("RGB", (8, 6)).save(tmp_path / "train" / "b.png")
+    ann = tmp_path / "annotations" / "instances_train.json"
+    data = json.loads(ann.read_text())
+    data["images"].append({"id": 2, "file_name": "b.png", "width": 8, "height": 6})  # negative
+    ann.write_text(json.dumps(data))
+
+    def datasets(**options: Any):
+        task = DetectionTask(TrainConfig(data=options), tmp_path)
+        return task.build_datasets()
+
+    # No resize, always flipped, no masks, negatives kept.
+    train, val = datasets(aug="none", hflip_prob=1.0, masks=False, remove_empty=False)
+    assert len(train) == 2
+    image, target = train[0]
+    want = torch.from_numpy(pixels).permute(2, 0, 1).flip(-1).float() / 255
+    torch.testing.assert_close(image.as_subclass(Tensor), want, rtol=0, atol=1e-7)
+    assert target["boxes"].tolist() == [[4.0, 1.0, 7.0, 3.0]]  # x -> 8 - x, by hand
+    assert "masks" not in target and "masks" not in val[0][1]
+    # Multi-scale: short side 60 wanted, long side capped at 40 -> 40x30; masks; no negatives.
+    train, val = datasets(aug="multiscale", min_sizes=[60], max_size=40, hflip_prob=0.0)
+    image, target = train[0]
+    assert len(train) == 1 and tuple(image.shape) == (3, 30, 40)
+    assert target["boxes"].tolist() == [[5.0, 5.0, 20.0, 15.0]]  # xyxy [1, 1, 4, 3] * 5
+    assert tuple(target["masks"].shape) == (1, 30, 40) and "masks" in val[0][1]
+    # Large-scale jitter: scaled and padded / cropped to lsj_size.
+    train, _ = datasets(aug="lsj", lsj_size=20, lsj_scale=[1.0, 1.0], hflip_prob=0.0)
+    assert tuple(train[0][0].shape) == (3, 20, 20)
+    # Without a validation split: nothing to evaluate, no results yet.
+    val_json = tmp_path / "annotations" / "instances_val.json"
+    val_json.rename(tmp_path / "val.json")
+    task = DetectionTask(TrainConfig(data={"aug": "none"}), tmp_path)
+    assert task.build_datasets()[1] is None and task.val_ds is None and task.last_results == []
+    (tmp_path / "val.json").rename(val_json)
+    # Without a training split.
+    (tmp_path / "annotations" / "instances_train.json").unlink()
+    with pytest.raises(UserFileNotFoundError) as e:
+        datasets()
+    assert str(e.value) == (
+        f"no training split under {tmp_path}: expected annotations/instances_train2017.json (or "
+        "instances_train.json), or set data.train_images and data.train_json"
+    )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import pickle
@@ -69,7 +70,12 @@ from mvitv2.engine.cli import (
 from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.distributed import DistInfo, init_distributed
 from mvitv2.engine.trainer import Trainer, to_device
-from mvitv2.errors import UserFileNotFoundError, UserValueError
+from mvitv2.errors import (
+    UnknownKeyError,
+    UserFileNotFoundError,
+    UserValueError,
+    unknown_names_message,
+)
 from mvitv2.predict import CheckpointInfo
 from mvitv2.tasks.spec import ExportInputs, SpecTask, TaskSpec
 
@@ -138,6 +144,16 @@ class DetectionDataConfig:
         for key in [k for k in values if "." in k]:
             head, _, rest = key.partition(".")
             values[head] = {**dict(values.get(head) or {}), rest: values.pop(key)}
+        # An unknown digit_scenes option would otherwise surface as make_digit_scenes's
+        # TypeError traceback once training starts.
+        from mvitv2.data.digit_scenes import make_digit_scenes
+
+        options = inspect.signature(make_digit_scenes).parameters
+        unknown = sorted(set(values.get("digit_scenes") or {}) - set(options))
+        if unknown:
+            raise UnknownKeyError(
+                unknown_names_message("data.digit_scenes option", unknown, options)
+            )
         return config_from_dict(cls, values, "detection data")
 
     def to_dict(self) -> dict[str, Any]:
