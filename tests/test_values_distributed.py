@@ -3,7 +3,9 @@ fallbacks, and every collective in a real two-process gloo group (forked CPU pro
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -125,46 +127,69 @@ def test_one_process_collectives_return_this_processs_values():
 
 
 # ---------------------------------------------------------------------- two processes
-def _collectives(rank: int, port: int, out: str) -> None:
-    """Rank ``rank`` of 2: joins a gloo group from torchrun's variables, runs each collective on
-    rank-dependent values and writes what it got to ``out/rank<r>.json``."""
-    import os
-
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
+def _collectives(rank: int) -> dict:
+    """Rank ``rank`` of 2: joins the gloo group torchrun's variables describe, runs each
+    collective on rank-dependent values, leaves the group; returns what it got (as JSON has it)."""
     d = init_distributed("cpu")
-    mine = torch.tensor([1.0, 2.0], dtype=torch.float64) * (10**rank)  # [1, 2] and [10, 20]
-    got: dict = {"info": [d.rank, d.world_size, d.local_rank, str(d.device)]}
-    total = d.all_reduce_sum(mine)
-    got["sum"] = [total.tolist(), str(total.dtype), mine.tolist()]
-    got["sum_int"] = str(d.all_reduce_sum(torch.tensor([rank])).dtype)
-    # The same keys, inserted in a different order on each process.
-    metrics = {"loss": 1.0 + rank, "top1": 10.0 * rank} if rank == 0 else {"top1": 10.0 * rank}
-    metrics.setdefault("loss", 1.0 + rank)
-    got["mean"] = d.all_reduce_mean(metrics)
-    got["true"] = [d.all_true(True), d.all_true(rank == 0), d.all_true(torch.tensor(rank < 5))]
-    got["gather"] = d.all_gather_object({"rank": rank, "files": [f"r{rank}.bin"] * (rank + 1)})
-    got["broadcast"] = d.broadcast_object(f"from rank {rank}")
-    d.barrier()
-    bn, note = sync_batchnorm(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), d)
-    got["bn"] = [type(bn[1]).__name__, note]
-    cleanup_distributed()
+    try:
+        mine = torch.tensor([1.0, 2.0], dtype=torch.float64) * (10**rank)  # [1, 2] and [10, 20]
+        got: dict = {"info": [d.rank, d.world_size, d.local_rank, str(d.device)]}
+        total = d.all_reduce_sum(mine)
+        got["sum"] = [total.tolist(), str(total.dtype), mine.tolist()]
+        got["sum_int"] = str(d.all_reduce_sum(torch.tensor([rank])).dtype)
+        # The same keys, inserted in a different order on each process.
+        metrics = {"loss": 1.0 + rank, "top1": 10.0 * rank}
+        got["mean"] = d.all_reduce_mean(metrics if rank == 0 else dict(reversed(metrics.items())))
+        got["true"] = [d.all_true(True), d.all_true(rank == 0), d.all_true(torch.tensor(rank < 5))]
+        got["gather"] = d.all_gather_object({"rank": rank, "files": [f"r{rank}.bin"] * (rank + 1)})
+        got["broadcast"] = d.broadcast_object(f"from rank {rank}")
+        d.barrier()
+        bn, note = sync_batchnorm(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), d)
+        got["bn"] = [type(bn[1]).__name__, note]
+    finally:
+        cleanup_distributed()
     got["left"] = torch.distributed.is_initialized()
-    Path(out, f"rank{rank}.json").write_text(json.dumps(got))
+    return json.loads(json.dumps(got))
 
 
-def test_two_processes_sum_average_agree_gather_and_broadcast_across_a_gloo_group(tmp_path):
-    # fork: the processes start with torch imported (spawn would take several seconds more).
-    mp.start_processes(
-        _collectives, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork"
+def _rank_1(out: str) -> None:
+    """The forked second process: rank 1 of the test's group; writes what it got to ``out``."""
+    os.environ.update(RANK="1", LOCAL_RANK="1")
+    torch.set_num_threads(1)
+    Path(out).write_text(json.dumps(_collectives(1)))
+
+
+def test_two_processes_sum_average_agree_gather_and_broadcast_across_a_gloo_group(
+    tmp_path, monkeypatch
+):
+    """Rank 0 is this process (so that mutation testing sees which functions the test runs), rank
+    1 a forked one; a process that hangs fails the test after a minute (the group's timeout)."""
+    for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(name, value)
+    for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0").items():
+        monkeypatch.setenv(name, value)
+    join = dist_module.dist.init_process_group
+    monkeypatch.setattr(
+        dist_module.dist,
+        "init_process_group",
+        lambda **kw: join(**kw, timeout=datetime.timedelta(seconds=60)),
     )
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # fork: the process starts with torch imported (spawn would take several seconds more).
+    other = mp.get_context("fork").Process(target=_rank_1, args=(str(tmp_path / "rank1.json"),))
+    other.start()
+    try:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            first = _collectives(0)
+        finally:
+            torch.set_num_threads(threads)
+        other.join(60)
+    finally:
+        if other.is_alive():
+            other.kill()
+    assert other.exitcode == 0
+    got = [first, json.loads((tmp_path / "rank1.json").read_text())]
     for rank, g in enumerate(got):
         assert g["info"] == [rank, 2, rank, "cpu"]
         mine = [1.0 * 10**rank, 2.0 * 10**rank]
