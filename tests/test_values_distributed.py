@@ -76,8 +76,11 @@ def test_with_cuda_the_local_rank_selects_the_gpu_of_an_nccl_group(group, monkey
 
 def test_one_process_on_a_gpu_selects_gpu_0_and_joins_no_group(group, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert init_distributed("auto") == DistInfo(0, 1, 0, torch.device("cuda", 0))
-    assert group == [{"set_device": torch.device("cuda", 0)}]
+    for device in ("auto", None):  # None: the default, auto
+        group.clear()
+        info = init_distributed() if device is None else init_distributed(device)
+        assert info == DistInfo(0, 1, 0, torch.device("cuda", 0))
+        assert group == [{"set_device": torch.device("cuda", 0)}]
 
 
 def test_a_process_group_already_joined_is_not_joined_again(group, monkeypatch):
@@ -137,8 +140,8 @@ def _collectives(rank: int) -> dict:
         total = d.all_reduce_sum(mine)
         got["sum"] = [total.tolist(), str(total.dtype), mine.tolist()]
         got["sum_int"] = str(d.all_reduce_sum(torch.tensor([rank])).dtype)
-        # The same keys, inserted in a different order on each process.
-        metrics = {"loss": 1.0 + rank, "top1": 10.0 * rank}
+        # The same keys, inserted in a different order on each process; 1/3: averaged in float64.
+        metrics = {"loss": 1 / 3 + rank, "top1": 10.0 * rank}
         got["mean"] = d.all_reduce_mean(metrics if rank == 0 else dict(reversed(metrics.items())))
         got["true"] = [d.all_true(True), d.all_true(rank == 0), d.all_true(torch.tensor(rank < 5))]
         got["gather"] = d.all_gather_object({"rank": rank, "files": [f"r{rank}.bin"] * (rank + 1)})
@@ -195,7 +198,7 @@ def test_two_processes_sum_average_agree_gather_and_broadcast_across_a_gloo_grou
         mine = [1.0 * 10**rank, 2.0 * 10**rank]
         assert g["sum"] == [[11.0, 22.0], "torch.float64", mine]  # the caller's tensor kept
         assert g["sum_int"] == "torch.float64"
-        assert g["mean"] == {"loss": (1.0 + 2.0) / 2, "top1": (0.0 + 10.0) / 2}
+        assert g["mean"] == {"loss": (1 / 3 + (1 / 3 + 1)) / 2, "top1": (0.0 + 10.0) / 2}
         assert g["true"] == [True, False, True]
         assert g["gather"] == [
             {"rank": 0, "files": ["r0.bin"]},
