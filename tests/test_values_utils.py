@@ -56,7 +56,7 @@ def test_count_params_counts_each_parameter_once_also_on_the_meta_device():
     assert count_params(nn.Linear(300, 200, device="meta")) == 300 * 200 + 200
 
 
-def test_macs_of_is_half_the_flops_as_an_int_and_gives_the_result_without_grad():
+def test_macs_of_is_half_the_flops_as_an_int_and_gives_the_result_without_grad(capsys):
     w = torch.randn(3, 4, requires_grad=True)
     x = torch.randn(2, 3)
     macs, out = macs_of(lambda a: a @ w, x)
@@ -64,6 +64,7 @@ def test_macs_of_is_half_the_flops_as_an_int_and_gives_the_result_without_grad()
     assert torch.equal(out, (x @ w).detach()) and not out.requires_grad
     macs, out = macs_of(torch.bmm, torch.ones(5, 2, 3), torch.ones(5, 3, 7))  # several args
     assert macs == 5 * 2 * 3 * 7 and out.shape == (5, 2, 7)
+    assert capsys.readouterr().out == ""  # no flop table printed
 
 
 def test_count_macs_of_a_model_on_its_device_from_an_input_shape():
