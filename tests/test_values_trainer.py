@@ -14,8 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine_toy import ToyTask, toy_config
-from mvitv2.engine import Trainer, TrainingStopped, read_training_checkpoint, save_checkpoint
+from engine_toy import ToyData, ToyTask, toy_config
+from mvitv2.engine import (
+    BadSample,
+    Trainer,
+    TrainingStopped,
+    read_training_checkpoint,
+    save_checkpoint,
+)
 from mvitv2.engine import trainer as trainer_module
 from mvitv2.engine.distributed import DistInfo
 from mvitv2.engine.logging import RunLogger
@@ -925,3 +931,78 @@ def test_the_second_of_two_processes_writes_nothing_and_seeds_its_own_stream(
     trainer.fit()
     assert not trainer.run_dir.exists()  # no checkpoint, no metrics on rank 1
     assert seeds == [3, 3 + 7919 + 104729, 3 + 2 * 7919 + 104729]
+
+
+class BadAt(ToyData):
+    """Toy training data whose items in ``bad`` are unreadable (set after the trainer is built)."""
+
+    bad: tuple[int, ...] = ()
+
+    def __getitem__(self, i: int):
+        if i in self.bad:
+            raise BadSample(f"toy/{i}.bin", f"corrupt item {i}")
+        return super().__getitem__(i)
+
+
+class BadAtTask(Scripted):
+    """The toy task on :class:`BadAt` training data and without a validation set."""
+
+    def build_datasets(self):
+        train, _ = super().build_datasets()
+        return BadAt(len(train), 0, 0.3), None
+
+
+def test_the_second_of_two_processes_sends_every_bad_sample_of_the_epoch_to_its_end_gather(
+    tmp_path, two_processes, monkeypatch
+):
+    """Rank 1 names nothing itself: the unreadable files of all its steps go to the epoch-end
+    gather (with the count), so that rank 0 names each of them."""
+    from mvitv2.utils.precision import Precision
+
+    gathered, summed = [], []
+    real_gather, real_sum = OneOfTwo.all_gather_object, OneOfTwo.all_reduce_sum
+
+    def gather(self, obj):
+        if isinstance(obj, list):
+            gathered.append((self.rank, list(obj)))
+        return real_gather(self, obj)
+
+    def summed_values(self, values):
+        summed.append((self.rank, values.tolist()))
+        return real_sum(self, values)
+
+    monkeypatch.setattr(OneOfTwo, "all_gather_object", gather)
+    monkeypatch.setattr(OneOfTwo, "all_reduce_sum", summed_values)
+    # 48 samples = 24 a process = 3 steps of 8, one epoch
+    run = ("epochs=1", "batch_size=8", "data.n_train=48")
+    two_processes(1)
+    OneOfTwo.from_rank0 = [Precision("none", None, "amp=none"), None, "shared-name"]
+    OneOfTwo.other_bad = []
+    trainer, _ = make(tmp_path, "", *run, task=BadAtTask)
+    assert trainer.steps_per_epoch == 3
+    sampler = trainer.train_loader.sampler
+    sampler.set_epoch(0)
+    mine = [i for i, _ in sampler]  # this process's items of epoch 1, in order
+    # two bad items in step 1, one in step 2, one in step 3; each one's next item reads well
+    bad = (mine[0], mine[5], mine[12], mine[23])
+    assert all((i + 1) % 48 not in bad for i in bad)
+    trainer.train_loader.dataset.dataset.bad = bad
+    trainer.fit()
+    # met in step order (in a step, in index order: the order take_new_bad lists them)
+    met = [*sorted(bad[:2]), *bad[2:]]
+    sent = [(f"toy/{i}.bin", f"corrupt item {i}") for i in met]
+    assert gathered == [(1, sent)]  # once, at the epoch end: all four
+    assert summed == [(1, [4.0])]  # this process's skip count, once, at the epoch end
+    assert trainer.counters["skipped_total"] == 8  # both processes' (the other's alike)
+    assert not Recorder.last.enabled  # what rank 1 logs goes nowhere
+
+    # Rank 0 receives that list and names each of its files once (it met none itself).
+    gathered.clear()
+    OneOfTwo.other_bad = sent
+    two_processes(0)
+    main, _ = make(tmp_path, "main", *run, task=BadAtTask)
+    main.train_loader.dataset.dataset.bad = bad
+    main.fit()
+    assert gathered == [(0, [])]
+    named = [c[0] for c in Recorder.last.of("info") if "unreadable" in c[0]]
+    assert named == [f"skipped unreadable sample toy/{i}.bin: corrupt item {i}" for i in met]
