@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,8 +16,9 @@ from torch import nn
 
 from mvitv2.cli import main
 from mvitv2.data.moving_digits import write_video
+from mvitv2.engine.distributed import DistInfo
 from mvitv2.predict import Predictor
-from mvitv2.tasks.video import VideoDataConfig
+from mvitv2.tasks.video import VideoDataConfig, evaluate_views
 
 NUM_CLASSES = 7
 # A tiny model and clips; the recipe (moving_digits) sets everything else.
@@ -197,3 +199,39 @@ def test_predictor_averages_the_softmax_of_clips_times_crops_views():
     got = dict(pred(frames))
     for c, name in enumerate(["first", "last", "right"]):
         assert got[name] == pytest.approx(want[c].item(), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- multi-view scores
+class _LogProbs(nn.Module):
+    """Logits = the input, flattened: feed log-probabilities to get them back from the softmax."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+def test_multi_view_top1_top5_and_loss_computed_by_hand():
+    """Four videos, six classes. Video 0 (label 2): two views averaged to
+    [.2, .1, .4, .1, .1, .1], label first. Video 1: no view. Video 2 (label 5): its label 6th of
+    6. Video 3 (label 4): its label 5th. Top-1 1/3, top-5 2/3, loss -(ln .4 + ln .05 + ln .07) / 3."""
+    views = [
+        (0, [0.1, 0.1, 0.5, 0.1, 0.1, 0.1]),
+        (2, [0.3, 0.25, 0.2, 0.1, 0.1, 0.05]),
+        (3, [0.3, 0.25, 0.2, 0.15, 0.07, 0.03]),
+        (0, [0.3, 0.1, 0.3, 0.1, 0.1, 0.1]),
+    ]
+    logits = torch.tensor([p for _, p in views]).log().view(4, 1, 1, 1, 6)
+    vids = torch.tensor([v for v, _ in views])
+    batches = [(logits[:3], torch.zeros(3), vids[:3]), None, (logits[3:], torch.zeros(1), vids[3:])]
+    # video 1: no view (every attempt unreadable), not scored
+    dataset = SimpleNamespace(samples=[SimpleNamespace(label=y) for y in (2, 1, 5, 4)])
+    m = evaluate_views(_LogProbs(), batches, DistInfo(), dataset)  # type: ignore[arg-type]
+    assert (m["count"], m["views"]) == (3, pytest.approx(4 / 3))
+    assert m["top1"] == pytest.approx(100 / 3) and m["top5"] == pytest.approx(200 / 3)
+    assert m["loss"] == pytest.approx(-(math.log(0.4) + math.log(0.05) + math.log(0.07)) / 3)
+
+
+def test_no_video_with_a_view_scores_nothing():
+    dataset = SimpleNamespace(samples=[SimpleNamespace(label=0), SimpleNamespace(label=1)])
+    m = evaluate_views(_LogProbs(), [None, None], DistInfo(), dataset)  # type: ignore[arg-type]
+    assert (m["count"], m["views"], m["top1"], m["top5"]) == (0, 0.0, 0.0, 0.0)
+    assert math.isnan(m["loss"])
