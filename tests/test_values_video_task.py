@@ -199,6 +199,13 @@ def test_predictor_averages_the_softmax_of_clips_times_crops_views():
     got = dict(pred(frames))
     for c, name in enumerate(["first", "last", "right"]):
         assert got[name] == pytest.approx(want[c].item(), abs=1e-6)
+    # preprocessing stored before sampling, crops and target fps were: clips, centre crops
+    old = {k: v for k, v in pred.preprocessing.items() if k not in NEWER_KEYS}
+    legacy = Predictor(_Reader(), task="video", class_names=["a", "b", "c"], preprocessing=old)
+    torch.testing.assert_close(legacy.preprocess_video(frames), views[1::3])
+
+
+NEWER_KEYS = ("sampling", "num_crops", "target_fps")
 
 
 # ----------------------------------------------------------------------------- multi-view scores
