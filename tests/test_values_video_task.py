@@ -134,13 +134,12 @@ def test_clips_below_one_is_a_one_line_error(command, clips, tmp_path, capsys):
 
 
 def test_predict_clips_sets_the_views_averaged_per_file(run, capsys):
-    """``predict --clips 2``: the class probabilities of 2 uniform clips, averaged."""
+    """``predict --clips 2 --topk 3``: the 3 most probable classes of 2 clips, averaged."""
     root, ckpt = run
     capsys.readouterr()
     file = str(root / "val2.mp4")
-    assert (
-        main(["predict", "video", file, "--checkpoint", str(ckpt), "--json", "--clips", "2"]) == 0
-    )
+    flags = ["--json", "--clips", "2", "--topk", "3"]
+    assert main(["predict", "video", file, "--checkpoint", str(ckpt), *flags]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["topk"]
     pred = Predictor.from_checkpoint(ckpt, topk=5)
     views = pred.preprocess_video(file)
@@ -149,9 +148,23 @@ def test_predict_clips_sets_the_views_averaged_per_file(run, capsys):
     views = pred.preprocess_video(file)
     with torch.no_grad():
         probs = pred.model(views).softmax(-1).mean(0)
-    want = sorted(((str(c), p) for c, p in enumerate(probs.tolist())), key=lambda x: -x[1])[:5]
+    want = sorted(((str(c), p) for c, p in enumerate(probs.tolist())), key=lambda x: -x[1])[:3]
     assert [c for c, _ in got] == [c for c, _ in want]
     assert [p for _, p in got] == pytest.approx([p for _, p in want], abs=1e-4)
+
+
+def test_predict_refuses_another_tasks_checkpoint_and_a_missing_device(run, tmp_path, capsys):
+    root, ckpt = run
+    image = tmp_path / "image.pt"
+    torch.save({"model": {}, "config": {"model": "mvitv2_tiny"}, "meta": {"task": "image"}}, image)
+    file = str(root / "val0.mp4")
+    capsys.readouterr()
+    assert main(["predict", "video", file, "--checkpoint", str(image)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'image' checkpoint, not 'video'" in err[0], err
+    assert main(["predict", "video", file, "--checkpoint", str(ckpt), "--device", "cuda:99"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mvitv2 predict video: error: --device cuda:99: ")
 
 
 # ----------------------------------------------------------------------------- predictor views
