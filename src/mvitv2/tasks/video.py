@@ -771,10 +771,22 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clips_option(args: argparse.Namespace) -> int | None:
+    """``--clips`` of eval / predict, or None when not given.
+
+    Raises:
+        UserValueError: a count below 1 (``--clips 0`` is a mistake, not "the recipe's count").
+    """
+    if args.clips is not None and args.clips < 1:
+        raise UserValueError(f"--clips must be >= 1, got {args.clips}")
+    return args.clips
+
+
 def _eval(args: argparse.Namespace) -> int:
     from mvitv2.predict import WrongTaskError, checkpoint_info
     from mvitv2.predict import build_model as build_from_info
 
+    clips = _clips_option(args)
     ckpt = read_run_checkpoint(args.checkpoint)
     try:
         info = checkpoint_info(ckpt, args.checkpoint, task="video", ema=args.ema)
@@ -784,8 +796,8 @@ def _eval(args: argparse.Namespace) -> int:
             f"`mvitv2 eval {e.found}`"
         ) from None
     data = dict(info.meta["data"])
-    if args.clips:
-        data["test_clips"] = args.clips
+    if clips is not None:
+        data["test_clips"] = clips
     if args.crops:
         data["test_crops"] = args.crops
     dc = VideoDataConfig.from_dict(data)
@@ -837,6 +849,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from mvitv2.predict import Predictor
 
+    clips = _clips_option(args)
     files = expand_inputs(args.files, VIDEO_EXTENSIONS)
     predictor = Predictor.from_checkpoint(
         args.checkpoint,
@@ -845,8 +858,8 @@ def _predict(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         batch_size=args.batch_size,
     )
-    if args.clips:
-        predictor.preprocessing["num_clips"] = args.clips
+    if clips is not None:
+        predictor.preprocessing["num_clips"] = clips
     return print_topk(files, predictor, args.batch_size, args.json)
 
 
