@@ -18,7 +18,7 @@ from mvitv2.engine import Trainer, TrainingStopped
 from mvitv2.engine import cli as engine_cli
 from mvitv2.engine.cli import (
     RECIPES_DIR,
-    add_eval_output_arguments,
+    add_eval_arguments,
     add_predict_arguments,
     data_folder,
     describe_eval,
@@ -115,8 +115,12 @@ def test_the_shared_options_and_their_help_lines():
     assert _options(other)["model"][1] == "m"
     assert _options(other)["overrides"][1] == "config overrides, e.g. epochs=1"
     evaluate = argparse.ArgumentParser()
-    add_eval_output_arguments(evaluate)
+    add_eval_arguments(evaluate, "clips", batch_size=7, batch_help="views per forward")
     assert _options(evaluate) == {
+        "batch_size": (["--batch-size"], "views per forward", None, 7),
+        "workers": (["--workers"], None, None, 2),
+        "ema": (["--ema"], "evaluate the EMA weights", None, False),
+        "strict_data": (["--strict-data"], "fail on unreadable clips", None, False),
         "output": (
             ["--output"],
             "metrics JSON to write (default: <checkpoint stem>_eval.json next to the checkpoint)",
@@ -361,9 +365,11 @@ def test_eval_names_what_it_evaluates_and_saves_its_metrics(tmp_path, capsys):
         out == '{"top1": 1.0}\n' and err == "" and json.loads(target.read_text()) == {"top1": 1.0}
     )
     parser = argparse.ArgumentParser()
-    add_eval_output_arguments(parser)
-    assert vars(parser.parse_args([])) == {"output": None, "json": False}
+    add_eval_arguments(parser, "images", batch_size=64)
+    default = {"batch_size": 64, "workers": 2, "ema": False, "strict_data": False}
+    assert vars(parser.parse_args([])) == {**default, "output": None, "json": False}
     assert vars(parser.parse_args(["--output", "o.json", "--json"])) == {
+        **default,
         "output": "o.json",
         "json": True,
     }

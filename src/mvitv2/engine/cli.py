@@ -299,8 +299,15 @@ def save_eval_metrics(metrics: Mapping[str, Any], path: Path, as_json: bool) -> 
     print(json.dumps(dict(metrics)))
 
 
-def add_eval_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--output`` (the metrics JSON) and ``--json`` of ``mvitv2 eval <task>``."""
+def add_eval_arguments(
+    parser: argparse.ArgumentParser, what: str, *, batch_size: int, batch_help: str | None = None
+) -> None:
+    """The options of ``mvitv2 eval <task>`` the classification tasks share, after their own
+    (``what``: ``images``, ``videos``; ``batch_size``: the default of ``--batch-size``)."""
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    parser.add_argument("--strict-data", action="store_true", help=f"fail on unreadable {what}")
     parser.add_argument(
         "--output",
         help="metrics JSON to write (default: <checkpoint stem>_eval.json next to the checkpoint)",

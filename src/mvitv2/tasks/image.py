@@ -31,7 +31,7 @@ from mvitv2.data.image import (
 )
 from mvitv2.engine.checkpoint import read_training_checkpoint
 from mvitv2.engine.cli import (
-    add_eval_output_arguments,
+    add_eval_arguments,
     add_predict_arguments,
     add_train_arguments,
     data_folder,
@@ -235,11 +235,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument(
             "--data", help="dataset folder (default: the one the checkpoint was trained on)"
         )
-        parser.add_argument("--batch-size", type=int, default=64)
-        parser.add_argument("--workers", type=int, default=2)
-        parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-        parser.add_argument("--strict-data", action="store_true", help="fail on unreadable images")
-        add_eval_output_arguments(parser)
+        add_eval_arguments(parser, "images", batch_size=64)
     elif command == "predict":
         add_predict_arguments(parser, "image")
         parser.add_argument(

@@ -47,7 +47,7 @@ from mvitv2.data.video import (
     video_collate,
 )
 from mvitv2.engine.cli import (
-    add_eval_output_arguments,
+    add_eval_arguments,
     add_predict_arguments,
     add_train_arguments,
     data_folder,
@@ -697,11 +697,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             choices=(1, 3),
             help="spatial crops per clip (default: the recipe's test_crops)",
         )
-        parser.add_argument("--batch-size", type=int, default=16, help="views per forward")
-        parser.add_argument("--workers", type=int, default=2)
-        parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-        parser.add_argument("--strict-data", action="store_true", help="fail on unreadable videos")
-        add_eval_output_arguments(parser)
+        add_eval_arguments(parser, "videos", batch_size=16, batch_help="views per forward")
     elif command == "predict":
         add_predict_arguments(parser, "video")
         parser.add_argument(
@@ -714,12 +710,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             help="temporal clips averaged per video (default: the recipe's test_clips)",
         )
     elif command == "export":
-        try:
-            from mvitv2.export import add_export_arguments
-        except ImportError:  # export support not installed in this tree
-            parser.add_argument("rest", nargs="*")
-        else:
-            add_export_arguments(parser, "video")
+        from mvitv2.export import add_export_arguments
+
+        add_export_arguments(parser, "video")
 
 
 def run(command: str, args: argparse.Namespace) -> int:
