@@ -255,3 +255,180 @@ def test_no_video_with_a_view_scores_nothing():
     m = evaluate_views(_LogProbs(), [None, None], DistInfo(), dataset)  # type: ignore[arg-type]
     assert (m["count"], m["views"], m["top1"], m["top5"]) == (0, 0.0, 0.0, 0.0)
     assert math.isnan(m["loss"])
+
+
+# ----------------------------------------------------------------------------- list files
+def _task(**data):
+    from mvitv2.engine.config import TrainConfig
+    from mvitv2.tasks.video import VideoClassification
+
+    return VideoClassification(TrainConfig(data=data))
+
+
+def test_list_files_are_found_as_given_then_in_the_video_root(tmp_path, monkeypatch):
+    """``--train-list``/``--val-list``/``--classes`` as given (relative to the current folder),
+    else inside ``--data``; without ``--val-list`` the root's ``val.csv``/``val.txt``/``test.csv``."""
+    monkeypatch.chdir(tmp_path)
+    root = Path("k400")  # as given: relative to the current folder
+    root.mkdir()
+    for name in ("mine.csv", "k400/train.csv", "k400/test.csv", "k400/names.txt"):
+        (tmp_path / name).write_text("x 0\n")
+    task = _task(video_root="k400", train_list="mine.csv", classes_file="names.txt")
+    assert task.resolve_lists() == (Path("mine.csv"), root / "test.csv", "k400", root / "names.txt")
+    (root / "val.txt").write_text("x 0\n")  # val.csv, val.txt, test.csv: the first one there
+    task = _task(video_root="k400", val_list="test.csv")
+    assert task.resolve_lists() == (root / "train.csv", root / "test.csv", "k400", None)
+    assert _task(video_root="k400").resolve_lists()[1] == root / "val.txt"
+    # a train list outside any root: its validation list is looked for next to it
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists/train.txt").write_text("x 0\n")
+    assert _task(train_list="lists/train.txt").resolve_lists() == (
+        Path("lists/train.txt"),
+        None,  # none there: training without validation
+        None,
+        None,
+    )
+    (tmp_path / "lists/val.csv").write_text("x 0\n")
+    assert _task(train_list="lists/train.txt").resolve_lists()[1] == Path("lists/val.csv")
+
+
+@pytest.mark.parametrize(
+    ("data", "flag", "given", "in_root"),
+    [
+        ({"train_list": "nope.csv"}, "--train-list", "nope.csv", False),
+        ({"video_root": "k400", "train_list": "nope.csv"}, "--train-list", "nope.csv", True),
+        ({"video_root": "k400", "val_list": "v.csv"}, "--val-list", "v.csv", True),
+        ({"video_root": "k400", "classes_file": "c.txt"}, "--classes", "c.txt", True),
+    ],
+)
+def test_a_missing_list_file_names_its_option_and_every_place_looked(
+    tmp_path, monkeypatch, data, flag, given, in_root
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "k400").mkdir()
+    (tmp_path / "k400/train.csv").write_text("x 0\n")
+    with pytest.raises(FileNotFoundError) as e:
+        _task(**data).resolve_lists()
+    places = [str(tmp_path / given)] + [str(tmp_path / "k400" / given)] * in_root
+    assert str(e.value) == f"{flag} {given}: no such file (looked at {' and '.join(places)})"
+
+
+def test_an_absolute_list_path_is_looked_for_only_where_it_says(tmp_path):
+    from mvitv2.tasks.video import locate_file
+
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root/a.csv").write_text("x 0\n")
+    assert locate_file("a.csv", tmp_path / "root", "--val-list") == tmp_path / "root/a.csv"
+    missing = tmp_path / "elsewhere/a.csv"
+    with pytest.raises(FileNotFoundError) as e:
+        locate_file(missing, tmp_path / "root", "--val-list")
+    assert str(e.value) == f"--val-list {missing}: no such file (looked at {missing})"
+
+
+def test_a_video_root_without_a_train_list_says_which_names_it_looked_for(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        _task(video_root=str(tmp_path)).resolve_lists()
+    assert str(e.value) == (
+        f"no train list in {tmp_path} (looked for train.csv, train.txt); pass --train-list FILE"
+    )
+
+
+def test_the_recipe_s_options_reach_the_clip_transform_and_the_dataset(monkeypatch, tmp_path):
+    """Every data option a Kinetics recipe sets arrives at ``VideoTransform`` and
+    ``VideoClipDataset`` unchanged (RandAugment only with ops > 0)."""
+    import mvitv2.tasks.video as video_task
+
+    calls: dict[str, tuple] = {}
+
+    def recorder(name):
+        def record(*args, **kwargs):
+            calls[name] = (args, kwargs)
+            return name
+
+        return record
+
+    monkeypatch.setattr(video_task, "VideoTransform", recorder("transform"))
+    monkeypatch.setattr(video_task, "VideoClipDataset", recorder("dataset"))
+    values = {
+        "crop_size": 96,
+        "train_crop": "short_side",
+        "rrc_scale": [0.2, 0.9],
+        "rrc_ratio": [0.5, 2.0],
+        "short_side_range": [100, 120],
+        "hflip": False,
+        "randaug_n": 2,
+        "randaug_m": 9,
+        "reprob": 0.3,
+        "mean": [0.1, 0.2, 0.3],
+        "std": [0.4, 0.5, 0.6],
+        "test_short_side": 110,
+        "num_frames": 8,
+        "sampling_rate": 3,
+        "test_clips": 4,
+        "test_crops": 3,
+        "num_repeats": 2,
+        "pad": "loop",
+        "target_fps": 15.0,
+    }
+    dc = VideoDataConfig.from_dict(values)
+    assert dc.dataset("list.csv", tmp_path, True) == "dataset"
+    args, kwargs = calls["transform"]
+    assert args == (True,)
+    assert kwargs == {
+        "crop_size": 96,
+        "crop": "short_side",
+        "rrc_scale": (0.2, 0.9),
+        "rrc_ratio": (0.5, 2.0),
+        "short_side_range": (100, 120),
+        "hflip": False,
+        "randaug": (2, 9),
+        "erase_prob": 0.3,
+        "mean": (0.1, 0.2, 0.3),
+        "std": (0.4, 0.5, 0.6),
+        "test_short_side": 110,
+    }
+    args, kwargs = calls["dataset"]
+    assert args == ("list.csv", tmp_path)
+    assert kwargs == {
+        "train": True,
+        "num_frames": 8,
+        "sampling_rate": 3,
+        "sampling": "clip",
+        "num_clips": 4,
+        "num_crops": 3,
+        "transform": "transform",
+        "num_repeats": 2,
+        "pad": "loop",
+        "target_fps": 15.0,
+    }
+    VideoDataConfig.from_dict({**values, "randaug_n": 1}).transform(False)
+    assert calls["transform"][0] == (False,) and calls["transform"][1]["randaug"] == (1, 9)
+    VideoDataConfig.from_dict({**values, "randaug_n": 0}).transform(True)
+    assert calls["transform"][1]["randaug"] is None
+
+
+def test_class_names_come_from_the_classes_file_even_when_the_lists_use_fewer(tmp_path):
+    from mvitv2.tasks.video import class_names
+
+    names = tmp_path / "names.txt"
+    names.write_text("a\nb\nc\nd\ne\n")
+    dc = VideoDataConfig.from_dict({})
+    train, val = SimpleNamespace(num_classes=3), SimpleNamespace(num_classes=2)
+    assert class_names(dc, names, train, val) == ["a", "b", "c", "d", "e"]
+    assert class_names(dc, None, train, val) == ["0", "1", "2"]
+    assert class_names(dc, None, train, SimpleNamespace(num_classes=4)) == ["0", "1", "2", "3"]
+
+
+def test_every_invalid_video_option_is_named_in_one_error_and_center_is_centre():
+    from mvitv2.errors import UserValueError
+
+    assert VideoDataConfig.from_dict({"init_inflation": "center"}).init_inflation == "center"
+    with pytest.raises(UserValueError) as e:
+        VideoDataConfig.from_dict(
+            {"sampling": "segment", "target_fps": 10.0, "init_inflation": "mean", "pad": "zero"}
+        )
+    assert str(e.value) == (
+        "invalid video data config: pad must be last or loop, got 'zero'; "
+        "target_fps applies to clip sampling only; set it to null for segment sampling; "
+        "init_inflation must be centre or repeat, got 'mean'"
+    )
