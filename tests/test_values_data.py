@@ -305,6 +305,24 @@ def test_hidden_files_and_folders_are_not_samples(tmp_path):
         ImageFolder(tmp_path, "train")
 
 
+def test_a_folder_is_listed_anew_at_every_call(tmp_path):
+    """Files added to a folder after it was listed are seen (no stale listing of a folder)."""
+    from mvitv2.data.common import find_files
+
+    _write(tmp_path / "a.png")
+    assert find_files(tmp_path, [".png"]) == [tmp_path / "a.png"]
+    _write(tmp_path / "b.png")
+    assert find_files(tmp_path, [".png"]) == [tmp_path / "a.png", tmp_path / "b.png"]
+
+
+def test_the_digit_scans_are_read_once_per_process_and_shared_read_only():
+    from mvitv2.data.common import load_digits_arrays
+
+    (images, labels), (images2, labels2) = load_digits_arrays(), load_digits_arrays()
+    assert images is images2 and labels is labels2
+    assert not images.flags.writeable and not labels.flags.writeable
+
+
 def test_load_image_converts_to_rgb_and_names_an_unreadable_file(tmp_path):
     Image.new("L", (4, 3), 200).save(tmp_path / "grey.png")
     im = load_image(tmp_path / "grey.png")

@@ -82,7 +82,6 @@ def default_data_dir(name: str | None = None) -> Path:
     return root / name if name else root
 
 
-@lru_cache(maxsize=1)
 def find_files(folder: str | os.PathLike, extensions: Sequence[str]) -> list[Path]:
     """The files under ``folder`` (at any depth, links followed) whose names end in one of
     ``extensions`` (any case), in torchvision's ``ImageFolder`` order: folder by folder, sorted
@@ -101,6 +100,7 @@ def find_files(folder: str | os.PathLike, extensions: Sequence[str]) -> list[Pat
     return [Path(root) / name for root, names in sorted(walked) for name in sorted(names)]
 
 
+@lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 

@@ -2,8 +2,9 @@
 
 Folder layout: ``ROOT/train/<class>/*.png|jpg|...`` and ``ROOT/val/<class>/*``; classes are the
 sorted sub-folder names of ``train``, and a class's images may sit in sub-folders of its folder
-(as torchvision's ``ImageFolder`` reads them, same order; hidden files and folders skipped). Unreadable images raise
-:class:`~mvitv2.data.common.BadSample` so the loader skips and counts them.
+(as torchvision's ``ImageFolder`` reads them, same order; hidden files and folders skipped).
+Unreadable images raise :class:`~mvitv2.data.common.BadSample` so the loader skips and counts
+them.
 """
 
 from __future__ import annotations
