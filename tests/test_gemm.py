@@ -443,6 +443,11 @@ def test_group_products_are_each_group_s_rows_times_its_matrix(onednn):
     a2 = wide[:, :, 1].transpose(0, 1)
     w2 = torch.randn(5, 6, 9, generator=g).transpose(1, 2)  # (G, N, K), transposed
     assert _close(gemm.group_products(a2, w2, onednn).double(), _groups_naive(a2, w2))
+    # transposed=False: a[:, g] @ w[g] with w (G, K, N), dense or strided
+    for wk in (w.transpose(1, 2).contiguous(), w.transpose(1, 2), w2.transpose(1, 2)):
+        out = gemm.group_products(a, wk, onednn, transposed=False)
+        assert out.shape == (7, 5, 9) and (out.is_contiguous() or not onednn)
+        assert _close(out.double(), _groups_naive(a, wk.transpose(1, 2)))
 
 
 def test_attention_products_go_to_onednn_only_for_eager_fp32_cpu_tensors(monkeypatch):

@@ -263,22 +263,27 @@ def _linear_choice(training: bool, dtype: torch.dtype) -> dict[str, str]:
 
 
 # ------------------------------------------------------------- per-group products (attention)
-def group_products(a: Tensor, w: Tensor, onednn: bool) -> Tensor:
-    """``out[:, g] = a[:, g] @ w[g].T`` for every group ``g`` (batch entry and head).
+def group_products(a: Tensor, w: Tensor, onednn: bool, *, transposed: bool = True) -> Tensor:
+    """``out[:, g] = a[:, g] @ w[g].T`` for every group ``g`` (batch entry and head), or
+    ``a[:, g] @ w[g]`` with ``transposed=False``.
 
-    a: ``(n, G, K)``; w: ``(G, N, K)``; returns ``(n, G, N)`` (contiguous on oneDNN, else a
-    strided view). On oneDNN (``onednn``) all groups are one grouped 1x1 convolution over the
-    ``n`` rows in channels-last memory: ``a`` and the result are its input and output as they
+    a: ``(n, G, K)``; w: ``(G, N, K)`` (``(G, K, N)`` with ``transposed=False``); returns
+    ``(n, G, N)`` (contiguous on oneDNN, else a strided view). On oneDNN (``onednn``) all groups
+    are one grouped 1x1 convolution over the ``n`` rows in channels-last memory (a transposed
+    convolution for ``transposed=False``): ``a`` and the result are its input and output as they
     lie, ``w`` its weight, so nothing is copied when both are contiguous. Else ``torch.bmm`` on
     strided views (MKL's batched GEMM on CPU).
     """
     n, G, K = a.shape
-    N = w.shape[1]
-    if onednn:
-        x = a.contiguous().view(1, n, 1, G * K).permute(0, 3, 1, 2)
+    N = w.shape[1] if transposed else w.shape[2]
+    if not onednn:
+        return torch.bmm(a.transpose(0, 1), w.transpose(1, 2) if transposed else w).transpose(0, 1)
+    x = a.contiguous().view(1, n, 1, G * K).permute(0, 3, 1, 2)
+    if transposed:
         y = F.conv2d(x, w.contiguous().view(G * N, K, 1, 1), None, 1, 0, 1, G)
-        return y.permute(0, 2, 3, 1).reshape(n, G, N)
-    return torch.bmm(a.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)
+    else:
+        y = F.conv_transpose2d(x, w.contiguous().view(G * K, N, 1, 1), None, 1, 0, 0, G)
+    return y.permute(0, 2, 3, 1).reshape(n, G, N)
 
 
 @functools.cache

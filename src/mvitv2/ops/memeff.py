@@ -22,8 +22,10 @@ from torch import Tensor
 from mvitv2.ops.gemm import group_products, group_products_on_onednn
 from mvitv2.ops.rel_pos import Grid, RelPos, get_rel_pos, terms_from_gathered
 
-#: Score elements per query chunk of :func:`attention_memeff` (forward and backward).
-MEMEFF_CHUNK_ELEMENTS = 1 << 22
+#: Score elements per query chunk of :func:`attention_memeff` (forward and backward): 64 MB of
+#: fp32 scores. Fewer, larger products than 4M (MViTv2-T's training step at batch 16 ~3 % faster
+#: on the AMD EPYC of docs/benchmarks.md, none beyond 16M); its peak memory is set elsewhere.
+MEMEFF_CHUNK_ELEMENTS = 1 << 24
 
 
 def _memeff_rows(bh: int, nq: int, nk: int) -> int:
@@ -113,10 +115,7 @@ class _MemEffAttention(torch.autograd.Function):
         B, nH, Nq, C = q.shape
         Nk = k.shape[2]
         onednn = group_products_on_onednn(q)
-        k3 = _by_groups(k)
-        vt = _by_groups(v).transpose(1, 2)  # (G, C, Nk): out = probs @ v
-        if onednn:
-            vt = vt.contiguous()
+        k3, v3 = _by_groups(k), _by_groups(v)
         a = None
         if rh is not None:
             r = q[:, :, p:].reshape(B, nH, *q_thw, C)
@@ -131,7 +130,8 @@ class _MemEffAttention(torch.autograd.Function):
             e = s.sub_(m).exp_()
             total = e.sum(dim=-1, keepdim=True)
             # normalise the (n, C) output, not the (n, Nk) probabilities
-            torch.div(group_products(e, vt, onednn), total, out=out[r0 : r0 + n])
+            o = group_products(e, v3, onednn, transposed=False)
+            torch.div(o, total, out=out[r0 : r0 + n])
             # The log-sum-exp in fp32 (a no-op for fp32): rounded to bf16 (~0.02 at 5), it would
             # put a ~2 % error on every probability the backward recomputes from it.
             lses.append(total.float().log_().add_(m))
@@ -149,9 +149,6 @@ class _MemEffAttention(torch.autograd.Function):
         dt = q.dtype
         onednn = group_products_on_onednn(q)
         k3, v3, dout_r = _by_groups(k), _by_groups(v), _by_rows(dout)
-        kt3 = k3.transpose(1, 2)  # (G, C, Nk): dq = ds @ k
-        if onednn:
-            kt3 = kt3.contiguous()
         a = r = None
         if rh is not None:
             r = q[:, :, p:].reshape(B, nH, *q_thw, C)
@@ -171,7 +168,8 @@ class _MemEffAttention(torch.autograd.Function):
             dv = _sum_over_rows(prob.to(dt), doc, dv)
             ds = group_products(doc, v3, onednn).float().sub_(delta).mul_(prob).to(dt)
             del prob
-            torch.mul(group_products(ds, kt3, onednn), scale, out=dq[r0 : r0 + n])
+            dqc = group_products(ds, k3, onednn, transposed=False)
+            torch.mul(dqc, scale, out=dq[r0 : r0 + n])
             dk = _sum_over_rows(ds, qs, dk)  # dk = scale * ds^T q (qs holds the scaled rows)
             if a is not None:
                 kt_, kh, kw = k_thw
