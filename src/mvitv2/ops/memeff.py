@@ -3,8 +3,9 @@
 SDPA's CPU backward with a float bias falls back to the math kernel and keeps the full
 probabilities and the bias gradient; this keeps neither. The forward goes over query chunks, adds
 the rel-pos term per chunk from per-query coefficients (:func:`~mvitv2.ops.rel_pos.rel_pos_terms`)
-and saves only q, k, v, the output and the row log-sum-exp; the backward recomputes each chunk's
-probabilities and the coefficients.
+and saves only q, k and v; the backward recomputes the coefficients and each chunk's
+probabilities, with the same fused softmax kernel on the same scores (so the same values), and
+takes the softmax gradient from PyTorch's fused kernel too.
 
 Inside, the query-side tensors lie row-major over the groups: ``(N, G, .)`` with ``G = B * nH``
 (batch entry and head) in the middle. A chunk of query rows is then one contiguous block, and the
@@ -90,6 +91,12 @@ def _memeff_scores(
     return s
 
 
+def _softmax(s: Tensor) -> Tensor:
+    """Softmax over the keys in fp32 (a no-op cast for fp32 scores), in one fused kernel: the row
+    maximum, the exponentials and their sum in one pass over each row."""
+    return torch.softmax(s, dim=-1, dtype=torch.float32)
+
+
 def _sum_over_rows(x: Tensor, y: Tensor, acc: Tensor | None) -> Tensor:
     """``acc + x[:, g]^T @ y[:, g]`` per group: x ``(n, G, M)``, y ``(n, G, C)`` -> ``(G, M, C)``
     (the first chunk's product when ``acc`` is None; no zero-filled buffer)."""
@@ -99,9 +106,9 @@ def _sum_over_rows(x: Tensor, y: Tensor, acc: Tensor | None) -> Tensor:
 
 class _MemEffAttention(torch.autograd.Function):
     """``softmax((q*scale) @ k^T + rel) @ v`` over query chunks, flash-attention style: the
-    forward saves only q, k, v (the caller's views, no copies), the output and the row
-    log-sum-exp; the backward recomputes the rel-pos coefficients and each chunk's
-    probabilities. No ``(Nq, Nk)`` tensor outlives a chunk.
+    forward saves only q, k and v (the caller's views, no copies); the backward recomputes the
+    rel-pos coefficients and each chunk's probabilities. No ``(Nq, Nk)`` tensor outlives a
+    chunk.
 
     q ``(B, nH, Nq, C)``, k/v ``(B, nH, Nk, C)``; ``rh``/``rw``/``rt`` the gathered rel-pos
     tables ``(q_size, k_size, C)`` of each axis (None: no rel-pos; ``rt`` None: no temporal
@@ -121,28 +128,20 @@ class _MemEffAttention(torch.autograd.Function):
             r = q[:, :, p:].reshape(B, nH, *q_thw, C)
             a = _by_rows(terms_from_gathered(r, rh, rw, rt))
         rows = _memeff_rows(B * nH, Nq, Nk)
-        out = q.new_empty(Nq, B * nH, v.shape[-1])
-        lses = []
+        outs = []
         for r0 in range(0, Nq, rows):
             n = min(rows, Nq - r0)
             s = _memeff_scores(_scaled_rows(q, r0, n, scale), k3, a, k_thw, p, r0, onednn)
-            m = s.amax(dim=-1, keepdim=True)
-            e = s.sub_(m).exp_()
-            total = e.sum(dim=-1, keepdim=True)
-            # normalise the (n, C) output, not the (n, Nk) probabilities
-            o = group_products(e, v3, onednn, transposed=False)
-            torch.div(o, total, out=out[r0 : r0 + n])
-            # The log-sum-exp in fp32 (a no-op for fp32): rounded to bf16 (~0.02 at 5), it would
-            # put a ~2 % error on every probability the backward recomputes from it.
-            lses.append(total.float().log_().add_(m))
-        lse = lses[0] if len(lses) == 1 else torch.cat(lses)
-        ctx.save_for_backward(q, k, v, rh, rw, rt, out, lse)
+            prob = _softmax(s).to(q.dtype)
+            outs.append(group_products(prob, v3, onednn, transposed=False))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        ctx.save_for_backward(q, k, v, rh, rw, rt)
         ctx.scale, ctx.q_thw, ctx.k_thw, ctx.p = scale, q_thw, k_thw, p
         return out.view(Nq, B, nH, -1).permute(1, 2, 0, 3)
 
     @staticmethod
     def backward(ctx, dout):  # noqa: D102
-        q, k, v, rh, rw, rt, out, lse = ctx.saved_tensors
+        q, k, v, rh, rw, rt = ctx.saved_tensors
         scale, q_thw, k_thw, p = ctx.scale, ctx.q_thw, ctx.k_thw, ctx.p
         B, nH, Nq, C = q.shape
         Nk = k.shape[2]
@@ -160,14 +159,14 @@ class _MemEffAttention(torch.autograd.Function):
         for r0 in range(0, Nq, rows):
             n = min(rows, Nq - r0)
             qs, doc = _scaled_rows(q, r0, n, scale), dout_r[r0 : r0 + n]
-            # The softmax backward in fp32, as flash attention's (``.float()`` and ``.to(dt)`` are
-            # no-ops in fp32): in bf16, d(probs) - delta cancels most of 8 mantissa bits.
-            delta = (doc.float() * out[r0 : r0 + n]).sum(dim=-1, keepdim=True)
-            prob = _memeff_scores(qs, k3, a, k_thw, p, r0, onednn).float()
-            prob = prob.sub_(lse[r0 : r0 + n]).exp_()
+            # the forward's probabilities again: the same kernel on the same scores
+            prob = _softmax(_memeff_scores(qs, k3, a, k_thw, p, r0, onednn))
             dv = _sum_over_rows(prob.to(dt), doc, dv)
-            ds = group_products(doc, v3, onednn).float().sub_(delta).mul_(prob).to(dt)
-            del prob
+            # The softmax backward in fp32, as flash attention's (``.float()`` and ``.to(dt)`` are
+            # no-ops in fp32): in bf16, d(probs) - (d(probs) . probs) cancels most of 8 bits.
+            dprob = group_products(doc, v3, onednn).float()
+            ds = torch.ops.aten._softmax_backward_data(dprob, prob, -1, prob.dtype).to(dt)
+            del prob, dprob
             dqc = group_products(ds, k3, onednn, transposed=False)
             torch.mul(dqc, scale, out=dq[r0 : r0 + n])
             dk = _sum_over_rows(ds, qs, dk)  # dk = scale * ds^T q (qs holds the scaled rows)
