@@ -92,8 +92,8 @@ def _memeff_scores(
 
 
 def _softmax(s: Tensor) -> Tensor:
-    """Softmax over the keys in fp32 (a no-op cast for fp32 scores), in one fused kernel: the row
-    maximum, the exponentials and their sum in one pass over each row."""
+    """Softmax over the keys in fp32 (no cast for fp32 scores) in PyTorch's fused kernel, which
+    takes each row's maximum, exponentials and sum while the row is in cache."""
     return torch.softmax(s, dim=-1, dtype=torch.float32)
 
 
