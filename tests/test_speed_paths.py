@@ -199,6 +199,55 @@ def test_memeff_score_chunks_stay_within_the_chunk_budget_forward_and_backward(m
     assert sizes == [(14, 4, 48), (14, 4, 48), (12, 4, 48)] * 2
 
 
+@pytest.mark.parametrize(
+    ("budget", "groups", "nq", "nk", "rows"),
+    [
+        (1 << 24, 4, 40, 48, 40),  # one chunk when it fits
+        (4096, 4, 40, 48, 20),  # at most 21 rows: 2 chunks of 20, not 21 + 19
+        (2048, 4, 40, 48, 14),  # under 16 rows: 16 at most, 3 chunks of 14, 14, 12
+        (2048, 4, 17, 48, 9),  # 17 rows > 16: 2 chunks of 9, 8
+        (2048, 4, 16, 48, 16),
+        (4096, 1, 4097, 1, 2049),  # 4096 rows at most: 2 chunks of 2049, 2048
+    ],
+)
+def test_memeff_chunks_are_the_fewest_under_the_budget_and_of_even_size(
+    monkeypatch, budget, groups, nq, nk, rows
+):
+    """Query rows per chunk, computed by hand: the fewest chunks whose scores have at most
+    MEMEFF_CHUNK_ELEMENTS elements (or 16 rows), split evenly."""
+    monkeypatch.setattr(memeff, "MEMEFF_CHUNK_ELEMENTS", budget)
+    assert memeff._memeff_rows(groups, nq, nk) == rows
+
+
+@pytest.mark.parametrize("backend", ["aten", "onednn"])
+def test_memeff_products_run_on_the_backend_in_force(backend, monkeypatch):
+    """With oneDNN, each chunk's four row products are grouped convolutions (forward: scores and
+    outputs; backward: scores again, the probabilities' and the queries' gradients), and the two
+    sums over rows batched GEMMs; with ATen, all six are batched GEMMs. Counted on one chunk."""
+    import torch.nn.functional as F
+
+    calls: list[str] = []
+    for name in ("conv2d", "conv_transpose2d"):
+        real = getattr(F, name)
+        monkeypatch.setattr(
+            F, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k)
+        )
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append("bmm") or real_bmm(*a, **k))
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, n, 8, generator=g, requires_grad=True) for n in (12, 12, 12))
+    with _products(backend):
+        out = attn_mod.attention_memeff(q, k, v, 8**-0.5)
+        forward = list(calls)
+        torch.autograd.grad(out.sum(), (q, k, v))
+    backward = calls[len(forward) :]
+    if backend == "onednn":
+        assert forward == ["conv2d", "conv_transpose2d"]
+        assert sorted(backward) == ["bmm", "bmm", "conv2d", "conv2d", "conv_transpose2d"]
+    else:
+        assert forward == ["bmm"] * 2 and backward == ["bmm"] * 5
+
+
 def test_auto_uses_memeff_for_cpu_fp32_training():
     x = torch.zeros(1, requires_grad=True)
     assert resolve_attention_impl("auto", x) == "memeff"
