@@ -383,18 +383,23 @@ def test_gemm_choice_names_a_set_backend_and_a_build_without_onednn(monkeypatch)
     monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: SimpleNamespace())
     for setting in ("aten", "onednn"):
         with gemm_backend(setting):
-            for training in (False, True):
-                want = {"gemm": setting, "gemm_setting": setting, "gemm_why": "set"}
-                assert gemm.gemm_choice(training) == want
+            want = {"gemm": setting, "gemm_setting": setting, "gemm_why": "set"}
+            assert gemm.gemm_choice() == want
+            assert gemm.gemm_choice(training=True) == {**want, "attention_gemm": setting}
     with gemm_backend("auto"):
         monkeypatch.setattr(gemm, "_measured_ms", lambda: (8.0, 10.0))
+        monkeypatch.setattr(gemm, "_measured_group_ms", lambda: (9.5, 10.0))
         assert gemm.gemm_choice(training=True) == {
             "gemm": "onednn",
             "gemm_setting": "auto",
-            "gemm_why": "measured 6272x384x1536 with bias: oneDNN 8.0 ms, ATen 10.0 ms",
+            "gemm_why": "measured 6272x384x1536 with bias: oneDNN 8.0 ms, ATen 10.0 ms; attention"
+            " products, 32 groups of 167x96 @ 96x784: oneDNN 9.5 ms, ATen 10.0 ms",
+            "attention_gemm": "aten",
         }
         monkeypatch.setattr(gemm, "_measured_ms", lambda: (9.5, 10.0))
-        assert gemm.gemm_choice(training=True)["gemm"] == "aten"
+        monkeypatch.setattr(gemm, "_measured_group_ms", lambda: (8.0, 10.0))
+        choice = gemm.gemm_choice(training=True)
+        assert choice["gemm"] == "aten" and choice["attention_gemm"] == "onednn"
         assert gemm.gemm_choice() == {
             "gemm": "measured",
             "gemm_setting": "auto",
@@ -404,11 +409,102 @@ def test_gemm_choice_names_a_set_backend_and_a_build_without_onednn(monkeypatch)
     monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: None)
     for setting in ("auto", "onednn"):
         with gemm_backend(setting):
-            assert gemm.gemm_choice() == {
-                "gemm": "aten",
-                "gemm_setting": setting,
-                "gemm_why": "no oneDNN in this build",
-            }
+            want = {"gemm": "aten", "gemm_setting": setting, "gemm_why": "no oneDNN in this build"}
+            assert gemm.gemm_choice() == want
+            assert gemm.gemm_choice(training=True) == {**want, "attention_gemm": "aten"}
+            # bf16 training: memory-efficient attention is not used, no products named
+            assert "attention_gemm" not in gemm.gemm_choice(True, torch.bfloat16)
+
+
+def _groups_naive(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per group, row by row, in float64: out[i, g, j] = sum_c a[i, g, c] * w[g, j, c]."""
+    n, G, _ = a.shape
+    out = torch.zeros(n, G, w.shape[1], dtype=torch.float64)
+    for g in range(G):
+        for i in range(n):
+            out[i, g] = (a[i, g].double()[None, :] * w[g].double()).sum(-1)
+    return out
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_group_products_are_each_group_s_rows_times_its_matrix(onednn):
+    """``group_products(a, w)[:, g] = a[:, g] @ w[g].T`` on either backend, for dense operands and
+    for strided views (a transposed weight, rows of a wider tensor), against a naive float64
+    loop. The oneDNN result is dense: the next product reads it as it lies."""
+    if onednn and gemm._onednn_linear_op() is None:
+        pytest.skip("no oneDNN in this build")
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(7, 5, 6, generator=g)
+    w = torch.randn(5, 9, 6, generator=g)
+    out = gemm.group_products(a, w, onednn)
+    assert out.shape == (7, 5, 9) and (out.is_contiguous() or not onednn)
+    assert _close(out.double(), _groups_naive(a, w))
+    wide = torch.randn(5, 7, 2, 6, generator=g)  # (G, n, 2, K): rows of a wider tensor
+    a2 = wide[:, :, 1].transpose(0, 1)
+    w2 = torch.randn(5, 6, 9, generator=g).transpose(1, 2)  # (G, N, K), transposed
+    assert _close(gemm.group_products(a2, w2, onednn).double(), _groups_naive(a2, w2))
+    # transposed=False: a[:, g] @ w[g] with w (G, K, N), dense or strided
+    for wk in (w.transpose(1, 2).contiguous(), w.transpose(1, 2), w2.transpose(1, 2)):
+        out = gemm.group_products(a, wk, onednn, transposed=False)
+        assert out.shape == (7, 5, 9) and (out.is_contiguous() or not onednn)
+        assert _close(out.double(), _groups_naive(a, wk.transpose(1, 2)))
+
+
+def test_attention_products_go_to_onednn_only_for_eager_fp32_cpu_tensors(monkeypatch):
+    """The rules of ``group_products_on_onednn``: the setting; with ``"auto"`` oneDNN only if
+    measured more than 10 % faster; never for other dtypes or devices, under autocast, while
+    tracing, under a dispatch mode or without oneDNN."""
+    monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: SimpleNamespace())
+    ms = {"now": (9.0, 10.0)}
+    monkeypatch.setattr(gemm, "_measured_group_ms", lambda: ms["now"])
+    x = torch.zeros(2, 4)
+    with gemm_backend("auto"):
+        assert not gemm.group_products_on_onednn(x)  # 10 % faster is not enough
+        ms["now"] = (8.99, 10.0)
+        assert gemm.group_products_on_onednn(x)
+        assert not gemm.group_products_on_onednn(x.double())
+        assert not gemm.group_products_on_onednn(x.to("meta"))
+        with torch.autocast("cpu", torch.bfloat16):
+            assert not gemm.group_products_on_onednn(x)
+        monkeypatch.setattr(gemm, "tracing", lambda: True)
+        assert not gemm.group_products_on_onednn(x)
+        monkeypatch.setattr(gemm, "tracing", lambda: False)
+        monkeypatch.setattr(gemm, "intercepted", lambda: True)
+        assert not gemm.group_products_on_onednn(x)
+        monkeypatch.setattr(gemm, "intercepted", lambda: False)
+    ms["now"] = (20.0, 10.0)
+    with gemm_backend("onednn"):
+        assert gemm.group_products_on_onednn(x)  # measured slower: still oneDNN
+    ms["now"] = (1.0, 10.0)
+    with gemm_backend("aten"):
+        assert not gemm.group_products_on_onednn(x)  # measured faster: still ATen
+    monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: None)
+    with gemm_backend("onednn"):
+        assert not gemm.group_products_on_onednn(x)
+
+
+def test_attention_product_measurement_times_one_query_chunk_each_way(monkeypatch):
+    """``_measured_group_ms`` times both backends of ``group_products`` on one chunk of
+    MViTv2-T's stage-2 scores (167 rows, 32 groups, 96 -> 784): a warm-up, then the best of 3;
+    ``(oneDNN ms, ATen ms)``."""
+    clock = SimpleNamespace(now=0.0)
+    calls: list[tuple] = []
+    ticks = {True: [8, 5, 2, 3], False: [9, 6, 4, 5]}
+
+    def fake(a, w, onednn):
+        clock.now += ticks[onednn][sum(c[2] == onednn for c in calls)] * _U
+        calls.append((tuple(a.shape), tuple(w.shape), onednn))
+        return a
+
+    monkeypatch.setattr(gemm, "group_products", fake)
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    gemm._measured_group_ms.cache_clear()
+    try:
+        assert gemm._measured_group_ms() == (2 * _U_MS, 4 * _U_MS)
+        shapes = ((167, 32, 96), (32, 784, 96))
+        assert calls == [(*shapes, True)] * 4 + [(*shapes, False)] * 4
+    finally:
+        gemm._measured_group_ms.cache_clear()
 
 
 @needs_onednn

@@ -18,7 +18,7 @@ import torch
 import mvitv2
 from mvitv2.models.attention import MultiScaleAttention
 from mvitv2.ops import attention as attn_mod
-from mvitv2.ops import memeff, pooling
+from mvitv2.ops import gemm, memeff, pooling
 from mvitv2.ops.attention import (
     attention_impl,
     get_attention_impl,
@@ -117,10 +117,20 @@ def _grads(model, x, impl):
     return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
+def _products(backend: str):
+    """The GEMM backend of the attention products (and linears) for a test; skips oneDNN where
+    this build has none."""
+    if backend == "onednn" and gemm._onednn_linear_op() is None:
+        pytest.skip("no oneDNN in this build")
+    return gemm.gemm_backend(backend)
+
+
+@pytest.mark.parametrize("backend", ["aten", "onednn"])
 @pytest.mark.parametrize("case", ["cls", "video", "window", "no_expand_two_heads"])
-def test_memeff_gradients_match_reference(case, monkeypatch):
+def test_memeff_gradients_match_reference(case, backend, monkeypatch):
     """The custom-autograd attention (and the custom LayerNorm/MLP/max-pool functions used with
-    gradients) give the reference path's outputs and parameter gradients within 1e-5 relative;
+    gradients) give the reference path's outputs and parameter gradients within 1e-5 relative,
+    with its products on either GEMM backend (batched GEMMs, or oneDNN grouped convolutions);
     also with many query chunks (chunk boundaries inside the cls row and the grid)."""
     name, kw, shape = CASES[case]
     model = _model(name, kw)  # eval: no stochastic depth, but gradients are on
@@ -128,17 +138,19 @@ def test_memeff_gradients_match_reference(case, monkeypatch):
     ref_out, ref = _grads(model, x, "reference")
     for chunk in (memeff.MEMEFF_CHUNK_ELEMENTS, 200):
         monkeypatch.setattr(memeff, "MEMEFF_CHUNK_ELEMENTS", chunk)
-        out, grads = _grads(model, x, "memeff")
+        with _products(backend):
+            out, grads = _grads(model, x, "memeff")
         err = ((out - ref_out).abs().max() / ref_out.abs().max()).item()
         assert err < 1e-5, f"{case}: output relative error {err:.2e}"
         gerr = ((grads - ref).abs().max() / ref.abs().max()).item()
         assert gerr < 1e-5, f"{case}/chunk {chunk}: gradient relative error {gerr:.2e}"
 
 
-def test_memeff_rel_pos_table_and_input_gradients():
+@pytest.mark.parametrize("backend", ["aten", "onednn"])
+def test_memeff_rel_pos_table_and_input_gradients(backend):
     """Direct check of the attention function: gradients of q, k, v and of the rel-pos tables
     (through the gathered tables) equal the explicit reference's, with a cls prefix and a
-    temporal term."""
+    temporal term, with the products on either GEMM backend."""
     g = torch.Generator().manual_seed(4)
     q_thw, k_thw, C = (4, 6, 5), (2, 3, 5), 8
     q = torch.randn(2, 2, 1 + 120, C, generator=g, requires_grad=True)
@@ -150,17 +162,19 @@ def test_memeff_rel_pos_table_and_input_gradients():
     inputs = [q, k, v, *tables]
     results = []
     for fn in (attn_mod.attention_reference, attn_mod.attention_memeff):
-        out = fn(q, k, v, C**-0.5, rel)
-        results.append([out, *torch.autograd.grad((out * weight).sum(), inputs)])
+        with _products(backend):
+            out = fn(q, k, v, C**-0.5, rel)
+            results.append([out, *torch.autograd.grad((out * weight).sum(), inputs)])
     for i, (a, b) in enumerate(zip(*results)):
         assert torch.allclose(b, a, rtol=0, atol=1e-5 * a.abs().max().item()), i
 
 
 def test_memeff_score_chunks_stay_within_the_chunk_budget_forward_and_backward(monkeypatch):
     """What bounds training memory: no chunk of recomputed scores, in forward or backward, has
-    more than MEMEFF_CHUNK_ELEMENTS elements (at least 16 query rows a chunk); here 4096 over
-    2 x 2 heads and 48 keys: 21 rows (4,032 elements), counted by keys, not by the head width
-    of 8. The values are the reference's."""
+    more than MEMEFF_CHUNK_ELEMENTS elements (at least 16 query rows a chunk), and the chunks
+    are of even size; here 4096 over 2 x 2 heads and 48 keys: at most 21 rows (4,032
+    elements), counted by keys, not by the head width of 8, so 40 rows go in 2 chunks of 20.
+    The values are the reference's."""
     monkeypatch.setattr(memeff, "MEMEFF_CHUNK_ELEMENTS", 4096)
     sizes = []
     real = memeff._memeff_scores
@@ -174,15 +188,64 @@ def test_memeff_score_chunks_stay_within_the_chunk_budget_forward_and_backward(m
     out = attn_mod.attention_memeff(q, k, v, 8**-0.5)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     assert 4096 // (4 * 48) == 21 and 21 * 4 * 48 <= 4096
-    assert sizes == [(4, 21, 48), (4, 19, 48)] * 2  # forward, then backward
+    assert sizes == [(20, 4, 48), (20, 4, 48)] * 2  # (rows, groups, keys): forward, backward
     ref = attn_mod.attention_reference(q, k, v, 8**-0.5)
     want = torch.autograd.grad(ref.square().sum(), (q, k, v))
     for a, b in zip(grads, want):
         assert torch.allclose(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
-    sizes.clear()  # a budget under 16 rows (2048 // 192 = 10): 16 rows a chunk all the same
+    sizes.clear()  # a budget under 16 rows (2048 // 192 = 10): chunks of at most 16 rows
     monkeypatch.setattr(memeff, "MEMEFF_CHUNK_ELEMENTS", 2048)
     torch.autograd.grad(attn_mod.attention_memeff(q, k, v, 8**-0.5).sum(), (q,))
-    assert sizes == [(4, 16, 48), (4, 16, 48), (4, 8, 48)] * 2
+    assert sizes == [(14, 4, 48), (14, 4, 48), (12, 4, 48)] * 2
+
+
+@pytest.mark.parametrize(
+    ("budget", "groups", "nq", "nk", "rows"),
+    [
+        (1 << 24, 4, 40, 48, 40),  # one chunk when it fits
+        (4096, 4, 40, 48, 20),  # at most 21 rows: 2 chunks of 20, not 21 + 19
+        (2048, 4, 40, 48, 14),  # under 16 rows: 16 at most, 3 chunks of 14, 14, 12
+        (2048, 4, 17, 48, 9),  # 17 rows > 16: 2 chunks of 9, 8
+        (2048, 4, 16, 48, 16),
+        (4096, 1, 4097, 1, 2049),  # 4096 rows at most: 2 chunks of 2049, 2048
+    ],
+)
+def test_memeff_chunks_are_the_fewest_under_the_budget_and_of_even_size(
+    monkeypatch, budget, groups, nq, nk, rows
+):
+    """Query rows per chunk, computed by hand: the fewest chunks whose scores have at most
+    MEMEFF_CHUNK_ELEMENTS elements (or 16 rows), split evenly."""
+    monkeypatch.setattr(memeff, "MEMEFF_CHUNK_ELEMENTS", budget)
+    assert memeff._memeff_rows(groups, nq, nk) == rows
+
+
+@pytest.mark.parametrize("backend", ["aten", "onednn"])
+def test_memeff_products_run_on_the_backend_in_force(backend, monkeypatch):
+    """With oneDNN, each chunk's four row products are grouped convolutions (forward: scores and
+    outputs; backward: scores again, the probabilities' and the queries' gradients), and the two
+    sums over rows batched GEMMs; with ATen, all six are batched GEMMs. Counted on one chunk."""
+    import torch.nn.functional as F
+
+    calls: list[str] = []
+    for name in ("conv2d", "conv_transpose2d"):
+        real = getattr(F, name)
+        monkeypatch.setattr(
+            F, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k)
+        )
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append("bmm") or real_bmm(*a, **k))
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, n, 8, generator=g, requires_grad=True) for n in (12, 12, 12))
+    with _products(backend):
+        out = attn_mod.attention_memeff(q, k, v, 8**-0.5)
+        forward = list(calls)
+        torch.autograd.grad(out.sum(), (q, k, v))
+    backward = calls[len(forward) :]
+    if backend == "onednn":
+        assert forward == ["conv2d", "conv_transpose2d"]
+        assert sorted(backward) == ["bmm", "bmm", "conv2d", "conv2d", "conv_transpose2d"]
+    else:
+        assert forward == ["bmm"] * 2 and backward == ["bmm"] * 5
 
 
 def test_auto_uses_memeff_for_cpu_fp32_training():

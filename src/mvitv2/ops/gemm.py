@@ -21,6 +21,9 @@ compiling, exporting, tracing) the standard ``F.linear`` runs.
 
 Training uses the same kernels through :class:`_OneDNNLinear` (custom autograd: the input and
 weight gradients are oneDNN GEMMs too, each in the orientation that its kernel runs fastest).
+Memory-efficient attention's per-head products go through :func:`group_products`: one oneDNN
+grouped 1x1 convolution for all heads and batch entries where measured faster than ``torch.bmm``
+(on the AMD EPYC of docs/benchmarks.md ~1.7x on MViTv2-T's shapes), decided by the same setting.
 """
 
 from __future__ import annotations
@@ -218,7 +221,23 @@ def gemm_choice(training: bool = False, dtype: torch.dtype = torch.float32) -> d
     and why: ``{"gemm": ..., "gemm_setting": ..., "gemm_why": ...}``. With ``"auto"``: at
     inference ``"measured"`` (per GEMM size class, see :func:`gemm_measurements`); under
     autograd (``training``) the backend of the one-off measurement, which this runs if not yet
-    done. ATen where oneDNN does not apply (see :func:`_onednn_dtype`)."""
+    done. ATen where oneDNN does not apply (see :func:`_onednn_dtype`). Training in fp32 also
+    names the backend of memory-efficient attention's products, ``"attention_gemm"`` (see
+    :func:`group_products_on_onednn`; with ``"auto"`` its measurement is in ``"gemm_why"``)."""
+    choice = _linear_choice(training, dtype)
+    if training and dtype == torch.float32:
+        choice["attention_gemm"] = "onednn" if _groups_on_onednn() else "aten"
+        if choice["gemm_setting"] == "auto" and _onednn_linear_op() is not None:
+            a, b = _measured_group_ms()
+            choice["gemm_why"] += (
+                f"; attention products, 32 groups of 167x96 @ 96x784: oneDNN {a:.1f} ms,"
+                f" ATen {b:.1f} ms"
+            )
+    return choice
+
+
+def _linear_choice(training: bool, dtype: torch.dtype) -> dict[str, str]:
+    """:func:`gemm_choice` for the linear layers."""
     setting = _BACKEND.value
     if dtype != torch.float32 and (training or dtype != torch.bfloat16):
         return {"gemm": "aten", "gemm_setting": setting, "gemm_why": NOT_APPLICABLE}
@@ -241,6 +260,64 @@ def gemm_choice(training: bool = False, dtype: torch.dtype = torch.float32) -> d
     why = f"measured 6272x384x1536 with bias: oneDNN {a:.1f} ms, ATen {b:.1f} ms"
     chosen = "onednn" if _onednn_measured_faster() else "aten"
     return {"gemm": chosen, "gemm_setting": setting, "gemm_why": why}
+
+
+# ------------------------------------------------------------- per-group products (attention)
+def group_products(a: Tensor, w: Tensor, onednn: bool, *, transposed: bool = True) -> Tensor:
+    """``out[:, g] = a[:, g] @ w[g].T`` for every group ``g`` (batch entry and head), or
+    ``a[:, g] @ w[g]`` with ``transposed=False``.
+
+    a: ``(n, G, K)``; w: ``(G, N, K)`` (``(G, K, N)`` with ``transposed=False``); returns
+    ``(n, G, N)`` (contiguous on oneDNN, else a strided view). On oneDNN (``onednn``) all groups
+    are one grouped 1x1 convolution over the ``n`` rows in channels-last memory (a transposed
+    convolution for ``transposed=False``): ``a`` and the result are its input and output as they
+    lie, ``w`` its weight, so nothing is copied when both are contiguous. Else ``torch.bmm`` on
+    strided views (MKL's batched GEMM on CPU).
+    """
+    n, G, K = a.shape
+    N = w.shape[1] if transposed else w.shape[2]
+    if not onednn:
+        return torch.bmm(a.transpose(0, 1), w.transpose(1, 2) if transposed else w).transpose(0, 1)
+    x = a.contiguous().view(1, n, 1, G * K).permute(0, 3, 1, 2)
+    if transposed:
+        y = F.conv2d(x, w.contiguous().view(G * N, K, 1, 1), None, 1, 0, 1, G)
+    else:
+        y = F.conv_transpose2d(x, w.contiguous().view(G * K, N, 1, 1), None, 1, 0, 0, G)
+    return y.permute(0, 2, 3, 1).reshape(n, G, N)
+
+
+@functools.cache
+def _measured_group_ms() -> tuple[float, float]:
+    """Time one attention-shaped :func:`group_products` each way, best of 3: one query chunk of
+    memory-efficient attention (32 groups of ``167 x 96 @ 96 x 784``, 0.8 GFLOP; the scores of
+    MViTv2-T's second stage at batch 16, 4M elements). Returns ``(oneDNN ms, ATen ms)``; called
+    once per process, at the first fp32 CPU training step with ``"auto"``; ~50 ms."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(167, 32, 96, generator=gen)
+    w = torch.randn(32, 784, 96, generator=gen)
+    with torch.no_grad():
+        t_onednn = best_seconds(lambda: group_products(a, w, True), 3) * 1e3
+        t_aten = best_seconds(lambda: group_products(a, w, False), 3) * 1e3
+    return t_onednn, t_aten
+
+
+def group_products_on_onednn(x: Tensor) -> bool:
+    """Whether :func:`group_products` runs on oneDNN for tensors like ``x``: only for fp32 CPU
+    tensors in eager code (see :func:`_onednn_dtype`); then the setting, or with ``"auto"`` the
+    one-off measurement :func:`_measured_group_ms` (oneDNN if more than :data:`ONEDNN_MARGIN`
+    faster)."""
+    return _onednn_dtype(x) == torch.float32 and _groups_on_onednn()
+
+
+def _groups_on_onednn() -> bool:
+    """:func:`group_products_on_onednn` for a tensor it applies to."""
+    backend = _BACKEND.value
+    if backend == "aten" or _onednn_linear_op() is None:
+        return False
+    if backend == "onednn":
+        return True
+    t_onednn, t_aten = _measured_group_ms()
+    return t_onednn < (1 - ONEDNN_MARGIN) * t_aten
 
 
 # ---------------------------------------------------------------------- raw oneDNN products

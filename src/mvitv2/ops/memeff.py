@@ -3,8 +3,16 @@
 SDPA's CPU backward with a float bias falls back to the math kernel and keeps the full
 probabilities and the bias gradient; this keeps neither. The forward goes over query chunks, adds
 the rel-pos term per chunk from per-query coefficients (:func:`~mvitv2.ops.rel_pos.rel_pos_terms`)
-and saves only q, k, v, the output and the row log-sum-exp; the backward recomputes each chunk's
-probabilities and the coefficients. Shapes: ``B`` batch, ``nH`` heads, ``C`` head width.
+and saves only q, k and v; the backward recomputes the coefficients and each chunk's
+probabilities, with the same fused softmax kernel on the same scores (so the same values), and
+takes the softmax gradient from PyTorch's fused kernel too.
+
+Inside, the query-side tensors lie row-major over the groups: ``(N, G, .)`` with ``G = B * nH``
+(batch entry and head) in the middle. A chunk of query rows is then one contiguous block, and the
+four products that map query rows to query rows (scores, outputs, and their gradients) are each
+one :func:`~mvitv2.ops.gemm.group_products` call: a oneDNN grouped convolution where measured
+faster than the batched GEMM. The two that sum over the query rows (the key and value gradients)
+stay batched GEMMs. Shapes: ``B`` batch, ``nH`` heads, ``C`` head width, ``G = B * nH``.
 """
 
 from __future__ import annotations
@@ -12,36 +20,70 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mvitv2.ops.gemm import group_products, group_products_on_onednn
 from mvitv2.ops.rel_pos import Grid, RelPos, get_rel_pos, terms_from_gathered
 
-#: Score elements per query chunk of :func:`attention_memeff` (forward and backward).
-MEMEFF_CHUNK_ELEMENTS = 1 << 22
+#: Score elements per query chunk of :func:`attention_memeff` (forward and backward): 64 MB of
+#: fp32 scores. Fewer, larger products than 4M (MViTv2-T's training step at batch 16 ~3 % faster
+#: on the AMD EPYC of docs/benchmarks.md, none beyond 16M); its peak memory is set elsewhere.
+MEMEFF_CHUNK_ELEMENTS = 1 << 24
 
 
 def _memeff_rows(bh: int, nq: int, nk: int) -> int:
-    """Query rows per chunk so that one chunk of scores has at most MEMEFF_CHUNK_ELEMENTS."""
-    return min(max(MEMEFF_CHUNK_ELEMENTS // max(bh * nk, 1), 16), nq)
+    """Query rows per chunk: as many chunks as needed for one chunk of scores to have at most
+    MEMEFF_CHUNK_ELEMENTS (but at least 16 rows), all of about the same size (no small last
+    chunk, on which the GEMM kernels run slowly)."""
+    most = max(MEMEFF_CHUNK_ELEMENTS // max(bh * nk, 1), 16)
+    chunks = max(-(-nq // most), 1)
+    return max(-(-nq // chunks), 1)
+
+
+def _by_rows(x: Tensor) -> Tensor:
+    """``(B, nH, N, C)`` -> ``(N, B*nH, C)``, contiguous (a copy unless it already lies so)."""
+    B, nH, N, C = x.shape
+    return x.permute(2, 0, 1, 3).reshape(N, B * nH, C)
+
+
+def _by_groups(x: Tensor) -> Tensor:
+    """``(B, nH, N, C)`` -> ``(B*nH, N, C)`` (a copy only when the layout needs one)."""
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def _scaled_rows(q: Tensor, r0: int, n: int, scale: float) -> Tensor:
+    """Rows ``r0 .. r0+n`` of ``q`` ``(B, nH, Nq, C)`` times ``scale`` as ``(n, G, C)``: one
+    pass that scales and lays them out."""
+    B, nH, _, C = q.shape
+    out = q.new_empty(n, B, nH, C)
+    torch.mul(q[:, :, r0 : r0 + n].permute(2, 0, 1, 3), scale, out=out)
+    return out.view(n, B * nH, C)
 
 
 def _memeff_scores(
-    qs: Tensor, kt: Tensor, a: Tensor | None, k_thw: Grid | None, p: int, r0: int
+    qs: Tensor,
+    k3: Tensor,
+    a: Tensor | None,
+    k_thw: Grid | None,
+    p: int,
+    r0: int,
+    onednn: bool,
 ) -> Tensor:
-    """Scores ``qs @ k^T + rel`` of one query chunk (3-D: heads folded into the batch).
+    """Scores ``qs @ k^T + rel`` of one query chunk, ``(n, G, Nk)``.
 
-    ``qs`` holds the scaled query rows ``r0 .. r0+n``; ``a`` the rel-pos coefficients of all
-    grid queries (rows offset by the ``p`` prefix tokens, which, like the prefix keys, get no
+    ``qs`` holds the scaled query rows ``r0 .. r0+n`` ``(n, G, C)``, ``k3`` the keys
+    ``(G, Nk, C)``, ``a`` the rel-pos coefficients of all grid queries ``(Nq - p, G, kh + kw
+    (+ kt))`` (rows offset by the ``p`` prefix tokens, which, like the prefix keys, get no
     rel-pos term).
     """
-    s = torch.bmm(qs, kt)
+    s = group_products(qs, k3, onednn)
     if a is None:
         return s
-    n = qs.shape[1]
+    n = qs.shape[0]
     g0 = max(r0, p)  # first grid query row of the chunk
     if g0 >= r0 + n:
         return s
     kt_, kh, kw = k_thw
-    ac = a[:, g0 - p : r0 + n - p]
-    grid = s[:, g0 - r0 :, p:].unflatten(-1, (kt_, kh, kw))
+    ac = a[g0 - p : r0 + n - p]
+    grid = s[g0 - r0 :, :, p:].unflatten(-1, (kt_, kh, kw))
     grid.add_(ac[..., None, :kh, None])
     grid.add_(ac[..., None, None, kh : kh + kw])
     if ac.shape[-1] > kh + kw:  # temporal term
@@ -49,16 +91,24 @@ def _memeff_scores(
     return s
 
 
-def _bh(x: Tensor) -> Tensor:
-    """``(B, nH, N, C)`` -> ``(B*nH, N, C)`` (a copy only when the layout needs one)."""
-    return x.reshape(-1, x.shape[-2], x.shape[-1])
+def _softmax(s: Tensor) -> Tensor:
+    """Softmax over the keys in fp32 (no cast for fp32 scores) in PyTorch's fused kernel, which
+    takes each row's maximum, exponentials and sum while the row is in cache."""
+    return torch.softmax(s, dim=-1, dtype=torch.float32)
+
+
+def _sum_over_rows(x: Tensor, y: Tensor, acc: Tensor | None) -> Tensor:
+    """``acc + x[:, g]^T @ y[:, g]`` per group: x ``(n, G, M)``, y ``(n, G, C)`` -> ``(G, M, C)``
+    (the first chunk's product when ``acc`` is None; no zero-filled buffer)."""
+    xt, yg = x.permute(1, 2, 0), y.transpose(0, 1)
+    return torch.bmm(xt, yg) if acc is None else acc.baddbmm_(xt, yg)
 
 
 class _MemEffAttention(torch.autograd.Function):
     """``softmax((q*scale) @ k^T + rel) @ v`` over query chunks, flash-attention style: the
-    forward saves only q, k, v (the caller's views, no copies), the output and the row
-    log-sum-exp; the backward recomputes the rel-pos coefficients and each chunk's
-    probabilities. No ``(Nq, Nk)`` tensor outlives a chunk.
+    forward saves only q, k and v (the caller's views, no copies); the backward recomputes the
+    rel-pos coefficients and each chunk's probabilities. No ``(Nq, Nk)`` tensor outlives a
+    chunk.
 
     q ``(B, nH, Nq, C)``, k/v ``(B, nH, Nk, C)``; ``rh``/``rw``/``rt`` the gathered rel-pos
     tables ``(q_size, k_size, C)`` of each axis (None: no rel-pos; ``rt`` None: no temporal
@@ -71,77 +121,72 @@ class _MemEffAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, rh, rw, rt, scale, q_thw, k_thw, p):  # noqa: D102
         B, nH, Nq, C = q.shape
         Nk = k.shape[2]
-        kt, v3 = _bh(k).transpose(1, 2), _bh(v)
-        a3 = None
+        onednn = group_products_on_onednn(q)
+        k3, v3 = _by_groups(k), _by_groups(v)
+        a = None
         if rh is not None:
             r = q[:, :, p:].reshape(B, nH, *q_thw, C)
-            a3 = _bh(terms_from_gathered(r, rh, rw, rt))
+            a = _by_rows(terms_from_gathered(r, rh, rw, rt))
         rows = _memeff_rows(B * nH, Nq, Nk)
-        outs, lses = [], []
+        outs = []
         for r0 in range(0, Nq, rows):
-            qs = _bh(q[:, :, r0 : r0 + rows] * scale)  # one copy: scaled and contiguous
-            s = _memeff_scores(qs, kt, a3, k_thw, p, r0)
-            m = s.amax(dim=-1, keepdim=True)
-            e = s.sub_(m).exp_()
-            total = e.sum(dim=-1, keepdim=True)
-            outs.append(torch.bmm(e, v3).div_(total))  # normalise the (n, C) output, not (n, Nk)
-            # The log-sum-exp in fp32 (a no-op for fp32): rounded to bf16 (~0.02 at 5), it would
-            # put a ~2 % error on every probability the backward recomputes from it.
-            lses.append(total.float().log_().add_(m))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=1)
-        out = out.view(B, nH, Nq, -1)
-        ctx.save_for_backward(q, k, v, rh, rw, rt, out, lse)
+            n = min(rows, Nq - r0)
+            s = _memeff_scores(_scaled_rows(q, r0, n, scale), k3, a, k_thw, p, r0, onednn)
+            prob = _softmax(s).to(q.dtype)
+            outs.append(group_products(prob, v3, onednn, transposed=False))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        ctx.save_for_backward(q, k, v, rh, rw, rt)
         ctx.scale, ctx.q_thw, ctx.k_thw, ctx.p = scale, q_thw, k_thw, p
-        return out
+        return out.view(Nq, B, nH, -1).permute(1, 2, 0, 3)
 
     @staticmethod
     def backward(ctx, dout):  # noqa: D102
-        q, k, v, rh, rw, rt, out, lse = ctx.saved_tensors
+        q, k, v, rh, rw, rt = ctx.saved_tensors
         scale, q_thw, k_thw, p = ctx.scale, ctx.q_thw, ctx.k_thw, ctx.p
         B, nH, Nq, C = q.shape
         Nk = k.shape[2]
         dt = q.dtype
-        k3, v3, out3, dout3 = _bh(k), _bh(v), _bh(out), _bh(dout)
-        a3 = r = None
+        onednn = group_products_on_onednn(q)
+        k3, v3, dout_r = _by_groups(k), _by_groups(v), _by_rows(dout)
+        a = r = None
         if rh is not None:
             r = q[:, :, p:].reshape(B, nH, *q_thw, C)
-            a3 = _bh(terms_from_gathered(r, rh, rw, rt))
-        kt, vt = k3.transpose(1, 2), v3.transpose(1, 2)
+            a = _by_rows(terms_from_gathered(r, rh, rw, rt))
         dk = dv = None  # the first chunk's products, then accumulated (no zero-filled buffers)
-        dqs, das = [], []
+        dq = q.new_empty(Nq, B * nH, C)
+        das = []
         rows = _memeff_rows(B * nH, Nq, Nk)
         for r0 in range(0, Nq, rows):
-            qs, doc = _bh(q[:, :, r0 : r0 + rows] * scale), dout3[:, r0 : r0 + rows]
+            n = min(rows, Nq - r0)
+            qs, doc = _scaled_rows(q, r0, n, scale), dout_r[r0 : r0 + n]
+            # the forward's probabilities again: the same kernel on the same scores
+            prob = _softmax(_memeff_scores(qs, k3, a, k_thw, p, r0, onednn))
+            dv = _sum_over_rows(prob.to(dt), doc, dv)
             # The softmax backward in fp32, as flash attention's (``.float()`` and ``.to(dt)`` are
-            # no-ops in fp32): in bf16, d(probs) - delta cancels most of 8 mantissa bits.
-            delta = (doc.float() * out3[:, r0 : r0 + rows]).sum(dim=-1, keepdim=True)
-            prob = _memeff_scores(qs, kt, a3, k_thw, p, r0).float()
-            prob = prob.sub_(lse[:, r0 : r0 + rows]).exp_()
-            pt = prob.to(dt).transpose(1, 2)
-            dv = torch.bmm(pt, doc) if dv is None else dv.baddbmm_(pt, doc)
-            ds = torch.bmm(doc, vt).float().sub_(delta).mul_(prob).to(dt)  # d(scores)
-            del prob, pt
-            dqs.append(torch.bmm(ds, k3).mul_(scale))
-            dst = ds.transpose(1, 2)  # dk = scale * ds^T q (qs holds the scaled rows)
-            dk = torch.bmm(dst, qs) if dk is None else dk.baddbmm_(dst, qs)
-            if a3 is not None:
+            # no-ops in fp32): in bf16, d(probs) - (d(probs) . probs) cancels most of 8 bits.
+            dprob = group_products(doc, v3, onednn).float()
+            ds = torch.ops.aten._softmax_backward_data(dprob, prob, -1, prob.dtype).to(dt)
+            del prob, dprob
+            dqc = group_products(ds, k3, onednn, transposed=False)
+            torch.mul(dqc, scale, out=dq[r0 : r0 + n])
+            dk = _sum_over_rows(ds, qs, dk)  # dk = scale * ds^T q (qs holds the scaled rows)
+            if a is not None:
                 kt_, kh, kw = k_thw
                 g0 = max(r0, p)
-                if g0 < r0 + qs.shape[1]:
-                    grid = ds[:, g0 - r0 :, p:].unflatten(-1, (kt_, kh, kw))
+                if g0 < r0 + n:
+                    grid = ds[g0 - r0 :, :, p:].unflatten(-1, (kt_, kh, kw))
                     parts = [grid.sum(dim=(2, 4)), grid.sum(dim=(2, 3))]
                     if rt is not None:
                         parts.append(grid.sum(dim=(3, 4)))
                     das.append(torch.cat(parts, dim=-1))
-        dq = (dqs[0] if len(dqs) == 1 else torch.cat(dqs, dim=1)).view(q.shape)
+        dq = dq.view(Nq, B, nH, C).permute(1, 2, 0, 3)
         drh = drw = drt = None
-        if a3 is not None:
-            del a3
+        if a is not None:
+            del a
             qt, qh, qw = q_thw
             kh, kw = k_thw[1:]
-            da = das[0] if len(das) == 1 else torch.cat(das, dim=1)
-            da = da.view(B, nH, qt, qh, qw, -1)
+            da = das[0] if len(das) == 1 else torch.cat(das)
+            da = da.view(qt, qh, qw, B, nH, -1).permute(3, 4, 0, 1, 2, 5)
             da_h, da_w = da[..., :kh], da[..., kh : kh + kw]
             # a_h = r @ rh^T batched over qh (a_w over qw, a_t over qt): the matmul gradients.
             dr = da_h @ rh + (da_w.transpose(3, 4) @ rw).transpose(3, 4)
@@ -156,7 +201,7 @@ class _MemEffAttention(torch.autograd.Function):
                 da_t_rows = da_t.permute(2, 4, 0, 1, 3).reshape(qt, da_t.shape[-1], -1)
                 r_t_rows = r.reshape(B, nH, qt, qh * qw, C).permute(2, 0, 1, 3, 4)
                 drt = da_t_rows @ r_t_rows.reshape(qt, -1, C)
-            dq[:, :, p:] += dr.view(B, nH, -1, C)
+            dq[:, :, p:] += dr.reshape(B, nH, -1, C)
         return dq, dk.view(k.shape), dv.view(v.shape), drh, drw, drt, None, None, None, None
 
 
