@@ -14,8 +14,10 @@ projects/MViTv2 README (COCO).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from torch import nn
 
@@ -93,7 +95,8 @@ class Weights:
 
     @property
     def filename(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
+        """The file the URL downloads to: its path's last part (a query string is no part of it)."""
+        return os.path.basename(urlparse(self.url).path)  # as io.cached_path names the cache file
 
     @property
     def cache_path(self) -> Path:
@@ -102,8 +105,11 @@ class Weights:
 
     @property
     def needs_pickle(self) -> bool:
-        """detectron2 model-zoo ``.pkl`` files need ``allow_pickle=True``."""
-        return self.filename.endswith(".pkl")
+        """detectron2 model-zoo ``.pkl`` files need ``allow_pickle=True``.
+
+        Judged by the suffix in any case, as :func:`~mvitv2.weights.io.read_checkpoint` does, so
+        that a pickle is refused before it is downloaded."""
+        return os.path.splitext(self.filename)[1].lower() == ".pkl"
 
 
 _MVIT = "https://dl.fbaipublicfiles.com/mvit/mvitv2_models/"
