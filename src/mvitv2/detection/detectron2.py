@@ -275,8 +275,8 @@ def load_detectron2_detector(
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{label}: {e}") from e
     model = create_detector(name, num_classes=num_classes, **kwargs)
-    report = load_checkpoint(model, raw, strict=strict)
-    report.source = str(label)
+    # the file's name in a mismatch error, not the "<state dict>" read from it
+    report = load_checkpoint(model, raw, strict=strict, source_name=str(label))
     cfg = model.config
     coco = num_classes == len(COCO_CLASS_NAMES)
     return Detectron2Detector(

@@ -120,10 +120,14 @@ def read_checkpoint(
         raise CheckpointNotFoundError(f"checkpoint file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         device = torch.device(map_location)  # safetensors spells the CPU "cpu" (never "cpu:0")
-        return load_file(str(path), device="cpu" if device.type == "cpu" else str(device))
+        try:
+            return load_file(str(path), device="cpu" if device.type == "cpu" else str(device))
+        except SafetensorError as e:  # a truncated or foreign file: the user's, not a bug
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     if suffix == ".pkl":
         if not allow_pickle:
             raise CheckpointError(

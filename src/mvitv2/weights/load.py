@@ -396,6 +396,7 @@ def load_checkpoint(
     allow_pickle: bool = False,
     inflation: str = "centre",
     sha256: str | None = None,
+    source_name: str | None = None,
 ) -> LoadReport:
     """Load weights from any supported checkpoint into an mvitv2 model.
 
@@ -416,13 +417,15 @@ def load_checkpoint(
             (SlowFast: copied over time, divided by T).
         sha256: expected sha256 of a URL's file (a torchvision-style hash prefix in the file name
             is checked when this is None).
+        source_name: how errors and the report name the source (default: ``source``, or
+            ``"<state dict>"`` for a dict, e.g. one the caller read from a file).
 
     Returns:
         A :class:`LoadReport` of what was loaded, adapted, re-initialised and skipped.
     """
     if inflation not in _INFLATIONS:
         raise ValueError(f"inflation must be one of {_INFLATIONS}, got {inflation!r}")
-    report = LoadReport(source=_describe(source))
+    report = LoadReport(source=source_name or _describe(source))
     if isinstance(source, Mapping):
         raw = source
     elif is_url(source):
