@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import roi_align
 
+from detectron2_files import three_class_cascade
 from mvitv2.detection import (
     COCO_CATEGORY_IDS,
     COCO_CLASS_NAMES,
@@ -861,14 +862,7 @@ def test_load_detectron2_detector_sources_strictness_and_other_class_counts(tmp_
     with pytest.raises(CheckpointError, match="^<state dict>: not a detectron2 checkpoint"):
         load_detectron2_detector(official)
     # Three classes (background still last in detectron2's rows): not COCO, no COCO names.
-    three = dict(sd)
-    for k in range(3):
-        for kind in ("weight", "bias"):
-            key = f"roi_heads.box_predictor.{k}.cls_score.{kind}"
-            three[key] = sd[key][[0, 1, 2, 80]]
-    for kind in ("weight", "bias"):
-        key = f"roi_heads.mask_head.predictor.{kind}"
-        three[key] = sd[key][:3]
+    three = three_class_cascade(sd)  # three classes (detectron2 keeps background last)
     loaded = load_detectron2_detector(three, NAMES["cascade"], **overrides)
     assert loaded.num_classes == 3 and loaded.report.ok
     assert loaded.class_names is None and loaded.category_ids is None

@@ -20,6 +20,7 @@ import torch
 from pycocotools import mask as mask_util
 from torch import Tensor, nn
 
+from detectron2_files import three_class_cascade
 from mvitv2 import cli
 from mvitv2.engine.distributed import DistInfo
 from mvitv2.predict import CheckpointInfo
@@ -505,14 +506,7 @@ def test_a_detectron2_file_of_another_class_count_has_numbered_classes_and_no_co
     from safetensors.torch import load_file
 
     sd = load_file(str(Path(__file__).parent / "data" / "detectron2_cascade.safetensors"))
-    three = dict(sd)  # three classes (detectron2 keeps background last)
-    for k in range(3):
-        for kind in ("weight", "bias"):
-            key = f"roi_heads.box_predictor.{k}.cls_score.{kind}"
-            three[key] = sd[key][[0, 1, 2, 80]]
-    for kind in ("weight", "bias"):
-        key = f"roi_heads.mask_head.predictor.{kind}"
-        three[key] = sd[key][:3]
+    three = three_class_cascade(sd)  # three classes (detectron2 keeps background last)
     path = tmp_path / "three.pth"
     torch.save({"model": three}, path)
     det = read_detector(path, model=NAMES["cascade"], model_args=_model_args("cascade"))
