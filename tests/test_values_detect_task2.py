@@ -702,6 +702,11 @@ def test_lsj_training_data_follows_the_recipes_scale_and_validation_keeps_the_fi
         (x0, y0, x1, y1), *_ = train[0][1]["boxes"].tolist()
         assert (x0, x1, y1 - y0) == (2.5, 10.0, 5.0) and 2.5 <= y0 <= 7.5
     assert [rec["id"] for rec in val.records] == [1, 2]  # the first two of three
+    # the data report says so (images 2 and 3, without objects, are kept for evaluation)
+    assert detect.report_data("val data", val) == (
+        f"val data: {val_json} -> 3/3 images, 1/1 instances kept; negative_images 2; "
+        "evaluating the first 2 (data.eval_max_images)"
+    )
     # Multi-scale: the short side 6 -> 12 (long side 16 <= 100): x2.
     multiscale = {"aug": "multiscale", "min_sizes": [12], "max_size": 100, "hflip_prob": 0.0}
     task = detect.DetectionTask(TrainConfig(data=multiscale), tmp_path)
@@ -709,6 +714,9 @@ def test_lsj_training_data_follows_the_recipes_scale_and_validation_keeps_the_fi
     assert tuple(image.shape) == (3, 12, 16) and target["boxes"].tolist() == [[2.0, 2.0, 8.0, 6.0]]
     everything = detect.DetectionTask(TrainConfig(data=options), tmp_path).build_datasets()[1]
     assert [rec["id"] for rec in everything.records] == [1, 2, 3]
+    assert detect.report_data("val data", everything) == (
+        f"val data: {val_json} -> 3/3 images, 1/1 instances kept; negative_images 2"
+    )
     data["categories"][0]["name"] = "other"
     val_json.write_text(json.dumps(data))
     with pytest.raises(detect.UserValueError) as e:

@@ -217,17 +217,21 @@ def collate(batch: list[tuple[Any, Any]]) -> tuple[list[Tensor], list[dict[str, 
 def report_data(name: str, ds: CocoDetection) -> str:
     """One line: images/instances used, then every non-zero count of what the reader dropped,
     kept for evaluation only or repaired, and of the images this process could not read, by
-    reason (each case is named in the log)."""
+    reason (each case is named in the log); and how many are evaluated where
+    ``data.eval_max_images`` cut the set."""
     s = ds.stats
     totals = ("images", "images_used", "annotations", "instances")
     counts = {k: v for k, v in s.as_dict().items() if k not in totals and v}
     for reason in ds.skipped_images().values():
         counts[reason] = counts.get(reason, 0) + 1
     problems = ", ".join(f"{k} {v}" for k, v in counts.items()) or "no problems"
-    return (
+    line = (
         f"{name}: {ds.ann_file} -> {s.images_used}/{s.images} images, "
         f"{s.instances}/{s.annotations} instances kept; {problems}"
     )
+    if len(ds.records) < s.images_used:  # cut by data.eval_max_images
+        line += f"; evaluating the first {len(ds.records)} (data.eval_max_images)"
+    return line
 
 
 class DetectionTask(SpecTask):
