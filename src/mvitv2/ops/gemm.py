@@ -109,10 +109,15 @@ def _measured_ms() -> tuple[float, float] | None:
     return t_onednn, t_aten
 
 
+def _beats_margin(ms: tuple[float, float] | None) -> bool:
+    """Whether oneDNN beat ATen by more than :data:`ONEDNN_MARGIN` in a one-off measurement
+    ``(oneDNN ms, ATen ms)`` (None: not measured, no oneDNN)."""
+    return ms is not None and ms[0] < (1 - ONEDNN_MARGIN) * ms[1]
+
+
 def _onednn_measured_faster() -> bool:
     """Whether oneDNN beat ATen by more than :data:`ONEDNN_MARGIN` in :func:`_measured_ms`."""
-    ms = _measured_ms()
-    return ms is not None and ms[0] < (1 - ONEDNN_MARGIN) * ms[1]
+    return _beats_margin(_measured_ms())
 
 
 @functools.cache
@@ -314,10 +319,7 @@ def _groups_on_onednn() -> bool:
     backend = _BACKEND.value
     if backend == "aten" or _onednn_linear_op() is None:
         return False
-    if backend == "onednn":
-        return True
-    t_onednn, t_aten = _measured_group_ms()
-    return t_onednn < (1 - ONEDNN_MARGIN) * t_aten
+    return backend == "onednn" or _beats_margin(_measured_group_ms())
 
 
 # ---------------------------------------------------------------------- raw oneDNN products

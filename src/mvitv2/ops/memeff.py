@@ -58,6 +58,19 @@ def _scaled_rows(q: Tensor, r0: int, n: int, scale: float) -> Tensor:
     return out.view(n, B * nH, C)
 
 
+def _rel_coeffs(
+    q: Tensor, rh: Tensor | None, rw: Tensor, rt: Tensor | None, q_thw: Grid, p: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """The query grid ``r`` ``(B, nH, qt, qh, qw, C)`` (a view of ``q`` past its ``p`` prefix
+    tokens) and its rel-pos coefficients by rows, ``(Nq - p, G, kh + kw (+ kt))``; both None
+    without rel-pos tables (``rh`` None). The forward computes them, the backward again."""
+    if rh is None:
+        return None, None
+    B, nH, _, C = q.shape
+    r = q[:, :, p:].reshape(B, nH, *q_thw, C)
+    return r, _by_rows(terms_from_gathered(r, rh, rw, rt))
+
+
 def _memeff_scores(
     qs: Tensor,
     k3: Tensor,
@@ -119,14 +132,11 @@ class _MemEffAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, rh, rw, rt, scale, q_thw, k_thw, p):  # noqa: D102
-        B, nH, Nq, C = q.shape
+        B, nH, Nq, _ = q.shape
         Nk = k.shape[2]
         onednn = group_products_on_onednn(q)
         k3, v3 = _by_groups(k), _by_groups(v)
-        a = None
-        if rh is not None:
-            r = q[:, :, p:].reshape(B, nH, *q_thw, C)
-            a = _by_rows(terms_from_gathered(r, rh, rw, rt))
+        _, a = _rel_coeffs(q, rh, rw, rt, q_thw, p)
         rows = _memeff_rows(B * nH, Nq, Nk)
         outs = []
         for r0 in range(0, Nq, rows):
@@ -148,10 +158,7 @@ class _MemEffAttention(torch.autograd.Function):
         dt = q.dtype
         onednn = group_products_on_onednn(q)
         k3, v3, dout_r = _by_groups(k), _by_groups(v), _by_rows(dout)
-        a = r = None
-        if rh is not None:
-            r = q[:, :, p:].reshape(B, nH, *q_thw, C)
-            a = _by_rows(terms_from_gathered(r, rh, rw, rt))
+        r, a = _rel_coeffs(q, rh, rw, rt, q_thw, p)
         dk = dv = None  # the first chunk's products, then accumulated (no zero-filled buffers)
         dq = q.new_empty(Nq, B * nH, C)
         das = []

@@ -14,10 +14,8 @@ projects/MViTv2 README (COCO).
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 from torch import nn
 
@@ -96,7 +94,7 @@ class Weights:
     @property
     def filename(self) -> str:
         """The file the URL downloads to: its path's last part (a query string is no part of it)."""
-        return os.path.basename(urlparse(self.url).path)  # as io.cached_path names the cache file
+        return self.cache_path.name
 
     @property
     def cache_path(self) -> Path:
@@ -109,7 +107,7 @@ class Weights:
 
         Judged by the suffix in any case, as :func:`~mvitv2.weights.io.read_checkpoint` does, so
         that a pickle is refused before it is downloaded."""
-        return os.path.splitext(self.filename)[1].lower() == ".pkl"
+        return self.cache_path.suffix.lower() == ".pkl"
 
 
 _MVIT = "https://dl.fbaipublicfiles.com/mvit/mvitv2_models/"
