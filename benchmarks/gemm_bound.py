@@ -63,7 +63,7 @@ from mvitv2.ops import attention as ops_attention  # noqa: E402
 from mvitv2.ops import gemm as ops_gemm  # noqa: E402
 from mvitv2.utils.allocator import allocator_setting, keep_freed_memory  # noqa: E402
 from mvitv2.utils.machine import describe_cpu  # noqa: E402
-from mvitv2.utils.timing import best_seconds  # noqa: E402
+from mvitv2.utils.timing import best_ms  # noqa: E402
 
 aten = torch.ops.aten
 #: GEMM ops replayed as they were called (out-of-place and in-place forms).
@@ -252,7 +252,8 @@ def replay_ms(call: Call, repeats: int = 5) -> float:
     args = [_value(s) for s in specs]
     kwargs = {k: _value(v) for k, v in scalars}
     # (the in-place forms accumulate into their first argument run after run: same work)
-    return best_seconds(lambda: func(*args, **kwargs), repeats) * 1e3
+    call = {"call": lambda: func(*args, **kwargs)}
+    return best_ms(call, budget_ms=0.0, min_rounds=repeats, max_rounds=repeats)["call"]
 
 
 def replayed_ms(calls: Counter[Call], repeats: int = 5) -> float:

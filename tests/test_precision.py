@@ -102,10 +102,10 @@ def test_the_trainer_runs_says_and_checkpoints_the_decision(
         trainer.close()
 
 
-def test_time_gemm_times_the_models_layer_under_bf16_then_fp32_best_after_warmup(monkeypatch):
-    """With a fake layer and clock: the first series runs under bf16 autocast, the second in
-    fp32, each on an (M, K) input to a K->N layer, and each result is the best repeat after the
-    warm-up call (whose time is ignored)."""
+def test_time_gemm_times_the_models_layer_in_alternating_bf16_and_fp32_rounds(monkeypatch):
+    """With a fake layer and clock: calls alternate between bf16 autocast and fp32, each on an
+    (M, K) input to a K->N layer; each result is the best call after the warm-up pair (whose
+    times are ignored)."""
     import mvitv2.ops
 
     calls = []
@@ -117,11 +117,16 @@ def test_time_gemm_times_the_models_layer_under_bf16_then_fp32_best_after_warmup
         def __call__(self, x):
             calls.append((tuple(x.shape), self.shape, torch.is_autocast_enabled("cpu")))
 
-    # bf16: 5, 3, 2 after an untimed warm-up; fp32: 9, 7, 8
-    clock = iter([100, 105, 105, 108, 108, 110] + [1, 10, 10, 17, 17, 25])
+    # clock readings in pairs around each call; warm-up bf16 100, fp32 90, then rounds of
+    # (bf16, fp32): (5, 9), (3, 7), (2, 8), (4, 9), (6, 7): over the 0.03 s budget, 5 rounds
+    durations = [100, 90] + [5, 9, 3, 7, 2, 8, 4, 9, 6, 7]
+    readings = []
+    for i, d in enumerate(durations):
+        readings += [1000 * i, 1000 * i + d]
+    clock = iter(readings)
     monkeypatch.setattr(mvitv2.ops, "Linear", FakeLinear)
     monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
-    assert precision.time_gemm((6, 4, 5), repeats=3) == (2, 7)
-    assert [c[2] for c in calls] == [True] * 4 + [False] * 4
+    assert precision.time_gemm((6, 4, 5)) == (2, 7)
+    assert [c[2] for c in calls] == [True, False] * 6
     assert {c[:2] for c in calls} == {((6, 4), (4, 5))}
     assert torch.get_autocast_dtype("cpu") == torch.bfloat16  # the default, restored

@@ -1,4 +1,5 @@
-"""The measured choices' timers: best-of-N, and the per-size-class table, on a fake clock."""
+"""The measured choices' timer (best of alternating rounds) and the per-size-class table, on a
+fake clock."""
 
 from __future__ import annotations
 
@@ -15,17 +16,49 @@ def _clock(monkeypatch) -> SimpleNamespace:
     return clock
 
 
-def test_best_seconds_by_default_is_the_best_of_three_calls_after_a_warm_up(monkeypatch):
+def _costs(clock: SimpleNamespace, runs: list, name: str, ticks: list[float]):
+    """A call that advances the fake clock by the next of ``ticks`` and records its name."""
+    it = iter(ticks)
+
+    def run():
+        runs.append(name)
+        clock.now += next(it) * _U
+
+    return run
+
+
+def test_best_ms_alternates_the_candidates_and_keeps_each_ones_best_after_a_warm_up(monkeypatch):
+    """A burst of another process that slows a's second and third calls leaves a's best at its
+    fourth: the rounds alternate a, b, a, b (not a, a, a then b, b, b), and the warm-up round
+    (the first calls, 50 ticks each) never counts."""
     clock = _clock(monkeypatch)
-    costs = iter([1, 7, 5, 6, 2])  # warm-up 1 (not timed), then 7, 5, 6; the 2 is never run
-    calls = []
+    runs: list[str] = []
+    cands = {
+        "a": _costs(clock, runs, "a", [50, 9, 30, 30, 8]),
+        "b": _costs(clock, runs, "b", [50, 6, 7, 5, 6]),
+    }
+    got = timing.best_ms(cands, budget_ms=0.0, min_rounds=4)
+    assert got == {"a": 8 * _U * 1e3, "b": 5 * _U * 1e3}
+    assert runs == ["a", "b"] * 5
 
-    def fn():
-        calls.append(1)
-        clock.now += next(costs) * _U
 
-    assert timing.best_seconds(fn) == 5 * _U
-    assert len(calls) == 4
+def test_best_ms_takes_as_many_rounds_as_the_budget_buys_within_its_bounds(monkeypatch):
+    """A warm-up round of 2 x 4 ticks = 7.8125 ms: 20 ms buys ceil(2.56) = 3 rounds, 100 ms 13
+    (so the 10 at most), 1 ms 1 (so the 2 at least, or min_rounds)."""
+    clock = _clock(monkeypatch)
+    for budget, bounds, rounds in [
+        (20.0, {}, 3),
+        (100.0, {}, 10),
+        (100.0, {"max_rounds": 12}, 12),
+        (1.0, {}, 2),
+        (1.0, {"min_rounds": 5}, 5),
+        (100.0, {"min_rounds": 1, "max_rounds": 1}, 1),
+    ]:
+        runs: list[str] = []
+        cands = {n: _costs(clock, runs, n, [4] * 20) for n in "ab"}
+        got = timing.best_ms(cands, budget, **bounds)
+        assert got == {"a": 4 * _U * 1e3, "b": 4 * _U * 1e3}
+        assert runs == ["a", "b"] * (1 + rounds), (budget, bounds)
 
 
 def test_measured_choices_by_default_spend_about_60_ms_per_class(monkeypatch):

@@ -108,14 +108,16 @@ def test_every_decision_keeps_the_asked_setting_and_says_why():
     assert shapes == [(8, 4, 2)]  # the shape asked for is the one timed
 
 
-def test_time_gemm_by_default_takes_the_best_of_3_under_bf16_whatever_the_default_dtype(
+def test_time_gemm_takes_the_best_of_alternating_bf16_and_fp32_rounds_whatever_the_default_dtype(
     monkeypatch,
 ):
-    """A fake layer on the fake clock: each series is a warm-up then ``repeats`` timed calls."""
+    """A fake layer on the fake clock: a warm-up call under bf16 autocast and one in fp32, then
+    alternating rounds (at least 5); each result is its best timed call, in seconds."""
     import mvitv2.ops
 
     clock, dtypes = _clock(monkeypatch), []
-    costs = iter([1, 4, 3, 5] + [1, 9, 8, 7] + [1, 6, 2] + [1, 5, 4])
+    bf16 = iter([50, 4, 3, 5, 6, 4, 9])
+    fp32 = iter([50, 9, 8, 7, 9, 8, 2])
 
     class FakeLinear:
         def __init__(self, k, n):
@@ -124,15 +126,19 @@ def test_time_gemm_by_default_takes_the_best_of_3_under_bf16_whatever_the_defaul
         def __call__(self, x):
             on = torch.is_autocast_enabled("cpu")
             dtypes.append(torch.get_autocast_dtype("cpu") if on else None)
-            clock.now += next(costs) * _U
+            clock.now += next(bf16 if on else fp32) * _U
 
     monkeypatch.setattr(mvitv2.ops, "Linear", FakeLinear)
     previous = torch.get_autocast_dtype("cpu")
     torch.set_autocast_dtype("cpu", torch.float16)  # another default: bf16 is still what is timed
     try:
+        # warm-up round 100 ticks (~98 ms) > the 30 ms budget: the 5 rounds at least
         assert time_gemm((2, 3, 4)) == (3 * _U, 7 * _U)
-        assert dtypes == [torch.bfloat16] * 4 + [None] * 4
-        assert time_gemm((2, 3, 4), repeats=2) == (2 * _U, 4 * _U)
+        assert dtypes == [torch.bfloat16, None] * 6
+        # a budget that buys 6 rounds reaches bf16's 4 and fp32's 2
+        bf16, fp32, dtypes[:] = iter([50, 4, 3, 5, 6, 4, 9]), iter([50, 9, 8, 7, 9, 8, 2]), []
+        assert time_gemm((2, 3, 4), budget_ms=100 * _U * 1e3 * 5.5) == (3 * _U, 2 * _U)
+        assert dtypes == [torch.bfloat16, None] * 7
     finally:
         torch.set_autocast_dtype("cpu", previous)
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from mvitv2.ops.context import autocast_dtype, intercepted, tracing
 from mvitv2.utils.choice import Choice
-from mvitv2.utils.timing import MeasuredChoices, best_seconds
+from mvitv2.utils.timing import MeasuredChoices, best_ms
 
 #: Valid names for :func:`set_gemm_backend`.
 GEMM_BACKENDS = ("auto", "aten", "onednn")
@@ -90,11 +90,12 @@ ONEDNN_MARGIN_BF16 = 0.0
 
 @functools.cache
 def _measured_ms() -> tuple[float, float] | None:
-    """Time one linear-shaped GEMM with bias (``6272 x 384 @ 384 x 1536``, 7.4 GFLOP) each way,
-    best of 3: the backend of our linear layers under autograd with ``"auto"``.
+    """Time one linear-shaped GEMM with bias (``6272 x 384 @ 384 x 1536``, 7.4 GFLOP) each way
+    (:func:`~mvitv2.utils.timing.best_ms`: alternating rounds, at least 3, the best of each): the
+    backend of our linear layers under autograd with ``"auto"``.
 
     Returns ``(oneDNN ms, ATen ms)``, or None without oneDNN. Called once per process, on the
-    first fp32 CPU linear call under autograd with the ``"auto"`` backend; ~0.2 s.
+    first fp32 CPU linear call under autograd with the ``"auto"`` backend; ~0.3 s.
     """
     op = _onednn_linear_op()
     if op is None:
@@ -104,9 +105,12 @@ def _measured_ms() -> tuple[float, float] | None:
     w = torch.randn(1536, 384, generator=gen)
     b = torch.randn(1536, generator=gen)
     with torch.no_grad():
-        t_onednn = best_seconds(lambda: op(x, w, b, "none", [], ""), 3) * 1e3
-        t_aten = best_seconds(lambda: F.linear(x, w, b), 3) * 1e3
-    return t_onednn, t_aten
+        ms = best_ms(
+            {"onednn": lambda: op(x, w, b, "none", [], ""), "aten": lambda: F.linear(x, w, b)},
+            budget_ms=200.0,
+            min_rounds=3,
+        )
+    return ms["onednn"], ms["aten"]
 
 
 def _beats_margin(ms: tuple[float, float] | None) -> bool:
@@ -293,17 +297,24 @@ def group_products(a: Tensor, w: Tensor, onednn: bool, *, transposed: bool = Tru
 
 @functools.cache
 def _measured_group_ms() -> tuple[float, float]:
-    """Time one attention-shaped :func:`group_products` each way, best of 3: one query chunk of
-    memory-efficient attention (32 groups of ``167 x 96 @ 96 x 784``, 0.8 GFLOP; the scores of
-    MViTv2-T's second stage at batch 16, 4M elements). Returns ``(oneDNN ms, ATen ms)``; called
-    once per process, at the first fp32 CPU training step with ``"auto"``; ~50 ms."""
+    """Time one attention-shaped :func:`group_products` each way (alternating rounds, at least
+    3, the best of each): one query chunk of memory-efficient attention (32 groups of
+    ``167 x 96 @ 96 x 784``, 0.8 GFLOP; the scores of MViTv2-T's second stage at batch 16, 4M
+    elements). Returns ``(oneDNN ms, ATen ms)``; called once per process, at the first fp32 CPU
+    training step with ``"auto"``; ~80 ms."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(167, 32, 96, generator=gen)
     w = torch.randn(32, 784, 96, generator=gen)
     with torch.no_grad():
-        t_onednn = best_seconds(lambda: group_products(a, w, True), 3) * 1e3
-        t_aten = best_seconds(lambda: group_products(a, w, False), 3) * 1e3
-    return t_onednn, t_aten
+        ms = best_ms(
+            {
+                "onednn": lambda: group_products(a, w, True),
+                "aten": lambda: group_products(a, w, False),
+            },
+            budget_ms=60.0,
+            min_rounds=3,
+        )
+    return ms["onednn"], ms["aten"]
 
 
 def group_products_on_onednn(x: Tensor) -> bool:

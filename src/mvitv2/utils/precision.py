@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mvitv2.utils.timing import best_seconds
+from mvitv2.utils.timing import best_ms
 
 FORCE_BF16 = "bf16_force"  # one of mvitv2.engine.config.AMP_CHOICES
 GEMM_WORK = 1e8  # multiply-accumulates of the timed GEMM (~5 ms in fp32 on one CPU core)
@@ -69,20 +69,26 @@ def gemm_shape(model: nn.Module) -> GemmShape:
     return min(4096, max(64, int(GEMM_WORK // (k * n)))), k, n
 
 
-def time_gemm(shape: GemmShape, repeats: int = 3) -> tuple[float, float]:
-    """Best-of-``repeats`` seconds of one ``(M, K) @ (K, N)`` linear layer on the CPU under bf16
-    autocast and in fp32 (each after one warm-up), through the layer the models use."""
+def time_gemm(shape: GemmShape, budget_ms: float = 30.0) -> tuple[float, float]:
+    """Seconds of one ``(M, K) @ (K, N)`` linear layer on the CPU under bf16 autocast and in fp32,
+    through the layer the models use: the best of each over alternating rounds after a warm-up
+    (:func:`~mvitv2.utils.timing.best_ms`: 5-10 rounds, about ``budget_ms``: a wrong call here
+    halves or doubles a whole run's speed)."""
     from mvitv2.ops import Linear
 
     m, k, n = shape
     layer = Linear(k, n)
     x = torch.randn(m, k)
 
-    def best(autocast: bool) -> float:
-        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            return best_seconds(lambda: layer(x), repeats)
+    def run(autocast: bool) -> Callable[[], object]:
+        def call() -> object:
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                return layer(x)
 
-    return best(True), best(False)
+        return call
+
+    ms = best_ms({"bf16": run(True), "fp32": run(False)}, budget_ms, min_rounds=5)
+    return ms["bf16"] / 1e3, ms["fp32"] / 1e3
 
 
 def choose_precision(

@@ -1,31 +1,54 @@
-"""The timers behind the measured choices: one best-of-N timer (GEMM backend, training
-precision) and the per-size-class table of interchangeable kernels (attention path, GEMM backend
-at inference)."""
+"""The timer behind every measured choice (:func:`best_ms`: the one-off choices of a training
+run, GEMM backends and precision) and the per-size-class table of interchangeable kernels built on
+it (attention path, GEMM backend at inference)."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 
 
-def best_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
-    """The fastest of ``repeats`` timed calls of ``fn``, in seconds, after one untimed warm-up
-    call (the minimum is what survives other processes on a shared machine)."""
-    fn()
-    best = math.inf
-    for _ in range(repeats):
+def best_ms(
+    candidates: Mapping[str, Callable[[], object]],
+    budget_ms: float,
+    min_rounds: int = 2,
+    max_rounds: int = 10,
+) -> dict[str, float]:
+    """The best time in ms of each of interchangeable calls, timed in alternating rounds.
+
+    Each candidate is called once (a warm-up, timed only to size the measurement), then all are
+    called in turn for ``ceil(budget_ms / warm-up round)`` rounds, at least ``min_rounds`` and at
+    most ``max_rounds``. Alternating rounds and the best of each: on a shared machine another
+    process slows the calls it overlaps, and a burst of it then hits every candidate's rounds
+    alike instead of one candidate's whole series.
+
+    Args:
+        candidates: names mapped to the calls to time (their outputs are dropped).
+        budget_ms: time to spend on the timed rounds, about (fast candidates get more rounds).
+        min_rounds: timed rounds at least, whatever the budget.
+        max_rounds: timed rounds at most.
+    """
+
+    def timed(name: str) -> float:
         start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        candidates[name]()
+        return (time.perf_counter() - start) * 1e3
+
+    first = sum(timed(name) for name in candidates)  # warm-up
+    rounds = min(max(math.ceil(budget_ms / max(first, 1e-3)), min_rounds), max_rounds)
+    best = dict.fromkeys(candidates, math.inf)
+    for _ in range(rounds):
+        for name in candidates:
+            best[name] = min(best[name], timed(name))
     return best
 
 
 class MeasuredChoices:
     """The fastest of interchangeable implementations, per size class, for this process.
 
-    At a class's first :meth:`choose` each candidate is run once (warm-up), then in 2-10
-    alternating rounds, about ``budget_ms`` in all; the best time of each counts. The default
+    At a class's first :meth:`choose` the candidates are timed by :func:`best_ms` (a warm-up,
+    then 2-10 alternating rounds, about ``budget_ms`` in all; the best time of each). The default
     candidate is kept unless another beat it by more than ``margin`` (a fraction). After
     ``max_classes`` classes, new classes get the default unmeasured (bounded time and memory).
 
@@ -64,18 +87,7 @@ class MeasuredChoices:
         if len(self.table) >= self.max_classes:
             return self.default
         candidates, label = measure()
-
-        def timed(name: str) -> float:
-            start = time.perf_counter()
-            candidates[name]()
-            return (time.perf_counter() - start) * 1e3
-
-        first = {name: timed(name) for name in candidates}  # warm-up
-        rounds = min(max(math.ceil(self.budget_ms / max(sum(first.values()), 1e-3)), 2), 10)
-        best = dict.fromkeys(candidates, math.inf)
-        for _ in range(rounds):
-            for name in candidates:
-                best[name] = min(best[name], timed(name))
+        best = best_ms(candidates, self.budget_ms)
         chosen = min(best, key=best.get)
         margin = self.margin if margin is None else margin
         if self.default in best and best[chosen] >= (1 - margin) * best[self.default]:
