@@ -3,7 +3,7 @@
 The paper recipes ask for bf16 autocast (``amp: bf16``). On a GPU that is always faster; on a CPU
 it depends on the chip: with native bf16 matrix units it is, elsewhere bf16 autocast can be
 several times slower than fp32 (2.3x for a video step on one Xeon). So on a CPU, ``amp: bf16``
-times one GEMM of the model's most common shape in bf16 and in fp32 (a few tens of ms) and keeps
+times one GEMM of the model's most common shape in bf16 and in fp32 (0.1-1 s) and keeps
 bf16 only when it is faster; ``amp: bf16_force`` keeps bf16 without measuring.
 """
 
@@ -19,7 +19,12 @@ from torch import nn
 from mvitv2.utils.timing import best_ms
 
 FORCE_BF16 = "bf16_force"  # one of mvitv2.engine.config.AMP_CHOICES
-GEMM_WORK = 1e8  # multiply-accumulates of the timed GEMM (~5 ms in fp32 on one CPU core)
+GEMM_WORK = 4e8  # multiply-accumulates of the timed GEMM (~2 ms in fp32 on 2 AVX-512 cores)
+#: Rows of the timed GEMM at least: bf16 autocast casts the weight at every call, and with few
+#: rows that cast outweighs the product (a detector's 12544 -> 1024 box head on the AMD EPYC of
+#: docs/benchmarks.md: bf16 5.4 vs fp32 6.2 ms at 64 rows, 10.2 vs 15.4 at 256, 19.2 vs 33.4 at
+#: 512; a training step batches hundreds of rows per layer, so 256 is the least we time).
+GEMM_MIN_ROWS = 256
 
 GemmShape = tuple[int, int, int]  # (rows M, in K, out N)
 Timer = Callable[[GemmShape], tuple[float, float]]  # shape -> (bf16 seconds, fp32 seconds)
@@ -58,7 +63,8 @@ class Precision:
 
 def gemm_shape(model: nn.Module) -> GemmShape:
     """The model's most common linear layer by compute (count x in x out), as a GEMM of about
-    :data:`GEMM_WORK` multiply-accumulates: ``(rows, in_features, out_features)``."""
+    :data:`GEMM_WORK` multiply-accumulates (:data:`GEMM_MIN_ROWS` to 4096 rows):
+    ``(rows, in_features, out_features)``."""
     shapes = collections.Counter(
         (m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)
     )
@@ -66,7 +72,7 @@ def gemm_shape(model: nn.Module) -> GemmShape:
         k = n = 768
     else:
         k, n = max(shapes, key=lambda s: shapes[s] * s[0] * s[1])
-    return min(4096, max(64, int(GEMM_WORK // (k * n)))), k, n
+    return min(4096, max(GEMM_MIN_ROWS, int(GEMM_WORK // (k * n)))), k, n
 
 
 def time_gemm(shape: GemmShape, budget_ms: float = 30.0) -> tuple[float, float]:
