@@ -139,6 +139,10 @@ def test_time_gemm_takes_the_best_of_alternating_bf16_and_fp32_rounds_whatever_t
         bf16, fp32, dtypes[:] = iter([50, 4, 3, 5, 6, 4, 9]), iter([50, 9, 8, 7, 9, 8, 2]), []
         assert time_gemm((2, 3, 4), budget_ms=100 * _U * 1e3 * 5.5) == (3 * _U, 2 * _U)
         assert dtypes == [torch.bfloat16, None] * 7
+        # by default about 30 ms of rounds: calls of 2.5 ms, a 5 ms warm-up round: 6 rounds
+        bf16, fp32, dtypes[:] = iter([2.5 / 1e3 / _U] * 9), iter([2.5 / 1e3 / _U] * 9), []
+        time_gemm((2, 3, 4))
+        assert dtypes == [torch.bfloat16, None] * 7
     finally:
         torch.set_autocast_dtype("cpu", previous)
 
