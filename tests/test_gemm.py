@@ -338,6 +338,44 @@ def test_gemm_measurement_is_the_best_of_alternating_rounds_after_a_warm_up(monk
 
 
 @pytest.mark.parametrize(
+    ("which", "warm_up_ticks", "rounds"),
+    # about 200 ms of rounds for the linear GEMM: a 41-tick (40.04 ms) warm-up round buys 5;
+    # about 60 ms for the attention products: a 15.5-tick (15.14 ms) one buys 4
+    [("linear", 20.5, 5), ("group", 7.75, 4)],
+)
+def test_the_one_off_measurements_take_as_many_rounds_as_their_budget_buys(
+    monkeypatch, which, warm_up_ticks, rounds
+):
+    clock = SimpleNamespace(now=0.0)
+    calls: list[str] = []
+
+    def kernel(name: str):
+        def run(*args, **kwargs):
+            first = name not in calls
+            clock.now += (warm_up_ticks if first else 1) * _U
+            calls.append(name)
+            return args[0]
+
+        return run
+
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    if which == "linear":
+        monkeypatch.setattr(gemm, "_onednn_linear_op", lambda: kernel("onednn"))
+        monkeypatch.setattr(gemm, "F", SimpleNamespace(linear=kernel("aten")))
+        measure = gemm._measured_ms
+    else:
+        fakes = {True: kernel("onednn"), False: kernel("aten")}
+        monkeypatch.setattr(gemm, "group_products", lambda a, w, on: fakes[on](a))
+        measure = gemm._measured_group_ms
+    measure.cache_clear()
+    try:
+        assert measure() == (_U_MS, _U_MS)
+        assert calls == ["onednn", "aten"] * (1 + rounds)
+    finally:
+        measure.cache_clear()
+
+
+@pytest.mark.parametrize(
     ("ms", "faster"),
     [((9.0, 10.0), False), ((8.99, 10.0), True), ((10.0, 9.0), False), ((4.5, 5.0), False)],
 )
