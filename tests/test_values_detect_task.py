@@ -268,6 +268,47 @@ def test_predict_detect_writes_a_training_runs_dataset_category_ids(tmp_path, ca
     assert drawn.shape == image.shape and not np.array_equal(drawn, image)
 
 
+def test_predict_detect_never_draws_two_inputs_of_the_same_stem_over_each_other(tmp_path, capsys):
+    """``a/x.png``, ``b/x.png`` and ``x.jpg`` (three sizes): three drawings, ``x_pred.png``,
+    ``x_pred_2.png``, ``x_pred_3.png`` in input order, each of its own input's size, and each
+    record of ``detections.json`` names its drawing."""
+    from PIL import Image
+
+    from mvitv2.cli import main
+    from mvitv2.tasks.detect import drawing_names
+    from test_task_spec import _task, _write
+
+    task, model = _task("detect")
+    ckpt = _write(tmp_path / "det.pt", task, model)
+    rng = np.random.default_rng(0)
+    inputs = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "x.jpg"]
+    sizes = [(64, 80), (72, 56), (48, 96)]
+    for path, (h, w) in zip(inputs, sizes):
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    out = tmp_path / "out"
+    argv = ["predict", "detect", *map(str, inputs), "--checkpoint", str(ckpt), "--json"]
+    argv += ["--score-thresh", "0", "--device", "cpu", "--output-dir", str(out)]
+    argv += ["--batch-size", "2"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    names = ["x_pred.png", "x_pred_2.png", "x_pred_3.png"]
+    records = json.loads((out / "detections.json").read_text())
+    assert [r["file"] for r in records] == [str(p) for p in inputs]
+    assert [r["drawing"] for r in records] == [str(out / n) for n in names]
+    assert sorted(p.name for p in out.glob("*.png")) == names
+    for name, (h, w) in zip(names, sizes):
+        assert Image.open(out / name).size == (w, h)
+    assert drawing_names(["p/q.png", "q.png", "r.png", "s/q.jpg", "r.jpg", "t.png"]) == [
+        "q_pred.png",
+        "q_pred_2.png",
+        "r_pred.png",
+        "q_pred_3.png",
+        "r_pred_2.png",
+        "t_pred.png",
+    ]
+
+
 # ---------------------------------------------------------------------- eval detect
 @pytest.fixture(scope="module")
 def detect_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -9,7 +9,7 @@
 * ``mvitv2 eval detect --checkpoint CKPT [--data DIR | --images DIR --annotations JSON]``: COCO box
   and mask AP through COCOeval; writes the detections as a COCO results JSON.
 * ``mvitv2 predict detect IMAGES... --checkpoint CKPT [--output-dir DIR]``: writes one PNG per
-  image with masks, boxes and ``label score`` drawn.
+  image with masks, boxes and ``label score`` drawn (:func:`drawing_names`).
 
 ``--checkpoint`` of eval, predict and export is a training checkpoint or a released detectron2
 MViTv2 detector (``model_final.pth``, a model-zoo ``.pkl`` with ``--allow-pickle``, or a weights tag
@@ -32,6 +32,7 @@ import pickle
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -821,8 +822,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument(
             "--output-dir",
             default="predictions",
-            help="folder for the annotated PNGs and detections.json (per image: label name, COCO "
-            "category id, score, box x1 y1 x2 y2 in pixels, mask as COCO RLE)",
+            help="folder for the annotated PNGs and detections.json (per image: its PNG, and per "
+            "detection: label name, COCO category id, score, box x1 y1 x2 y2 in pixels, mask as "
+            "COCO RLE)",
         )
         parser.add_argument(
             "--score-thresh", type=float, default=0.5, help="keep detections scoring at least this"
@@ -997,6 +999,20 @@ def describe_detections(det: dict[str, Any], score_thresh: float) -> str:
     )
 
 
+def drawing_names(files: Sequence[str | Path]) -> list[str]:
+    """The file name of each input's drawing in the output folder: ``<stem>_pred.png``, and for
+    an input whose stem an earlier one had (``a/x.jpg``, ``b/x.jpg``, ``x.png``)
+    ``<stem>_pred_<n>.png``, n counting from 2 in input order, so that no drawing overwrites
+    another (``detections.json`` names each input's drawing)."""
+    seen: Counter[str] = Counter()
+    names = []
+    for f in files:
+        stem = Path(f).stem
+        seen[stem] += 1
+        names.append(f"{stem}_pred.png" if seen[stem] == 1 else f"{stem}_pred_{seen[stem]}.png")
+    return names
+
+
 @torch.no_grad()
 def _predict(args: argparse.Namespace) -> int:
     from torchvision.io import write_png
@@ -1023,14 +1039,16 @@ def _predict(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     status = 0
     saved = []
-    for f, det in predict_batches(predictor, files, args.batch_size):
+    results = predict_batches(predictor, files, args.batch_size)  # in the order of files
+    for (f, det), name in zip(results, drawing_names(files), strict=True):
         if isinstance(det, Exception):
             print(f"{f}: error: {error_reason(f, det)}", file=sys.stderr)
             status = 1
             continue
         image = load_image(f)  # uint8 (3, H, W), for drawing
         h, w = image.shape[1:]
-        record = {"file": str(f), "height": h, "width": w}
+        target = out_dir / name
+        record = {"file": str(f), "height": h, "width": w, "drawing": str(target)}
         record["detections"] = detection_records(det, cat_ids)
         saved.append(record)
         drawn = image
@@ -1041,7 +1059,6 @@ def _predict(args: argparse.Namespace) -> int:
             drawn = draw_bounding_boxes(
                 drawn, det["boxes"], labels=captions, colors="yellow", width=1
             )
-        target = out_dir / f"{Path(f).stem}_pred.png"
         write_png(drawn, str(target))
         if args.json:
             print(json.dumps(record))
