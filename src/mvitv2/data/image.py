@@ -202,7 +202,10 @@ class ImageFolder(Dataset):
         index = {c: i for i, c in enumerate(self.classes)}
         extra = sorted(set(found) - set(index))
         if extra:
-            raise UserValueError(f"{split_dir} has classes not in training: {extra[:10]}")
+            raise UserValueError(
+                f"{split_dir} has {len(extra)} class folder(s) not in training: {extra[:10]}; "
+                f"the model knows {len(self.classes)} classes, move the others out of {split_dir}"
+            )
         self.samples: list[tuple[str, int]] = []
         for c in found:
             files = find_files(split_dir / c, IMG_EXTENSIONS)
