@@ -221,6 +221,8 @@ def test_implementation_choices_name_the_gemm_backend_the_linear_layers_use(monk
             "gemm": "aten",
             "gemm_setting": "onednn",
             "gemm_why": "this CPU has no oneDNN bf16 kernels",
+            "pool_conv": "as autocast",
+            "pool_conv_why": "fp32, or no gradients",
         }
 
 

@@ -41,7 +41,14 @@ from mvitv2.ops.gemm import (
     set_gemm_backend,
 )
 from mvitv2.ops.mlp import add_residual
-from mvitv2.ops.pooling import max_pool, pool_qkv, pool_tokens, window_partition, window_unpartition
+from mvitv2.ops.pooling import (
+    max_pool,
+    pool_choice,
+    pool_qkv,
+    pool_tokens,
+    window_partition,
+    window_unpartition,
+)
 from mvitv2.ops.rel_pos import RelPos, get_rel_pos, rel_pos_bias, rel_pos_index, resize_rel_pos
 
 
@@ -60,7 +67,8 @@ def implementation_choices(
 
     Returns:
         ``attention``, ``attention_setting``, ``attention_why``, ``gemm``, ``gemm_setting``,
-        ``gemm_why``; e.g. ``{"attention": "memeff", "attention_setting": "auto", ..., "gemm":
+        ``gemm_why``, and on CPU ``pool_conv``, ``pool_conv_why`` (see
+        :func:`~mvitv2.ops.pooling.pool_choice`); e.g. ``{"attention": "memeff", "attention_setting": "auto", ..., "gemm":
         "onednn", "gemm_why": "measured 6272x384x1536 with bias: oneDNN 21.0 ms, ATen 45.3
         ms"}`` (training) or ``"gemm": "measured"`` (inference: per GEMM size class, see
         :func:`~mvitv2.ops.gemm.gemm_measurements`).
@@ -69,6 +77,7 @@ def implementation_choices(
     choices = attention_choice(device_type, dtype, training)
     if device_type == "cpu":
         choices.update(gemm_choice(training, dtype))
+        choices.update(pool_choice(dtype, training))
     else:
         choices.update(gemm="aten", gemm_setting=get_gemm_backend(), gemm_why=NOT_APPLICABLE)
     return choices

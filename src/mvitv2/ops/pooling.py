@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from mvitv2.ops.context import autocast_dtype, tracing
 from mvitv2.ops.gemm import linear
 from mvitv2.ops.rel_pos import Grid
+from mvitv2.utils.timing import best_ms
 
 #: At inference, Q, K and V are projected and pooled one at a time when one of them would
 #: have more elements than this (bounds the unpooled projections of large inputs).
@@ -143,7 +144,7 @@ def _pool_group(
     """
     y = linear(x, weight, bias)
     w = torch.cat([pl.weight.repeat(num_heads, *[1] * (pl.weight.dim() - 1)) for pl in pools])
-    y, thw = _channels_last_pool(y, thw, w.to(y.dtype), pools[0], num_prefix)
+    y, thw = _channels_last_pool(y, thw, w, pools[0], num_prefix)
     return _head_norm(y, norms, num_heads), thw
 
 
@@ -295,6 +296,11 @@ def _channels_last_pool(
 
     ``weight`` is ``(ch, 1, *kernel)``; stride and padding come from ``conv``.
     """
+    if _pool_in_fp32(x, conv.stride):
+        x = _at_least_fp32(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return _channels_last_pool(x, thw, weight, conv, num_prefix)
+    weight = weight.to(x.dtype)
     B, _, ch = x.shape
     T, H, W = thw
     grid = x[:, num_prefix:] if num_prefix else x
@@ -318,6 +324,68 @@ def _channels_last_pool(
     return y, new_thw
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in fp32 if it is in a lower precision (bf16, fp16), else as it is (fp64 stays)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _pool_in_fp32(x: Tensor, stride: Sequence[int]) -> bool:
+    """Whether a pooling conv with ``stride`` runs on ``x`` in fp32 although CPU autocast asks
+    for a lower precision: for a strided conv under autograd, where measured faster
+    (:func:`pool_conv_ms`). PyTorch's bf16 depthwise conv computes a strided conv's input
+    gradient 20-300x slower than its fp32 one on the AMD EPYC of docs/benchmarks.md (e.g. 111
+    vs 4.9 ms for MViTv2-T's stride-2 Q/K/V pooling at batch 16); stride 1 is not affected."""
+    if x.device.type != "cpu" or not torch.is_grad_enabled() or tracing():
+        return False
+    dtype = autocast_dtype("cpu")
+    if dtype is None or all(s == 1 for s in stride):
+        return False
+    low, fp32 = pool_conv_ms(dtype)
+    return fp32 < low
+
+
+def time_pool_conv(dtype: torch.dtype) -> tuple[float, float]:
+    """Time a strided pooling conv's forward and backward each way under CPU autocast to
+    ``dtype``: as autocast runs it, and in fp32 (input cast up, autocast off, as
+    :func:`_pool_in_fp32` runs it). The conv: MViTv2's depthwise 3x3, stride 2, on a
+    ``(2, 28, 28, 384)`` channels-last grid (MViTv2-T's stage-2 K/V at batch 2). Returns
+    ``(autocast ms, fp32 ms)``, the best of alternating rounds; ~50 ms on the AMD EPYC."""
+    gen = torch.Generator().manual_seed(0)
+    grid = torch.randn(2, 28, 28, 384, generator=gen).permute(0, 3, 1, 2)
+    weight = torch.randn(384, 1, 3, 3, generator=gen)
+
+    def step(fp32: bool) -> Callable[[], object]:
+        def run() -> object:
+            with torch.autocast("cpu", dtype, enabled=not fp32):
+                x = grid.to(dtype).requires_grad_()
+                y = F.conv2d(x.float() if fp32 else x, weight, None, 2, 1, 1, 384)
+                return torch.autograd.grad(y, x, torch.ones_like(y))
+
+        return run
+
+    ms = best_ms({"autocast": step(False), "fp32": step(True)}, budget_ms=40.0, min_rounds=3)
+    return ms["autocast"], ms["fp32"]
+
+
+#: :func:`time_pool_conv` once per process and autocast dtype.
+pool_conv_ms = functools.cache(time_pool_conv)
+
+
+def pool_choice(dtype: torch.dtype, training: bool) -> dict[str, str]:
+    """How the strided pooling convs of a CPU run in compute ``dtype`` (the autocast dtype under
+    autocast; with gradients if ``training``) run, and why: ``{"pool_conv": ...,
+    "pool_conv_why": ...}``; measures (:func:`pool_conv_ms`) if not yet done."""
+    if dtype == torch.float32 or not training:
+        return {"pool_conv": "as autocast", "pool_conv_why": "fp32, or no gradients"}
+    low, fp32 = pool_conv_ms(dtype)
+    name = str(dtype).removeprefix("torch.")
+    return {
+        "pool_conv": "fp32" if fp32 < low else "as autocast",
+        "pool_conv_why": f"measured a stride-2 depthwise conv's forward and backward: "
+        f"{name} {low:.1f} ms, fp32 {fp32:.1f} ms",
+    }
+
+
 def _head_norm(x: Tensor, norms: list[nn.LayerNorm], num_heads: int) -> Tensor:
     """LayerNorm over the head width of ``(B, N, G*nH*C)`` tokens, norm ``g`` on group ``g``.
 
@@ -334,9 +402,13 @@ def _head_norm(x: Tensor, norms: list[nn.LayerNorm], num_heads: int) -> Tensor:
         return F.layer_norm(x, shape, norms[0].weight, norms[0].bias, eps)
     weight = torch.stack([n.weight for n in norms])[:, None]  # (G, 1, C)
     bias = torch.stack([n.bias for n in norms])[:, None]
+    if not tracing() and torch.is_grad_enabled():
+        # Under autocast too, in fp32 (as autocast runs LayerNorm on GPUs; pool_qkv casts Q/K/V
+        # back): autograd's weight and bias gradients of the addcmul below are strided sums,
+        # ~100 ms of a bf16 training step of MViTv2-T at batch 16 on the AMD EPYC of
+        # docs/benchmarks.md, where these are column sums (_group_sum).
+        return _GroupLayerNorm.apply(_at_least_fp32(x), weight, bias, eps)
     if autocast_dtype(x.device.type) is None and not tracing():
-        if torch.is_grad_enabled():
-            return _GroupLayerNorm.apply(x, weight, bias, eps)
         # Inference: affine in place, no second full-size tensor.
         return _normalize(x, eps)[0].mul_(weight).add_(bias)
     x = F.layer_norm(x, shape, None, None, eps)
