@@ -273,6 +273,39 @@ def test_cascade_training_relabels_each_stages_refined_boxes_and_reports_its_los
     assert heads.box_roi_pool.gain.grad.item() == pytest.approx(want, rel=1e-4)
 
 
+def test_each_stage_is_trained_by_its_own_losses_only():
+    """The next stage pools this stage's regressed boxes detached (detectron2's Cascade R-CNN):
+    a stage's predictor gets the gradient of its own classification and box losses, computed
+    here from the boxes it saw, and nothing from the later stages."""
+    torch.manual_seed(0)
+    preds = [AgnosticBoxPredictor(4, 3) for _ in range(3)]
+    for p in preds:  # deltas that move with the box, so later stages could see a gradient
+        nn.init.normal_(p.bbox_pred.weight, std=0.01)
+        nn.init.normal_(p.cls_score.weight, std=0.05)
+    heads = _heads().train()
+    heads.box_predictors = nn.ModuleList(preds)
+    gt = [10.0, 10.0, 40.0, 40.0]
+    props = torch.tensor([[10.0, 10.0, 40.0, 40.0], [12.0, 8.0, 44.0, 36.0], [9, 14, 38, 46]])
+    target = {"boxes": torch.tensor([gt]), "labels": torch.tensor([2])}
+    _, losses = heads({}, [props], [(100, 100)], [target])
+    sum(losses.values()).backward()
+    for k, seen in enumerate(heads.box_roi_pool.seen):
+        ref = AgnosticBoxPredictor(4, 3)
+        ref.load_state_dict(preds[k].state_dict())
+        boxes = seen.tolist()
+        labels = torch.tensor([2 if _iou(b, gt) >= (0.5, 0.6, 0.7)[k] else 0 for b in boxes])
+        logits, deltas = ref(seen)
+        fg = labels > 0
+        assert fg.any(), k
+        reg = torch.tensor([_encode(gt, b, WEIGHTS[k]) for b in boxes])
+        box = torch.nn.functional.smooth_l1_loss(
+            deltas[fg], reg[fg], beta=1 / 9, reduction="sum"
+        ) / len(boxes)
+        (torch.nn.functional.cross_entropy(logits, labels) + box).backward()
+        for (name, got), want in zip(preds[k].named_parameters(), ref.parameters()):
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_agnostic_predictor_starts_small_and_outputs_one_box_per_roi():
     torch.manual_seed(0)
     p = AgnosticBoxPredictor(256, 5)
