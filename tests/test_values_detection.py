@@ -51,12 +51,20 @@ DELTAS = [[5.0, -2.0, 1.0, 0.5], [8.0, 4.0, -1.0, 1.0], [-3.0, 6.0, 1.5, -1.5]]
 
 
 def _heads(
-    score_thresh=0.0, nms_thresh=1.0, detections=100, ious=(0.5, 0.6, 0.7), **mask
+    score_thresh=0.0,
+    nms_thresh=1.0,
+    detections=100,
+    ious=(0.5, 0.6, 0.7),
+    pool: nn.Module | None = None,
+    predictors: list[nn.Module] | None = None,
+    **mask,
 ) -> CascadeRoIHeads:
+    """Three stages on ``pool`` (default :class:`BoxesAsFeatures`) and ``predictors`` (default
+    :class:`Fixed` at LOGITS and DELTAS), identity box heads, WEIGHTS."""
     return CascadeRoIHeads(
-        box_roi_pool=BoxesAsFeatures(),
+        box_roi_pool=BoxesAsFeatures() if pool is None else pool,
         box_heads=[nn.Identity() for _ in range(3)],
-        box_predictors=[Fixed(lg, d) for lg, d in zip(LOGITS, DELTAS)],
+        box_predictors=predictors or [Fixed(lg, d) for lg, d in zip(LOGITS, DELTAS)],
         stage_ious=list(ious),
         stage_weights=WEIGHTS,
         batch_size_per_image=512,
@@ -314,8 +322,7 @@ def test_each_stage_is_trained_by_its_own_losses_only():
     for p in preds:  # deltas that move with the box, so later stages could see a gradient
         nn.init.normal_(p.bbox_pred.weight, std=0.01)
         nn.init.normal_(p.cls_score.weight, std=0.05)
-    heads = _heads().train()
-    heads.box_predictors = nn.ModuleList(preds)
+    heads = _heads(predictors=preds).train()
     gt = [10.0, 10.0, 40.0, 40.0]
     props = torch.tensor([[10.0, 10.0, 40.0, 40.0], [12.0, 8.0, 44.0, 36.0], [9, 14, 38, 46]])
     target = {"boxes": torch.tensor([gt]), "labels": torch.tensor([2])}
@@ -353,17 +360,9 @@ def test_cascade_runs_on_torchvisions_roi_pooler_and_matches_a_stage_loop_with_i
         nn.init.normal_(p.cls_score.weight, std=1.0)
         nn.init.normal_(p.bbox_pred.weight, std=1.0)
     mask_predictor = nn.Conv2d(2, 3, 1)
-    heads = CascadeRoIHeads(
-        box_roi_pool=MultiScaleRoIAlign(["p2", "p3"], 2, 2),
-        box_heads=[nn.Identity() for _ in range(3)],
-        box_predictors=preds,
-        stage_ious=[0.5, 0.6, 0.7],
-        stage_weights=WEIGHTS,
-        batch_size_per_image=8,
-        positive_fraction=0.25,
-        score_thresh=0.0,
-        nms_thresh=1.0,
-        detections_per_img=100,
+    heads = _heads(
+        pool=MultiScaleRoIAlign(["p2", "p3"], 2, 2),
+        predictors=preds,
         mask_roi_pool=MultiScaleRoIAlign(["p2", "p3"], 2, 2),
         mask_head=nn.Identity(),
         mask_predictor=mask_predictor,
