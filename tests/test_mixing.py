@@ -167,7 +167,7 @@ def test_mix_prob_decides_how_many_batches_are_mixed():
     torch.manual_seed(0)
     x, labels = _batch(SHAPES["clip"])
     plain = MixCriterion(K, label_smoothing=S).soft_targets(labels)
-    for prob, lo, hi in [(0.0, 0, 0), (0.5, 25, 75), (1.0, 100, 100)]:
+    for prob, lo, hi in [(0.0, 0, 0), (0.2, 8, 32), (0.5, 25, 75), (1.0, 100, 100)]:
         mix = MixCriterion(K, mixup=1.0, prob=prob, label_smoothing=S)
         assert mix.active == (prob > 0)
         mixed = 0
