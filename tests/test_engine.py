@@ -355,6 +355,61 @@ def test_warmup_then_cosine_per_step_follows_the_formula():
     assert opt.param_groups[1]["lr"] == pytest.approx(lrs[23], rel=1e-12)
 
 
+def test_cosine_schedule_matches_timms_cosine_scheduler_with_a_warmup_prefix():
+    """timm's CosineLRScheduler (warmup_prefix=True, t_initial = total - warmup, per update) has
+    our semantics: linear warmup from warmup_lr, half a cosine to min_lr, then held at min_lr.
+    The peak is the lr scaled to 2 processes; 1.4 warmup epochs of 4 steps round to 6 steps."""
+    from timm.scheduler import CosineLRScheduler
+
+    cfg = TrainConfig.load(
+        None,
+        ["epochs=6", "warmup_epochs=1.4", "base_lr=0.1", "lr_ref_batch=64", "batch_size=64"]
+        + ["warmup_lr=1e-5", "min_lr=2e-4"],
+    )
+    opt = build_optimizer(ToyModel(), cfg, world_size=2)
+    ours = lr_trace(opt, build_scheduler(opt, cfg, steps_per_epoch=4, world_size=2), 30)
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1 * 2)
+    ref = CosineLRScheduler(
+        ref_opt,
+        t_initial=24 - 6,  # 6 epochs x 4 steps, round(1.4 x 4) warmup steps
+        lr_min=2e-4,
+        warmup_t=6,
+        warmup_lr_init=1e-5,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    for step, lr in enumerate(ours):  # 30 steps: past the end of the run (24)
+        ref.step_update(step)
+        assert lr == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12, abs=1e-15), step
+    assert ours[-1] == 2e-4
+
+
+def test_step_schedule_matches_torchs_linear_warmup_chained_with_multistep():
+    """torch's LinearLR (from warmup_lr / peak to 1 over the warmup) chained with MultiStepLR
+    (gamma at each milestone, counted at step >= milestone) is our step schedule when the
+    milestones come after the warmup. Milestones in fractional epochs, given out of order; they
+    and the warmup (0.6 x 4 = 2.4 steps) round to the nearest step."""
+    cfg = TrainConfig.load(
+        None,
+        ["epochs=6", "warmup_epochs=0.6", "base_lr=0.3", "lr_ref_batch=64", "batch_size=64"]
+        + ["warmup_lr=0.01", "lr_schedule=step", "lr_steps=[4, 2.6]", "lr_gamma=0.5"],
+    )
+    opt = build_optimizer(ToyModel(), cfg, world_size=3)
+    ours = lr_trace(opt, build_scheduler(opt, cfg, steps_per_epoch=4, world_size=3), 24)
+    peak = 0.3 * 3
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    ref = torch.optim.lr_scheduler.ChainedScheduler(
+        [
+            torch.optim.lr_scheduler.LinearLR(ref_opt, 0.01 / peak, 1.0, total_iters=2),
+            torch.optim.lr_scheduler.MultiStepLR(ref_opt, milestones=[10, 16], gamma=0.5),
+        ]
+    )
+    want = lr_trace(ref_opt, ref, 24)
+    assert ours == pytest.approx(want, rel=1e-12)
+    assert ours[1:3] == pytest.approx([0.01 + (peak - 0.01) / 2, peak])  # by hand
+    assert ours[9:11] + ours[15:17] == pytest.approx([peak, peak / 2, peak / 2, peak / 4])
+
+
 # ---------------------------------------------------------------------- short runs of a recipe
 def test_a_short_run_of_a_paper_recipe_keeps_the_warmup_fraction(capsys):
     import yaml

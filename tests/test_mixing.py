@@ -82,6 +82,30 @@ def test_cutmix_pastes_one_box_on_every_frame_and_weighs_targets_by_its_area(kin
     assert len(boxes) > 3  # boxes of several sizes were drawn (not always empty or full)
 
 
+@pytest.mark.parametrize("op", ["mixup", "cutmix"])
+def test_mixed_targets_are_the_naive_loops_blend_of_each_sample_and_its_neighbours_labels(op):
+    """Every entry of the targets, neighbours with equal labels included: sample i's smoothed
+    one-hot weighted by its share lam (mixup: read from the pixels; cutmix: 1 - the pasted
+    box's area) plus sample i - 1's weighted by 1 - lam, built class by class in a loop."""
+    mix = MixCriterion(K, **{op: 1.0}, label_smoothing=S)
+    labels = torch.tensor([2, 2, 0, 4])  # samples 0 and 1 share a label
+    for seed in range(3):
+        torch.manual_seed(seed)
+        x, _ = _batch(SHAPES["image"])
+        out, targets = mix(x.clone(), labels)
+        if op == "mixup":  # out = lam x + (1 - lam) x_prev, at one pixel of samples 1 and 0
+            lam = float((out[1, 0, 0, 0] - x[0, 0, 0, 0]) / (x[1, 0, 0, 0] - x[0, 0, 0, 0]))
+        else:
+            lam = 1 - float((out[0, 0] != x[0, 0]).float().mean())
+        want = torch.zeros(4, K)
+        for i in range(4):
+            for c in range(K):
+                own = ON if c == labels[i] else OFF
+                partner = ON if c == labels[i - 1] else OFF
+                want[i, c] = lam * own + (1 - lam) * partner
+        torch.testing.assert_close(targets, want)
+
+
 @pytest.mark.parametrize("switch_prob, op", [(0.0, "mixup"), (1.0, "cutmix")])
 def test_switch_prob_chooses_between_mixup_and_cutmix(switch_prob, op):
     mix = MixCriterion(K, mixup=1.0, cutmix=1.0, switch_prob=switch_prob, label_smoothing=S)
@@ -143,7 +167,7 @@ def test_mix_prob_decides_how_many_batches_are_mixed():
     torch.manual_seed(0)
     x, labels = _batch(SHAPES["clip"])
     plain = MixCriterion(K, label_smoothing=S).soft_targets(labels)
-    for prob, lo, hi in [(0.0, 0, 0), (0.5, 25, 75), (1.0, 100, 100)]:
+    for prob, lo, hi in [(0.0, 0, 0), (0.2, 8, 32), (0.5, 25, 75), (1.0, 100, 100)]:
         mix = MixCriterion(K, mixup=1.0, prob=prob, label_smoothing=S)
         assert mix.active == (prob > 0)
         mixed = 0

@@ -51,12 +51,20 @@ DELTAS = [[5.0, -2.0, 1.0, 0.5], [8.0, 4.0, -1.0, 1.0], [-3.0, 6.0, 1.5, -1.5]]
 
 
 def _heads(
-    score_thresh=0.0, nms_thresh=1.0, detections=100, ious=(0.5, 0.6, 0.7), **mask
+    score_thresh=0.0,
+    nms_thresh=1.0,
+    detections=100,
+    ious=(0.5, 0.6, 0.7),
+    pool: nn.Module | None = None,
+    predictors: list[nn.Module] | None = None,
+    **mask,
 ) -> CascadeRoIHeads:
+    """Three stages on ``pool`` (default :class:`BoxesAsFeatures`) and ``predictors`` (default
+    :class:`Fixed` at LOGITS and DELTAS), identity box heads, WEIGHTS."""
     return CascadeRoIHeads(
-        box_roi_pool=BoxesAsFeatures(),
+        box_roi_pool=BoxesAsFeatures() if pool is None else pool,
         box_heads=[nn.Identity() for _ in range(3)],
-        box_predictors=[Fixed(lg, d) for lg, d in zip(LOGITS, DELTAS)],
+        box_predictors=predictors or [Fixed(lg, d) for lg, d in zip(LOGITS, DELTAS)],
         stage_ious=list(ious),
         stage_weights=WEIGHTS,
         batch_size_per_image=512,
@@ -173,6 +181,38 @@ def test_each_stage_labels_rois_at_its_own_iou_threshold_and_encodes_with_its_we
         assert torch.allclose(reg[1][pos], ref[pos], atol=1e-4), k
 
 
+def test_stage_labels_follow_the_rois_dtype_and_device_whatever_the_ground_truths():
+    """Float64 ground truth (from numpy) is matched and encoded in the RoIs' float32, as
+    torchvision's sampling does; an image without objects gets its background labels on the
+    RoIs' device (meta stands in for a GPU)."""
+    heads = _heads()
+    gt = [0.0, 0.0, 10.0, 10.0]
+    props = torch.tensor([[0.0, 0.0, 10.0, 7.0], [1.0, 0.0, 11.0, 10.0], [0.0, 0.0, 10.0, 4.0]])
+    target = {"boxes": torch.tensor([gt], dtype=torch.float64), "labels": torch.tensor([1])}
+    labels, reg = heads._label_stage(1, [props], [target])
+    assert labels[0].tolist() == [1, 1, 0]  # IoU 0.7, 0.82, 0.4 at the stage's 0.6
+    assert reg[0].dtype == torch.float32
+    want = torch.tensor([_encode(gt, b, WEIGHTS[1]) for b in props.tolist()])
+    torch.testing.assert_close(reg[0][:2], want[:2])
+    meta = {"boxes": torch.zeros(0, 4, device="meta"), "labels": torch.zeros(0, device="meta")}
+    labels, reg = heads._label_stage(2, [torch.zeros(3, 4, device="meta")], [meta])
+    assert labels[0].device.type == reg[0].device.type == "meta"
+    assert labels[0].dtype == torch.int64 and labels[0].shape == (3,)
+
+
+def test_the_first_stage_pools_the_proposals_as_given_and_the_next_their_clipped_refinement():
+    """As in detectron2, only the regressed boxes that later stages pool are clipped to the
+    image; the proposals reach the first stage unchanged, even where they leave it."""
+    props = torch.tensor([[-5.0, 10.0, 30.0, 40.0], [60.0, 50.0, 130.0, 90.0]])
+    heads = _heads().eval()
+    with torch.no_grad():
+        heads({}, [props], [(100, 120)])
+    seen = heads.box_roi_pool.seen
+    assert torch.equal(seen[0], props)
+    want = [_clip(_decode(b, DELTAS[0], WEIGHTS[0]), 100, 120) for b in props.tolist()]
+    torch.testing.assert_close(seen[1], torch.tensor(want))
+
+
 def test_agnostic_box_loss_is_cross_entropy_plus_smooth_l1_on_foreground_over_all_rois():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 4, generator=g)
@@ -271,6 +311,82 @@ def test_cascade_training_relabels_each_stages_refined_boxes_and_reports_its_los
         torch.nn.functional.cross_entropy(logits, labels[0]).backward()
         want += g.grad.item() / 3
     assert heads.box_roi_pool.gain.grad.item() == pytest.approx(want, rel=1e-4)
+
+
+def test_each_stage_is_trained_by_its_own_losses_only():
+    """The next stage pools this stage's regressed boxes detached (detectron2's Cascade R-CNN):
+    a stage's predictor gets the gradient of its own classification and box losses, computed
+    here from the boxes it saw, and nothing from the later stages."""
+    torch.manual_seed(0)
+    preds = [AgnosticBoxPredictor(4, 3) for _ in range(3)]
+    for p in preds:  # deltas that move with the box, so later stages could see a gradient
+        nn.init.normal_(p.bbox_pred.weight, std=0.01)
+        nn.init.normal_(p.cls_score.weight, std=0.05)
+    heads = _heads(predictors=preds).train()
+    gt = [10.0, 10.0, 40.0, 40.0]
+    props = torch.tensor([[10.0, 10.0, 40.0, 40.0], [12.0, 8.0, 44.0, 36.0], [9, 14, 38, 46]])
+    target = {"boxes": torch.tensor([gt]), "labels": torch.tensor([2])}
+    _, losses = heads({}, [props], [(100, 100)], [target])
+    sum(losses.values()).backward()
+    for k, seen in enumerate(heads.box_roi_pool.seen):
+        ref = AgnosticBoxPredictor(4, 3)
+        ref.load_state_dict(preds[k].state_dict())
+        boxes = seen.tolist()
+        labels = torch.tensor([2 if _iou(b, gt) >= (0.5, 0.6, 0.7)[k] else 0 for b in boxes])
+        logits, deltas = ref(seen)
+        fg = labels > 0
+        assert fg.any(), k
+        reg = torch.tensor([_encode(gt, b, WEIGHTS[k]) for b in boxes])
+        box = torch.nn.functional.smooth_l1_loss(
+            deltas[fg], reg[fg], beta=1 / 9, reduction="sum"
+        ) / len(boxes)
+        (torch.nn.functional.cross_entropy(logits, labels) + box).backward()
+        for (name, got), want in zip(preds[k].named_parameters(), ref.parameters()):
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_cascade_runs_on_torchvisions_roi_pooler_and_matches_a_stage_loop_with_its_box_coders():
+    """torchvision's MultiScaleRoIAlign (which reads the image sizes for its scales) as box and
+    mask pooler; the detections against a loop over the stages written with torchvision's
+    BoxCoder at each stage's weights: scores the mean of the stages' softmax, boxes the last
+    stage's, masks from the final boxes at the detected class."""
+    from torchvision.models.detection._utils import BoxCoder
+    from torchvision.ops import MultiScaleRoIAlign, clip_boxes_to_image
+
+    torch.manual_seed(0)
+    feats = {"p2": torch.randn(1, 2, 16, 16), "p3": torch.randn(1, 2, 8, 8)}
+    preds = [AgnosticBoxPredictor(8, 3) for _ in range(3)]
+    for p in preds:
+        nn.init.normal_(p.cls_score.weight, std=1.0)
+        nn.init.normal_(p.bbox_pred.weight, std=1.0)
+    mask_predictor = nn.Conv2d(2, 3, 1)
+    heads = _heads(
+        pool=MultiScaleRoIAlign(["p2", "p3"], 2, 2),
+        predictors=preds,
+        mask_roi_pool=MultiScaleRoIAlign(["p2", "p3"], 2, 2),
+        mask_head=nn.Identity(),
+        mask_predictor=mask_predictor,
+    ).eval()
+    props = torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]])
+    with torch.no_grad():
+        (det,), _ = heads(feats, [props], [(64, 64)])
+        pool = MultiScaleRoIAlign(["p2", "p3"], 2, 2)
+        boxes, scores = props, 0
+        for k in range(3):
+            logits, deltas = preds[k](pool(feats, [boxes], [(64, 64)]))
+            scores = scores + torch.softmax(logits, 1) / 3
+            boxes = clip_boxes_to_image(
+                BoxCoder(WEIGHTS[k]).decode(deltas, [boxes])[:, 0], (64, 64)
+            )
+        want = sorted(
+            ((float(scores[r, c]), c, boxes[r]) for r in range(2) for c in (1, 2)),
+            key=lambda t: -t[0],
+        )
+        masks = torch.sigmoid(mask_predictor(pool(feats, [det["boxes"]], [(64, 64)])))
+    assert det["labels"].tolist() == [c for _, c, _ in want]
+    torch.testing.assert_close(det["scores"], torch.tensor([s for s, _, _ in want]))
+    torch.testing.assert_close(det["boxes"], torch.stack([b for _, _, b in want]))
+    torch.testing.assert_close(det["masks"], masks[torch.arange(4), det["labels"]][:, None])
 
 
 def test_agnostic_predictor_starts_small_and_outputs_one_box_per_roi():
