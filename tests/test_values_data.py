@@ -402,6 +402,10 @@ def test_render_digit_is_a_bilinear_upscale_of_the_padded_scan():
         assert np.allclose(got, _bilinear_reference(scan, size), atol=1e-5), size
     wide = render_digit(scan, 16, 24)
     assert wide.shape == (16, 24)
+    # Usable as alpha whatever the scan's range: an over- or under-exposed scan is clipped.
+    bright = scan * 3 - 1
+    assert bright.min() < -0.5 and bright.max() > 1.5
+    assert np.allclose(render_digit(bright, 20, 20), _bilinear_reference(bright, 20), atol=1e-5)
 
 
 def test_split_is_stratified_disjoint_complete_and_seeded():
@@ -459,6 +463,48 @@ def test_build_cached_builds_once_per_parameters_and_never_leaves_a_partial_data
     assert build_cached(tmp_path / "race", {"n": 9}, raced) == tmp_path / "race"
     assert (tmp_path / "race" / "data.txt").read_text() == "theirs"  # theirs kept, no error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["race", "sub"]
+
+
+def test_a_stale_dataset_removed_by_another_builder_meanwhile_is_rebuilt(tmp_path, monkeypatch):
+    """Several DDP ranks replace one stale dataset at once: the one that finds it already gone
+    goes on (no error)."""
+    import shutil
+
+    root = tmp_path / "ds"
+    build_cached(root, {"v": 1}, lambda d: (d / "x").write_text("1"))
+    real_rmtree = shutil.rmtree
+
+    def other_builder_first(path, *args, **kwargs):
+        if Path(path) == root and root.exists():
+            real_rmtree(root)  # another rank removed it an instant before us
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", other_builder_first)
+    assert build_cached(root, {"v": 2}, lambda d: (d / "x").write_text("2")) == root
+    assert (root / "x").read_text() == "2"
+    assert json.loads((root / "_params.json").read_text()) == {"v": 2}
+
+
+def test_a_failed_build_reports_its_own_error_even_if_its_leftovers_cannot_be_removed(
+    tmp_path, monkeypatch
+):
+    import os
+
+    real_unlink = os.unlink
+
+    def locked(path, *args, **kwargs):  # a file that stays open elsewhere (network share)
+        if os.fspath(path).endswith("locked.bin"):
+            raise PermissionError(13, "file in use", os.fspath(path))
+        real_unlink(path, *args, **kwargs)
+
+    def broken(d: Path) -> None:
+        (d / "locked.bin").write_bytes(b"x")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "unlink", locked)
+    with pytest.raises(OSError, match="^disk full$"):
+        build_cached(tmp_path / "ds", {"n": 1}, broken)
+    assert not (tmp_path / "ds").exists()
 
 
 def test_default_data_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -523,6 +569,24 @@ def test_skip_counter_counts_any_worker_id_into_the_totals(monkeypatch, worker):
     c.add("b", 3)
     c.add("a")
     assert (c["a"], c["b"]) == (1, 5) and c.as_dict() == {"a": 1, "b": 5}
+
+
+def test_the_main_process_and_each_of_255_workers_count_into_rows_of_their_own(monkeypatch):
+    """Adds from different processes never share a row (a shared row loses counts when two
+    add at once), up to 255 DataLoader workers; all rows are summed."""
+    import mvitv2.data.common as common
+
+    c = SkipCounter(["x"])
+    rows = []
+    for worker in [None, *range(255)]:
+        info = None if worker is None else type("Info", (), {"id": worker})()
+        monkeypatch.setattr(common, "get_worker_info", lambda info=info: info)
+        before = c._events.clone()
+        c.add("x", 7)
+        changed = (c._events != before).any(1).nonzero().flatten().tolist()
+        assert len(changed) == 1, worker
+        rows.append(changed[0])
+    assert len(set(rows)) == 256 and c["x"] == 7 * 256
 
 
 def test_config_dicts_turn_lists_into_tuples_and_back_and_name_unknown_keys():
