@@ -46,6 +46,7 @@ from test_predictor import (
     make_detect_checkpoint,
     make_image_checkpoint,
 )
+from test_values_engine_cli import _options
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -294,6 +295,20 @@ def test_tiny_exports_sidecars_graphs_and_outputs(tiny: dict):
     _check_onnx_graphs(tiny)
     _check_outputs(tiny, "onnx")
     _check_outputs(tiny, "pt2")
+
+
+def test_onnx_sessions_name_the_cpu_provider(tiny: dict, monkeypatch: pytest.MonkeyPatch):
+    """onnxruntime's GPU builds refuse a session that names no provider: the CPU one is asked
+    for by name (a CPU-only build would choose it anyway)."""
+    import onnxruntime as ort
+
+    asked: list = []
+    real = ort.InferenceSession
+    monkeypatch.setattr(
+        ort, "InferenceSession", lambda *a, **k: asked.append(k.get("providers")) or real(*a, **k)
+    )
+    assert onnx_session(tiny["onnx"]).get_providers() == ["CPUExecutionProvider"]
+    assert asked == [["CPUExecutionProvider"]]
 
 
 def test_load_program_of_a_missing_file(tmp_path: Path):
@@ -722,6 +737,44 @@ def test_export_options_refused(capsys: pytest.CaptureFixture):
         assert phrase in capsys.readouterr().err.replace("'onnx'", "onnx").replace(
             "'torch-export'", "torch-export"
         )
+
+
+def test_export_options_help_lines():
+    """What ``mvitv2 export <task> --help`` says of each option (flags, help, metavar, default)."""
+    whole = (
+        "detect, ONNX: export the whole detector (image in, boxes/labels/scores/masks out) "
+        "instead of backbone + FPN"
+    )
+    assert _options(_parser("detect")) == {
+        "checkpoint": (["--checkpoint"], "training checkpoint (.pt)", None, None),
+        "format": (["--format"], "output format (default: onnx)", None, "onnx"),
+        "output": (
+            ["--output"],
+            "output file (default: the checkpoint with .onnx/.pt2)",
+            None,
+            None,
+        ),
+        "opset": (["--opset"], "ONNX opset", None, 18),
+        "static_batch": (
+            ["--static-batch"],
+            "fix the batch size to 1 (default: dynamic)",
+            None,
+            False,
+        ),
+        "input_size": (
+            ["--input-size"],
+            "input height and width (default: the checkpoint's evaluation size)",
+            ("H", "W"),
+            None,
+        ),
+        "verify": (
+            ["--verify"],
+            "compare with PyTorch at batch 1 and 3 after export",
+            None,
+            False,
+        ),
+        "whole_detector": (["--whole-detector"], whole, None, False),
+    }
 
 
 def _args(**kw) -> argparse.Namespace:
