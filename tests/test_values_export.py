@@ -511,6 +511,20 @@ def test_verify_detector_export_compares_every_output_relative_to_its_size(fake_
         verify_detector_export("d.onnx", model, image)
 
 
+def test_verify_detector_export_accepts_a_difference_of_exactly_its_tolerance(fake_onnx):
+    """1e-3 of the largest value is still within: boxes up to 1000 px may be 1 px off."""
+    outputs, _, _ = fake_onnx
+    want = _detections(2)
+    want["boxes"] = torch.tensor([[0.0, 0.0, 1000.0, 500.0], [10.0, 20.0, 30.0, 40.0]])
+    model = _FakeDetector(want)
+    outputs[:] = [want[k].numpy().copy() for k in ("boxes", "labels", "scores", "masks")]
+    outputs[0][1, 3] += 1.0
+    verify_detector_export("d.onnx", model, torch.rand(3, 6, 8))
+    outputs[0][1, 3] += 2.0**-10  # 1.001 px off
+    with pytest.raises(AssertionError, match=r"^boxes: max \|diff\| 1\.00e\+00$"):
+        verify_detector_export("d.onnx", model, torch.rand(3, 6, 8))
+
+
 def test_verify_detector_export_refuses_other_counts_and_accepts_no_detections(fake_onnx):
     outputs, _, _ = fake_onnx
     want = _detections(2)
