@@ -332,6 +332,19 @@ def test_onnx_weights_go_to_external_data_only_above_1_8_gib(
         assert calls.pop()["external_data"] is external
 
 
+def test_a_whole_detector_exports_into_an_existing_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Exported again over its earlier file, beside the checkpoint (the exporter is recorded
+    here: the real one runs in the whole-detector tests)."""
+    traced: list = []
+    monkeypatch.setattr(torch.onnx, "export", lambda m, args, path, **k: traced.append(path))
+    for _ in range(2):
+        path = ex.export_detector_onnx(nn.Identity(), tmp_path / "d.onnx", image_size=(8, 8))
+        assert path == tmp_path / "d.onnx" and traced.pop() == path
+        assert read_metadata(path)["exported_part"] == "whole detector"
+
+
 def test_export_errors_name_the_export_extra_when_onnx_is_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
