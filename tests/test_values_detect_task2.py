@@ -216,6 +216,35 @@ def test_eval_detect_of_a_detectron2_detector_gives_it_uint8_images_and_writes_i
     )
 
 
+def test_eval_detect_sizes_an_object_without_an_area_by_its_segmentation(
+    gt, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    """COCO's ``area`` puts each object in a size range (APs, APm, APl); one the JSON lacks is
+    the pixel count of its segmentation, as COCO records it: the L-shaped stroke (156 pixels in a
+    40x40 box) stays a small object, for box AP and mask AP alike."""
+    data, ann = gt
+    ell = data["annotations"][2]
+    assert ell["bbox"][2:] == [40, 40] and ell["area"] == 156.0
+    missing = json.loads(json.dumps(data))
+    del missing["annotations"][2]["area"]
+    ann.write_text(json.dumps(missing))
+    _use(monkeypatch, DetectorFile(_info(tmp_path / "det.pt", ["a", "b"]), loaded=TwoBoxes()))
+    argv = ["eval", "detect", "--checkpoint", str(tmp_path / "det.pt"), "--images", str(tmp_path)]
+    argv += ["--annotations", str(ann), "--workers", "0", "--json"]
+    assert cli.main(argv) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    want = _two_boxes_results([1, 2], {1: 3, 2: 12})
+    ref = {t: _cocoeval(_coco(data), want, t) for t in ("bbox", "segm")}
+    assert {k: v for k, v in metrics.items() if k.startswith(("bbox", "segm"))} == {
+        f"{t}_{k}": v for t, values in ref.items() for k, v in zip(STATS, values)
+    }
+    # sized by its box instead (1600 pixels, a medium object), small and medium APs differ
+    missing["annotations"][2]["area"] = 1600.0
+    for t in ("bbox", "segm"):
+        by_box = _cocoeval(_coco(missing), want, t)
+        assert by_box[3:5] != ref[t][3:5] and by_box[:3] == ref[t][:3]
+
+
 def test_eval_detect_evaluates_the_validation_split_the_run_recorded_unless_told_otherwise(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ):

@@ -46,6 +46,7 @@ from test_predictor import (
     make_detect_checkpoint,
     make_image_checkpoint,
 )
+from test_values_engine_cli import _options
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -296,6 +297,20 @@ def test_tiny_exports_sidecars_graphs_and_outputs(tiny: dict):
     _check_outputs(tiny, "pt2")
 
 
+def test_onnx_sessions_name_the_cpu_provider(tiny: dict, monkeypatch: pytest.MonkeyPatch):
+    """onnxruntime's GPU builds refuse a session that names no provider: the CPU one is asked
+    for by name (a CPU-only build would choose it anyway)."""
+    import onnxruntime as ort
+
+    asked: list = []
+    real = ort.InferenceSession
+    monkeypatch.setattr(
+        ort, "InferenceSession", lambda *a, **k: asked.append(k.get("providers")) or real(*a, **k)
+    )
+    assert onnx_session(tiny["onnx"]).get_providers() == ["CPUExecutionProvider"]
+    assert asked == [["CPUExecutionProvider"]]
+
+
 def test_load_program_of_a_missing_file(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match=r"^exported program .*nope\.pt2 does not exist$"):
         load_program(tmp_path / "nope.pt2")
@@ -315,6 +330,19 @@ def test_onnx_weights_go_to_external_data_only_above_1_8_gib(
         example = torch.zeros(2, *SHAPE)
         export_onnx(model, tmp_path / f"{numel}.onnx", task="image", example_input=example)
         assert calls.pop()["external_data"] is external
+
+
+def test_a_whole_detector_exports_into_an_existing_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Exported again over its earlier file, beside the checkpoint (the exporter is recorded
+    here: the real one runs in the whole-detector tests)."""
+    traced: list = []
+    monkeypatch.setattr(torch.onnx, "export", lambda m, args, path, **k: traced.append(path))
+    for _ in range(2):
+        path = ex.export_detector_onnx(nn.Identity(), tmp_path / "d.onnx", image_size=(8, 8))
+        assert path == tmp_path / "d.onnx" and traced.pop() == path
+        assert read_metadata(path)["exported_part"] == "whole detector"
 
 
 def test_export_errors_name_the_export_extra_when_onnx_is_missing(
@@ -351,9 +379,10 @@ def test_verify_export_returns_the_largest_difference_and_fails_beyond_atol(tiny
     path = tiny[kind]
     example = torch.randn(7, *SHAPE)  # only the shape after the batch counts
     assert 0.0 <= verify_export(path, Tiny().train(), example) < 1e-5  # verified in eval mode
-    assert verify_export(path, _shifted(Tiny(), 0.25), example, atol=1.0) == pytest.approx(
-        0.25, abs=1e-5
-    )
+    worst = verify_export(path, _shifted(Tiny(), 0.25), example, atol=1.0)
+    assert worst == pytest.approx(0.25, abs=1e-5)
+    # a difference of exactly atol is within it (the inputs are seeded: the same differences)
+    assert verify_export(path, _shifted(Tiny(), 0.25), example, atol=worst) == worst
     message = f"{path}: output 0 at batch 1 differs from PyTorch by 2.50e-01 > 0.1"
     with pytest.raises(AssertionError) as e:
         verify_export(path, _shifted(Tiny(), 0.25), example, atol=0.1)
@@ -494,6 +523,20 @@ def test_verify_detector_export_compares_every_output_relative_to_its_size(fake_
     outputs[3][2, 0, 5, 7] -= 2e-3
     with pytest.raises(AssertionError, match=r"^masks: max \|diff\| 2\.00e-03$"):
         verify_detector_export("d.onnx", model, image)
+
+
+def test_verify_detector_export_accepts_a_difference_of_exactly_its_tolerance(fake_onnx):
+    """1e-3 of the largest value is still within: boxes up to 1000 px may be 1 px off."""
+    outputs, _, _ = fake_onnx
+    want = _detections(2)
+    want["boxes"] = torch.tensor([[0.0, 0.0, 1000.0, 500.0], [10.0, 20.0, 30.0, 40.0]])
+    model = _FakeDetector(want)
+    outputs[:] = [want[k].numpy().copy() for k in ("boxes", "labels", "scores", "masks")]
+    outputs[0][1, 3] += 1.0
+    verify_detector_export("d.onnx", model, torch.rand(3, 6, 8))
+    outputs[0][1, 3] += 2.0**-10  # 1.001 px off
+    with pytest.raises(AssertionError, match=r"^boxes: max \|diff\| 1\.00e\+00$"):
+        verify_detector_export("d.onnx", model, torch.rand(3, 6, 8))
 
 
 def test_verify_detector_export_refuses_other_counts_and_accepts_no_detections(fake_onnx):
@@ -722,6 +765,44 @@ def test_export_options_refused(capsys: pytest.CaptureFixture):
         assert phrase in capsys.readouterr().err.replace("'onnx'", "onnx").replace(
             "'torch-export'", "torch-export"
         )
+
+
+def test_export_options_help_lines():
+    """What ``mvitv2 export <task> --help`` says of each option (flags, help, metavar, default)."""
+    whole = (
+        "detect, ONNX: export the whole detector (image in, boxes/labels/scores/masks out) "
+        "instead of backbone + FPN"
+    )
+    assert _options(_parser("detect")) == {
+        "checkpoint": (["--checkpoint"], "training checkpoint (.pt)", None, None),
+        "format": (["--format"], "output format (default: onnx)", None, "onnx"),
+        "output": (
+            ["--output"],
+            "output file (default: the checkpoint with .onnx/.pt2)",
+            None,
+            None,
+        ),
+        "opset": (["--opset"], "ONNX opset", None, 18),
+        "static_batch": (
+            ["--static-batch"],
+            "fix the batch size to 1 (default: dynamic)",
+            None,
+            False,
+        ),
+        "input_size": (
+            ["--input-size"],
+            "input height and width (default: the checkpoint's evaluation size)",
+            ("H", "W"),
+            None,
+        ),
+        "verify": (
+            ["--verify"],
+            "compare with PyTorch at batch 1 and 3 after export",
+            None,
+            False,
+        ),
+        "whole_detector": (["--whole-detector"], whole, None, False),
+    }
 
 
 def _args(**kw) -> argparse.Namespace:
