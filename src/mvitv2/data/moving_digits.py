@@ -212,7 +212,10 @@ def write_video(
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = gop
         if codec in ("libx264", "h264"):
-            stream.options = {"crf": str(crf), "preset": "veryfast", "g": str(gop)}
+            # One encoder thread: x264's frame threads made the same clip's bytes differ
+            # between two builds on a loaded machine (clips are encoded in parallel anyway).
+            opts = {"crf": str(crf), "preset": "veryfast", "g": str(gop), "threads": "1"}
+            stream.options = opts
         else:
             stream.codec_context.bit_rate = 2_000_000
         for f in frames:
