@@ -3,6 +3,8 @@ does not mutate, by value: the training throughput, the bf16 kernel probe, ...""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -73,7 +75,6 @@ def test_evaluation_passes_over_empty_batches_to_the_process_device_and_takes_bo
 ):
     """The loader's None (an all-skipped batch) is passed over, not the end of the data; every
     batch goes to the process's device; a detector without masks is evaluated on its boxes."""
-    import json
 
     from mvitv2.engine.distributed import DistInfo
     from mvitv2.tasks import detect
@@ -101,3 +102,97 @@ def test_evaluation_passes_over_empty_batches_to_the_process_device_and_takes_bo
     ap = [metrics[f"bbox_{k}"] for k in STATS]
     assert ap == _cocoeval(ds.coco, results, "bbox") and ap == pytest.approx([1.0] * 6)
     assert (metrics["images"], metrics["skipped_images"]) == (2, 0)
+
+
+def test_predict_detect_keeps_and_draws_what_the_thresholds_let_through_with_coco_ids(
+    tmp_path, monkeypatch, capsys
+):
+    """``predict detect --score-thresh 0.5 --mask-thresh 0.7`` on a scripted detector: each
+    record keeps the detections scoring 0.5 or more, their masks are the probabilities above 0.7
+    (RLE that pycocotools decodes), labels name the classes with their COCO ids, and the drawing
+    is torchvision's (masks at half opacity, then yellow 1 px boxes captioned ``name score``).
+    An unreadable input is one error line and exit 1, the others still predicted; the output
+    folder is made with its parents."""
+    from pathlib import Path
+
+    from PIL import Image
+    from pycocotools import mask as mask_util
+    from torchvision.io import decode_png, read_file
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    from mvitv2.cli import main
+    from mvitv2.predict import CheckpointInfo
+    from mvitv2.tasks import detect
+
+    class Scripted(torch.nn.Module):
+        """Gives each image the outputs scripted for its size; records its batch sizes."""
+
+        def __init__(self, outputs):
+            super().__init__()
+            self.outputs, self.calls = outputs, []
+
+        def forward(self, images):
+            self.calls.append(len(images))
+            return [{k: v.clone() for k, v in self.outputs[im.shape[1:]].items()} for im in images]
+
+    rng = np.random.default_rng(0)
+    sizes, scores, labels = [(20, 30), (24, 16), (18, 18)], [0.9, 0.5, 0.49], [2, 1, 3]
+    outputs, files = [], []
+    for i, (h, w) in enumerate(sizes):
+        files.append(tmp_path / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(files[-1])
+        boxes = torch.tensor([[1.0, 2.0, 9.0, 12.0], [3.0, 1.0, 7.5, 5.0], [0.0, 0.0, 4.0, 4.0]])
+        masks = torch.from_numpy(rng.choice([0.2, 0.69, 0.7, 0.71, 0.9], (3, 1, h, w))).float()
+        outputs.append(
+            {"boxes": boxes + i, "scores": torch.tensor(scores), "labels": torch.tensor(labels)}
+            | {"masks": masks}
+        )
+    below = tmp_path / "below.png"  # all its detections under the threshold
+    Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(below)
+    nothing = {
+        "boxes": torch.zeros(1, 4),
+        "scores": torch.tensor([0.25]),
+        "labels": torch.tensor([1]),
+    }
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    names = ["one", "two", "three"]
+    info = CheckpointInfo(Path("det.pt"), "detect", "maskrcnn_mvitv2_tiny", {}, {}, names, {})
+    by_size = {torch.Size(s): o for s, o in zip(sizes, outputs)}
+    model = Scripted(
+        by_size | {torch.Size((10, 12)): nothing | {"masks": torch.ones(1, 1, 10, 12)}}
+    )
+    file = detect.DetectorFile(info, label_to_cat_id={1: 7, 2: 9, 3: 11}, loaded=model)
+    monkeypatch.setattr(detect, "detector_from_args", lambda args: file)
+    out = tmp_path / "new" / "out"
+    inputs = [*map(str, files[:2]), str(tmp_path / "bad.png"), str(files[2])]
+    opts = ["--checkpoint", "det.pt", "--device", "cpu", "--score-thresh", "0.5"]
+    opts += ["--mask-thresh", "0.7", "--batch-size", "2", "--output-dir", str(out)]
+    argv = ["predict", "detect", *inputs, *opts]
+    assert main([*argv, "--json"]) == 1
+    assert model.calls == [2, 1]  # the batch with the bad file goes file by file
+    got = capsys.readouterr()
+    assert got.err.splitlines()[0].startswith(f"{tmp_path / 'bad.png'}: error: ")
+    printed = [json.loads(line) for line in got.out.strip().splitlines()]
+    assert json.loads((out / "detections.json").read_text()) == printed
+    for record, f, o, (h, w) in zip(printed, files, outputs, sizes, strict=True):
+        assert (record["file"], record["height"], record["width"]) == (str(f), h, w)
+        dets = record["detections"]
+        assert [(d["label"], d["category_id"]) for d in dets] == [("two", 9), ("one", 7)]
+        assert [d["score"] for d in dets] == pytest.approx([0.9, 0.5])
+        assert [d["box"] for d in dets] == o["boxes"][:2].tolist()
+        for d, probs in zip(dets, o["masks"][:2, 0], strict=True):
+            assert np.array_equal(mask_util.decode(d["segmentation"]), (probs > 0.7).numpy())
+        image = torch.from_numpy(np.asarray(Image.open(f))).permute(2, 0, 1)
+        want = draw_segmentation_masks(image, o["masks"][:2, 0] > 0.7, alpha=0.5)
+        captions = [f"{n} {s:.2f}" for n, s in [("two", 0.9), ("one", 0.5)]]
+        want = draw_bounding_boxes(want, o["boxes"][:2], captions, colors="yellow", width=1)
+        assert torch.equal(decode_png(read_file(record["drawing"])), want)
+    # Without --json: what was found per image, or why nothing was, with the threshold.
+    assert main(["predict", "detect", str(below), *opts]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line == (
+        f"{below}: no detection above score 0.50 (best 0.25); lower it with --score-thresh"
+        f" -> {out / 'below_pred.png'}"
+    )
+    image = torch.from_numpy(np.asarray(Image.open(below))).permute(2, 0, 1)
+    assert torch.equal(decode_png(read_file(str(out / "below_pred.png"))), image)  # undrawn
