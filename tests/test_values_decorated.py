@@ -196,3 +196,18 @@ def test_predict_detect_keeps_and_draws_what_the_thresholds_let_through_with_coc
     )
     image = torch.from_numpy(np.asarray(Image.open(below))).permute(2, 0, 1)
     assert torch.equal(decode_png(read_file(str(out / "below_pred.png"))), image)  # undrawn
+
+
+# ---------------------------------------------------------------------- predict.py
+def test_the_predictor_runs_batch_size_inputs_at_a_time_under_autocast_into_float32_on_the_cpu():
+    from test_values_predict_inputs import _WEIGHT, _predictor
+
+    pred, _ = _predictor(dtype=torch.bfloat16, batch_size=2)
+    x = torch.rand(5, 3, 4, 6, generator=torch.Generator().manual_seed(0))
+    y = pred.forward(x)
+    assert pred.model.batches == [2, 2, 1]
+    assert pred.model.autocast == [(True, torch.bfloat16)] * 3
+    # bf16 autocast: the matmul of the bf16-rounded channel means and weights, rounded to bf16
+    want = (x.mean((2, 3)).bfloat16().float() @ _WEIGHT.bfloat16().float()).bfloat16().float()
+    assert y.dtype == torch.float32 and y.device.type == "cpu" and not y.requires_grad
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
