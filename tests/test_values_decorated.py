@@ -4,6 +4,7 @@ does not mutate, by value: the training throughput, the bf16 kernel probe, ...""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -211,3 +212,26 @@ def test_the_predictor_runs_batch_size_inputs_at_a_time_under_autocast_into_floa
     want = (x.mean((2, 3)).bfloat16().float() @ _WEIGHT.bfloat16().float()).bfloat16().float()
     assert y.dtype == torch.float32 and y.device.type == "cpu" and not y.requires_grad
     torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------- tasks/video.py
+def test_multi_view_scores_of_three_classes_in_eval_mode_with_a_label_of_probability_zero():
+    """Three classes: top-5 is top-3 (every label in it). Video 0 (label 1): views
+    [.6, .3, .1] and [0, .5, .5] average to [.3, .4, .3], label first. Video 1 (label 0): one
+    view [0, .2, .8], its label at probability 0, whose log is taken at 1e-12."""
+    from types import SimpleNamespace
+
+    from mvitv2.engine.distributed import DistInfo
+    from mvitv2.tasks.video import evaluate_views
+
+    class LogProbs(torch.nn.Module):
+        def forward(self, x):
+            assert not self.training  # evaluated in eval mode
+            return x.flatten(1)
+
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.0, 0.5, 0.5], [0.0, 0.2, 0.8]], dtype=torch.float64)
+    batches = [(probs.log().float().view(3, 1, 3), torch.zeros(3), torch.tensor([0, 0, 1]))]
+    dataset = SimpleNamespace(samples=[SimpleNamespace(label=1), SimpleNamespace(label=0)])
+    m = evaluate_views(LogProbs().train(), batches, DistInfo(), dataset)  # type: ignore[arg-type]
+    assert (m["count"], m["views"], m["top1"], m["top5"]) == (2, 1.5, 50.0, 100.0)
+    assert m["loss"] == pytest.approx(-(math.log(0.4) + math.log(1e-12)) / 2, rel=1e-6)
