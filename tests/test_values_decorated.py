@@ -3,6 +3,7 @@ does not mutate, by value: the training throughput, the bf16 kernel probe, ...""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -235,3 +236,19 @@ def test_multi_view_scores_of_three_classes_in_eval_mode_with_a_label_of_probabi
     m = evaluate_views(LogProbs().train(), batches, DistInfo(), dataset)  # type: ignore[arg-type]
     assert (m["count"], m["views"], m["top1"], m["top5"]) == (2, 1.5, 50.0, 100.0)
     assert m["loss"] == pytest.approx(-(math.log(0.4) + math.log(1e-12)) / 2, rel=1e-6)
+
+
+def test_detection_takes_float_images_as_given_and_runs_them_on_the_predictors_device():
+    """A float (3, H, W) image is already in [0, 1]: not divided again; each batch goes to the
+    predictor's device (the meta device here: the detector sees where its inputs are)."""
+    from test_values_detect_task import _out, _predictor
+
+    image = torch.rand(3, 6, 5, generator=torch.Generator().manual_seed(0))
+    pred, model = _predictor([_out([0.7], [2], torch.ones(1, 1, 6, 5))], device="meta")
+    pred.autocast = contextlib.nullcontext  # torch has no autocast state for meta
+    pred([image])
+    (seen,) = model.calls[0]
+    assert seen.device.type == "meta" and seen.shape == image.shape
+    pred, model = _predictor([_out([0.7], [2], torch.ones(1, 1, 6, 5))])
+    pred([image])
+    assert torch.equal(model.calls[0][0], image)
