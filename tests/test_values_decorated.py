@@ -34,6 +34,28 @@ def test_throughput_is_the_images_since_the_epoch_started_over_the_seconds_since
     assert log.images_per_s == pytest.approx(60 / 1e-9)
 
 
+def test_tensorboard_events_are_written_on_first_use_only_by_an_enabled_logger_asked_for_them(
+    tmp_path,
+):
+    """The scalars read back with TensorBoard's own reader; a logger on another rank or with
+    TensorBoard off has no writer and makes no ``tb/`` folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for i, (enabled, tensorboard) in enumerate([(False, True), (True, False), (False, False)]):
+        log = run_logging.RunLogger(tmp_path / str(i), enabled, tensorboard=tensorboard)
+        log.scalars("train", {"loss": 1.0}, 1)
+        assert log.writer is None and not (tmp_path / str(i) / "tb").exists()
+    log = run_logging.RunLogger(tmp_path, True, tensorboard=True)
+    assert not (tmp_path / "tb").exists()
+    log.scalars("val", {"top1": 75.0, "loss": float("nan"), "note": "x"}, 3)
+    log.scalars("val", {"top1": 80.5}, 4)
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert events.Tags()["scalars"] == ["val/top1"]  # non-finite and non-numbers left out
+    assert [(e.step, e.value) for e in events.Scalars("val/top1")] == [(3, 75.0), (4, 80.5)]
+
+
 # ---------------------------------------------------------------------- ops/gemm.py
 def _refuse() -> bool:
     raise RuntimeError("mkldnn bf16 probe refused")
