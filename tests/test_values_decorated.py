@@ -237,6 +237,34 @@ def test_the_predictor_runs_batch_size_inputs_at_a_time_under_autocast_into_floa
     torch.testing.assert_close(y, want, rtol=0, atol=0)
 
 
+def test_the_predictor_runs_its_model_on_its_device():
+    from mvitv2.predict import Predictor
+
+    class Where(torch.nn.Module):
+        def forward(self, x):
+            self.device = x.device
+            return torch.zeros(len(x), 2)
+
+    pred = Predictor(Where(), task="image", class_names=["a", "b"], preprocessing={}, device="meta")
+    pred.autocast = contextlib.nullcontext  # torch has no autocast state for meta
+    pred.forward(torch.zeros(3, 3, 4, 4))
+    assert pred.model.device == torch.device("meta")
+
+
+def test_predict_image_refuses_a_video_checkpoint_in_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    from mvitv2.cli import main
+    from test_predictor import make_video_checkpoint
+
+    ckpt = make_video_checkpoint(tmp_path / "video.pt")
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    argv = ["predict", "image", str(tmp_path / "x.png"), "--checkpoint", str(ckpt)]
+    assert main([*argv, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mvitv2 predict image: error: checkpoint {ckpt} is a 'video' checkpoint")
+
+
 # ---------------------------------------------------------------------- tasks/video.py
 def test_multi_view_scores_of_three_classes_in_eval_mode_with_a_label_of_probability_zero():
     """Three classes: top-5 is top-3 (every label in it). Video 0 (label 1): views
