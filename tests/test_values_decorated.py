@@ -302,3 +302,30 @@ def test_detection_takes_float_images_as_given_and_runs_them_on_the_predictors_d
     pred, model = _predictor([_out([0.7], [2], torch.ones(1, 1, 6, 5))])
     pred([image])
     assert torch.equal(model.calls[0][0], image)
+
+
+def test_a_rank_that_saw_no_view_joins_the_reductions_with_the_other_ranks_shapes():
+    """Rank 0's loader gave only empty batches; rank 1 scored both videos (3 classes): rank 0
+    sends zeros of the same (videos, classes) float64 shape and reports rank 1's scores."""
+    from types import SimpleNamespace
+
+    from mvitv2.engine.distributed import DistInfo
+    from mvitv2.tasks.video import evaluate_views
+
+    other = {  # rank 1's sums: video 0 (label 2) two views, video 1 (label 0) one view
+        2: torch.tensor([[0.2, 0.2, 1.6], [0.5, 0.1, 0.4]], dtype=torch.float64),
+        1: torch.tensor([2.0, 1.0], dtype=torch.float64),
+    }
+
+    class RankZero(DistInfo):
+        def all_gather_object(self, obj):
+            return [obj, 3]  # rank 1 saw 3 classes
+
+        def all_reduce_sum(self, values):
+            assert values.dtype == torch.float64 and not values.any()
+            return values + other[values.dim()]  # shapes must agree, as in torch.distributed
+
+    dataset = SimpleNamespace(samples=[SimpleNamespace(label=2), SimpleNamespace(label=0)])
+    m = evaluate_views(torch.nn.Identity(), [None], RankZero(), dataset)  # type: ignore[arg-type]
+    assert (m["count"], m["views"], m["top1"], m["top5"]) == (2, 1.5, 100.0, 100.0)
+    assert m["loss"] == pytest.approx(-(math.log(0.8) + math.log(0.5)) / 2)
