@@ -195,7 +195,8 @@ def test_predict_detect_keeps_and_draws_what_the_thresholds_let_through_with_coc
     assert main([*argv, "--json"]) == 1
     assert model.calls == [2, 1]  # the batch with the bad file goes file by file
     got = capsys.readouterr()
-    assert got.err.splitlines()[0].startswith(f"{tmp_path / 'bad.png'}: error: ")
+    error = got.err.splitlines()[0]  # the path, then why it could not be read
+    assert error.startswith(f"{tmp_path / 'bad.png'}: error: cannot read image (")
     printed = [json.loads(line) for line in got.out.strip().splitlines()]
     assert json.loads((out / "detections.json").read_text()) == printed
     for record, f, o, (h, w) in zip(printed, files, outputs, sizes, strict=True):
