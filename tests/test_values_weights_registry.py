@@ -347,6 +347,23 @@ def test_resize_size_is_the_crop_over_crop_pct_rounded(size, crop_pct, short_sid
     # 224 / 0.9 = 248.9 -> 249; 312 / 0.95 = 328.4 -> 328 (worked by hand).
     p = registry.Preprocessing(input_size=(3, size, size), crop_pct=crop_pct)
     assert p.resize_size == short_side
+    # a non-square input: its shorter side, either way round
+    assert (
+        registry.Preprocessing(input_size=(3, size, 2 * size), crop_pct=crop_pct).resize_size
+        == short_side
+    )
+    assert (
+        registry.Preprocessing(input_size=(3, 16, 2 * size, size), crop_pct=crop_pct).resize_size
+        == short_side
+    )
+
+
+def test_detector_weights_resize_the_shorter_side_to_800_as_detectron2_tests():
+    """detectron2's ResizeShortestEdge(800, max_size=1333): the short side is 800, not 1333."""
+    detectors = [w for w in registry.WEIGHTS.values() if w.task == "detection"]
+    assert detectors
+    for w in detectors:
+        assert w.preprocessing.resize_size == 800, w.tag
 
 
 def test_file_name_and_cache_path_come_from_the_url_path_without_its_query(hub):

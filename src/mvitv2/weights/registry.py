@@ -50,8 +50,9 @@ class Preprocessing:
 
     @property
     def resize_size(self) -> int:
-        """Short side before the centre crop."""
-        return round(self.input_size[-1] / self.crop_pct)
+        """Short side before the centre crop: the input's shorter side over ``crop_pct`` (800
+        for the detectors' 800 x 1333, which are not cropped)."""
+        return round(min(self.input_size[-2:]) / self.crop_pct)
 
 
 @dataclass(frozen=True)
