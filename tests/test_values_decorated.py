@@ -221,6 +221,16 @@ def test_predict_detect_keeps_and_draws_what_the_thresholds_let_through_with_coc
     )
     image = torch.from_numpy(np.asarray(Image.open(below))).permute(2, 0, 1)
     assert torch.equal(decode_png(read_file(str(out / "below_pred.png"))), image)  # undrawn
+    # A box-only detector (no "masks" in its outputs): its boxes drawn, no segmentation.
+    del model.outputs[torch.Size(sizes[0])]["masks"]
+    assert main(["predict", "detect", str(files[0]), *opts, "--json"]) == 0
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [d["score"] for d in record["detections"]] == pytest.approx([0.9, 0.5])
+    assert all("segmentation" not in d for d in record["detections"])
+    image = torch.from_numpy(np.asarray(Image.open(files[0]))).permute(2, 0, 1)
+    captions = [f"{n} {s:.2f}" for n, s in [("two", 0.9), ("one", 0.5)]]
+    want = draw_bounding_boxes(image, outputs[0]["boxes"][:2], captions, colors="yellow", width=1)
+    assert torch.equal(decode_png(read_file(record["drawing"])), want)
 
 
 # ---------------------------------------------------------------------- predict.py
