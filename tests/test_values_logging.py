@@ -137,8 +137,10 @@ def test_the_bar_follows_the_terminals_width_when_it_is_resized(tmp_path, monkey
     pty = pytest.importorskip("pty")
     import fcntl
     import os
+    import select
     import struct
     import termios
+    import time
 
     master, child = pty.openpty()
     os.set_blocking(master, False)  # a test that fails, not one that hangs, if nothing is drawn
@@ -146,13 +148,19 @@ def test_the_bar_follows_the_terminals_width_when_it_is_resized(tmp_path, monkey
     def resize(columns: int) -> None:
         fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
 
-    def last_line_width() -> int:
+    shown = []
+
+    def last_line_width(want: int) -> int:
+        """The width of the last line drawn, once it is ``want`` or after 5 s: the pty passes
+        the bytes on asynchronously (one read may see part of a line, or none yet)."""
         term.flush()
-        try:
-            shown = os.read(master, 65536).decode()
-        except BlockingIOError:  # nothing was drawn
-            return 0
-        return max([len(x) for x in shown.split("\r") if x.strip()][-1:], default=0)
+        width, deadline = 0, time.monotonic() + 5
+        while width != want and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.05)[0]:
+                shown.append(os.read(master, 65536).decode())
+            lines = [x for x in "".join(shown).split("\r") if x.strip()]
+            width = len(lines[-1]) if lines else 0
+        return width
 
     resize(60)
     with os.fdopen(child, "w") as term:
@@ -161,10 +169,10 @@ def test_the_bar_follows_the_terminals_width_when_it_is_resized(tmp_path, monkey
         log.start_epoch(0, 1, steps=10)
         log.step(1, loss=1.0, lr=0.1, images=1, scalars={})
         log.bar.refresh()
-        assert last_line_width() == 59  # tqdm leaves the last column free
+        assert last_line_width(59) == 59  # tqdm leaves the last column free
         resize(100)
         log.bar.refresh()
-        assert last_line_width() == 99
+        assert last_line_width(99) == 99
         log.close()
     os.close(master)
 
