@@ -37,7 +37,9 @@ __all__ = [
     "write_video",
 ]
 
-_VERSION = 2
+# The dataset's generation version (in its cache stamp): 3 since x264 runs cpu-independent,
+# so a cached dataset of earlier, machine-dependent bytes is rebuilt once.
+_VERSION = 3
 
 #: direction name -> (dx, dy) unit step in pixels (y grows downwards).
 DIRECTIONS: dict[str, tuple[int, int]] = {
