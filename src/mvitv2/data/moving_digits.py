@@ -217,8 +217,12 @@ def write_video(
             # cpu-independent: x264's default CPU-specific macroblock-tree code gave the same
             # frames different bytes from one build to the next in one process (7 of 16 clips
             # over 16 builds here); with it, 0 (and the same bytes on any CPU).
-            opts = {"crf": str(crf), "preset": "veryfast", "g": str(gop)}
-            stream.options = opts | {"x264-params": "cpu-independent=1"}
+            stream.options = {
+                "crf": str(crf),
+                "preset": "veryfast",
+                "g": str(gop),
+                "x264-params": "cpu-independent=1",
+            }
         else:
             stream.codec_context.bit_rate = 2_000_000
         for f in frames:

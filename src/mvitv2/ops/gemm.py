@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -104,12 +105,18 @@ def _measured_ms() -> tuple[float, float] | None:
     x = torch.randn(6272, 384, generator=gen)
     w = torch.randn(1536, 384, generator=gen)
     b = torch.randn(1536, generator=gen)
+    return _onednn_vs_aten_ms(
+        lambda: op(x, w, b, "none", [], ""), lambda: F.linear(x, w, b), budget_ms=200.0
+    )
+
+
+def _onednn_vs_aten_ms(
+    onednn: Callable[[], object], aten: Callable[[], object], budget_ms: float
+) -> tuple[float, float]:
+    """``(oneDNN ms, ATen ms)`` of a one-off backend measurement: the two calls without
+    gradients, each the best of alternating rounds (at least 3, about ``budget_ms``)."""
     with torch.no_grad():
-        ms = best_ms(
-            {"onednn": lambda: op(x, w, b, "none", [], ""), "aten": lambda: F.linear(x, w, b)},
-            budget_ms=200.0,
-            min_rounds=3,
-        )
+        ms = best_ms({"onednn": onednn, "aten": aten}, budget_ms=budget_ms, min_rounds=3)
     return ms["onednn"], ms["aten"]
 
 
@@ -305,16 +312,9 @@ def _measured_group_ms() -> tuple[float, float]:
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(167, 32, 96, generator=gen)
     w = torch.randn(32, 784, 96, generator=gen)
-    with torch.no_grad():
-        ms = best_ms(
-            {
-                "onednn": lambda: group_products(a, w, True),
-                "aten": lambda: group_products(a, w, False),
-            },
-            budget_ms=60.0,
-            min_rounds=3,
-        )
-    return ms["onednn"], ms["aten"]
+    return _onednn_vs_aten_ms(
+        lambda: group_products(a, w, True), lambda: group_products(a, w, False), budget_ms=60.0
+    )
 
 
 def group_products_on_onednn(x: Tensor) -> bool:

@@ -340,6 +340,11 @@ def _pool_in_fp32(x: Tensor, stride: Sequence[int]) -> bool:
     dtype = autocast_dtype("cpu")
     if dtype is None or all(s == 1 for s in stride):
         return False
+    return _fp32_faster(dtype)
+
+
+def _fp32_faster(dtype: torch.dtype) -> bool:
+    """Whether :func:`pool_conv_ms` found the fp32 way faster than autocast to ``dtype``."""
     low, fp32 = pool_conv_ms(dtype)
     return fp32 < low
 
@@ -380,7 +385,7 @@ def pool_choice(dtype: torch.dtype, training: bool) -> dict[str, str]:
     low, fp32 = pool_conv_ms(dtype)
     name = str(dtype).removeprefix("torch.")
     return {
-        "pool_conv": "fp32" if fp32 < low else "as autocast",
+        "pool_conv": "fp32" if _fp32_faster(dtype) else "as autocast",
         "pool_conv_why": f"measured a stride-2 depthwise conv's forward and backward: "
         f"{name} {low:.1f} ms, fp32 {fp32:.1f} ms",
     }
