@@ -68,9 +68,10 @@ def implementation_choices(
     Returns:
         ``attention``, ``attention_setting``, ``attention_why``, ``gemm``, ``gemm_setting``,
         ``gemm_why``, and on CPU ``pool_conv``, ``pool_conv_why`` (see
-        :func:`~mvitv2.ops.pooling.pool_choice`); e.g. ``{"attention": "memeff", "attention_setting": "auto", ..., "gemm":
-        "onednn", "gemm_why": "measured 6272x384x1536 with bias: oneDNN 21.0 ms, ATen 45.3
-        ms"}`` (training) or ``"gemm": "measured"`` (inference: per GEMM size class, see
+        :func:`~mvitv2.ops.pooling.pool_choice`); e.g. ``{"attention": "memeff",
+        "attention_setting": "auto", ..., "gemm": "onednn", "gemm_why": "measured
+        6272x384x1536 with bias: oneDNN 21.0 ms, ATen 45.3 ms"}`` (training) or ``"gemm":
+        "measured"`` (inference: per GEMM size class, see
         :func:`~mvitv2.ops.gemm.gemm_measurements`).
     """
     device_type = torch.device(device).type
