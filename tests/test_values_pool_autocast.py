@@ -52,10 +52,10 @@ def _reference_pool(x: torch.Tensor, thw, conv: nn.Module) -> torch.Tensor:
 def test_a_strided_pooling_conv_under_bf16_autocast_training_runs_in_fp32_where_faster(
     monkeypatch, spatial, stride
 ):
-    """Measured faster in fp32: fp32 values equal to a float64 conv of the same bf16 tokens (to
-    fp32 precision; a bf16 conv would round its output and weights to 8 bits), and the input
-    gradient is the float64 one rounded to bf16. Measured faster in bf16: the conv runs as
-    autocast says, with bf16's rounding."""
+    """Measured faster in fp32: bf16 values (autocast's output dtype) equal to a float64 conv of
+    the same bf16 tokens rounded once to bf16 (a bf16 conv would also round its weights and
+    partial sums), and the input gradient is the float64 one rounded to bf16. Measured faster
+    in bf16: the conv runs as autocast says, with bf16's rounding."""
     x, thw, conv = _grid_case(spatial, stride)
     want = _reference_pool(x, thw, conv)
     # a kernel of 3 padded by 1: n -> (n - 1) // s + 1 along each strided axis
@@ -64,6 +64,8 @@ def test_a_strided_pooling_conv_under_bf16_autocast_training_runs_in_fp32_where_
     weights = torch.randn(
         want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
     )
+    # The output is bf16, so the gradient reaching the conv is ``weights`` rounded to bf16.
+    weights = weights.to(BF16).double()
     xr = x.double().requires_grad_()
     (want_grad,) = torch.autograd.grad((_reference_pool(xr, thw, conv) * weights).sum(), xr)
     for fp32_faster in (True, False):
@@ -74,15 +76,14 @@ def test_a_strided_pooling_conv_under_bf16_autocast_training_runs_in_fp32_where_
         with torch.autocast("cpu", BF16):
             got, got_thw = pooling._channels_last_pool(xg, thw, conv.weight, conv, 1)
         assert got_thw == want_thw
-        if fp32_faster:
-            assert got.dtype == torch.float32
-            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        assert got.dtype == BF16
+        if fp32_faster:  # one rounding: within half a bf16 ulp (2**-8 relative)
+            torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-6)
         else:
-            assert got.dtype == BF16
             torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
         (grad,) = torch.autograd.grad((got.double() * weights).sum(), xg)
         assert grad.dtype == BF16
-        tol = 2**-7 if fp32_faster else 6e-2  # (bf16 conv: weights and partial sums rounded)
+        tol = 2**-8 if fp32_faster else 6e-2  # (bf16 conv: weights and partial sums rounded)
         torch.testing.assert_close(grad.double(), want_grad, rtol=tol, atol=tol)
 
 
@@ -96,6 +97,9 @@ def test_the_grouped_layernorm_under_bf16_autocast_training_runs_in_fp32(monkeyp
     with torch.autocast("cpu", BF16):
         got = pooling._head_norm(x, norms, heads)
     assert got.dtype == torch.float32 and got.shape == (2, 7, 2, heads, C)
+    # the backward keeps the caller's bf16 tokens, not an fp32 copy (half the bytes)
+    kept = got.grad_fn.saved_tensors[0]
+    assert kept.dtype == BF16 and kept.data_ptr() == x.data_ptr()
     params = [x] + [p for n in norms for p in (n.weight, n.bias)]
     xs = x.detach().double().requires_grad_()
     ref_params = [p.detach().double().requires_grad_() for p in params[1:]]
@@ -189,3 +193,47 @@ def test_the_pool_conv_choice_is_reported_with_its_measurement(monkeypatch):
     assert pooling.pool_choice(BF16, False) == unmeasured
     assert "pool_conv" in implementation_choices("cpu", torch.float32, training=True)
     assert "pool_conv" not in implementation_choices("cuda", BF16, training=True)
+
+
+def _live_bytes_after(fn) -> tuple[object, int]:
+    """``fn()``'s result and the bytes it allocated that are still live when it returns (what
+    the result and the autograd graph behind it hold), from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = prof.profiler.kineto_results.events()
+    return out, sum(e.nbytes() for e in events if e.name() == "[memory]")
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1])
+def test_a_pooling_conv_run_in_fp32_keeps_its_input_for_the_backward_at_bf16s_size(
+    monkeypatch, num_prefix
+):
+    """The fp32 conv's backward reads its input again: it is kept as the caller's bf16 tokens
+    and cast up when read (an fp32 copy would double those bytes), so the forward leaves
+    nothing live but its bf16 output; and the gradients equal those of the conv run plainly on
+    an fp32 copy of the tokens (the cast up is exact)."""
+    monkeypatch.setattr(pooling, "pool_conv_ms", lambda d: (2.0, 1.0))
+    g = torch.Generator().manual_seed(4)
+    thw, ch = (1, 16, 16), 32
+    x = torch.randn(4, num_prefix + 256, ch, generator=g).to(BF16).requires_grad_()
+    conv = nn.Conv2d(ch, ch, 3, 2, 1, groups=ch, bias=False)
+
+    def pool():
+        with torch.autocast("cpu", BF16):
+            return pooling._channels_last_pool(x, thw, conv.weight, conv, num_prefix)[0]
+
+    got, live = _live_bytes_after(pool)
+    assert got.dtype == BF16 and got.shape == (4, num_prefix + 64, ch)
+    assert live == got.numel() * 2  # an fp32 copy of x kept would add x.numel() * 4
+    w = torch.randn(got.shape, generator=g)
+    grads = torch.autograd.grad((got.float() * w).sum(), [x, conv.weight])
+    x32 = x.detach().float().requires_grad_()
+    grid = x32[:, num_prefix:].reshape(4, 16, 16, ch).permute(0, 3, 1, 2)
+    y = F.conv2d(grid, conv.weight, None, 2, 1, 1, ch).flatten(2).transpose(1, 2)
+    want = torch.cat((x32[:, :num_prefix], y), dim=1).to(BF16)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    want_grads = torch.autograd.grad((want.float() * w).sum(), [x32, conv.weight])
+    torch.testing.assert_close(grads[0], want_grads[0].to(BF16), rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], want_grads[1], rtol=1e-6, atol=1e-6)

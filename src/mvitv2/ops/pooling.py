@@ -297,9 +297,10 @@ def _channels_last_pool(
     ``weight`` is ``(ch, 1, *kernel)``; stride and padding come from ``conv``.
     """
     if _pool_in_fp32(x, conv.stride):
-        x = _at_least_fp32(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return _channels_last_pool(x, thw, weight, conv, num_prefix)
+        x32 = _at_least_fp32(x)
+        with torch.autocast(x.device.type, enabled=False), _saved_as(x, x32):
+            y, thw = _channels_last_pool(x32, thw, weight, conv, num_prefix)
+        return y.to(x.dtype), thw  # as autocast's conv gives it
     weight = weight.to(x.dtype)
     B, _, ch = x.shape
     T, H, W = thw
@@ -327,6 +328,24 @@ def _channels_last_pool(
 def _at_least_fp32(x: Tensor) -> Tensor:
     """``x`` in fp32 if it is in a lower precision (bf16, fp16), else as it is (fp64 stays)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _saved_as(low: Tensor, up: Tensor) -> torch.autograd.graph.saved_tensors_hooks:
+    """Saved-tensor hooks under which autograd keeps ``low`` for ``up`` (its exact upcast,
+    same layout) or a view of ``up``, and upcasts it again when the backward reads it: the
+    fp32 conv of :func:`_channels_last_pool` keeps its input at bf16's size, as autocast's
+    bf16 conv would (half the bytes; the same values, so the same gradients)."""
+    storage = up.untyped_storage().data_ptr()
+
+    def pack(t: Tensor) -> Tensor | tuple:
+        if t.untyped_storage().data_ptr() != storage:
+            return t
+        return (t.size(), t.stride(), t.storage_offset())
+
+    def unpack(p: Tensor | tuple) -> Tensor:
+        return _at_least_fp32(low).as_strided(*p) if isinstance(p, tuple) else p
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def _pool_in_fp32(x: Tensor, stride: Sequence[int]) -> bool:
@@ -412,7 +431,7 @@ def _head_norm(x: Tensor, norms: list[nn.LayerNorm], num_heads: int) -> Tensor:
         # back): autograd's weight and bias gradients of the addcmul below are strided sums,
         # ~100 ms of a bf16 training step of MViTv2-T at batch 16 on the AMD EPYC of
         # docs/benchmarks.md, where these are column sums (_group_sum).
-        return _GroupLayerNorm.apply(_at_least_fp32(x), weight, bias, eps)
+        return _GroupLayerNorm.apply(x, weight, bias, eps)
     if autocast_dtype(x.device.type) is None and not tracing():
         # Inference: affine in place, no second full-size tensor.
         return _normalize(x, eps)[0].mul_(weight).add_(bias)
@@ -436,18 +455,20 @@ def _normalize(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
 
 class _GroupLayerNorm(torch.autograd.Function):
     """LayerNorm over the last dim of ``(B, N, G, nH, C)`` with weight/bias ``(G, 1, C)`` per
-    group. Saves only the input and the row statistics (affine-free LayerNorm + ``addcmul``
-    under autograd would also keep the normalised tensor); the backward recomputes it."""
+    group, computed in fp32 at least (a bf16 input gives an fp32 output). Saves only the input,
+    in its own dtype, and the row statistics (affine-free LayerNorm + ``addcmul`` under autograd
+    would also keep the normalised tensor); the backward recomputes it."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):  # noqa: D102
-        y, mean, rstd = _normalize(x, eps)
+        y, mean, rstd = _normalize(_at_least_fp32(x), eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         return y.mul_(weight).add_(bias)
 
     @staticmethod
     def backward(ctx, dy):  # noqa: D102
-        x, weight, mean, rstd = ctx.saved_tensors
+        x_in, weight, mean, rstd = ctx.saved_tensors
+        x = _at_least_fp32(x_in)
         dx = dw = db = None
         if ctx.needs_input_grad[1]:
             dw = _group_sum((x - mean).mul_(rstd).mul_(dy))
@@ -456,7 +477,7 @@ class _GroupLayerNorm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = torch.ops.aten.native_layer_norm_backward(
                 dy * weight, x, x.shape[-1:], mean, rstd, None, None, [True, False, False]
-            )[0]
+            )[0].to(x_in.dtype)
         return dx, dw, db, None
 
 
