@@ -424,6 +424,14 @@ def test_every_task_command_takes_threads_and_export_image_no_whole_detector():
     assert parse(["predict", "image", "x", "--checkpoint", "c"]).args.device == "cpu"
 
 
+@pytest.mark.parametrize("task", ["image", "detect", "video"])
+def test_options_may_come_between_and_after_the_key_value_overrides_and_input_files(task):
+    args = parse(["train", task, "epochs=2", "--output", "o", "name=a", "--threads", "1"]).args
+    assert (args.overrides, args.output, args.threads) == (["epochs=2", "name=a"], "o", 1)
+    args = parse(["predict", task, "a", "--checkpoint", "c", "b", "--json", "c/"]).args
+    assert (args.files, args.checkpoint, args.json) == (["a", "b", "c/"], "c", True)
+
+
 def test_info_lists_the_released_weights_with_their_reported_accuracy(capsys):
     assert main(["info", "--weights", "--filter", "mvitv2_tiny"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line}

@@ -90,7 +90,7 @@ def parse(argv: Sequence[str]) -> Parsed:
     if len(argv) >= 2 and argv[0] in TASK_COMMANDS and argv[1] in TASKS:
         command, task = argv[0], argv[1]
         parser, module = task_parser(command, task)
-        args = parser.parse_args(argv[2:])
+        args = parser.parse_intermixed_args(argv[2:])  # options may follow key=value items
 
         def run_task() -> int:
             if args.threads and command != "train":  # train: the run config's `threads`
