@@ -477,7 +477,7 @@ class _GroupLayerNorm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = torch.ops.aten.native_layer_norm_backward(
                 dy * weight, x, x.shape[-1:], mean, rstd, None, None, [True, False, False]
-            )[0].to(x_in.dtype)
+            )[0]  # autograd casts it to the input dtype
         return dx, dw, db, None
 
 
