@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from mvitv2.engine.distributed import (
     cleanup_distributed,
     init_distributed,
     sync_batchnorm,
+    wrap_ddp,
 )
 from mvitv2.errors import UserError
 from test_distributed import _free_port
@@ -149,10 +151,39 @@ def _collectives(rank: int) -> dict:
         d.barrier()
         bn, note = sync_batchnorm(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), d)
         got["bn"] = [type(bn[1]).__name__, note]
+        got["ddp"] = _ddp_step(d, rank)
     finally:
         cleanup_distributed()
     got["left"] = torch.distributed.is_initialized()
     return json.loads(json.dumps(got))
+
+
+class _ClassToken(nn.Module):
+    """A class token prepended to the tokens, then a linear layer (bias-free)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.zeros(1, 1, 2))
+        self.lin = nn.Linear(2, 2, bias=False)
+        nn.init.ones_(self.lin.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.cat((self.cls.expand(x.shape[0], -1, -1), x), dim=1))
+
+
+def _ddp_step(d: DistInfo, rank: int) -> dict:
+    """One backward of a wrapped model at one sample per process, rank ``r``'s three tokens all
+    ``r + 1``: the averaged gradients, the class token's strides and DDP's warnings."""
+    model = wrap_ddp(_ClassToken(), d)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.full((1, 3, 2), rank + 1.0)).sum().backward()
+    cls = model.module.cls
+    return {
+        "lin": model.module.lin.weight.grad.tolist(),
+        "cls": [cls.grad.tolist(), list(cls.grad.stride()), list(cls.stride())],
+        "warnings": [str(w.message).split(".")[0] for w in caught],
+    }
 
 
 def _rank_1(out: str) -> None:
@@ -211,6 +242,12 @@ def test_two_processes_sum_average_agree_gather_and_broadcast_across_a_gloo_grou
             "has no CPU kernels",
         ]
         assert g["left"] is False
+        # d(sum)/dW[j, k] = sum of the tokens' k-th values: 3 * (r + 1) on rank r, averaged 4.5;
+        # d(sum)/dcls[k] = sum_j W[j, k] = 2. The class token's gradient (a slice of the tokens'
+        # gradient at batch 1) has the parameter's strides, so DDP does not warn.
+        assert g["ddp"]["lin"] == [[4.5, 4.5], [4.5, 4.5]]
+        assert g["ddp"]["cls"] == [[[[2.0, 2.0]]], [2, 2, 1], [2, 2, 1]]
+        assert g["ddp"]["warnings"] == []
 
 
 # ---------------------------------------------------------------------- sync_batchnorm

@@ -7,6 +7,7 @@ Launch with ``torchrun --nproc_per_node=N [--nnodes ... --rdzv-endpoint ...] -m 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from mvitv2.errors import UserValueError
 
@@ -136,6 +138,28 @@ def sync_batchnorm(model: nn.Module, info: DistInfo) -> tuple[nn.Module, str | N
         )
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model, f"{count} BatchNorm layer(s) converted to SyncBatchNorm (global batch statistics)"
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo) -> DistributedDataParallel:
+    """``model`` in DistributedDataParallel (on ``info``'s GPU, or the CPU), each gradient laid
+    out as its parameter before DDP reads it.
+
+    A gradient can differ from its parameter's strides in a size-1 dim alone, the same memory
+    order: a class token's gradient at one clip per process is a slice of the tokens' gradient.
+    DDP warns about each ("Grad strides do not match bucket view strides") and copies it alike;
+    a hook gives such a gradient its parameter's strides first (a copy of its few elements).
+    """
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_hook(functools.partial(_strided_as, p.stride()))
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def _strided_as(stride: tuple[int, ...], grad: torch.Tensor) -> torch.Tensor:
+    if grad.stride() == stride:
+        return grad
+    return torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
 def cleanup_distributed() -> None:

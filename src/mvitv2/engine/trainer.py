@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from mvitv2.engine.checkpoint import (
@@ -48,6 +48,7 @@ from mvitv2.engine.distributed import (
     cleanup_distributed,
     init_distributed,
     sync_batchnorm,
+    wrap_ddp,
 )
 from mvitv2.engine.ema import build_ema
 from mvitv2.engine.logging import RunLogger
@@ -218,8 +219,7 @@ class Trainer:
 
         self.train_model: nn.Module = self.model
         if d.distributed:
-            ids = [device.index] if device.type == "cuda" else None
-            self.train_model = DDP(self.model, device_ids=ids)
+            self.train_model = wrap_ddp(self.model, d)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
 
@@ -416,7 +416,11 @@ class Trainer:
                 batch = to_device(next(batches), device, non_blocking=True)
                 images += self.task.batch_size(batch)
                 sync = micro == accum - 1
-                no_sync = self.train_model.no_sync if isinstance(self.train_model, DDP) else None
+                no_sync = (
+                    self.train_model.no_sync
+                    if isinstance(self.train_model, DistributedDataParallel)
+                    else None
+                )
                 with no_sync() if (no_sync and not sync) else contextlib.nullcontext():
                     with self._autocast():
                         loss, extra = self.task.training_loss(self.train_model, batch)
