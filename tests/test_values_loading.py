@@ -399,3 +399,23 @@ def test_offline_download_says_where_to_put_the_file(tmp_path, monkeypatch):
 
 class _NotATensor:  # pickled by reference: torch.load(weights_only=True) must refuse it
     pass
+
+
+def test_a_missing_name_close_to_a_weights_tag_suggests_the_tags(tmp_path, monkeypatch):
+    """timm spells the tags differently (``mvitv2_tiny.fb_in1k``); such a name that is no file
+    is refused naming the close registered tags. A missing path far from every tag gets the
+    plain message, and a file of that name is read as the file."""
+    model = mvitv2.create_model("mvitv2_tiny", **SMALL)
+    with pytest.raises(CheckpointNotFoundError) as e:
+        load_checkpoint(model, "mvitv2_tiny.fb_in1k")
+    assert str(e.value) == (
+        "checkpoint file not found: mvitv2_tiny.fb_in1k, nor a weights tag (did you mean "
+        "'mvitv2_tiny.in1k'? `mvitv2 info --weights` lists the tags)"
+    )
+    missing = str(tmp_path / "runs" / "best.pt")
+    with pytest.raises(CheckpointNotFoundError) as e:
+        load_checkpoint(model, missing)
+    assert str(e.value) == f"checkpoint file not found: {missing}"
+    monkeypatch.chdir(tmp_path)
+    torch.save(model.state_dict(), "mvitv2_tiny.fb_in1k")
+    assert load_checkpoint(model, "mvitv2_tiny.fb_in1k").missing == []

@@ -22,6 +22,7 @@ SlowFast#506).
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import re
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mvitv2.errors import CheckpointNotFoundError
 from mvitv2.models.mvit import MViT
 from mvitv2.ops import resize_rel_pos
 from mvitv2.weights.formats import (
@@ -387,6 +389,19 @@ def _is_weights_tag(name: str) -> bool:
     return name in WEIGHTS
 
 
+def _refuse_near_tag(name: str) -> None:
+    """Refuse a missing ``name`` that is close to a weights tag (timm's ``mvitv2_tiny.fb_in1k``
+    for ``mvitv2_tiny.in1k``), suggesting the tags; other missing files are read_checkpoint's."""
+    from mvitv2.weights.registry import WEIGHTS
+
+    close = difflib.get_close_matches(name, WEIGHTS, n=1, cutoff=0.6)
+    if close:
+        raise CheckpointNotFoundError(
+            f"checkpoint file not found: {name}, nor a weights tag (did you mean {close[0]!r}? "
+            "`mvitv2 info --weights` lists the tags)"
+        )
+
+
 def load_checkpoint(
     model: MViT,
     source: str | Path | Mapping,
@@ -440,6 +455,8 @@ def load_checkpoint(
             download(w.url, w.sha256), map_location=map_location, allow_pickle=allow_pickle
         )
     else:
+        if isinstance(source, str) and not Path(source).exists():
+            _refuse_near_tag(source)
         raw = read_checkpoint(source, map_location=map_location, allow_pickle=allow_pickle)
     prefix = _wrapped_mvit_prefix(model)
     try:
