@@ -22,6 +22,7 @@ from mvitv2.engine import (
     read_training_checkpoint,
     save_checkpoint,
 )
+from mvitv2.engine import distributed as dist_module
 from mvitv2.engine import trainer as trainer_module
 from mvitv2.engine.distributed import DistInfo
 from mvitv2.engine.logging import RunLogger
@@ -851,7 +852,8 @@ def two_processes(monkeypatch, log):
         )
         return info
 
-    monkeypatch.setattr(trainer_module, "DDP", FakeDDP)
+    monkeypatch.setattr(dist_module, "DistributedDataParallel", FakeDDP)  # what wrap_ddp builds
+    monkeypatch.setattr(trainer_module, "DistributedDataParallel", FakeDDP)  # what no_sync checks
     monkeypatch.setattr(Recorder, "images_per_s", property(lambda self: 100.0))
     return as_rank
 
