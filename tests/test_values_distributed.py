@@ -186,6 +186,16 @@ def _ddp_step(d: DistInfo, rank: int) -> dict:
     }
 
 
+def test_wrap_ddp_puts_a_gpu_process_on_its_own_gpu_and_a_cpu_process_on_none(monkeypatch):
+    built = []
+    monkeypatch.setattr(
+        dist_module, "DistributedDataParallel", lambda m, device_ids: built.append(device_ids)
+    )
+    for device in (torch.device("cuda", 1), torch.device("cpu")):
+        wrap_ddp(nn.Linear(2, 2), DistInfo(rank=1, world_size=2, local_rank=1, device=device))
+    assert built == [[1], None]
+
+
 def _rank_1(out: str) -> None:
     """The forked second process: rank 1 of the test's group; writes what it got to ``out``."""
     os.environ.update(RANK="1", LOCAL_RANK="1")

@@ -412,6 +412,9 @@ def test_a_missing_name_close_to_a_weights_tag_suggests_the_tags(tmp_path, monke
         "checkpoint file not found: mvitv2_tiny.fb_in1k, nor a weights tag (did you mean "
         "'mvitv2_tiny.in1k'? `mvitv2 info --weights` lists the tags)"
     )
+    # difflib's ratio 2 * 8 matching / 24 characters = 0.67, above the 0.6 cutoff
+    with pytest.raises(CheckpointNotFoundError, match="did you mean 'mvitv2_tiny.in1k'"):
+        load_checkpoint(model, "mvitv2_t")
     missing = str(tmp_path / "runs" / "best.pt")
     with pytest.raises(CheckpointNotFoundError) as e:
         load_checkpoint(model, missing)
