@@ -104,11 +104,11 @@ def test_the_trainer_runs_says_and_checkpoints_the_decision(
 
 def test_time_gemm_times_the_models_layer_in_alternating_bf16_and_fp32_rounds(monkeypatch):
     """With a fake layer and clock: calls alternate between bf16 autocast and fp32, each on an
-    (M, K) input to a K->N layer; each result is the best call after the warm-up pair (whose
-    times are ignored)."""
+    (M, K) input to a K->N layer, on one thread; each result is the best call after the warm-up
+    pair (whose times are ignored)."""
     import mvitv2.ops
 
-    calls = []
+    calls, threads = [], []
 
     class FakeLinear:
         def __init__(self, k, n):
@@ -116,6 +116,7 @@ def test_time_gemm_times_the_models_layer_in_alternating_bf16_and_fp32_rounds(mo
 
         def __call__(self, x):
             calls.append((tuple(x.shape), self.shape, torch.is_autocast_enabled("cpu")))
+            threads.append(torch.get_num_threads())
 
     # clock readings in pairs around each call; warm-up bf16 100, fp32 90, then rounds of
     # (bf16, fp32): (5, 9), (3, 7), (2, 8), (4, 9), (6, 7): over the 0.03 s budget, 5 rounds
@@ -126,7 +127,14 @@ def test_time_gemm_times_the_models_layer_in_alternating_bf16_and_fp32_rounds(mo
     clock = iter(readings)
     monkeypatch.setattr(mvitv2.ops, "Linear", FakeLinear)
     monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
-    assert precision.time_gemm((6, 4, 5)) == (2, 7)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert precision.time_gemm((6, 4, 5)) == (2, 7)
+        assert torch.get_num_threads() == 2  # the caller's, restored
+    finally:
+        torch.set_num_threads(before)
+    assert threads == [1] * 12  # every call on one thread (robust to other jobs)
     assert [c[2] for c in calls] == [True, False] * 6
     assert {c[:2] for c in calls} == {((6, 4), (4, 5))}
     assert torch.get_autocast_dtype("cpu") == torch.bfloat16  # the default, restored

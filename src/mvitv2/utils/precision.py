@@ -3,7 +3,7 @@
 The paper recipes ask for bf16 autocast (``amp: bf16``). On a GPU that is always faster; on a CPU
 it depends on the chip: with native bf16 matrix units it is, elsewhere bf16 autocast can be
 several times slower than fp32 (2.3x for a video step on one Xeon). So on a CPU, ``amp: bf16``
-times one GEMM of the model's most common shape in bf16 and in fp32 (0.1-1 s) and keeps
+times one GEMM of the model's most common shape in bf16 and in fp32 (0.1-1 s, one thread) and keeps
 bf16 only when it is faster; ``amp: bf16_force`` keeps bf16 without measuring.
 """
 
@@ -79,7 +79,13 @@ def time_gemm(shape: GemmShape, budget_ms: float = 30.0) -> tuple[float, float]:
     """Seconds of one ``(M, K) @ (K, N)`` linear layer on the CPU under bf16 autocast and in fp32,
     through the layer the models use: the best of each over alternating rounds after a warm-up
     (:func:`~mvitv2.utils.timing.best_ms`: 5-10 rounds, about ``budget_ms``: a wrong call here
-    halves or doubles a whole run's speed)."""
+    halves or doubles a whole run's speed).
+
+    Timed on one thread: bf16's speed-up over fp32 is the core's (on the AMD EPYC of
+    docs/benchmarks.md, bf16/fp32 0.61 at one thread and 0.65 at two for 256x12544x1024, 0.58
+    and 0.58 for 256x768x3072), and one thread is not held up at every parallel region by
+    another process: with other jobs on the 2 cores (load average 6.6) two threads timed bf16
+    slower in 16 of 20 tries, one thread in none of 20."""
     from mvitv2.ops import Linear
 
     m, k, n = shape
@@ -93,7 +99,12 @@ def time_gemm(shape: GemmShape, budget_ms: float = 30.0) -> tuple[float, float]:
 
         return call
 
-    ms = best_ms({"bf16": run(True), "fp32": run(False)}, budget_ms, min_rounds=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ms = best_ms({"bf16": run(True), "fp32": run(False)}, budget_ms, min_rounds=5)
+    finally:
+        torch.set_num_threads(threads)
     return ms["bf16"] / 1e3, ms["fp32"] / 1e3
 
 
