@@ -853,7 +853,7 @@ def two_processes(monkeypatch, log):
         return info
 
     monkeypatch.setattr(dist_module, "DistributedDataParallel", FakeDDP)  # what wrap_ddp builds
-    monkeypatch.setattr(trainer_module, "DistributedDataParallel", FakeDDP)  # what no_sync checks
+    monkeypatch.setattr(trainer_module, "DDP", FakeDDP)  # what no_sync checks
     monkeypatch.setattr(Recorder, "images_per_s", property(lambda self: 100.0))
     return as_rank
 

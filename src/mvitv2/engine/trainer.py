@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 from mvitv2.engine.checkpoint import (
@@ -416,11 +416,7 @@ class Trainer:
                 batch = to_device(next(batches), device, non_blocking=True)
                 images += self.task.batch_size(batch)
                 sync = micro == accum - 1
-                no_sync = (
-                    self.train_model.no_sync
-                    if isinstance(self.train_model, DistributedDataParallel)
-                    else None
-                )
+                no_sync = self.train_model.no_sync if isinstance(self.train_model, DDP) else None
                 with no_sync() if (no_sync and not sync) else contextlib.nullcontext():
                     with self._autocast():
                         loss, extra = self.task.training_loss(self.train_model, batch)

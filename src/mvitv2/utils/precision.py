@@ -3,8 +3,8 @@
 The paper recipes ask for bf16 autocast (``amp: bf16``). On a GPU that is always faster; on a CPU
 it depends on the chip: with native bf16 matrix units it is, elsewhere bf16 autocast can be
 several times slower than fp32 (2.3x for a video step on one Xeon). So on a CPU, ``amp: bf16``
-times one GEMM of the model's most common shape in bf16 and in fp32 (0.1-1 s, one thread) and keeps
-bf16 only when it is faster; ``amp: bf16_force`` keeps bf16 without measuring.
+times one GEMM of the model's most common shape in bf16 and in fp32 (0.1-1 s, on one thread)
+and keeps bf16 only when it is faster; ``amp: bf16_force`` keeps bf16 without measuring.
 """
 
 from __future__ import annotations
