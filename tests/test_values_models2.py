@@ -265,3 +265,47 @@ def test_abs_pos_at_the_training_grid_is_the_table_itself_without_resampling(vid
         want = torch.cat((cls, patches[0])) + model.pos_embed[0]
     assert thw == ((2, 8, 8) if video else (1, 8, 8))
     torch.testing.assert_close(tokens[0], want)
+
+
+# =========================================================================== init_weights, config errors
+def test_init_weights_reinitialises_a_trained_model():
+    """``init_weights()`` on a model with arbitrary values restores the documented init: every
+    LayerNorm (blocks, Q/K/V norms, final norm) weight 1 and bias 0, every Linear bias 0, and
+    fresh normal(0, 0.02) values in Linear weights, rel-pos tables, abs-pos and cls token (all
+    within 6 std of 0; the random values they replace are 6 to 50 times larger)."""
+    model = randomized(
+        mvitv2.create_model("mvitv2_base_cls", **dict(OURS_BASE, use_abs_pos=True, num_classes=6))
+    )
+    model.init_weights()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    # per block norm1, norm2, norm_q/k/v and qkv, proj, fc1, fc2; 3 width projections; final
+    # norm and head
+    assert len(norms) == 5 * 5 + 1 and len(linears) == 5 * 4 + 3 + 1
+    for m in norms:
+        assert torch.equal(m.weight, torch.ones_like(m.weight))
+        assert torch.equal(m.bias, torch.zeros_like(m.bias))
+    for m in linears:
+        assert torch.equal(m.bias, torch.zeros_like(m.bias))
+    fresh = [m.weight for m in linears] + [model.pos_embed, model.cls_token]
+    fresh += [p for n, p in model.named_parameters() if "rel_pos" in n]
+    assert len(fresh) == 24 + 2 + 2 * 5
+    assert all(p.abs().max() < 6 * 0.02 for p in fresh)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(depths=()), "depths must be positive, got ()"),
+        (dict(depths=(2, 0, 1)), "depths must be positive, got (2, 0, 1)"),
+        (dict(window_size=(8, 4, 2)), "window_size needs one entry per stage (4), got (8, 4, 2)"),
+        (
+            dict(window_size=(8, 4, 4, 2), kv_stride=(1, 2, 4)),
+            "window attention needs the same KV stride on H and W, got (1, 2, 4)",
+        ),
+    ],
+)
+def test_config_errors_are_exactly_these_lines(kw, message):
+    with pytest.raises(ValueError) as err:
+        mvitv2.MViTConfig(**kw)
+    assert str(err.value) == message
