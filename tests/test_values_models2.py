@@ -54,11 +54,10 @@ TIMM_CASES = {
         dict(patch_kernel=(3, 5), patch_stride=(2, 2), patch_padding=(1, 2)),
         dict(patch_kernel=(1, 3, 5), patch_stride=(1, 2, 2), patch_padding=(0, 1, 2)),
     ),
-    "mlp_ratio_2_no_qkv_bias": (
-        dict(mlp_ratio=2.0, qkv_bias=False),
-        dict(mlp_ratio=2.0, qkv_bias=False),
+    "mlp_ratio_2_no_qkv_bias_layernorm_eps_0.5": (
+        dict(mlp_ratio=2.0, qkv_bias=False, norm_eps=0.5),
+        dict(mlp_ratio=2.0, qkv_bias=False, norm_eps=0.5),
     ),
-    "layernorm_eps_0.5": (dict(norm_eps=0.5), dict(norm_eps=0.5)),
     "two_heads_width_16": (dict(embed_dim=16, num_heads=2), dict(embed_dim=16, num_heads=2)),
 }
 
@@ -309,3 +308,12 @@ def test_config_errors_are_exactly_these_lines(kw, message):
     with pytest.raises(ValueError) as err:
         mvitv2.MViTConfig(**kw)
     assert str(err.value) == message
+
+
+def test_reset_classifier_keeps_the_old_head_s_dtype_over_the_trunk_s():
+    """A classifier kept in float64 on a float32 trunk is replaced by a float64 one."""
+    model = mvitv2.create_model("mvitv2_tiny", **OURS_BASE)
+    model.head.double()
+    model.reset_classifier(3)
+    assert model.head.projection.weight.dtype == torch.float64
+    assert model.patch_embed.proj.weight.dtype == torch.float32
