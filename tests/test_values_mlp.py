@@ -130,3 +130,17 @@ def test_traced_mlp_is_the_plain_graph(monkeypatch):
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
             torch.testing.assert_close(mlp_ops.mlp(x, fc1, act, fc2), fc2(act(fc1(x))))
+
+
+def test_inference_fuses_the_exact_gelu_into_fc1_s_gemm(monkeypatch):
+    """At inference the exact GELU runs inside fc1's GEMM (``linear(..., gelu=True)``), once per
+    token chunk, and the GELU module itself is not called; the values are the plain MLP's."""
+    x, fc1, act, fc2 = _layers()
+    calls = []
+    real = mlp_ops.linear
+    monkeypatch.setattr(mlp_ops, "linear", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(act, "forward", lambda t: pytest.fail("GELU module called"))
+    out, seen = _chunk_rows(monkeypatch, x, fc1, act, fc2, 10 * 8)
+    assert seen == [(8, 6), (7, 6)] and calls == [{"gelu": True}] * 2
+    with torch.no_grad():
+        torch.testing.assert_close(out, fc2(F.gelu(fc1(x))), rtol=1e-5, atol=1e-5)
