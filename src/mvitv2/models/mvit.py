@@ -238,14 +238,13 @@ class MViT(nn.Module):
         if self.head is None:
             raise RuntimeError("features_only model has no classifier")
         ref = self.head.projection
-        device = next(self.parameters()).device
-        head = ClassifierHead(self.num_features, num_classes, self.cfg.head_drop).to(device)
+        like = ref.weight if isinstance(ref, nn.Linear) else next(self.parameters())
+        head = ClassifierHead(self.num_features, num_classes, self.cfg.head_drop)
         if num_classes > 0:
             nn.init.trunc_normal_(head.projection.weight, std=0.02)
             nn.init.zeros_(head.projection.bias)
-            if isinstance(ref, nn.Linear):
-                head.projection.to(ref.weight.dtype)
-        self.head = head
+        # The old head's (or else the model's) device and dtype, and the model's train/eval mode.
+        self.head = head.to(like.device, like.dtype).train(self.training)
 
     # ----------------------------------------------------------------- forward
     def _check_input(self, x: Tensor) -> None:
