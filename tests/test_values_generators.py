@@ -14,7 +14,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
 from mvitv2.data.common import load_digits_arrays, render_digit
-from mvitv2.data.digit_scenes import make_digit_scenes, render_scene
+from mvitv2.data.digit_scenes import make_digit_scenes, mask_to_polygon, render_scene
 from mvitv2.data.moving_digits import (
     DIRECTIONS,
     MovingDigits,
@@ -179,7 +179,9 @@ def test_frame_t_blends_the_digit_at_start_plus_t_speed_direction_wrapping_at_th
                     (c + start[0] + t * speed * dx) % size,
                 )
                 want[y, x] = background[y, x] * (1 - a) + colour * a
-        np.testing.assert_array_equal(clip[t], np.floor(want * np.float32(255) + np.float32(0.5)).astype(np.uint8))
+        np.testing.assert_array_equal(
+            clip[t], np.floor(want * np.float32(255) + np.float32(0.5)).astype(np.uint8)
+        )
 
 
 # ------------------------------------------------------------------ moving digits: the files
@@ -228,6 +230,7 @@ def test_the_videos_have_the_asked_frames_size_and_rate(md):
         assert (v.frames, v.width, v.height, v.average_rate) == (5, 32, 32, 16)
     assert (md.num_frames, md.size) == (5, 32)
     assert md.split("val") == md.val_list == md.root / "val.txt"
+    assert md.split("train") == md.train_list == md.root / "train.txt"
     with pytest.raises(ValueError, match="unknown split 'test'; expected 'train' or 'val'"):
         md.split("test")
 
@@ -326,6 +329,7 @@ def test_digit_scene_annotations_agree_with_the_pixels_by_pycocotools(tmp_path):
     for split, n in (("train", 6), ("val", 4)):
         img_dir, ann_file = ds.split(split)
         coco = COCO(str(ann_file))
+        coco.info()  # pycocotools' reader of the dataset's "info" block
         assert sorted(coco.getImgIds()) == list(range(1, n + 1))
         assert sorted(coco.getAnnIds()) == list(range(1, len(coco.getAnnIds()) + 1))
         assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == [str(d) for d in range(10)]
@@ -354,3 +358,79 @@ def test_digit_scene_annotations_agree_with_the_pixels_by_pycocotools(tmp_path):
     assert agree >= 0.7 * total, (agree, total)
     # validation scenes come from held-out scans: another file than training's
     assert ds.val_json != ds.train_json and ds.split("val") == (ds.val_images, ds.val_json)
+
+
+def test_validation_scenes_are_not_training_scenes_with_other_digits(tmp_path):
+    """Scene i of val is drawn independently of scene i of train: their backgrounds (pixels
+    outside every digit of both) differ, not only the digits drawn on them."""
+    ds = make_digit_scenes(tmp_path / "ds", num_train=3, num_val=3, image_size=48, seed=2)
+    for i in range(3):
+        pixels, outside = [], np.ones((48, 48), bool)
+        for split in ("train", "val"):
+            img_dir, ann_file = ds.split(split)
+            coco = COCO(str(ann_file))
+            for ann in coco.loadAnns(coco.getAnnIds(imgIds=i + 1)):
+                x, y, w, h = (int(v) for v in ann["bbox"])
+                outside[max(0, y - 2) : y + h + 2, max(0, x - 2) : x + w + 2] = False
+            with Image.open(img_dir / f"{i:06d}.png") as im:
+                pixels.append(np.asarray(im, np.int16))
+        assert outside.sum() > 100
+        assert np.median(np.abs(pixels[0] - pixels[1])[outside]) > 2
+
+
+def test_digit_scenes_default_to_the_data_folder_and_report_their_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("MVITV2_DATA", str(tmp_path))
+    ds = make_digit_scenes(num_train=1, num_val=1, image_size=32, digit_size=(10, 12))
+    assert ds.root == tmp_path / "digit_scenes"
+    assert ds.split("train") == (ds.root / "train", ds.root / "annotations/instances_train.json")
+    assert ds.val_json.is_file() and (ds.val_images / "000000.png").is_file()
+    assert make_digit_scenes(tmp_path / "x", num_train=1, num_val=1, image_size=32).root == (
+        tmp_path / "x"
+    )
+
+
+def test_a_scene_background_is_smooth_shading_plus_pixel_noise():
+    """No digits: with noise 0 the canvas varies smoothly (a shading, not one flat colour); with
+    noise s the pixel-to-pixel differences have the std of two independent N(0, s) draws."""
+    pool = np.arange(10)
+    flat, _ = render_scene(np.random.default_rng(0), pool, image_size=(40, 40),
+                           digits_per_image=(0, 0), noise=0.0)  # fmt: skip
+    grey = flat.astype(float).mean(-1)
+    assert grey.std() > 1.0 and np.abs(np.diff(grey, axis=1)).max() <= 12
+    noisy, _ = render_scene(np.random.default_rng(0), pool, image_size=(40, 40),
+                            digits_per_image=(0, 0), noise=0.04)  # fmt: skip
+    d = np.diff(noisy[..., 0].astype(float), axis=1)
+    assert d.std() == pytest.approx(0.04 * 255 * np.sqrt(2), rel=0.15)
+
+
+def test_scene_digit_heights_span_the_digit_size_range():
+    _, labels = load_digits_arrays()
+    heights = []
+    for i in range(20):
+        _, inst = render_scene(
+            np.random.default_rng(i), np.arange(len(labels)), image_size=(64, 64),
+            digits_per_image=(3, 3), digit_size=(8, 16),
+        )  # fmt: skip
+        heights += [int(np.ptp(np.nonzero(m.any(1))[0])) + 1 for _, m in inst]
+    assert max(heights) <= 16 and min(heights) <= 8 and max(heights) >= 14
+
+
+@pytest.mark.parametrize(
+    "mask, corners",
+    [
+        (np.pad(np.ones((2, 3), bool), ((1, 2), (1, 0))), {(1, 1), (4, 1), (4, 3), (1, 3)}),
+        (
+            np.pad(np.pad(np.zeros((2, 2), bool), 1, constant_values=True), ((0, 1), (2, 0))),
+            {(2, 0), (6, 0), (6, 4), (2, 4), (3, 1), (5, 1), (5, 3), (3, 3)},
+        ),
+    ],
+)
+def test_a_polygon_keeps_only_the_corners_of_its_rings(mask, corners):
+    """A rectangle: its 4 corners and back to the first; a square ring with a square hole: the
+    outer 4 corners, the hole's 4 and the bridges back (5 + 6 points). Decoding gives the mask."""
+    poly = mask_to_polygon(mask)
+    pts = list(zip(poly[0][0::2], poly[0][1::2]))
+    assert set(pts) == {(float(x), float(y)) for x, y in corners}
+    assert len(pts) == (5 if len(corners) == 4 else 11)
+    rle = mask_util.merge(mask_util.frPyObjects(poly, *mask.shape))
+    np.testing.assert_array_equal(mask_util.decode(rle), mask.astype(np.uint8))

@@ -575,3 +575,9 @@ def test_eval_of_an_embedded_digits_run_scores_its_generated_val_videos(
     assert len(list(digits_home.glob("moving_digits-*/val/*/*.mp4"))) == 20 * len(
         list(digits_home.glob("moving_digits-*"))
     )
+
+
+def test_eval_names_the_runs_val_list_when_it_is_gone(run, capsys, tmp_path):
+    moved = _with_data(run[1], tmp_path / "g.pt", val_list="lists/gone.txt")
+    rc, _, err = _eval(moved, capsys)
+    assert rc == 2 and "the run's val_list lists/gone.txt: no such file" in err
