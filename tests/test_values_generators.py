@@ -434,3 +434,18 @@ def test_a_polygon_keeps_only_the_corners_of_its_rings(mask, corners):
     assert len(pts) == (5 if len(corners) == 4 else 11)
     rle = mask_util.merge(mask_util.frPyObjects(poly, *mask.shape))
     np.testing.assert_array_equal(mask_util.decode(rle), mask.astype(np.uint8))
+
+
+def test_moving_digits_are_rebuilt_for_other_arguments_and_default_to_the_data_folder(
+    tmp_path, monkeypatch
+):
+    kw = {"num_train_per_class": 1, "num_val_per_class": 1, "digits": (4,),
+          "directions": ("up", "down"), "num_frames": 3, "size": 16, "digit_size": (6, 8)}  # fmt: skip
+    monkeypatch.setenv("MVITV2_DATA", str(tmp_path))
+    md = make_moving_digits(**kw)
+    assert md.root == tmp_path / "moving_digits" and len(read_video_list(md.val_list)) == 2
+    # the same place, another count: rebuilt, not the stale files
+    again = make_moving_digits(tmp_path / "moving_digits", **{**kw, "num_val_per_class": 2})
+    assert again.root == md.root and len(read_video_list(again.val_list)) == 4
+    with av.open(str(read_video_list(again.train_list)[0].path)) as c:
+        assert c.streams.video[0].frames == 3
