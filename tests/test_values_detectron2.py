@@ -1,8 +1,7 @@
-"""Value tests of the detectron2 detector loading (``mvitv2.detection.detectron2``), its checkpoint
-conversion (``mvitv2.weights.formats``) and the detection components, for what
-``test_detectron2_detectors`` leaves open (mutmut survivors): the references are detectron2's own
-fixtures (``tests/data``, written by ``tools/make_detectron2_fixture.py``), COCO's category ids,
-torchvision's detection ops and values written out by hand."""
+"""Value tests of detectron2 detector loading (``mvitv2.detection.detectron2``) for what
+``test_detectron2_detectors`` leaves open (mutmut survivors), against detectron2's own fixtures
+(``tests/data``, written by ``tools/make_detectron2_fixture.py``), COCO's category ids, the
+registry's detectron2 model-zoo URLs and values written out by hand."""
 
 from __future__ import annotations
 
