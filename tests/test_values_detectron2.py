@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mvitv2.detection import load_detectron2_detector
+from mvitv2.detection.components import _paste_masks_traced, paste_masks
 from mvitv2.detection.detectron2 import _backbone, coco_category_ids
 from mvitv2.weights import CheckpointError
 from test_detectron2_detectors import NAMES, backbone_overrides, reference
@@ -61,3 +62,20 @@ def test_the_file_is_read_onto_map_location(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="Cannot copy out of meta tensor"):
         load_detectron2_detector(path, NAMES["maskrcnn"], map_location="meta", **overrides)
     assert load_detectron2_detector(path, NAMES["maskrcnn"], **overrides).report.ok
+
+
+# --------------------------------------------------------------------------- components.py
+def test_traced_mask_pasting_works_on_the_masks_device_and_in_their_dtype() -> None:
+    """The traced (whole-image) pasting builds its pixel grid on the masks' device (meta here,
+    which refuses to mix with CPU tensors) and samples in the masks' dtype: float64 masks in
+    float32 boxes give the per-box pasting's float64 values."""
+    masks = torch.rand(2, 1, 4, 4, device="meta")
+    boxes = torch.tensor([[1.0, 2.0, 5.0, 6.0], [0.0, 0.0, 3.0, 3.0]], device="meta")
+    out = _paste_masks_traced(masks, boxes, (8, 9))
+    assert (out.device.type, out.shape) == ("meta", (2, 1, 8, 9))
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    boxes = torch.tensor([[1.3, 2.2, 5.6, 6.1], [0.0, 0.5, 3.2, 3.9]])  # float32
+    traced = _paste_masks_traced(masks, boxes, (8, 9))
+    assert traced.dtype == torch.float64
+    torch.testing.assert_close(traced, paste_masks(masks, boxes, (8, 9)), atol=1e-6, rtol=0)
