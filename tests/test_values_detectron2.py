@@ -1,7 +1,8 @@
-"""Value tests of detectron2 detector loading (``mvitv2.detection.detectron2``) for what
-``test_detectron2_detectors`` leaves open (mutmut survivors), against detectron2's own fixtures
-(``tests/data``, written by ``tools/make_detectron2_fixture.py``), COCO's category ids, the
-registry's detectron2 model-zoo URLs and values written out by hand."""
+"""Value tests of detectron2 detector loading (``mvitv2.detection.detectron2``) and the traced
+mask pasting (``mvitv2.detection.components``) for what ``test_detectron2_detectors`` leaves open
+(mutmut survivors), against detectron2's own fixtures (``tests/data``, written by
+``tools/make_detectron2_fixture.py``), COCO's category ids, the registry's detectron2 model-zoo
+URLs, the per-box mask pasting and values written out by hand."""
 
 from __future__ import annotations
 
