@@ -226,6 +226,7 @@ def test_init_from_in_the_recipe_initialises_the_built_model(tmp_path):
         ("crop_size", 4, 6, "crop_size must be a multiple of 4, got 6"),
         ("test_crops", 3, 2, "test_crops must be 1 or 3, got 2"),
         ("target_fps", 0.5, 0, "target_fps must be > 0 or null, got 0"),
+        ("target_fps", None, -30, "target_fps must be > 0 or null, got -30"),
         ("sampling", "segment", "dense", "sampling must be clip or segment, got 'dense'"),
         ("train_crop", "short_side", "rrc2", "train_crop must be rrc or short_side, got 'rrc2'"),
         ("pad", "loop", "zero", "pad must be last or loop, got 'zero'"),
