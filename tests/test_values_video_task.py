@@ -40,6 +40,10 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return tiny_video_run(tmp_path_factory)
+
+
+def tiny_video_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(video root, checkpoint): 7 training videos (one per class) and 5 validation videos of
     noise, 14-20 frames of 36x48 at 25 fps; a one-epoch run on them."""
     root = tmp_path_factory.mktemp("videos")

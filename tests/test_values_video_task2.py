@@ -31,6 +31,7 @@ from mvitv2.tasks.video import (
     model_kwargs,
     train_config,
 )
+from test_values_video_task import tiny_video_run
 
 TINY = {"depths": (1, 1), "embed_dim": 16, "img_size": 32}
 
@@ -474,42 +475,10 @@ def test_the_embedded_digits_follow_the_digits_options_one_cache_folder_per_opti
 
 
 # ----------------------------------------------------------------------------- mvitv2 eval video
-RUN_TINY = [
-    "model_args.depths=[1,1]",
-    "model_args.embed_dim=16",
-    "data.num_frames=4",
-    "data.sampling_rate=2",
-    "data.target_fps=null",
-    "data.crop_size=32",
-    "data.test_short_side=36",
-    "data.test_clips=1",
-    "batch_size=2",
-    "epochs=1",
-    "workers=0",
-    "progress=false",
-    "tensorboard=false",
-]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(video root, checkpoint): 3 training and 2 validation videos of noise; a one-epoch run
-    without EMA."""
-    from mvitv2.cli import main
-
-    root = tmp_path_factory.mktemp("videos")
-    rng = np.random.default_rng(0)
-    for split, labels in (("train", [0, 1, 2]), ("val", [2, 0])):
-        lines = ""
-        for i, y in enumerate(labels):
-            frames = rng.integers(0, 256, (10, 36, 36, 3), dtype=np.uint8)
-            write_video(root / f"{split}{i}.mp4", frames, fps=25)
-            lines += f"{split}{i}.mp4 {y}\n"
-        (root / f"{split}.txt").write_text(lines)
-    out = root / "runs"
-    args = ["train", "video", "--data", str(root), "--config", "moving_digits"]
-    assert main([*args, f"output={out}", "name=r", *RUN_TINY]) == 0
-    return root, out / "r" / "last.pt"
+    """test_values_video_task's tiny run: 7 classes, 5 validation videos of noise."""
+    return tiny_video_run(tmp_path_factory)
 
 
 def _eval(ckpt: Path, capsys, *args: str) -> tuple[int, str, str]:
