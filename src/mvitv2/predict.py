@@ -201,12 +201,15 @@ def _as_uint8_or_float(x: Tensor, what: str) -> Tensor:
     return x.float()
 
 
-def load_image(item: Any) -> Tensor:
+def load_image(item: Any, *, upright: bool = False) -> Tensor:
     """One image as a ``(3, H, W)`` tensor (uint8, or float in [0, 1]).
 
     Args:
         item: a file path, a PIL image, a numpy array ``(H, W, 3)`` / ``(H, W)`` (uint8 or float
             in [0, 1]), or a tensor ``(3, H, W)`` / ``(1, H, W)`` (uint8 or float in [0, 1]).
+        upright: read a file turned by its EXIF orientation tag (detection, as detectron2
+            reads it; see :func:`mvitv2.data.image.load_image`). Images passed as objects are
+            taken as they are.
 
     Raises:
         mvitv2.engine.data.BadSample: a file that is missing or cannot be decoded.
@@ -217,7 +220,7 @@ def load_image(item: Any) -> Tensor:
     from mvitv2.data.image import load_image as read_file
 
     if isinstance(item, str | os.PathLike):
-        item = read_file(item)
+        item = read_file(item, upright=upright)
     if isinstance(item, Image.Image):
         return TF.pil_to_tensor(item.convert("RGB"))
     if isinstance(item, np.ndarray):

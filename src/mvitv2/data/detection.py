@@ -30,7 +30,7 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
 from mvitv2.data.common import BadSample, SkipCounter
-from mvitv2.data.image import load_image
+from mvitv2.data.image import load_image, stored_size
 from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 __all__ = [
@@ -659,7 +659,7 @@ class CocoDetection(torch.utils.data.Dataset):
         """
         rec = self.records[index]
         try:
-            pil = load_image(rec["path"])
+            pil = load_image(rec["path"], upright=True)
         except BadSample as e:
             bad = BadSample(
                 e.path, f"unreadable_image (image id {rec['id']}): {e.reason}", "unreadable_image"
@@ -669,9 +669,16 @@ class CocoDetection(torch.utils.data.Dataset):
         image = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
         h, w = image.shape[-2:]
         if (h, w) != (rec["height"], rec["width"]):
+            sw, sh = stored_size(rec["path"])
+            turned = (
+                ""
+                if (sw, sh) == (w, h)
+                else f" once turned upright by its EXIF orientation tag ({sw}x{sh} as stored; "
+                "annotations are read on the upright image, as detectron2 reads them)"
+            )
             bad = BadSample(
                 rec["path"],
-                f"size_mismatch: the image is {w}x{h} but {self.ann_file} says "
+                f"size_mismatch: the image is {w}x{h}{turned} but {self.ann_file} says "
                 f"{rec['width']}x{rec['height']} (image id {rec['id']})",
                 "size_mismatch",
             )

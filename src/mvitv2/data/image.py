@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
@@ -162,13 +162,28 @@ def find_classes(split_dir: Path) -> list[str]:
     return classes
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """An RGB PIL image; :class:`BadSample` if the file cannot be decoded."""
+def load_image(path: str | Path, *, upright: bool = False) -> Image.Image:
+    """An RGB PIL image; :class:`BadSample` if the file cannot be decoded.
+
+    Args:
+        path: the image file.
+        upright: turn the pixels by the file's EXIF orientation tag (a phone photo stored
+            sideways comes out as it is shown), as detectron2's ``read_image`` does, so that
+            COCO annotations made on the shown image fit. Off: the pixels as stored, as timm's
+            and torchvision's image folders read them (classification keeps their numbers).
+    """
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return (ImageOps.exif_transpose(im) if upright else im).convert("RGB")
     except Exception as e:  # PIL raises many types for broken files
         raise BadSample(str(path), f"cannot read image ({type(e).__name__}: {e})") from e
+
+
+def stored_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file's pixels as stored (before any EXIF orientation);
+    reads the header only."""
+    with Image.open(path) as im:
+        return im.size
 
 
 class ImageFolder(Dataset):

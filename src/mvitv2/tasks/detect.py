@@ -364,7 +364,7 @@ class DetectSpec(TaskSpec):
     def predict(self, predictor: Predictor, items: list[Any]) -> list[dict[str, Any]]:
         from mvitv2.predict import load_image
 
-        images = [load_image(it) for it in items]
+        images = [load_image(it, upright=True) for it in items]
         if predictor.preprocessing.get("input_dtype") != "uint8":  # uint8: detectron2's
             images = [x.float() / 255 if x.dtype == torch.uint8 else x for x in images]
         results = []
@@ -1045,7 +1045,7 @@ def _predict(args: argparse.Namespace) -> int:
             print(f"{f}: error: {error_reason(f, det)}", file=sys.stderr)
             status = 1
             continue
-        image = load_image(f)  # uint8 (3, H, W), for drawing
+        image = load_image(f, upright=True)  # uint8 (3, H, W), for drawing
         h, w = image.shape[1:]
         target = out_dir / name
         record = {"file": str(f), "height": h, "width": w, "drawing": str(target)}
