@@ -174,9 +174,19 @@ def load_image(path: str | Path, *, upright: bool = False) -> Image.Image:
     """
     try:
         with Image.open(path) as im:
-            return (ImageOps.exif_transpose(im) if upright else im).convert("RGB")
+            im = ImageOps.exif_transpose(im) if upright else im
+            return _to_8_bit(im).convert("RGB")
     except Exception as e:  # PIL raises many types for broken files
         raise BadSample(str(path), f"cannot read image ({type(e).__name__}: {e})") from e
+
+
+def _to_8_bit(im: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (PNG, TIFF) as 8-bit greyscale, its top 8 bits; other images
+    as they are. PIL's own ``convert("RGB")`` clips 16-bit values at 255, which turns all but the
+    darkest 1/256 of the range white."""
+    if not im.mode.startswith("I;16"):
+        return im
+    return Image.fromarray((np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8), "L")
 
 
 def stored_size(path: str | Path) -> tuple[int, int]:

@@ -1,4 +1,7 @@
-"""EXIF orientation: detection reads a photo upright by its orientation tag, as detectron2's
+"""How image files are read.
+
+16-bit greyscale files keep their picture (their top 8 bits; PIL's own conversion clips them
+white). EXIF orientation: detection reads a photo upright by its orientation tag, as detectron2's
 ``read_image`` does (COCO annotations made on the shown image fit it); classification reads the
 pixels as stored, as timm's and torchvision's image folders do (same numbers as theirs).
 
@@ -153,3 +156,17 @@ def test_predict_detect_draws_and_reports_a_sideways_photo_upright(tmp_path, cap
     assert (record["height"], record["width"]) == (W, H)
     with Image.open(out / "p_pred.png") as drawn:
         assert drawn.size == (H, W)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+@pytest.mark.parametrize("upright", [False, True])
+def test_a_16_bit_greyscale_file_reads_as_its_top_8_bits_in_every_channel(
+    tmp_path, suffix, upright
+):
+    values = np.linspace(0, 65535, 24 * 40).astype(np.uint16).reshape(24, 40)
+    Image.fromarray(values).save(tmp_path / f"g{suffix}")
+    with Image.open(tmp_path / f"g{suffix}") as im:
+        assert im.mode.startswith("I;16")  # what the test is about
+    got = np.asarray(load_image(tmp_path / f"g{suffix}", upright=upright))
+    want = (values // 256).astype(np.uint8)
+    np.testing.assert_array_equal(got, np.stack([want] * 3, axis=-1))
