@@ -5,7 +5,9 @@
   recipe; with ``--data`` an ImageNet-style folder and (by default) the paper's ``in1k_tiny``
   recipe. ``--resume PATH|auto`` continues a run. Works under ``torchrun``.
 * ``mvitv2 eval image --checkpoint CKPT [--data DIR]``: top-1 / top-5 on ``DIR/val`` (default:
-  the data the checkpoint was trained on), with the checkpoint's preprocessing.
+  the data the checkpoint was trained on), with the checkpoint's preprocessing. Released weights
+  too: ``--checkpoint TAG --data DIR``, or ``--checkpoint FILE --model VARIANT --data DIR`` for a
+  file in another project's format (:func:`released_weights_eval`).
 * ``mvitv2 predict image FILES... --checkpoint CKPT [--topk 5]``: top-k classes with probabilities.
 """
 
@@ -230,10 +232,20 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         )
     elif command == "eval":
         parser.add_argument(
-            "--checkpoint", required=True, help="checkpoint from `mvitv2 train image`"
+            "--checkpoint",
+            required=True,
+            help="checkpoint from `mvitv2 train image`, or released weights: a weights tag "
+            "(`mvitv2 info --weights`) or a file in any format mvitv2.load_checkpoint reads "
+            "(official .pyth, timm, torchvision) with --model",
         )
         parser.add_argument(
-            "--data", help="dataset folder (default: the one the checkpoint was trained on)"
+            "--model",
+            help="the variant of a released-weights file (e.g. mvitv2_tiny); a tag names its own",
+        )
+        parser.add_argument(
+            "--data",
+            help="dataset folder (default: the one the checkpoint was trained on; needed for "
+            "released weights)",
         )
         add_eval_arguments(parser, "images", batch_size=64)
     elif command == "predict":
@@ -279,14 +291,21 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from mvitv2.predict import build_model as build_from_info
+    from mvitv2.weights.registry import WEIGHTS
 
-    info = read_image_checkpoint(
-        read_training_checkpoint(args.checkpoint), args.checkpoint, args.ema
-    )
-    model, classes, meta = build_from_info(info), info.class_names, info.meta
-    dc = ImageDataConfig.from_dict(meta["data"])
-    root = data_folder(args.data) if args.data else meta.get("data_root", DIGITS)
-    root = digits_folder(size=max(32, dc.img_size)) if root == DIGITS else Path(root)
+    output_name = args.checkpoint
+    if args.model or (args.checkpoint in WEIGHTS and not Path(args.checkpoint).exists()):
+        model, classes, dc, root = released_weights_eval(args.checkpoint, args.model, args.data)
+        if not Path(args.checkpoint).exists():  # a tag: <tag>_eval.json here
+            output_name = f"{args.checkpoint}.pt"
+    else:
+        info = read_image_checkpoint(
+            read_training_checkpoint(args.checkpoint), args.checkpoint, args.ema
+        )
+        model, classes, meta = build_from_info(info), info.class_names, info.meta
+        dc = ImageDataConfig.from_dict(meta["data"])
+        root = data_folder(args.data) if args.data else meta.get("data_root", DIGITS)
+        root = digits_folder(size=max(32, dc.img_size)) if root == DIGITS else Path(root)
     dist = init_distributed()
     val = ImageFolder(root, "val", build_transform(dc, train=False), classes)
     loader = eval_loader(val, args, dist)
@@ -304,8 +323,80 @@ def _eval(args: argparse.Namespace) -> int:
                 + f"  [{time.perf_counter() - t0:.1f} s]"
             )
         result = {**metrics, "skipped": skipped}
-        save_eval_metrics(result, eval_metrics_path(args.checkpoint, args.output), args.json)
+        save_eval_metrics(result, eval_metrics_path(output_name, args.output), args.json)
     return 0
+
+
+def released_weights_eval(
+    checkpoint: str, model_name: str | None, data: str | None
+) -> tuple[nn.Module, list[str], ImageDataConfig, Path]:
+    """The classifier, class names, preprocessing and dataset folder to evaluate released
+    weights with, as the official repo and timm's ``validate.py`` do.
+
+    Args:
+        checkpoint: a weights tag (downloaded into torch.hub's cache and checked) or a file in
+            any format :func:`mvitv2.load_checkpoint` reads.
+        model_name: the variant (a tag names its own; a file needs it).
+        data: the ImageNet-style folder; its ``val/`` class folders, sorted (ImageNet's synset
+            folders give the released weights' label order), are the classes, and the weights'
+            classifier must have as many.
+
+    The preprocessing is the weights' own (a file: the variant's default weights', else
+    ImageNet's 224 centre crop of a 256 short side, bicubic). Every model tensor must come from
+    the weights: a classifier of another size is an error, not a reset.
+    """
+    from mvitv2.data.image import find_classes
+    from mvitv2.models import create_model, get_config
+    from mvitv2.weights import load_checkpoint
+    from mvitv2.weights.load import CheckpointMismatchError
+    from mvitv2.weights.registry import DEFAULT_WEIGHTS, WEIGHTS, Preprocessing
+
+    w = WEIGHTS.get(checkpoint) if not Path(checkpoint).exists() else None
+    if w is not None and w.task != "classification":
+        other = {"video": "video", "detection": "detect"}[w.task]
+        raise UserValueError(f"{checkpoint} are {w.task} weights; use `mvitv2 eval {other}`")
+    name = model_name or (w.model if w is not None else None)
+    if name is None:
+        raise UserValueError(
+            f"{checkpoint} is not a weights tag (`mvitv2 info --weights` lists them); for a "
+            "released-weights file pass --model <variant> (`mvitv2 info` lists them)"
+        )
+    get_config(name)  # an unknown variant: one line naming the known ones
+    if not data:
+        raise UserValueError(
+            "released weights have no dataset of their own: pass --data, an ImageNet-style "
+            "folder with val/<class>/*.jpg"
+        )
+    root = data_folder(data)
+    classes = find_classes(root / "val")
+    if w is None and name in DEFAULT_WEIGHTS:
+        w_pre = WEIGHTS[DEFAULT_WEIGHTS[name]].preprocessing
+    else:
+        w_pre = w.preprocessing if w is not None else Preprocessing()
+    model = create_model(name, num_classes=len(classes), **(w.model_kwargs if w else {}))
+    try:
+        report = load_checkpoint(model, checkpoint)
+    except CheckpointMismatchError as e:  # weights of another variant: the user's --model
+        r = e.report
+        raise UserValueError(
+            f"{checkpoint} ({r.format} layout) does not fit {name}: {len(r.missing)} of its "
+            f"tensors missing, {len(r.unexpected)} unexpected, {len(r.shape_conflicts)} of "
+            "another shape; pass the variant the weights are for as --model"
+        ) from None
+    if report.initialized:
+        why = sorted(set(report.initialized.values()))
+        raise UserValueError(
+            f"{checkpoint} cannot be evaluated on {root / 'val'} ({len(classes)} class "
+            f"folders) with {name}: {'; '.join(why)}"
+        )
+    dc = ImageDataConfig(
+        img_size=w_pre.input_size[-1],
+        crop_pct=w_pre.crop_pct,
+        interpolation=w_pre.interpolation,
+        mean=tuple(w_pre.mean),
+        std=tuple(w_pre.std),
+    )
+    return model.eval(), classes, dc, root
 
 
 @torch.no_grad()
