@@ -10,6 +10,7 @@ mean and std), its top-1, top-5 and cross-entropy computed by a loop over the im
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +192,119 @@ def test_a_file_that_is_no_training_checkpoint_and_no_model_keeps_its_one_line(r
     assert main(["eval", "image", "--checkpoint", str(ckpt)]) == 2
     err = capsys.readouterr().err.strip()
     assert "is not an mvitv2 training checkpoint" in err and "\n" not in err
+
+
+# ---------------------------------------------------------------------------------- video
+@pytest.mark.parametrize(
+    "tag, recipe",
+    [
+        ("mvitv2_small_16x4.k400", "k400_small"),
+        ("mvitv2_small_16x4.k400_tv", "k400_small"),
+        ("mvitv2_base_32x3.k400", "k400_base"),
+        ("mvitv2_large_40x3.k400", "k400_large"),
+    ],
+)
+def test_released_video_weights_are_evaluated_with_their_recipes_test_protocol(tag, recipe):
+    """The registry's protocol (from the SlowFast and torchvision pages) against the recipes
+    (from SlowFast's configs): clip length, stride, fps, crop, short side, views, mean/std."""
+    import yaml
+
+    from mvitv2.engine.cli import resolve_recipe
+    from mvitv2.tasks.video import VideoDataConfig, released_eval_data
+    from mvitv2.weights import get_weights
+
+    w = get_weights(tag)
+    written = yaml.safe_load(resolve_recipe(recipe).read_text())
+    assert w.model == written["model"]
+    got = VideoDataConfig.from_dict(released_eval_data(w.preprocessing))
+    want = VideoDataConfig.from_dict(written["data"])
+    fields = released_eval_data(w.preprocessing).keys()
+    assert {f: getattr(got, f) for f in fields} == {f: getattr(want, f) for f in fields}
+
+
+def _mp4(path: Path, seed: int, n: int = 24) -> None:
+    import av
+
+    frames = np.random.default_rng(seed).integers(0, 256, (n, 72, 88, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=30)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+
+
+def test_released_video_weights_give_the_metrics_of_a_training_checkpoint_of_them(
+    tmp_path, capsys, monkeypatch
+):
+    """torchvision's MViTv2-S layout (its builder on a 4 x 64 x 64 grid, random weights) as
+    released weights with --model, against the same weights written as a `mvitv2 train video`
+    checkpoint with the same test protocol (whose eval path is checked against a naive loop in
+    test_values_video_task2): the same metrics, views and counts."""
+    import torchvision.models.video.mvit as tv_mvit
+
+    from mvitv2.tasks.video import VideoClassification, released_eval_data
+    from mvitv2.weights.registry import WEIGHTS, Preprocessing, Weights, register_weights
+    from test_task_spec import _write
+    from test_weights_parity import small_torchvision
+
+    ref = small_torchvision("mvit_v2_s", monkeypatch)
+    assert isinstance(ref, tv_mvit.MViT)
+    torch.save(ref.state_dict(), tmp_path / "mvit_v2_s_small.pth")
+    kwargs = {"img_size": 64, "num_frames": 4}
+    pre = Preprocessing(
+        input_size=(3, 4, 64, 64), interpolation="bilinear", mean=(0.45,) * 3, std=(0.225,) * 3,
+        sampling_rate=2, clips=2, crops=3,
+    )  # fmt: skip
+    monkeypatch.setattr("mvitv2.weights.registry.WEIGHTS", dict(WEIGHTS))
+    monkeypatch.setattr("mvitv2.weights.registry.DEFAULT_WEIGHTS", {})
+    register_weights(
+        Weights(
+            tag="mvitv2_small_16x4.test64", model="mvitv2_small_16x4", url="file:///none.pth",
+            sha256=None, num_classes=400, classes="kinetics-400", preprocessing=pre, metrics={},
+            source_format="torchvision", task="video", model_kwargs=kwargs,
+        )
+    )  # fmt: skip
+    for i in range(3):
+        _mp4(tmp_path / f"v{i}.mp4", seed=i)
+    (tmp_path / "val.csv").write_text("v0.mp4,7\nv1.mp4,399\nv2.mp4,0\n")
+    # the same weights as a training checkpoint with the same test protocol
+    import mvitv2
+    from mvitv2.engine.config import TrainConfig
+
+    ours = mvitv2.create_model("mvitv2_small_16x4", num_classes=400, **kwargs)
+    mvitv2.load_checkpoint(ours, tmp_path / "mvit_v2_s_small.pth")
+    task = VideoClassification(
+        TrainConfig(model="mvitv2_small_16x4", model_args=kwargs, data=released_eval_data(pre))
+    )
+    task.classes = [str(i) for i in range(400)]
+    trained = _write(tmp_path / "trained.pt", task, ours)
+
+    def run(argv: list[str]) -> dict:
+        argv = ["eval", "video", *argv, "--data", str(tmp_path), "--json", "--workers", "0"]
+        assert main([*argv, "--output", str(tmp_path / f"{len(argv)}.json")]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    released = run(
+        ["--checkpoint", str(tmp_path / "mvit_v2_s_small.pth"), "--model", "mvitv2_small_16x4"]
+    )
+    want = run(["--checkpoint", str(trained)])
+    assert want["count"] == 3 and want["views"] == 2 * 3
+    assert released == want
+
+
+def test_released_video_weights_need_a_list_to_evaluate(capsys):
+    assert main(["eval", "video", "--checkpoint", "mvitv2_small_16x4.k400"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "mvitv2 eval video: error: released weights have no dataset of their own: pass --data "
+        "(a video root with val.csv) or --val-list"
+    )
+
+
+def test_image_weights_given_to_eval_video_name_the_command_that_takes_them(capsys):
+    assert main(["eval", "video", "--checkpoint", "mvitv2_tiny.in1k", "--data", "."]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "mvitv2 eval video: error: mvitv2_tiny.in1k are classification weights; use "
+        "`mvitv2 eval image`"
+    )

@@ -56,7 +56,12 @@ from mvitv2.engine.metrics import evaluate_classifier
 from mvitv2.engine.mixing import MixCriterion
 from mvitv2.engine.trainer import Trainer
 from mvitv2.errors import UserValueError
-from mvitv2.tasks.spec import ClassificationSpec, SpecTask
+from mvitv2.tasks.spec import (
+    ClassificationSpec,
+    SpecTask,
+    released_classifier,
+    released_weights,
+)
 
 if TYPE_CHECKING:
     from mvitv2.predict import CheckpointInfo
@@ -331,37 +336,12 @@ def released_weights_eval(
     checkpoint: str, model_name: str | None, data: str | None
 ) -> tuple[nn.Module, list[str], ImageDataConfig, Path]:
     """The classifier, class names, preprocessing and dataset folder to evaluate released
-    weights with, as the official repo and timm's ``validate.py`` do.
-
-    Args:
-        checkpoint: a weights tag (downloaded into torch.hub's cache and checked) or a file in
-            any format :func:`mvitv2.load_checkpoint` reads.
-        model_name: the variant (a tag names its own; a file needs it).
-        data: the ImageNet-style folder; its ``val/`` class folders, sorted (ImageNet's synset
-            folders give the released weights' label order), are the classes, and the weights'
-            classifier must have as many.
-
-    The preprocessing is the weights' own (a file: the variant's default weights', else
-    ImageNet's 224 centre crop of a 256 short side, bicubic). Every model tensor must come from
-    the weights: a classifier of another size is an error, not a reset.
-    """
+    weights with (:func:`mvitv2.tasks.spec.released_classifier`): the classes are the ``data``
+    folder's ``val/`` class folders, sorted (ImageNet's synset folders give the released
+    weights' label order), and the weights' classifier must have as many."""
     from mvitv2.data.image import find_classes
-    from mvitv2.models import create_model, get_config
-    from mvitv2.weights import load_checkpoint
-    from mvitv2.weights.load import CheckpointMismatchError
-    from mvitv2.weights.registry import DEFAULT_WEIGHTS, WEIGHTS, Preprocessing
 
-    w = WEIGHTS.get(checkpoint) if not Path(checkpoint).exists() else None
-    if w is not None and w.task != "classification":
-        other = {"video": "video", "detection": "detect"}[w.task]
-        raise UserValueError(f"{checkpoint} are {w.task} weights; use `mvitv2 eval {other}`")
-    name = model_name or (w.model if w is not None else None)
-    if name is None:
-        raise UserValueError(
-            f"{checkpoint} is not a weights tag (`mvitv2 info --weights` lists them); for a "
-            "released-weights file pass --model <variant> (`mvitv2 info` lists them)"
-        )
-    get_config(name)  # an unknown variant: one line naming the known ones
+    name, w = released_weights(checkpoint, model_name, "image")
     if not data:
         raise UserValueError(
             "released weights have no dataset of their own: pass --data, an ImageNet-style "
@@ -369,34 +349,17 @@ def released_weights_eval(
         )
     root = data_folder(data)
     classes = find_classes(root / "val")
-    if w is None and name in DEFAULT_WEIGHTS:
-        w_pre = WEIGHTS[DEFAULT_WEIGHTS[name]].preprocessing
-    else:
-        w_pre = w.preprocessing if w is not None else Preprocessing()
-    model = create_model(name, num_classes=len(classes), **(w.model_kwargs if w else {}))
-    try:
-        report = load_checkpoint(model, checkpoint)
-    except CheckpointMismatchError as e:  # weights of another variant: the user's --model
-        r = e.report
-        raise UserValueError(
-            f"{checkpoint} ({r.format} layout) does not fit {name}: {len(r.missing)} of its "
-            f"tensors missing, {len(r.unexpected)} unexpected, {len(r.shape_conflicts)} of "
-            "another shape; pass the variant the weights are for as --model"
-        ) from None
-    if report.initialized:
-        why = sorted(set(report.initialized.values()))
-        raise UserValueError(
-            f"{checkpoint} cannot be evaluated on {root / 'val'} ({len(classes)} class "
-            f"folders) with {name}: {'; '.join(why)}"
-        )
+    where = f"on {root / 'val'} ({len(classes)} class folders)"
+    model = released_classifier(checkpoint, name, w, len(classes), where)
+    pre = w.preprocessing
     dc = ImageDataConfig(
-        img_size=w_pre.input_size[-1],
-        crop_pct=w_pre.crop_pct,
-        interpolation=w_pre.interpolation,
-        mean=tuple(w_pre.mean),
-        std=tuple(w_pre.std),
+        img_size=pre.input_size[-1],
+        crop_pct=pre.crop_pct,
+        interpolation=pre.interpolation,
+        mean=tuple(pre.mean),
+        std=tuple(pre.std),
     )
-    return model.eval(), classes, dc, root
+    return model, classes, dc, root
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +28,7 @@ from mvitv2.engine.task import Task
 
 if TYPE_CHECKING:
     from mvitv2.predict import Predictor
+    from mvitv2.weights.registry import Weights
 
 #: the tasks, and the module whose ``SPEC`` describes each.
 TASK_MODULES = {
@@ -265,3 +267,82 @@ class SpecTask(Task):
 
     def upgrade_meta(self, checkpoint: Any) -> dict[str, Any]:  # noqa: D102
         return upgrade_meta(dict(checkpoint))
+
+
+#: The registry's task of each classification task's released weights.
+_RELEASED_TASK = {"image": "classification", "video": "video"}
+
+
+def released_weights(checkpoint: str, model_name: str | None, task: str) -> tuple[str, Weights]:
+    """The variant and registered weights (the tag's, or for a file those of its variant's
+    default weights: their preprocessing) of released weights that ``mvitv2 eval <task>``
+    (``image`` or ``video``) evaluates, as timm's ``validate.py --pretrained`` and SlowFast's
+    ``TEST.CHECKPOINT_FILE_PATH`` evaluate them.
+
+    Args:
+        checkpoint: a weights tag or a file in any format :func:`mvitv2.load_checkpoint` reads.
+        model_name: the variant (a tag names its own; a file needs it).
+
+    Raises:
+        UserValueError: weights of another task, a file without a variant, a variant unknown or
+            without released weights of this task (one line each).
+    """
+    from mvitv2.errors import UserValueError
+    from mvitv2.models import get_config
+    from mvitv2.weights.registry import DEFAULT_WEIGHTS, WEIGHTS
+
+    tag = WEIGHTS.get(checkpoint) if not Path(checkpoint).exists() else None
+    if tag is not None and tag.task != _RELEASED_TASK[task]:
+        other = {"classification": "image", "video": "video", "detection": "detect"}[tag.task]
+        raise UserValueError(f"{checkpoint} are {tag.task} weights; use `mvitv2 eval {other}`")
+    name = model_name or (tag.model if tag is not None else None)
+    if name is None:
+        raise UserValueError(
+            f"{checkpoint} is not a weights tag (`mvitv2 info --weights` lists them); for a "
+            "released-weights file pass --model <variant> (`mvitv2 info` lists them)"
+        )
+    get_config(name)  # an unknown variant: one line naming the known ones
+    w = tag or WEIGHTS.get(DEFAULT_WEIGHTS.get(name, ""))
+    if w is None or w.task != _RELEASED_TASK[task]:
+        raise UserValueError(
+            f"{name} has no released {task} weights to take the preprocessing from; pass the "
+            "weights tag of the file's variant as --checkpoint (`mvitv2 info --weights`)"
+        )
+    return name, w
+
+
+def released_classifier(
+    checkpoint: str, name: str, weights: Weights, num_classes: int | None, data: str
+) -> nn.Module:
+    """Variant ``name`` (with ``weights``' model options) loaded from ``checkpoint`` (a tag is
+    downloaded into torch.hub's cache and checked), in eval mode.
+
+    Args:
+        num_classes: the classifier's size the data needs (None: the weights').
+        data: what the weights will be evaluated on, for messages (``"on DIR (6 class
+            folders)"``).
+
+    Raises:
+        UserValueError: weights of another variant, or any model tensor the weights do not fill
+            (a classifier of another size is the user's mistake here, not a reset).
+    """
+    from mvitv2.errors import UserValueError
+    from mvitv2.models import create_model
+    from mvitv2.weights import load_checkpoint
+    from mvitv2.weights.load import CheckpointMismatchError
+
+    n = num_classes if num_classes is not None else weights.num_classes
+    model = create_model(name, num_classes=n, **weights.model_kwargs)
+    try:
+        report = load_checkpoint(model, checkpoint)
+    except CheckpointMismatchError as e:  # weights of another variant: the user's --model
+        r = e.report
+        raise UserValueError(
+            f"{checkpoint} ({r.format} layout) does not fit {name}: {len(r.missing)} of its "
+            f"tensors missing, {len(r.unexpected)} unexpected, {len(r.shape_conflicts)} of "
+            "another shape; pass the variant the weights are for as --model"
+        ) from None
+    if report.initialized:
+        why = "; ".join(sorted(set(report.initialized.values())))
+        raise UserValueError(f"{checkpoint} cannot be evaluated {data} with {name}: {why}")
+    return model.eval()

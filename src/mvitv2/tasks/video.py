@@ -31,7 +31,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +68,15 @@ from mvitv2.engine.distributed import DistInfo, init_distributed
 from mvitv2.engine.mixing import MixCriterion
 from mvitv2.engine.trainer import Trainer
 from mvitv2.errors import UserFileNotFoundError, UserValueError
-from mvitv2.tasks.spec import ClassificationSpec, SpecTask
+from mvitv2.tasks.spec import (
+    ClassificationSpec,
+    SpecTask,
+    released_classifier,
+    released_weights,
+)
+
+if TYPE_CHECKING:
+    from mvitv2.weights.registry import Preprocessing
 
 #: recipes shipped for this task (under ``recipes/``).
 RECIPE_NAMES = ("moving_digits", "k400_small", "k400_base", "k400_large", "ssv2_small", "ssv2_base")
@@ -680,10 +688,21 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         )
     elif command == "eval":
         parser.add_argument(
-            "--checkpoint", required=True, help="checkpoint from `mvitv2 train video`"
+            "--checkpoint",
+            required=True,
+            help="checkpoint from `mvitv2 train video`, or released weights: a weights tag "
+            "(`mvitv2 info --weights`) or a file in any format mvitv2.load_checkpoint reads "
+            "(SlowFast .pyth, torchvision) with --model",
         )
         parser.add_argument(
-            "--data", help="video root (default: the one the checkpoint was trained on)"
+            "--model",
+            help="the variant of a released-weights file (e.g. mvitv2_small_16x4); a tag names "
+            "its own",
+        )
+        parser.add_argument(
+            "--data",
+            help="video root (default: the one the checkpoint was trained on; for released "
+            "weights, --data or --val-list)",
         )
         parser.add_argument(
             "--val-list", help="list file to evaluate (default: the checkpoint's validation list)"
@@ -775,20 +794,49 @@ def _clips_option(args: argparse.Namespace) -> int | None:
     return args.clips
 
 
+def released_eval_data(pre: Preprocessing) -> dict[str, Any]:
+    """The evaluation part of a ``data`` config from released weights' preprocessing: clip
+    length, frame stride and rate, crop, short side, views, normalisation."""
+    return {
+        "num_frames": pre.input_size[1],
+        "sampling_rate": pre.sampling_rate,
+        "target_fps": pre.target_fps,
+        "crop_size": pre.input_size[-1],
+        "test_short_side": pre.resize_size,
+        "test_clips": pre.clips,
+        "test_crops": pre.crops,
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+    }
+
+
 def _eval(args: argparse.Namespace) -> int:
     from mvitv2.predict import WrongTaskError, checkpoint_info
     from mvitv2.predict import build_model as build_from_info
+    from mvitv2.weights.registry import WEIGHTS
 
     clips = _clips_option(args)
-    ckpt = read_run_checkpoint(args.checkpoint)
-    try:
-        info = checkpoint_info(ckpt, args.checkpoint, task="video", ema=args.ema)
-    except WrongTaskError as e:
-        raise UserValueError(
-            f"{args.checkpoint} is not a video checkpoint written by `mvitv2 train video`: use "
-            f"`mvitv2 eval {e.found}`"
-        ) from None
-    data = dict(info.meta["data"])
+    released = bool(args.model) or (
+        args.checkpoint in WEIGHTS and not Path(args.checkpoint).exists()
+    )
+    if released:
+        name, weights = released_weights(args.checkpoint, args.model, "video")
+        if not (args.data or args.val_list):
+            raise UserValueError(
+                "released weights have no dataset of their own: pass --data (a video root with "
+                "val.csv) or --val-list"
+            )
+        data = released_eval_data(weights.preprocessing)
+    else:
+        ckpt = read_run_checkpoint(args.checkpoint)
+        try:
+            info = checkpoint_info(ckpt, args.checkpoint, task="video", ema=args.ema)
+        except WrongTaskError as e:
+            raise UserValueError(
+                f"{args.checkpoint} is not a video checkpoint written by `mvitv2 train video`: "
+                f"use `mvitv2 eval {e.found}`"
+            ) from None
+        data = dict(info.meta["data"])
     if clips is not None:
         data["test_clips"] = clips
     if args.crops:
@@ -809,13 +857,18 @@ def _eval(args: argparse.Namespace) -> int:
             val_list = locate_file(dc.val_list, root, "the run's val_list")
         else:
             val_list = find_list(Path(dc.video_root), "val")
-    classes = info.class_names
-    model = build_from_info(info)
     dist = init_distributed()
     ds = dc.dataset(val_list, root, train=False)
-    if ds.num_classes > len(classes):
+    if released:
+        where = f"on {val_list} (labels up to {ds.num_classes - 1})"
+        model = released_classifier(args.checkpoint, name, weights, None, where)
+        n_classes = model.cfg.num_classes
+    else:
+        model = build_from_info(info)
+        n_classes = len(info.class_names)
+    if ds.num_classes > n_classes:
         raise UserValueError(
-            f"{val_list}: label {ds.num_classes - 1} but the model has {len(classes)} classes"
+            f"{val_list}: label {ds.num_classes - 1} but the model has {n_classes} classes"
         )
     loader = eval_loader(ds, args, dist, video_collate)
     if dist.is_main:
@@ -834,7 +887,8 @@ def _eval(args: argparse.Namespace) -> int:
                 + (f"  (videos skipped/padded: {bad})" if bad else "")
                 + f"  [{time.perf_counter() - t0:.1f} s]"
             )
-        path = eval_metrics_path(args.checkpoint, args.output)
+        tag = released and not Path(args.checkpoint).exists()  # a tag: <tag>_eval.json here
+        path = eval_metrics_path(f"{args.checkpoint}.pt" if tag else args.checkpoint, args.output)
         save_eval_metrics({**metrics, **bad, "skipped": skipped}, path, args.json)
     return 0
 

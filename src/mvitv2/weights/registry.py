@@ -38,6 +38,10 @@ class Preprocessing:
         mean, std: per-channel normalisation of [0, 1] RGB.
         sampling_rate: video frame stride.
         protocol: evaluation views (e.g. ``"5 clips x 1 crop"``).
+        clips: video clips per video the reported metrics average (uniformly spaced).
+        crops: spatial crops per clip (1: centre; 3: start, centre, end of the longer side).
+        target_fps: the frame rate frames are counted at whatever a file's own (SlowFast's 30);
+            None: the file's rate.
     """
 
     input_size: tuple[int, ...] = (3, 224, 224)
@@ -47,6 +51,9 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
     sampling_rate: int | None = None
     protocol: str = "1 centre crop"
+    clips: int = 1
+    crops: int = 1
+    target_fps: float | None = None
 
     @property
     def resize_size(self) -> int:
@@ -124,6 +131,8 @@ _K400_224 = Preprocessing(
     std=KINETICS_STD,
     sampling_rate=4,
     protocol="5 clips x 1 centre crop, short side 256",
+    clips=5,
+    target_fps=30.0,
 )
 # detectron2's test pipeline for every MViTv2 detector, the LSJ-trained L and H included (their
 # configs change only the training augmentation): ResizeShortestEdge(800, max_size=1333) with PIL's
@@ -175,6 +184,7 @@ def _video(
         mean=IMAGENET_MEAN if imagenet_norm else KINETICS_MEAN,
         std=IMAGENET_STD if imagenet_norm else KINETICS_STD,
         protocol=f"5 clips x {crops} crop(s), short side {256 if crops == 1 else size}",
+        crops=crops,
     )
     return Weights(
         tag=tag,
