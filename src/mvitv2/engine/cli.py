@@ -282,9 +282,13 @@ def describe_eval(checkpoint: str | os.PathLike, count: int, what: str, where: A
 
 def eval_metrics_path(checkpoint: str | os.PathLike, output: str | None) -> Path:
     """Where ``mvitv2 eval`` saves its metrics: ``output``, or ``<checkpoint stem>_eval.json``
-    next to the checkpoint."""
+    next to the checkpoint (a weights tag: ``<tag>_eval.json`` in the current folder)."""
+    from mvitv2.weights.registry import is_weights_tag
+
     if output:
         return Path(output)
+    if is_weights_tag(str(checkpoint)):
+        return Path(f"{checkpoint}_eval.json")
     ckpt = Path(checkpoint)
     return ckpt.with_name(f"{ckpt.stem}_eval.json")
 

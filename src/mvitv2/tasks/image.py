@@ -296,13 +296,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from mvitv2.predict import build_model as build_from_info
-    from mvitv2.weights.registry import WEIGHTS
+    from mvitv2.weights.registry import is_weights_tag
 
-    output_name = args.checkpoint
-    if args.model or (args.checkpoint in WEIGHTS and not Path(args.checkpoint).exists()):
+    if args.model or is_weights_tag(args.checkpoint):
         model, classes, dc, root = released_weights_eval(args.checkpoint, args.model, args.data)
-        if not Path(args.checkpoint).exists():  # a tag: <tag>_eval.json here
-            output_name = f"{args.checkpoint}.pt"
     else:
         info = read_image_checkpoint(
             read_training_checkpoint(args.checkpoint), args.checkpoint, args.ema
@@ -328,7 +325,7 @@ def _eval(args: argparse.Namespace) -> int:
                 + f"  [{time.perf_counter() - t0:.1f} s]"
             )
         result = {**metrics, "skipped": skipped}
-        save_eval_metrics(result, eval_metrics_path(output_name, args.output), args.json)
+        save_eval_metrics(result, eval_metrics_path(args.checkpoint, args.output), args.json)
     return 0
 
 

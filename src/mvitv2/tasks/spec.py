@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -289,9 +288,9 @@ def released_weights(checkpoint: str, model_name: str | None, task: str) -> tupl
     """
     from mvitv2.errors import UserValueError
     from mvitv2.models import get_config
-    from mvitv2.weights.registry import DEFAULT_WEIGHTS, WEIGHTS
+    from mvitv2.weights.registry import DEFAULT_WEIGHTS, WEIGHTS, is_weights_tag
 
-    tag = WEIGHTS.get(checkpoint) if not Path(checkpoint).exists() else None
+    tag = WEIGHTS[checkpoint] if is_weights_tag(checkpoint) else None
     if tag is not None and tag.task != _RELEASED_TASK[task]:
         other = {"classification": "image", "video": "video", "detection": "detect"}[tag.task]
         raise UserValueError(f"{checkpoint} are {tag.task} weights; use `mvitv2 eval {other}`")

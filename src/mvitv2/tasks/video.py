@@ -813,12 +813,10 @@ def released_eval_data(pre: Preprocessing) -> dict[str, Any]:
 def _eval(args: argparse.Namespace) -> int:
     from mvitv2.predict import WrongTaskError, checkpoint_info
     from mvitv2.predict import build_model as build_from_info
-    from mvitv2.weights.registry import WEIGHTS
+    from mvitv2.weights.registry import is_weights_tag
 
     clips = _clips_option(args)
-    released = bool(args.model) or (
-        args.checkpoint in WEIGHTS and not Path(args.checkpoint).exists()
-    )
+    released = bool(args.model) or is_weights_tag(args.checkpoint)
     if released:
         name, weights = released_weights(args.checkpoint, args.model, "video")
         if not (args.data or args.val_list):
@@ -887,8 +885,7 @@ def _eval(args: argparse.Namespace) -> int:
                 + (f"  (videos skipped/padded: {bad})" if bad else "")
                 + f"  [{time.perf_counter() - t0:.1f} s]"
             )
-        tag = released and not Path(args.checkpoint).exists()  # a tag: <tag>_eval.json here
-        path = eval_metrics_path(f"{args.checkpoint}.pt" if tag else args.checkpoint, args.output)
+        path = eval_metrics_path(args.checkpoint, args.output)
         save_eval_metrics({**metrics, **bad, "skipped": skipped}, path, args.json)
     return 0
 

@@ -384,9 +384,9 @@ def _describe(source: object) -> str:
 
 
 def _is_weights_tag(name: str) -> bool:
-    from mvitv2.weights.registry import WEIGHTS
+    from mvitv2.weights.registry import is_weights_tag
 
-    return name in WEIGHTS
+    return is_weights_tag(name)
 
 
 def _refuse_near_tag(name: str) -> None:
@@ -447,7 +447,7 @@ def load_checkpoint(
         raw = read_checkpoint(
             download(str(source), sha256), map_location=map_location, allow_pickle=allow_pickle
         )
-    elif isinstance(source, str) and not Path(source).exists() and _is_weights_tag(source):
+    elif isinstance(source, str) and _is_weights_tag(source):
         from mvitv2.weights.registry import get_weights
 
         w = get_weights(source)  # a released-weights tag: its registered URL and digest

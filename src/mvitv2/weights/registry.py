@@ -335,6 +335,12 @@ def list_weights(model: str | None = None) -> list[str]:
     return sorted(t for t, w in WEIGHTS.items() if model is None or w.model == model)
 
 
+def is_weights_tag(name: str) -> bool:
+    """Whether ``name`` is a registered tag and not a file here (a file of that name is what
+    :func:`~mvitv2.weights.load_checkpoint` reads)."""
+    return name in WEIGHTS and not Path(name).exists()
+
+
 def get_weights(tag: str) -> Weights:
     """The :class:`Weights` registered under ``tag`` (KeyError listing the tags otherwise)."""
     if tag not in WEIGHTS:
