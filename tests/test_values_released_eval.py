@@ -130,6 +130,11 @@ def test_eval_of_a_weights_tag_downloads_it_and_saves_the_metrics_under_the_tag(
             "variant the weights are for as --model",
         ),
         (
+            ["--model", "mvitv2_huge"],
+            "mvitv2_huge has no released image weights to take the preprocessing from; pass "
+            "the weights tag of the file's variant as --checkpoint (`mvitv2 info --weights`)",
+        ),
+        (
             ["--model", "mvitv2_tiny", "--no-data"],
             "released weights have no dataset of their own: pass --data, an ImageNet-style "
             "folder with val/<class>/*.jpg",

@@ -280,11 +280,11 @@ def released_weights(checkpoint: str, model_name: str | None, task: str) -> tupl
 
     Args:
         checkpoint: a weights tag or a file in any format :func:`mvitv2.load_checkpoint` reads.
-        model_name: the variant (a tag names its own; a file needs it).
+        model_name: the variant (None only for a tag, which names its own).
 
     Raises:
-        UserValueError: weights of another task, a file without a variant, a variant unknown or
-            without released weights of this task (one line each).
+        UserValueError: weights of another task, a variant unknown or without released weights
+            of this task (one line each).
     """
     from mvitv2.errors import UserValueError
     from mvitv2.models import get_config
@@ -294,12 +294,7 @@ def released_weights(checkpoint: str, model_name: str | None, task: str) -> tupl
     if tag is not None and tag.task != _RELEASED_TASK[task]:
         other = {"classification": "image", "video": "video", "detection": "detect"}[tag.task]
         raise UserValueError(f"{checkpoint} are {tag.task} weights; use `mvitv2 eval {other}`")
-    name = model_name or (tag.model if tag is not None else None)
-    if name is None:
-        raise UserValueError(
-            f"{checkpoint} is not a weights tag (`mvitv2 info --weights` lists them); for a "
-            "released-weights file pass --model <variant> (`mvitv2 info` lists them)"
-        )
+    name = model_name or WEIGHTS[checkpoint].model
     get_config(name)  # an unknown variant: one line naming the known ones
     w = tag or WEIGHTS.get(DEFAULT_WEIGHTS.get(name, ""))
     if w is None or w.task != _RELEASED_TASK[task]:
