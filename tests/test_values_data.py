@@ -197,8 +197,9 @@ def test_eval_transform_resizes_the_short_side_by_crop_pct_then_centre_crops(
     )
     got = build_transform(dc, train=False)(img)
     short = int(size / crop_pct)  # 71 or 32
-    mode = {"bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}[interp]
-    resized = TF.resize(TF.pil_to_tensor(img), [short, short * 150 // 100], mode, antialias=True)
+    # in PIL, as the official eval and timm's validate.py resize
+    mode = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}[interp]
+    resized = TF.pil_to_tensor(img.resize((short * 150 // 100, short), mode))
     top, left = (short - size + 1) // 2, (short * 150 // 100 - size + 1) // 2
     ref = _normalise(resized[:, top : top + size, left : left + size])
     assert got.shape == (3, size, size) and torch.allclose(got, ref, atol=1e-5)

@@ -3,8 +3,9 @@ official repo's eval do: a weights tag, or a file in another project's format wi
 on an ImageNet-style folder, with the weights' own preprocessing.
 
 The reference is timm's ``MultiScaleVit`` with the same (randomised) weights, fed images
-prepared with torchvision's functional ops (short side 256, bicubic, centre crop 224, ImageNet
-mean and std), its top-1, top-5 and cross-entropy computed by a loop over the images.
+prepared as the official eval and timm's ``validate.py`` prepare them (torchvision's functional
+ops on the PIL image: short side 256 in PIL's bicubic, centre crop 224, ImageNet mean and std),
+its top-1, top-5 and cross-entropy computed by a loop over the images.
 """
 
 from __future__ import annotations
@@ -24,24 +25,32 @@ CLASSES = ["n01", "n02", "n03", "n04", "n05", "n06"]  # sorted folder names = la
 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory) -> dict:
-    """timm's mvitv2_tiny for 6 classes with random weights (rel-pos tables included), saved in
-    timm's layout, and a val folder of one image per class, of odd sizes."""
+    """timm's mvitv2_tiny for 6 classes (timm's init, then random rel-pos tables and head, so
+    that the logits depend on the input and on its preprocessing), saved in timm's layout, and
+    a val folder of one patterned image per class, of odd sizes."""
     import timm
 
     root = tmp_path_factory.mktemp("released")
     torch.manual_seed(0)
     ref = timm.create_model("mvitv2_tiny", pretrained=False, num_classes=6).eval()
     with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * 0.05 + (1.0 if p.ndim == 1 and p.shape[0] > 6 else 0))
+        for name, p in ref.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(0, 0.5)
+            elif name.startswith("head"):
+                p.normal_(0, 1.0)
     torch.save(ref.state_dict(), root / "timm_mvitv2_tiny.pth")
     rng = np.random.default_rng(0)
     files = []
     for label, c in enumerate(CLASSES):
-        (root / "data" / "val" / c).mkdir(parents=True)
-        h, w = (260 + 20 * label, 300 - 16 * label)
-        path = root / "data" / "val" / c / "a.jpg"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        h, w = 260 + 20 * label, 300 - 16 * label
+        yy, xx = np.mgrid[0:h, 0:w]
+        waves = 80 * np.sin(xx[..., None] / (5 + 7 * label) + 6 * rng.random(3))
+        waves += 60 * np.cos(yy[..., None] / (9 + 3 * label))
+        pixels = rng.integers(0, 256, 3) + waves + rng.integers(0, 40, (h, w, 3))
+        path = root / "data" / "val" / c / "a.png"
+        path.parent.mkdir(parents=True)
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path)
         files.append((path, label))
     return {"root": root, "ref": ref, "files": files}
 
@@ -52,9 +61,8 @@ def _reference_metrics(ref, files) -> dict:
 
     logits, labels = [], []
     for path, label in files:
-        x = TF.pil_to_tensor(Image.open(path).convert("RGB"))
-        x = TF.resize(x, 256, InterpolationMode.BICUBIC, antialias=True)
-        x = TF.center_crop(x, 224).float() / 255
+        im = TF.resize(Image.open(path).convert("RGB"), 256, InterpolationMode.BICUBIC)
+        x = TF.to_tensor(TF.center_crop(im, 224))  # PIL's bicubic, as the official eval
         x = TF.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
         with torch.no_grad():
             logits.append(ref(x[None]).double()[0])
@@ -83,6 +91,18 @@ def test_eval_of_a_timm_file_with_model_gives_timms_metrics(released, capsys, tm
     assert (got["top1"], got["top5"], got["count"]) == (want["top1"], want["top5"], want["count"])
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
     assert json.loads((tmp_path / "m.json").read_text())["loss"] == got["loss"]
+
+
+def test_a_file_named_like_a_tag_is_read_as_the_file(released, capsys, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(released["root"] / "timm_mvitv2_tiny.pth", tmp_path / "mvitv2_tiny.in1k")
+    argv = ["--checkpoint", "mvitv2_tiny.in1k", "--model", "mvitv2_tiny"]
+    got = _eval([*argv, "--data", str(released["root"] / "data")], capsys)
+    want = _reference_metrics(released["ref"], released["files"])
+    assert got["top1"] == want["top1"] and got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert json.loads((tmp_path / "mvitv2_tiny_eval.json").read_text()) == got  # next to it
 
 
 def test_eval_of_a_weights_tag_downloads_it_and_saves_the_metrics_under_the_tag(
@@ -128,6 +148,10 @@ def test_eval_of_a_weights_tag_downloads_it_and_saves_the_metrics_under_the_tag(
             ["--model", "mvitv2_small"],
             "timm_mvitv2_tiny.pth (timm layout) does not fit mvitv2_small: {counts}; pass the "
             "variant the weights are for as --model",
+        ),
+        (
+            ["--model", "mvitv2_small_16x4"],
+            "mvitv2_small_16x4 has no released image weights to take the preprocessing from",
         ),
         (
             ["--model", "mvitv2_huge"],

@@ -115,7 +115,8 @@ def build_transform(dc: ImageDataConfig, train: bool) -> v2.Compose:
     """PIL image -> normalised float tensor (3, img_size, img_size).
 
     Train: RandomResizedCrop, flip, RandAugment, normalise, random erasing. Eval (the official
-    protocol): resize the short side to ``img_size / crop_pct``, centre crop ``img_size``.
+    protocol): resize the short side to ``img_size / crop_pct``, centre crop ``img_size``; on a
+    PIL image both in PIL, as the official eval and timm's ``validate.py`` do.
     """
     size, interp = dc.img_size, dc.interp
     if train:
@@ -136,11 +137,14 @@ def build_transform(dc: ImageDataConfig, train: bool) -> v2.Compose:
             ops.append(v2.RandomErasing(p=dc.reprob, value="random"))
         return v2.Compose(ops)
     resize = int(size / dc.crop_pct)
+    # Resized and cropped as a PIL image, as the official eval and timm's validate.py do: PIL's
+    # bicubic (torchvision's antialiased tensor bicubic differs by a few grey levels). A tensor
+    # input takes torchvision's tensor path.
     return v2.Compose(
         [
-            v2.ToImage(),
             v2.Resize(resize, interpolation=interp, antialias=True),
             v2.CenterCrop(size),
+            v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(dc.mean, dc.std),
         ]

@@ -189,9 +189,16 @@ class ImageSpec(ClassificationSpec):
         return build_transform(dc, train=False)
 
     def views(self, item: Any, preprocessing: dict[str, Any], transform: Any) -> Tensor:
+        from PIL import Image
+
+        from mvitv2.data.image import load_image as read_file
         from mvitv2.predict import load_image
 
-        return transform(load_image(item))[None]
+        # Files and PIL images go through the PIL path of the eval transform, as in eval.
+        if isinstance(item, str | os.PathLike):
+            item = read_file(item)
+        image = item.convert("RGB") if isinstance(item, Image.Image) else load_image(item)
+        return transform(image)[None]
 
 
 SPEC = ImageSpec()
