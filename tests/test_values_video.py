@@ -59,18 +59,23 @@ def test_test_transform_resizes_the_short_side_crops_and_normalises(spatial_idx)
     clip = _clip()
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
     tf = VideoTransform(False, crop_size=7, mean=mean, std=std)
-    short = round(7 * 256 / 224)  # 8
-    resized = TF.resize(clip, [short, round(20 * short / 12)], antialias=True)  # (4, 3, 8, 13)
+    # short side round(7 * 256 / 224) = 8. SlowFast's test: normalise, then
+    # random_short_side_scale_jitter(min = max = 8): F.interpolate(bilinear,
+    # align_corners=False) to (8, floor(20 / 12 * 8)) = (8, 13)
+    m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    normed = (clip.float() / 255 - m) / s
+    resized = torch.nn.functional.interpolate(normed, size=(8, 13), mode="bilinear")
     left = {None: 3, 0: 0, 1: 3, 2: 6}[spatial_idx]
-    crop = resized[..., 0:7, left : left + 7].float() / 255
-    want = (crop - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    want = resized[..., 0:7, left : left + 7]
     got = tf(clip, spatial_idx)
     assert type(got) is torch.Tensor and got.dtype == torch.float32
     torch.testing.assert_close(got, want.permute(1, 0, 2, 3), rtol=1e-5, atol=1e-5)
     tall = VideoTransform(False, crop_size=4, test_short_side=6)(clip.transpose(2, 3), 2)
-    resized = TF.resize(clip.transpose(2, 3), [10, 6], antialias=True)
-    want = (resized[..., 6:10, 1:5].float() / 255 - 0.45) / 0.225
-    torch.testing.assert_close(tall, want.permute(1, 0, 2, 3), rtol=1e-5, atol=1e-5)
+    normed = (clip.transpose(2, 3).float() / 255 - 0.45) / 0.225
+    resized = torch.nn.functional.interpolate(normed, size=(10, 6), mode="bilinear")
+    torch.testing.assert_close(
+        tall, resized[..., 6:10, 1:5].permute(1, 0, 2, 3), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_training_transform_gives_all_frames_the_same_parameters():

@@ -558,8 +558,9 @@ class VideoTransform:
     Training: ``crop="rrc"`` random resized crop (``rrc_scale``, ``rrc_ratio``) or
     ``crop="short_side"`` random short side in ``short_side_range`` then random crop; optional
     horizontal flip, RandAugment and random erasing (one box for the whole clip).
-    Testing: resize the short side to ``test_short_side``, then centre crop (``spatial_idx`` None
-    or 1) or the left/centre/right crop (``spatial_idx`` 0/1/2).
+    Testing: resize the short side to ``test_short_side`` (bilinear, not antialiased, on the
+    float frames, as SlowFast's and torchvision's video tests), then centre crop
+    (``spatial_idx`` None or 1) or the left/centre/right crop (``spatial_idx`` 0/1/2).
 
     Args:
         train: training augmentation if True, deterministic test preprocessing otherwise.
@@ -618,11 +619,12 @@ class VideoTransform:
     def __call__(self, video: torch.Tensor, spatial_idx: int | None = None) -> torch.Tensor:
         x = tv_tensors.Video(video)
         if self.train:
-            x = self._augment(x)
+            x = self._to_float(self._augment(x))
         else:
-            x = F.resize(x, self.test_short_side)  # antialiased (the v2 default)
+            # As SlowFast's and torchvision's video tests: the float frames (the normalisation is
+            # affine, so before or after alike) resized bilinearly without antialiasing.
+            x = F.resize(self._to_float(x), self.test_short_side, antialias=False)
             x = uniform_crop(x, self.crop_size, 1 if spatial_idx is None else spatial_idx)
-        x = self._to_float(x)
         if self._erase is not None:
             x = self._erase(x)
         return x.as_subclass(torch.Tensor).permute(1, 0, 2, 3).contiguous()
