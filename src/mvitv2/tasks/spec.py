@@ -268,8 +268,8 @@ class SpecTask(Task):
         return upgrade_meta(dict(checkpoint))
 
 
-#: The registry's task of each classification task's released weights.
-_RELEASED_TASK = {"image": "classification", "video": "video"}
+#: The command-line task of each registry task of released weights.
+_CLI_TASK = {"classification": "image", "video": "video", "detection": "detect"}
 
 
 def released_weights(checkpoint: str, model_name: str | None, task: str) -> tuple[str, Weights]:
@@ -291,13 +291,14 @@ def released_weights(checkpoint: str, model_name: str | None, task: str) -> tupl
     from mvitv2.weights.registry import DEFAULT_WEIGHTS, WEIGHTS, is_weights_tag
 
     tag = WEIGHTS[checkpoint] if is_weights_tag(checkpoint) else None
-    if tag is not None and tag.task != _RELEASED_TASK[task]:
-        other = {"classification": "image", "video": "video", "detection": "detect"}[tag.task]
-        raise UserValueError(f"{checkpoint} are {tag.task} weights; use `mvitv2 eval {other}`")
+    if tag is not None and _CLI_TASK[tag.task] != task:
+        raise UserValueError(
+            f"{checkpoint} are {tag.task} weights; use `mvitv2 eval {_CLI_TASK[tag.task]}`"
+        )
     name = model_name or WEIGHTS[checkpoint].model
     get_config(name)  # an unknown variant: one line naming the known ones
     w = tag or WEIGHTS.get(DEFAULT_WEIGHTS.get(name, ""))
-    if w is None or w.task != _RELEASED_TASK[task]:
+    if w is None or _CLI_TASK[w.task] != task:
         raise UserValueError(
             f"{name} has no released {task} weights to take the preprocessing from; pass the "
             "weights tag of the file's variant as --checkpoint (`mvitv2 info --weights`)"

@@ -45,6 +45,7 @@ from mvitv2.weights.formats import (
     unwrap,
 )
 from mvitv2.weights.io import CheckpointError, download, is_url, read_checkpoint
+from mvitv2.weights.registry import WEIGHTS, get_weights, is_weights_tag
 
 log = logging.getLogger(__name__)
 
@@ -383,17 +384,9 @@ def _describe(source: object) -> str:
     return str(source)
 
 
-def _is_weights_tag(name: str) -> bool:
-    from mvitv2.weights.registry import is_weights_tag
-
-    return is_weights_tag(name)
-
-
 def _refuse_near_tag(name: str) -> None:
     """Refuse a missing ``name`` that is close to a weights tag (timm's ``mvitv2_tiny.fb_in1k``
     for ``mvitv2_tiny.in1k``), suggesting the tags; other missing files are read_checkpoint's."""
-    from mvitv2.weights.registry import WEIGHTS
-
     close = difflib.get_close_matches(name, WEIGHTS, n=1, cutoff=0.6)
     if close:
         raise CheckpointNotFoundError(
@@ -447,9 +440,7 @@ def load_checkpoint(
         raw = read_checkpoint(
             download(str(source), sha256), map_location=map_location, allow_pickle=allow_pickle
         )
-    elif isinstance(source, str) and _is_weights_tag(source):
-        from mvitv2.weights.registry import get_weights
-
+    elif isinstance(source, str) and is_weights_tag(source):
         w = get_weights(source)  # a released-weights tag: its registered URL and digest
         raw = read_checkpoint(
             download(w.url, w.sha256), map_location=map_location, allow_pickle=allow_pickle
