@@ -385,8 +385,10 @@ def test_dispatch_runs_the_commands_handler_and_export_imports_its_module_when_u
     import mvitv2.export
 
     calls = []
-    monkeypatch.setattr(mvitv2.export, "run_export", lambda task, a: calls.append((task, a)) or 7)
-    assert export_handler("video")(args) == 7 and calls == [("video", args)]
+    monkeypatch.setattr(
+        mvitv2.export, "run_export", lambda task, a, read: calls.append((task, a, read(a))) or 7
+    )
+    assert export_handler("video", lambda a: a.x * 3)(args) == 7 and calls == [("video", args, 3)]
 
 
 # ---------------------------------------------------------------------- predict

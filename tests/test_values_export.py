@@ -774,11 +774,17 @@ def test_export_options_help_lines():
         "instead of backbone + FPN"
     )
     assert _options(_parser("detect")) == {
-        "checkpoint": (["--checkpoint"], "training checkpoint (.pt)", None, None),
+        "checkpoint": (
+            ["--checkpoint"],
+            "checkpoint of `mvitv2 train`, or released weights: a weights tag (`mvitv2 info "
+            "--weights`) or a file of them (image, video: with --model; detect: a detectron2 file)",
+            None,
+            None,
+        ),
         "format": (["--format"], "output format (default: onnx)", None, "onnx"),
         "output": (
             ["--output"],
-            "output file (default: the checkpoint with .onnx/.pt2)",
+            "output file (default: the checkpoint, or the weights tag, with .onnx/.pt2)",
             None,
             None,
         ),
@@ -817,7 +823,7 @@ def test_run_export_passes_each_option_on(monkeypatch: pytest.MonkeyPatch, capsy
     info = object()
     args = _args(output="o.pt2", format="torch-export", opset=20, static_batch=True)
     args.input_size, args.verify, args.whole_detector = [96, 128], True, True
-    assert run_export("detect", args, info=info) == 0
+    assert run_export("detect", args, lambda a: a is args and info) == 0
     assert calls.pop() == (
         ("c.pt", "o.pt2"),
         {
@@ -867,6 +873,10 @@ def test_run_export_failures_are_one_line(
 
     monkeypatch.setattr(ex, "export_checkpoint", fail)
     assert run_export("video", _args(verify=True)) == status
+    assert capsys.readouterr() == ("", line + "\n")
+    # also when reading the checkpoint fails
+    monkeypatch.setattr(ex, "export_checkpoint", lambda *a, **k: Path("m"))
+    assert run_export("video", _args(verify=True), fail) == status
     assert capsys.readouterr() == ("", line + "\n")
 
 

@@ -239,15 +239,15 @@ def test_released_video_weights_are_evaluated_with_their_recipes_test_protocol(t
     import yaml
 
     from mvitv2.engine.cli import resolve_recipe
-    from mvitv2.tasks.video import VideoDataConfig, released_eval_data
+    from mvitv2.tasks.video import SPEC, VideoDataConfig
     from mvitv2.weights import get_weights
 
     w = get_weights(tag)
     written = yaml.safe_load(resolve_recipe(recipe).read_text())
     assert w.model == written["model"]
-    got = VideoDataConfig.from_dict(released_eval_data(w.preprocessing))
+    got = VideoDataConfig.from_dict(SPEC.released_data(w.preprocessing))
     want = VideoDataConfig.from_dict(written["data"])
-    fields = released_eval_data(w.preprocessing).keys()
+    fields = SPEC.released_data(w.preprocessing).keys()
     assert {f: getattr(got, f) for f in fields} == {f: getattr(want, f) for f in fields}
 
 
@@ -273,7 +273,7 @@ def test_released_video_weights_give_the_metrics_of_a_training_checkpoint_of_the
     test_values_video_task2): the same metrics, views and counts."""
     import torchvision.models.video.mvit as tv_mvit
 
-    from mvitv2.tasks.video import VideoClassification, released_eval_data
+    from mvitv2.tasks.video import SPEC, VideoClassification
     from mvitv2.weights.registry import WEIGHTS, Preprocessing, Weights, register_weights
     from test_task_spec import _write
     from test_weights_parity import small_torchvision
@@ -305,7 +305,7 @@ def test_released_video_weights_give_the_metrics_of_a_training_checkpoint_of_the
     ours = mvitv2.create_model("mvitv2_small_16x4", num_classes=400, **kwargs)
     mvitv2.load_checkpoint(ours, tmp_path / "mvit_v2_s_small.pth")
     task = VideoClassification(
-        TrainConfig(model="mvitv2_small_16x4", model_args=kwargs, data=released_eval_data(pre))
+        TrainConfig(model="mvitv2_small_16x4", model_args=kwargs, data=SPEC.released_data(pre))
     )
     task.classes = [str(i) for i in range(400)]
     trained = _write(tmp_path / "trained.pt", task, ours)

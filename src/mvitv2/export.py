@@ -27,7 +27,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from mvitv2.predict import CheckpointError, CheckpointInfo, build_model, read_checkpoint
 from mvitv2.tasks.spec import get_spec
+from mvitv2.weights.registry import is_weights_tag
 
 FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
 DEFAULT_OPSET = 18
@@ -380,8 +381,10 @@ def export_checkpoint(
     """Export a training checkpoint (see the module docstring for what each task exports).
 
     Args:
-        checkpoint: the engine's checkpoint file.
-        output: output file; default: the checkpoint path with ``.onnx`` / ``.pt2``.
+        checkpoint: the engine's checkpoint file (or, with ``info``, released weights' tag or
+            file).
+        output: output file; default: the checkpoint path (or ``<tag>``) with ``.onnx`` /
+            ``.pt2``.
         format: ``onnx`` or ``torch-export``.
         task: expected task; a checkpoint of another task raises :class:`CheckpointError`.
         opset: ONNX opset.
@@ -399,7 +402,11 @@ def export_checkpoint(
         )
     info = info or read_checkpoint(checkpoint, task=task)
     model = build_model(info)
-    output = Path(output) if output else Path(checkpoint).with_suffix(FORMATS[format])
+    suffix = FORMATS[format]
+    if not output:  # a tag keeps its whole name: mvitv2_tiny.in1k.onnx, not mvitv2_tiny.onnx
+        tag = is_weights_tag(str(checkpoint))
+        output = f"{checkpoint}{suffix}" if tag else Path(checkpoint).with_suffix(suffix)
+    output = Path(output)
     metadata = {
         "model_name": info.model_name,
         "model_kwargs": info.model_kwargs,
@@ -437,12 +444,19 @@ def export_checkpoint(
 def add_export_arguments(parser: argparse.ArgumentParser, task: str | None = None) -> None:
     """Options of ``mvitv2 export <task>`` (``--whole-detector`` only for a task that exports
     its whole model, or when ``task`` is None)."""
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.pt)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint of `mvitv2 train`, or released weights: a weights tag (`mvitv2 info "
+        "--weights`) or a file of them (image, video: with --model; detect: a detectron2 file)",
+    )
     parser.add_argument(
         "--format", default="onnx", choices=sorted(FORMATS), help="output format (default: onnx)"
     )
     parser.add_argument(
-        "--output", default=None, help="output file (default: the checkpoint with .onnx/.pt2)"
+        "--output",
+        default=None,
+        help="output file (default: the checkpoint, or the weights tag, with .onnx/.pt2)",
     )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     parser.add_argument(
@@ -469,10 +483,15 @@ def add_export_arguments(parser: argparse.ArgumentParser, task: str | None = Non
     )
 
 
-def run_export(task: str, args: argparse.Namespace, info: CheckpointInfo | None = None) -> int:
-    """``mvitv2 export <task>``: export ``args.checkpoint`` (already read: ``info``); prints the
-    files written."""
+def run_export(
+    task: str,
+    args: argparse.Namespace,
+    read: Callable[[argparse.Namespace], CheckpointInfo] | None = None,
+) -> int:
+    """``mvitv2 export <task>``: export ``args.checkpoint`` (read by ``read(args)``; default: a
+    checkpoint of ``mvitv2 train <task>``); prints the files written."""
     try:
+        info = read(args) if read is not None else None
         path = export_checkpoint(
             args.checkpoint,
             args.output,

@@ -333,6 +333,28 @@ class Predictor:
         return cls.from_info(info, device=device, dtype=dtype, topk=topk, **kwargs)
 
     @classmethod
+    def from_weights(cls, weights: str, *, model: str | None = None, **kwargs: Any) -> Predictor:
+        """A predictor for released classifier weights, with their classes and preprocessing,
+        as torchvision's ``weights.meta["categories"]`` and ``weights.transforms()``.
+
+        Args:
+            weights: a weights tag (``mvitv2_tiny.in1k``, ``mvitv2_small_16x4.k400``; downloaded
+                once), or a file of released weights in any format
+                :func:`mvitv2.load_checkpoint` reads, with ``model``.
+            model: the variant of a file (a tag names its own).
+            **kwargs: as for :class:`Predictor`.
+
+        Raises:
+            UserValueError: a file without ``model``, detection weights (see
+                :func:`mvitv2.tasks.detect.read_detector`), weights that do not fit.
+        """
+        from mvitv2.tasks.spec import released_info, released_task
+
+        task = released_task(weights, model)
+        info, net = released_info(weights, model, task, "predict")
+        return cls.from_info(info, net, **kwargs)
+
+    @classmethod
     def from_info(
         cls, info: CheckpointInfo, model: nn.Module | None = None, **kwargs: Any
     ) -> Predictor:

@@ -26,24 +26,14 @@ from mvitv2.detection.model import (
     get_detector_config,
     list_detectors,
 )
+from mvitv2.weights.classes import coco_category_ids as _coco_ids
+from mvitv2.weights.classes import dataset_classes
 
 #: COCO's 80 object categories in detectron2's contiguous order (label ``i + 1`` here).
-_COCO_NAMES = (
-    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,"
-    "stop sign,parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,"
-    "backpack,umbrella,handbag,tie,suitcase,frisbee,skis,snowboard,sports ball,kite,"
-    "baseball bat,baseball glove,skateboard,surfboard,tennis racket,bottle,wine glass,cup,fork,"
-    "knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,carrot,hot dog,pizza,donut,cake,"
-    "chair,couch,potted plant,bed,dining table,toilet,tv,laptop,mouse,remote,keyboard,"
-    "cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,"
-    "hair drier,toothbrush"
-)
-COCO_CLASS_NAMES = tuple(_COCO_NAMES.split(","))
+COCO_CLASS_NAMES = tuple(dataset_classes("coco") or ())
 
 #: COCO category id of each class above: 1..90 without the ten ids COCO never annotated.
-COCO_CATEGORY_IDS = tuple(
-    i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
-)
+COCO_CATEGORY_IDS = tuple(_coco_ids())
 
 
 def coco_category_ids(labels: Tensor) -> Tensor:

@@ -333,15 +333,38 @@ def dispatch(
     return handlers[command](args)
 
 
-def export_handler(task: str) -> Callable[[argparse.Namespace], int]:
-    """The ``mvitv2 export <task>`` handler (the export module is imported only when used)."""
+def export_handler(
+    task: str, read: Callable[[argparse.Namespace], Any]
+) -> Callable[[argparse.Namespace], int]:
+    """The ``mvitv2 export <task>`` handler: ``read(args)`` reads the ``--checkpoint`` into a
+    :class:`~mvitv2.predict.CheckpointInfo` (the export module is imported only when used)."""
 
     def run(args: argparse.Namespace) -> int:
         from mvitv2.export import run_export
 
-        return run_export(task, args)
+        return run_export(task, args, read)
 
     return run
+
+
+def add_released_arguments(
+    parser: argparse.ArgumentParser, task: str, example: str, *, checkpoint: bool = True
+) -> None:
+    """``--checkpoint`` (unless ``checkpoint`` is False: export has its own) and ``--model`` of
+    ``mvitv2 eval|predict|export <task>`` (image, video): a checkpoint of ``mvitv2 train
+    <task>``, or released weights (``example``: a variant)."""
+    if checkpoint:
+        parser.add_argument(
+            "--checkpoint",
+            required=True,
+            help=f"checkpoint from `mvitv2 train {task}`, or released weights: a weights tag "
+            "(`mvitv2 info --weights`) or a file in any format mvitv2.load_checkpoint reads "
+            "(official .pyth, SlowFast, timm, torchvision) with --model",
+        )
+    parser.add_argument(
+        "--model",
+        help=f"the variant of a released-weights file (e.g. {example}); a tag names its own",
+    )
 
 
 # ---------------------------------------------------------------------- predict

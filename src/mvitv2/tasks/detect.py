@@ -62,6 +62,7 @@ from mvitv2.engine.cli import (
     eval_loader,
     eval_metrics_path,
     expand_inputs,
+    export_handler,
     fit,
     predict_batches,
     resolve_device,
@@ -843,7 +844,8 @@ def run(command: str, args: argparse.Namespace) -> int:
     """Entry point of ``mvitv2 <command> detect``; returns the exit status."""
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    handlers = {"train": _train, "eval": _eval, "predict": _predict, "export": _export}
+    export = export_handler("detect", lambda a: detector_from_args(a).info)
+    handlers = {"train": _train, "eval": _eval, "predict": _predict, "export": export}
     return dispatch("detect", command, args, handlers)
 
 
@@ -1070,9 +1072,3 @@ def _predict(args: argparse.Namespace) -> int:
         file=sys.stderr if args.json else sys.stdout,
     )
     return status
-
-
-def _export(args: argparse.Namespace) -> int:
-    from mvitv2.export import run_export
-
-    return run_export("detect", args, info=detector_from_args(args).info)

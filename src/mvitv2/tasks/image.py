@@ -35,6 +35,7 @@ from mvitv2.engine.checkpoint import read_training_checkpoint
 from mvitv2.engine.cli import (
     add_eval_arguments,
     add_predict_arguments,
+    add_released_arguments,
     add_train_arguments,
     data_folder,
     describe_eval,
@@ -59,12 +60,14 @@ from mvitv2.errors import UserValueError
 from mvitv2.tasks.spec import (
     ClassificationSpec,
     SpecTask,
+    classifier_checkpoint,
     released_classifier,
     released_weights,
 )
 
 if TYPE_CHECKING:
     from mvitv2.predict import CheckpointInfo
+    from mvitv2.weights.registry import Preprocessing
 
 DIGITS = "digits"  # data_root value meaning "the embedded digits"
 
@@ -177,6 +180,15 @@ class ImageSpec(ClassificationSpec):
             "std": list(dc.std),
         }
 
+    def released_data(self, pre: Preprocessing) -> dict[str, Any]:
+        return {
+            "img_size": pre.input_size[-1],
+            "crop_pct": pre.crop_pct,
+            "interpolation": pre.interpolation,
+            "mean": list(pre.mean),
+            "std": list(pre.std),
+        }
+
     def transform(self, preprocessing: dict[str, Any]) -> Any:
         p = preprocessing
         dc = ImageDataConfig(
@@ -243,17 +255,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             config_help="recipe YAML or shipped name (default: digits, or in1k_tiny with --data)",
         )
     elif command == "eval":
-        parser.add_argument(
-            "--checkpoint",
-            required=True,
-            help="checkpoint from `mvitv2 train image`, or released weights: a weights tag "
-            "(`mvitv2 info --weights`) or a file in any format mvitv2.load_checkpoint reads "
-            "(official .pyth, timm, torchvision) with --model",
-        )
-        parser.add_argument(
-            "--model",
-            help="the variant of a released-weights file (e.g. mvitv2_tiny); a tag names its own",
-        )
+        add_released_arguments(parser, "image", "mvitv2_tiny")
         parser.add_argument(
             "--data",
             help="dataset folder (default: the one the checkpoint was trained on; needed for "
@@ -262,15 +264,14 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         add_eval_arguments(parser, "images", batch_size=64)
     elif command == "predict":
         add_predict_arguments(parser, "image")
-        parser.add_argument(
-            "--checkpoint", required=True, help="checkpoint from `mvitv2 train image`"
-        )
+        add_released_arguments(parser, "image", "mvitv2_tiny")
         parser.add_argument("--topk", type=int, default=5, help="classes to print per image")
         parser.add_argument("--ema", action="store_true", help="use the EMA weights")
     elif command == "export":
         from mvitv2.export import add_export_arguments
 
         add_export_arguments(parser, "image")
+        add_released_arguments(parser, "image", "mvitv2_tiny", checkpoint=False)
 
 
 def run(command: str, args: argparse.Namespace) -> int:
@@ -279,7 +280,9 @@ def run(command: str, args: argparse.Namespace) -> int:
         "train": _train,
         "eval": _eval,
         "predict": _predict,
-        "export": export_handler("image"),
+        "export": export_handler(
+            "image", lambda a: classifier_checkpoint("image", a.checkpoint, a.model, "export")[0]
+        ),
     }
     return dispatch("image", command, args, handlers)
 
@@ -353,17 +356,9 @@ def released_weights_eval(
         )
     root = data_folder(data)
     classes = find_classes(root / "val")
-    where = f"on {root / 'val'} ({len(classes)} class folders)"
+    where = f"evaluated on {root / 'val'} ({len(classes)} class folders)"
     model = released_classifier(checkpoint, name, w, len(classes), where)
-    pre = w.preprocessing
-    dc = ImageDataConfig(
-        img_size=pre.input_size[-1],
-        crop_pct=pre.crop_pct,
-        interpolation=pre.interpolation,
-        mean=tuple(pre.mean),
-        std=tuple(pre.std),
-    )
-    return model, classes, dc, root
+    return model, classes, ImageDataConfig.from_dict(SPEC.released_data(w.preprocessing)), root
 
 
 @torch.no_grad()
@@ -372,11 +367,13 @@ def _predict(args: argparse.Namespace) -> int:
     from mvitv2.predict import Predictor
 
     files = expand_inputs(args.files, IMG_EXTENSIONS)
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint,
-        task="image",
+    info, model = classifier_checkpoint(
+        "image", args.checkpoint, args.model, "predict", ema=args.ema
+    )
+    predictor = Predictor.from_info(
+        info,
+        model,
         topk=args.topk,
-        ema=args.ema,
         device=resolve_device(args.device),
         batch_size=args.batch_size,
     )

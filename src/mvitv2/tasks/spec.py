@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from mvitv2.engine.task import Task
 
 if TYPE_CHECKING:
-    from mvitv2.predict import Predictor
-    from mvitv2.weights.registry import Weights
+    from mvitv2.predict import CheckpointInfo, Predictor
+    from mvitv2.weights.registry import Preprocessing, Weights
 
 #: the tasks, and the module whose ``SPEC`` describes each.
 TASK_MODULES = {
@@ -95,6 +95,11 @@ class TaskSpec:
     ) -> dict[str, Any]:
         """Evaluation preprocessing from the run's ``data`` options and the model config (keys:
         see :func:`mvitv2.predict.default_preprocessing`)."""
+        raise NotImplementedError
+
+    def released_data(self, pre: Preprocessing) -> dict[str, Any]:
+        """The evaluation part of this task's ``data`` options from released weights'
+        preprocessing (what :meth:`default_preprocessing` reads)."""
         raise NotImplementedError
 
     def legacy_model_kwargs(
@@ -272,15 +277,18 @@ class SpecTask(Task):
 _CLI_TASK = {"classification": "image", "video": "video", "detection": "detect"}
 
 
-def released_weights(checkpoint: str, model_name: str | None, task: str) -> tuple[str, Weights]:
+def released_weights(
+    checkpoint: str, model_name: str | None, task: str, command: str = "eval"
+) -> tuple[str, Weights]:
     """The variant and registered weights (the tag's, or for a file those of its variant's
-    default weights: their preprocessing) of released weights that ``mvitv2 eval <task>``
-    (``image`` or ``video``) evaluates, as timm's ``validate.py --pretrained`` and SlowFast's
-    ``TEST.CHECKPOINT_FILE_PATH`` evaluate them.
+    default weights: their preprocessing and classes) of released weights that ``mvitv2
+    <command> <task>`` (``image`` or ``video``) uses, as timm's ``validate.py --pretrained`` and
+    SlowFast's ``TEST.CHECKPOINT_FILE_PATH`` evaluate them.
 
     Args:
         checkpoint: a weights tag or a file in any format :func:`mvitv2.load_checkpoint` reads.
         model_name: the variant (None only for a tag, which names its own).
+        command: ``eval``, ``predict`` or ``export``, for messages.
 
     Raises:
         UserValueError: weights of another task, a variant unknown or without released weights
@@ -293,7 +301,7 @@ def released_weights(checkpoint: str, model_name: str | None, task: str) -> tupl
     tag = WEIGHTS[checkpoint] if is_weights_tag(checkpoint) else None
     if tag is not None and _CLI_TASK[tag.task] != task:
         raise UserValueError(
-            f"{checkpoint} are {tag.task} weights; use `mvitv2 eval {_CLI_TASK[tag.task]}`"
+            f"{checkpoint} are {tag.task} weights; use `mvitv2 {command} {_CLI_TASK[tag.task]}`"
         )
     name = model_name or WEIGHTS[checkpoint].model
     get_config(name)  # an unknown variant: one line naming the known ones
@@ -306,16 +314,44 @@ def released_weights(checkpoint: str, model_name: str | None, task: str) -> tupl
     return name, w
 
 
+def released_task(checkpoint: str, model_name: str | None) -> str:
+    """The command-line task (``image`` or ``video``) of released classifier weights: a tag's
+    own, or for a file that of its variant ``model_name``.
+
+    Raises:
+        UserValueError: a file without its variant, or detection weights.
+    """
+    from mvitv2.errors import UserValueError
+    from mvitv2.models import get_config
+    from mvitv2.weights.registry import WEIGHTS, is_weights_tag
+
+    if is_weights_tag(checkpoint):
+        task = _CLI_TASK[WEIGHTS[checkpoint].task]
+    elif model_name:
+        task = "video" if get_config(model_name).temporal else "image"
+    else:
+        raise UserValueError(
+            f"{checkpoint} is no weights tag (`mvitv2 info --weights`): a file of released "
+            "weights needs its variant (model='mvitv2_tiny', ...)"
+        )
+    if task == "detect":
+        raise UserValueError(
+            f"{checkpoint} are detection weights: predict with `mvitv2 predict detect` or "
+            "mvitv2.tasks.detect.read_detector"
+        )
+    return task
+
+
 def released_classifier(
-    checkpoint: str, name: str, weights: Weights, num_classes: int | None, data: str
+    checkpoint: str, name: str, weights: Weights, num_classes: int | None, purpose: str
 ) -> nn.Module:
     """Variant ``name`` (with ``weights``' model options) loaded from ``checkpoint`` (a tag is
     downloaded into torch.hub's cache and checked), in eval mode.
 
     Args:
         num_classes: the classifier's size the data needs (None: the weights').
-        data: what the weights will be evaluated on, for messages (``"on DIR (6 class
-            folders)"``).
+        purpose: what the weights are for, in messages (``"evaluated on DIR (6 class
+            folders)"``, ``"used by mvitv2 predict"``).
 
     Raises:
         UserValueError: weights of another variant, or any model tensor the weights do not fill
@@ -339,5 +375,62 @@ def released_classifier(
         ) from None
     if report.initialized:
         why = "; ".join(sorted(set(report.initialized.values())))
-        raise UserValueError(f"{checkpoint} cannot be evaluated {data} with {name}: {why}")
+        raise UserValueError(f"{checkpoint} cannot be {purpose} with {name}: {why}")
     return model.eval()
+
+
+def released_info(
+    checkpoint: str, model_name: str | None, task: str, command: str
+) -> tuple[CheckpointInfo, nn.Module]:
+    """Released weights as a checkpoint of ``task`` for ``mvitv2 predict`` and ``export``: the
+    classifier loaded from them (all of it, see :func:`released_classifier`), their classes
+    (``class_<i>`` where the label order is not published) and their preprocessing.
+
+    Args:
+        checkpoint, model_name: see :func:`released_weights`.
+        task: ``image`` or ``video``.
+        command: ``predict`` or ``export``, for messages.
+    """
+    from pathlib import Path
+
+    from mvitv2.predict import CheckpointInfo
+
+    name, w = released_weights(checkpoint, model_name, task, command)
+    model = released_classifier(checkpoint, name, w, None, f"used by mvitv2 {command}")
+    kwargs = dict(w.model_kwargs)
+    spec = get_spec(task)
+    info = CheckpointInfo(
+        path=Path(checkpoint),
+        task=task,
+        model_name=name,
+        model_kwargs=kwargs,
+        state_dict=model.state_dict(),
+        class_names=w.class_names or [f"class_{i}" for i in range(w.num_classes)],
+        preprocessing=spec.default_preprocessing(name, kwargs, spec.released_data(w.preprocessing)),
+        meta={"weights": w.tag},
+    )
+    return info, model
+
+
+def classifier_checkpoint(
+    task: str, checkpoint: str, model_name: str | None, command: str, *, ema: bool = False
+) -> tuple[CheckpointInfo, nn.Module | None]:
+    """The ``--checkpoint`` of ``mvitv2 predict|export image|video``, read: released weights (a
+    tag, or a file with ``--model``: :func:`released_info`, with the model they were loaded
+    into) or a checkpoint of ``mvitv2 train <task>`` (its EMA weights with ``ema``; model None:
+    :func:`mvitv2.predict.build_model` builds it).
+
+    Raises:
+        UserValueError: ``ema`` with released weights, which have none.
+    """
+    from mvitv2.errors import UserValueError
+    from mvitv2.predict import read_checkpoint
+    from mvitv2.weights.registry import is_weights_tag
+
+    if model_name or is_weights_tag(checkpoint):
+        if ema:
+            raise UserValueError(
+                f"--ema: {checkpoint} are released weights, which have no EMA copy; drop --ema"
+            )
+        return released_info(checkpoint, model_name, task, command)
+    return read_checkpoint(checkpoint, task=task, ema=ema), None

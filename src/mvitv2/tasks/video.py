@@ -49,6 +49,7 @@ from mvitv2.data.video import (
 from mvitv2.engine.cli import (
     add_eval_arguments,
     add_predict_arguments,
+    add_released_arguments,
     add_train_arguments,
     data_folder,
     describe_eval,
@@ -56,6 +57,7 @@ from mvitv2.engine.cli import (
     eval_loader,
     eval_metrics_path,
     expand_inputs,
+    export_handler,
     fit,
     print_topk,
     report_skipped,
@@ -71,6 +73,7 @@ from mvitv2.errors import UserFileNotFoundError, UserValueError
 from mvitv2.tasks.spec import (
     ClassificationSpec,
     SpecTask,
+    classifier_checkpoint,
     released_classifier,
     released_weights,
 )
@@ -512,6 +515,20 @@ class VideoSpec(ClassificationSpec):
         video.setdefault("num_frames", cfg.num_frames)
         return VideoDataConfig.from_dict(video).preprocessing()
 
+    def released_data(self, pre: Preprocessing) -> dict[str, Any]:
+        # clip length, frame stride and rate, crop, short side, views, normalisation
+        return {
+            "num_frames": pre.input_size[1],
+            "sampling_rate": pre.sampling_rate,
+            "target_fps": pre.target_fps,
+            "crop_size": pre.input_size[-1],
+            "test_short_side": pre.resize_size,
+            "test_clips": pre.clips,
+            "test_crops": pre.crops,
+            "mean": list(pre.mean),
+            "std": list(pre.std),
+        }
+
     def transform(self, preprocessing: dict[str, Any]) -> Any:
         p = preprocessing
         return VideoTransform(
@@ -687,18 +704,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             help="initialise from this checkpoint (image: inflated; SlowFast, torchvision, timm, a run)",
         )
     elif command == "eval":
-        parser.add_argument(
-            "--checkpoint",
-            required=True,
-            help="checkpoint from `mvitv2 train video`, or released weights: a weights tag "
-            "(`mvitv2 info --weights`) or a file in any format mvitv2.load_checkpoint reads "
-            "(SlowFast .pyth, torchvision) with --model",
-        )
-        parser.add_argument(
-            "--model",
-            help="the variant of a released-weights file (e.g. mvitv2_small_16x4); a tag names "
-            "its own",
-        )
+        add_released_arguments(parser, "video", "mvitv2_small_16x4")
         parser.add_argument(
             "--data",
             help="video root (default: the one the checkpoint was trained on; for released "
@@ -719,9 +725,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         add_eval_arguments(parser, "videos", batch_size=16, batch_help="views per forward")
     elif command == "predict":
         add_predict_arguments(parser, "video")
-        parser.add_argument(
-            "--checkpoint", required=True, help="checkpoint from `mvitv2 train video`"
-        )
+        add_released_arguments(parser, "video", "mvitv2_small_16x4")
         parser.add_argument("--topk", type=int, default=5, help="classes to print per video")
         parser.add_argument(
             "--clips",
@@ -732,11 +736,15 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         from mvitv2.export import add_export_arguments
 
         add_export_arguments(parser, "video")
+        add_released_arguments(parser, "video", "mvitv2_small_16x4", checkpoint=False)
 
 
 def run(command: str, args: argparse.Namespace) -> int:
     """Entry point of ``mvitv2 <command> video``; returns the exit status."""
-    handlers = {"train": _train, "eval": _eval, "predict": _predict, "export": _export}
+    export = export_handler(
+        "video", lambda a: classifier_checkpoint("video", a.checkpoint, a.model, "export")[0]
+    )
+    handlers = {"train": _train, "eval": _eval, "predict": _predict, "export": export}
     return dispatch("video", command, args, handlers)
 
 
@@ -794,22 +802,6 @@ def _clips_option(args: argparse.Namespace) -> int | None:
     return args.clips
 
 
-def released_eval_data(pre: Preprocessing) -> dict[str, Any]:
-    """The evaluation part of a ``data`` config from released weights' preprocessing: clip
-    length, frame stride and rate, crop, short side, views, normalisation."""
-    return {
-        "num_frames": pre.input_size[1],
-        "sampling_rate": pre.sampling_rate,
-        "target_fps": pre.target_fps,
-        "crop_size": pre.input_size[-1],
-        "test_short_side": pre.resize_size,
-        "test_clips": pre.clips,
-        "test_crops": pre.crops,
-        "mean": list(pre.mean),
-        "std": list(pre.std),
-    }
-
-
 def _eval(args: argparse.Namespace) -> int:
     from mvitv2.predict import WrongTaskError, checkpoint_info
     from mvitv2.predict import build_model as build_from_info
@@ -824,7 +816,7 @@ def _eval(args: argparse.Namespace) -> int:
                 "released weights have no dataset of their own: pass --data (a video root with "
                 "val.csv) or --val-list"
             )
-        data = released_eval_data(weights.preprocessing)
+        data = SPEC.released_data(weights.preprocessing)
     else:
         ckpt = read_run_checkpoint(args.checkpoint)
         try:
@@ -858,7 +850,7 @@ def _eval(args: argparse.Namespace) -> int:
     dist = init_distributed()
     ds = dc.dataset(val_list, root, train=False)
     if released:
-        where = f"on {val_list} (labels up to {ds.num_classes - 1})"
+        where = f"evaluated on {val_list} (labels up to {ds.num_classes - 1})"
         model = released_classifier(args.checkpoint, name, weights, None, where)
         n_classes = model.cfg.num_classes
     else:
@@ -895,9 +887,10 @@ def _predict(args: argparse.Namespace) -> int:
 
     clips = _clips_option(args)
     files = expand_inputs(args.files, VIDEO_EXTENSIONS)
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint,
-        task="video",
+    info, model = classifier_checkpoint("video", args.checkpoint, args.model, "predict")
+    predictor = Predictor.from_info(
+        info,
+        model,
         topk=args.topk,
         device=resolve_device(args.device),
         batch_size=args.batch_size,
@@ -905,12 +898,3 @@ def _predict(args: argparse.Namespace) -> int:
     if clips is not None:
         predictor.preprocessing["num_clips"] = clips
     return print_topk(files, predictor, args.batch_size, args.json)
-
-
-def _export(args: argparse.Namespace) -> int:
-    try:
-        from mvitv2.export import run_export
-    except ImportError as e:
-        print(f"mvitv2 export video: not available in this installation ({e})", file=sys.stderr)
-        return 2
-    return run_export("video", args)

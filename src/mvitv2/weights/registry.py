@@ -19,6 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
+from mvitv2.weights.classes import dataset_classes
 from mvitv2.weights.io import CheckpointError, cached_path, download
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -98,6 +99,13 @@ class Weights:
     model_kwargs: dict = field(default_factory=dict)
     notes: str = ""
     detector: str = ""
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The name of each output in label order (detectors: object classes, background
+        excluded), as torchvision's ``weights.meta["categories"]``; None where the label order is
+        not published (ImageNet-21k). See :mod:`mvitv2.weights.classes`."""
+        return dataset_classes(self.classes)
 
     @property
     def filename(self) -> str:
