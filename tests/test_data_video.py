@@ -28,9 +28,9 @@ from mvitv2.data.video import (
     VideoReader,
     VideoTransform,
     clip_indices,
+    clip_span,
     read_class_names,
     read_video_list,
-    resampled_length,
     segment_indices,
     uniform_crop,
     video_collate,
@@ -183,17 +183,17 @@ def test_direction_needs_frame_order_on_the_dataset(digits):
 
 def test_clip_indices():
     torch.manual_seed(0)
-    for _ in range(20):
+    for _ in range(20):  # 8 x 4 spans 32 frames: floor(31 i / 7) after the start
         idx = clip_indices(100, 8, 4)
-        assert np.all(np.diff(idx) == 4) and idx[0] >= 0 and idx[-1] < 100
+        assert [i - idx[0] for i in idx] == [0, 4, 8, 13, 17, 22, 26, 31] and idx[-1] < 100
     starts = {clip_indices(100, 8, 4)[0] for _ in range(200)}
-    assert min(starts) == 0 and max(starts) == 100 - 29 and len(starts) > 30
+    assert min(starts) == 0 and max(starts) == 100 - 32 and len(starts) > 30
     test = [clip_indices(100, 8, 4, clip_idx=k, num_clips=5) for k in range(5)]
-    assert test[0][0] == 0 and test[-1][-1] == 99  # K uniform clips cover the whole video
-    assert np.all(np.diff([c[0] for c in test]) > 0)
-    assert clip_indices(100, 8, 4, clip_idx=0, num_clips=1)[0] == (100 - 29) // 2  # centre clip
+    assert [c[0] for c in test] == [0, 17, 34, 51, 68]  # k * floor(68 / 4)
+    assert test[-1][-1] == 99
+    assert clip_indices(100, 8, 4, clip_idx=0, num_clips=1)[0] == (100 - 32) // 2  # centre clip
     assert clip_indices(10, 8, 2, clip_idx=0) == [0, 2, 4, 6, 8, 9, 9, 9]  # padded: last frame
-    assert clip_indices(10, 8, 2, clip_idx=0, pad="loop") == [0, 2, 4, 6, 8, 0, 2, 4]
+    assert clip_indices(10, 8, 2, clip_idx=0, pad="loop") == [0, 2, 4, 6, 8, 0, 2, 5]
 
 
 def test_segment_indices():
@@ -271,7 +271,7 @@ def test_read_video_list_edge_cases(tmp_path):
 
 
 def test_frame_rates_must_be_positive():
-    assert resampled_length(10, 0.5, 1) == 20 and resampled_length(10, 30, 0.5) == 1
+    assert clip_span(10, 2, 0.5, 1) == 10.0 and clip_span(10, 2, 30, 0.5) == 1200.0
     for fps, target in ((0, 30), (30, 0), (-25, 30)):
         with pytest.raises(ValueError, match=r"frame rates must be > 0"):
             clip_indices(10, 2, 1, fps=fps, target_fps=target)
@@ -577,28 +577,28 @@ def test_short_videos_are_padded(tmp_path):
 
 
 def test_padding_and_padded_counts(tmp_path):
-    """A clip of 4 frames x 3 spans 10 frames: a 10-frame video is not padded, a 9-frame one is
-    at its own rate (25 fps), not at 30 fps, where it lasts 11 frames."""
-    for n in (9, 10):
+    """A clip of 4 frames x 3 spans 12 frames (SlowFast's clip size) and takes frames
+    floor(11 i / 3) = 0, 3, 7, 11: a 12-frame video is not padded, an 11-frame one is, at its own
+    rate (25 fps); at 30 fps the clip spans 10 frames of the 25 fps file, and neither is."""
+    for n in (11, 12):
         _coded_video(tmp_path / f"v{n}.mp4", n)
-    (tmp_path / "l.txt").write_text("v9.mp4 0\nv10.mp4 1\n")
+    (tmp_path / "l.txt").write_text("v11.mp4 0\nv12.mp4 1\n")
     kw = {"num_frames": 4, "sampling_rate": 3, "train": False, "num_clips": 3, "stack_views": True}
     ds = VideoClipDataset(tmp_path / "l.txt", **kw)
     clips, _, _ = ds[1]
-    assert [_ids(c) for c in clips] == [[0, 3, 6, 9]] * 3 and ds.skipped["padded"] == 0
+    assert [_ids(c) for c in clips] == [[0, 3, 7, 11]] * 3 and ds.skipped["padded"] == 0
     clips, _, _ = ds[0]
-    assert [_ids(c) for c in clips] == [[0, 3, 6, 8]] * 3 and ds.skipped["padded"] == 3
+    assert [_ids(c) for c in clips] == [[0, 3, 7, 10]] * 3 and ds.skipped["padded"] == 3
     loop = VideoClipDataset(tmp_path / "l.txt", pad="loop", **kw)
-    assert [_ids(c) for c in loop[0][0]] == [[0, 3, 6, 0]] * 3
+    assert [_ids(c) for c in loop[0][0]] == [[0, 3, 7, 0]] * 3
     fps30 = VideoClipDataset(tmp_path / "l.txt", target_fps=30, **kw)
-    clips, _, _ = fps30[0]  # 9 frames at 25 fps: 11 frames at 30 fps, not padded
-    want = [clip_indices(9, 4, 3, clip_idx=k, num_clips=3, fps=25, target_fps=30) for k in range(3)]
-    assert [_ids(c) for c in clips] == want and fps30.skipped["padded"] == 0
-    assert want[0] == [0, 2, 5, 7]  # target frames 0, 3, 6, 9 at 30 fps
-    fps30[1]
+    clips, _, _ = fps30[0]  # slack 1: every clip starts at k * floor(1 / 2) = 0
+    assert [_ids(c) for c in clips] == [[0, 3, 6, 9]] * 3 and fps30.skipped["padded"] == 0
+    clips, _, _ = fps30[1]  # slack 2: clips start at 0, 1, 2
+    assert [_ids(c) for c in clips] == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
     assert fps30.skipped["padded"] == 0
     native = VideoClipDataset(tmp_path / "l.txt", **{**kw, "sampling_rate": 4})
-    native[1]  # 10 frames, span 13: padded
+    native[1]  # 12 frames, span 16: padded
     assert native.skipped["padded"] == 3
     with pytest.raises(ValueError, match="unknown pad mode 'mirror'; expected 'last' or 'loop'"):
         clip_indices(10, 4, 3, pad="mirror")
@@ -617,8 +617,9 @@ def test_dataset_options(tmp_path):
     )
     ds = VideoClipDataset(tmp_path / "sub" / "l.txt", tmp_path, train=False)  # video root
     clip, label, vid = ds[0]
-    # defaults: 16 frames, 4 apart, the centre clip: start (80 - 61) // 2 = 9
-    assert (label, vid) == (2, 0) and _ids(clip, 3) == list(range(9, 9 + 61, 4))
+    # defaults: 16 frames spread over 64 (floor(4.2 i)), the centre clip: start (80 - 64) // 2
+    steps = [0, 4, 8, 12, 16, 21, 25, 29, 33, 37, 42, 46, 50, 54, 58, 63]
+    assert (label, vid) == (2, 0) and _ids(clip, 3) == [8 + i for i in steps]
     assert ds.skipped.as_dict() == dict.fromkeys(VideoClipDataset.SKIP_KEYS, 0)
     # training: one clip, one crop, whatever the test options; testing: no repeats
     train = VideoClipDataset(

@@ -24,13 +24,14 @@ from mvitv2.engine.data import build_loader
 
 
 def test_training_samplers_draw_from_the_given_generator():
-    """Random clip start ``randint(slack + 1)`` and segment frames ``floor((i + u) n / T)``
-    with ``u`` from the caller's generator (same seed, same draw)."""
+    """Random clip start ``randint(slack + 1)`` (slack: frames beyond the clip's span of
+    ``frames * rate``), frames ``floor(i (span - 1) / (frames - 1))`` after it, and segment frames
+    ``floor((i + u) n / T)`` with ``u`` from the caller's generator (same seed, same draw)."""
     for n, frames, rate in ((100, 8, 4), (40, 4, 3), (20, 8, 2)):
-        span = (frames - 1) * rate + 1
+        span = frames * rate
         for seed in range(5):
             start = int(torch.randint(max(n - span, 0) + 1, (1,), generator=_g(seed)))
-            want = [min(start + i * rate, n - 1) for i in range(frames)]
+            want = [min(start + i * (span - 1) // (frames - 1), n - 1) for i in range(frames)]
             assert clip_indices(n, frames, rate, generator=_g(seed)) == want
     for n, frames in ((100, 8), (7, 4), (3, 8)):
         for seed in range(5):
@@ -45,7 +46,7 @@ def _g(seed: int) -> torch.Generator:
 
 def test_pad_modes_and_their_errors():
     assert clip_indices(5, 4, 2, clip_idx=0, pad="last") == [0, 2, 4, 4]
-    assert clip_indices(5, 4, 2, clip_idx=0, pad="loop") == [0, 2, 4, 1]
+    assert clip_indices(5, 4, 2, clip_idx=0, pad="loop") == [0, 2, 4, 2]  # 7 % 5
     with pytest.raises(ValueError, match=r"^unknown pad mode 'wrap'; expected 'last' or 'loop'$"):
         clip_indices(5, 4, 2, clip_idx=0, pad="wrap")
 

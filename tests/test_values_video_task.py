@@ -182,8 +182,8 @@ class _Reader(nn.Module):
 
 def test_predictor_averages_the_softmax_of_clips_times_crops_views():
     """A (T, H, W, 3) array, 3 clips x 3 crops: views clip-major then crop, clip k starting at
-    SlowFast's ``round(k * slack / (K - 1))``, crops at the left, centre and right, softmax
-    averaged over the 9 views."""
+    SlowFast's ``k * floor(slack / (K - 1))`` and spanning ``t * rate`` frames, crops at the
+    left, centre and right, softmax averaged over the 9 views."""
     n, t, rate, h, w, size = 29, 3, 4, 24, 40, 24
     frames = np.zeros((n, h, w, 3), np.uint8)
     frames[..., 0] = (5 * np.arange(n))[:, None, None]  # red: the frame index
@@ -202,12 +202,12 @@ def test_predictor_averages_the_softmax_of_clips_times_crops_views():
         _Reader(), task="video", class_names=["first", "last", "right"], topk=3,
         preprocessing=data.preprocessing(),
     )  # fmt: skip
-    slack = n - ((t - 1) * rate + 1)  # 20
+    span = t * rate  # 12 frames: the clip's frames are floor(11 i / 2) = 0, 5, 11 after its start
     logits = []
     for k in range(3):
-        start = math.floor(slack * k / 2 + 0.5)
+        start = k * math.floor((n - span) / 2)  # k * floor(17 / 2)
         for left in (0, (w - size) // 2, w - size):
-            first, last = start, start + (t - 1) * rate
+            first, last = start, start + span - 1
             logits.append([5 * first / 40, 5 * last / 40, 3 * (left + size - 1) / 40])
     want = torch.tensor(logits, dtype=torch.float64).softmax(-1).mean(0)
     views = pred.preprocess_video(frames)

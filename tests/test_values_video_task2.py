@@ -408,8 +408,9 @@ def _grey_ramp(n: int, h: int = 16, w: int = 16) -> np.ndarray:
 @pytest.mark.parametrize("sampling", ["clip", "segment"])
 def test_views_of_a_file_are_the_frames_the_sampling_names(tmp_path, sampling):
     """Segment sampling: one view, frame floor((2i + 1) n / 2T) of each segment; clip sampling:
-    K clips of T frames rate apart starting at SlowFast's round(k * slack / (K - 1)). A file and
-    the same frames as an array give the same views."""
+    K clips of T frames spread over T * rate (floor(i (T rate - 1) / (T - 1))), starting at
+    SlowFast's k * floor(slack / (K - 1)). A file and the same frames as an array give the same
+    views."""
     n, t, rate, k = 20, 4, 3, 3
     frames = _grey_ramp(n)
     write_video(tmp_path / "v.mp4", frames, fps=25, crf=0, gop=1)
@@ -420,10 +421,9 @@ def test_views_of_a_file_are_the_frames_the_sampling_names(tmp_path, sampling):
     if sampling == "segment":
         want = [[(2 * i + 1) * n // (2 * t) for i in range(t)]]
     else:
-        slack = n - ((t - 1) * rate + 1)
-        want = [
-            [math.floor(slack * c / (k - 1) + 0.5) + rate * i for i in range(t)] for c in range(k)
-        ]
+        span = t * rate
+        starts = [c * math.floor((n - span) / (k - 1)) for c in range(k)]  # 0, 4, 8
+        want = [[s + i * (span - 1) // (t - 1) for i in range(t)] for s in starts]
     for item in (frames, tmp_path / "v.mp4"):
         views = SPEC.views(item, p, transform)
         assert views.shape == (len(want), 3, t, 16, 16)

@@ -1,6 +1,7 @@
 """Which frames and pixels a video model sees, by value: clip and segment sampling (with target
 fps), test views, spatial crops and normalisation, in the data layer and in the Predictor, each
-checked against a naive reference written here (time-based, exact fractions, plain slicing)."""
+checked against a naive reference written here (SlowFast's clip arithmetic in exact fractions,
+plain slicing), and test clips against PySlowFast's own decoder functions (tests/data)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from mvitv2.data.video import (
     VideoReader,
     VideoTransform,
     clip_indices,
-    resampled_length,
+    clip_span,
     segment_indices,
     uniform_crop,
 )
@@ -42,28 +43,31 @@ def ref_clip(
     start: int | None = None,
     pad: str = "last",
 ) -> list[int]:
-    """The source frames of a clip, by time: ``rate`` counts frames at ``target_fps``; the clip
-    is placed on the target-rate timeline (its frames at times ``j / target_fps`` inside the
-    video), and each sampled time shows the source frame on screen then, ``floor(t * fps)``."""
-    fps_q = Fraction(fps).limit_denominator(10**6)
-    target = fps_q if target_fps is None else Fraction(target_fps).limit_denominator(10**6)
-    duration = n_src / fps_q
-    n = 0  # target-rate frames whose time falls inside the video
-    while Fraction(n) / target < duration:
-        n += 1
-    slack = max(n - ((num_frames - 1) * rate + 1), 0)
-    if start is None:  # test clips: evenly spread from the first to the last frame
-        start = (
-            slack // 2
-            if num_clips == 1
-            else math.floor(Fraction(slack * k, num_clips - 1) + Fraction(1, 2))
-        )
+    """PySlowFast's Kinetics clip in exact arithmetic: a clip spans ``c = num_frames * rate``
+    frames at ``target_fps``, ``c * fps / target_fps`` frames of the file (at least 1); test clip
+    ``k`` of ``K`` starts at ``k * floor((n - c) / (K - 1))`` (one clip: ``floor((n - c) / 2)``);
+    frame ``i`` of a clip is ``start + floor(i * (c - 1) / (num_frames - 1))``."""
+    c = Fraction(num_frames * rate)
+    if target_fps is not None:
+        c *= Fraction(fps).limit_denominator(10**6) / Fraction(target_fps).limit_denominator(10**6)
+    c = max(c, 1)
+    slack = max(n_src - c, 0)
+    if start is None:
+        each = slack / 2 if num_clips == 1 else slack / (num_clips - 1)
+        start = math.floor(each) * (1 if num_clips == 1 else k)
     out = []
-    for j in range(num_frames):
-        pos = start + j * rate
-        pos = min(pos, n - 1) if pad == "last" else pos % n
-        out.append(math.floor(Fraction(pos) / target * fps_q))
+    for i in range(num_frames):
+        pos = start + (math.floor(i * (c - 1) / (num_frames - 1)) if num_frames > 1 else 0)
+        out.append(min(pos, n_src - 1) if pad == "last" else pos % n_src)
     return out
+
+
+def ref_slack(n_src: int, fps: float, num_frames: int, rate: int, target: float | None) -> int:
+    """The last start of a training clip: ``floor(n - c)`` (see :func:`ref_clip`)."""
+    c = Fraction(num_frames * rate)
+    if target is not None:
+        c *= Fraction(fps).limit_denominator(10**6) / Fraction(target).limit_denominator(10**6)
+    return max(math.floor(n_src - c), 0)
 
 
 def ref_segments(n: int, num_frames: int) -> list[int]:
@@ -124,10 +128,10 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 RATES = [(25, 30), (15, 30), (30, 30), (30000 / 1001, 30), (30, 7.5), (24, None)]
 
 
-def test_clip_indices_match_the_time_based_reference():
+def test_clip_indices_match_slowfasts_arithmetic_in_exact_fractions():
     for fps, target in RATES:
-        for n_src in (1, 2, 5, 12, 13, 29, 50, 61):
-            for num_frames, rate in ((1, 1), (4, 1), (4, 4), (8, 2), (3, 5)):
+        for n_src in (1, 2, 5, 12, 13, 29, 50, 61, 64, 65, 100):
+            for num_frames, rate in ((1, 1), (4, 1), (4, 4), (8, 2), (3, 5), (16, 4)):
                 for pad in ("last", "loop"):
                     kw = {"fps": fps, "target_fps": target, "pad": pad}
                     for num_clips in (1, 2, 3, 5):
@@ -148,24 +152,42 @@ def test_clip_indices_match_the_time_based_reference():
                             assert got == want, (fps, target, n_src, num_frames, rate, pad, k)
 
 
+def test_test_clips_are_the_frames_pyslowfasts_decoder_takes():
+    """720 cases (clip shapes 16x4, 32x3, 40x3, 8x8, 3x2; 30, 25, 29.97 and 15 fps files of
+    10-301 frames; 1 and 5 clips) computed by PySlowFast's own ``get_multiple_start_end_idx``,
+    ``get_start_end_idx`` and ``temporal_sampling`` (see the file's ``made_by``)."""
+    import json
+
+    table = json.loads((Path(__file__).parent / "data" / "slowfast_test_clips.json").read_text())
+    assert len(table["cases"]) == 720
+    for c in table["cases"]:
+        got = clip_indices(
+            c["frames"], c["num_frames"], c["rate"], clip_idx=c["clip"], num_clips=c["clips"],
+            fps=c["fps"], target_fps=table["target_fps"],
+        )  # fmt: skip
+        assert got == c["indices"], c
+
+
 def test_clip_indices_without_a_rate_count_frames_of_the_file():
-    assert clip_indices(100, 8, 4, clip_idx=0) == list(range(35, 35 + 29, 4))  # centre: 71 // 2
+    # 16x4 at 30 fps: 64 frames spanned, floor(4.2 i) apart, as SlowFast's float32 linspace
+    steps = [0, 4, 8, 12, 16, 21, 25, 29, 33, 37, 42, 46, 50, 54, 58, 63]
+    assert clip_indices(300, 16, 4, clip_idx=0) == [118 + s for s in steps]  # (300 - 64) // 2
+    assert clip_indices(100, 8, 4, clip_idx=0) == [34, 38, 42, 47, 51, 56, 60, 65]  # 4.43 apart
     assert clip_indices(100, 8, 4, clip_idx=0, fps=25) == clip_indices(100, 8, 4, clip_idx=0)
-    assert clip_indices(10, 8, 2, clip_idx=0) == [0, 2, 4, 6, 8, 9, 9, 9]
-    assert clip_indices(10, 8, 2, clip_idx=0, pad="loop") == [0, 2, 4, 6, 8, 0, 2, 4]
-    # first and last of 5 test clips touch both ends; halves round up
-    assert clip_indices(30, 4, 2, clip_idx=4, num_clips=5)[-1] == 29
-    assert clip_indices(12, 2, 2, clip_idx=1, num_clips=3)[0] == 5  # slack 9: 4.5 -> 5
-    assert clip_indices(8, 2, 2, clip_idx=1, num_clips=3)[0] == 3  # slack 5: 2.5 -> 3
-    assert clip_indices(11, 2, 1, clip_idx=1, num_clips=5)[0] == 2  # slack 9: 2.25 -> 2
+    assert clip_indices(10, 8, 2, clip_idx=0) == [0, 2, 4, 6, 8, 9, 9, 9]  # decoded whole
+    assert clip_indices(10, 8, 2, clip_idx=0, pad="loop") == [0, 2, 4, 6, 8, 0, 2, 5]  # 15 % 10
+    # clip k of K starts at k * floor(slack / (K - 1)): the last may end before the last frame
+    assert clip_indices(30, 4, 2, clip_idx=4, num_clips=5) == [20, 22, 24, 27]  # slack 22 -> 5 x 4
+    assert clip_indices(12, 2, 2, clip_idx=1, num_clips=3) == [4, 7]  # slack 8 -> 4
+    assert clip_indices(11, 2, 1, clip_idx=3, num_clips=5) == [6, 7]  # slack 9 -> 2 x 3
     with pytest.raises(ValueError, match=r"clip_idx 3 not in \[0, 3\)"):
         clip_indices(30, 4, 2, clip_idx=3, num_clips=3)
 
 
 def test_random_training_clips_start_anywhere_in_the_slack():
     g = torch.Generator().manual_seed(0)
-    for fps, target, n_src in ((25, 30, 20), (15, 30, 9), (30, None, 20)):
-        slack = resampled_length(n_src, fps, target) - 13  # span of 4 frames x 4
+    for fps, target, n_src in ((25, 30, 20), (15, 30, 9), (30, None, 20), (30, 30, 40)):
+        slack = ref_slack(n_src, fps, 4, 4, target)
         clips = {tuple(ref_clip(n_src, fps, 4, 4, target, start=s)) for s in range(slack + 1)}
         drawn = {
             tuple(clip_indices(n_src, 4, 4, fps=fps, target_fps=target, generator=g))
@@ -174,15 +196,14 @@ def test_random_training_clips_start_anywhere_in_the_slack():
         assert drawn == clips  # every start in [0, slack], and nothing else
 
 
-def test_resampled_length_counts_target_frames_inside_the_video():
-    assert resampled_length(50, 25, 30) == 60
-    assert resampled_length(51, 25, 30) == 62  # 61.2 -> the frame at 61/30 s is inside
-    assert resampled_length(30, 15, 30) == 60
-    assert resampled_length(300, 30000 / 1001, 30) == 301
-    assert resampled_length(7, 30, 7.5) == 2
-    assert resampled_length(7, 30, None) == 7 == resampled_length(7, None, 30)
+def test_clip_span_is_the_clips_frames_at_the_files_rate():
+    assert clip_span(16, 4, 30, 30) == 64.0 and clip_span(16, 4) == 64.0
+    assert clip_span(16, 4, 25, 30) == pytest.approx(64 * 25 / 30, abs=1e-12)
+    assert clip_span(40, 3, 60, 30) == 240.0
+    assert clip_span(1, 1, 1, 30) == 1.0  # at least one frame
+    assert clip_span(16, 4, None, 30) == 64.0 == clip_span(16, 4, 30, None)
     with pytest.raises(ValueError, match="frame rates must be > 0"):
-        resampled_length(7, 0, 30)
+        clip_span(16, 4, 0, 30)
 
 
 def test_segment_indices_match_the_reference():
@@ -243,7 +264,7 @@ def test_dataset_test_clips_follow_the_target_fps(videos, tmp_path, target):
         train = VideoClipDataset(
             tmp_path / "l.txt", num_frames=4, sampling_rate=4, target_fps=target
         )
-        slack = resampled_length(2 * fps, fps, target) - 13
+        slack = ref_slack(2 * fps, fps, 4, 4, target)
         clips = [ref_clip(2 * fps, fps, 4, 4, target, start=s) for s in range(slack + 1)]
         for _ in range(3):
             assert ids_of_clip(train[0][0]) in clips

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -38,7 +39,7 @@ __all__ = [
     "clip_indices",
     "read_class_names",
     "read_video_list",
-    "resampled_length",
+    "clip_span",
     "segment_indices",
     "uniform_crop",
     "video_collate",
@@ -347,29 +348,18 @@ def _pad(indices: np.ndarray, num_video_frames: int, pad: str) -> np.ndarray:
     raise ValueError(f"unknown pad mode {pad!r}; expected 'last' or 'loop'")
 
 
-def _frame_ratio(fps: float | None, target_fps: float | None) -> Fraction | None:
-    """Source frames per target frame (``fps / target_fps``) as an exact fraction, or None when
-    either rate is unknown (frames are then counted at the file's own rate)."""
+def clip_span(
+    num_frames: int, sampling_rate: int, fps: float | None = None, target_fps: float | None = None
+) -> float:
+    """Source frames one clip spans: ``num_frames * sampling_rate`` frames counted at
+    ``target_fps``, in frames of the file at ``fps`` (SlowFast's ``clip_size``,
+    ``max(1, sampling_rate * num_frames / target_fps * fps)``, computed in the same order);
+    ``num_frames * sampling_rate`` when either rate is None."""
     if fps is None or target_fps is None:
-        return None
+        return float(max(1, num_frames * sampling_rate))
     if fps <= 0 or target_fps <= 0:
         raise ValueError(f"frame rates must be > 0, got fps={fps}, target_fps={target_fps}")
-    # Rates arrive as floats (29.97 is 30000/1001); exact fractions keep frame arithmetic exact.
-    return Fraction(fps).limit_denominator(1_000_000) / Fraction(target_fps).limit_denominator(
-        1_000_000
-    )
-
-
-def resampled_length(
-    num_video_frames: int, fps: float | None = None, target_fps: float | None = None
-) -> int:
-    """Frames of a video of ``num_video_frames`` frames at ``fps`` once resampled to
-    ``target_fps``: ``ceil(num_video_frames * target_fps / fps)`` (the target frames whose time
-    falls inside the video); ``num_video_frames`` when either rate is None."""
-    ratio = _frame_ratio(fps, target_fps)
-    if ratio is None:
-        return num_video_frames
-    return -(-num_video_frames * ratio.denominator // ratio.numerator)
+    return max(1.0, sampling_rate * num_frames / target_fps * fps)
 
 
 def clip_indices(
@@ -384,46 +374,50 @@ def clip_indices(
     target_fps: float | None = None,
     generator: torch.Generator | None = None,
 ) -> list[int]:
-    """Frame indices of one dense clip: ``num_frames`` frames, ``sampling_rate`` apart.
+    """Frame indices of one dense clip, as PySlowFast's Kinetics loader takes them.
+
+    A clip spans ``c = clip_span(...)`` frames of the file (``num_frames * sampling_rate`` at
+    ``target_fps``: 64 frames for 16x4 at 30 fps) and takes ``num_frames`` of them evenly,
+    ``floor(linspace(0, c - 1, num_frames))`` in float32 (16x4: 0, 4, 8, 12, 16, 21, ..., 63).
 
     Args:
         num_video_frames: frames in the video.
         num_frames: frames in the clip.
-        sampling_rate: step between sampled frames (frames at ``target_fps`` when it is set).
-        clip_idx: None draws the start uniformly (training); ``k`` in ``[0, num_clips)`` takes the
-            k-th of ``num_clips`` uniformly spaced clips (testing): the first starts at the first
-            frame, the last ends at the last frame, the others start at the nearest frame (halves
-            up) in between; one clip is the centre one.
+        sampling_rate: the step between sampled frames at ``target_fps`` (on average).
+        clip_idx: None draws the start uniformly in ``[0, floor(N - c)]`` (training); ``k`` in
+            ``[0, num_clips)`` takes the k-th of ``num_clips`` test clips, starting at
+            ``k * floor((N - c) / (num_clips - 1))`` (SlowFast's ``USE_OFFSET_SAMPLING``, which
+            every MViTv2 Kinetics config sets); one clip is the centre one, from
+            ``floor((N - c) / 2)``.
         num_clips: number of test clips K.
-        pad: how a video shorter than the clip span is padded: ``"last"`` repeats the last frame,
-            ``"loop"`` starts again from the first.
-        fps, target_fps: the video's frame rate and the rate ``sampling_rate`` counts frames at.
-            With both set, the clip is taken from the video resampled to ``target_fps`` (target
-            frame ``j``, at time ``j / target_fps``, shows source frame
-            ``floor(j * fps / target_fps)``), so a clip spans the same time whatever the file's
-            rate: SlowFast samples Kinetics at 30 fps by scaling the clip span by
-            ``fps / target_fps`` the same way. Otherwise frames are counted at the file's rate.
+        pad: frames past the end of a video shorter than the clip (SlowFast reads such a video
+            whole and clamps): ``"last"`` repeats the last frame, ``"loop"`` starts again from
+            the first.
+        fps, target_fps: the video's frame rate and the rate ``sampling_rate`` counts frames at
+            (SlowFast: 30), so that a clip spans the same time whatever the file's rate.
+            Otherwise frames are counted at the file's rate.
         generator: torch generator for the random start (default: the global one).
     Returns:
         ``num_frames`` indices in ``[0, num_video_frames)``.
     """
-    ratio = _frame_ratio(fps, target_fps)
-    n = resampled_length(num_video_frames, fps, target_fps)
-    span = (num_frames - 1) * sampling_rate + 1
-    slack = max(n - span, 0)
+    n = num_video_frames
+    span = clip_span(num_frames, sampling_rate, fps, target_fps)
+    delta = max(n - span, 0.0)
     if clip_idx is None:
-        start = int(torch.randint(slack + 1, (1,), generator=generator))
+        start = int(torch.randint(math.floor(delta) + 1, (1,), generator=generator))
     elif num_clips == 1:
-        start = slack // 2
+        start = math.floor(delta / 2)
     else:
         if not 0 <= clip_idx < num_clips:
             raise ValueError(f"clip_idx {clip_idx} not in [0, {num_clips})")
-        # round(slack * k / (K - 1)) in integers, halves up
-        start = (2 * slack * clip_idx + num_clips - 1) // (2 * (num_clips - 1))
-    idx = _pad(start + np.arange(num_frames) * sampling_rate, n, pad)
-    if ratio is not None:
-        idx = idx * ratio.numerator // ratio.denominator
-    return idx.tolist()
+        start = clip_idx * math.floor(delta / (num_clips - 1))
+    f32 = torch.float32  # SlowFast's linspace runs in float32: 16x4's 6th offset is 21, not 20
+    if n > num_frames * sampling_rate:
+        # SlowFast decodes only the clip's frames and spreads the samples over them
+        idx = start + torch.linspace(0, span - 1, num_frames, dtype=f32).long()
+    else:  # it decodes a short video whole and spreads the samples from the start
+        idx = torch.linspace(start, start + span - 1, num_frames, dtype=f32).long()
+    return _pad(idx.numpy(), n, pad).tolist()
 
 
 def segment_indices(
@@ -657,8 +651,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
     dropped (so a bad video is not scored and no other video gets extra views), each skip is
     counted and each file named once; ``strict_data`` fails instead. ``self.skipped.as_dict()``
     keeps per-file statistics, DataLoader workers included: ``bad_missing``, ``bad_corrupt``,
-    ``bad_empty`` = distinct unreadable files; ``padded`` = clips of videos shorter than the clip
-    span; ``truncated`` = clips of files that ended before their header said (both used).
+    ``bad_empty`` = distinct unreadable files; ``padded`` = clips whose last frame lies past the
+    video's end (see :func:`clip_indices`); ``truncated`` = clips of files that ended before their header said (both used).
 
     Args:
         list_file: Kinetics-style list (see :func:`read_video_list`).
@@ -753,11 +747,9 @@ class VideoClipDataset(torch.utils.data.Dataset):
         if not path.is_file():
             raise VideoDecodeError(path, "no such file", "missing")
         with VideoReader(path) as r:
-            span = (self.num_frames - 1) * self.sampling_rate + 1
-            if (
-                self.sampling == "clip"
-                and resampled_length(r.num_frames, r.fps, self.target_fps) < span
-            ):
+            span = clip_span(self.num_frames, self.sampling_rate, r.fps, self.target_fps)
+            # the clip's last frame, floor(span - 1), lies past the video's end
+            if self.sampling == "clip" and r.num_frames <= span - 1:
                 self.skipped.add("padded", len(clip_ids))
             n = r.num_frames
             flat = [i for c in clip_ids for i in self._indices(n, r.fps, c)]

@@ -112,10 +112,10 @@ class VideoDataConfig:
         test_short_side: short side before the test crop (None: ``crop_size * 256 / 224``).
         mean, std: normalisation of [0, 1] RGB.
         pad: ``last`` or ``loop``: how videos shorter than a clip are padded.
-        target_fps: frame rate ``sampling_rate`` counts frames at: each file is sampled as if
-            resampled to it, so a clip spans ``(num_frames - 1) * sampling_rate / target_fps``
-            seconds whatever the file's rate (SlowFast's Kinetics recipes: 30). None: each file's
-            own rate. Not used by segment sampling (must be None there).
+        target_fps: frame rate ``sampling_rate`` counts frames at, so that a clip spans
+            ``num_frames * sampling_rate / target_fps`` seconds whatever the file's rate
+            (SlowFast's Kinetics recipes: 30; see :func:`mvitv2.data.video.clip_indices`). None:
+            each file's own rate. Not used by segment sampling (must be None there).
         train_list, val_list: list files (``path label`` lines or ``path,label`` CSV); relative
             paths resolve against ``video_root``. CLI ``--train-list`` / ``--val-list``.
         video_root: folder the list paths are relative to (CLI ``--data``).
