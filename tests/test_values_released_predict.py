@@ -161,6 +161,20 @@ def test_predictor_from_weights_gives_the_tags_classes_and_preprocessing(timm_1k
     _assert_same_top5(predictor(str(f)), _timm_top5(timm_1k["ref"], f))
 
 
+def test_predictor_from_weights_of_a_file_takes_its_variants_task_and_classes(timm_1k):
+    from mvitv2.tasks.spec import released_task
+
+    f = timm_1k["files"][0]
+    predictor = Predictor.from_weights(
+        str(timm_1k["root"] / "timm_tiny_1k.pth"), model="mvitv2_tiny"
+    )
+    assert predictor.task == "image" and predictor.class_names == list(tv_meta._IMAGENET_CATEGORIES)
+    _assert_same_top5(predictor(str(f)), _timm_top5(timm_1k["ref"], f))
+    assert released_task("w.pth", "mvitv2_small_16x4") == "video"  # a temporal variant
+    assert released_task("mvitv2_base_32x3.k400", None) == "video"  # a tag's own task
+    assert released_task("w.pth", "mvitv2_base") == "image"
+
+
 def test_export_image_of_a_tag_is_named_after_it_and_carries_the_names(timm_1k, tag_1k, capsys):
     argv = ["export", "image", "--checkpoint", tag_1k, "--format", "torch-export"]
     assert main([*argv, "--static-batch"]) == 0
