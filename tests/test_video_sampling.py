@@ -153,13 +153,15 @@ def test_clip_indices_match_slowfasts_arithmetic_in_exact_fractions():
 
 
 def test_test_clips_are_the_frames_pyslowfasts_decoder_takes():
-    """720 cases (clip shapes 16x4, 32x3, 40x3, 8x8, 3x2; 30, 25, 29.97 and 15 fps files of
-    10-301 frames; 1 and 5 clips) computed by PySlowFast's own ``get_multiple_start_end_idx``,
-    ``get_start_end_idx`` and ``temporal_sampling`` (see the file's ``made_by``)."""
+    """1,152 cases (clip shapes 16x4, 32x3, 40x3, 8x8, 8x4, 3x2; 30, 25, 29.97 and 15 fps files
+    of 10-301 frames; 1 and 5 clips) computed by PySlowFast's own ``get_multiple_start_end_idx``,
+    ``get_start_end_idx`` and ``temporal_sampling`` (see the file's ``made_by``). In two of them
+    (8x4 at 25 fps, 67 and 69 frames, the last clip) ``floor(start + x)`` in float32 falls one
+    frame short of SlowFast's ``start + floor(x)``."""
     import json
 
     table = json.loads((Path(__file__).parent / "data" / "slowfast_test_clips.json").read_text())
-    assert len(table["cases"]) == 720
+    assert len(table["cases"]) == 1152
     for c in table["cases"]:
         got = clip_indices(
             c["frames"], c["num_frames"], c["rate"], clip_idx=c["clip"], num_clips=c["clips"],
@@ -201,9 +203,11 @@ def test_clip_span_is_the_clips_frames_at_the_files_rate():
     assert clip_span(16, 4, 25, 30) == pytest.approx(64 * 25 / 30, abs=1e-12)
     assert clip_span(40, 3, 60, 30) == 240.0
     assert clip_span(1, 1, 1, 30) == 1.0  # at least one frame
+    assert clip_span(10, 2, 30, 1) == 600.0 and clip_span(10, 2, 30, 0.5) == 1200.0
     assert clip_span(16, 4, None, 30) == 64.0 == clip_span(16, 4, 30, None)
-    with pytest.raises(ValueError, match="frame rates must be > 0"):
-        clip_span(16, 4, 0, 30)
+    for fps, target in ((0, 30), (30, 0), (-25, 30)):
+        with pytest.raises(ValueError, match="frame rates must be > 0"):
+            clip_span(16, 4, fps, target)
 
 
 def test_segment_indices_match_the_reference():

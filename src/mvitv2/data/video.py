@@ -411,9 +411,10 @@ def clip_indices(
         if not 0 <= clip_idx < num_clips:
             raise ValueError(f"clip_idx {clip_idx} not in [0, {num_clips})")
         start = clip_idx * math.floor(delta / (num_clips - 1))
-    f32 = torch.float32  # SlowFast's linspace runs in float32: 16x4's 6th offset is 21, not 20
+    f32 = torch.float32  # SlowFast's (torch's default), whatever the default dtype here
     if n > num_frames * sampling_rate:
-        # SlowFast decodes only the clip's frames and spreads the samples over them
+        # SlowFast decodes only the clip's frames and spreads the samples over them from 0: the
+        # start is added after flooring (in float32, floor(start + x) can fall a frame short)
         idx = start + torch.linspace(0, span - 1, num_frames, dtype=f32).long()
     else:  # it decodes a short video whole and spreads the samples from the start
         idx = torch.linspace(start, start + span - 1, num_frames, dtype=f32).long()
