@@ -247,6 +247,10 @@ def _det(
 
 
 _NO_CLS = {"use_cls_token": False}
+_TV_NOTE = (
+    "SlowFast's weights as torchvision ported them; torchvision's figure is from its own test "
+    "(16-frame clips of the video resampled to 7.5 fps); mvitv2 eval uses SlowFast's test clips"
+)
 
 _ALL: list[Weights] = [
     # ImageNet-1k (official, facebookresearch/mvit).
@@ -282,7 +286,7 @@ _ALL: list[Weights] = [
             _K400_224, protocol="5 clips x 1 crop, resize 256, crop 224, frame_rate 7.5"
         ),
         metrics={"top1": 80.757, "top5": 94.665, "source": "torchvision MViT_V2_S_Weights"},
-        source_format="torchvision", task="video",
+        source_format="torchvision", task="video", notes=_TV_NOTE,
     ),
     Weights(
         tag="mvitv1_base_16x4.k400_tv", model="mvitv1_base_16x4",
@@ -291,7 +295,7 @@ _ALL: list[Weights] = [
             _K400_224, protocol="5 clips x 1 crop, resize 256, crop 224, frame_rate 7.5"
         ),
         metrics={"top1": 78.477, "top5": 93.582, "source": "torchvision MViT_V1_B_Weights"},
-        source_format="torchvision", task="video",
+        source_format="torchvision", task="video", notes=_TV_NOTE,
     ),
     # COCO (detectron2 projects/MViTv2): whole Mask R-CNN / Cascade Mask R-CNN detectors.
     _det("mvitv2_tiny.coco_mask_rcnn", "mvitv2_tiny", "maskrcnn_mvitv2_tiny",
