@@ -137,6 +137,88 @@ def test_eval_of_a_weights_tag_downloads_it_and_saves_the_metrics_under_the_tag(
     assert json.loads((tmp_path / "mvitv2_tiny.test6_eval.json").read_text()) == {**got}
 
 
+@pytest.fixture(scope="module")
+def imagenet_1k(tmp_path_factory) -> dict:
+    """timm's mvitv2_tiny with a random 1000-class head, saved in timm's layout (the variant's
+    released weights are ImageNet-1k's, so ``--model mvitv2_tiny`` takes their label order)."""
+    import timm
+
+    root = tmp_path_factory.mktemp("released_1k")
+    torch.manual_seed(1)
+    ref = timm.create_model("mvitv2_tiny", pretrained=False).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(0, 0.5)
+            elif name.startswith("head"):
+                p.normal_(0, 0.3)
+    torch.save(ref.state_dict(), root / "timm_tiny_1k.pth")
+    return {"root": root, "ref": ref}
+
+
+def _val_folder(root: Path, names: list[str], seed: int) -> list[tuple[Path, str]]:
+    """One patterned image in each of ``root/val/<name>/``."""
+    rng = np.random.default_rng(seed)
+    files = []
+    for k, name in enumerate(names):
+        h, w = 240 + 7 * k, 300 - 5 * k
+        yy, xx = np.mgrid[0:h, 0:w]
+        pixels = 70 * np.sin(xx[..., None] / (4 + 3 * k) + 6 * rng.random(3))
+        pixels += 120 + 50 * np.cos(yy[..., None] / (5 + 2 * k)) + rng.integers(0, 40, (h, w, 3))
+        path = root / "val" / name / "a.png"
+        path.parent.mkdir(parents=True)
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path)
+        files.append((path, name))
+    return files
+
+
+def test_folders_named_by_label_number_get_that_label_as_imagenet_v2_names_them(
+    imagenet_1k, capsys, tmp_path
+):
+    """ImageNet-V2's folders are 0 .. 999: sorted as text, 10 would come before 2."""
+    names = ["0", "2", "10", "11", "100", "999"]
+    files = _val_folder(tmp_path / "v2", names, seed=3)
+    want = _reference_metrics(imagenet_1k["ref"], [(f, int(n)) for f, n in files])
+    ckpt = str(imagenet_1k["root"] / "timm_tiny_1k.pth")
+    got = _eval(
+        ["--checkpoint", ckpt, "--model", "mvitv2_tiny", "--data", str(tmp_path / "v2")], capsys
+    )
+    assert (got["top1"], got["top5"], got["count"]) == (want["top1"], want["top5"], 6)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+def test_a_subset_of_imagenet_wordnet_folders_gets_the_imagenet_labels(
+    imagenet_1k, capsys, tmp_path
+):
+    import timm.data
+
+    info = timm.data.ImageNetInfo("imagenet-1k")
+    synsets = [info.index_to_label_name(i) for i in range(1000)]
+    names = ["n01440764", "n02085620", "n04548362", "n15075141"]  # labels 0, 151, 893, 999
+    files = _val_folder(tmp_path / "sub", names, seed=4)
+    want = _reference_metrics(imagenet_1k["ref"], [(f, synsets.index(n)) for f, n in files])
+    ckpt = str(imagenet_1k["root"] / "timm_tiny_1k.pth")
+    got = _eval(
+        ["--checkpoint", ckpt, "--model", "mvitv2_tiny", "--data", str(tmp_path / "sub")], capsys
+    )
+    assert (got["top1"], got["top5"], got["count"]) == (want["top1"], want["top5"], 4)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+def test_label_order_reads_label_numbers_and_wordnet_ids_and_nothing_else():
+    from mvitv2.tasks.image import label_order
+    from mvitv2.weights.classes import imagenet_wnids
+
+    assert label_order(["2", "0"], 3, "test") == ["0", "<label 1: no folder>", "2"]
+    assert label_order(["0", "3"], 3, "test") is None  # label 3 of 3 classes
+    assert label_order(["1", "01"], 3, "test") is None  # two folders for label 1
+    assert label_order(["1", "x"], 3, "test") is None
+    assert label_order(["1", "\u00b2"], 3, "test") is None  # a superscript two is no label
+    assert label_order(["n01440764"], 1000, "imagenet-1k") == imagenet_wnids()
+    assert label_order(["n01440764"], 1000, "imagenet-21k") is None
+    assert label_order(["n01440764", "n99999999"], 1000, "imagenet-1k") is None
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

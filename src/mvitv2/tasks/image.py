@@ -18,6 +18,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -343,9 +344,9 @@ def released_weights_eval(
     checkpoint: str, model_name: str | None, data: str | None
 ) -> tuple[nn.Module, list[str], ImageDataConfig, Path]:
     """The classifier, class names, preprocessing and dataset folder to evaluate released
-    weights with (:func:`mvitv2.tasks.spec.released_classifier`): the classes are the ``data``
-    folder's ``val/`` class folders, sorted (ImageNet's synset folders give the released
-    weights' label order), and the weights' classifier must have as many."""
+    weights with (:func:`mvitv2.tasks.spec.released_classifier`). Each ``val/`` class folder
+    gets the weights' label of its name (:func:`label_order`); folders named otherwise are the
+    labels in sorted order, and the weights' classifier must have as many."""
     from mvitv2.data.image import find_classes
 
     name, w = released_weights(checkpoint, model_name, "image")
@@ -355,10 +356,36 @@ def released_weights_eval(
             "folder with val/<class>/*.jpg"
         )
     root = data_folder(data)
-    classes = find_classes(root / "val")
-    where = f"evaluated on {root / 'val'} ({len(classes)} class folders)"
-    model = released_classifier(checkpoint, name, w, len(classes), where)
-    return model, classes, ImageDataConfig.from_dict(SPEC.released_data(w.preprocessing)), root
+    found = find_classes(root / "val")
+    classes = label_order(found, w.num_classes, w.classes)
+    n = None if classes is not None else len(found)
+    where = f"evaluated on {root / 'val'} ({len(found)} class folders)"
+    model = released_classifier(checkpoint, name, w, n, where)
+    dc = ImageDataConfig.from_dict(SPEC.released_data(w.preprocessing))
+    return model, classes or found, dc, root
+
+
+def label_order(folders: Sequence[str], num_classes: int, dataset: str) -> list[str] | None:
+    """The class folder name of each of the weights' ``num_classes`` labels (unused labels get
+    a name no folder has), when the folder names say the labels: ImageNet WordNet ids
+    (``n01440764``) for ImageNet-1k weights, any subset of them; or the label numbers
+    themselves (``0`` .. ``999``, as ImageNet-V2 names its folders, which sorted as text would
+    put ``10`` before ``2``). None: the names say neither.
+
+    Args:
+        folders: the class folder names.
+        num_classes: the weights' classifier outputs.
+        dataset: the weights' ``classes`` (``imagenet-1k``, ...).
+    """
+    from mvitv2.weights.classes import imagenet_wnids
+
+    if dataset == "imagenet-1k" and set(folders) <= set(imagenet_wnids()):
+        return imagenet_wnids()
+    if all(f.isascii() and f.isdigit() for f in folders):
+        labels = {int(f): f for f in folders}
+        if len(labels) == len(folders) and max(labels) < num_classes:
+            return [labels.get(i, f"<label {i}: no folder>") for i in range(num_classes)]
+    return None
 
 
 @torch.no_grad()
