@@ -123,6 +123,11 @@ def test_readme_python_snippet_runs_as_written(readme_files):
         assert sorted(name for name, _ in top) == CLASSES
         assert sum(p for _, p in top) == pytest.approx(1.0, abs=1e-6)
     assert len(scope["backbone"](torch.zeros(1, 3, 64, 64))) == 4
+    # released weights predict with ImageNet's names (zeros: every class equally likely)
+    assert scope["names"][:3] == ["tench", "goldfish", "great white shark"]
+    assert scope["released"].class_names == scope["names"] and len(scope["names"]) == 1000
+    top = scope["released"](torch.zeros(3, 32, 32))
+    assert [p for _, p in top] == pytest.approx([1 / 1000] * 5)
 
 
 def test_readme_override_examples_are_valid_config_keys():
