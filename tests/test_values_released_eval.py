@@ -23,23 +23,30 @@ from mvitv2.cli import main
 CLASSES = ["n01", "n02", "n03", "n04", "n05", "n06"]  # sorted folder names = label order
 
 
-@pytest.fixture(scope="module")
-def released(tmp_path_factory) -> dict:
-    """timm's mvitv2_tiny for 6 classes (timm's init, then random rel-pos tables and head, so
-    that the logits depend on the input and on its preprocessing), saved in timm's layout, and
-    a val folder of one patterned image per class, of odd sizes."""
+def randomised_timm_tiny(path: Path, num_classes: int, seed: int, head_std: float):
+    """timm's mvitv2_tiny (timm's init, then random rel-pos tables and head, so that the logits
+    depend on the input and on its preprocessing), saved at ``path`` in timm's layout."""
     import timm
 
-    root = tmp_path_factory.mktemp("released")
-    torch.manual_seed(0)
-    ref = timm.create_model("mvitv2_tiny", pretrained=False, num_classes=6).eval()
+    torch.manual_seed(seed)
+    ref = timm.create_model("mvitv2_tiny", pretrained=False, num_classes=num_classes).eval()
     with torch.no_grad():
         for name, p in ref.named_parameters():
             if "rel_pos" in name:
                 p.normal_(0, 0.5)
             elif name.startswith("head"):
-                p.normal_(0, 1.0)
-    torch.save(ref.state_dict(), root / "timm_mvitv2_tiny.pth")
+                p.normal_(0, head_std)
+    torch.save(ref.state_dict(), path)
+    return ref
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory) -> dict:
+    """timm's mvitv2_tiny for 6 classes (timm's init, then random rel-pos tables and head, so
+    that the logits depend on the input and on its preprocessing), saved in timm's layout, and
+    a val folder of one patterned image per class, of odd sizes."""
+    root = tmp_path_factory.mktemp("released")
+    ref = randomised_timm_tiny(root / "timm_mvitv2_tiny.pth", 6, seed=0, head_std=1.0)
     rng = np.random.default_rng(0)
     files = []
     for label, c in enumerate(CLASSES):
@@ -141,18 +148,8 @@ def test_eval_of_a_weights_tag_downloads_it_and_saves_the_metrics_under_the_tag(
 def imagenet_1k(tmp_path_factory) -> dict:
     """timm's mvitv2_tiny with a random 1000-class head, saved in timm's layout (the variant's
     released weights are ImageNet-1k's, so ``--model mvitv2_tiny`` takes their label order)."""
-    import timm
-
     root = tmp_path_factory.mktemp("released_1k")
-    torch.manual_seed(1)
-    ref = timm.create_model("mvitv2_tiny", pretrained=False).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "rel_pos" in name:
-                p.normal_(0, 0.5)
-            elif name.startswith("head"):
-                p.normal_(0, 0.3)
-    torch.save(ref.state_dict(), root / "timm_tiny_1k.pth")
+    ref = randomised_timm_tiny(root / "timm_tiny_1k.pth", 1000, seed=1, head_std=0.3)
     return {"root": root, "ref": ref}
 
 

@@ -67,18 +67,10 @@ def test_every_registered_weights_names_each_output_except_imagenet_21k():
 def timm_1k(tmp_path_factory) -> dict:
     """timm's mvitv2_tiny with a random 1000-class head and rel-pos tables (so that the top
     classes depend on the input), saved in timm's layout, and three patterned images."""
-    import timm
+    from test_values_released_eval import randomised_timm_tiny
 
     root = tmp_path_factory.mktemp("released_1k")
-    torch.manual_seed(0)
-    ref = timm.create_model("mvitv2_tiny", pretrained=False).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "rel_pos" in name:
-                p.normal_(0, 0.5)
-            elif name.startswith("head"):
-                p.normal_(0, 1.0)
-    torch.save(ref.state_dict(), root / "timm_tiny_1k.pth")
+    ref = randomised_timm_tiny(root / "timm_tiny_1k.pth", 1000, seed=0, head_std=1.0)
     rng = np.random.default_rng(1)
     files = []
     for k in range(3):
