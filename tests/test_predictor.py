@@ -245,6 +245,33 @@ def test_detection_outputs(detect_ckpt: Path):
             assert len(kept["scores"]) and (kept["scores"] >= thresh).all()
 
 
+def test_predict_image_with_ema_takes_the_checkpoints_ema_weights(tmp_path: Path, capsys):
+    """``mvitv2 predict image --ema``: the EMA copy (AveragedModel's ``module.<name>`` keys and
+    ``n_averaged``), loaded here by hand into the same model, not the trained weights."""
+    import json
+
+    from mvitv2.cli import main
+
+    path = make_image_checkpoint(tmp_path / "c.pt")
+    ckpt = torch.load(path, weights_only=True)
+    torch.manual_seed(5)
+    ema = {f"module.{k}": v + 0.05 * torch.randn_like(v) for k, v in ckpt["model"].items()}
+    save_checkpoint({**ckpt, "ema": {**ema, "n_averaged": torch.tensor(3)}}, path)
+    img = tmp_path / "x.png"
+    Image.fromarray(_rgb(70, 90, 1)).save(img)
+    model = mvitv2.create_model("mvitv2_tiny", num_classes=3, img_size=64, **TINY)
+    model.load_state_dict({k.removeprefix("module."): v for k, v in ema.items()})
+    pre = read_checkpoint(path).preprocessing
+    want = Predictor(model, task="image", class_names=IMAGE_CLASSES, preprocessing=pre, topk=3)
+    trained = Predictor.from_checkpoint(path, topk=3)
+    argv = ["predict", "image", str(img), "--checkpoint", str(path), "--json", "--topk", "3"]
+    for flags, ref in (([], trained), (["--ema"], want)):
+        assert main([*argv, *flags]) == 0
+        got = dict(json.loads(capsys.readouterr().out)["topk"])
+        assert got == pytest.approx(dict(ref(str(img))), abs=1e-6)
+    assert dict(want(str(img))) != pytest.approx(dict(trained(str(img))), abs=1e-3)
+
+
 # ----------------------------------------------------------------------------- errors
 def test_wrong_task_missing_file_and_foreign_checkpoint(image_ckpt: Path, tmp_path: Path):
     with pytest.raises(CheckpointError, match="'image' checkpoint, not 'video'"):
