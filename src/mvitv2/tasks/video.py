@@ -590,14 +590,10 @@ def init_weights(model: nn.Module, source: str, inflation: str = "centre") -> An
     from mvitv2.weights import load_checkpoint
     from mvitv2.weights.io import CheckpointError
 
-    src: Any = source
-    path = Path(source)
-    if path.suffix == ".pt" and path.is_file():
-        ckpt = read_run_checkpoint(path)
-        if "model" in ckpt and "config" in ckpt:
-            src = ckpt["model"]  # a run's checkpoint: only the weights
+    # The path itself, not a dict read from it: the loader takes a run's checkpoint through its
+    # ``model`` weights and its report and errors then name the file, not "<state dict>".
     try:
-        return load_checkpoint(model, src, strict=True, inflation=inflation)
+        return load_checkpoint(model, source, strict=True, inflation=inflation)
     except CheckpointError as e:
         raise UserValueError(f"init_from {source}: {e}") from None
 
