@@ -222,7 +222,7 @@ def test_predictor_averages_the_softmax_of_clips_times_crops_views():
     torch.testing.assert_close(legacy.preprocess_video(frames), views[1::3])
 
 
-NEWER_KEYS = ("sampling", "num_crops", "target_fps")
+NEWER_KEYS = ("sampling", "num_crops", "target_fps", "pad")
 
 
 # ----------------------------------------------------------------------------- multi-view scores

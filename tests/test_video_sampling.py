@@ -326,6 +326,22 @@ def test_predictor_clips_follow_the_checkpoint_sampling_and_fps(videos, target):
             assert ids_of_view(views[k]) == ref_clip(2 * fps, fps, 4, 4, target, k=k, num_clips=3)
 
 
+@pytest.mark.parametrize("pad", ["last", "loop"])
+def test_predictor_pads_a_short_video_as_the_run_did(videos, tmp_path, pad):
+    """4 frames x 16 span 64 frames: the 30-frame video is padded as the run's ``pad`` says, in
+    predict as in the dataset eval reads."""
+    kw = {"num_frames": 4, "sampling_rate": 16, "test_clips": 2, "pad": pad}
+    pred = _predictor(crop_size=32, test_short_side=32, **kw)
+    path = videos[15]
+    (tmp_path / "l.txt").write_text(f"{path} 0\n")
+    ds = VideoClipDataset(tmp_path / "l.txt", train=False, num_clips=2, stack_views=True,
+                          num_frames=4, sampling_rate=16, pad=pad)  # fmt: skip
+    want = [ref_clip(30, 15, 4, 16, None, k=k, num_clips=2, pad=pad) for k in range(2)]
+    assert want[0] == ([0, 21, 29, 29] if pad == "last" else [0, 21, 12, 3])  # 0, 21, 42, 63
+    assert [ids_of_view(v) for v in pred.preprocess_video(path)] == want
+    assert [ids_of_clip(c) for c in ds[0][0]] == want
+
+
 def test_predictor_segment_sampling_ignores_the_frame_rate(videos):
     pred = _predictor(
         num_frames=5,

@@ -460,6 +460,7 @@ def test_preprocessing_stored_with_checkpoints():
         "num_clips": 3,
         "num_crops": 3,
         "target_fps": 30,
+        "pad": "last",
     }
     assert dc.views == 9
     assert VideoDataConfig(crop_size=224).preprocessing()["resize_size"] == 256

@@ -386,11 +386,12 @@ class Predictor:
 
     def preprocess_video(self, item: Any) -> Tensor:
         """One video (file path or array) -> its ``num_clips x num_crops`` views
-        ``(K, 3, T, H, W)``: uniform clips of ``num_frames`` frames ``sampling_rate`` apart
-        (frames counted at ``target_fps`` for a file, see
-        :func:`mvitv2.data.video.clip_indices`; an array is taken as frames already at that
-        rate), or one clip of ``num_frames`` segments with ``sampling: segment`` (SSv2); each
-        clip resized (short side ``resize_size``) and cropped (centre, or left/centre/right)."""
+        ``(K, 3, T, H, W)``: uniform clips of ``num_frames`` frames spread over
+        ``num_frames * sampling_rate`` as PySlowFast takes them (frames counted at
+        ``target_fps`` for a file, see :func:`mvitv2.data.video.clip_indices`; an array is taken
+        as frames already at that rate; a short video padded as the run's ``pad`` says), or one
+        clip of ``num_frames`` segments with ``sampling: segment`` (SSv2); each clip resized
+        (short side ``resize_size``) and cropped (centre, or left/centre/right)."""
         return self.preprocess(item)
 
     # -------------------------------------------------------------- running

@@ -278,6 +278,7 @@ class VideoDataConfig:
             "num_clips": self.test_clips,
             "num_crops": self.test_crops,
             "target_fps": self.target_fps,
+            "pad": self.pad,
         }
 
 
@@ -550,9 +551,11 @@ class VideoSpec(ClassificationSpec):
         def indices(n: int, fps: float | None) -> list[list[int]]:
             if p.get("sampling", "clip") == "segment":
                 return [segment_indices(n, t, train=False)]
-            rate, target = p["sampling_rate"], p.get("target_fps")
+            rate, target, pad = p["sampling_rate"], p.get("target_fps"), p.get("pad", "last")
             return [
-                clip_indices(n, t, rate, clip_idx=i, num_clips=k, fps=fps, target_fps=target)
+                clip_indices(
+                    n, t, rate, clip_idx=i, num_clips=k, pad=pad, fps=fps, target_fps=target
+                )
                 for i in range(k)
             ]
 
