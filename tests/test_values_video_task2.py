@@ -130,6 +130,8 @@ def _video_model(classes: int = 7) -> nn.Module:
 
 
 def test_a_runs_checkpoint_initialises_from_its_model_weights(tmp_path):
+    """``mvitv2 train video --init runs/r/last.pt``: every weight is the run's, and the report
+    logged as ``initialised from <report>`` names the file (not ``<state dict>``)."""
     src = _video_model()
     path = tmp_path / "last.pt"
     torch.save({"model": src.state_dict(), "config": {"model": "x"}, "epoch": 3}, path)
@@ -137,7 +139,9 @@ def test_a_runs_checkpoint_initialises_from_its_model_weights(tmp_path):
     with torch.no_grad():
         for p in dst.parameters():
             p.zero_()
-    init_weights(dst, str(path))
+    report = init_weights(dst, str(path))
+    assert report.source == str(path) and str(report).startswith(f"{path} [")
+    assert sorted(report.loaded) == sorted(src.state_dict())
     for name, value in src.state_dict().items():
         assert torch.equal(dst.state_dict()[name], value), name
 
