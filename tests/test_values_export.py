@@ -586,6 +586,25 @@ def _checkpoint_meta(info) -> dict:
     )
 
 
+def test_a_model_already_loaded_is_exported_as_it_is_not_rebuilt(ckpts, tmp_path):
+    """Released weights and detectron2 detectors arrive loaded: export takes that model (one
+    copy in memory) rather than building a second from the info's state dict."""
+    from mvitv2.export import load_program
+
+    info = read_checkpoint(ckpts["image"])
+    model = build_model(info)
+    with torch.no_grad():
+        model.head.projection.bias.add_(torch.tensor([3.0, -3.0, 0.0]))  # unlike info's weights
+    out = tmp_path / "given.pt2"
+    export_checkpoint(
+        "c.pt", out, format="torch-export", dynamic_batch=False, info=info, model=model
+    )
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(load_program(out)(x), model(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(load_program(out)(x), build_model(info)(x), atol=1e-2)
+
+
 @pytest.fixture(scope="module")
 def image_onnx(ckpts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     """The image checkpoint exported to ONNX beside it (the default output) at opset 20,
@@ -820,10 +839,10 @@ def _args(**kw) -> argparse.Namespace:
 def test_run_export_passes_each_option_on(monkeypatch: pytest.MonkeyPatch, capsys):
     calls: list = []
     monkeypatch.setattr(ex, "export_checkpoint", lambda *a, **k: calls.append((a, k)) or Path("m"))
-    info = object()
+    info, model = object(), object()
     args = _args(output="o.pt2", format="torch-export", opset=20, static_batch=True)
     args.input_size, args.verify, args.whole_detector = [96, 128], True, True
-    assert run_export("detect", args, lambda a: a is args and info) == 0
+    assert run_export("detect", args, lambda a: (a is args and info, model)) == 0
     assert calls.pop() == (
         ("c.pt", "o.pt2"),
         {
@@ -835,6 +854,7 @@ def test_run_export_passes_each_option_on(monkeypatch: pytest.MonkeyPatch, capsy
             "verify": True,
             "whole_detector": True,
             "info": info,
+            "model": model,
         },
     )
     assert capsys.readouterr().out == "wrote m and m.json (verified)\n"
@@ -850,6 +870,7 @@ def test_run_export_passes_each_option_on(monkeypatch: pytest.MonkeyPatch, capsy
             "verify": False,
             "whole_detector": False,
             "info": None,
+            "model": None,
         },
     )
     assert capsys.readouterr() == ("wrote m and m.json\n", "")

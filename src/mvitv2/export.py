@@ -377,6 +377,7 @@ def export_checkpoint(
     verify: bool = False,
     whole_detector: bool = False,
     info: CheckpointInfo | None = None,
+    model: nn.Module | None = None,
 ) -> Path:
     """Export a training checkpoint (see the module docstring for what each task exports).
 
@@ -395,13 +396,15 @@ def export_checkpoint(
         whole_detector: detection only: export the whole detector (ONNX), not backbone + FPN.
         info: the checkpoint already read (a detectron2 detector:
             :func:`mvitv2.tasks.detect.read_detector`); default: ``read_checkpoint(checkpoint)``.
+        model: the model ``info`` describes, already loaded (released weights, a detectron2
+            detector); default: ``build_model(info)``.
     """
     if format not in FORMATS:
         raise ValueError(
             f"unsupported export format {format!r}; choose one of {', '.join(FORMATS)}"
         )
     info = info or read_checkpoint(checkpoint, task=task)
-    model = build_model(info)
+    model = model if model is not None else build_model(info)
     suffix = FORMATS[format]
     if not output:  # a tag keeps its whole name: mvitv2_tiny.in1k.onnx, not mvitv2_tiny.onnx
         tag = is_weights_tag(str(checkpoint))
@@ -486,12 +489,13 @@ def add_export_arguments(parser: argparse.ArgumentParser, task: str | None = Non
 def run_export(
     task: str,
     args: argparse.Namespace,
-    read: Callable[[argparse.Namespace], CheckpointInfo] | None = None,
+    read: Callable[[argparse.Namespace], tuple[CheckpointInfo, nn.Module | None]] | None = None,
 ) -> int:
-    """``mvitv2 export <task>``: export ``args.checkpoint`` (read by ``read(args)``; default: a
-    checkpoint of ``mvitv2 train <task>``); prints the files written."""
+    """``mvitv2 export <task>``: export ``args.checkpoint`` (read by ``read(args)`` into its
+    info and, when already loaded, its model; default: a checkpoint of ``mvitv2 train <task>``);
+    prints the files written."""
     try:
-        info = read(args) if read is not None else None
+        info, model = read(args) if read is not None else (None, None)
         path = export_checkpoint(
             args.checkpoint,
             args.output,
@@ -503,6 +507,7 @@ def run_export(
             verify=args.verify,
             whole_detector=getattr(args, "whole_detector", False),
             info=info,
+            model=model,
         )
     except (CheckpointError, FileNotFoundError, ImportError, ValueError) as e:
         print(f"mvitv2 export {task}: error: {e}", file=sys.stderr)

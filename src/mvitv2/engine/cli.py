@@ -337,7 +337,8 @@ def export_handler(
     task: str, read: Callable[[argparse.Namespace], Any]
 ) -> Callable[[argparse.Namespace], int]:
     """The ``mvitv2 export <task>`` handler: ``read(args)`` reads the ``--checkpoint`` into a
-    :class:`~mvitv2.predict.CheckpointInfo` (the export module is imported only when used)."""
+    :class:`~mvitv2.predict.CheckpointInfo` and the model when it is already loaded, else None
+    (the export module is imported only when used)."""
 
     def run(args: argparse.Namespace) -> int:
         from mvitv2.export import run_export

@@ -768,6 +768,12 @@ def detector_from_args(args: argparse.Namespace) -> DetectorFile:
     )
 
 
+def _export_reader(args: argparse.Namespace) -> tuple[CheckpointInfo, nn.Module]:
+    """``mvitv2 export detect``'s checkpoint and its detector, loaded once."""
+    detector = detector_from_args(args)
+    return detector.info, detector.model()
+
+
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Options of ``mvitv2 <command> detect``."""
     parser.add_argument(
@@ -844,7 +850,7 @@ def run(command: str, args: argparse.Namespace) -> int:
     """Entry point of ``mvitv2 <command> detect``; returns the exit status."""
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    export = export_handler("detect", lambda a: detector_from_args(a).info)
+    export = export_handler("detect", _export_reader)
     handlers = {"train": _train, "eval": _eval, "predict": _predict, "export": export}
     return dispatch("detect", command, args, handlers)
 

@@ -62,6 +62,7 @@ from mvitv2.tasks.spec import (
     ClassificationSpec,
     SpecTask,
     classifier_checkpoint,
+    classifier_export_reader,
     released_classifier,
     released_weights,
 )
@@ -281,9 +282,7 @@ def run(command: str, args: argparse.Namespace) -> int:
         "train": _train,
         "eval": _eval,
         "predict": _predict,
-        "export": export_handler(
-            "image", lambda a: classifier_checkpoint("image", a.checkpoint, a.model, "export")[0]
-        ),
+        "export": export_handler("image", classifier_export_reader("image")),
     }
     return dispatch("image", command, args, handlers)
 

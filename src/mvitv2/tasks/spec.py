@@ -15,9 +15,10 @@ Every task writes the same checkpoint metadata (:meth:`TaskSpec.checkpoint_meta`
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -410,6 +411,14 @@ def released_info(
         meta={"weights": w.tag},
     )
     return info, model
+
+
+def classifier_export_reader(
+    task: str,
+) -> Callable[[argparse.Namespace], tuple[CheckpointInfo, nn.Module | None]]:
+    """The ``--checkpoint`` / ``--model`` reader of ``mvitv2 export image|video``
+    (:func:`classifier_checkpoint`), for :func:`mvitv2.engine.cli.export_handler`."""
+    return lambda args: classifier_checkpoint(task, args.checkpoint, args.model, "export")
 
 
 def classifier_checkpoint(

@@ -74,6 +74,7 @@ from mvitv2.tasks.spec import (
     ClassificationSpec,
     SpecTask,
     classifier_checkpoint,
+    classifier_export_reader,
     released_classifier,
     released_weights,
 )
@@ -740,9 +741,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def run(command: str, args: argparse.Namespace) -> int:
     """Entry point of ``mvitv2 <command> video``; returns the exit status."""
-    export = export_handler(
-        "video", lambda a: classifier_checkpoint("video", a.checkpoint, a.model, "export")[0]
-    )
+    export = export_handler("video", classifier_export_reader("video"))
     handlers = {"train": _train, "eval": _eval, "predict": _predict, "export": export}
     return dispatch("video", command, args, handlers)
 
