@@ -100,22 +100,29 @@ def _timm_top5(ref, path: Path) -> list[tuple[str, float]]:
     return [(tv_meta._IMAGENET_CATEGORIES[j], float(q)) for q, j in zip(v, i.tolist())]
 
 
-@pytest.fixture
-def tag_1k(timm_1k, tmp_path, monkeypatch) -> str:
-    """The timm file registered as ImageNet-1k weights of mvitv2_tiny (downloaded from a file
-    URL into a temporary torch.hub cache); cwd is tmp_path."""
+def _register(monkeypatch, tmp_path: Path, file: Path, **fields) -> str:
+    """``file`` registered as released weights (``fields``: the rest of :class:`Weights`), for
+    this test only, downloaded from its file URL into a temporary torch.hub cache; the tag."""
     monkeypatch.setattr("mvitv2.weights.registry.WEIGHTS", dict(WEIGHTS))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.chdir(tmp_path)
-    register_weights(
-        Weights(
-            tag="mvitv2_tiny.test1k", model="mvitv2_tiny",
-            url=(timm_1k["root"] / "timm_tiny_1k.pth").as_uri(), sha256=None, num_classes=1000,
-            classes="imagenet-1k", preprocessing=Preprocessing(), metrics={},
-            source_format="timm",
-        )
+    register_weights(Weights(url=file.as_uri(), sha256=None, metrics={}, **fields))
+    return fields["tag"]
+
+
+def _register_timm_1k(monkeypatch, tmp_path: Path, timm_1k: dict, tag: str, classes: str) -> str:
+    """The 1000-class timm file as released weights of mvitv2_tiny named by ``classes``."""
+    return _register(
+        monkeypatch, tmp_path, timm_1k["root"] / "timm_tiny_1k.pth", tag=tag,
+        model="mvitv2_tiny", num_classes=1000, classes=classes, preprocessing=Preprocessing(),
+        source_format="timm",
     )  # fmt: skip
-    return "mvitv2_tiny.test1k"
+
+
+@pytest.fixture
+def tag_1k(timm_1k, tmp_path, monkeypatch) -> str:
+    """The timm file registered as ImageNet-1k weights of mvitv2_tiny; cwd is tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    return _register_timm_1k(monkeypatch, tmp_path, timm_1k, "mvitv2_tiny.test1k", "imagenet-1k")
 
 
 def _assert_same_top5(got, want) -> None:
@@ -183,17 +190,8 @@ def test_export_image_of_a_tag_is_named_after_it_and_carries_the_names(timm_1k, 
 
 
 def test_weights_without_published_names_predict_class_indices(timm_1k, tmp_path, monkeypatch):
-    monkeypatch.setattr("mvitv2.weights.registry.WEIGHTS", dict(WEIGHTS))
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    register_weights(
-        Weights(
-            tag="mvitv2_tiny.test21k", model="mvitv2_tiny",
-            url=(timm_1k["root"] / "timm_tiny_1k.pth").as_uri(), sha256=None, num_classes=1000,
-            classes="imagenet-21k", preprocessing=Preprocessing(), metrics={},
-            source_format="timm",
-        )
-    )  # fmt: skip
-    predictor = Predictor.from_weights("mvitv2_tiny.test21k", topk=2)
+    tag = _register_timm_1k(monkeypatch, tmp_path, timm_1k, "mvitv2_tiny.test21k", "imagenet-21k")
+    predictor = Predictor.from_weights(tag, topk=2)
     assert predictor.class_names == [f"class_{i}" for i in range(1000)]
     f = timm_1k["files"][0]
     want = [
@@ -216,19 +214,14 @@ def test_predictor_from_video_weights_gives_kinetics_names_with_torchvisions_pro
     with torch.no_grad():
         ref.head[-1].weight.normal_(0, 0.3)  # spread the classes out
     torch.save(ref.state_dict(), tmp_path / "tv_small.pth")
-    monkeypatch.setattr("mvitv2.weights.registry.WEIGHTS", dict(WEIGHTS))
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     pre = Preprocessing(
         input_size=(3, 4, 64, 64), crop_pct=1.0, interpolation="bilinear", mean=(0.45,) * 3,
         std=(0.225,) * 3, sampling_rate=2, clips=1, crops=1,
     )  # fmt: skip
-    register_weights(
-        Weights(
-            tag="mvitv2_small_16x4.test64", model="mvitv2_small_16x4",
-            url=(tmp_path / "tv_small.pth").as_uri(), sha256=None, num_classes=400,
-            classes="kinetics-400", preprocessing=pre, metrics={}, source_format="torchvision",
-            task="video", model_kwargs={"img_size": 64, "num_frames": 4},
-        )
+    tag = _register(
+        monkeypatch, tmp_path, tmp_path / "tv_small.pth", tag="mvitv2_small_16x4.test64",
+        model="mvitv2_small_16x4", num_classes=400, classes="kinetics-400", preprocessing=pre,
+        source_format="torchvision", task="video", model_kwargs={"img_size": 64, "num_frames": 4},
     )  # fmt: skip
     frames = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
     x = torch.from_numpy(frames[[0, 2, 4, 7]]).permute(3, 0, 1, 2).float() / 255  # (3, 4, 64, 64)
@@ -238,7 +231,7 @@ def test_predictor_from_video_weights_gives_kinetics_names_with_torchvisions_pro
     v, i = p.topk(5)
     want = [(tv_meta._KINETICS400_CATEGORIES[j], float(q)) for q, j in zip(v, i.tolist())]
 
-    predictor = Predictor.from_weights("mvitv2_small_16x4.test64")
+    predictor = Predictor.from_weights(tag)
     assert predictor.task == "video" and predictor.class_names == list(
         tv_meta._KINETICS400_CATEGORIES
     )
