@@ -648,7 +648,10 @@ def test_dataset_options(tmp_path):
         20 * i <= f < 20 * (i + 1) for d in drawn for i, f in enumerate(d)
     )
     for kw, message in (
-        ({"sampling": "dense"}, "unknown sampling 'dense'; expected 'clip' or 'segment'"),
+        (
+            {"sampling": "dense"},
+            "unknown sampling 'dense'; expected 'clip', 'resampled' or 'segment'",
+        ),
         ({"num_crops": 2}, "num_crops must be 1 or 3, got 2"),
         ({"pad": "mirror"}, "unknown pad mode 'mirror'; expected 'last' or 'loop'"),
     ):
@@ -708,6 +711,10 @@ def test_uniform_crop_positions():
     assert uniform_crop(x, 4, 2)[0, 0, 0].tolist() == [6, 7, 8, 9]
     tall = x.transpose(-1, -2)
     assert uniform_crop(tall, 4, 2)[0, 0, :, 0].tolist() == [6, 7, 8, 9]
+    # half a pixel of slack rounds up, as SlowFast's offsets ceil((side - size) / 2)
+    odd = torch.arange(7 * 10).reshape(1, 1, 7, 10)
+    assert uniform_crop(odd, 5, 1)[0, 0, 0].tolist() == [13, 14, 15, 16, 17]  # row 1, from 3
+    assert uniform_crop(odd, 4, 1)[0, 0, :, 0].tolist() == [23, 33, 43, 53]  # rows 2-5, col 3
 
 
 def test_transforms_share_parameters_across_frames():

@@ -66,8 +66,9 @@ def test_test_transform_resizes_the_short_side_crops_and_normalises(spatial_idx)
     m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
     normed = (clip.float() / 255 - m) / s
     resized = torch.nn.functional.interpolate(normed, size=(8, 13), mode="bilinear")
+    # then uniform_crop: rows from ceil((8 - 7) / 2) = 1, columns from 0, ceil(6 / 2) = 3 or 6
     left = {None: 3, 0: 0, 1: 3, 2: 6}[spatial_idx]
-    want = resized[..., 0:7, left : left + 7]
+    want = resized[..., 1:8, left : left + 7]
     got = tf(clip, spatial_idx)
     assert type(got) is torch.Tensor and got.dtype == torch.float32
     torch.testing.assert_close(got, want.permute(1, 0, 2, 3), rtol=1e-5, atol=1e-5)

@@ -366,8 +366,10 @@ def test_the_recipe_s_options_reach_the_clip_transform_and_the_dataset(monkeypat
         "mean": [0.1, 0.2, 0.3],
         "std": [0.4, 0.5, 0.6],
         "test_short_side": 110,
+        "test_pipeline": "torchvision",
         "num_frames": 8,
         "sampling_rate": 3,
+        "sampling": "resampled",
         "test_clips": 4,
         "test_crops": 3,
         "num_repeats": 2,
@@ -390,6 +392,7 @@ def test_the_recipe_s_options_reach_the_clip_transform_and_the_dataset(monkeypat
         "mean": (0.1, 0.2, 0.3),
         "std": (0.4, 0.5, 0.6),
         "test_short_side": 110,
+        "test_pipeline": "torchvision",
     }
     args, kwargs = calls["dataset"]
     assert args == ("list.csv", tmp_path)
@@ -397,7 +400,7 @@ def test_the_recipe_s_options_reach_the_clip_transform_and_the_dataset(monkeypat
         "train": True,
         "num_frames": 8,
         "sampling_rate": 3,
-        "sampling": "clip",
+        "sampling": "resampled",
         "num_clips": 4,
         "num_crops": 3,
         "transform": "transform",
@@ -433,6 +436,6 @@ def test_every_invalid_video_option_is_named_in_one_error_and_center_is_centre()
         )
     assert str(e.value) == (
         "invalid video data config: pad must be last or loop, got 'zero'; "
-        "target_fps applies to clip sampling only; set it to null for segment sampling; "
+        "target_fps does not apply to segment sampling; set it to null; "
         "init_inflation must be centre or repeat, got 'mean'"
     )

@@ -78,15 +78,22 @@ def ref_segments(n: int, num_frames: int) -> list[int]:
 
 
 def ref_crop(x: torch.Tensor, size: int, idx: int) -> torch.Tensor:
-    """Crop ``idx`` of 3 (start, centre, end) along the longer side, centred along the other."""
-    h, w = x.shape[-2:]
-    along = [0, None, None]
-    along[1], along[2] = (max(h, w) - size) // 2, max(h, w) - size
-    if h > w:
-        top, left = along[idx], (w - size) // 2
+    """PySlowFast's ``uniform_crop`` (slowfast/datasets/transform.py at 287ec00), as written
+    there: centre offsets ``ceil((side - size) / 2)``, start/end along the longer side."""
+    height, width = x.shape[-2:]
+    y_offset = int(math.ceil((height - size) / 2))
+    x_offset = int(math.ceil((width - size) / 2))
+    if height > width:
+        if idx == 0:
+            y_offset = 0
+        elif idx == 2:
+            y_offset = height - size
     else:
-        top, left = (h - size) // 2, along[idx]
-    return x[..., top : top + size, left : left + size]
+        if idx == 0:
+            x_offset = 0
+        elif idx == 2:
+            x_offset = width - size
+    return x[..., y_offset : y_offset + size, x_offset : x_offset + size]
 
 
 # ----------------------------------------------------------------------------- index videos

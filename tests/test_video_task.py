@@ -426,7 +426,9 @@ def test_internal_errors_keep_their_traceback(video_root: Path, tmp_path: Path, 
 
 
 def test_video_data_config_rejects_fps_for_segments_and_wrong_types():
-    with pytest.raises(UserValueError, match="target_fps applies to clip sampling only"):
+    with pytest.raises(
+        UserValueError, match="target_fps does not apply to segment sampling; set it to null"
+    ):
         VideoDataConfig.from_dict({"sampling": "segment", "target_fps": 30})
     assert VideoDataConfig.from_dict({"sampling": "segment"}).target_fps is None
     with pytest.raises(UserValueError, match="a value of the wrong type"):
@@ -461,6 +463,7 @@ def test_preprocessing_stored_with_checkpoints():
         "num_crops": 3,
         "target_fps": 30,
         "pad": "last",
+        "test_pipeline": "slowfast",
     }
     assert dc.views == 9
     assert VideoDataConfig(crop_size=224).preprocessing()["resize_size"] == 256

@@ -36,7 +36,9 @@ __all__ = [
     "VideoReader",
     "VideoSample",
     "VideoTransform",
+    "ClipSampler",
     "clip_indices",
+    "resampled_clip_indices",
     "read_class_names",
     "read_video_list",
     "clip_span",
@@ -421,6 +423,80 @@ def clip_indices(
     return _pad(idx.numpy(), n, pad).tolist()
 
 
+def _resampled_frames(
+    n: int, sampling_rate: int, fps: float | None, target_fps: float | None
+) -> torch.Tensor:
+    """The frames of an ``n``-frame video resampled as :func:`resampled_clip_indices` says."""
+    if fps is None or target_fps is None:
+        return torch.arange(0, n, sampling_rate)
+    if fps <= 0 or target_fps <= 0:
+        raise ValueError(f"frame rates must be > 0, got fps={fps}, target_fps={target_fps}")
+    rate = target_fps / sampling_rate
+    step = fps / rate  # torchvision's arithmetic, in its order
+    if step.is_integer():
+        return torch.arange(0, n, int(step))
+    m = math.floor(n * rate / fps)
+    return (torch.arange(m, dtype=torch.float32) * step).floor().long()
+
+
+def resampled_clip_indices(
+    num_video_frames: int,
+    num_frames: int,
+    sampling_rate: int = 1,
+    *,
+    clip_idx: int | None = None,
+    num_clips: int = 1,
+    pad: str = "last",
+    fps: float | None = None,
+    target_fps: float | None = None,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """Frame indices of one clip as torchvision's video test takes them (``VideoClips`` with
+    ``frame_rate``, ``UniformClipSampler``): the video resampled to ``target_fps /
+    sampling_rate`` frames per second, clips of ``num_frames`` consecutive frames of that.
+
+    Resampling (``VideoClips._resample_video_idx``): with ``step = fps / (target_fps /
+    sampling_rate)`` a whole number, every ``step``-th frame (``ceil(N / step)`` of them);
+    otherwise ``floor(i * step)`` in float32 for ``i < floor(N / step)``. Without both rates the
+    step is ``sampling_rate``. With ``M`` resampled frames there are ``L = M - num_frames + 1``
+    clips, one starting at each of them; test clip ``k`` of ``K`` is clip
+    ``floor(linspace(0, L - 1, K))[k]`` (float32; one clip is the first one).
+
+    torchvision differs in two corners, both of which this keeps every video scored: a video
+    with fewer than ``num_frames`` resampled frames is dropped from its test (here padded with
+    ``pad`` from the first one), and its sampler spaces clips over the clip list of the whole
+    dataset, so far into a dataset float32 can floor a start one clip away.
+
+    Args:
+        num_video_frames: frames in the video (N).
+        num_frames: frames in the clip.
+        sampling_rate: the step between sampled frames at ``target_fps``.
+        clip_idx: None draws one of the ``L`` clips uniformly (training); ``k`` in
+            ``[0, num_clips)`` takes the k-th test clip.
+        num_clips: number of test clips K.
+        pad: ``"last"`` or ``"loop"`` over the resampled frames of a video shorter than a clip.
+        fps, target_fps: the video's frame rate and the rate ``sampling_rate`` counts at
+            (torchvision's ``frame_rate`` is ``target_fps / sampling_rate``: 7.5 for 16x4 at 30).
+        generator: torch generator for the random clip (default: the global one).
+    Returns:
+        ``num_frames`` indices in ``[0, num_video_frames)``.
+    """
+    frames = _resampled_frames(num_video_frames, sampling_rate, fps, target_fps)
+    m = len(frames)
+    clips = max(m - num_frames + 1, 1)
+    if clip_idx is None:
+        start = int(torch.randint(clips, (1,), generator=generator))
+    else:
+        if not 0 <= clip_idx < num_clips:
+            raise ValueError(f"clip_idx {clip_idx} not in [0, {num_clips})")
+        starts = torch.linspace(0, clips - 1, num_clips, dtype=torch.float32).floor().long()
+        start = int(starts[clip_idx])
+    if m == 0:  # shorter than one resampled frame: its first frame
+        return [0] * num_frames
+    idx = _pad(np.arange(start, start + num_frames), m, pad)
+    return frames[idx].tolist()
+
+
 def segment_indices(
     num_video_frames: int,
     num_frames: int,
@@ -441,6 +517,80 @@ def segment_indices(
     u = torch.rand(num_frames, generator=generator).numpy()
     idx = np.floor((i + u) * num_video_frames / num_frames).astype(np.int64)
     return np.minimum(idx, num_video_frames - 1).tolist()  # float rounding at the very end
+
+
+#: How clips are taken from a video (see :class:`ClipSampler`).
+SAMPLINGS = ("clip", "resampled", "segment")
+#: How test clips are resized and cropped (see :class:`VideoTransform`).
+TEST_PIPELINES = ("slowfast", "torchvision")
+
+
+@dataclass(frozen=True)
+class ClipSampler:
+    """Which frames of a video make its clips: one rule for training, testing and predicting.
+
+    Args:
+        sampling: ``"clip"``: PySlowFast's Kinetics clips (:func:`clip_indices`);
+            ``"resampled"``: torchvision's, consecutive frames of the video resampled to
+            ``target_fps / sampling_rate`` (:func:`resampled_clip_indices`); ``"segment"``:
+            one frame from each of ``num_frames`` equal segments, SSv2 (:func:`segment_indices`).
+        num_frames: frames per clip T.
+        sampling_rate: step between sampled frames at ``target_fps`` (not used by segments).
+        num_clips: test clips K per video.
+        pad: ``"last"`` or ``"loop"`` for a video shorter than a clip.
+        target_fps: the rate ``sampling_rate`` counts frames at; None: each file's own rate.
+    """
+
+    sampling: str = "clip"
+    num_frames: int = 16
+    sampling_rate: int = 4
+    num_clips: int = 1
+    pad: str = "last"
+    target_fps: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(
+                f"unknown sampling {self.sampling!r}; expected 'clip', 'resampled' or 'segment'"
+            )
+        if self.pad not in ("last", "loop"):
+            raise ValueError(f"unknown pad mode {self.pad!r}; expected 'last' or 'loop'")
+
+    def indices(
+        self,
+        num_video_frames: int,
+        fps: float | None,
+        clip_idx: int | None,
+        generator: torch.Generator | None = None,
+    ) -> list[int]:
+        """The ``num_frames`` frame indices of test clip ``clip_idx`` (None: a training clip) of
+        a video of ``num_video_frames`` frames at ``fps`` (None: unknown)."""
+        if self.sampling == "segment":
+            return segment_indices(
+                num_video_frames, self.num_frames, train=clip_idx is None, generator=generator
+            )
+        sample = clip_indices if self.sampling == "clip" else resampled_clip_indices
+        return sample(
+            num_video_frames,
+            self.num_frames,
+            self.sampling_rate,
+            clip_idx=clip_idx,
+            num_clips=self.num_clips,
+            pad=self.pad,
+            fps=fps,
+            target_fps=self.target_fps,
+            generator=generator,
+        )
+
+    def pads(self, num_video_frames: int, fps: float | None) -> bool:
+        """Whether a clip of this video reaches past its end (and is padded)."""
+        if self.sampling == "clip":
+            span = clip_span(self.num_frames, self.sampling_rate, fps, self.target_fps)
+            return num_video_frames <= span - 1  # the clip's last frame, floor(span - 1)
+        if self.sampling == "resampled":
+            frames = _resampled_frames(num_video_frames, self.sampling_rate, fps, self.target_fps)
+            return len(frames) < self.num_frames
+        return False  # segments cover the video, whatever its length
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,7 +674,8 @@ def read_class_names(path: str | Path) -> list[str]:
 
 def uniform_crop(video: torch.Tensor, size: int, spatial_idx: int) -> torch.Tensor:
     """Square crop of side ``size`` at the start (0), centre (1) or end (2) of the longer side
-    (the "3 spatial crops" of multi-view testing; left/centre/right for landscape video).
+    (the "3 spatial crops" of multi-view testing; left/centre/right for landscape video), as
+    PySlowFast's ``uniform_crop``: a centre offset of ``ceil((side - size) / 2)``.
 
     Args:
         video: (..., H, W) tensor or tv_tensor, already resized so that min(H, W) >= size.
@@ -534,7 +685,7 @@ def uniform_crop(video: torch.Tensor, size: int, spatial_idx: int) -> torch.Tens
     h, w = video.shape[-2:]
     if min(h, w) < size:
         raise ValueError(f"cannot take a {size} crop from a {h}x{w} video; resize it first")
-    top, left = (h - size) // 2, (w - size) // 2
+    top, left = (h - size + 1) // 2, (w - size + 1) // 2  # SlowFast's ceil
     if spatial_idx not in (0, 1, 2):
         raise ValueError(f"spatial_idx must be 0, 1 or 2, got {spatial_idx}")
     if h > w:
@@ -553,9 +704,12 @@ class VideoTransform:
     Training: ``crop="rrc"`` random resized crop (``rrc_scale``, ``rrc_ratio``) or
     ``crop="short_side"`` random short side in ``short_side_range`` then random crop; optional
     horizontal flip, RandAugment and random erasing (one box for the whole clip).
-    Testing: resize the short side to ``test_short_side`` (bilinear, not antialiased, on the
-    float frames, as SlowFast's and torchvision's video tests), then centre crop
-    (``spatial_idx`` None or 1) or the left/centre/right crop (``spatial_idx`` 0/1/2).
+    Testing: resize the short side to ``test_short_side`` (bilinear, not antialiased), then
+    centre crop (``spatial_idx`` None or 1) or the left/centre/right crop (``spatial_idx``
+    0/1/2), as ``test_pipeline`` says: ``"slowfast"`` resizes the normalised float frames and
+    crops with :func:`uniform_crop` (PySlowFast's test); ``"torchvision"`` resizes the uint8
+    frames (rounded back to integers) and takes the centre crop of ``F.center_crop`` (half a
+    pixel rounded to even), as torchvision's ``VideoClassification`` preset.
 
     Args:
         train: training augmentation if True, deterministic test preprocessing otherwise.
@@ -568,6 +722,7 @@ class VideoTransform:
         erase_prob: probability of random erasing after normalisation (recipe: 0.25).
         mean, std: per-channel normalisation (Kinetics: 0.45 / 0.225).
         test_short_side: short side before the test crop (default ``crop_size * 256 / 224``).
+        test_pipeline: ``"slowfast"`` or ``"torchvision"`` (see above).
     """
 
     def __init__(
@@ -585,7 +740,13 @@ class VideoTransform:
         mean: Sequence[float] = KINETICS_MEAN,
         std: Sequence[float] = KINETICS_STD,
         test_short_side: int | None = None,
+        test_pipeline: str = "slowfast",
     ) -> None:
+        if test_pipeline not in TEST_PIPELINES:
+            raise ValueError(
+                f"unknown test_pipeline {test_pipeline!r}; expected 'slowfast' or 'torchvision'"
+            )
+        self.test_pipeline = test_pipeline
         self.train = train
         self.crop_size = crop_size
         self.test_short_side = test_short_side or round(crop_size * 256 / 224)
@@ -615,9 +776,15 @@ class VideoTransform:
         x = tv_tensors.Video(video)
         if self.train:
             x = self._to_float(self._augment(x))
+        elif self.test_pipeline == "torchvision":
+            x = F.resize(x.float(), self.test_short_side, antialias=False).round_()
+            if spatial_idx in (None, 1):
+                x = F.center_crop(x, self.crop_size)
+            else:
+                x = uniform_crop(x, self.crop_size, spatial_idx)
+            x = self._to_float(tv_tensors.Video(x.to(torch.uint8)))
         else:
-            # As SlowFast's and torchvision's video tests: the float frames (the normalisation is
-            # affine, so before or after alike) resized bilinearly without antialiasing.
+            # The float frames (the normalisation is affine: before or after alike).
             x = F.resize(self._to_float(x), self.test_short_side, antialias=False)
             x = uniform_crop(x, self.crop_size, 1 if spatial_idx is None else spatial_idx)
         if self._erase is not None:
@@ -692,21 +859,19 @@ class VideoClipDataset(torch.utils.data.Dataset):
         pad: str = "last",
         target_fps: float | None = None,
     ) -> None:
-        if sampling not in ("clip", "segment"):
-            raise ValueError(f"unknown sampling {sampling!r}; expected 'clip' or 'segment'")
         if num_crops not in (1, 3):
             raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
-        if pad not in ("last", "loop"):
-            raise ValueError(f"unknown pad mode {pad!r}; expected 'last' or 'loop'")
+        self.num_clips = 1 if train else num_clips
+        self.sampler = ClipSampler(
+            sampling, num_frames, sampling_rate, self.num_clips, pad, target_fps
+        )
         self.samples = read_video_list(list_file, video_root)
         self.train = train
-        self.num_frames, self.sampling_rate, self.sampling = num_frames, sampling_rate, sampling
-        self.num_clips = 1 if train else num_clips
+        self.num_frames = num_frames
         self.num_crops = 1 if train else num_crops
         self.transform = transform or _default_transform
         self.num_repeats = num_repeats if train else 1
         self.stack_views = stack_views and not train
-        self.pad, self.target_fps = pad, target_fps
         self.skipped = SkipCounter(self.SKIP_KEYS, len(self.samples))
 
     @property
@@ -724,20 +889,6 @@ class VideoClipDataset(torch.utils.data.Dataset):
             return len(self.samples)
         return len(self.samples) * self.views_per_video
 
-    def _indices(self, n: int, fps: float, clip_idx: int | None) -> list[int]:
-        if self.sampling == "segment":
-            return segment_indices(n, self.num_frames, train=clip_idx is None)
-        return clip_indices(
-            n,
-            self.num_frames,
-            self.sampling_rate,
-            clip_idx=clip_idx,
-            num_clips=self.num_clips,
-            pad=self.pad,
-            fps=fps,
-            target_fps=self.target_fps,
-        )
-
     def _decode(self, video: int, clip_ids: Sequence[int | None]) -> list[torch.Tensor]:
         """uint8 (T, C, H, W) clips of ``video`` for each temporal clip id.
 
@@ -747,17 +898,16 @@ class VideoClipDataset(torch.utils.data.Dataset):
         path = self.samples[video].path
         if not path.is_file():
             raise VideoDecodeError(path, "no such file", "missing")
+        sample = self.sampler.indices
         with VideoReader(path) as r:
-            span = clip_span(self.num_frames, self.sampling_rate, r.fps, self.target_fps)
-            # the clip's last frame, floor(span - 1), lies past the video's end
-            if self.sampling == "clip" and r.num_frames <= span - 1:
+            if self.sampler.pads(r.num_frames, r.fps):
                 self.skipped.add("padded", len(clip_ids))
             n = r.num_frames
-            flat = [i for c in clip_ids for i in self._indices(n, r.fps, c)]
+            flat = [i for c in clip_ids for i in sample(n, r.fps, c)]
             frames = r.get_frames(flat)
             if r.truncated:  # sample again within the frames that really decode (fewer than n)
                 self.skipped.add("truncated")
-                flat = [i for c in clip_ids for i in self._indices(r.num_frames, r.fps, c)]
+                flat = [i for c in clip_ids for i in sample(r.num_frames, r.fps, c)]
                 frames = r.get_frames(flat)
         return list(frames.permute(0, 3, 1, 2).split(self.num_frames))
 

@@ -41,6 +41,8 @@ from mvitv2.data.common import config_from_dict, config_to_dict
 from mvitv2.data.video import (
     KINETICS_MEAN,
     KINETICS_STD,
+    SAMPLINGS,
+    TEST_PIPELINES,
     VideoClipDataset,
     VideoTransform,
     read_class_names,
@@ -86,6 +88,12 @@ if TYPE_CHECKING:
 RECIPE_NAMES = ("moving_digits", "k400_small", "k400_base", "k400_large", "ssv2_small", "ssv2_base")
 #: what ``mvitv2 predict video FOLDER`` picks up in a folder.
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
+#: The data options of each test protocol a released checkpoint names
+#: (``Preprocessing.video_protocol``, ``mvitv2 eval video --protocol``).
+PROTOCOLS: dict[str, dict[str, str]] = {
+    "slowfast": {"sampling": "clip", "test_pipeline": "slowfast"},
+    "torchvision": {"sampling": "resampled", "test_pipeline": "torchvision"},
+}
 _LIST_NAMES = {"train": ("train.csv", "train.txt"), "val": ("val.csv", "val.txt", "test.csv")}
 
 
@@ -96,8 +104,10 @@ class VideoDataConfig:
     Args:
         num_frames: frames per clip T (the model's ``num_frames`` follows it).
         sampling_rate: step between the frames of a dense clip (Kinetics: 4 for 16x4, 3 for 32x3).
-        sampling: ``clip`` (dense clip: random in training, K uniform clips in testing) or
-            ``segment`` (SSv2: one frame from each of T equal segments).
+        sampling: ``clip`` (PySlowFast's dense clip: random in training, K uniform clips in
+            testing), ``resampled`` (torchvision's: T consecutive frames of the video resampled
+            to ``target_fps / sampling_rate``) or ``segment`` (SSv2: one frame from each of T
+            equal segments); see :class:`mvitv2.data.video.ClipSampler`.
         crop_size: network input side (the model's ``img_size`` follows it; multiple of 4 and of
             the model's total stride for the rel-pos tables to match).
         train_crop: ``rrc`` (random resized crop, Kinetics recipe) or ``short_side`` (random short
@@ -111,6 +121,9 @@ class VideoDataConfig:
         test_clips: uniform temporal clips K per video at test time (segment sampling: 1).
         test_crops: spatial crops per clip at test time: 1 (centre) or 3 (left/centre/right).
         test_short_side: short side before the test crop (None: ``crop_size * 256 / 224``).
+        test_pipeline: ``slowfast`` (resize the normalised frames, SlowFast's crop offsets) or
+            ``torchvision`` (resize the uint8 frames, ``center_crop``); see
+            :class:`mvitv2.data.video.VideoTransform`.
         mean, std: normalisation of [0, 1] RGB.
         pad: ``last`` or ``loop``: how videos shorter than a clip are padded.
         target_fps: frame rate ``sampling_rate`` counts frames at, so that a clip spans
@@ -149,6 +162,7 @@ class VideoDataConfig:
     test_clips: int = 5
     test_crops: int = 1
     test_short_side: int | None = None
+    test_pipeline: str = "slowfast"
     mean: tuple[float, float, float] = KINETICS_MEAN
     std: tuple[float, float, float] = KINETICS_STD
     pad: str = "last"
@@ -194,7 +208,8 @@ class VideoDataConfig:
         """What is wrong with these options (empty when nothing)."""
         fps = self.target_fps
         checks = [
-            (self.sampling in ("clip", "segment"), f"sampling must be clip or segment, got {self.sampling!r}"),
+            (self.sampling in SAMPLINGS, f"sampling must be clip, resampled or segment, got {self.sampling!r}"),
+            (self.test_pipeline in TEST_PIPELINES, f"test_pipeline must be slowfast or torchvision, got {self.test_pipeline!r}"),
             (self.train_crop in ("rrc", "short_side"), f"train_crop must be rrc or short_side, got {self.train_crop!r}"),
             (self.test_crops in (1, 3), f"test_crops must be 1 or 3, got {self.test_crops}"),
             (self.test_clips >= 1, f"test_clips must be >= 1, got {self.test_clips}"),
@@ -204,7 +219,7 @@ class VideoDataConfig:
             (self.crop_size % 4 == 0, f"crop_size must be a multiple of 4, got {self.crop_size}"),
             (self.pad in ("last", "loop"), f"pad must be last or loop, got {self.pad!r}"),
             (fps is None or fps > 0, f"target_fps must be > 0 or null, got {fps}"),
-            (fps is None or self.sampling == "clip", "target_fps applies to clip sampling only; set it to null for segment sampling"),
+            (fps is None or self.sampling != "segment", "target_fps does not apply to segment sampling; set it to null"),
             (self.init_inflation in ("centre", "center", "repeat"), f"init_inflation must be centre or repeat, got {self.init_inflation!r}"),
         ]  # fmt: skip
         return [msg for ok, msg in checks if not ok]
@@ -233,6 +248,7 @@ class VideoDataConfig:
             mean=self.mean,
             std=self.std,
             test_short_side=self.test_short_side,
+            test_pipeline=self.test_pipeline,
         )
 
     def dataset(
@@ -280,6 +296,7 @@ class VideoDataConfig:
             "num_crops": self.test_crops,
             "target_fps": self.target_fps,
             "pad": self.pad,
+            "test_pipeline": self.test_pipeline,
         }
 
 
@@ -518,8 +535,10 @@ class VideoSpec(ClassificationSpec):
         return VideoDataConfig.from_dict(video).preprocessing()
 
     def released_data(self, pre: Preprocessing) -> dict[str, Any]:
-        # clip length, frame stride and rate, crop, short side, views, normalisation
+        # clip length, frame stride and rate, crop, short side, views, normalisation, and whose
+        # test takes the clips (PySlowFast's or torchvision's, see PROTOCOLS)
         return {
+            **PROTOCOLS[pre.video_protocol],
             "num_frames": pre.input_size[1],
             "sampling_rate": pre.sampling_rate,
             "target_fps": pre.target_fps,
@@ -539,26 +558,28 @@ class VideoSpec(ClassificationSpec):
             mean=p["mean"],
             std=p["std"],
             test_short_side=p["resize_size"],
+            test_pipeline=p.get("test_pipeline", "slowfast"),  # older checkpoints: SlowFast's
         )
 
     def views(self, item: Any, preprocessing: dict[str, Any], transform: Any) -> Tensor:
         """See :meth:`mvitv2.predict.Predictor.preprocess_video`."""
-        from mvitv2.data.video import VideoReader, clip_indices, segment_indices
+        from mvitv2.data.video import ClipSampler, VideoReader
         from mvitv2.predict import video_frames
 
         p = preprocessing
-        t, k = p["num_frames"], p["num_clips"]
+        t = p["num_frames"]
+        sampler = ClipSampler(
+            p.get("sampling", "clip"),
+            t,
+            p["sampling_rate"],
+            p["num_clips"],
+            p.get("pad", "last"),
+            p.get("target_fps"),
+        )
+        clip_ids = range(1 if sampler.sampling == "segment" else sampler.num_clips)
 
         def indices(n: int, fps: float | None) -> list[list[int]]:
-            if p.get("sampling", "clip") == "segment":
-                return [segment_indices(n, t, train=False)]
-            rate, target, pad = p["sampling_rate"], p.get("target_fps"), p.get("pad", "last")
-            return [
-                clip_indices(
-                    n, t, rate, clip_idx=i, num_clips=k, pad=pad, fps=fps, target_fps=target
-                )
-                for i in range(k)
-            ]
+            return [sampler.indices(n, fps, i) for i in clip_ids]
 
         if isinstance(item, str | os.PathLike):
             # a file that cannot be read raises VideoDecodeError, a BadSample naming it once
@@ -722,6 +743,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             choices=(1, 3),
             help="spatial crops per clip (default: the recipe's test_crops)",
         )
+        parser.add_argument(
+            "--protocol",
+            choices=tuple(PROTOCOLS),
+            help="take and crop the clips as PySlowFast's test or torchvision's reference script "
+            "(default: the checkpoint's; released weights: their source's)",
+        )
         add_eval_arguments(parser, "videos", batch_size=16, batch_help="views per forward")
     elif command == "predict":
         add_predict_arguments(parser, "video")
@@ -829,6 +856,13 @@ def _eval(args: argparse.Namespace) -> int:
         data["test_clips"] = clips
     if args.crops:
         data["test_crops"] = args.crops
+    if args.protocol:
+        if data.get("sampling") == "segment":
+            raise UserValueError(
+                f"--protocol chooses how Kinetics-style clips are taken, but {args.checkpoint} "
+                "samples one frame per segment (SSv2): leave --protocol out"
+            )
+        data.update(PROTOCOLS[args.protocol])
     dc = VideoDataConfig.from_dict(data)
     if args.val_list or args.data:
         root = str(data_folder(args.data)) if args.data else None

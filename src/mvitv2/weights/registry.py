@@ -43,6 +43,10 @@ class Preprocessing:
         crops: spatial crops per clip (1: centre; 3: start, centre, end of the longer side).
         target_fps: the frame rate frames are counted at whatever a file's own (SlowFast's 30);
             None: the file's rate.
+        video_protocol: whose video test took the views: ``"slowfast"`` (PySlowFast's clips
+            and crops) or ``"torchvision"`` (its reference script: consecutive frames of the
+            video resampled to ``target_fps / sampling_rate``, uint8 resize); see
+            ``mvitv2.tasks.video.PROTOCOLS``.
     """
 
     input_size: tuple[int, ...] = (3, 224, 224)
@@ -55,6 +59,7 @@ class Preprocessing:
     clips: int = 1
     crops: int = 1
     target_fps: float | None = None
+    video_protocol: str = "slowfast"
 
     @property
     def resize_size(self) -> int:
@@ -248,8 +253,16 @@ def _det(
 
 _NO_CLS = {"use_cls_token": False}
 _TV_NOTE = (
-    "SlowFast's weights as torchvision ported them; torchvision's figure is from its own test "
-    "(16-frame clips of the video resampled to 7.5 fps); mvitv2 eval uses SlowFast's test clips"
+    "SlowFast's weights as torchvision ported them; evaluated as torchvision's reference script "
+    "does (5 clips of 16 consecutive frames of the video resampled to 7.5 fps, uint8 resize to "
+    "256, centre crop 224); `mvitv2 eval video --protocol slowfast` takes SlowFast's clips"
+)
+# torchvision's test: references/video_classification (--clip-len 16 --frame-rate 7.5
+# --clips-per-video 5) with the weights' VideoClassification preset.
+_K400_TV = dataclasses.replace(
+    _K400_224,
+    protocol="5 clips x 1 crop, resize 256, crop 224, frame_rate 7.5",
+    video_protocol="torchvision",
 )
 
 _ALL: list[Weights] = [
@@ -282,18 +295,14 @@ _ALL: list[Weights] = [
     Weights(
         tag="mvitv2_small_16x4.k400_tv", model="mvitv2_small_16x4",
         url=_TV + "mvit_v2_s-ae3be167.pth", sha256=None, num_classes=400, classes="kinetics-400",
-        preprocessing=dataclasses.replace(
-            _K400_224, protocol="5 clips x 1 crop, resize 256, crop 224, frame_rate 7.5"
-        ),
+        preprocessing=_K400_TV,
         metrics={"top1": 80.757, "top5": 94.665, "source": "torchvision MViT_V2_S_Weights"},
         source_format="torchvision", task="video", notes=_TV_NOTE,
     ),
     Weights(
         tag="mvitv1_base_16x4.k400_tv", model="mvitv1_base_16x4",
         url=_TV + "mvit_v1_b-dbeb1030.pth", sha256=None, num_classes=400, classes="kinetics-400",
-        preprocessing=dataclasses.replace(
-            _K400_224, protocol="5 clips x 1 crop, resize 256, crop 224, frame_rate 7.5"
-        ),
+        preprocessing=_K400_TV,
         metrics={"top1": 78.477, "top5": 93.582, "source": "torchvision MViT_V1_B_Weights"},
         source_format="torchvision", task="video", notes=_TV_NOTE,
     ),
