@@ -80,6 +80,18 @@ def test_test_transform_resizes_the_short_side_crops_and_normalises(spatial_idx)
     )
 
 
+def test_test_transform_sizes_the_long_side_as_slowfast_floors_it():
+    # SlowFast: floor(30 / 22 * 11) = floor(14.99..) = 14 columns; int(11 * 30 / 22) would be 15
+    clip = _clip(2, 22, 30, seed=3)
+    got = VideoTransform(False, crop_size=8, test_short_side=11)(clip)
+    normed = (clip.float() / 255 - 0.45) / 0.225
+    resized = torch.nn.functional.interpolate(normed, size=(11, 14), mode="bilinear")
+    want = resized[..., 2:10, 3:11]  # ceil((11 - 8) / 2) = 2, ceil((14 - 8) / 2) = 3
+    torch.testing.assert_close(got, want.permute(1, 0, 2, 3), rtol=1e-5, atol=1e-5)
+    tall = VideoTransform(False, crop_size=8, test_short_side=11)(clip.transpose(2, 3))
+    torch.testing.assert_close(tall, want.transpose(2, 3).permute(1, 0, 2, 3), rtol=1e-5, atol=1e-5)
+
+
 def test_training_transform_gives_all_frames_the_same_parameters():
     torch.manual_seed(0)
     frame = _clip(1, 16, 16)

@@ -92,9 +92,11 @@ def default_preprocessing(
     (short side before the centre crop), ``interpolation``, ``mean``, ``std`` (of ``[0, 1]`` RGB);
     image adds ``crop_pct``; video adds ``num_frames``, ``sampling_rate`` (frame step inside a
     clip), ``num_clips`` (uniform clips averaged per video), ``num_crops`` (1: centre crop,
-    3: left/centre/right), ``sampling`` (``clip``, or ``segment``: one frame from each of
-    ``num_frames`` equal segments, SSv2) and ``target_fps`` (the frame rate ``sampling_rate``
-    counts frames at, None: each file's own rate; see :func:`mvitv2.data.video.clip_indices`),
+    3: left/centre/right), ``sampling`` (``clip``, PySlowFast's clips; ``resampled``,
+    torchvision's; or ``segment``: one frame from each of ``num_frames`` equal segments, SSv2;
+    see :class:`mvitv2.data.video.ClipSampler`), ``target_fps`` (the frame rate
+    ``sampling_rate`` counts frames at, None: each file's own rate), ``pad`` and
+    ``test_pipeline`` (``slowfast`` or ``torchvision``: how clips are resized and cropped),
     all from :meth:`mvitv2.tasks.video.VideoDataConfig.preprocessing`. Detection: ``mean``,
     ``std``, ``min_size``, ``max_size``, ``size_divisible`` (the detector resizes and normalises
     inside the model; its inputs are ``[0, 1]`` RGB images of any size).
@@ -386,12 +388,13 @@ class Predictor:
 
     def preprocess_video(self, item: Any) -> Tensor:
         """One video (file path or array) -> its ``num_clips x num_crops`` views
-        ``(K, 3, T, H, W)``: uniform clips of ``num_frames`` frames spread over
-        ``num_frames * sampling_rate`` as PySlowFast takes them (frames counted at
-        ``target_fps`` for a file, see :func:`mvitv2.data.video.clip_indices`; an array is taken
-        as frames already at that rate; a short video padded as the run's ``pad`` says), or one
-        clip of ``num_frames`` segments with ``sampling: segment`` (SSv2); each clip resized
-        (short side ``resize_size``) and cropped (centre, or left/centre/right)."""
+        ``(K, 3, T, H, W)``: K clips of ``num_frames`` frames as the preprocessing's
+        ``sampling`` takes them (:class:`mvitv2.data.video.ClipSampler`: PySlowFast's uniform
+        clips spread over ``num_frames * sampling_rate`` frames at ``target_fps``, torchvision's
+        consecutive frames of the video resampled, or one clip of ``num_frames`` segments,
+        SSv2; an array is taken as frames already at ``target_fps``; a short video padded as the
+        run's ``pad`` says); each clip resized (short side ``resize_size``) and cropped (centre,
+        or left/centre/right) as its ``test_pipeline`` says."""
         return self.preprocess(item)
 
     # -------------------------------------------------------------- running

@@ -695,6 +695,16 @@ def uniform_crop(video: torch.Tensor, size: int, spatial_idx: int) -> torch.Tens
     return F.crop(video, top, left, size, size)
 
 
+def slowfast_resized_size(height: int, width: int, short: int) -> tuple[int, int]:
+    """``(H, W)`` with the short side ``short`` as PySlowFast's ``random_short_side_scale_jitter``
+    computes it: the long side ``floor(long / short_side * short)`` (torchvision's ``resize``,
+    ``int(short * long / short_side)``, is a pixel longer for some sizes, e.g. 70 x 305 -> 224 x
+    975 here, 976 there)."""
+    if width < height:
+        return int(math.floor(float(height) / width * short)), short
+    return short, int(math.floor(float(width) / height * short))
+
+
 class VideoTransform:
     """Per-clip augmentation / preprocessing; every frame of a clip gets the same parameters.
 
@@ -785,7 +795,8 @@ class VideoTransform:
             x = self._to_float(tv_tensors.Video(x.to(torch.uint8)))
         else:
             # The float frames (the normalisation is affine: before or after alike).
-            x = F.resize(self._to_float(x), self.test_short_side, antialias=False)
+            size = slowfast_resized_size(*x.shape[-2:], self.test_short_side)
+            x = F.resize(self._to_float(x), list(size), antialias=False)
             x = uniform_crop(x, self.crop_size, 1 if spatial_idx is None else spatial_idx)
         if self._erase is not None:
             x = self._erase(x)
