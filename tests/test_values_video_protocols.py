@@ -208,16 +208,25 @@ def _decode_all(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
-@pytest.fixture
-def tv_tag(tmp_path, monkeypatch):
-    """torchvision's MViTv2-S layout on a 4 x 64 x 64 grid (random weights) registered as
-    Kinetics-400 weights evaluated as torchvision evaluates them, and two MP4s (30 and 25 fps)."""
+@pytest.fixture(scope="session")
+def tv_small(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """torchvision's MViTv2-S layout on a 4 x 64 x 64 grid (random weights) and its file."""
     from test_weights_parity import small_torchvision
 
-    ref = small_torchvision("mvit_v2_s", monkeypatch).eval()
+    with pytest.MonkeyPatch.context() as mp:
+        ref = small_torchvision("mvit_v2_s", mp).eval()
     with torch.no_grad():
         ref.head[-1].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
-    torch.save(ref.state_dict(), tmp_path / "tv_small.pth")
+    path = tmp_path_factory.mktemp("tv") / "tv_small.pth"
+    torch.save(ref.state_dict(), path)
+    return ref, path
+
+
+@pytest.fixture
+def tv_tag(tv_small, tmp_path, monkeypatch):
+    """``tv_small`` registered as Kinetics-400 weights evaluated as torchvision evaluates them,
+    and two MP4s (30 and 25 fps)."""
+    ref, file = tv_small
     pre = Preprocessing(
         input_size=(3, 4, 64, 64),
         interpolation="bilinear",
@@ -233,7 +242,7 @@ def tv_tag(tmp_path, monkeypatch):
     tag = "mvitv2_small_16x4.test_tv"
     register_weights(
         Weights(
-            tag=tag, model="mvitv2_small_16x4", url=(tmp_path / "tv_small.pth").as_uri(),
+            tag=tag, model="mvitv2_small_16x4", url=file.as_uri(),
             sha256=None, num_classes=400, classes="kinetics-400", preprocessing=pre, metrics={},
             source_format="torchvision", task="video",
             model_kwargs={"img_size": 64, "num_frames": 4},

@@ -333,7 +333,8 @@ def test_a_video_root_without_a_train_list_says_which_names_it_looked_for(tmp_pa
     with pytest.raises(FileNotFoundError) as e:
         _task(video_root=str(tmp_path)).resolve_lists()
     assert str(e.value) == (
-        f"no train list in {tmp_path} (looked for train.csv, train.txt); pass --train-list FILE"
+        f"no train list in {tmp_path} (looked for train.csv, train.txt and class folders "
+        "train/<class>/*.mp4); pass --train-list FILE"
     )
 
 
@@ -407,6 +408,7 @@ def test_the_recipe_s_options_reach_the_clip_transform_and_the_dataset(monkeypat
         "num_repeats": 2,
         "pad": "loop",
         "target_fps": 15.0,
+        "classes": None,
     }
     VideoDataConfig.from_dict({**values, "randaug_n": 1}).transform(False)
     assert calls["transform"][0] == (False,) and calls["transform"][1]["randaug"] == (1, 9)
@@ -420,10 +422,18 @@ def test_class_names_come_from_the_classes_file_even_when_the_lists_use_fewer(tm
     names = tmp_path / "names.txt"
     names.write_text("a\nb\nc\nd\ne\n")
     dc = VideoDataConfig.from_dict({})
-    train, val = SimpleNamespace(num_classes=3), SimpleNamespace(num_classes=2)
+    train, val = (
+        SimpleNamespace(num_classes=3, class_names=None),
+        SimpleNamespace(num_classes=2, class_names=None),
+    )
     assert class_names(dc, names, train, val) == ["a", "b", "c", "d", "e"]
     assert class_names(dc, None, train, val) == ["0", "1", "2"]
-    assert class_names(dc, None, train, SimpleNamespace(num_classes=4)) == ["0", "1", "2", "3"]
+    assert class_names(dc, None, train, SimpleNamespace(num_classes=4, class_names=None)) == [
+        "0",
+        "1",
+        "2",
+        "3",
+    ]
 
 
 def test_every_invalid_video_option_is_named_in_one_error_and_center_is_centre():

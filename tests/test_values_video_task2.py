@@ -310,7 +310,7 @@ def test_train_config_picks_the_recipe_from_the_data_flags_and_maps_init_from(tm
 # ----------------------------------------------------------------------------- lists and classes
 def test_class_names_from_a_count_and_the_mismatches_named(tmp_path):
     dc = VideoDataConfig(num_classes=4)
-    train = SimpleNamespace(num_classes=2)
+    train = SimpleNamespace(num_classes=2, class_names=None)
     assert class_names(dc, None, train, None) == ["0", "1", "2", "3"]
     names = tmp_path / "names.txt"
     names.write_text("a\nb\nc\n")
@@ -318,13 +318,15 @@ def test_class_names_from_a_count_and_the_mismatches_named(tmp_path):
         class_names(dc, names, train, None)
     assert str(e.value) == f"{names}: 3 class names, but num_classes=4"
     with pytest.raises(UserValueError) as e:
-        class_names(VideoDataConfig(), names, train, SimpleNamespace(num_classes=5))
+        class_names(
+            VideoDataConfig(), names, train, SimpleNamespace(num_classes=5, class_names=None)
+        )
     assert str(e.value) == (
         "the list files use label 4, but there are only 3 classes (num_classes / classes file)"
     )
-    assert class_names(VideoDataConfig(), None, SimpleNamespace(num_classes=6), None) == [
-        str(i) for i in range(6)
-    ]
+    assert class_names(
+        VideoDataConfig(), None, SimpleNamespace(num_classes=6, class_names=None), None
+    ) == [str(i) for i in range(6)]
 
 
 def test_without_a_val_list_the_run_trains_without_validation(tmp_path, monkeypatch):
@@ -346,7 +348,8 @@ def test_a_video_root_without_lists_names_the_flag_to_pass(tmp_path):
     with pytest.raises(UserFileNotFoundError) as e:
         task.resolve_lists()
     assert str(e.value) == (
-        f"no train list in {tmp_path} (looked for train.csv, train.txt); pass --train-list FILE"
+        f"no train list in {tmp_path} (looked for train.csv, train.txt and class folders "
+        "train/<class>/*.mp4); pass --train-list FILE"
     )
 
 

@@ -486,7 +486,10 @@ def test_list_files_found_in_the_video_root(tmp_path: Path):
 
 
 def test_class_names_from_file_count_or_labels(tmp_path: Path):
-    train, val = SimpleNamespace(num_classes=3), SimpleNamespace(num_classes=4)
+    train, val = (
+        SimpleNamespace(num_classes=3, class_names=None),
+        SimpleNamespace(num_classes=4, class_names=None),
+    )
     names: Any = class_names  # called with stand-ins for the datasets
 
     assert names(VideoDataConfig(), None, train, val) == ["0", "1", "2", "3"]

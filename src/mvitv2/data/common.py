@@ -26,7 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from mvitv2.errors import UnknownKeyError, UserValueError, unknown_names_message
+from mvitv2.errors import (
+    UnknownKeyError,
+    UserFileNotFoundError,
+    UserValueError,
+    unknown_names_message,
+)
 
 __all__ = [
     "BadSample",
@@ -98,6 +103,30 @@ def find_files(folder: str | os.PathLike, extensions: Sequence[str]) -> list[Pat
             (root, [n for n in names if not n.startswith(".") and n.lower().endswith(exts)])
         )
     return [Path(root) / name for root, names in sorted(walked) for name in sorted(names)]
+
+
+def class_folders(split_dir: Path, layout: str, example: str) -> list[str]:
+    """Sorted class folder names of ``split_dir`` (hidden ones skipped), as torchvision's
+    ``find_classes``; a missing folder or one without class folders is one clear error.
+
+    Args:
+        split_dir: ``ROOT/train`` or ``ROOT/val``.
+        layout, example: the layout's name and a sample file pattern for the errors
+            (``"an ImageNet-style folder"``, ``"*.jpg"``).
+    Raises:
+        UserFileNotFoundError: ``split_dir`` is missing or has no class folders.
+    """
+    if not split_dir.is_dir():
+        raise UserFileNotFoundError(
+            f"{split_dir} does not exist; expected {layout}: "
+            f"{split_dir.parent}/train/<class>/{example} and {split_dir.parent}/val/<class>/{example}"
+        )
+    classes = sorted(
+        p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
+    if not classes:
+        raise UserFileNotFoundError(f"{split_dir} has no class sub-folders (<class>/{example})")
+    return classes
 
 
 @lru_cache(maxsize=1)

@@ -23,6 +23,7 @@ from torchvision.transforms import InterpolationMode, v2
 from mvitv2.data.common import (
     BadSample,
     build_cached,
+    class_folders,
     config_from_dict,
     config_to_dict,
     default_data_dir,
@@ -153,17 +154,7 @@ def build_transform(dc: ImageDataConfig, train: bool) -> v2.Compose:
 
 def find_classes(split_dir: Path) -> list[str]:
     """Sorted class folder names of ``split_dir``; clear errors for a missing or empty folder."""
-    if not split_dir.is_dir():
-        raise UserFileNotFoundError(
-            f"{split_dir} does not exist; expected an ImageNet-style folder: "
-            f"{split_dir.parent}/train/<class>/*.jpg and {split_dir.parent}/val/<class>/*.jpg"
-        )
-    classes = sorted(
-        p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-    )
-    if not classes:
-        raise UserFileNotFoundError(f"{split_dir} has no class sub-folders (<class>/*.jpg)")
-    return classes
+    return class_folders(split_dir, "an ImageNet-style folder", "*.jpg")
 
 
 def load_image(path: str | Path, *, upright: bool = False) -> Image.Image:

@@ -25,7 +25,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from mvitv2.data.common import BadSample, SkipCounter
+from mvitv2.data.common import BadSample, SkipCounter, class_folders, find_files
 from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "resampled_clip_indices",
     "read_class_names",
     "read_video_list",
+    "read_video_samples",
     "clip_span",
     "segment_indices",
     "uniform_crop",
@@ -660,6 +661,57 @@ def read_video_list(
     return samples
 
 
+#: Video files a class folder's samples are (and ``mvitv2 predict video FOLDER`` picks up).
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
+#: What a split of class folders is called in errors.
+FOLDER_LAYOUT = "torchvision's Kinetics layout"
+
+
+def read_video_samples(
+    source: str | Path,
+    video_root: str | Path | None = None,
+    classes: Sequence[str] | None = None,
+) -> tuple[list[VideoSample], list[str] | None]:
+    """The samples of a split: a list file (:func:`read_video_list`), or a folder of class
+    folders, torchvision's Kinetics layout ``<split>/<class>/<video>`` (videos at any depth,
+    in torchvision's ``make_dataset`` order).
+
+    Args:
+        source: the list file or the split folder.
+        video_root: folder a list file's relative paths resolve against.
+        classes: a split folder's label order (the training classes for a validation split, so
+            that labels agree); default: its sorted class folders, as torchvision's
+            ``find_classes``. Unused for a list file.
+    Returns:
+        The samples and, for a split folder, the class names in label order (None for a list).
+    Raises:
+        UserFileNotFoundError: no such file or folder, or no class folders.
+        UserValueError: a class folder not in ``classes``, or one without videos.
+    """
+    source = Path(source)
+    if not source.is_dir():
+        return read_video_list(source, video_root), None
+    found = class_folders(source, FOLDER_LAYOUT, "*.mp4")
+    names = list(classes) if classes is not None else found
+    index = {c: i for i, c in enumerate(names)}
+    extra = [c for c in found if c not in index]
+    if extra:
+        raise UserValueError(
+            f"{source} has {len(extra)} class folder(s) the model does not know: {extra[:10]}; "
+            f"it knows {len(names)} classes, move the others out of {source}"
+        )
+    samples = []
+    for c in found:
+        files = find_files(source / c, VIDEO_EXTENSIONS)
+        if not files:
+            raise UserValueError(
+                f"class folder {source / c} has no videos ({', '.join(VIDEO_EXTENSIONS)}; "
+                "searched its sub-folders too)"
+            )
+        samples += [VideoSample(f, index[c]) for f in files]
+    return samples, names
+
+
 def read_class_names(path: str | Path) -> list[str]:
     """Class names, one per line (line i = label i); blank lines are ignored."""
     path = Path(path)
@@ -834,8 +886,11 @@ class VideoClipDataset(torch.utils.data.Dataset):
     video's end (see :func:`clip_indices`); ``truncated`` = clips of files that ended before their header said (both used).
 
     Args:
-        list_file: Kinetics-style list (see :func:`read_video_list`).
+        list_file: Kinetics-style list (see :func:`read_video_list`), or a folder of class
+            folders (``<class>/<video>``, see :func:`read_video_samples`).
         video_root: directory relative paths are resolved against (default: the list's folder).
+        classes: a class folder split's label order (default: its sorted folders); the names
+            in label order are ``self.class_names`` (None for a list file).
         train: training sampling (random clip) or test sampling (uniform clips).
         num_frames: frames per clip T.
         sampling_rate: step between frames of a dense clip (ignored for segment sampling).
@@ -869,6 +924,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         stack_views: bool = False,
         pad: str = "last",
         target_fps: float | None = None,
+        classes: Sequence[str] | None = None,
     ) -> None:
         if num_crops not in (1, 3):
             raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
@@ -876,7 +932,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.sampler = ClipSampler(
             sampling, num_frames, sampling_rate, self.num_clips, pad, target_fps
         )
-        self.samples = read_video_list(list_file, video_root)
+        self.samples, self.class_names = read_video_samples(list_file, video_root, classes)
         self.train = train
         self.num_frames = num_frames
         self.num_crops = 1 if train else num_crops
@@ -887,7 +943,9 @@ class VideoClipDataset(torch.utils.data.Dataset):
 
     @property
     def num_classes(self) -> int:
-        """1 + the largest label in the list file."""
+        """The class folders' classes, or 1 + the largest label in the list file."""
+        if self.class_names is not None:
+            return len(self.class_names)
         return 1 + max(s.label for s in self.samples)
 
     @property

@@ -37,12 +37,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from mvitv2.data.common import config_from_dict, config_to_dict
+from mvitv2.data.common import class_folders, config_from_dict, config_to_dict
 from mvitv2.data.video import (
+    FOLDER_LAYOUT,
     KINETICS_MEAN,
     KINETICS_STD,
     SAMPLINGS,
     TEST_PIPELINES,
+    VIDEO_EXTENSIONS,
     VideoClipDataset,
     VideoTransform,
     read_class_names,
@@ -86,8 +88,6 @@ if TYPE_CHECKING:
 
 #: recipes shipped for this task (under ``recipes/``).
 RECIPE_NAMES = ("moving_digits", "k400_small", "k400_base", "k400_large", "ssv2_small", "ssv2_base")
-#: what ``mvitv2 predict video FOLDER`` picks up in a folder.
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 #: The data options of each test protocol a released checkpoint names
 #: (``Preprocessing.video_protocol``, ``mvitv2 eval video --protocol``).
 PROTOCOLS: dict[str, dict[str, str]] = {
@@ -256,6 +256,7 @@ class VideoDataConfig:
         list_file: str | Path,
         video_root: str | Path | None,
         train: bool,
+        classes: list[str] | None = None,
     ) -> VideoClipDataset:
         """A :class:`VideoClipDataset` with this config's sampling and transform (an unreadable
         video is handled by the loader: ``build_loader(strict=...)``).
@@ -264,6 +265,7 @@ class VideoDataConfig:
             list_file: the list file.
             video_root: folder relative list paths resolve against (None: the list's folder).
             train: random clips with augmentation (and repeats) or the test views.
+            classes: the label order of a split of class folders (default: sorted folders).
         """
         return VideoClipDataset(
             list_file,
@@ -278,6 +280,7 @@ class VideoDataConfig:
             num_repeats=self.num_repeats,
             pad=self.pad,
             target_fps=self.target_fps,
+            classes=classes,
         )
 
     def preprocessing(self) -> dict[str, Any]:
@@ -323,19 +326,41 @@ def moving_digits_lists(dc: VideoDataConfig) -> tuple[Path, Path, Path]:
 
 
 def find_list(root: Path, split: str) -> Path:
-    """``ROOT/train.csv`` / ``train.txt`` (or ``val.*``): the list file of a split in a video root."""
+    """The samples of a split in a video root: its list file ``ROOT/train.csv`` /
+    ``train.txt`` (or ``val.*``), else its class folders ``ROOT/train/<class>/<video>``
+    (torchvision's Kinetics layout; see :func:`mvitv2.data.video.read_video_samples`)."""
     for name in _LIST_NAMES[split]:
         if (root / name).is_file():
             return root / name
+    if (root / split).is_dir():
+        return root / split
     raise UserFileNotFoundError(
-        f"no {split} list in {root} (looked for {', '.join(_LIST_NAMES[split])}); "
-        f"pass --{split}-list FILE"
+        f"no {split} list in {root} (looked for {', '.join(_LIST_NAMES[split])} and class "
+        f"folders {split}/<class>/*.mp4); pass --{split}-list FILE"
     )
 
 
+def folder_labels(folders: list[str], names: list[str] | None) -> list[str] | None:
+    """The class folder name of each of the weights' labels, when every folder is named by one of
+    the weights' classes (``names``), as it is (``air drumming``) or as torchvision's Kinetics
+    download spells it (``air_drumming``: spaces to underscores, ``'``, ``(``, ``)`` dropped).
+    None: they are not (the folders are then the labels in sorted order)."""
+    if not folders or names is None:
+        return None
+    for spelled in (names, [_torchvision_folder(n) for n in names]):
+        if set(folders) <= set(spelled):
+            return spelled
+    return None
+
+
+def _torchvision_folder(name: str) -> str:
+    """torchvision's ``Kinetics`` folder name of a class (its ``_make_ds_structure``)."""
+    return name.replace(" ", "_").replace("'", "").replace("(", "").replace(")", "")
+
+
 def locate_file(given: str | Path, root: str | Path | None, flag: str) -> Path:
-    """A list or class file named on the command line: as given (absolute, or relative to the
-    current folder), else relative to the video root ``root``.
+    """A list or class file (or a split's class folder) named on the command line: as given
+    (absolute, or relative to the current folder), else relative to the video root ``root``.
 
     Args:
         given: the path the user passed.
@@ -346,12 +371,12 @@ def locate_file(given: str | Path, root: str | Path | None, flag: str) -> Path:
         UserFileNotFoundError: found in neither place; the message names both.
     """
     path = Path(given)
-    if path.is_file():
+    if path.exists():
         return path
     tried = [str(path.resolve())]
     if root is not None and not path.is_absolute():
         in_root = Path(root) / path
-        if in_root.is_file():
+        if in_root.exists():
             return in_root
         tried.append(str(in_root.resolve()))
     raise UserFileNotFoundError(f"{flag} {given}: no such file (looked at {' and '.join(tried)})")
@@ -401,7 +426,11 @@ class VideoClassification(SpecTask):
     def build_datasets(self) -> tuple[VideoClipDataset, VideoClipDataset | None]:
         train_list, val_list, root, classes_file = self.resolve_lists()
         self.train_ds = self.data_cfg.dataset(train_list, root, train=True)
-        self.val_ds = self.data_cfg.dataset(val_list, root, train=False) if val_list else None
+        self.val_ds = None
+        if val_list:  # class folders take the training split's label order
+            self.val_ds = self.data_cfg.dataset(
+                val_list, root, train=False, classes=self.train_ds.class_names
+            )
         self.classes = class_names(self.data_cfg, classes_file, self.train_ds, self.val_ds)
         c = self.cfg
         self.mix = MixCriterion(
@@ -464,10 +493,11 @@ def class_names(
     train: VideoClipDataset,
     val: VideoClipDataset | None,
 ) -> list[str]:
-    """Class names: the classes file, else the labels ``"0".."K-1"`` (K from the lists or
-    ``dc.num_classes``). Raises :class:`UserValueError` when a list's label is out of range."""
+    """Class names: the classes file, else the training class folders' names, else the labels
+    ``"0".."K-1"`` (K from the lists or ``dc.num_classes``). Raises :class:`UserValueError`
+    when a list's label is out of range."""
     largest = max(train.num_classes, val.num_classes if val is not None else 0)
-    names = read_class_names(classes_file) if classes_file else None
+    names = read_class_names(classes_file) if classes_file else train.class_names
     n = dc.num_classes or (len(names) if names else largest)
     if names is not None and len(names) != n:
         raise UserValueError(f"{classes_file}: {len(names)} class names, but num_classes={n}")
@@ -880,7 +910,12 @@ def _eval(args: argparse.Namespace) -> int:
         else:
             val_list = find_list(Path(dc.video_root), "val")
     dist = init_distributed()
-    ds = dc.dataset(val_list, root, train=False)
+    if released:  # class folders named by the weights' classes get those labels
+        folders = class_folders(val_list, FOLDER_LAYOUT, "*.mp4") if val_list.is_dir() else []
+        classes = folder_labels(folders, weights.class_names)
+    else:
+        classes = info.class_names
+    ds = dc.dataset(val_list, root, train=False, classes=classes)
     if released:
         where = f"evaluated on {val_list} (labels up to {ds.num_classes - 1})"
         model = released_classifier(args.checkpoint, name, weights, None, where)

@@ -1,0 +1,158 @@
+"""Video datasets as class folders, torchvision's Kinetics layout ``ROOT/<split>/<class>/<video>``,
+wherever a list file is taken: ``mvitv2 train|eval video --data ROOT``.
+
+References: torchvision's own ``find_classes`` / ``make_dataset`` (what its ``Kinetics`` dataset
+reads), its ``Kinetics`` folder spelling of the class names; the same videos through list files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.datasets.folder import find_classes as tv_find_classes
+from torchvision.datasets.folder import make_dataset
+
+from mvitv2.cli import main
+from mvitv2.data.video import VIDEO_EXTENSIONS, VideoClipDataset, read_video_samples
+from mvitv2.errors import UserFileNotFoundError, UserValueError
+from mvitv2.tasks.video import VideoDataConfig, folder_labels, moving_digits_lists
+from mvitv2.weights.classes import dataset_classes
+from test_values_video_protocols import tv_small, tv_tag  # noqa: F401 (fixtures)
+from test_video_task import TINY_RUN
+
+
+def _touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+
+
+def test_class_folders_are_the_samples_and_labels_torchvisions_kinetics_reads(tmp_path):
+    split = tmp_path / "train"
+    for name in ("b/x.mp4", "b/deep/er/y.AVI", "a/z.mkv", "a/notes.txt", "c d/1.webm", "c d/0.mov"):
+        _touch(split / name)
+    classes, index = tv_find_classes(str(split))
+    want = make_dataset(str(split), index, VIDEO_EXTENSIONS)
+    samples, names = read_video_samples(split)
+    assert names == classes == ["a", "b", "c d"]
+    assert [(str(s.path), s.label) for s in samples] == want
+    # hidden files and folders are no samples (macOS's ._x.mp4 forks); torchvision reads them
+    _touch(split / "a" / "._z.mp4")
+    _touch(split / ".cache" / "q.mp4")
+    assert read_video_samples(split) == (samples, names)
+
+
+def test_a_validation_split_takes_the_training_label_order(tmp_path):
+    for name in ("train/a/1.mp4", "train/b/2.mp4", "train/c/3.mp4", "val/c/4.mp4", "val/b/5.mp4"):
+        _touch(tmp_path / name)
+    train = VideoClipDataset(tmp_path / "train")
+    val = VideoClipDataset(tmp_path / "val", train=False, classes=train.class_names)
+    assert [(s.path.name, s.label) for s in val.samples] == [("5.mp4", 1), ("4.mp4", 2)]
+    assert train.num_classes == val.num_classes == 3
+    alone = VideoClipDataset(tmp_path / "val", train=False)  # its own folders: b 0, c 1
+    assert [s.label for s in alone.samples] == [0, 1] and alone.num_classes == 2
+
+
+def test_class_folder_mistakes_are_one_line_saying_what_to_do(tmp_path):
+    _touch(tmp_path / "val" / "a" / "1.mp4")
+    _touch(tmp_path / "val" / "zz" / "2.mp4")
+    with pytest.raises(UserValueError) as e:
+        read_video_samples(tmp_path / "val", classes=["a", "b"])
+    assert str(e.value) == (
+        f"{tmp_path / 'val'} has 1 class folder(s) the model does not know: ['zz']; it knows "
+        f"2 classes, move the others out of {tmp_path / 'val'}"
+    )
+    (tmp_path / "val" / "e").mkdir()
+    _touch(tmp_path / "val" / "e" / "readme.txt")
+    with pytest.raises(UserValueError, match=r"class folder .*/val/e has no videos \(\.mp4, "):
+        read_video_samples(tmp_path / "val")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserFileNotFoundError) as e:
+        read_video_samples(tmp_path / "empty")
+    assert str(e.value) == f"{tmp_path / 'empty'} has no class sub-folders (<class>/*.mp4)"
+
+
+def test_folders_named_by_kinetics_classes_get_their_labels_either_spelling():
+    names = dataset_classes("kinetics-400")
+    assert folder_labels(["air drumming", "zumba"], names) == names
+    spelled = folder_labels(["air_drumming", "passing_American_football_in_game"], names)
+    assert spelled[names.index("passing American football (in game)")] == (
+        "passing_American_football_in_game"
+    )
+    assert spelled[names.index("massaging person's head")] == "massaging_persons_head"
+    assert len(set(spelled)) == 400  # the spelling keeps the 400 apart
+    assert folder_labels(["0", "1"], names) is None
+    assert folder_labels(["air drumming", "not a class"], names) is None
+    assert folder_labels([], names) is None and folder_labels(["a"], None) is None
+
+
+def _as_folders(list_file: Path, dest: Path, names: list[str]) -> None:
+    """The videos of a list file copied into ``dest/<class name>/``."""
+    for line in list_file.read_text().splitlines():
+        path, label = line.rsplit(None, 1)
+        target = dest / names[int(label)] / Path(path).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(list_file.parent / path, target)
+
+
+def test_train_and_eval_on_class_folders_equal_the_same_videos_as_lists(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("MVITV2_DATA", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    tiny = [o for o in TINY_RUN if not o.startswith("data.digits")]
+    dc = VideoDataConfig.from_dict(
+        {"digits_train_per_class": 2, "digits_val_per_class": 1, "digits_frames": 8,
+         "digits_size": 16, "digits_digit_size": (6, 8), "digits_speed": (1, 1),
+         "digits_directions": ("left", "right")}
+    )  # fmt: skip
+    train_list, val_list, classes = moving_digits_lists(dc)
+    names = classes.read_text().split()
+    root = tmp_path / "k"
+    _as_folders(train_list, root / "train", names)
+    _as_folders(val_list, root / "val", names)
+    out = tmp_path / "runs"
+    assert main(["train", "video", "--data", str(root), f"output={out}", "name=f", *tiny]) == 0
+    ckpt = out / "f" / "last.pt"
+    meta = torch.load(ckpt, weights_only=True)["meta"]
+    assert meta["class_names"] == sorted(names)  # the folders, as torchvision labels them
+    # eval on the folders equals eval on a list of the same videos with those labels
+    rows = [
+        f"{p} {meta['class_names'].index(p.parent.name)}\n"
+        for p in sorted((root / "val").rglob("*.mp4"))
+    ]
+    (tmp_path / "val.txt").write_text("".join(rows))
+    capsys.readouterr()
+    got = {}
+    for how in (["--data", str(root)], ["--val-list", str(tmp_path / "val.txt")]):
+        m = tmp_path / f"{how[0][2:]}.json"
+        assert main(["eval", "video", "--checkpoint", str(ckpt), *how, "--output", str(m)]) == 0
+        got[how[0]] = json.loads(m.read_text())
+    assert got["--data"]["count"] == len(rows) == 20
+    assert got["--data"]["top1"] == got["--val-list"]["top1"]
+    assert got["--data"]["loss"] == pytest.approx(got["--val-list"]["loss"], abs=1e-6)
+
+
+def test_released_kinetics_weights_label_torchvision_spelled_folders_by_name(
+    tv_tag,  # noqa: F811 (the fixture)
+    tmp_path,
+):
+    tag, _, videos = tv_tag
+    names = dataset_classes("kinetics-400")
+    picks = ["passing American football (in game)", "zumba"]  # labels 243 and 399
+    for (path, _, _), name in zip(videos, picks):
+        spelled = name.replace(" ", "_").replace("(", "").replace(")", "")
+        (tmp_path / "k" / "val" / spelled).mkdir(parents=True)
+        shutil.copy(path, tmp_path / "k" / "val" / spelled / path.name)
+    rows = "".join(f"{p.name} {names.index(n)}\n" for (p, _, _), n in zip(videos, picks))
+    (tmp_path / "val.txt").write_text(rows)
+    got = []
+    for how in (["--data", str(tmp_path / "k")], ["--val-list", str(tmp_path / "val.txt")]):
+        out = tmp_path / "m.json"
+        argv = ["eval", "video", "--checkpoint", tag, *how, "--output", str(out)]
+        assert main([*argv, "--workers", "0"]) == 0
+        got.append(json.loads(out.read_text()))
+    assert got[0] == got[1] and got[0]["count"] == 2
