@@ -327,3 +327,19 @@ def test_eval_of_torchvision_weights_scores_torchvisions_test_and_protocol_switc
     with pytest.raises(SystemExit) as e:
         main([*argv, "--protocol", "torchvisionn"])
     assert e.value.code == 2
+
+
+def test_eval_of_released_weights_says_what_was_reported_and_under_which_test():
+    from torchvision.models.video import MViT_V2_S_Weights
+
+    from mvitv2.engine.cli import describe_eval
+
+    tv = MViT_V2_S_Weights.KINETICS400_V1.meta["_metrics"]["Kinetics-400"]
+    line = describe_eval("mvitv2_small_16x4.k400_tv", 3, "videos", "val.csv")
+    assert line.startswith("evaluating mvitv2_small_16x4.k400_tv on 3 videos of val.csv; device")
+    assert line.endswith(
+        f"; reported top-1 {tv['acc@1']:g}  top-5 {tv['acc@5']:g} by torchvision "
+        "MViT_V2_S_Weights (5 clips x 1 crop, resize 256, crop 224, frame_rate 7.5)"
+    )
+    assert "reported" not in describe_eval("runs/r/best.pt", 3, "videos", "val.csv")
+    assert "reported" not in describe_eval("mvitv2_base_cls.in21k", 3, "images", "val")

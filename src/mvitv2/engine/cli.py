@@ -268,16 +268,23 @@ def report_skipped(loader: Any, dist: Any, what: str) -> int:
 
 
 def describe_eval(checkpoint: str | os.PathLike, count: int, what: str, where: Any) -> str:
-    """The line ``mvitv2 eval`` prints when it starts: what it evaluates, on what, where."""
+    """The line ``mvitv2 eval`` prints when it starts: what it evaluates, on what, where, and
+    for released weights what was reported for them and under which protocol."""
     import torch
 
     from mvitv2.engine.distributed import init_distributed
+    from mvitv2.weights.registry import WEIGHTS, is_weights_tag
 
     d = init_distributed()
-    return (
+    line = (
         f"evaluating {checkpoint} on {count} {what} of {where}; device {d.device} x "
         f"{d.world_size} process(es), {torch.get_num_threads()} CPU thread(s) per process"
     )
+    w = WEIGHTS[str(checkpoint)] if is_weights_tag(str(checkpoint)) else None
+    if w is not None and w.reported != "-":
+        source = w.metrics.get("source", "its release")
+        line += f"; reported {w.reported} by {source} ({w.preprocessing.protocol})"
+    return line
 
 
 def eval_metrics_path(checkpoint: str | os.PathLike, output: str | None) -> Path:

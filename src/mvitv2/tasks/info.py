@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
 
 from mvitv2.errors import UserValueError
 
@@ -34,13 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def reported(metrics: dict[str, Any]) -> str:
-    """The reported figures of a weights entry as text (``top-1 82.3  top-5 95.7``)."""
-    names = {"top1": "top-1", "top5": "top-5", "box_ap": "box AP", "mask_ap": "mask AP"}
-    shown = [f"{label} {metrics[key]:g}" for key, label in names.items() if key in metrics]
-    return "  ".join(shown) or "-"
-
-
 def weights_lines(filter: str = "") -> list[str]:
     """One line per released weights entry whose tag contains ``filter``: tag, task, classes,
     the reported accuracy and where it was reported."""
@@ -52,8 +44,7 @@ def weights_lines(filter: str = "") -> list[str]:
             continue
         w = WEIGHTS[tag]
         lines.append(
-            f"{tag:<38} {w.task:<14} {w.classes:<13} {reported(w.metrics):<30} "
-            f"{w.metrics.get('source', '')}"
+            f"{tag:<38} {w.task:<14} {w.classes:<13} {w.reported:<30} {w.metrics.get('source', '')}"
         )
     return lines
 

@@ -123,6 +123,13 @@ class Weights:
         return cached_path(self.url)
 
     @property
+    def reported(self) -> str:
+        """The reported figures as text (``top-1 82.3  top-5 95.7``; ``-`` when none)."""
+        names = {"top1": "top-1", "top5": "top-5", "box_ap": "box AP", "mask_ap": "mask AP"}
+        m = self.metrics
+        return "  ".join(f"{label} {m[key]:g}" for key, label in names.items() if key in m) or "-"
+
+    @property
     def needs_pickle(self) -> bool:
         """detectron2 model-zoo ``.pkl`` files need ``allow_pickle=True``.
 
