@@ -121,8 +121,48 @@ def test_a_video_shorter_than_a_clip_is_padded_where_torchvision_drops_it():
 def test_bad_resampled_arguments_are_refused():
     with pytest.raises(ValueError, match=r"clip_idx 5 not in \[0, 5\)"):
         resampled_clip_indices(100, 4, 1, clip_idx=5, num_clips=5)
-    with pytest.raises(ValueError, match="frame rates must be > 0"):
-        resampled_clip_indices(100, 4, 1, fps=0, target_fps=30)
+    with pytest.raises(ValueError, match=r"clip_idx 1 not in \[0, 1\)"):
+        resampled_clip_indices(100, 4, clip_idx=1)  # one test clip by default
+    for fps, target in ((0, 30), (30, 0), (-25, 30), (30, -1)):
+        with pytest.raises(ValueError, match="frame rates must be > 0"):
+            resampled_clip_indices(100, 4, 1, fps=fps, target_fps=target)
+
+
+def test_defaults_and_one_missing_rate_take_every_sampling_rate_th_frame():
+    assert resampled_clip_indices(100, 4, clip_idx=0) == [0, 1, 2, 3]  # rate 1, the first clip
+    for fps, target in ((30.0, None), (None, 30.0), (None, None)):
+        got = resampled_clip_indices(100, 4, 2, clip_idx=1, num_clips=2, fps=fps, target_fps=target)
+        assert got == [92, 94, 96, 98]  # 50 frames 0, 2, .., 98: clips from 0 .. 46 -> 46
+    # rates below 1 frame per second are rates too: 0.5 fps to 0.5 / 1 is no resampling
+    assert resampled_clip_indices(9, 3, 1, clip_idx=0, fps=0.5, target_fps=0.5) == [0, 1, 2]
+
+
+def test_frames_are_resampled_in_float32_whatever_the_default_dtype():
+    # NTSC 29.97 fps to 10 fps: in float64, i * 2.997 floors one frame lower at i = 1001
+    n, fps = 3100, 30000 / 1001
+    want = torchvision_clips([n], [fps], 1034, 10.0).clips[0][0].tolist()  # all 1034 frames
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        got = resampled_clip_indices(n, 1034, 3, clip_idx=0, fps=fps, target_fps=30.0)
+    finally:
+        torch.set_default_dtype(default)
+    assert got == want and got[1001] == 3000
+
+
+def test_a_seeded_generator_draws_the_training_clips_again():
+    for sampling in ("resampled", "clip"):
+        s = ClipSampler(sampling, 4, 2, target_fps=30.0)
+        g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+        first = [s.indices(200, 25.0, None, g1) for _ in range(8)]
+        torch.manual_seed(0)  # the global generator plays no part
+        assert [s.indices(200, 25.0, None, g2) for _ in range(8)] == first
+    # by hand: 200 frames at 25 fps to 15: floor(i * 5 / 3) for i < 120, 117 clips of 4
+    g, want_g = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    frames = [int(i * 5 / 3) for i in range(120)]
+    got = resampled_clip_indices(200, 4, 2, fps=25, target_fps=30, generator=g)
+    start = int(torch.randint(117, (1,), generator=want_g))
+    assert got == frames[start : start + 4]
 
 
 def test_the_clip_sampler_takes_each_samplings_frames_and_says_when_it_pads():
@@ -139,6 +179,9 @@ def test_the_clip_sampler_takes_each_samplings_frames_and_says_when_it_pads():
     clip, resampled = ClipSampler("clip", 16, 4, 5), ClipSampler("resampled", 16, 4, 5)
     # SlowFast's clip ends at frame floor(64 - 1) = 63: a 63-frame video pads, a 64-frame not
     assert clip.pads(63, 30.0) and not clip.pads(64, 30.0)
+    # the clip counts 64 frames at 30 fps: 128 of a 60 fps file
+    at_60 = ClipSampler("clip", 16, 4, 5, target_fps=30.0)
+    assert at_60.pads(127, 60.0) and not at_60.pads(128, 60.0)
     # torchvision's: 61 frames give 16 resampled (0, 4, ..., 60), 60 give 15
     assert resampled.pads(60, None) and not resampled.pads(61, None)
     at_30 = ClipSampler("resampled", 16, 4, 5, target_fps=30.0)
