@@ -54,6 +54,21 @@ def test_a_validation_split_takes_the_training_label_order(tmp_path):
     assert train.num_classes == val.num_classes == 3
     alone = VideoClipDataset(tmp_path / "val", train=False)  # its own folders: b 0, c 1
     assert [s.label for s in alone.samples] == [0, 1] and alone.num_classes == 2
+    _touch(tmp_path / "val2" / "a" / "6.mp4")  # the last training class has no videos here
+    val2 = VideoClipDataset(tmp_path / "val2", train=False, classes=train.class_names)
+    assert [s.label for s in val2.samples] == [0] and val2.num_classes == 3
+
+
+def test_a_run_on_class_folders_labels_validation_by_the_training_classes(tmp_path):
+    from mvitv2.engine.config import TrainConfig
+    from mvitv2.tasks.video import VideoClassification
+
+    for name in ("train/a/1.mp4", "train/b/2.mp4", "train/c/3.mp4", "val/c/4.mp4"):
+        _touch(tmp_path / name)
+    task = VideoClassification(TrainConfig(data={"video_root": str(tmp_path)}))
+    train, val = task.build_datasets()
+    assert task.classes == ["a", "b", "c"] and [s.label for s in train.samples] == [0, 1, 2]
+    assert [(s.path.name, s.label) for s in val.samples] == [("4.mp4", 2)]
 
 
 def test_class_folder_mistakes_are_one_line_saying_what_to_do(tmp_path):
@@ -119,7 +134,9 @@ def test_train_and_eval_on_class_folders_equal_the_same_videos_as_lists(
     ckpt = out / "f" / "last.pt"
     meta = torch.load(ckpt, weights_only=True)["meta"]
     assert meta["class_names"] == sorted(names)  # the folders, as torchvision labels them
-    # eval on the folders equals eval on a list of the same videos with those labels
+    # eval on the folders equals eval on a list of the same videos with those labels, also
+    # without the first class (its folders then no longer say the labels by their order)
+    shutil.rmtree(root / "val" / meta["class_names"][0])
     rows = [
         f"{p} {meta['class_names'].index(p.parent.name)}\n"
         for p in sorted((root / "val").rglob("*.mp4"))
@@ -127,13 +144,19 @@ def test_train_and_eval_on_class_folders_equal_the_same_videos_as_lists(
     (tmp_path / "val.txt").write_text("".join(rows))
     capsys.readouterr()
     got = {}
-    for how in (["--data", str(root)], ["--val-list", str(tmp_path / "val.txt")]):
-        m = tmp_path / f"{how[0][2:]}.json"
+    for how in (
+        ["--data", str(root)],
+        ["--val-list", str(tmp_path / "val.txt")],
+        ["--val-list", "k/val"],
+    ):
+        m = tmp_path / "m.json"
         assert main(["eval", "video", "--checkpoint", str(ckpt), *how, "--output", str(m)]) == 0
-        got[how[0]] = json.loads(m.read_text())
-    assert got["--data"]["count"] == len(rows) == 20
-    assert got["--data"]["top1"] == got["--val-list"]["top1"]
-    assert got["--data"]["loss"] == pytest.approx(got["--val-list"]["loss"], abs=1e-6)
+        got[how[1]] = json.loads(m.read_text())
+    listed = got[str(tmp_path / "val.txt")]
+    assert got[str(root)]["count"] == len(rows) == 19
+    for folders in (got[str(root)], got["k/val"]):  # the split folder itself as --val-list
+        assert folders["top1"] == listed["top1"]
+        assert folders["loss"] == pytest.approx(listed["loss"], abs=1e-6)
 
 
 def test_released_kinetics_weights_label_torchvision_spelled_folders_by_name(
