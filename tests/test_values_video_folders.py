@@ -1,8 +1,10 @@
-"""Video datasets as class folders, torchvision's Kinetics layout ``ROOT/<split>/<class>/<video>``,
-wherever a list file is taken: ``mvitv2 train|eval video --data ROOT``.
+"""Video splits as class folders (torchvision's Kinetics layout ``ROOT/<split>/<class>/<video>``)
+and as the official Kinetics annotation CSVs (``ROOT/annotations/<split>.csv`` with the videos
+in ``ROOT/<split>/``), wherever a list file is taken: ``mvitv2 train|eval video --data ROOT``.
 
 References: torchvision's own ``find_classes`` / ``make_dataset`` (what its ``Kinetics`` dataset
-reads), its ``Kinetics`` folder spelling of the class names; the same videos through list files.
+reads), its ``Kinetics`` folder spelling of the class names and file names of the clips; the
+same videos through list files.
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ from torchvision.datasets.folder import find_classes as tv_find_classes
 from torchvision.datasets.folder import make_dataset
 
 from mvitv2.cli import main
-from mvitv2.data.video import VIDEO_EXTENSIONS, VideoClipDataset, read_video_samples
+from mvitv2.data.video import (
+    VIDEO_EXTENSIONS,
+    VideoClipDataset,
+    read_video_samples,
+    split_class_names,
+)
 from mvitv2.errors import UserFileNotFoundError, UserValueError
-from mvitv2.tasks.video import VideoDataConfig, folder_labels, moving_digits_lists
+from mvitv2.tasks.video import VideoDataConfig, moving_digits_lists, named_labels
 from mvitv2.weights.classes import dataset_classes
 from test_values_video_protocols import tv_small, tv_tag  # noqa: F401 (fixtures)
 from test_video_task import TINY_RUN
@@ -77,8 +84,8 @@ def test_class_folder_mistakes_are_one_line_saying_what_to_do(tmp_path):
     with pytest.raises(UserValueError) as e:
         read_video_samples(tmp_path / "val", classes=["a", "b"])
     assert str(e.value) == (
-        f"{tmp_path / 'val'} has 1 class folder(s) the model does not know: ['zz']; it knows "
-        f"2 classes, move the others out of {tmp_path / 'val'}"
+        f"{tmp_path / 'val'} has 1 class(es) the model does not know: ['zz']; it knows "
+        f"2 classes, leave the others out of {tmp_path / 'val'}"
     )
     (tmp_path / "val" / "e").mkdir()
     _touch(tmp_path / "val" / "e" / "readme.txt")
@@ -90,18 +97,76 @@ def test_class_folder_mistakes_are_one_line_saying_what_to_do(tmp_path):
     assert str(e.value) == f"{tmp_path / 'empty'} has no class sub-folders (<class>/*.mp4)"
 
 
+ANNOTATIONS = """label,youtube_id,time_start,time_end,split
+zumba,-0aWdfhT3aI,14,24,val
+"passing American football (in game)",--6bJUbfpnQ,17,27,val
+abseiling,0wR5jVB-WPk,417,427,val
+zumba,B_5kRdW8BkE,0,10,val
+"""
+
+
+def _name(ytid: str, start: int, end: int) -> str:
+    """torchvision's ``Kinetics`` file name of a clip (``_make_ds_structure``'s format)."""
+    return f"{ytid}_{start:06}_{end:06}.mp4"
+
+
+def test_an_official_kinetics_annotation_csv_names_its_videos_and_classes(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    csv_file = tmp_path / "annotations" / "val.csv"
+    csv_file.write_text(ANNOTATIONS)
+    _touch(tmp_path / "val" / _name("-0aWdfhT3aI", 14, 24))
+    _touch(tmp_path / "val" / _name("0wR5jVB-WPk", 417, 427).replace(".mp4", ".mkv"))
+    samples, names = read_video_samples(csv_file)
+    assert names == ["abseiling", "passing American football (in game)", "zumba"]
+    val = tmp_path / "val"
+    assert [(s.path, s.label) for s in samples] == [
+        (val / "-0aWdfhT3aI_000014_000024.mp4", 2),
+        (val / "--6bJUbfpnQ_000017_000027.mp4", 1),  # not there: the loader counts it missing
+        (val / "0wR5jVB-WPk_000417_000427.mkv", 0),  # another container of the download
+        (val / "B_5kRdW8BkE_000000_000010.mp4", 2),
+    ]
+    assert split_class_names(csv_file) == names and split_class_names(tmp_path / "l.txt") is None
+    # videos elsewhere: --data names the root; a CSV outside annotations/ looks beside itself
+    elsewhere, _ = read_video_samples(csv_file, tmp_path / "k")
+    assert elsewhere[0].path == tmp_path / "k" / "val" / "-0aWdfhT3aI_000014_000024.mp4"
+    shutil.copy(csv_file, tmp_path / "val.csv")
+    beside, _ = read_video_samples(tmp_path / "val.csv")
+    assert beside[0].path == val / "-0aWdfhT3aI_000014_000024.mp4"
+    labels = ["abseiling", "air drumming", "zumba", "passing American football (in game)"]
+    ordered, _ = read_video_samples(csv_file, classes=labels)
+    assert [s.label for s in ordered] == [2, 3, 0, 2]
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("zumba,-0aWdfhT3aI,14,val", "expected label,youtube_id,time_start,time_end,split with "
+         "whole-second times, got 'zumba,-0aWdfhT3aI,14,val'"),
+        ("zumba,-0aWdfhT3aI,14.5,24,val", "expected label,youtube_id,time_start,time_end,split "
+         "with whole-second times, got 'zumba,-0aWdfhT3aI,14.5,24,val'"),
+        (",-0aWdfhT3aI,14,24,test", "no label (an unlabelled test split?)"),
+    ],
+)  # fmt: skip
+def test_a_malformed_annotation_row_is_one_line_naming_it(tmp_path, row, message):
+    csv_file = tmp_path / "val.csv"
+    csv_file.write_text(ANNOTATIONS + row + "\n")
+    with pytest.raises(UserValueError) as e:
+        read_video_samples(csv_file)
+    assert str(e.value) == f"{csv_file}:6: {message}"
+
+
 def test_folders_named_by_kinetics_classes_get_their_labels_either_spelling():
     names = dataset_classes("kinetics-400")
-    assert folder_labels(["air drumming", "zumba"], names) == names
-    spelled = folder_labels(["air_drumming", "passing_American_football_in_game"], names)
+    assert named_labels(["air drumming", "zumba"], names) == names
+    spelled = named_labels(["air_drumming", "passing_American_football_in_game"], names)
     assert spelled[names.index("passing American football (in game)")] == (
         "passing_American_football_in_game"
     )
     assert spelled[names.index("massaging person's head")] == "massaging_persons_head"
     assert len(set(spelled)) == 400  # the spelling keeps the 400 apart
-    assert folder_labels(["0", "1"], names) is None
-    assert folder_labels(["air drumming", "not a class"], names) is None
-    assert folder_labels([], names) is None and folder_labels(["a"], None) is None
+    assert named_labels(["0", "1"], names) is None
+    assert named_labels(["air drumming", "not a class"], names) is None
+    assert named_labels([], names) is None and named_labels(["a"], None) is None
 
 
 def _as_folders(list_file: Path, dest: Path, names: list[str]) -> None:
@@ -159,23 +224,32 @@ def test_train_and_eval_on_class_folders_equal_the_same_videos_as_lists(
         assert folders["loss"] == pytest.approx(listed["loss"], abs=1e-6)
 
 
-def test_released_kinetics_weights_label_torchvision_spelled_folders_by_name(
+def test_released_kinetics_weights_label_folders_and_annotations_by_class_name(
     tv_tag,  # noqa: F811 (the fixture)
     tmp_path,
 ):
+    """The same two videos as torchvision-spelled class folders, as the official annotation CSV
+    with its download's file names, and as a list of Kinetics-400 label numbers."""
     tag, _, videos = tv_tag
     names = dataset_classes("kinetics-400")
     picks = ["passing American football (in game)", "zumba"]  # labels 243 and 399
-    for (path, _, _), name in zip(videos, picks):
+    (tmp_path / "a" / "annotations").mkdir(parents=True)
+    csv_rows = ["label,youtube_id,time_start,time_end,split"]
+    for i, ((path, _, _), name) in enumerate(zip(videos, picks)):
         spelled = name.replace(" ", "_").replace("(", "").replace(")", "")
         (tmp_path / "k" / "val" / spelled).mkdir(parents=True)
         shutil.copy(path, tmp_path / "k" / "val" / spelled / path.name)
+        (tmp_path / "a" / "val").mkdir(exist_ok=True)
+        shutil.copy(path, tmp_path / "a" / "val" / _name(f"yt{i}", 10 * i, 10 * i + 10))
+        csv_rows.append(f'"{name}",yt{i},{10 * i},{10 * i + 10},val')
+    (tmp_path / "a" / "annotations" / "val.csv").write_text("\n".join(csv_rows) + "\n")
     rows = "".join(f"{p.name} {names.index(n)}\n" for (p, _, _), n in zip(videos, picks))
     (tmp_path / "val.txt").write_text(rows)
     got = []
-    for how in (["--data", str(tmp_path / "k")], ["--val-list", str(tmp_path / "val.txt")]):
+    sources = (str(tmp_path / "k"), str(tmp_path / "a"))
+    for how in (*(["--data", d] for d in sources), ["--val-list", str(tmp_path / "val.txt")]):
         out = tmp_path / "m.json"
         argv = ["eval", "video", "--checkpoint", tag, *how, "--output", str(out)]
         assert main([*argv, "--workers", "0"]) == 0
         got.append(json.loads(out.read_text()))
-    assert got[0] == got[1] and got[0]["count"] == 2
+    assert got[0] == got[1] == got[2] and got[0]["count"] == 2

@@ -333,7 +333,8 @@ def test_a_video_root_without_a_train_list_says_which_names_it_looked_for(tmp_pa
     with pytest.raises(FileNotFoundError) as e:
         _task(video_root=str(tmp_path)).resolve_lists()
     assert str(e.value) == (
-        f"no train list in {tmp_path} (looked for train.csv, train.txt and class folders "
+        f"no train list in {tmp_path} (looked for train.csv, train.txt, annotations/train.csv "
+        "and class folders "
         "train/<class>/*.mp4); pass --train-list FILE"
     )
 

@@ -348,7 +348,8 @@ def test_a_video_root_without_lists_names_the_flag_to_pass(tmp_path):
     with pytest.raises(UserFileNotFoundError) as e:
         task.resolve_lists()
     assert str(e.value) == (
-        f"no train list in {tmp_path} (looked for train.csv, train.txt and class folders "
+        f"no train list in {tmp_path} (looked for train.csv, train.txt, annotations/train.csv "
+        "and class folders "
         "train/<class>/*.mp4); pass --train-list FILE"
     )
 

@@ -42,6 +42,7 @@ __all__ = [
     "read_class_names",
     "read_video_list",
     "read_video_samples",
+    "split_class_names",
     "clip_span",
     "segment_indices",
     "uniform_crop",
@@ -672,44 +673,113 @@ def read_video_samples(
     video_root: str | Path | None = None,
     classes: Sequence[str] | None = None,
 ) -> tuple[list[VideoSample], list[str] | None]:
-    """The samples of a split: a list file (:func:`read_video_list`), or a folder of class
-    folders, torchvision's Kinetics layout ``<split>/<class>/<video>`` (videos at any depth,
-    in torchvision's ``make_dataset`` order).
+    """The samples of a split, from any of three sources:
 
-    Args:
-        source: the list file or the split folder.
-        video_root: folder a list file's relative paths resolve against.
-        classes: a split folder's label order (the training classes for a validation split, so
-            that labels agree); default: its sorted class folders, as torchvision's
-            ``find_classes``. Unused for a list file.
+    * a list file of ``path label`` lines (:func:`read_video_list`, SlowFast's CSVs);
+    * a folder of class folders, torchvision's Kinetics layout ``<split>/<class>/<video>``
+      (videos at any depth, in torchvision's ``make_dataset`` order);
+    * an official Kinetics annotation CSV (``label,youtube_id,time_start,time_end,split``, as
+      the Kinetics release and the CVDF download give it): row ``r`` is the video
+      ``<root>/<split>/<youtube_id>_<time_start:06d>_<time_end:06d>.<ext>`` (the download's
+      names; ``ext`` the first of :data:`VIDEO_EXTENSIONS` that exists, else ``.mp4``, which
+      the loader then counts as missing). ``root``: ``video_root``, else the folder above an
+      ``annotations/`` folder holding the CSV, else the CSV's folder.
+
+    The last two name their classes: labels follow ``classes`` (the training classes for a
+    validation split, so that labels agree), by default the sorted names found, as
+    torchvision's ``find_classes``.
+
     Returns:
-        The samples and, for a split folder, the class names in label order (None for a list).
+        The samples and the class names in label order (None for a list file).
     Raises:
         UserFileNotFoundError: no such file or folder, or no class folders.
-        UserValueError: a class folder not in ``classes``, or one without videos.
+        UserValueError: a malformed list, a class not in ``classes``, a class folder without
+            videos.
     """
     source = Path(source)
-    if not source.is_dir():
+    if source.is_dir():
+        named = _class_folder_videos(source)
+    elif _is_annotation_csv(source):
+        named = _annotated_videos(source, video_root)
+    else:
         return read_video_list(source, video_root), None
-    found = class_folders(source, FOLDER_LAYOUT, "*.mp4")
+    found = sorted({name for _, name in named})
     names = list(classes) if classes is not None else found
     index = {c: i for i, c in enumerate(names)}
     extra = [c for c in found if c not in index]
     if extra:
         raise UserValueError(
-            f"{source} has {len(extra)} class folder(s) the model does not know: {extra[:10]}; "
-            f"it knows {len(names)} classes, move the others out of {source}"
+            f"{source} has {len(extra)} class(es) the model does not know: {extra[:10]}; "
+            f"it knows {len(names)} classes, leave the others out of {source}"
         )
-    samples = []
-    for c in found:
-        files = find_files(source / c, VIDEO_EXTENSIONS)
+    return [VideoSample(path, index[name]) for path, name in named], names
+
+
+def split_class_names(source: str | Path) -> list[str] | None:
+    """The sorted class names a split names (class folders or an annotation CSV); None for a
+    list file of labels (see :func:`read_video_samples`)."""
+    source = Path(source)
+    if source.is_dir():
+        return class_folders(source, FOLDER_LAYOUT, "*.mp4")
+    if _is_annotation_csv(source):
+        return sorted({name for _, name in _annotated_videos(source, None)})
+    return None
+
+
+def _class_folder_videos(split: Path) -> list[tuple[Path, str]]:
+    """``(video, class folder)`` of each video under ``split/<class>/``."""
+    named = []
+    for c in class_folders(split, FOLDER_LAYOUT, "*.mp4"):
+        files = find_files(split / c, VIDEO_EXTENSIONS)
         if not files:
             raise UserValueError(
-                f"class folder {source / c} has no videos ({', '.join(VIDEO_EXTENSIONS)}; "
+                f"class folder {split / c} has no videos ({', '.join(VIDEO_EXTENSIONS)}; "
                 "searched its sub-folders too)"
             )
-        samples += [VideoSample(f, index[c]) for f in files]
-    return samples, names
+        named += [(f, c) for f in files]
+    return named
+
+
+_ANNOTATION_COLUMNS = ("label", "youtube_id", "time_start", "time_end", "split")
+
+
+def _is_annotation_csv(path: Path) -> bool:
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return False
+    with path.open(newline="") as f:
+        header = next(csv.reader(f), [])
+    return tuple(h.strip() for h in header[:5]) == _ANNOTATION_COLUMNS
+
+
+def _annotated_videos(path: Path, video_root: str | Path | None) -> list[tuple[Path, str]]:
+    """``(video, label name)`` of each row of an official Kinetics annotation CSV."""
+    if video_root is not None:
+        root = Path(video_root)
+    else:
+        root = path.parent.parent if path.parent.name == "annotations" else path.parent
+    named = []
+    with path.open(newline="") as f:
+        rows = csv.reader(f)
+        next(rows)  # the header
+        for lineno, fields in enumerate(rows, start=2):
+            if not fields:
+                continue
+            try:
+                label, ytid, start, end, split = (x.strip() for x in fields[:5])
+                stem = f"{ytid}_{int(start):06d}_{int(end):06d}"
+            except ValueError:  # a short row, or times that are not whole seconds
+                raise UserValueError(
+                    f"{path}:{lineno}: expected label,youtube_id,time_start,time_end,split with "
+                    f"whole-second times, got {','.join(fields)!r}"
+                ) from None
+            if not label:
+                raise UserValueError(f"{path}:{lineno}: no label (an unlabelled test split?)")
+            found = (root / split / (stem + e) for e in VIDEO_EXTENSIONS)
+            default = root / split / f"{stem}.mp4"
+            named.append((next((v for v in found if v.is_file()), default), label))
+    if not named:
+        raise UserValueError(f"{path}: no samples")
+    return named
 
 
 def read_class_names(path: str | Path) -> list[str]:

@@ -37,9 +37,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from mvitv2.data.common import class_folders, config_from_dict, config_to_dict
+from mvitv2.data.common import config_from_dict, config_to_dict
 from mvitv2.data.video import (
-    FOLDER_LAYOUT,
     KINETICS_MEAN,
     KINETICS_STD,
     SAMPLINGS,
@@ -48,6 +47,7 @@ from mvitv2.data.video import (
     VideoClipDataset,
     VideoTransform,
     read_class_names,
+    split_class_names,
     video_collate,
 )
 from mvitv2.engine.cli import (
@@ -327,28 +327,31 @@ def moving_digits_lists(dc: VideoDataConfig) -> tuple[Path, Path, Path]:
 
 def find_list(root: Path, split: str) -> Path:
     """The samples of a split in a video root: its list file ``ROOT/train.csv`` /
-    ``train.txt`` (or ``val.*``), else its class folders ``ROOT/train/<class>/<video>``
-    (torchvision's Kinetics layout; see :func:`mvitv2.data.video.read_video_samples`)."""
-    for name in _LIST_NAMES[split]:
+    ``train.txt`` (or ``val.*``), else the official Kinetics annotations
+    ``ROOT/annotations/train.csv`` (videos in ``ROOT/train/``), else its class folders
+    ``ROOT/train/<class>/<video>`` (torchvision's Kinetics layout); see
+    :func:`mvitv2.data.video.read_video_samples`."""
+    for name in (*_LIST_NAMES[split], f"annotations/{split}.csv"):
         if (root / name).is_file():
             return root / name
     if (root / split).is_dir():
         return root / split
     raise UserFileNotFoundError(
-        f"no {split} list in {root} (looked for {', '.join(_LIST_NAMES[split])} and class "
-        f"folders {split}/<class>/*.mp4); pass --{split}-list FILE"
+        f"no {split} list in {root} (looked for {', '.join(_LIST_NAMES[split])}, "
+        f"annotations/{split}.csv and class folders {split}/<class>/*.mp4); pass --{split}-list FILE"
     )
 
 
-def folder_labels(folders: list[str], names: list[str] | None) -> list[str] | None:
-    """The class folder name of each of the weights' labels, when every folder is named by one of
-    the weights' classes (``names``), as it is (``air drumming``) or as torchvision's Kinetics
-    download spells it (``air_drumming``: spaces to underscores, ``'``, ``(``, ``)`` dropped).
-    None: they are not (the folders are then the labels in sorted order)."""
-    if not folders or names is None:
+def named_labels(found: list[str], names: list[str] | None) -> list[str] | None:
+    """The name a split uses for each of the weights' labels, when every class the split names
+    (``found``: class folders, annotation labels) is one of the weights' classes (``names``),
+    as it is (``air drumming``) or as torchvision's Kinetics download spells its folders
+    (``air_drumming``: spaces to underscores, ``'``, ``(``, ``)`` dropped). None: they are not
+    (the split's sorted names are then the labels)."""
+    if not found or names is None:
         return None
     for spelled in (names, [_torchvision_folder(n) for n in names]):
-        if set(folders) <= set(spelled):
+        if set(found) <= set(spelled):
             return spelled
     return None
 
@@ -911,8 +914,7 @@ def _eval(args: argparse.Namespace) -> int:
             val_list = find_list(Path(dc.video_root), "val")
     dist = init_distributed()
     if released:  # class folders named by the weights' classes get those labels
-        folders = class_folders(val_list, FOLDER_LAYOUT, "*.mp4") if val_list.is_dir() else []
-        classes = folder_labels(folders, weights.class_names)
+        classes = named_labels(split_class_names(val_list) or [], weights.class_names)
     else:
         classes = info.class_names
     ds = dc.dataset(val_list, root, train=False, classes=classes)
