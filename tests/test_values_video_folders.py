@@ -89,8 +89,21 @@ def test_class_folder_mistakes_are_one_line_saying_what_to_do(tmp_path):
     )
     (tmp_path / "val" / "e").mkdir()
     _touch(tmp_path / "val" / "e" / "readme.txt")
-    with pytest.raises(UserValueError, match=r"class folder .*/val/e has no videos \(\.mp4, "):
+    with pytest.raises(UserValueError) as e:
         read_video_samples(tmp_path / "val")
+    assert str(e.value) == (
+        f"class folder {tmp_path / 'val' / 'e'} has no videos (.mp4, .avi, .mkv, .mov, .webm, "
+        ".m4v; searched its sub-folders too)"
+    )
+    for c in "klmnopqrstu":  # 11 more unknown classes: the first 10 are named
+        _touch(tmp_path / "val" / c / "v.mp4")
+    shutil.rmtree(tmp_path / "val" / "e")
+    with pytest.raises(
+        UserValueError,
+        match=r"has 12 class\(es\) the model does not know: "
+        r"\['k', 'l', 'm', 'n', 'o', 'p', 'q', 'r', 's', 't'\]; it knows 2",
+    ):
+        read_video_samples(tmp_path / "val", classes=["a", "b"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserFileNotFoundError) as e:
         read_video_samples(tmp_path / "empty")
