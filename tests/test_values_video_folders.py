@@ -76,6 +76,10 @@ def test_a_run_on_class_folders_labels_validation_by_the_training_classes(tmp_pa
     train, val = task.build_datasets()
     assert task.classes == ["a", "b", "c"] and [s.label for s in train.samples] == [0, 1, 2]
     assert [(s.path.name, s.label) for s in val.samples] == [("4.mp4", 2)]
+    task = VideoClassification(TrainConfig(data={"video_root": str(tmp_path), "num_classes": 4}))
+    with pytest.raises(UserValueError) as e:
+        task.build_datasets()
+    assert str(e.value) == "the training split: 3 class names, but num_classes=4"
 
 
 def test_class_folder_mistakes_are_one_line_saying_what_to_do(tmp_path):

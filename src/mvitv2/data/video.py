@@ -956,11 +956,11 @@ class VideoClipDataset(torch.utils.data.Dataset):
     video's end (see :func:`clip_indices`); ``truncated`` = clips of files that ended before their header said (both used).
 
     Args:
-        list_file: Kinetics-style list (see :func:`read_video_list`), or a folder of class
-            folders (``<class>/<video>``, see :func:`read_video_samples`).
+        list_file: a list file, an official Kinetics annotation CSV or a folder of class
+            folders (``<class>/<video>``): see :func:`read_video_samples`.
         video_root: directory relative paths are resolved against (default: the list's folder).
-        classes: a class folder split's label order (default: its sorted folders); the names
-            in label order are ``self.class_names`` (None for a list file).
+        classes: the label order of a split that names its classes (default: the sorted
+            names); the names in label order are ``self.class_names`` (None for a list file).
         train: training sampling (random clip) or test sampling (uniform clips).
         num_frames: frames per clip T.
         sampling_rate: step between frames of a dense clip (ignored for segment sampling).

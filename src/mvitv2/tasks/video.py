@@ -265,7 +265,8 @@ class VideoDataConfig:
             list_file: the list file.
             video_root: folder relative list paths resolve against (None: the list's folder).
             train: random clips with augmentation (and repeats) or the test views.
-            classes: the label order of a split of class folders (default: sorted folders).
+            classes: the label order of a split that names its classes (class folders, an
+                annotation CSV; default: the sorted names).
         """
         return VideoClipDataset(
             list_file,
@@ -496,14 +497,15 @@ def class_names(
     train: VideoClipDataset,
     val: VideoClipDataset | None,
 ) -> list[str]:
-    """Class names: the classes file, else the training class folders' names, else the labels
-    ``"0".."K-1"`` (K from the lists or ``dc.num_classes``). Raises :class:`UserValueError`
-    when a list's label is out of range."""
+    """Class names: the classes file, else the classes the training split names (class folders,
+    an annotation CSV), else the labels ``"0".."K-1"`` (K from the lists or
+    ``dc.num_classes``). Raises :class:`UserValueError` when a list's label is out of range."""
     largest = max(train.num_classes, val.num_classes if val is not None else 0)
     names = read_class_names(classes_file) if classes_file else train.class_names
     n = dc.num_classes or (len(names) if names else largest)
     if names is not None and len(names) != n:
-        raise UserValueError(f"{classes_file}: {len(names)} class names, but num_classes={n}")
+        where = classes_file or "the training split"
+        raise UserValueError(f"{where}: {len(names)} class names, but num_classes={n}")
     if largest > n:
         raise UserValueError(
             f"the list files use label {largest - 1}, but there are only {n} classes "
