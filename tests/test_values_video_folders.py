@@ -154,6 +154,41 @@ def test_an_official_kinetics_annotation_csv_names_its_videos_and_classes(tmp_pa
     assert [s.label for s in ordered] == [2, 3, 0, 2]
 
 
+def test_annotation_csvs_with_more_columns_blank_lines_or_no_rows(tmp_path):
+    csv_file = tmp_path / "val.csv"
+    header, *rows = ANNOTATIONS.splitlines()
+    # Kinetics-700-2020 adds a column; a blank line is no row
+    csv_file.write_text("\n".join([header + ",is_cc", rows[0] + ",0", "", rows[1] + ",1"]) + "\n")
+    samples, names = read_video_samples(csv_file)
+    assert [(s.path.name, s.label) for s in samples] == [
+        ("-0aWdfhT3aI_000014_000024.mp4", 1),
+        ("--6bJUbfpnQ_000017_000027.mp4", 0),
+    ]
+    csv_file.write_text(header + "\n")
+    with pytest.raises(UserValueError) as e:
+        read_video_samples(csv_file)
+    assert str(e.value) == f"{csv_file}: no samples"
+    csv_file.write_text("")  # an empty .csv is an empty list file
+    with pytest.raises(UserValueError) as e:
+        read_video_samples(csv_file)
+    assert str(e.value) == f"{csv_file}: no samples"
+    with pytest.raises(UserFileNotFoundError) as e:
+        read_video_samples(tmp_path / "missing.csv")
+    assert str(e.value) == f"video list file not found: {tmp_path / 'missing.csv'}"
+
+
+def test_the_class_names_a_split_names(tmp_path):
+    _touch(tmp_path / "val" / "b" / "1.mp4")
+    _touch(tmp_path / "val" / "a" / "2.mp4")
+    (tmp_path / "list.txt").write_text("x.mp4 3\n")
+    assert split_class_names(tmp_path / "val") == ["a", "b"]
+    assert split_class_names(tmp_path / "list.txt") is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserFileNotFoundError) as e:
+        split_class_names(tmp_path / "empty")
+    assert str(e.value) == f"{tmp_path / 'empty'} has no class sub-folders (<class>/*.mp4)"
+
+
 @pytest.mark.parametrize(
     "row, message",
     [
