@@ -90,6 +90,13 @@ def test_test_transform_sizes_the_long_side_as_slowfast_floors_it():
     torch.testing.assert_close(got, want.permute(1, 0, 2, 3), rtol=1e-5, atol=1e-5)
     tall = VideoTransform(False, crop_size=8, test_short_side=11)(clip.transpose(2, 3))
     torch.testing.assert_close(tall, want.transpose(2, 3).permute(1, 0, 2, 3), rtol=1e-5, atol=1e-5)
+    # a short side already 11 keeps the frames as they are (SlowFast returns them unscaled;
+    # floor(15 / 11 * 11) would be 14): the crop alone, at ceil((15 - 8) / 2) = 4
+    clip = _clip(2, 11, 15, seed=4)
+    got = VideoTransform(False, crop_size=8, test_short_side=11)(clip)
+    normed = (clip.float() / 255 - 0.45) / 0.225
+    want = normed[..., 2:10, 4:12].permute(1, 0, 2, 3)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_training_transform_gives_all_frames_the_same_parameters():

@@ -821,7 +821,10 @@ def slowfast_resized_size(height: int, width: int, short: int) -> tuple[int, int
     """``(H, W)`` with the short side ``short`` as PySlowFast's ``random_short_side_scale_jitter``
     computes it: the long side ``floor(long / short_side * short)`` (torchvision's ``resize``,
     ``int(short * long / short_side)``, is a pixel longer for some sizes, e.g. 70 x 305 -> 224 x
-    975 here, 976 there)."""
+    975 here, 976 there); a video whose short side is ``short`` already keeps its size (where
+    the formula can fall a pixel short, e.g. 224 x 230 -> 224 x 229)."""
+    if min(height, width) == short:
+        return height, width
     if width < height:
         return int(math.floor(float(height) / width * short)), short
     return short, int(math.floor(float(width) / height * short))
