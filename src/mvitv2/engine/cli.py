@@ -376,15 +376,20 @@ def add_released_arguments(
 
 
 # ---------------------------------------------------------------------- predict
-def add_predict_arguments(parser: argparse.ArgumentParser, what: str) -> None:
-    """The options of ``mvitv2 predict <task>`` every task shares (``what``: ``image``, ...)."""
+def add_predict_arguments(
+    parser: argparse.ArgumentParser, what: str, *, batch_help: str | None = None
+) -> None:
+    """The options of ``mvitv2 predict <task>`` every task shares (``what``: ``image``, ...;
+    ``batch_help``: what ``--batch-size`` counts, default ``<what>s per forward``)."""
     parser.add_argument(
         "files", nargs="+", help=f"{what} files, folders (searched recursively) or glob patterns"
     )
     parser.add_argument(
         "--device", default="cpu", help="where to run: cpu, cuda, cuda:1, ... (default: cpu)"
     )
-    parser.add_argument("--batch-size", type=int, default=16, help=f"{what}s per forward")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help=batch_help or f"{what}s per forward"
+    )
     parser.add_argument("--json", action="store_true", help=f"one JSON line per {what}")
 
 

@@ -786,7 +786,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         )
         add_eval_arguments(parser, "videos", batch_size=16, batch_help="views per forward")
     elif command == "predict":
-        add_predict_arguments(parser, "video")
+        # a video is several views: --batch-size videos are read at once, their views
+        # (clips) go through the model --batch-size at a time
+        add_predict_arguments(
+            parser, "video", batch_help="videos read at once, and views (clips) per forward"
+        )
         add_released_arguments(parser, "video", "mvitv2_small_16x4")
         parser.add_argument("--topk", type=int, default=5, help="classes to print per video")
         parser.add_argument(
