@@ -385,14 +385,16 @@ def test_video_command_help_says_what_each_option_does_and_defaults_to():
         ),
         "train_list": (
             ["--train-list"],
-            "training list file (default: ROOT/train.csv or train.txt)",
+            "training list file, Kinetics annotation CSV or class-folder split (default: "
+            "ROOT/train.csv or train.txt, ROOT/annotations/train.csv, ROOT/train/<class>/)",
             None,
         ),
     }
     assert {k: train[k] for k in ("val_list", "classes", "init")} == {
         "val_list": (
             ["--val-list"],
-            "validation list file (default: ROOT/val.csv or val.txt)",
+            "validation list file, Kinetics annotation CSV or class-folder split (default: "
+            "ROOT/val.csv or val.txt, ROOT/annotations/val.csv, ROOT/val/<class>/)",
             None,
         ),
         "classes": (["--classes"], "class names file, one per line", None),
@@ -414,10 +416,17 @@ def test_video_command_help_says_what_each_option_does_and_defaults_to():
         ),
         "val_list": (
             ["--val-list"],
-            "list file to evaluate (default: the checkpoint's validation list)",
+            "list file, Kinetics annotation CSV or class-folder split to evaluate (default: "
+            "the checkpoint's validation list)",
             None,
         ),
     }
+    assert evaluate["protocol"] == (
+        ["--protocol"],
+        "take and crop the clips as PySlowFast's test or torchvision's reference script "
+        "(default: the checkpoint's; released weights: their source's)",
+        None,
+    )
     assert {k: evaluate[k] for k in ("clips", "crops", "batch_size", "strict_data")} == {
         "clips": (["--clips"], "temporal clips per video (default: the recipe's test_clips)", None),
         "crops": (["--crops"], "spatial crops per clip (default: the recipe's test_crops)", None),

@@ -749,10 +749,14 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             overrides_example="epochs=10 data.num_frames=8 init_from=PATH",
         )
         parser.add_argument(
-            "--train-list", help="training list file (default: ROOT/train.csv or train.txt)"
+            "--train-list",
+            help="training list file, Kinetics annotation CSV or class-folder split (default: "
+            "ROOT/train.csv or train.txt, ROOT/annotations/train.csv, ROOT/train/<class>/)",
         )
         parser.add_argument(
-            "--val-list", help="validation list file (default: ROOT/val.csv or val.txt)"
+            "--val-list",
+            help="validation list file, Kinetics annotation CSV or class-folder split (default: "
+            "ROOT/val.csv or val.txt, ROOT/annotations/val.csv, ROOT/val/<class>/)",
         )
         parser.add_argument("--classes", help="class names file, one per line")
         parser.add_argument(
@@ -767,7 +771,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             "weights, --data or --val-list)",
         )
         parser.add_argument(
-            "--val-list", help="list file to evaluate (default: the checkpoint's validation list)"
+            "--val-list",
+            help="list file, Kinetics annotation CSV or class-folder split to evaluate (default: "
+            "the checkpoint's validation list)",
         )
         parser.add_argument(
             "--clips", type=int, help="temporal clips per video (default: the recipe's test_clips)"
