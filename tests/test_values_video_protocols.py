@@ -31,6 +31,7 @@ from mvitv2.data.video import (
     uniform_crop,
 )
 from mvitv2.predict import Predictor
+from mvitv2.weights.classes import dataset_classes
 from mvitv2.weights.registry import WEIGHTS, Preprocessing, Weights, register_weights
 
 # torchvision warns of each video too short for a clip (these tests make some on purpose)
@@ -386,3 +387,34 @@ def test_eval_of_released_weights_says_what_was_reported_and_under_which_test():
     )
     assert "reported" not in describe_eval("runs/r/best.pt", 3, "videos", "val.csv")
     assert "reported" not in describe_eval("mvitv2_base_cls.in21k", 3, "images", "val")
+
+
+def test_predict_takes_the_weights_protocol_or_the_one_asked_for(tv_tag, capsys):
+    tag, ref, videos = tv_tag
+    path, n, fps = videos[1]  # 25 fps: the protocols take different frames
+    for protocol, reference in ((None, _torchvision_probs), ("slowfast", _slowfast_probs)):
+        argv = ["predict", "video", str(path), "--checkpoint", tag, "--json", "--topk", "3"]
+        assert main(argv + (["--protocol", protocol] if protocol else [])) == 0
+        (line,) = capsys.readouterr().out.splitlines()
+        got = json.loads(line)["topk"]
+        v, i = reference(ref, path, n, fps, 3).topk(3)
+        names = dataset_classes("kinetics-400")
+        assert [c for c, _ in got] == [names[j] for j in i.tolist()], protocol
+        assert [p for _, p in got] == pytest.approx(v.tolist(), abs=2e-5)
+
+
+def test_protocol_is_refused_for_segment_sampling_in_one_line():
+    from argparse import Namespace
+
+    from mvitv2.errors import UserValueError
+    from mvitv2.tasks.video import PROTOCOLS, _protocol_option
+
+    args = Namespace(protocol="torchvision", checkpoint="runs/ssv2/best.pt")
+    assert _protocol_option(args, "clip") == PROTOCOLS["torchvision"]
+    assert _protocol_option(Namespace(protocol=None, checkpoint="x"), "segment") == {}
+    with pytest.raises(UserValueError) as e:
+        _protocol_option(args, "segment")
+    assert str(e.value) == (
+        "--protocol chooses how Kinetics-style clips are taken, but runs/ssv2/best.pt samples "
+        "one frame per segment (SSv2): leave --protocol out"
+    )

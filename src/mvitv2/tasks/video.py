@@ -784,12 +784,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             choices=(1, 3),
             help="spatial crops per clip (default: the recipe's test_crops)",
         )
-        parser.add_argument(
-            "--protocol",
-            choices=tuple(PROTOCOLS),
-            help="take and crop the clips as PySlowFast's test or torchvision's reference script "
-            "(default: the checkpoint's; released weights: their source's)",
-        )
+        _add_protocol_argument(parser)
         add_eval_arguments(parser, "videos", batch_size=16, batch_help="views per forward")
     elif command == "predict":
         # a video is several views: --batch-size videos are read at once, their views
@@ -804,6 +799,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             type=int,
             help="temporal clips averaged per video (default: the recipe's test_clips)",
         )
+        _add_protocol_argument(parser)
     elif command == "export":
         from mvitv2.export import add_export_arguments
 
@@ -861,6 +857,31 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_protocol_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--protocol",
+        choices=tuple(PROTOCOLS),
+        help="take and crop the clips as PySlowFast's test or torchvision's reference script "
+        "(default: the checkpoint's; released weights: their source's)",
+    )
+
+
+def _protocol_option(args: argparse.Namespace, sampling: str | None) -> dict[str, str]:
+    """The data options ``--protocol`` sets (none when not given).
+
+    Raises:
+        UserValueError: ``--protocol`` for a checkpoint that samples segments (SSv2).
+    """
+    if not args.protocol:
+        return {}
+    if sampling == "segment":
+        raise UserValueError(
+            f"--protocol chooses how Kinetics-style clips are taken, but {args.checkpoint} "
+            "samples one frame per segment (SSv2): leave --protocol out"
+        )
+    return PROTOCOLS[args.protocol]
+
+
 def _clips_option(args: argparse.Namespace) -> int | None:
     """``--clips`` of eval / predict, or None when not given.
 
@@ -901,13 +922,7 @@ def _eval(args: argparse.Namespace) -> int:
         data["test_clips"] = clips
     if args.crops:
         data["test_crops"] = args.crops
-    if args.protocol:
-        if data.get("sampling") == "segment":
-            raise UserValueError(
-                f"--protocol chooses how Kinetics-style clips are taken, but {args.checkpoint} "
-                "samples one frame per segment (SSv2): leave --protocol out"
-            )
-        data.update(PROTOCOLS[args.protocol])
+    data.update(_protocol_option(args, data.get("sampling")))
     dc = VideoDataConfig.from_dict(data)
     if args.val_list or args.data:
         root = str(data_folder(args.data)) if args.data else None
@@ -978,4 +993,5 @@ def _predict(args: argparse.Namespace) -> int:
     )
     if clips is not None:
         predictor.preprocessing["num_clips"] = clips
+    predictor.preprocessing.update(_protocol_option(args, predictor.preprocessing.get("sampling")))
     return print_topk(files, predictor, args.batch_size, args.json)
