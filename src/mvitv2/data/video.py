@@ -721,8 +721,8 @@ def split_class_names(source: str | Path) -> list[str] | None:
     source = Path(source)
     if source.is_dir():
         return class_folders(source, FOLDER_LAYOUT, "*.mp4")
-    if _is_annotation_csv(source):
-        return sorted({name for _, name in _annotated_videos(source, None)})
+    if _is_annotation_csv(source):  # the labels only: no clip file is looked for
+        return sorted({label for label, _, _ in _annotation_rows(source)})
     return None
 
 
@@ -758,10 +758,21 @@ def _annotated_videos(path: Path, video_root: str | Path | None) -> list[tuple[P
     else:
         root = path.parent.parent if path.parent.name == "annotations" else path.parent
     named = []
+    for label, split, stem in _annotation_rows(path):
+        found = (root / split / (stem + e) for e in VIDEO_EXTENSIONS)
+        default = root / split / f"{stem}.mp4"
+        named.append((next((v for v in found if v.is_file()), default), label))
+    return named
+
+
+def _annotation_rows(path: Path) -> list[tuple[str, str, str]]:
+    """``(label, split, clip file stem)`` of each row of an official Kinetics annotation CSV;
+    reads no video folder."""
+    rows = []
     with path.open(newline="") as f:
-        rows = csv.reader(f)
-        next(rows)  # the header
-        for lineno, fields in enumerate(rows, start=2):
+        reader = csv.reader(f)
+        next(reader)  # the header
+        for lineno, fields in enumerate(reader, start=2):
             if not fields:
                 continue
             try:
@@ -774,12 +785,10 @@ def _annotated_videos(path: Path, video_root: str | Path | None) -> list[tuple[P
                 ) from None
             if not label:
                 raise UserValueError(f"{path}:{lineno}: no label (an unlabelled test split?)")
-            found = (root / split / (stem + e) for e in VIDEO_EXTENSIONS)
-            default = root / split / f"{stem}.mp4"
-            named.append((next((v for v in found if v.is_file()), default), label))
-    if not named:
+            rows.append((label, split, stem))
+    if not rows:
         raise UserValueError(f"{path}: no samples")
-    return named
+    return rows
 
 
 def read_class_names(path: str | Path) -> list[str]:
@@ -1007,12 +1016,16 @@ class VideoClipDataset(torch.utils.data.Dataset):
         )
         self.samples, self.class_names = read_video_samples(list_file, video_root, classes)
         self.train = train
-        self.num_frames = num_frames
         self.num_crops = 1 if train else num_crops
         self.transform = transform or _default_transform
         self.num_repeats = num_repeats if train else 1
         self.stack_views = stack_views and not train
         self.skipped = SkipCounter(self.SKIP_KEYS, len(self.samples))
+
+    @property
+    def num_frames(self) -> int:
+        """Frames per clip T (the sampler's)."""
+        return self.sampler.num_frames
 
     @property
     def num_classes(self) -> int:
