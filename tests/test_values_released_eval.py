@@ -303,6 +303,17 @@ def test_a_file_that_is_no_training_checkpoint_and_no_model_keeps_its_one_line(r
 
 
 # ---------------------------------------------------------------------------------- video
+def register_variant_weights(monkeypatch, **fields) -> None:
+    """``Weights(**fields)`` registered for this test only as the one set of weights of their
+    variant, never downloaded: the preprocessing and classes a file of that variant given with
+    ``--model`` takes."""
+    from mvitv2.weights.registry import WEIGHTS, Weights, register_weights
+
+    monkeypatch.setattr("mvitv2.weights.registry.WEIGHTS", dict(WEIGHTS))
+    monkeypatch.setattr("mvitv2.weights.registry.DEFAULT_WEIGHTS", {})
+    register_weights(Weights(url="file:///none.pth", sha256=None, metrics={}, **fields))
+
+
 @pytest.mark.parametrize(
     "tag, recipe, test",
     [
@@ -356,7 +367,7 @@ def test_released_video_weights_give_the_metrics_of_a_training_checkpoint_of_the
     import torchvision.models.video.mvit as tv_mvit
 
     from mvitv2.tasks.video import SPEC, VideoClassification
-    from mvitv2.weights.registry import WEIGHTS, Preprocessing, Weights, register_weights
+    from mvitv2.weights.registry import Preprocessing
     from test_task_spec import _write
     from test_weights_parity import small_torchvision
 
@@ -368,14 +379,10 @@ def test_released_video_weights_give_the_metrics_of_a_training_checkpoint_of_the
         input_size=(3, 4, 64, 64), interpolation="bilinear", mean=(0.45,) * 3, std=(0.225,) * 3,
         sampling_rate=2, clips=2, crops=3,
     )  # fmt: skip
-    monkeypatch.setattr("mvitv2.weights.registry.WEIGHTS", dict(WEIGHTS))
-    monkeypatch.setattr("mvitv2.weights.registry.DEFAULT_WEIGHTS", {})
-    register_weights(
-        Weights(
-            tag="mvitv2_small_16x4.test64", model="mvitv2_small_16x4", url="file:///none.pth",
-            sha256=None, num_classes=400, classes="kinetics-400", preprocessing=pre, metrics={},
-            source_format="torchvision", task="video", model_kwargs=kwargs,
-        )
+    register_variant_weights(
+        monkeypatch, tag="mvitv2_small_16x4.test64", model="mvitv2_small_16x4", num_classes=400,
+        classes="kinetics-400", preprocessing=pre, source_format="torchvision", task="video",
+        model_kwargs=kwargs,
     )  # fmt: skip
     for i in range(3):
         _mp4(tmp_path / f"v{i}.mp4", seed=i)

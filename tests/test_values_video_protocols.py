@@ -32,7 +32,7 @@ from mvitv2.data.video import (
 )
 from mvitv2.predict import Predictor
 from mvitv2.weights.classes import dataset_classes
-from mvitv2.weights.registry import WEIGHTS, Preprocessing, Weights, register_weights
+from mvitv2.weights.registry import Preprocessing
 
 # torchvision warns of each video too short for a clip (these tests make some on purpose)
 pytestmark = pytest.mark.filterwarnings("ignore:There aren't enough frames:UserWarning")
@@ -281,16 +281,12 @@ def tv_tag(tv_small, tmp_path, monkeypatch):
         target_fps=30.0,
         video_protocol="torchvision",
     )  # fmt: skip  (resize 73, crop 64; 4 frames at 15 fps)
-    monkeypatch.setattr("mvitv2.weights.registry.WEIGHTS", dict(WEIGHTS))
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    tag = "mvitv2_small_16x4.test_tv"
-    register_weights(
-        Weights(
-            tag=tag, model="mvitv2_small_16x4", url=file.as_uri(),
-            sha256=None, num_classes=400, classes="kinetics-400", preprocessing=pre, metrics={},
-            source_format="torchvision", task="video",
-            model_kwargs={"img_size": 64, "num_frames": 4},
-        )
+    from test_values_released_predict import _register
+
+    tag = _register(
+        monkeypatch, tmp_path, file, tag="mvitv2_small_16x4.test_tv", model="mvitv2_small_16x4",
+        num_classes=400, classes="kinetics-400", preprocessing=pre, source_format="torchvision",
+        task="video", model_kwargs={"img_size": 64, "num_frames": 4},
     )  # fmt: skip
     rng = np.random.default_rng(0)
     videos = []

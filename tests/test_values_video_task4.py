@@ -22,7 +22,7 @@ import torch
 from torchvision.models import _meta as tv_meta
 
 from mvitv2.cli import main
-from mvitv2.weights.registry import WEIGHTS, Preprocessing, Weights, register_weights
+from mvitv2.weights.registry import Preprocessing
 
 SIZE, FRAMES, RATE = 32, 4, 2  # clips of 4 frames of 32 x 32, every 2nd frame
 KINETICS = list(tv_meta._KINETICS400_CATEGORIES)
@@ -50,18 +50,16 @@ def released_tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Mo
 def _register_small(monkeypatch: pytest.MonkeyPatch, clips: int = 1, crops: int = 1) -> None:
     """Kinetics-400 weights of the tiny mvitv2_small_16x4, the defaults of the variant for a
     file given with ``--model`` (no resize at 32 x 32: ``crop_pct`` 1)."""
-    monkeypatch.setattr("mvitv2.weights.registry.WEIGHTS", dict(WEIGHTS))
-    monkeypatch.setattr("mvitv2.weights.registry.DEFAULT_WEIGHTS", {})
+    from test_values_released_eval import register_variant_weights
+
     pre = Preprocessing(
         input_size=(3, FRAMES, SIZE, SIZE), crop_pct=1.0, interpolation="bilinear",
         mean=(0.45,) * 3, std=(0.225,) * 3, sampling_rate=RATE, clips=clips, crops=crops,
     )  # fmt: skip
-    register_weights(
-        Weights(
-            tag="mvitv2_small_16x4.tiny", model="mvitv2_small_16x4", url="file:///none.pth",
-            sha256=None, num_classes=400, classes="kinetics-400", preprocessing=pre, metrics={},
-            source_format="official", task="video", model_kwargs=TINY,
-        )
+    register_variant_weights(
+        monkeypatch, tag="mvitv2_small_16x4.tiny", model="mvitv2_small_16x4", num_classes=400,
+        classes="kinetics-400", preprocessing=pre, source_format="official", task="video",
+        model_kwargs=TINY,
     )  # fmt: skip
 
 
