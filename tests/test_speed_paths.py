@@ -169,6 +169,31 @@ def test_memeff_rel_pos_table_and_input_gradients(backend):
         assert torch.allclose(b, a, rtol=0, atol=1e-5 * a.abs().max().item()), i
 
 
+def test_memeff_compiles_with_a_dynamic_batch_and_gives_the_reference_values(monkeypatch):
+    """torch.compile of the training attention with the batch dynamic (what a recompile on a
+    new batch size, e.g. a short last batch, turns on): whole graph, and outputs and q/k/v and
+    table gradients equal the explicit reference's at two batch sizes, with a chunk budget that
+    splits the queries in eager code (one chunk when traced)."""
+    monkeypatch.setattr(memeff, "MEMEFF_CHUNK_ELEMENTS", 200)
+    fn = torch.compile(attn_mod.attention_memeff, backend="aot_eager", dynamic=True, fullgraph=True)
+    q_thw, k_thw, C = (1, 6, 5), (1, 3, 5), 8
+    for B in (2, 3):
+        g = torch.Generator().manual_seed(B)
+        q = torch.randn(B, 2, 1 + 30, C, generator=g, requires_grad=True)
+        k = torch.randn(B, 2, 1 + 15, C, generator=g, requires_grad=True)
+        v = torch.randn(B, 2, 1 + 15, C, generator=g, requires_grad=True)
+        tables = [torch.randn(n, C, generator=g, requires_grad=True) for n in (11, 9)]
+        rel = attn_mod.RelPos(*tables, None, q_thw, k_thw, num_prefix=1)
+        weight = torch.randn(B, 2, 31, C, generator=g)
+        inputs = [q, k, v, *tables]
+        results = []
+        for f in (attn_mod.attention_reference, fn):
+            out = f(q, k, v, C**-0.5, rel)
+            results.append([out, *torch.autograd.grad((out * weight).sum(), inputs)])
+        for i, (a, b) in enumerate(zip(*results)):
+            assert torch.allclose(b, a, rtol=0, atol=1e-5 * a.abs().max().item()), (B, i)
+
+
 def test_memeff_score_chunks_stay_within_the_chunk_budget_forward_and_backward(monkeypatch):
     """What bounds training memory: no chunk of recomputed scores, in forward or backward, has
     more than MEMEFF_CHUNK_ELEMENTS elements (at least 16 query rows a chunk), and the chunks

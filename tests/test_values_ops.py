@@ -244,3 +244,25 @@ def test_rel_pos_onehots_follow_the_requested_dtype_and_device():
     hot = rel_pos_onehots((2, 3, 2), True, dtype=torch.bfloat16)
     assert hot.dtype == torch.bfloat16
     assert rel_pos_onehots((2, 3, 2), True, device="meta").device.type == "meta"
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+def test_conv_tokens_are_the_conv_output_token_by_token_in_dense_memory(temporal):
+    """Token ``n`` of image ``b`` is the conv's output vector at grid cell ``n`` (row-major over
+    ``[T,] H, W``), read with an explicit loop over cells; the tokens are dense (the patch
+    embedding's LayerNorm and residual add get them without a strided copy)."""
+    if temporal:
+        conv = nn.Conv3d(3, 8, (3, 7, 7), (2, 4, 4), (1, 3, 3))
+        x = torch.randn(2, 3, 5, 20, 16)
+    else:
+        conv = nn.Conv2d(3, 8, 7, 4, 3)
+        x = torch.randn(2, 3, 20, 16)
+    tokens, grid = pooling.conv_tokens(conv, x)
+    y = conv(x)  # channels-first, as nn.Conv returns it
+    assert grid == tuple(y.shape[2:]) == ((3, 5, 4) if temporal else (5, 4))
+    y5 = y if temporal else y[:, :, None]
+    T, H, W = y5.shape[2:]
+    cells = [(t, h, w) for t in range(T) for h in range(H) for w in range(W)]
+    want = torch.stack([torch.stack([y5[b, :, t, h, w] for t, h, w in cells]) for b in range(2)])
+    torch.testing.assert_close(tokens, want, rtol=1e-6, atol=1e-6)
+    assert tokens.is_contiguous()

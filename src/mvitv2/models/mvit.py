@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mvitv2.models.attention import MultiScaleAttention
 from mvitv2.models.config import BlockSpec, MViTConfig, block_specs
-from mvitv2.ops import Linear, add_residual, pool_tokens
+from mvitv2.ops import Linear, add_residual, conv_tokens, pool_tokens
 from mvitv2.ops.mlp import mlp
 from mvitv2.ops.rel_pos import Grid
 
@@ -124,9 +124,8 @@ class PatchEmbed(nn.Module):
             self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel, stride, pad)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Grid]:
-        x = self.proj(x)
-        thw = tuple(x.shape[2:]) if self.temporal else (1, x.shape[2], x.shape[3])
-        return x.flatten(2).transpose(1, 2), thw
+        x, grid = conv_tokens(self.proj, x)
+        return x, grid if self.temporal else (1, *grid)
 
 
 class ClassifierHead(nn.Module):

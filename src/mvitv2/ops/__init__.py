@@ -6,8 +6,8 @@ values as the plain PyTorch ops, faster or in less memory:
 * :mod:`~mvitv2.ops.rel_pos`: the decomposed relative-position term, short pure functions;
 * :mod:`~mvitv2.ops.attention`: :func:`attend` on one of several exact paths
   (:func:`set_attention_impl`); :mod:`~mvitv2.ops.memeff` its training kernel;
-* :mod:`~mvitv2.ops.pooling`: the Q/K/V pooling seam :func:`pool_qkv`, the max-pool shortcut
-  and the window partition;
+* :mod:`~mvitv2.ops.pooling`: the Q/K/V pooling seam :func:`pool_qkv`, the max-pool shortcut,
+  the window partition and the patch embedding's tokens (:func:`conv_tokens`);
 * :mod:`~mvitv2.ops.mlp`: the MLP (:func:`~mvitv2.ops.mlp.mlp`) and the residual add;
 * :mod:`~mvitv2.ops.gemm`: the linear layers' GEMM backend (:func:`set_gemm_backend`).
 
@@ -42,6 +42,7 @@ from mvitv2.ops.gemm import (
 )
 from mvitv2.ops.mlp import add_residual
 from mvitv2.ops.pooling import (
+    conv_tokens,
     max_pool,
     pool_choice,
     pool_qkv,
@@ -93,6 +94,7 @@ __all__ = [
     "attend",
     "attention_impl",
     "attention_measurements",
+    "conv_tokens",
     "convert_linears",
     "gemm_backend",
     "gemm_measurements",

@@ -1,5 +1,6 @@
-"""Pooling of token grids: the Q/K/V pooling seam :func:`pool_qkv`, the shortcut's max pool, and
-the window partition, each computed the fast way with the same values as the plain modules.
+"""Pooling of token grids: the Q/K/V pooling seam :func:`pool_qkv`, the shortcut's max pool, the
+window partition and the patch embedding's tokens (:func:`conv_tokens`), each computed the fast
+way with the same values as the plain modules.
 
 Q/K/V stay token-major (channels-last) from the qkv projection to the attention kernel: all heads
 (and K with V, or Q, K and V when their strides agree) go through one depthwise conv call and one
@@ -285,6 +286,24 @@ def _depthwise_conv3d_by_2d(
         yd = F.conv2d(xs.permute(0, 3, 1, 2), weight[:, :, dt], None, stride[1:], padding[1:], 1, C)
         y = yd if y is None else y + yd
     return y.permute(0, 2, 3, 1).reshape(B, t_out, y.shape[2], y.shape[3], C)
+
+
+def conv_tokens(conv: nn.Conv2d | nn.Conv3d, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """``conv(x)`` as tokens ``(B, N, C)`` (``N`` over the output grid), in dense memory.
+
+    Returns the tokens and the output grid (``(H, W)`` or ``(T, H, W)``). On CPU in eager code
+    the conv is given its weight in channels-last memory, so that oneDNN writes a channels-last
+    output whose flattened grid is the token-major tensor itself: the ``flatten(2).transpose(1,
+    2)`` of a channels-first output is a strided view, which the first LayerNorm copies and the
+    first residual add reads across rows (~3 ms of a 1024-px detection image's patch embedding,
+    and as much again in that add, on the Intel Xeon of docs/benchmarks.md). Same values.
+    """
+    weight = conv.weight
+    if x.device.type == "cpu" and not tracing():
+        fmt = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
+        weight = weight.contiguous(memory_format=fmt)
+    y = conv._conv_forward(x, weight, conv.bias)
+    return y.flatten(2).transpose(1, 2), tuple(y.shape[2:])
 
 
 def _channels_last_pool(
