@@ -266,3 +266,16 @@ def test_conv_tokens_are_the_conv_output_token_by_token_in_dense_memory(temporal
     want = torch.stack([torch.stack([y5[b, :, t, h, w] for t, h, w in cells]) for b in range(2)])
     torch.testing.assert_close(tokens, want, rtol=1e-6, atol=1e-6)
     assert tokens.is_contiguous()
+
+
+def test_conv_tokens_traced_are_the_plain_conv_view(monkeypatch):
+    """While compiling or exporting, the patch embedding is the plain conv and its transposed
+    view (standard ops only in a traced graph): same values, the view's strides."""
+    conv = nn.Conv2d(3, 8, 7, 4, 3)
+    x = torch.randn(2, 3, 20, 16)
+    monkeypatch.setattr(pooling, "tracing", lambda: True)
+    tokens, grid = pooling.conv_tokens(conv, x)
+    plain = conv(x).flatten(2).transpose(1, 2)
+    assert grid == (5, 4)
+    torch.testing.assert_close(tokens, plain, rtol=0, atol=0)
+    assert tokens.stride() == plain.stride() and not tokens.is_contiguous()
