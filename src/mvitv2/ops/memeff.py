@@ -34,7 +34,7 @@ def _memeff_rows(bh: int, nq: int, nk: int) -> int:
     """Query rows per chunk: as many chunks as needed for one chunk of scores to have at most
     MEMEFF_CHUNK_ELEMENTS (but at least 16 rows), all of about the same size (no small last
     chunk, on which the GEMM kernels run slowly). Traced (torch.compile, export), one chunk: with
-    a dynamic batch the chunk count is not a constant."""
+    a dynamic batch the chunk sizes are symbolic expressions that the row views cannot match."""
     if tracing():
         return nq
     most = max(MEMEFF_CHUNK_ELEMENTS // max(bh * nk, 1), 16)
@@ -56,11 +56,10 @@ def _by_groups(x: Tensor) -> Tensor:
 def _scaled_rows(q: Tensor, r0: int, n: int, scale: float) -> Tensor:
     """Rows ``r0 .. r0+n`` of ``q`` ``(B, nH, Nq, C)`` times ``scale`` as ``(n, G, C)``: one
     pass that scales and lays them out."""
-    rows = q[:, :, r0 : r0 + n].permute(2, 0, 1, 3)
-    if tracing():  # traced, out= keeps the input's strides (a view of it fails on dynamic shapes)
-        return (rows * scale).flatten(1, 2)
-    out = torch.empty_like(rows, memory_format=torch.contiguous_format)
-    return torch.mul(rows, scale, out=out).flatten(1, 2)
+    B, nH, _, C = q.shape
+    out = q.new_empty(n, B, nH, C)
+    torch.mul(q[:, :, r0 : r0 + n].permute(2, 0, 1, 3), scale, out=out)
+    return out.view(n, B * nH, C)
 
 
 def _rel_coeffs(
