@@ -673,3 +673,159 @@ def test_auto_under_bf16_autocast_keeps_onednn_when_faster_at_all_but_fp32_needs
         assert y.dtype == torch.bfloat16
         got = {label: c.split(" ")[0] for label, c in gemm.gemm_measurements().items()}
         assert got == {"5x16 @ 16x12 +bias": want_fp32, "5x16 @ 16x12 +bias bf16": want_bf16}
+
+
+# ------------------------------------------------------- kept low-precision weights (inference)
+_BF16 = torch.bfloat16
+
+
+@pytest.fixture
+def no_kept_casts():
+    gemm.clear_kept_casts()
+    yield
+    gemm.clear_kept_casts()
+
+
+def _cast_under_inference(t: torch.Tensor, dtype=_BF16) -> torch.Tensor:
+    with torch.no_grad():
+        return gemm.inference_cast(t, dtype)
+
+
+def test_kept_cast_is_the_plain_cast_kept_across_calls_for_every_slice_of_one_weight(
+    no_kept_casts,
+):
+    """Row slices of one weight (as Q/K/V's projections take them) read one kept bf16 copy of
+    the whole weight: bit-equal to ``slice.to(bf16)``, the same memory on the next call, and
+    its bytes are the weight's in bf16."""
+    w = torch.nn.Parameter(torch.randn(30, 24))
+    for rows in (slice(0, 10), slice(10, 20), slice(20, 30)):
+        got = _cast_under_inference(w[rows])
+        assert got.dtype == _BF16 and got.shape == (10, 24)
+        assert torch.equal(got, w[rows].detach().to(_BF16))
+    first, again = _cast_under_inference(w[10:20]), _cast_under_inference(w[10:20])
+    assert first.data_ptr() == again.data_ptr()
+    assert gemm.kept_cast_bytes() == 30 * 24 * 2
+    col = w[:, 5]  # a strided view reads its own elements of the kept copy
+    assert torch.equal(_cast_under_inference(col), col.detach().to(_BF16))
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["in_place", "load_state_dict", "copy_", "data_replaced", "data_replaced_same_impl"],
+)
+def test_a_changed_weight_is_cast_again(no_kept_casts, change):
+    """Every way a weight's values change between inference calls makes a new copy: an
+    in-place write (optimizer step), ``load_state_dict``, ``copy_``, and ``.data = ...``
+    (which keeps the version counter: the storage is compared, also when the new storage's
+    bookkeeping lands at the freed one's address, as here)."""
+    lin = torch.nn.Linear(24, 30)
+    w = lin.weight
+    before = _cast_under_inference(w).clone()
+    new = torch.randn(30, 24)
+    with torch.no_grad():
+        if change == "in_place":
+            w.add_(1.0)
+        elif change == "load_state_dict":
+            lin.load_state_dict({"weight": new, "bias": lin.bias.detach().clone()})
+        elif change == "copy_":
+            w.copy_(new)
+        elif change == "data_replaced":
+            w.data = new
+        else:
+            w.data = torch.empty(0)
+            w.data = torch.randn(30, 24)
+    got = _cast_under_inference(w)
+    assert torch.equal(got, w.detach().to(_BF16))
+    assert not torch.equal(got, before)
+
+
+def test_kept_casts_go_with_their_weight_and_can_be_cleared(no_kept_casts):
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    _cast_under_inference(w)
+    assert gemm.kept_cast_bytes() == 16 * 8 * 2
+    del w
+    assert gemm.kept_cast_bytes() == 0
+    w2 = torch.nn.Parameter(torch.randn(4, 8))
+    _cast_under_inference(w2)
+    gemm.clear_kept_casts()
+    assert gemm.kept_cast_bytes() == 0
+
+
+def test_casts_are_fresh_where_a_copy_cannot_be_kept(no_kept_casts):
+    """With gradients enabled, for an inference tensor (no version counter) or a
+    non-contiguous base the cast is made anew (same values, nothing kept); a tensor already in
+    the dtype, or not fp32, comes back as it is (autocast casts only fp32); a dtype change
+    replaces the kept copy."""
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    got = gemm.inference_cast(w, _BF16)  # gradients enabled
+    assert torch.equal(got, w.detach().to(_BF16)) and got.requires_grad
+    assert gemm.kept_cast_bytes() == 0
+    with torch.inference_mode():
+        inf = torch.randn(6, 5)
+        assert torch.equal(gemm.inference_cast(inf, _BF16), inf.to(_BF16))
+    nc = torch.empty_strided((6, 5), (1, 6)).normal_()  # no base, not contiguous
+    assert torch.equal(_cast_under_inference(nc), nc.to(_BF16))
+    assert gemm.kept_cast_bytes() == 0
+    for t in (w.detach().to(_BF16), w.detach().double()):
+        assert _cast_under_inference(t) is t
+    assert _cast_under_inference(w, torch.float32) is w
+    _cast_under_inference(w)
+    half = _cast_under_inference(w, torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(half, w.detach().half())
+    assert gemm.kept_cast_bytes() == 6 * 5 * 2
+
+
+def test_kept_casts_made_in_inference_mode_serve_no_grad_calls(no_kept_casts):
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    with torch.inference_mode():
+        a = gemm.inference_cast(w, _BF16)
+    b = _cast_under_inference(w)
+    assert torch.equal(a, b) and a.data_ptr() == b.data_ptr()
+
+
+@pytest.mark.parametrize("backend", ["aten", pytest.param("onednn", marks=needs_onednn)])
+def test_linear_under_autocast_inference_sees_every_weight_change(no_kept_casts, backend):
+    """``linear`` under bf16 autocast without gradients equals ``F.linear`` under autocast
+    (on ATen bit-exactly: the same bf16 operands), keeps the copies, and after the weight and
+    bias change in place gives the new weights' result."""
+    if backend == "onednn" and not gemm._onednn_bf16_supported():
+        pytest.skip("no oneDNN bf16 kernels here")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 24, generator=g)
+    lin = torch.nn.Linear(24, 30)
+    for _ in range(2):  # the second time with changed weights
+        with gemm_backend(backend), torch.no_grad(), torch.autocast("cpu", dtype=_BF16):
+            got = linear(x, lin.weight, lin.bias)
+            want = F.linear(x, lin.weight, lin.bias)
+        if backend == "aten":
+            assert torch.equal(got, want)
+        else:
+            assert _close(got.float(), want.float(), 2**-6)
+        assert gemm.kept_cast_bytes() == (30 * 24 + 30) * 2
+        with torch.no_grad():
+            lin.weight.mul_(-2.0)
+            lin.bias.add_(3.0)
+
+
+def test_a_model_given_new_weights_predicts_with_them_under_bf16_autocast(no_kept_casts):
+    """Predict, load other weights into the same model, predict again: the second result is a
+    fresh model's with those weights, bit for bit (no copy of the old weights is used), and
+    the kept copies are the bf16 size of the linear weights and biases, once."""
+    kw = dict(num_classes=5, depths=(1, 1, 2, 1), embed_dim=32, img_size=64)
+    torch.manual_seed(0)
+    model, other = (mvitv2.create_model("mvitv2_tiny", **kw).eval() for _ in range(2))
+    x = torch.randn(2, 3, 64, 64)
+
+    def predict(m):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=_BF16):
+            return m(x)
+
+    first = predict(model)
+    assert torch.equal(predict(model), first)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    want_bytes = sum(2 * (m.weight.numel() + m.bias.numel()) for m in linears)
+    assert gemm.kept_cast_bytes() == want_bytes
+    model.load_state_dict(other.state_dict())
+    fresh = predict(other)
+    assert not torch.equal(fresh, first)
+    assert torch.equal(predict(model), fresh)

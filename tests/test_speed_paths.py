@@ -578,3 +578,25 @@ def test_memeff_on_bf16_inputs_casts_the_fp32_rel_pos_tables_to_their_dtype():
     for i, (want, got) in enumerate(zip(*results)):
         err = ((got - want).abs().max() / want.abs().max()).item()
         assert err < 6e-2, (i, err)  # bf16 gradients: 0.5-3.5 % of the largest here
+
+
+def test_benchmark_peak_memory_counts_the_weight_copies_a_call_keeps():
+    """``peak_memories`` drops the kept bf16 weight copies before each model's call, so ours
+    makes them in the measured call: its peak holds them and the output (they stay live), where
+    a call that finds them made stays below their size (a model of ~19 MB of bf16 weights and
+    ~1 MB of activations)."""
+    from mvitv2 import benchmark as bm
+
+    torch.manual_seed(0)
+    model = mvitv2.create_model(
+        "mvitv2_tiny", num_classes=5, depths=(1, 1, 1, 1), embed_dim=96, img_size=64
+    ).eval()
+    fn = bm.inference_call(model, torch.randn(1, 3, 64, 64), True, "cpu")
+    out = fn()
+    kept = gemm.kept_cast_bytes()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert kept == sum(2 * (m.weight.numel() + m.bias.numel()) for m in linears)
+    warm = bm.peak_memory(fn, "cpu")
+    cold = bm.peak_memories({"ours": fn}, "cpu")["ours"]
+    assert cold >= kept + out.numel() * out.element_size()
+    assert warm < kept

@@ -9,7 +9,8 @@ values as the plain PyTorch ops, faster or in less memory:
 * :mod:`~mvitv2.ops.pooling`: the Q/K/V pooling seam :func:`pool_qkv`, the max-pool shortcut,
   the window partition and the patch embedding's tokens (:func:`conv_tokens`);
 * :mod:`~mvitv2.ops.mlp`: the MLP (:func:`~mvitv2.ops.mlp.mlp`) and the residual add;
-* :mod:`~mvitv2.ops.gemm`: the linear layers' GEMM backend (:func:`set_gemm_backend`).
+* :mod:`~mvitv2.ops.gemm`: the linear layers' GEMM backend (:func:`set_gemm_backend`) and their
+  weights cast for autocast inference, kept across calls (:func:`clear_kept_casts`).
 
 :func:`implementation_choices` says which paths are in force and why.
 """
@@ -32,11 +33,13 @@ from mvitv2.ops.gemm import (
     GEMM_BACKENDS,
     NOT_APPLICABLE,
     Linear,
+    clear_kept_casts,
     convert_linears,
     gemm_backend,
     gemm_choice,
     gemm_measurements,
     get_gemm_backend,
+    kept_cast_bytes,
     linear,
     set_gemm_backend,
 )
@@ -94,6 +97,7 @@ __all__ = [
     "attend",
     "attention_impl",
     "attention_measurements",
+    "clear_kept_casts",
     "conv_tokens",
     "convert_linears",
     "gemm_backend",
@@ -102,6 +106,7 @@ __all__ = [
     "get_gemm_backend",
     "get_rel_pos",
     "implementation_choices",
+    "kept_cast_bytes",
     "linear",
     "max_pool",
     "pool_qkv",
