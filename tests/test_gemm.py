@@ -222,7 +222,7 @@ def test_auto_at_inference_times_each_gemm_size_class_once_and_keeps_onednn_only
     monkeypatch, onednn, aten, want
 ):
     """``"auto"`` without gradients times ATen's and oneDNN's linear on the call's own tensors at
-    a size class's first call (a warm-up, then at least 2 alternating rounds), keeps oneDNN
+    a size class's first call (a warm-up, then at least 3 alternating rounds), keeps oneDNN
     only if it was more than 10 % faster, and then runs the kept one alone; the values are
     F.linear's (+ GELU)."""
     fake = _FakeBackends(monkeypatch, {"onednn": onednn, "aten": aten})

@@ -435,8 +435,9 @@ class _FakePaths:
     ("measure_ticks", "first_ticks", "rounds"),
     [
         (10, (1, 1, 1), 4),  # 10 / 3 ticks: ceil(3.33) = 4 rounds
-        (10, (2, 2, 1), 2),  # exactly 2
-        (10, (20, 20, 20), 2),  # over budget after the warm-up: still 2 rounds
+        (10, (1, 1, 2), 3),  # ceil(2.5) = 3
+        (10, (2, 2, 1), 3),  # the budget buys 2: at least 3
+        (10, (20, 20, 20), 3),  # over budget after the warm-up: still 3 rounds
         (100, (1, 1, 1), 10),  # at most 10 rounds
         (5, (0, 0, 0), 10),  # a zero-time warm-up (coarse clock): 10 rounds, no division by 0
     ],
@@ -444,7 +445,7 @@ class _FakePaths:
 def test_measured_path_runs_as_many_rounds_as_fill_the_time_budget(
     monkeypatch, measure_ticks, first_ticks, rounds
 ):
-    """After a warm-up round, ``ceil(budget / warm-up time)`` alternating rounds, at least 2
+    """After a warm-up round, ``ceil(budget / warm-up time)`` alternating rounds, at least 3
     and at most 10 (the warm-up time taken as at least 1 us)."""
     bias, chunked, folded = first_ticks
     fake = _FakePaths(

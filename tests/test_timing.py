@@ -79,6 +79,23 @@ def test_measured_choices_by_default_spend_about_60_ms_per_class(monkeypatch):
     assert runs == ["a", "b"] * 4  # warm-up + 3 rounds
 
 
+def test_measured_choices_time_at_least_3_rounds_even_when_a_warm_up_exceeds_the_budget(
+    monkeypatch,
+):
+    """A new shape's first calls run slow: with a warm-up round over the 60 ms budget, a class
+    still gets 3 timed rounds, and a candidate slow in its first two rounds (25 ticks, then its
+    true 10) wins on its third against a steady 15."""
+    clock = _clock(monkeypatch)
+    runs: list[str] = []
+    cands = {
+        "a": _costs(clock, runs, "a", [80, 15, 15, 15]),
+        "b": _costs(clock, runs, "b", [80, 25, 25, 10]),
+    }
+    table = timing.MeasuredChoices(default="a")
+    assert table.choose("k", lambda: (cands, "k")) == "b"
+    assert runs == ["a", "b"] * 4  # warm-up + 3 rounds
+
+
 def test_measured_choices_by_default_measure_64_classes_then_keep_the_default(monkeypatch):
     _clock(monkeypatch)
     runs, asked = [], []

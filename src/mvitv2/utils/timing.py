@@ -48,7 +48,10 @@ class MeasuredChoices:
     """The fastest of interchangeable implementations, per size class, for this process.
 
     At a class's first :meth:`choose` the candidates are timed by :func:`best_ms` (a warm-up,
-    then 2-10 alternating rounds, about ``budget_ms`` in all; the best time of each). The default
+    then 3-10 alternating rounds, about ``budget_ms`` in all; the best time of each). At least 3:
+    a new GEMM shape's first calls on oneDNN run up to 2x slow (measured on an Intel Xeon, 2
+    cores: ``65536x96 @ 96x192`` 14, 23, 24, then 10-12 ms), and with 2 rounds such a start
+    decided for the slower backend for the whole process. The default
     candidate is kept unless another beat it by more than ``margin`` (a fraction). After
     ``max_classes`` classes, new classes get the default unmeasured (bounded time and memory).
 
@@ -57,12 +60,18 @@ class MeasuredChoices:
         budget_ms: time spent measuring one class, about (more rounds for fast candidates).
         max_classes: classes measured per process at most.
         margin: how much faster (fraction of the default's time) another candidate must be.
+        min_rounds: timed rounds at least.
     """
 
     def __init__(
-        self, default: str, budget_ms: float = 60.0, max_classes: int = 64, margin: float = 0.0
+        self,
+        default: str,
+        budget_ms: float = 60.0,
+        max_classes: int = 64,
+        margin: float = 0.0,
+        min_rounds: int = 3,
     ) -> None:
-        self.default, self.budget_ms = default, budget_ms
+        self.default, self.budget_ms, self.min_rounds = default, budget_ms, min_rounds
         self.max_classes, self.margin = max_classes, margin
         # class key -> (chosen name, best ms per candidate, label)
         self.table: dict[Hashable, tuple[str, dict[str, float], str]] = {}
@@ -87,7 +96,7 @@ class MeasuredChoices:
         if len(self.table) >= self.max_classes:
             return self.default
         candidates, label = measure()
-        best = best_ms(candidates, self.budget_ms)
+        best = best_ms(candidates, self.budget_ms, self.min_rounds)
         chosen = min(best, key=best.get)
         margin = self.margin if margin is None else margin
         if self.default in best and best[chosen] >= (1 - margin) * best[self.default]:
