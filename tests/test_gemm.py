@@ -711,16 +711,25 @@ def test_kept_cast_is_the_plain_cast_kept_across_calls_for_every_slice_of_one_we
 
 @pytest.mark.parametrize(
     "change",
-    ["in_place", "load_state_dict", "copy_", "data_replaced", "data_replaced_same_impl"],
+    [
+        "in_place",
+        "load_state_dict",
+        "copy_",
+        "data_replaced",
+        "data_replaced_old_kept",
+        "data_replaced_twice",
+    ],
 )
 def test_a_changed_weight_is_cast_again(no_kept_casts, change):
     """Every way a weight's values change between inference calls makes a new copy: an
     in-place write (optimizer step), ``load_state_dict``, ``copy_``, and ``.data = ...``
-    (which keeps the version counter: the storage is compared, also when the new storage's
-    bookkeeping lands at the freed one's address, as here)."""
+    (which keeps the version counter: the storage is compared, whether the old one lives on
+    elsewhere or is freed, and when another replacement follows the freeing: without the kept
+    copy's weak reference, that storage's bookkeeping would land at the freed one's address)."""
     lin = torch.nn.Linear(24, 30)
     w = lin.weight
     before = _cast_under_inference(w).clone()
+    old = w.detach()  # the old storage, alive
     new = torch.randn(30, 24)
     with torch.no_grad():
         if change == "in_place":
@@ -729,11 +738,13 @@ def test_a_changed_weight_is_cast_again(no_kept_casts, change):
             lin.load_state_dict({"weight": new, "bias": lin.bias.detach().clone()})
         elif change == "copy_":
             w.copy_(new)
-        elif change == "data_replaced":
+        elif change.startswith("data_replaced"):
             w.data = new
-        else:
-            w.data = torch.empty(0)
-            w.data = torch.randn(30, 24)
+            if change != "data_replaced_old_kept":
+                del old
+            if change == "data_replaced_twice":
+                w.data = torch.empty(0)
+                w.data = torch.randn(30, 24)
     got = _cast_under_inference(w)
     assert torch.equal(got, w.detach().to(_BF16))
     assert not torch.equal(got, before)
@@ -775,6 +786,29 @@ def test_casts_are_fresh_where_a_copy_cannot_be_kept(no_kept_casts):
     assert gemm.kept_cast_bytes() == 6 * 5 * 2
 
 
+def test_no_copy_is_kept_while_tracing_or_under_a_dispatch_mode(no_kept_casts, monkeypatch):
+    """Compiling/exporting (a traced copy must not outlive the trace) and FLOP counting get a
+    fresh cast."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    with FlopCounterMode(display=False):
+        assert torch.equal(_cast_under_inference(w), w.detach().to(_BF16))
+    assert gemm.kept_cast_bytes() == 0
+    monkeypatch.setattr(gemm, "tracing", lambda: True)
+    assert torch.equal(_cast_under_inference(w), w.detach().to(_BF16))
+    assert gemm.kept_cast_bytes() == 0
+
+
+def test_a_weight_at_an_offset_of_its_storage_reads_its_own_elements(no_kept_casts):
+    """A weight with no base that starts inside its storage (e.g. detached from a slice): the
+    kept copy starts at its first element."""
+    w = torch.randn(40, 24)[10:].detach()
+    assert w._base is None and w.storage_offset() == 240
+    assert torch.equal(_cast_under_inference(w), w.to(_BF16))
+    assert torch.equal(_cast_under_inference(w[5:9]), w[5:9].to(_BF16))
+
+
 def test_kept_casts_made_in_inference_mode_serve_no_grad_calls(no_kept_casts):
     w = torch.nn.Parameter(torch.randn(6, 5))
     with torch.inference_mode():
@@ -805,6 +839,9 @@ def test_linear_under_autocast_inference_sees_every_weight_change(no_kept_casts,
         with torch.no_grad():
             lin.weight.mul_(-2.0)
             lin.bias.add_(3.0)
+    with gemm_backend(backend), torch.no_grad(), torch.autocast("cpu", dtype=_BF16):
+        got, want = linear(x, lin.weight), F.linear(x, lin.weight)  # no bias
+    assert _close(got.float(), want.float(), 0.0 if backend == "aten" else 2**-6)
 
 
 def test_a_model_given_new_weights_predicts_with_them_under_bf16_autocast(no_kept_casts):

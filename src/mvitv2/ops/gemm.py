@@ -447,11 +447,12 @@ def inference_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
         return t.to(dtype)
     storage = base.untyped_storage()
     kept = _CASTS.get(base)
+    # The weak reference keeps the old storage's bookkeeping allocated, so a new storage can
+    # never have its address: equal addresses mean the same storage.
     if (
         kept is None
         or kept.copy.dtype != dtype
         or kept.version != base._version
-        or kept.storage.expired()
         or kept.storage.cdata != storage._cdata
     ):
         kept = _Cast(StorageWeakRef(storage), base._version, base.detach().to(dtype))
