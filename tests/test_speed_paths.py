@@ -600,3 +600,24 @@ def test_benchmark_peak_memory_counts_the_weight_copies_a_call_keeps():
     cold = bm.peak_memories({"ours": fn}, "cpu")["ours"]
     assert cold >= kept + out.numel() * out.element_size()
     assert warm < kept
+
+
+def test_memeff_softmax_and_its_gradient_keep_bmm_s_layout_and_values():
+    """Scores from ``torch.bmm`` lie as ``(G, n, M)`` under their ``(n, G, M)`` view: the
+    softmax and its gradient run on that memory (no score-sized copy) and give the values of
+    PyTorch's kernels on the view, bit for bit; with any operand in another layout, the plain
+    call."""
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(6, 5, 7, generator=g).transpose(0, 1)  # (n=5, G=6, M=7) view
+    d = torch.randn(6, 5, 7, generator=g).transpose(0, 1)
+    prob = memeff._softmax(s)
+    assert torch.equal(prob, torch.softmax(s, -1)) and prob.transpose(0, 1).is_contiguous()
+    want = torch.ops.aten._softmax_backward_data(d, prob, -1, torch.float32)
+    grad = memeff._softmax_grad(d, prob)
+    assert torch.equal(grad, want) and grad.transpose(0, 1).is_contiguous()
+    dense = prob.contiguous()  # one operand contiguous: the plain call on both
+    assert torch.equal(memeff._softmax_grad(d, dense), want)
+    assert memeff._softmax_grad(d, dense).is_contiguous()
+    sc = s.contiguous()
+    assert torch.equal(memeff._softmax(sc), torch.softmax(sc, -1))
+    assert memeff._softmax(sc).is_contiguous()

@@ -108,10 +108,31 @@ def _memeff_scores(
     return s
 
 
+def _row_wise(fn, *ts: Tensor) -> Tensor:
+    """``fn(*ts)`` for a function of independent rows (softmax and its gradient) on ``(n, G, M)``
+    tensors. Where every one is the transposed view of a contiguous ``(G, n, M)`` tensor (how
+    ``torch.bmm`` leaves the query-chunk products), ``fn`` runs on those and its result is
+    transposed back: PyTorch's softmax kernels would first copy each view to contiguous memory
+    (a score-sized copy per chunk, forward and backward). Same values either way."""
+    if tracing():
+        return fn(*ts)
+    flipped = [t.transpose(0, 1) for t in ts]
+    if all([not t.is_contiguous() and f.is_contiguous() for t, f in zip(ts, flipped)]):
+        return fn(*flipped).transpose(0, 1)
+    return fn(*ts)
+
+
 def _softmax(s: Tensor) -> Tensor:
     """Softmax over the keys in fp32 (no cast for fp32 scores) in PyTorch's fused kernel, which
     takes each row's maximum, exponentials and sum while the row is in cache."""
-    return torch.softmax(s, dim=-1, dtype=torch.float32)
+    return _row_wise(lambda t: torch.softmax(t, dim=-1, dtype=torch.float32), s)
+
+
+def _softmax_grad(dprob: Tensor, prob: Tensor) -> Tensor:
+    """The scores' gradient from the probabilities' (fp32), PyTorch's fused kernel."""
+    return _row_wise(
+        lambda d, p: torch.ops.aten._softmax_backward_data(d, p, -1, p.dtype), dprob, prob
+    )
 
 
 def _sum_over_rows(x: Tensor, y: Tensor, acc: Tensor | None) -> Tensor:
@@ -176,7 +197,7 @@ class _MemEffAttention(torch.autograd.Function):
             # The softmax backward in fp32, as flash attention's (``.float()`` and ``.to(dt)`` are
             # no-ops in fp32): in bf16, d(probs) - (d(probs) . probs) cancels most of 8 bits.
             dprob = group_products(doc, v3, onednn).float()
-            ds = torch.ops.aten._softmax_backward_data(dprob, prob, -1, prob.dtype).to(dt)
+            ds = _softmax_grad(dprob, prob).to(dt)
             del prob, dprob
             dqc = group_products(ds, k3, onednn, transposed=False)
             torch.mul(dqc, scale, out=dq[r0 : r0 + n])
