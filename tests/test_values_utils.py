@@ -173,11 +173,11 @@ def test_a_faster_candidate_wins_by_default_and_a_known_class_is_not_measured_ag
     assert table.choose("k", measure(1, 9)) == "b" and len(asked) == 1  # its first choice
 
 
-def test_measuring_takes_2_to_10_rounds_as_the_budget_buys(monkeypatch):
+def test_measuring_takes_3_to_10_rounds_as_the_budget_buys(monkeypatch):
     clock = _clock(monkeypatch)
     # a warm-up round of 2 x 0.125 / 1.024 ms (exact floats): a 1 ms budget buys ceil(4.096) = 5
-    # rounds, 60 ms would buy 246, 10 at most; a warm-up round over the budget still gets 2
-    for ticks, budget, rounds in [(0.125, 1.0, 5), (0.125, 60.0, 10), (100, 60.0, 2)]:
+    # rounds, 60 ms would buy 246, 10 at most; a warm-up round over the budget still gets 3
+    for ticks, budget, rounds in [(0.125, 1.0, 5), (0.125, 60.0, 10), (100, 60.0, 3)]:
         runs: list[str] = []
         cands = {n: _costing(clock, ticks, runs, n) for n in "ab"}
         MeasuredChoices("a", budget_ms=budget).choose("k", lambda c=cands: (c, "k"))
