@@ -271,6 +271,59 @@ def test_add_residual_adds_in_place_only_without_gradients():
     assert torch.equal(grad, torch.ones_like(grad))
 
 
+def test_add_residual_keeps_the_fp32_stream_under_autocast():
+    """A bf16 branch (a linear layer's output under autocast) onto the fp32 residual stream: the
+    plain add's fp32 sum, bit for bit, not the branch rounded in place; a bf16 stream with a
+    bf16 branch still adds in place."""
+    g = torch.Generator().manual_seed(2)
+    shortcut = torch.randn(4, 6, generator=g)
+    branch = torch.randn(4, 6, generator=g).bfloat16()
+    with torch.no_grad():
+        out = add_residual(shortcut, branch.clone())
+        assert out.dtype == torch.float32 and torch.equal(out, shortcut + branch)
+        low = shortcut.bfloat16()
+        fresh = branch.clone()
+        out = add_residual(low, fresh)
+        assert out.data_ptr() == fresh.data_ptr() and torch.equal(out, low + branch)
+
+
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_blocks_keep_the_plain_residual_dtype_under_bf16_autocast(monkeypatch, cls_token):
+    """Under CPU bf16 autocast at inference each block's output has the dtype of the plain
+    modules' ``shortcut + branch``: fp32 once the fp32 cls token is prepended (as in
+    torchvision's video model; rounding that stream to bf16 at every block made MViTv2-S
+    video's error against fp32 about a quarter larger than torchvision's), bf16 without one
+    (the conv's bf16 tokens, as in timm's image models) and after a stage's shortcut
+    projection."""
+    import mvitv2.models.mvit as mvit_module
+
+    torch.manual_seed(0)
+    model = mvitv2.create_model(
+        "mvitv2_tiny",
+        num_classes=5,
+        depths=(1, 1, 1, 1),
+        embed_dim=32,
+        img_size=64,
+        use_cls_token=cls_token,
+    ).eval()
+    dtypes: list[torch.dtype] = []
+    for blk in model.blocks:
+        blk.register_forward_hook(lambda mod, args, out: dtypes.append(out[0].dtype))
+
+    def run() -> list[torch.dtype]:
+        dtypes.clear()
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randn(1, 3, 64, 64))
+        return list(dtypes)
+
+    ours = run()
+    monkeypatch.setattr(mvit_module, "add_residual", lambda a, b: a + b)
+    assert ours == run()
+    # fp32 from the cls token on, until a stage's shortcut projection (a bf16 linear) starts a
+    # bf16 stream, as in the references
+    assert ours[0] == (torch.float32 if cls_token else torch.bfloat16)
+
+
 @pytest.mark.parametrize(
     ("amp", "attention", "gemm"), [("none", "memeff", None), ("bf16_force", "chunked", "aten")]
 )
