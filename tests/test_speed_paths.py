@@ -621,3 +621,42 @@ def test_memeff_softmax_and_its_gradient_keep_bmm_s_layout_and_values():
     sc = s.contiguous()
     assert torch.equal(memeff._softmax(sc), torch.softmax(sc, -1))
     assert memeff._softmax(sc).is_contiguous()
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+@pytest.mark.parametrize("token_major", [True, False])
+def test_rel_pos_coefficients_of_either_query_layout_are_the_per_axis_dot_products(
+    monkeypatch, temporal, token_major
+):
+    """``a_h[..., y, x, j] = r[..., y, x, :] . rh[y, j]`` (and ``a_w`` by ``x``, ``a_t`` by
+    ``t``), written as einsums, for queries lying token-major with heads innermost (as
+    attention passes them: batched GEMMs on that memory) and head-major (the broadcast
+    matmuls); the first layout takes the GEMMs on the memory as it lies, unless tracing."""
+    from mvitv2.ops import rel_pos as rp
+
+    g = torch.Generator().manual_seed(5)
+    B, nH, C = 2, 3, 8
+    q_thw, k_thw = ((2, 4, 5), (3, 2, 3)) if temporal else ((1, 4, 5), (1, 2, 3))
+    n = math.prod(q_thw)
+    if token_major:
+        q = torch.randn(B, n, nH, C, generator=g).transpose(1, 2)
+    else:
+        q = torch.randn(B, nH, n, C, generator=g)
+    r = q.reshape(B, nH, *q_thw, C)
+    rh = torch.randn(q_thw[1], k_thw[1], C, generator=g)
+    rw = torch.randn(q_thw[2], k_thw[2], C, generator=g)
+    rt = torch.randn(q_thw[0], k_thw[0], C, generator=g) if temporal else None
+    fast = []
+    real = rp._token_major_coeffs
+    monkeypatch.setattr(rp, "_token_major_coeffs", lambda *a: fast.append(1) or real(*a))
+    a_h, a_w, a_t = rp.rel_coeffs(r, rh, rw, rt)
+    assert torch.allclose(a_h, torch.einsum("bhtyxc,yjc->bhtyxj", r, rh), atol=1e-5)
+    assert torch.allclose(a_w, torch.einsum("bhtyxc,xjc->bhtyxj", r, rw), atol=1e-5)
+    if temporal:
+        assert torch.allclose(a_t, torch.einsum("bhtyxc,tjc->bhtyxj", r, rt), atol=1e-5)
+    else:
+        assert a_t is None
+    assert fast == ([1] if token_major else [])
+    monkeypatch.setattr(rp, "tracing", lambda: True)
+    rp.rel_coeffs(r, rh, rw, rt)
+    assert fast == ([1] if token_major else [])

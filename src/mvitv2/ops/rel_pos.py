@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mvitv2.ops.context import tracing
+
 Grid = tuple[int, int, int]
 
 
@@ -97,11 +99,48 @@ def rel_coeffs(
         the table slice depends on.
     """
     B, nH, qt, qh, qw, C = r.shape
+    if not tracing() and _rows_view(r, (0, 2, 3, 4, 1, 5), (B * qt * qh, qw * nH, C)) is not None:
+        return _token_major_coeffs(r, rh, rw, rt)
     a_h = r @ rh.transpose(1, 2)
     a_w = (r.transpose(3, 4) @ rw.transpose(1, 2)).transpose(3, 4)
     if rt is None:
         return a_h, a_w, None
     a_t = (r.reshape(B, nH, qt, qh * qw, C) @ rt.transpose(1, 2)).view(*a_h.shape[:5], -1)
+    return a_h, a_w, a_t
+
+
+def _rows_view(t: Tensor, dims: tuple[int, ...], shape: tuple[int, ...]) -> Tensor | None:
+    """``t.permute(dims)`` viewed as ``shape`` (a batch of row-major matrices), or None where
+    its strides do not allow a view."""
+    try:
+        return t.permute(dims).view(shape)
+    except RuntimeError:
+        return None
+
+
+def _token_major_coeffs(
+    r: Tensor, rh: Tensor, rw: Tensor, rt: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`rel_coeffs` of a query grid that lies token-major with the heads innermost, as
+    attention gets it (``(B, N, nH, C)`` memory under its ``(B, nH, N, C)`` view): each term is
+    one batched GEMM over the table's axis on ``r`` as it lies. The broadcast matmuls copy such
+    an ``r`` first (for ``a_w`` transposed too: 1.5-5x slower on MViTv2's shapes, 2 threads,
+    Intel Xeon 207). Only the small tables are expanded over the batch axes."""
+    B, nH, qt, qh, qw, C = r.shape
+    # a_h: batches (b, t, y), rows (x, head), the table row of y
+    rows = r.permute(0, 2, 3, 4, 1, 5).reshape(B * qt * qh, qw * nH, C)
+    w_h = rh.transpose(1, 2).expand(B, qt, qh, C, -1).reshape(B * qt * qh, C, -1)
+    a_h = torch.bmm(rows, w_h).view(B, qt, qh, qw, nH, -1).permute(0, 4, 1, 2, 3, 5)
+    # a_w: batches (x, head), rows (b, t, y), the table row of x
+    rows = r.permute(4, 1, 0, 2, 3, 5).reshape(qw * nH, B * qt * qh, C)
+    w_w = rw.transpose(1, 2)[:, None].expand(qw, nH, C, -1).reshape(qw * nH, C, -1)
+    a_w = torch.bmm(rows, w_w).view(qw, nH, B, qt, qh, -1).permute(2, 1, 3, 4, 0, 5)
+    if rt is None:
+        return a_h, a_w, None
+    # a_t: batches (b, t), rows (y, x, head), the table row of t
+    rows = r.permute(0, 2, 3, 4, 1, 5).reshape(B * qt, qh * qw * nH, C)
+    w_t = rt.transpose(1, 2).expand(B, qt, C, -1).reshape(B * qt, C, -1)
+    a_t = torch.bmm(rows, w_t).view(B, qt, qh, qw, nH, -1).permute(0, 4, 1, 2, 3, 5)
     return a_h, a_w, a_t
 
 
