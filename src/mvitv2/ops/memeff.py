@@ -17,6 +17,8 @@ stay batched GEMMs. Shapes: ``B`` batch, ``nH`` heads, ``C`` head width, ``G = B
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -108,7 +110,7 @@ def _memeff_scores(
     return s
 
 
-def _row_wise(fn, *ts: Tensor) -> Tensor:
+def _row_wise(fn: Callable[..., Tensor], *ts: Tensor) -> Tensor:
     """``fn(*ts)`` for a function of independent rows (softmax and its gradient) on ``(n, G, M)``
     tensors. Where every one is the transposed view of a contiguous ``(G, n, M)`` tensor (how
     ``torch.bmm`` leaves the query-chunk products), ``fn`` runs on those and its result is

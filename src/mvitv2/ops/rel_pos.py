@@ -99,7 +99,7 @@ def rel_coeffs(
         the table slice depends on.
     """
     B, nH, qt, qh, qw, C = r.shape
-    if not tracing() and _rows_view(r, (0, 2, 3, 4, 1, 5), (B * qt * qh, qw * nH, C)) is not None:
+    if not tracing() and _token_major(r):
         return _token_major_coeffs(r, rh, rw, rt)
     a_h = r @ rh.transpose(1, 2)
     a_w = (r.transpose(3, 4) @ rw.transpose(1, 2)).transpose(3, 4)
@@ -109,13 +109,15 @@ def rel_coeffs(
     return a_h, a_w, a_t
 
 
-def _rows_view(t: Tensor, dims: tuple[int, ...], shape: tuple[int, ...]) -> Tensor | None:
-    """``t.permute(dims)`` viewed as ``shape`` (a batch of row-major matrices), or None where
-    its strides do not allow a view."""
+def _token_major(r: Tensor) -> bool:
+    """Whether the query grid ``r`` ``(B, nH, qt, qh, qw, C)`` lies token-major with the heads
+    innermost, i.e. views as ``(B*qt*qh, qw*nH, C)`` matrices (:func:`_token_major_coeffs`)."""
+    B, nH, qt, qh, qw, C = r.shape
     try:
-        return t.permute(dims).view(shape)
-    except RuntimeError:
-        return None
+        r.permute(0, 2, 3, 4, 1, 5).view(B * qt * qh, qw * nH, C)
+    except RuntimeError:  # its strides allow no such view
+        return False
+    return True
 
 
 def _token_major_coeffs(
@@ -124,8 +126,8 @@ def _token_major_coeffs(
     """:func:`rel_coeffs` of a query grid that lies token-major with the heads innermost, as
     attention gets it (``(B, N, nH, C)`` memory under its ``(B, nH, N, C)`` view): each term is
     one batched GEMM over the table's axis on ``r`` as it lies. The broadcast matmuls copy such
-    an ``r`` first (for ``a_w`` transposed too: 1.5-5x slower on MViTv2's shapes, 2 threads,
-    Intel Xeon 207). Only the small tables are expanded over the batch axes."""
+    an ``r`` first (for ``a_w`` transposed): the three terms took 1.2-2.6x as long on MViTv2's
+    shapes (2 threads, Intel Xeon 207). Only the small tables are expanded over batch axes."""
     B, nH, qt, qh, qw, C = r.shape
     # a_h: batches (b, t, y), rows (x, head), the table row of y
     rows = r.permute(0, 2, 3, 4, 1, 5).reshape(B * qt * qh, qw * nH, C)
