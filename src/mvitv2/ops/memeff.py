@@ -119,7 +119,7 @@ def _row_wise(fn: Callable[..., Tensor], *ts: Tensor) -> Tensor:
     if tracing():
         return fn(*ts)
     flipped = [t.transpose(0, 1) for t in ts]
-    if all([not t.is_contiguous() and f.is_contiguous() for t, f in zip(ts, flipped)]):
+    if all([f.is_contiguous() for f in flipped]):
         return fn(*flipped).transpose(0, 1)
     return fn(*ts)
 
