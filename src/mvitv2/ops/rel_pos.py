@@ -129,10 +129,14 @@ def _token_major_coeffs(
     an ``r`` first (for ``a_w`` transposed): the three terms took 1.2-2.6x as long on MViTv2's
     shapes (2 threads, Intel Xeon 207). Only the small tables are expanded over batch axes."""
     B, nH, qt, qh, qw, C = r.shape
+    mem = r.permute(0, 2, 3, 4, 1, 5)  # (B, qt, qh, qw, nH, C): r's memory order
+
+    def to_grid(a: Tensor) -> Tensor:  # a product in memory order -> (B, nH, qt, qh, qw, k)
+        return a.view(B, qt, qh, qw, nH, -1).permute(0, 4, 1, 2, 3, 5)
+
     # a_h: batches (b, t, y), rows (x, head), the table row of y
-    rows = r.permute(0, 2, 3, 4, 1, 5).reshape(B * qt * qh, qw * nH, C)
     w_h = rh.transpose(1, 2).expand(B, qt, qh, C, -1).reshape(B * qt * qh, C, -1)
-    a_h = torch.bmm(rows, w_h).view(B, qt, qh, qw, nH, -1).permute(0, 4, 1, 2, 3, 5)
+    a_h = to_grid(torch.bmm(mem.reshape(B * qt * qh, qw * nH, C), w_h))
     # a_w: batches (x, head), rows (b, t, y), the table row of x
     rows = r.permute(4, 1, 0, 2, 3, 5).reshape(qw * nH, B * qt * qh, C)
     w_w = rw.transpose(1, 2)[:, None].expand(qw, nH, C, -1).reshape(qw * nH, C, -1)
@@ -140,9 +144,8 @@ def _token_major_coeffs(
     if rt is None:
         return a_h, a_w, None
     # a_t: batches (b, t), rows (y, x, head), the table row of t
-    rows = r.permute(0, 2, 3, 4, 1, 5).reshape(B * qt, qh * qw * nH, C)
     w_t = rt.transpose(1, 2).expand(B, qt, C, -1).reshape(B * qt, C, -1)
-    a_t = torch.bmm(rows, w_t).view(B, qt, qh, qw, nH, -1).permute(0, 4, 1, 2, 3, 5)
+    a_t = to_grid(torch.bmm(mem.reshape(B * qt, qh * qw * nH, C), w_t))
     return a_h, a_w, a_t
 
 
