@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mvitv2.ops import pooling
-from mvitv2.ops.pooling import pool_qkv, pool_tokens, window_partition, window_unpartition
+from mvitv2.ops.pooling import pool_qkv, pool_tokens
 from mvitv2.ops.rel_pos import rel_pos_bias, rel_pos_onehots, rel_pos_terms
+from mvitv2.ops.windows import window_partition, window_unpartition
 
 DT = torch.float64
 

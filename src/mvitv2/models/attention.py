@@ -99,9 +99,10 @@ class MultiScaleAttention(nn.Module):
         qa = q
         if self.window:  # windows of the pooled grids: Q's side w / stride_q, K/V's w / stride_kv
             q_win, kv_win = self.window // self.stride_q[1], self.window // self.stride_kv[1]
-            qa, padded = window_partition(q, q_thw[1:], q_win, token_dim=1)
-            k, _ = window_partition(k, k_thw[1:], kv_win, token_dim=1)
-            v, _ = window_partition(v, k_thw[1:], kv_win, token_dim=1)
+            plain = impl == "reference"
+            qa, padded = window_partition(q, q_thw[1:], q_win, 1, plain)
+            k, _ = window_partition(k, k_thw[1:], kv_win, 1, plain)
+            v, _ = window_partition(v, k_thw[1:], kv_win, 1, plain)
             rel = self._rel((1, q_win, q_win), (1, kv_win, kv_win), 0)
         else:
             rel = self._rel(q_thw, k_thw, self.num_prefix)
@@ -110,11 +111,12 @@ class MultiScaleAttention(nn.Module):
             qa.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, rel, impl
         )
         out = out.transpose(1, 2)  # (B, N, nH, C)
+        # Residual pooling: + the pooled queries (onto the cls token only if residual_pooling_cls;
+        # window attention has no cls token and adds them as it copies out of the windows).
         if self.window:
-            out = window_unpartition(out, q_win, padded, q_thw[1:], token_dim=1)
-
-        # Residual pooling: + the pooled queries (onto the cls token only if residual_pooling_cls).
-        if self.residual_pooling:
+            residual = q if self.residual_pooling else None
+            out = window_unpartition(out, q_win, padded, q_thw[1:], 1, residual, plain)
+        elif self.residual_pooling:
             if self.num_prefix and not self.residual_pooling_cls:
                 p = self.num_prefix
                 out = torch.cat((out[:, :p], out[:, p:] + q[:, p:]), dim=1)

@@ -7,7 +7,8 @@ values as the plain PyTorch ops, faster or in less memory:
 * :mod:`~mvitv2.ops.attention`: :func:`attend` on one of several exact paths
   (:func:`set_attention_impl`); :mod:`~mvitv2.ops.memeff` its training kernel;
 * :mod:`~mvitv2.ops.pooling`: the Q/K/V pooling seam :func:`pool_qkv`, the max-pool shortcut,
-  the window partition and the patch embedding's tokens (:func:`conv_tokens`);
+  and the patch embedding's tokens (:func:`conv_tokens`);
+* :mod:`~mvitv2.ops.windows`: the window partition of token grids and its inverse;
 * :mod:`~mvitv2.ops.mlp`: the MLP (:func:`~mvitv2.ops.mlp.mlp`) and the residual add;
 * :mod:`~mvitv2.ops.gemm`: the linear layers' GEMM backend (:func:`set_gemm_backend`) and their
   weights cast for autocast inference, kept across calls (:func:`clear_kept_casts`).
@@ -50,10 +51,9 @@ from mvitv2.ops.pooling import (
     pool_choice,
     pool_qkv,
     pool_tokens,
-    window_partition,
-    window_unpartition,
 )
 from mvitv2.ops.rel_pos import RelPos, get_rel_pos, rel_pos_bias, rel_pos_index, resize_rel_pos
+from mvitv2.ops.windows import window_partition, window_unpartition
 
 
 def implementation_choices(

@@ -1,6 +1,6 @@
-"""Pooling of token grids: the Q/K/V pooling seam :func:`pool_qkv`, the shortcut's max pool, the
-window partition and the patch embedding's tokens (:func:`conv_tokens`), each computed the fast
-way with the same values as the plain modules.
+"""Pooling of token grids: the Q/K/V pooling seam :func:`pool_qkv`, the shortcut's max pool and
+the patch embedding's tokens (:func:`conv_tokens`), each computed the fast way with the same values
+as the plain modules.
 
 Q/K/V stay token-major (channels-last) from the qkv projection to the attention kernel: all heads
 (and K with V, or Q, K and V when their strides agree) go through one depthwise conv call and one
@@ -147,51 +147,6 @@ def _pool_group(
     w = torch.cat([pl.weight.repeat(num_heads, *[1] * (pl.weight.dim() - 1)) for pl in pools])
     y, thw = _channels_last_pool(y, thw, w, pools[0], num_prefix)
     return _head_norm(y, norms, num_heads), thw
-
-
-def window_partition(
-    x: Tensor, hw: tuple[int, int], window: int, token_dim: int = -2
-) -> tuple[Tensor, tuple[int, int]]:
-    """Split the ``H*W`` tokens (axis ``token_dim``) of ``x`` into zero-padded windows.
-
-    Args:
-        x: ``(B, *lead, H*W, *rest)``, e.g. ``(B, nH, H*W, C)`` (``token_dim=-2``) or
-            ``(B, H*W, nH, C)`` (``token_dim=1``).
-        hw: the token grid ``(H, W)``.
-        window: the window side.
-
-    Returns:
-        ``(B*nW, *lead, window**2, *rest)`` (windows in row-major order per image) and the
-        padded grid ``(Hp, Wp)``.
-    """
-    d = token_dim % x.dim()
-    B, lead, rest = x.shape[0], x.shape[1:d], x.shape[d + 1 :]
-    H, W = hw
-    x = x.reshape(B, *lead, H, W, rest.numel())
-    pad_h, pad_w = (-H) % window, (-W) % window
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    Hp, Wp = H + pad_h, W + pad_w
-    x = x.reshape(B, *lead, Hp // window, window, Wp // window, window, rest.numel())
-    n = len(lead)  # axes: 0 B, 1..n lead, n+1 nWh, n+2 wh, n+3 nWw, n+4 ww, n+5 rest
-    x = x.permute(0, n + 1, n + 3, *range(1, n + 1), n + 2, n + 4, n + 5)
-    return x.reshape(-1, *lead, window * window, *rest), (Hp, Wp)
-
-
-def window_unpartition(
-    x: Tensor, window: int, padded_hw: tuple[int, int], hw: tuple[int, int], token_dim: int = -2
-) -> Tensor:
-    """Inverse of :func:`window_partition`: ``(B*nW, *lead, window**2, *rest)`` ->
-    ``(B, *lead, H*W, *rest)`` (the padding dropped)."""
-    d = token_dim % x.dim()
-    lead, rest = x.shape[1:d], x.shape[d + 1 :]
-    Hp, Wp = padded_hw
-    H, W = hw
-    x = x.reshape(-1, Hp // window, Wp // window, *lead, window, window, rest.numel())
-    n = len(lead)  # axes: 0 B, 1 nWh, 2 nWw, 3..n+2 lead, n+3 wh, n+4 ww, n+5 rest
-    x = x.permute(0, *range(3, n + 3), 1, n + 3, 2, n + 4, n + 5)
-    x = x.reshape(-1, *lead, Hp, Wp, rest.numel())[..., :H, :W, :]
-    return x.reshape(x.shape[0], *lead, H * W, *rest)
 
 
 def pool_tokens(
