@@ -114,25 +114,28 @@ def test_unpartition_of_transposed_windows_and_promoted_residual():
 
 
 @pytest.mark.parametrize(("hw", "window"), [((5, 6), 4), ((4, 4), 2), ((2, 3), 3)])
-def test_gradients_are_the_adjoint_copies(hw, window):
+@pytest.mark.parametrize(("lead", "rest"), [((), (2, 3)), ((2,), (3,)), ((2, 1), ())])
+def test_gradients_are_the_adjoint_copies(hw, window, lead, rest):
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, hw[0] * hw[1], 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    part = lambda t: window_partition(t, hw, window, 1)[0]  # noqa: E731
+    shape = (2, *lead, hw[0] * hw[1], *rest)
+    x = torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True)
+    d = len(lead) + 1
+    part = lambda t: window_partition(t, hw, window, d)[0]  # noqa: E731
     assert "_ToWindowsBackward" in _graph(part(x))
     torch.autograd.gradcheck(part, (x,))
     torch.autograd.gradgradcheck(part, (x,))
     parts = part(x).detach().requires_grad_()
     res = torch.randn_like(x).requires_grad_()
     padded = (-(-hw[0] // window) * window, -(-hw[1] // window) * window)
-    unpart = lambda t, r: window_unpartition(t, window, padded, hw, 1, r)  # noqa: E731
+    unpart = lambda t, r: window_unpartition(t, window, padded, hw, d, r)  # noqa: E731
     assert "_FromWindowsBackward" in _graph(unpart(parts, res))
     torch.autograd.gradcheck(unpart, (parts, res))
     torch.autograd.gradgradcheck(unpart, (parts, res))
     # the same gradients as the plain ops', bit for bit, in the inputs' dtypes
-    dy = torch.randn(2, hw[0] * hw[1], 2, 3, generator=g)
+    dy = torch.randn(shape, generator=g)
     p32, r16 = parts.detach().float().requires_grad_(), res.detach().bfloat16().requires_grad_()
-    fast = torch.autograd.grad(window_unpartition(p32, window, padded, hw, 1, r16), (p32, r16), dy)
-    plain = window_unpartition(p32, window, padded, hw, 1, r16, plain=True)
+    fast = torch.autograd.grad(window_unpartition(p32, window, padded, hw, d, r16), (p32, r16), dy)
+    plain = window_unpartition(p32, window, padded, hw, d, r16, plain=True)
     want = torch.autograd.grad(plain, (p32, r16), dy)
     assert [t.dtype for t in fast] == [torch.float32, torch.bfloat16]
     assert all(torch.equal(a, b) for a, b in zip(fast, want))

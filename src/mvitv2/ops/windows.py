@@ -22,9 +22,9 @@ def _blocks(n: int, window: int) -> list[tuple[slice, slice, int]]:
     window-index slice and the tokens each of its windows holds (whole windows, then the partial
     last one)."""
     whole, part = divmod(n, window)
-    blocks = [(slice(0, whole * window), slice(0, whole), window)] if whole else []
+    blocks = [(slice(whole * window), slice(whole), window)]  # empty where n < window
     if part:
-        blocks.append((slice(whole * window, n), slice(whole, whole + 1), part))
+        blocks.append((slice(whole * window, None), slice(whole, None), part))
     return blocks
 
 
@@ -43,9 +43,7 @@ def _to_windows(grid: Tensor, n_lead: int, window: int) -> Tensor:
         for ws, wi, cols in _blocks(W, window):
             src = grid[(slice(None), *keep, hs, ws)]
             src = src.unflatten(n_lead + 1, (-1, rows)).unflatten(n_lead + 3, (-1, cols))
-            out[(slice(None), hi, wi, *keep, slice(0, rows), slice(0, cols))].copy_(
-                src.permute(perm)
-            )
+            out[(slice(None), hi, wi, *keep, slice(rows), slice(cols))].copy_(src.permute(perm))
     if H % window:
         out[(slice(None), -1, slice(None), *keep, slice(H % window, None))].zero_()
     if W % window:
@@ -69,7 +67,7 @@ def _from_windows(
     perm += tuple(range(n_lead + 5, n_lead + 5 + len(rest)))
     for hs, hi, rows in _blocks(H, window):
         for ws, wi, cols in _blocks(W, window):
-            src = windows[(slice(None), hi, wi, *keep, slice(0, rows), slice(0, cols))]
+            src = windows[(slice(None), hi, wi, *keep, slice(rows), slice(cols))]
             src = src.permute(perm)  # (B, *lead, nh, rows, nw, cols, *rest)
             region = (slice(None), *keep, hs, ws)
             dst = out[region].unflatten(n_lead + 1, (-1, rows)).unflatten(n_lead + 3, (-1, cols))
@@ -97,14 +95,14 @@ class _FromWindows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, windows, n_lead, hw, residual):  # noqa: D102
         ctx.n_lead, ctx.window = n_lead, windows.shape[n_lead + 3]
-        ctx.dtypes = windows.dtype, None if residual is None else residual.dtype
+        ctx.residual = residual is not None
         return _from_windows(windows, n_lead, hw, residual)
 
     @staticmethod
     def backward(ctx, dy):  # noqa: D102
-        dx = _ToWindows.apply(dy, ctx.n_lead, ctx.window).to(ctx.dtypes[0])
-        dres = None if ctx.dtypes[1] is None else dy.to(ctx.dtypes[1])
-        return dx, None, None, dres
+        # (autograd casts each gradient to its input's dtype)
+        dx = _ToWindows.apply(dy, ctx.n_lead, ctx.window)
+        return dx, None, None, dy if ctx.residual else None
 
 
 def window_partition(
