@@ -242,7 +242,8 @@ def _attention_bias(q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos |
 
 
 def _fold(q: Tensor, k: Tensor, rel: RelPos, factor: float) -> tuple[Tensor, Tensor]:
-    """``q' = [q, a * factor]``, ``k' = [k, onehots]`` with no rel term on prefix rows/columns."""
+    """The folded rel-pos term: ``a * factor`` and ``k' = [k, onehots]``, so that
+    ``[q, a] . k'`` adds it (no rel term on prefix rows/columns)."""
     p = rel.num_prefix
     B, nH = q.shape[:2]
     a = rel_pos_terms(q[:, :, p:], rel.q_thw, rel.k_thw, rel.h, rel.w, rel.t, factor).to(q.dtype)
@@ -250,7 +251,7 @@ def _fold(q: Tensor, k: Tensor, rel: RelPos, factor: float) -> tuple[Tensor, Ten
     if p:  # the cls query gets zero coefficients, the cls key zero one-hots
         a = F.pad(a, (0, 0, p, 0))
         onehot = F.pad(onehot, (0, 0, p, 0))
-    return torch.cat((q, a), dim=-1), torch.cat((k, onehot.expand(B, nH, -1, -1)), dim=-1)
+    return a, torch.cat((k, onehot.expand(B, nH, -1, -1)), dim=-1)
 
 
 def attention_folded(
@@ -264,7 +265,8 @@ def attention_folded(
     if rel is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     C = q.shape[-1]
-    q2, k2 = _fold(q, k, rel, 1.0 / scale)
+    a, k2 = _fold(q, k, rel, 1.0 / scale)
+    q2 = torch.cat((q, a), dim=-1)
     v2 = F.pad(v, (0, q2.shape[-1] - C))
     return F.scaled_dot_product_attention(q2, k2, v2, scale=scale)[..., :C]
 
@@ -279,20 +281,28 @@ def attention_chunked(
     gradients the queries go in chunks so that the score matrix stays at most
     :data:`CHUNK_ELEMENTS` elements.
     """
-    if rel is None:
-        q2, k2 = q * scale, k
-    else:
-        q2, k2 = _fold(q * scale, k, rel, 1.0 / scale)  # a from the unscaled q
+    qs, a, k2 = q * scale, None, k
+    if rel is not None:
+        a, k2 = _fold(qs, k, rel, 1.0 / scale)  # a from the unscaled q
+
     k2t = k2.transpose(-2, -1)
+
+    def scores(r0: int, r1: int) -> Tensor:
+        """Scores of query rows ``r0:r1``, their folded queries cut whole from ``q*s`` and ``a``."""
+        qc = qs[:, :, r0:r1]
+        return (qc if a is None else torch.cat((qc, a[:, :, r0:r1]), dim=-1)) @ k2t
+
     B, nH, N = q.shape[:3]
     M = k.shape[-2]
     rows = N
     if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         rows = max(CHUNK_ELEMENTS // max(B * nH * M, 1), 64)
     if rows >= N:
-        return (q2 @ k2t).softmax(dim=-1) @ v
-    outs = [(qc @ k2t).softmax(dim=-1) @ v for qc in q2.split(rows, dim=2)]
-    return torch.cat(outs, dim=2)
+        return scores(0, N).softmax(dim=-1) @ v
+    # Each chunk's folded queries are made whole as they are cut, and v once: the GEMMs
+    # would copy a cut of the whole (or v) at every chunk.
+    v = v.contiguous()
+    return torch.cat([scores(r0, r0 + rows).softmax(dim=-1) @ v for r0 in range(0, N, rows)], 2)
 
 
 def attend(
