@@ -191,6 +191,22 @@ def test_max_pool_keeps_only_indices_under_autograd_and_is_plain_otherwise():
     assert [t.dtype for t in saved] == [torch.int32]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_max_pool_under_cpu_autocast_gives_the_module_s_values_without_casting_the_input(dtype):
+    pool = nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1))
+    # channels-last tokens, as pool_tokens hands them over
+    x = torch.randn(1, 2, 6, 6, 8).to(dtype).permute(0, 4, 1, 2, 3)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        want = pool(x)  # autocast runs max_pool3d in fp32 on CPU
+        with torch.profiler.profile(record_shapes=True) as prof:
+            got = pooling.max_pool(x, pool)
+    assert got.dtype == want.dtype == torch.float32
+    assert torch.equal(got, want)
+    copied = [e for e in prof.events() if e.name == "aten::copy_"]
+    if dtype != torch.float32:  # only the pooled result is cast, not the whole input
+        assert [list(e.input_shapes[0]) for e in copied] == [list(want.shape)]
+
+
 @pytest.mark.parametrize(("hw", "window"), [((5, 7), 3), ((4, 4), 2), ((6, 3), 4)])
 def test_window_unpartition_inverts_the_partition_and_drops_the_padding(hw, window):
     H, W = hw

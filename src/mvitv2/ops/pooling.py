@@ -203,7 +203,23 @@ class _MaxPoolIndices(torch.autograd.Function):
 
 def max_pool(x: Tensor, pool: nn.Module) -> Tensor:
     """Apply a ``MaxPool2d``/``MaxPool3d`` module; under autograd through
-    :class:`_MaxPoolIndices` (same values and gradients, less memory kept for backward)."""
+    :class:`_MaxPoolIndices` (same values and gradients, less memory kept for backward).
+
+    At inference under CPU autocast, where ``max_pool3d`` runs in fp32, a low-precision input is
+    pooled in its own dtype and the (smaller) result cast to fp32 instead of the whole input:
+    the same values, since the max of values is one of them (MViTv2-S video's shortcut pools,
+    bf16, 2 threads, Intel Xeon with AMX: 3.67 -> 2.57 ms at 8x56x56x192).
+    """
+    if (
+        isinstance(pool, nn.MaxPool3d)
+        and x.device.type == "cpu"
+        and x.dtype != torch.float32
+        and not torch.is_grad_enabled()
+        and not tracing()
+        and autocast_dtype("cpu") is not None
+    ):
+        with torch.autocast("cpu", enabled=False):
+            return pool(x).float()
     if (
         not torch.is_grad_enabled()
         or tracing()
