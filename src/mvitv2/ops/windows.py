@@ -81,6 +81,8 @@ def _from_windows(
 
 
 class _ToWindows(torch.autograd.Function):
+    """:func:`_to_windows`; its gradient is :func:`_from_windows` of the windows' gradient."""
+
     @staticmethod
     def forward(ctx, grid, n_lead, window):  # noqa: D102
         ctx.n_lead, ctx.hw = n_lead, tuple(grid.shape[n_lead + 1 : n_lead + 3])
@@ -92,6 +94,9 @@ class _ToWindows(torch.autograd.Function):
 
 
 class _FromWindows(torch.autograd.Function):
+    """:func:`_from_windows`; its gradients are :func:`_to_windows` of the grid's gradient (zero
+    on the padding) and, for the residual, the grid's gradient itself."""
+
     @staticmethod
     def forward(ctx, windows, n_lead, hw, residual):  # noqa: D102
         ctx.n_lead, ctx.window = n_lead, windows.shape[n_lead + 3]
