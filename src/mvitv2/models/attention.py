@@ -92,14 +92,14 @@ class MultiScaleAttention(nn.Module):
         impl = resolve_attention_impl(self.attn_impl or get_attention_impl(), x)
         pools = (self.pool_q, self.pool_k, self.pool_v)
         norms = (self.norm_q, self.norm_k, self.norm_v)
+        plain = impl == "reference"  # the unfused baseline: plain ops for pooling and windows too
         # Q (B, Nq, nH, C), K and V (B, Nk, nH, C), pooled and normed per head.
         q, k, v, q_thw, k_thw = pool_qkv(
-            x, thw, self.qkv, pools, norms, self.num_heads, self.num_prefix, impl == "reference"
+            x, thw, self.qkv, pools, norms, self.num_heads, self.num_prefix, plain
         )
         qa = q
         if self.window:  # windows of the pooled grids: Q's side w / stride_q, K/V's w / stride_kv
             q_win, kv_win = self.window // self.stride_q[1], self.window // self.stride_kv[1]
-            plain = impl == "reference"
             qa, padded = window_partition(q, q_thw[1:], q_win, 1, plain)
             k, _ = window_partition(k, k_thw[1:], kv_win, 1, plain)
             v, _ = window_partition(v, k_thw[1:], kv_win, 1, plain)

@@ -28,6 +28,11 @@ def _blocks(n: int, window: int) -> list[tuple[slice, slice, int]]:
     return blocks
 
 
+def _split(t: Tensor, n_lead: int, rows: int, cols: int) -> Tensor:
+    """``(B, *lead, nh*rows, nw*cols, *rest)`` -> ``(B, *lead, nh, rows, nw, cols, *rest)``."""
+    return t.unflatten(n_lead + 1, (-1, rows)).unflatten(n_lead + 3, (-1, cols))
+
+
 def _to_windows(grid: Tensor, n_lead: int, window: int) -> Tensor:
     """``(B, *lead, H, W, *rest)`` -> ``(B, nWh, nWw, *lead, window, window, *rest)``, zero padded
     at the bottom and right."""
@@ -41,8 +46,7 @@ def _to_windows(grid: Tensor, n_lead: int, window: int) -> Tensor:
     perm += tuple(range(n_lead + 5, n_lead + 5 + len(rest)))
     for hs, hi, rows in _blocks(H, window):
         for ws, wi, cols in _blocks(W, window):
-            src = grid[(slice(None), *keep, hs, ws)]
-            src = src.unflatten(n_lead + 1, (-1, rows)).unflatten(n_lead + 3, (-1, cols))
+            src = _split(grid[(slice(None), *keep, hs, ws)], n_lead, rows, cols)
             out[(slice(None), hi, wi, *keep, slice(rows), slice(cols))].copy_(src.permute(perm))
     if H % window:
         out[(slice(None), -1, slice(None), *keep, slice(H % window, None))].zero_()
@@ -70,13 +74,11 @@ def _from_windows(
             src = windows[(slice(None), hi, wi, *keep, slice(rows), slice(cols))]
             src = src.permute(perm)  # (B, *lead, nh, rows, nw, cols, *rest)
             region = (slice(None), *keep, hs, ws)
-            dst = out[region].unflatten(n_lead + 1, (-1, rows)).unflatten(n_lead + 3, (-1, cols))
+            dst = _split(out[region], n_lead, rows, cols)
             if residual is None:
                 dst.copy_(src)
             else:
-                res = residual[region]
-                res = res.unflatten(n_lead + 1, (-1, rows)).unflatten(n_lead + 3, (-1, cols))
-                torch.add(src, res, out=dst)
+                torch.add(src, _split(residual[region], n_lead, rows, cols), out=dst)
     return out
 
 
