@@ -1,5 +1,5 @@
-"""mvitv2.ops: the reported implementation choices are the ones that run, the one window
-partition serves both layouts, the residual add is exact; the trainer logs and stores the choices."""
+"""mvitv2.ops: the reported implementation choices are the ones that run, the residual add is
+exact; the trainer logs and stores the choices (the window partition: test_windows.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ from mvitv2.ops import (
     attention_impl,
     gemm_backend,
     implementation_choices,
-    window_partition,
-    window_unpartition,
 )
 from mvitv2.ops import attention as attention_ops
 from mvitv2.ops import gemm as gemm_ops
@@ -224,37 +222,6 @@ def test_implementation_choices_name_the_gemm_backend_the_linear_layers_use(monk
             "pool_conv": "as autocast",
             "pool_conv_why": "fp32, or no gradients",
         }
-
-
-def _naive_windows(grid: torch.Tensor, window: int) -> torch.Tensor:
-    """``(B, H, W, *rest)`` -> ``(B*nW, window**2, *rest)``: windows cut one by one, row-major per
-    image, from the grid zero-padded at the bottom and right."""
-    B, H, W = grid.shape[:3]
-    Hp, Wp = -(-H // window) * window, -(-W // window) * window
-    padded = grid.new_zeros(B, Hp, Wp, *grid.shape[3:])
-    padded[:, :H, :W] = grid
-    out = []
-    for b in range(B):
-        for i in range(0, Hp, window):
-            for j in range(0, Wp, window):
-                out.append(padded[b, i : i + window, j : j + window].flatten(0, 1))
-    return torch.stack(out)
-
-
-@pytest.mark.parametrize(("hw", "window"), [((10, 7), 4), ((8, 8), 4), ((5, 9), 3)])
-def test_window_partition_cuts_row_major_windows_in_both_layouts(hw, window):
-    H, W = hw
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randn(2, H * W, 3, 5, generator=g)  # (B, H*W, nH, C): token-major
-    want = _naive_windows(tokens.reshape(2, H, W, 3, 5), window)  # (B*nW, w*w, nH, C)
-    got, padded = window_partition(tokens, hw, window, token_dim=1)
-    assert padded == (-(-H // window) * window, -(-W // window) * window)
-    assert torch.equal(got, want)
-    assert torch.equal(window_unpartition(got, window, padded, hw, token_dim=1), tokens)
-    heads = tokens.transpose(1, 2)  # (B, nH, H*W, C): head-major, token axis -2
-    got_h, _ = window_partition(heads, hw, window)
-    assert torch.equal(got_h, want.transpose(1, 2))
-    assert torch.equal(window_unpartition(got_h, window, padded, hw), heads)
 
 
 def test_add_residual_adds_in_place_only_without_gradients():

@@ -101,6 +101,22 @@ def test_unpartition_writes_tokens_back_and_adds_the_residual(
     assert torch.equal(got, want + res)
 
 
+@pytest.mark.parametrize(("hw", "window"), [((10, 7), 4), ((8, 8), 4), ((5, 9), 3)])
+def test_window_partition_cuts_row_major_windows_in_both_layouts(hw, window):
+    H, W = hw
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, H * W, 3, 5, generator=g)  # (B, H*W, nH, C): token-major
+    want = _naive_partition(tokens, hw, window, 0)  # (B*nW, w*w, nH, C)
+    got, padded = window_partition(tokens, hw, window, token_dim=1)
+    assert padded == (-(-H // window) * window, -(-W // window) * window)
+    assert torch.equal(got, want)
+    assert torch.equal(window_unpartition(got, window, padded, hw, token_dim=1), tokens)
+    heads = tokens.transpose(1, 2)  # (B, nH, H*W, C): head-major, token axis -2
+    got_h, _ = window_partition(heads, hw, window)
+    assert torch.equal(got_h, want.transpose(1, 2))
+    assert torch.equal(window_unpartition(got_h, window, padded, hw), heads)
+
+
 def test_unpartition_of_transposed_windows_and_promoted_residual():
     # attention hands its output over as a (B*nW, N, nH, C) view of (B*nW, nH, N, C) memory
     parts = torch.randn(2 * 6, 2, 16, 3).transpose(1, 2)
