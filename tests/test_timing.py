@@ -3,7 +3,10 @@ fake clock."""
 
 from __future__ import annotations
 
+import mmap
 from types import SimpleNamespace
+
+import pytest
 
 from mvitv2.utils import timing
 
@@ -11,8 +14,10 @@ _U = 2.0**-10  # one fake-clock tick in seconds (its ms are exact floats)
 
 
 def _clock(monkeypatch) -> SimpleNamespace:
-    clock = SimpleNamespace(now=0.0)
+    """A fake clock (``now``, seconds) and page-fault count (``faults``) for :mod:`timing`."""
+    clock = SimpleNamespace(now=0.0, faults=0)
     monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(timing, "_page_faults", lambda: clock.faults)
     return clock
 
 
@@ -40,6 +45,89 @@ def test_best_ms_alternates_the_candidates_and_keeps_each_ones_best_after_a_warm
     got = timing.best_ms(cands, budget_ms=0.0, min_rounds=4)
     assert got == {"a": 8 * _U * 1e3, "b": 5 * _U * 1e3}
     assert runs == ["a", "b"] * 5
+
+
+def test_best_ms_repeats_the_warm_up_until_a_round_runs_without_a_page_fault(monkeypatch):
+    """a's output gets fresh pages at its first two calls, b's at its first: warm-up rounds 1
+    and 2 faulted, round 3 did not, so the timed rounds start at the fourth calls, and round
+    3's 2 x 4 ticks (7.8125 ms) size them: 20 ms buys ceil(2.56) = 3 rounds (the faulting first
+    rounds, 2 x 40 ticks, would have bought 1, so the 2 at least)."""
+    clock = _clock(monkeypatch)
+    runs: list[str] = []
+
+    def candidate(name: str, ticks: list[float], faulting: int):
+        it, calls = iter(ticks), [0]
+
+        def run():
+            runs.append(name)
+            calls[0] += 1
+            clock.now += next(it) * _U
+            clock.faults += 1000 * (calls[0] <= faulting)
+
+        return run
+
+    cands = {
+        "a": candidate("a", [40, 40, 4, 5, 3, 6], faulting=2),
+        "b": candidate("b", [40, 4, 4, 4, 2, 4], faulting=1),
+    }
+    got = timing.best_ms(cands, budget_ms=20.0)
+    assert runs == ["a", "b"] * 6
+    assert got == {"a": 3 * _U * 1e3, "b": 2 * _U * 1e3}
+
+
+def test_best_ms_stops_warming_up_after_max_warmups_when_every_call_faults(monkeypatch):
+    """Every call maps fresh memory (as glibc does by default for large blocks, or no fault
+    count): 5 warm-up rounds by default, then the timed rounds; ``max_warmups=2`` two."""
+    for kwargs, warmups in [({}, 5), ({"max_warmups": 2}, 2), ({"max_warmups": 1}, 1)]:
+        clock = _clock(monkeypatch)
+        runs: list[str] = []
+
+        def run(clock=clock, runs=runs):
+            runs.append("a")
+            clock.now += 4 * _U
+            clock.faults += 1
+
+        got = timing.best_ms({"a": run}, budget_ms=0.0, min_rounds=3, **kwargs)
+        assert runs == ["a"] * (warmups + 3), kwargs
+        assert got == {"a": 4 * _U * 1e3}
+
+
+@pytest.mark.real_page_faults
+def test_page_faults_count_the_pages_a_call_touches_first():
+    """On the real counter: touching 256 fresh anonymous pages faults at least 256 times, so a
+    candidate that maps fresh memory at every call gets every warm-up round; one that touches
+    only memory it already has stops warming up before that."""
+    if timing.resource is None:
+        pytest.skip("no page-fault count on this platform")
+    page = mmap.PAGESIZE
+
+    def fresh():
+        with mmap.mmap(-1, 256 * page) as m:
+            for i in range(0, 256 * page, page):
+                m[i] = 1
+
+    before = timing._page_faults()
+    fresh()
+    assert timing._page_faults() - before >= 256
+
+    calls = {"fresh": 0, "kept": 0}
+    kept = bytearray(256 * page)
+
+    def count(name, fn):
+        def run():
+            calls[name] += 1
+            fn()
+
+        return run
+
+    def touch_kept():
+        for i in range(0, len(kept), page):
+            kept[i] = 1
+
+    timing.best_ms({"fresh": count("fresh", fresh)}, 0.0, min_rounds=1, max_rounds=1)
+    assert calls["fresh"] == 5 + 1
+    timing.best_ms({"kept": count("kept", touch_kept)}, 0.0, min_rounds=1, max_rounds=1)
+    assert calls["kept"] < 5 + 1
 
 
 def test_best_ms_takes_as_many_rounds_as_the_budget_buys_within_its_bounds(monkeypatch):

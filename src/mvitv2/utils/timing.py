@@ -8,26 +8,46 @@ import math
 import time
 from collections.abc import Callable, Hashable, Mapping
 
+try:
+    import resource
+except ImportError:  # not on Unix: no page-fault count, one warm-up round
+    resource = None
+
+
+def _page_faults() -> int:
+    """This process's minor page faults so far, all threads (0 where not counted)."""
+    return 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
 
 def best_ms(
     candidates: Mapping[str, Callable[[], object]],
     budget_ms: float,
     min_rounds: int = 2,
     max_rounds: int = 10,
+    max_warmups: int = 5,
 ) -> dict[str, float]:
     """The best time in ms of each of interchangeable calls, timed in alternating rounds.
 
-    Each candidate is called once (a warm-up, timed only to size the measurement), then all are
-    called in turn for ``ceil(budget_ms / warm-up round)`` rounds, at least ``min_rounds`` and at
-    most ``max_rounds``. Alternating rounds and the best of each: on a shared machine another
+    Each candidate is called once (a warm-up round, timed only to size the measurement), then all
+    are called in turn for ``ceil(budget_ms / warm-up round)`` rounds, at least ``min_rounds`` and
+    at most ``max_rounds``. Alternating rounds and the best of each: on a shared machine another
     process slows the calls it overlaps, and a burst of it then hits every candidate's rounds
     alike instead of one candidate's whole series.
+
+    The warm-up round is repeated, up to ``max_warmups`` rounds, until one runs without a page
+    fault: a large output gets fresh pages from the kernel until the C allocator has a free block
+    it can reuse for it, which with 64-byte aligned blocks of one size took glibc up to four
+    allocations (measured on an Intel Xeon, 2 threads: ``25088x96 @ 96x576`` on oneDNN 28 ms
+    while its 58 MB output faulted in, 15 ms after; so a class measured at a model's first
+    forward chose the slower backend). Without a fault count, or where every call faults (glibc
+    maps each large block afresh by default), the last warm-up round sizes the measurement.
 
     Args:
         candidates: names mapped to the calls to time (their outputs are dropped).
         budget_ms: time to spend on the timed rounds, about (fast candidates get more rounds).
         min_rounds: timed rounds at least, whatever the budget.
         max_rounds: timed rounds at most.
+        max_warmups: warm-up rounds at most.
     """
 
     def timed(name: str) -> float:
@@ -35,7 +55,11 @@ def best_ms(
         candidates[name]()
         return (time.perf_counter() - start) * 1e3
 
-    first = sum(timed(name) for name in candidates)  # warm-up
+    for _ in range(max_warmups):
+        faults = _page_faults()
+        first = sum(timed(name) for name in candidates)
+        if _page_faults() == faults:
+            break
     rounds = min(max(math.ceil(budget_ms / max(first, 1e-3)), min_rounds), max_rounds)
     best = dict.fromkeys(candidates, math.inf)
     for _ in range(rounds):
@@ -47,8 +71,8 @@ def best_ms(
 class MeasuredChoices:
     """The fastest of interchangeable implementations, per size class, for this process.
 
-    At a class's first :meth:`choose` the candidates are timed by :func:`best_ms` (a warm-up,
-    then 3-10 alternating rounds, about ``budget_ms`` in all; the best time of each). At least 3:
+    At a class's first :meth:`choose` the candidates are timed by :func:`best_ms` (warm-up
+    rounds until one runs without a page fault, then 3-10 alternating rounds, about ``budget_ms`` in all; the best time of each). At least 3:
     a new GEMM shape's first calls on oneDNN run up to 2x slow (measured on an Intel Xeon, 2
     cores: ``65536x96 @ 96x192`` 14, 23, 24, then 10-12 ms), and with 2 rounds such a start
     decided for the slower backend for the whole process. The default
