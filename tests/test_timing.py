@@ -222,3 +222,51 @@ def test_measured_choices_keep_the_default_unless_another_beats_it_by_the_margin
         for own, want_own in [(0.0, "b" if fast < 10 else "a"), (0.15, "b" if fast < 8.5 else "a")]:
             got = table.choose(("own", own), lambda c=candidates: (c, "label"), margin=own)
             assert got == want_own, (own, fast)
+
+
+def test_measured_choices_measure_a_class_once_and_then_keep_its_choice(monkeypatch):
+    """The second and later calls of a class (and of each other class) reuse its first
+    measurement: ``measure`` is asked once per key, and the winner stays though later calls
+    would time otherwise."""
+    clock = _clock(monkeypatch)
+    asked: list[str] = []
+
+    def measure_for(key, a_ticks, b_ticks):
+        def measure():
+            asked.append(key)
+            runs: list[str] = []
+            return {
+                "a": _costs(clock, runs, "a", [a_ticks] * 10),
+                "b": _costs(clock, runs, "b", [b_ticks] * 10),
+            }, key
+
+        return measure
+
+    table = timing.MeasuredChoices(default="a")
+    assert table.choose("k1", measure_for("k1", 10, 5)) == "b"
+    assert table.choose("k2", measure_for("k2", 5, 10)) == "a"
+    assert table.choose("k1", measure_for("k1", 5, 10)) == "b"
+    assert table.choose("k2", measure_for("k2", 10, 5)) == "a"
+    assert asked == ["k1", "k2"]
+
+
+def test_best_ms_sizes_the_rounds_by_a_warm_up_under_a_millisecond(monkeypatch):
+    """A 1-tick (0.977 ms) warm-up: a 9 ms budget buys ceil(9.216) = 10 rounds."""
+    clock = _clock(monkeypatch)
+    runs: list[str] = []
+    got = timing.best_ms({"a": _costs(clock, runs, "a", [1] * 30)}, 9.0, max_rounds=20)
+    assert got == {"a": _U * 1e3}
+    assert len(runs) == 1 + 10
+
+
+@pytest.mark.real_page_faults
+def test_without_a_fault_count_page_faults_read_zero_and_one_warm_up_round_runs(monkeypatch):
+    """Where the ``resource`` module is missing (not Unix) the count is 0 at every reading, so
+    the first warm-up round already counts as fault-free."""
+    monkeypatch.setattr(timing, "resource", None)
+    assert timing._page_faults() == 0 and timing._page_faults() == 0
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    runs: list[str] = []
+    timing.best_ms({"a": _costs(clock, runs, "a", [4] * 10)}, 0.0, min_rounds=2, max_rounds=2)
+    assert len(runs) == 1 + 2
