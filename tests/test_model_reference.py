@@ -25,6 +25,7 @@ from mvitv2.models import block_specs, get_config
 from mvitv2.ops import (
     attention_impl,
     get_rel_pos,
+    rel_pos,
     rel_pos_bias,
     rel_pos_index,
     resize_rel_pos,
@@ -344,6 +345,54 @@ def test_get_rel_pos_gathers_from_the_resized_table(q, k, stored):
         [torch.stack([resized[naive_index(q, k, i, j)] for j in range(k)]) for i in range(q)]
     )
     torch.testing.assert_close(get_rel_pos(q, k, table), want)
+
+
+def test_get_rel_pos_keeps_its_indices_and_they_serve_autograd_after_inference_mode():
+    """The indices are made once per sizes (a second call, and a call inside inference mode, reuse
+    them) and are a normal tensor, so a table gathered with indices first made under
+    ``inference_mode`` still gets its gradient (an inference tensor cannot be saved for
+    backward); the gradient counts how often each table row is used."""
+    rel_pos._kept_index.cache_clear()
+    made = []
+    real = rel_pos.rel_pos_index
+
+    def counting(q, k, device=None):
+        made.append((q, k))
+        return real(q, k, device)
+
+    table = torch.randn(13, 4, generator=torch.Generator().manual_seed(3))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rel_pos, "rel_pos_index", counting)
+        with torch.inference_mode():
+            first = get_rel_pos(7, 4, table)
+        leaf = table.clone().requires_grad_()
+        second = get_rel_pos(7, 4, leaf)
+        second.sum().backward()
+    assert made == [(7, 4)]
+    torch.testing.assert_close(first, second.detach())
+    uses = torch.zeros(13)
+    for i in range(7):
+        for j in range(4):
+            uses[naive_index(7, 4, i, j)] += 1
+    torch.testing.assert_close(leaf.grad, uses[:, None].expand(13, 4))
+
+
+def test_get_rel_pos_keeps_no_indices_made_under_a_dispatch_mode_or_while_tracing():
+    """Under a dispatch mode (fake tensors here, FLOP counting in the benchmark) and while tracing
+    the indices are made afresh as ops of the graph: a fake tensor kept from there would break
+    the next real call, and a traced graph would hold a constant."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    rel_pos._kept_index.cache_clear()
+    table = torch.randn(17, 4, generator=torch.Generator().manual_seed(5))
+    with FakeTensorMode() as mode:
+        assert get_rel_pos(5, 9, mode.from_tensor(table)).shape == (5, 9, 4)
+    traced = torch.jit.trace(lambda t: get_rel_pos(9, 5, t), (table,), check_trace=False)
+    assert "aten::arange" in str(traced.graph)
+    assert rel_pos._kept_index.cache_info().currsize == 0
+    for q, k in [(5, 9), (9, 5)]:
+        want = table[torch.tensor([[naive_index(q, k, i, j) for j in range(k)] for i in range(q)])]
+        torch.testing.assert_close(get_rel_pos(q, k, table), want)
 
 
 @pytest.mark.parametrize(
