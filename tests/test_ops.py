@@ -15,6 +15,7 @@ from engine_toy import ToyTask, toy_config
 from mvitv2.engine import Trainer
 from mvitv2.ops import (
     add_residual,
+    add_residual_after_prefix,
     attention_impl,
     gemm_backend,
     implementation_choices,
@@ -252,6 +253,39 @@ def test_add_residual_keeps_the_fp32_stream_under_autocast():
         fresh = branch.clone()
         out = add_residual(low, fresh)
         assert out.data_ptr() == fresh.data_ptr() and torch.equal(out, low + branch)
+
+
+@pytest.mark.parametrize(
+    ("branch_dtype", "shortcut_dtype", "prefix"),
+    [
+        (torch.float32, torch.float32, 1),
+        (torch.bfloat16, torch.bfloat16, 1),
+        (torch.bfloat16, torch.float32, 1),
+        (torch.float32, torch.bfloat16, 2),
+    ],
+)
+def test_add_residual_after_prefix_skips_the_prefix_tokens(branch_dtype, shortcut_dtype, prefix):
+    """Residual pooling that skips the cls token(s), token by token against a loop: every
+    token after the prefix is branch + shortcut in the promoted dtype, the prefix keeps the
+    branch; with and without gradients, from a transposed (head-major) branch as attention
+    gives it, into a dense token-major result; the shortcut's prefix rows get no gradient."""
+    g = torch.Generator().manual_seed(7)
+    B, N, nH, C = 2, 6, 3, 4
+    branch = torch.randn(B, nH, N, C, generator=g).to(branch_dtype).transpose(1, 2)
+    shortcut = torch.randn(B, N, nH, C, generator=g).to(shortcut_dtype)
+    dtype = torch.promote_types(branch_dtype, shortcut_dtype)
+    want = torch.empty(B, N, nH, C, dtype=dtype)
+    for n in range(N):
+        want[:, n] = branch[:, n].to(dtype) + (shortcut[:, n].to(dtype) if n >= prefix else 0)
+    with torch.no_grad():
+        out = add_residual_after_prefix(shortcut, branch, prefix)
+    assert out.dtype == dtype and out.is_contiguous() and torch.equal(out, want)
+    s = shortcut.clone().requires_grad_(True)
+    out = add_residual_after_prefix(s, branch, prefix)
+    assert torch.equal(out, want)
+    (grad,) = torch.autograd.grad(out.float().sum(), s)
+    assert torch.equal(grad[:, :prefix], torch.zeros_like(grad[:, :prefix]))
+    assert torch.equal(grad[:, prefix:], torch.ones_like(grad[:, prefix:]))
 
 
 @pytest.mark.parametrize("cls_token", [True, False])

@@ -17,6 +17,7 @@ from mvitv2.models.config import BlockSpec, MViTConfig
 from mvitv2.ops import (
     Linear,
     RelPos,
+    add_residual_after_prefix,
     attend,
     get_attention_impl,
     pool_qkv,
@@ -118,8 +119,7 @@ class MultiScaleAttention(nn.Module):
             out = window_unpartition(out, q_win, padded, q_thw[1:], 1, residual, plain)
         elif self.residual_pooling:
             if self.num_prefix and not self.residual_pooling_cls:
-                p = self.num_prefix
-                out = torch.cat((out[:, :p], out[:, p:] + q[:, p:]), dim=1)
+                out = add_residual_after_prefix(q, out, self.num_prefix)
             else:
                 out = out + q
         return self.proj(out.reshape(out.shape[0], -1, self.dim_out)), q_thw

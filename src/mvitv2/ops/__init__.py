@@ -44,7 +44,7 @@ from mvitv2.ops.gemm import (
     linear,
     set_gemm_backend,
 )
-from mvitv2.ops.mlp import add_residual
+from mvitv2.ops.mlp import add_residual, add_residual_after_prefix
 from mvitv2.ops.pooling import (
     conv_tokens,
     max_pool,
@@ -94,6 +94,7 @@ __all__ = [
     "Linear",
     "RelPos",
     "add_residual",
+    "add_residual_after_prefix",
     "attend",
     "attention_impl",
     "attention_measurements",

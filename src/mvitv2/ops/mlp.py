@@ -97,3 +97,17 @@ def add_residual(shortcut: Tensor, branch: Tensor) -> Tensor:
     if torch.is_grad_enabled() or tracing():
         return shortcut + branch
     return branch.to(torch.result_type(shortcut, branch)).add_(shortcut)
+
+
+def add_residual_after_prefix(shortcut: Tensor, branch: Tensor, num_prefix: int) -> Tensor:
+    """``branch`` with ``shortcut`` added to every token after the first ``num_prefix`` (dim 1),
+    which keep ``branch``'s values: residual pooling that skips the cls token. At inference one
+    add over all tokens into a fresh token-major tensor, then the prefix rows put back (the same
+    values as adding the sliced rows and concatenating, which wrote every token twice)."""
+    p = num_prefix
+    if torch.is_grad_enabled() or tracing():  # out-of-place ops for autograd and export
+        return torch.cat((branch[:, :p], branch[:, p:] + shortcut[:, p:]), dim=1)
+    dtype = torch.result_type(branch, shortcut)
+    out = torch.add(branch, shortcut, out=shortcut.new_empty(shortcut.shape, dtype=dtype))
+    out[:, :p] = branch[:, :p]
+    return out
