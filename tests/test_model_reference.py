@@ -395,6 +395,32 @@ def test_get_rel_pos_keeps_no_indices_made_under_a_dispatch_mode_or_while_tracin
         torch.testing.assert_close(get_rel_pos(q, k, table), want)
 
 
+def test_get_rel_pos_makes_its_indices_on_the_tables_device():
+    """On the table's device (meta here; on a GPU a host-side index would be copied over at
+    every call): kept per device in eager code, and made there under a dispatch mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Devices(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.startswith("arange"):
+                self.seen.append(out.device.type)
+            return out
+
+    rel_pos._kept_index.cache_clear()
+    table = torch.empty(13, 4, device="meta")
+    assert get_rel_pos(7, 4, table).device.type == "meta"
+    rel_pos._kept_index(7, 4, torch.device("meta"))
+    assert rel_pos._kept_index.cache_info().hits == 1
+    with Devices() as mode:
+        get_rel_pos(4, 7, table)
+    assert mode.seen == ["meta", "meta"]
+
+
 @pytest.mark.parametrize(
     ("q_thw", "k_thw", "temporal"),
     [
