@@ -72,12 +72,13 @@ class MeasuredChoices:
     """The fastest of interchangeable implementations, per size class, for this process.
 
     At a class's first :meth:`choose` the candidates are timed by :func:`best_ms` (warm-up
-    rounds until one runs without a page fault, then 3-10 alternating rounds, about ``budget_ms`` in all; the best time of each). At least 3:
-    a new GEMM shape's first calls on oneDNN run up to 2x slow (measured on an Intel Xeon, 2
-    cores: ``65536x96 @ 96x192`` 14, 23, 24, then 10-12 ms), and with 2 rounds such a start
-    decided for the slower backend for the whole process. The default
-    candidate is kept unless another beat it by more than ``margin`` (a fraction). After
-    ``max_classes`` classes, new classes get the default unmeasured (bounded time and memory).
+    rounds until one runs without a page fault, then 3-10 alternating rounds, about
+    ``budget_ms`` in all; the best time of each). At least 3: a new GEMM shape's first calls on
+    oneDNN run up to 2x slow (measured on an Intel Xeon, 2 cores: ``65536x96 @ 96x192`` 14, 23,
+    24, then 10-12 ms), and with 2 rounds such a start decided for the slower backend for the
+    whole process. The default candidate is kept unless another beat it by more than ``margin``
+    (a fraction). After ``max_classes`` classes, new classes get the default unmeasured (bounded
+    time and memory).
 
     Args:
         default: the candidate name kept on a tie (and beyond ``max_classes``).
