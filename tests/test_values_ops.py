@@ -191,7 +191,7 @@ def test_max_pool_keeps_only_indices_under_autograd_and_is_plain_otherwise():
     assert [t.dtype for t in saved] == [torch.int32]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_max_pool_under_cpu_autocast_gives_the_module_s_values_without_casting_the_input(dtype):
     pool = nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1))
     # channels-last tokens, as pool_tokens hands them over
@@ -200,11 +200,14 @@ def test_max_pool_under_cpu_autocast_gives_the_module_s_values_without_casting_t
         want = pool(x)  # autocast runs max_pool3d in fp32 on CPU
         with torch.profiler.profile(record_shapes=True) as prof:
             got = pooling.max_pool(x, pool)
-    assert got.dtype == want.dtype == torch.float32
+    assert want.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got.dtype == want.dtype
     assert torch.equal(got, want)
     copied = [e for e in prof.events() if e.name == "aten::copy_"]
-    if dtype != torch.float32:  # only the pooled result is cast, not the whole input
+    if dtype in (torch.bfloat16, torch.float16):  # only the pooled result is cast, not the input
         assert [list(e.input_shapes[0]) for e in copied] == [list(want.shape)]
+    else:  # fp32 and fp64 are pooled as they are
+        assert copied == []
 
 
 @pytest.mark.parametrize(("hw", "window"), [((5, 7), 3), ((4, 4), 2), ((6, 3), 4)])

@@ -213,7 +213,7 @@ def max_pool(x: Tensor, pool: nn.Module) -> Tensor:
     if (
         isinstance(pool, nn.MaxPool3d)
         and x.device.type == "cpu"
-        and x.dtype != torch.float32
+        and x.dtype in (torch.bfloat16, torch.float16)  # autocast leaves fp64 as it is
         and not torch.is_grad_enabled()
         and not tracing()
         and autocast_dtype("cpu") is not None
