@@ -169,7 +169,17 @@ def test_pool_tokens_keeps_prefix_tokens_and_pools_the_grid(num_prefix, spatial)
 
 @pytest.mark.parametrize(
     "pool",
-    [nn.MaxPool2d(3, 2, 1, dilation=2), nn.MaxPool2d(2, 2, ceil_mode=True), nn.MaxPool2d(3, 1, 1)],
+    [
+        nn.MaxPool2d(3, 2, 1, dilation=2),
+        nn.MaxPool2d(2, 2, ceil_mode=True),
+        nn.MaxPool2d(3, 1, 1),
+        # dilation along one axis only, given per axis (3-D: the input as (C, D, H, W))
+        nn.MaxPool2d(3, 2, 1, dilation=(2, 1)),
+        nn.MaxPool2d(3, 2, 1, dilation=(1, 2)),
+        nn.MaxPool3d(3, 1, 1, dilation=(2, 1, 1)),
+        nn.MaxPool3d(3, 1, 1, dilation=(1, 2, 1)),
+        nn.MaxPool3d(3, 1, 1, dilation=(1, 1, 2)),
+    ],
 )
 def test_max_pool_under_autograd_equals_the_module(pool):
     x = torch.randn(2, 3, 7, 7, dtype=DT, requires_grad=True)
