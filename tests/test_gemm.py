@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import mvitv2
-from mvitv2.ops import gemm
+from mvitv2.ops import gemm, kept
 from mvitv2.ops.gemm import gemm_backend, linear, set_gemm_backend, uses_onednn
 from mvitv2.utils import timing
 from mvitv2.utils.flops import count_macs
@@ -681,9 +681,9 @@ _BF16 = torch.bfloat16
 
 @pytest.fixture
 def no_kept_casts():
-    gemm.clear_kept_casts()
+    kept.clear_kept()
     yield
-    gemm.clear_kept_casts()
+    kept.clear_kept()
 
 
 def _cast_under_inference(t: torch.Tensor, dtype=_BF16) -> torch.Tensor:
@@ -704,7 +704,7 @@ def test_kept_cast_is_the_plain_cast_kept_across_calls_for_every_slice_of_one_we
         assert torch.equal(got, w[rows].detach().to(_BF16))
     first, again = _cast_under_inference(w[10:20]), _cast_under_inference(w[10:20])
     assert first.data_ptr() == again.data_ptr()
-    assert gemm.kept_cast_bytes() == 30 * 24 * 2
+    assert kept.kept_bytes("cast") == 30 * 24 * 2
     col = w[:, 5]  # a strided view reads its own elements of the kept copy
     assert torch.equal(_cast_under_inference(col), col.detach().to(_BF16))
 
@@ -753,13 +753,13 @@ def test_a_changed_weight_is_cast_again(no_kept_casts, change):
 def test_kept_casts_go_with_their_weight_and_can_be_cleared(no_kept_casts):
     w = torch.nn.Parameter(torch.randn(16, 8))
     _cast_under_inference(w)
-    assert gemm.kept_cast_bytes() == 16 * 8 * 2
+    assert kept.kept_bytes("cast") == 16 * 8 * 2
     del w
-    assert gemm.kept_cast_bytes() == 0
+    assert kept.kept_bytes("cast") == 0
     w2 = torch.nn.Parameter(torch.randn(4, 8))
     _cast_under_inference(w2)
-    gemm.clear_kept_casts()
-    assert gemm.kept_cast_bytes() == 0
+    kept.clear_kept()
+    assert kept.kept_bytes("cast") == 0
 
 
 def test_casts_are_fresh_where_a_copy_cannot_be_kept(no_kept_casts):
@@ -770,20 +770,20 @@ def test_casts_are_fresh_where_a_copy_cannot_be_kept(no_kept_casts):
     w = torch.nn.Parameter(torch.randn(6, 5))
     got = gemm.inference_cast(w, _BF16)  # gradients enabled
     assert torch.equal(got, w.detach().to(_BF16)) and got.requires_grad
-    assert gemm.kept_cast_bytes() == 0
+    assert kept.kept_bytes("cast") == 0
     with torch.inference_mode():
         inf = torch.randn(6, 5)
         assert torch.equal(gemm.inference_cast(inf, _BF16), inf.to(_BF16))
     nc = torch.empty_strided((6, 5), (1, 6)).normal_()  # no base, not contiguous
     assert torch.equal(_cast_under_inference(nc), nc.to(_BF16))
-    assert gemm.kept_cast_bytes() == 0
+    assert kept.kept_bytes("cast") == 0
     for t in (w.detach().to(_BF16), w.detach().double()):
         assert _cast_under_inference(t) is t
     assert _cast_under_inference(w, torch.float32) is w
     _cast_under_inference(w)
     half = _cast_under_inference(w, torch.float16)
     assert half.dtype == torch.float16 and torch.equal(half, w.detach().half())
-    assert gemm.kept_cast_bytes() == 6 * 5 * 2
+    assert kept.kept_bytes("cast") == 6 * 5 * 2
 
 
 def test_no_copy_is_kept_while_tracing_or_under_a_dispatch_mode(no_kept_casts, monkeypatch):
@@ -794,10 +794,10 @@ def test_no_copy_is_kept_while_tracing_or_under_a_dispatch_mode(no_kept_casts, m
     w = torch.nn.Parameter(torch.randn(6, 5))
     with FlopCounterMode(display=False):
         assert torch.equal(_cast_under_inference(w), w.detach().to(_BF16))
-    assert gemm.kept_cast_bytes() == 0
-    monkeypatch.setattr(gemm, "tracing", lambda: True)
+    assert kept.kept_bytes("cast") == 0
+    monkeypatch.setattr(kept, "tracing", lambda: True)
     assert torch.equal(_cast_under_inference(w), w.detach().to(_BF16))
-    assert gemm.kept_cast_bytes() == 0
+    assert kept.kept_bytes("cast") == 0
 
 
 def test_a_weight_at_an_offset_of_its_storage_reads_its_own_elements(no_kept_casts):
@@ -835,7 +835,7 @@ def test_linear_under_autocast_inference_sees_every_weight_change(no_kept_casts,
             assert torch.equal(got, want)
         else:
             assert _close(got.float(), want.float(), 2**-6)
-        assert gemm.kept_cast_bytes() == (30 * 24 + 30) * 2
+        assert kept.kept_bytes("cast") == (30 * 24 + 30) * 2
         with torch.no_grad():
             lin.weight.mul_(-2.0)
             lin.bias.add_(3.0)
@@ -861,7 +861,7 @@ def test_a_model_given_new_weights_predicts_with_them_under_bf16_autocast(no_kep
     assert torch.equal(predict(model), first)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     want_bytes = sum(2 * (m.weight.numel() + m.bias.numel()) for m in linears)
-    assert gemm.kept_cast_bytes() == want_bytes
+    assert kept.kept_bytes("cast") == want_bytes
     model.load_state_dict(other.state_dict())
     fresh = predict(other)
     assert not torch.equal(fresh, first)

@@ -63,6 +63,25 @@ def test_eval_command_reproduces_the_training_metrics(digits_run, capsys):
     assert result["top5"] >= result["top1"]
 
 
+def test_a_bf16_run_evaluates_each_epoch_with_that_epoch_s_weights(tmp_path, capsys):
+    """Under bf16 autocast the evaluation keeps bf16 weight copies between calls, and PyTorch's
+    fused AdamW steps count no version: the last epoch's validation must still be the
+    ``eval`` command's on the saved weights (a stale copy from the first epoch scored 90.0 %
+    against 94.9 % here)."""
+    threads = torch.get_num_threads()
+    try:
+        args = ["train", "image", f"--output={tmp_path}", "name=b", "epochs=2", "progress=false"]
+        assert main([*args, "amp=bf16_force"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    assert main(["eval", "image", "--checkpoint", str(tmp_path / "b" / "last.pt")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    trained = read_training_checkpoint(tmp_path / "b" / "last.pt")["metrics"]
+    assert result["top1"] == pytest.approx(trained["top1"])
+    assert result["loss"] == pytest.approx(trained["loss"], rel=2e-3)
+
+
 def test_eval_command_names_each_unreadable_image(digits_run, tmp_path, capsys):
     run_dir, _ = digits_run
     good = sorted((digits_folder() / "val" / "3").iterdir())[0]

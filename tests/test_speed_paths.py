@@ -20,7 +20,7 @@ import torch
 import mvitv2
 from mvitv2.models.attention import MultiScaleAttention
 from mvitv2.ops import attention as attn_mod
-from mvitv2.ops import gemm, memeff, pooling
+from mvitv2.ops import gemm, kept, memeff, pooling
 from mvitv2.ops.attention import (
     attention_impl,
     get_attention_impl,
@@ -593,13 +593,13 @@ def test_benchmark_peak_memory_counts_the_weight_copies_a_call_keeps():
     ).eval()
     fn = bm.inference_call(model, torch.randn(1, 3, 64, 64), True, "cpu")
     out = fn()
-    kept = gemm.kept_cast_bytes()
+    casts = kept.kept_bytes("cast")
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert kept == sum(2 * (m.weight.numel() + m.bias.numel()) for m in linears)
+    assert casts == sum(2 * (m.weight.numel() + m.bias.numel()) for m in linears)
     warm = bm.peak_memory(fn, "cpu")
     cold = bm.peak_memories({"ours": fn}, "cpu")["ours"]
-    assert cold >= kept + out.numel() * out.element_size()
-    assert warm < kept
+    assert cold >= kept.kept_bytes() + out.numel() * out.element_size()
+    assert warm < casts
 
 
 def test_memeff_softmax_and_its_gradient_keep_bmm_s_layout_and_values():

@@ -13,8 +13,8 @@ rotates every round) and reports medians. Reported per model:
 * peak memory: the high-water mark of live tensor bytes during one call, from
   ``torch.profiler`` memory events (CPU; parameters and optimizer state allocated before the call
   are not counted, allocator caching is not counted) or ``torch.cuda.max_memory_allocated``;
-  the weight copies our linear layers keep across calls under autocast
-  (:func:`mvitv2.ops.gemm.inference_cast`) are made in that call and counted.
+  the tensors our model keeps across inference calls (weight casts under autocast and other
+  derivations of its parameters, :mod:`mvitv2.ops.kept`) are made in that call and counted.
 
 timm and torchvision are needed only here (timm is a dev dependency) and only their model
 classes are used, to be compared against.
@@ -40,7 +40,7 @@ from torch import nn
 
 import mvitv2
 from mvitv2.engine.optim import fused_kernels
-from mvitv2.ops import attention_impl, attention_measurements, gemm, implementation_choices
+from mvitv2.ops import attention_impl, attention_measurements, gemm, implementation_choices, kept
 from mvitv2.ops import mlp as mlp_ops
 from mvitv2.utils.allocator import allocator_setting
 from mvitv2.utils.flops import count_macs
@@ -138,11 +138,11 @@ def _quiet_fd(fd: int) -> Iterator[None]:
 
 def peak_memories(fns: dict[str, Callable[[], object]], device: str) -> dict[str, int]:
     """:func:`peak_memory` of each function, each called with no weight copies kept
-    (:func:`mvitv2.ops.gemm.clear_kept_casts`): a model that keeps its weights cast across calls
+    (:func:`mvitv2.ops.kept.clear_kept`): a model that keeps its weights cast across calls
     makes them in that call, so its peak counts them."""
     mem = {}
     for name, fn in fns.items():
-        gemm.clear_kept_casts()
+        kept.clear_kept()
         mem[name] = peak_memory(fn, device)
     return mem
 

@@ -10,8 +10,9 @@ values as the plain PyTorch ops, faster or in less memory:
   and the patch embedding's tokens (:func:`conv_tokens`);
 * :mod:`~mvitv2.ops.windows`: the window partition of token grids and its inverse;
 * :mod:`~mvitv2.ops.mlp`: the MLP (:func:`~mvitv2.ops.mlp.mlp`) and the residual add;
-* :mod:`~mvitv2.ops.gemm`: the linear layers' GEMM backend (:func:`set_gemm_backend`) and their
-  weights cast for autocast inference, kept across calls (:func:`clear_kept_casts`).
+* :mod:`~mvitv2.ops.gemm`: the linear layers' GEMM backend (:func:`set_gemm_backend`);
+* :mod:`~mvitv2.ops.kept`: tensors derived from parameters (autocast's weight casts, pooling
+  weights over heads...), kept across inference calls (:func:`kept_bytes`, :func:`clear_kept`).
 
 :func:`implementation_choices` says which paths are in force and why.
 """
@@ -34,16 +35,15 @@ from mvitv2.ops.gemm import (
     GEMM_BACKENDS,
     NOT_APPLICABLE,
     Linear,
-    clear_kept_casts,
     convert_linears,
     gemm_backend,
     gemm_choice,
     gemm_measurements,
     get_gemm_backend,
-    kept_cast_bytes,
     linear,
     set_gemm_backend,
 )
+from mvitv2.ops.kept import clear_kept, kept_bytes
 from mvitv2.ops.mlp import add_residual, add_residual_after_prefix
 from mvitv2.ops.pooling import (
     conv_tokens,
@@ -98,7 +98,7 @@ __all__ = [
     "attend",
     "attention_impl",
     "attention_measurements",
-    "clear_kept_casts",
+    "clear_kept",
     "conv_tokens",
     "convert_linears",
     "gemm_backend",
@@ -107,7 +107,7 @@ __all__ = [
     "get_gemm_backend",
     "get_rel_pos",
     "implementation_choices",
-    "kept_cast_bytes",
+    "kept_bytes",
     "linear",
     "max_pool",
     "pool_qkv",

@@ -36,8 +36,8 @@ from mvitv2.ops.memeff import attention_memeff
 from mvitv2.ops.rel_pos import (
     RelPos,
     bias_from_coeffs,
+    key_onehots,
     rel_pos_bias,
-    rel_pos_onehots,
     rel_pos_terms,
 )
 from mvitv2.utils.choice import Choice
@@ -247,10 +247,9 @@ def _fold(q: Tensor, k: Tensor, rel: RelPos, factor: float) -> tuple[Tensor, Ten
     p = rel.num_prefix
     B, nH = q.shape[:2]
     a = rel_pos_terms(q[:, :, p:], rel.q_thw, rel.k_thw, rel.h, rel.w, rel.t, factor).to(q.dtype)
-    onehot = rel_pos_onehots(rel.k_thw, rel.t is not None, q.device, k.dtype)
     if p:  # the cls query gets zero coefficients, the cls key zero one-hots
         a = F.pad(a, (0, 0, p, 0))
-        onehot = F.pad(onehot, (0, 0, p, 0))
+    onehot = key_onehots(rel.k_thw, rel.t is not None, p, q.device, k.dtype)
     return a, torch.cat((k, onehot.expand(B, nH, -1, -1)), dim=-1)
 
 

@@ -36,15 +36,13 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from mvitv2.ops.context import autocast_dtype, intercepted, tracing
+from mvitv2.ops.kept import keeping, kept
 from mvitv2.utils.choice import Choice
 from mvitv2.utils.timing import MeasuredChoices, best_ms
 
@@ -411,17 +409,6 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 # ------------------------------------------------------------ low-precision weights, kept
-class _Cast(NamedTuple):
-    """A kept copy: what it was made from (storage, version counter) and the copy."""
-
-    storage: StorageWeakRef
-    version: int
-    copy: Tensor
-
-
-_CASTS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
-
-
 def inference_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)`` for an inference call, from a copy kept across calls.
 
@@ -429,46 +416,23 @@ def inference_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     ``with`` block and skips views, such as the row slices of the qkv weight that Q, K and V
     are projected with); at bf16 speed that cast costs a quarter to a third of the layer's time
     (2 threads, Intel Xeon with AMX: ``392x768 @ 768x3072`` 1.73 ms cast per call, 1.09 ms
-    kept). The copy of ``t``'s whole tensor (its base, for a view) is kept, keyed weakly by
-    that tensor (freed with it), and made again when the tensor's storage (``.data = ...``)
-    or version counter (any in-place write: an optimizer step, ``load_state_dict``,
-    ``copy_``) has changed since. Costs the weights' size in ``dtype`` while the model lives
-    (:func:`kept_cast_bytes`).
+    kept). The copy of ``t``'s whole tensor (its base, for a view) is kept
+    (:func:`mvitv2.ops.kept.kept`, kind ``"cast"``: made again when the tensor changes, freed
+    with it). Costs the weights' size in ``dtype`` while the model lives.
 
-    Only fp32 tensors are cast (as autocast does); only without gradients, in eager code and
-    for a contiguous base with a version counter is the copy kept (elsewhere a fresh cast).
+    Only fp32 tensors are cast (as autocast does); only where :func:`~mvitv2.ops.kept.kept`
+    keeps, and for a contiguous base with a version counter, is the copy kept (elsewhere a
+    fresh cast).
     """
     if t.dtype != torch.float32 or dtype == torch.float32:
         return t
     base = t if t._base is None else t._base
-    if torch.is_grad_enabled() or tracing() or intercepted():
+    if not keeping() or base.is_inference() or not base.is_contiguous():
         return t.to(dtype)
-    if base.is_inference() or not base.is_contiguous():
-        return t.to(dtype)
-    storage = base.untyped_storage()
-    kept = _CASTS.get(base)
-    # The weak reference keeps the old storage's bookkeeping allocated, so a new storage can
-    # never have its address: equal addresses mean the same storage.
-    if (
-        kept is None
-        or kept.copy.dtype != dtype
-        or kept.version != base._version
-        or kept.storage.cdata != storage._cdata
-    ):
-        kept = _Cast(StorageWeakRef(storage), base._version, base.detach().to(dtype))
-        _CASTS[base] = kept
-    offset = t.storage_offset() - base.storage_offset()
-    return kept.copy.as_strided(t.shape, t.stride(), offset)
-
-
-def kept_cast_bytes() -> int:
-    """Bytes of the copies :func:`inference_cast` keeps now."""
-    return sum(k.copy.numel() * k.copy.element_size() for k in _CASTS.values())
-
-
-def clear_kept_casts() -> None:
-    """Drop the copies :func:`inference_cast` keeps (they are made again when next used)."""
-    _CASTS.clear()
+    copy = kept("cast", dtype, lambda b: b.detach().to(dtype), base)
+    if t is base:
+        return copy
+    return copy.as_strided(t.shape, t.stride(), t.storage_offset() - base.storage_offset())
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, gelu: bool = False) -> Tensor:

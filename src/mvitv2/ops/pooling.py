@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from mvitv2.ops.context import autocast_dtype, tracing
 from mvitv2.ops.gemm import linear
+from mvitv2.ops.kept import keeping, kept
 from mvitv2.ops.rel_pos import Grid
 from mvitv2.utils.timing import best_ms
 
@@ -144,9 +145,21 @@ def _pool_group(
     conv has read it.
     """
     y = linear(x, weight, bias)
-    w = torch.cat([pl.weight.repeat(num_heads, *[1] * (pl.weight.dim() - 1)) for pl in pools])
+    w = _over_heads([pl.weight for pl in pools], num_heads, y.dtype)
     y, thw = _channels_last_pool(y, thw, w, pools[0], num_prefix)
     return _head_norm(y, norms, num_heads), thw
+
+
+def _over_heads(weights: list[Tensor], num_heads: int, dtype: torch.dtype) -> Tensor:
+    """Per-head conv weights ``(C, 1, *kernel)`` repeated over heads, groups side by side:
+    ``(G*nH*C, 1, *kernel)``; at inference in ``dtype`` (the conv's) and kept across calls."""
+
+    def make(*ws: Tensor) -> Tensor:
+        return torch.cat([w.repeat(num_heads, *[1] * (w.dim() - 1)) for w in ws])
+
+    if not keeping():
+        return make(*weights)
+    return kept("heads", (num_heads, dtype), lambda *ws: make(*ws).to(dtype), *weights)
 
 
 def pool_tokens(
@@ -414,8 +427,8 @@ def _head_norm(x: Tensor, norms: list[nn.LayerNorm], num_heads: int) -> Tensor:
     eps = norms[0].eps
     if G == 1:
         return F.layer_norm(x, shape, norms[0].weight, norms[0].bias, eps)
-    weight = torch.stack([n.weight for n in norms])[:, None]  # (G, 1, C)
-    bias = torch.stack([n.bias for n in norms])[:, None]
+    weight = _stacked([n.weight for n in norms])  # (G, 1, C)
+    bias = _stacked([n.bias for n in norms])
     if not tracing() and torch.is_grad_enabled():
         # Under autocast too, in fp32 (as autocast runs LayerNorm on GPUs; pool_qkv casts Q/K/V
         # back): autograd's weight and bias gradients of the addcmul below are strided sums,
@@ -427,6 +440,11 @@ def _head_norm(x: Tensor, norms: list[nn.LayerNorm], num_heads: int) -> Tensor:
         return _normalize(x, eps)[0].mul_(weight).add_(bias)
     x = F.layer_norm(x, shape, None, None, eps)
     return torch.addcmul(bias.to(x.dtype), x, weight.to(x.dtype))
+
+
+def _stacked(params: list[Tensor]) -> Tensor:
+    """``(C,)`` parameters stacked as ``(G, 1, C)`` (kept across inference calls)."""
+    return kept("stack", None, lambda *ps: torch.stack(ps)[:, None], *params)
 
 
 def _normalize(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:

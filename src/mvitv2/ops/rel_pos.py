@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mvitv2.ops.context import intercepted, tracing
+from mvitv2.ops.kept import kept
 
 Grid = tuple[int, int, int]
 
@@ -198,10 +199,20 @@ def rel_pos_terms(
     B, nH, _, C = q.shape
     qt, qh, qw = q_thw
     kt, kh, kw = k_thw
-    rh = get_rel_pos(qh, kh, rel_pos_h) * factor
-    rw = get_rel_pos(qw, kw, rel_pos_w) * factor
-    rt = None if rel_pos_t is None else get_rel_pos(qt, kt, rel_pos_t) * factor
+    rh = _scaled_rel_pos(qh, kh, rel_pos_h, factor)
+    rw = _scaled_rel_pos(qw, kw, rel_pos_w, factor)
+    rt = None if rel_pos_t is None else _scaled_rel_pos(qt, kt, rel_pos_t, factor)
     return terms_from_gathered(q.reshape(B, nH, qt, qh, qw, C), rh, rw, rt)
+
+
+def _scaled_rel_pos(q_size: int, k_size: int, table: Tensor, factor: float) -> Tensor:
+    """``get_rel_pos(q_size, k_size, table) * factor``, kept across inference calls."""
+    return kept(
+        "rel_pos",
+        (q_size, k_size, factor),
+        lambda t: get_rel_pos(q_size, k_size, t) * factor,
+        table,
+    )
 
 
 def terms_from_gathered(r: Tensor, rh: Tensor, rw: Tensor, rt: Tensor | None) -> Tensor:
@@ -228,3 +239,27 @@ def rel_pos_onehots(
             torch.eye(kt, device=device, dtype=dtype)[:, None, None].expand(kt, kh, kw, kt)
         )
     return torch.cat(parts, dim=-1).reshape(kt * kh * kw, -1)
+
+
+def key_onehots(
+    k_thw: Grid, temporal: bool, num_prefix: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """:func:`rel_pos_onehots` after ``num_prefix`` zero rows (prefix keys get no rel-pos term),
+    made once per arguments in eager code (read-only: it is shared)."""
+    if tracing() or intercepted():
+        return _key_onehots(k_thw, temporal, num_prefix, device, dtype)
+    return _kept_key_onehots(k_thw, temporal, num_prefix, device, dtype)
+
+
+def _key_onehots(
+    k_thw: Grid, temporal: bool, num_prefix: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    return F.pad(rel_pos_onehots(k_thw, temporal, device, dtype), (0, 0, num_prefix, 0))
+
+
+@functools.lru_cache(maxsize=256)
+def _kept_key_onehots(
+    k_thw: Grid, temporal: bool, num_prefix: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    with torch.inference_mode(False):  # a normal tensor: autograd may save it later
+        return _key_onehots(k_thw, temporal, num_prefix, device, dtype)

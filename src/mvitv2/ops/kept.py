@@ -1,0 +1,105 @@
+"""Tensors derived from parameters (bf16 casts, pooling weights repeated over heads, stacked
+norm weights, gathered rel-pos tables), made once and kept across inference calls.
+
+At inference every call would otherwise make them again from unchanged parameters: small ops,
+but many (with the kept rel-pos one-hots, MViTv2-S video under bf16 went from 2,579 to 1,987
+ops per forward: 3 ms of a 16x32x32 clip's 35, 2 threads of the Intel Xeon of
+docs/benchmarks.md), and autocast's weight casts are a quarter to a third of a bf16 linear
+layer's time (see :func:`mvitv2.ops.gemm.inference_cast`).
+
+A kept tensor is keyed weakly by its first source (it goes when that tensor goes) and made again
+when any source's storage (``.data = ...``) or version counter (an in-place write:
+``load_state_dict``, ``copy_``, a foreach optimizer step) has changed since. PyTorch's fused
+optimizers (``fused=True``, as our engine builds them) write parameters without counting a
+version, so every ``torch.optim`` step drops all kept tensors (a global step hook); writes
+through ``.data`` are not counted either: call :func:`clear_kept` after them. Nothing is kept
+with gradients enabled, while compiling, exporting or tracing, under a dispatch mode (FLOP
+counting), or from an inference tensor (no version counter): there the derivation is made
+afresh at each call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from mvitv2.ops.context import intercepted, tracing
+
+
+class _Kept(NamedTuple):
+    """A kept tensor and the state of its sources when it was made."""
+
+    key: Hashable
+    storages: tuple[StorageWeakRef, ...]
+    versions: tuple[int, ...]
+    value: Tensor
+
+
+# first source -> {(kind, number of sources): _Kept}: one tensor per kind, so that memory stays
+# bounded where the key changes (a detector given images of many sizes).
+_KEPT: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def keeping() -> bool:
+    """Whether derived tensors are kept now: no gradients, eager code, no dispatch mode."""
+    return not torch.is_grad_enabled() and not tracing() and not intercepted()
+
+
+def kept(kind: str, key: Hashable, make: Callable[..., Tensor], *sources: Tensor) -> Tensor:
+    """``make(*sources)``, kept across calls while :func:`keeping` (else made afresh).
+
+    Args:
+        kind: what is kept (``"cast"``, ``"heads"``...; :func:`kept_bytes` counts per kind).
+            One tensor per kind and number of sources is kept for a first source.
+        key: what else ``make`` depends on (dtype, sizes...): another key replaces it.
+        make: makes the tensor from ``sources`` (values only; no gradients are recorded).
+        sources: the tensors it is made from (parameters).
+    """
+    if not keeping() or any(s.is_inference() for s in sources):
+        return make(*sources)
+    storages = [s.untyped_storage() for s in sources]
+    versions = tuple(s._version for s in sources)
+    entries = _KEPT.get(sources[0])
+    if entries is None:
+        entries = _KEPT[sources[0]] = {}
+    name = (kind, len(sources))
+    k = entries.get(name)
+    # The weak references keep the old storages' bookkeeping allocated, so a new storage can
+    # never have one's address: equal addresses mean the same storage.
+    if (
+        k is None
+        or k.key != key
+        or k.versions != versions
+        or any(w.cdata != s._cdata for w, s in zip(k.storages, storages, strict=True))
+    ):
+        k = _Kept(key, tuple(StorageWeakRef(s) for s in storages), versions, make(*sources))
+        entries[name] = k
+    return k.value
+
+
+def kept_bytes(kind: str | None = None) -> int:
+    """Bytes of the tensors kept now (of one ``kind``, or all)."""
+    return sum(
+        k.value.numel() * k.value.element_size()
+        for entries in _KEPT.values()
+        for (kept_kind, _), k in entries.items()
+        if kind is None or kept_kind == kind
+    )
+
+
+def clear_kept() -> None:
+    """Drop every kept tensor (each is made again when next used)."""
+    _KEPT.clear()
+
+
+def _drop_after_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+    clear_kept()
+
+
+register_optimizer_step_post_hook(_drop_after_step)
