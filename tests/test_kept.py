@@ -155,6 +155,25 @@ def test_pool_weights_over_heads_equal_the_per_head_weight_at_every_head():
     assert kept.kept_bytes("heads") == 2 * nH * C * 8 * 2
 
 
+def test_a_rel_pos_table_used_on_other_grids_or_with_another_factor_is_gathered_again():
+    """One table, the kept gather replaced when the grids (a detector's image sizes, a video of
+    other length) or the folded softmax factor change: each call equals the terms computed
+    with gradients enabled (nothing kept)."""
+    g = torch.Generator().manual_seed(4)
+    table_h, table_w = torch.randn(11, 8, generator=g), torch.randn(11, 8, generator=g)
+    calls = [((1, 4, 4), (1, 2, 2), 1.0), ((1, 6, 6), (1, 3, 3), 1.0), ((1, 6, 6), (1, 3, 3), 2.0)]
+    for q_thw, k_thw, factor in calls * 2:
+        q = torch.randn(1, 2, 1 * q_thw[1] * q_thw[2], 8, generator=g)
+        with torch.no_grad():
+            got = rel_pos.rel_pos_terms(q, q_thw, k_thw, table_h, table_w, None, factor)
+        want = rel_pos.rel_pos_terms(q, q_thw, k_thw, table_h, table_w, None, factor)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        if factor != 1.0:  # the factor multiplies (a power of two: exactly)
+            unscaled = rel_pos.rel_pos_terms(q, q_thw, k_thw, table_h, table_w)
+            torch.testing.assert_close(got, unscaled * factor, rtol=0, atol=0)
+    assert kept.kept_bytes("rel_pos") == 2 * 6 * 3 * 8 * 4
+
+
 def test_key_onehots_are_zero_rows_for_the_prefix_then_the_onehots_and_made_once():
     rel_pos._kept_key_onehots.cache_clear()
     cpu = torch.device("cpu")
@@ -179,15 +198,18 @@ def test_key_onehots_kept_in_inference_mode_serve_autograd_and_none_are_kept_whe
     k = torch.randn(4, 3, requires_grad=True)
     torch.cat((k, hot), dim=-1).sum().backward()  # an inference tensor could not be saved
     assert not hot.is_inference()
-    with FakeTensorMode():
-        key_onehots((1, 3, 3), False, 0, cpu, torch.float32)
+    with FakeTensorMode():  # made there on the asked device, in the asked dtype
+        fake = key_onehots((2, 3, 3), True, 2, torch.device("meta"), torch.bfloat16)
+        assert (fake.shape, fake.device.type, fake.dtype) == ((20, 8), "meta", torch.bfloat16)
+    meta = key_onehots((2, 3, 3), True, 2, torch.device("meta"), torch.bfloat16)  # kept
+    assert (meta.shape, meta.device.type, meta.dtype) == ((20, 8), "meta", torch.bfloat16)
     traced = torch.jit.trace(
         lambda x: x + key_onehots((1, 2, 2), False, 0, cpu, torch.float32).sum(),
         (torch.zeros(()),),
         check_trace=False,
     )
     assert "aten::eye" in str(traced.graph)
-    assert rel_pos._kept_key_onehots.cache_info().currsize == 1
+    assert rel_pos._kept_key_onehots.cache_info().currsize == 2
 
 
 def _video_model() -> torch.nn.Module:
@@ -263,9 +285,33 @@ def test_tracing_reads_the_onnx_export_flags_as_torch_does(monkeypatch):
     monkeypatch.undo()
     from mvitv2.ops import context
 
+    def slow():
+        raise AssertionError("the public function imports its flags at every call")
+
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", slow)
+    assert context._in_onnx_export() is False  # read directly
+
     monkeypatch.setattr(context, "_onnx_export_flags", lambda: None)
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     assert context._in_onnx_export() is True
+
+
+def test_a_model_predicting_in_bf16_then_fp32_pools_with_fp32_weights():
+    """The pooling weights are kept in the conv's dtype: switching autocast off after a bf16
+    call must not pool with the bf16 copy (nor the other way round)."""
+    model = _video_model()
+    x = torch.randn(1, 3, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+
+    def predict(bf16):
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return model(x)
+
+    fresh = {}
+    for bf16 in (False, True):
+        kept.clear_kept()
+        fresh[bf16] = predict(bf16)
+    for bf16 in (True, False, True):
+        assert torch.equal(predict(bf16), fresh[bf16])
 
 
 @pytest.mark.parametrize("fused", [True, False])

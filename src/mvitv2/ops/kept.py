@@ -76,7 +76,7 @@ def kept(kind: str, key: Hashable, make: Callable[..., Tensor], *sources: Tensor
         k is None
         or k.key != key
         or k.versions != versions
-        or any(w.cdata != s._cdata for w, s in zip(k.storages, storages, strict=True))
+        or any(w.cdata != s._cdata for w, s in zip(k.storages, storages))
     ):
         k = _Kept(key, tuple(StorageWeakRef(s) for s in storages), versions, make(*sources))
         entries[name] = k
