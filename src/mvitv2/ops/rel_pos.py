@@ -257,7 +257,9 @@ def _key_onehots(
     return F.pad(rel_pos_onehots(k_thw, temporal, device, dtype), (0, 0, num_prefix, 0))
 
 
-@functools.lru_cache(maxsize=256)
+# A detector sees a new key grid per image size in its global blocks (~0.3 MB each at 1024
+# px): at most 64 are kept.
+@functools.lru_cache(maxsize=64)
 def _kept_key_onehots(
     k_thw: Grid, temporal: bool, num_prefix: int, device: torch.device, dtype: torch.dtype
 ) -> Tensor:
