@@ -185,6 +185,8 @@ def test_key_onehots_are_zero_rows_for_the_prefix_then_the_onehots_and_made_once
         t, y, x = j // 12, (j // 4) % 3, j % 4
         assert got[1 + j].nonzero().flatten().tolist() == [y, 3 + x, 7 + t]
     assert key_onehots((2, 3, 4), True, 1, cpu, torch.bfloat16) is got
+    wide = key_onehots((2, 3, 4), True, 1, cpu, torch.bfloat16, 5)  # + zero columns
+    assert wide.shape == (25, 14) and torch.equal(wide[:, :9], got) and not wide[:, 9:].any()
     assert key_onehots((2, 3, 4), False, 0, cpu, torch.float32).shape == (24, 7)
 
 

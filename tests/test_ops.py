@@ -222,6 +222,7 @@ def test_implementation_choices_name_the_gemm_backend_the_linear_layers_use(monk
             "gemm_why": "this CPU has no oneDNN bf16 kernels",
             "pool_conv": "as autocast",
             "pool_conv_why": "fp32, or no gradients",
+            **attention_ops.folded_choice(torch.bfloat16, False),
         }
 
 

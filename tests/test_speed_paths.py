@@ -660,3 +660,109 @@ def test_rel_pos_coefficients_of_either_query_layout_are_the_per_axis_dot_produc
     monkeypatch.setattr(rp, "tracing", lambda: True)
     rp.rel_coeffs(r, rh, rw, rt)
     assert fast == ([1] if token_major else [])
+
+
+# ------------------------------------------------------------------ folded width, padded
+def _folded_inputs(dtype, prefix: int, temporal: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    C, q_thw, k_thw = 8, (2, 4, 3), (2, 2, 3)
+    nq, nk = prefix + math.prod(q_thw), prefix + math.prod(k_thw)
+    q, k, v = (torch.randn(2, 2, n, C, generator=g) for n in (nq, nk, nk))
+    tables = [torch.randn(n, C, generator=g) for n in (7, 5, 3)]
+    rel = attn_mod.RelPos(
+        tables[0], tables[1], tables[2] if temporal else None, q_thw, k_thw, num_prefix=prefix
+    )
+    return [t.to(dtype) for t in (q, k, v)], rel
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+@pytest.mark.parametrize("prefix", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_attention_padded_to_a_multiple_of_32_gives_the_reference_values(
+    monkeypatch, dtype, prefix, temporal
+):
+    """Where padding measured faster, the folded width (8 + 2 + 3 (+ 2) here) runs at 32 with
+    zero columns in q', k' and v: the output equals the explicit reference's (fp32 to 1e-6 of
+    its range; bf16, under autocast as in the model, to bf16 rounding) and the unpadded folded
+    path's; SDPA sees width 32."""
+    (q, k, v), rel = _folded_inputs(dtype, prefix, temporal)
+    monkeypatch.setattr(attn_mod, "folded_padding_ms", lambda d: (2.0, 1.0))  # padded faster
+    widths = []
+    real_sdpa = attn_mod.F.scaled_dot_product_attention
+
+    def seen(q2, k2, v2, **kw):
+        widths.append((q2.shape[-1], k2.shape[-1], v2.shape[-1]))
+        return real_sdpa(q2, k2, v2, **kw)
+
+    with torch.no_grad():
+        want = attn_mod.attention_reference(q.float(), k.float(), v.float(), 8**-0.5, rel)
+        monkeypatch.setattr(attn_mod.F, "scaled_dot_product_attention", seen)
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            padded = attn_mod.attention_folded(q, k, v, 8**-0.5, rel)
+            monkeypatch.setattr(attn_mod, "folded_padding_ms", lambda d: (1.0, 2.0))
+            plain = attn_mod.attention_folded(q, k, v, 8**-0.5, rel)
+    terms = rel.num_terms()
+    assert terms == 2 + 3 + (2 if temporal else 0)
+    assert widths == [(32, 32, 32), (8 + terms,) * 3]
+    assert padded.shape == q.shape and padded.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    span = want.abs().max().item()
+    assert (padded.float() - want).abs().max().item() <= tol * span
+    assert (padded.float() - plain.float()).abs().max().item() <= tol * span
+
+
+def test_the_folded_width_is_padded_only_at_cpu_inference_where_measured_faster(monkeypatch):
+    """Rounded up to 32 only where :func:`folded_padding_ms` found padding faster for the
+    queries' dtype, without gradients, on a CPU, in eager code; a width already a multiple of
+    32 stays."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    asked = []
+
+    def ms(dtype, faster=True):
+        asked.append(dtype)
+        return (2.0, 1.0) if faster else (1.0, 2.0)
+
+    monkeypatch.setattr(attn_mod, "folded_padding_ms", ms)
+    q = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert [attn_mod.folded_width(w, q) for w in (33, 118, 132, 64)] == [64, 128, 160, 64]
+        assert attn_mod.folded_width(118, q.to("meta")) == 118
+        with FlopCounterMode(display=False):
+            assert attn_mod.folded_width(118, q) == 118
+        monkeypatch.setattr(attn_mod, "tracing", lambda: True)
+        assert attn_mod.folded_width(118, q) == 118
+        monkeypatch.undo()
+        monkeypatch.setattr(attn_mod, "folded_padding_ms", lambda d: ms(d, faster=False))
+        assert attn_mod.folded_width(118, q) == 118
+    assert attn_mod.folded_width(118, q) == 118  # gradients enabled
+    assert asked == [torch.bfloat16] * 4
+
+
+def test_folded_choice_reports_the_measured_widths(monkeypatch):
+    monkeypatch.setattr(attn_mod, "folded_padding_ms", lambda d: (3.456, 1.2))
+    assert attn_mod.folded_choice(torch.bfloat16, False) == {
+        "folded_width": "padded to a multiple of 32",
+        "folded_width_why": "measured bfloat16 SDPA at width 118: 3.46 ms, padded to 128: 1.20 ms",
+    }
+    monkeypatch.setattr(attn_mod, "folded_padding_ms", lambda d: (1.0, 1.0))
+    assert attn_mod.folded_choice(torch.float32, False)["folded_width"] == "as is"
+    assert attn_mod.folded_choice(torch.float32, True) == {
+        "folded_width": "as is",
+        "folded_width_why": "with gradients: not padded",
+    }
+
+
+def test_time_folded_padding_times_sdpa_at_widths_118_and_128_in_the_asked_dtype(monkeypatch):
+    seen = set()
+    real_sdpa = attn_mod.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.add((tuple(q.shape), tuple(k.shape), q.dtype, torch.is_autocast_enabled("cpu")))
+        return real_sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(attn_mod.F, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", torch.bfloat16):
+        as_is, padded = attn_mod.time_folded_padding(torch.float16)
+    assert as_is > 0 and padded > 0
+    assert seen == {((1, 2, 1024, w), (1, 2, 512, w), torch.float16, False) for w in (118, 128)}

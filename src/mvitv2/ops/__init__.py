@@ -27,6 +27,7 @@ from mvitv2.ops.attention import (
     attention_choice,
     attention_impl,
     attention_measurements,
+    folded_choice,
     get_attention_impl,
     resolve_attention_impl,
     set_attention_impl,
@@ -72,7 +73,8 @@ def implementation_choices(
     Returns:
         ``attention``, ``attention_setting``, ``attention_why``, ``gemm``, ``gemm_setting``,
         ``gemm_why``, and on CPU ``pool_conv``, ``pool_conv_why`` (see
-        :func:`~mvitv2.ops.pooling.pool_choice`); e.g. ``{"attention": "memeff",
+        :func:`~mvitv2.ops.pooling.pool_choice`), ``folded_width``, ``folded_width_why`` (see
+        :func:`~mvitv2.ops.attention.folded_choice`); e.g. ``{"attention": "memeff",
         "attention_setting": "auto", ..., "gemm": "onednn", "gemm_why": "measured
         6272x384x1536 with bias: oneDNN 21.0 ms, ATen 45.3 ms"}`` (training) or ``"gemm":
         "measured"`` (inference: per GEMM size class, see
@@ -83,6 +85,7 @@ def implementation_choices(
     if device_type == "cpu":
         choices.update(gemm_choice(training, dtype))
         choices.update(pool_choice(dtype, training))
+        choices.update(folded_choice(dtype, training))
     else:
         choices.update(gemm="aten", gemm_setting=get_gemm_backend(), gemm_why=NOT_APPLICABLE)
     return choices

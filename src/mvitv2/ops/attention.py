@@ -7,7 +7,8 @@ several exact paths (same values, different kernels and memory).
 * ``"folded"``: fused SDPA with the rel-pos term folded into the dot product, no bias tensor:
   ``[q, a_h/s, a_w/s, a_t/s] . [k, onehot(h), onehot(w), onehot(t)]`` with
   ``a_h[i] = q_i . R_h[h(i), :]`` (``s`` the softmax scale; ``v`` zero-padded to the same width
-  because the fused CPU/GPU kernels need equal head dims);
+  because the fused CPU/GPU kernels need equal head dims; at CPU inference all three padded to
+  a multiple of 32 where measured faster, :func:`folded_width`);
 * ``"chunked"``: the folded q/k with two explicit GEMMs and a softmax, over query chunks (bounded
   memory); faster than fused SDPA where that kernel is slow (bf16 on CPUs without AMX);
 * ``"memeff"``: for training, :func:`~mvitv2.ops.memeff.attention_memeff`.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,7 @@ from mvitv2.ops.rel_pos import (
     rel_pos_terms,
 )
 from mvitv2.utils.choice import Choice
-from mvitv2.utils.timing import MeasuredChoices
+from mvitv2.utils.timing import MeasuredChoices, best_ms
 
 #: Valid names for :func:`set_attention_impl`.
 ATTENTION_IMPLS = ("auto", "reference", "bias", "folded", "chunked", "memeff")
@@ -241,15 +243,18 @@ def _attention_bias(q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos |
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
-def _fold(q: Tensor, k: Tensor, rel: RelPos, factor: float) -> tuple[Tensor, Tensor]:
+def _fold(
+    q: Tensor, k: Tensor, rel: RelPos, factor: float, extra: int = 0
+) -> tuple[Tensor, Tensor]:
     """The folded rel-pos term: ``a * factor`` and ``k' = [k, onehots]``, so that
-    ``[q, a] . k'`` adds it (no rel term on prefix rows/columns)."""
+    ``[q, a] . k'`` adds it (no rel term on prefix rows/columns); ``extra`` zero columns end
+    both ``a`` and the one-hots (a wider kernel, :func:`folded_width`)."""
     p = rel.num_prefix
     B, nH = q.shape[:2]
     a = rel_pos_terms(q[:, :, p:], rel.q_thw, rel.k_thw, rel.h, rel.w, rel.t, factor).to(q.dtype)
-    if p:  # the cls query gets zero coefficients, the cls key zero one-hots
-        a = F.pad(a, (0, 0, p, 0))
-    onehot = key_onehots(rel.k_thw, rel.t is not None, p, q.device, k.dtype)
+    if p or extra:  # the cls query gets zero coefficients, the cls key zero one-hots
+        a = F.pad(a, (0, extra, p, 0))
+    onehot = key_onehots(rel.k_thw, rel.t is not None, p, q.device, k.dtype, extra)
     return a, torch.cat((k, onehot.expand(B, nH, -1, -1)), dim=-1)
 
 
@@ -260,14 +265,72 @@ def attention_folded(
 
     ``q' = [q, a/scale]``, ``k' = [k, onehots]`` (zero coefficients for the cls query, zero
     one-hots for the cls key), ``v`` zero-padded to the same width; the output keeps ``C``.
+    At CPU inference the width may be padded further with zero columns (:func:`folded_width`).
     """
     if rel is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    C = q.shape[-1]
-    a, k2 = _fold(q, k, rel, 1.0 / scale)
+    C, terms = q.shape[-1], rel.num_terms()
+    width = folded_width(C + terms, q)
+    a, k2 = _fold(q, k, rel, 1.0 / scale, width - C - terms)
     q2 = torch.cat((q, a), dim=-1)
-    v2 = F.pad(v, (0, q2.shape[-1] - C))
+    v2 = F.pad(v, (0, width - C))
     return F.scaled_dot_product_attention(q2, k2, v2, scale=scale)[..., :C]
+
+
+#: At CPU inference the folded path pads its width to a multiple of this where measured faster.
+FOLDED_MULTIPLE = 32
+
+
+def folded_width(width: int, q: Tensor) -> int:
+    """The width the folded path runs SDPA at for queries ``q``: ``width`` (head width plus
+    rel-pos terms), rounded up to a multiple of :data:`FOLDED_MULTIPLE` at CPU inference where
+    :func:`folded_padding_ms` found that faster for ``q``'s dtype. PyTorch's CPU flash attention
+    runs its reduced-precision GEMMs on AMX tiles 32 bf16 values deep: on the Intel Xeon of
+    docs/benchmarks.md (2 threads) MViTv2-S's bf16 folded SDPA took 16.1 ms at width 132 and
+    12.3 at 160, 20.3 at 118 and 12.7 at 128; fp32 was as fast or slower padded."""
+    if (
+        width % FOLDED_MULTIPLE == 0
+        or q.device.type != "cpu"
+        or torch.is_grad_enabled()
+        or tracing()
+        or intercepted()
+    ):
+        return width
+    as_is, padded = folded_padding_ms(q.dtype)
+    return -(-width // FOLDED_MULTIPLE) * FOLDED_MULTIPLE if padded < as_is else width
+
+
+def time_folded_padding(dtype: torch.dtype) -> tuple[float, float]:
+    """Time CPU SDPA in ``dtype`` at a folded width of 118 (96-wide heads plus the terms of an
+    8x7x7 key grid) and padded to 128, on ``(1, 2, 1024, width)`` queries and ``(1, 2, 512,
+    width)`` keys and values. Returns ``(as is ms, padded ms)``, the best of alternating rounds
+    (~50 ms in all)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def call(width: int) -> Callable[[], object]:
+        q = torch.randn(1, 2, 1024, width, generator=gen).to(dtype)
+        kv = torch.randn(1, 2, 512, width, generator=gen).to(dtype)
+        return lambda: F.scaled_dot_product_attention(q, kv, kv)
+
+    with torch.autocast("cpu", enabled=False):
+        ms = best_ms({"as is": call(118), "padded": call(128)}, budget_ms=40.0, min_rounds=3)
+    return ms["as is"], ms["padded"]
+
+
+#: :func:`time_folded_padding` once per process and dtype.
+folded_padding_ms = functools.cache(time_folded_padding)
+
+
+def folded_choice(dtype: torch.dtype, training: bool) -> dict[str, str]:
+    """How wide the folded path runs on a CPU in compute ``dtype`` and why:
+    ``{"folded_width": ..., "folded_width_why": ...}``; measures at inference if not yet done."""
+    if training:
+        return {"folded_width": "as is", "folded_width_why": "with gradients: not padded"}
+    as_is, padded = folded_padding_ms(dtype)
+    name = str(dtype).removeprefix("torch.")
+    chosen = f"padded to a multiple of {FOLDED_MULTIPLE}" if padded < as_is else "as is"
+    why = f"measured {name} SDPA at width 118: {as_is:.2f} ms, padded to 128: {padded:.2f} ms"
+    return {"folded_width": chosen, "folded_width_why": why}
 
 
 def attention_chunked(

@@ -68,6 +68,11 @@ class RelPos:
         self.q_thw, self.k_thw = q_thw, k_thw
         self.num_prefix = num_prefix
 
+    def num_terms(self) -> int:
+        """Coefficients per query of the folded form: ``kh + kw`` (``+ kt``)."""
+        kt, kh, kw = self.k_thw
+        return kh + kw + (kt if self.t is not None else 0)
+
 
 def rel_pos_bias(
     q: Tensor,
@@ -242,26 +247,42 @@ def rel_pos_onehots(
 
 
 def key_onehots(
-    k_thw: Grid, temporal: bool, num_prefix: int, device: torch.device, dtype: torch.dtype
+    k_thw: Grid,
+    temporal: bool,
+    num_prefix: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    extra: int = 0,
 ) -> Tensor:
-    """:func:`rel_pos_onehots` after ``num_prefix`` zero rows (prefix keys get no rel-pos term),
-    made once per arguments in eager code (read-only: it is shared)."""
+    """:func:`rel_pos_onehots` after ``num_prefix`` zero rows (prefix keys get no rel-pos term)
+    and before ``extra`` zero columns, made once per arguments in eager code (read-only: it is
+    shared)."""
     if tracing() or intercepted():
-        return _key_onehots(k_thw, temporal, num_prefix, device, dtype)
-    return _kept_key_onehots(k_thw, temporal, num_prefix, device, dtype)
+        return _key_onehots(k_thw, temporal, num_prefix, device, dtype, extra)
+    return _kept_key_onehots(k_thw, temporal, num_prefix, device, dtype, extra)
 
 
 def _key_onehots(
-    k_thw: Grid, temporal: bool, num_prefix: int, device: torch.device, dtype: torch.dtype
+    k_thw: Grid,
+    temporal: bool,
+    num_prefix: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    extra: int,
 ) -> Tensor:
-    return F.pad(rel_pos_onehots(k_thw, temporal, device, dtype), (0, 0, num_prefix, 0))
+    return F.pad(rel_pos_onehots(k_thw, temporal, device, dtype), (0, extra, num_prefix, 0))
 
 
 # A detector sees a new key grid per image size in its global blocks (~0.3 MB each at 1024
 # px): at most 64 are kept.
 @functools.lru_cache(maxsize=64)
 def _kept_key_onehots(
-    k_thw: Grid, temporal: bool, num_prefix: int, device: torch.device, dtype: torch.dtype
+    k_thw: Grid,
+    temporal: bool,
+    num_prefix: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    extra: int,
 ) -> Tensor:
     with torch.inference_mode(False):  # a normal tensor: autograd may save it later
-        return _key_onehots(k_thw, temporal, num_prefix, device, dtype)
+        return _key_onehots(k_thw, temporal, num_prefix, device, dtype, extra)
