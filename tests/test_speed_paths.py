@@ -735,12 +735,14 @@ def test_the_folded_width_is_padded_only_at_cpu_inference_where_measured_faster(
         monkeypatch.undo()
         monkeypatch.setattr(attn_mod, "folded_padding_ms", lambda d: ms(d, faster=False))
         assert attn_mod.folded_width(118, q) == 118
+        monkeypatch.setattr(attn_mod, "folded_padding_ms", lambda d: (1.0, 1.0))
+        assert attn_mod.folded_width(118, q) == 118  # a tie: not padded
     assert attn_mod.folded_width(118, q) == 118  # gradients enabled
     assert asked == [torch.bfloat16] * 4
 
 
 def test_folded_choice_reports_the_measured_widths(monkeypatch):
-    monkeypatch.setattr(attn_mod, "folded_padding_ms", lambda d: (3.456, 1.2))
+    monkeypatch.setattr(attn_mod, "folded_padding_ms", {torch.bfloat16: (3.456, 1.2)}.get)
     assert attn_mod.folded_choice(torch.bfloat16, False) == {
         "folded_width": "padded to a multiple of 32",
         "folded_width_why": "measured bfloat16 SDPA at width 118: 3.46 ms, padded to 128: 1.20 ms",
@@ -762,7 +764,17 @@ def test_time_folded_padding_times_sdpa_at_widths_118_and_128_in_the_asked_dtype
         return real_sdpa(q, k, v, **kw)
 
     monkeypatch.setattr(attn_mod.F, "scaled_dot_product_attention", spy)
+    rng = torch.get_rng_state()
     with torch.autocast("cpu", torch.bfloat16):
         as_is, padded = attn_mod.time_folded_padding(torch.float16)
+    assert torch.equal(torch.get_rng_state(), rng)  # its own generator: the user's RNG untouched
     assert as_is > 0 and padded > 0
     assert seen == {((1, 2, 1024, w), (1, 2, 512, w), torch.float16, False) for w in (118, 128)}
+
+
+def test_folded_attention_without_rel_pos_is_plain_scaled_attention():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (5, 7, 7))
+    v = v * 2 + 1  # v distinct from k
+    want = torch.softmax((q * 0.3) @ k.transpose(-2, -1), dim=-1) @ v
+    torch.testing.assert_close(attn_mod.attention_folded(q, k, v, 0.3), want)

@@ -243,9 +243,7 @@ def _attention_bias(q: Tensor, k: Tensor, v: Tensor, scale: float, rel: RelPos |
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
-def _fold(
-    q: Tensor, k: Tensor, rel: RelPos, factor: float, extra: int = 0
-) -> tuple[Tensor, Tensor]:
+def _fold(q: Tensor, k: Tensor, rel: RelPos, factor: float, extra: int) -> tuple[Tensor, Tensor]:
     """The folded rel-pos term: ``a * factor`` and ``k' = [k, onehots]``, so that
     ``[q, a] . k'`` adds it (no rel term on prefix rows/columns); ``extra`` zero columns end
     both ``a`` and the one-hots (a wider kernel, :func:`folded_width`)."""
@@ -345,7 +343,7 @@ def attention_chunked(
     """
     qs, a, k2 = q * scale, None, k
     if rel is not None:
-        a, k2 = _fold(qs, k, rel, 1.0 / scale)  # a from the unscaled q
+        a, k2 = _fold(qs, k, rel, 1.0 / scale, 0)  # a from the unscaled q
 
     k2t = k2.transpose(-2, -1)
 

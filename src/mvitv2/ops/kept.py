@@ -58,7 +58,8 @@ def kept(kind: str, key: Hashable, make: Callable[..., Tensor], *sources: Tensor
         kind: what is kept (``"cast"``, ``"heads"``...; :func:`kept_bytes` counts per kind).
             One tensor per kind and number of sources is kept for a first source.
         key: what else ``make`` depends on (dtype, sizes...): another key replaces it.
-        make: makes the tensor from ``sources`` (values only; no gradients are recorded).
+        make: makes the tensor from ``sources``: a new tensor, neither a source nor a view of
+            one (a kept value that holds its first source would keep it alive).
         sources: the tensors it is made from (parameters).
     """
     if not keeping() or any(s.is_inference() for s in sources):
