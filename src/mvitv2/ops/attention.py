@@ -275,14 +275,18 @@ def attention_folded(
     return F.scaled_dot_product_attention(q2, k2, v2, scale=scale)[..., :C]
 
 
-#: At CPU inference the folded path pads its width to a multiple of this where measured faster.
+#: At CPU inference the folded path pads its width to a multiple of this where measured faster
+#: by :data:`FOLDED_MARGIN` (fp32 is within noise at the probe and slower on wider pads, bf16 on
+#: AMX 2-4x faster).
 FOLDED_MULTIPLE = 32
+FOLDED_MARGIN = 0.1
 
 
 def folded_width(width: int, q: Tensor) -> int:
     """The width the folded path runs SDPA at for queries ``q``: ``width`` (head width plus
     rel-pos terms), rounded up to a multiple of :data:`FOLDED_MULTIPLE` at CPU inference where
-    :func:`folded_padding_ms` found that faster for ``q``'s dtype. PyTorch's CPU flash attention
+    :func:`folded_padding_ms` found that faster for ``q``'s dtype by more than
+    :data:`FOLDED_MARGIN`. PyTorch's CPU flash attention
     runs its reduced-precision GEMMs on AMX tiles 32 bf16 values deep: on the Intel Xeon of
     docs/benchmarks.md (2 threads) MViTv2-S's bf16 folded SDPA took 16.1 ms at width 132 and
     12.3 at 160, 20.3 at 118 and 12.7 at 128; fp32 was as fast or slower padded."""
@@ -294,8 +298,12 @@ def folded_width(width: int, q: Tensor) -> int:
         or intercepted()
     ):
         return width
-    as_is, padded = folded_padding_ms(q.dtype)
-    return -(-width // FOLDED_MULTIPLE) * FOLDED_MULTIPLE if padded < as_is else width
+    padded = _padding_faster(*folded_padding_ms(q.dtype))
+    return -(-width // FOLDED_MULTIPLE) * FOLDED_MULTIPLE if padded else width
+
+
+def _padding_faster(as_is_ms: float, padded_ms: float) -> bool:
+    return padded_ms < (1.0 - FOLDED_MARGIN) * as_is_ms
 
 
 def time_folded_padding(dtype: torch.dtype) -> tuple[float, float]:
@@ -326,7 +334,9 @@ def folded_choice(dtype: torch.dtype, training: bool) -> dict[str, str]:
         return {"folded_width": "as is", "folded_width_why": "with gradients: not padded"}
     as_is, padded = folded_padding_ms(dtype)
     name = str(dtype).removeprefix("torch.")
-    chosen = f"padded to a multiple of {FOLDED_MULTIPLE}" if padded < as_is else "as is"
+    chosen = (
+        f"padded to a multiple of {FOLDED_MULTIPLE}" if _padding_faster(as_is, padded) else "as is"
+    )
     why = f"measured {name} SDPA at width 118: {as_is:.2f} ms, padded to 128: {padded:.2f} ms"
     return {"folded_width": chosen, "folded_width_why": why}
 
