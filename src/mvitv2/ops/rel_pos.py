@@ -257,9 +257,10 @@ def key_onehots(
     """:func:`rel_pos_onehots` after ``num_prefix`` zero rows (prefix keys get no rel-pos term)
     and before ``extra`` zero columns, made once per arguments in eager code (read-only: it is
     shared)."""
+    args = (k_thw, temporal, num_prefix, device, dtype, extra)
     if tracing() or intercepted():
-        return _key_onehots(k_thw, temporal, num_prefix, device, dtype, extra)
-    return _kept_key_onehots(k_thw, temporal, num_prefix, device, dtype, extra)
+        return _key_onehots(*args)
+    return _kept_key_onehots(args)
 
 
 def _key_onehots(
@@ -276,13 +277,6 @@ def _key_onehots(
 # A detector sees a new key grid per image size in its global blocks (~0.3 MB each at 1024
 # px): at most 64 are kept.
 @functools.lru_cache(maxsize=64)
-def _kept_key_onehots(
-    k_thw: Grid,
-    temporal: bool,
-    num_prefix: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    extra: int,
-) -> Tensor:
+def _kept_key_onehots(args: tuple) -> Tensor:
     with torch.inference_mode(False):  # a normal tensor: autograd may save it later
-        return _key_onehots(k_thw, temporal, num_prefix, device, dtype, extra)
+        return _key_onehots(*args)
