@@ -175,7 +175,7 @@ def test_a_rel_pos_table_used_on_other_grids_or_with_another_factor_is_gathered_
 
 
 def test_key_onehots_are_zero_rows_for_the_prefix_then_the_onehots_and_made_once():
-    rel_pos._kept_key_onehots.cache_clear()
+    rel_pos.key_onehots.cache_clear()
     cpu = torch.device("cpu")
     got = key_onehots((2, 3, 4), True, 1, cpu, torch.bfloat16)
     assert got.dtype == torch.bfloat16 and got.shape == (1 + 24, 3 + 4 + 2)
@@ -187,13 +187,14 @@ def test_key_onehots_are_zero_rows_for_the_prefix_then_the_onehots_and_made_once
     assert key_onehots((2, 3, 4), True, 1, cpu, torch.bfloat16) is got
     wide = key_onehots((2, 3, 4), True, 1, cpu, torch.bfloat16, 5)  # + zero columns
     assert wide.shape == (25, 14) and torch.equal(wide[:, :9], got) and not wide[:, 9:].any()
+    assert torch.equal(key_onehots((2, 3, 4), True, 1, cpu, torch.bfloat16, extra=5), wide)
     assert key_onehots((2, 3, 4), False, 0, cpu, torch.float32).shape == (24, 7)
 
 
 def test_key_onehots_kept_in_inference_mode_serve_autograd_and_none_are_kept_when_traced():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    rel_pos._kept_key_onehots.cache_clear()
+    rel_pos.key_onehots.cache_clear()
     cpu = torch.device("cpu")
     with torch.inference_mode():
         hot = key_onehots((1, 2, 2), False, 0, cpu, torch.float32)
@@ -211,7 +212,7 @@ def test_key_onehots_kept_in_inference_mode_serve_autograd_and_none_are_kept_whe
         check_trace=False,
     )
     assert "aten::eye" in str(traced.graph)
-    assert rel_pos._kept_key_onehots.cache_info().currsize == 2
+    assert rel_pos.key_onehots.cache_info().currsize == 2
 
 
 def _video_model() -> torch.nn.Module:

@@ -286,10 +286,10 @@ def folded_width(width: int, q: Tensor) -> int:
     """The width the folded path runs SDPA at for queries ``q``: ``width`` (head width plus
     rel-pos terms), rounded up to a multiple of :data:`FOLDED_MULTIPLE` at CPU inference where
     :func:`folded_padding_ms` found that faster for ``q``'s dtype by more than
-    :data:`FOLDED_MARGIN`. PyTorch's CPU flash attention
-    runs its reduced-precision GEMMs on AMX tiles 32 bf16 values deep: on the Intel Xeon of
-    docs/benchmarks.md (2 threads) MViTv2-S's bf16 folded SDPA took 16.1 ms at width 132 and
-    12.3 at 160, 20.3 at 118 and 12.7 at 128; fp32 was as fast or slower padded."""
+    :data:`FOLDED_MARGIN`. PyTorch's CPU flash attention runs its reduced-precision GEMMs on
+    AMX tiles 32 bf16 values deep: on the Intel Xeon of docs/benchmarks.md (2 threads)
+    MViTv2-S's bf16 folded SDPA took 16.1 ms at width 132 and 12.3 at 160, 20.3 at 118 and
+    12.7 at 128; fp32 was as fast or slower padded."""
     if (
         width % FOLDED_MULTIPLE == 0
         or q.device.type != "cpu"

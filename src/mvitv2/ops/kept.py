@@ -16,10 +16,14 @@ through ``.data`` are not counted either: call :func:`clear_kept` after them. No
 with gradients enabled, while compiling, exporting or tracing, under a dispatch mode (FLOP
 counting), or from an inference tensor (no version counter): there the derivation is made
 afresh at each call.
+
+Tensors that depend on their arguments only (rel-pos index tables, key one-hots) are made once
+per arguments in eager code (:func:`once_per_arguments`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable
 from typing import NamedTuple
 
@@ -97,6 +101,32 @@ def kept_bytes(kind: str | None = None) -> int:
 def clear_kept() -> None:
     """Drop every kept tensor (each is made again when next used)."""
     _KEPT.clear()
+
+
+def once_per_arguments(maxsize: int) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Decorator for a tensor that depends only on its (hashable) arguments: in eager code made
+    once per arguments (at most ``maxsize`` kept) and shared, so read-only; a normal tensor, so
+    autograd may save it even when first made under ``inference_mode``. While tracing or under
+    a dispatch mode it is made afresh, as ops of the graph (a traced constant, or a fake tensor
+    kept from FLOP counting, would break later calls). The wrapper has ``cache_info`` and
+    ``cache_clear`` of :func:`functools.lru_cache`."""
+
+    def decorate(make: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        @functools.lru_cache(maxsize=maxsize)
+        def made(*args: object, **kwargs: object) -> Tensor:
+            with torch.inference_mode(False):
+                return make(*args, **kwargs)
+
+        @functools.wraps(make)
+        def get(*args: object, **kwargs: object) -> Tensor:
+            if tracing() or intercepted():
+                return make(*args, **kwargs)
+            return made(*args, **kwargs)
+
+        get.cache_info, get.cache_clear = made.cache_info, made.cache_clear
+        return get
+
+    return decorate
 
 
 def _drop_after_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:

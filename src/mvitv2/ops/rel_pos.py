@@ -9,14 +9,12 @@ so that it exports to ONNX and compiles without graph breaks. Shapes: ``B`` batc
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mvitv2.ops.context import intercepted, tracing
-from mvitv2.ops.kept import kept
+from mvitv2.ops.context import tracing
+from mvitv2.ops.kept import kept, once_per_arguments
 
 Grid = tuple[int, int, int]
 
@@ -40,20 +38,17 @@ def resize_rel_pos(table: Tensor, length: int) -> Tensor:
     return F.interpolate(table.t()[None], size=length, mode="linear")[0].t()
 
 
-@functools.lru_cache(maxsize=256)
+# The indices depend only on the sizes, so eager code keeps them: making them was 432 of
+# MViTv2-S's ~2,500 ops per forward (~2 ms of its 250 ms bf16 clip, Intel Xeon 2 threads).
+@once_per_arguments(maxsize=256)
 def _kept_index(q_size: int, k_size: int, device: torch.device) -> Tensor:
-    """:func:`rel_pos_index`, made once per sizes and device (read-only: it is shared)."""
-    with torch.inference_mode(False):  # a normal tensor: autograd may save it later
-        return rel_pos_index(q_size, k_size, device)
+    """:func:`rel_pos_index`, made once per sizes and device in eager code."""
+    return rel_pos_index(q_size, k_size, device)
 
 
 def get_rel_pos(q_size: int, k_size: int, table: Tensor) -> Tensor:
     """Relative embeddings ``(q_size, k_size, C)`` for one axis, resizing the table if needed."""
     table = resize_rel_pos(table, 2 * max(q_size, k_size) - 1)
-    # The indices depend only on the sizes, so eager code keeps them: making them was 432 of
-    # MViTv2-S's ~2,500 ops per forward (~2 ms of its 250 ms bf16 clip, Intel Xeon 2 threads).
-    if tracing() or intercepted():
-        return table[rel_pos_index(q_size, k_size, table.device)]
     return table[_kept_index(q_size, k_size, table.device)]
 
 
@@ -246,6 +241,9 @@ def rel_pos_onehots(
     return torch.cat(parts, dim=-1).reshape(kt * kh * kw, -1)
 
 
+# A detector sees a new key grid per image size in its global blocks (~0.3 MB each at 1024
+# px): at most 64 are kept.
+@once_per_arguments(maxsize=64)
 def key_onehots(
     k_thw: Grid,
     temporal: bool,
@@ -255,28 +253,5 @@ def key_onehots(
     extra: int = 0,
 ) -> Tensor:
     """:func:`rel_pos_onehots` after ``num_prefix`` zero rows (prefix keys get no rel-pos term)
-    and before ``extra`` zero columns, made once per arguments in eager code (read-only: it is
-    shared)."""
-    args = (k_thw, temporal, num_prefix, device, dtype, extra)
-    if tracing() or intercepted():
-        return _key_onehots(*args)
-    return _kept_key_onehots(args)
-
-
-def _key_onehots(
-    k_thw: Grid,
-    temporal: bool,
-    num_prefix: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    extra: int,
-) -> Tensor:
+    and before ``extra`` zero columns, made once per arguments in eager code."""
     return F.pad(rel_pos_onehots(k_thw, temporal, device, dtype), (0, extra, num_prefix, 0))
-
-
-# A detector sees a new key grid per image size in its global blocks (~0.3 MB each at 1024
-# px): at most 64 are kept.
-@functools.lru_cache(maxsize=64)
-def _kept_key_onehots(args: tuple) -> Tensor:
-    with torch.inference_mode(False):  # a normal tensor: autograd may save it later
-        return _key_onehots(*args)
