@@ -1,18 +1,27 @@
 """Memory-efficient exact attention for training: a custom autograd function, flash-attention style.
 
 SDPA's CPU backward with a float bias falls back to the math kernel and keeps the full
-probabilities and the bias gradient; this keeps neither. The forward goes over query chunks, adds
-the rel-pos term per chunk from per-query coefficients (:func:`~mvitv2.ops.rel_pos.rel_pos_terms`)
-and saves only q, k and v; the backward recomputes the coefficients and each chunk's
-probabilities, with the same fused softmax kernel on the same scores (so the same values), and
-takes the softmax gradient from PyTorch's fused kernel too.
+probabilities and the bias gradient; this keeps neither. The forward goes over query chunks and
+saves only q, k and v; the backward recomputes each chunk's probabilities, with the same kernels
+on the same operands (so the same values), and takes the softmax gradient from PyTorch's fused
+kernel too.
+
+The rel-pos term is folded into the score product, as in the ``"chunked"`` inference path: per
+query the coefficients ``a = [a_h, a_w(, a_t)]`` (:func:`~mvitv2.ops.rel_pos.rel_pos_terms`)
+extend the scaled query, per key its one-hots (:func:`~mvitv2.ops.rel_pos.key_onehots`) extend
+the key, and ``[q*s, a] . [k, onehots]`` is the score with the term added. In the backward the
+same product with the score gradient gives the query gradient and the coefficients' gradient in
+one GEMM. The wider GEMMs cost less than the broadcast adds over each score chunk and the sums
+over the key grid that they replace (bandwidth-bound passes: MViTv2-T's training step at batch
+16, Intel Xeon 2 threads, see docs/benchmarks.md session 25).
 
 Inside, the query-side tensors lie row-major over the groups: ``(N, G, .)`` with ``G = B * nH``
 (batch entry and head) in the middle. A chunk of query rows is then one contiguous block, and the
 four products that map query rows to query rows (scores, outputs, and their gradients) are each
 one :func:`~mvitv2.ops.gemm.group_products` call: a oneDNN grouped convolution where measured
 faster than the batched GEMM. The two that sum over the query rows (the key and value gradients)
-stay batched GEMMs. Shapes: ``B`` batch, ``nH`` heads, ``C`` head width, ``G = B * nH``.
+stay batched GEMMs. Shapes: ``B`` batch, ``nH`` heads, ``C`` head width, ``G = B * nH``, ``R``
+rel-pos coefficients per query (``kh + kw (+ kt)``, 0 without rel-pos).
 """
 
 from __future__ import annotations
@@ -20,11 +29,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mvitv2.ops.context import tracing
 from mvitv2.ops.gemm import group_products, group_products_on_onednn
-from mvitv2.ops.rel_pos import Grid, RelPos, get_rel_pos, terms_from_gathered
+from mvitv2.ops.rel_pos import Grid, RelPos, get_rel_pos, key_onehots, terms_from_gathered
 
 #: Score elements per query chunk of :func:`attention_memeff` (forward and backward): 64 MB of
 #: fp32 scores. Fewer, larger products than 4M (MViTv2-T's training step at batch 16 ~3 % faster
@@ -55,13 +65,40 @@ def _by_groups(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
-def _scaled_rows(q: Tensor, r0: int, n: int, scale: float) -> Tensor:
-    """Rows ``r0 .. r0+n`` of ``q`` ``(B, nH, Nq, C)`` times ``scale`` as ``(n, G, C)``: one
-    pass that scales and lays them out."""
+def _query_rows(q: Tensor, a: Tensor | None, r0: int, n: int, scale: float, p: int) -> Tensor:
+    """Rows ``r0 .. r0+n`` of the folded queries ``[q*scale, a]`` as ``(n, G, C + R)``, made in
+    one buffer: ``q`` ``(B, nH, Nq, C)``, ``a`` the rel-pos coefficients of the grid queries by
+    rows ``(Nq - p, G, R)`` or None (then just the scaled rows); the ``p`` prefix rows get zero
+    coefficients (no rel-pos term)."""
     B, nH, _, C = q.shape
-    out = q.new_empty(n, B, nH, C)
-    torch.mul(q[:, :, r0 : r0 + n].permute(2, 0, 1, 3), scale, out=out)
-    return out.view(n, B * nH, C)
+    rows = q[:, :, r0 : r0 + n].permute(2, 0, 1, 3)
+    if tracing():  # one chunk, and no strided out= (which dynamo refuses)
+        qs = (rows * scale).reshape(n, B * nH, C)
+        return qs if a is None else torch.cat((qs, F.pad(a, (0, 0, 0, 0, p, 0))), dim=-1)
+    R = 0 if a is None else a.shape[-1]
+    out = q.new_empty(n, B, nH, C + R)
+    torch.mul(rows, scale, out=out[..., :C])
+    out = out.view(n, B * nH, C + R)
+    if a is not None:
+        g0 = max(r0, p)  # first grid query row of the chunk
+        out[: g0 - r0, :, C:] = 0
+        out[g0 - r0 :, :, C:] = a[g0 - p : r0 + n - p]
+    return out
+
+
+def _folded_keys(k: Tensor, k_thw: Grid | None, p: int, temporal: bool) -> Tensor:
+    """The keys ``(B, nH, Nk, C)`` as ``(G, Nk, C + R)``: each followed by its rel-pos one-hots
+    (zeros for the ``p`` prefix keys), or as they are without rel-pos (``k_thw`` None)."""
+    if k_thw is None:
+        return _by_groups(k)
+    B, nH, Nk, C = k.shape
+    onehots = key_onehots(k_thw, temporal, p, k.device, k.dtype)
+    if tracing():
+        return torch.cat((_by_groups(k), onehots.expand(B * nH, -1, -1)), dim=-1)
+    out = k.new_empty(B, nH, Nk, C + onehots.shape[-1])  # both copied in, once
+    out[..., :C] = k
+    out[..., C:] = onehots
+    return out.view(B * nH, Nk, -1)
 
 
 def _rel_coeffs(
@@ -77,37 +114,10 @@ def _rel_coeffs(
     return r, _by_rows(terms_from_gathered(r, rh, rw, rt))
 
 
-def _memeff_scores(
-    qs: Tensor,
-    k3: Tensor,
-    a: Tensor | None,
-    k_thw: Grid | None,
-    p: int,
-    r0: int,
-    onednn: bool,
-) -> Tensor:
-    """Scores ``qs @ k^T + rel`` of one query chunk, ``(n, G, Nk)``.
-
-    ``qs`` holds the scaled query rows ``r0 .. r0+n`` ``(n, G, C)``, ``k3`` the keys
-    ``(G, Nk, C)``, ``a`` the rel-pos coefficients of all grid queries ``(Nq - p, G, kh + kw
-    (+ kt))`` (rows offset by the ``p`` prefix tokens, which, like the prefix keys, get no
-    rel-pos term).
-    """
-    s = group_products(qs, k3, onednn)
-    if a is None:
-        return s
-    n = qs.shape[0]
-    g0 = max(r0, p)  # first grid query row of the chunk
-    if g0 >= r0 + n:
-        return s
-    kt_, kh, kw = k_thw
-    ac = a[g0 - p : r0 + n - p]
-    grid = s[g0 - r0 :, :, p:].unflatten(-1, (kt_, kh, kw))
-    grid.add_(ac[..., None, :kh, None])
-    grid.add_(ac[..., None, None, kh : kh + kw])
-    if ac.shape[-1] > kh + kw:  # temporal term
-        grid.add_(ac[..., kh + kw :, None, None])
-    return s
+def _memeff_scores(qf: Tensor, kf: Tensor, onednn: bool) -> Tensor:
+    """Scores of one query chunk ``(n, G, Nk)``, rel-pos term included: the folded query rows
+    ``qf`` ``(n, G, C + R)`` times the folded keys ``kf`` ``(G, Nk, C + R)``."""
+    return group_products(qf, kf, onednn)
 
 
 def _row_wise(fn: Callable[..., Tensor], *ts: Tensor) -> Tensor:
@@ -153,8 +163,9 @@ class _MemEffAttention(torch.autograd.Function):
     q ``(B, nH, Nq, C)``, k/v ``(B, nH, Nk, C)``; ``rh``/``rw``/``rt`` the gathered rel-pos
     tables ``(q_size, k_size, C)`` of each axis (None: no rel-pos; ``rt`` None: no temporal
     term). Per grid query ``i`` the coefficients ``a[i] = [q_i . rh[h(i)], q_i . rw[w(i)],
-    q_i . rt[t(i)]]`` are broadcast over the key grid; their gradient is the score gradient
-    summed over the broadcast axes, which goes back to q and the gathered tables.
+    q_i . rt[t(i)]]`` meet the key one-hots in the folded product; their gradient, the score
+    gradient times the one-hots (summed over the key grid), goes back to q and the gathered
+    tables.
     """
 
     @staticmethod
@@ -162,13 +173,13 @@ class _MemEffAttention(torch.autograd.Function):
         B, nH, Nq, _ = q.shape
         Nk = k.shape[2]
         onednn = group_products_on_onednn(q)
-        k3, v3 = _by_groups(k), _by_groups(v)
+        kf, v3 = _folded_keys(k, k_thw, p, rt is not None), _by_groups(v)
         _, a = _rel_coeffs(q, rh, rw, rt, q_thw, p)
         rows = _memeff_rows(B * nH, Nq, Nk)
         outs = []
         for r0 in range(0, Nq, rows):
             n = min(rows, Nq - r0)
-            s = _memeff_scores(_scaled_rows(q, r0, n, scale), k3, a, k_thw, p, r0, onednn)
+            s = _memeff_scores(_query_rows(q, a, r0, n, scale, p), kf, onednn)
             prob = _softmax(s).to(q.dtype)
             outs.append(group_products(prob, v3, onednn, transposed=False))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -184,42 +195,36 @@ class _MemEffAttention(torch.autograd.Function):
         Nk = k.shape[2]
         dt = q.dtype
         onednn = group_products_on_onednn(q)
-        k3, v3, dout_r = _by_groups(k), _by_groups(v), _by_rows(dout)
+        kf, v3, dout_r = _folded_keys(k, k_thw, p, rt is not None), _by_groups(v), _by_rows(dout)
         r, a = _rel_coeffs(q, rh, rw, rt, q_thw, p)
         dk = dv = None  # the first chunk's products, then accumulated (no zero-filled buffers)
         dq = q.new_empty(Nq, B * nH, C)
-        das = []
+        da = None if a is None else torch.empty_like(a)
         rows = _memeff_rows(B * nH, Nq, Nk)
         for r0 in range(0, Nq, rows):
             n = min(rows, Nq - r0)
-            qs, doc = _scaled_rows(q, r0, n, scale), dout_r[r0 : r0 + n]
-            # the forward's probabilities again: the same kernel on the same scores
-            prob = _softmax(_memeff_scores(qs, k3, a, k_thw, p, r0, onednn))
+            qf, doc = _query_rows(q, a, r0, n, scale, p), dout_r[r0 : r0 + n]
+            # the forward's probabilities again: the same kernels on the same operands
+            prob = _softmax(_memeff_scores(qf, kf, onednn))
             dv = _sum_over_rows(prob.to(dt), doc, dv)
             # The softmax backward in fp32, as flash attention's (``.float()`` and ``.to(dt)`` are
             # no-ops in fp32): in bf16, d(probs) - (d(probs) . probs) cancels most of 8 bits.
             dprob = group_products(doc, v3, onednn).float()
             ds = _softmax_grad(dprob, prob).to(dt)
             del prob, dprob
-            dqc = group_products(ds, k3, onednn, transposed=False)
-            torch.mul(dqc, scale, out=dq[r0 : r0 + n])
-            dk = _sum_over_rows(ds, qs, dk)  # dk = scale * ds^T q (qs holds the scaled rows)
-            if a is not None:
-                kt_, kh, kw = k_thw
+            # [dq/scale, da] = ds @ [k, onehots]: the coefficients' gradient in the same GEMM
+            dqf = group_products(ds, kf, onednn, transposed=False)
+            torch.mul(dqf[..., :C], scale, out=dq[r0 : r0 + n])
+            if da is not None:
                 g0 = max(r0, p)
-                if g0 < r0 + n:
-                    grid = ds[g0 - r0 :, :, p:].unflatten(-1, (kt_, kh, kw))
-                    parts = [grid.sum(dim=(2, 4)), grid.sum(dim=(2, 3))]
-                    if rt is not None:
-                        parts.append(grid.sum(dim=(3, 4)))
-                    das.append(torch.cat(parts, dim=-1))
+                da[g0 - p : r0 + n - p] = dqf[g0 - r0 :, :, C:]
+            dk = _sum_over_rows(ds, qf[..., :C], dk)  # dk = scale * ds^T q: qf's scaled rows
         dq = dq.view(Nq, B, nH, C).permute(1, 2, 0, 3)
         drh = drw = drt = None
         if a is not None:
             del a
             qt, qh, qw = q_thw
             kh, kw = k_thw[1:]
-            da = das[0] if len(das) == 1 else torch.cat(das)
             da = da.view(qt, qh, qw, B, nH, -1).permute(3, 4, 0, 1, 2, 5)
             da_h, da_w = da[..., :kh], da[..., kh : kh + kw]
             # a_h = r @ rh^T batched over qh (a_w over qw, a_t over qt): the matmul gradients.
@@ -244,8 +249,8 @@ def attention_memeff(
 ) -> Tensor:
     """Memory-efficient exact attention for training (custom autograd, flash-attention style).
 
-    The rel-pos term is added per query chunk from the per-query coefficients of
-    :func:`rel_pos_terms` (broadcast over the key grid); the backward recomputes the
+    The rel-pos term is folded into the score product per query chunk (the per-query
+    coefficients of :func:`rel_pos_terms` against the key one-hots); the backward recomputes the
     coefficients and the scores chunk by chunk, so neither the score matrix, the probabilities,
     a bias (or its gradient) nor copies of ``q`` are kept for backward. The gathered rel-pos
     tables get their gradients from the function, the tables themselves by ordinary autograd.
