@@ -12,8 +12,9 @@ extend the scaled query, per key its one-hots (:func:`~mvitv2.ops.rel_pos.key_on
 the key, and ``[q*s, a] . [k, onehots]`` is the score with the term added. In the backward the
 same product with the score gradient gives the query gradient and the coefficients' gradient in
 one GEMM. The wider GEMMs cost less than the broadcast adds over each score chunk and the sums
-over the key grid that they replace (bandwidth-bound passes: MViTv2-T's training step at batch
-16, Intel Xeon 2 threads, see docs/benchmarks.md session 25).
+over the key grid that they replace, which are bandwidth-bound passes (MViTv2-T's training step
+at batch 16, Intel Xeon 2 threads: its attention 3 %, the step 2.6-3.2 % faster; see
+docs/benchmarks.md, session 25).
 
 Inside, the query-side tensors lie row-major over the groups: ``(N, G, .)`` with ``G = B * nH``
 (batch entry and head) in the middle. A chunk of query rows is then one contiguous block, and the
