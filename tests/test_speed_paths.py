@@ -231,6 +231,32 @@ def test_memeff_score_chunks_stay_within_the_chunk_budget_forward_and_backward(m
     assert sizes == [(14, 4, 48), (14, 4, 48), (12, 4, 48)] * 2
 
 
+def test_memeff_with_more_prefix_tokens_than_a_chunk_has_rows_gives_the_reference_values(
+    monkeypatch,
+):
+    """Prefix tokens (no rel-pos term) filling a whole query chunk and part of the next: 20
+    prefix rows and chunks of 16 (a budget of 16 rows over 2 x 2 heads and 20 + 12 keys), so
+    the first chunk has no grid query. Output and q, k, v and table gradients equal the explicit
+    reference's."""
+    monkeypatch.setattr(memeff, "MEMEFF_CHUNK_ELEMENTS", 16 * 4 * 32)
+    g = torch.Generator().manual_seed(7)
+    p, C = 20, 8
+    q = torch.randn(2, 2, p + 12, C, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, p + 12, C, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, p + 12, C, generator=g, requires_grad=True)
+    th = torch.randn(7, C, generator=g, requires_grad=True)
+    tw = torch.randn(5, C, generator=g, requires_grad=True)
+    rel = attn_mod.RelPos(th, tw, None, (1, 4, 3), (1, 4, 3), num_prefix=p)
+    assert memeff._memeff_rows(4, p + 12, p + 12) == 16
+    weight = torch.randn(2, 2, p + 12, C, generator=g)
+    results = []
+    for f in (attn_mod.attention_reference, attn_mod.attention_memeff):
+        out = f(q, k, v, C**-0.5, rel)
+        results.append([out, *torch.autograd.grad((out * weight).sum(), (q, k, v, th, tw))])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.allclose(b, a, rtol=0, atol=1e-5 * a.abs().max().item()), i
+
+
 @pytest.mark.parametrize(
     ("budget", "groups", "nq", "nk", "rows"),
     [

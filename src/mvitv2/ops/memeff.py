@@ -83,7 +83,7 @@ def _query_rows(q: Tensor, a: Tensor | None, r0: int, n: int, scale: float, p: i
     if a is not None:
         g0 = max(r0, p)  # first grid query row of the chunk
         out[: g0 - r0, :, C:] = 0
-        out[g0 - r0 :, :, C:] = a[g0 - p : r0 + n - p]
+        out[g0 - r0 :, :, C:] = a[g0 - p : max(r0 + n - p, 0)]  # (none: a chunk of prefix rows)
     return out
 
 
@@ -218,7 +218,7 @@ class _MemEffAttention(torch.autograd.Function):
             torch.mul(dqf[..., :C], scale, out=dq[r0 : r0 + n])
             if da is not None:
                 g0 = max(r0, p)
-                da[g0 - p : r0 + n - p] = dqf[g0 - r0 :, :, C:]
+                da[g0 - p : max(r0 + n - p, 0)] = dqf[g0 - r0 :, :, C:]
             dk = _sum_over_rows(ds, qf[..., :C], dk)  # dk = scale * ds^T q: qf's scaled rows
         dq = dq.view(Nq, B, nH, C).permute(1, 2, 0, 3)
         drh = drw = drt = None
