@@ -38,7 +38,7 @@ from mvitv2.ops.memeff import attention_memeff
 from mvitv2.ops.rel_pos import (
     RelPos,
     bias_from_coeffs,
-    key_onehots,
+    folded_keys,
     rel_pos_bias,
     rel_pos_terms,
 )
@@ -248,12 +248,10 @@ def _fold(q: Tensor, k: Tensor, rel: RelPos, factor: float, extra: int) -> tuple
     ``[q, a] . k'`` adds it (no rel term on prefix rows/columns); ``extra`` zero columns end
     both ``a`` and the one-hots (a wider kernel, :func:`folded_width`)."""
     p = rel.num_prefix
-    B, nH = q.shape[:2]
     a = rel_pos_terms(q[:, :, p:], rel.q_thw, rel.k_thw, rel.h, rel.w, rel.t, factor).to(q.dtype)
     if p or extra:  # the cls query gets zero coefficients, the cls key zero one-hots
         a = F.pad(a, (0, extra, p, 0))
-    onehot = key_onehots(rel.k_thw, rel.t is not None, p, q.device, k.dtype, extra)
-    return a, torch.cat((k, onehot.expand(B, nH, -1, -1)), dim=-1)
+    return a, folded_keys(k, rel.k_thw, rel.t is not None, p, extra)
 
 
 def attention_folded(

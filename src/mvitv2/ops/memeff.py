@@ -35,7 +35,7 @@ from torch import Tensor
 
 from mvitv2.ops.context import tracing
 from mvitv2.ops.gemm import group_products, group_products_on_onednn
-from mvitv2.ops.rel_pos import Grid, RelPos, get_rel_pos, key_onehots, terms_from_gathered
+from mvitv2.ops.rel_pos import Grid, RelPos, folded_keys, get_rel_pos, terms_from_gathered
 
 #: Score elements per query chunk of :func:`attention_memeff` (forward and backward): 64 MB of
 #: fp32 scores. Fewer, larger products than 4M (MViTv2-T's training step at batch 16 ~3 % faster
@@ -89,17 +89,11 @@ def _query_rows(q: Tensor, a: Tensor | None, r0: int, n: int, scale: float, p: i
 
 def _folded_keys(k: Tensor, k_thw: Grid | None, p: int, temporal: bool) -> Tensor:
     """The keys ``(B, nH, Nk, C)`` as ``(G, Nk, C + R)``: each followed by its rel-pos one-hots
-    (zeros for the ``p`` prefix keys), or as they are without rel-pos (``k_thw`` None)."""
+    (:func:`~mvitv2.ops.rel_pos.folded_keys`), or as they are without rel-pos (``k_thw``
+    None)."""
     if k_thw is None:
         return _by_groups(k)
-    B, nH, Nk, C = k.shape
-    onehots = key_onehots(k_thw, temporal, p, k.device, k.dtype)
-    if tracing():
-        return torch.cat((_by_groups(k), onehots.expand(B * nH, -1, -1)), dim=-1)
-    out = k.new_empty(B, nH, Nk, C + onehots.shape[-1])  # both copied in, once
-    out[..., :C] = k
-    out[..., C:] = onehots
-    return out.view(B * nH, Nk, -1)
+    return _by_groups(folded_keys(k, k_thw, temporal, p))
 
 
 def _rel_coeffs(

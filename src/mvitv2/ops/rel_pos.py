@@ -255,3 +255,11 @@ def key_onehots(
     """:func:`rel_pos_onehots` after ``num_prefix`` zero rows (prefix keys get no rel-pos term)
     and before ``extra`` zero columns, made once per arguments in eager code."""
     return F.pad(rel_pos_onehots(k_thw, temporal, device, dtype), (0, extra, num_prefix, 0))
+
+
+def folded_keys(k: Tensor, k_thw: Grid, temporal: bool, num_prefix: int, extra: int = 0) -> Tensor:
+    """The keys ``(B, nH, Nk, C)`` of the folded rel-pos form, ``[k, onehots]`` ``(B, nH, Nk,
+    C + kh + kw (+ kt) + extra)`` with the one-hots of :func:`key_onehots` (zeros for the
+    ``num_prefix`` prefix keys and in the ``extra`` columns): one copy, contiguous."""
+    onehots = key_onehots(k_thw, temporal, num_prefix, k.device, k.dtype, extra)
+    return torch.cat((k, onehots.expand(*k.shape[:2], -1, -1)), dim=-1)
