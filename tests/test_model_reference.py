@@ -640,6 +640,27 @@ def test_window_backbone_equals_naive_windows_with_padding(windows):
     close([f.detach() for f in model(x)], want)
 
 
+def test_window_backbone_without_residual_pooling_equals_the_naive_network():
+    """``residual_pooling=False`` with windows: the pooled queries are not added back as the
+    windows are joined (MViTv1-style attention in a detection backbone)."""
+    model = randomized(
+        mvitv2.create_model(
+            "mvitv2_tiny",
+            features_only=True,
+            window_size=(8, 4, 4, 2),
+            residual_pooling=False,
+            **WINDOW,
+        )
+    )
+    rows = expected_blocks((1, 3, 3, 2), 16, 2, windows=(8, 4, 4, 2))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = naive_forward(model, x, rows, features=True)
+        for impl in ("reference", "bias"):
+            with attention_impl(impl):
+                close(model(x), want)
+
+
 def test_single_window_block_sizes_after_pooling():
     """A stage's first (Q-strided) window block: q window = w / 2, kv window = w / stride_kv;
     with padding on both grids (q 10x14 -> 3x4 windows of 4, kv 5x7 -> 3x4 windows of 2)."""

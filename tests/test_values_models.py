@@ -192,6 +192,39 @@ def test_reference_path_pools_qkv_the_plain_way_and_per_module_setting_wins(monk
     assert impls == ["bias", "bias", "reference", "bias"]
 
 
+def test_reference_path_splits_and_joins_windows_the_plain_way(monkeypatch):
+    """The detection benchmark's unfused baseline (``"reference"``) pads, splits and joins the
+    windows of Q, K and V the plain (detectron2) way; every other path takes the fast one."""
+    import mvitv2.models.attention as attention_module
+    from mvitv2.ops import attention_impl
+
+    calls = []
+    real_part, real_unpart = attention_module.window_partition, attention_module.window_unpartition
+
+    def part(*args):
+        calls.append(("partition", args[-1]))
+        return real_part(*args)
+
+    def unpart(*args):
+        calls.append(("unpartition", args[-1]))
+        return real_unpart(*args)
+
+    monkeypatch.setattr(attention_module, "window_partition", part)
+    monkeypatch.setattr(attention_module, "window_unpartition", unpart)
+    kw = dict(SMALL, depths=(1, 1, 1, 1), num_classes=0)
+    model = mvitv2.create_model("mvitv2_tiny", window_size=(4, 2, 2, 2), **kw).eval()
+    windowed = sum(blk.attn.window > 0 for blk in model.blocks)
+    assert windowed > 0
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for impl, plain in (("reference", True), ("bias", False), ("chunked", False)):
+            calls.clear()
+            with attention_impl(impl):
+                model(x)
+            want = [("partition", plain)] * 3 + [("unpartition", plain)]
+            assert calls == want * windowed, impl
+
+
 def test_window_attention_refuses_an_anisotropic_kv_stride():
     """Square windows pool to square K/V windows only with equal H/W KV strides; a (1, 4, 2)
     stride used to fail deep inside the attention with a tensor size mismatch."""
