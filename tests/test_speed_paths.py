@@ -180,6 +180,31 @@ def _assert_memeff_matches_reference(fn, B: int, q_thw, k_thw, seed: int) -> Non
         assert torch.allclose(b, a, rtol=0, atol=1e-5 * a.abs().max().item()), (B, i)
 
 
+@pytest.mark.parametrize("rel", ["none", "spatial", "temporal"])
+def test_memeff_traced_branches_run_eagerly_give_the_reference_values(monkeypatch, rel):
+    """The code memeff runs while traced (one query chunk, folded queries by cat and pad,
+    softmax on the layout as given), run eagerly with ``tracing()`` forced on, gives the
+    reference's output and gradients: with a cls prefix and the spatial or temporal rel-pos
+    term, and without rel-pos. (The compile test checks the same under dynamo, which mutation
+    testing cannot trace.)"""
+    monkeypatch.setattr(memeff, "tracing", lambda: True)
+    monkeypatch.setattr(memeff, "MEMEFF_CHUNK_ELEMENTS", 200)  # several chunks in eager code
+    assert memeff._memeff_rows(4, 31, 16) == 31
+    if rel != "none":
+        q_thw = (2, 3, 5) if rel == "temporal" else (1, 6, 5)
+        _assert_memeff_matches_reference(attn_mod.attention_memeff, 2, q_thw, (1, 3, 5), 5)
+        return
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, n, 8, generator=g, requires_grad=True) for n in (10, 7, 7))
+    weight = torch.randn(2, 2, 10, 8, generator=g)
+    results = []
+    for f in (attn_mod.attention_reference, attn_mod.attention_memeff):
+        out = f(q, k, v, 8**-0.5, None)
+        results.append([out, *torch.autograd.grad((out * weight).sum(), (q, k, v))])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.allclose(b, a, rtol=0, atol=1e-5 * a.abs().max().item()), i
+
+
 def test_memeff_compiles_with_a_dynamic_batch_and_gives_the_reference_values(monkeypatch):
     """torch.compile of the training attention with the batch dynamic (what a recompile on a
     new batch size, e.g. a short last batch, turns on): whole graph, and outputs and q/k/v and
@@ -266,6 +291,7 @@ def test_memeff_with_more_prefix_tokens_than_a_chunk_has_rows_gives_the_referenc
         (2048, 4, 17, 48, 9),  # 17 rows > 16: 2 chunks of 9, 8
         (2048, 4, 16, 48, 16),
         (4096, 1, 4097, 1, 2049),  # 4096 rows at most: 2 chunks of 2049, 2048
+        (4096, 4, 1, 48, 1),  # one query (a pooled 1x1 grid): a chunk of that one row
     ],
 )
 def test_memeff_chunks_are_the_fewest_under_the_budget_and_of_even_size(
