@@ -379,19 +379,26 @@ def test_custom_mlp_and_max_pool_are_exact():
 
 
 @pytest.mark.parametrize(
-    "shape, stride", [((2, 3, 4, 4, 12), (1, 2, 2)), ((2, 4, 3, 5, 8), (2, 1, 1))]
+    "shape, stride, kernel, padding",
+    [
+        ((2, 3, 4, 4, 12), (1, 2, 2), (3, 3, 3), (1, 1, 1)),
+        ((2, 4, 3, 5, 8), (2, 1, 1), (3, 3, 3), (1, 1, 1)),
+        ((2, 5, 4, 6, 8), (1, 2, 2), (1, 3, 3), (0, 1, 1)),  # a spatial-only kernel
+        ((2, 6, 3, 5, 8), (2, 1, 1), (5, 3, 1), (2, 1, 0)),  # each axis its own size
+    ],
 )
-def test_depthwise_conv3d_by_2d_matches_conv3d(shape, stride):
+def test_depthwise_conv3d_by_2d_matches_conv3d(shape, stride, kernel, padding):
     """The training-time decomposition of the video pooling conv (sum of 2-D convs over the
-    temporal taps) gives Conv3d's output and gradients."""
+    temporal taps) gives Conv3d's output and gradients, for cubic and non-cubic kernels."""
     from torch.nn import functional as F
 
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     C = shape[-1]
-    w = torch.randn(C, 1, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    ours = pooling._depthwise_conv3d_by_2d(x, w, stride, (1, 1, 1))
-    ref = F.conv3d(x.permute(0, 4, 1, 2, 3), w, None, stride, 1, 1, C).permute(0, 2, 3, 4, 1)
+    w = torch.randn(C, 1, *kernel, dtype=torch.float64, requires_grad=True)
+    ours = pooling._depthwise_conv3d_by_2d(x, w, stride, padding)
+    ref = F.conv3d(x.permute(0, 4, 1, 2, 3), w, None, stride, padding, 1, C)
+    ref = ref.permute(0, 2, 3, 4, 1)
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours, ref)
     g = torch.randn_like(ref)
