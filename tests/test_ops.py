@@ -345,23 +345,28 @@ def test_trainer_logs_and_checkpoints_the_kernels_in_force(tmp_path, capsys, amp
     trainer.close()
 
 
-def test_group_layer_norm_values_and_gradients_match_one_layer_norm_per_group():
+@pytest.mark.parametrize(
+    "needs", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]
+)
+def test_group_layer_norm_values_and_gradients_match_one_layer_norm_per_group(needs):
     """The pooled Q/K/V LayerNorm of training (one call for G groups, weights per group) against
-    G separate ``F.layer_norm`` calls under autograd, in float64."""
+    G separate ``F.layer_norm`` calls under autograd, in float64; with gradients wanted for all
+    of x, weight and bias, or for one alone (frozen norms, a frozen input)."""
     from mvitv2.ops.pooling import _GroupLayerNorm
 
     g = torch.Generator().manual_seed(0)
     B, N, G, nH, C = 2, 5, 3, 2, 4
-    x = torch.randn(B, N, G, nH, C, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(G, 1, C, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(G, 1, C, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(B, N, G, nH, C, generator=g, dtype=torch.float64)
+    w = torch.randn(G, 1, C, generator=g, dtype=torch.float64)
+    b = torch.randn(G, 1, C, generator=g, dtype=torch.float64)
+    wanted = [t.requires_grad_(n) for t, n in zip((x, w, b), needs) if n]
     dy = torch.randn(B, N, G, nH, C, generator=g, dtype=torch.float64)
     ours = _GroupLayerNorm.apply(x, w, b, 1e-6)
-    grads = torch.autograd.grad(ours, (x, w, b), dy)
+    grads = torch.autograd.grad(ours, wanted, dy)
     ref = torch.stack(
         [F.layer_norm(x[:, :, i], (C,), w[i, 0], b[i, 0], 1e-6) for i in range(G)], dim=2
     )
-    ref_grads = torch.autograd.grad(ref, (x, w, b), dy)
+    ref_grads = torch.autograd.grad(ref, wanted, dy)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
     for a, r in zip(grads, ref_grads):
         assert a.shape == r.shape
