@@ -195,19 +195,26 @@ def test_reference_path_pools_qkv_the_plain_way_and_per_module_setting_wins(monk
 def test_reference_path_splits_and_joins_windows_the_plain_way(monkeypatch):
     """The detection benchmark's unfused baseline (``"reference"``) pads, splits and joins the
     windows of Q, K and V the plain (detectron2) way; every other path takes the fast one."""
+    import inspect
+
     import mvitv2.models.attention as attention_module
     from mvitv2.ops import attention_impl
 
     calls = []
     real_part, real_unpart = attention_module.window_partition, attention_module.window_unpartition
 
-    def part(*args):
-        calls.append(("partition", args[-1]))
-        return real_part(*args)
+    def plain_arg(fn, args, kw) -> bool:
+        bound = inspect.signature(fn).bind(*args, **kw)
+        bound.apply_defaults()
+        return bound.arguments["plain"]
 
-    def unpart(*args):
-        calls.append(("unpartition", args[-1]))
-        return real_unpart(*args)
+    def part(*args, **kw):
+        calls.append(("partition", plain_arg(real_part, args, kw)))
+        return real_part(*args, **kw)
+
+    def unpart(*args, **kw):
+        calls.append(("unpartition", plain_arg(real_unpart, args, kw)))
+        return real_unpart(*args, **kw)
 
     monkeypatch.setattr(attention_module, "window_partition", part)
     monkeypatch.setattr(attention_module, "window_unpartition", unpart)
