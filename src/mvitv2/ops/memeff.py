@@ -81,10 +81,18 @@ def _query_rows(q: Tensor, a: Tensor | None, r0: int, n: int, scale: float, p: i
     torch.mul(rows, scale, out=out[..., :C])
     out = out.view(n, B * nH, C + R)
     if a is not None:
-        g0 = max(r0, p)  # first grid query row of the chunk
-        out[: g0 - r0, :, C:] = 0
-        out[g0 - r0 :, :, C:] = a[g0 - p : max(r0 + n - p, 0)]  # (none: a chunk of prefix rows)
+        in_chunk, in_a = _grid_rows(r0, n, p)
+        out[: in_chunk.start, :, C:] = 0
+        out[in_chunk, :, C:] = a[in_a]
     return out
+
+
+def _grid_rows(r0: int, n: int, p: int) -> tuple[slice, slice]:
+    """The grid (non-prefix) query rows of the chunk ``r0 .. r0+n`` with ``p`` prefix rows: as
+    rows of the chunk, and as rows of the coefficients ``a`` (which start at the first grid
+    row). A chunk of prefix rows only has none (both slices empty)."""
+    g0 = max(r0, p)  # first grid query row of the chunk
+    return slice(g0 - r0, None), slice(g0 - p, max(r0 + n - p, 0))
 
 
 def _folded_keys(k: Tensor, k_thw: Grid | None, p: int, temporal: bool) -> Tensor:
@@ -211,8 +219,8 @@ class _MemEffAttention(torch.autograd.Function):
             dqf = group_products(ds, kf, onednn, transposed=False)
             torch.mul(dqf[..., :C], scale, out=dq[r0 : r0 + n])
             if da is not None:
-                g0 = max(r0, p)
-                da[g0 - p : max(r0 + n - p, 0)] = dqf[g0 - r0 :, :, C:]
+                in_chunk, in_a = _grid_rows(r0, n, p)
+                da[in_a] = dqf[in_chunk, :, C:]
             dk = _sum_over_rows(ds, qf[..., :C], dk)  # dk = scale * ds^T q: qf's scaled rows
         dq = dq.view(Nq, B, nH, C).permute(1, 2, 0, 3)
         drh = drw = drt = None
