@@ -171,13 +171,20 @@ def _assert_memeff_matches_reference(fn, B: int, q_thw, k_thw, seed: int) -> Non
         tables[0], tables[1], tables[2] if len(tables) > 2 else None, q_thw, k_thw, num_prefix=1
     )
     weight = torch.randn(B, 2, nq, C, generator=g)
+    _assert_same_as_reference(fn, q, k, v, rel, weight, tables)
+
+
+def _assert_same_as_reference(fn, q, k, v, rel, weight, tables=()) -> None:
+    """``fn(q, k, v, scale, rel)`` gives the explicit reference's output and gradients of q, k,
+    v and ``tables`` (of the loss ``(out * weight).sum()``), each within 1e-5 of its largest
+    element."""
     inputs = [q, k, v, *tables]
     results = []
     for f in (attn_mod.attention_reference, fn):
-        out = f(q, k, v, C**-0.5, rel)
+        out = f(q, k, v, q.shape[-1] ** -0.5, rel)
         results.append([out, *torch.autograd.grad((out * weight).sum(), inputs)])
     for i, (a, b) in enumerate(zip(*results)):
-        assert torch.allclose(b, a, rtol=0, atol=1e-5 * a.abs().max().item()), (B, i)
+        assert torch.allclose(b, a, rtol=0, atol=1e-5 * a.abs().max().item()), i
 
 
 @pytest.mark.parametrize("rel", ["none", "spatial", "temporal"])
@@ -197,12 +204,7 @@ def test_memeff_traced_branches_run_eagerly_give_the_reference_values(monkeypatc
     g = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(2, 2, n, 8, generator=g, requires_grad=True) for n in (10, 7, 7))
     weight = torch.randn(2, 2, 10, 8, generator=g)
-    results = []
-    for f in (attn_mod.attention_reference, attn_mod.attention_memeff):
-        out = f(q, k, v, 8**-0.5, None)
-        results.append([out, *torch.autograd.grad((out * weight).sum(), (q, k, v))])
-    for i, (a, b) in enumerate(zip(*results)):
-        assert torch.allclose(b, a, rtol=0, atol=1e-5 * a.abs().max().item()), i
+    _assert_same_as_reference(attn_mod.attention_memeff, q, k, v, None, weight)
 
 
 def test_memeff_compiles_with_a_dynamic_batch_and_gives_the_reference_values(monkeypatch):
@@ -274,12 +276,7 @@ def test_memeff_with_more_prefix_tokens_than_a_chunk_has_rows_gives_the_referenc
     rel = attn_mod.RelPos(th, tw, None, (1, 4, 3), (1, 4, 3), num_prefix=p)
     assert memeff._memeff_rows(4, p + 12, p + 12) == 16
     weight = torch.randn(2, 2, p + 12, C, generator=g)
-    results = []
-    for f in (attn_mod.attention_reference, attn_mod.attention_memeff):
-        out = f(q, k, v, C**-0.5, rel)
-        results.append([out, *torch.autograd.grad((out * weight).sum(), (q, k, v, th, tw))])
-    for i, (a, b) in enumerate(zip(*results)):
-        assert torch.allclose(b, a, rtol=0, atol=1e-5 * a.abs().max().item()), i
+    _assert_same_as_reference(attn_mod.attention_memeff, q, k, v, rel, weight, (th, tw))
 
 
 @pytest.mark.parametrize(
