@@ -619,6 +619,98 @@ def test_backbone_weights_initialise_the_detector_backbone_strictly_by_default(t
     assert torch.equal(lb["blocks.0.mlp.fc2.weight"], src.blocks[0].mlp.fc2.weight)
 
 
+def _register_backbone_file(registry, tag: str, path) -> None:
+    """A weights tag for ``mvitv2_tiny`` served from a local file (into the test's hub cache)."""
+    registry.register_weights(
+        registry.Weights(
+            tag=tag,
+            model="mvitv2_tiny",
+            url=path.as_uri(),
+            sha256=None,
+            num_classes=3,
+            classes="imagenet-1k",
+            preprocessing=registry.Preprocessing(),
+            metrics={},
+            source_format="official",
+        )
+    )
+
+
+def test_backbone_weights_by_tag_or_true_load_the_registered_file_strictly_by_default(
+    tmp_path, monkeypatch
+):
+    from mvitv2 import create_model
+    from mvitv2.detection import load_backbone_weights
+    from mvitv2.weights import CheckpointMismatchError, registry
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(registry, "WEIGHTS", dict(registry.WEIGHTS))
+    monkeypatch.setattr(registry, "DEFAULT_WEIGHTS", dict(registry.DEFAULT_WEIGHTS))
+    src = create_model("mvitv2_tiny", depths=(1, 1, 1, 1), embed_dim=16, img_size=64, num_classes=3)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(1.0)
+    want = dict(src.named_parameters())
+    torch.save(src.state_dict(), tmp_path / "full.pth")
+    partial = {k: v for k, v in src.state_dict().items() if k != "blocks.0.mlp.fc1.weight"}
+    torch.save(partial, tmp_path / "partial.pth")
+    _register_backbone_file(registry, "mvitv2_tiny.dettest", tmp_path / "full.pth")
+    _register_backbone_file(registry, "mvitv2_tiny.dettest_partial", tmp_path / "partial.pth")
+    registry.DEFAULT_WEIGHTS["mvitv2_tiny"] = "mvitv2_tiny.dettest"  # what True selects
+
+    for source in ("mvitv2_tiny.dettest", True):
+        m = _tiny_detector("maskrcnn_mvitv2_tiny")
+        report = load_backbone_weights(m, source)
+        assert report.notes[0].startswith("weights mvitv2_tiny.dettest ("), source
+        assert m.backbone.body.pretrained_cfg.tag == "mvitv2_tiny.dettest"
+        body = dict(m.backbone.body.named_parameters())
+        same = [k for k in want if k in body and "rel_pos" not in k]
+        assert len(same) > 20
+        assert all(torch.equal(body[k], want[k]) for k in same), source
+
+    # A registered file that lacks a backbone tensor: strict unless asked otherwise.
+    m = _tiny_detector("maskrcnn_mvitv2_tiny")
+    with pytest.raises(CheckpointMismatchError, match="blocks.0.mlp.fc1.weight"):
+        load_backbone_weights(m, "mvitv2_tiny.dettest_partial")
+    with pytest.raises(CheckpointMismatchError, match="blocks.0.mlp.fc1.weight"):
+        load_backbone_weights(m, str(tmp_path / "partial.pth"))  # a file: strict too
+    report = load_backbone_weights(m, "mvitv2_tiny.dettest_partial", strict=False)
+    assert "blocks.0.mlp.fc1.weight" in report.missing
+    fc2 = dict(m.backbone.body.named_parameters())["blocks.0.mlp.fc2.weight"]
+    assert torch.equal(fc2, want["blocks.0.mlp.fc2.weight"])
+
+
+def test_a_mask_head_without_convs_feeds_the_pooled_fpn_features_to_the_mask_predictor():
+    """detectron2's ``ROI_MASK_HEAD.NUM_CONV: 0``: the deconv reads the 14x14 RoI features."""
+    from torch.nn import Conv2d
+
+    m = _tiny_detector("maskrcnn_mvitv2_tiny", mask_head_convs=0)
+    heads = m.roi_heads
+    assert not any(isinstance(x, Conv2d) for x in heads.mask_head.modules())
+    x = torch.randn(2, 24, 14, 14)
+    assert torch.equal(heads.mask_head(x), x)
+    conv5 = heads.mask_predictor.conv5_mask
+    assert (conv5.in_channels, conv5.out_channels) == (24, 12)  # fpn_channels -> mask_head_dim
+    assert heads.mask_predictor(x).shape == (2, 5, 28, 28)
+
+
+def test_images_are_padded_to_a_multiple_of_the_p5_stride_of_the_backbone():
+    """The batch is padded to the coarsest box level's stride (detectron2's size divisibility),
+    which follows the patch stride: 2 * 2**3 = 16 here, so each level tiles the padded image."""
+    m = _tiny_detector(
+        "maskrcnn_mvitv2_tiny", patch_stride=(1, 2, 2), min_size=100, max_size=150
+    ).eval()
+    assert m.backbone.strides == [2, 4, 8, 16, 32]
+    images, _ = m.transform([torch.rand(3, 90, 110)])
+    (h, w), hp, wp = images.image_sizes[0], *images.tensors.shape[-2:]
+    assert (h, w) == (100, round(110 * 100 / 90))
+    assert (hp, wp) == (-(-h // 16) * 16, -(-w // 16) * 16) == (112, 128)
+    with torch.no_grad():
+        features = m.backbone(images.tensors)
+    for (name, f), stride in zip(features.items(), m.backbone.strides[:4]):
+        assert f.shape[-2:] == (hp // stride, wp // stride), name
+
+
 class MaskPool(nn.Module):
     """Mask RoI "pooling": each RoI's box as a (4, 2, 2) feature map; records the boxes."""
 
