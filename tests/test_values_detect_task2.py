@@ -405,6 +405,17 @@ def test_train_detect_stopped_for_non_finite_losses_exits_3_and_other_ranks_prin
 
 
 # ---------------------------------------------------------------------- the task
+def test_a_new_task_has_no_data_and_writes_no_results_until_told():
+    """Before ``build_datasets()`` there is no data, no class and no category mapping; the COCO
+    results are kept, not written, until ``results_path`` is set; no data root: digit scenes."""
+    from mvitv2.engine.config import TrainConfig
+
+    task = detect.DetectionTask(TrainConfig(model="maskrcnn_mvitv2_tiny"))
+    assert task.train_ds is None and task.val_ds is None and task.results_path is None
+    assert (task.class_names, task.label_to_cat_id, task.last_results) == ([], {}, [])
+    assert task.data_root == detect.DIGIT_SCENES == "digit_scenes"
+
+
 def test_task_evaluation_on_another_process_keeps_its_results_without_writing_them(
     gt, tmp_path: Path
 ):
