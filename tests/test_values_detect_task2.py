@@ -435,6 +435,33 @@ def test_task_evaluation_on_another_process_keeps_its_results_without_writing_th
     assert task.last_results == _two_boxes_results([1, 2], {1: 3, 2: 12})
 
 
+def test_the_data_reports_are_flushed_as_soon_as_each_split_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Under torchrun or into a log file stdout is block-buffered: each split's report must
+    reach it when the split is read, not when training ends."""
+    import io
+
+    from mvitv2.engine.config import TrainConfig
+
+    class Stdout(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flushed: list[str] = []
+
+        def flush(self) -> None:
+            self.flushed.append(self.getvalue())
+
+    _coco_tree(tmp_path, ("train", "val"))
+    stdout = Stdout()
+    monkeypatch.setattr("sys.stdout", stdout)
+    detect.DetectionTask(TrainConfig(model="maskrcnn_mvitv2_tiny"), tmp_path).build_datasets()
+    train, val = (tmp_path / "annotations" / f"instances_{s}.json" for s in ("train", "val"))
+    train_line = f"train data: {train} -> 1/1 images, 1/1 instances kept; no problems\n"
+    val_line = f"val data: {val} -> 1/1 images, 1/1 instances kept; no problems\n"
+    assert stdout.flushed == [train_line, train_line + val_line]
+
+
 # ---------------------------------------------------------------------- data report
 def test_the_data_report_counts_every_problem_and_each_image_that_could_not_be_read(tmp_path):
     from PIL import Image
