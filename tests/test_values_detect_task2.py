@@ -404,6 +404,43 @@ def test_train_detect_stopped_for_non_finite_losses_exits_3_and_other_ranks_prin
     assert capsys.readouterr().out == ""
 
 
+# ---------------------------------------------------------------------- the command entry
+def test_threads_is_set_before_the_command_runs_and_export_reads_the_detector_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``train detect --threads N``: torch's thread count from the start of the command (the
+    data is read, or the digit scenes made, before the trainer applies the run's ``threads``);
+    0 leaves torch's own. ``export detect`` hands the export module this task's reader, which gives the checkpoint's
+    info and its detector, read from ``--checkpoint`` once."""
+    import mvitv2.export
+
+    seen: list[int] = []
+    monkeypatch.setattr(detect, "_train", lambda args: seen.append(torch.get_num_threads()) or 0)
+    start = torch.get_num_threads()
+    wanted = 1 if start != 1 else 2
+    argv = ["train", "detect"]
+    assert cli.main([*argv, "--threads", str(wanted)]) == 0
+    torch.set_num_threads(start)
+    assert cli.main([*argv, "--threads", "0"]) == 0  # the default: left as it is
+    assert cli.main(argv) == 0
+    assert seen == [wanted, start, start]
+    torch.set_num_threads(2)
+    assert detect.run("train", argparse.Namespace()) == 0  # called without the option
+    assert seen[-1] == torch.get_num_threads() == 2
+
+    exported = []
+    monkeypatch.setattr(
+        mvitv2.export, "run_export", lambda task, args, read: exported.append((task, read(args)))
+    )
+    model = TwoBoxes()
+    info = _info(tmp_path / "det.pt", ["a", "b"])
+    calls = _use(monkeypatch, DetectorFile(info, loaded=model))
+    argv = ["export", "detect", "--checkpoint", str(tmp_path / "det.pt")]
+    assert cli.main([*argv, "--output", str(tmp_path / "d.onnx")]) == 0
+    assert exported == [("detect", (info, model))]
+    assert len(calls) == 1 and calls[0].checkpoint == str(tmp_path / "det.pt")
+
+
 # ---------------------------------------------------------------------- the task
 def test_a_new_task_has_no_data_and_writes_no_results_until_told():
     """Before ``build_datasets()`` there is no data, no class and no category mapping; the COCO
