@@ -405,12 +405,12 @@ def test_train_detect_stopped_for_non_finite_losses_exits_3_and_other_ranks_prin
 
 
 # ---------------------------------------------------------------------- the command entry
-def test_threads_is_set_before_the_command_runs_and_export_reads_the_detector_once(
+def test_each_command_reaches_its_handler_threads_set_and_export_reads_the_detector_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """``train detect --threads N``: torch's thread count from the start of the command (the
     data is read, or the digit scenes made, before the trainer applies the run's ``threads``);
-    0 leaves torch's own. ``export detect`` hands the export module this task's reader, which gives the checkpoint's
+    0 leaves torch's own. Each command runs its handler. ``export detect`` hands the export module this task's reader, which gives the checkpoint's
     info and its detector, read from ``--checkpoint`` once."""
     import mvitv2.export
 
@@ -427,6 +427,14 @@ def test_threads_is_set_before_the_command_runs_and_export_reads_the_detector_on
     torch.set_num_threads(2)
     assert detect.run("train", argparse.Namespace()) == 0  # called without the option
     assert seen[-1] == torch.get_num_threads() == 2
+    ran = []
+    for name in ("_eval", "_predict"):
+        monkeypatch.setattr(detect, name, lambda args, name=name: ran.append(name) or 0)
+    assert cli.main(["eval", "detect", "--checkpoint", "c.pt"]) == 0
+    assert cli.main(["predict", "detect", "x.png", "--checkpoint", "c.pt"]) == 0
+    assert ran == ["_eval", "_predict"]
+    with pytest.raises(NotImplementedError, match="^`mvitv2 info detect` does not exist$"):
+        detect.run("info", argparse.Namespace())
 
     exported = []
     monkeypatch.setattr(
@@ -439,6 +447,24 @@ def test_threads_is_set_before_the_command_runs_and_export_reads_the_detector_on
     assert cli.main([*argv, "--output", str(tmp_path / "d.onnx")]) == 0
     assert exported == [("detect", (info, model))]
     assert len(calls) == 1 and calls[0].checkpoint == str(tmp_path / "det.pt")
+
+
+def test_collate_gives_plain_tensors_with_the_values_and_other_fields_as_they_are():
+    """torchvision's tv_tensors (what the transforms return) become plain tensors, so that the
+    R-CNN's arithmetic on boxes and masks does not re-wrap them; the values are unchanged."""
+    from torchvision import tv_tensors
+
+    image = tv_tensors.Image(torch.rand(3, 6, 8))
+    boxes = tv_tensors.BoundingBoxes([[1.0, 1, 4, 3]], format="XYXY", canvas_size=(6, 8))
+    masks = tv_tensors.Mask(torch.ones(1, 6, 8, dtype=torch.uint8))
+    target = {"boxes": boxes, "masks": masks, "labels": torch.tensor([2]), "image_id": 7}
+    images, targets = detect.collate([(image, target)])
+    ((im,), (t,)) = images, targets
+    assert type(im) is Tensor and torch.equal(im, image.as_subclass(Tensor))
+    assert type(t["boxes"]) is Tensor and t["boxes"].tolist() == [[1.0, 1.0, 4.0, 3.0]]
+    assert type(t["masks"]) is Tensor and torch.equal(t["masks"], masks.as_subclass(Tensor))
+    assert type(t["labels"]) is Tensor and t["labels"].tolist() == [2]
+    assert t["image_id"] == 7
 
 
 # ---------------------------------------------------------------------- the task
