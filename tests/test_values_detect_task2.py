@@ -449,6 +449,25 @@ def test_each_command_reaches_its_handler_threads_set_and_export_reads_the_detec
     assert len(calls) == 1 and calls[0].checkpoint == str(tmp_path / "det.pt")
 
 
+def test_the_detectron2_options_parse_as_a_flag_a_name_and_a_growing_list():
+    """``--allow-pickle`` takes no value (off unless given), ``--model`` a name (None unless
+    given), ``--model-args`` one or more KEY=VALUE items, repeatable; on eval, predict, export."""
+    base = {
+        "eval": ["eval", "detect", "--checkpoint", "c.pt"],
+        "predict": ["predict", "detect", "x.png", "--checkpoint", "c.pt"],
+        "export": ["export", "detect", "--checkpoint", "c.pt"],
+    }
+    for command, argv in base.items():
+        args = cli.parse(argv).args
+        assert (args.allow_pickle, args.model, args.model_args) == (False, None, []), command
+        args = cli.parse(
+            [*argv, "--allow-pickle", "--model", "m", "--model-args", "a=1", "b=2"]
+            + ["--model-args", "c=3"]
+        ).args
+        assert (args.allow_pickle, args.model) == (True, "m"), command
+        assert args.model_args == ["a=1", "b=2", "c=3"], command
+
+
 def test_collate_gives_plain_tensors_with_the_values_and_other_fields_as_they_are():
     """torchvision's tv_tensors (what the transforms return) become plain tensors, so that the
     R-CNN's arithmetic on boxes and masks does not re-wrap them; the values are unchanged."""
