@@ -1,0 +1,143 @@
+"""mvitv2.ops.pooling, cases found by mutation testing: the affine-free LayerNorm of pooled
+Q/K/V asks ATen for its vectorised CPU kernel (a unit weight, a zero bias) and for the plain one
+on other devices, with the formula's values; the pooling weights repeated over heads are kept
+in the conv's dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mvitv2.ops import kept, pooling
+from test_values_ops import _case
+
+
+def test_normalize_asks_aten_for_the_vectorised_cpu_kernel_and_the_affine_free_one_elsewhere(
+    monkeypatch,
+):
+    """On CPU ``_normalize`` calls ``native_layer_norm`` with a unit weight and a zero bias
+    (ATen's vectorised kernel; same bits); on any other device (meta here, as a GPU) with none,
+    and gives the ``(x, mean, rstd)`` shapes of an affine-free LayerNorm over the last dim."""
+    calls = []
+    real = torch.native_layer_norm
+
+    def spy(x, shape, weight, bias, eps):
+        calls.append((x.device.type, tuple(shape), weight, bias, eps))
+        return real(x, shape, weight, bias, eps)
+
+    monkeypatch.setattr(torch, "native_layer_norm", spy)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, generator=g, dtype=torch.float64) * 2 + 1
+    y, mean, rstd = pooling._normalize(x, 1e-3)
+    ((dev, shape, weight, bias, eps),) = calls
+    assert (dev, shape, eps) == ("cpu", (5,), 1e-3)
+    assert torch.equal(weight, torch.ones(5, dtype=torch.float64))
+    assert torch.equal(bias, torch.zeros(5, dtype=torch.float64))
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    torch.testing.assert_close(y, (x - mu) / torch.sqrt(var + 1e-3), rtol=0, atol=1e-12)
+    calls.clear()
+    y, mean, rstd = pooling._normalize(x.to("meta"), 1e-3)
+    assert calls == [("meta", (5,), None, None, 1e-3)]
+    assert (y.device.type, y.shape, mean.shape, rstd.shape) == (
+        "meta",
+        x.shape,
+        (2, 3, 1),
+        (2, 3, 1),
+    )
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_pool_qkv_at_inference_keeps_the_pooling_weights_over_heads_in_the_conv_s_dtype(bf16):
+    """At inference the ``(3*nH*C, 1, 3, 3)`` pooling weights of Q, K and V (one group, equal
+    strides) are kept once, in the dtype the conv runs in (bf16 under bf16 autocast: 2 bytes an
+    element, else 4), not cast again at every call; the values are the per-head loop's."""
+    x, thw, qkv, pools, norms, heads, p = _case("image_same_strides_cls")
+    qkv, pools, norms, x = (
+        qkv.float(),
+        [m.float() for m in pools],
+        [m.float() for m in norms],
+        x.float(),
+    )
+    C = pools[0].weight.shape[0]
+    kept.clear_kept()
+    try:
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            first = pooling.pool_qkv(x, thw, qkv, pools, norms, heads, p)
+            again = pooling.pool_qkv(x, thw, qkv, pools, norms, heads, p)
+        assert kept.kept_bytes("heads") == 3 * heads * C * 9 * (2 if bf16 else 4)
+    finally:
+        kept.clear_kept()
+    for a, b in zip(first, again):
+        assert a == b if isinstance(a, tuple) else torch.equal(a, b)
+    with torch.no_grad():
+        want = pooling.pool_qkv(x, thw, qkv, pools, norms, heads, p, plain=True)
+    tol = 0.05 if bf16 else 1e-5
+    for a, b in zip(first[:3], want[:3]):
+        torch.testing.assert_close(a.float(), b, rtol=tol, atol=tol)
+    assert first[3:] == want[3:]
+
+
+@pytest.mark.parametrize(
+    ("mode", "path"),
+    [
+        ("train", ["group", "normalize"]),  # the grouped autograd LayerNorm (keeps less)
+        ("infer", ["normalize"]),  # affine in place: no second full-size tensor
+        ("infer_bf16", ["layer_norm"]),  # in fp32 under autocast, as autocast runs LayerNorm
+        ("traced_train", ["layer_norm"]),  # plain ops for the exported graph
+        ("traced_infer", ["layer_norm"]),
+    ],
+)
+def test_head_norm_of_several_groups_takes_its_path_by_mode_with_the_per_group_values(
+    mode, path, monkeypatch
+):
+    """``_head_norm`` of K and V pooled together (G = 2) equals group ``g``'s LayerNorm on
+    every head, whichever way it runs: the grouped autograd function under autograd, the
+    in-place affine at fp32 inference, ``F.layer_norm`` + ``addcmul`` under autocast and while
+    traced (spied)."""
+    calls = []
+    real_group, real_normalize, real_ln = (
+        pooling._GroupLayerNorm.apply,
+        pooling._normalize,
+        torch.nn.functional.layer_norm,
+    )
+    monkeypatch.setattr(
+        pooling._GroupLayerNorm,
+        "apply",
+        staticmethod(lambda *a: calls.append("group") or real_group(*a)),
+    )
+    monkeypatch.setattr(
+        pooling, "_normalize", lambda *a: calls.append("normalize") or real_normalize(*a)
+    )
+    monkeypatch.setattr(
+        torch.nn.functional, "layer_norm", lambda *a: calls.append("layer_norm") or real_ln(*a)
+    )
+    monkeypatch.setattr(pooling, "tracing", lambda: mode.startswith("traced"))
+    g = torch.Generator().manual_seed(5)
+    B, N, nH, C = 2, 3, 2, 4
+    norms = [torch.nn.LayerNorm(C, eps=0.1) for _ in range(2)]  # eps matters: var ~0.1
+    with torch.no_grad():
+        for n in norms:
+            n.weight.copy_(torch.randn(C, generator=g) + 1)
+            n.bias.copy_(torch.randn(C, generator=g))
+    x = torch.randn(B, N, 2 * nH * C, generator=g) * 0.3 + 1
+    want = torch.stack(
+        [
+            torch.stack(
+                [
+                    real_ln(x[:, :, (gi * nH + h) * C :][..., :C], (C,), n.weight, n.bias, 0.1)
+                    for h in range(nH)
+                ],
+                dim=2,
+            )
+            for gi, n in enumerate(norms)
+        ],
+        dim=2,
+    ).detach()
+    bf16 = mode == "infer_bf16"
+    grad = mode.endswith("train")
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        got = pooling._head_norm(x.bfloat16() if bf16 else x.clone(), norms, nH)
+    assert calls == path
+    tol = 2e-2 if bf16 else 1e-6
+    torch.testing.assert_close(got.float().detach(), want, rtol=tol, atol=tol)
