@@ -1,7 +1,7 @@
 """mvitv2.ops.pooling, cases found by mutation testing: the affine-free LayerNorm of pooled
 Q/K/V asks ATen for its vectorised CPU kernel (a unit weight, a zero bias) and for the plain one
 on other devices, with the formula's values; the pooling weights repeated over heads are kept
-in the conv's dtype."""
+in the conv's dtype; Q, K and V are projected one at a time exactly when the split rule asks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mvitv2.ops import kept, pooling
-from test_values_ops import _case
+from test_values_ops import _case, naive_pool_qkv
 
 
 def test_normalize_asks_aten_for_the_vectorised_cpu_kernel_and_the_affine_free_one_elsewhere(
@@ -141,3 +141,45 @@ def test_head_norm_of_several_groups_takes_its_path_by_mode_with_the_per_group_v
     assert calls == path
     tol = 2e-2 if bf16 else 1e-6
     torch.testing.assert_close(got.float().detach(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    ("grad", "traced", "limit", "groups"),
+    [
+        (False, False, 0, [1, 1, 1]),  # inference over the limit: K, V, then Q, one at a time
+        (False, False, 1 << 30, [3]),  # under the limit: Q, K and V in one projection
+        (True, False, 0, [3]),  # autograd keeps them all anyway: never split
+        (False, True, 0, [3]),  # traced: one graph for every size, never split
+    ],
+)
+def test_pool_qkv_projects_one_of_q_k_v_at_a_time_only_at_untraced_inference_over_the_limit(
+    grad, traced, limit, groups, monkeypatch
+):
+    """``SPLIT_ELEMENTS`` bounds the unpooled projection at inference (``B*N*D`` elements of
+    one of Q/K/V over it: one group a call, spied by its weight rows); with the per-head loop's
+    values either way, and the fast way unless the plain one is asked for."""
+    x, thw, qkv, pools, norms, heads, p = _case("image_same_strides_cls")
+    D = qkv.out_features // 3
+    want = naive_pool_qkv(x, thw, qkv, pools, norms, heads, p)
+    calls, plain_calls = [], []
+    real_group, real_plain = pooling._pool_group, pooling._pool_qkv_plain
+    monkeypatch.setattr(
+        pooling,
+        "_pool_group",
+        lambda x, w, *a: calls.append(w.shape[0] // D) or real_group(x, w, *a),
+    )
+    monkeypatch.setattr(
+        pooling, "_pool_qkv_plain", lambda *a: plain_calls.append(1) or real_plain(*a)
+    )
+    monkeypatch.setattr(pooling, "tracing", lambda: traced)
+    monkeypatch.setattr(pooling, "SPLIT_ELEMENTS", limit)
+    with torch.set_grad_enabled(grad):
+        got = pooling.pool_qkv(x, thw, qkv, pools, norms, heads, p)
+    assert (calls, plain_calls) == (groups, [])
+    for a, b in zip(got[:3], want[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert got[3:] == want[3:]
+    calls.clear()
+    with torch.set_grad_enabled(grad):
+        pooling.pool_qkv(x, thw, qkv, pools, norms, heads, p, plain=True)
+    assert (calls, plain_calls) == ([], [1])
