@@ -148,6 +148,8 @@ def test_head_norm_of_several_groups_takes_its_path_by_mode_with_the_per_group_v
     [
         (False, False, 0, [1, 1, 1]),  # inference over the limit: K, V, then Q, one at a time
         (False, False, 1 << 30, [3]),  # under the limit: Q, K and V in one projection
+        (False, False, "at", [3]),  # B*N*D elements (2*25*6 = 300) exactly at the limit
+        (False, False, "below", [1, 1, 1]),  # one over it
         (True, False, 0, [3]),  # autograd keeps them all anyway: never split
         (False, True, 0, [3]),  # traced: one graph for every size, never split
     ],
@@ -172,6 +174,9 @@ def test_pool_qkv_projects_one_of_q_k_v_at_a_time_only_at_untraced_inference_ove
         pooling, "_pool_qkv_plain", lambda *a: plain_calls.append(1) or real_plain(*a)
     )
     monkeypatch.setattr(pooling, "tracing", lambda: traced)
+    elements = x.shape[0] * x.shape[1] * D
+    assert elements == 2 * 25 * 6
+    limit = {"at": elements, "below": elements - 1}.get(limit, limit)
     monkeypatch.setattr(pooling, "SPLIT_ELEMENTS", limit)
     with torch.set_grad_enabled(grad):
         got = pooling.pool_qkv(x, thw, qkv, pools, norms, heads, p)
