@@ -188,3 +188,17 @@ def test_pool_qkv_projects_one_of_q_k_v_at_a_time_only_at_untraced_inference_ove
     with torch.set_grad_enabled(grad):
         pooling.pool_qkv(x, thw, qkv, pools, norms, heads, p, plain=True)
     assert (calls, plain_calls) == ([], [1])
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_pool_qkv_without_a_q_pool_or_a_qkv_bias_equals_the_per_head_loop(grad):
+    """Q unpooled (projected on its own, no norm) with a bias-free qkv projection: the loop's
+    values, Q on the input grid."""
+    x, thw, qkv, pools, norms, heads, p = _case("image_no_q_pool")
+    qkv.bias = None
+    want = naive_pool_qkv(x, thw, qkv, pools, norms, heads, p)
+    with torch.set_grad_enabled(grad):
+        got = pooling.pool_qkv(x, thw, qkv, pools, norms, heads, p)
+    for a, b in zip(got[:3], want[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert got[3:] == want[3:] and got[3] == thw
