@@ -202,3 +202,40 @@ def test_pool_qkv_without_a_q_pool_or_a_qkv_bias_equals_the_per_head_loop(grad):
     for a, b in zip(got[:3], want[:3]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert got[3:] == want[3:] and got[3] == thw
+
+
+@pytest.mark.parametrize(
+    ("hw", "grad", "traced", "by_2d"),
+    [
+        ((13, 15), True, False, True),  # 195 tokens a frame, under autograd: 2-D convs
+        ((14, 14), True, False, False),  # 196: ATen's Conv3d is as fast from 14x14 up
+        ((13, 15), False, False, False),  # inference: the Conv3d forward is not the slow part
+        ((13, 15), True, True, False),  # traced: the plain conv in the graph
+    ],
+)
+def test_channels_last_pool_uses_2d_convs_below_14x14_under_autograd_with_conv3d_values(
+    hw, grad, traced, by_2d, monkeypatch
+):
+    """A 3-D depthwise pooling conv of token-major ``(B, 1 + T*H*W, ch)`` keeps the prefix
+    token and gives ``F.conv3d``'s values on the channels-first grid, whichever kernel runs:
+    the temporal-tap 2-D decomposition only under autograd, untraced, below 196 tokens a
+    frame (spied)."""
+    calls = []
+    real = pooling._depthwise_conv3d_by_2d
+    monkeypatch.setattr(pooling, "_depthwise_conv3d_by_2d", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(pooling, "tracing", lambda: traced)
+    g = torch.Generator().manual_seed(6)
+    (H, W), T, ch = hw, 2, 2
+    conv = torch.nn.Conv3d(ch, ch, 3, (1, 2, 2), 1, groups=ch, bias=False, dtype=torch.float64)
+    w = torch.randn(ch, 1, 3, 3, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 1 + T * H * W, ch, generator=g, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        y, thw = pooling._channels_last_pool(x.requires_grad_(grad), (T, H, W), w, conv, 1)
+    assert calls == ([1] if by_2d else [])
+    grid = x[:, 1:].detach().reshape(2, T, H, W, ch).permute(0, 4, 1, 2, 3)
+    want = torch.nn.functional.conv3d(grid, w, None, (1, 2, 2), 1, 1, ch)
+    assert thw == tuple(want.shape[2:]) == (T, (H + 1) // 2, (W + 1) // 2)
+    torch.testing.assert_close(y[:, 0], x[:, 0].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        y[:, 1:].detach(), want.flatten(2).transpose(1, 2), rtol=1e-12, atol=1e-12
+    )
