@@ -239,3 +239,42 @@ def test_channels_last_pool_uses_2d_convs_below_14x14_under_autograd_with_conv3d
     torch.testing.assert_close(
         y[:, 1:].detach(), want.flatten(2).transpose(1, 2), rtol=1e-12, atol=1e-12
     )
+
+
+@pytest.mark.parametrize(
+    "name", ["image_same_strides_cls", "image_q_unstrided_kv_strided", "image_no_q_pool"]
+)
+def test_pool_qkv_in_autocast_training_gives_q_k_v_in_the_autocast_dtype(name):
+    """Under bf16 autocast with autograd the grouped LayerNorm computes in fp32; Q, K and V
+    still reach attention in bf16 (one dtype for its kernels), with the loop's values."""
+    x, thw, qkv, pools, norms, heads, p = _case(name)
+    qkv, x = qkv.float(), x.float()
+    pools = [m if m is None else m.float() for m in pools]
+    norms = [m if m is None else m.float() for m in norms]
+    want = naive_pool_qkv(x, thw, qkv, pools, norms, heads, p)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = pooling.pool_qkv(x, thw, qkv, pools, norms, heads, p)
+    for a, b in zip(got[:3], want[:3]):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.detach(), rtol=0.05, atol=0.05)
+
+
+def test_a_pooling_conv_run_in_fp32_takes_low_precision_weights_too(monkeypatch):
+    """Where the fp32 way is chosen for a strided pooling conv under bf16 autocast training,
+    bf16 weights (a bf16 model) are cast up with the input: ``F.conv2d``'s values on the
+    upcast grid, returned in bf16, the prefix token kept."""
+    monkeypatch.setattr(pooling, "_fp32_faster", lambda dtype: True)
+    g = torch.Generator().manual_seed(7)
+    ch = 3
+    conv = torch.nn.Conv2d(ch, ch, 3, 2, 1, groups=ch, bias=False)
+    w = torch.randn(ch, 1, 3, 3, generator=g).bfloat16()
+    x = torch.randn(2, 1 + 4 * 6, ch, generator=g).bfloat16().requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):
+        y, thw = pooling._channels_last_pool(x, (1, 4, 6), w, conv, 1)
+    grid = x[:, 1:].detach().float().reshape(2, 4, 6, ch).permute(0, 3, 1, 2)
+    want = torch.nn.functional.conv2d(grid, w.float(), None, 2, 1, 1, ch)
+    assert thw == (1, 2, 3) and y.dtype == torch.bfloat16
+    assert torch.equal(y[:, 0], x[:, 0].detach())
+    torch.testing.assert_close(
+        y[:, 1:].detach().float(), want.flatten(2).transpose(1, 2), rtol=1e-2, atol=1e-2
+    )
