@@ -278,3 +278,15 @@ def test_a_pooling_conv_run_in_fp32_takes_low_precision_weights_too(monkeypatch)
     torch.testing.assert_close(
         y[:, 1:].detach().float(), want.flatten(2).transpose(1, 2), rtol=1e-2, atol=1e-2
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_fp32_pooling_choice_is_asked_for_the_autocast_dtype_in_use(dtype, monkeypatch):
+    """Under CPU autocast training a strided pooling conv runs in fp32 as the measurement for
+    the autocast dtype in use says (spied: bf16 and fp16 are measured apart)."""
+    seen = []
+    monkeypatch.setattr(pooling, "_fp32_faster", lambda d: seen.append(d) or d == torch.float16)
+    x = torch.randn(1, 4, 2, requires_grad=True)
+    with torch.autocast("cpu", dtype):
+        assert pooling._pool_in_fp32(x, (2, 2)) == (dtype == torch.float16)
+    assert seen == [dtype]
