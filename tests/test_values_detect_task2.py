@@ -410,8 +410,9 @@ def test_each_command_reaches_its_handler_threads_set_and_export_reads_the_detec
 ):
     """``train detect --threads N``: torch's thread count from the start of the command (the
     data is read, or the digit scenes made, before the trainer applies the run's ``threads``);
-    0 leaves torch's own. Each command runs its handler. ``export detect`` hands the export module this task's reader, which gives the checkpoint's
-    info and its detector, read from ``--checkpoint`` once."""
+    0 leaves torch's own. Each command runs its handler. ``export detect`` hands the export
+    module this task's reader, which gives the checkpoint's info and its detector, read from
+    ``--checkpoint`` once."""
     import mvitv2.export
 
     seen: list[int] = []

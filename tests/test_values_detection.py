@@ -619,29 +619,13 @@ def test_backbone_weights_initialise_the_detector_backbone_strictly_by_default(t
     assert torch.equal(lb["blocks.0.mlp.fc2.weight"], src.blocks[0].mlp.fc2.weight)
 
 
-def _register_backbone_file(registry, tag: str, path) -> None:
-    """A weights tag for ``mvitv2_tiny`` served from a local file (into the test's hub cache)."""
-    registry.register_weights(
-        registry.Weights(
-            tag=tag,
-            model="mvitv2_tiny",
-            url=path.as_uri(),
-            sha256=None,
-            num_classes=3,
-            classes="imagenet-1k",
-            preprocessing=registry.Preprocessing(),
-            metrics={},
-            source_format="official",
-        )
-    )
-
-
 def test_backbone_weights_by_tag_or_true_load_the_registered_file_strictly_by_default(
     tmp_path, monkeypatch
 ):
     from mvitv2 import create_model
     from mvitv2.detection import load_backbone_weights
     from mvitv2.weights import CheckpointMismatchError, registry
+    from test_values_weights_registry import _register_file
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(registry, "WEIGHTS", dict(registry.WEIGHTS))
@@ -654,8 +638,8 @@ def test_backbone_weights_by_tag_or_true_load_the_registered_file_strictly_by_de
     torch.save(src.state_dict(), tmp_path / "full.pth")
     partial = {k: v for k, v in src.state_dict().items() if k != "blocks.0.mlp.fc1.weight"}
     torch.save(partial, tmp_path / "partial.pth")
-    _register_backbone_file(registry, "mvitv2_tiny.dettest", tmp_path / "full.pth")
-    _register_backbone_file(registry, "mvitv2_tiny.dettest_partial", tmp_path / "partial.pth")
+    _register_file(tmp_path / "full.pth", "mvitv2_tiny.dettest", num_classes=3)
+    _register_file(tmp_path / "partial.pth", "mvitv2_tiny.dettest_partial", num_classes=3)
     registry.DEFAULT_WEIGHTS["mvitv2_tiny"] = "mvitv2_tiny.dettest"  # what True selects
 
     for source in ("mvitv2_tiny.dettest", True):

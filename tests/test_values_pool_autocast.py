@@ -123,8 +123,8 @@ def test_the_grouped_layernorm_under_bf16_autocast_training_runs_in_fp32(monkeyp
 def test_a_pooling_conv_runs_in_fp32_only_when_strided_under_cpu_autocast_training_and_faster(
     monkeypatch,
 ):
-    measured = {"ms": (2.0, 1.0)}
-    monkeypatch.setattr(pooling, "pool_conv_ms", lambda dtype: measured["ms"])
+    measured, asked = {"ms": (2.0, 1.0)}, []
+    monkeypatch.setattr(pooling, "pool_conv_ms", lambda d: asked.append(d) or measured["ms"])
     cpu, meta = torch.ones(1), torch.ones(1, device="meta")
     decide = pooling._pool_in_fp32
     with torch.autocast("cpu", BF16):
@@ -141,6 +141,27 @@ def test_a_pooling_conv_runs_in_fp32_only_when_strided_under_cpu_autocast_traini
             assert decide(cpu, (2, 2)) == want, ms
     measured["ms"] = (2.0, 1.0)
     assert not decide(cpu, (2, 2))  # no autocast: the conv runs in the tensors' dtype
+    assert set(asked) == {BF16}
+    asked.clear()
+    with torch.autocast("cpu", torch.float16):  # each autocast dtype has its own measurement
+        assert decide(cpu, (2, 2))
+    assert asked == [torch.float16]
+
+
+def test_a_pooling_conv_run_in_fp32_casts_low_precision_weights_up_too(monkeypatch):
+    """Where the fp32 way is chosen for a strided pooling conv under bf16 autocast training,
+    bf16 weights (a bf16 model) are cast up with the input: a float64 conv's values rounded
+    once to bf16, the prefix token as it was."""
+    monkeypatch.setattr(pooling, "_fp32_faster", lambda dtype: True)
+    x, thw, conv = _grid_case(True, (2, 2))
+    w = conv.weight.detach().to(BF16)
+    with torch.no_grad():
+        conv.weight.copy_(w)  # the reference convolves the same (bf16-exact) weights
+    with torch.autocast("cpu", BF16):
+        got, got_thw = pooling._channels_last_pool(x.clone().requires_grad_(), thw, w, conv, 1)
+    assert got_thw == (1, 3, 3) and got.dtype == BF16
+    assert torch.equal(got[:, 0], x[:, 0])
+    torch.testing.assert_close(got.double(), _reference_pool(x, thw, conv), rtol=2**-8, atol=1e-6)
 
 
 def test_the_pool_conv_measurement_times_a_stride_2_conv_as_autocast_runs_it_and_in_fp32(

@@ -121,17 +121,9 @@ def test_head_norm_of_several_groups_takes_its_path_by_mode_with_the_per_group_v
             n.weight.copy_(torch.randn(C, generator=g) + 1)
             n.bias.copy_(torch.randn(C, generator=g))
     x = torch.randn(B, N, 2 * nH * C, generator=g) * 0.3 + 1
+    groups = x.reshape(B, N, 2, nH, C)  # group g, head h: LayerNorm g over its C channels
     want = torch.stack(
-        [
-            torch.stack(
-                [
-                    real_ln(x[:, :, (gi * nH + h) * C :][..., :C], (C,), n.weight, n.bias, 0.1)
-                    for h in range(nH)
-                ],
-                dim=2,
-            )
-            for gi, n in enumerate(norms)
-        ],
+        [real_ln(groups[:, :, i], (C,), n.weight, n.bias, 0.1) for i, n in enumerate(norms)],
         dim=2,
     ).detach()
     bf16 = mode == "infer_bf16"
@@ -257,36 +249,3 @@ def test_pool_qkv_in_autocast_training_gives_q_k_v_in_the_autocast_dtype(name):
     for a, b in zip(got[:3], want[:3]):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b.detach(), rtol=0.05, atol=0.05)
-
-
-def test_a_pooling_conv_run_in_fp32_takes_low_precision_weights_too(monkeypatch):
-    """Where the fp32 way is chosen for a strided pooling conv under bf16 autocast training,
-    bf16 weights (a bf16 model) are cast up with the input: ``F.conv2d``'s values on the
-    upcast grid, returned in bf16, the prefix token kept."""
-    monkeypatch.setattr(pooling, "_fp32_faster", lambda dtype: True)
-    g = torch.Generator().manual_seed(7)
-    ch = 3
-    conv = torch.nn.Conv2d(ch, ch, 3, 2, 1, groups=ch, bias=False)
-    w = torch.randn(ch, 1, 3, 3, generator=g).bfloat16()
-    x = torch.randn(2, 1 + 4 * 6, ch, generator=g).bfloat16().requires_grad_()
-    with torch.autocast("cpu", torch.bfloat16):
-        y, thw = pooling._channels_last_pool(x, (1, 4, 6), w, conv, 1)
-    grid = x[:, 1:].detach().float().reshape(2, 4, 6, ch).permute(0, 3, 1, 2)
-    want = torch.nn.functional.conv2d(grid, w.float(), None, 2, 1, 1, ch)
-    assert thw == (1, 2, 3) and y.dtype == torch.bfloat16
-    assert torch.equal(y[:, 0], x[:, 0].detach())
-    torch.testing.assert_close(
-        y[:, 1:].detach().float(), want.flatten(2).transpose(1, 2), rtol=1e-2, atol=1e-2
-    )
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_the_fp32_pooling_choice_is_asked_for_the_autocast_dtype_in_use(dtype, monkeypatch):
-    """Under CPU autocast training a strided pooling conv runs in fp32 as the measurement for
-    the autocast dtype in use says (spied: bf16 and fp16 are measured apart)."""
-    seen = []
-    monkeypatch.setattr(pooling, "_fp32_faster", lambda d: seen.append(d) or d == torch.float16)
-    x = torch.randn(1, 4, 2, requires_grad=True)
-    with torch.autocast("cpu", dtype):
-        assert pooling._pool_in_fp32(x, (2, 2)) == (dtype == torch.float16)
-    assert seen == [dtype]
