@@ -609,6 +609,61 @@ def test_a_case_s_flops_are_torch_s_count_of_one_reference_forward_three_for_a_t
     assert macs == (3 if case == "train" else 1) * counter.get_total_flops() / 2
 
 
+def test_largest_difference_is_the_max_over_keys_and_names_its_key():
+    from mvitv2.benchmark import largest_difference
+
+    ours = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([[0.0, 5.0]]), "c": torch.zeros(1)}
+    ref = {"a": torch.tensor([1.0, 2.5]), "b": torch.tensor([[0.0, 4.0]]), "c": torch.ones(1)}
+    assert largest_difference(ours, ref) == (1.0, "b")  # |5-4| beats |0-1|: the first max
+    ref["a"] = torch.tensor([-2.0, 2.0])
+    assert largest_difference(ours, ref) == (3.0, "a")  # |1-(-2)|: absolute, not signed
+    ref["extra"] = torch.full((1,), 99.0)  # keys only ref has do not count
+    assert largest_difference(ours, ref) == (3.0, "a")
+
+
+def test_the_training_case_names_the_parameter_whose_gradients_differ_most_and_repeats_each(
+    monkeypatch,
+):
+    """The training case compares ours' and timm's gradients of one step on the same weights
+    and batch, records the parameter where they differ most, and computes each model's
+    gradients twice so that a nondeterministic backward shows (here timm's second loss is
+    scaled by 1.001, which moves its gradients by a thousandth)."""
+    from mvitv2 import benchmark as bm
+    from mvitv2.weights import convert_state_dict
+
+    setup = bm.case_setup("train", quick=True)
+    grads = {}
+    for name, model in setup.models.items():  # the reference: per-parameter loop
+        setup.loss_of(model).backward()
+        grads[name] = {k: p.grad.clone() for k, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+    mapped = convert_state_dict(grads["timm"])
+    per_key = {k: float((g - mapped[k]).abs().max()) for k, g in grads["ours"].items()}
+    worst = max(per_key, key=per_key.get)
+    assert per_key[worst] > 0  # float rounding differs, so there is a largest difference
+
+    loss_of, calls = setup.loss_of, {"timm": 0}
+
+    def drifting_loss(model):
+        loss = loss_of(model)
+        if model is setup.models["timm"]:
+            calls["timm"] += 1
+            return loss * (1.001 if calls["timm"] == 2 else 1.0)
+        return loss
+
+    setup.loss_of = drifting_loss
+    rows = {r.model: r for r in bm._train_case("train", setup, repeats=1, device="cpu")}
+    assert rows["ours"].max_abs_diff == per_key[worst]
+    assert rows["ours"].max_abs_diff_at == worst
+    assert rows["timm"].max_abs_diff is None and rows["timm"].max_abs_diff_at is None
+    assert rows["ours"].repeat_diff < 1e-6
+    largest = max(float(g.abs().max()) for g in grads["timm"].values())
+    assert rows["timm"].repeat_diff == pytest.approx(1e-3 * largest, rel=1e-3)
+    table = bm._table(list(rows.values()))
+    assert f"train ours: max|diff| at {worst}" in table
+    assert f"train timm: the same backward twice differs by {rows['timm'].repeat_diff:.1e}" in table
+
+
 def test_memeff_on_bf16_inputs_casts_the_fp32_rel_pos_tables_to_their_dtype():
     """Forced under bf16 (autocast leaves the tables in fp32), memeff runs the rel-pos term in
     the inputs' dtype and gives the fp32 reference's output and gradients to bf16 precision

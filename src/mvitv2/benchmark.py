@@ -30,7 +30,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -219,6 +219,11 @@ class Row:
     speedup: float = 1.0  # baseline time / this time
     memory_ratio: float = 1.0  # this peak / baseline peak
     max_abs_diff: float | None = None  # output difference to the baseline (same weights)
+    # where that difference is largest (training: the parameter whose gradient it is)
+    max_abs_diff_at: str | None = None
+    # training: the largest difference between two gradient computations of this model on the
+    # same weights and batch (0 when its backward is deterministic)
+    repeat_diff: float | None = None
     # GFLOP/s as % of the matmul peak measured around the case (set by run: set_pct_peak)
     pct_peak: float = float("nan")
 
@@ -446,6 +451,8 @@ def _rows(
     items: int,
     baseline: str,
     diff: float | None,
+    diff_at: str | None = None,
+    repeat_diff: Mapping[str, float] | None = None,
 ) -> list[Row]:
     rows = []
     for name, ts in times.items():
@@ -463,6 +470,8 @@ def _rows(
                 speedup=statistics.median(times[baseline]) / med,
                 memory_ratio=mem[name] / max(mem[baseline], 1),
                 max_abs_diff=None if name == baseline else diff,
+                max_abs_diff_at=None if name == baseline else diff_at,
+                repeat_diff=(repeat_diff or {}).get(name),  # eager models only
             )
         )
     return rows
@@ -537,14 +546,18 @@ def _train_case(
 ) -> list[Row]:
     """The training step of ours against timm's (:func:`train_setup`); with ``compile`` also both
     models under ``torch.compile`` (same parameters and optimizers)."""
-    fns, grads = dict(setup.fns), {}
+    fns, grads, repeat = dict(setup.fns), {}, {}
     for name, model in setup.models.items():
-        # Gradients of one step on identical weights, to show both compute the same thing.
-        setup.loss_of(model).backward()
-        grads[name] = {k: p.grad for k, p in model.named_parameters()}
-        model.zero_grad(set_to_none=True)
-    mapped = convert_state_dict(grads["timm"])
-    diff = max((g - mapped[k]).abs().max().item() for k, g in grads["ours"].items())
+        # Gradients of one step on identical weights, to show both compute the same thing;
+        # twice, so that a difference can be told from a nondeterministic backward.
+        runs = []
+        for _ in range(2):
+            setup.loss_of(model).backward()
+            runs.append({k: p.grad for k, p in model.named_parameters()})
+            model.zero_grad(set_to_none=True)
+        grads[name] = runs[0]
+        repeat[name] = largest_difference(runs[0], runs[1])[0]
+    diff, diff_at = largest_difference(grads["ours"], convert_state_dict(grads["timm"]))
     if compile:  # the compiled module shares its parameters (and so the optimizer)
         compiled = {f"{n}+compile": m for n, m in setup.models.items()}
 
@@ -554,7 +567,18 @@ def _train_case(
         fns.update(_compiled(compiled, call, freeze=False))
     times = alternate(fns, repeats, device)
     mem = peak_memories(fns, device)
-    return _rows(case, times, mem, case_macs(setup), setup.x.shape[0], "timm", diff)
+    macs, items = case_macs(setup), setup.x.shape[0]
+    return _rows(case, times, mem, macs, items, "timm", diff, diff_at, repeat)
+
+
+def largest_difference(
+    ours: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor]
+) -> tuple[float, str]:
+    """The largest ``|ours[k] - ref[k]|`` over the keys of ``ours`` (each also in ``ref``) and
+    the key where it is."""
+    per_key = {k: (t - ref[k]).abs().max().item() for k, t in ours.items()}
+    at = max(per_key, key=per_key.__getitem__)
+    return per_key[at], at
 
 
 def _detect_case(setup: CaseSetup, repeats: int, device: str) -> list[Row]:
@@ -580,6 +604,13 @@ def _table(rows: list[Row]) -> str:
             f"{r.pct_peak:>6.1f} {r.peak_mb:>8.1f} {r.speedup:>7.2f}x {r.memory_ratio:>6.2f} "
             f"{diff:>9}"
         )
+    for r in rows:
+        if r.max_abs_diff_at is not None:
+            lines.append(f"{r.case} {r.model}: max|diff| at {r.max_abs_diff_at}")
+        if r.repeat_diff is not None:
+            lines.append(
+                f"{r.case} {r.model}: the same backward twice differs by {r.repeat_diff:.1e}"
+            )
     return "\n".join(lines)
 
 
