@@ -627,7 +627,7 @@ def test_the_training_case_names_the_parameter_whose_gradients_differ_most_and_r
     """The training case compares ours' and timm's gradients of one step on the same weights
     and batch, records the parameter where they differ most, and computes each model's
     gradients twice so that a nondeterministic backward shows (here timm's second loss is
-    scaled by 1.001, which moves its gradients by a thousandth)."""
+    scaled by 1.5, which moves its gradients by half)."""
     from mvitv2 import benchmark as bm
     from mvitv2.weights import convert_state_dict
 
@@ -648,17 +648,17 @@ def test_the_training_case_names_the_parameter_whose_gradients_differ_most_and_r
         loss = loss_of(model)
         if model is setup.models["timm"]:
             calls["timm"] += 1
-            return loss * (1.001 if calls["timm"] == 2 else 1.0)
+            return loss * (1.5 if calls["timm"] == 2 else 1.0)
         return loss
 
     setup.loss_of = drifting_loss
     rows = {r.model: r for r in bm._train_case("train", setup, repeats=1, device="cpu")}
-    assert rows["ours"].max_abs_diff == per_key[worst]
+    assert rows["ours"].max_abs_diff == pytest.approx(per_key[worst], rel=1e-2)  # 1e-10 noise
     assert rows["ours"].max_abs_diff_at == worst
     assert rows["timm"].max_abs_diff is None and rows["timm"].max_abs_diff_at is None
     assert rows["ours"].repeat_diff < 1e-6
     largest = max(float(g.abs().max()) for g in grads["timm"].values())
-    assert rows["timm"].repeat_diff == pytest.approx(1e-3 * largest, rel=1e-3)
+    assert rows["timm"].repeat_diff == pytest.approx(0.5 * largest, rel=1e-4)
     table = bm._table(list(rows.values()))
     assert f"train ours: max|diff| at {worst}" in table
     assert f"train timm: the same backward twice differs by {rows['timm'].repeat_diff:.1e}" in table
