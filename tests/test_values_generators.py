@@ -24,6 +24,7 @@ from mvitv2.data.moving_digits import (
     write_video,
 )
 from mvitv2.data.video import read_video_list
+from test_values_video_protocols import _decode_all
 
 
 # ------------------------------------------------------------------ a digit reader (the reference)
@@ -51,11 +52,6 @@ def _read_digit(weight: np.ndarray) -> int:
     small = small - small.mean()
     t, labels = TEMPLATES
     return int(labels[int((t @ (small / small.norm())).argmax())])
-
-
-def _decode(path) -> np.ndarray:
-    with av.open(str(path)) as c:
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
 # ------------------------------------------------------------------ moving digits: clip parameters
@@ -210,7 +206,7 @@ def test_every_video_shows_its_labels_digit_moving_its_labels_way(md):
         for s in samples:
             digit, direction = (2, 5)[s.label // 3], ("down_left", "up", "right")[s.label % 3]
             assert s.path.parent.name == f"{digit}_{direction}"
-            grey = _decode(s.path).astype(np.float64).mean(-1)
+            grey = _decode_all(s.path).astype(np.float64).mean(-1)
             assert grey.shape == (5, 32, 32)
             ys, xs = np.mgrid[:32, :32]
             cents = []
@@ -268,7 +264,7 @@ def test_crf_zero_h264_gives_back_the_frames_and_a_higher_crf_loses_detail(tmp_p
     frames = np.repeat(frames, 3, 0)
     write_video(tmp_path / "a.mp4", frames, crf=0)
     write_video(tmp_path / "b.mp4", frames, crf=40)
-    a, b = _decode(tmp_path / "a.mp4"), _decode(tmp_path / "b.mp4")
+    a, b = _decode_all(tmp_path / "a.mp4"), _decode_all(tmp_path / "b.mp4")
     # grey frames survive yuv420p exactly up to the colour conversion's rounding
     assert np.abs(a.astype(int) - frames).max() <= 2
     assert np.abs(b.astype(int) - frames).mean() > 5

@@ -16,6 +16,7 @@ from mvitv2.data import video as video_data
 from mvitv2.data.video import VideoReader
 from test_data_video import _noise_video
 from test_values_video_data import _stamped_video
+from test_values_video_protocols import _decode_all
 
 
 class _Demuxes:
@@ -62,16 +63,11 @@ def _opened_through(monkeypatch, fail: bool, fail_seek: int | None = None) -> li
     return opened
 
 
-def _decoded(path) -> np.ndarray:
-    with av.open(str(path)) as c:
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
-
-
 def test_a_matroska_file_whose_first_packets_cannot_be_read_starts_at_time_0(tmp_path, monkeypatch):
     """Matroska has no start time in its header: when the first packets cannot be read either,
     the stream starts at time 0 (its frames are indexed and read as usual)."""
     path = _stamped_video(tmp_path / "v.mkv", range(6))
-    reference = _decoded(path)
+    reference = _decode_all(path)
     opened = _opened_through(monkeypatch, fail=True)
     with VideoReader(path) as r:
         assert (r.start_pts, r.num_frames) == (0, 6)
@@ -96,7 +92,7 @@ def test_a_read_that_falls_back_to_the_start_of_a_whole_file_keeps_its_frame_cou
     """The seek to the wanted frames fails: they are decoded from the start of the file, up to
     the last one wanted. The file did not end early: not truncated, its count unchanged."""
     path = _stamped_video(tmp_path / "v.mp4", range(10))
-    reference = _decoded(path)
+    reference = _decode_all(path)
     opened = _opened_through(monkeypatch, fail=False, fail_seek=1)  # seek 0: opening's
     with VideoReader(path) as r:
         np.testing.assert_array_equal(r.get_frames([6, 3]).numpy(), reference[[6, 3]])

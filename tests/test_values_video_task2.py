@@ -425,6 +425,11 @@ def _grey_ramp(n: int, h: int = 16, w: int = 16) -> np.ndarray:
     )
 
 
+def _levels(views: torch.Tensor) -> list[list[float]]:
+    """The frame of a :func:`_grey_ramp` each view's frames show (codec noise aside)."""
+    return (views[:, 0, :, 8, 8] * 255 / 10).round().tolist()
+
+
 @pytest.mark.parametrize("sampling", ["clip", "segment"])
 def test_views_of_a_file_are_the_frames_the_sampling_names(tmp_path, sampling):
     """Segment sampling: one view, frame floor((2i + 1) n / 2T) of each segment; clip sampling:
@@ -447,8 +452,7 @@ def test_views_of_a_file_are_the_frames_the_sampling_names(tmp_path, sampling):
     for item in (frames, tmp_path / "v.mp4"):
         views = SPEC.views(item, p, transform)
         assert views.shape == (len(want), 3, t, 16, 16)
-        levels = (views[:, 0, :, 8, 8] * 255 / 10).round()  # the frame index, codec noise aside
-        assert levels.tolist() == [[float(i) for i in clip] for clip in want]
+        assert _levels(views) == [[float(i) for i in clip] for clip in want]
 
 
 # ----------------------------------------------------------------------------- embedded default
@@ -510,10 +514,12 @@ def _eval(ckpt: Path, capsys, *args: str) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-def _with_data(ckpt: Path, dest: Path, **data) -> Path:
-    """A copy of ``ckpt`` whose stored data options are updated with ``data``."""
+def _with_data(ckpt: Path, dest: Path, preprocessing: dict | None = None, **data) -> Path:
+    """A copy of ``ckpt`` whose stored data options are updated with ``data`` (and its stored
+    preprocessing with ``preprocessing``)."""
     state = torch.load(ckpt, weights_only=False)
     state["meta"]["data"].update(data)
+    state["meta"]["preprocessing"].update(preprocessing or {})
     torch.save(state, dest)
     return dest
 

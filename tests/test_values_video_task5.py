@@ -10,15 +10,10 @@ import torch
 from mvitv2.cli import main
 from mvitv2.data.moving_digits import write_video
 from mvitv2.tasks.video import SPEC, named_labels
-from test_values_video_task2 import _grey_ramp, run  # noqa: F401 (fixture)
+from test_values_video_task2 import _grey_ramp, _levels, _with_data, run  # noqa: F401 (fixture)
 
 
 # ----------------------------------------------------------------------------- predictor views
-def _levels(views) -> list[list[float]]:
-    """The frame index each view's frames show (frame i of a grey ramp is level 10 * i)."""
-    return (views[:, 0, :, 8, 8] * 255 / 10).round().tolist()
-
-
 def test_an_older_checkpoint_s_views_are_slowfasts_centre_clip_padded_with_the_last_frame(
     tmp_path,
 ):
@@ -71,11 +66,8 @@ def test_protocol_on_the_command_line_is_refused_for_a_run_that_samples_segments
     """``--protocol`` picks how Kinetics-style clips are taken; ``eval`` and ``predict`` of a
     checkpoint whose stored data / preprocessing sample segments (SSv2) stop with one line."""
     root, ckpt = run
-    state = torch.load(ckpt, weights_only=False)
-    state["meta"]["data"].update(sampling="segment", target_fps=None)
-    state["meta"]["preprocessing"].update(sampling="segment", target_fps=None)
-    ssv2 = tmp_path / "ssv2.pt"
-    torch.save(state, ssv2)
+    segment = {"sampling": "segment", "target_fps": None}
+    ssv2 = _with_data(ckpt, tmp_path / "ssv2.pt", preprocessing=segment, **segment)
     why = (
         f"--protocol chooses how Kinetics-style clips are taken, but {ssv2} samples one frame "
         "per segment (SSv2): leave --protocol out"
