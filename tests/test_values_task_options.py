@@ -32,7 +32,7 @@ def _refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 
 
 # --------------------------------------------------------------------------------- video
-TRAIN_VIDEO_DEFAULTS = {
+TRAIN_DEFAULTS = {  # the options every task's ``train`` takes
     "threads": 0,
     "data": None,
     "model": None,
@@ -41,6 +41,9 @@ TRAIN_VIDEO_DEFAULTS = {
     "output": None,
     "strict_data": False,
     "overrides": [],
+}
+TRAIN_VIDEO_DEFAULTS = {
+    **TRAIN_DEFAULTS,
     "train_list": None,
     "val_list": None,
     "classes": None,
@@ -217,16 +220,7 @@ DETECTRON2_DEFAULTS = {"allow_pickle": False, "model": None, "model_args": []}
 def test_train_detect_takes_the_readme_recipe_data_threads_and_overrides(capsys):
     """``mvitv2 train detect [--data ...] [--config coco_maskrcnn_mvitv2_t]``: digit scenes
     and torch's own thread count by default; ``--threads N`` is an integer."""
-    assert _parsed("train", "detect") == {
-        "threads": 0,
-        "data": None,
-        "model": None,
-        "config": None,
-        "resume": None,
-        "output": None,
-        "strict_data": False,
-        "overrides": [],
-    }
+    assert _parsed("train", "detect") == TRAIN_DEFAULTS
     argv = ["train", "detect", "--data", "coco", "--config", "coco_maskrcnn_mvitv2_t"]
     argv += ["epochs=2", "--threads", "1", "--model", "mvitv2_t_maskrcnn", "--resume", "auto"]
     assert _parsed(*argv, "--output", "o", "--strict-data", "data.aug=lsj") == {
