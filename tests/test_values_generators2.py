@@ -1,5 +1,7 @@
-"""More of the embedded data generators by value (gaps found by mutation testing): the digit-scene
-paths refuse an unknown split by name, ..."""
+"""More of the embedded data generators by value (gaps found by mutation testing): the split
+lookup's error, ``write_video``'s defaults and codec names (read back with PyAV), the clip
+parameters' sizes, directions, widths and colours, the scenes' margins, widths and noise, the
+builders' documented defaults, and the files' codec, rate and COCO schema."""
 
 from __future__ import annotations
 

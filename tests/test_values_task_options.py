@@ -180,6 +180,16 @@ def test_predict_video_takes_files_topk_clips_and_protocol():
     }
 
 
+EXPORT_DEFAULTS = {  # the options every task's ``export`` takes
+    "format": "onnx",
+    "output": None,
+    "opset": ONNX_OPSET,
+    "static_batch": False,
+    "input_size": None,
+    "verify": False,
+}
+
+
 def test_export_video_takes_the_export_options_and_a_variant_but_no_detector_option(capsys):
     """``mvitv2 export video --checkpoint ... --format {onnx,torch-export}``: ONNX at the
     default opset, dynamic batch, the checkpoint's size; ``--model`` names a released-weights
@@ -187,12 +197,7 @@ def test_export_video_takes_the_export_options_and_a_variant_but_no_detector_opt
     assert _parsed("export", "video", "--checkpoint", "mvitv2_small_16x4.k400") == {
         "threads": 0,
         "checkpoint": "mvitv2_small_16x4.k400",
-        "format": "onnx",
-        "output": None,
-        "opset": ONNX_OPSET,
-        "static_batch": False,
-        "input_size": None,
-        "verify": False,
+        **EXPORT_DEFAULTS,
         "model": None,
     }
     argv = ["export", "video", "--checkpoint", "w.pyth", "--model", "mvitv2_small_16x4"]
@@ -339,12 +344,7 @@ def test_export_detect_takes_the_whole_detector_flag_and_the_detectron2_options(
     assert _parsed("export", "detect", "--checkpoint", "d.pt") == {
         "threads": 0,
         "checkpoint": "d.pt",
-        "format": "onnx",
-        "output": None,
-        "opset": ONNX_OPSET,
-        "static_batch": False,
-        "input_size": None,
-        "verify": False,
+        **EXPORT_DEFAULTS,
         "whole_detector": False,
         **DETECTRON2_DEFAULTS,
     }
