@@ -865,6 +865,14 @@ def test_repeated_augmentation(digits):
     assert x.shape == (6, 3, 4, 32, 32) and y.tolist() == [label] * 3 + [ds.samples[1].label] * 3
 
 
+def test_repeated_augmentation_is_training_only(digits):
+    """A test-time dataset asked for 3 repeats keeps one copy per view: ``num_repeats`` is 1 and
+    an item is one (C, T, H, W) clip."""
+    ds = VideoClipDataset(digits.val_list, train=False, num_frames=4, num_repeats=3)
+    clip, _, _ = ds[0]
+    assert ds.num_repeats == 1 and clip.dim() == 4
+
+
 def test_segment_sampling_dataset(digits):
     ds = VideoClipDataset(digits.val_list, train=False, num_frames=4, sampling="segment")
     clip, _, _ = ds[0]
