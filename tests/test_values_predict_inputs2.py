@@ -10,7 +10,7 @@ import torch
 
 from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.ema import build_ema
-from mvitv2.errors import UserCheckpointError
+from mvitv2.errors import UserCheckpointError, UserValueError
 from mvitv2.predict import (
     Predictor,
     build_model,
@@ -128,3 +128,19 @@ def test_image_files_are_read_as_stored_unless_upright_is_asked(tmp_path, orient
     assert torch.equal(load_image(tmp_path / "p.jpg"), as_stored)
     assert torch.equal(load_image(str(tmp_path / "p.jpg"), upright=True), turned)
     assert torch.equal(load_image(tmp_path / "p.jpg", upright=False), as_stored)
+
+
+# ----------------------------------------------------------------------------- released weights
+def test_released_weights_without_a_classifier_cannot_be_used_by_predict(tmp_path):
+    """A file of released weights that leaves the classifier unfilled is refused in one line
+    naming the command it was meant for (``mvitv2 predict``) and the variant."""
+    import mvitv2
+
+    state = mvitv2.create_model("mvitv2_tiny", num_classes=1000).state_dict()
+    path = tmp_path / "w.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("head.")}, path)
+    with pytest.raises(UserValueError) as e:
+        Predictor.from_weights(str(path), model="mvitv2_tiny")
+    assert str(e.value) == (
+        f"{path} cannot be used by mvitv2 predict with mvitv2_tiny: checkpoint has no classifier"
+    )
