@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import mvitv2
 from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.ema import build_ema
 from mvitv2.errors import UserCheckpointError, UserValueError
@@ -134,8 +135,6 @@ def test_image_files_are_read_as_stored_unless_upright_is_asked(tmp_path, orient
 def test_released_weights_without_a_classifier_cannot_be_used_by_predict(tmp_path):
     """A file of released weights that leaves the classifier unfilled is refused in one line
     naming the command it was meant for (``mvitv2 predict``) and the variant."""
-    import mvitv2
-
     state = mvitv2.create_model("mvitv2_tiny", num_classes=1000).state_dict()
     path = tmp_path / "w.pth"
     torch.save({k: v for k, v in state.items() if not k.startswith("head.")}, path)

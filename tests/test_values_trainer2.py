@@ -38,7 +38,9 @@ def test_each_training_batch_goes_to_the_runs_device_without_blocking(tmp_path, 
     monkeypatch.setattr(trainer_module, "to_device", spy)
     trainer, _ = make(tmp_path, "d", "epochs=1", "batch_size=8", "accum_steps=2")
     trainer.fit()
-    assert seen and set(seen) == {(trainer.dist.device, True)}  # the calls nested ones too
+    assert seen and set(seen) == {
+        (trainer.dist.device, True)
+    }  # to_device's own calls on nested items included
 
 
 def test_a_model_with_one_parameter_group_trains_and_reports_its_lr(tmp_path):
