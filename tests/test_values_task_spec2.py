@@ -190,6 +190,36 @@ def test_released_info_refusals_name_the_command_they_are_for(narrow, monkeypatc
     )
 
 
+def test_released_video_info_is_the_clip_variant_with_the_weights_clips(tmp_path, monkeypatch):
+    """Video weights (4 frames at stride 2, 3 clips x 1 crop of 32, short side 36): the video
+    variant loaded whole, and its preprocessing in the video keys."""
+    kwargs = {**NARROW, "num_frames": 4}
+    source = mvitv2.create_model("mvitv2_small_16x4", num_classes=5, **kwargs).eval()
+    torch.save({"model_state": source.state_dict()}, tmp_path / "v.pyth")
+    pre = Preprocessing(
+        input_size=(3, 4, 32, 32), crop_pct=32 / 36, interpolation="bilinear",
+        mean=(0.45,) * 3, std=(0.225,) * 3, sampling_rate=2, clips=3, crops=1,
+    )  # fmt: skip
+    tag = _register(
+        monkeypatch, tmp_path, tmp_path / "v.pyth", tag="mvitv2_small_16x4.narrow",
+        model="mvitv2_small_16x4", num_classes=5, classes="mine", preprocessing=pre,
+        source_format="official", model_kwargs=kwargs, task="video",
+    )  # fmt: skip
+    info, model = spec.released_info(tag, None, "video", "predict")
+    assert _same_weights(model, source) and (info.task, info.model_name) == (
+        "video",
+        "mvitv2_small_16x4",
+    )
+    p = info.preprocessing
+    assert (p["input_size"], p["resize_size"], p["num_frames"], p["sampling_rate"]) == (
+        [32, 32],
+        36,
+        4,
+        2,
+    )
+    assert (p["num_clips"], p["num_crops"], p["mean"]) == (3, 1, [0.45] * 3)
+
+
 # ------------------------------------------------------------------ --checkpoint readers
 def test_classifier_checkpoint_reads_released_weights_or_a_training_checkpoint(narrow, tmp_path):
     info, model = spec.classifier_checkpoint("image", str(narrow["file"]), "mvitv2_tiny", "export")
@@ -289,12 +319,14 @@ def test_released_weights_eval_gives_each_wordnet_folder_its_imagenet_label(tmp_
     assert _same_weights(model, source)
 
 
+@pytest.mark.parametrize("as_file", [False, True])
 def test_eval_image_of_a_tag_scores_the_weights_with_their_preprocessing_by_hand(
-    narrow, tmp_path, capsys
+    narrow, as_file, tmp_path, capsys
 ):
-    """``mvitv2 eval image --checkpoint TAG --data DIR`` on folders named by label number:
-    top-1/top-5/loss as a loop counts them over the weights' logits of each image prepared
-    by hand (short side 40 = 32 / 0.8 in PIL's bilinear, centre crop 32, the weights' mean and std)."""
+    """``mvitv2 eval image --checkpoint TAG --data DIR`` (or the file with ``--model``) on
+    folders named by label number: top-1/top-5/loss as a loop counts them over the weights'
+    logits of each image prepared by hand (short side 40 = 32 / 0.8 in PIL's bilinear,
+    centre crop 32, the weights' mean and std)."""
     import json
 
     import numpy as np
@@ -317,7 +349,9 @@ def test_eval_image_of_a_tag_scores_the_weights_with_their_preprocessing_by_hand
         with torch.no_grad():
             logits.append(narrow["source"](x[None])[0].double())
         labels.append(label)
-    argv = ["eval", "image", "--checkpoint", narrow["tag"], "--data", str(root), "--json"]
+    weights = ["--checkpoint", str(narrow["file"]), "--model", "mvitv2_tiny"] if as_file else []
+    weights = weights or ["--checkpoint", narrow["tag"]]
+    argv = ["eval", "image", *weights, "--data", str(root), "--json"]
     assert main([*argv, "--workers", "0", "--batch-size", "4"]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     want = _naive(torch.stack(logits), labels)
