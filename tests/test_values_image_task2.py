@@ -265,7 +265,8 @@ def test_train_image_takes_the_digits_recipe_without_data_and_prints_the_run_s_r
 ):
     """Without ``--data`` the run is the ``digits`` recipe on the embedded digits, with it
     ``in1k_tiny`` on the folder; ``--resume`` reaches the trainer; the last line gives the
-    final top-1/top-5, a wall time no longer than the command took, and the checkpoint."""
+    final top-1/top-5 (nan for a run that evaluated nothing), a wall time no longer than the
+    command took, and the checkpoint."""
     import time
 
     import yaml
@@ -300,6 +301,10 @@ def test_train_image_takes_the_digits_recipe_without_data_and_prints_the_run_s_r
     head, wall, tail = line.split("  wall time ")[0], *line.split("  wall time ")[1].split(" s  ")
     assert head == "val top-1 12.50%  top-5 62.12%" and 0 <= float(wall) <= took + 0.05
     assert tail == f"checkpoint {tmp_path / 'runs' / 'r' / 'last.pt'}"
+    monkeypatch.setattr(image, "fit", lambda trainer: {"wall_s": 0.5})  # nothing evaluated
+    assert main(argv) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("val top-1 nan%  top-5 nan%  wall time ")
 
 
 # ---------------------------------------------------------------------- options
@@ -326,6 +331,7 @@ def test_image_command_options_and_their_defaults():
     assert not (args["ema"] or args["json"])
     args = vars(parse(["export", "image", "--checkpoint", "c.pt", "--model", "m"]).args)
     assert (args["checkpoint"], args["model"], args["format"]) == ("c.pt", "m", "onnx")
+    assert "whole_detector" not in args  # a detection export option only
     args = vars(parse(["train", "image", "epochs=2"]).args)
     assert {k: args[k] for k in ("data", "model", "config", "resume", "output")} == dict.fromkeys(
         ("data", "model", "config", "resume", "output")

@@ -112,7 +112,11 @@ def test_info_runs_one_forward_of_the_default_model_and_times_it(capsys, monkeyp
     "argv, message",
     [
         (["--weights", "--filter", "nothing"], "--filter 'nothing': no released weights tag"),
-        (["--weights", "--forward", "mvitv2_small"], "--forward 'mvitv2_small' with --weights"),
+        (
+            ["--weights", "--forward", "mvitv2_small"],
+            "--forward 'mvitv2_small' with --weights: --weights lists only the released weights "
+            "and runs no forward; drop one of the two",
+        ),
         (["--filter", "nothing", "--forward", ""], "no model or weights tag contains it"),
         (["--forward", "mvitv2_tinyy"], "--forward 'mvitv2_tinyy': no such model; models: ["),
     ],
