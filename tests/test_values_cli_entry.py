@@ -3,13 +3,15 @@ parsed command line runs (``--threads``, exit status of the task, ``info`` and `
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 import mvitv2.benchmark
 import mvitv2.tasks.image
 import mvitv2.tasks.info
-from mvitv2.cli import parse
+from mvitv2.cli import main, parse
 
 
 def _exit(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str], list[str]]:
@@ -42,6 +44,10 @@ def test_help_lists_every_command_with_what_it_does(capsys, monkeypatch):
     commands = {line.split()[0]: " ".join(line.split()[1:]) for line in out if line[:4] == "    "}
     assert status == 0 and out[0] == "usage: mvitv2 export [-h] {image,detect,video} ..."
     assert commands == {"image": "export image", "detect": "export detect", "video": "export video"}
+    status, out, _ = _exit(capsys, "eval", "image", "--help")
+    shown = " ".join(" ".join(line.split()) for line in out)  # wrapping undone
+    assert status == 0
+    assert "--threads THREADS CPU threads for torch (0: torch's default)" in shown
 
 
 def test_a_command_without_its_task_or_an_unknown_command_is_one_error_line(capsys):
@@ -94,3 +100,12 @@ def test_info_and_benchmark_run_their_modules_with_their_own_names(monkeypatch):
     bench = parse(["benchmark", "--quick"])
     assert bench.prog == "mvitv2 benchmark" and bench.args.quick and bench.run() == 4
     assert calls == [("info", info.args), ("bench", bench.args)]
+    monkeypatch.setattr(mvitv2.benchmark, "run", lambda args: None)
+    assert parse(["benchmark"]).run() == 0  # nothing returned: success
+
+
+def test_main_reads_the_command_line_after_the_program_name(monkeypatch):
+    seen = []
+    monkeypatch.setattr(mvitv2.tasks.info, "run", lambda args: seen.append(args.weights) or 5)
+    monkeypatch.setattr(sys, "argv", ["mvitv2", "info", "--weights"])
+    assert main() == 5 and seen == [True]
