@@ -190,10 +190,13 @@ def test_a_raw_h264_stream_is_rejected_saying_to_remux_it(tmp_path):
     )
 
 
-def _stamped_video(path, times, codec="libx264", options=None, audio_seconds=0.0):
+def _stamped_video(
+    path, times, codec="libx264", options=None, audio_seconds=0.0, muxer_options=None
+):
     """Frame k, flat grey 16 + 20 k, shown at time ``times[k] / 25`` s (in a stream at 25 fps);
-    H.264 lossless by default; optionally a silent AAC track of ``audio_seconds``."""
-    with av.open(str(path), "w") as c:
+    H.264 lossless by default; optionally a silent AAC track of ``audio_seconds``, and the
+    muxer's ``muxer_options``."""
+    with av.open(str(path), "w", options=muxer_options or {}) as c:
         s = c.add_stream(codec, rate=25)
         s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
         s.options = {"crf": "0", "g": "100"} if options is None else options
