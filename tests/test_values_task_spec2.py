@@ -220,6 +220,24 @@ def test_released_video_info_is_the_clip_variant_with_the_weights_clips(tmp_path
     assert (p["num_clips"], p["num_crops"], p["mean"]) == (3, 1, [0.45] * 3)
 
 
+def test_released_classifier_names_every_kind_of_tensor_left_unfilled_in_one_line(tmp_path):
+    """Image weights without a classifier given to a video variant with a class token leave
+    two kinds of tensor unfilled: both reasons are named, sorted, joined by '; '."""
+    import dataclasses
+
+    source = mvitv2.create_model("mvitv2_tiny", num_classes=4, **NARROW).state_dict()
+    file = tmp_path / "headless.pyth"
+    torch.save({"model_state": {k: v for k, v in source.items() if "head" not in k}}, file)
+    video = {**NARROW, "num_frames": 4}
+    w = dataclasses.replace(registry.WEIGHTS["mvitv2_small_16x4.k400"], model_kwargs=video)
+    with pytest.raises(UserValueError) as e:
+        spec.released_classifier(str(file), "mvitv2_small_16x4", w, 4, "used here")
+    assert str(e.value) == (
+        f"{file} cannot be used here with mvitv2_small_16x4: checkpoint has no classifier; "
+        "image checkpoint has no class token"
+    )
+
+
 # ------------------------------------------------------------------ --checkpoint readers
 def test_classifier_checkpoint_reads_released_weights_or_a_training_checkpoint(narrow, tmp_path):
     info, model = spec.classifier_checkpoint("image", str(narrow["file"]), "mvitv2_tiny", "export")
