@@ -14,9 +14,15 @@ from test_values_trainer import SMALL, Scripted, make
 
 
 class StaysPut(ToyModel):
-    """The toy model, left where it is by ``.to`` (so a run can believe it is on a GPU)."""
+    """The toy model, left where it is by ``.to`` (so a run can believe it is on a GPU); the
+    arguments of every ``.to`` call are kept in ``moves``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moves = []
 
     def to(self, *args, **kwargs):
+        self.moves.append(args)
         return self
 
 
@@ -25,11 +31,12 @@ class Built(Exception):
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
-def test_the_loaders_pin_memory_exactly_when_the_run_is_on_a_cuda_device(
+def test_the_model_goes_to_the_runs_device_and_the_loaders_pin_memory_only_for_cuda(
     tmp_path, monkeypatch, device
 ):
-    """Batches are pinned for an asynchronous copy to a GPU, and not on a CPU run."""
-    seen = []
+    """The model is moved to this process's device; batches are pinned for an asynchronous copy
+    to a GPU, and not on a CPU run."""
+    seen, models = [], []
 
     def build_loader(dataset, **kwargs):
         seen.append(kwargs["pin_memory"])
@@ -37,7 +44,8 @@ def test_the_loaders_pin_memory_exactly_when_the_run_is_on_a_cuda_device(
 
     class OnDevice(Scripted):
         def build_model(self):
-            return StaysPut()
+            models.append(StaysPut())
+            return models[-1]
 
     info = DistInfo(device=torch.device(device))
     monkeypatch.setattr(trainer_module, "init_distributed", lambda _: info)
@@ -45,6 +53,7 @@ def test_the_loaders_pin_memory_exactly_when_the_run_is_on_a_cuda_device(
     cfg = toy_config(str(tmp_path), "p", *SMALL)
     with pytest.raises(Built):
         Trainer(OnDevice(cfg), cfg)
+    assert models[0].moves == [(torch.device(device),)]
     assert seen == [torch.device(device).type == "cuda"]
 
 
