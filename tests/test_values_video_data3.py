@@ -4,7 +4,8 @@ PyAV reports ``time_base`` as None when the stream's is 0/x; the reader then cou
 timestamps in FFmpeg's ``AV_TIME_BASE`` units, microseconds. Reference: the same file read
 with its real time base of 1/1,000,000 s. A stream without an average frame rate is read at
 its guessed rate, then its base rate, then 30 fps; reference: the index of the last frame,
-its time times that rate, worked out by hand.
+its time times that rate, worked out by hand. And a seek that lands after the wanted frame
+(MPEG-TS, AVI) is made again 1, 2, 4, ... frames earlier; reference: a sequential decode.
 """
 
 from __future__ import annotations
