@@ -21,12 +21,16 @@ from test_values_video_protocols import _decode_all
 
 class _Demuxes:
     """An opened container whose first ``demux`` fails (``fail``) or counts the packets it
-    yields (``read``), and whose seek number ``fail_seek`` (0: the first) fails; the others
-    are the container's own."""
+    yields (``read``), which records the targets of its seeks (``targets``), and whose seek
+    number ``fail_seek`` (0: the first) fails; the others are the container's own."""
 
     def __init__(self, container, fail: bool, fail_seek: int | None = None) -> None:
         self._container, self._fail, self.read = container, fail, None
-        self._fail_seek, self.seeks = fail_seek, 0
+        self._fail_seek, self.targets = fail_seek, []
+
+    @property
+    def seeks(self) -> int:
+        return len(self.targets)
 
     def demux(self, *args, **kwargs):
         if self.read is not None:
@@ -36,11 +40,11 @@ class _Demuxes:
             raise OSError(errno.EIO, "Input/output error")
         return self._counted(self._container.demux(*args, **kwargs))
 
-    def seek(self, *args, **kwargs):
-        self.seeks += 1
+    def seek(self, offset, *args, **kwargs):
+        self.targets.append(offset)
         if self.seeks - 1 == self._fail_seek:
             raise OSError(errno.EIO, "Input/output error")
-        return self._container.seek(*args, **kwargs)
+        return self._container.seek(offset, *args, **kwargs)
 
     def _counted(self, packets):
         for p in packets:

@@ -20,6 +20,7 @@ import pytest
 from mvitv2.data import video as video_data
 from mvitv2.data.video import VideoReader
 from test_values_video_data import _container_video, _grey, _stamped_video
+from test_values_video_data2 import _opened_through
 
 
 class _StreamAs:
@@ -107,20 +108,6 @@ def test_the_frame_rate_is_the_average_then_the_guessed_then_the_base_rate_else_
         assert (r.fps, r.num_frames) == (fps, num_frames)
 
 
-class _SeeksRecorded:
-    """An opened container that records the targets of its seeks; the rest is its own."""
-
-    def __init__(self, container, targets: list) -> None:
-        self.container, self.targets = container, targets
-
-    def seek(self, offset, **kwargs):
-        self.targets.append(offset)
-        return self.container.seek(offset, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.container, name)
-
-
 @pytest.mark.parametrize("ext", ["ts", "avi"])
 def test_a_seek_that_lands_after_the_frame_is_made_again_1_2_4_frames_before_it(
     tmp_path, monkeypatch, ext
@@ -129,19 +116,17 @@ def test_a_seek_that_lands_after_the_frame_is_made_again_1_2_4_frames_before_it(
     then made again at i - 1, i - 2, i - 4, ... (the stream start once that is not after 0)
     until one lands on a keyframe at or before i. The frame comes back exactly."""
     path, reference, _ = _container_video(tmp_path, ext)
-    targets, av_open = [], av.open
-    monkeypatch.setattr(
-        video_data.av, "open", lambda *a, **k: _SeeksRecorded(av_open(*a, **k), targets)
-    )
+    opened = _opened_through(monkeypatch, fail=False)
     retried = 0
     for i in range(12):
         with VideoReader(path) as r:
-            opened = len(targets)  # opening seeks to the end once
+            at_open = opened[-1].seeks  # opening seeks to the end once
             np.testing.assert_array_equal(r.get_frames([i]).numpy(), reference[[i]])
-            frames = [round(float((t - r.start_pts) * r.time_base) * 25) for t in targets[opened:]]
+            targets = opened[-1].targets[at_open:]
+            frames = [round(float((t - r.start_pts) * r.time_base) * 25) for t in targets]
         back = [1, 2, 4, 8, 16][: len(frames) - 1]
         want = [i] + [max(i - b, 0) for b in back]
-        assert [0 if t == 0 else f for t, f in zip(targets[opened:], frames)] == want, (i, frames)
+        assert [0 if t == 0 else f for t, f in zip(targets, frames)] == want, (i, frames)
         assert 0 not in want[:-1]  # nothing is tried after the stream start
         retried += len(frames) > 1
     assert retried  # the premise: some seek lands late
