@@ -7,6 +7,7 @@ written out by hand, and each refusal's one line."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -176,8 +177,6 @@ def test_released_info_is_a_checkpoint_of_the_weights_with_their_preprocessing(n
 def test_released_info_refusals_name_the_command_they_are_for(narrow, monkeypatch):
     """Weights of another task name the command given; a file whose head does not fit its
     entry's class count says what the weights were to be used by."""
-    import dataclasses
-
     with pytest.raises(UserValueError) as e:
         spec.released_info("mvitv2_small_16x4.k400", None, "image", "export")
     assert str(e.value) == "mvitv2_small_16x4.k400 are video weights; use `mvitv2 export video`"
@@ -223,8 +222,6 @@ def test_released_video_info_is_the_clip_variant_with_the_weights_clips(tmp_path
 def test_released_classifier_names_every_kind_of_tensor_left_unfilled_in_one_line(tmp_path):
     """Image weights without a classifier given to a video variant with a class token leave
     two kinds of tensor unfilled: both reasons are named, sorted, joined by '; '."""
-    import dataclasses
-
     source = mvitv2.create_model("mvitv2_tiny", num_classes=4, **NARROW).state_dict()
     file = tmp_path / "headless.pyth"
     torch.save({"model_state": {k: v for k, v in source.items() if "head" not in k}}, file)
@@ -250,16 +247,14 @@ def test_classifier_checkpoint_reads_released_weights_or_a_training_checkpoint(n
     from mvitv2.engine.config import TrainConfig
     from mvitv2.engine.ema import build_ema
     from mvitv2.tasks.image import ImageClassification
-    from test_task_spec import _write
+    from test_task_spec import _perturb, _write
     from test_values_image_task import TINY
 
     task = ImageClassification(TrainConfig(model="mvitv2_tiny", model_args=TINY, data={}))
     task.classes = ["x", "y"]
     trained = task.build_model()
     ema = build_ema(trained, 0.5)
-    with torch.no_grad():
-        for p in ema.module.parameters():
-            p.add_(1.0)
+    _perturb(ema.module, seed=9)
     ckpt = _write(tmp_path / "last.pt", task, trained, ema=ema.state_dict())
     for use_ema, want in ((False, trained), (True, ema.module)):
         info, model = spec.classifier_checkpoint("image", str(ckpt), None, "predict", ema=use_ema)
