@@ -38,22 +38,22 @@ def test_default_input_shape_is_one_training_input_of_the_variant(name, shape):
     assert default_input_shape(name) == shape
 
 
-def test_info_weights_lists_every_tag_in_sorted_order_with_its_registry_fields(capsys):
-    """``info --weights`` alone: a header, then one row per registered tag, sorted."""
-    assert main(["info", "--weights"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    want = [HEADER]
-    for tag in sorted(registry.WEIGHTS):
-        w = registry.WEIGHTS[tag]
-        want.append(_row(tag, w.task, w.classes, w.reported, str(w.metrics["source"])))
-    assert lines == want
-
-
-def test_weights_lines_without_a_filter_are_the_whole_registry():
-    assert weights_lines() == [HEADER] + [
+def _whole_table() -> list[str]:
+    """The header, then one row per registered tag, sorted, from the registry's fields."""
+    return [HEADER] + [
         _row(t, w.task, w.classes, w.reported, str(w.metrics["source"]))
         for t, w in sorted(registry.WEIGHTS.items())
     ]
+
+
+def test_info_weights_lists_every_tag_in_sorted_order_with_its_registry_fields(capsys):
+    """``info --weights`` alone: a header, then one row per registered tag, sorted."""
+    assert main(["info", "--weights"]) == 0
+    assert capsys.readouterr().out.splitlines() == _whole_table()
+
+
+def test_weights_lines_without_a_filter_are_the_whole_registry():
+    assert weights_lines() == _whole_table()
 
 
 def test_info_weights_filter_keeps_the_tags_containing_it_and_a_blank_source(capsys, monkeypatch):
