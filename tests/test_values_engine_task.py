@@ -9,8 +9,9 @@ import torch
 import mvitv2
 from engine_toy import ToyTask, toy_config
 from mvitv2.weights import CheckpointMismatchError
+from test_values_image_task import TINY
 
-_TINY = {"depths": [1, 1, 1, 1], "embed_dim": 8, "num_heads": 1, "img_size": 32, "num_classes": 3}
+_TINY = {**TINY, "img_size": 32, "num_classes": 3}
 
 
 def test_finetuning_by_default_loads_every_tensor_and_refuses_a_checkpoint_missing_one(tmp_path):

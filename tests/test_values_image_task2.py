@@ -18,7 +18,7 @@ from mvitv2.engine.config import TrainConfig
 from mvitv2.engine.distributed import DistInfo
 from mvitv2.errors import UserValueError
 from mvitv2.tasks.image import ImageClassification
-from test_values_image_task import _naive
+from test_values_image_task import TINY, _naive
 
 
 class _Rows(torch.nn.Module):
@@ -110,8 +110,7 @@ def test_task_model_is_sized_by_the_data_and_starts_from_the_recipes_pretrained_
     from mvitv2.tasks.image import build_model
     from mvitv2.weights import registry
 
-    tiny = {"depths": [1, 1, 1, 1], "embed_dim": 8, "num_heads": 1}
-    source = mvitv2.create_model("mvitv2_tiny", num_classes=3, img_size=64, **tiny)
+    source = mvitv2.create_model("mvitv2_tiny", num_classes=3, img_size=64, **TINY)
     torch.save({"model_state": source.state_dict()}, tmp_path / "w.pyth")
     entry = dataclasses.replace(
         registry.WEIGHTS["mvitv2_tiny.in1k"],
@@ -122,7 +121,7 @@ def test_task_model_is_sized_by_the_data_and_starts_from_the_recipes_pretrained_
     )
     monkeypatch.setitem(registry.WEIGHTS, "test.tiny", entry)
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
-    cfg = TrainConfig(model="mvitv2_tiny", model_args=tiny, pretrained="test.tiny")
+    cfg = TrainConfig(model="mvitv2_tiny", model_args=TINY, pretrained="test.tiny")
     model = build_model(cfg, 3, 64)
     got = model.state_dict()
     assert got.keys() == source.state_dict().keys()

@@ -15,6 +15,7 @@ import mvitv2.models
 from mvitv2.cli import main
 from mvitv2.tasks.info import default_input_shape, weights_lines
 from mvitv2.weights import registry
+from test_values_image_task import TINY
 
 
 def _row(tag: str, task: str, classes: str, reported: str, source: str) -> str:
@@ -96,8 +97,7 @@ def test_info_runs_one_forward_of_the_default_model_and_times_it(capsys, monkeyp
     input and output shapes and a time no longer than the command took (a narrow mvitv2_tiny
     stands in for the full one to keep this fast)."""
     real = mvitv2.models.create_model
-    narrow = {"depths": [1, 1, 1, 1], "embed_dim": 8, "num_heads": 1}
-    monkeypatch.setattr(mvitv2.models, "create_model", lambda name: real(name, **narrow))
+    monkeypatch.setattr(mvitv2.models, "create_model", lambda name: real(name, **TINY))
     start = time.perf_counter()
     assert main(["info", "--filter", "in1k"]) == 0  # no variant contains it: no table
     took = time.perf_counter() - start

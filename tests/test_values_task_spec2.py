@@ -18,9 +18,10 @@ from mvitv2.errors import UserValueError
 from mvitv2.tasks import spec
 from mvitv2.weights import registry
 from mvitv2.weights.registry import Preprocessing
+from test_values_image_task import TINY
 from test_values_released_predict import _register
 
-NARROW = {"depths": [1, 1, 1, 1], "embed_dim": 8, "num_heads": 1, "img_size": 32}
+NARROW = {**TINY, "img_size": 32}
 PRE = Preprocessing(
     input_size=(3, 32, 32),
     crop_pct=0.8,
