@@ -22,11 +22,16 @@ def _exit(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str
     return e.value.code, out.splitlines(), err.splitlines()
 
 
+def _commands(out: list[str]) -> dict[str, str]:
+    """The sub-commands a help text lists (its lines indented by four), with their help."""
+    return {line.split()[0]: " ".join(line.split()[1:]) for line in out if line[:4] == "    "}
+
+
 def test_help_lists_every_command_with_what_it_does(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     status, out, _ = _exit(capsys, "--help")
     tasks = "(task: image, detect, video)"
-    commands = {line.split()[0]: " ".join(line.split()[1:]) for line in out if line[:4] == "    "}
+    commands = _commands(out)
     assert (
         status == 0
         and out[0] == "usage: mvitv2 [-h] {info,train,eval,predict,export,benchmark} ..."
@@ -41,7 +46,7 @@ def test_help_lists_every_command_with_what_it_does(capsys, monkeypatch):
         "benchmark": "speed and memory against the reference implementations",
     }
     status, out, _ = _exit(capsys, "export", "--help")
-    commands = {line.split()[0]: " ".join(line.split()[1:]) for line in out if line[:4] == "    "}
+    commands = _commands(out)
     assert status == 0 and out[0] == "usage: mvitv2 export [-h] {image,detect,video} ..."
     assert commands == {"image": "export image", "detect": "export detect", "video": "export video"}
     status, out, _ = _exit(capsys, "eval", "image", "--help")
