@@ -15,8 +15,8 @@ from mvitv2.engine import TrainConfig, Trainer
 from mvitv2.errors import UserError
 from mvitv2.tasks.image import ImageClassification
 from mvitv2.weights import CheckpointMismatchError
+from test_values_image_task import TINY
 
-ARCH = {"depths": [1, 1, 1, 1], "embed_dim": 8, "num_heads": 1}
 CONV_KERNELS = ("patch_embed.proj.weight", "pool_q.weight", "pool_k.weight", "pool_v.weight")
 
 
@@ -32,7 +32,7 @@ def folder(tmp_path_factory) -> Path:
     return root
 
 
-def _config(tmp_path: Path, *overrides: str, img_size: int = 32, arch=ARCH) -> TrainConfig:
+def _config(tmp_path: Path, *overrides: str, img_size: int = 32, arch=TINY) -> TrainConfig:
     args = [f"model_args.{k}={v}" for k, v in arch.items()]
     return TrainConfig.load(
         None,
@@ -52,7 +52,7 @@ def _config(tmp_path: Path, *overrides: str, img_size: int = 32, arch=ARCH) -> T
     )
 
 
-def _official(path: Path, num_classes: int, arch=ARCH, img_size: int = 32) -> dict:
+def _official(path: Path, num_classes: int, arch=TINY, img_size: int = 32) -> dict:
     """An official-layout ``.pyth`` written by hand (``model_state``, 5-D T = 1 conv kernels)."""
     net = create_model("mvitv2_tiny", num_classes=num_classes, img_size=img_size, **arch)
     state = net.state_dict()
@@ -107,7 +107,7 @@ def test_finetune_from_a_training_checkpoint_at_another_resolution_resizes_rel_p
 def test_finetune_from_a_checkpoint_of_another_width_fails_naming_the_tensors(
     folder, tmp_path, capsys
 ):
-    _official(tmp_path / "wide.pyth", num_classes=2, arch={**ARCH, "embed_dim": 16})
+    _official(tmp_path / "wide.pyth", num_classes=2, arch={**TINY, "embed_dim": 16})
     cfg = _config(tmp_path, f"finetune={tmp_path / 'wide.pyth'}")
     with pytest.raises(UserError) as failed:
         Trainer(ImageClassification(cfg, folder), cfg)
@@ -141,7 +141,7 @@ def test_detection_and_video_tasks_initialise_through_the_same_hook(tmp_path):
     from mvitv2.tasks.detect import DetectionTask
     from mvitv2.tasks.video import VideoClassification
 
-    image = _official(tmp_path / "in1k.pyth", num_classes=5, arch={**ARCH, "embed_dim": 16})
+    image = _official(tmp_path / "in1k.pyth", num_classes=5, arch={**TINY, "embed_dim": 16})
     det_args = {
         "depths": [1, 1, 1, 1],
         "embed_dim": 16,

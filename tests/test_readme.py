@@ -18,9 +18,10 @@ from mvitv2.cli import main, parse
 from mvitv2.data.image import ImageDataConfig
 from mvitv2.engine.checkpoint import save_checkpoint
 from mvitv2.engine.config import TrainConfig
+from test_values_image_task import TINY
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-TINY_ARGS = {"depths": [1, 1, 1, 1], "embed_dim": 8, "num_heads": 1, "img_size": 32}
+TINY_ARGS = {**TINY, "img_size": 32}
 CLASSES = ["cat", "dog"]
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mvitv2.tasks.spec import META_VERSION, checkpoint_task, get_spec, upgrade_meta
+from test_values_image_task import TINY
 
-TINY = {"depths": [1, 1, 1, 1], "embed_dim": 8, "num_heads": 1}
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 

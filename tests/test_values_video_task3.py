@@ -18,8 +18,7 @@ import mvitv2
 from mvitv2.engine.config import TrainConfig
 from mvitv2.errors import UserValueError
 from mvitv2.tasks.video import VideoClassification, init_weights
-
-TINY = {"depths": (1, 1), "embed_dim": 16, "img_size": 32}
+from test_values_video_task2 import TINY
 
 
 def _video_model(classes: int = 7) -> nn.Module:
