@@ -48,6 +48,23 @@ def test_a_tensor_image_is_shrunk_with_antialiasing_by_both_transforms():
     assert torch.allclose(train(fine), want, atol=1e-5)  # the crop is the whole square
 
 
+@pytest.mark.parametrize("name", ["in1k_tiny", "in1k_base", "in1k_huge", "finetune"])
+def test_data_options_a_recipe_leaves_out_are_the_paper_s_imagenet_recipe(name):
+    """The ImageNet recipes spell out their data options but the crop's aspect range: it and
+    any option left out of a recipe are the paper's recipe (``in1k_base.yaml``'s values) with
+    the standard Inception crop (torchvision's ``RandomResizedCrop`` defaults)."""
+    from mvitv2.engine import TrainConfig
+    from mvitv2.engine.cli import RECIPES_DIR
+
+    inception = v2.RandomResizedCrop(224)
+    paper = TrainConfig.load(RECIPES_DIR / "in1k_base.yaml").data
+    defaults = ImageDataConfig()
+    assert (defaults.scale, defaults.ratio) == (inception.scale, inception.ratio)
+    assert ImageDataConfig.from_dict(paper) == defaults
+    recipe = ImageDataConfig.from_dict(TrainConfig.load(RECIPES_DIR / f"{name}.yaml").data)
+    assert recipe.ratio == inception.ratio
+
+
 # ---------------------------------------------------------------------- wrong folder layouts
 def _raises(error: type[Exception], message: str, *args) -> None:
     with pytest.raises(error, match=f"^{re.escape(message)}$"):
