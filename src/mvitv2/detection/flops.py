@@ -11,10 +11,12 @@ paper's figures, skips them too).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 from torch import nn
 
+from mvitv2.detection.backbone import FEATURE_NAMES
 from mvitv2.detection.cascade import CascadeRoIHeads
 from mvitv2.detection.model import MViTDetector
 from mvitv2.utils.flops import count_params, macs_of
@@ -50,10 +52,6 @@ def detector_complexity(
     model.eval()
     try:
         out["macs_backbone"], maps = macs_of(model.backbone.body, x)
-        from collections import OrderedDict
-
-        from mvitv2.detection.backbone import FEATURE_NAMES
-
         out["macs_fpn"], feats = macs_of(model.backbone.fpn, OrderedDict(zip(FEATURE_NAMES, maps)))
         out["macs_rpn"], _ = macs_of(model.rpn.head, list(feats.values()))
         c = model.backbone.out_channels
