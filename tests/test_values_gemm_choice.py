@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mvitv2.ops import NOT_APPLICABLE, context, gemm
 from mvitv2.ops.gemm import gemm_backend, gemm_choice
@@ -95,3 +96,55 @@ def test_converting_linears_draws_nothing_from_the_global_rng():
     gemm.convert_linears(head)
     assert torch.equal(torch.rand(4), want)
     assert all(isinstance(m, gemm.Linear) for m in head)
+
+
+needs_onednn = pytest.mark.skipif(
+    gemm._onednn_linear_op() is None, reason="no oneDNN linear in this build"
+)
+
+
+def _record_onednn_calls(monkeypatch) -> list[str]:
+    """Log the fused attribute (``"none"``, ``"gelu"``) of every oneDNN linear call."""
+    real, calls = gemm._onednn_linear_op(), []
+    monkeypatch.setattr(
+        gemm, "_onednn_linear_op", lambda: lambda *a: calls.append(a[3]) or real(*a)
+    )
+    return calls
+
+
+@needs_onednn
+@pytest.mark.parametrize("onednn", [False, True])
+def test_gradient_products_run_on_the_backend_they_are_told(monkeypatch, onednn):
+    """``grad_input(dy, w) = dy @ w`` and ``grad_weight(dy, x) = dy.T @ x`` (output wider and
+    narrower than the input) against float64 products: one oneDNN GEMM each when told
+    ``onednn`` (as the MLP's backward passes its layers' choice), none otherwise."""
+    calls = _record_onednn_calls(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    dy, w = torch.randn(40, 12, generator=g), torch.randn(12, 7, generator=g)
+    got = gemm.grad_input(dy, w, onednn)
+    assert calls == ["none"] * onednn
+    torch.testing.assert_close(got, (dy.double() @ w.double()).float())
+    for k in (7, 20):
+        x = torch.randn(40, k, generator=g)
+        calls.clear()
+        got = gemm.grad_weight(dy, x, onednn)
+        assert calls == ["none"] * onednn and got.shape == (12, k)
+        torch.testing.assert_close(got, (dy.double().t() @ x.double()).float())
+
+
+@needs_onednn
+def test_a_training_step_on_onednn_runs_the_forward_and_both_gradients_on_onednn(monkeypatch):
+    """With the ``"onednn"`` backend a linear layer's forward, input gradient and weight
+    gradient are one oneDNN GEMM each, and the three gradients are float64 autograd's."""
+    calls = _record_onednn_calls(monkeypatch)
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(3, 10, 12, generator=g), torch.randn(7, 12, generator=g), torch.randn(7)
+    dy = torch.randn(3, 10, 7, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    with gemm_backend("onednn"):
+        got = torch.autograd.grad((gemm.linear(*leaves) * dy).sum(), leaves)
+    assert calls == ["none"] * 3
+    ref = [t.double().requires_grad_() for t in (x, w, b)]
+    want = torch.autograd.grad((F.linear(*ref) * dy.double()).sum(), ref)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e.float())
