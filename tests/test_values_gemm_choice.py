@@ -148,3 +148,23 @@ def test_a_training_step_on_onednn_runs_the_forward_and_both_gradients_on_onednn
     want = torch.autograd.grad((F.linear(*ref) * dy.double()).sum(), ref)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e.float())
+
+
+@pytest.mark.parametrize(("setting", "dtype"), [("aten", torch.float32), ("onednn", torch.float64)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_with_gradients_on_aten_the_output_and_gradients_are_f_linears(setting, dtype, gelu):
+    """Where a gradient is needed and ATen runs (its setting, or a dtype oneDNN does not take)
+    the layer is ``F.linear`` with its bias (then the exact GELU): output and the gradients of
+    input, weight and bias against float64 autograd."""
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(2, 6, 9, generator=g), torch.randn(5, 9, generator=g), torch.randn(5)
+    dy = torch.randn(2, 6, 5, generator=g)
+    leaves = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+    with gemm_backend(setting):
+        y = gemm.linear(*leaves, gelu=gelu)
+    got = [y, *torch.autograd.grad((y * dy.to(dtype)).sum(), leaves)]
+    ref = [t.double().requires_grad_() for t in (x, w, b)]
+    want = F.gelu(F.linear(*ref)) if gelu else F.linear(*ref)
+    want = [want, *torch.autograd.grad((want * dy.double()).sum(), ref)]
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.detach(), e.detach().to(dtype))
