@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from mvitv2.ops import NOT_APPLICABLE, context, gemm
 from mvitv2.ops.gemm import gemm_backend, gemm_choice
+from test_gemm import needs_onednn
 
 BF16, FP16 = torch.bfloat16, torch.float16
 
@@ -96,11 +97,6 @@ def test_converting_linears_draws_nothing_from_the_global_rng():
     gemm.convert_linears(head)
     assert torch.equal(torch.rand(4), want)
     assert all(isinstance(m, gemm.Linear) for m in head)
-
-
-needs_onednn = pytest.mark.skipif(
-    gemm._onednn_linear_op() is None, reason="no oneDNN linear in this build"
-)
 
 
 def _record_onednn_calls(monkeypatch) -> list[str]:
