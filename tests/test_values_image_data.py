@@ -13,6 +13,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from mvitv2.data.image import ImageDataConfig, ImageFolder, RandAugment, build_transform
+from mvitv2.engine import TrainConfig
+from mvitv2.engine.cli import RECIPES_DIR
 from mvitv2.errors import UserFileNotFoundError, UserValueError
 from test_values_data import _normalise, _photo, _write
 
@@ -53,9 +55,6 @@ def test_data_options_a_recipe_leaves_out_are_the_paper_s_imagenet_recipe(name):
     """The ImageNet recipes spell out their data options but the crop's aspect range: it and
     any option left out of a recipe are the paper's recipe (``in1k_base.yaml``'s values) with
     the standard Inception crop (torchvision's ``RandomResizedCrop`` defaults)."""
-    from mvitv2.engine import TrainConfig
-    from mvitv2.engine.cli import RECIPES_DIR
-
     inception = v2.RandomResizedCrop(224)
     paper = TrainConfig.load(RECIPES_DIR / "in1k_base.yaml").data
     defaults = ImageDataConfig()
