@@ -314,8 +314,9 @@ class DetectionTask(SpecTask):
 
     def evaluate(self, model: nn.Module, loader: DataLoader, dist: DistInfo) -> dict[str, float]:
         assert self.val_ds is not None, "build_datasets() first"
+        with_masks = self.data_cfg.masks and has_mask_branch(model)
         metrics, results = evaluate_detector(
-            model, loader, dist, self.val_ds, with_masks=self.data_cfg.masks
+            model, loader, dist, self.val_ds, with_masks=with_masks
         )
         self.last_results = results
         if self.results_path is not None and dist.is_main:
@@ -487,6 +488,13 @@ def init_detector(model: nn.Module, source: str | Path) -> Any:
     if report.initialized:
         report.notes.append("head reset: another class count; the class-specific layers are new")
     return report
+
+
+def has_mask_branch(model: nn.Module) -> bool:
+    """Whether ``model`` predicts masks: a box-only detector (``model_args.mask=false``) has no
+    mask AP to compute (a model without ``roi_heads`` is taken to have masks)."""
+    roi_heads = getattr(model, "roi_heads", None)
+    return roi_heads is None or bool(roi_heads.has_mask())
 
 
 @torch.no_grad()
@@ -913,7 +921,7 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
                 "(or instances_val.json), or pass --images and --annotations"
             )
         images, ann = splits["val"]
-    with_masks = not args.no_masks
+    with_masks = not args.no_masks and has_mask_branch(det.model())
     # detectron2 detectors get uint8 images, resized by PIL inside the model as in detectron2.
     ds = build_eval_dataset(images, ann, masks=with_masks, uint8=det.detectron2)
     warn_category_mismatch(ds, det, ann)

@@ -1,0 +1,83 @@
+"""Detection values a user relies on, from an audit with awkward COCO data: a box-only detector
+(``model_args.mask=false``) is evaluated on boxes alone by ``train detect`` and ``eval detect``
+(its COCO AP against pycocotools' COCOeval on the results it wrote)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mvitv2 import cli
+from mvitv2.detection import create_detector
+from mvitv2.engine.config import TrainConfig
+from mvitv2.engine.data import build_loader
+from mvitv2.engine.distributed import DistInfo
+from mvitv2.tasks import detect
+from mvitv2.tasks.detect import DetectionTask, DetectorFile, build_eval_dataset, collate
+from test_detection_data_eval import STATS, _coco, _cocoeval, _hand_made, _write_images
+from test_values_detect_task import _TINY_DETECTOR
+from test_values_detect_task2 import _info, _use
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def gt(tmp_path: Path) -> tuple[dict, Path]:
+    """_hand_made's two 100x100 images and JSON, with masks (categories 3 "a" and 12 "b")."""
+    data, _ = _hand_made()
+    _write_images(tmp_path, data)
+    (tmp_path / "gt.json").write_text(json.dumps(data))
+    return data, tmp_path / "gt.json"
+
+
+def _box_only() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_detector(
+        "maskrcnn_mvitv2_tiny", num_classes=2, **{**_TINY_DETECTOR, "mask": False}
+    ).eval()
+
+
+def _box_metrics(data: dict, results: list[dict]) -> dict[str, float]:
+    assert results and all("segmentation" not in r for r in results)
+    return {f"bbox_{k}": v for k, v in zip(STATS, _cocoeval(_coco(data), results, "bbox"))}
+
+
+def test_eval_detect_of_a_box_only_detector_scores_its_boxes_on_a_json_with_masks(
+    gt, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    data, ann = gt
+    ckpt = tmp_path / "det.pt"
+    _use(monkeypatch, DetectorFile(_info(ckpt, ["a", "b"]), loaded=_box_only()))
+    out, metrics = tmp_path / "res.json", tmp_path / "m.json"
+    argv = ["eval", "detect", "--checkpoint", str(ckpt), "--images", str(tmp_path)]
+    argv += ["--annotations", str(ann), "--workers", "0", "--threads", "1"]
+    assert cli.main([*argv, "--output", str(out), "--metrics", str(metrics)]) == 0
+    results = json.loads(out.read_text())
+    want = {**_box_metrics(data, results), "images": 2, "skipped_images": 0}
+    assert json.loads(metrics.read_text()) == want
+
+
+def test_training_evaluation_of_a_box_only_detector_scores_its_boxes(gt, tmp_path: Path):
+    data, ann = gt
+    model = _box_only()
+    cfg = TrainConfig(
+        model="maskrcnn_mvitv2_tiny", model_args={**_TINY_DETECTOR, "mask": False}, data={}
+    )
+    task = DetectionTask(cfg)  # data.masks stays true: the JSON's masks are read
+    task.val_ds = build_eval_dataset(tmp_path, ann)
+    loader = build_loader(task.val_ds, batch_size=2, train=False, collate_fn=collate)
+    with torch.no_grad():
+        metrics = task.evaluate(model, loader, DistInfo())
+    want = {**_box_metrics(data, task.last_results), "images": 2, "skipped_images": 0}
+    assert metrics == want
+    assert detect.has_mask_branch(
+        create_detector("maskrcnn_mvitv2_tiny", num_classes=2, **_TINY_DETECTOR)
+    )
