@@ -1,6 +1,7 @@
 """Detection values a user relies on, from an audit with awkward COCO data: a box-only detector
 (``model_args.mask=false``) is evaluated on boxes alone by ``train detect`` and ``eval detect``
-(its COCO AP against pycocotools' COCOeval on the results it wrote)."""
+(its COCO AP against pycocotools' COCOeval on the results it wrote); ``data.masks=false`` for a
+detector with a mask head is one error line before training."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from mvitv2.engine.distributed import DistInfo
 from mvitv2.tasks import detect
 from mvitv2.tasks.detect import DetectionTask, DetectorFile, build_eval_dataset, collate
 from test_detection_data_eval import STATS, _coco, _cocoeval, _hand_made, _write_images
+from test_detection_task import _coco_tree
 from test_values_detect_task import _TINY_DETECTOR
 from test_values_detect_task2 import _info, _use
 
@@ -81,3 +83,24 @@ def test_training_evaluation_of_a_box_only_detector_scores_its_boxes(gt, tmp_pat
     assert detect.has_mask_branch(
         create_detector("maskrcnn_mvitv2_tiny", num_classes=2, **_TINY_DETECTOR)
     )
+
+
+def _tiny_overrides(**extra: object) -> list[str]:
+    args = {**_TINY_DETECTOR, **extra}
+    return [f"model_args.{k}={json.dumps(v)}" for k, v in args.items()]
+
+
+def test_train_detect_without_masks_for_a_mask_head_is_one_error_line_before_training(
+    tmp_path: Path, capsys
+):
+    _coco_tree(tmp_path / "coco", ("train", "val"))
+    out = tmp_path / "runs"
+    argv = ["train", "detect", "--data", str(tmp_path / "coco"), "--output", str(out)]
+    argv += ["--config", "digit_scenes", "--threads", "1", "workers=0", "batch_size=1"]
+    assert cli.main([*argv, "data.masks=false", *_tiny_overrides()]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "mvitv2 train detect: error: data.masks=false leaves the mask head of "
+        "maskrcnn_mvitv2_tiny without targets: add model_args.mask=false (a box-only detector) "
+        "or keep data.masks=true"
+    ]
+    assert not out.exists()  # no run folder for a run that never started

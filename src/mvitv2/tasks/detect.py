@@ -297,7 +297,14 @@ class DetectionTask(SpecTask):
         return self.train_ds, self.val_ds
 
     def build_model(self) -> nn.Module:
-        return build_model(self.cfg, len(self.class_names))
+        model = build_model(self.cfg, len(self.class_names))
+        if not self.data_cfg.masks and has_mask_branch(model):
+            # torchvision's mask loss needs a mask per target: it would fail at the first step.
+            raise UserValueError(
+                f"data.masks=false leaves the mask head of {self.cfg.model} without targets: add "
+                "model_args.mask=false (a box-only detector) or keep data.masks=true"
+            )
+        return model
 
     def init_weights(self, model: nn.Module, source: str) -> Any:
         """``finetune=``: see :func:`init_detector`."""
