@@ -1,13 +1,15 @@
 """Detection values a user relies on, from an audit with awkward COCO data: a box-only detector
 (``model_args.mask=false``) is evaluated on boxes alone by ``train detect`` and ``eval detect``
 (its COCO AP against pycocotools' COCOeval on the results it wrote); ``data.masks=false`` for a
-detector with a mask head is one error line before training."""
+detector with a mask head is one error line before training; its whole-detector ONNX export
+gives PyTorch's boxes, labels and scores in onnxruntime."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +106,21 @@ def test_train_detect_without_masks_for_a_mask_head_is_one_error_line_before_tra
         "or keep data.masks=true"
     ]
     assert not out.exists()  # no run folder for a run that never started
+
+
+def test_whole_detector_onnx_of_a_box_only_detector_matches_pytorch(tmp_path: Path):
+    from mvitv2.export import export_detector_onnx, onnx_session
+
+    torch.set_num_threads(1)
+    model = _box_only()
+    path = export_detector_onnx(model, tmp_path / "boxes.onnx", image_size=(64, 64))
+    torch.manual_seed(1)
+    image = torch.rand(3, 48, 80)  # another size than traced: the resize follows it
+    with torch.no_grad():
+        ref = model([image])[0]
+    assert len(ref["boxes"]) > 0 and "masks" not in ref  # random weights still detect
+    session = onnx_session(path)
+    names = [o.name for o in session.get_outputs()]
+    assert names == ["boxes", "labels", "scores"]
+    for name, value in zip(names, session.run(None, {"image": image.numpy()}), strict=True):
+        np.testing.assert_allclose(value, ref[name].numpy(), atol=1e-4, err_msg=name)

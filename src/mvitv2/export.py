@@ -13,7 +13,8 @@ What is exported per task:
   s = 4..64); the RPN, RoI heads and mask paste-back stay in Python (torchvision detection code).
   With ``whole_detector=True`` (``--whole-detector``, ONNX only) the whole detector instead: one
   ``(3, H, W)`` RGB image in ``[0, 1]`` (the graph resizes and normalises it) -> ``boxes (N, 4)``,
-  ``labels (N,)``, ``scores (N,)``, ``masks (N, 1, H, W)``. It uses the TorchScript-based
+  ``labels (N,)``, ``scores (N,)``, ``masks (N, 1, H, W)`` (no ``masks`` for a box-only
+  detector). It uses the TorchScript-based
   exporter, because ``torch.export`` cannot capture the data-dependent NMS.
 
 ONNX uses the ``torch.export``-based exporter (``dynamo=True``) at opset 18, which onnxruntime
@@ -242,7 +243,9 @@ def export_detector_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.rand(3, *image_size)
-    names = ["boxes", "labels", "scores", "masks"]
+    names = ["boxes", "labels", "scores"]
+    if model.roi_heads.has_mask():  # a box-only detector (mask=False) returns no masks
+        names.append("masks")
     with torch.no_grad():
         torch.onnx.export(
             model.eval(),
