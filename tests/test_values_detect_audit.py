@@ -2,7 +2,8 @@
 (``model_args.mask=false``) is evaluated on boxes alone by ``train detect`` and ``eval detect``
 (its COCO AP against pycocotools' COCOeval on the results it wrote); ``data.masks=false`` for a
 detector with a mask head is one error line before training; its whole-detector ONNX export
-gives PyTorch's boxes, labels and scores in onnxruntime."""
+gives PyTorch's boxes, labels and scores in onnxruntime; a count option out of range (a 0 batch
+size, -1 workers or threads) is argparse's error line, exit 2."""
 
 from __future__ import annotations
 
@@ -124,3 +125,33 @@ def test_whole_detector_onnx_of_a_box_only_detector_matches_pytorch(tmp_path: Pa
     assert names == ["boxes", "labels", "scores"]
     for name, value in zip(names, session.run(None, {"image": image.numpy()}), strict=True):
         np.testing.assert_allclose(value, ref[name].numpy(), atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["eval", "detect", "--batch-size", "0"],
+            "argument --batch-size: must be at least 1, got 0",
+        ),
+        (["eval", "detect", "--workers", "-1"], "argument --workers: must be at least 0, got -1"),
+        (
+            ["predict", "detect", "a.png", "--batch-size", "0"],
+            "argument --batch-size: must be at least 1, got 0",
+        ),
+        (
+            ["predict", "detect", "a.png", "--threads", "-1"],
+            "argument --threads: must be at least 0, got -1",
+        ),
+        (
+            ["eval", "detect", "--batch-size", "two"],
+            "argument --batch-size: invalid int value: 'two'",
+        ),
+    ],
+)
+def test_a_count_option_out_of_range_is_one_error_line_and_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*argv, "--checkpoint", "c.pt"])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == f"mvitv2 {argv[0]} detect: error: {message}"

@@ -31,6 +31,22 @@ TASK_COMMANDS = ("train", "eval", "predict", "export")
 THREADS_HELP = "CPU threads for torch (0: torch's default)"
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for a count option: an integer of at least ``minimum``, so that a
+    0 batch size or -1 threads is argparse's error line (exit 2), not a traceback later."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return count
+
+
 def _task_module(task: str) -> ModuleType:
     return importlib.import_module(TASKS[task])
 
@@ -79,7 +95,7 @@ def task_parser(command: str, task: str) -> tuple[argparse.ArgumentParser, Modul
     module = _task_module(task)
     module.add_arguments(parser, command)
     if "--threads" not in parser._option_string_actions:
-        parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+        parser.add_argument("--threads", type=at_least(0), default=0, help=THREADS_HELP)
     return parser, module
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from mvitv2.cli import at_least
 from mvitv2.data.common import find_files
 from mvitv2.engine.config import TrainConfig, apply_overrides, short_run_warmup
 from mvitv2.engine.trainer import Trainer, TrainingStopped
@@ -315,8 +316,8 @@ def add_eval_arguments(
 ) -> None:
     """The options of ``mvitv2 eval <task>`` the classification tasks share, after their own
     (``what``: ``images``, ``videos``; ``batch_size``: the default of ``--batch-size``)."""
-    parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=at_least(1), default=batch_size, help=batch_help)
+    parser.add_argument("--workers", type=at_least(0), default=2)
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     parser.add_argument("--strict-data", action="store_true", help=f"fail on unreadable {what}")
     parser.add_argument(
@@ -388,7 +389,7 @@ def add_predict_arguments(
         "--device", default="cpu", help="where to run: cpu, cuda, cuda:1, ... (default: cpu)"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=16, help=batch_help or f"{what}s per forward"
+        "--batch-size", type=at_least(1), default=16, help=batch_help or f"{what}s per forward"
     )
     parser.add_argument("--json", action="store_true", help=f"one JSON line per {what}")
 

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from mvitv2.cli import at_least
 from mvitv2.data.common import config_from_dict, config_to_dict
 from mvitv2.data.detection import (
     CocoDetection,
@@ -793,7 +794,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Options of ``mvitv2 <command> detect``."""
     parser.add_argument(
         "--threads",
-        type=int,
+        type=at_least(0),
         default=0,
         help="CPU threads for torch (0: torch's default); 1 is much faster on a CPU shared with "
         "other jobs, where a descheduled OpenMP thread stalls every op",
@@ -830,8 +831,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument(
             "--json", action="store_true", help="print only the metrics as one JSON line"
         )
-        parser.add_argument("--batch-size", type=int, default=4)
-        parser.add_argument("--workers", type=int, default=2)
+        parser.add_argument("--batch-size", type=at_least(1), default=4)
+        parser.add_argument("--workers", type=at_least(0), default=2)
         parser.add_argument("--no-masks", action="store_true", help="box AP only")
         parser.add_argument("--strict-data", action="store_true", help="fail on unreadable images")
     elif command == "predict":
