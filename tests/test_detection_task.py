@@ -316,13 +316,19 @@ def test_build_datasets_reports_and_checks_categories(tmp_path: Path, capsys) ->
     ann = tmp_path / "annotations" / "instances_val.json"
     data = json.loads(ann.read_text())
     data["annotations"].append({**data["annotations"][0], "id": 2, "bbox": [1, 1, 0, 2]})
+    # a second image, without objects: a folder holding none of the listed images is an error
+    data["images"].append({**data["images"][0], "id": 2, "file_name": "b.png"})
+    Image.new("RGB", (8, 6)).save(tmp_path / "val" / "b.png")
     ann.write_text(json.dumps(data))
     (tmp_path / "val" / "a.png").unlink()
     DetectionTask(cfg, tmp_path).build_datasets()
     assert (
         capsys.readouterr()
         .out.splitlines()[-1]
-        .endswith("-> 0/1 images, 0/2 instances kept; missing_images 1, degenerate_boxes 1")
+        .endswith(
+            "-> 1/2 images, 0/2 instances kept; missing_images 1, negative_images 1, "
+            "degenerate_boxes 1"
+        )
     )
     data["categories"][0]["name"] = "other"
     ann.write_text(json.dumps(data))

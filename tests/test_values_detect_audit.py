@@ -3,7 +3,8 @@
 (its COCO AP against pycocotools' COCOeval on the results it wrote); ``data.masks=false`` for a
 detector with a mask head is one error line before training; its whole-detector ONNX export
 gives PyTorch's boxes, labels and scores in onnxruntime; a count option out of range (a 0 batch
-size, -1 workers or threads) is argparse's error line, exit 2."""
+size, -1 workers or threads) is argparse's error line, exit 2; an image folder holding none of
+the listed images is one error line, not AP 0 on no image."""
 
 from __future__ import annotations
 
@@ -155,3 +156,26 @@ def test_a_count_option_out_of_range_is_one_error_line_and_exit_2(argv, message,
     assert stop.value.code == 2
     last = capsys.readouterr().err.splitlines()[-1]
     assert last == f"mvitv2 {argv[0]} detect: error: {message}"
+
+
+def test_an_image_folder_without_any_listed_image_is_one_error_line_not_ap_zero(
+    gt, tmp_path: Path, capsys
+):
+    data, ann = gt
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    argv = ["eval", "detect", "--checkpoint", str(tmp_path / "c.pt"), "--images", str(elsewhere)]
+    want = (
+        f"none of the 2 images {ann} lists is under {elsewhere} (looked for {elsewhere / '1.png'})"
+        ": give the folder its file_name entries are relative to"
+    )
+    ckpt = DetectorFile(_info(tmp_path / "c.pt", ["a", "b"]), loaded=_box_only())
+    with pytest.MonkeyPatch.context() as m:
+        _use(m, ckpt)
+        assert cli.main([*argv, "--annotations", str(ann), "--workers", "0"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"mvitv2 eval detect: error: {want}"]
+    assert not (tmp_path / "coco_results.json").exists()
+    # one listed image present: the other is skipped and counted, as before
+    (elsewhere / "2.png").write_bytes((tmp_path / "2.png").read_bytes())
+    ds = build_eval_dataset(elsewhere, ann)
+    assert (len(ds), ds.stats.missing_images) == (1, 1)

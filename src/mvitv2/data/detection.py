@@ -571,7 +571,8 @@ class CocoDetection(torch.utils.data.Dataset):
     Annotations are checked once, at construction, each on its own
     (:func:`check_annotations`): bad ones are dropped, the rest kept; ``self.stats`` counts
     every case by reason and ``self.problems`` names each one (logged on the main process).
-    Missing image files are skipped, images without objects kept as negatives. An image that
+    Missing image files are skipped (none found at all raises ``UserFileNotFoundError``: a wrong
+    ``image_dir``), images without objects kept as negatives. An image that
     fails to decode, or whose size differs from the JSON's, raises
     :class:`~mvitv2.data.common.BadSample` (the loader skips it in evaluation and counts it)
     and is flagged in ``self.skipped`` by reason (``unreadable_image``, ``size_mismatch``;
@@ -637,6 +638,15 @@ class CocoDetection(torch.utils.data.Dataset):
                 }
             )
         self.stats.images_used = len(self.records)
+        if self.stats.images and self.stats.missing_images == self.stats.images:
+            # A wrong image folder, not a few lost files: training would stop on an empty set
+            # with a misleading message and evaluation would report AP 0 on no image.
+            first = self.image_dir / data["images"][0]["file_name"]
+            raise UserFileNotFoundError(
+                f"none of the {self.stats.images} images {self.ann_file} lists is under "
+                f"{self.image_dir} (looked for {first}): give the folder its file_name entries "
+                "are relative to"
+            )
         self.skipped = SkipCounter(self.SKIP_KEYS, len(self.records))
         log_problems(self.problems)
 
