@@ -4,7 +4,8 @@
 detector with a mask head is one error line before training; its whole-detector ONNX export
 gives PyTorch's boxes, labels and scores in onnxruntime; a count option out of range (a 0 batch
 size, -1 workers or threads) is argparse's error line, exit 2; an image folder holding none of
-the listed images is one error line, not AP 0 on no image."""
+the listed images is one error line, not AP 0 on no image; a training set left without any
+object (a box-only JSON read with masks) says so, not "lower batch_size"."""
 
 from __future__ import annotations
 
@@ -179,3 +180,21 @@ def test_an_image_folder_without_any_listed_image_is_one_error_line_not_ap_zero(
     (elsewhere / "2.png").write_bytes((tmp_path / "2.png").read_bytes())
     ds = build_eval_dataset(elsewhere, ann)
     assert (len(ds), ds.stats.missing_images) == (1, 1)
+
+
+def test_train_detect_on_a_box_only_json_with_masks_on_says_why_nothing_is_left(
+    tmp_path: Path, capsys
+):
+    _coco_tree(tmp_path / "coco", ("train", "val"))
+    ann = tmp_path / "coco" / "annotations" / "instances_train.json"
+    data = json.loads(ann.read_text())
+    del data["annotations"][0]["segmentation"]  # a box-only file, as many detection sets are
+    ann.write_text(json.dumps(data))
+    argv = ["train", "detect", "--data", str(tmp_path / "coco"), "--output", str(tmp_path / "r")]
+    argv += ["--config", "digit_scenes", "--threads", "1", "workers=0", "batch_size=1"]
+    assert cli.main([*argv, *_tiny_overrides()]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"mvitv2 train detect: error: {ann}: no image has an object to train on (images=1, "
+        "negative_images=1, annotations=1, bad_segmentation=1); for boxes alone: "
+        "data.masks=false model_args.mask=false"
+    )

@@ -284,6 +284,13 @@ class DetectionTask(SpecTask):
         self.label_to_cat_id = dict(self.train_ds.label_to_cat_id)
         if on_main_process():
             print(report_data("train data", self.train_ds), flush=True)
+        if not len(self.train_ds):
+            # Else the engine's "smaller than one step ...; lower batch_size", which cannot help.
+            masks = "; for boxes alone: data.masks=false model_args.mask=false" if dc.masks else ""
+            raise UserValueError(
+                f"{ann}: no image has an object to train on ({self.train_ds.stats.summary()})"
+                f"{masks}"
+            )
         if "val" in splits:
             self.val_ds = build_eval_dataset(*splits["val"], masks=dc.masks)
             if self.val_ds.class_names != self.class_names:
