@@ -5,7 +5,8 @@ detector with a mask head is one error line before training; its whole-detector 
 gives PyTorch's boxes, labels and scores in onnxruntime; a count option out of range (a 0 batch
 size, -1 workers or threads) is argparse's error line, exit 2; an image folder holding none of
 the listed images is one error line, not AP 0 on no image; a training set left without any
-object (a box-only JSON read with masks) says so, not "lower batch_size"."""
+object (a box-only JSON read with masks) says so, not "lower batch_size"; eval detect runs one
+image per forward by default, so an image's detections are detectron2's whatever follows it."""
 
 from __future__ import annotations
 
@@ -198,3 +199,42 @@ def test_train_detect_on_a_box_only_json_with_masks_on_says_why_nothing_is_left(
         "negative_images=1, annotations=1, bad_segmentation=1); for boxes alone: "
         "data.masks=false model_args.mask=false"
     )
+
+
+def test_eval_detect_gives_each_image_detectron2s_own_detections_beside_a_portrait_image(
+    tmp_path: Path,
+):
+    """detectron2 evaluates one image per forward: the landscape fixture image's results are
+    the detections detectron2 recorded for it alone, even when a portrait image follows it (a
+    batch of both would pad it to a square and move its detections)."""
+    from PIL import Image
+
+    from test_detectron2_cli import DATA, detectron2_files, model_options, reference
+
+    ref = reference("maskrcnn")
+    images = tmp_path / "images"
+    images.mkdir()
+    landscape = Image.open(DATA / "detectron2_image.png").convert("RGB")
+    landscape.save(images / "a.png")
+    landscape.transpose(Image.Transpose.TRANSPOSE).save(images / "b.png")
+    h, w = ref["image_hw"]
+    gt = {
+        "images": [
+            {"id": 1, "file_name": "a.png", "height": h, "width": w},
+            {"id": 2, "file_name": "b.png", "height": w, "width": h},
+        ],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "person"}],
+    }
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    pth, _ = detectron2_files("maskrcnn", tmp_path)
+    out = tmp_path / "results.json"
+    argv = ["eval", "detect", "--checkpoint", str(pth), "--images", str(images), "--no-masks"]
+    argv += ["--annotations", str(tmp_path / "gt.json"), "--output", str(out), "--workers", "0"]
+    assert cli.main([*argv, "--metrics", str(tmp_path / "m.json"), *model_options("maskrcnn")]) == 0
+    got = [r for r in json.loads(out.read_text()) if r["image_id"] == 1]
+    want = ref["detections"]
+    assert len(got) == len(want["boxes"])
+    boxes = [[x, y, x + bw, y + bh] for x, y, bw, bh in (r["bbox"] for r in got)]
+    np.testing.assert_allclose(boxes, want["boxes"], atol=0.01)
+    np.testing.assert_allclose([r["score"] for r in got], want["scores"], atol=1e-4)

@@ -257,7 +257,7 @@ def test_eval_detect_takes_checkpoint_data_outputs_and_loader_options(capsys):
         "output": None,
         "metrics": None,
         "json": False,
-        "batch_size": 4,
+        "batch_size": 1,  # detectron2's test loader: one image per forward
         "workers": 2,
         "no_masks": False,
         "strict_data": False,

@@ -838,7 +838,15 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument(
             "--json", action="store_true", help="print only the metrics as one JSON line"
         )
-        parser.add_argument("--batch-size", type=at_least(1), default=4)
+        # One image per forward unless asked, as detectron2's test loader: a batch pads its
+        # images to one size, which changes an image's detections with its batch-mates' sizes.
+        parser.add_argument(
+            "--batch-size",
+            type=at_least(1),
+            default=1,
+            help="images per forward (default 1, as detectron2 evaluates: a batch pads its "
+            "images to one size, which moves the detections)",
+        )
         parser.add_argument("--workers", type=at_least(0), default=2)
         parser.add_argument("--no-masks", action="store_true", help="box AP only")
         parser.add_argument("--strict-data", action="store_true", help="fail on unreadable images")
