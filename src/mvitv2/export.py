@@ -243,8 +243,10 @@ def export_detector_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.rand(3, *image_size)
+    from mvitv2.detection.model import has_mask_branch
+
     names = ["boxes", "labels", "scores"]
-    if model.roi_heads.has_mask():  # a box-only detector (mask=False) returns no masks
+    if has_mask_branch(model):  # a box-only detector (mask=False) returns no masks
         names.append("masks")
     with torch.no_grad():
         torch.onnx.export(

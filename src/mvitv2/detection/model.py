@@ -317,6 +317,13 @@ class MViTDetector(GeneralizedRCNN):
         self.backbone.body.set_grad_checkpointing(enable)
 
 
+def has_mask_branch(model: nn.Module) -> bool:
+    """Whether ``model`` predicts masks: a box-only detector (``mask=False``) has none to score
+    or export (a model without ``roi_heads`` is taken to have masks)."""
+    roi_heads = getattr(model, "roi_heads", None)
+    return roi_heads is None or bool(roi_heads.has_mask())
+
+
 def create_detector(
     name: str,
     *,

@@ -55,6 +55,7 @@ from mvitv2.data.detection import (
     predictions_to_coco,
 )
 from mvitv2.detection import create_detector, list_detectors
+from mvitv2.detection.model import has_mask_branch
 from mvitv2.engine.cli import (
     add_predict_arguments,
     add_train_arguments,
@@ -503,13 +504,6 @@ def init_detector(model: nn.Module, source: str | Path) -> Any:
     if report.initialized:
         report.notes.append("head reset: another class count; the class-specific layers are new")
     return report
-
-
-def has_mask_branch(model: nn.Module) -> bool:
-    """Whether ``model`` predicts masks: a box-only detector (``model_args.mask=false``) has no
-    mask AP to compute (a model without ``roi_heads`` is taken to have masks)."""
-    roi_heads = getattr(model, "roi_heads", None)
-    return roi_heads is None or bool(roi_heads.has_mask())
 
 
 @torch.no_grad()
