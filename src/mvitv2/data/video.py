@@ -9,6 +9,7 @@ dataset returns float clips (C, T, H, W), the layout of the video models.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -607,6 +608,26 @@ class VideoSample:
     label: int
 
 
+def _read_text(path: Path, what: str) -> str:
+    """The text of a list, annotation or class names file, read as UTF-8 whatever the locale,
+    without a leading byte-order mark (Windows editors and Excel's "CSV UTF-8" write one; kept,
+    it becomes part of the first path, which is then missing, or of an annotation CSV's header,
+    which is then not recognised).
+
+    Raises:
+        UserValueError: the file is not UTF-8 text (the line of the first bad byte named).
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserValueError(
+            f"{path}:{line}: the {what} is not UTF-8 text (byte 0x{data[e.start]:02x}); "
+            "save it as UTF-8"
+        ) from None
+
+
 def read_video_list(
     list_file: str | Path, video_root: str | Path | None = None
 ) -> list[VideoSample]:
@@ -615,14 +636,16 @@ def read_video_list(
     Each non-empty line is ``path label`` (whitespace-separated; the path may contain spaces, the
     label is the last field) or, in a ``.csv`` file, ``path,label`` (space-separated lines are
     accepted there too, as in SlowFast's Kinetics files); a CSV header line such as
-    ``path,label`` is skipped. Lines starting with ``#`` are comments.
+    ``path,label`` is skipped. Lines starting with ``#`` are comments. The file is UTF-8 (a
+    byte-order mark is ignored).
 
     Args:
         list_file: the list file.
         video_root: directory relative paths are resolved against (default: the list's folder).
     Raises:
         UserFileNotFoundError: no such list file.
-        UserValueError: a malformed line, with file name and line number.
+        UserValueError: a malformed line, with file name and line number; a file that is not
+            UTF-8.
     """
     list_file = Path(list_file)
     if not list_file.is_file():
@@ -630,7 +653,8 @@ def read_video_list(
     root = Path(video_root) if video_root is not None else list_file.parent
     is_csv = list_file.suffix.lower() == ".csv"
     samples = []
-    with list_file.open(newline="") as f:
+    text = _read_text(list_file, "video list")
+    with io.StringIO(text, newline="" if is_csv else None) as f:
         lines = csv.reader(f) if is_csv else (line.rsplit(None, 1) for line in f)
         for lineno, fields in enumerate(lines, start=1):
             fields = [x.strip() for x in fields]
@@ -746,7 +770,8 @@ _ANNOTATION_COLUMNS = ("label", "youtube_id", "time_start", "time_end", "split")
 def _is_annotation_csv(path: Path) -> bool:
     if path.suffix.lower() != ".csv" or not path.is_file():
         return False
-    with path.open(newline="") as f:
+    # the header only: the reader of the whole file names a byte further on that is not UTF-8
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
         header = next(csv.reader(f), [])
     return tuple(h.strip() for h in header[:5]) == _ANNOTATION_COLUMNS
 
@@ -769,7 +794,7 @@ def _annotation_rows(path: Path) -> list[tuple[str, str, str]]:
     """``(label, split, clip file stem)`` of each row of an official Kinetics annotation CSV;
     reads no video folder."""
     rows = []
-    with path.open(newline="") as f:
+    with io.StringIO(_read_text(path, "Kinetics annotation CSV"), newline="") as f:
         reader = csv.reader(f)
         next(reader)  # the header
         for lineno, fields in enumerate(reader, start=2):
@@ -792,11 +817,12 @@ def _annotation_rows(path: Path) -> list[tuple[str, str, str]]:
 
 
 def read_class_names(path: str | Path) -> list[str]:
-    """Class names, one per line (line i = label i); blank lines are ignored."""
+    """Class names, one per line (line i = label i) of a UTF-8 file; blank lines are ignored."""
     path = Path(path)
     if not path.is_file():
         raise UserFileNotFoundError(f"class names file not found: {path}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    lines = _read_text(path, "class names file").splitlines()
+    return [line.strip() for line in lines if line.strip()]
 
 
 # --------------------------------------------------------------------------------------------
