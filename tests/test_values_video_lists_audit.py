@@ -77,3 +77,18 @@ def test_a_list_that_is_not_utf8_is_one_line_naming_the_file_and_line(tmp_path, 
     (line,) = [x for x in err.splitlines() if "error:" in x]
     assert line.startswith("mvitv2 train video: error: ")
     assert f"{lst}:2:" in line and "UTF-8" in line
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_slowfast_csv_keeps_a_path_with_a_comma_whole(tmp_path, first):
+    """PySlowFast splits its space-separated ``train.csv`` lines at the space only: a file named
+    ``Smith, John.mp4`` is one path with its label, first line or not (not a ``path,label``
+    header to skip, nor a label ``'John.mp4 0'``); ``path,label`` lines still split at the comma."""
+    lines = ["v/Smith, John.mp4 0", "v/b c.mp4,2", "v/d.mp4 1"]
+    if not first:
+        lines = lines[1:] + lines[:1]
+    lst = tmp_path / "train.csv"
+    lst.write_text("\n".join(lines) + "\n")
+    by_hand = {"v/Smith, John.mp4": 0, "v/b c.mp4": 2, "v/d.mp4": 1}
+    got = {str(s.path.relative_to(tmp_path)): s.label for s in read_video_samples(lst)[0]}
+    assert got == by_hand

@@ -628,6 +628,28 @@ def _read_text(path: Path, what: str) -> str:
         ) from None
 
 
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _list_fields(line: str, is_csv: bool) -> list[str]:
+    """The stripped fields of one list line: ``path label`` split at the last whitespace; in a
+    ``.csv``, ``path,label``, unless the line is SlowFast's space-separated ``path label`` (its
+    Kinetics .csv files are): no comma, or a comma in the path (the field after the last comma is
+    no integer, the one after the last space is), which SlowFast reads as part of the path."""
+    spaced = [x.strip() for x in line.rsplit(None, 1)]
+    if not is_csv:
+        return spaced
+    fields = [x.strip() for x in next(csv.reader([line]), [])]
+    if len(fields) == 1 or (len(spaced) == 2 and _is_int(spaced[1]) and not _is_int(fields[-1])):
+        return spaced
+    return fields
+
+
 def read_video_list(
     list_file: str | Path, video_root: str | Path | None = None
 ) -> list[VideoSample]:
@@ -635,9 +657,9 @@ def read_video_list(
 
     Each non-empty line is ``path label`` (whitespace-separated; the path may contain spaces, the
     label is the last field) or, in a ``.csv`` file, ``path,label`` (space-separated lines are
-    accepted there too, as in SlowFast's Kinetics files); a CSV header line such as
-    ``path,label`` is skipped. Lines starting with ``#`` are comments. The file is UTF-8 (a
-    byte-order mark is ignored).
+    accepted there too, as in SlowFast's Kinetics files, a comma in their path kept in it); a
+    CSV header line such as ``path,label`` is skipped. Lines starting with ``#`` are comments.
+    The file is UTF-8 (a byte-order mark is ignored).
 
     Args:
         list_file: the list file.
@@ -654,12 +676,9 @@ def read_video_list(
     is_csv = list_file.suffix.lower() == ".csv"
     samples = []
     text = _read_text(list_file, "video list")
-    with io.StringIO(text, newline="" if is_csv else None) as f:
-        lines = csv.reader(f) if is_csv else (line.rsplit(None, 1) for line in f)
-        for lineno, fields in enumerate(lines, start=1):
-            fields = [x.strip() for x in fields]
-            if is_csv and len(fields) == 1:  # SlowFast's Kinetics .csv files are space-separated
-                fields = fields[0].rsplit(None, 1)
+    with io.StringIO(text, newline=None) as f:
+        for lineno, line in enumerate(f, start=1):
+            fields = _list_fields(line, is_csv)
             while fields and not fields[-1]:
                 fields.pop()  # trailing separators
             if not fields or fields[0].startswith("#"):
