@@ -157,6 +157,8 @@ class TrainConfig:
             ),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.accum_steps >= 1, "accum_steps must be >= 1"),
+            (self.workers >= 0, "workers must be >= 0"),
+            (self.threads >= 0, "threads must be >= 0 (0: torch's default)"),
             (self.base_lr > 0 and math.isfinite(self.base_lr), "base_lr must be > 0"),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
