@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from mvitv2.export import export_detector_onnx, export_onnx
+import mvitv2.export
+from mvitv2.export import DEFAULT_OPSET, export_detector_onnx, export_onnx
 from test_values_export import SHAPE, Tiny
 
 pytest.importorskip("onnxscript")
@@ -23,6 +24,7 @@ def test_onnx_export_names_its_exporter_the_whole_detector_the_torchscript_one(
     ``dynamo`` is False before torch 2.9 (the project supports 2.5 on) and True after."""
     asked: list = []
     monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: asked.append(k.get("dynamo", "-")))
+    monkeypatch.setattr(mvitv2.export, "_onnx_opset", lambda path: DEFAULT_OPSET)  # no file written
     export_onnx(Tiny(), tmp_path / "t.onnx", task="image", example_input=torch.zeros(2, *SHAPE))
     export_detector_onnx(nn.Identity(), tmp_path / "d.onnx", image_size=(8, 8))
     assert asked == [True, False]

@@ -191,18 +191,36 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     example = _batch_example(example_input, dynamic_batch)
     num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    with torch.no_grad():
-        torch.onnx.export(
-            model.eval(),
-            (example,),
-            path,
-            input_names=list(input_names),
-            output_names=list(output_names),
-            opset_version=opset,
-            dynamo=True,
-            dynamic_shapes=_dynamic_shapes(dynamic_batch),
-            external_data=num_bytes > 1.8 * 2**30,  # protobuf's 2 GB limit
-            verbose=False,
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                model.eval(),
+                (example,),
+                path,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=_dynamic_shapes(dynamic_batch),
+                external_data=num_bytes > 1.8 * 2**30,  # protobuf's 2 GB limit
+                verbose=False,
+            )
+    except torch.onnx.OnnxExporterError as e:
+        # The model refused the example (an input size it cannot take): that ValueError, as
+        # the torch-export format gives it, not wrapped in the exporter's report.
+        if isinstance(e.__cause__, ValueError):
+            raise e.__cause__ from None
+        raise
+    written = _onnx_opset(path)
+    if written != opset:
+        # The exporter writes its own opset and only tries to convert to another; when that
+        # fails it keeps its own (with a logged traceback), which a runtime that needs the
+        # asked opset cannot load.
+        path.unlink()
+        Path(f"{path}.data").unlink(missing_ok=True)
+        raise ValueError(
+            f"opset {opset}: the ONNX exporter could not convert the model to it and wrote "
+            f"opset {written}; export with opset {written} (--opset {written})"
         )
     _write_sidecar(
         path,
@@ -216,6 +234,14 @@ def export_onnx(
         opset=opset,
     )
     return path
+
+
+def _onnx_opset(path: Path) -> int:
+    """The default-domain opset an ONNX file declares (its graph, not the external weights)."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def export_detector_onnx(
