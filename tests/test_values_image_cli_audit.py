@@ -1,13 +1,25 @@
 """Found by a user's audit of the image commands: counts on the command line that cannot be used
 (``--batch-size 0``, ``--workers -1``, ``--threads -1``) are argparse's one error line and exit
 status 2 for every task's eval, predict and export, not torch's traceback once the model and
-data are loaded."""
+data are loaded; an ``eval`` metrics file that cannot be written is one error line, a folder
+before the evaluation runs, an unwritable file after printing the metrics."""
 
 from __future__ import annotations
 
-import pytest
+import json
+from pathlib import Path
 
-from mvitv2.cli import parse
+import numpy as np
+import pytest
+from PIL import Image
+
+from mvitv2.cli import main, parse
+from mvitv2.engine.cli import eval_metrics_path, save_eval_metrics
+from mvitv2.engine.config import TrainConfig
+from mvitv2.errors import UserValueError
+from mvitv2.tasks.image import ImageClassification
+from test_task_spec import _write
+from test_values_image_task import TINY
 
 BAD_COUNTS = [
     (["eval", "image", "--checkpoint", "x.pt"], "--batch-size", "0", 1),
@@ -48,3 +60,40 @@ def test_usable_counts_and_a_non_number_are_read_as_before(capsys):
     assert capsys.readouterr().err.splitlines()[-1] == (
         "mvitv2 eval image: error: argument --batch-size: invalid int value: 'many'"
     )
+
+
+def test_eval_output_that_is_a_folder_is_refused_before_the_evaluation(tmp_path: Path, capsys):
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / split / "a" / "0.png")
+    cfg = TrainConfig(model="mvitv2_tiny", model_args=TINY, data={"img_size": 32})
+    task = ImageClassification(cfg, root)
+    task.build_datasets()
+    ckpt = _write(tmp_path / "last.pt", task, task.build_model())
+    argv = ["eval", "image", "--checkpoint", str(ckpt), "--workers", "0", "--output"]
+    assert main([*argv, str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        f"mvitv2 eval image: error: --output {tmp_path}: is a folder; pass the metrics file to "
+        f"write (e.g. {tmp_path / 'eval.json'})\n"
+    )
+    assert main([*argv, str(tmp_path / "m.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 1
+    assert json.loads((tmp_path / "m.json").read_text())["count"] == 1
+
+
+def test_eval_metrics_path_of_a_folder_names_the_callers_option(tmp_path: Path):
+    with pytest.raises(UserValueError, match=f"^--metrics {tmp_path}: is a folder"):
+        eval_metrics_path("x.pt", str(tmp_path), "--metrics")
+    assert eval_metrics_path("runs/a/best.pt", None) == Path("runs/a/best_eval.json")
+
+
+def test_metrics_that_cannot_be_saved_are_printed_then_one_error(tmp_path: Path, capsys):
+    (tmp_path / "file").write_text("")
+    path = tmp_path / "file" / "m.json"  # its folder is a file: mkdir fails
+    with pytest.raises(UserValueError) as e:
+        save_eval_metrics({"top1": 50.0}, path, as_json=False)
+    assert str(e.value).startswith(f"metrics not saved to {path} (")
+    assert str(e.value).endswith("); pass --output with a file path you can write")
+    assert capsys.readouterr().out == '{"top1": 50.0}\n'

@@ -288,12 +288,24 @@ def describe_eval(checkpoint: str | os.PathLike, count: int, what: str, where: A
     return line
 
 
-def eval_metrics_path(checkpoint: str | os.PathLike, output: str | None) -> Path:
+def eval_metrics_path(
+    checkpoint: str | os.PathLike, output: str | None, flag: str = "--output"
+) -> Path:
     """Where ``mvitv2 eval`` saves its metrics: ``output``, or ``<checkpoint stem>_eval.json``
-    next to the checkpoint (a weights tag: ``<tag>_eval.json`` in the current folder)."""
+    next to the checkpoint (a weights tag: ``<tag>_eval.json`` in the current folder).
+
+    Raises:
+        UserValueError: ``output`` is a folder (``flag`` names the option in the message); call
+            this before evaluating, so that the mistake does not cost the evaluation.
+    """
     from mvitv2.weights.registry import is_weights_tag
 
     if output:
+        if Path(output).is_dir():
+            raise UserValueError(
+                f"{flag} {output}: is a folder; pass the metrics file to write "
+                f"(e.g. {Path(output) / 'eval.json'})"
+            )
         return Path(output)
     if is_weights_tag(str(checkpoint)):
         return Path(f"{checkpoint}_eval.json")
@@ -301,14 +313,30 @@ def eval_metrics_path(checkpoint: str | os.PathLike, output: str | None) -> Path
     return ckpt.with_name(f"{ckpt.stem}_eval.json")
 
 
-def save_eval_metrics(metrics: Mapping[str, Any], path: Path, as_json: bool) -> None:
+def save_eval_metrics(
+    metrics: Mapping[str, Any], path: Path, as_json: bool, flag: str = "--output"
+) -> None:
     """Write ``metrics`` to ``path`` (JSON) and print them: the JSON line alone with
-    ``as_json`` (``--json``), else the JSON line last and where it was saved on stderr."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")
+    ``as_json`` (``--json``), else the JSON line last and where it was saved on stderr.
+
+    Raises:
+        UserValueError: ``path`` cannot be written (a read-only folder beside the checkpoint);
+            the JSON line is printed first, so the evaluation's numbers are not lost (``flag``:
+            the option that names another file).
+    """
+    line = json.dumps(dict(metrics))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")
+    except OSError as e:
+        print(line)
+        raise UserValueError(
+            f"metrics not saved to {path} ({e.strerror or e}); pass {flag} with a file "
+            "path you can write"
+        ) from None
     if not as_json:
         print(f"metrics saved to {path}", file=sys.stderr)
-    print(json.dumps(dict(metrics)))
+    print(line)
 
 
 def add_eval_arguments(

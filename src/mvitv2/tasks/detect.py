@@ -909,7 +909,8 @@ def _eval(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
         metrics = _evaluate(args)
     if metrics is not None:
-        save_eval_metrics(metrics, eval_metrics_path(args.checkpoint, args.metrics), args.json)
+        path = eval_metrics_path(args.checkpoint, args.metrics, "--metrics")
+        save_eval_metrics(metrics, path, args.json, "--metrics")
     return 0
 
 

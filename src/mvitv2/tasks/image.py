@@ -318,6 +318,7 @@ def _eval(args: argparse.Namespace) -> int:
         dc = ImageDataConfig.from_dict(meta["data"])
         root = data_folder(args.data) if args.data else meta.get("data_root", DIGITS)
         root = digits_folder(size=max(32, dc.img_size)) if root == DIGITS else Path(root)
+    metrics_path = eval_metrics_path(args.checkpoint, args.output)  # its mistakes first
     dist = init_distributed()
     val = ImageFolder(root, "val", build_transform(dc, train=False), classes)
     loader = eval_loader(val, args, dist)
@@ -335,7 +336,7 @@ def _eval(args: argparse.Namespace) -> int:
                 + f"  [{time.perf_counter() - t0:.1f} s]"
             )
         result = {**metrics, "skipped": skipped}
-        save_eval_metrics(result, eval_metrics_path(args.checkpoint, args.output), args.json)
+        save_eval_metrics(result, metrics_path, args.json)
     return 0
 
 
