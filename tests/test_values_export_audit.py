@@ -1,6 +1,7 @@
 """Found by a user's audit of ``mvitv2 export image``: an ONNX export is the opset asked for or
 an error (the exporter keeps its own opset when it cannot convert, and the sidecar said the
-asked one), and an input size the model refuses is the model's own error, as with
+asked one), an output that is a folder is refused before exporting (it was a failed write
+after the export), and an input size the model refuses is the model's own error, as with
 ``--format torch-export``, not the ONNX exporter's wrapped report."""
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+from mvitv2.cli import main
 from mvitv2.export import export_onnx, read_metadata, sidecar_path
+from test_values_image_cli_audit import tiny_checkpoint
 
 
 class Pooled(nn.Module):
@@ -57,3 +60,18 @@ def test_an_input_size_the_model_refuses_is_its_own_value_error(tmp_path: Path):
     assert type(e.value) is ValueError
     assert str(e.value) == "input height and width must be multiples of 4, got torch.Size([6, 8])"
     assert not sidecar_path(path).exists()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch-export"])
+def test_an_output_folder_is_one_error_line_before_exporting(tmp_path: Path, capsys, fmt: str):
+    ckpt = tiny_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["export", "image", "--checkpoint", str(ckpt), "--format", fmt, "--output", str(out)]
+    assert main(argv) == 2
+    name = "last.onnx" if fmt == "onnx" else "last.pt2"
+    assert capsys.readouterr().err == (
+        f"mvitv2 export image: error: output {out} is a folder; pass the file to write "
+        f"(e.g. {out / name})\n"
+    )
+    assert list(out.iterdir()) == []

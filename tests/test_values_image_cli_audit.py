@@ -62,15 +62,21 @@ def test_usable_counts_and_a_non_number_are_read_as_before(capsys):
     )
 
 
-def test_eval_output_that_is_a_folder_is_refused_before_the_evaluation(tmp_path: Path, capsys):
-    root = tmp_path / "data"
+def tiny_checkpoint(folder: Path) -> Path:
+    """``folder/last.pt``: a narrow MViTv2-T image checkpoint of one class, trained on
+    ``folder/data`` (one black image in train/ and in val/)."""
+    root = folder / "data"
     for split in ("train", "val"):
         (root / split / "a").mkdir(parents=True)
         Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / split / "a" / "0.png")
     cfg = TrainConfig(model="mvitv2_tiny", model_args=TINY, data={"img_size": 32})
     task = ImageClassification(cfg, root)
     task.build_datasets()
-    ckpt = _write(tmp_path / "last.pt", task, task.build_model())
+    return _write(folder / "last.pt", task, task.build_model())
+
+
+def test_eval_output_that_is_a_folder_is_refused_before_the_evaluation(tmp_path: Path, capsys):
+    ckpt = tiny_checkpoint(tmp_path)
     argv = ["eval", "image", "--checkpoint", str(ckpt), "--workers", "0", "--output"]
     assert main([*argv, str(tmp_path)]) == 2
     out, err = capsys.readouterr()

@@ -437,10 +437,14 @@ def export_checkpoint(
     info = info or read_checkpoint(checkpoint, task=task)
     model = model if model is not None else build_model(info)
     suffix = FORMATS[format]
-    if not output:  # a tag keeps its whole name: mvitv2_tiny.in1k.onnx, not mvitv2_tiny.onnx
-        tag = is_weights_tag(str(checkpoint))
-        output = f"{checkpoint}{suffix}" if tag else Path(checkpoint).with_suffix(suffix)
-    output = Path(output)
+    # a tag keeps its whole name: mvitv2_tiny.in1k.onnx, not mvitv2_tiny.onnx
+    tag = is_weights_tag(str(checkpoint))
+    default = Path(f"{checkpoint}{suffix}" if tag else Path(checkpoint).with_suffix(suffix))
+    output = Path(output or default)
+    if output.is_dir():  # before the export's minutes, not a failed write after them
+        raise ValueError(
+            f"output {output} is a folder; pass the file to write (e.g. {output / default.name})"
+        )
     metadata = {
         "model_name": info.model_name,
         "model_kwargs": info.model_kwargs,
