@@ -2,7 +2,8 @@
 (``--batch-size 0``, ``--workers -1``, ``--threads -1``) are argparse's one error line and exit
 status 2 for every task's eval, predict and export, not torch's traceback once the model and
 data are loaded; an ``eval`` metrics file that cannot be written is one error line, a folder
-before the evaluation runs, an unwritable file after printing the metrics."""
+before the evaluation runs, an unwritable file after printing the metrics; and a val folder of
+which no image can be read has no accuracy (it was reported as 0 % of 0 images)."""
 
 from __future__ import annotations
 
@@ -103,3 +104,20 @@ def test_metrics_that_cannot_be_saved_are_printed_then_one_error(tmp_path: Path,
     assert str(e.value).startswith(f"metrics not saved to {path} (")
     assert str(e.value).endswith("); pass --output with a file path you can write")
     assert capsys.readouterr().out == '{"top1": 50.0}\n'
+
+
+def test_eval_on_a_val_folder_with_no_readable_image_reports_no_accuracy(tmp_path: Path, capsys):
+    ckpt = tiny_checkpoint(tmp_path)
+    broken = tmp_path / "broken" / "val" / "a" / "0.png"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a png")
+    argv = ["eval", "image", "--checkpoint", str(ckpt), "--workers", "0"]
+    assert main([*argv, "--data", str(tmp_path / "broken")]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines()[-1] == (
+        f"mvitv2 eval image: error: none of the 1 images of {tmp_path / 'broken' / 'val'} could "
+        "be read (each is named above); there is no accuracy to report"
+    )
+    assert f"skipped unreadable image {broken}: cannot read image" in err
+    assert not (tmp_path / "last_eval.json").exists()

@@ -327,6 +327,12 @@ def _eval(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     metrics = evaluate_classifier(model.to(dist.device), loader, dist)
     skipped = report_skipped(loader, dist, "image")
+    if metrics["count"] == 0:  # the same on every process: the counts are summed over all
+        # evaluate_classifier's 0 % of nothing would read as a measured accuracy
+        raise UserValueError(
+            f"none of the {skipped} images of {root / 'val'} could be read (each is named "
+            "above); there is no accuracy to report"
+        )
     if dist.is_main:
         if not args.json:
             print(
