@@ -3,7 +3,8 @@
 status 2 for every task's eval, predict and export, not torch's traceback once the model and
 data are loaded; an ``eval`` metrics file that cannot be written is one error line, a folder
 before the evaluation runs, an unwritable file after printing the metrics; and a val folder of
-which no image can be read has no accuracy (it was reported as 0 % of 0 images)."""
+which no image can be read has no accuracy (it was reported as 0 % of 0 images); a relative
+``--data`` is recorded as the folder it named, not re-read from the folder eval runs in."""
 
 from __future__ import annotations
 
@@ -121,3 +122,28 @@ def test_eval_on_a_val_folder_with_no_readable_image_reports_no_accuracy(tmp_pat
     )
     assert f"skipped unreadable image {broken}: cannot read image" in err
     assert not (tmp_path / "last_eval.json").exists()
+
+
+def test_a_relative_data_folder_is_recorded_as_the_folder_it_named(
+    tmp_path: Path, monkeypatch, capsys
+):
+    """``train image --data data`` in one folder, ``eval image`` from another: the evaluation
+    reads the training folder's val/, not the current folder's ``data`` (another dataset)."""
+    for where, n in (("A", 1), ("B", 3)):  # B: a different dataset at the same relative path
+        for split in ("train", "val"):
+            (tmp_path / where / "data" / split / "a").mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (32, 32)).save(
+                    tmp_path / where / "data" / split / "a" / f"{i}.png"
+                )
+    monkeypatch.chdir(tmp_path / "A")
+    cfg = TrainConfig(model="mvitv2_tiny", model_args=TINY, data={"img_size": 32})
+    task = ImageClassification(cfg, "data")
+    task.build_datasets()
+    assert task.checkpoint_meta()["data_root"] == str(tmp_path / "A" / "data")
+    ckpt = _write(tmp_path / "last.pt", task, task.build_model())
+    monkeypatch.chdir(tmp_path / "B")
+    assert main(["eval", "image", "--checkpoint", str(ckpt), "--workers", "0", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["count"] == 1
+    assert f"on 1 images of {tmp_path / 'A' / 'data' / 'val'};" in err

@@ -87,7 +87,9 @@ class ImageClassification(SpecTask):
     def __init__(self, cfg: TrainConfig, data_root: str | Path | None = None) -> None:
         super().__init__(cfg)
         self.data_cfg = ImageDataConfig.from_dict(cfg.data)
-        self.data_root = str(data_root) if data_root else DIGITS
+        # Absolute: eval and --resume read it from the checkpoint, maybe run from another folder,
+        # where a relative `--data data` would name another dataset (or none).
+        self.data_root = str(Path(data_root).absolute()) if data_root else DIGITS
         self.classes: list[str] = []
         self.mix: MixCriterion | None = None
 
