@@ -4,7 +4,9 @@ status 2 for every task's eval, predict and export, not torch's traceback once t
 data are loaded; an ``eval`` metrics file that cannot be written is one error line, a folder
 before the evaluation runs, an unwritable file after printing the metrics; and a val folder of
 which no image can be read has no accuracy (it was reported as 0 % of 0 images); a relative
-``--data`` is recorded as the folder it named, not re-read from the folder eval runs in."""
+``--data`` is recorded as the folder it named, not re-read from the folder eval runs in; image
+data options torchvision refuses at the first image (``crop_pct=0``, ``hflip=2``, ...) are one
+config error when the run starts."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pytest
 from PIL import Image
 
 from mvitv2.cli import main, parse
+from mvitv2.data.image import ImageDataConfig, build_transform
 from mvitv2.engine.cli import eval_metrics_path, save_eval_metrics
 from mvitv2.engine.config import TrainConfig
 from mvitv2.errors import UserValueError
@@ -147,3 +150,32 @@ def test_a_relative_data_folder_is_recorded_as_the_folder_it_named(
     out, err = capsys.readouterr()
     assert json.loads(out)["count"] == 1
     assert f"on 1 images of {tmp_path / 'A' / 'data' / 'val'};" in err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "problem"),
+    [
+        ("crop_pct", 0.0, "crop_pct must be > 0, got 0.0"),
+        ("scale", [0.5, 0.1], "scale must be [min, max] with 0 <= min <= max, got [0.5, 0.1]"),
+        ("ratio", [0.0, 1.0], "ratio must be [min, max] with 0 < min <= max, got [0.0, 1.0]"),
+        ("hflip", 2.0, "hflip must be a probability in [0, 1], got 2.0"),
+        ("reprob", 1.5, "reprob must be a probability in [0, 1], got 1.5"),
+        ("randaug_n", -1, "randaug_n must be >= 0 (0: off), got -1"),
+        ("randaug_m", 31, "randaug_m must be in 0..30, got 31"),
+        ("randaug_mstd", -0.5, "randaug_mstd must be >= 0, got -0.5"),
+        ("std", [0.2, 0.0, 0.2], "std must be > 0, got [0.2, 0.0, 0.2]"),
+    ],
+)
+def test_image_data_options_torchvision_would_refuse_are_one_config_error(option, value, problem):
+    with pytest.raises(UserValueError) as e:
+        ImageDataConfig.from_dict({option: value})
+    assert str(e.value) == f"invalid image data config: {problem}"
+
+
+def test_the_edges_of_the_image_data_options_are_accepted():
+    dc = ImageDataConfig.from_dict(
+        {"crop_pct": 1.0, "scale": [0.0, 1.0], "ratio": [1.0, 1.0], "hflip": 1.0, "reprob": 0.0,
+         "randaug_n": 0, "randaug_m": 30, "randaug_mstd": 0.0}
+    )  # fmt: skip
+    assert (dc.scale, dc.ratio, dc.randaug_m) == ((0.0, 1.0), (1.0, 1.0), 30)
+    assert build_transform(dc, train=True) is not None

@@ -78,6 +78,22 @@ class ImageDataConfig:
             raise UserValueError(f"data.img_size must be divisible by 32, got {out.img_size}")
         if out.interpolation not in ("bicubic", "bilinear", "nearest"):
             raise UserValueError(f"data.interpolation: unknown {out.interpolation!r}")
+        # What torchvision would refuse (or divide by zero on) only at the first image, with
+        # its traceback.
+        checks = [
+            (out.crop_pct > 0, f"crop_pct must be > 0, got {out.crop_pct}"),
+            (0 <= out.scale[0] <= out.scale[1], f"scale must be [min, max] with 0 <= min <= max, got {list(out.scale)}"),
+            (0 < out.ratio[0] <= out.ratio[1], f"ratio must be [min, max] with 0 < min <= max, got {list(out.ratio)}"),
+            (0 <= out.hflip <= 1, f"hflip must be a probability in [0, 1], got {out.hflip}"),
+            (0 <= out.reprob <= 1, f"reprob must be a probability in [0, 1], got {out.reprob}"),
+            (out.randaug_n >= 0, f"randaug_n must be >= 0 (0: off), got {out.randaug_n}"),
+            (0 <= out.randaug_m <= 30, f"randaug_m must be in 0..30, got {out.randaug_m}"),
+            (out.randaug_mstd >= 0, f"randaug_mstd must be >= 0, got {out.randaug_mstd}"),
+            (all(v > 0 for v in out.std), f"std must be > 0, got {list(out.std)}"),
+        ]  # fmt: skip
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise UserValueError(f"invalid image data config: {'; '.join(problems)}")
         return out
 
     @property
