@@ -205,12 +205,6 @@ class ClassificationSpec(TaskSpec):
     ) -> ExportInputs:
         h, w = input_size or self.export_size(preprocessing)
         example = torch.randn(batch, *self.example_shape(preprocessing, h, w))
-        # A size the model cannot take (``--input-size 30 30``) is refused here, as the model's
-        # own ValueError: raised inside torch.export's trace, it comes out as a TorchExportError
-        # with its traceback.
-        check = getattr(model, "_check_input", None)
-        if check is not None:
-            check(example)
         return ExportInputs(model, example, [self.input_name], ["logits"])
 
 
