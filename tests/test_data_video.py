@@ -197,14 +197,18 @@ def test_clip_indices():
 
 
 def test_segment_indices():
+    """PySlowFast's SSv2 frames by hand: 100 frames in 8 segments of 99 / 8 = 12.375 frames,
+    bounds round(12.375 i) = 0, 12, 25, 37, 50 (49.5 to even), 62, 74, 87, 99."""
+    bounds = [0, 12, 25, 37, 50, 62, 74, 87, 99]
     torch.manual_seed(0)
     for _ in range(20):
         idx = segment_indices(100, 8, train=True)
-        bounds = np.linspace(0, 100, 9)
-        assert all(int(bounds[i]) <= idx[i] < bounds[i + 1] for i in range(8))
-    assert segment_indices(100, 8, train=False) == [6, 18, 31, 43, 56, 68, 81, 93]
-    short = segment_indices(5, 8, train=False)
-    assert len(short) == 8 and sorted(set(short)) == [0, 1, 2, 3, 4] and short == sorted(short)
+        assert all(bounds[i] <= idx[i] <= bounds[i + 1] for i in range(8))
+    assert segment_indices(100, 8, train=False) == [6, 18, 31, 43, 56, 68, 80, 93]
+    # 30 frames, 8 segments of 29 / 8 = 3.625: bounds 0, 4, 7, 11, 14 (14.5 to even), 18, 22, 25, 29
+    assert segment_indices(30, 8, train=False) == [2, 5, 9, 12, 16, 20, 23, 27]
+    # 5 frames, 8 segments of 0.5: bounds 0, 0, 1, 2, 2, 2, 3, 4, 4 (halves to even)
+    assert segment_indices(5, 8, train=False) == [0, 0, 1, 2, 2, 2, 3, 4]
 
 
 # ------------------------------------------------------------------ list files
@@ -635,17 +639,19 @@ def test_dataset_options(tmp_path):
         tmp_path / "sub" / "l.txt", tmp_path, train=False, num_repeats=3, num_frames=4
     )
     assert test[0][0].shape == (3, 4, 32, 48)
-    # segment sampling draws a random frame of each segment in training, the middle in testing
+    # segment sampling draws a random frame of each segment in training, the middle in testing:
+    # 80 frames in 4 segments of 79 / 4 = 19.75, bounds 0, 20, 40 (39.5 to even), 59, 79
     seg = {
         tr: VideoClipDataset(
             tmp_path / "sub" / "l.txt", tmp_path, sampling="segment", num_frames=4, train=tr
         )
         for tr in (True, False)
     }
-    assert _ids(seg[False][0][0], 3) == [10, 30, 50, 70]
+    assert _ids(seg[False][0][0], 3) == [10, 30, 49, 69]
+    bounds = [0, 20, 40, 59, 79]
     drawn = {tuple(_ids(seg[True][0][0], 3)) for _ in range(6)}
     assert len(drawn) > 1 and all(
-        20 * i <= f < 20 * (i + 1) for d in drawn for i, f in enumerate(d)
+        bounds[i] <= f <= bounds[i + 1] for d in drawn for i, f in enumerate(d)
     )
     for kw, message in (
         (
@@ -877,7 +883,10 @@ def test_segment_sampling_dataset(digits):
     ds = VideoClipDataset(digits.val_list, train=False, num_frames=4, sampling="segment")
     clip, _, _ = ds[0]
     with VideoReader(ds.samples[0].path) as r:
-        expected = r.get_frames([2, 6, 10, 14]).permute(3, 0, 1, 2).float() / 255
+        assert (
+            r.num_frames == 16
+        )  # 4 segments of 15 / 4 = 3.75: bounds 0, 4, 8 (7.5 to even), 11, 15
+        expected = r.get_frames([2, 6, 9, 13]).permute(3, 0, 1, 2).float() / 255
     torch.testing.assert_close(clip, expected)
 
 

@@ -202,7 +202,7 @@ def test_video_arrays_files_and_clip_averaging(video_ckpt: Path, tmp_path: Path)
 
 def test_video_segment_sampling_and_three_crops_follow_the_checkpoint(tmp_path: Path):
     """An SSv2-style checkpoint (``sampling: segment``, ``test_crops: 3``) is served the way it
-    was evaluated: one frame from the middle of each of T equal segments, and 3 spatial crops."""
+    was evaluated: PySlowFast's SSv2 test frame of each of T segments, and 3 spatial crops."""
     from mvitv2.data.video import segment_indices
 
     args = {**TINY, "img_size": 64, "num_frames": 4}

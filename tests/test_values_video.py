@@ -26,7 +26,9 @@ from mvitv2.engine.data import build_loader
 def test_training_samplers_draw_from_the_given_generator():
     """Random clip start ``randint(slack + 1)`` (slack: frames beyond the clip's span of
     ``frames * rate``), frames ``floor(i (span - 1) / (frames - 1))`` after it, and segment frames
-    ``floor((i + u) n / T)`` with ``u`` from the caller's generator (same seed, same draw)."""
+    ``start + floor(u (end - start + 1))`` of PySlowFast's SSv2 segment ``[start, end]`` (``round(s i)``
+    to ``round(s (i + 1))``, ``s = (n - 1) / T``) with ``u`` from the caller's generator (same
+    seed, same draw)."""
     for n, frames, rate in ((100, 8, 4), (40, 4, 3), (20, 8, 2)):
         span = frames * rate
         for seed in range(5):
@@ -36,7 +38,9 @@ def test_training_samplers_draw_from_the_given_generator():
     for n, frames in ((100, 8), (7, 4), (3, 8)):
         for seed in range(5):
             u = torch.rand(frames, generator=_g(seed)).tolist()
-            want = [min(math.floor((i + u[i]) * n / frames), n - 1) for i in range(frames)]
+            s = (n - 1) / frames
+            ends = [round(s * i) for i in range(frames + 1)]
+            want = [ends[i] + math.floor(u[i] * (ends[i + 1] - ends[i] + 1)) for i in range(frames)]
             assert segment_indices(n, frames, train=True, generator=_g(seed)) == want
 
 

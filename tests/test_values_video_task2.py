@@ -432,7 +432,8 @@ def _levels(views: torch.Tensor) -> list[list[float]]:
 
 @pytest.mark.parametrize("sampling", ["clip", "segment"])
 def test_views_of_a_file_are_the_frames_the_sampling_names(tmp_path, sampling):
-    """Segment sampling: one view, frame floor((2i + 1) n / 2T) of each segment; clip sampling:
+    """Segment sampling: one view, PySlowFast's SSv2 test frame (start + end) // 2 of each
+    segment [round(s i), round(s (i + 1))], s = (n - 1) / T; clip sampling:
     K clips of T frames spread over T * rate (floor(i (T rate - 1) / (T - 1))), starting at
     SlowFast's k * floor(slack / (K - 1)). A file and the same frames as an array give the same
     views."""
@@ -444,7 +445,7 @@ def test_views_of_a_file_are_the_frames_the_sampling_names(tmp_path, sampling):
     p = dc.preprocessing()
     transform = SPEC.transform(p)
     if sampling == "segment":
-        want = [[(2 * i + 1) * n // (2 * t) for i in range(t)]]
+        want = [[2, 7, 12, 16]]  # s = 19 / 4 = 4.75: bounds 0, 5, 10 (9.5 to even), 14, 19
     else:
         span = t * rate
         starts = [c * math.floor((n - span) / (k - 1)) for c in range(k)]  # 0, 4, 8

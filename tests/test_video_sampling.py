@@ -70,10 +70,12 @@ def ref_slack(n_src: int, fps: float, num_frames: int, rate: int, target: float 
     return max(math.floor(n_src - c), 0)
 
 
-def ref_segments(n: int, num_frames: int) -> list[int]:
-    """The frame at the middle of each of ``num_frames`` equal segments of the video."""
+def ref_segments(n: int, num_frames: int) -> list[tuple[int, int]]:
+    """PySlowFast's SSv2 segments (``Ssv2.get_seq_frames``, slowfast/datasets/ssv2.py), as
+    written there: each segment's first and last frame, both included."""
+    seg_size = float(n - 1) / num_frames
     return [
-        min(math.floor((i + Fraction(1, 2)) * n / num_frames), n - 1) for i in range(num_frames)
+        (int(np.round(seg_size * i)), int(np.round(seg_size * (i + 1)))) for i in range(num_frames)
     ]
 
 
@@ -217,17 +219,18 @@ def test_clip_span_is_the_clips_frames_at_the_files_rate():
             clip_span(16, 4, fps, target)
 
 
-def test_segment_indices_match_the_reference():
-    for n in (1, 3, 4, 5, 7, 16, 50, 101):
+def test_segment_indices_are_pyslowfasts_ssv2_frames():
+    """Test frames ``(start + end) // 2`` of each segment; training frames ``randint(start,
+    end)``, every frame of the segment reachable and none outside it."""
+    for n in (1, 3, 4, 5, 7, 16, 30, 50, 101, 117):
         for num_frames in (1, 2, 4, 8, 16):
-            assert segment_indices(n, num_frames, train=False) == ref_segments(n, num_frames)
+            want = [(a + b) // 2 for a, b in ref_segments(n, num_frames)]
+            assert segment_indices(n, num_frames, train=False) == want
     g = torch.Generator().manual_seed(0)
-    for n, num_frames in ((50, 4), (7, 4), (3, 8)):
-        allowed = set()  # frames of segment i: those overlapping [i n / T, (i + 1) n / T)
-        for i in range(num_frames):
-            lo = math.floor(Fraction(i * n, num_frames))
-            hi = max(lo, math.ceil(Fraction((i + 1) * n, num_frames)) - 1)
-            allowed |= {(i, f) for f in range(lo, min(hi, n - 1) + 1)}
+    for n, num_frames in ((50, 4), (7, 4), (3, 8), (30, 8)):
+        allowed = {
+            (i, f) for i, (a, b) in enumerate(ref_segments(n, num_frames)) for f in range(a, b + 1)
+        }
         seen = set()
         for _ in range(300):
             seen |= set(enumerate(segment_indices(n, num_frames, train=True, generator=g)))
@@ -362,7 +365,7 @@ def test_predictor_segment_sampling_ignores_the_frame_rate(videos):
         views = pred.preprocess_video(path)
         assert views.shape == (3, 3, 5, 32, 32)  # 1 clip x 3 crops
         for view in views:
-            assert ids_of_view(view) == ref_segments(2 * fps, 5)
+            assert ids_of_view(view) == [(a + b) // 2 for a, b in ref_segments(2 * fps, 5)]
 
 
 def test_predictor_resizes_the_short_side_then_crops():

@@ -507,19 +507,21 @@ def segment_indices(
     train: bool,
     generator: torch.Generator | None = None,
 ) -> list[int]:
-    """SSv2-style segment sampling: split the video into ``num_frames`` equal segments and take
-    one frame from each: the frame at a random time inside segment ``i`` when ``train``, otherwise
-    the frame at its middle, ``floor((i + 1/2) * num_video_frames / num_frames)``.
+    """SSv2 segment sampling as PySlowFast's ``Ssv2.get_seq_frames`` takes it: ``num_frames``
+    segments of ``s = (num_video_frames - 1) / num_frames`` frames, segment ``i`` from
+    ``round(s i)`` to ``round(s (i + 1))`` (both included, ``np.round``: halves to even); a random
+    frame of it when ``train``, otherwise ``(start + end) // 2``.
 
     Videos with fewer frames than segments repeat frames, which pads them. The frame rate plays
     no part: the segments always cover the whole video.
     """
-    i = np.arange(num_frames)
-    if not train:  # exact integer arithmetic
-        return ((2 * i + 1) * num_video_frames // (2 * num_frames)).tolist()
-    u = torch.rand(num_frames, generator=generator).numpy()
-    idx = np.floor((i + u) * num_video_frames / num_frames).astype(np.int64)
-    return np.minimum(idx, num_video_frames - 1).tolist()  # float rounding at the very end
+    size = (num_video_frames - 1) / num_frames  # float64, as PySlowFast's float(...) / int
+    bounds = np.round(size * np.arange(num_frames + 1)).astype(np.int64)
+    start, end = bounds[:-1], bounds[1:]
+    if not train:
+        return ((start + end) // 2).tolist()
+    u = torch.rand(num_frames, generator=generator).numpy().astype(np.float64)
+    return (start + np.floor(u * (end - start + 1)).astype(np.int64)).tolist()
 
 
 #: How clips are taken from a video (see :class:`ClipSampler`).
