@@ -91,6 +91,8 @@ def readme_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = image_folder(tmp_path / "data")
     ckpt = tiny_image_checkpoint(tmp_path / "runs" / "..." / "best.pt", data)
+    for name in ("train.csv", "val.csv"):  # the video lists, found in ROOT (--data)
+        (data / name).touch()
     for name in ("a.jpg", "b.jpg", "b.png", "img.png", "photos/c.png", "more/d.jpg"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / name)

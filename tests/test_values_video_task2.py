@@ -294,12 +294,13 @@ def test_train_config_picks_the_recipe_from_the_data_flags_and_maps_init_from(tm
     md = train_config(_train_args("init_from=a.pth", "epochs=2"))
     assert md.data["init_from"] == "a.pth" and md.epochs == 2
     assert md.data.get("train_list") is None
+    lists = [str(tmp_path / name) for name in ("t.csv", "v.csv", "c.txt")]
+    for name in lists:
+        Path(name).touch()
     k4 = train_config(
-        _train_args("--train-list", "t.csv", "--classes", "c.txt", "--val-list", "v.csv")
+        _train_args("--train-list", lists[0], "--val-list", lists[1], "--classes", lists[2])
     )
-    assert (k4.data["train_list"], k4.data["val_list"], k4.data["classes_file"]) == (
-        "t.csv", "v.csv", "c.txt",
-    )  # fmt: skip
+    assert [k4.data[k] for k in ("train_list", "val_list", "classes_file")] == lists
     # the shipped recipes: moving digits' 32 px / 4 frames, k400_small's 224 px / 16 frames
     assert (md.data["crop_size"], md.data["num_frames"]) == (32, 4)
     assert (k4.data["crop_size"], k4.data["num_frames"]) == (224, 16)

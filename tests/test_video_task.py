@@ -177,10 +177,12 @@ def test_recipes_build(name: str) -> None:
         assert not dc.hflip and dc.sampling == "segment" and dc.views == 3
 
 
-def test_train_flags_map_to_config() -> None:
+def test_train_flags_map_to_config(tmp_path: Path) -> None:
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "a.csv").touch()
     ns = SimpleNamespace(
-        data="/v",
-        train_list="/v/a.csv",
+        data=str(tmp_path / "v"),
+        train_list=str(tmp_path / "v" / "a.csv"),
         val_list=None,
         classes=None,
         model=None,
@@ -192,7 +194,7 @@ def test_train_flags_map_to_config() -> None:
     )
     cfg = train_config(ns)  # type: ignore[arg-type]
     assert cfg.model == "mvitv2_small_16x4" and cfg.epochs == 3  # k400_small with --data
-    assert cfg.data["video_root"] == "/v" and cfg.data["train_list"] == "/v/a.csv"
+    assert cfg.data["video_root"] == ns.data and cfg.data["train_list"] == ns.train_list
     assert cfg.data["init_from"] == "img.pyth"  # the flag wins over the override
     ns.data = ns.train_list = ns.init = None
     ns.overrides = []

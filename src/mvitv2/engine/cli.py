@@ -51,6 +51,13 @@ def resolve_recipe(recipe: str) -> Path:
     raise UserFileNotFoundError(f"{message} (no file {path.resolve()} either)")
 
 
+def recorded_path(path: str | os.PathLike) -> str:
+    """A data path as a training run records it (config, checkpoint): absolute, since eval and
+    ``--resume`` read it back, maybe from another folder, where a relative ``--data data``
+    names another dataset or none."""
+    return str(Path(path).absolute())
+
+
 def data_folder(path: str | os.PathLike, flag: str = "--data", must_exist: bool = True) -> Path:
     """A dataset folder the user named, checked: not a file, and (``must_exist``) a folder.
 

@@ -67,6 +67,7 @@ from mvitv2.engine.cli import (
     export_handler,
     fit,
     predict_batches,
+    recorded_path,
     resolve_device,
     save_eval_metrics,
     train_config,
@@ -251,7 +252,7 @@ class DetectionTask(SpecTask):
     def __init__(self, cfg: TrainConfig, data_root: str | Path | None = None) -> None:
         super().__init__(cfg)
         self.data_cfg = DetectionDataConfig.from_dict(cfg.data)
-        self.data_root = str(data_root) if data_root else DIGIT_SCENES
+        self.data_root = recorded_path(data_root) if data_root else DIGIT_SCENES
         self.train_ds: CocoDetection | None = None
         self.val_ds: CocoDetection | None = None
         self.class_names: list[str] = []

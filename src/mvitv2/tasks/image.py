@@ -47,6 +47,7 @@ from mvitv2.engine.cli import (
     export_handler,
     fit,
     print_topk,
+    recorded_path,
     report_skipped,
     resolve_device,
     save_eval_metrics,
@@ -87,9 +88,7 @@ class ImageClassification(SpecTask):
     def __init__(self, cfg: TrainConfig, data_root: str | Path | None = None) -> None:
         super().__init__(cfg)
         self.data_cfg = ImageDataConfig.from_dict(cfg.data)
-        # Absolute: eval and --resume read it from the checkpoint, maybe run from another folder,
-        # where a relative `--data data` would name another dataset (or none).
-        self.data_root = str(Path(data_root).absolute()) if data_root else DIGITS
+        self.data_root = recorded_path(data_root) if data_root else DIGITS
         self.classes: list[str] = []
         self.mix: MixCriterion | None = None
 

@@ -64,6 +64,7 @@ from mvitv2.engine.cli import (
     export_handler,
     fit,
     print_topk,
+    recorded_path,
     report_skipped,
     resolve_device,
     save_eval_metrics,
@@ -819,13 +820,17 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     uses_data = bool(args.data or args.train_list)
     # ``init_from`` is a task option (data.init_from); accept the short spelling.
     overrides = ["data." + o if o.startswith("init_from=") else o for o in args.overrides]
-    flags = {
-        "data.video_root": args.data,
-        "data.train_list": args.train_list,
-        "data.val_list": args.val_list,
-        "data.classes_file": args.classes,
-        "data.init_from": args.init,
+    files = {  # recorded absolute, as found now: eval and --resume may run from another folder
+        "data.train_list": (args.train_list, "--train-list"),
+        "data.val_list": (args.val_list, "--val-list"),
+        "data.classes_file": (args.classes, "--classes"),
     }
+    flags = {
+        "data.video_root": args.data and recorded_path(args.data),
+        **{k: given and recorded_path(locate_file(given, args.data, flag))
+           for k, (given, flag) in files.items()},
+        "data.init_from": args.init,
+    }  # fmt: skip
     return engine_train_config(
         argparse.Namespace(**{**vars(args), "overrides": overrides}),
         "k400_small" if uses_data else "moving_digits",
