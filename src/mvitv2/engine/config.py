@@ -162,6 +162,11 @@ class TrainConfig:
             (self.base_lr > 0 and math.isfinite(self.base_lr), "base_lr must be > 0"),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            # A negative max norm would flip every gradient (torch clamps the clip factor at 1 only).
+            (self.clip_grad is None or self.clip_grad >= 0, "clip_grad must be >= 0 or null"),
+            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1) (0: off)"),
+            (len(self.betas) == 2, f"betas must be two numbers, got {list(self.betas)}"),
+            (self.lr_ref_batch >= 1, "lr_ref_batch must be >= 1"),
             (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
         ]
         for ok, msg in checks:
@@ -333,7 +338,12 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
             raise UserValueError(f"config {name}: expected a list, got {value!r}")
         return tuple(value)
     if value is None:
-        return None
+        # Only the fields typed ``... | None`` (and ``name``: a timestamp, as "") take null;
+        # elsewhere it is the user's mistake, not a None that fails later with a TypeError.
+        if "None" in str(f.type) or name == "name":
+            return None
+        what = "true/false or a weights tag" if name == "pretrained" else _EXPECTED[type(default)]
+        raise UserValueError(f"config {name}: null is not allowed; give {what}")
     if name == "finetune":  # a checkpoint path
         if isinstance(value, os.PathLike):
             return os.fspath(value)
@@ -370,6 +380,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _plain(obj: Any) -> Any:

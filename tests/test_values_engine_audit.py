@@ -1,0 +1,58 @@
+"""The shared engine as a user relies on it: ``key=value`` overrides that a run cannot use are
+one error line and exit status 2 before anything runs (not a TypeError deep in the run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mvitv2.cli import main
+from mvitv2.engine.config import TrainConfig
+from mvitv2.errors import UserValueError
+
+# Fields that take no null: each failed later with a TypeError (epochs, seed, min_lr, ...).
+NULLS = ["epochs", "batch_size", "seed", "workers", "min_lr", "warmup_epochs", "output", "amp"]
+
+
+@pytest.mark.parametrize("key", NULLS)
+def test_null_for_a_field_that_needs_a_value_is_refused_naming_the_field(key):
+    with pytest.raises(UserValueError, match=f"config {key}: null is not allowed|amp must be"):
+        TrainConfig.load(None, [f"{key}=null"])
+
+
+def test_null_stays_allowed_where_the_field_takes_it():
+    cfg = TrainConfig.load(None, ["clip_grad=null", "finetune=null", "model_args=null"])
+    assert (cfg.clip_grad, cfg.finetune, cfg.model_args) == (None, None, {})
+
+
+def test_a_negative_clip_grad_is_refused_because_torch_would_flip_every_gradient():
+    # The reference behaviour that makes it wrong: torch scales by max_norm / norm, clamped at 1
+    # from above only, so a negative max_norm turns the step into gradient ascent.
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    torch.nn.utils.clip_grad_norm_([p], -1.0)
+    assert torch.allclose(p.grad, torch.tensor([-0.6, -0.8]), atol=1e-5)
+    with pytest.raises(UserValueError, match="clip_grad must be >= 0 or null"):
+        TrainConfig.load(None, ["clip_grad=-1"])
+    assert TrainConfig.load(None, ["clip_grad=0"]).clip_grad == 0.0  # 0: no clipping
+
+
+@pytest.mark.parametrize(
+    "override, phrase",
+    [
+        ("ema_decay=2", "ema_decay must be in [0, 1)"),
+        ("ema_decay=-0.1", "ema_decay must be in [0, 1)"),
+        ("betas=[0.9]", "betas must be two numbers, got [0.9]"),
+        ("lr_ref_batch=0", "lr_ref_batch must be >= 1"),
+        ("seed=null", "config seed: null is not allowed; give an integer"),
+        ("pretrained=null", "give true/false or a weights tag"),
+    ],
+)
+def test_each_unusable_override_is_one_error_line_and_exit_2(override, phrase, capsys, tmp_path):
+    status = main(["train", "image", f"output={tmp_path}", "epochs=1", override])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and lines[0].startswith("mvitv2 train image: error: "), err
+    assert phrase in lines[0], err
+    assert not any(tmp_path.iterdir())  # nothing was started
