@@ -1,12 +1,17 @@
 """The shared engine as a user relies on it: ``key=value`` overrides that a run cannot use are
-one error line and exit status 2 before anything runs (not a TypeError deep in the run)."""
+one error line and exit status 2 before anything runs (not a TypeError deep in the run); a run
+killed mid-epoch and resumed reports the same epoch metrics as an uninterrupted one."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
+from engine_toy import ToyTask, toy_config
 from mvitv2.cli import main
+from mvitv2.engine import Trainer
 from mvitv2.engine.config import TrainConfig
 from mvitv2.errors import UserValueError
 
@@ -56,3 +61,44 @@ def test_each_unusable_override_is_one_error_line_and_exit_2(override, phrase, c
     assert len(lines) == 1 and lines[0].startswith("mvitv2 train image: error: "), err
     assert phrase in lines[0], err
     assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def _epoch_records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_an_epoch_resumed_mid_way_reports_the_train_loss_of_all_its_steps(tmp_path, monkeypatch):
+    # 3 steps an epoch, a checkpoint every 2 steps, killed during step 3 of epoch 1: the resumed
+    # run trains only step 3, but epoch 1's train_loss is the mean over its 3 steps as before.
+    opts = ["data.n_train=48", "data.n_val=12", "ckpt_every_steps=2", "epochs=2"]
+    full_cfg = toy_config(str(tmp_path), "full", *opts)
+    steps: list[float] = []
+    full = Trainer(ToyTask(full_cfg), full_cfg)
+    real_step = full.log.step
+    monkeypatch.setattr(
+        full.log, "step", lambda s, loss, *a: (steps.append(loss), real_step(s, loss, *a))
+    )
+    full.fit()
+    want = _epoch_records(full.run_dir)
+    assert want[0]["train_loss"] == pytest.approx(sum(steps[:3]) / 3, rel=1e-4)  # the reference
+
+    cfg = toy_config(str(tmp_path), "killed", *opts)
+    task = ToyTask(cfg)
+    calls, real = {"n": 0}, task.training_loss
+
+    def dying(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise SystemExit("killed")
+        return real(model, batch)
+
+    monkeypatch.setattr(task, "training_loss", dying)
+    with pytest.raises(SystemExit):
+        Trainer(task, cfg).fit()
+    resumed = Trainer(ToyTask(cfg), cfg, resume="auto")
+    assert resumed.global_step == 2
+    resumed.fit()
+    got = _epoch_records(resumed.run_dir)
+    assert [r["epoch"] for r in got] == [1, 2]
+    for g, w in zip(got, want):
+        assert g["train_loss"] == pytest.approx(w["train_loss"], rel=1e-6), (g, w)

@@ -394,6 +394,7 @@ def test_a_checkpoint_holds_the_whole_training_state(tmp_path):
         "epoch",
         "step_in_epoch",
         "step",
+        "epoch_loss",
         "rng",
         "config",
         "meta",
@@ -405,6 +406,7 @@ def test_a_checkpoint_holds_the_whole_training_state(tmp_path):
         "ema",
     }
     assert (state["epoch"], state["step_in_epoch"], state["step"]) == (1, 0, 3)
+    assert state["epoch_loss"] == [0.0, 0]  # at an epoch's end: the next epoch starts its own
     assert (
         state["config"] == trainer.cfg.to_dict() and state["meta"] == trainer.task.checkpoint_meta()
     )

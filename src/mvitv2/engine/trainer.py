@@ -172,6 +172,9 @@ class Trainer:
         self.epoch = 0  # epoch in progress (or next to start)
         self.step_in_epoch = 0  # optimizer steps done in self.epoch
         self.global_step = 0
+        # This epoch's finite steps so far (loss sum, count): a mid-epoch checkpoint keeps them,
+        # so the epoch's train_loss after a resume covers the whole epoch, not its last steps.
+        self.epoch_loss: tuple[float, int] = (0.0, 0)
         self.counters = {"nonfinite_total": 0, "nonfinite_consecutive": 0, "skipped_total": 0}
         self.best: float | None = None
         self.metrics: dict[str, float] = {}
@@ -235,6 +238,9 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue (tensors and plain values only)."""
         rngs = self.dist.all_gather_object(capture_rng())
+        # The processes' mean sum: every process resumes from it (each has the same count), so
+        # the epoch's mean over processes comes out the same for any number of processes.
+        loss_sum = self.dist.all_reduce_mean({"sum": self.epoch_loss[0]})["sum"]
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -242,6 +248,7 @@ class Trainer:
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "step": self.global_step,
+            "epoch_loss": [loss_sum, self.epoch_loss[1]],
             "rng": rngs,
             "config": self.cfg.to_dict(),
             "meta": self.task.checkpoint_meta(),
@@ -296,6 +303,9 @@ class Trainer:
         seen = int(state["step_in_epoch"]) * per_step
         self.epoch, self.step_in_epoch = int(state["epoch"]), seen // cfg.global_batch(d.world_size)
         self.global_step = self.epoch * self.steps_per_epoch + self.step_in_epoch
+        if self.step_in_epoch and "epoch_loss" in state:
+            loss_sum, loss_n = state["epoch_loss"]
+            self.epoch_loss = (float(loss_sum), int(loss_n))
 
         restored = "weights, optimizer, grad scaler, EMA, lr schedule position, data position"
         rngs = state.get("rng") or []
@@ -408,7 +418,9 @@ class Trainer:
         self.model.train()
         self.log.start_epoch(epoch, cfg.epochs, self.steps_per_epoch, start)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        loss_sum, loss_n, skipped_before = 0.0, 0, self.train_loader.dataset.skipped
+        if not start:
+            self.epoch_loss = (0.0, 0)
+        skipped_before = self.train_loader.dataset.skipped
         batches = iter(self.train_loader)
         for _ in range(start, self.steps_per_epoch):
             step_loss, images, finite, extra = 0.0, 0, True, {}
@@ -443,7 +455,8 @@ class Trainer:
                 self.counters["nonfinite_consecutive"] = 0
                 if self.ema is not None:
                     self.ema.update_parameters(self.model)
-                loss_sum, loss_n = loss_sum + step_loss, loss_n + 1
+                loss_sum, loss_n = self.epoch_loss
+                self.epoch_loss = (loss_sum + step_loss, loss_n + 1)
             else:
                 self._count_nonfinite()
             self._name_bad_samples(self.train_loader)
@@ -458,6 +471,8 @@ class Trainer:
             ):
                 self.save()
         self.log.end_epoch()
+        loss_sum, loss_n = self.epoch_loss
+        self.epoch_loss = (0.0, 0)  # the next epoch starts its own
         stats = d.all_reduce_mean(
             {"train_loss": loss_sum / max(1, loss_n), "images_per_s": self.log.images_per_s}
         )
