@@ -102,3 +102,64 @@ def test_an_epoch_resumed_mid_way_reports_the_train_loss_of_all_its_steps(tmp_pa
     assert [r["epoch"] for r in got] == [1, 2]
     for g, w in zip(got, want):
         assert g["train_loss"] == pytest.approx(w["train_loss"], rel=1e-6), (g, w)
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "a.png")
+    return str(tmp_path / "a.png")
+
+
+def _unreadable_files(tmp_path) -> dict[str, str]:
+    """Released-weights files a user may hold by mistake: name -> what the error line says."""
+    from safetensors.torch import save_file
+
+    weights = {"patch_embed.proj.weight": torch.ones(8, 3, 7, 7), "head.bias": torch.ones(10)}
+    torch.save(weights, tmp_path / "whole.pth")
+    save_file(weights, tmp_path / "whole.safetensors")
+    for name in ("whole.pth", "whole.safetensors"):  # a download cut short
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut{name[5:]}").write_bytes(data[: len(data) // 2])
+    (tmp_path / "model.pkl").write_bytes(b"\x80\x04N.")  # a pickle (of None)
+    return {
+        "cut.pth": "is not a readable torch checkpoint",
+        "cut.safetensors": "is not a readable safetensors file",
+        "model.pkl": "is a Python pickle",
+    }
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+def test_an_unreadable_released_weights_file_is_one_error_line_and_exit_2(
+    command, tmp_path, image_file, capsys
+):
+    for name, phrase in _unreadable_files(tmp_path).items():
+        path = str(tmp_path / name)
+        argv = [command, "image", *([image_file] if command == "predict" else [])]
+        argv += ["--checkpoint", path, "--model", "mvitv2_tiny", "--threads", "1"]
+        if command == "export":
+            argv += ["--output", str(tmp_path / "m.onnx")]
+        status = main(argv)
+        err = capsys.readouterr().err
+        assert status == 2 and "Traceback" not in err, err
+        assert err.startswith(f"mvitv2 {command} image: error: ") and phrase in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_released_weights_offline_say_where_to_put_the_file_in_one_line(
+    tmp_path, image_file, capsys, monkeypatch
+):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    status = main(["predict", "image", image_file, "--checkpoint", "mvitv2_tiny.in1k"])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err, err
+    want = tmp_path / "torch" / "hub" / "checkpoints" / "MViTv2_T_in1k.pyth"
+    assert err.startswith("mvitv2 predict image: error: could not download https://"), err
+    assert f"put the file at exactly {want}" in err

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from mvitv2.errors import CheckpointError, CheckpointNotFoundError
+from mvitv2.errors import CheckpointError, CheckpointNotFoundError, UserCheckpointError
 
 __all__ = ["CheckpointError", "cache_dir", "download", "read_checkpoint"]
 
@@ -53,13 +53,13 @@ def expected_hash(url: str, sha256: str | None) -> str | None:
 
 
 def verify(path: Path, url: str, sha256: str | None) -> None:
-    """Raise CheckpointError if the file's sha256 does not match what is known for ``url``."""
+    """Raise UserCheckpointError if the file's sha256 does not match what is known for ``url``."""
     want = expected_hash(url, sha256)
     if want is None:
         return
     got = sha256_of(path)
     if not got.startswith(want):
-        raise CheckpointError(
+        raise UserCheckpointError(
             f"sha256 mismatch for {path} (from {url}): expected {want}, got {got}. "
             "The file is corrupt or not the published one; delete it and download again."
         )
@@ -77,7 +77,7 @@ def download(url: str, sha256: str | None = None, *, progress: bool = True) -> P
         The cached file. A file already in the cache is verified, not fetched again.
 
     Raises:
-        CheckpointError: on a hash mismatch, or when the download fails (offline): the message
+        UserCheckpointError: on a hash mismatch, or when the download fails (offline): the message
             names the URL to fetch and the exact path to put the file at.
     """
     dst = cached_path(url)
@@ -91,10 +91,10 @@ def download(url: str, sha256: str | None = None, *, progress: bool = True) -> P
         torch.hub.download_url_to_file(url, str(dst), hash_prefix=want, progress=progress)
     except RuntimeError as e:
         if "invalid hash value" in str(e):
-            raise CheckpointError(f"sha256 mismatch downloading {url}: {e}") from e
+            raise UserCheckpointError(f"sha256 mismatch downloading {url}: {e}") from e
         raise
     except (urllib.error.URLError, OSError) as e:
-        raise CheckpointError(
+        raise UserCheckpointError(
             f"could not download {url} ({e}). Without internet access, fetch that URL on another "
             f"machine and put the file at exactly {dst} (the cache is torch.hub.get_dir(); set "
             "TORCH_HOME to move it), then run again."
@@ -106,6 +106,10 @@ def read_checkpoint(
     path: str | Path, *, map_location: str | torch.device = "cpu", allow_pickle: bool = False
 ) -> object:
     """Load a checkpoint file without executing code from it.
+
+    A file that cannot be read this way is the user's (:class:`UserCheckpointError`: one line
+    and exit status 2 from the command line), like a missing one, a failed download (offline) or
+    a corrupt one.
 
     Args:
         path: ``.pyth`` / ``.pth`` / ``.pt`` / ``.bin`` (torch zip or legacy format, read with
@@ -127,10 +131,10 @@ def read_checkpoint(
         try:
             return load_file(str(path), device="cpu" if device.type == "cpu" else str(device))
         except SafetensorError as e:  # a truncated or foreign file: the user's, not a bug
-            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+            raise UserCheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     if suffix == ".pkl":
         if not allow_pickle:
-            raise CheckpointError(
+            raise UserCheckpointError(
                 f"{path} is a Python pickle (detectron2 model zoo .pkl), which can run arbitrary "
                 "code when loaded. If you trust it, pass allow_pickle=True to load it."
             )
@@ -139,10 +143,10 @@ def read_checkpoint(
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
+        raise UserCheckpointError(
             f"{path} holds Python objects besides tensors, which torch.load(weights_only=True) "
             f"refuses ({str(e).splitlines()[0]}). If you trust the file, load it yourself with "
             "torch.load(path, weights_only=False) and pass the resulting dict as the source."
         ) from e
     except RuntimeError as e:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from e
+        raise UserCheckpointError(f"{path} is not a readable torch checkpoint: {e}") from e
