@@ -568,8 +568,8 @@ def test_resume_lookup_picks_the_newest_run_of_the_experiment(tmp_path):
     (tmp_path / "broken" / "last.pt").write_bytes(b"truncated")
     with pytest.raises(
         UserError,
-        match=r"the run .*broken is another experiment \(its config "
-        r"differs in unreadable checkpoint",
+        match=r"broken/last.pt cannot be read \(unreadable checkpoint \(RuntimeError\)\): "
+        r"the file is damaged .*; start a fresh run with another name=$",
     ):
         find_resume("auto", tmp_path, "broken", config, meta)
 

@@ -26,8 +26,10 @@ def test_null_for_a_field_that_needs_a_value_is_refused_naming_the_field(key):
 
 
 def test_null_stays_allowed_where_the_field_takes_it():
-    cfg = TrainConfig.load(None, ["clip_grad=null", "finetune=null", "model_args=null"])
-    assert (cfg.clip_grad, cfg.finetune, cfg.model_args) == (None, None, {})
+    cfg = TrainConfig.load(
+        None, ["clip_grad=null", "finetune=null", "model_args=null", "name=null"]
+    )
+    assert (cfg.clip_grad, cfg.finetune, cfg.model_args, cfg.name) == (None, None, {}, None)
 
 
 def test_a_negative_clip_grad_is_refused_because_torch_would_flip_every_gradient():
@@ -163,3 +165,19 @@ def test_released_weights_offline_say_where_to_put_the_file_in_one_line(
     want = tmp_path / "torch" / "hub" / "checkpoints" / "MViTv2_T_in1k.pyth"
     assert err.startswith("mvitv2 predict image: error: could not download https://"), err
     assert f"put the file at exactly {want}" in err
+
+
+def test_resume_auto_on_a_damaged_last_pt_says_so_and_offers_best_pt(tmp_path):
+    from mvitv2.engine.checkpoint import find_resume, save_checkpoint
+
+    run = tmp_path / "r"
+    save_checkpoint({"config": {"seed": 0}, "meta": {}}, run / "best.pt")
+    whole = (run / "best.pt").read_bytes()
+    (run / "last.pt").write_bytes(whole[: len(whole) // 2])  # copied in part
+    with pytest.raises(UserValueError) as e:
+        find_resume("auto", tmp_path, "r", {"seed": 0}, {})
+    message = str(e.value)
+    # Not "another experiment ... resume it anyway with --resume last.pt", which fails again.
+    assert message.startswith(f"--resume auto: {run / 'last.pt'} cannot be read"), message
+    assert f"--resume {run / 'best.pt'}" in message and "anyway" not in message
+    assert find_resume(str(run / "best.pt"), tmp_path, "r", {"seed": 0}, {}).differences == []

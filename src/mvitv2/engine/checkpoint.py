@@ -173,6 +173,9 @@ def experiment_differences(
 MetaUpgrade = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 
 
+_UNREADABLE = "unreadable checkpoint"
+
+
 def _differences_of(
     path: Path,
     config: Mapping[str, Any],
@@ -182,7 +185,7 @@ def _differences_of(
     try:  # mmap: reads the small config and meta, not the weights
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated or not a torch file: not this experiment's
-        return [f"unreadable checkpoint ({type(e).__name__})"]
+        return [f"{_UNREADABLE} ({type(e).__name__})"]
     saved_meta = upgrade_meta(state) if upgrade_meta is not None else state.get("meta") or {}
     return experiment_differences(state.get("config") or {}, saved_meta, config, meta)
 
@@ -242,6 +245,15 @@ def find_resume(
     if newest is None:
         return None
     path, differences = newest
+    if differences[0].startswith(_UNREADABLE):
+        # Resuming it "anyway" would fail the same way: say what is wrong and what else to use.
+        best = path.parent / BEST
+        other = f"resume from its {BEST} with --resume {best}, or " if best.is_file() else ""
+        raise UserValueError(
+            f"--resume auto: {path} cannot be read ({differences[0]}): the file is damaged "
+            f"(our writes are atomic: it was cut short or changed afterwards); {other}start a "
+            "fresh run" + (" with another name=" if name else " without --resume")
+        )
     shown = ", ".join(differences[:8]) + (
         f" and {len(differences) - 8} more" if len(differences) > 8 else ""
     )
