@@ -181,3 +181,19 @@ def test_resume_auto_on_a_damaged_last_pt_says_so_and_offers_best_pt(tmp_path):
     assert message.startswith(f"--resume auto: {run / 'last.pt'} cannot be read"), message
     assert f"--resume {run / 'best.pt'}" in message and "anyway" not in message
     assert find_resume(str(run / "best.pt"), tmp_path, "r", {"seed": 0}, {}).differences == []
+
+
+def test_a_resume_removes_the_checkpoint_writes_a_kill_cut_short(tmp_path, capsys):
+    # save_checkpoint writes .last.pt.<random>.tmp, then renames it: a kill in between leaves it.
+    opts = ["data.n_train=48", "data.n_val=12", "epochs=1"]
+    cfg = toy_config(str(tmp_path), "r", *opts)
+    Trainer(ToyTask(cfg), cfg).fit()
+    run = tmp_path / "r"
+    for name in (".last.pt.abc123.tmp", ".best.pt.x_y.tmp"):
+        (run / name).write_bytes(b"\0" * 1000)
+    (run / "notes.tmp").write_text("the user's")  # not ours: kept
+    cfg2 = toy_config(str(tmp_path), "r", *opts[:2], "epochs=2")
+    Trainer(ToyTask(cfg2), cfg2, resume="auto").fit()
+    assert sorted(p.name for p in run.iterdir() if p.name.endswith(".tmp")) == ["notes.tmp"]
+    err = capsys.readouterr().err
+    assert "removed 2 partly written checkpoint file(s) of the interrupted run" in err, err

@@ -46,6 +46,21 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
+def remove_partial_writes(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that :func:`save_checkpoint` left in ``run_dir`` when it was killed
+    before its ``os.replace`` (each as large as a checkpoint; nothing else removes them).
+
+    Call it on the process that writes, before its first save, when resuming a run.
+
+    Returns:
+        the files removed.
+    """
+    stale = [p for name in (LAST, BEST) for p in Path(run_dir).glob(f".{name}.*.tmp")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 class UnreadableCheckpointError(UserCheckpointError):
     """A file given as a checkpoint that ``torch.load(weights_only=True)`` cannot read."""
 

@@ -38,6 +38,7 @@ from mvitv2.engine.checkpoint import (
     capture_rng,
     find_resume,
     read_training_checkpoint,
+    remove_partial_writes,
     restore_rng,
     save_checkpoint,
 )
@@ -215,6 +216,11 @@ class Trainer:
         )
         if d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if found is not None and (stale := remove_partial_writes(self.run_dir)):
+                notes.append(
+                    f"removed {len(stale)} partly written checkpoint file(s) of the interrupted "
+                    f"run: {', '.join(p.name for p in stale)}"
+                )
         d.barrier()
         self.log = RunLogger(self.run_dir, d.is_main, cfg.tensorboard, cfg.progress)
         for note in notes:
