@@ -926,7 +926,7 @@ def test_the_second_of_two_processes_writes_nothing_and_seeds_its_own_stream(
     monkeypatch.setattr(trainer_module, "seed_everything", lambda s: (seeds.append(s), real(s)))
     monkeypatch.setattr(trainer_module, "find_resume", lambda *a, **k: found.append(a))
     info = two_processes(1)
-    OneOfTwo.from_rank0 = [Precision("none", None, "amp=none"), None, "shared-name"]
+    OneOfTwo.from_rank0 = [None, Precision("none", None, "amp=none"), "shared-name"]
     trainer, _ = make(tmp_path, "", "epochs=2", "batch_size=8", "warmup_epochs=3")
     assert OneOfTwo.from_rank0 == [] and found == []  # rank 0 decides
     assert trainer.run_dir == tmp_path / "shared-name" and not trainer.run_dir.exists()
@@ -980,7 +980,7 @@ def test_the_second_of_two_processes_sends_every_bad_sample_of_the_epoch_to_its_
     # 48 samples = 24 a process = 3 steps of 8, one epoch
     run = ("epochs=1", "batch_size=8", "data.n_train=48")
     two_processes(1)
-    OneOfTwo.from_rank0 = [Precision("none", None, "amp=none"), None, "shared-name"]
+    OneOfTwo.from_rank0 = [None, Precision("none", None, "amp=none"), "shared-name"]
     OneOfTwo.other_bad = []
     trainer, _ = make(tmp_path, "", *run, task=BadAtTask)
     assert trainer.steps_per_epoch == 3

@@ -56,9 +56,9 @@ from mvitv2.engine.logging import RunLogger
 from mvitv2.engine.optim import build_optimizer, build_scheduler
 from mvitv2.engine.task import Task
 from mvitv2.errors import UserValueError
-from mvitv2.ops import implementation_choices
+from mvitv2.ops import implementation_choices, keep_training_choices
 from mvitv2.utils.allocator import allocator_setting
-from mvitv2.utils.precision import Precision, choose_precision, gemm_shape
+from mvitv2.utils.precision import Precision, choose_precision, gemm_shape, kept_precision
 from mvitv2.weights import CheckpointError
 
 
@@ -149,11 +149,36 @@ class Trainer:
                 f"set warmup_epochs below epochs"
             )
         self.optimizer = build_optimizer(self.model, cfg, d.world_size)
+        # Rank 0 decides (and fails) for everyone, so no rank waits forever on a missing file.
+        found: ResumeChoice | Exception | None = None
+        if d.is_main:
+            try:
+                found = find_resume(
+                    resume,
+                    cfg.output,
+                    cfg.name,
+                    cfg.to_dict(),
+                    task.checkpoint_meta(),
+                    task.upgrade_meta,
+                )
+            except Exception as e:
+                found = e
+        found = d.broadcast_object(found)
+        if isinstance(found, Exception):
+            raise found
+        state = read_training_checkpoint(found.path, map_location=device) if found else {}
+        # A resumed run computes as the run before the kill did: the precision and the kernels
+        # that run measured come from its checkpoint, not from measuring again.
+        recorded = state.get("implementation") or {}
         # bf16 on a CPU only where it is faster; rank 0 measures, so every process agrees.
         precision = None
         if d.is_main:
-            precision = choose_precision(cfg.amp, device, gemm_shape(self.model))
+            precision = kept_precision(cfg.amp, device, recorded) or choose_precision(
+                cfg.amp, device, gemm_shape(self.model)
+            )
         self.precision: Precision = d.broadcast_object(precision)
+        same_precision = recorded.get("precision") == self.precision.name
+        keep_training_choices(recorded if same_precision else {}, self.precision.dtype)
         notes += [f"note: {self.precision.note}"] if self.precision.note else []
         self.autocast_dtype = self.precision.dtype
         self.scaler = torch.amp.GradScaler(
@@ -183,29 +208,10 @@ class Trainer:
         self._bad_pending: list[tuple[str, str]] = []  # unreadable samples not yet logged
         self._bad_named: set[str] = set()
 
-        # Rank 0 decides (and fails) for everyone, so no rank waits forever on a missing file.
-        found: ResumeChoice | Exception | None = None
-        if d.is_main:
-            try:
-                found = find_resume(
-                    resume,
-                    cfg.output,
-                    cfg.name,
-                    cfg.to_dict(),
-                    task.checkpoint_meta(),
-                    task.upgrade_meta,
-                )
-            except Exception as e:
-                found = e
-        found = d.broadcast_object(found)
-        if isinstance(found, Exception):
-            raise found
         self.ema = None
         if found is not None:
             self.run_dir = found.path.parent
-            notes += self._load_state(
-                found, read_training_checkpoint(found.path, map_location=device)
-            )
+            notes += self._load_state(found, state)
         else:
             name = cfg.name or time.strftime("%Y%m%d-%H%M%S")
             self.run_dir = Path(cfg.output) / d.broadcast_object(name)

@@ -14,10 +14,13 @@ values as the plain PyTorch ops, faster or in less memory:
 * :mod:`~mvitv2.ops.kept`: tensors derived from parameters (autocast's weight casts, pooling
   weights over heads...), kept across inference calls (:func:`kept_bytes`, :func:`clear_kept`).
 
-:func:`implementation_choices` says which paths are in force and why.
+:func:`implementation_choices` says which paths are in force and why;
+:func:`keep_training_choices` makes a resumed run take its checkpoint's.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
@@ -41,6 +44,7 @@ from mvitv2.ops.gemm import (
     gemm_choice,
     gemm_measurements,
     get_gemm_backend,
+    keep_training_backends,
     linear,
     set_gemm_backend,
 )
@@ -48,6 +52,7 @@ from mvitv2.ops.kept import clear_kept, kept_bytes
 from mvitv2.ops.mlp import add_residual, add_residual_after_prefix
 from mvitv2.ops.pooling import (
     conv_tokens,
+    keep_pool_conv,
     max_pool,
     pool_choice,
     pool_qkv,
@@ -91,6 +96,26 @@ def implementation_choices(
     return choices
 
 
+def keep_training_choices(recorded: Mapping[str, str], dtype: torch.dtype | None) -> None:
+    """Take the CPU training kernels that were measured from a checkpoint's ``implementation``
+    entry (:func:`implementation_choices` of the run before a kill), so that the resumed run
+    computes as that run did: the GEMM backends of the linear layers and of the attention
+    products, and under autocast the strided pooling convs' precision. An empty ``recorded``
+    (a fresh run) measures again. With a setting other than ``"auto"`` the setting wins.
+
+    Args:
+        recorded: the checkpoint's ``implementation``; entries it lacks are measured.
+        dtype: the run's autocast dtype (None: fp32), which the recorded choices were made for.
+    """
+    backends = ("aten", "onednn")
+    keep_training_backends(
+        *(recorded.get(k) if recorded.get(k) in backends else None
+          for k in ("gemm", "attention_gemm"))
+    )  # fmt: skip
+    way = recorded.get("pool_conv")
+    keep_pool_conv(way if way in ("fp32", "as autocast") else None, dtype)
+
+
 __all__ = [
     "ATTENTION_IMPLS",
     "GEMM_BACKENDS",
@@ -110,6 +135,7 @@ __all__ = [
     "get_gemm_backend",
     "get_rel_pos",
     "implementation_choices",
+    "keep_training_choices",
     "kept_bytes",
     "linear",
     "max_pool",

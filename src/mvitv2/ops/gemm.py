@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from mvitv2.ops.context import autocast_dtype, intercepted, tracing
 from mvitv2.ops.kept import keeping, kept
 from mvitv2.utils.choice import Choice
-from mvitv2.utils.timing import MeasuredChoices, best_ms
+from mvitv2.utils.timing import KEPT_WHY, MeasuredChoices, best_ms
 
 #: Valid names for :func:`set_gemm_backend`.
 GEMM_BACKENDS = ("auto", "aten", "onednn")
@@ -132,8 +132,28 @@ def _beats_margin(ms: tuple[float, float] | None) -> bool:
 
 
 def _onednn_measured_faster() -> bool:
-    """Whether oneDNN beat ATen by more than :data:`ONEDNN_MARGIN` in :func:`_measured_ms`."""
+    """Whether oneDNN beat ATen by more than :data:`ONEDNN_MARGIN` in :func:`_measured_ms`, or
+    the backend a resumed run keeps (:func:`keep_training_backends`)."""
+    if "gemm" in _KEPT:
+        return _KEPT["gemm"]
     return _beats_margin(_measured_ms())
+
+
+#: The training backends (True: oneDNN) a resumed run keeps from its checkpoint instead of
+#: measuring them again, so that it computes as the run before the kill did: ``"gemm"`` (linear
+#: layers), ``"attention_gemm"`` (:func:`group_products`). Used with the ``"auto"`` setting only.
+_KEPT: dict[str, bool] = {}
+
+
+def keep_training_backends(gemm: str | None, attention_gemm: str | None) -> None:
+    """Under autograd with ``"auto"``, use these backends (``"onednn"`` or ``"aten"``; None:
+    measure) for the rest of the process instead of the one-off measurements."""
+    _KEPT.clear()
+    for key, name in (("gemm", gemm), ("attention_gemm", attention_gemm)):
+        if name is not None:
+            if name not in ("aten", "onednn"):
+                raise ValueError(f"unknown {key} backend {name!r}; expected 'aten' or 'onednn'")
+            _KEPT[key] = name == "onednn"
 
 
 @functools.cache
@@ -248,7 +268,9 @@ def gemm_choice(training: bool = False, dtype: torch.dtype = torch.float32) -> d
     choice = _linear_choice(training, dtype)
     if training and dtype == torch.float32:
         choice["attention_gemm"] = "onednn" if _groups_on_onednn() else "aten"
-        if choice["gemm_setting"] == "auto" and _onednn_linear_op() is not None:
+        if "attention_gemm" in _KEPT and choice["gemm_setting"] == "auto":
+            choice["gemm_why"] += f"; attention products {KEPT_WHY}"
+        elif choice["gemm_setting"] == "auto" and _onednn_linear_op() is not None:
             a, b = _measured_group_ms()
             choice["gemm_why"] += (
                 f"; attention products, 32 groups of 167x96 @ 96x784: oneDNN {a:.1f} ms,"
@@ -277,9 +299,11 @@ def _linear_choice(training: bool, dtype: torch.dtype) -> dict[str, str]:
             " (fp32) or faster (bf16 autocast)"
         )
         return {"gemm": "measured", "gemm_setting": setting, "gemm_why": why}
+    chosen = "onednn" if _onednn_measured_faster() else "aten"
+    if "gemm" in _KEPT:
+        return {"gemm": chosen, "gemm_setting": setting, "gemm_why": KEPT_WHY}
     a, b = _measured_ms()
     why = f"measured 6272x384x1536 with bias: oneDNN {a:.1f} ms, ATen {b:.1f} ms"
-    chosen = "onednn" if _onednn_measured_faster() else "aten"
     return {"gemm": chosen, "gemm_setting": setting, "gemm_why": why}
 
 
@@ -335,7 +359,11 @@ def _groups_on_onednn() -> bool:
     backend = _BACKEND.value
     if backend == "aten" or _onednn_linear_op() is None:
         return False
-    return backend == "onednn" or _beats_margin(_measured_group_ms())
+    if backend == "onednn":
+        return True
+    if "attention_gemm" in _KEPT:
+        return _KEPT["attention_gemm"]
+    return _beats_margin(_measured_group_ms())
 
 
 # ---------------------------------------------------------------------- raw oneDNN products

@@ -26,7 +26,7 @@ from mvitv2.ops.context import autocast_dtype, tracing
 from mvitv2.ops.gemm import linear
 from mvitv2.ops.kept import keeping, kept
 from mvitv2.ops.rel_pos import Grid
-from mvitv2.utils.timing import best_ms
+from mvitv2.utils.timing import KEPT_WHY, best_ms
 
 #: At inference, Q, K and V are projected and pooled one at a time when one of them would
 #: have more elements than this (bounds the unpooled projections of large inputs).
@@ -366,9 +366,27 @@ def _pool_in_fp32(x: Tensor, stride: Sequence[int]) -> bool:
 
 
 def _fp32_faster(dtype: torch.dtype) -> bool:
-    """Whether :func:`pool_conv_ms` found the fp32 way faster than autocast to ``dtype``."""
+    """Whether :func:`pool_conv_ms` found the fp32 way faster than autocast to ``dtype``, or the
+    way a resumed run keeps (:func:`keep_pool_conv`)."""
+    if dtype in _KEPT_FP32:
+        return _KEPT_FP32[dtype]
     low, fp32 = pool_conv_ms(dtype)
     return fp32 < low
+
+
+#: The strided pooling conv's way per autocast dtype (True: fp32) that a resumed run keeps from
+#: its checkpoint instead of measuring it again (:func:`keep_pool_conv`).
+_KEPT_FP32: dict[torch.dtype, bool] = {}
+
+
+def keep_pool_conv(way: str | None, dtype: torch.dtype | None) -> None:
+    """Under autocast to ``dtype`` with gradients, run strided pooling convs ``way``
+    (``"fp32"`` or ``"as autocast"``) for the rest of the process; None for either: measure."""
+    _KEPT_FP32.clear()
+    if way is not None and dtype is not None:
+        if way not in ("fp32", "as autocast"):
+            raise ValueError(f"unknown pool_conv {way!r}; expected 'fp32' or 'as autocast'")
+        _KEPT_FP32[dtype] = way == "fp32"
 
 
 def time_pool_conv(dtype: torch.dtype) -> tuple[float, float]:
@@ -404,10 +422,13 @@ def pool_choice(dtype: torch.dtype, training: bool) -> dict[str, str]:
     "pool_conv_why": ...}``; measures (:func:`pool_conv_ms`) if not yet done."""
     if dtype == torch.float32 or not training:
         return {"pool_conv": "as autocast", "pool_conv_why": "fp32, or no gradients"}
+    way = "fp32" if _fp32_faster(dtype) else "as autocast"
+    if dtype in _KEPT_FP32:
+        return {"pool_conv": way, "pool_conv_why": KEPT_WHY}
     low, fp32 = pool_conv_ms(dtype)
     name = str(dtype).removeprefix("torch.")
     return {
-        "pool_conv": "fp32" if _fp32_faster(dtype) else "as autocast",
+        "pool_conv": way,
         "pool_conv_why": f"measured a stride-2 depthwise conv's forward and backward: "
         f"{name} {low:.1f} ms, fp32 {fp32:.1f} ms",
     }

@@ -10,13 +10,13 @@ and keeps bf16 only when it is faster; ``amp: bf16_force`` keeps bf16 without me
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from mvitv2.utils.timing import best_ms
+from mvitv2.utils.timing import KEPT_WHY, best_ms
 
 FORCE_BF16 = "bf16_force"  # one of mvitv2.engine.config.AMP_CHOICES
 GEMM_WORK = 4e8  # multiply-accumulates of the timed GEMM (~2 ms in fp32 on 2 AVX-512 cores)
@@ -139,3 +139,22 @@ def choose_precision(
         f"amp={FORCE_BF16} keeps bf16"
     )
     return Precision(amp, None, f"amp=bf16 measured not faster: {measured}", note)
+
+
+def kept_precision(amp: str, device: torch.device, recorded: Mapping[str, str]) -> Precision | None:
+    """The precision a resumed run keeps: the one its checkpoint's ``implementation`` entry
+    (``recorded``) says the run before the kill measured (``amp=bf16`` on a CPU), so that a run
+    does not change precision at a resume; None where nothing was measured or ``amp`` changed
+    (then :func:`choose_precision` decides)."""
+    name = recorded.get("precision")
+    if amp != "bf16" or device.type != "cpu" or recorded.get("precision_setting") != amp:
+        return None
+    if name not in ("bf16", "fp32"):
+        return None
+    why = recorded.get("precision_why", "")
+    if not why.startswith(KEPT_WHY):  # the measurement, said once however often the run resumes
+        why = f"{KEPT_WHY} ({why})"
+    if name == "bf16":
+        return Precision(amp, torch.bfloat16, why)
+    note = f"amp=bf16 asked; training in fp32 as the run being resumed did; amp={FORCE_BF16} keeps bf16"
+    return Precision(amp, None, why, note)

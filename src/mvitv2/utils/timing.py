@@ -8,6 +8,10 @@ import math
 import time
 from collections.abc import Callable, Hashable, Mapping
 
+#: The reason a resumed training run gives for a choice it took from its checkpoint instead of
+#: measuring it again (see :func:`mvitv2.ops.keep_training_choices`).
+KEPT_WHY = "kept from the checkpoint being resumed"
+
 try:
     import resource
 except ImportError:  # not on Unix: no page-fault count, one warm-up round
