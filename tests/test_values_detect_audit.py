@@ -238,3 +238,22 @@ def test_eval_detect_gives_each_image_detectron2s_own_detections_beside_a_portra
     boxes = [[x, y, x + bw, y + bh] for x, y, bw, bh in (r["bbox"] for r in got)]
     np.testing.assert_allclose(boxes, want["boxes"], atol=0.01)
     np.testing.assert_allclose([r["score"] for r in got], want["scores"], atol=1e-4)
+
+
+def test_the_evaluation_during_detection_training_runs_one_image_per_forward(tmp_path: Path):
+    """The val loader of a detection run takes one image per forward, as ``eval detect`` and
+    detectron2 do (a padded batch moves each image's detections); its training batches and a
+    classification run's val batches keep ``batch_size``."""
+    from engine_toy import ToyTask, toy_config
+    from mvitv2.engine import Trainer
+    from mvitv2.engine.config import TrainConfig
+    from mvitv2.tasks.detect import DetectionTask
+    from test_distributed import DETECT
+
+    cfg = TrainConfig.load(
+        None, [*DETECT, "data.digit_scenes.num_train=2", "batch_size=2", f"output={tmp_path}"]
+    )
+    trainer = Trainer(DetectionTask(cfg), cfg)
+    assert (trainer.train_loader.batch_size, trainer.val_loader.batch_size) == (2, 1)
+    toy = Trainer(ToyTask(c := toy_config(str(tmp_path), "toy", "batch_size=8")), c)
+    assert (toy.train_loader.batch_size, toy.val_loader.batch_size) == (8, 8)

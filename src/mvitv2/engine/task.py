@@ -27,6 +27,8 @@ class Task(ABC):
 
     #: metric of :meth:`evaluate` that selects ``best.pt`` (higher is better).
     primary_metric: str = "top1"
+    #: samples per forward in the evaluation during training; None: the run's ``batch_size``.
+    eval_batch_size: int | None = None
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg

@@ -122,7 +122,7 @@ class Trainer:
         def loader(dataset: Dataset, train: bool) -> DataLoader:
             return build_loader(
                 dataset,
-                batch_size=cfg.batch_size,
+                batch_size=cfg.batch_size if train else task.eval_batch_size or cfg.batch_size,
                 train=train,
                 rank=d.rank,
                 world_size=d.world_size,

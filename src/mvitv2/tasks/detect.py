@@ -248,6 +248,9 @@ class DetectionTask(SpecTask):
     """
 
     primary_metric = "bbox_AP"
+    # One image per forward, as detectron2's test loader and ``eval detect``: a batch is padded
+    # to its largest image, which changes each image's detections.
+    eval_batch_size = 1
 
     def __init__(self, cfg: TrainConfig, data_root: str | Path | None = None) -> None:
         super().__init__(cfg)
