@@ -433,7 +433,7 @@ def test_video_data_config_rejects_fps_for_segments_and_wrong_types():
     ):
         VideoDataConfig.from_dict({"sampling": "segment", "target_fps": 30})
     assert VideoDataConfig.from_dict({"sampling": "segment"}).target_fps is None
-    with pytest.raises(UserValueError, match="a value of the wrong type"):
+    with pytest.raises(UserValueError, match="^video data option num_frames: expected an integer"):
         VideoDataConfig.from_dict({"num_frames": "sixteen"})
     with pytest.raises(UserValueError, match="unknown video data option 'fps'"):
         VideoDataConfig.from_dict({"fps": 30})

@@ -32,6 +32,7 @@ from mvitv2.errors import (
     UserValueError,
     unknown_names_message,
 )
+from mvitv2.utils.fields import checked_fields
 
 __all__ = [
     "BadSample",
@@ -60,12 +61,13 @@ def config_from_dict(cls: type[_Config], values: Mapping[str, Any], what: str) -
     Raises:
         mvitv2.errors.UnknownKeyError: naming the unknown keys and the close valid ones (a
             ``KeyError``).
+        mvitv2.errors.UserValueError: a value of another type than its field's.
     """
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise UnknownKeyError(unknown_names_message(f"{what} option", unknown, names))
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    return cls(**checked_fields(cls, values, f"{what} option"))
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from mvitv2.errors import (
     UserValueError,
     unknown_names_message,
 )
+from mvitv2.utils.fields import checked_fields
 
 AMP_CHOICES = ("none", "bf16", "bf16_force", "fp16")  # see mvitv2.utils.precision
 
@@ -167,6 +168,16 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1) (0: off)"),
             (len(self.betas) == 2, f"betas must be two numbers, got {list(self.betas)}"),
             (self.lr_ref_batch >= 1, "lr_ref_batch must be >= 1"),
+            (self.min_lr >= 0 and self.warmup_lr >= 0, "min_lr and warmup_lr must be >= 0"),
+            (self.lr_gamma > 0, "lr_gamma must be > 0"),
+            (all(s >= 0 for s in self.lr_steps), "lr_steps must be epochs >= 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0 (0: off)"),
+            (0 <= self.mix_prob <= 1, "mix_prob must be in [0, 1]"),
+            (0 <= self.switch_prob <= 1, "switch_prob must be in [0, 1]"),
+            (self.eval_every >= 0, "eval_every must be >= 0 (0: the last epoch only)"),
+            (self.ckpt_every_steps >= 0, "ckpt_every_steps must be >= 0 (0: epoch ends only)"),
             (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
         ]
         for ok, msg in checks:
@@ -333,10 +344,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(value, dict):
             raise UserValueError(f"config {name}: expected a mapping, got {value!r}")
         return dict(value)
-    if isinstance(default, tuple):
-        if not isinstance(value, list | tuple):
-            raise UserValueError(f"config {name}: expected a list, got {value!r}")
-        return tuple(value)
+    if isinstance(default, tuple):  # its items checked too (lr_steps=[a])
+        return checked_fields(TrainConfig, {name: value}, "config")[name]
     if value is None:
         # Only the fields typed ``... | None`` (and ``name``: a timestamp, as "") take null;
         # elsewhere it is the user's mistake, not a None that fails later with a TypeError.

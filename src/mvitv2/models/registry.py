@@ -7,6 +7,7 @@ import dataclasses
 from mvitv2.errors import UnknownKeyError, UnknownOptionError
 from mvitv2.models.config import MViTConfig
 from mvitv2.models.mvit import MViT
+from mvitv2.utils.fields import checked_fields
 
 _VIDEO = dict(
     temporal=True,
@@ -86,7 +87,7 @@ def get_config(name: str, **overrides) -> MViTConfig:
         raise UnknownOptionError(
             f"unknown option(s) for {name}: {unknown}; valid: {sorted(fields)}"
         )
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    overrides = checked_fields(MViTConfig, overrides, f"{name} option")
     return dataclasses.replace(MODEL_CONFIGS[name], **overrides)
 
 

@@ -195,12 +195,7 @@ class VideoDataConfig:
             out = config_from_dict(cls, values, "video data")
         except KeyError as e:
             raise UserValueError(e.args[0]) from None
-        try:
-            problems = out._problems()
-        except TypeError as e:  # e.g. a string where a number belongs
-            raise UserValueError(
-                f"invalid video data config: a value of the wrong type ({e})"
-            ) from None
+        problems = out._problems()  # the types were checked by config_from_dict
         if problems:
             raise UserValueError(f"invalid video data config: {'; '.join(problems)}")
         return out
