@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from mvitv2.errors import UserError
+from mvitv2.utils.fields import at_least
 
 TASKS = {
     "image": "mvitv2.tasks.image",
@@ -29,22 +30,6 @@ TASKS = {
 }
 TASK_COMMANDS = ("train", "eval", "predict", "export")
 THREADS_HELP = "CPU threads for torch (0: torch's default)"
-
-
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type`` for a count option: an integer of at least ``minimum``, so that a
-    0 batch size or -1 threads is argparse's error line (exit 2), not a traceback later."""
-
-    def count(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return count
 
 
 def _task_module(task: str) -> ModuleType:

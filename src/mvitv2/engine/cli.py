@@ -15,7 +15,6 @@ from typing import Any
 
 import yaml
 
-from mvitv2.cli import at_least
 from mvitv2.data.common import find_files
 from mvitv2.engine.config import TrainConfig, apply_overrides, short_run_warmup
 from mvitv2.engine.trainer import Trainer, TrainingStopped
@@ -25,6 +24,7 @@ from mvitv2.errors import (
     UserValueError,
     unknown_names_message,
 )
+from mvitv2.utils.fields import at_least
 
 #: the resolved config of a run, written into its folder when it starts.
 CONFIG_FILE = "config.yaml"

@@ -43,7 +43,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from mvitv2.cli import at_least
 from mvitv2.data.common import config_from_dict, config_to_dict
 from mvitv2.data.detection import (
     CocoDetection,
@@ -83,6 +82,7 @@ from mvitv2.errors import (
 )
 from mvitv2.predict import CheckpointInfo
 from mvitv2.tasks.spec import ExportInputs, SpecTask, TaskSpec
+from mvitv2.utils.fields import at_least
 
 if TYPE_CHECKING:
     from mvitv2.predict import Predictor

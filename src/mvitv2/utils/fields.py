@@ -1,18 +1,37 @@
 """Option values from a recipe, an override or a checkpoint, checked against a dataclass config's
 field types before the config is built, so that ``data.img_size=abc`` is one error line naming the
-option rather than a ``TypeError`` deep in a transform or a layer."""
+option rather than a ``TypeError`` deep in a transform or a layer; and the command line's count
+options (:func:`at_least`). No torch here: ``mvitv2 --help`` imports it."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mvitv2.errors import UserValueError
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for a count option: an integer of at least ``minimum``, so that a
+    0 batch size or -1 threads is argparse's error line (exit 2), not a traceback later."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return count
+
 
 _WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
