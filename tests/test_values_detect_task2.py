@@ -722,7 +722,7 @@ def test_checkpoint_files_that_are_no_detector_are_refused_in_one_line_saying_wh
     with pytest.raises(DetectorFileError) as e:
         read_detector(tmp_path / "image.pt")
     assert str(e.value) == (
-        f"{tmp_path / 'image.pt'} is not a checkpoint (CheckpointError): expected a checkpoint of "
+        f"{tmp_path / 'image.pt'} is not a checkpoint (UserCheckpointError): expected a checkpoint of "
         "`mvitv2 train detect` or a detectron2 detector (.pth, .safetensors, .pkl)"
     )
     with pytest.raises(DetectorFileError) as e:  # the suffix in any case
@@ -819,7 +819,7 @@ def test_a_corrupt_safetensors_checkpoint_is_one_line_not_a_traceback(tmp_path: 
     with pytest.raises(DetectorFileError) as e:
         read_detector(path)
     assert str(e.value) == (
-        f"{path} is not a checkpoint (CheckpointError): expected a checkpoint of `mvitv2 train "
+        f"{path} is not a checkpoint (UserCheckpointError): expected a checkpoint of `mvitv2 train "
         "detect` or a detectron2 detector (.pth, .safetensors, .pkl)"
     )
 

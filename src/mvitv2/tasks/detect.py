@@ -668,9 +668,8 @@ def read_detector(
     try:
         raw = read_file(path, allow_pickle=allow_pickle)
     except (CheckpointError, RuntimeError, pickle.UnpicklingError) as e:
-        kind = "CheckpointError" if isinstance(e, CheckpointError) else type(e).__name__  # family
         raise DetectorFileError(
-            f"{path} is not a checkpoint ({kind}): expected a checkpoint of `mvitv2 "
+            f"{path} is not a checkpoint ({type(e).__name__}): expected a checkpoint of `mvitv2 "
             "train detect` or a detectron2 detector (.pth, .safetensors, .pkl)"
         ) from e
     if isinstance(raw, dict) and "config" in raw and "model" in raw:  # a training run
