@@ -1,6 +1,7 @@
-"""A list, annotation CSV or class names file that is not UTF-8 is one error that names the file,
-the line of the first bad byte, the byte and what to do (re-save it as UTF-8). Reference: the
-message written out by hand for a Latin-1 ``café`` (byte 0xe9) on a known line."""
+"""Video list files as users save them, read as PySlowFast reads them or refused in one message:
+a file that is not UTF-8 (named with its line, byte and the fix, against the message written out
+by hand for a Latin-1 ``café``), classic Mac line ends, SlowFast csv paths with commas, malformed
+lines (``file:line:`` and what was expected)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from mvitv2.data.video import read_class_names, read_video_list, read_video_samples
 from mvitv2.errors import UserValueError
+from test_values_video_lists_audit import _touch
 
 LATIN1 = "caf\u00e9".encode("latin-1")  # b"caf\xe9"
 
@@ -53,3 +55,55 @@ def test_a_slowfast_csv_path_with_several_commas_or_a_number_before_one_stays_wh
     path.write_text("\n".join(lines) + "\n")
     by_hand = [(tmp_path / p, int(y)) for p, y in (x.rsplit(" ", 1) for x in lines)]
     assert [(s.path, s.label) for s in read_video_list(path)] == by_hand
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("train.txt", "v/a b.mp4 0\nv/c.mp4 1\n"),
+        (
+            "train.csv",
+            "label,youtube_id,time_start,time_end,split\nab,x,1,11,train\ncd,y,0,10,train\n",
+        ),
+    ],
+)
+def test_a_list_saved_with_classic_mac_line_ends_reads_as_with_newlines(tmp_path, name, text):
+    """Lines ended by ``\\r`` alone are lines, as Python's text mode (PySlowFast's ``open``,
+    the ``csv`` module's ``newline=""``) reads them: the same videos, labels and classes."""
+    plain, mac = tmp_path / "plain" / name, tmp_path / "mac" / name
+    for path, ends in ((plain, text), (mac, text.replace("\n", "\r"))):
+        path.parent.mkdir()
+        path.write_bytes(ends.encode())
+        for video in (
+            "v/a b.mp4",
+            "v/c.mp4",
+            "train/x_000001_000011.mp4",
+            "train/y_000000_000010.mp4",
+        ):
+            _touch(path.parent / video)
+    expected, names = read_video_samples(plain)
+    got, got_names = read_video_samples(mac)
+    assert [(s.path.relative_to(mac.parent), s.label) for s in got] == [
+        (s.path.relative_to(plain.parent), s.label) for s in expected
+    ]
+    assert (got_names, len(got)) == (names, 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("l.csv", "b.mp4,2\n,3\n", "2: expected '<path> <label>' or <path>,<label>, got ',3'"),
+        ("l.txt", "a.mp4 1\njustapath\n", "2: expected '<path> <label>', got 'justapath'"),
+        ("l.csv", "a.mp4,1\nb.mp4,dog\n", "2: label 'dog' is not an integer"),
+        ("l.txt", "a.mp4 dog\nb.mp4 1\n", "1: label 'dog' is not an integer"),
+    ],
+)
+def test_a_malformed_list_line_is_one_message_naming_it(tmp_path, name, text, message):
+    """A line without a path, without a label or with a label that is no integer is refused
+    with ``file:line:``; only a ``.csv``'s first line may be a header (a label that is no
+    integer), and only a ``.csv`` names the ``path,label`` form."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserValueError) as e:
+        read_video_list(path)
+    assert str(e.value) == f"{path}:{message}"
