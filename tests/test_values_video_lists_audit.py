@@ -23,6 +23,25 @@ def _touch(path: Path) -> Path:
     return path
 
 
+VIDEOS = ("v/a b.mp4", "v/c.mp4", "train/x_000001_000011.mp4", "train/y_000000_000010.mp4")
+
+
+def read_variants(tmp_path: Path, name: str, variants: dict[str, bytes]) -> dict[str, tuple]:
+    """Each variant's bytes written as ``tmp_path/<variant>/<name>`` beside the videos the test
+    lists name, read back: ``(relative paths and labels, class names, every video found)``."""
+    read = {}
+    for folder, data in variants.items():
+        path = tmp_path / folder / name
+        path.parent.mkdir()
+        path.write_bytes(data)
+        for video in VIDEOS:
+            _touch(path.parent / video)
+        samples, names = read_video_samples(path)
+        pairs = [(s.path.relative_to(path.parent), s.label) for s in samples]
+        read[folder] = (pairs, names, all(s.path.is_file() for s in samples))
+    return read
+
+
 @pytest.mark.parametrize(
     ("name", "text"),
     [
@@ -39,24 +58,8 @@ def test_a_list_saved_with_a_byte_order_mark_reads_as_without_it(tmp_path, name,
     """Notepad and Excel's "CSV UTF-8" start a file with a byte-order mark: the first video is
     still the file it names (not a missing ``\\ufeffv/a b.mp4``) and an annotation CSV is still
     recognised by its header."""
-    plain, marked = tmp_path / "plain" / name, tmp_path / "marked" / name
-    for path, head in ((plain, b""), (marked, BOM)):
-        path.parent.mkdir()
-        path.write_bytes(head + text.encode())
-        for video in (
-            "v/a b.mp4",
-            "v/c.mp4",
-            "train/x_000001_000011.mp4",
-            "train/y_000000_000010.mp4",
-        ):
-            _touch(path.parent / video)
-    expected, names = read_video_samples(plain)
-    got, got_names = read_video_samples(marked)
-    assert [(s.path.relative_to(marked.parent), s.label) for s in got] == [
-        (s.path.relative_to(plain.parent), s.label) for s in expected
-    ]
-    assert got_names == names
-    assert all(s.path.is_file() for s in got)
+    read = read_variants(tmp_path, name, {"plain": text.encode(), "marked": BOM + text.encode()})
+    assert read["marked"] == read["plain"] and read["plain"][2]  # every video found
 
 
 def test_a_class_names_file_with_a_byte_order_mark_names_its_first_class_without_it(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from mvitv2.data.video import read_class_names, read_video_list, read_video_samples
 from mvitv2.errors import UserValueError
-from test_values_video_lists_audit import _touch
+from test_values_video_lists_audit import read_variants
 
 LATIN1 = "caf\u00e9".encode("latin-1")  # b"caf\xe9"
 
@@ -70,23 +70,9 @@ def test_a_slowfast_csv_path_with_several_commas_or_a_number_before_one_stays_wh
 def test_a_list_saved_with_classic_mac_line_ends_reads_as_with_newlines(tmp_path, name, text):
     """Lines ended by ``\\r`` alone are lines, as Python's text mode (PySlowFast's ``open``,
     the ``csv`` module's ``newline=""``) reads them: the same videos, labels and classes."""
-    plain, mac = tmp_path / "plain" / name, tmp_path / "mac" / name
-    for path, ends in ((plain, text), (mac, text.replace("\n", "\r"))):
-        path.parent.mkdir()
-        path.write_bytes(ends.encode())
-        for video in (
-            "v/a b.mp4",
-            "v/c.mp4",
-            "train/x_000001_000011.mp4",
-            "train/y_000000_000010.mp4",
-        ):
-            _touch(path.parent / video)
-    expected, names = read_video_samples(plain)
-    got, got_names = read_video_samples(mac)
-    assert [(s.path.relative_to(mac.parent), s.label) for s in got] == [
-        (s.path.relative_to(plain.parent), s.label) for s in expected
-    ]
-    assert (got_names, len(got)) == (names, 2)
+    variants = {"plain": text.encode(), "mac": text.replace("\n", "\r").encode()}
+    read = read_variants(tmp_path, name, variants)
+    assert read["mac"] == read["plain"] and len(read["plain"][0]) == 2
 
 
 @pytest.mark.parametrize(
