@@ -27,7 +27,7 @@ from mvitv2.errors import (
     UserValueError,
     unknown_names_message,
 )
-from mvitv2.utils.fields import checked_fields
+from mvitv2.utils.fields import TYPE_WORDS, checked_fields
 
 AMP_CHOICES = ("none", "bf16", "bf16_force", "fp16")  # see mvitv2.utils.precision
 
@@ -351,7 +351,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         # elsewhere it is the user's mistake, not a None that fails later with a TypeError.
         if "None" in str(f.type) or name == "name":
             return None
-        what = "true/false or a weights tag" if name == "pretrained" else _EXPECTED[type(default)]
+        what = "true/false or a weights tag" if name == "pretrained" else TYPE_WORDS[type(default)]
         raise UserValueError(f"config {name}: null is not allowed; give {what}")
     if name == "finetune":  # a checkpoint path
         if isinstance(value, os.PathLike):
@@ -389,7 +389,6 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _plain(obj: Any) -> Any:

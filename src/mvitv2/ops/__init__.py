@@ -38,6 +38,7 @@ from mvitv2.ops.attention import (
 from mvitv2.ops.gemm import (
     GEMM_BACKENDS,
     NOT_APPLICABLE,
+    TRAINING_BACKENDS,
     Linear,
     convert_linears,
     gemm_backend,
@@ -51,6 +52,7 @@ from mvitv2.ops.gemm import (
 from mvitv2.ops.kept import clear_kept, kept_bytes
 from mvitv2.ops.mlp import add_residual, add_residual_after_prefix
 from mvitv2.ops.pooling import (
+    POOL_CONV_WAYS,
     conv_tokens,
     keep_pool_conv,
     max_pool,
@@ -107,13 +109,13 @@ def keep_training_choices(recorded: Mapping[str, str], dtype: torch.dtype | None
         recorded: the checkpoint's ``implementation``; entries it lacks are measured.
         dtype: the run's autocast dtype (None: fp32), which the recorded choices were made for.
     """
-    backends = ("aten", "onednn")
+    # A name this version does not know (another version's checkpoint) is measured again.
     keep_training_backends(
-        *(recorded.get(k) if recorded.get(k) in backends else None
+        *(recorded.get(k) if recorded.get(k) in TRAINING_BACKENDS else None
           for k in ("gemm", "attention_gemm"))
     )  # fmt: skip
     way = recorded.get("pool_conv")
-    keep_pool_conv(way if way in ("fp32", "as autocast") else None, dtype)
+    keep_pool_conv(way if way in POOL_CONV_WAYS else None, dtype)
 
 
 __all__ = [

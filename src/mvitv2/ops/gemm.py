@@ -143,6 +143,8 @@ def _onednn_measured_faster() -> bool:
 #: measuring them again, so that it computes as the run before the kill did: ``"gemm"`` (linear
 #: layers), ``"attention_gemm"`` (:func:`group_products`). Used with the ``"auto"`` setting only.
 _KEPT: dict[str, bool] = {}
+#: The backends a training run records and a resumed one can keep.
+TRAINING_BACKENDS = ("aten", "onednn")
 
 
 def keep_training_backends(gemm: str | None, attention_gemm: str | None) -> None:
@@ -151,8 +153,9 @@ def keep_training_backends(gemm: str | None, attention_gemm: str | None) -> None
     _KEPT.clear()
     for key, name in (("gemm", gemm), ("attention_gemm", attention_gemm)):
         if name is not None:
-            if name not in ("aten", "onednn"):
-                raise ValueError(f"unknown {key} backend {name!r}; expected 'aten' or 'onednn'")
+            if name not in TRAINING_BACKENDS:
+                expected = " or ".join(map(repr, TRAINING_BACKENDS))
+                raise ValueError(f"unknown {key} backend {name!r}; expected {expected}")
             _KEPT[key] = name == "onednn"
 
 

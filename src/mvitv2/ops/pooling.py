@@ -377,6 +377,8 @@ def _fp32_faster(dtype: torch.dtype) -> bool:
 #: The strided pooling conv's way per autocast dtype (True: fp32) that a resumed run keeps from
 #: its checkpoint instead of measuring it again (:func:`keep_pool_conv`).
 _KEPT_FP32: dict[torch.dtype, bool] = {}
+#: The ways a training run records for its strided pooling convs (see :func:`pool_choice`).
+POOL_CONV_WAYS = ("fp32", "as autocast")
 
 
 def keep_pool_conv(way: str | None, dtype: torch.dtype | None) -> None:
@@ -384,8 +386,9 @@ def keep_pool_conv(way: str | None, dtype: torch.dtype | None) -> None:
     (``"fp32"`` or ``"as autocast"``) for the rest of the process; None for either: measure."""
     _KEPT_FP32.clear()
     if way is not None and dtype is not None:
-        if way not in ("fp32", "as autocast"):
-            raise ValueError(f"unknown pool_conv {way!r}; expected 'fp32' or 'as autocast'")
+        if way not in POOL_CONV_WAYS:
+            expected = " or ".join(map(repr, POOL_CONV_WAYS))
+            raise ValueError(f"unknown pool_conv {way!r}; expected {expected}")
         _KEPT_FP32[dtype] = way == "fp32"
 
 

@@ -33,7 +33,8 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return count
 
 
-_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+#: How an error names each scalar type a config field can have.
+TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def checked_fields(cls: type, values: Mapping[str, Any], what: str) -> dict[str, Any]:
@@ -60,7 +61,8 @@ def checked_fields(cls: type, values: Mapping[str, Any], what: str) -> dict[str,
 
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    return {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)  # once per class: it evaluates every annotation
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _convert(hint: Any, value: Any) -> tuple[bool, Any]:
@@ -109,7 +111,7 @@ def _describe(hint: Any) -> str:
         return f"a list of {len(args)} {_plural(args[0])}"
     if origin is dict or hint is dict:
         return "a mapping"
-    return _WORDS.get(hint, str(hint))
+    return TYPE_WORDS.get(hint, str(hint))
 
 
 def _plural(hint: Any) -> str:
