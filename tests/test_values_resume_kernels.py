@@ -20,14 +20,6 @@ KEPT = "kept from the checkpoint being resumed"
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _measure_afresh():
-    """Each test starts and ends with nothing kept (the choices are per process)."""
-    keep_training_choices({}, None)
-    yield
-    keep_training_choices({}, None)
-
-
 def _measured(
     monkeypatch, *, onednn_linear: bool, onednn_products: bool, bf16: bool, fp32_pool: bool
 ):

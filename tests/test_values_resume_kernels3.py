@@ -10,7 +10,7 @@ import torch
 from mvitv2.ops import gemm, keep_training_choices, pooling
 from mvitv2.ops.gemm import gemm_backend, group_products_on_onednn, uses_onednn
 from test_gemm import needs_onednn
-from test_values_resume_kernels import _measure_afresh, _measured  # noqa: F401 (autouse fixture)
+from test_values_resume_kernels import _measured
 
 
 @needs_onednn
