@@ -47,6 +47,7 @@ from test_predictor import (
     make_image_checkpoint,
 )
 from test_values_engine_cli import _options
+from test_values_export2 import ToyDetector
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -341,7 +342,7 @@ def test_a_whole_detector_exports_into_an_existing_folder(
     traced: list = []
     monkeypatch.setattr(torch.onnx, "export", lambda m, args, path, **k: traced.append(path))
     for _ in range(2):
-        path = ex.export_detector_onnx(nn.Identity(), tmp_path / "d.onnx", image_size=(8, 8))
+        path = ex.export_detector_onnx(ToyDetector(), tmp_path / "d.onnx", image_size=(8, 8))
         assert path == tmp_path / "d.onnx" and traced.pop() == path
         assert read_metadata(path)["exported_part"] == "whole detector"
 

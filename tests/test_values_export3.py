@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import mvitv2.export
 from mvitv2.export import DEFAULT_OPSET, export_detector_onnx, export_onnx
 from test_values_export import SHAPE, Tiny
+from test_values_export2 import ToyDetector
 
 pytest.importorskip("onnxscript")
 
@@ -26,5 +26,5 @@ def test_onnx_export_names_its_exporter_the_whole_detector_the_torchscript_one(
     monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: asked.append(k.get("dynamo", "-")))
     monkeypatch.setattr(mvitv2.export, "_onnx_opset", lambda path: DEFAULT_OPSET)  # no file written
     export_onnx(Tiny(), tmp_path / "t.onnx", task="image", example_input=torch.zeros(2, *SHAPE))
-    export_detector_onnx(nn.Identity(), tmp_path / "d.onnx", image_size=(8, 8))
+    export_detector_onnx(ToyDetector(), tmp_path / "d.onnx", image_size=(8, 8))
     assert asked == [True, False]

@@ -41,6 +41,8 @@ from mvitv2.weights.registry import is_weights_tag
 
 FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
 DEFAULT_OPSET = 18
+# A whole detector's graph outputs, in this order, those its eager forward returns.
+DETECTION_OUTPUTS = ("boxes", "labels", "scores", "masks")
 _EXTRA_HINT = "install the export extra: pip install 'mvitv2[export]'"
 
 
@@ -269,14 +271,12 @@ def export_detector_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.rand(3, *image_size)
-    from mvitv2.detection.model import has_mask_branch
-
-    names = ["boxes", "labels", "scores"]
-    if has_mask_branch(model):  # a box-only detector (mask=False) returns no masks
-        names.append("masks")
     with torch.no_grad():
+        # The outputs are the ones the detector returns: a box-only one (mask=False) has no masks.
+        returned = model.eval()([example])[0]
+        names = [n for n in DETECTION_OUTPUTS if n in returned]
         torch.onnx.export(
-            model.eval(),
+            model,
             ([example],),
             path,
             input_names=["image"],
@@ -307,7 +307,7 @@ def verify_detector_export(path: str | os.PathLike, model: nn.Module, image: Ten
     with torch.no_grad():
         ref = model.eval()([image])[0]
     got = onnx_session(path).run(None, {"image": image.numpy()})
-    for name, value in zip(("boxes", "labels", "scores", "masks"), got):
+    for name, value in zip(DETECTION_OUTPUTS, got):
         want = ref[name].numpy()
         if value.shape != want.shape:
             raise AssertionError(f"{name}: shape {value.shape} != PyTorch's {want.shape}")

@@ -318,10 +318,8 @@ class MViTDetector(GeneralizedRCNN):
 
 
 def has_mask_branch(model: nn.Module) -> bool:
-    """Whether ``model`` predicts masks: a box-only detector (``mask=False``) has none to score
-    or export (a model without ``roi_heads`` is taken to have masks)."""
-    roi_heads = getattr(model, "roi_heads", None)
-    return roi_heads is None or bool(roi_heads.has_mask())
+    """Whether ``model`` predicts masks: a box-only detector (``mask=False``) has none to score."""
+    return bool(model.roi_heads.has_mask())
 
 
 def create_detector(
