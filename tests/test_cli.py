@@ -89,7 +89,7 @@ def test_train_says_where_on_what_and_how_big_at_the_start(run):
         in lines
     )
     assert (
-        "data: 4 train / 4 val samples; 2 per step (batch_size 2 x 1 process(es) x accum_steps "
+        "data: train 4 samples, val 4 samples; 2 per step (batch_size 2 x 1 process(es) x accum_steps "
         "1), 2 steps per epoch, 1 epochs" in lines
     )
     # The banner comes before the first epoch's summary.

@@ -255,7 +255,7 @@ def test_the_banner_and_config_of_a_run(tmp_path):
         f"device: cpu x 1 process(es), {threads} CPU thread(s) per process, 0 data worker(s), "
         "precision fp32 (amp=none)",
         "model: mvitv2_tiny, 0.00 M parameters (0.00 M trainable)",
-        "data: 32 train / 6 val samples; 16 per step (batch_size 8 x 1 process(es) x "
+        "data: train 32 samples, val 6 samples; 16 per step (batch_size 8 x 1 process(es) x "
         "accum_steps 2), 2 steps per epoch, 2 epochs",
     ]
     trainer.val_loader = None
@@ -266,7 +266,7 @@ def test_the_banner_and_config_of_a_run(tmp_path):
     assert lines[2] == "model: mvitv2_tiny, 3.00 M parameters (0.00 M trainable)"
     trainer.model = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(1_025_001))])
     assert describe_run(trainer)[2] == "model: mvitv2_tiny, 1.03 M parameters (1.03 M trainable)"
-    assert lines[3].startswith("data: 32 train / 0 val samples;")
+    assert lines[3].startswith("data: train 32 samples, val none;")
     path = write_run_config(trainer)
     assert path == tmp_path / "b" / "config.yaml"
     assert path.read_text().startswith("model: mvitv2_tiny\nmodel_args: {}\n")  # field order

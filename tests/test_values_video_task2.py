@@ -579,3 +579,19 @@ def test_eval_names_the_runs_val_list_when_it_is_gone(run, capsys, tmp_path):
     moved = _with_data(run[1], tmp_path / "g.pt", val_list="lists/gone.txt")
     rc, _, err = _eval(moved, capsys)
     assert rc == 2 and "the run's val_list lists/gone.txt: no such file" in err
+
+
+def test_the_run_banner_counts_videos_and_the_views_of_the_val_videos(tmp_path):
+    """A test item is one view (clip x crop) of a video: the banner says how many videos, and
+    for validation how many views they give (2 clips x 3 crops x 2 videos)."""
+    (tmp_path / "train.txt").write_text("a.mp4 0\nb.mp4 1\nc.mp4 0\n")
+    (tmp_path / "val.txt").write_text("d.mp4 0\ne.mp4 1\n")
+    data = {"video_root": str(tmp_path), "num_repeats": 2}
+    task = VideoClassification(TrainConfig(data={**data, "test_clips": 2, "test_crops": 3}))
+    train, val = task.build_datasets()
+    assert (task.describe_data(train), task.describe_data(val)) == (
+        "3 videos",
+        "2 videos (12 views)",
+    )
+    one_view = VideoClassification(TrainConfig(data={**data, "test_clips": 1}))  # x 1 crop
+    assert one_view.describe_data(one_view.build_datasets()[1]) == "2 videos"

@@ -170,14 +170,16 @@ def describe_run(trainer: Trainer) -> list[str]:
     cfg, d = trainer.cfg, trainer.dist
     params = sum(p.numel() for p in trainer.model.parameters())
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    n_train = len(trainer.train_loader.dataset)
-    n_val = len(trainer.val_loader.dataset) if trainer.val_loader is not None else 0
+    train = trainer.task.describe_data(trainer.train_loader.dataset)
+    val = "none"
+    if trainer.val_loader is not None:
+        val = trainer.task.describe_data(trainer.val_loader.dataset)
     return [
         f"run folder: {trainer.run_dir} (resolved config in {CONFIG_FILE})",
         f"device: {d.device} x {d.world_size} process(es), {torch.get_num_threads()} CPU "
         f"thread(s) per process, {cfg.workers} data worker(s), precision {trainer.precision.describe()}",
         f"model: {cfg.model}, {params / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable)",
-        f"data: {n_train} train / {n_val} val samples; {cfg.global_batch(d.world_size)} per "
+        f"data: train {train}, val {val}; {cfg.global_batch(d.world_size)} per "
         f"step (batch_size {cfg.batch_size} x {d.world_size} process(es) x accum_steps "
         f"{cfg.accum_steps}), {trainer.steps_per_epoch} steps per epoch, {cfg.epochs} epochs",
     ]

@@ -95,6 +95,10 @@ class Task(ABC):
         """
         return dict(checkpoint.get("meta") or {})
 
+    def describe_data(self, ds: Dataset) -> str:
+        """How much ``ds`` holds, for the run's banner (e.g. ``"40 samples"``)."""
+        return f"{len(ds)} samples"
+
     def batch_size(self, batch: Any) -> int:
         """Number of samples in a batch (for images/s)."""
         first = batch[0] if isinstance(batch, list | tuple) else batch

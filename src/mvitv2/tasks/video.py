@@ -423,6 +423,12 @@ class VideoClassification(SpecTask):
         classes = locate_file(dc.classes_file, root, "--classes") if dc.classes_file else None
         return train, val, dc.video_root, classes
 
+    def describe_data(self, ds: VideoClipDataset) -> str:
+        """Videos, and the views they give where a test item is one view (clip x crop)."""
+        if len(ds) == len(ds.samples):
+            return f"{len(ds)} videos"
+        return f"{len(ds.samples)} videos ({len(ds)} views)"
+
     def build_datasets(self) -> tuple[VideoClipDataset, VideoClipDataset | None]:
         train_list, val_list, root, classes_file = self.resolve_lists()
         self.train_ds = self.data_cfg.dataset(train_list, root, train=True)
