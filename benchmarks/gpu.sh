@@ -3,7 +3,8 @@
 # `mvitv2 benchmark --device cuda` (batch 64 bf16 inference and training step against timm and
 # torchvision, peak memory, detection backbone at 1024, the same under torch.compile).
 #
-#   bash benchmarks/gpu.sh        # from the repository root, uv environment synced, no internet
+#   bash benchmarks/gpu.sh        # from the repository root, no internet
+#   MVITV2_GPU_OUT=$OUT/gpu bash benchmarks/gpu.sh   # through the device tool: results come back
 #
 # Results go to $MVITV2_GPU_OUT (default runs/gpu): one <step>.log per step, one <step>.json per
 # benchmark step. Every step has its own time limit, so a hang costs only that step's limit;
@@ -13,9 +14,19 @@
 set -u -o pipefail
 
 OUT="${MVITV2_GPU_OUT:-runs/gpu}"
-export UV_OFFLINE="${UV_OFFLINE:-1}" UV_FROZEN="${UV_FROZEN:-1}"
 mkdir -p "$OUT"
 failed=()
+
+# The Python every step runs: the project's uv environment where uv is installed, else the
+# machine's own python3 with src/ on its path. The lent GPU machines have no uv and no package
+# registry, but a CUDA build of torch, torchvision and timm (docs/gpu.md).
+if command -v uv >/dev/null; then
+    PY=(uv run python)
+    export UV_OFFLINE="${UV_OFFLINE:-1}" UV_FROZEN="${UV_FROZEN:-1}"
+else
+    PY=(python3)
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 # step NAME SECONDS COMMAND...: run COMMAND under a time limit, output to the terminal and
 # OUT/NAME.log. timeout signals its whole process group (uv and the python under it).
@@ -34,14 +45,14 @@ step() {
 bench() {
     local name=$1 limit=$2
     shift 2
-    step "$name" "$limit" uv run mvitv2 benchmark --device cuda "$@" --json "$OUT/$name.json"
+    step "$name" "$limit" "${PY[@]}" -m mvitv2.cli benchmark --device cuda "$@" --json "$OUT/$name.json"
 }
 
 # Step limits in s (expected time in brackets, not yet measured on a GPU): 440 in all, 480 with
 # every step killed 5 s after its limit: info 15 [5], tests 100 [60], image 35 [20], train 45 [25],
 # detect 35 [15], video 35 [25], compile_image 75 [50], compile_train 100 [75].
-step info 15 bash -c 'nvidia-smi; uv run python -c "import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version(), torch.cuda.get_device_name())"'
-step tests 100 uv run pytest tests/test_device_paths.py -q -rs -p no:cacheprovider
+step info 15 bash -c 'nvidia-smi; "$@" -c "import torch, torchvision, timm; print(\"torch\", torch.__version__, \"torchvision\", torchvision.__version__, \"timm\", timm.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version(), torch.cuda.get_device_name())"' info "${PY[@]}"
+step tests 100 "${PY[@]}" -m pytest tests/test_device_paths.py -q -rs -p no:cacheprovider
 bench image 35 --cases image_fp32 image_bf16 --batch 64
 bench train 45 --cases train train_bf16 --batch 64
 bench detect 35 --cases detect --batch 1

@@ -161,15 +161,20 @@ def test_cuda_peak_memory_is_the_high_water_mark_above_the_start_on_the_given_de
     assert [name for name, _ in calls] == ["sync", "reset", "allocated", "sync", "max"]
 
 
-def _run_script_with_fake_uv(tmp_path: Path, fail_step: str = "") -> subprocess.CompletedProcess:
-    """Run gpu.sh with ``uv`` and ``nvidia-smi`` stood in for by scripts that log their
-    arguments (one line per call) and fail for the benchmark writing ``<fail_step>.json``."""
+def _run_script_with_fakes(
+    tmp_path: Path, runner: str = "uv", fail_step: str = ""
+) -> subprocess.CompletedProcess:
+    """Run gpu.sh with ``runner`` (``uv``, or ``python3`` on a machine without uv) and
+    ``nvidia-smi`` stood in for by scripts that log their arguments (one line per call; the
+    fake python3 also logs its PYTHONPATH) and fail for the benchmark writing
+    ``<fail_step>.json``. The real python3 in /usr/bin comes after the fakes on PATH."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(parents=True)
     log = tmp_path / "calls.txt"
-    (bin_dir / "uv").write_text(
+    (bin_dir / runner).write_text(
         "#!/bin/bash\n"
-        f'echo "uv $*" >> {log}\n'
+        f'echo "{runner} $*" >> {log}\n'
+        f'[[ "{runner}" == python3 ]] && echo "PYTHONPATH=$PYTHONPATH" >> {log}\n'
         f'[[ -n "{fail_step}" && "$*" == *"/{fail_step}.json"* ]] && exit 3\n'
         "exit 0\n"
     )
@@ -178,26 +183,48 @@ def _run_script_with_fake_uv(tmp_path: Path, fail_step: str = "") -> subprocess.
         f.chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "MVITV2_GPU_OUT": str(tmp_path / "out")}
     return subprocess.run(
-        ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60, check=False
+        ["bash", str(SCRIPT)],
+        env=env,
+        cwd=SCRIPT.parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
 def test_gpu_script_runs_every_step_in_order_and_reports_a_failed_one(tmp_path):
-    done = _run_script_with_fake_uv(tmp_path / "ok")
+    done = _run_script_with_fakes(tmp_path / "ok")
     assert done.returncode == 0, done.stdout + done.stderr
     calls = (tmp_path / "ok" / "calls.txt").read_text().splitlines()
     out = tmp_path / "ok" / "out"
     benches = [name for kind, name, _, _ in _steps() if kind == "bench"]
-    assert calls[0] == "nvidia-smi" and calls[1].startswith("uv run python -c")
-    assert calls[2].startswith("uv run pytest tests/test_device_paths.py")
+    assert calls[0] == "nvidia-smi" and calls[1].startswith("uv run python -c import torch")
+    assert calls[2].startswith("uv run python -m pytest tests/test_device_paths.py")
     assert len(calls) == 3 + len(benches)
     for name, call in zip(benches, calls[3:]):
-        assert call.startswith("uv run mvitv2 benchmark --device cuda --cases ")
+        assert call.startswith("uv run python -m mvitv2.cli benchmark --device cuda --cases ")
         assert call.endswith(f"--json {out}/{name}.json")
     assert {p.name for p in out.iterdir()} == {f"{name}.log" for _, name, _, _ in _steps()}
 
-    done = _run_script_with_fake_uv(tmp_path / "fail", fail_step="detect")
+    done = _run_script_with_fakes(tmp_path / "fail", fail_step="detect")
     assert done.returncode == 1
     assert "=== detect: exit 3" in done.stdout and "failed steps: detect" in done.stdout
     # the steps after the failed one still ran
     assert f"{benches[-1]}.json" in (tmp_path / "fail" / "calls.txt").read_text()
+
+
+def test_without_uv_the_gpu_script_runs_the_machines_python3_on_the_source_tree(tmp_path):
+    """A lent GPU machine has no uv and no registry, but a CUDA torch in its python3: every step
+    runs that python3 with the repository's src/ first on PYTHONPATH."""
+    done = _run_script_with_fakes(tmp_path, runner="python3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = (tmp_path / "calls.txt").read_text().splitlines()
+    calls, paths = lines[1::2], lines[2::2]
+    benches = [name for kind, name, _, _ in _steps() if kind == "bench"]
+    assert lines[0] == "nvidia-smi" and calls[0].startswith("python3 -c import torch")
+    assert calls[1].startswith("python3 -m pytest tests/test_device_paths.py")
+    assert [c.split(" --cases ")[0] for c in calls[2:]] == [
+        "python3 -m mvitv2.cli benchmark --device cuda"
+    ] * len(benches)
+    assert set(paths) == {f"PYTHONPATH={SCRIPT.parents[1] / 'src'}"}

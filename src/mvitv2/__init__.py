@@ -29,7 +29,7 @@ _LAZY = {
     "get_config": "mvitv2.models",
     "list_models": "mvitv2.models",
     "load_checkpoint": "mvitv2.weights",
-    "create_detector": "mvitv2.tasks.detect",
+    "create_detector": "mvitv2.detection",
     "Predictor": "mvitv2.predict",
 }
 _SUBMODULES = (

@@ -43,7 +43,9 @@ def intercepted() -> bool:
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype active for ``device_type``, or None (meta tensors have no autocast)."""
-    if not torch.amp.is_autocast_available(device_type):
+    # Known types first: dynamo cannot trace torch.amp.is_autocast_available in torch 2.11, so a
+    # compiled forward (fullgraph) on cpu or cuda must not reach it.
+    if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
         return None
     if not torch.is_autocast_enabled(device_type):
         return None
