@@ -174,7 +174,7 @@ def test_in1k_recipes_have_the_paper_values(name):
     assert cfg.model_args["drop_path_rate"] == drop_path
     assert cfg.weight_decay == (0.1 if name in ("large", "huge") else 0.05)
     assert (cfg.mixup, cfg.cutmix, cfg.switch_prob, cfg.label_smoothing) == (0.8, 1.0, 0.5, 0.1)
-    assert cfg.data["randaug_n"] == 6 and cfg.data["randaug_m"] == 9 and cfg.data["reprob"] == 0.25
+    assert cfg.data["randaug_n"] == 6 and cfg.data["randaug_m"] == 27 and cfg.data["reprob"] == 0.25
 
 
 # ---------------------------------------------------------------------- optimizer / schedule

@@ -51,8 +51,9 @@ class ImageDataConfig:
         ratio: RandomResizedCrop aspect range.
         hflip: horizontal flip probability (0 for digits and text).
         randaug_n: RandAugment ops per image (0: off).
-        randaug_m: RandAugment magnitude (0..30).
-        randaug_mstd: std of the per-op magnitude noise (timm's ``mstd``).
+        randaug_m: RandAugment magnitude, a bin of torchvision's 0..30 scale: 3x timm's ``m``
+            (0..10), so the paper's ``rand-m9-mstd0.5`` is ``randaug_m=27, randaug_mstd=1.5``.
+        randaug_mstd: std of the per-op magnitude noise (timm's ``mstd``, in the same bins).
         reprob: random erasing probability (per-pixel normal noise, like timm's ``pixel`` mode).
         mean, std: normalisation.
     """
@@ -64,8 +65,8 @@ class ImageDataConfig:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     randaug_n: int = 6
-    randaug_m: int = 9
-    randaug_mstd: float = 0.5
+    randaug_m: int = 27
+    randaug_mstd: float = 1.5
     reprob: float = 0.25
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD

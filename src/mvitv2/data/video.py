@@ -909,7 +909,7 @@ class VideoTransform:
         rrc_scale, rrc_ratio: area fraction and aspect ranges of the random resized crop.
         short_side_range: inclusive range of the random short side for ``"short_side"``.
         hflip: allow horizontal flips (set False for SSv2, where left/right is in the label).
-        randaug: ``(num_ops, magnitude)`` for RandAugment, or None (Kinetics recipe: (4, 7)).
+        randaug: ``(num_ops, magnitude)`` for RandAugment, or None (Kinetics recipe: (4, 21)).
         erase_prob: probability of random erasing after normalisation (recipe: 0.25).
         mean, std: per-channel normalisation (Kinetics: 0.45 / 0.225).
         test_short_side: short side before the test crop (default ``crop_size * 256 / 224``).

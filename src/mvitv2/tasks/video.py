@@ -116,7 +116,8 @@ class VideoDataConfig:
         rrc_scale, rrc_ratio: area and aspect ranges of the random resized crop.
         short_side_range: inclusive range of the random short side for ``short_side``.
         hflip: random horizontal flips (False for SSv2: left/right is in the label).
-        randaug_n, randaug_m: RandAugment ops and magnitude (``randaug_n=0``: off).
+        randaug_n, randaug_m: RandAugment ops and magnitude (``randaug_n=0``: off); the
+            magnitude is a bin of torchvision's 0..30 scale, 3x timm's ``m`` (SlowFast's ``m7``: 21).
         reprob: random erasing probability (one box for all frames).
         num_repeats: repeated augmentation: augmented copies of each decoded clip per step.
         test_clips: uniform temporal clips K per video at test time (segment sampling: 1).
@@ -157,7 +158,7 @@ class VideoDataConfig:
     short_side_range: tuple[int, int] = (256, 320)
     hflip: bool = True
     randaug_n: int = 4
-    randaug_m: int = 7
+    randaug_m: int = 21
     reprob: float = 0.25
     num_repeats: int = 2
     test_clips: int = 5

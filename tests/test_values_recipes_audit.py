@@ -1,0 +1,65 @@
+"""The shipped recipes that claim the official MViTv2 recipes give the official numbers.
+
+References: the official configs (facebookresearch/mvit, facebookresearch/SlowFast,
+facebookresearch/detectron2 projects/MViTv2; file and line in each test) and timm's RandAugment,
+the implementation those configs' ``AA_TYPE`` strings are parsed by.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from timm.data.auto_augment import rand_augment_transform
+from torchvision.transforms import v2
+
+from mvitv2.data.image import ImageDataConfig, RandAugment, build_transform
+from mvitv2.engine.cli import RECIPES_DIR
+from mvitv2.engine.config import TrainConfig
+from mvitv2.tasks.video import VideoDataConfig
+
+ROTATE = v2.RandAugment._AUGMENTATION_SPACE["Rotate"][0]  # degrees per magnitude bin
+
+
+def _timm_rotate(aa: str) -> tuple[float, float]:
+    """(mean, std) rotation in degrees of timm's RandAugment string ``aa``."""
+    op = next(o for o in rand_augment_transform(aa, {}).ops if o.name == "Rotate")
+    degrees = abs(op.level_fn(op.magnitude, op.hparams)[0])
+    per_level = abs(op.level_fn(op.magnitude + 1, op.hparams)[0]) - degrees
+    return degrees, op.magnitude_std * per_level
+
+
+def _rotate(bins: int, magnitude: float) -> float:
+    """Degrees of torchvision's Rotate at (fractional) magnitude bin ``magnitude``."""
+    table = ROTATE(bins, 224, 224)
+    return float(table[1]) * magnitude  # linear in the bin: 0 at bin 0
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "base", "large", "huge"])
+def test_in1k_recipes_randaugment_is_as_strong_as_the_official_m9_mstd05(name):
+    """facebookresearch/mvit mvit/config/defaults.py:58 ``AA_TYPE = "rand-m9-n6-mstd0.5-inc1"``,
+    parsed by timm-style RandAugment on a 0..10 magnitude scale (mvit/datasets/rand_augment.py:43
+    ``_MAX_LEVEL = 10.0``): m9 rotates by 27 degrees, mstd 0.5 is 1.5 degrees. Our RandAugment is
+    torchvision's (31 bins): the same strength is bin 27, noise 1.5 bins."""
+    cfg = TrainConfig.load(RECIPES_DIR / f"in1k_{name}.yaml")
+    tf = build_transform(ImageDataConfig.from_dict(cfg.data), train=True)
+    ra = next(t for t in tf.transforms if isinstance(t, RandAugment))
+    want_mean, want_std = _timm_rotate("rand-m9-n6-mstd0.5-inc1")
+    assert ra.ops == 6
+    assert math.isclose(_rotate(ra.num_magnitude_bins, ra.mean_magnitude), want_mean)
+    assert math.isclose(_rotate(ra.num_magnitude_bins, ra.magnitude_std), want_std)
+
+
+@pytest.mark.parametrize(
+    "name", ["k400_small", "k400_base", "k400_large", "ssv2_small", "ssv2_base"]
+)
+def test_video_recipes_randaugment_is_as_strong_as_the_official_m7(name):
+    """SlowFast configs/Kinetics/MVITv2_S_16x4.yaml:49 (and MVITv2_B_32x3.yaml:49,
+    MVITv2_L_40x3_test.yaml:50, configs/SSv2/MVITv2_S_16x4.yaml:52, MVITv2_B_32x3.yaml:52)
+    ``AA_TYPE: rand-m7-n4-mstd0.5-inc1``: m7 of timm's 0..10 scale rotates by 21 degrees."""
+    cfg = TrainConfig.load(RECIPES_DIR / f"{name}.yaml")
+    aug = VideoDataConfig.from_dict(cfg.data).transform(train=True)._augment
+    ra = next(t for t in aug.transforms if isinstance(t, v2.RandAugment))
+    assert ra.num_ops == 4
+    want, _ = _timm_rotate("rand-m7-n4-mstd0.5-inc1")
+    assert math.isclose(_rotate(ra.num_magnitude_bins, ra.magnitude), want)
