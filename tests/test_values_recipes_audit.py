@@ -63,3 +63,28 @@ def test_video_recipes_randaugment_is_as_strong_as_the_official_m7(name):
     assert ra.num_ops == 4
     want, _ = _timm_rotate("rand-m7-n4-mstd0.5-inc1")
     assert math.isclose(_rotate(ra.num_magnitude_bins, ra.magnitude), want)
+
+
+# SlowFast's TRAIN.BATCH_SIZE is the batch of one shard (slowfast/config/defaults.py:143-144
+# "Total mini-batch size", split over NUM_GPUS in slowfast/datasets/loader.py:98) and BASE_LR
+# is scaled by NUM_SHARDS (defaults.py:1281-1282): the official lr per video is
+# BASE_LR / TRAIN.BATCH_SIZE whatever the number of machines.
+@pytest.mark.parametrize(
+    ("name", "base_lr", "batch"),
+    [
+        # configs/Kinetics/MVITv2_S_16x4.yaml:4 BATCH_SIZE 16, :66 BASE_LR 0.0001
+        ("k400_small", 1e-4, 16),
+        # configs/Kinetics/MVITv2_B_32x3.yaml:4 BATCH_SIZE 16, :66 BASE_LR 0.0001
+        ("k400_base", 1e-4, 16),
+        # L shares S/B's solver (the paper: one Kinetics recipe; no L training config released)
+        ("k400_large", 1e-4, 16),
+        # configs/SSv2/MVITv2_S_16x4.yaml:4 BATCH_SIZE 16, :68 BASE_LR 0.0025
+        ("ssv2_small", 2.5e-3, 16),
+        # configs/SSv2/MVITv2_B_32x3.yaml:4 BATCH_SIZE 16, :71 BASE_LR 0.0015
+        ("ssv2_base", 1.5e-3, 16),
+    ],
+)
+def test_video_recipes_lr_per_video_is_slowfast_s(name, base_lr, batch):
+    cfg = TrainConfig.load(RECIPES_DIR / f"{name}.yaml")
+    for world in (1, 8, 32):
+        assert math.isclose(cfg.lr(world) / cfg.global_batch(world), base_lr / batch)
