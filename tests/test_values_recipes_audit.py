@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from timm.data.auto_augment import rand_augment_transform
 from torchvision.transforms import v2
 
 from mvitv2.data.image import ImageDataConfig, RandAugment, build_transform
 from mvitv2.engine.cli import RECIPES_DIR
 from mvitv2.engine.config import TrainConfig
+from mvitv2.engine.optim import build_optimizer
+from mvitv2.errors import UserValueError
 from mvitv2.tasks.video import VideoDataConfig
 
 ROTATE = v2.RandAugment._AUGMENTATION_SPACE["Rotate"][0]  # degrees per magnitude bin
@@ -88,3 +91,51 @@ def test_video_recipes_lr_per_video_is_slowfast_s(name, base_lr, batch):
     cfg = TrainConfig.load(RECIPES_DIR / f"{name}.yaml")
     for world in (1, 8, 32):
         assert math.isclose(cfg.lr(world) / cfg.global_batch(world), base_lr / batch)
+
+
+@pytest.mark.parametrize("name", ["ssv2_small", "ssv2_base"])
+def test_ssv2_recipes_use_slowfast_s_nesterov_sgd(name):
+    """SlowFast configs/SSv2/MVITv2_S_16x4.yaml:75-77 (MVITv2_B_32x3.yaml:78-80) SGD momentum
+    0.9 with slowfast/config/defaults.py:842 ``SOLVER.NESTEROV = True`` (not overridden),
+    passed to ``torch.optim.SGD`` in slowfast/models/optimizer.py."""
+    cfg = TrainConfig.load(RECIPES_DIR / f"{name}.yaml")
+    opt = build_optimizer(torch.nn.Linear(4, 3), cfg, world_size=1)
+    assert isinstance(opt, torch.optim.SGD)
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["nesterov"] is True
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+
+
+def test_adamw_recipes_are_not_nesterov_sgd():
+    """``nesterov`` only concerns SGD: the AdamW recipes build AdamW whatever it says."""
+    cfg = TrainConfig.load(RECIPES_DIR / "k400_small.yaml", ["nesterov=true"])
+    assert isinstance(build_optimizer(torch.nn.Linear(4, 3), cfg, 1), torch.optim.AdamW)
+
+
+def test_nesterov_without_momentum_is_one_config_error():
+    """torch's SGD raises at the first step for Nesterov without momentum: the config says so."""
+    with pytest.raises(
+        UserValueError, match="^invalid training config: nesterov needs momentum > 0$"
+    ):
+        TrainConfig.from_dict({"optimizer": "sgd", "nesterov": True, "momentum": 0.0})
+
+
+def test_nesterov_sgd_steps_as_torch_s_reference():
+    """The recipe's SGD step is torch's (non-fused) Nesterov SGD step on the same gradients."""
+    cfg = TrainConfig.load(RECIPES_DIR / "ssv2_small.yaml")
+    torch.manual_seed(0)
+    ours, ref = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    ref.load_state_dict(ours.state_dict())
+    opt = build_optimizer(ours, cfg, world_size=1)
+    lr = cfg.lr(1)
+    want = torch.optim.SGD(
+        [{"params": [ref.weight], "weight_decay": 1e-4}, {"params": [ref.bias], "weight_decay": 0}],
+        lr=lr, momentum=0.9, nesterov=True, foreach=False,
+    )  # fmt: skip
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        for model, o in ((ours, opt), (ref, want)):
+            o.zero_grad()
+            model(x).square().sum().backward()
+            o.step()
+    assert torch.allclose(ours.weight, ref.weight, atol=1e-6)
+    assert torch.allclose(ours.bias, ref.bias, atol=1e-6)

@@ -63,8 +63,9 @@ class TrainConfig:
         warmup_lr: lr at step 0 (absolute).
         warmup_epochs: linear warmup length in epochs (fractions allowed), applied per step.
         weight_decay: AdamW decay of >= 2-D weights (0 on 1-D params and ``no_weight_decay()``).
-        optimizer: ``adamw`` or ``sgd`` (SGD with Nesterov-free ``momentum``; SSv2 recipes).
+        optimizer: ``adamw`` or ``sgd`` (SGD with ``momentum``; SSv2 recipes).
         momentum: SGD momentum.
+        nesterov: Nesterov momentum for SGD (SlowFast's default, its SSv2 recipes).
         betas: AdamW betas.
         clip_grad: max global grad norm (None or 0: no clipping).
         label_smoothing: label smoothing of the classification targets.
@@ -115,6 +116,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     optimizer: str = "adamw"
     momentum: float = 0.9
+    nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float | None = 1.0
     label_smoothing: float = 0.1
@@ -173,6 +175,7 @@ class TrainConfig:
             (all(s >= 0 for s in self.lr_steps), "lr_steps must be epochs >= 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (not self.nesterov or self.momentum > 0, "nesterov needs momentum > 0"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0 (0: off)"),
             (0 <= self.mix_prob <= 1, "mix_prob must be in [0, 1]"),
             (0 <= self.switch_prob <= 1, "switch_prob must be in [0, 1]"),

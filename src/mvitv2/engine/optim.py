@@ -58,7 +58,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, world_size: int) -> torc
     groups = [g for g in groups if g["params"]]
     fused = fused_kernels(p for g in groups for p in g["params"])
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr(world_size), momentum=cfg.momentum, fused=fused)
+        return torch.optim.SGD(
+            groups, cfg.lr(world_size), cfg.momentum, nesterov=cfg.nesterov, fused=fused
+        )
     return torch.optim.AdamW(groups, lr=cfg.lr(world_size), betas=tuple(cfg.betas), fused=fused)
 
 
