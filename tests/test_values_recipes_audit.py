@@ -139,3 +139,18 @@ def test_nesterov_sgd_steps_as_torch_s_reference():
             o.step()
     assert torch.allclose(ours.weight, ref.weight, atol=1e-6)
     assert torch.allclose(ours.bias, ref.bias, atol=1e-6)
+
+
+def test_coco_cascade_l_lsj_recipe_is_detectron2_s_50_epoch_schedule():
+    """detectron2 projects/MViTv2/configs/cascade_mask_rcnn_mvitv2_l_in21k_lsj_50ep.py:19-31:
+    50 epochs (184375 // 2 iterations of 64 images), lr 1e-4, 10x steps at iterations
+    163889 // 2 and 177546 // 2, 250-iteration warmup from 0.001 x lr."""
+    cfg = TrainConfig.load(RECIPES_DIR / "coco_cascade_mvitv2_l_lsj.yaml")
+    iters = 184375 // 2
+    assert cfg.epochs == 50
+    assert math.isclose(cfg.lr(world_size=64 // cfg.batch_size), 1e-4)
+    assert cfg.lr_schedule == "step" and cfg.lr_gamma == 0.1
+    steps = [m / iters * cfg.epochs for m in (163889 // 2, 177546 // 2)]
+    assert [round(s, 2) for s in cfg.lr_steps] == [round(s, 2) for s in steps]
+    assert math.isclose(cfg.warmup_epochs, 250 / iters * cfg.epochs, rel_tol=0.01)
+    assert math.isclose(cfg.warmup_lr, 0.001 * 1e-4)
