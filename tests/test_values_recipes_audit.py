@@ -154,3 +154,74 @@ def test_coco_cascade_l_lsj_recipe_is_detectron2_s_50_epoch_schedule():
     assert [round(s, 2) for s in cfg.lr_steps] == [round(s, 2) for s in steps]
     assert math.isclose(cfg.warmup_epochs, 250 / iters * cfg.epochs, rel_tol=0.01)
     assert math.isclose(cfg.warmup_lr, 0.001 * 1e-4)
+
+
+def _official_zero_wd(name: str, p: torch.nn.Parameter) -> bool:
+    """facebookresearch/mvit mvit/models/optimizer.py:84-88 (SlowFast
+    slowfast/models/optimizer.py, get_param_groups, alike) with ``ZERO_WD_1D_PARAM: True`` and
+    ``ZERO_DECAY_POS_CLS: False`` (mvit/config/defaults.py:207, :317; SlowFast
+    configs/Kinetics/MVITv2_S_16x4.yaml:21, :63): no decay on 1-D params and biases only."""
+    return p.ndim == 1 or name.endswith(".bias")
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("in1k_tiny", {}),
+        ("in1k_large", {}),
+        ("k400_small", {"num_frames": 4}),
+        ("ssv2_base", {"num_frames": 4}),
+    ],
+)
+def test_image_and_video_recipes_decay_what_the_official_configs_decay(name, overrides):
+    import mvitv2
+
+    cfg = TrainConfig.load(RECIPES_DIR / f"{name}.yaml")
+    tiny = {"depths": (1, 1, 1, 1), "embed_dim": 8, "img_size": 32, **overrides}
+    model = mvitv2.create_model(cfg.model, num_classes=5, **{**cfg.model_args, **tiny})
+    names = dict(model.named_parameters())
+    assert any("rel_pos" in n for n in names)  # the case has the tables in question
+    opt = build_optimizer(model, cfg, world_size=1)
+    by_id = {id(p): n for n, p in names.items()}
+    got = {by_id[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    want = {n: 0.0 if _official_zero_wd(n, p) else cfg.weight_decay for n, p in names.items()}
+    assert got == want
+
+
+def test_wd_exempt_spares_each_kind_alone():
+    """``norm``: parameters of normalisation layers; ``bias``: other 1-D parameters; ``pos``:
+    the model's ``no_weight_decay()`` names. Written out for a small model with all three."""
+    from mvitv2.engine.optim import param_groups
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+            self.ln = torch.nn.LayerNorm(4)
+            self.bn = torch.nn.BatchNorm1d(4)
+            self.table = torch.nn.Parameter(torch.zeros(3, 4))
+            self.token = torch.nn.Parameter(torch.zeros(1, 1, 4))
+
+        def no_weight_decay(self) -> set[str]:
+            return {"table", "token"}
+
+    norm = {"ln.weight", "ln.bias", "bn.weight", "bn.bias"}
+    want = {
+        (): set(),
+        ("norm",): norm,
+        ("bias",): {"fc.bias"},
+        ("pos",): {"table", "token"},
+        ("norm", "bias", "pos"): norm | {"fc.bias", "table", "token"},
+    }
+    for exempt, spared in want.items():
+        groups = {g["name"]: set(g["param_names"]) for g in param_groups(Net(), 0.1, exempt)}
+        assert groups["no_decay"] == spared, exempt
+        assert groups["decay"] == set(dict(Net().named_parameters())) - spared
+
+
+def test_unknown_wd_exempt_kind_is_one_config_error():
+    with pytest.raises(
+        UserValueError,
+        match="^invalid training config: wd_exempt takes norm, bias, pos, got \\['norms'\\]$",
+    ):
+        TrainConfig.from_dict({"wd_exempt": ["norms"]})

@@ -30,6 +30,8 @@ from mvitv2.errors import (
 from mvitv2.utils.fields import TYPE_WORDS, checked_fields
 
 AMP_CHOICES = ("none", "bf16", "bf16_force", "fp16")  # see mvitv2.utils.precision
+#: kinds of parameters ``wd_exempt`` can spare from weight decay (mvitv2.engine.optim).
+WD_EXEMPT = ("norm", "bias", "pos")
 
 __all__ = ["TrainConfig", "UnknownKeyError", "apply_overrides", "parse_value", "short_run_warmup"]
 
@@ -62,7 +64,11 @@ class TrainConfig:
         lr_gamma: decay factor of the ``step`` schedule.
         warmup_lr: lr at step 0 (absolute).
         warmup_epochs: linear warmup length in epochs (fractions allowed), applied per step.
-        weight_decay: AdamW decay of >= 2-D weights (0 on 1-D params and ``no_weight_decay()``).
+        weight_decay: decay of the weights (AdamW's decoupled decay, or SGD's L2).
+        wd_exempt: parameters without weight decay, any of ``norm`` (normalisation layers),
+            ``bias`` (other 1-D parameters) and ``pos`` (the model's ``no_weight_decay()``:
+            rel-pos tables, position embeddings, cls token); see
+            :func:`mvitv2.engine.optim.param_groups`. Default all three, as timm.
         optimizer: ``adamw`` or ``sgd`` (SGD with ``momentum``; SSv2 recipes).
         momentum: SGD momentum.
         nesterov: Nesterov momentum for SGD (SlowFast's default, its SSv2 recipes).
@@ -114,6 +120,7 @@ class TrainConfig:
     warmup_lr: float = 1e-8
     warmup_epochs: float = 70.0
     weight_decay: float = 0.05
+    wd_exempt: tuple[str, ...] = WD_EXEMPT
     optimizer: str = "adamw"
     momentum: float = 0.9
     nesterov: bool = False
@@ -174,6 +181,10 @@ class TrainConfig:
             (self.lr_gamma > 0, "lr_gamma must be > 0"),
             (all(s >= 0 for s in self.lr_steps), "lr_steps must be epochs >= 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (
+                set(self.wd_exempt) <= set(WD_EXEMPT),
+                f"wd_exempt takes {', '.join(WD_EXEMPT)}, got {list(self.wd_exempt)}",
+            ),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (not self.nesterov or self.momentum > 0, "nesterov needs momentum > 0"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0 (0: off)"),

@@ -9,27 +9,57 @@ import torch
 from torch import nn
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-from mvitv2.engine.config import TrainConfig
+from mvitv2.engine.config import WD_EXEMPT, TrainConfig
+
+#: modules whose parameters are ``norm`` for :func:`param_groups` (detectron2's list).
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weights, and exempt ones (1-D params + ``model.no_weight_decay()``).
+def param_groups(
+    model: nn.Module, weight_decay: float, exempt: Iterable[str] = WD_EXEMPT
+) -> list[dict]:
+    """Two AdamW groups: decayed weights, and the ``exempt`` kinds of parameters.
 
     Args:
         model: the (unwrapped) model; ``no_weight_decay()`` is optional and returns parameter
             names (rel-pos tables, cls token, position embeddings for MViT).
         weight_decay: decay of the first group.
+        exempt: kinds spared from decay: ``norm`` (parameters of normalisation layers),
+            ``bias`` (every other parameter of at most one dimension: biases), ``pos`` (the names
+            of ``model.no_weight_decay()``). timm spares all three; the official MViTv2 image
+            and video configs ``norm`` and ``bias`` (rel-pos tables and cls token decayed);
+            detectron2's MViTv2 configs ``norm`` and ``pos`` (biases decayed).
 
     Returns:
         groups for ``torch.optim.AdamW``; each has a ``name`` ("decay"/"no_decay") and the list of
         parameter names under ``param_names``. Frozen parameters are left out.
     """
+    exempt = set(exempt)
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    norms = {
+        f"{m_name}.{p_name}" if m_name else p_name
+        for m_name, m in model.named_modules()
+        if isinstance(m, NORM_TYPES)
+        for p_name, _ in m.named_parameters(recurse=False)
+    }
+
+    def kind(name: str, p: nn.Parameter) -> str | None:
+        if name in norms:
+            return "norm"
+        if name in skip:
+            return "pos"
+        return "bias" if p.ndim <= 1 else None
+
     decay, no_decay, decay_names, no_decay_names = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name in skip:
+        if kind(name, p) in exempt:
             no_decay.append(p)
             no_decay_names.append(name)
         else:
@@ -54,7 +84,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: TrainConfig, world_size: int) -> torch.optim.Optimizer:
     """AdamW (or SGD, ``cfg.optimizer``) at the linearly scaled peak lr (:meth:`TrainConfig.lr`)
     with :func:`param_groups`."""
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.wd_exempt)
     groups = [g for g in groups if g["params"]]
     fused = fused_kernels(p for g in groups for p in g["params"])
     if cfg.optimizer == "sgd":
