@@ -225,3 +225,32 @@ def test_unknown_wd_exempt_kind_is_one_config_error():
         match="^invalid training config: wd_exempt takes norm, bias, pos, got \\['norms'\\]$",
     ):
         TrainConfig.from_dict({"wd_exempt": ["norms"]})
+
+
+def _detectron2_zero_wd(module: torch.nn.Module, local_name: str) -> bool:
+    """detectron2 detectron2/solver/build.py get_default_optimizer_params with
+    ``weight_decay_norm=0.0`` (configs/common/optim.py:18-27) and the overrides of
+    projects/MViTv2/configs/mask_rcnn_mvitv2_t_3x.py:50-54 (``pos_embed``, ``rel_pos_h``,
+    ``rel_pos_w``: 0), matched on the parameter's own name; ``weight_decay_bias`` unset, so
+    biases keep the decay."""
+    norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    return isinstance(module, norm_types) or local_name in ("pos_embed", "rel_pos_h", "rel_pos_w")
+
+
+@pytest.mark.parametrize("name", ["coco_maskrcnn_mvitv2_t", "coco_cascade_mvitv2_l_lsj"])
+def test_coco_recipes_decay_what_detectron2_decays(name):
+    from mvitv2.detection import create_detector
+
+    cfg = TrainConfig.load(RECIPES_DIR / f"{name}.yaml")
+    tiny = {"depths": (1, 1, 1, 1), "embed_dim": 8, "num_heads": 1, "img_size": 64}
+    model = create_detector(cfg.model, num_classes=3, **{**cfg.model_args, **tiny})
+    want = {
+        f"{m_name}.{p_name}": 0.0 if _detectron2_zero_wd(m, p_name) else cfg.weight_decay
+        for m_name, m in model.named_modules()
+        for p_name, _ in m.named_parameters(recurse=False)
+    }
+    assert any(n.endswith("rel_pos_h") for n in want) and any(n.endswith(".bias") for n in want)
+    opt = build_optimizer(model, cfg, world_size=1)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    got = {by_id[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert got == want
