@@ -354,7 +354,8 @@ def test_lsj_boxes_are_the_tight_boxes_of_the_transformed_masks(scenes):
         [
             v2.RandomHorizontalFlip(0.5),
             v2.ScaleJitter(target_size=(64, 64), scale_range=(0.3, 2.0), antialias=True),
-            v2.RandomCrop((64, 64), pad_if_needed=True, fill=0),
+            # detectron2's FixedSizeCrop pads the image with 128, masks with 0
+            v2.RandomCrop((64, 64), pad_if_needed=True, fill={tv_tensors.Image: 128, "others": 0}),
         ]
     )
     dropped = loose = 0

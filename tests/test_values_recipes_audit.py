@@ -254,3 +254,28 @@ def test_coco_recipes_decay_what_detectron2_decays(name):
     by_id = {id(p): n for n, p in model.named_parameters()}
     got = {by_id[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert got == want
+
+
+def test_lsj_pads_a_shrunk_image_with_detectron2_s_grey():
+    """detectron2 detectron2/data/transforms/augmentation_impl.py:319 ``FixedSizeCrop(...,
+    pad_value=128.0)``, the LSJ crop of projects/MViTv2/configs/common/coco_loader_lsj.py:14:
+    a scaled-down image is padded to the crop size with 128, masks with 0."""
+    from torchvision import tv_tensors
+
+    from mvitv2.data.detection import detection_train_transforms
+
+    tf = detection_train_transforms(mode="lsj", lsj_size=64, lsj_scale=(0.25, 0.25), hflip_prob=0)
+    image = tv_tensors.Image(torch.full((3, 64, 64), 200, dtype=torch.uint8))
+    mask = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    mask[:, 8:40, 8:40] = 1
+    target = {
+        "boxes": tv_tensors.BoundingBoxes([[8, 8, 40, 40]], format="XYXY", canvas_size=(64, 64)),
+        "labels": torch.tensor([1]),
+        "masks": tv_tensors.Mask(mask),
+    }
+    out, t = tf(image, target)
+    assert out.shape == (3, 64, 64)
+    pixels = (out[0] * 255).round().int().flatten().tolist()
+    assert pixels.count(128) == 64 * 64 - 16 * 16  # the padding
+    assert pixels.count(200) == 16 * 16  # the image, a quarter of its side
+    assert int(t["masks"].sum()) == 8 * 8  # the mask shrunk with it, padded with 0

@@ -768,7 +768,9 @@ def detection_train_transforms(
         ops += [
             # ScaleJitter reads its target size as (width, height), unlike RandomCrop.
             v2.ScaleJitter(target_size=(w, h), scale_range=lsj_scale),
-            v2.RandomCrop((h, w), pad_if_needed=True),
+            # detectron2's FixedSizeCrop pads the image with grey 128 (near the pixel mean: ~0
+            # once normalised), not black; masks with 0.
+            v2.RandomCrop((h, w), pad_if_needed=True, fill={tv_tensors.Image: 128, "others": 0}),
         ]
         if recompute_boxes:
             ops.append(BoxesFromMasks())
