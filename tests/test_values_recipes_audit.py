@@ -279,3 +279,58 @@ def test_lsj_pads_a_shrunk_image_with_detectron2_s_grey():
     assert pixels.count(128) == 64 * 64 - 16 * 16  # the padding
     assert pixels.count(200) == 16 * 16  # the image, a quarter of its side
     assert int(t["masks"].sum()) == 8 * 8  # the mask shrunk with it, padded with 0
+
+
+def test_coco_multiscale_recipes_apply_detectron2_s_random_crop_half_the_time():
+    """detectron2 projects/MViTv2/configs/common/coco_loader.py:20-30: with probability 0.5,
+    ResizeShortestEdge([400, 500, 600], "choice") then RandomCrop("absolute_range", (384, 600)),
+    before the 480-800 multi-scale resize."""
+    from mvitv2.data.detection import RandomRangeCrop, detection_train_transforms
+    from mvitv2.tasks.detect import DetectionDataConfig
+
+    for name in ("coco_maskrcnn_mvitv2_t", "coco_cascade_mvitv2_b"):
+        dc = DetectionDataConfig.from_dict(TrainConfig.load(RECIPES_DIR / f"{name}.yaml").data)
+        assert dc.aug == "multiscale" and dc.crop_prob == 0.5
+        tf = detection_train_transforms(mode=dc.aug, crop_prob=dc.crop_prob)
+        apply = next(t for t in tf.transforms if isinstance(t, v2.RandomApply))
+        resize, crop = apply.transforms
+        assert apply.p == 0.5 and resize.min_size == [400, 500, 600] and resize.max_size is None
+        assert isinstance(crop, RandomRangeCrop) and (crop.lo, crop.hi) == (384, 600)
+
+
+def test_range_crop_is_detectron2_s_absolute_range_crop():
+    """detectron2 detectron2/data/transforms/augmentation_impl.py RandomCrop.get_crop_size,
+    ``absolute_range``: each side uniform in [min(side, lo), min(side, hi)], position uniform;
+    boxes follow, clipped to the crop. Checked against slicing by hand."""
+    from torchvision import tv_tensors
+
+    from mvitv2.data.detection import RandomRangeCrop
+
+    noise = torch.randint(0, 256, (3, 500, 700), generator=torch.Generator().manual_seed(0))
+    image = tv_tensors.Image(noise.to(torch.uint8))  # no two 384 px crops alike
+    box = [[100.0, 50.0, 650.0, 450.0]]
+    sizes = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        boxes = tv_tensors.BoundingBoxes(box, format="XYXY", canvas_size=(500, 700))
+        out, b = RandomRangeCrop(384, 600)(image, boxes)
+        h, w = out.shape[-2:]
+        assert 384 <= h <= 500 and 384 <= w <= 600
+        flat = image[0]
+        # the offset: where the crop's pixels are in the image
+        matches = (flat[: 500 - h + 1, : 700 - w + 1] == out[0, 0, 0]).nonzero().tolist()
+        top, left = next(
+            (t, x) for t, x in matches if torch.equal(image[:, t : t + h, x : x + w], out)
+        )
+        x1, y1, x2, y2 = box[0]
+        want = [
+            min(max(x1 - left, 0), w),
+            min(max(y1 - top, 0), h),
+            min(max(x2 - left, 0), w),
+            min(max(y2 - top, 0), h),
+        ]
+        assert b.tolist() == [want]
+        sizes.add((h, w))
+    assert len(sizes) > 15  # sizes are drawn, not fixed
+    small = tv_tensors.Image(torch.zeros(3, 300, 200))
+    assert RandomRangeCrop(384, 600)(small).shape[-2:] == (300, 200)  # smaller: kept whole

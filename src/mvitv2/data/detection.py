@@ -28,6 +28,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
+from torchvision.transforms.v2._utils import query_size
 
 from mvitv2.data.common import BadSample, SkipCounter
 from mvitv2.data.image import load_image, stored_size
@@ -732,11 +733,33 @@ class BoxesFromMasks:
         return image, {**target, "boxes": tv_tensors.wrap(boxes.to(old.dtype), like=old)}
 
 
+class RandomRangeCrop(v2.Transform):
+    """detectron2's ``RandomCrop("absolute_range", (lo, hi))``: a crop whose height and width
+    are each drawn uniformly from ``[min(side, lo), min(side, hi)]``, at a random position."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        super().__init__()
+        self.lo, self.hi = lo, hi
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = query_size(flat_inputs)
+
+        def draw(lo: int, hi: int) -> int:
+            return int(torch.randint(lo, hi + 1, ()))
+
+        ch, cw = draw(min(h, self.lo), min(h, self.hi)), draw(min(w, self.lo), min(w, self.hi))
+        return {"top": draw(0, h - ch), "left": draw(0, w - cw), "height": ch, "width": cw}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(v2.functional.crop, inpt, **params)
+
+
 def detection_train_transforms(
     *,
     mode: str = "multiscale",
     min_sizes: Sequence[int] = tuple(range(480, 801, 32)),
     max_size: int = 1333,
+    crop_prob: float = 0.0,
     lsj_size: int | tuple[int, int] = 1024,
     lsj_scale: tuple[float, float] = (0.1, 2.0),
     hflip_prob: float = 0.5,
@@ -751,6 +774,9 @@ def detection_train_transforms(
             ``lsj_size``) or ``"none"`` (flip only).
         min_sizes: candidate short sides for ``"multiscale"`` (COCO: 480..800 step 32).
         max_size: cap on the long side for ``"multiscale"``.
+        crop_prob: for ``"multiscale"``, the probability of first resizing the short side to
+            400, 500 or 600 and cropping a random 384-600 px box out of that, as detectron2's
+            MViTv2 recipes (``projects/MViTv2/configs/common/coco_loader.py``: 0.5).
         lsj_size: output side (or (h, w)) for ``"lsj"``.
         lsj_scale: scale range for ``"lsj"``.
         hflip_prob: probability of a horizontal flip (0 disables it).
@@ -760,8 +786,15 @@ def detection_train_transforms(
         A ``v2.Compose``; images come out float32 in [0, 1] (not normalised: torchvision's
         detection models normalise inside), boxes/masks follow, degenerate boxes are removed.
     """
+    if crop_prob and mode != "multiscale":
+        raise UserValueError(f"data.crop_prob applies to aug: multiscale only, not {mode!r}")
     ops: list[Any] = [v2.RandomHorizontalFlip(hflip_prob)]
     if mode == "multiscale":
+        if not 0 <= crop_prob <= 1:
+            raise UserValueError(f"data.crop_prob must be in [0, 1], got {crop_prob}")
+        if crop_prob > 0:
+            crop = [v2.RandomShortestSize(min_size=[400, 500, 600]), RandomRangeCrop(384, 600)]
+            ops.append(v2.RandomApply(crop, p=crop_prob))
         ops.append(v2.RandomShortestSize(min_size=list(min_sizes), max_size=max_size))
     elif mode == "lsj":
         h, w = (lsj_size, lsj_size) if isinstance(lsj_size, int) else lsj_size

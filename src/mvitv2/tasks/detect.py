@@ -115,6 +115,8 @@ class DetectionDataConfig:
         aug: training augmentation, ``multiscale`` (short side from ``min_sizes``, long side
             <= ``max_size``), ``lsj`` (large-scale jitter, crop/pad to ``lsj_size``) or ``none``.
         min_sizes, max_size: multi-scale sizes. lsj_size, lsj_scale: large-scale jitter.
+        crop_prob: multi-scale only: probability of a random 384-600 px crop of the image
+            resized to a short side of 400-600 first (detectron2's MViTv2 recipes: 0.5).
         hflip_prob: horizontal flip probability (0 for digits: a mirrored digit is no digit).
         remove_empty: leave images without objects out of training (detectron2 default).
         masks: load instance masks (needed by the mask head).
@@ -130,6 +132,7 @@ class DetectionDataConfig:
     aug: str = "multiscale"
     min_sizes: tuple[int, ...] = tuple(range(480, 801, 32))
     max_size: int = 1333
+    crop_prob: float = 0.0
     lsj_size: int = 1024
     lsj_scale: tuple[float, float] = (0.1, 2.0)
     hflip_prob: float = 0.5
@@ -277,6 +280,7 @@ class DetectionTask(SpecTask):
             mode=dc.aug,
             min_sizes=dc.min_sizes,
             max_size=dc.max_size,
+            crop_prob=dc.crop_prob,
             lsj_size=dc.lsj_size,
             lsj_scale=dc.lsj_scale,
             hflip_prob=dc.hflip_prob,
