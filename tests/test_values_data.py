@@ -165,7 +165,8 @@ def test_training_transform_applies_randaugment_with_the_recipe_values(monkeypat
     monkeypatch.setattr(RandAugment, "__init__", spy)
     dc = ImageDataConfig.from_dict({"img_size": 32, "randaug_n": 4, "randaug_m": 11})
     tf = build_transform(dc, train=True)
-    assert seen == [(4, 11, 1.5, {"interpolation": InterpolationMode.BICUBIC})]
+    fill = [124, 116, 104]  # ImageNet's mean colour
+    assert seen == [(4, 11, 1.5, {"interpolation": InterpolationMode.BICUBIC, "fill": fill})]
     assert [type(t).__name__ for t in tf.transforms] == [
         "RandomResizedCrop",
         "RandomHorizontalFlip",

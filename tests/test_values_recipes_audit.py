@@ -334,3 +334,20 @@ def test_range_crop_is_detectron2_s_absolute_range_crop():
     assert len(sizes) > 15  # sizes are drawn, not fixed
     small = tv_tensors.Image(torch.zeros(3, 300, 200))
     assert RandomRangeCrop(384, 600)(small).shape[-2:] == (300, 200)  # smaller: kept whole
+
+
+def test_in1k_randaugment_fills_uncovered_pixels_with_the_mean_colour():
+    """facebookresearch/mvit mvit/datasets/transform.py:194-197 passes
+    ``img_mean=round(255 * mean)`` to RandAugment, which fills what rotations, shears and
+    translations uncover with it (mvit/datasets/rand_augment.py:342 ``fillcolor``): ImageNet's
+    (124, 116, 104), not black. Only Rotate is left to draw, at the recipe's magnitude."""
+    from PIL import Image
+
+    cfg = TrainConfig.load(RECIPES_DIR / "in1k_base.yaml")
+    tf = build_transform(ImageDataConfig.from_dict(cfg.data), train=True)
+    ra = next(t for t in tf.transforms if isinstance(t, RandAugment))
+    ra._AUGMENTATION_SPACE = {"Rotate": v2.RandAugment._AUGMENTATION_SPACE["Rotate"]}
+    torch.manual_seed(0)
+    out = ra(Image.new("RGB", (64, 64), (255, 255, 255)))
+    assert out.getpixel((0, 0)) == (124, 116, 104)
+    assert out.getpixel((32, 32)) == (255, 255, 255)

@@ -147,9 +147,13 @@ def build_transform(dc: ImageDataConfig, train: bool) -> v2.Compose:
         if dc.hflip > 0:
             ops.append(v2.RandomHorizontalFlip(dc.hflip))
         if dc.randaug_n > 0:
-            ops.append(
-                RandAugment(dc.randaug_n, dc.randaug_m, dc.randaug_mstd, interpolation=interp)
+            # Rotations, shears and shifts uncover the mean colour, as in timm's RandAugment
+            # with the official ``img_mean`` (torchvision's default is black).
+            fill = [round(255 * m) for m in dc.mean]
+            ra = RandAugment(
+                dc.randaug_n, dc.randaug_m, dc.randaug_mstd, interpolation=interp, fill=fill
             )
+            ops.append(ra)
         ops += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(dc.mean, dc.std)]
         if dc.reprob > 0:
             ops.append(v2.RandomErasing(p=dc.reprob, value="random"))
