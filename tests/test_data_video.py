@@ -752,9 +752,12 @@ def test_no_flip_for_ssv2_and_normalisation():
 
 def _pipeline(crop: list, *, randaug=None, erase=0.0, hflip=True) -> v2.Compose:
     """The training transform of a Kinetics recipe, written directly with torchvision: crop,
-    flip, RandAugment, to float, normalise with 0.45 / 0.225, random erasing to 0."""
+    flip, RandAugment (bilinear, grey 128 fill as SlowFast's), to float, normalise with
+    0.45 / 0.225, random erasing to 0."""
     ops = [*crop, *([v2.RandomHorizontalFlip()] if hflip else [])]
-    ops += [v2.RandAugment(num_ops=randaug[0], magnitude=randaug[1])] if randaug else []
+    bilinear = v2.InterpolationMode.BILINEAR
+    ra = v2.RandAugment(*randaug, interpolation=bilinear, fill=128) if randaug else None
+    ops += [ra] if ra else []
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.45] * 3, [0.225] * 3)]
     return v2.Compose(ops + ([v2.RandomErasing(p=erase)] if erase else []))
 

@@ -8,6 +8,7 @@ the implementation those configs' ``AA_TYPE`` strings are parsed by.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -62,10 +63,10 @@ def test_video_recipes_randaugment_is_as_strong_as_the_official_m7(name):
     ``AA_TYPE: rand-m7-n4-mstd0.5-inc1``: m7 of timm's 0..10 scale rotates by 21 degrees."""
     cfg = TrainConfig.load(RECIPES_DIR / f"{name}.yaml")
     aug = VideoDataConfig.from_dict(cfg.data).transform(train=True)._augment
-    ra = next(t for t in aug.transforms if isinstance(t, v2.RandAugment))
-    assert ra.num_ops == 4
+    ra = next(t for t in aug.transforms if isinstance(t, RandAugment))
+    assert ra.ops == 4
     want, _ = _timm_rotate("rand-m7-n4-mstd0.5-inc1")
-    assert math.isclose(_rotate(ra.num_magnitude_bins, ra.magnitude), want)
+    assert math.isclose(_rotate(ra.num_magnitude_bins, ra.mean_magnitude), want)
 
 
 # SlowFast's TRAIN.BATCH_SIZE is the batch of one shard (slowfast/config/defaults.py:143-144
@@ -351,3 +352,35 @@ def test_in1k_randaugment_fills_uncovered_pixels_with_the_mean_colour():
     out = ra(Image.new("RGB", (64, 64), (255, 255, 255)))
     assert out.getpixel((0, 0)) == (124, 116, 104)
     assert out.getpixel((32, 32)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("name", ["k400_small", "ssv2_base"])
+def test_video_randaugment_has_slowfast_s_noise_and_grey_fill(name):
+    """SlowFast configs/Kinetics/MVITv2_S_16x4.yaml:49 ``rand-m7-n4-mstd0.5-inc1`` (noise of
+    std 0.5 on timm's 0..10 scale: 1.5 bins of torchvision's 0..30), and
+    slowfast/datasets/rand_augment.py:39 ``_FILL = (128, 128, 128)``, the colour rotations,
+    shears and shifts uncover (no ``img_mean`` is passed for video, slowfast/datasets/
+    transform.py create_random_augment). Only Rotate is left to draw."""
+    cfg = TrainConfig.load(RECIPES_DIR / f"{name}.yaml")
+    aug = VideoDataConfig.from_dict(cfg.data).transform(train=True)._augment
+    ra = next(t for t in aug.transforms if isinstance(t, v2.RandAugment))
+    _, want_std = _timm_rotate("rand-m7-n4-mstd0.5-inc1")
+    assert isinstance(ra, RandAugment)
+    assert math.isclose(_rotate(ra.num_magnitude_bins, ra.magnitude_std), want_std)
+    ra._AUGMENTATION_SPACE = {"Rotate": v2.RandAugment._AUGMENTATION_SPACE["Rotate"]}
+    torch.manual_seed(0)
+    from torchvision import tv_tensors
+
+    out = ra(tv_tensors.Video(torch.full((2, 3, 32, 32), 255, dtype=torch.uint8)))
+    assert out[:, :, 0, 0].tolist() == [[128] * 3] * 2  # both frames, every channel
+    assert out[:, :, 16, 16].tolist() == [[255] * 3] * 2
+
+
+def test_video_randaugment_options_out_of_range_are_one_config_error():
+    for key, value, msg in (
+        ("randaug_m", 31, "randaug_m must be in 0..30, got 31"),
+        ("randaug_mstd", -1.0, "randaug_mstd must be >= 0, got -1.0"),
+        ("randaug_n", -1, "randaug_n must be >= 0 (0: off), got -1"),
+    ):
+        with pytest.raises(UserValueError, match=f"^invalid video data config: {re.escape(msg)}$"):
+            VideoDataConfig.from_dict({key: value})

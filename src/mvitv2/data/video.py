@@ -27,6 +27,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from mvitv2.data.common import BadSample, SkipCounter, class_folders, find_files
+from mvitv2.data.image import RandAugment
 from mvitv2.errors import UserFileNotFoundError, UserValueError
 
 __all__ = [
@@ -909,7 +910,10 @@ class VideoTransform:
         rrc_scale, rrc_ratio: area fraction and aspect ranges of the random resized crop.
         short_side_range: inclusive range of the random short side for ``"short_side"``.
         hflip: allow horizontal flips (set False for SSv2, where left/right is in the label).
-        randaug: ``(num_ops, magnitude)`` for RandAugment, or None (Kinetics recipe: (4, 21)).
+        randaug: ``(num_ops, magnitude)`` or ``(num_ops, magnitude, magnitude_std)`` for
+            RandAugment (torchvision's 0..30 bins; Kinetics recipe: (4, 21, 1.5)), or None.
+            Uncovered pixels are filled with grey 128 and geometry is bilinear, as SlowFast's
+            RandAugment (its ``_FILL``; bicubic there, which torchvision has not for tensors).
         erase_prob: probability of random erasing after normalisation (recipe: 0.25).
         mean, std: per-channel normalisation (Kinetics: 0.45 / 0.225).
         test_short_side: short side before the test crop (default ``crop_size * 256 / 224``).
@@ -926,7 +930,7 @@ class VideoTransform:
         rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         short_side_range: tuple[int, int] = (256, 320),
         hflip: bool = True,
-        randaug: tuple[int, int] | None = None,
+        randaug: tuple[int, int] | tuple[int, int, float] | None = None,
         erase_prob: float = 0.0,
         mean: Sequence[float] = KINETICS_MEAN,
         std: Sequence[float] = KINETICS_STD,
@@ -955,7 +959,8 @@ class VideoTransform:
             if hflip:
                 ops.append(v2.RandomHorizontalFlip())
             if randaug is not None:
-                ops.append(v2.RandAugment(num_ops=randaug[0], magnitude=randaug[1]))
+                bilinear = v2.InterpolationMode.BILINEAR
+                ops.append(RandAugment(*randaug, interpolation=bilinear, fill=128))
             self._augment = v2.Compose(ops)
         self._to_float = v2.Compose(
             [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
