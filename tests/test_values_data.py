@@ -166,7 +166,8 @@ def test_training_transform_applies_randaugment_with_the_recipe_values(monkeypat
     dc = ImageDataConfig.from_dict({"img_size": 32, "randaug_n": 4, "randaug_m": 11})
     tf = build_transform(dc, train=True)
     fill = [124, 116, 104]  # ImageNet's mean colour
-    assert seen == [(4, 11, 1.5, {"interpolation": InterpolationMode.BICUBIC, "fill": fill})]
+    kwargs = {"prob": 0.5, "interpolation": InterpolationMode.BICUBIC, "fill": fill}
+    assert seen == [(4, 11, 1.5, kwargs)]
     assert [type(t).__name__ for t in tf.transforms] == [
         "RandomResizedCrop",
         "RandomHorizontalFlip",

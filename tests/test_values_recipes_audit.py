@@ -384,3 +384,26 @@ def test_video_randaugment_options_out_of_range_are_one_config_error():
     ):
         with pytest.raises(UserValueError, match=f"^invalid video data config: {re.escape(msg)}$"):
             VideoDataConfig.from_dict({key: value})
+
+
+@pytest.mark.parametrize("name", ["in1k_base", "k400_small"])
+def test_randaugment_applies_each_op_with_timm_s_probability_one_half(name):
+    """timm's RandAugment, which the official AA_TYPE strings build (facebookresearch/mvit
+    mvit/datasets/rand_augment.py:445 ``AugmentOp(name, prob=0.5, ...)``, SlowFast's copy
+    alike), applies each of the n drawn ops with probability 0.5: of 400 single Rotate ops about
+    half change a white image (binomial: 200 +- 10, bounds at 5 standard deviations)."""
+    from PIL import Image
+
+    cfg = TrainConfig.load(RECIPES_DIR / f"{name}.yaml")
+    if name.startswith("in1k"):
+        tf = build_transform(ImageDataConfig.from_dict(cfg.data), train=True).transforms
+    else:
+        tf = VideoDataConfig.from_dict(cfg.data).transform(train=True)._augment.transforms
+    ra = next(t for t in tf if isinstance(t, RandAugment))
+    assert ra.prob == 0.5
+    ra.ops, ra.mean_magnitude, ra.magnitude_std = 1, 30, 0.0
+    ra._AUGMENTATION_SPACE = {"Rotate": v2.RandAugment._AUGMENTATION_SPACE["Rotate"]}
+    white = Image.new("RGB", (16, 16), (255, 255, 255))
+    torch.manual_seed(0)
+    changed = sum(ra(white).getpixel((0, 0)) != (255, 255, 255) for _ in range(400))
+    assert 150 <= changed <= 250

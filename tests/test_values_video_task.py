@@ -389,7 +389,7 @@ def test_the_recipe_s_options_reach_the_clip_transform_and_the_dataset(monkeypat
         "rrc_ratio": (0.5, 2.0),
         "short_side_range": (100, 120),
         "hflip": False,
-        "randaug": (2, 9, 1.5),
+        "randaug": (2, 9, 1.5, 0.5),
         "erase_prob": 0.3,
         "mean": (0.1, 0.2, 0.3),
         "std": (0.4, 0.5, 0.6),
@@ -412,7 +412,12 @@ def test_the_recipe_s_options_reach_the_clip_transform_and_the_dataset(monkeypat
         "classes": None,
     }
     VideoDataConfig.from_dict({**values, "randaug_n": 1}).transform(False)
-    assert calls["transform"][0] == (False,) and calls["transform"][1]["randaug"] == (1, 9, 1.5)
+    assert calls["transform"][0] == (False,) and calls["transform"][1]["randaug"] == (
+        1,
+        9,
+        1.5,
+        0.5,
+    )
     VideoDataConfig.from_dict({**values, "randaug_n": 0}).transform(True)
     assert calls["transform"][1]["randaug"] is None
 

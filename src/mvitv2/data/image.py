@@ -54,6 +54,8 @@ class ImageDataConfig:
         randaug_m: RandAugment magnitude, a bin of torchvision's 0..30 scale: 3x timm's ``m``
             (0..10), so the paper's ``rand-m9-mstd0.5`` is ``randaug_m=27, randaug_mstd=1.5``.
         randaug_mstd: std of the per-op magnitude noise (timm's ``mstd``, in the same bins).
+        randaug_prob: probability that each op is applied (timm's RandAugment: 0.5; 1: every
+            op, torchvision's).
         reprob: random erasing probability (per-pixel normal noise, like timm's ``pixel`` mode).
         mean, std: normalisation.
     """
@@ -67,6 +69,7 @@ class ImageDataConfig:
     randaug_n: int = 6
     randaug_m: int = 27
     randaug_mstd: float = 1.5
+    randaug_prob: float = 0.5
     reprob: float = 0.25
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -90,6 +93,7 @@ class ImageDataConfig:
             (out.randaug_n >= 0, f"randaug_n must be >= 0 (0: off), got {out.randaug_n}"),
             (0 <= out.randaug_m <= 30, f"randaug_m must be in 0..30, got {out.randaug_m}"),
             (out.randaug_mstd >= 0, f"randaug_mstd must be >= 0, got {out.randaug_mstd}"),
+            (0 <= out.randaug_prob <= 1, f"randaug_prob must be in [0, 1], got {out.randaug_prob}"),
             (all(v > 0 for v in out.std), f"std must be > 0, got {list(out.std)}"),
         ]  # fmt: skip
         problems = [message for ok, message in checks if not ok]
@@ -106,21 +110,28 @@ class ImageDataConfig:
 
 
 class RandAugment(v2.RandAugment):
-    """torchvision's RandAugment with timm's per-op magnitude noise (``mstd``).
+    """torchvision's RandAugment with timm's per-op magnitude noise (``mstd``) and per-op
+    probability (timm applies each drawn op with probability 0.5).
 
     Args:
         num_ops: ops per image.
         magnitude: mean magnitude bin.
         magnitude_std: std of the Gaussian noise on the magnitude, resampled for every op.
+        prob: probability that each of the ``num_ops`` ops is applied (1: torchvision's).
         **kwargs: passed to ``v2.RandAugment``.
     """
 
-    def __init__(self, num_ops: int, magnitude: int, magnitude_std: float = 0.0, **kwargs) -> None:
+    def __init__(
+        self, num_ops: int, magnitude: int, magnitude_std: float = 0.0, prob: float = 1.0, **kwargs
+    ) -> None:
         super().__init__(num_ops=1, magnitude=magnitude, **kwargs)
         self.ops, self.mean_magnitude, self.magnitude_std = num_ops, magnitude, magnitude_std
+        self.prob = prob
 
     def forward(self, *inputs: Any) -> Any:
         for _ in range(self.ops):
+            if self.prob < 1 and float(torch.rand(())) >= self.prob:
+                continue
             if self.magnitude_std > 0:
                 m = torch.normal(float(self.mean_magnitude), self.magnitude_std, ())
                 self.magnitude = int(m.clamp(0, self.num_magnitude_bins - 1).round())
@@ -151,7 +162,12 @@ def build_transform(dc: ImageDataConfig, train: bool) -> v2.Compose:
             # with the official ``img_mean`` (torchvision's default is black).
             fill = [round(255 * m) for m in dc.mean]
             ra = RandAugment(
-                dc.randaug_n, dc.randaug_m, dc.randaug_mstd, interpolation=interp, fill=fill
+                dc.randaug_n,
+                dc.randaug_m,
+                dc.randaug_mstd,
+                prob=dc.randaug_prob,
+                interpolation=interp,
+                fill=fill,
             )
             ops.append(ra)
         ops += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(dc.mean, dc.std)]

@@ -910,8 +910,9 @@ class VideoTransform:
         rrc_scale, rrc_ratio: area fraction and aspect ranges of the random resized crop.
         short_side_range: inclusive range of the random short side for ``"short_side"``.
         hflip: allow horizontal flips (set False for SSv2, where left/right is in the label).
-        randaug: ``(num_ops, magnitude)`` or ``(num_ops, magnitude, magnitude_std)`` for
-            RandAugment (torchvision's 0..30 bins; Kinetics recipe: (4, 21, 1.5)), or None.
+        randaug: ``(num_ops, magnitude[, magnitude_std[, prob]])`` for :class:`RandAugment`
+            (torchvision's 0..30 bins, each op applied with ``prob``; Kinetics recipe:
+            (4, 21, 1.5, 0.5)), or None.
             Uncovered pixels are filled with grey 128 and geometry is bilinear, as SlowFast's
             RandAugment (its ``_FILL``; bicubic there, which torchvision has not for tensors).
         erase_prob: probability of random erasing after normalisation (recipe: 0.25).
@@ -930,7 +931,10 @@ class VideoTransform:
         rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         short_side_range: tuple[int, int] = (256, 320),
         hflip: bool = True,
-        randaug: tuple[int, int] | tuple[int, int, float] | None = None,
+        randaug: tuple[int, int]
+        | tuple[int, int, float]
+        | tuple[int, int, float, float]
+        | None = None,
         erase_prob: float = 0.0,
         mean: Sequence[float] = KINETICS_MEAN,
         std: Sequence[float] = KINETICS_STD,

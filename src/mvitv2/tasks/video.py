@@ -120,6 +120,7 @@ class VideoDataConfig:
             magnitude is a bin of torchvision's 0..30 scale, 3x timm's ``m`` (SlowFast's ``m7``: 21).
         randaug_mstd: std of the per-op magnitude noise, in the same bins (SlowFast's
             ``mstd0.5``: 1.5).
+        randaug_prob: probability that each op is applied (SlowFast's timm RandAugment: 0.5).
         reprob: random erasing probability (one box for all frames).
         num_repeats: repeated augmentation: augmented copies of each decoded clip per step.
         test_clips: uniform temporal clips K per video at test time (segment sampling: 1).
@@ -162,6 +163,7 @@ class VideoDataConfig:
     randaug_n: int = 4
     randaug_m: int = 21
     randaug_mstd: float = 1.5
+    randaug_prob: float = 0.5
     reprob: float = 0.25
     num_repeats: int = 2
     test_clips: int = 5
@@ -217,6 +219,7 @@ class VideoDataConfig:
             (self.randaug_n >= 0, f"randaug_n must be >= 0 (0: off), got {self.randaug_n}"),
             (0 <= self.randaug_m <= 30, f"randaug_m must be in 0..30, got {self.randaug_m}"),
             (self.randaug_mstd >= 0, f"randaug_mstd must be >= 0, got {self.randaug_mstd}"),
+            (0 <= self.randaug_prob <= 1, f"randaug_prob must be in [0, 1], got {self.randaug_prob}"),
             (self.num_frames >= 1, f"num_frames must be >= 1, got {self.num_frames}"),
             (self.sampling_rate >= 1, f"sampling_rate must be >= 1, got {self.sampling_rate}"),
             (self.crop_size % 4 == 0, f"crop_size must be a multiple of 4, got {self.crop_size}"),
@@ -246,7 +249,11 @@ class VideoDataConfig:
             rrc_ratio=self.rrc_ratio,
             short_side_range=self.short_side_range,
             hflip=self.hflip,
-            randaug=(self.randaug_n, self.randaug_m, self.randaug_mstd) if self.randaug_n else None,
+            randaug=(
+                (self.randaug_n, self.randaug_m, self.randaug_mstd, self.randaug_prob)
+                if self.randaug_n
+                else None
+            ),
             erase_prob=self.reprob,
             mean=self.mean,
             std=self.std,
