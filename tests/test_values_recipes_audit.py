@@ -407,3 +407,19 @@ def test_randaugment_applies_each_op_with_timm_s_probability_one_half(name):
     torch.manual_seed(0)
     changed = sum(ra(white).getpixel((0, 0)) != (255, 255, 255) for _ in range(400))
     assert 150 <= changed <= 250
+
+
+def test_a_run_saved_before_the_new_optimizer_keys_is_the_same_experiment(tmp_path):
+    """``--resume auto`` after an upgrade: a checkpoint whose config predates ``nesterov`` and
+    ``wd_exempt`` computed as their defaults do, so it is still this run's; a run that sets
+    them otherwise is another experiment."""
+    from mvitv2.engine.checkpoint import find_resume
+
+    config = TrainConfig().to_dict()
+    old = {k: v for k, v in config.items() if k not in ("nesterov", "wd_exempt")}
+    (tmp_path / "r").mkdir()
+    torch.save({"config": old, "meta": {}}, tmp_path / "r" / "last.pt")
+    assert find_resume("auto", tmp_path, "r", config, {}).differences == []
+    other = TrainConfig.from_dict({"wd_exempt": ["norm", "bias"]}).to_dict()
+    found = find_resume(str(tmp_path / "r"), tmp_path, "r", other, {})
+    assert found.differences == ["wd_exempt"]

@@ -136,6 +136,13 @@ RESUME_MAY_CHANGE = frozenset(
     ]
 )
 
+#: Config keys added since runs were first saved, with the value that computes as those runs did:
+#: a saved config without one is read with it, so ``--resume auto`` still finds such a run.
+ADDED_CONFIG_KEYS: Mapping[str, Any] = {
+    "nesterov": False,
+    "wd_exempt": ["norm", "bias", "pos"],
+}
+
 
 @dataclass(frozen=True)
 class ResumeChoice:
@@ -180,6 +187,8 @@ def experiment_differences(
         return out
 
     keep = {k: v for k, v in config.items() if k not in RESUME_MAY_CHANGE}
+    added = {k: v for k, v in ADDED_CONFIG_KEYS.items() if k in config}
+    saved_config = {**added, **saved_config}
     saved = {k: v for k, v in saved_config.items() if k not in RESUME_MAY_CHANGE}
     return diff(saved, keep, "") + diff(saved_meta, meta, "meta.")
 
