@@ -9,6 +9,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mvitv2.errors import UserValueError
+
+#: The least value of each integer option (each entry, for a tuple).
+_AT_LEAST = {
+    "embed_dim": 1,
+    "num_heads": 1,
+    "in_chans": 1,
+    "img_size": 1,
+    "num_frames": 1,
+    "patch_kernel": 1,
+    "patch_stride": 1,
+    "patch_padding": 0,
+    "pool_kernel": 1,
+    "kv_stride": 1,
+    "global_kv_stride_mul": 1,
+    "num_classes": 0,
+}
+
 
 @dataclass(frozen=True)
 class MViTConfig:
@@ -79,25 +97,41 @@ class MViTConfig:
     num_classes: int = 1000
 
     def __post_init__(self) -> None:
+        # UserValueError: a bad option (``model_args.drop_path_rate=1.5``) is the user's mistake,
+        # one line from the CLI, caught here rather than as a traceback from a layer (DropPath,
+        # Dropout) or a cryptic shape error in the first forward (heads not dividing the width).
         if len(self.depths) < 1 or min(self.depths) < 1:
-            raise ValueError(f"depths must be positive, got {self.depths}")
+            raise UserValueError(f"depths must be positive, got {self.depths}")
+        for name, low in _AT_LEAST.items():
+            value = getattr(self, name)
+            if min(value if isinstance(value, tuple) else (value,)) < low:
+                raise UserValueError(f"{name} must be at least {low}, got {value}")
+        for name in ("drop_path_rate", "head_drop"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.mlp_ratio <= 0:
+            raise UserValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.embed_dim % self.num_heads:
+            raise UserValueError(
+                f"embed_dim ({self.embed_dim}) must be a multiple of num_heads ({self.num_heads})"
+            )
         if self.window_size is not None:
             if len(self.window_size) != len(self.depths):
-                raise ValueError(
+                raise UserValueError(
                     f"window_size needs one entry per stage ({len(self.depths)}), "
                     f"got {self.window_size}"
                 )
             if self.use_cls_token or self.temporal:
-                raise ValueError("window attention supports image models without a cls token")
+                raise UserValueError("window attention supports image models without a cls token")
             if self.kv_stride[1] != self.kv_stride[2]:
                 # Windows are square, so their pooled K/V windows must be too.
-                raise ValueError(
+                raise UserValueError(
                     f"window attention needs the same KV stride on H and W, got {self.kv_stride}"
                 )
         if not self.temporal and (
             self.num_frames != 1 or self.patch_stride[0] != 1 or self.kv_stride[0] != 1
         ):
-            raise ValueError("image models have num_frames=1 and no temporal stride")
+            raise UserValueError("image models have num_frames=1 and no temporal stride")
 
     @property
     def num_stages(self) -> int:

@@ -1,0 +1,65 @@
+"""Model options out of their range are a user's mistake: one error line naming the option (exit
+2 from the command line), raised when the config is built, not a ``ValueError`` traceback from a
+layer (``DropPath``, ``nn.Dropout``) or a shape error in the first forward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mvitv2
+from mvitv2.cli import main
+from mvitv2.errors import UserValueError
+
+TINY = dict(depths=(1, 1, 1, 1), embed_dim=8, img_size=32)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("drop_path_rate", 1.5, "drop_path_rate must be in [0, 1], got 1.5"),
+        # named by the value given, not by a block's share of it (-0.1 * 1/3 was reported)
+        ("drop_path_rate", -0.1, "drop_path_rate must be in [0, 1], got -0.1"),
+        ("head_drop", 2.0, "head_drop must be in [0, 1], got 2.0"),
+        ("num_heads", 3, "embed_dim (8) must be a multiple of num_heads (3)"),
+        ("num_heads", 0, "num_heads must be at least 1, got 0"),
+        ("embed_dim", 0, "embed_dim must be at least 1, got 0"),
+        ("num_classes", -1, "num_classes must be at least 0, got -1"),
+        ("kv_stride", (1, 0, 0), "kv_stride must be at least 1, got (1, 0, 0)"),
+        ("mlp_ratio", 0.0, "mlp_ratio must be > 0, got 0.0"),
+    ],
+)
+def test_an_option_out_of_range_is_one_user_error_naming_it(option, value, message):
+    with pytest.raises(UserValueError) as err:
+        mvitv2.create_model("mvitv2_tiny", **{**TINY, option: value})
+    assert str(err.value) == message
+
+
+def test_the_limits_themselves_build_models_that_run():
+    """Rates of exactly 0 and 1, a head per channel and no classifier are valid."""
+    x = torch.randn(1, 3, 32, 32)
+    for kw in (
+        dict(drop_path_rate=1.0, head_drop=1.0),
+        dict(drop_path_rate=0.0, head_drop=0.0, num_heads=8),
+        dict(num_classes=0),
+    ):
+        model = mvitv2.create_model("mvitv2_tiny", **{**TINY, **kw}).eval()
+        with torch.no_grad():
+            assert model(x).shape[0] == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model_args.drop_path_rate=1.5", "drop_path_rate must be in [0, 1], got 1.5"),
+        ("model_args.head_drop=1.5", "head_drop must be in [0, 1], got 1.5"),
+        ("model_args.depths=[0,1,1,1]", "depths must be positive, got (0, 1, 1, 1)"),
+        ("model_args.num_heads=5", "embed_dim (8) must be a multiple of num_heads (5)"),
+    ],
+)
+def test_train_image_refuses_them_in_one_line_with_exit_status_2(override, message, capsys):
+    base = ["train", "image", "epochs=1", "model_args.embed_dim=8", "data.img_size=32"]
+    assert main([*base, "model_args.depths=[1,1,1,1]", override]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == f"mvitv2 train image: error: {message}"
+    assert not any(line.startswith("Traceback") for line in lines)
