@@ -63,3 +63,48 @@ def test_train_image_refuses_them_in_one_line_with_exit_status_2(override, messa
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1] == f"mvitv2 train image: error: {message}"
     assert not any(line.startswith("Traceback") for line in lines)
+
+
+# =========================================================================== options the run sets
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "model_args.num_classes=5",
+            "model_args.num_classes: the run sets it from its data (10 classes); remove it",
+        ),
+        (
+            "model_args.pretrained=true",
+            "model_args.pretrained: the run sets it from the pretrained option "
+            "(pretrained=TAG_OR_FILE); remove it",
+        ),
+    ],
+)
+def test_train_image_refuses_a_model_arg_the_run_passes_itself(override, message, capsys):
+    """``num_classes`` (the data's) and ``pretrained`` are passed to ``create_model`` by the run:
+    given in ``model_args`` too they reached it twice, a ``TypeError`` traceback."""
+    base = ["train", "image", "epochs=1", "model_args.embed_dim=8", "data.img_size=32"]
+    assert main([*base, "model_args.depths=[1,1,1,1]", override]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == f"mvitv2 train image: error: {message}"
+    assert not any(line.startswith("Traceback") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("task", "model", "option"),
+    [
+        ("video", "mvitv2_small_16x4", "num_classes"),
+        ("video", "mvitv2_small_16x4", "pretrained"),
+        ("detect", "maskrcnn_mvitv2_tiny", "num_classes"),
+        ("detect", "maskrcnn_mvitv2_tiny", "backbone_weights"),
+    ],
+)
+def test_video_and_detection_runs_refuse_them_too(task, model, option):
+    import importlib
+
+    from mvitv2.engine.config import TrainConfig
+
+    build_model = importlib.import_module(f"mvitv2.tasks.{task}").build_model
+    cfg = TrainConfig(model=model, model_args={option: 3})
+    with pytest.raises(UserValueError, match=rf"^model_args\.{option}: the run sets it from "):
+        build_model(cfg, 4)

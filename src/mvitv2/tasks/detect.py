@@ -81,7 +81,7 @@ from mvitv2.errors import (
     unknown_names_message,
 )
 from mvitv2.predict import CheckpointInfo
-from mvitv2.tasks.spec import ExportInputs, SpecTask, TaskSpec
+from mvitv2.tasks.spec import ExportInputs, SpecTask, TaskSpec, refuse_run_options
 from mvitv2.utils.fields import at_least
 
 if TYPE_CHECKING:
@@ -459,6 +459,11 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """``create_detector(cfg.model, ...)`` with the recipe's overrides; ``cfg.pretrained`` (an
     image checkpoint path/URL, a weights tag, or True for the backbone's default weights)
     initialises the backbone."""
+    refuse_run_options(
+        cfg.model_args,
+        num_classes=f"its data ({num_classes} classes)",
+        backbone_weights="the pretrained option (pretrained=TAG_OR_FILE)",
+    )
     weights = cfg.pretrained if cfg.pretrained else None
     return create_detector(
         cfg.model, num_classes=num_classes, backbone_weights=weights, **cfg.model_args

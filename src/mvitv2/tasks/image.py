@@ -64,6 +64,7 @@ from mvitv2.tasks.spec import (
     SpecTask,
     classifier_checkpoint,
     classifier_export_reader,
+    refuse_run_options,
     released_classifier,
     released_weights,
 )
@@ -144,6 +145,11 @@ def build_model(cfg: TrainConfig, num_classes: int, img_size: int) -> nn.Module:
     """``create_model(cfg.model, ...)`` with the recipe's overrides; ``img_size`` unless overridden."""
     from mvitv2 import create_model
 
+    refuse_run_options(
+        cfg.model_args,
+        num_classes=f"its data ({num_classes} classes)",
+        pretrained="the pretrained option (pretrained=TAG_OR_FILE)",
+    )
     kwargs = model_kwargs(cfg, img_size)
     return create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
 

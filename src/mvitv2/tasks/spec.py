@@ -274,6 +274,21 @@ class SpecTask(Task):
         return upgrade_meta(dict(checkpoint))
 
 
+def refuse_run_options(model_args: dict[str, Any], **set_by_run: str) -> None:
+    """Refuse a ``model_args`` option that the run passes to the model constructor itself (the
+    class count from its data, the weights from ``pretrained``): it would reach the constructor
+    twice, a ``TypeError`` traceback. ``set_by_run``: option -> where the run takes it from.
+
+    Raises:
+        UserValueError: ``model_args.<option>: the run sets it from <where>; remove it``.
+    """
+    from mvitv2.errors import UserValueError
+
+    for name, source in set_by_run.items():
+        if name in model_args:
+            raise UserValueError(f"model_args.{name}: the run sets it from {source}; remove it")
+
+
 #: The command-line task of each registry task of released weights.
 _CLI_TASK = {"classification": "image", "video": "video", "detection": "detect"}
 

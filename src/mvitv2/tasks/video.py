@@ -80,6 +80,7 @@ from mvitv2.tasks.spec import (
     SpecTask,
     classifier_checkpoint,
     classifier_export_reader,
+    refuse_run_options,
     released_classifier,
     released_weights,
 )
@@ -549,6 +550,11 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
             f"{cfg.model} is an image model; video runs need a video variant "
             f"(mvitv2_small_16x4, mvitv2_base_32x3, mvitv2_large_40x3, mvitv1_base_16x4)"
         )
+    refuse_run_options(
+        cfg.model_args,
+        num_classes=f"its data ({num_classes} classes)",
+        pretrained="the pretrained option (pretrained=TAG_OR_FILE)",
+    )
     try:  # model_args: unknown options (TypeError) or values the config rejects (ValueError)
         get_config(cfg.model, **model_kwargs(cfg))
     except (TypeError, ValueError) as e:
