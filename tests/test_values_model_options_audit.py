@@ -108,3 +108,33 @@ def test_video_and_detection_runs_refuse_them_too(task, model, option):
     cfg = TrainConfig(model=model, model_args={option: 3})
     with pytest.raises(UserValueError, match=rf"^model_args\.{option}: the run sets it from "):
         build_model(cfg, 4)
+
+
+# =========================================================================== pretrained weights
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["pretrained=mvitv2_tiny.in1kk"],
+            "unknown weights 'mvitv2_tiny.in1kk'; available: ",
+        ),
+        (
+            ["model=mvitv2_huge", "pretrained=true", "model_args.embed_dim=12"],
+            "no released weights for 'mvitv2_huge'; variants with weights: ",
+        ),
+    ],
+)
+def test_train_image_names_unknown_or_missing_released_weights_in_one_line(
+    overrides, message, capsys
+):
+    """A misspelt weights tag, or ``pretrained=true`` for a variant without released weights,
+    was a ``KeyError`` / ``ValueError`` traceback; callers can still catch those types."""
+    base = ["train", "image", "epochs=1", "model_args.embed_dim=8", "data.img_size=32"]
+    assert main([*base, "model_args.depths=[1,1,1,1]", *overrides]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"mvitv2 train image: error: {message}")
+    assert not any(line.startswith("Traceback") for line in lines)
+    with pytest.raises(KeyError):
+        mvitv2.create_model("mvitv2_tiny", pretrained="mvitv2_tiny.in1kk", **TINY)
+    with pytest.raises(ValueError, match="^no released weights for 'mvitv2_huge'"):
+        mvitv2.create_model("mvitv2_huge", pretrained=True, **{**TINY, "embed_dim": 12})

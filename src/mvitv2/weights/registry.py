@@ -19,6 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
+from mvitv2.errors import UnknownKeyError, UserValueError
 from mvitv2.weights.classes import dataset_classes
 from mvitv2.weights.io import CheckpointError, cached_path, download
 
@@ -372,7 +373,8 @@ def is_weights_tag(name: str) -> bool:
 def get_weights(tag: str) -> Weights:
     """The :class:`Weights` registered under ``tag`` (KeyError listing the tags otherwise)."""
     if tag not in WEIGHTS:
-        raise KeyError(f"unknown weights {tag!r}; available: {', '.join(list_weights())}")
+        # A user's typo (pretrained=mvitv2_tiny.in1kk): one line from the CLI, still a KeyError.
+        raise UnknownKeyError(f"unknown weights {tag!r}; available: {', '.join(list_weights())}")
     return WEIGHTS[tag]
 
 
@@ -412,7 +414,7 @@ def load_pretrained(
     if pretrained is True:
         if name not in DEFAULT_WEIGHTS:
             have = sorted(DEFAULT_WEIGHTS)
-            raise ValueError(
+            raise UserValueError(
                 f"no released weights for {name!r}; variants with weights: {', '.join(have)}. "
                 "Pass a weights tag (pretrained='<tag>') to load another variant's weights."
             )
