@@ -14,6 +14,16 @@ from mvitv2.errors import UserValueError
 TINY = dict(depths=(1, 1, 1, 1), embed_dim=8, img_size=32)
 
 
+def _error_line(capsys, command: str) -> str:
+    """The one error line of ``mvitv2 <command>`` (other stderr lines are progress notes, such
+    as the embedded data being made on first use), and no traceback."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert not any(line.startswith("Traceback") for line in lines)
+    errors = [line for line in lines if line.startswith(f"mvitv2 {command}: error: ")]
+    assert len(errors) == 1, lines
+    return errors[0].removeprefix(f"mvitv2 {command}: error: ")
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
@@ -60,9 +70,7 @@ def test_the_limits_themselves_build_models_that_run():
 def test_train_image_refuses_them_in_one_line_with_exit_status_2(override, message, capsys):
     base = ["train", "image", "epochs=1", "model_args.embed_dim=8", "data.img_size=32"]
     assert main([*base, "model_args.depths=[1,1,1,1]", override]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1] == f"mvitv2 train image: error: {message}"
-    assert not any(line.startswith("Traceback") for line in lines)
+    assert _error_line(capsys, "train image") == message
 
 
 # =========================================================================== options the run sets
@@ -85,9 +93,7 @@ def test_train_image_refuses_a_model_arg_the_run_passes_itself(override, message
     given in ``model_args`` too they reached it twice, a ``TypeError`` traceback."""
     base = ["train", "image", "epochs=1", "model_args.embed_dim=8", "data.img_size=32"]
     assert main([*base, "model_args.depths=[1,1,1,1]", override]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1] == f"mvitv2 train image: error: {message}"
-    assert not any(line.startswith("Traceback") for line in lines)
+    assert _error_line(capsys, "train image") == message
 
 
 @pytest.mark.parametrize(
@@ -131,10 +137,44 @@ def test_train_image_names_unknown_or_missing_released_weights_in_one_line(
     was a ``KeyError`` / ``ValueError`` traceback; callers can still catch those types."""
     base = ["train", "image", "epochs=1", "model_args.embed_dim=8", "data.img_size=32"]
     assert main([*base, "model_args.depths=[1,1,1,1]", *overrides]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1].startswith(f"mvitv2 train image: error: {message}")
-    assert not any(line.startswith("Traceback") for line in lines)
+    assert _error_line(capsys, "train image").startswith(message)
     with pytest.raises(KeyError):
         mvitv2.create_model("mvitv2_tiny", pretrained="mvitv2_tiny.in1kk", **TINY)
     with pytest.raises(ValueError, match="^no released weights for 'mvitv2_huge'"):
         mvitv2.create_model("mvitv2_huge", pretrained=True, **{**TINY, "embed_dim": 12})
+
+
+# =========================================================================== detector options
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model=maskrcnn_mvitv2_tinyy", "unknown detector 'maskrcnn_mvitv2_tinyy'; available: "),
+        ("model_args.foo=1", "unknown option(s) for maskrcnn_mvitv2_tiny: ['foo']; "),
+        (
+            "model_args.fpn_channels=abc",
+            "maskrcnn_mvitv2_tiny option fpn_channels: expected an integer, got 'abc'",
+        ),
+        ("model_args.box_head=3x", "box_head must look like '2fc' or '4conv1fc', got '3x'"),
+        (
+            "model_args.anchor_sizes=[8,16]",
+            "anchor_sizes needs one size per level P2-P6, got (8, 16)",
+        ),
+        ("model_args.fpn_norm=XX", "unknown norm 'XX'; choose one of ['', 'BN', 'GN', 'LN']"),
+    ],
+)
+def test_train_detect_refuses_a_wrong_detector_name_or_option_in_one_line(
+    override, message, capsys
+):
+    """These were ``KeyError`` / ``TypeError`` / ``ValueError`` tracebacks (the image task's
+    model names and options were already one line); callers still get those types."""
+    assert main(["train", "detect", "epochs=1", override]) == 2
+    assert _error_line(capsys, "train detect").startswith(message)
+
+
+def test_create_detector_errors_keep_their_builtin_types():
+    with pytest.raises(KeyError, match="unknown detector"):
+        mvitv2.create_detector("maskrcnn_mvitv2_tinyy", num_classes=3)
+    with pytest.raises(TypeError, match=r"unknown option\(s\)"):
+        mvitv2.create_detector("maskrcnn_mvitv2_tiny", num_classes=3, foo=1)
+    with pytest.raises(ValueError, match="box_head must look like"):
+        mvitv2.create_detector("maskrcnn_mvitv2_tiny", num_classes=3, box_head="3x")

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from mvitv2.errors import UserValueError
 from mvitv2.models.mvit import MViT
 
 #: Names of the FPN outputs P2-P5 (``LastLevelMaxPool`` appends ``"pool"``, i.e. P6).
@@ -37,7 +38,7 @@ def norm_layer(kind: str) -> Callable[[int], nn.Module] | None:
         "LN": lambda c: LayerNorm2d(c, eps=1e-6),
     }
     if kind not in kinds:
-        raise ValueError(f"unknown norm {kind!r}; choose one of {sorted(kinds)}")
+        raise UserValueError(f"unknown norm {kind!r}; choose one of {sorted(kinds)}")
     return kinds[kind]
 
 

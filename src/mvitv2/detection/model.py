@@ -29,9 +29,11 @@ from mvitv2.detection.components import (
     LevelRoIAlign,
     ProposalNetwork,
 )
+from mvitv2.errors import UnknownKeyError, UnknownOptionError, UserValueError
 from mvitv2.models.config import MViTConfig
 from mvitv2.models.registry import create_model
 from mvitv2.ops import convert_linears
+from mvitv2.utils.fields import checked_fields
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -109,7 +111,7 @@ class DetectorConfig:
 
     def __post_init__(self) -> None:
         if len(self.anchor_sizes) != len(FEATURE_NAMES) + 1:
-            raise ValueError(
+            raise UserValueError(
                 f"anchor_sizes needs one size per level P2-P6, got {self.anchor_sizes}"
             )
         _parse_box_head(self.box_head)
@@ -120,7 +122,7 @@ class DetectorConfig:
 def _parse_box_head(spec: str) -> tuple[int, int]:
     m = re.fullmatch(r"(\d+)conv(\d+)fc|(\d+)fc", spec)
     if m is None:
-        raise ValueError(f"box_head must look like '2fc' or '4conv1fc', got {spec!r}")
+        raise UserValueError(f"box_head must look like '2fc' or '4conv1fc', got {spec!r}")
     if m.group(3) is not None:
         return 0, int(m.group(3))
     return int(m.group(1)), int(m.group(2))
@@ -174,17 +176,21 @@ def get_detector_config(name: str, **overrides: Any) -> DetectorConfig:
     :class:`~mvitv2.models.MViTConfig` field and is merged into ``backbone_overrides``.
     """
     if name not in DETECTOR_CONFIGS:
-        raise KeyError(f"unknown detector {name!r}; available: {', '.join(list_detectors())}")
+        # A user's mistake (`train detect model=...`): one line from the CLI, still a KeyError.
+        raise UnknownKeyError(
+            f"unknown detector {name!r}; available: {', '.join(list_detectors())}"
+        )
     det_fields = {f.name for f in dataclasses.fields(DetectorConfig)}
     mvit_fields = {f.name for f in dataclasses.fields(MViTConfig)}
     unknown = sorted(set(overrides) - det_fields - mvit_fields)
     if unknown:
-        raise TypeError(
+        raise UnknownOptionError(
             f"unknown option(s) for {name}: {unknown}; detector options: {sorted(det_fields)}; "
             "backbone options: any MViTConfig field"
         )
     base = DETECTOR_CONFIGS[name]
     det = {k: _tuplify(v) for k, v in overrides.items() if k in det_fields}
+    det = checked_fields(DetectorConfig, det, f"{name} option")
     bb = {k: _tuplify(v) for k, v in overrides.items() if k not in det_fields}
     det["backbone_overrides"] = {
         **base.backbone_overrides,
