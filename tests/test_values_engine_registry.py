@@ -608,3 +608,18 @@ def test_a_short_run_s_warmup_note_says_what_was_changed_and_how_to_choose_other
         "never reach its peak: warmup_epochs set to 1 (the recipe's 50% of the run); pass "
         "warmup_epochs=N to choose another"
     )
+
+
+def test_list_models_takes_timm_s_wildcards_and_substrings():
+    """A pattern with ``*?[`` is a shell wildcard over the whole name, as timm's
+    ``list_models("mvitv2*")``; otherwise a substring, as before. The detectors' list too."""
+    names = sorted(MODEL_CONFIGS)
+    assert list_models("mvitv2*") == [n for n in names if n.startswith("mvitv2")]
+    assert list_models("*_cls") == ["mvitv2_base_cls", "mvitv2_huge_cls", "mvitv2_large_cls"]
+    assert list_models("mvitv?_base_16x4") == ["mvitv1_base_16x4"]
+    assert list_models("mvitv2_[bt]*") == [n for n in names if n[:8] in ("mvitv2_b", "mvitv2_t")]
+    assert list_models("MViTv2*") == [] and list_models("tiny") == ["mvitv2_tiny"]
+    from mvitv2.detection import list_detectors
+
+    assert list_detectors("cascade*_t*") == ["cascade_maskrcnn_mvitv2_tiny"]
+    assert list_detectors("mvitv2_tiny") == ["cascade_maskrcnn_mvitv2_tiny", "maskrcnn_mvitv2_tiny"]

@@ -317,3 +317,13 @@ def test_reset_classifier_keeps_the_old_head_s_dtype_over_the_trunk_s():
     model.reset_classifier(3)
     assert model.head.projection.weight.dtype == torch.float64
     assert model.patch_embed.proj.weight.dtype == torch.float32
+
+
+def test_reset_classifier_to_a_negative_class_count_is_refused_and_keeps_the_head():
+    model = mvitv2.create_model("mvitv2_tiny", **dict(OURS_BASE, num_classes=5))
+    head = model.head
+    with pytest.raises(
+        ValueError, match=r"^num_classes must be >= 0 \(0: no classifier\), got -1$"
+    ):
+        model.reset_classifier(-1)
+    assert model.head is head and model.head.projection.out_features == 5

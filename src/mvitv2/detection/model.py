@@ -31,7 +31,7 @@ from mvitv2.detection.components import (
 )
 from mvitv2.errors import UnknownKeyError, UnknownOptionError, UserValueError
 from mvitv2.models.config import MViTConfig
-from mvitv2.models.registry import create_model
+from mvitv2.models.registry import create_model, names_matching
 from mvitv2.ops import convert_linears
 from mvitv2.utils.fields import checked_fields
 
@@ -165,8 +165,8 @@ DETECTOR_CONFIGS: dict[str, DetectorConfig] = _variants()
 
 
 def list_detectors(pattern: str = "") -> list[str]:
-    """Names of the registered detectors containing ``pattern``."""
-    return sorted(n for n in DETECTOR_CONFIGS if pattern in n)
+    """Names of the registered detectors matching ``pattern`` (a wildcard or a substring)."""
+    return names_matching(DETECTOR_CONFIGS, pattern)
 
 
 def get_detector_config(name: str, **overrides: Any) -> DetectorConfig:

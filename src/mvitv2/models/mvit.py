@@ -236,6 +236,8 @@ class MViT(nn.Module):
         """Replace the classifier by a freshly initialised one with ``num_classes`` outputs."""
         if self.head is None:
             raise RuntimeError("features_only model has no classifier")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no classifier), got {num_classes}")
         ref = self.head.projection
         like = ref.weight if isinstance(ref, nn.Linear) else next(self.parameters())
         head = ClassifierHead(self.num_features, num_classes, self.cfg.head_drop)

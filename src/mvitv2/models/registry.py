@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+from collections.abc import Iterable
 
 from mvitv2.errors import UnknownKeyError, UnknownOptionError
 from mvitv2.models.config import MViTConfig
@@ -71,9 +73,17 @@ MODEL_CONFIGS: dict[str, MViTConfig] = {
 }
 
 
+def names_matching(names: Iterable[str], pattern: str) -> list[str]:
+    """Sorted ``names`` that match ``pattern``: a shell-style wildcard where it has one of
+    ``*?[`` (``"mvitv2*"``, as timm's ``list_models``), else a substring (``"16x4"``)."""
+    if any(c in pattern for c in "*?["):
+        return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
+    return sorted(n for n in names if pattern in n)
+
+
 def list_models(pattern: str = "") -> list[str]:
-    """Names of the registered variants containing ``pattern``."""
-    return sorted(n for n in MODEL_CONFIGS if pattern in n)
+    """Names of the registered variants matching ``pattern`` (:func:`names_matching`)."""
+    return names_matching(MODEL_CONFIGS, pattern)
 
 
 def get_config(name: str, **overrides) -> MViTConfig:
