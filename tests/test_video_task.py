@@ -69,8 +69,10 @@ def test_train_eval_predict_on_moving_digits(
 ) -> None:
     out = tmp_path / "runs"
     assert main(["train", "video", f"output={out}", "name=t", *TINY_RUN]) == 0
-    printed = capsys.readouterr().out
-    assert "val top-1" in printed and "wall time" in printed
+    printed = capsys.readouterr()
+    assert "val top-1" in printed.out and "wall time" in printed.out
+    # 20 classes x 2 train and x 1 val videos; the recipe's 3 test clips x 1 crop per val video
+    assert "data: train 40 videos, val 20 videos (60 views); " in printed.out + printed.err
     ckpt = out / "t" / "last.pt"
     saved = torch.load(ckpt, weights_only=True)
     meta = saved["meta"]

@@ -170,10 +170,11 @@ def describe_run(trainer: Trainer) -> list[str]:
     cfg, d = trainer.cfg, trainer.dist
     params = sum(p.numel() for p in trainer.model.parameters())
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    train = trainer.task.describe_data(trainer.train_loader.dataset)
+    # The loaders hold the task's datasets wrapped (engine.data.SeededDataset: ``.dataset``).
+    train = trainer.task.describe_data(trainer.train_loader.dataset.dataset)
     val = "none"
     if trainer.val_loader is not None:
-        val = trainer.task.describe_data(trainer.val_loader.dataset)
+        val = trainer.task.describe_data(trainer.val_loader.dataset.dataset)
     return [
         f"run folder: {trainer.run_dir} (resolved config in {CONFIG_FILE})",
         f"device: {d.device} x {d.world_size} process(es), {torch.get_num_threads()} CPU "
