@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 # How torch's DataLoader re-raises a worker's exception in the main process (ExceptionWrapper):
 # "Caught <Type> in DataLoader worker process <n>.\nOriginal Traceback (most recent call last):..."
@@ -96,3 +97,25 @@ def unknown_names_message(what: str, unknown: Iterable[str], valid: Iterable[str
         parts.append(f"{name!r}{hint}")
     message = f"unknown {what}{'s' if len(parts) > 1 else ''} {', '.join(parts)}"
     return message if suggested else f"{message}; valid: {', '.join(valid)}"
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Check that ``folder`` could be created (when missing) and written in, without creating it,
+    so that a command whose output goes there (``what``: ``--output-dir preds``, ...) fails in
+    one line before its work rather than with a traceback after it.
+
+    Raises:
+        UserValueError: a path through a file, a read-only folder, no permission.
+    """
+    import tempfile
+
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserValueError(f"{what}: {existing} is a file, not a folder; pass another path")
+    try:  # a file made and removed: the permission bits do not tell root or a read-only mount
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserValueError(
+            f"{what}: cannot write in {existing} ({e.strerror or e}); pass a path you can write"
+        ) from None

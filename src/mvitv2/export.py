@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mvitv2.errors import check_writable_folder
 from mvitv2.predict import CheckpointError, CheckpointInfo, build_model, read_checkpoint
 from mvitv2.tasks.spec import get_spec
 from mvitv2.weights.registry import is_weights_tag
@@ -445,6 +446,8 @@ def export_checkpoint(
         raise ValueError(
             f"output {output} is a folder; pass the file to write (e.g. {output / default.name})"
         )
+    # a read-only folder, or a file where a folder is wanted, before the export too
+    check_writable_folder(output.parent, f"output {output}")
     metadata = {
         "model_name": info.model_name,
         "model_kwargs": info.model_kwargs,

@@ -78,6 +78,7 @@ from mvitv2.errors import (
     UnknownKeyError,
     UserFileNotFoundError,
     UserValueError,
+    check_writable_folder,
     unknown_names_message,
 )
 from mvitv2.predict import CheckpointInfo
@@ -1070,6 +1071,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)  # the user's mistakes first, before the model loads
     files = expand_inputs(args.files, IMG_EXTENSIONS)
+    out_dir = Path(args.output_dir)
+    check_writable_folder(out_dir, f"--output-dir {out_dir}")
     detector = detector_from_args(args)
     predictor = Predictor.from_info(
         detector.info,
@@ -1082,7 +1085,6 @@ def _predict(args: argparse.Namespace) -> int:
     # label -> COCO category id: detectron2's COCO ids, or a training run's dataset ids (meta)
     run_ids = detector.meta.get("label_to_cat_id") or {}
     cat_ids = detector.label_to_cat_id or {int(k): int(v) for k, v in run_ids.items()}
-    out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     status = 0
     saved = []
