@@ -1,8 +1,13 @@
-"""Found by a user's audit of ``mvitv2 predict`` / ``mvitv2 export``: an output that cannot be
-written (a path through a file, a read-only folder) was a traceback after the export or the
-model's loading (``FileExistsError``, ``PermissionError``, torch's ``RuntimeError`` from the
-``.pt2`` writer, torchvision's from ``write_png``); it is one error line, exit status 2, before
-any work, and nothing is created."""
+"""Found by a user's audit of ``mvitv2 predict`` / ``mvitv2 export``.
+
+* An output that cannot be written (a path through a file, a read-only folder) was a traceback
+  after the export or the model's loading (``FileExistsError``, ``PermissionError``, torch's
+  ``RuntimeError`` from the ``.pt2`` writer, torchvision's from ``write_png``); it is one error
+  line, exit status 2, before any work, and nothing is created.
+* ``export detect --whole-detector`` traced the rel-pos indices and table length of the traced
+  image's grid as constants: an image that resized and padded to another size (any other aspect
+  ratio) ran in onnxruntime with wrong rel-pos terms, and its detections differed from PyTorch's
+  (scores by ~2e-3 on a tiny detector) with no error."""
 
 from __future__ import annotations
 
@@ -11,10 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 
+import mvitv2
 import mvitv2.export
 from mvitv2.cli import main
+from mvitv2.detection import create_detector
 from test_values_image_cli_audit import tiny_checkpoint
 
 
@@ -70,3 +79,60 @@ def test_predict_detect_output_dir_through_a_file_is_refused_before_the_model_lo
         f"mvitv2 predict detect: error: --output-dir {image / 'preds'}: {image} is a file, not "
         "a folder; pass another path\n"
     )
+
+
+# ---------------------------------------------------------------------- a traced grid size
+class _Maps(nn.Module):
+    """A features-only model's maps as a tuple (what the tracer takes)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.model(x))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_a_traced_backbone_computes_the_rel_pos_terms_of_the_grid_it_is_given():
+    torch.manual_seed(0)
+    model = mvitv2.create_model(
+        "mvitv2_tiny",
+        features_only=True,
+        depths=[1, 1, 1, 1],
+        embed_dim=8,
+        num_heads=1,
+        img_size=64,
+    ).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(_Maps(model), torch.randn(1, 3, 64, 64), check_trace=False)
+        for size in [(64, 64), (32, 64), (96, 64), (128, 160)]:
+            x = torch.randn(1, 3, *size)
+            for got, want in zip(traced(x), _Maps(model)(x), strict=True):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=f"{size}")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::torch.jit.TracerWarning")
+def test_a_whole_detector_onnx_detects_as_pytorch_on_images_padded_to_other_sizes(
+    tmp_path: Path,
+):
+    from mvitv2.export import export_detector_onnx, onnx_session
+    from test_values_detect_task import _TINY_DETECTOR
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = create_detector("maskrcnn_mvitv2_tiny", num_classes=3, **_TINY_DETECTOR).eval()
+    session = onnx_session(export_detector_onnx(model, tmp_path / "d.onnx", image_size=(64, 64)))
+    names = [o.name for o in session.get_outputs()]
+    # 64x64 (its own padded size), 30x60 -> 32x64, 500x160 -> 64x21 padded to 64x32
+    for size in [(48, 48), (30, 60), (500, 160)]:
+        image = torch.rand(3, *size)
+        with torch.no_grad():
+            want = model([image])[0]
+        assert len(want["boxes"]) > 0  # random weights still detect
+        got = dict(zip(names, session.run(None, {"image": image.numpy()}), strict=True))
+        for name in names:  # boxes in pixels of images up to 500 px (the resize's float32)
+            atol = 2e-3 if name == "boxes" else 1e-4
+            np.testing.assert_allclose(
+                got[name], want[name].numpy(), atol=atol, err_msg=f"{name} at {size}"
+            )

@@ -48,8 +48,26 @@ def _kept_index(q_size: int, k_size: int, device: torch.device) -> Tensor:
 
 def get_rel_pos(q_size: int, k_size: int, table: Tensor) -> Tensor:
     """Relative embeddings ``(q_size, k_size, C)`` for one axis, resizing the table if needed."""
+    if torch.jit.is_tracing():
+        return _traced_rel_pos(q_size, k_size, table)
     table = resize_rel_pos(table, 2 * max(q_size, k_size) - 1)
     return table[_kept_index(q_size, k_size, table.device)]
+
+
+def _traced_rel_pos(q_size: int | Tensor, k_size: int | Tensor, table: Tensor) -> Tensor:
+    """:func:`get_rel_pos` in tensor ops, for TorchScript's tracer (the whole-detector ONNX
+    export). There a grid's sizes are 0-d tensors of the graph: Python's ``max``, division and
+    the table-length test would fix the indices and the table at the traced image's grid, and an
+    image that pads to another size ran with wrong rel-pos terms. Float64, as Python divides;
+    interpolating a table to its own length leaves it unchanged."""
+    q = torch.as_tensor(q_size, dtype=torch.float64, device=table.device)
+    k = torch.as_tensor(k_size, dtype=torch.float64, device=table.device)
+    q_ratio, k_ratio = (k / q).clamp(min=1.0), (q / k).clamp(min=1.0)
+    length = 2 * torch.maximum(q, k).long() - 1
+    table = F.interpolate(table.t()[None], size=(length,), mode="linear")[0].t()
+    q_coords = torch.arange(q_size, dtype=torch.float64, device=table.device)[:, None] * q_ratio
+    k_coords = torch.arange(k_size, dtype=torch.float64, device=table.device)[None, :] * k_ratio
+    return table[(q_coords - k_coords + (k - 1) * k_ratio).long()]
 
 
 class RelPos:
