@@ -683,6 +683,7 @@ def test_whole_detector_default_size_sidecar_and_graph(whole_detector, ckpts):
         **_checkpoint_meta(info),
         "exported_part": "whole detector",
         "input_range": "[0, 1] RGB",
+        "label_names": "class_names[label - 1] (labels count from 1; 0, the background, is never output)",
         "opset": 17,
         **VERSIONS,
     }

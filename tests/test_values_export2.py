@@ -117,6 +117,7 @@ def test_the_whole_detector_sidecar_reads_back_with_the_callers_metadata(toy: Pa
         "model_name": "toy",
         "exported_part": "whole detector",
         "input_range": "[0, 1] RGB",
+        "label_names": "class_names[label - 1] (labels count from 1; 0, the background, is never output)",
         "opset": 17,
         "mvitv2_version": mvitv2.__version__,
         "torch_version": torch.__version__,

@@ -112,17 +112,29 @@ def test_a_traced_backbone_computes_the_rel_pos_terms_of_the_grid_it_is_given():
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=f"{size}")
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::torch.jit.TracerWarning")
-def test_a_whole_detector_onnx_detects_as_pytorch_on_images_padded_to_other_sizes(
-    tmp_path: Path,
-):
-    from mvitv2.export import export_detector_onnx, onnx_session
+CLASSES = ["cat", "dog", "owl"]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
+    """A tiny global-attention Mask R-CNN and its whole-detector ONNX traced at 64x64."""
+    from mvitv2.export import export_detector_onnx
     from test_values_detect_task import _TINY_DETECTOR
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = create_detector("maskrcnn_mvitv2_tiny", num_classes=3, **_TINY_DETECTOR).eval()
-    session = onnx_session(export_detector_onnx(model, tmp_path / "d.onnx", image_size=(64, 64)))
+    path = tmp_path_factory.mktemp("whole") / "d.onnx"
+    with pytest.warns():  # the tracer's warnings
+        export_detector_onnx(model, path, image_size=(64, 64), metadata={"class_names": CLASSES})
+    return model, path
+
+
+def test_a_whole_detector_onnx_detects_as_pytorch_on_images_padded_to_other_sizes(whole):
+    from mvitv2.export import onnx_session
+
+    model, path = whole
+    session = onnx_session(path)
     names = [o.name for o in session.get_outputs()]
     # 64x64 (its own padded size), 30x60 -> 32x64, 500x160 -> 64x21 padded to 64x32
     for size in [(48, 48), (30, 60), (500, 160)]:
@@ -136,3 +148,21 @@ def test_a_whole_detector_onnx_detects_as_pytorch_on_images_padded_to_other_size
             np.testing.assert_allclose(
                 got[name], want[name].numpy(), atol=atol, err_msg=f"{name} at {size}"
             )
+
+
+def test_a_whole_detector_sidecar_says_how_its_labels_name_the_classes(whole):
+    from mvitv2.export import onnx_session, read_metadata
+    from mvitv2.predict import Predictor
+
+    model, path = whole
+    meta = read_metadata(path)
+    assert meta["class_names"] == CLASSES
+    assert meta["label_names"] == (
+        "class_names[label - 1] (labels count from 1; 0, the background, is never output)"
+    )
+    torch.manual_seed(1)
+    image = torch.rand(3, 64, 64)
+    _, labels, _, _ = onnx_session(path).run(None, {"image": image.numpy()})
+    predictor = Predictor(model, task="detect", class_names=CLASSES, preprocessing={})
+    want = predictor(image)["label_names"]
+    assert len(want) > 0 and [CLASSES[label - 1] for label in labels] == want

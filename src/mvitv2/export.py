@@ -13,9 +13,9 @@ What is exported per task:
   s = 4..64); the RPN, RoI heads and mask paste-back stay in Python (torchvision detection code).
   With ``whole_detector=True`` (``--whole-detector``, ONNX only) the whole detector instead: one
   ``(3, H, W)`` RGB image in ``[0, 1]`` (the graph resizes and normalises it) -> ``boxes (N, 4)``,
-  ``labels (N,)``, ``scores (N,)``, ``masks (N, 1, H, W)`` (no ``masks`` for a box-only
-  detector). It uses the TorchScript-based
-  exporter, because ``torch.export`` cannot capture the data-dependent NMS.
+  ``labels (N,)`` (1..K: ``class_names[label - 1]``, as the sidecar's ``label_names`` says),
+  ``scores (N,)``, ``masks (N, 1, H, W)`` (no ``masks`` for a box-only detector). It uses the
+  TorchScript-based exporter, because ``torch.export`` cannot capture the data-dependent NMS.
 
 ONNX uses the ``torch.export``-based exporter (``dynamo=True``) at opset 18, which onnxruntime
 runs from 1.14 on. ONNX support is the optional extra ``mvitv2[export]`` (onnx, onnxscript,
@@ -41,6 +41,8 @@ from mvitv2.tasks.spec import get_spec
 from mvitv2.weights.registry import is_weights_tag
 
 FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
+# a whole detector's labels are the detector's, 1..K: the sidecar says how they name a class
+LABEL_NAMES = "class_names[label - 1] (labels count from 1; 0, the background, is never output)"
 DEFAULT_OPSET = 18
 # A whole detector's graph outputs, in this order, those its eager forward returns.
 DETECTION_OUTPUTS = ("boxes", "labels", "scores", "masks")
@@ -297,7 +299,12 @@ def export_detector_onnx(
         ["image"],
         names,
         False,
-        {**(metadata or {}), "exported_part": "whole detector", "input_range": "[0, 1] RGB"},
+        {
+            **(metadata or {}),
+            "exported_part": "whole detector",
+            "input_range": "[0, 1] RGB",
+            "label_names": LABEL_NAMES,
+        },
         opset=opset,
     )
     return path
