@@ -166,3 +166,36 @@ def test_a_whole_detector_sidecar_says_how_its_labels_name_the_classes(whole):
     predictor = Predictor(model, task="detect", class_names=CLASSES, preprocessing={})
     want = predictor(image)["label_names"]
     assert len(want) > 0 and [CLASSES[label - 1] for label in labels] == want
+
+
+# ---------------------------------------------------------------------- a truncated video
+def test_predict_samples_a_truncated_video_within_the_frames_that_decode_as_eval_does(
+    tmp_path: Path,
+):
+    from mvitv2.data.moving_digits import write_video
+    from mvitv2.data.video import VideoClipDataset, VideoReader
+    from mvitv2.predict import Predictor
+
+    frames = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    write_video(tmp_path / "long.mp4", frames, faststart=True)
+    data = (tmp_path / "long.mp4").read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.6)])  # the header's 40 frames, fewer decode
+    with VideoReader(cut) as r:
+        assert r.num_frames == 40
+        r.get_frames([39])
+        assert r.truncated and 8 < r.num_frames < 40
+    pre = {
+        "input_size": [32, 32], "resize_size": 32, "interpolation": "bilinear",
+        "mean": [0.45] * 3, "std": [0.225] * 3, "num_frames": 8, "sampling_rate": 4,
+        "sampling": "clip", "num_clips": 2, "num_crops": 1, "target_fps": None, "pad": "last",
+    }  # fmt: skip
+    predictor = Predictor(nn.Identity(), task="video", class_names=["a"], preprocessing=pre)
+    (tmp_path / "list.txt").write_text(f"{cut} 0\n")
+    ds = VideoClipDataset(
+        tmp_path / "list.txt", train=False, num_frames=8, sampling_rate=4, num_clips=2,
+        transform=predictor._transform,
+    )  # fmt: skip
+    want = torch.stack([ds[i][0] for i in range(2)])
+    assert ds.skipped["truncated"] >= 1
+    torch.testing.assert_close(predictor.preprocess_video(cut), want, atol=0, rtol=0)

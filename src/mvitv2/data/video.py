@@ -346,6 +346,21 @@ class VideoReader:
 # Samplers
 
 
+def read_sampled_frames(
+    reader: VideoReader, indices: Callable[[int, float | None], list[int]]
+) -> torch.Tensor:
+    """The frames ``indices(num_frames, fps)`` of ``reader``'s video, uint8 ``(N, H, W, 3)``.
+
+    A file that ends before its header said (``reader.truncated`` once read) is sampled again
+    within the frames that really decode, not given repeats of its last frame: what evaluation
+    (:class:`VideoClipDataset`) and prediction both use.
+    """
+    frames = reader.get_frames(indices(reader.num_frames, reader.fps))
+    if reader.truncated:  # num_frames is now the frames that decode (fewer than the header's)
+        frames = reader.get_frames(indices(reader.num_frames, reader.fps))
+    return frames
+
+
 def _pad(indices: np.ndarray, num_video_frames: int, pad: str) -> np.ndarray:
     if pad == "last":
         return np.minimum(indices, num_video_frames - 1)
@@ -1113,13 +1128,11 @@ class VideoClipDataset(torch.utils.data.Dataset):
         with VideoReader(path) as r:
             if self.sampler.pads(r.num_frames, r.fps):
                 self.skipped.add("padded", len(clip_ids))
-            n = r.num_frames
-            flat = [i for c in clip_ids for i in sample(n, r.fps, c)]
-            frames = r.get_frames(flat)
-            if r.truncated:  # sample again within the frames that really decode (fewer than n)
+            frames = read_sampled_frames(
+                r, lambda n, fps: [i for c in clip_ids for i in sample(n, fps, c)]
+            )
+            if r.truncated:
                 self.skipped.add("truncated")
-                flat = [i for c in clip_ids for i in sample(r.num_frames, r.fps, c)]
-                frames = r.get_frames(flat)
         return list(frames.permute(0, 3, 1, 2).split(self.num_frames))
 
     def _load(self, video: int, view: int | None) -> torch.Tensor:

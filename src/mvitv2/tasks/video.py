@@ -620,7 +620,7 @@ class VideoSpec(ClassificationSpec):
 
     def views(self, item: Any, preprocessing: dict[str, Any], transform: Any) -> Tensor:
         """See :meth:`mvitv2.predict.Predictor.preprocess_video`."""
-        from mvitv2.data.video import ClipSampler, VideoReader
+        from mvitv2.data.video import ClipSampler, VideoReader, read_sampled_frames
         from mvitv2.predict import video_frames
 
         p = preprocessing
@@ -640,9 +640,9 @@ class VideoSpec(ClassificationSpec):
 
         if isinstance(item, str | os.PathLike):
             # a file that cannot be read raises VideoDecodeError, a BadSample naming it once
-            with VideoReader(item) as reader:
-                idx = indices(reader.num_frames, reader.fps)
-                clips = reader.get_frames(sum(idx, [])).permute(0, 3, 1, 2).split(t)
+            with VideoReader(item) as reader:  # a truncated file: as evaluation samples it
+                frames = read_sampled_frames(reader, lambda n, fps: sum(indices(n, fps), []))
+            clips = frames.permute(0, 3, 1, 2).split(t)
         else:
             frames = video_frames(item)
             clips = [frames[i] for i in indices(len(frames), None)]
