@@ -745,7 +745,7 @@ def test_export_options_defaults_and_values():
         "checkpoint": "c.pt",
         "format": "onnx",
         "output": None,
-        "opset": 18,
+        "opset": None,  # each exporter's own default
         "static_batch": False,
         "input_size": None,
         "verify": False,
@@ -810,7 +810,7 @@ def test_export_options_help_lines():
             None,
             None,
         ),
-        "opset": (["--opset"], "ONNX opset", None, 18),
+        "opset": (["--opset"], "ONNX opset (default: 18; the whole detector 17)", None, None),
         "static_batch": (
             ["--static-batch"],
             "fix the batch size to 1 (default: dynamic)",
@@ -973,3 +973,23 @@ def test_cli_static_program_is_verified_at_batch_one_and_refuses_batch_two(
         torch.testing.assert_close(program(x), build_model(info)(x), atol=1e-4, rtol=0)
     with pytest.raises(Exception, match=r"size\(\)\[0\] == 1"):  # torch.export's guard
         program(torch.randn(2, 3, 64, 64))
+
+
+def test_the_opset_asked_for_is_the_one_each_export_writes(
+    ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``--opset N`` reaches the whole detector's exporter too (it was left at 17); without it
+    the classifier gets 18 and the whole detector 17; a ``.pt2`` program has no opset, so asking
+    for one there is refused before anything is read."""
+    asked: list = []
+    monkeypatch.setattr(ex, "export_detector_onnx", lambda *a, **k: asked.append(k["opset"]))
+    monkeypatch.setattr(ex, "export_onnx", lambda *a, **k: asked.append(k["opset"]))
+    export_checkpoint(ckpts["detect"], tmp_path / "d.onnx", whole_detector=True, opset=16)
+    export_checkpoint(ckpts["detect"], tmp_path / "d.onnx", whole_detector=True)
+    export_checkpoint(ckpts["image"], tmp_path / "i.onnx")
+    export_checkpoint(ckpts["image"], tmp_path / "i.onnx", opset=16)
+    assert asked == [16, 17, 18, 16]
+    with pytest.raises(
+        ValueError, match=r"^--opset applies to ONNX exports, not --format torch-export$"
+    ):
+        export_checkpoint(tmp_path / "gone.pt", tmp_path / "p.pt2", format="torch-export", opset=16)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import pytest
 
 from mvitv2.cli import parse
-from mvitv2.export import DEFAULT_OPSET as ONNX_OPSET  # export's own option, not tested here
 
 
 def _parsed(*argv: str) -> dict[str, object]:
@@ -183,7 +182,7 @@ def test_predict_video_takes_files_topk_clips_and_protocol():
 EXPORT_DEFAULTS = {  # the options every task's ``export`` takes
     "format": "onnx",
     "output": None,
-    "opset": ONNX_OPSET,
+    "opset": None,  # the exporter's default for the model exported
     "static_batch": False,
     "input_size": None,
     "verify": False,
@@ -355,7 +354,7 @@ def test_export_detect_takes_the_whole_detector_flag_and_the_detectron2_options(
         "checkpoint": "m.pkl",
         "format": "onnx",
         "output": None,
-        "opset": ONNX_OPSET,
+        "opset": None,
         "static_batch": False,
         "input_size": None,
         "verify": True,

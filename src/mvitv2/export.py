@@ -44,6 +44,8 @@ FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
 # a whole detector's labels are the detector's, 1..K: the sidecar says how they name a class
 LABEL_NAMES = "class_names[label - 1] (labels count from 1; 0, the background, is never output)"
 DEFAULT_OPSET = 18
+#: the whole detector's opset by default (its TorchScript-based exporter; see export_detector_onnx).
+WHOLE_DETECTOR_OPSET = 17
 # A whole detector's graph outputs, in this order, those its eager forward returns.
 DETECTION_OUTPUTS = ("boxes", "labels", "scores", "masks")
 _EXTRA_HINT = "install the export extra: pip install 'mvitv2[export]'"
@@ -254,7 +256,7 @@ def export_detector_onnx(
     path: str | os.PathLike,
     *,
     image_size: Sequence[int],
-    opset: int = 17,
+    opset: int = WHOLE_DETECTOR_OPSET,
     metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Export a whole detector (resize, backbone, RPN, RoI heads, NMS, mask paste) to ONNX.
@@ -410,7 +412,7 @@ def export_checkpoint(
     *,
     format: str = "onnx",
     task: str | None = None,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     dynamic_batch: bool = True,
     input_size: Sequence[int] | None = None,
     verify: bool = False,
@@ -427,7 +429,8 @@ def export_checkpoint(
             ``.pt2``.
         format: ``onnx`` or ``torch-export``.
         task: expected task; a checkpoint of another task raises :class:`CheckpointError`.
-        opset: ONNX opset.
+        opset: ONNX opset (default: :data:`DEFAULT_OPSET`; the whole detector
+            :data:`WHOLE_DETECTOR_OPSET`); ONNX only.
         dynamic_batch: dynamic batch dimension.
         input_size: ``(H, W)`` to export at (default: the checkpoint's evaluation size).
         verify: compare the exported model with PyTorch at batch 1 and 3 (1e-4); a whole
@@ -442,6 +445,8 @@ def export_checkpoint(
         raise ValueError(
             f"unsupported export format {format!r}; choose one of {', '.join(FORMATS)}"
         )
+    if opset is not None and format != "onnx":
+        raise ValueError(f"--opset applies to ONNX exports, not --format {format}")
     info = info or read_checkpoint(checkpoint, task=task)
     model = model if model is not None else build_model(info)
     suffix = FORMATS[format]
@@ -465,7 +470,8 @@ def export_checkpoint(
         if not info.spec.exports_whole_model or format != "onnx":
             raise ValueError("--whole-detector exports detection checkpoints to ONNX only")
         size = input_size or info.spec.export_size(info.preprocessing)
-        path = export_detector_onnx(model, output, image_size=size, metadata=metadata)
+        opset = WHOLE_DETECTOR_OPSET if opset is None else opset
+        path = export_detector_onnx(model, output, image_size=size, opset=opset, metadata=metadata)
         if verify:
             verify_detector_export(path, model, torch.rand(3, *size))
         return path
@@ -479,6 +485,7 @@ def export_checkpoint(
         output_names=inputs.output_names,
     )
     if format == "onnx":
+        opset = DEFAULT_OPSET if opset is None else opset
         path = export_onnx(inputs.module, output, opset=opset, **kwargs)
     else:
         path = export_program(inputs.module, output, **kwargs)
@@ -506,7 +513,12 @@ def add_export_arguments(parser: argparse.ArgumentParser, task: str | None = Non
         default=None,
         help="output file (default: the checkpoint, or the weights tag, with .onnx/.pt2)",
     )
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=None,
+        help=f"ONNX opset (default: {DEFAULT_OPSET}; the whole detector {WHOLE_DETECTOR_OPSET})",
+    )
     parser.add_argument(
         "--static-batch", action="store_true", help="fix the batch size to 1 (default: dynamic)"
     )
