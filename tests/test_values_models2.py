@@ -11,6 +11,8 @@ in training) is one case with the reference configured the same way.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -327,3 +329,28 @@ def test_reset_classifier_to_a_negative_class_count_is_refused_and_keeps_the_hea
     ):
         model.reset_classifier(-1)
     assert model.head is head and model.head.projection.out_features == 5
+
+
+def test_a_timm_training_checkpoint_loads_its_weights_and_says_it_holds_ema_weights():
+    """timm's train.py saves ``state_dict`` and ``state_dict_ema``: the plain weights load (as
+    timm's validate.py does by default), the report says where the EMA weights are, and those
+    load when passed themselves."""
+    ref, _ = _timm_pair("default")
+    ema = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in ema.parameters():  # other weights than ref's
+            p.mul_(0.9).add_(0.05)
+    ckpt = {"epoch": 3, "state_dict": ref.state_dict(), "state_dict_ema": ema.state_dict()}
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model = mvitv2.create_model("mvitv2_tiny", **{**OURS_BASE, "img_size": 32})
+    report = mvitv2.load_checkpoint(model, ckpt)
+    assert (
+        "the file also holds EMA weights under 'state_dict_ema', not loaded (to load them, "
+        "pass checkpoint['state_dict_ema'] as the source)" in report.notes
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), ref(x), **TOL)
+        assert (ema.eval()(x) - ref(x)).abs().max() > 0.1
+        report = mvitv2.load_checkpoint(model, ckpt["state_dict_ema"])
+        assert not any("EMA" in n for n in report.notes)
+        torch.testing.assert_close(model(x), ema.eval()(x), **TOL)

@@ -395,6 +395,11 @@ def _refuse_near_tag(name: str) -> None:
         )
 
 
+#: where training scripts keep the EMA weights beside the plain ones: timm's train.py,
+#: DeiT-style scripts (``model_ema``).
+_EMA_KEYS = ("state_dict_ema", "model_ema")
+
+
 def load_checkpoint(
     model: MViT,
     source: str | Path | Mapping,
@@ -458,6 +463,12 @@ def load_checkpoint(
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{report.source}: {e}") from e
     report.notes.extend(notes)
+    ema = next((k for k in _EMA_KEYS if isinstance(raw.get(k), Mapping)), None)
+    if ema is not None:  # timm's validate.py and ours load the plain weights too; say so
+        report.notes.append(
+            f"the file also holds EMA weights under {ema!r}, not loaded (to load them, pass "
+            f"checkpoint[{ema!r}] as the source)"
+        )
 
     if prefix is None:
         final = _plan(model, sd, report, inflation)
