@@ -315,7 +315,7 @@ class MViTDetector(GeneralizedRCNN):
         self.num_classes = num_classes
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names exempt from weight decay (rel-pos tables), besides all 1-D ones."""
+        """The backbone's rel-pos tables: the ``pos`` kind of ``TrainConfig.wd_exempt``."""
         return {f"backbone.body.{n}" for n in self.backbone.body.no_weight_decay()}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

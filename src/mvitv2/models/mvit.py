@@ -219,7 +219,7 @@ class MViT(nn.Module):
         return self.head.projection.out_features
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names exempt from weight decay (besides all 1-D parameters)."""
+        """Position tables and cls token: the ``pos`` kind of ``TrainConfig.wd_exempt``."""
         keys = ("rel_pos", "pos_embed", "cls_token")
         return {n for n, _ in self.named_parameters() if any(k in n for k in keys)}
 
