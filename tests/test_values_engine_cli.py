@@ -451,7 +451,19 @@ def test_inputs_are_files_folders_and_patterns_in_a_stable_order(tmp_path, monke
     ]
     (tmp_path / "photos" / "top.png").write_text("")
     assert expand_inputs(["photos/**/*.png"], [".png"]) == ["photos/b/c.png", "photos/top.png"]
-    assert expand_inputs(["photos/**"], [".png"])[:2] == ["photos/", "photos/a.jpg"]
+    # The shell's `photos/*`: the files as given, the sub-folder searched; with `**` the
+    # files it matches beside their folders come once.
+    want = ["photos/a.jpg", "photos/b/c.png", "photos/notes.txt", "photos/top.png", "photos/z.PNG"]
+    assert expand_inputs(["photos/*"], [".png"]) == want
+    (tmp_path / "photos" / "empty").mkdir()
+    assert expand_inputs(["photos/*"], [".png"]) == want
+    assert expand_inputs(["photos/**"], [".png"]) == [
+        "photos/top.png",  # photos/ searched first: its own files, then its sub-folder's
+        "photos/z.PNG",
+        "photos/b/c.png",
+        "photos/a.jpg",
+        "photos/notes.txt",
+    ]
     with pytest.raises(UserFileNotFoundError) as e:
         expand_inputs(["photos/b/c.png", "photos"], [".mp4", ".AVI"])
     assert str(e.value) == "folder photos holds no .mp4/.avi files (searched recursively)"

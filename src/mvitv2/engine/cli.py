@@ -459,8 +459,9 @@ def resolve_device(name: str) -> str:
 def expand_inputs(items: Sequence[str], extensions: Sequence[str]) -> list[str]:
     """The files to predict on: a file as given; a folder as the files with ``extensions`` under
     it (:func:`~mvitv2.data.common.find_files`: at any depth, in ``ImageFolder`` order, hidden
-    ones skipped); a glob pattern as its sorted matches. A name that is none of these is kept,
-    so that predicting on it reports it as missing."""
+    ones skipped); a glob pattern as its sorted matches, each taken as a file or a folder
+    argument would be. A name that is none of these is kept, so that predicting on it reports it
+    as missing."""
     exts = tuple(e.lower() for e in extensions)
     files: list[str] = []
     for item in items:
@@ -476,7 +477,10 @@ def expand_inputs(items: Sequence[str], extensions: Sequence[str]) -> list[str]:
             found = sorted(glob.glob(item, recursive=True))
             if not found:
                 raise UserFileNotFoundError(f"pattern {item!r} matches no file")
-            files += found
+            # As the shell would hand the matches over: a folder among them is searched as a
+            # folder argument is; a file met twice (``**`` matches it and its folder) once.
+            groups = (find_files(Path(m), exts) if Path(m).is_dir() else [m] for m in found)
+            files += dict.fromkeys(str(f) for group in groups for f in group)
         else:
             files.append(item)
     return files
