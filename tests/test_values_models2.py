@@ -354,3 +354,51 @@ def test_a_timm_training_checkpoint_loads_its_weights_and_says_it_holds_ema_weig
         report = mvitv2.load_checkpoint(model, ckpt["state_dict_ema"])
         assert not any("EMA" in n for n in report.notes)
         torch.testing.assert_close(model(x), ema.eval()(x), **TOL)
+
+
+@pytest.mark.parametrize("in_chans", [1, 2, 4, 7])
+def test_rgb_weights_load_into_another_input_channel_count_as_timm_adapts_them(in_chans):
+    """Fine-tuning RGB weights on grey or multispectral images: the patch kernel is timm's
+    ``adapt_input_conv`` of the RGB one (the rest loads as it is); a grey model gives the RGB
+    model's output on the grey image repeated three times."""
+    from timm.models._manipulate import adapt_input_conv
+
+    rgb = randomized(mvitv2.create_model("mvitv2_tiny", **OURS_BASE)).eval()
+    model = mvitv2.create_model("mvitv2_tiny", **{**OURS_BASE, "in_chans": in_chans}).eval()
+    report = mvitv2.load_checkpoint(model, rgb.state_dict())
+    w = rgb.patch_embed.proj.weight.detach()
+    assert torch.equal(model.patch_embed.proj.weight, adapt_input_conv(in_chans, w.clone()))
+    assert report.adapted == {
+        "patch_embed.proj.weight": f"RGB kernel adapted to {in_chans} input channel(s) "
+        "(timm's adapt_input_conv)"
+    }
+    assert torch.equal(model.blocks[1].mlp.fc1.weight, rgb.blocks[1].mlp.fc1.weight)
+    if in_chans == 1:
+        x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), rgb(x.expand(-1, 3, -1, -1)), **TOL)
+
+
+def test_rgb_image_weights_inflate_into_a_grey_video_model():
+    """Image -> video inflation after the channel adaptation: the kernel summed over RGB, then
+    put at the centre frame (the paper's inflation)."""
+    rgb = randomized(mvitv2.create_model("mvitv2_tiny", **OURS_BASE))
+    video = mvitv2.create_model(
+        "mvitv2_small_16x4",
+        depths=(1, 2, 1, 1),
+        embed_dim=8,
+        num_heads=1,
+        img_size=32,
+        num_frames=4,
+        num_classes=6,
+        in_chans=1,
+    )
+    report = mvitv2.load_checkpoint(video, rgb.state_dict())
+    got = video.patch_embed.proj.weight.detach()  # (O, 1, kT, kH, kW)
+    summed = rgb.patch_embed.proj.weight.detach().sum(1, keepdim=True)
+    centre = got.shape[2] // 2
+    assert torch.equal(got[:, :, centre], summed)
+    assert got[:, :, [t for t in range(got.shape[2]) if t != centre]].abs().max() == 0
+    assert report.adapted["patch_embed.proj.weight"].startswith(
+        "RGB kernel adapted to 1 input channel(s) (timm's adapt_input_conv); inflated 2-D kernel"
+    )

@@ -162,6 +162,18 @@ def _fit_conv(w: Tensor, shape: torch.Size, mode: str) -> tuple[Tensor, str] | N
     return None
 
 
+def _fit_in_chans(w: Tensor, in_chans: int) -> Tensor:
+    """An RGB patch kernel ``(O, 3, ...)`` for ``in_chans`` input channels, as timm's
+    ``adapt_input_conv``: one channel sums the three (a grey image repeated as RGB gives the
+    same output); more repeat them, scaled by ``3 / in_chans``."""
+    w32 = w.float()  # timm sums in float32 too (a bf16 checkpoint)
+    if in_chans == 1:
+        return w32.sum(1, keepdim=True).to(w.dtype)
+    repeats = -(-in_chans // 3)
+    out = w32.repeat(1, repeats, *[1] * (w.dim() - 2))[:, :in_chans] * (3 / in_chans)
+    return out.to(w.dtype)
+
+
 def _square_side(n: int) -> int | None:
     s = math.isqrt(n)
     return s if s * s == n else None
@@ -210,6 +222,14 @@ def _fit(
     key: str, v: Tensor, shape: torch.Size, model: MViT, mode: str
 ) -> tuple[Tensor, str] | None:
     """Adapt checkpoint tensor ``v`` to the model's ``shape`` for ``key``, or None if impossible."""
+    rgb_kernel = key == "patch_embed.proj.weight" and v.dim() >= 4 and v.shape[1] == 3
+    if rgb_kernel and len(shape) >= 4 and shape[1] != 3:
+        v = _fit_in_chans(v, shape[1])
+        what = f"RGB kernel adapted to {shape[1]} input channel(s) (timm's adapt_input_conv)"
+        if v.shape == shape:
+            return v, what
+        fitted = _fit_conv(v, shape, mode)
+        return None if fitted is None else (fitted[0], f"{what}; {fitted[1]}")
     if _CONV_KEY.match(key):
         return _fit_conv(v, shape, mode)
     if "rel_pos_" in key and v.dim() == 2 and len(shape) == 2 and v.shape[1] == shape[1]:
