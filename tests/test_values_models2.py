@@ -348,6 +348,11 @@ def test_a_timm_training_checkpoint_loads_its_weights_and_says_it_holds_ema_weig
         "the file also holds EMA weights under 'state_dict_ema', not loaded (to load them, "
         "pass checkpoint['state_dict_ema'] as the source)" in report.notes
     )
+    deit_style = {"model": ref.state_dict(), "model_ema": ema.state_dict()}
+    assert mvitv2.load_checkpoint(model, deit_style).notes[-1] == (
+        "the file also holds EMA weights under 'model_ema', not loaded (to load them, "
+        "pass checkpoint['model_ema'] as the source)"
+    )
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), ref(x), **TOL)
         assert (ema.eval()(x) - ref(x)).abs().max() > 0.1
