@@ -25,6 +25,7 @@ from av.video.reformatter import VideoReformatter
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2._utils import query_size
 
 from mvitv2.data.common import BadSample, SkipCounter, class_folders, find_files
 from mvitv2.data.image import RandAugment
@@ -544,6 +545,8 @@ def segment_indices(
 SAMPLINGS = ("clip", "resampled", "segment")
 #: How test clips are resized and cropped (see :class:`VideoTransform`).
 TEST_PIPELINES = ("slowfast", "torchvision")
+#: how the random short side of ``train_crop: short_side`` is drawn (VideoTransform).
+SHORT_SIDE_SAMPLINGS = ("uniform", "inverse_uniform")
 
 
 @dataclass(frozen=True)
@@ -902,6 +905,23 @@ def slowfast_resized_size(height: int, width: int, short: int) -> tuple[int, int
     return short, int(math.floor(float(width) / height * short))
 
 
+class InverseUniformShortestSize(v2.RandomShortestSize):
+    """``v2.RandomShortestSize`` over ``[lo, hi]`` with the short side drawn as PySlowFast's
+    ``random_short_side_scale_jitter(..., inverse_uniform_sampling=True)``: ``round(1 / u)``,
+    ``u`` uniform in ``[1 / hi, 1 / lo]`` (smaller sides more often: a mean of 285.6 px over
+    [256, 320], against 288 drawn uniformly; SlowFast's SSv2 recipe)."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        super().__init__(list(range(lo, hi + 1)))
+        self.lo, self.hi = lo, hi
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = query_size(flat_inputs)
+        u = float(torch.empty((), dtype=torch.float64).uniform_(1 / self.hi, 1 / self.lo))
+        r = round(1 / u) / min(h, w)
+        return {"size": (int(h * r), int(w * r))}  # as RandomShortestSize sizes it
+
+
 class VideoTransform:
     """Per-clip augmentation / preprocessing; every frame of a clip gets the same parameters.
 
@@ -924,6 +944,8 @@ class VideoTransform:
         crop: ``"rrc"`` or ``"short_side"`` (training only).
         rrc_scale, rrc_ratio: area fraction and aspect ranges of the random resized crop.
         short_side_range: inclusive range of the random short side for ``"short_side"``.
+        short_side_sampling: how that side is drawn: ``"uniform"`` (each integer alike) or
+            ``"inverse_uniform"`` (:class:`InverseUniformShortestSize`, SlowFast's SSv2).
         hflip: allow horizontal flips (set False for SSv2, where left/right is in the label).
         randaug: ``(num_ops, magnitude[, magnitude_std[, prob]])`` for :class:`RandAugment`
             (torchvision's 0..30 bins, each op applied with ``prob``; Kinetics recipe:
@@ -945,6 +967,7 @@ class VideoTransform:
         rrc_scale: tuple[float, float] = (0.08, 1.0),
         rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         short_side_range: tuple[int, int] = (256, 320),
+        short_side_sampling: str = "uniform",
         hflip: bool = True,
         randaug: tuple[int, int]
         | tuple[int, int, float]
@@ -969,10 +992,16 @@ class VideoTransform:
                 ops: list[Any] = [v2.RandomResizedCrop(crop_size, scale=rrc_scale, ratio=rrc_ratio)]
             elif crop == "short_side":
                 lo, hi = short_side_range
-                ops = [
-                    v2.RandomShortestSize(list(range(lo, hi + 1))),
-                    v2.RandomCrop(crop_size, pad_if_needed=True),
-                ]
+                if short_side_sampling not in SHORT_SIDE_SAMPLINGS:
+                    raise ValueError(
+                        f"unknown short_side_sampling {short_side_sampling!r}; expected "
+                        "'uniform' or 'inverse_uniform'"
+                    )
+                if short_side_sampling == "uniform":
+                    resize: v2.Transform = v2.RandomShortestSize(list(range(lo, hi + 1)))
+                else:
+                    resize = InverseUniformShortestSize(lo, hi)
+                ops = [resize, v2.RandomCrop(crop_size, pad_if_needed=True)]
             else:
                 raise ValueError(f"unknown crop {crop!r}; expected 'rrc' or 'short_side'")
             if hflip:

@@ -42,6 +42,7 @@ from mvitv2.data.video import (
     KINETICS_MEAN,
     KINETICS_STD,
     SAMPLINGS,
+    SHORT_SIDE_SAMPLINGS,
     TEST_PIPELINES,
     VIDEO_EXTENSIONS,
     VideoClipDataset,
@@ -116,6 +117,8 @@ class VideoDataConfig:
             side in ``short_side_range`` then a random crop, SlowFast's SSv2 recipe).
         rrc_scale, rrc_ratio: area and aspect ranges of the random resized crop.
         short_side_range: inclusive range of the random short side for ``short_side``.
+        short_side_sampling: ``uniform`` or ``inverse_uniform`` (smaller sides more often:
+            SlowFast's ``DATA.INV_UNIFORM_SAMPLE``, its SSv2 recipe) draw of that side.
         hflip: random horizontal flips (False for SSv2: left/right is in the label).
         randaug_n, randaug_m: RandAugment ops and magnitude (``randaug_n=0``: off); the
             magnitude is a bin of torchvision's 0..30 scale, 3x timm's ``m`` (SlowFast's ``m7``: 21).
@@ -160,6 +163,7 @@ class VideoDataConfig:
     rrc_scale: tuple[float, float] = (0.08, 1.0)
     rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     short_side_range: tuple[int, int] = (256, 320)
+    short_side_sampling: str = "uniform"
     hflip: bool = True
     randaug_n: int = 4
     randaug_m: int = 21
@@ -214,6 +218,7 @@ class VideoDataConfig:
             (self.sampling in SAMPLINGS, f"sampling must be clip, resampled or segment, got {self.sampling!r}"),
             (self.test_pipeline in TEST_PIPELINES, f"test_pipeline must be slowfast or torchvision, got {self.test_pipeline!r}"),
             (self.train_crop in ("rrc", "short_side"), f"train_crop must be rrc or short_side, got {self.train_crop!r}"),
+            (self.short_side_sampling in SHORT_SIDE_SAMPLINGS, f"short_side_sampling must be uniform or inverse_uniform, got {self.short_side_sampling!r}"),
             (self.test_crops in (1, 3), f"test_crops must be 1 or 3, got {self.test_crops}"),
             (self.test_clips >= 1, f"test_clips must be >= 1, got {self.test_clips}"),
             (self.num_repeats >= 1, f"num_repeats must be >= 1, got {self.num_repeats}"),
@@ -249,6 +254,7 @@ class VideoDataConfig:
             rrc_scale=self.rrc_scale,
             rrc_ratio=self.rrc_ratio,
             short_side_range=self.short_side_range,
+            short_side_sampling=self.short_side_sampling,
             hflip=self.hflip,
             randaug=(
                 (self.randaug_n, self.randaug_m, self.randaug_mstd, self.randaug_prob)
