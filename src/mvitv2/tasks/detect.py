@@ -251,6 +251,9 @@ class DetectionTask(SpecTask):
         data_root: a COCO folder, or None for the embedded digit scenes.
     """
 
+    # Options added to the data config since runs were first saved: as those runs computed.
+    added_data_options = {"crop_prob": 0.0}
+
     primary_metric = "bbox_AP"
     # One image per forward, as detectron2's test loader and ``eval detect``: a batch is padded
     # to its largest image, which changes each image's detections.

@@ -84,6 +84,9 @@ class ImageClassification(SpecTask):
         data_root: an ImageNet-style folder, or None for the embedded digits.
     """
 
+    # Options added to the data config since runs were first saved: as those runs computed.
+    added_data_options = {"randaug_prob": 1.0}
+
     primary_metric = "top1"
 
     def __init__(self, cfg: TrainConfig, data_root: str | Path | None = None) -> None:

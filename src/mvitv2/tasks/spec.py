@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -270,8 +270,15 @@ class SpecTask(Task):
     a checkpoint's metadata in today's schema, also one written before it (:func:`upgrade_meta`),
     so that ``--resume auto`` compares like with like."""
 
+    #: data options added since runs were first saved, with the value that computes as those
+    #: runs did: a saved ``meta.data`` without one is read with it.
+    added_data_options: Mapping[str, Any] = {}
+
     def upgrade_meta(self, checkpoint: Any) -> dict[str, Any]:  # noqa: D102
-        return upgrade_meta(dict(checkpoint))
+        meta = upgrade_meta(dict(checkpoint))
+        if isinstance(meta.get("data"), Mapping):
+            meta["data"] = {**self.added_data_options, **meta["data"]}
+        return meta
 
 
 def refuse_run_options(model_args: dict[str, Any], **set_by_run: str) -> None:

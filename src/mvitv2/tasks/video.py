@@ -412,6 +412,13 @@ class VideoClassification(SpecTask):
             digits are generated and used.
     """
 
+    # Options added to the data config since runs were first saved: as those runs computed.
+    added_data_options = {
+        "randaug_mstd": 0.0,
+        "randaug_prob": 1.0,
+        "short_side_sampling": "uniform",
+    }
+
     primary_metric = "top1"
 
     def __init__(self, cfg: TrainConfig) -> None:
