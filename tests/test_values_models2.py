@@ -407,3 +407,28 @@ def test_rgb_image_weights_inflate_into_a_grey_video_model():
     assert report.adapted["patch_embed.proj.weight"].startswith(
         "RGB kernel adapted to 1 input channel(s) (timm's adapt_input_conv); inflated 2-D kernel"
     )
+
+
+@pytest.mark.parametrize("features_only", [False, True])
+@pytest.mark.parametrize("name", ["mvitv2_tiny", "mvitv2_base"])
+def test_feature_info_gives_timm_s_channels_and_reductions(name, features_only):
+    """``model.feature_info`` as timm's (a dict per stage; ``channels()``, ``reduction()``), on
+    the meta device; its modules are the blocks whose outputs ``forward_intermediates`` gives."""
+    import timm
+
+    with torch.device("meta"):
+        ref = timm.create_model(name, features_only=True)
+        model = mvitv2.create_model(name, features_only=features_only)
+    info = model.feature_info
+    assert info.channels() == ref.feature_info.channels() == [f["num_chs"] for f in info]
+    assert info.reduction() == ref.feature_info.reduction() == [f["reduction"] for f in info]
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    small = randomized(mvitv2.create_model("mvitv2_tiny", **{**OURS_BASE, "num_classes": 0}))
+    outs: list[torch.Tensor] = []  # each named block's output tokens (B, N, C)
+    for m in small.feature_info.module_name():
+        small.get_submodule(m).register_forward_hook(lambda mod, a, out: outs.append(out[0]))
+    with torch.no_grad():
+        maps = small.forward_intermediates(x)  # (B, C, H, W), no cls token here
+    assert len(outs) == len(maps) == 4
+    for tokens, fmap in zip(outs, maps, strict=True):
+        torch.testing.assert_close(tokens, fmap.flatten(2).transpose(1, 2), rtol=0, atol=0)

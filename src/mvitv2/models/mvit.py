@@ -145,6 +145,20 @@ def _per_axis(hw: tuple[int, int]) -> str:
     return str(hw[0]) if hw[0] == hw[1] else f"{hw[0]} (H) and {hw[1]} (W)"
 
 
+class FeatureInfo(list):
+    """timm's ``feature_info``: a dict per stage output (``module``, its last block; ``num_chs``;
+    ``reduction``, its spatial stride), and the lists timm's ``FeatureInfo`` gives of them."""
+
+    def channels(self) -> list[int]:
+        return [f["num_chs"] for f in self]
+
+    def reduction(self) -> list[int]:
+        return [f["reduction"] for f in self]
+
+    def module_name(self) -> list[str]:
+        return [f["module"] for f in self]
+
+
 class MViT(nn.Module):
     """Multiscale Vision Transformer (v1 and v2), image or video.
 
@@ -186,6 +200,10 @@ class MViT(nn.Module):
         self.stage_ends = [s.index for s in specs if s.stage_end]
         self.feature_channels = [specs[i].dim_out for i in self.stage_ends]
         self.feature_strides = [cfg.patch_stride[-1] * 2**i for i in range(cfg.num_stages)]
+        self.feature_info = FeatureInfo(
+            {"module": f"blocks.{i}", "num_chs": c, "reduction": r}
+            for i, c, r in zip(self.stage_ends, self.feature_channels, self.feature_strides)
+        )
         self.num_features = specs[-1].dim_out
         self.feature_norms = self.norm = self.head = None
         if features_only:
