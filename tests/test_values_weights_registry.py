@@ -683,3 +683,33 @@ def test_a_missing_http_file_says_which_url_to_fetch_and_where_to_put_it(served,
     assert message.startswith(f"could not download {base}/absent.pth (HTTP Error 404")
     assert f"put the file at exactly {hub / 'absent.pth'} " in message
     assert list(hub.iterdir()) == []
+
+
+def test_timm_s_data_helpers_read_a_pretrained_model_s_weights_as_its_pretrained_cfg():
+    """``timm.data.resolve_data_config(model=m)`` for a model loaded with released weights (its
+    ``pretrained_cfg`` is their :class:`Weights`) gives timm's own data config for the same
+    file: size, interpolation, mean and std; the crop is ours (0.875, the official eval, where
+    timm's cfg says 0.9), and timm's transform built from it is our eval transform."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from mvitv2.data.image import ImageDataConfig, build_transform
+    from mvitv2.tasks.image import SPEC
+
+    w = registry.get_weights("mvitv2_tiny.in1k")
+    model = types.SimpleNamespace(pretrained_cfg=w)
+    ours = resolve_data_config(model=model)
+    theirs = resolve_data_config(
+        pretrained_cfg=timm.models.get_pretrained_cfg("mvitv2_tiny.fb_in1k").to_dict()
+    )
+    assert ours == {**theirs, "crop_pct": 0.875} and theirs["crop_pct"] == 0.9
+    assert w["num_classes"] == 1000 and w.get("first_conv") == "patch_embed.proj"
+    assert w.get("test_input_size", "none") == "none"
+    pixels = torch.randint(0, 256, (300, 260, 3), generator=torch.Generator().manual_seed(0))
+    image = Image.fromarray(pixels.to(torch.uint8).numpy())
+    ours_transform = build_transform(
+        ImageDataConfig.from_dict(SPEC.released_data(w.preprocessing)), False
+    )
+    torch.testing.assert_close(
+        create_transform(**ours)(image), ours_transform(image), rtol=0, atol=1e-6
+    )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -129,6 +130,32 @@ class Weights:
         names = {"top1": "top-1", "top5": "top-5", "box_ap": "box AP", "mask_ap": "mask AP"}
         m = self.metrics
         return "  ".join(f"{label} {m[key]:g}" for key, label in names.items() if key in m) or "-"
+
+    def timm_cfg(self) -> dict[str, Any]:
+        """These weights as a timm ``pretrained_cfg`` (its keys and value types)."""
+        p = self.preprocessing
+        return {
+            "url": self.url,
+            "architecture": self.model,
+            "input_size": tuple(p.input_size),
+            "interpolation": p.interpolation,
+            "crop_pct": p.crop_pct,
+            "crop_mode": "center",
+            "mean": tuple(p.mean),
+            "std": tuple(p.std),
+            "num_classes": self.num_classes,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head.projection",
+        }
+
+    # ``model.pretrained_cfg`` is a Weights: timm's data helpers read it as a dict
+    # (``timm.data.resolve_data_config(model=model)``).
+    def get(self, key: str, default: Any = None) -> Any:
+        """``timm_cfg().get(key, default)``."""
+        return self.timm_cfg().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.timm_cfg()[key]
 
     @property
     def needs_pickle(self) -> bool:
