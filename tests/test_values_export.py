@@ -45,6 +45,7 @@ from test_predictor import (
     IMAGE_CLASSES,
     make_detect_checkpoint,
     make_image_checkpoint,
+    make_video_checkpoint,
 )
 from test_values_engine_cli import _options
 from test_values_export2 import ToyDetector
@@ -993,3 +994,35 @@ def test_the_opset_asked_for_is_the_one_each_export_writes(
         ValueError, match=r"^--opset applies to ONNX exports, not --format torch-export$"
     ):
         export_checkpoint(tmp_path / "gone.pt", tmp_path / "p.pt2", format="torch-export", opset=16)
+
+
+def test_an_export_at_another_input_size_describes_that_size_in_its_sidecar(
+    ckpts: dict[str, Path], tmp_path: Path
+):
+    """A 64 px checkpoint (crop_pct 0.8: short side 80) exported at 96 x 96: the sidecar's
+    preprocessing says 96 and int(96 / 0.8) = 120, and the predictor built from it makes the
+    inputs the graph takes; a video checkpoint's short side scales with the crop (73 -> 110)."""
+    from mvitv2.predict import Predictor
+
+    path = export_checkpoint(ckpts["image"], tmp_path / "i.onnx", input_size=(96, 96))
+    pre = read_metadata(path)["preprocessing"]
+    assert (pre["input_size"], pre["resize_size"], pre["crop_pct"]) == ([96, 96], 120, 0.8)
+    info = read_checkpoint(ckpts["image"])
+    assert info.preprocessing["input_size"] == [64, 64]  # the checkpoint's own, unchanged
+    image = torch.rand(3, 130, 110)
+    predictor = Predictor(
+        build_model(info), task="image", class_names=IMAGE_CLASSES, preprocessing=pre
+    )
+    x = predictor.preprocess(image)
+    assert tuple(x.shape) == (1, 3, 96, 96)
+    got = onnx_session(path).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, predictor.forward(x).numpy(), atol=1e-4, rtol=0)
+    video = make_video_checkpoint(tmp_path / "video.pt")
+    vinfo = read_checkpoint(video)
+    assert (
+        vinfo.preprocessing["input_size"] == [64, 64] and vinfo.preprocessing["resize_size"] == 73
+    )
+    vpath = export_checkpoint(video, tmp_path / "v.onnx", input_size=(96, 96))
+    vpre = read_metadata(vpath)["preprocessing"]
+    assert (vpre["input_size"], vpre["resize_size"]) == ([96, 96], round(73 * 96 / 64))

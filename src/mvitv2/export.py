@@ -460,11 +460,14 @@ def export_checkpoint(
         )
     # a read-only folder, or a file where a folder is wanted, before the export too
     check_writable_folder(output.parent, f"output {output}")
+    preprocessing = info.preprocessing
+    if input_size is not None:  # the sidecar describes the graph's inputs, not the training's
+        preprocessing = info.spec.preprocessing_at(preprocessing, input_size)
     metadata = {
         "model_name": info.model_name,
         "model_kwargs": info.model_kwargs,
         "class_names": info.class_names,
-        "preprocessing": info.preprocessing,
+        "preprocessing": preprocessing,
     }
     if whole_detector:
         if not info.spec.exports_whole_model or format != "onnx":

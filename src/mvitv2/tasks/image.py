@@ -192,6 +192,13 @@ class ImageSpec(ClassificationSpec):
             "std": list(dc.std),
         }
 
+    def preprocessing_at(
+        self, preprocessing: dict[str, Any], size: Sequence[int]
+    ) -> dict[str, Any]:
+        out = super().preprocessing_at(preprocessing, size)
+        # the short side the eval transform resizes to for that crop (build_transform's)
+        return {**out, "resize_size": int(min(out["input_size"]) / out["crop_pct"])}
+
     def released_data(self, pre: Preprocessing) -> dict[str, Any]:
         return {
             "img_size": pre.input_size[-1],

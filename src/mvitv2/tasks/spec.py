@@ -161,6 +161,13 @@ class TaskSpec:
         h, w = preprocessing["input_size"]
         return int(h), int(w)
 
+    def preprocessing_at(
+        self, preprocessing: dict[str, Any], size: Sequence[int]
+    ) -> dict[str, Any]:
+        """``preprocessing`` for inputs of ``size`` ``(H, W)``, an export's ``--input-size``
+        (default: unchanged, as a detector's, which resizes inside the model)."""
+        return dict(preprocessing)
+
     def export_inputs(
         self,
         model: nn.Module,
@@ -191,6 +198,16 @@ class ClassificationSpec(TaskSpec):
         views = [predictor.preprocess(it) for it in items]
         probs = predictor.forward(torch.cat(views)).softmax(-1).split([len(v) for v in views])
         return [predictor.top_classes(p.mean(0)) for p in probs]
+
+    def preprocessing_at(
+        self, preprocessing: dict[str, Any], size: Sequence[int]
+    ) -> dict[str, Any]:
+        """The crop of ``size`` out of a short side scaled with it (each view's preprocessing
+        as the checkpoint's, at another size)."""
+        h, w = (int(v) for v in size)
+        scale = min(h, w) / min(preprocessing["input_size"][-2:])
+        resize = round(preprocessing["resize_size"] * scale)
+        return {**preprocessing, "input_size": [h, w], "resize_size": resize}
 
     def example_shape(self, preprocessing: dict[str, Any], h: int, w: int) -> list[int]:
         """Shape of one model input (without the batch) at ``h x w``."""
