@@ -14,14 +14,15 @@ from mvitv2.tasks.video import VideoClassification
 # What runs computed before each option existed: video RandAugment without magnitude noise and
 # with every op applied, its short side drawn uniformly; image RandAugment with every op
 # applied; detection without the multi-scale crop.
+BEFORE_OPTIONS = {
+    "video": {"randaug_mstd": 0.0, "randaug_prob": 1.0, "short_side_sampling": "uniform"},
+    "image": {"randaug_prob": 1.0},
+    "detect": {"crop_prob": 0.0},
+}
 BEFORE = [
-    (
-        VideoClassification,
-        "mvitv2_small_16x4",
-        {"randaug_mstd": 0.0, "randaug_prob": 1.0, "short_side_sampling": "uniform"},
-    ),
-    (ImageClassification, "mvitv2_tiny", {"randaug_prob": 1.0}),
-    (DetectionTask, "maskrcnn_mvitv2_tiny", {"crop_prob": 0.0}),
+    (VideoClassification, "mvitv2_small_16x4", BEFORE_OPTIONS["video"]),
+    (ImageClassification, "mvitv2_tiny", BEFORE_OPTIONS["image"]),
+    (DetectionTask, "maskrcnn_mvitv2_tiny", BEFORE_OPTIONS["detect"]),
 ]
 
 
