@@ -90,3 +90,22 @@ def test_rgb_weights_into_a_grey_model_of_another_patch_kernel_are_a_shape_confl
         mvitv2.weights.CheckpointError, match=r"patch_embed.proj.weight: \(8, 3, 7, 7\) vs"
     ):
         mvitv2.load_checkpoint(model, rgb.state_dict())
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "inverse_uniform"])
+def test_a_short_side_below_the_crop_is_padded_to_the_crop(sampling):
+    """short_side_range under crop_size (20 px sides, 32 px crop): the clip is padded up to
+    the crop, not an error; an unknown crop is one error naming the choices."""
+    from mvitv2.data.video import VideoTransform
+
+    t = VideoTransform(
+        True,
+        crop_size=32,
+        crop="short_side",
+        short_side_range=(20, 20),
+        short_side_sampling=sampling,
+    )
+    out = t(torch.zeros(2, 3, 24, 30, dtype=torch.uint8))
+    assert tuple(out.shape) == (3, 2, 32, 32)
+    with pytest.raises(ValueError, match="^unknown crop 'x'; expected 'rrc' or 'short_side'$"):
+        VideoTransform(True, crop="x")
