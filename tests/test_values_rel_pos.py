@@ -165,3 +165,36 @@ def test_folded_keys_are_the_keys_then_prefix_zeros_onehots_and_zero_columns_in_
     meta = rel_pos.folded_keys(k.to("meta"), (kt, kh, kw), False, p, extra)
     assert meta.device.type == "meta"
     assert meta.shape == (2, 3, p + kt * kh * kw, C + kh + kw + extra)
+
+
+def _reference_index(q: int, k: int) -> torch.Tensor:
+    """The released codebases' indices (detectron2 / segment-anything ``get_rel_pos``): Python
+    float ratios times ``arange``, float32 products."""
+    q_coords = torch.arange(q)[:, None] * max(k / q, 1.0)
+    k_coords = torch.arange(k)[None, :] * max(q / k, 1.0)
+    return (q_coords - k_coords + (k - 1) * max(q / k, 1.0)).long()
+
+
+def test_rel_pos_indices_from_int_or_traced_tensor_sizes_are_the_reference_s_for_every_pair():
+    """The sizes as 0-d tensors (how TorchScript's tracer gives them to the whole-detector
+    export) give the same indices as ints and as the reference, for every pair up to 48; in
+    float64 about a tenth of the pairs would round to another index."""
+    for q in range(1, 49):
+        for k in range(1, 49):
+            want = _reference_index(q, k)
+            assert torch.equal(rel_pos.rel_pos_index(q, k), want), (q, k)
+            assert torch.equal(rel_pos.rel_pos_index(torch.tensor(q), torch.tensor(k)), want)
+
+
+def test_get_rel_pos_under_tracing_follows_the_sizes_it_is_given():
+    """A traced ``get_rel_pos`` run at other sizes gives the eager embeddings there (table
+    length and indices in the graph, not those of the traced sizes)."""
+    table = torch.randn(2 * 16 - 1, 3, generator=torch.Generator().manual_seed(0))
+
+    def f(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return rel_pos.get_rel_pos(q.shape[0], k.shape[0], table)
+
+    traced = torch.jit.trace(f, (torch.zeros(7), torch.zeros(4)), check_trace=False)
+    for q, k in [(7, 4), (8, 6), (16, 7), (12, 10), (5, 9), (11, 11)]:  # float64 would miss 3
+        got = traced(torch.zeros(q), torch.zeros(k))
+        torch.testing.assert_close(got, rel_pos.get_rel_pos(q, k, table), rtol=0, atol=1e-6)

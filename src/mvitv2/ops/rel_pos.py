@@ -19,23 +19,30 @@ from mvitv2.ops.kept import kept, once_per_arguments
 Grid = tuple[int, int, int]
 
 
-def rel_pos_index(q_size: int, k_size: int, device: torch.device | None = None) -> Tensor:
+def rel_pos_index(
+    q_size: int | Tensor, k_size: int | Tensor, device: torch.device | None = None
+) -> Tensor:
     """Indices ``(q_size, k_size)`` into a table of length ``2 * max(q_size, k_size) - 1``.
 
-    Distances are measured on the finer of the two grids, as in every released MViTv2 codebase.
+    Distances are measured on the finer of the two grids, as in every released MViTv2 codebase,
+    whose ``arange * ratio`` products are float32. The sizes may be 0-d tensors (TorchScript's
+    tracer gives a grid's sizes so): the ratios are tensor ops, so a traced graph computes the
+    indices of the grid it is given rather than keeping the traced one's.
     """
-    q_ratio = max(k_size / q_size, 1.0)
-    k_ratio = max(q_size / k_size, 1.0)
-    q_coords = torch.arange(q_size, device=device)[:, None] * q_ratio
-    k_coords = torch.arange(k_size, device=device)[None, :] * k_ratio
-    return (q_coords - k_coords + (k_size - 1) * k_ratio).long()
+    q = torch.as_tensor(q_size, dtype=torch.float64, device=device)
+    k = torch.as_tensor(k_size, dtype=torch.float64, device=device)
+    q_ratio, k_ratio = (k / q).clamp(min=1.0), (q / k).clamp(min=1.0)
+    q_coords = torch.arange(q_size, device=device)[:, None] * q_ratio.float()
+    k_coords = torch.arange(k_size, device=device)[None, :] * k_ratio.float()
+    return (q_coords - k_coords + ((k - 1) * k_ratio).float()).long()
 
 
-def resize_rel_pos(table: Tensor, length: int) -> Tensor:
-    """Linearly interpolate a ``(L, C)`` rel-pos table to ``(length, C)``."""
-    if table.shape[0] == length:
+def resize_rel_pos(table: Tensor, length: int | Tensor) -> Tensor:
+    """Linearly interpolate a ``(L, C)`` rel-pos table to ``(length, C)`` (a tensor ``length``
+    while tracing: always interpolated, which leaves a table of that length unchanged)."""
+    if isinstance(length, int) and table.shape[0] == length:
         return table
-    return F.interpolate(table.t()[None], size=length, mode="linear")[0].t()
+    return F.interpolate(table.t()[None], size=(length,), mode="linear")[0].t()
 
 
 # The indices depend only on the sizes, so eager code keeps them: making them was 432 of
@@ -49,25 +56,15 @@ def _kept_index(q_size: int, k_size: int, device: torch.device) -> Tensor:
 def get_rel_pos(q_size: int, k_size: int, table: Tensor) -> Tensor:
     """Relative embeddings ``(q_size, k_size, C)`` for one axis, resizing the table if needed."""
     if torch.jit.is_tracing():
-        return _traced_rel_pos(q_size, k_size, table)
-    table = resize_rel_pos(table, 2 * max(q_size, k_size) - 1)
-    return table[_kept_index(q_size, k_size, table.device)]
-
-
-def _traced_rel_pos(q_size: int | Tensor, k_size: int | Tensor, table: Tensor) -> Tensor:
-    """:func:`get_rel_pos` in tensor ops, for TorchScript's tracer (the whole-detector ONNX
-    export). There a grid's sizes are 0-d tensors of the graph: Python's ``max``, division and
-    the table-length test would fix the indices and the table at the traced image's grid, and an
-    image that pads to another size ran with wrong rel-pos terms. Float64, as Python divides;
-    interpolating a table to its own length leaves it unchanged."""
-    q = torch.as_tensor(q_size, dtype=torch.float64, device=table.device)
-    k = torch.as_tensor(k_size, dtype=torch.float64, device=table.device)
-    q_ratio, k_ratio = (k / q).clamp(min=1.0), (q / k).clamp(min=1.0)
-    length = 2 * torch.maximum(q, k).long() - 1
-    table = F.interpolate(table.t()[None], size=(length,), mode="linear")[0].t()
-    q_coords = torch.arange(q_size, dtype=torch.float64, device=table.device)[:, None] * q_ratio
-    k_coords = torch.arange(k_size, dtype=torch.float64, device=table.device)[None, :] * k_ratio
-    return table[(q_coords - k_coords + (k - 1) * k_ratio).long()]
+        # The sizes are graph values there (the whole-detector ONNX export): Python's ``max``
+        # and a kept index would fix the table length and the indices at the traced grid.
+        sizes = torch.as_tensor(q_size), torch.as_tensor(k_size)
+        length: int | Tensor = 2 * torch.maximum(*sizes) - 1
+        index = rel_pos_index(q_size, k_size, table.device)
+    else:
+        length = 2 * max(q_size, k_size) - 1
+        index = _kept_index(q_size, k_size, table.device)
+    return resize_rel_pos(table, length)[index]
 
 
 class RelPos:
