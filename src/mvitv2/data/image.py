@@ -90,10 +90,7 @@ class ImageDataConfig:
             (0 < out.ratio[0] <= out.ratio[1], f"ratio must be [min, max] with 0 < min <= max, got {list(out.ratio)}"),
             (0 <= out.hflip <= 1, f"hflip must be a probability in [0, 1], got {out.hflip}"),
             (0 <= out.reprob <= 1, f"reprob must be a probability in [0, 1], got {out.reprob}"),
-            (out.randaug_n >= 0, f"randaug_n must be >= 0 (0: off), got {out.randaug_n}"),
-            (0 <= out.randaug_m <= 30, f"randaug_m must be in 0..30, got {out.randaug_m}"),
-            (out.randaug_mstd >= 0, f"randaug_mstd must be >= 0, got {out.randaug_mstd}"),
-            (0 <= out.randaug_prob <= 1, f"randaug_prob must be in [0, 1], got {out.randaug_prob}"),
+            *randaug_checks(out.randaug_n, out.randaug_m, out.randaug_mstd, out.randaug_prob),
             (all(v > 0 for v in out.std), f"std must be > 0, got {list(out.std)}"),
         ]  # fmt: skip
         problems = [message for ok, message in checks if not ok]
@@ -107,6 +104,17 @@ class ImageDataConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
+
+
+def randaug_checks(n: int, m: int, mstd: float, prob: float) -> list[tuple[bool, str]]:
+    """``(ok, message)`` for the :class:`RandAugment` options of a data config (image and
+    video): ops, magnitude bin, its noise and the per-op probability."""
+    return [
+        (n >= 0, f"randaug_n must be >= 0 (0: off), got {n}"),
+        (0 <= m <= 30, f"randaug_m must be in 0..30, got {m}"),
+        (mstd >= 0, f"randaug_mstd must be >= 0, got {mstd}"),
+        (0 <= prob <= 1, f"randaug_prob must be in [0, 1], got {prob}"),
+    ]
 
 
 class RandAugment(v2.RandAugment):

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from mvitv2.data.common import config_from_dict, config_to_dict
+from mvitv2.data.image import randaug_checks
 from mvitv2.data.video import (
     KINETICS_MEAN,
     KINETICS_STD,
@@ -222,10 +223,7 @@ class VideoDataConfig:
             (self.test_crops in (1, 3), f"test_crops must be 1 or 3, got {self.test_crops}"),
             (self.test_clips >= 1, f"test_clips must be >= 1, got {self.test_clips}"),
             (self.num_repeats >= 1, f"num_repeats must be >= 1, got {self.num_repeats}"),
-            (self.randaug_n >= 0, f"randaug_n must be >= 0 (0: off), got {self.randaug_n}"),
-            (0 <= self.randaug_m <= 30, f"randaug_m must be in 0..30, got {self.randaug_m}"),
-            (self.randaug_mstd >= 0, f"randaug_mstd must be >= 0, got {self.randaug_mstd}"),
-            (0 <= self.randaug_prob <= 1, f"randaug_prob must be in [0, 1], got {self.randaug_prob}"),
+            *randaug_checks(self.randaug_n, self.randaug_m, self.randaug_mstd, self.randaug_prob),
             (self.num_frames >= 1, f"num_frames must be >= 1, got {self.num_frames}"),
             (self.sampling_rate >= 1, f"sampling_rate must be >= 1, got {self.sampling_rate}"),
             (self.crop_size % 4 == 0, f"crop_size must be a multiple of 4, got {self.crop_size}"),
