@@ -189,7 +189,8 @@ def get_detector_config(name: str, **overrides: Any) -> DetectorConfig:
             "backbone options: any MViTConfig field"
         )
     base = DETECTOR_CONFIGS[name]
-    det = {k: _tuplify(v) for k, v in overrides.items() if k in det_fields}
+    # checked_fields turns lists into tuples, nested ones too, by the fields' types
+    det = {k: v for k, v in overrides.items() if k in det_fields}
     det = checked_fields(DetectorConfig, det, f"{name} option")
     bb = {k: _tuplify(v) for k, v in overrides.items() if k not in det_fields}
     det["backbone_overrides"] = {
